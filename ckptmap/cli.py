@@ -1,0 +1,285 @@
+"""`ckptmap` command line: plan, apply, pt2ms, inspect, rules, demo."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import textwrap
+from pathlib import Path
+
+from ckptmap.errors import CkptmapError
+
+EXIT_FAILED = 1
+EXIT_BAD_INPUT = 2
+
+
+def _human(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+# -------------------------------------------------------------------------------------------------
+# pt2ms flags: every flag of MindSpeed-Core-MS convert_pt2ckpt.py, same meaning, plus ckptmap's own.
+
+
+def _add_pt2ms_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("File Path/Location")
+    g.add_argument("--megatron-path", required=True,
+                   help="Megatron checkpoint: the --save directory (uses latest_checkpointed_iteration.txt) "
+                        "or an iter_* directory.")
+    g.add_argument("--ms-path", required=True, help="Directory for the MindSpore checkpoint.")
+    g.add_argument("--param-map-path", help="Directory with param_map_*.json files (default: "
+                                            "<save>/param_map when present).")
+    d = p.add_argument_group("distributed")
+    d.add_argument("--pp-size", type=int, help="Pipeline parallel size (default: from the mp_rank directories).")
+    d.add_argument("--tp-size", type=int, help="Tensor parallel size (default: from the mp_rank directories).")
+    d.add_argument("--dp-size", type=int, help="Data parallel size of the MindSpore run (default: from args).")
+    d.add_argument("--cp-size", type=int, help="Context parallel size (default: from args, else 1).")
+    d.add_argument("--parallel-init-order", default="tp-cp-ep-dp-pp",
+                   help="Rank order, fastest first (default tp-cp-ep-dp-pp).")
+    d.add_argument("--vpp-size", type=int, help="Virtual pipeline chunks per stage (default: from the checkpoint).")
+    d.add_argument("--stage-list", nargs="+", help="Layers per pipeline stage (with VPP: per virtual stage, "
+                                                   "PP*VPP values in execution order).")
+    d.add_argument("--num-layers", type=int, help="Number of layers on the MindSpeed side, noop layers "
+                                                  "included (default: args.num_layers + number of --noop).")
+    d.add_argument("--noop", nargs="+", type=int, default=[],
+                   help="MindSpeed global layer ids that are identity (noop) layers.")
+    a = p.add_argument_group("Advanced feature")
+    a.add_argument("--generate-all-dp-cp", action="store_true",
+                   help="Write a copy for every (dp, cp) rank, not only dp = cp = 0.")
+    a.add_argument("--convert-param-only", action="store_true",
+                   help="Convert model weights only (no optimizer state).")
+    a.add_argument("--file-prefix", default="network", help="File name prefix in V1 layout (default network).")
+    a.add_argument("--format", choices=("ckpt", "safetensors"), default="ckpt")
+    a.add_argument("--dist-opt-content", nargs="+", default=["param", "exp_avg", "exp_avg_sq"],
+                   help="Optimizer states to write (optimizer mode).")
+    a.add_argument("--debug", action="store_true", help="Show tracebacks and per-tensor detail.")
+    _add_run_flags(a)
+    c = p.add_argument_group("ckptmap")
+    c.add_argument("--rules", default="auto",
+                   help="Bundled rules name or a .rules path (default: the bundled rules that fit the model).")
+    c.add_argument("--layout", choices=("v1", "v2"), default="v1",
+                   help="v1: rank_{g}/{prefix}.{fmt} (default); v2: iter_*/mp_rank_*/model_optim_rng.{fmt}.")
+    c.add_argument("--dtype", default="float32",
+                   help="Output dtype of floating-point weights: float32 (default, like the reference), "
+                        "keep (the source dtype), bfloat16, float16.")
+    c.add_argument("--dry-run", action="store_true", help="Print the plan and write nothing.")
+
+
+def _add_run_flags(g) -> None:
+    g.add_argument("--multiprocess-off", action="store_true", help="Run in this process only.")
+    g.add_argument("--process-limit", type=int, default=min(8, os.cpu_count() or 1),
+                   help="Maximum worker processes (default min(8, CPUs)).")
+    g.add_argument("--process_timeout", "--process-timeout", dest="process_timeout", type=float, default=None,
+                   help="Seconds allowed per output file; a file that takes longer fails.")
+    g.add_argument("--no-progress", action="store_true", help="No progress bar.")
+
+
+def _pt2ms_options(ns):
+    from ckptmap.mapping.compiler import Pt2MsOptions
+    from ckptmap.mapping.layout import parse_stage_list
+
+    return Pt2MsOptions(
+        megatron_path=ns.megatron_path, ms_path=ns.ms_path, param_map_path=ns.param_map_path,
+        tp_size=ns.tp_size, pp_size=ns.pp_size, dp_size=ns.dp_size, cp_size=ns.cp_size,
+        parallel_init_order=ns.parallel_init_order, vpp_size=ns.vpp_size,
+        stage_list=parse_stage_list(ns.stage_list) if ns.stage_list else None,
+        num_layers=ns.num_layers, noop=tuple(ns.noop), generate_all_dp_cp=ns.generate_all_dp_cp,
+        convert_param_only=ns.convert_param_only, file_prefix=ns.file_prefix, format=ns.format,
+        dist_opt_content=tuple(ns.dist_opt_content), rules=ns.rules, layout=ns.layout, dtype=ns.dtype)
+
+
+# -------------------------------------------------------------------------------------------------
+# Printing
+
+
+def print_plan(plan, out=sys.stdout, detail: bool = True) -> None:
+    info = plan.info
+    common = os.path.commonpath([t.sources[0].file for f in plan.files for t in f.tensors if t.sources]
+                                or [plan.output_root])
+    print(f"plan {plan.kind}: {info.get('source', '')} -> {plan.output_root}", file=out)
+    print("  " + ", ".join(f"{k} {v}" for k, v in info.items() if k not in ("source", "rules_path")), file=out)
+    n_tensors = 0
+    for f in plan.files:
+        if f.format in ("ckpt", "safetensors"):
+            print(f"\n{f.path}  ({f.format}, {len(f.tensors)} tensors, {_human(f.nbytes)})", file=out)
+            n_tensors += len(f.tensors)
+            if not detail:
+                continue
+            rows = [("tensor", "from", "file", "shape", "dtype", "ops", "bytes")]
+            for t in f.tensors:
+                src_file = os.path.relpath(t.sources[0].file, common) if t.sources else "-"
+                rows.append((t.name, t.note or t.source_label, src_file,
+                             "x".join(map(str, t.shape)) or "scalar", t.dtype,
+                             ", ".join(map(str, t.ops)) or "-", str(t.nbytes)))
+            widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+            for r in rows:
+                print("  " + "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip(), file=out)
+        elif f.format == "copy":
+            print(f"\n{f.path}  (copy of {f.source})", file=out)
+        elif f.format == "torch_meta":
+            print(f"\n{f.path}  (entries {', '.join(f.keys)} of {os.path.relpath(f.source, common)}"
+                  f" + {', '.join(f.extra)})", file=out)
+        else:
+            print(f"\n{f.path}  ({f.format})", file=out)
+    print(f"\ntotal: {len(plan.files)} files, {n_tensors} tensors, {_human(plan.nbytes)} of tensor data "
+          f"(source root {common})", file=out)
+
+
+def print_report(report, out=sys.stdout) -> None:
+    width = max((len(r.path) for r in report.results), default=4)
+    for r in report.results:
+        status = "ok" if r.ok else "FAILED"
+        print(f"  {r.path.ljust(width)}  {_human(r.nbytes):>10}  {r.seconds:7.2f} s  {status}", file=out)
+    for r in report.failed:
+        print(f"\nFAILED {r.path}:\n" + textwrap.indent(r.error, "  "), file=out)
+    rate = report.nbytes / report.seconds / 2**20 if report.seconds else 0
+    print(f"\n{len(report.results) - len(report.failed)} of {len(report.results)} files written "
+          f"successfully, {_human(report.nbytes)} in {report.seconds:.2f} s ({rate:.0f} MiB/s)", file=out)
+
+
+def _run(plan, ns) -> int:
+    from ckptmap.execute import run_plan
+
+    report = run_plan(plan, processes=ns.process_limit, multiprocess=not ns.multiprocess_off,
+                      timeout=ns.process_timeout, progress=not ns.no_progress)
+    print_report(report)
+    return EXIT_FAILED if report.failed else 0
+
+
+# -------------------------------------------------------------------------------------------------
+# Commands
+
+
+def cmd_pt2ms(ns) -> int:
+    from ckptmap.mapping.compiler import compile_pt2ms
+
+    plan = compile_pt2ms(_pt2ms_options(ns))
+    if ns.dry_run:
+        print_plan(plan)
+        return 0
+    print_plan(plan, detail=ns.debug)
+    return _run(plan, ns)
+
+
+def cmd_plan(ns) -> int:
+    from ckptmap.mapping.compiler import compile_pt2ms
+
+    plan = compile_pt2ms(_pt2ms_options(ns))
+    if ns.output:
+        out = Path(ns.output)
+        tmp = out.with_name(out.name + ".tmp")
+        tmp.write_text(plan.to_json())
+        os.replace(tmp, out)
+        print(f"plan written to {out} ({len(plan.files)} files); run it with `ckptmap apply {out}`")
+    if ns.dry_run or not ns.output:
+        print_plan(plan)
+    return 0
+
+
+def cmd_apply(ns) -> int:
+    from ckptmap.mapping.plan import Plan
+
+    path = Path(ns.plan)
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise CkptmapError(f"cannot read plan {path}: {e.strerror}") from None
+    plan = Plan.from_json(text, str(path))
+    print_plan(plan, detail=False)
+    return _run(plan, ns)
+
+
+def cmd_inspect(ns) -> int:
+    from ckptmap.inspect import inspect_path
+
+    inspect_path(ns.path, sys.stdout)
+    return 0
+
+
+def cmd_rules(ns) -> int:
+    from ckptmap.mapping.rules import bundled_rules, load_rules
+
+    if ns.rules_command == "list":
+        for name, path in bundled_rules().items():
+            rules = load_rules(path)
+            print(f"{name:24s} {len(rules.params):3d} param rules  {rules.description}")
+        return 0
+    rules = load_rules(ns.file)
+    print(f"{ns.file}: ok — rules {rules.name}, {len(rules.params)} param rules, "
+          f"{len(rules.states)} optimizer states, bucket layouts: "
+          f"{', '.join(b.name for b in rules.buckets) or 'none'}")
+    return 0
+
+
+def cmd_demo(ns) -> int:
+    from ckptmap.demo import run_demo
+
+    return run_demo(Path(ns.workdir) if ns.workdir else None)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ckptmap",
+        description="Move training checkpoints between Megatron-LM and MindSpeed-Core-MS, streaming and bit-exact.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("pt2ms", help="Megatron checkpoint -> MindSpore checkpoint (flags of convert_pt2ckpt.py).",
+                       description="Megatron checkpoint -> MindSpore checkpoint.")
+    _add_pt2ms_flags(p)
+    p.set_defaults(func=cmd_pt2ms)
+
+    p = sub.add_parser("plan", help="Compile a conversion plan; --dry-run prints it, -o saves it for `apply`.")
+    plan_sub = p.add_subparsers(dest="plan_command", required=True, metavar="CONVERSION")
+    pp = plan_sub.add_parser("pt2ms", help="Plan a pt2ms conversion.")
+    _add_pt2ms_flags(pp)
+    pp.add_argument("-o", "--output", help="Write the plan as JSON to this file.")
+    pp.set_defaults(func=cmd_plan)
+
+    p = sub.add_parser("apply", help="Run a plan written by `ckptmap plan … -o FILE`.")
+    p.add_argument("plan")
+    p.add_argument("--debug", action="store_true")
+    _add_run_flags(p)
+    p.set_defaults(func=cmd_apply)
+
+    p = sub.add_parser("inspect", help="List keys, shapes and dtypes of a checkpoint file or directory.")
+    p.add_argument("path")
+    p.add_argument("--debug", action="store_true")
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("rules", help="List bundled rules or check a .rules file.")
+    rsub = p.add_subparsers(dest="rules_command", required=True, metavar="ACTION")
+    rsub.add_parser("list", help="List the bundled rules.")
+    rc = rsub.add_parser("check", help="Validate a .rules file.")
+    rc.add_argument("file")
+    p.set_defaults(func=cmd_rules, debug=False)
+
+    p = sub.add_parser("demo", help="Build a small Megatron checkpoint, convert it, and show the result.")
+    p.add_argument("--workdir", help="Where to put the demo files (default: a temporary directory).")
+    p.add_argument("--debug", action="store_true")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    ns = parser.parse_args(argv)
+    try:
+        return ns.func(ns)
+    except CkptmapError as e:
+        if getattr(ns, "debug", False):
+            import traceback
+            traceback.print_exc()
+        print(f"ckptmap {ns.command}: error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("ckptmap: interrupted; finished files are complete, unfinished ones were removed", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,275 @@
+"""Run a Plan: stream every output file to a temporary name, rename it into place when complete.
+
+Workers are long-lived forked processes pulling file tasks from a queue; each holds one output
+tensor in memory at a time (source tensors are zero-copy views of mmap'd files). A task that
+exceeds ``timeout`` seconds has its worker killed and replaced, and is reported as failed.
+Copies of finished outputs (extra DP/CP ranks) run after their originals.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import queue
+import shutil
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import attrs
+import torch
+
+from ckptmap import dtypes
+from ckptmap.errors import CkptmapError
+from ckptmap.formats import megatron, registry
+from ckptmap.mapping import ops as tensor_ops
+from ckptmap.mapping.plan import FileTask, Plan, TensorTask
+
+TMP_MARK = ".ckptmap-tmp-"
+
+
+@attrs.frozen
+class FileResult:
+    path: str
+    ok: bool
+    nbytes: int = 0
+    seconds: float = 0.0
+    error: str = ""
+
+
+@attrs.define
+class RunReport:
+    results: list[FileResult]
+    seconds: float
+
+    @property
+    def failed(self) -> list[FileResult]:
+        return [r for r in self.results if not r.ok]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(r.nbytes for r in self.results if r.ok)
+
+
+class _Sources:
+    """Source files opened lazily and kept open for the life of one worker task."""
+
+    def __init__(self):
+        self._open = {}
+
+    def tensor(self, task: TensorTask) -> torch.Tensor:
+        parts = []
+        for s in task.sources:
+            reader = self._open.get(s.file)
+            if reader is None:
+                reader = self._open[s.file] = registry.open_reader(s.file)
+            t = reader.get(s.key)
+            if tuple(t.shape) != tuple(s.shape) or dtypes.name_of(t.dtype) != s.dtype:
+                raise CkptmapError(
+                    f"{s.file}: tensor {s.key} is {dtypes.name_of(t.dtype)} {list(t.shape)} but the plan "
+                    f"expects {s.dtype} {list(s.shape)}; the source changed since the plan was made — "
+                    f"re-create the plan")
+            if s.start or s.numel is not None:
+                t = t.reshape(-1)[s.start:s.start + s.count]
+            parts.append(t)
+        first = task.sources[0]
+        if len(parts) == 1 and first.start == 0 and first.numel is None:
+            out = parts[0]  # whole tensor: stay a zero-copy view
+            return out if tuple(out.shape) == tuple(task.src_shape) else out.reshape(task.src_shape)
+        return torch.cat([p.reshape(-1) for p in parts]).reshape(task.src_shape)
+
+    def close(self):
+        for r in self._open.values():
+            r.close()
+        self._open.clear()
+
+
+def _constant(task: TensorTask) -> torch.Tensor:
+    return torch.tensor(task.value, dtype=dtypes.to_torch(task.dtype)).reshape(task.shape)
+
+
+def _tmp_path(final: Path) -> Path:
+    return final.with_name(f"{final.name}{TMP_MARK}{os.getpid()}")
+
+
+def write_file(task: FileTask, root: Path, progress=None) -> int:
+    """Write one FileTask atomically; returns the bytes of tensor data written."""
+    final = root / task.path
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _tmp_path(final)
+    written = 0
+    try:
+        if task.format in registry.TENSOR_FORMATS:
+            entries = [(t.name, t.dtype, t.shape) for t in task.tensors]
+            sources = _Sources()
+            try:
+                with registry.open_writer(task.format, tmp, entries, task.metadata) as writer:
+                    for t in task.tensors:
+                        if t.sources:
+                            value = tensor_ops.apply_all(t.ops, sources.tensor(t))
+                        else:
+                            value = _constant(t)
+                        if tuple(value.shape) != tuple(t.shape) or dtypes.name_of(value.dtype) != t.dtype:
+                            raise CkptmapError(
+                                f"internal error: {t.name} came out {value.dtype} {list(value.shape)}, "
+                                f"plan says {t.dtype} {list(t.shape)}")
+                        writer.write(t.name, value.contiguous())
+                        written += t.nbytes
+                        if progress:
+                            progress(t.nbytes)
+                        del value
+            finally:
+                sources.close()
+        elif task.format == "torch_meta":
+            obj = megatron.read_meta(task.source, task.keys)
+            obj.update(task.extra)
+            megatron.save_object(obj, tmp)
+        elif task.format == "copy":
+            source = root / task.source if task.source_is_output else Path(task.source)
+            shutil.copyfile(source, tmp)
+        elif task.format == "text":
+            tmp.write_text(task.text)
+        else:
+            raise CkptmapError(f"plan has a file of unknown format {task.format!r} ({task.path})")
+        os.replace(tmp, final)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return written
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, CkptmapError):
+        return str(exc)
+    if isinstance(exc, OSError):
+        return f"{type(exc).__name__}: {exc}"
+    return "".join(traceback.format_exception_only(type(exc), exc)).strip()
+
+
+def _worker(tasks, results, root, plan_files):
+    torch.set_num_threads(1)
+    while True:
+        item = tasks.get()
+        if item is None:
+            return
+        index = item
+        results.put(("start", index, os.getpid()))
+        started = time.perf_counter()
+        try:
+            n = write_file(plan_files[index], root, progress=lambda b: results.put(("bytes", index, b)))
+            results.put(("done", index, FileResult(plan_files[index].path, True, n, time.perf_counter() - started)))
+        except BaseException as e:  # reported, never raised out of the worker
+            results.put(("done", index, FileResult(plan_files[index].path, False, 0,
+                                                   time.perf_counter() - started, _describe(e))))
+
+
+class _Progress:
+    def __init__(self, total: int, enabled: bool):
+        self.bar = None
+        if enabled:
+            from tqdm import tqdm
+            self.bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="writing",
+                            file=sys.stderr, disable=None, leave=True)
+
+    def update(self, n):
+        if self.bar is not None:
+            self.bar.update(n)
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+
+
+def run_plan(plan: Plan, *, processes: int = 1, multiprocess: bool = True, timeout: float | None = None,
+             progress: bool = True) -> RunReport:
+    root = Path(plan.output_root)
+    started = time.perf_counter()
+    bar = _Progress(plan.nbytes, progress)
+    # copies of outputs need their originals first
+    phases = [[i for i, f in enumerate(plan.files) if not f.source_is_output],
+              [i for i, f in enumerate(plan.files) if f.source_is_output]]
+    results: dict[int, FileResult] = {}
+    try:
+        for phase in phases:
+            if not phase:
+                continue
+            if multiprocess and processes > 1 and len(phase) > 1:
+                results.update(_run_pool(plan, phase, root, min(processes, len(phase)), timeout, bar))
+            else:
+                for i in phase:
+                    results[i] = _run_inline(plan.files[i], root, bar)
+    finally:
+        bar.close()
+    ordered = [results[i] for i in sorted(results)]
+    return RunReport(ordered, time.perf_counter() - started)
+
+
+def _run_inline(task: FileTask, root: Path, bar: _Progress) -> FileResult:
+    t0 = time.perf_counter()
+    try:
+        n = write_file(task, root, progress=bar.update)
+        return FileResult(task.path, True, n, time.perf_counter() - t0)
+    except KeyboardInterrupt:
+        raise
+    except Exception as e:
+        return FileResult(task.path, False, 0, time.perf_counter() - t0, _describe(e))
+
+
+def _run_pool(plan: Plan, phase: list[int], root: Path, n: int, timeout, bar: _Progress) -> dict:
+    ctx = mp.get_context("fork")
+    tasks, results_q = ctx.Queue(), ctx.Queue()
+    for i in phase:
+        tasks.put(i)
+
+    def spawn():
+        p = ctx.Process(target=_worker, args=(tasks, results_q, root, plan.files), daemon=True)
+        p.start()
+        return p
+
+    workers = {}
+    for _ in range(n):
+        p = spawn()
+        workers[p.pid] = p
+    running: dict[int, tuple[int, float]] = {}  # task -> (pid, start time)
+    done: dict[int, FileResult] = {}
+    try:
+        while len(done) < len(phase):
+            try:
+                kind, index, payload = results_q.get(timeout=0.2)
+            except queue.Empty:
+                kind = None
+            if kind == "start":
+                running[index] = (payload, time.monotonic())
+            elif kind == "bytes":
+                bar.update(payload)
+            elif kind == "done":
+                running.pop(index, None)
+                done[index] = payload
+            now = time.monotonic()
+            for index, (pid, t0) in list(running.items()):
+                proc = workers.get(pid)
+                timed_out = timeout is not None and now - t0 > timeout
+                died = proc is not None and not proc.is_alive()
+                if timed_out or died:
+                    if proc is not None and proc.is_alive():
+                        proc.kill()
+                        proc.join()
+                    workers.pop(pid, None)
+                    running.pop(index)
+                    final = root / plan.files[index].path
+                    final.with_name(f"{final.name}{TMP_MARK}{pid}").unlink(missing_ok=True)
+                    reason = (f"timed out after {timeout:g} s (--process_timeout); raise the limit or use "
+                              f"more processes" if timed_out else f"worker process died (exit code {proc.exitcode})")
+                    done[index] = FileResult(plan.files[index].path, False, 0, now - t0, reason)
+                    if len(done) + len(running) < len(phase):
+                        p = spawn()
+                        workers[p.pid] = p
+    finally:
+        for _ in workers:
+            tasks.put(None)
+        for p in workers.values():
+            p.join(timeout=5)
+            if p.is_alive():
+                p.kill()
+    return done

@@ -1,0 +1,403 @@
+"""Megatron-LM legacy ("torch") checkpoints: directory layout, `model_optim_rng.pt`, param_map.
+
+    <save>/latest_checkpointed_iteration.txt     "1000" or "release"
+    <save>/iter_{it:07d}/mp_rank_{tp:02d}[_{pp:03d} when PP > 1][_{ep:03d} under expert parallelism]/
+        model_optim_rng.pt    dict: args, checkpoint_version, iteration, model | model0, model1, …,
+                              optimizer, opt_param_scheduler, rng_state, num_floating_point_operations_so_far
+        distrib_optim.pt      distributed optimizer buckets (DP rank 0 only)
+    <save>/param_map/param_map_buffer{B}_dp{d}tp{t}pp{p}vpp{v}.json
+
+The `.pt` files are read with ``torch_zip`` (restricted unpickler, lazy mmap'd tensors), so Megatron
+never needs to be importable. Model chunks are nested dicts; a tensor's *Megatron name* is its
+dotted path inside the chunk (``language_model.encoder.layers.0.input_norm.weight``) and its *key*
+in this module is the slash-joined path from the file root (``model0/language_model/encoder/
+layers.0.input_norm.weight``), which addresses it unambiguously.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import attrs
+import torch
+
+from ckptmap import dtypes
+from ckptmap.errors import CkptmapError
+from ckptmap.formats import torch_zip
+
+TRACKER = "latest_checkpointed_iteration.txt"
+MODEL_FILE = "model_optim_rng.pt"
+OPTIM_FILE = "distrib_optim.pt"
+PARAM_MAP_DIR = "param_map"
+KEY_SEP = "/"
+EXTRA_STATE = "_extra_state"
+CHECKPOINT_VERSION = 3.0
+
+
+def iter_dir_name(iteration: int | str) -> str:
+    return "release" if iteration == "release" else f"iter_{int(iteration):07d}"
+
+
+def mp_rank_dir_name(tp: int, pp: int, pp_size: int) -> str:
+    return f"mp_rank_{tp:02d}" if pp_size == 1 else f"mp_rank_{tp:02d}_{pp:03d}"
+
+
+def parse_mp_rank_dir_name(name: str) -> tuple[int, ...] | None:
+    """(tp,) / (tp, pp) / (tp, pp, ep) from ``mp_rank_TT[_PPP[_EEE]]``; None if it is not one."""
+    if not name.startswith("mp_rank_"):
+        return None
+    parts = name[len("mp_rank_"):].split("_")
+    if not 1 <= len(parts) <= 3 or not all(p.isdigit() for p in parts):
+        return None
+    return tuple(int(p) for p in parts)
+
+
+def param_map_file_name(buffer: int, dp: int, tp: int, pp: int, vpp: int) -> str:
+    return f"param_map_buffer{buffer}_dp{dp}tp{tp}pp{pp}vpp{vpp}.json"
+
+
+# -------------------------------------------------------------------------------------------------
+# Directories
+
+
+@attrs.frozen
+class CheckpointDir:
+    root: Path             # the iteration directory
+    iteration: int | str
+    ranks: dict            # (tp, pp) -> rank directory Path
+    has_pp_suffix: bool
+    save_root: Path | None  # the --save directory, when known
+
+    @property
+    def tp_size(self) -> int:
+        return 1 + max(tp for tp, _ in self.ranks)
+
+    @property
+    def pp_size(self) -> int:
+        return 1 + max(pp for _, pp in self.ranks)
+
+
+def open_checkpoint_dir(path) -> CheckpointDir:
+    """Accept an ``iter_*`` directory, or a save root holding the tracker file."""
+    path = Path(path)
+    if not path.exists():
+        raise CkptmapError(f"Megatron checkpoint path {path} does not exist; pass the training run's "
+                           f"--save directory or one of its iter_* directories")
+    if not path.is_dir():
+        raise CkptmapError(f"Megatron checkpoint path {path} is a file; pass the directory that holds "
+                           f"{TRACKER} or an iter_* directory")
+    save_root = None
+    if (path / TRACKER).is_file():
+        save_root = path
+        text = (path / TRACKER).read_text().strip()
+        iteration: int | str
+        if text == "release":
+            iteration = "release"
+        else:
+            try:
+                iteration = int(text)
+            except ValueError:
+                raise CkptmapError(f"{path / TRACKER} holds {text!r}; expected an iteration number or "
+                                   f"'release'") from None
+        iter_dir = path / iter_dir_name(iteration)
+        if not iter_dir.is_dir():
+            raise CkptmapError(f"{path / TRACKER} names iteration {text}, but {iter_dir} does not exist; "
+                               f"pass the iter_* directory you want explicitly")
+    elif path.name.startswith("iter_") or path.name == "release":
+        iter_dir = path
+        save_root = path.parent if (path.parent / TRACKER).is_file() else None
+        if path.name == "release":
+            iteration = "release"
+        else:
+            try:
+                iteration = int(path.name[len("iter_"):])
+            except ValueError:
+                raise CkptmapError(f"{path}: cannot read the iteration from the directory name; expected "
+                                   f"iter_NNNNNNN") from None
+    else:
+        iters = sorted(p.name for p in path.glob("iter_*") if p.is_dir())
+        if iters:
+            raise CkptmapError(f"{path} has {len(iters)} iter_* directories ({', '.join(iters[:4])}"
+                               f"{', …' if len(iters) > 4 else ''}) but no {TRACKER}; pass the one you "
+                               f"want, e.g. {path / iters[-1]}")
+        iter_dir, iteration = path, None
+    ranks, suffixes = {}, set()
+    for child in sorted(iter_dir.iterdir()):
+        if not child.is_dir() or not child.name.startswith("mp_rank_"):
+            continue
+        parts = parse_mp_rank_dir_name(child.name)
+        if parts is None:
+            raise CkptmapError(f"{child}: unexpected directory name; Megatron writes mp_rank_TT or "
+                               f"mp_rank_TT_PPP")
+        if len(parts) == 3:
+            raise CkptmapError(f"{child}: expert-parallel checkpoints (mp_rank_TT_PPP_EEE) are not "
+                               f"supported yet by ckptmap; convert a checkpoint saved without expert "
+                               f"parallelism, or open an issue with your layout")
+        tp = parts[0]
+        pp = parts[1] if len(parts) == 2 else 0
+        suffixes.add(len(parts) == 2)
+        ranks[(tp, pp)] = child
+    if not ranks:
+        raise CkptmapError(f"no mp_rank_* directories in {iter_dir}; this is not a Megatron checkpoint "
+                           f"iteration directory (expected mp_rank_TT or mp_rank_TT_PPP inside)")
+    if len(suffixes) > 1:
+        raise CkptmapError(f"{iter_dir} mixes mp_rank_TT and mp_rank_TT_PPP directories; remove the stale ones")
+    tps = {tp for tp, _ in ranks}
+    pps = {pp for _, pp in ranks}
+    missing = [(t, p) for t in range(max(tps) + 1) for p in range(max(pps) + 1) if (t, p) not in ranks]
+    if missing:
+        t, p = missing[0]
+        raise CkptmapError(f"{iter_dir} lacks the directory of tp rank {t}, pp rank {p} "
+                           f"({mp_rank_dir_name(t, p, 2 if suffixes == {True} else 1)}); the checkpoint "
+                           f"is incomplete")
+    if iteration is None:
+        raise CkptmapError(f"{path}: cannot tell the iteration; pass an iter_NNNNNNN directory or the save "
+                           f"root holding {TRACKER}")
+    return CheckpointDir(iter_dir, iteration, ranks, suffixes == {True}, save_root)
+
+
+# -------------------------------------------------------------------------------------------------
+# model_optim_rng.pt
+
+
+@attrs.frozen
+class ModelTensor:
+    chunk: int          # VPP chunk index (0 without VPP)
+    name: str           # dotted Megatron name inside the chunk
+    key: str            # slash-joined path from the file root
+    dtype: str
+    shape: tuple[int, ...]
+
+
+def _chunk_keys(root: dict, path) -> list[tuple[str, int]]:
+    if "model" in root:
+        return [("model", 0)]
+    keys = sorted((k for k in root if isinstance(k, str) and k.startswith("model") and k[5:].isdigit()),
+                  key=lambda k: int(k[5:]))
+    if not keys:
+        raise CkptmapError(f"{path} has no 'model' or 'model0' entry (top-level keys: "
+                           f"{', '.join(map(str, root))}); it is not a Megatron model checkpoint, or it "
+                           f"was saved without weights")
+    return [(k, int(k[5:])) for k in keys]
+
+
+def _walk(node, prefix_names, prefix_keys, out, chunk):
+    for k, v in node.items():
+        if not isinstance(k, str):
+            continue
+        if isinstance(v, dict):
+            _walk(v, prefix_names + [k], prefix_keys + [k], out, chunk)
+        elif isinstance(v, torch_zip.TensorRef):
+            if k == EXTRA_STATE or k.endswith("." + EXTRA_STATE):
+                continue
+            out.append(ModelTensor(chunk, ".".join(prefix_names + [k]), KEY_SEP.join(prefix_keys + [k]),
+                                   v.dtype, tuple(v.shape)))
+        # None (_extra_state) and other values are not tensors to convert
+
+
+def encode_key(k) -> str:
+    """One path element of a flat key: str/int keys as text, dtype-tuple keys as ``a,b``."""
+    if isinstance(k, tuple):
+        return ",".join(encode_key(x) for x in k)
+    if isinstance(k, str):
+        return k
+    if isinstance(k, torch.dtype):
+        return dtypes.name_of(k)
+    return str(k)
+
+
+class PtFile:
+    """A lazily opened torch checkpoint: the object tree is read, tensor bytes are not. Tensors are
+    addressed by slash-joined paths (``model0/language_model/…``)."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise CkptmapError(f"{self.path} is missing")
+        self._zip = torch_zip.TorchZipFile(self.path)
+        self.root = self._zip.root
+
+    def entries(self) -> list[tuple[str, torch_zip.TensorRef]]:
+        out = []
+
+        def rec(node, path):
+            items = node.items() if isinstance(node, dict) else enumerate(node) \
+                if isinstance(node, (list, tuple)) else ()
+            for k, v in items:
+                if isinstance(v, torch_zip.TensorRef):
+                    out.append((KEY_SEP.join(path + [encode_key(k)]), v))
+                elif isinstance(v, (dict, list, tuple)):
+                    rec(v, path + [encode_key(k)])
+        rec(self.root, [])
+        return out
+
+    def keys(self) -> list[str]:
+        return [k for k, _ in self.entries()]
+
+    def spec(self, key: str) -> tuple[str, tuple[int, ...]]:
+        ref = dict(self.entries())[key]
+        return ref.dtype, tuple(ref.shape)
+
+    def get(self, key: str):
+        node = self.root
+        for part in key.split(KEY_SEP):
+            if isinstance(node, dict):
+                match = [v for k, v in node.items() if encode_key(k) == part]
+            elif isinstance(node, (list, tuple)) and part.isdigit() and int(part) < len(node):
+                match = [node[int(part)]]
+            else:
+                match = []
+            if not match:
+                raise CkptmapError(f"{self.path} has no tensor {key!r}; the plan was made for a different "
+                                   f"checkpoint — re-create it")
+            node = match[0]
+        if not isinstance(node, torch_zip.TensorRef):
+            raise CkptmapError(f"{self.path}: {key!r} is not a tensor")
+        return self._zip.tensor(node)
+
+    def close(self):
+        self._zip.close()
+
+
+class ModelFile(PtFile):
+    """``model_optim_rng.pt``: model chunks as flat lists of named tensors, plus the other entries."""
+
+    def __init__(self, path):
+        path = Path(path)
+        if not path.is_file():
+            raise CkptmapError(f"{path} is missing; every mp_rank directory of a Megatron checkpoint "
+                               f"holds {MODEL_FILE}")
+        super().__init__(path)
+        if not isinstance(self.root, dict):
+            raise CkptmapError(f"{self.path} holds a {type(self.root).__name__}, not the dict Megatron saves")
+
+    def chunks(self) -> list[tuple[str, int]]:
+        return _chunk_keys(self.root, self.path)
+
+    def tensors(self) -> list[ModelTensor]:
+        out: list[ModelTensor] = []
+        for key, v in self.chunks():
+            _walk(self.root[key], [], [key], out, v)
+        return out
+
+    def key_paths(self, chunk_key: str) -> list[list[str]]:
+        """Every leaf path of a chunk (``_extra_state`` included), in order — the nested structure."""
+        out = []
+
+        def rec(node, path):
+            for k, v in node.items():
+                if isinstance(v, dict):
+                    rec(v, path + [k])
+                else:
+                    out.append(path + [k])
+        rec(self.root[chunk_key], [])
+        return out
+
+    @property
+    def args(self):
+        return self.root.get("args")
+
+    @property
+    def iteration(self):
+        return self.root.get("iteration")
+
+    def meta_keys(self) -> list[str]:
+        """Top-level entries other than the model chunks, in file order."""
+        chunk_keys = {k for k, _ in self.chunks()}
+        return [k for k in self.root if k not in chunk_keys]
+
+
+def read_meta(path, keys) -> dict:
+    """The listed top-level objects of a ``.pt`` with real tensors (rng states), safely unpickled."""
+    obj = torch_zip.load(path)
+    missing = [k for k in keys if k not in obj]
+    if missing:
+        raise CkptmapError(f"{path} lacks {', '.join(missing)}; it changed since the plan was made")
+    return {k: obj[k] for k in keys}
+
+
+def save_object(obj, path) -> None:
+    torch_zip.save(obj, path)
+
+
+# -------------------------------------------------------------------------------------------------
+# param_map
+
+
+@attrs.frozen
+class ParamMapFile:
+    path: Path
+    buffer: int
+    dp: int
+    tp: int
+    pp: int
+    vpp: int
+
+
+def parse_param_map_name(name: str) -> tuple[int, int, int, int, int] | None:
+    prefix, suffix = "param_map_buffer", ".json"
+    if not (name.startswith(prefix) and name.endswith(suffix)):
+        return None
+    rest = name[len(prefix):-len(suffix)]
+    values = []
+    for tag in ("_dp", "tp", "pp", "vpp", None):
+        head, sep, rest = rest.partition(tag) if tag else (rest, "", "")
+        if (tag and not sep) or not head.isdigit():
+            return None
+        values.append(int(head))
+    buffer, dp, tp, pp, vpp = values
+    if param_map_file_name(buffer, dp, tp, pp, vpp) != name:
+        return None
+    return buffer, dp, tp, pp, vpp
+
+
+def find_param_maps(directory) -> list[ParamMapFile]:
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise CkptmapError(f"--param-map-path {directory} is not a directory; point it at the param_map "
+                           f"folder written during training (<save>/param_map) or a pt_meta folder")
+    out = []
+    for p in sorted(directory.iterdir()):
+        parsed = parse_param_map_name(p.name)
+        if parsed:
+            out.append(ParamMapFile(p, *parsed))
+    return out
+
+
+def read_param_map(path) -> dict:
+    """name -> (dtype, shape, start, end, bucket) in file (= buffer) order."""
+    try:
+        raw = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise CkptmapError(f"cannot read param_map {path}: {e}") from None
+    out = {}
+    for name, entry in raw.items():
+        try:
+            dtype, shape, start, end, bucket = entry
+            out[name] = (dtypes.name_of(_torch_dtype_from_string(dtype)), tuple(shape), int(start), int(end),
+                         int(bucket))
+        except (TypeError, ValueError) as e:
+            raise CkptmapError(f"{path}: entry {name!r} = {entry!r} is not [dtype, shape, start, end, "
+                               f"bucket]: {e}") from None
+    return out
+
+
+def _torch_dtype_from_string(text: str):
+    name = text[len("torch."):] if text.startswith("torch.") else text
+    dt = getattr(torch, name, None)
+    if not isinstance(dt, torch.dtype):
+        raise ValueError(f"unknown dtype {text!r}")
+    return dt
+
+
+# -------------------------------------------------------------------------------------------------
+# Writing (demo and test checkpoints; `ckptmap ms2pt` builds on this later)
+
+
+def write_tracker(save_root, iteration) -> None:
+    path = Path(save_root) / TRACKER
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(str(iteration))
+    os.replace(tmp, path)

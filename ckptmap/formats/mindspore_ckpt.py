@@ -1,0 +1,445 @@
+"""MindSpore ``.ckpt`` files, streamed in both directions without mindspore or protobuf.
+
+Wire format
+===========
+Verified byte for byte against ``mindspore.save_checkpoint`` / ``load_checkpoint`` of
+mindspore 2.10.0 (``mindspore/train/serialization.py``, ``checkpoint.proto``). The schema is proto2::
+
+    message Checkpoint  { message Value { required string tag = 1;
+                                          oneof value { TensorProto tensor = 2; MapTensorProto maptensor = 3; } }
+                          repeated Value value = 1; }
+    message TensorProto { repeated int64 dims = 1;            // proto2, NOT packed
+                          required string tensor_type = 2;
+                          required bytes tensor_content = 3; }
+
+A file is a plain concatenation of records, then an optional CRC trailer::
+
+    record  := 0x0A varint(len(value)) value                  # one serialised Checkpoint with one Value
+    value   := 0x0A varint(len(tag)) tag                      # tag = tensor name, UTF-8
+               0x12 varint(len(tensor)) tensor
+    tensor  := (0x08 varint(dim))*                            # one key per dim; none at all for a 0-d scalar
+               0x12 varint(len(type)) type                    # ASCII tensor_type, table below
+               0x1A varint(len(content)) content              # raw little-endian element bytes, C order
+    trailer := b"crc_num" + crc.to_bytes(10, "big")           # 17 bytes, only with crc_check=True
+
+(Concatenated records are themselves one valid ``Checkpoint`` message, which is how MindSpore parses
+the file: a single ``ParseFromString`` of everything before the trailer.) Fields appear in field
+number order; required fields are always present, even when empty. Varints are base-128, low
+group first.
+
+- ``tensor_type``: Float64 Float32 Float16 BFloat16 Int64 Int32 Int16 Int8 UInt8 Bool (MindSpore also
+  knows UInt16/32/64 and Int4, which ckptmap does not; they are rejected). ``str`` marks a string
+  value (``save_checkpoint({... "name": "text"})``): dims ``[0]`` (one ``0x08 0x00``), content the
+  string as UTF-32-LE (numpy ``<U`` bytes; the empty string is four zero bytes); MindSpore's loader
+  strips trailing NULs.
+- Scalars (0-d): no dims at all. On load MindSpore also maps dims ``[0]`` to a scalar, so a 1-D
+  empty tensor cannot be stored; ``save_checkpoint`` silently drops every zero-element tensor.
+- Slicing: a tensor whose content exceeds 512 MiB is written as several consecutive records with
+  the same tag, type and *full* dims, content cut at exact 512 MiB byte offsets (that is
+  ``_write_parameter_bytes_data``, the path ``save_checkpoint`` takes for Tensor/Parameter data;
+  its ``async_save`` path uses ``np.array_split`` along dim 0 instead). The loader joins the
+  contents of consecutive records with equal tags.
+- CRC (``save_checkpoint(..., crc_check=True)``): standard CRC-32 (zlib/``binascii.crc32``: reflected
+  poly 0xEDB88320, init and xor-out 0xFFFFFFFF) of every byte before the trailer, stored as a
+  10-byte big-endian integer (six leading zero bytes). ``load_checkpoint`` recognises the trailer
+  by ``file[-17:-10] == b"crc_num"``, always strips it, and verifies it only with
+  ``crc_check=True`` (mismatch -> ValueError; missing trailer -> warning). ``crc_check`` and
+  ``enc_key`` are mutually exclusive. ``choice_func`` merely filters names (save: which parameters
+  to write; load: which to return) and does not change the format of what is written.
+
+This module
+===========
+:class:`CkptWriter` emits exactly these bytes -- for the same tensors in the same order its output
+equals ``save_checkpoint``'s (``slice_bytes`` defaults to the same 512 MiB) -- writing each
+tensor's content straight from the tensor's own buffer. Deliberate differences: a zero-element
+tensor is written as one record with empty content (MindSpore drops it; its loader reads such a
+record back with its shape) and a 1-D empty tensor is refused; a string is always one record.
+:class:`CkptReader` maps the file, walks the record framing only, and hands out torch views of the
+mapping. Tensor contents sit at arbitrary byte offsets, so those views may be unaligned.
+"""
+
+from __future__ import annotations
+
+import math
+import mmap
+import os
+import zlib
+
+import torch
+
+from ckptmap.dtypes import name_of, to_torch
+from ckptmap.errors import CkptmapError
+
+DEFAULT_SLICE_BYTES = 512 * 1024 * 1024
+
+_MS_TYPES = {
+    "float64": "Float64", "float32": "Float32", "float16": "Float16", "bfloat16": "BFloat16",
+    "int64": "Int64", "int32": "Int32", "int16": "Int16", "int8": "Int8", "uint8": "UInt8", "bool": "Bool",
+    "str": "str",
+}
+_CANONICAL = {v: k for k, v in _MS_TYPES.items()}
+_CRC_MAGIC = b"crc_num"
+_TRAILER_LEN = len(_CRC_MAGIC) + 10
+_CRC_CHUNK = 64 * 1024 * 1024
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while n >= 0x80:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def _len_field(field: int, payload_len: int) -> bytes:
+    """Key and length of a length-delimited field (the payload follows)."""
+    return bytes([field << 3 | 2]) + _varint(payload_len)
+
+
+def _normalise_entry(entry, path):
+    try:
+        name, dtype, shape = entry
+        shape = tuple(int(d) for d in shape)
+    except (TypeError, ValueError):
+        raise CkptmapError(f"{path}: announced entry {entry!r} is not (name, dtype_name, shape)") from None
+    if dtype not in _MS_TYPES:
+        raise CkptmapError(f"{path}: announced tensor {name!r} has dtype {dtype!r}, which a MindSpore .ckpt "
+                           f"cannot hold; use one of {', '.join(_MS_TYPES)}")
+    return name, dtype, (() if dtype == "str" else shape)
+
+
+class CkptWriter:
+    """Stream tensors into a MindSpore ``.ckpt`` file (see the module docstring for the bytes)."""
+
+    def __init__(self, path, entries=None, metadata=None, *, slice_bytes=DEFAULT_SLICE_BYTES, crc=False):
+        self.path = os.fspath(path)
+        self._entries = None if entries is None else [_normalise_entry(e, self.path) for e in entries]
+        if int(slice_bytes) < 1:
+            raise CkptmapError(f"{self.path}: slice_bytes must be positive, got {slice_bytes}")
+        self._slice_bytes = int(slice_bytes)
+        self._crc = 0 if crc else None
+        self._written: set[str] = set()
+        self._count = 0
+        self._f = open(self.path, "wb")
+
+    # -- writing -------------------------------------------------------------------------------
+    def _emit(self, data) -> None:
+        self._f.write(data)
+        if self._crc is not None:
+            self._crc = zlib.crc32(data, self._crc)
+
+    def _record(self, tag: bytes, dims, ms_type: bytes, content) -> None:
+        """One record = one serialised ``Checkpoint``; the header is built, the content streamed."""
+        tensor_head = b"".join(b"\x08" + _varint(d) for d in dims)
+        tensor_head += _len_field(2, len(ms_type)) + ms_type + _len_field(3, len(content))
+        tensor_len = len(tensor_head) + len(content)
+        value_head = _len_field(1, len(tag)) + tag + _len_field(2, tensor_len)
+        self._emit(_len_field(1, len(value_head) + tensor_len) + value_head + tensor_head)
+        self._emit(content)
+
+    def _admit(self, name, dtype, shape) -> None:
+        if self._f is None:
+            raise CkptmapError(f"{self.path}: cannot write tensor {name!r}, the writer is already closed")
+        if not isinstance(name, str):
+            raise CkptmapError(f"{self.path}: tensor names must be str, got {name!r}")
+        if name in self._written:
+            raise CkptmapError(f"{self.path}: tensor {name!r} written twice; every name must be unique "
+                               "(MindSpore would silently merge or overwrite them)")
+        if self._entries is not None:
+            if self._count >= len(self._entries):
+                raise CkptmapError(f"{self.path}: tensor {name!r} was not announced; the writer was given "
+                                   f"{len(self._entries)} entries and all of them are written already")
+            expected = self._entries[self._count]
+            if expected != (name, dtype, shape):
+                raise CkptmapError(f"{self.path}: write #{self._count} does not follow the announced entries: "
+                                   f"expected {expected}, got {(name, dtype, shape)}; write tensors in the "
+                                   "announced order with the announced dtype and shape")
+        self._written.add(name)
+        self._count += 1
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        if not isinstance(tensor, torch.Tensor):
+            raise CkptmapError(f"{self.path}: tensor {name!r} is a {type(tensor).__name__}, not a torch.Tensor "
+                               "(use write_string for str values)")
+        if tensor.device.type != "cpu":
+            raise CkptmapError(f"{self.path}: tensor {name!r} is on {tensor.device}; move it to the CPU first")
+        try:
+            dtype = name_of(tensor.dtype)
+        except CkptmapError as e:
+            raise CkptmapError(f"{self.path}: tensor {name!r}: {e}") from None
+        shape = tuple(tensor.shape)
+        if shape == (0,):
+            raise CkptmapError(f"{self.path}: tensor {name!r} has shape (0,), which a MindSpore .ckpt cannot hold "
+                               "(dims [0] reads back as a scalar, and save_checkpoint drops empty tensors); "
+                               "leave it out or give it another shape")
+        self._admit(name, dtype, shape)
+        flat = tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
+        content = memoryview(flat)  # the tensor's own bytes, no copy
+        step = self._slice_bytes // tensor.element_size() * tensor.element_size()
+        if step == 0:
+            raise CkptmapError(f"{self.path}: slice_bytes={self._slice_bytes} is smaller than one element of "
+                               f"tensor {name!r} ({dtype}); use a slice size of at least 8 bytes")
+        tag, ms_type = name.encode("utf-8"), _MS_TYPES[dtype].encode()
+        for start in range(0, max(len(content), 1), step):  # an empty tensor still gets one record
+            self._record(tag, shape, ms_type, content[start:start + step])
+
+    def write_string(self, name: str, value: str) -> None:
+        if not isinstance(value, str):
+            raise CkptmapError(f"{self.path}: value of {name!r} is a {type(value).__name__}, not a str")
+        self._admit(name, "str", ())
+        try:
+            content = value.encode("utf-32-le") or b"\0\0\0\0"  # numpy's '<U' bytes; '' is '<U1'
+        except UnicodeEncodeError as e:
+            raise CkptmapError(f"{self.path}: string {name!r} cannot be stored: {e}") from None
+        self._record(name.encode("utf-8"), (0,), b"str", content)
+
+    # -- finishing ------------------------------------------------------------------------------
+    def close(self) -> None:
+        if self._f is None:
+            return
+        if self._entries is not None and self._count < len(self._entries):
+            self._abort()
+            missing = [e[0] for e in self._entries[self._count:]]
+            raise CkptmapError(f"{self.path}: closed after {self._count} of {len(self._entries)} announced tensors; "
+                               f"missing {missing[:5]}{' ...' if len(missing) > 5 else ''}. The file is incomplete; "
+                               "write every announced tensor before closing")
+        f, self._f = self._f, None
+        try:
+            if self._crc is not None:
+                f.write(_CRC_MAGIC + self._crc.to_bytes(10, "big"))
+            f.flush()
+            os.fsync(f.fileno())
+        finally:
+            f.close()
+
+    def _abort(self) -> None:
+        f, self._f = self._f, None
+        if f is not None:
+            f.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is None:
+            self.close()
+        else:
+            self._abort()
+
+
+class _Entry:
+    __slots__ = ("ms_type", "dims", "slices")
+
+    def __init__(self, ms_type, dims):
+        self.ms_type, self.dims, self.slices = ms_type, dims, []
+
+
+class CkptReader:
+    """Read a MindSpore ``.ckpt`` file through a private (copy-on-write) memory map."""
+
+    def __init__(self, path, *, verify_crc=True):
+        self.path = os.fspath(path)
+        self._entries: dict[str, _Entry] = {}
+        self._mm = None
+        try:
+            with open(self.path, "rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                if size:
+                    self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+        except OSError as e:
+            raise CkptmapError(f"cannot open MindSpore checkpoint {self.path}: {e}") from None
+        self.has_crc = False
+        try:
+            end = self._scan(size)
+            if self.has_crc and verify_crc:
+                self._verify_crc(end)
+        except BaseException:
+            self.close()
+            raise
+
+    # -- framing --------------------------------------------------------------------------------
+    def _corrupt(self, offset, what):
+        return CkptmapError(f"{self.path}: not a valid MindSpore .ckpt at byte offset {offset}: {what}. The file is "
+                            "truncated, corrupt or not a (plain, unencrypted) .ckpt; re-create or re-copy it")
+
+    def _varint(self, pos, end):
+        result = shift = 0
+        start = pos
+        while True:
+            if pos >= end or shift > 63:
+                raise self._corrupt(start, "unterminated varint")
+            b = self._mm[pos]
+            pos += 1
+            result |= (b & 0x7F) << shift
+            shift += 7
+            if b < 0x80:
+                return result, pos
+
+    def _fields(self, pos, end):
+        """Yield (field, wire_type, value, offset) for a message in [pos, end); LEN values are (offset, length)."""
+        while pos < end:
+            at = pos
+            key, pos = self._varint(pos, end)
+            field, wire = key >> 3, key & 7
+            if wire == 0:
+                value, pos = self._varint(pos, end)
+            elif wire == 2:
+                n, pos = self._varint(pos, end)
+                if pos + n > end:
+                    raise self._corrupt(at, f"field {field} declares {n} bytes but only {end - pos} remain")
+                value, pos = (pos, n), pos + n
+            elif wire in (1, 5):
+                value, pos = None, pos + (8 if wire == 1 else 4)
+                if pos > end:
+                    raise self._corrupt(at, f"field {field} runs past the end of its message")
+            else:
+                raise self._corrupt(at, f"unexpected protobuf wire type {wire} (key byte 0x{key:02x})")
+            yield field, wire, value, at
+
+    def _scan(self, size) -> int:
+        """Index every record; return the end of the protobuf content (start of the trailer)."""
+        pos, last = 0, None
+        while pos < size:
+            if size - pos == _TRAILER_LEN and self._mm[pos:pos + len(_CRC_MAGIC)] == _CRC_MAGIC:
+                self.has_crc = True
+                return pos
+            if self._mm[pos] != 0x0A:
+                raise self._corrupt(pos, f"expected a record (byte 0x0a), found 0x{self._mm[pos]:02x}")
+            n, start = self._varint(pos + 1, size)
+            if start + n > size:
+                raise self._corrupt(pos, f"record declares {n} bytes but only {size - start} remain")
+            tag, ms_type, dims, content = self._parse_value(start, start + n)
+            entry = self._entries.get(tag)
+            if entry is None:
+                entry = self._entries[tag] = _Entry(ms_type, dims)
+            elif tag != last:
+                raise self._corrupt(pos, f"tensor {tag!r} appears again after other tensors")
+            elif (ms_type, dims) != (entry.ms_type, entry.dims):
+                raise self._corrupt(pos, f"slice of {tag!r} has {ms_type} {dims}, earlier slices {entry.ms_type} "
+                                         f"{entry.dims}")
+            entry.slices.append(content)
+            last, pos = tag, start + n
+        for tag, entry in self._entries.items():
+            self._check_entry(tag, entry)
+        return size
+
+    def _parse_value(self, pos, end):
+        tag = tensor = None
+        for field, wire, value, at in self._fields(pos, end):
+            if field == 1 and wire == 2:
+                try:
+                    tag = bytes(self._mm[value[0]:value[0] + value[1]]).decode("utf-8")
+                except UnicodeDecodeError:
+                    raise self._corrupt(at, "tensor name is not UTF-8") from None
+            elif field == 2 and wire == 2:
+                tensor = value
+            elif field == 3:
+                raise CkptmapError(f"{self.path}: record at byte offset {at} holds a MindSpore MapParameter "
+                                   f"(maptensor{' ' + repr(tag) if tag else ''}), which ckptmap does not support")
+        if tag is None or tensor is None:
+            raise self._corrupt(pos, "record without a tag or a tensor")
+        dims, ms_type, content = [], None, None
+        for field, wire, value, at in self._fields(tensor[0], tensor[0] + tensor[1]):
+            if field == 1 and wire == 0:
+                dims.append(value)
+            elif field == 1 and wire == 2:  # packed dims: not what MindSpore writes, but valid protobuf
+                p, e = value[0], value[0] + value[1]
+                while p < e:
+                    d, p = self._varint(p, e)
+                    dims.append(d)
+            elif field == 2 and wire == 2:
+                ms_type = bytes(self._mm[value[0]:value[0] + value[1]]).decode("ascii", "replace")
+            elif field == 3 and wire == 2:
+                content = value
+        if ms_type is None or content is None:
+            raise self._corrupt(tensor[0], f"tensor {tag!r} lacks tensor_type or tensor_content")
+        if any(d >= 1 << 63 for d in dims):
+            raise self._corrupt(tensor[0], f"tensor {tag!r} has a negative dimension")
+        return tag, ms_type, tuple(dims), content
+
+    def _check_entry(self, tag, entry):
+        canonical = _CANONICAL.get(entry.ms_type)
+        if canonical is None:
+            raise CkptmapError(f"{self.path}: tensor {tag!r} has tensor_type {entry.ms_type!r}; ckptmap reads only "
+                               f"{', '.join(_MS_TYPES.values())}. Convert or drop that tensor with MindSpore first")
+        if canonical == "str":
+            return
+        shape = () if entry.dims in ((), (0,)) else entry.dims  # MindSpore's loader maps dims [0] to a scalar
+        expected = math.prod(shape) * to_torch(canonical).itemsize
+        found = sum(n for _, n in entry.slices)
+        if found != expected:
+            raise self._corrupt(entry.slices[0][0], f"tensor {tag!r} ({entry.ms_type} {list(shape)}) needs "
+                                                    f"{expected} content bytes, its records hold {found}")
+
+    def _verify_crc(self, end):
+        crc = 0
+        with memoryview(self._mm) as whole:
+            for start in range(0, end, _CRC_CHUNK):
+                with whole[start:min(end, start + _CRC_CHUNK)] as chunk:
+                    crc = zlib.crc32(chunk, crc)
+        stored = int.from_bytes(self._mm[end + len(_CRC_MAGIC):end + _TRAILER_LEN], "big")
+        if crc != stored:
+            raise CkptmapError(f"{self.path}: CRC-32 mismatch: the trailer at byte offset {end} says {stored:#010x}, "
+                               f"the content before it hashes to {crc:#010x}. The file is corrupt; re-create or "
+                               "re-copy it")
+
+    # -- access ---------------------------------------------------------------------------------
+    def keys(self) -> list[str]:
+        return list(self._entries)
+
+    def __contains__(self, name) -> bool:
+        return name in self._entries
+
+    def _entry(self, name) -> _Entry:
+        try:
+            return self._entries[name]
+        except KeyError:
+            raise CkptmapError(f"{self.path}: no tensor named {name!r} (the file holds {len(self._entries)} "
+                               "tensors; list them with keys())") from None
+
+    def spec(self, name) -> tuple[str, tuple[int, ...]]:
+        entry = self._entry(name)
+        dtype = _CANONICAL[entry.ms_type]
+        return dtype, (() if dtype == "str" or entry.dims == (0,) else entry.dims)
+
+    def get(self, name):
+        entry = self._entry(name)
+        dtype_name, shape = self.spec(name)
+        if dtype_name == "str":
+            raw = b"".join(self._mm[o:o + n] for o, n in entry.slices)
+            try:
+                return raw.decode("utf-32-le").rstrip("\0")
+            except UnicodeDecodeError as e:
+                raise CkptmapError(f"{self.path}: string {name!r} is not valid UTF-32: {e}") from None
+        dtype = to_torch(dtype_name)
+        numel = math.prod(shape)
+        if numel == 0:
+            return torch.empty(shape, dtype=dtype)
+        if len(entry.slices) == 1:
+            return torch.frombuffer(self._mm, dtype=dtype, count=numel, offset=entry.slices[0][0]).reshape(shape)
+        out = torch.empty(numel * dtype.itemsize, dtype=torch.uint8)
+        pos = 0
+        for offset, n in entry.slices:
+            if n:
+                out[pos:pos + n] = torch.frombuffer(self._mm, dtype=torch.uint8, count=n, offset=offset)
+            pos += n
+        return out.view(dtype).reshape(shape)
+
+    def close(self) -> None:
+        # Only drop our reference: torch.frombuffer views keep the mmap object alive (by reference, not
+        # by a buffer export, so mmap.close() would unmap memory they still point at). The file is
+        # unmapped when the last of them is freed, or right here if there are none.
+        self._mm = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        self.close()
+
+
+def load(path) -> dict:
+    """Every tensor and string of a ``.ckpt`` file, in file order (tensors view the file mapping)."""
+    with CkptReader(path) as reader:
+        return {name: reader.get(name) for name in reader.keys()}

@@ -1,0 +1,38 @@
+"""Pick the reader or writer for a file by its format, so the executor and `inspect` stay
+format-agnostic."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ckptmap.errors import CkptmapError
+
+TENSOR_FORMATS = ("ckpt", "safetensors")
+
+
+def open_writer(fmt: str, path, entries, metadata=None):
+    if fmt == "ckpt":
+        from ckptmap.formats.mindspore_ckpt import CkptWriter
+        return CkptWriter(path, entries, metadata)
+    if fmt == "safetensors":
+        from ckptmap.formats.safetensors_io import SafetensorsWriter
+        return SafetensorsWriter(path, entries, metadata)
+    raise CkptmapError(f"cannot write tensor format {fmt!r}; use one of {', '.join(TENSOR_FORMATS)}")
+
+
+def open_reader(path):
+    """A reader with ``get(key) -> torch.Tensor`` for a source file, chosen by suffix."""
+    path = Path(path)
+    if not path.exists():
+        raise CkptmapError(f"source file {path} does not exist")
+    suffix = path.suffix
+    if suffix == ".ckpt":
+        from ckptmap.formats.mindspore_ckpt import CkptReader
+        return CkptReader(path)
+    if suffix == ".safetensors":
+        from ckptmap.formats.safetensors_io import SafetensorsReader
+        return SafetensorsReader(path)
+    if suffix == ".pt":
+        from ckptmap.formats.megatron import PtFile
+        return PtFile(path)
+    raise CkptmapError(f"{path}: unknown file type {suffix!r}; ckptmap reads .pt, .ckpt and .safetensors")

@@ -1,0 +1,318 @@
+"""Rules + parallel layout + an inventory of the source files → a Plan.
+
+The inventory is read from file metadata only (the pickled object tree of each
+``model_optim_rng.pt``, never its tensor bytes). Every check that can fail on bad input runs
+here, before anything is written, so a refused conversion leaves the output untouched.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+
+import attrs
+
+from ckptmap import dtypes
+from ckptmap.errors import CkptmapError
+from ckptmap.formats import megatron, mindspeed
+from ckptmap.mapping import ops as tensor_ops
+from ckptmap.mapping.layout import ParallelLayout
+from ckptmap.mapping.plan import FileTask, Plan, SourceSlice, TensorTask
+from ckptmap.mapping.rules import LAYER, ParamRule, RuleSet, bundled_rules, load_rules, resolve_rules
+
+AUTO_RULES = "auto"
+FLOAT_DTYPES = ("float32", "bfloat16", "float16", "float64")
+MAX_LISTED = 12
+
+
+@attrs.frozen
+class Pt2MsOptions:
+    megatron_path: str
+    ms_path: str
+    param_map_path: str | None = None
+    tp_size: int | None = None
+    pp_size: int | None = None
+    dp_size: int | None = None
+    cp_size: int | None = None
+    parallel_init_order: str = "tp-cp-ep-dp-pp"
+    vpp_size: int | None = None
+    stage_list: tuple[int, ...] | None = None
+    num_layers: int | None = None
+    noop: tuple[int, ...] = ()
+    generate_all_dp_cp: bool = False
+    convert_param_only: bool = False
+    file_prefix: str = mindspeed.DEFAULT_PREFIX
+    format: str = "ckpt"
+    dist_opt_content: tuple[str, ...] = ("param", "exp_avg", "exp_avg_sq")
+    rules: str = AUTO_RULES
+    layout: str = "v1"
+    dtype: str = "float32"
+
+
+def _listing(names, limit=MAX_LISTED) -> str:
+    names = list(names)
+    shown = ", ".join(names[:limit])
+    return shown + (f", … ({len(names) - limit} more)" if len(names) > limit else "")
+
+
+@attrs.frozen
+class _Matched:
+    tensor: megatron.ModelTensor
+    rule: ParamRule
+    bindings: dict
+
+
+def _match(rules: RuleSet, tensors, path) -> tuple[list[_Matched], list[str]]:
+    matched, unmatched = [], []
+    for t in tensors:
+        hits = [(r, b) for r in rules.params if (b := r.megatron.match(t.name)) is not None]
+        if not hits:
+            unmatched.append(t.name)
+            continue
+        if len(hits) > 1:
+            raise CkptmapError(
+                f"{path}: tensor {t.name} matches {len(hits)} rules in {rules.path} "
+                f"({'; '.join(f'{r.loc}: {r.megatron}' for r, _ in hits)}); make the patterns disjoint")
+        matched.append(_Matched(t, hits[0][0], hits[0][1]))
+    return matched, unmatched
+
+
+def _choose_rules(option: str, tensors, path) -> RuleSet:
+    if option != AUTO_RULES:
+        return resolve_rules(option)
+    fits = []
+    for name, rules_path in bundled_rules().items():
+        rules = load_rules(rules_path)
+        _, unmatched = _match(rules, tensors, path)
+        if not unmatched:
+            fits.append(rules)
+    if len(fits) == 1:
+        return fits[0]
+    if not fits:
+        raise CkptmapError(
+            f"no bundled rules describe the model in {path} (first tensors: "
+            f"{_listing([t.name for t in tensors], 5)}); write a .rules file for it and pass --rules PATH "
+            f"(`ckptmap rules list` shows the bundled ones)")
+    raise CkptmapError(f"several bundled rules fit {path} ({', '.join(r.name for r in fits)}); choose one "
+                       f"with --rules")
+
+
+def _check_size(flag: str, given, found, what: str):
+    if given is not None and given != found:
+        raise CkptmapError(f"{flag} {given} disagrees with the checkpoint: {what} {found}; pass {flag} "
+                           f"{found} or point --megatron-path at the checkpoint you meant")
+
+
+def _arg(args, name, default=None):
+    value = getattr(args, name, None) if args is not None else None
+    return default if value is None else value
+
+
+def compile_pt2ms(opt: Pt2MsOptions) -> Plan:
+    if opt.format not in ("ckpt", "safetensors"):
+        raise CkptmapError(f"--format {opt.format}: use ckpt or safetensors")
+    if opt.layout not in mindspeed.LAYOUTS:
+        raise CkptmapError(f"--layout {opt.layout}: use v1 or v2")
+    if opt.dtype != "keep" and opt.dtype not in FLOAT_DTYPES:
+        raise CkptmapError(f"--dtype {opt.dtype}: use keep or one of {', '.join(FLOAT_DTYPES)}")
+    if not opt.convert_param_only:
+        raise CkptmapError(
+            "converting the distributed optimizer state (pt2ms without --convert-param-only) is not "
+            "implemented yet in this version of ckptmap; convert the weights with --convert-param-only")
+
+    ckdir = megatron.open_checkpoint_dir(opt.megatron_path)
+    _check_size("--tp-size", opt.tp_size, ckdir.tp_size, f"{ckdir.root} has mp_rank directories for TP size")
+    _check_size("--pp-size", opt.pp_size, ckdir.pp_size, f"{ckdir.root} has mp_rank directories for PP size")
+    tp_size, pp_size = ckdir.tp_size, ckdir.pp_size
+    if pp_size > 1 and not ckdir.has_pp_suffix:
+        raise CkptmapError(f"{ckdir.root}: mp_rank directories without a PP suffix but PP {pp_size}")
+
+    files = {key: megatron.ModelFile(d / megatron.MODEL_FILE) for key, d in sorted(ckdir.ranks.items())}
+    first = files[(0, 0)]
+    args = first.args
+    inventory = {key: f.tensors() for key, f in files.items()}
+
+    chunk_counts = {key: len(f.chunks()) for key, f in files.items()}
+    if len(set(chunk_counts.values())) != 1:
+        raise CkptmapError(f"the mp_rank files disagree on the number of model chunks: "
+                           f"{dict((f'tp{t} pp{p}', n) for (t, p), n in chunk_counts.items())}")
+    chunks_found = chunk_counts[(0, 0)]
+    vpp = opt.vpp_size or _arg(args, "virtual_pipeline_model_parallel_size") or chunks_found
+    _check_size("--vpp-size", vpp, chunks_found, f"{first.path} holds model chunks:")
+
+    rules = _choose_rules(opt.rules, inventory[(0, 0)], first.path)
+    count_arg = rules.layers.count_arg if rules.layers else "num_layers"
+    num_layers = opt.num_layers
+    if num_layers is None:
+        megatron_layers = _arg(args, count_arg)
+        if megatron_layers is None:
+            raise CkptmapError(f"{first.path}: args has no {count_arg}; pass --num-layers")
+        num_layers = megatron_layers + len(set(opt.noop))
+    layout = ParallelLayout(
+        tp=tp_size, pp=pp_size,
+        dp=opt.dp_size or _arg(args, "data_parallel_size", 1),
+        cp=opt.cp_size or _arg(args, "context_parallel_size", 1),
+        vpp=vpp, num_layers=num_layers,
+        stage_list=tuple(opt.stage_list) if opt.stage_list else None,
+        noop=frozenset(opt.noop), order=opt.parallel_init_order)
+
+    iteration = ckdir.iteration
+    step = 0 if iteration == "release" else int(iteration)
+    env = {k: v for k, v in vars(args).items() if isinstance(v, int)} if args is not None else {}
+
+    out_files: list[FileTask] = []
+    rules_used: set = set()
+    unmatched_all: dict[str, list[str]] = {}
+    per_rank_tensors: dict[tuple[int, int], list[TensorTask]] = {}
+    for (tp, pp), model_file in files.items():
+        matched, unmatched = _match(rules, inventory[(tp, pp)], model_file.path)
+        if unmatched:
+            unmatched_all[str(model_file.path)] = unmatched
+            continue
+        _check_layers(layout, matched, model_file.path, tp, pp)
+        tasks = []
+        seen: dict[str, str] = {}
+        for m in matched:
+            rules_used.add(m.rule.loc)
+            tasks.append(_weight_task(m, layout, pp, model_file.path, opt.dtype, env, seen))
+        per_rank_tensors[(tp, pp)] = tasks
+    if unmatched_all:
+        path, names = next(iter(unmatched_all.items()))
+        raise CkptmapError(
+            f"no rule in {rules.path} matches {len(names)} tensor(s) of {path}: {_listing(names)}"
+            f"{f' (and {len(unmatched_all) - 1} more files)' if len(unmatched_all) > 1 else ''}. "
+            f"Add rules for them (or pick other rules with --rules); nothing was written")
+    unused = [r for r in rules.params if not r.optional and r.loc not in rules_used]
+    if unused:
+        raise CkptmapError(
+            f"rule(s) of {rules.path} matched no tensor in {ckdir.root}: "
+            f"{_listing(f'{r.loc}: {r.megatron}' for r in unused)}; the checkpoint is not the model these "
+            f"rules describe (choose other --rules, or mark the rule `optional`)")
+
+    scalars = [TensorTask("step_num", "int64", (), value=step),
+               TensorTask("epoch_num", "int64", (), value=0)]
+    if opt.layout == "v2":
+        scalars += [TensorTask("iteration", "int64", (), value=step),
+                    TensorTask("checkpoint_version", "float32", (), value=2.0)]
+    metadata = {"format": "ms"} if opt.format == "safetensors" else {}
+
+    param_maps = _param_maps(opt, ckdir)
+    for (tp, pp), tasks in per_rank_tensors.items():
+        primary = None
+        targets = layout.ranks(all_dp_cp=opt.generate_all_dp_cp) if opt.layout == "v1" else [(None, None)]
+        for g, coords in targets:
+            if coords is not None and (coords["tp"], coords["pp"]) != (tp, pp):
+                continue
+            rel = (mindspeed.v1_path(g, opt.file_prefix, opt.format) if opt.layout == "v1"
+                   else mindspeed.v2_path(iteration, tp, pp, pp_size, opt.format))
+            if primary is None:
+                primary = rel
+                out_files.append(FileTask(rel, opt.format, tuple(tasks) + tuple(scalars), metadata))
+            else:
+                out_files.append(FileTask(rel, "copy", source=primary, source_is_output=True))
+        out_files.append(_pt_meta_task(files[(tp, pp)], tp, pp, layout, rules, param_maps, inventory[(tp, pp)]))
+    for pm in param_maps:
+        out_files.append(FileTask(mindspeed.pt_meta_path(pm.path.name), "copy", source=str(pm.path)))
+    if opt.layout == "v2":
+        out_files.append(FileTask(mindspeed.v2_tracker_path(), "text", text=str(iteration)))
+
+    info = {
+        "source": str(ckdir.root), "iteration": iteration, "rules": rules.name, "rules_path": rules.path,
+        "tp": tp_size, "pp": pp_size, "dp": layout.dp, "cp": layout.cp, "vpp": vpp,
+        "num_layers": num_layers, "noop": sorted(opt.noop), "layout": opt.layout, "format": opt.format,
+        "dtype": opt.dtype, "all_dp_cp": opt.generate_all_dp_cp,
+        "param_maps": len(param_maps),
+    }
+    return Plan("pt2ms", str(Path(opt.ms_path)), tuple(out_files), info)
+
+
+def _check_layers(layout: ParallelLayout, matched, path, tp, pp) -> None:
+    found = defaultdict(set)
+    for m in matched:
+        if LAYER in m.bindings:
+            found[m.tensor.chunk].add(m.bindings[LAYER])
+    for v in range(layout.vpp):
+        expected = len(layout.megatron_layers(pp, v))
+        have = sorted(found.get(v, ()))
+        if have != list(range(expected)):
+            where = f"model chunk {v} of {path}" if layout.vpp > 1 else str(path)
+            got = f"local layers {have[0]}..{have[-1]} ({len(have)} layers)" if have else "no layers"
+            raise CkptmapError(
+                f"{where} holds {got}, but the layout (--num-layers {layout.num_layers}, PP "
+                f"{layout.pp}{f', VPP {layout.vpp}' if layout.vpp > 1 else ''}"
+                f"{', --stage-list ' + ' '.join(map(str, layout.stage_list)) if layout.stage_list else ''}"
+                f"{', --noop ' + ' '.join(map(str, sorted(layout.noop))) if layout.noop else ''}) expects "
+                f"{expected} layers on pp stage {pp}{f' chunk {v}' if layout.vpp > 1 else ''}; fix "
+                f"--num-layers / --stage-list / --noop to match the checkpoint")
+
+
+def _weight_task(m: _Matched, layout, pp, path, dtype_option, env, seen) -> TensorTask:
+    bindings = dict(m.bindings)
+    if LAYER in bindings:
+        bindings[LAYER] = layout.global_layer(pp, m.tensor.chunk, bindings[LAYER])
+    name = m.rule.mindspore.format(bindings)
+    if name in seen:
+        raise CkptmapError(f"{path}: tensors {seen[name]} and {m.tensor.name} would both become {name} "
+                           f"(rules {m.rule.loc}); fix the rules")
+    seen[name] = m.tensor.name
+    shape, dtype, concrete = m.tensor.shape, m.tensor.dtype, []
+    where = f"{m.rule.loc} ({m.tensor.name})"
+    for spec in m.rule.ops:
+        op, shape, dtype = tensor_ops.resolve(spec.name, spec.args, shape, dtype, env, where)
+        concrete.append(op)
+    if dtype_option != "keep" and dtype in FLOAT_DTYPES and dtype != dtype_option:
+        op, shape, dtype = tensor_ops.resolve("cast", (dtype_option,), shape, dtype, env, where)
+        concrete.append(op)
+    source = SourceSlice(str(path), m.tensor.key, m.tensor.dtype, m.tensor.shape)
+    return TensorTask(name, dtype, shape, (source,), m.tensor.dtype, m.tensor.shape, tuple(concrete),
+                      note=m.tensor.name)
+
+
+def _param_maps(opt: Pt2MsOptions, ckdir) -> list:
+    if opt.param_map_path:
+        found = megatron.find_param_maps(opt.param_map_path)
+        if not found:
+            raise CkptmapError(f"--param-map-path {opt.param_map_path} holds no "
+                               f"param_map_buffer*_dp*tp*pp*vpp*.json files")
+        return found
+    for candidate in (ckdir.root / megatron.PARAM_MAP_DIR,
+                      (ckdir.save_root / megatron.PARAM_MAP_DIR) if ckdir.save_root else None):
+        if candidate is not None and candidate.is_dir():
+            found = megatron.find_param_maps(candidate)
+            if found:
+                return found
+    return []
+
+
+def _pt_meta_task(model_file, tp, pp, layout, rules, param_maps, tensors) -> FileTask:
+    """pt_meta/args_tpTT_ppPPP.pt: every non-model entry as read, plus the per-chunk parameter
+    names in buffer order (from the param_map when there is one) and the chunks' key structure."""
+    names: list[list[str]] = []
+    source = "param_map"
+    for v in range(layout.vpp):
+        maps = sorted((pm for pm in param_maps if (pm.tp, pm.pp, pm.vpp, pm.dp) == (tp, pp, v, 0)),
+                      key=lambda pm: pm.buffer)
+        if maps:
+            chunk_names = []
+            for pm in maps:
+                chunk_names.extend(megatron.read_param_map(pm.path))
+            names.append(chunk_names)
+        else:
+            source = "state_dict_reversed"
+            chunk = [t for t in tensors if t.chunk == v]
+            names.append([_ddp_name(rules, t) for t in reversed(chunk)])
+    extra = {
+        "param_name_list": names,
+        "param_name_list_source": source,
+        "model_key_paths": {key: model_file.key_paths(key) for key, _ in model_file.chunks()},
+    }
+    return FileTask(mindspeed.pt_meta_args_path(tp, pp), "torch_meta", source=str(model_file.path),
+                    keys=tuple(model_file.meta_keys()), extra=extra)
+
+
+def _ddp_name(rules: RuleSet, tensor) -> str:
+    for r in rules.params:
+        b = r.megatron.match(tensor.name)
+        if b is not None:
+            return r.ddp_pattern().format(b)
+    return "module." + tensor.name

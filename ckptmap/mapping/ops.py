@@ -1,0 +1,104 @@
+"""Invertible tensor ops. Rules name them (``ops: transpose(0, 1)``); the compiler resolves them
+against the actual shape and dtype into concrete ``plan.Op`` records, each of which knows its
+exact inverse, so the reverse direction is the forward op list read backwards.
+
+Concrete ops:
+  cast(src, dst)                 dtype change (bf16 -> fp32 is exact; its inverse is exact on such values)
+  transpose(a, b)                swap two dims; its own inverse
+  reshape(in_shape, out_shape)   inverse swaps the shapes
+  chunk_interleave(dim, n)       view ``dim`` as (n, size/n), swap, flatten: interleaves n chunks row
+                                 by row; inverse is chunk_interleave(dim, size/n)
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ckptmap import dtypes
+from ckptmap.errors import CkptmapError
+from ckptmap.mapping.plan import Op
+
+
+def resolve(spec_name: str, spec_args: tuple, shape: tuple[int, ...], dtype: str,
+            env: dict[str, int], where: str) -> tuple[Op, tuple[int, ...], str]:
+    """Turn a rules op (``spec_name(spec_args)``) into a concrete Op for this input."""
+    if spec_name == "cast":
+        (dst,) = spec_args
+        dtypes.to_torch(dst)
+        return Op("cast", (dtype, dst)), shape, dst
+    if spec_name == "transpose":
+        a, b = (_dim(d, shape, where) for d in spec_args)
+        out = list(shape)
+        out[a], out[b] = out[b], out[a]
+        return Op("transpose", (a, b)), tuple(out), dtype
+    if spec_name == "reshape":
+        dims = [env[a] if isinstance(a, str) and a in env else a for a in spec_args]
+        if any(isinstance(d, str) for d in dims):
+            raise CkptmapError(f"{where}: reshape({', '.join(map(str, spec_args))}) names a value the "
+                               f"model config does not have; known: {', '.join(sorted(env))}")
+        if dims.count(-1) > 1:
+            raise CkptmapError(f"{where}: reshape() may infer at most one dimension (-1)")
+        known = math.prod(d for d in dims if d != -1)
+        total = math.prod(shape)
+        if -1 in dims:
+            if known == 0 or total % known:
+                raise CkptmapError(f"{where}: cannot reshape {list(shape)} to {dims}")
+            dims[dims.index(-1)] = total // known
+        if math.prod(dims) != total:
+            raise CkptmapError(f"{where}: cannot reshape {list(shape)} ({total} elements) to {dims}")
+        return Op("reshape", (tuple(shape), tuple(dims))), tuple(dims), dtype
+    if spec_name == "chunk_interleave":
+        dim, n = spec_args
+        dim = _dim(dim, shape, where)
+        if shape[dim] % n:
+            raise CkptmapError(f"{where}: chunk_interleave: dim {dim} of size {shape[dim]} is not divisible by {n}")
+        return Op("chunk_interleave", (dim, n)), shape, dtype
+    raise CkptmapError(f"{where}: unknown op {spec_name}()")
+
+
+def _dim(d, shape, where) -> int:
+    if not isinstance(d, int) or not -len(shape) <= d < len(shape):
+        raise CkptmapError(f"{where}: dimension {d} does not exist in a tensor of shape {list(shape)}")
+    return d % len(shape)
+
+
+def inverse(op: Op, shape_after: tuple[int, ...]) -> Op:
+    """The op that undoes ``op``; ``shape_after`` is the shape ``op`` produced."""
+    if op.kind == "cast":
+        return Op("cast", (op.args[1], op.args[0]))
+    if op.kind == "transpose":
+        return op
+    if op.kind == "reshape":
+        return Op("reshape", (op.args[1], op.args[0]))
+    if op.kind == "chunk_interleave":
+        dim, n = op.args
+        return Op("chunk_interleave", (dim, shape_after[dim] // n))
+    raise CkptmapError(f"unknown op {op.kind}")
+
+
+def apply(op: Op, tensor: torch.Tensor) -> torch.Tensor:
+    if op.kind == "cast":
+        return tensor.to(dtypes.to_torch(op.args[1]))
+    if op.kind == "transpose":
+        return tensor.transpose(*op.args)
+    if op.kind == "reshape":
+        return tensor.reshape(op.args[1])
+    if op.kind == "chunk_interleave":
+        dim, n = op.args
+        shape = tensor.shape
+        split = tensor.reshape(*shape[:dim], n, shape[dim] // n, *shape[dim + 1:])
+        return split.transpose(dim, dim + 1).reshape(shape)
+    raise CkptmapError(f"unknown op {op.kind}")
+
+
+def apply_all(ops, tensor: torch.Tensor) -> torch.Tensor:
+    for op in ops:
+        tensor = apply(op, tensor)
+    return tensor
+
+
+def invert_all(ops, shapes_after) -> list[Op]:
+    """Inverse op list; ``shapes_after[i]`` is the shape after ``ops[i]``."""
+    return [inverse(op, shp) for op, shp in zip(reversed(ops), reversed(shapes_after))]

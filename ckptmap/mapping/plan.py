@@ -1,0 +1,143 @@
+"""The plan: plain, JSON round-trippable records of what to write and which bytes make it.
+
+Like PyTorch DCP's ``ReadItem``, these records carry no behaviour and no file handles: the
+compiler decides, the executor moves bytes. A plan is deterministic for the same inputs.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+import attrs
+
+from ckptmap import dtypes
+from ckptmap.errors import CkptmapError
+
+PLAN_VERSION = 1
+
+
+def _tuple(value) -> tuple:
+    return tuple(value) if value is not None else ()
+
+
+@attrs.frozen
+class Op:
+    """A concrete, invertible tensor op (see ``mapping/ops.py``)."""
+
+    kind: str
+    args: tuple = attrs.field(converter=_tuple, default=())
+
+    def __str__(self) -> str:
+        return f"{self.kind}({', '.join(str(a) for a in self.args)})"
+
+
+@attrs.frozen
+class SourceSlice:
+    """Elements ``[start, start + numel)`` of the flattened tensor ``key`` in ``file``
+    (``numel`` None = the whole tensor). ``key`` is the file format's own flat key."""
+
+    file: str
+    key: str
+    dtype: str
+    shape: tuple[int, ...] = attrs.field(converter=_tuple)
+    start: int = 0
+    numel: int | None = None
+
+    @property
+    def count(self) -> int:
+        return math.prod(self.shape) - self.start if self.numel is None else self.numel
+
+
+@attrs.frozen
+class TensorTask:
+    """One output tensor: its sources' element ranges concatenated and viewed as
+    ``src_shape`` / ``src_dtype``, then ``ops`` applied; or a constant ``value``."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...] = attrs.field(converter=_tuple)
+    sources: tuple[SourceSlice, ...] = attrs.field(converter=_tuple, default=())
+    src_dtype: str | None = None
+    src_shape: tuple[int, ...] | None = attrs.field(default=None, converter=lambda v: None if v is None else tuple(v))
+    ops: tuple[Op, ...] = attrs.field(converter=_tuple, default=())
+    value: Any = None
+    note: str = ""
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * dtypes.itemsize(self.dtype)
+
+    @property
+    def source_label(self) -> str:
+        if not self.sources:
+            return f"= {self.value!r}"
+        if len(self.sources) == 1:
+            s = self.sources[0]
+            rng = "" if s.numel is None and s.start == 0 else f"[{s.start}:{s.start + s.count}]"
+            return f"{s.key}{rng}"
+        return f"{len(self.sources)} slices"
+
+
+@attrs.frozen
+class FileTask:
+    """One output file, relative to the plan's output root.
+
+    format: ``ckpt`` / ``safetensors`` (tensors), ``torch_meta`` (the listed top-level objects of
+    ``source`` plus ``extra``, re-pickled safely), ``copy`` (bytes of ``source``; an output-relative
+    path when ``source_is_output``), ``text`` (``text``)."""
+
+    path: str
+    format: str
+    tensors: tuple[TensorTask, ...] = attrs.field(converter=_tuple, default=())
+    metadata: dict = attrs.field(factory=dict)
+    source: str | None = None
+    source_is_output: bool = False
+    keys: tuple[str, ...] = attrs.field(converter=_tuple, default=())
+    extra: dict = attrs.field(factory=dict)
+    text: str | None = None
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors)
+
+
+@attrs.frozen
+class Plan:
+    kind: str
+    output_root: str
+    files: tuple[FileTask, ...] = attrs.field(converter=_tuple)
+    info: dict = attrs.field(factory=dict)
+    version: int = PLAN_VERSION
+
+    @property
+    def nbytes(self) -> int:
+        return sum(f.nbytes for f in self.files)
+
+    def to_json(self) -> str:
+        return json.dumps(attrs.asdict(self, recurse=True), indent=1)
+
+    @classmethod
+    def from_json(cls, text: str, origin: str = "plan") -> "Plan":
+        try:
+            raw = json.loads(text)
+            if raw.get("version") != PLAN_VERSION:
+                raise CkptmapError(f"{origin}: plan version {raw.get('version')!r}; this ckptmap reads "
+                                   f"version {PLAN_VERSION}; re-create the plan with `ckptmap plan`")
+            files = []
+            for f in raw["files"]:
+                tensors = []
+                for t in f.get("tensors", ()):
+                    t = dict(t)
+                    t["sources"] = tuple(SourceSlice(**s) for s in t.get("sources", ()))
+                    t["ops"] = tuple(Op(**o) for o in t.get("ops", ()))
+                    tensors.append(TensorTask(**t))
+                f = dict(f)
+                f["tensors"] = tuple(tensors)
+                files.append(FileTask(**f))
+            return cls(kind=raw["kind"], output_root=raw["output_root"], files=tuple(files),
+                       info=raw.get("info", {}), version=raw["version"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise CkptmapError(f"{origin} is not a valid ckptmap plan ({type(e).__name__}: {e}); "
+                               f"re-create it with `ckptmap plan … -o FILE`") from None

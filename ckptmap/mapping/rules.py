@@ -1,0 +1,577 @@
+"""Parse `.rules` files (grammar.lark) into a small attrs AST, with `file:line:col` errors.
+
+A rules file is the only place that knows parameter names. The AST is plain data: patterns can
+match a tensor name (binding placeholders) and format a name from bindings; everything about
+ranks and layer numbering is left to the compiler and `layout.py`.
+"""
+
+from __future__ import annotations
+
+import functools
+from importlib import resources
+from pathlib import Path
+
+import attrs
+import lark
+
+from ckptmap.errors import CkptmapError
+
+LAYER = "layer"
+EXPERT = "expert"
+KNOWN_OPS = {"transpose": 2, "reshape": None, "cast": 1, "chunk_interleave": 2}
+KNOWN_STATES = ("param", "exp_avg", "exp_avg_sq")
+KNOWN_BUCKET_ORDERS = ("reverse_registration", "registration")
+KNOWN_SHARED_EMBEDDING = ("own_bucket", "in_order")
+
+
+@attrs.frozen
+class Loc:
+    file: str
+    line: int
+    column: int
+
+    def __str__(self) -> str:
+        return f"{self.file}:{self.line}:{self.column}"
+
+
+@attrs.frozen
+class Segment:
+    """One dot-separated piece of a name pattern.
+
+    kind: ``literal`` (text), ``layer``/``expert`` (integer index), ``choice`` (one of ``choices``,
+    bound to ``name``), ``int`` (any integer, bound to ``name``), ``ref`` (a binding from the
+    other side: placeholder ``{name}`` that is not layer/expert)."""
+
+    kind: str
+    text: str = ""
+    name: str = ""
+    choices: tuple[str, ...] = ()
+
+    def __str__(self) -> str:
+        if self.kind == "literal":
+            return self.text
+        if self.kind in (LAYER, EXPERT, "ref"):
+            return "{" + (self.name or self.kind) + "}"
+        if self.kind == "choice":
+            return "{" + self.name + ": " + "|".join(self.choices) + "}"
+        return "{" + self.name + ": int}"
+
+
+@attrs.frozen
+class Pattern:
+    segments: tuple[Segment, ...]
+
+    def __str__(self) -> str:
+        return ".".join(str(s) for s in self.segments)
+
+    def bound_names(self) -> set[str]:
+        out = set()
+        for s in self.segments:
+            if s.kind in (LAYER, EXPERT):
+                out.add(s.kind)
+            elif s.kind in ("choice", "int"):
+                out.add(s.name)
+        return out
+
+    def used_names(self) -> set[str]:
+        out = set()
+        for s in self.segments:
+            if s.kind in (LAYER, EXPERT):
+                out.add(s.kind)
+            elif s.kind in ("choice", "int", "ref"):
+                out.add(s.name)
+        return out
+
+    def match(self, name: str) -> dict[str, object] | None:
+        """Bindings if ``name`` matches (integers for layer/expert/int, strings for choices)."""
+        parts = name.split(".")
+        if len(parts) != len(self.segments):
+            return None
+        bindings: dict[str, object] = {}
+        for part, seg in zip(parts, self.segments):
+            if seg.kind == "literal":
+                if part != seg.text:
+                    return None
+            elif seg.kind in (LAYER, EXPERT, "int"):
+                if not part.isdigit() or (len(part) > 1 and part[0] == "0"):
+                    return None
+                bindings[seg.name or seg.kind] = int(part)
+            elif seg.kind == "choice":
+                if part not in seg.choices:
+                    return None
+                bindings[seg.name] = part
+            else:  # a reference is only meaningful when formatting
+                return None
+        return bindings
+
+    def format(self, bindings: dict[str, object]) -> str:
+        parts = []
+        for seg in self.segments:
+            if seg.kind == "literal":
+                parts.append(seg.text)
+            else:
+                parts.append(str(bindings[seg.name or seg.kind]))
+        return ".".join(parts)
+
+
+@attrs.frozen
+class Split:
+    """How a tensor is cut across tensor-parallel ranks.
+
+    ``halves``: each TP shard is itself ``halves`` stacked blocks along ``dim`` (SwiGLU
+    ``[gate; up]``); ``groups``: rows are grouped by the model-config value named here (QKV per
+    query group) and a TP shard holds whole groups; ``vocab_padded``: the full size is the padded
+    vocabulary."""
+
+    dim: int | None = None  # None = replicated
+    vocab_padded: bool = False
+    halves: int | None = None
+    groups: str | None = None
+
+    @property
+    def replicated(self) -> bool:
+        return self.dim is None
+
+    def __str__(self) -> str:
+        if self.dim is None:
+            return "replicated"
+        args = [f"dim={self.dim}"]
+        if self.vocab_padded:
+            args.append("vocab_padded")
+        if self.halves:
+            args.append(f"halves={self.halves}")
+        if self.groups:
+            args.append(f"groups={self.groups}")
+        return "split(" + ", ".join(args) + ")"
+
+
+@attrs.frozen
+class OpSpec:
+    name: str
+    args: tuple[object, ...]
+
+    def __str__(self) -> str:
+        return f"{self.name}({', '.join(str(a) for a in self.args)})"
+
+
+@attrs.frozen
+class ParamRule:
+    megatron: Pattern
+    mindspore: Pattern
+    ddp: Pattern | None
+    tp: Split
+    ops: tuple[OpSpec, ...]
+    optional: bool
+    loc: Loc
+
+    def ddp_pattern(self, prefix: str = "module.") -> Pattern:
+        """The name in Megatron's DDP buffer / param_map: declared, or the DDP wrapper prefix
+        in front of the state-dict name."""
+        if self.ddp is not None:
+            return self.ddp
+        head = tuple(Segment("literal", text=t) for t in prefix.rstrip(".").split("."))
+        return Pattern(head + self.megatron.segments)
+
+
+@attrs.frozen
+class StateRule:
+    state: str
+    pattern: Pattern
+    loc: Loc
+
+
+@attrs.frozen
+class Expr:
+    """A tiny arithmetic expression over named layout/args values (``dp * cp``)."""
+
+    op: str  # const | symbol | mul | add
+    value: object = None
+    left: "Expr | None" = None
+    right: "Expr | None" = None
+
+    def evaluate(self, env: dict[str, int]) -> int:
+        if self.op == "const":
+            return int(self.value)
+        if self.op == "symbol":
+            if self.value not in env:
+                raise CkptmapError(
+                    f"bucket rule uses {self.value!r}, which is not known here; known values: "
+                    f"{', '.join(sorted(env))}")
+            return int(env[self.value])
+        a, b = self.left.evaluate(env), self.right.evaluate(env)
+        return a * b if self.op == "mul" else a + b
+
+    def __str__(self) -> str:
+        if self.op in ("const", "symbol"):
+            return str(self.value)
+        return f"({self.left} {'*' if self.op == 'mul' else '+'} {self.right})"
+
+
+@attrs.frozen
+class BucketLayout:
+    name: str
+    order: str = "reverse_registration"
+    param_align: tuple[Expr, str] | None = None  # (amount, "elements"|"bytes")
+    bucket_pad: tuple[Expr, str] | None = None
+    bucket_close: Expr | None = None
+    close_condition: tuple[bool, str] | None = None  # (negated, flag name)
+    shared_embedding: str = "in_order"
+    loc: Loc | None = None
+
+
+@attrs.frozen
+class LayersSpec:
+    count_arg: str
+    noop_arg: str | None
+
+
+@attrs.frozen
+class RuleSet:
+    name: str
+    description: str
+    path: str
+    params: tuple[ParamRule, ...]
+    states: tuple[StateRule, ...]
+    buckets: tuple[BucketLayout, ...]
+    layers: LayersSpec | None
+
+    def state_pattern(self, state: str) -> Pattern:
+        for s in self.states:
+            if s.state == state:
+                return s.pattern
+        raise CkptmapError(f"rules {self.path} do not name optimizer state {state!r}; add it to the "
+                           f"optimizer_state block")
+
+    def bucket_layout(self, name: str) -> BucketLayout:
+        for b in self.buckets:
+            if b.name == name:
+                return b
+        raise CkptmapError(f"rules {self.path} have no `buckets {name} {{...}}` block")
+
+
+# -------------------------------------------------------------------------------------------------
+# Parsing
+
+_TERMINAL_NAMES = {
+    "NAME": "a name", "INT": "a number", "SIGNED_INT": "a number", "STRING": "a \"string\"",
+    "LBRACE": "'{'", "RBRACE": "'}'", "LPAR": "'('", "RPAR": "')'", "DOT": "'.'", "COMMA": "','",
+    "COLON": "':'", "EQUAL": "'='", "VBAR": "'|'", "STAR": "'*'", "PLUS": "'+'", "$END": "end of file",
+    "OPTIONAL": "'optional'", "UNIT": "'elements' or 'bytes'", "NOT": "'not'",
+}
+
+
+@functools.cache
+def _parser() -> lark.Lark:
+    grammar = resources.files("ckptmap.mapping").joinpath("grammar.lark").read_text()
+    return lark.Lark(grammar, parser="lalr", propagate_positions=True, maybe_placeholders=False)
+
+
+def _describe_expected(expected) -> str:
+    names = []
+    for t in sorted(expected):
+        if t in _TERMINAL_NAMES:
+            names.append(_TERMINAL_NAMES[t])
+        elif t.startswith("__ANON") or t.isupper():
+            names.append(repr(t.lower()))
+        else:
+            names.append(repr(t))
+    return ", ".join(sorted(set(names)))
+
+
+class _Builder(lark.Transformer):
+    def __init__(self, path: str):
+        super().__init__()
+        self.path = path
+
+    def _loc(self, meta) -> Loc:
+        return Loc(self.path, getattr(meta, "line", 0), getattr(meta, "column", 0))
+
+    # patterns
+    def literal(self, items):
+        return Segment("literal", text=str(items[0]))
+
+    def placeholder(self, items):
+        name = str(items[0])
+        if name in (LAYER, EXPERT):
+            return Segment(name)
+        return Segment("ref", name=name)
+
+    def choice(self, items):
+        return Segment("choice", name=str(items[0]), choices=tuple(str(i) for i in items[1:]))
+
+    def int_capture(self, items):
+        return Segment("int", name=str(items[0]))
+
+    def pattern(self, items):
+        return Pattern(tuple(items))
+
+    # param rules
+    def replicated(self, _items):
+        return Split()
+
+    def split_dim(self, items):
+        return ("dim", int(items[0]))
+
+    def split_vocab(self, _items):
+        return ("vocab_padded", True)
+
+    def split_halves(self, items):
+        return ("halves", int(items[0]))
+
+    def split_groups(self, items):
+        return ("groups", str(items[0]))
+
+    def split(self, items):
+        kwargs = dict(items)
+        if "dim" not in kwargs:
+            raise _SemanticError("split(...) needs dim=N (the dimension cut across TP ranks)")
+        return Split(**kwargs)
+
+    def tp_clause(self, items):
+        return ("tp", items[0])
+
+    def int_arg(self, items):
+        return int(items[0])
+
+    def name_arg(self, items):
+        return str(items[0])
+
+    def op(self, items):
+        return OpSpec(str(items[0]), tuple(items[1:]))
+
+    def ops_clause(self, items):
+        return ("ops", tuple(items))
+
+    def ddp_clause(self, items):
+        return items[0]
+
+    @lark.v_args(meta=True)
+    def param_rule(self, meta, items):
+        optional = False
+        if isinstance(items[0], lark.Token) and items[0].type == "OPTIONAL":
+            optional, items = True, items[1:]
+        megatron, rest = items[0], items[1:]
+        ddp = None
+        if rest and isinstance(rest[0], Pattern) and len([r for r in rest if isinstance(r, Pattern)]) == 2:
+            ddp, rest = rest[0], rest[1:]
+        mindspore, clauses = rest[0], rest[1:]
+        tp, ops = None, ()
+        for key, value in clauses:
+            if key == "tp":
+                if tp is not None:
+                    raise _SemanticError("two tp: clauses in one rule", meta)
+                tp = value
+            else:
+                ops = ops + value
+        if tp is None:
+            raise _SemanticError(
+                f"rule for {megatron} has no tp: clause; say how it is split across tensor-parallel "
+                f"ranks (tp: replicated, or tp: split(dim=0))", meta)
+        return ParamRule(megatron, mindspore, ddp, tp, ops, optional, self._loc(meta))
+
+    # optimizer state
+    @lark.v_args(meta=True)
+    def state_entry(self, meta, items):
+        return StateRule(str(items[0]), items[1], self._loc(meta))
+
+    def state_block(self, items):
+        return ("states", tuple(items))
+
+    # buckets
+    def const(self, items):
+        return Expr("const", int(items[0]))
+
+    def symbol(self, items):
+        return Expr("symbol", str(items[0]))
+
+    def mul(self, items):
+        return Expr("mul", left=items[0], right=items[1])
+
+    def add(self, items):
+        return Expr("add", left=items[0], right=items[1])
+
+    def order(self, items):
+        return ("order", str(items[0]))
+
+    def param_align(self, items):
+        return ("param_align", (items[0], str(items[1])))
+
+    def bucket_pad(self, items):
+        return ("bucket_pad", (items[0], str(items[1])))
+
+    def condition(self, items):
+        negated = len(items) == 2
+        return (negated, str(items[-1]))
+
+    def bucket_close(self, items):
+        return ("bucket_close", (items[0], items[1] if len(items) > 1 else None))
+
+    def shared_embedding(self, items):
+        return ("shared_embedding", str(items[0]))
+
+    @lark.v_args(meta=True)
+    def buckets_block(self, meta, items):
+        kwargs = {}
+        for key, value in items[1:]:
+            if key in kwargs:
+                raise _SemanticError(f"bucket setting {key!r} given twice", meta)
+            kwargs[key] = value
+        if "bucket_close" in kwargs:
+            kwargs["bucket_close"], kwargs["close_condition"] = kwargs["bucket_close"]
+        return BucketLayout(name=str(items[0]), loc=self._loc(meta), **kwargs)
+
+    def layers_stmt(self, items):
+        return LayersSpec(str(items[0]), str(items[1]) if len(items) > 1 else None)
+
+    def description(self, items):
+        return str(items[0])[1:-1]
+
+    def header(self, items):
+        return ("header", str(items[0]), items[1] if len(items) > 1 else "")
+
+    def start(self, items):
+        return items
+
+
+class _SemanticError(Exception):
+    def __init__(self, message, meta=None):
+        super().__init__(message)
+        self.message = message
+        self.meta = meta
+
+
+def parse_rules(text: str, path: str = "<rules>") -> RuleSet:
+    try:
+        tree = _parser().parse(text)
+    except lark.UnexpectedCharacters as e:
+        raise CkptmapError(
+            f"{path}:{e.line}:{e.column}: unexpected character {text[e.pos_in_stream]!r}; expected "
+            f"{_describe_expected(e.allowed)}") from None
+    except lark.UnexpectedToken as e:
+        found = "end of file" if e.token.type == "$END" else repr(str(e.token))
+        raise CkptmapError(
+            f"{path}:{e.line}:{e.column}: unexpected {found}; expected "
+            f"{_describe_expected(e.expected)}") from None
+    except lark.UnexpectedEOF as e:
+        raise CkptmapError(f"{path}: unexpected end of file; expected {_describe_expected(e.expected)}") from None
+    try:
+        items = _Builder(path).transform(tree)
+    except lark.exceptions.VisitError as e:
+        err = e.orig_exc
+        if isinstance(err, _SemanticError):
+            meta = err.meta or getattr(e.obj, "meta", None)
+            where = f"{path}:{meta.line}:{meta.column}" if meta is not None and hasattr(meta, "line") else path
+            raise CkptmapError(f"{where}: {err.message}") from None
+        raise
+    return _assemble(items, path)
+
+
+def _assemble(items, path: str) -> RuleSet:
+    _, name, description = items[0]
+    params, states, buckets, layers = [], [], [], None
+    for item in items[1:]:
+        if isinstance(item, ParamRule):
+            params.append(item)
+        elif isinstance(item, tuple) and item[0] == "states":
+            if states:
+                raise CkptmapError(f"{item[1][0].loc}: a second optimizer_state block; keep one")
+            states = list(item[1])
+        elif isinstance(item, BucketLayout):
+            buckets.append(item)
+        elif isinstance(item, LayersSpec):
+            layers = item
+    rules = RuleSet(name, description, path, tuple(params), tuple(states), tuple(buckets), layers)
+    _validate(rules)
+    return rules
+
+
+def _validate(rules: RuleSet) -> None:
+    seen_left: dict[str, Loc] = {}
+    for rule in rules.params:
+        where = rule.loc
+        left = str(rule.megatron)
+        if left in seen_left:
+            raise CkptmapError(f"{where}: the Megatron pattern {left} is already mapped at {seen_left[left]}")
+        seen_left[left] = where
+        for pattern, side in ((rule.megatron, "Megatron"), (rule.mindspore, "MindSpore")):
+            kinds = [s.kind for s in pattern.segments]
+            for special in (LAYER, EXPERT):
+                if kinds.count(special) > 1:
+                    raise CkptmapError(f"{where}: {{{special}}} appears twice in the {side} pattern {pattern}")
+        if any(s.kind == "ref" for s in rule.megatron.segments):
+            bad = [str(s) for s in rule.megatron.segments if s.kind == "ref"]
+            raise CkptmapError(
+                f"{where}: placeholder {bad[0]} in the Megatron pattern is not defined; write "
+                f"{{name: a|b}} for a choice, {{name: int}} for a number, or {{layer}} / {{expert}}")
+        bound = rule.megatron.bound_names()
+        for pattern in (rule.mindspore,) + ((rule.ddp,) if rule.ddp else ()):
+            for seg in pattern.segments:
+                if seg.kind in ("choice", "int"):
+                    raise CkptmapError(
+                        f"{where}: {seg} may only be declared in the Megatron pattern; refer to it "
+                        f"as {{{seg.name}}} on this side")
+            missing = pattern.used_names() - bound
+            if missing:
+                raise CkptmapError(
+                    f"{where}: {pattern} uses {{{sorted(missing)[0]}}}, which the Megatron pattern "
+                    f"{rule.megatron} does not bind")
+        lost = bound - rule.mindspore.used_names()
+        if lost:
+            raise CkptmapError(
+                f"{where}: the MindSpore pattern {rule.mindspore} drops {{{sorted(lost)[0]}}}, so two "
+                f"Megatron tensors would get the same name; use it on the MindSpore side too")
+        for op in rule.ops:
+            if op.name not in KNOWN_OPS:
+                raise CkptmapError(f"{where}: unknown op {op.name}(); known ops: {', '.join(KNOWN_OPS)}")
+            arity = KNOWN_OPS[op.name]
+            if arity is not None and len(op.args) != arity:
+                raise CkptmapError(f"{where}: {op.name}() takes {arity} arguments, got {len(op.args)}")
+        if rule.tp.halves is not None and rule.tp.halves < 2:
+            raise CkptmapError(f"{where}: halves={rule.tp.halves} must be at least 2")
+    names = [s.state for s in rules.states]
+    for s in rules.states:
+        if s.state not in KNOWN_STATES:
+            raise CkptmapError(f"{s.loc}: unknown optimizer state {s.state!r}; known: {', '.join(KNOWN_STATES)}")
+        if names.count(s.state) > 1:
+            raise CkptmapError(f"{s.loc}: optimizer state {s.state!r} named twice")
+        if s.pattern.used_names() - {"name"} or not any(
+                seg.kind == "ref" and seg.name == "name" for seg in s.pattern.segments):
+            raise CkptmapError(f"{s.loc}: an optimizer state pattern must contain {{name}} and nothing "
+                               f"else in braces, e.g. exp_avg.{{name}}")
+    seen_buckets = set()
+    for b in rules.buckets:
+        if b.name in seen_buckets:
+            raise CkptmapError(f"{b.loc}: a second `buckets {b.name}` block")
+        seen_buckets.add(b.name)
+        if b.order not in KNOWN_BUCKET_ORDERS:
+            raise CkptmapError(f"{b.loc}: order: {b.order} is unknown; use one of {', '.join(KNOWN_BUCKET_ORDERS)}")
+        if b.shared_embedding not in KNOWN_SHARED_EMBEDDING:
+            raise CkptmapError(f"{b.loc}: shared_embedding: {b.shared_embedding} is unknown; use one of "
+                               f"{', '.join(KNOWN_SHARED_EMBEDDING)}")
+
+
+def load_rules(path: str | Path) -> RuleSet:
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise CkptmapError(f"cannot read rules file {path}: {e.strerror}") from None
+    return parse_rules(text, str(path))
+
+
+def bundled_rules() -> dict[str, Path]:
+    root = resources.files("ckptmap.rules")
+    return {p.name[:-len(".rules")]: Path(str(p)) for p in sorted(root.iterdir(), key=lambda p: p.name)
+            if p.name.endswith(".rules")}
+
+
+def resolve_rules(name_or_path: str) -> RuleSet:
+    """``--rules NAME|PATH``: a bundled name, or a path to a user's file."""
+    bundled = bundled_rules()
+    if name_or_path in bundled:
+        return load_rules(bundled[name_or_path])
+    path = Path(name_or_path)
+    if path.exists():
+        return load_rules(path)
+    raise CkptmapError(f"--rules {name_or_path}: no such file and no bundled rules of that name; bundled: "
+                       f"{', '.join(bundled)} (see `ckptmap rules list`)")

@@ -1,0 +1,249 @@
+"""ckptmap.formats.mindspore_ckpt against the real MindSpore 2.10 (the independent truth)."""
+
+import filecmp
+
+import numpy as np
+import pytest
+import torch
+
+import mindspore as ms
+import mindspore.train.serialization as ms_serialization
+from mindspore import Parameter, Tensor
+from mindspore.train.checkpoint_pb2 import Checkpoint
+
+from ckptmap.errors import CkptmapError
+from ckptmap.formats.mindspore_ckpt import DEFAULT_SLICE_BYTES, CkptReader, CkptWriter, load
+
+MS_DTYPE = {  # what MindSpore reports for each canonical dtype, written out independently of the module
+    torch.float32: "Float32", torch.bfloat16: "BFloat16", torch.float16: "Float16", torch.float64: "Float64",
+    torch.int64: "Int64", torch.int32: "Int32", torch.int16: "Int16", torch.int8: "Int8", torch.uint8: "UInt8",
+    torch.bool: "Bool",
+}
+
+
+def raw(t: torch.Tensor) -> bytes:
+    return t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
+def to_ms(t: torch.Tensor) -> Parameter:
+    if t.dtype == torch.bfloat16:  # bf16 -> f32 -> bf16 is exact
+        return Parameter(Tensor(t.float().numpy()).astype(ms.bfloat16))
+    return Parameter(Tensor(t.numpy()))
+
+
+def sample_tensors():
+    g = torch.Generator().manual_seed(0)
+    ts = {
+        "fp32.matrix": torch.randn(3, 5, generator=g),
+        "bf16": torch.randn(4, 3, generator=g).bfloat16(),
+        "fp16": torch.randn(6, generator=g).half(),
+        "fp64": torch.randn(2, 2, 2, generator=g).double(),
+        "int64": torch.randint(-2**40, 2**40, (5,), generator=g),
+        "int32": torch.randint(-2**31, 2**31 - 1, (2, 3), generator=g, dtype=torch.int32),
+        "int16": torch.randint(-2**15, 2**15 - 1, (3,), generator=g, dtype=torch.int16),
+        "int8": torch.randint(-128, 127, (4,), generator=g, dtype=torch.int8),
+        "uint8": torch.randint(0, 255, (4,), generator=g, dtype=torch.uint8),
+        "bool": torch.rand(7, generator=g) > 0.5,
+        "scalar.fp32": torch.tensor(3.25),
+        "scalar.bf16": torch.tensor(-1.5, dtype=torch.bfloat16),
+        "scalar.int64": torch.tensor(1000, dtype=torch.int64),
+        "scalar.bool": torch.tensor(True),
+        "nan.inf": torch.tensor([float("nan"), float("inf"), -0.0]),
+        "big": torch.randn(37, 11, generator=g),  # 1628 bytes: several slices under a small slice size
+        "big.bf16": torch.randn(101, generator=g).bfloat16(),
+        "transposed": torch.randn(4, 6, generator=g).t(),  # non-contiguous
+    }
+    return ts
+
+
+def write_ours(path, tensors, strings=(), **kw):
+    with CkptWriter(path, **kw) as w:
+        for name, t in tensors.items():
+            w.write(name, t)
+        for name, s in strings:
+            w.write_string(name, s)
+
+
+def records(path):
+    """(tag, dims, type, content length) of every record, parsed by MindSpore's own protobuf class."""
+    data = open(path, "rb").read()
+    if data[-17:-10] == b"crc_num":
+        data = data[:-17]
+    ckpt = Checkpoint()
+    ckpt.ParseFromString(data)
+    return [(v.tag, list(v.tensor.dims), v.tensor.tensor_type, len(v.tensor.tensor_content)) for v in ckpt.value]
+
+
+def assert_ms_equal(loaded, tensors):
+    for name, t in tensors.items():
+        p = loaded[name]
+        assert str(p.dtype) == MS_DTYPE[t.dtype], name
+        assert tuple(p.shape) == tuple(t.shape), name
+        assert p.asnumpy().tobytes() == raw(t), name
+
+
+@pytest.mark.parametrize("slice_bytes", [64, 70, 1 << 20])
+def test_our_file_loads_in_mindspore(tmp_path, slice_bytes):
+    tensors = sample_tensors()
+    path = str(tmp_path / "ours.ckpt")
+    write_ours(path, tensors, [("text", "héllo, 世界 😀"), ("empty.text", "")], slice_bytes=slice_bytes)
+    loaded = ms.load_checkpoint(path)
+    assert list(loaded) == list(tensors) + ["text", "empty.text"]
+    assert_ms_equal(loaded, tensors)
+    assert loaded["text"] == "héllo, 世界 😀" and loaded["empty.text"] == ""
+
+    recs = records(path)
+    big = [r for r in recs if r[0] == "big"]
+    step = slice_bytes // 4 * 4
+    assert [r[3] for r in big] == [min(step, 1628 - s) for s in range(0, 1628, step)]
+    assert all(r[1] == [37, 11] and r[2] == "Float32" for r in big)
+    assert [r for r in recs if r[0] == "scalar.fp32"] == [("scalar.fp32", [], "Float32", 4)]
+    assert [r for r in recs if r[0] == "text"][0][1:3] == ([0], "str")
+
+
+def test_zero_element_tensor(tmp_path):
+    # MindSpore's own writer silently drops zero-element tensors; ours writes one empty record,
+    # which MindSpore's loader reads back with its shape.
+    path = str(tmp_path / "empty.ckpt")
+    write_ours(path, {"e": torch.zeros(2, 0), "x": torch.ones(1)})
+    loaded = ms.load_checkpoint(path)
+    assert tuple(loaded["e"].shape) == (2, 0) and str(loaded["e"].dtype) == "Float32"
+    with CkptReader(path) as r:
+        assert r.spec("e") == ("float32", (2, 0)) and r.get("e").shape == (2, 0)
+    with pytest.raises(CkptmapError, match=r"shape \(0,\)"):
+        write_ours(str(tmp_path / "e1.ckpt"), {"e": torch.zeros(0)})
+
+
+def test_mindspore_file_read_by_us(tmp_path, monkeypatch):
+    tensors = sample_tensors()
+    monkeypatch.setattr(ms_serialization, "SLICE_SIZE", 1)  # KiB: makes MindSpore slice "big" cheaply
+    path = str(tmp_path / "theirs.ckpt")
+    obj = {name: to_ms(t.contiguous()) for name, t in tensors.items()}
+    obj["text"] = "héllo 😀"
+    ms.save_checkpoint(obj, path)
+    assert [r[3] for r in records(path) if r[0] == "big"] == [1024, 604]
+
+    with CkptReader(path) as r:
+        assert r.keys() == list(tensors) + ["text"]
+        assert "big" in r and "missing" not in r
+        for name, t in tensors.items():
+            assert r.spec(name) == (str(t.dtype).removeprefix("torch."), tuple(t.shape))
+            got = r.get(name)
+            assert got.dtype == t.dtype and got.shape == t.shape, name
+            assert raw(got) == raw(t), name
+        assert r.spec("text") == ("str", ()) and r.get("text") == "héllo 😀"
+        # single-slice tensors are views of the mapping, not copies
+        assert r.get("fp32.matrix").data_ptr() == r.get("fp32.matrix").data_ptr()
+        with pytest.raises(CkptmapError, match="missing"):
+            r.get("missing")
+    again = load(path)  # views outlive the reader
+    assert raw(again["big"]) == raw(tensors["big"])
+
+
+@pytest.mark.parametrize("crc", [False, True])
+def test_bytes_identical_to_mindspore(tmp_path, monkeypatch, crc):
+    tensors = {k: t.contiguous() for k, t in sample_tensors().items()}
+    ours, theirs = str(tmp_path / "ours.ckpt"), str(tmp_path / "theirs.ckpt")
+    ms_obj = {name: to_ms(t) for name, t in tensors.items()}
+    ms_obj["text"] = "héllo"
+
+    assert ms_serialization.SLICE_SIZE * 1024 == DEFAULT_SLICE_BYTES  # MindSpore's SLICE_SIZE is in KiB
+    write_ours(ours, tensors, [("text", "héllo")], crc=crc)  # default 512 MiB slices: one record each
+    ms.save_checkpoint(ms_obj, theirs, crc_check=crc)
+    assert filecmp.cmp(ours, theirs, shallow=False)
+
+    monkeypatch.setattr(ms_serialization, "SLICE_SIZE", 1)  # both sides slice at 1 KiB
+    write_ours(ours, tensors, [("text", "héllo")], crc=crc, slice_bytes=1024)
+    ms.save_checkpoint(ms_obj, theirs, crc_check=crc)
+    assert filecmp.cmp(ours, theirs, shallow=False)
+
+
+def flip(path, offset):
+    data = bytearray(open(path, "rb").read())
+    data[offset] ^= 0x01
+    open(path, "wb").write(bytes(data))
+
+
+def test_crc_ours_checked_by_mindspore(tmp_path):
+    tensors = sample_tensors()
+    path = str(tmp_path / "crc.ckpt")
+    write_ours(path, tensors, crc=True, slice_bytes=256)
+    data = open(path, "rb").read()
+    assert data[-17:-10] == b"crc_num" and data[-10:-4] == bytes(6)
+    assert_ms_equal(ms.load_checkpoint(path, crc_check=True), tensors)
+    with CkptReader(path) as r:
+        assert r.has_crc
+
+    flip(path, 200)  # inside tensor content: framing intact, only the CRC can tell
+    with pytest.raises(ValueError):
+        ms.load_checkpoint(path, crc_check=True)
+    with pytest.raises(CkptmapError, match="CRC-32 mismatch") as e:
+        CkptReader(path)
+    assert path in str(e.value)
+    with CkptReader(path, verify_crc=False) as r:  # opt-out reads the (corrupt) data
+        assert len(r.keys()) == len(tensors)
+
+
+def test_crc_mindspore_verified_by_us(tmp_path):
+    path = str(tmp_path / "theirs.ckpt")
+    t = torch.randn(50)
+    ms.save_checkpoint({"w": to_ms(t), "s": to_ms(torch.tensor(2, dtype=torch.int32))}, path, crc_check=True)
+    with CkptReader(path) as r:
+        assert r.has_crc and raw(r.get("w")) == raw(t)
+    flip(path, 40)
+    with pytest.raises(CkptmapError, match="CRC"):
+        CkptReader(path)
+
+
+def test_no_trailer_when_writer_fails(tmp_path):
+    path = str(tmp_path / "fail.ckpt")
+    with pytest.raises(RuntimeError):
+        with CkptWriter(path, crc=True) as w:
+            w.write("a", torch.ones(3))
+            raise RuntimeError("boom")
+    assert b"crc_num" not in open(path, "rb").read()
+
+
+@pytest.mark.parametrize("cut", [1, 5, 30, 100, 600, -20, -3])
+def test_truncated_file(tmp_path, cut):
+    path = str(tmp_path / "trunc.ckpt")
+    write_ours(path, {"a": torch.randn(100), "b": torch.randn(50)}, crc=True, slice_bytes=128)
+    data = open(path, "rb").read()
+    open(path, "wb").write(data[:cut] if cut > 0 else data[:cut])
+    with pytest.raises(CkptmapError, match="byte offset") as e:
+        CkptReader(path)
+    assert path in str(e.value)
+
+
+def test_unknown_tensor_type(tmp_path):
+    path = str(tmp_path / "odd.ckpt")
+    ms.save_checkpoint({"u": Parameter(Tensor(np.arange(3, dtype=np.uint16)))}, path)
+    with pytest.raises(CkptmapError, match="UInt16"):
+        CkptReader(path)
+
+
+def test_writer_follows_announced_entries(tmp_path):
+    entries = [("a", "float32", (2,)), ("s", "str", ()), ("b", "bfloat16", [3, 1])]
+    path = str(tmp_path / "e.ckpt")
+    with CkptWriter(path, entries, metadata={"ignored": "yes"}) as w:
+        w.write("a", torch.ones(2))
+        w.write_string("s", "x")
+        w.write("b", torch.ones(3, 1, dtype=torch.bfloat16))
+    assert list(ms.load_checkpoint(path)) == ["a", "s", "b"]
+
+    bad = [("b", torch.ones(3, 1, dtype=torch.bfloat16)),  # wrong order
+           ("a", torch.ones(2, dtype=torch.float64)),     # wrong dtype
+           ("a", torch.ones(3))]                          # wrong shape
+    for name, t in bad:
+        w = CkptWriter(path, entries)
+        with pytest.raises(CkptmapError, match="announced"):
+            w.write(name, t)
+        w._abort()
+    w = CkptWriter(path, entries)
+    w.write("a", torch.ones(2))
+    with pytest.raises(CkptmapError, match="1 of 3"):
+        w.close()
+    with pytest.raises(CkptmapError, match="twice"):
+        with CkptWriter(path) as w:
+            w.write("a", torch.ones(1))
+            w.write("a", torch.ones(1))

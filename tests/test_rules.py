@@ -1,0 +1,129 @@
+"""The rules DSL: bundled files, name mapping per formats.md §3.2, and error messages."""
+
+import pytest
+
+from ckptmap.cli import main
+from ckptmap.errors import CkptmapError
+from ckptmap.mapping.rules import bundled_rules, load_rules, parse_rules
+
+# formats.md §3.2, written out by hand: Megatron legacy name (layer 1 local) -> MindSpeed name (layer 5 global)
+LEGACY_TABLE = {
+    "language_model.embedding.word_embeddings.weight": ("language_model.embedding.word_embeddings.weight", "split(dim=0, vocab_padded)"),
+    "language_model.embedding.position_embeddings.weight": ("language_model.embedding.position_embeddings.weight", "replicated"),
+    "language_model.encoder.layers.1.input_norm.weight": ("language_model.encoder.layers.5.input_norm.weight", "replicated"),
+    "language_model.encoder.layers.1.input_norm.bias": ("language_model.encoder.layers.5.input_norm.bias", "replicated"),
+    "language_model.encoder.layers.1.self_attention.query_key_value.weight": ("language_model.encoder.layers.5.attention.qkv_proj.weight", "split(dim=0, groups=num_query_groups)"),
+    "language_model.encoder.layers.1.self_attention.query_key_value.bias": ("language_model.encoder.layers.5.attention.qkv_proj.bias", "split(dim=0, groups=num_query_groups)"),
+    "language_model.encoder.layers.1.self_attention.dense.weight": ("language_model.encoder.layers.5.attention.out_proj.weight", "split(dim=1)"),
+    "language_model.encoder.layers.1.self_attention.dense.bias": ("language_model.encoder.layers.5.attention.out_proj.bias", "replicated"),
+    "language_model.encoder.layers.1.post_attention_norm.weight": ("language_model.encoder.layers.5.post_attention_norm.weight", "replicated"),
+    "language_model.encoder.layers.1.post_attention_norm.bias": ("language_model.encoder.layers.5.post_attention_norm.bias", "replicated"),
+    "language_model.encoder.layers.1.mlp.dense_h_to_4h.weight": ("language_model.encoder.layers.5.mlp.mapping.weight", "split(dim=0, halves=2)"),
+    "language_model.encoder.layers.1.mlp.dense_h_to_4h.bias": ("language_model.encoder.layers.5.mlp.mapping.bias", "split(dim=0, halves=2)"),
+    "language_model.encoder.layers.1.mlp.dense_4h_to_h.weight": ("language_model.encoder.layers.5.mlp.projection.weight", "split(dim=1)"),
+    "language_model.encoder.layers.1.mlp.dense_4h_to_h.bias": ("language_model.encoder.layers.5.mlp.projection.bias", "replicated"),
+    "language_model.encoder.layers.1.attn_post_norm.weight": ("language_model.encoder.layers.5.attn_post_norm.weight", "replicated"),
+    "language_model.encoder.layers.1.ffn_post_norm.weight": ("language_model.encoder.layers.5.ffn_post_norm.weight", "replicated"),
+    "language_model.encoder.final_norm.weight": ("language_model.encoder.final_norm.weight", "replicated"),
+    "language_model.encoder.final_norm.bias": ("language_model.encoder.final_norm.bias", "replicated"),
+    "language_model.output_layer.weight": ("language_model.output_layer.weight", "split(dim=0, vocab_padded)"),
+    "word_embeddings_for_head.weight": ("word_embeddings.weight", "split(dim=0, vocab_padded)"),
+}
+
+
+def _map(rules, name, global_layer):
+    hits = [(r, b) for r in rules.params if (b := r.megatron.match(name)) is not None]
+    assert len(hits) == 1, f"{name}: {len(hits)} rules match"
+    rule, b = hits[0]
+    if "layer" in b:
+        b["layer"] = global_layer
+    return rule.mindspore.format(b), str(rule.tp), rule
+
+
+def test_bundled_rules_parse():
+    assert set(bundled_rules()) == {"megatron_legacy_gpt", "megatron_core_gpt"}
+    for path in bundled_rules().values():
+        rules = load_rules(path)
+        assert rules.params and {s.state for s in rules.states} == {"param", "exp_avg", "exp_avg_sq"}
+        assert {b.name for b in rules.buckets} == {"megatron", "mindspeed"}
+
+
+def test_legacy_rules_cover_every_row_of_formats_table():
+    rules = load_rules(bundled_rules()["megatron_legacy_gpt"])
+    for megatron_name, (ms_name, split) in LEGACY_TABLE.items():
+        got, got_split, _ = _map(rules, megatron_name, 5)
+        assert (got, got_split) == (ms_name, split), megatron_name
+
+
+def test_tied_head_has_its_ddp_name():
+    rules = load_rules(bundled_rules()["megatron_legacy_gpt"])
+    _, _, rule = _map(rules, "word_embeddings_for_head.weight", 0)
+    assert rule.ddp_pattern().format({}) == "module.word_embeddings.weight"
+    _, _, rule = _map(rules, "language_model.encoder.layers.3.input_norm.weight", 0)
+    assert rule.ddp_pattern().format({"layer": 3, "p": "weight"}) == "module.language_model.encoder.layers.3.input_norm.weight"
+
+
+def test_core_rules_keep_names_except_layer_number():
+    rules = load_rules(bundled_rules()["megatron_core_gpt"])
+    names = ["embedding.word_embeddings.weight", "decoder.layers.0.input_layernorm.weight",
+             "decoder.layers.0.input_layernorm.bias", "decoder.layers.0.self_attention.linear_qkv.weight",
+             "decoder.layers.0.self_attention.linear_proj.weight", "decoder.layers.0.pre_mlp_layernorm.weight",
+             "decoder.layers.0.mlp.linear_fc1.weight", "decoder.layers.0.mlp.linear_fc2.weight",
+             "decoder.final_layernorm.bias", "output_layer.weight",
+             "decoder.layers.0.self_attention.linear_qkv.layer_norm_weight"]
+    for name in names:
+        got, _, _ = _map(rules, name, 7)
+        assert got == name.replace("layers.0.", "layers.7."), name
+
+
+def test_pattern_rejects_near_misses():
+    rules = load_rules(bundled_rules()["megatron_legacy_gpt"])
+    for bad in ["language_model.encoder.layers.01.input_norm.weight",
+                "language_model.encoder.layers.x.input_norm.weight",
+                "language_model.encoder.layers.1.input_norm.scale",
+                "language_model.encoder.layers.1.input_norm"]:
+        assert not any(r.megatron.match(bad) is not None for r in rules.params), bad
+
+
+@pytest.mark.parametrize("text, where, words", [
+    ('rules x\nparam a.b => a.c\n  tp: split(dim=0\nparam', "<t>:4:1", ["expected", "')'"]),
+    ('rules x\nparam a.b => a.c tp: sharded', "<t>:2:22", ["unexpected", "'sharded'", "'replicated'"]),
+    ('rules x\nparam a.{layer}.b => a.c tp: replicated', "<t>:2:1", ["drops {layer}"]),
+    ('rules x\nparam a.b => a.{p} tp: replicated', "<t>:2:1", ["{p}", "does not bind"]),
+    ('rules x\nparam a.{p}.b => a.{p} tp: replicated', "<t>:2:1", ["not defined"]),
+    ('rules x\nparam a.b => a.c tp: replicated ops: flip(0)', "<t>:2:1", ["unknown op flip()"]),
+    ('rules x\nparam a.b => a.c', "<t>:2:1", ["no tp: clause"]),
+    ('rules x\nparam a.b => a.c tp: replicated\nparam a.b => a.d tp: replicated', "<t>:3:1", ["already mapped at <t>:2:1"]),
+    ('rules x\noptimizer_state { exp_avg => exp_avg }', "<t>:2:19", ["must contain {name}"]),
+    ('rules x\nbuckets m { order: sideways }', "<t>:2:1", ["order: sideways is unknown"]),
+    ('rules x\nparam a.b => a.c tp: split(halves=2)', "<t>:2:", ["needs dim=N"]),
+])
+def test_errors_point_at_file_line_col(text, where, words):
+    with pytest.raises(CkptmapError) as e:
+        parse_rules(text, "<t>")
+    msg = str(e.value)
+    assert msg.startswith(where), msg
+    for w in words:
+        assert w in msg, msg
+
+
+def test_bucket_expressions_evaluate():
+    rules = load_rules(bundled_rules()["megatron_legacy_gpt"])
+    mega = rules.bucket_layout("megatron")
+    assert mega.bucket_pad[0].evaluate({"dp": 4, "cp": 2}) == 8 and mega.bucket_pad[1] == "elements"
+    assert mega.close_condition == (False, "overlap_grad_reduce")
+    ms = rules.bucket_layout("mindspeed")
+    assert ms.bucket_pad[0].evaluate({"dp": 4}) == 2048 and ms.bucket_pad[1] == "bytes"
+    assert ms.param_align[0].evaluate({}) == 512
+
+
+def test_cli_rules_list_and_check(capsys, tmp_path):
+    assert main(["rules", "list"]) == 0
+    out = capsys.readouterr().out
+    assert "megatron_legacy_gpt" in out and "megatron_core_gpt" in out
+    assert main(["rules", "check", str(bundled_rules()["megatron_core_gpt"])]) == 0
+    bad = tmp_path / "bad.rules"
+    bad.write_text("rules bad\nparam a.b =>\n")
+    assert main(["rules", "check", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert f"{bad}:2:11" in err and "unexpected end of file; expected" in err
