@@ -67,6 +67,8 @@ def _add_pt2ms_flags(p: argparse.ArgumentParser) -> None:
     c.add_argument("--dtype", default="float32",
                    help="Output dtype of floating-point weights: float32 (default, like the reference), "
                         "keep (the source dtype), bfloat16, float16.")
+    c.add_argument("--crc", action="store_true",
+                   help="Append MindSpore's CRC-32 trailer to .ckpt files (checked by load_checkpoint(crc_check=True)).")
     c.add_argument("--dry-run", action="store_true", help="Print the plan and write nothing.")
 
 
@@ -77,6 +79,8 @@ def _add_run_flags(g) -> None:
     g.add_argument("--process_timeout", "--process-timeout", dest="process_timeout", type=float, default=None,
                    help="Seconds allowed per output file; a file that takes longer fails.")
     g.add_argument("--no-progress", action="store_true", help="No progress bar.")
+    g.add_argument("--fsync", action="store_true",
+                   help="fsync every file before renaming it into place (durable against power loss; slower).")
 
 
 def _pt2ms_options(ns):
@@ -90,14 +94,16 @@ def _pt2ms_options(ns):
         stage_list=parse_stage_list(ns.stage_list) if ns.stage_list else None,
         num_layers=ns.num_layers, noop=tuple(ns.noop), generate_all_dp_cp=ns.generate_all_dp_cp,
         convert_param_only=ns.convert_param_only, file_prefix=ns.file_prefix, format=ns.format,
-        dist_opt_content=tuple(ns.dist_opt_content), rules=ns.rules, layout=ns.layout, dtype=ns.dtype)
+        dist_opt_content=tuple(ns.dist_opt_content), rules=ns.rules, layout=ns.layout, dtype=ns.dtype,
+        crc=ns.crc)
 
 
 # -------------------------------------------------------------------------------------------------
 # Printing
 
 
-def print_plan(plan, out=sys.stdout, detail: bool = True) -> None:
+def print_plan(plan, out=None, detail: bool = True) -> None:
+    out = out or sys.stdout
     info = plan.info
     common = os.path.commonpath([t.sources[0].file for f in plan.files for t in f.tensors if t.sources]
                                 or [plan.output_root])
@@ -130,7 +136,8 @@ def print_plan(plan, out=sys.stdout, detail: bool = True) -> None:
           f"(source root {common})", file=out)
 
 
-def print_report(report, out=sys.stdout) -> None:
+def print_report(report, out=None) -> None:
+    out = out or sys.stdout
     width = max((len(r.path) for r in report.results), default=4)
     for r in report.results:
         status = "ok" if r.ok else "FAILED"
@@ -146,7 +153,7 @@ def _run(plan, ns) -> int:
     from ckptmap.execute import run_plan
 
     report = run_plan(plan, processes=ns.process_limit, multiprocess=not ns.multiprocess_off,
-                      timeout=ns.process_timeout, progress=not ns.no_progress)
+                      timeout=ns.process_timeout, progress=not ns.no_progress, fsync=ns.fsync)
     print_report(report)
     return EXIT_FAILED if report.failed else 0
 

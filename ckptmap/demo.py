@@ -14,84 +14,97 @@ import tempfile
 import time
 from pathlib import Path
 
+import attrs
 import torch
 
 from ckptmap.formats import megatron, torch_zip
 
-TP, PP, DP = 2, 2, 2
-LAYERS, HIDDEN, HEADS, GROUPS, KV, FFN, VOCAB = 4, 256, 8, 2, 32, 704, 4096
+@attrs.frozen
+class DemoModel:
+    """Shape of a legacy GPT model and its parallel layout (SwiGLU, RMSNorm, no biases, untied)."""
+
+    tp: int = 2
+    pp: int = 2
+    dp: int = 2
+    layers: int = 4
+    hidden: int = 256
+    heads: int = 8
+    groups: int = 2
+    kv: int = 32
+    ffn: int = 704
+    vocab: int = 4096
+
+    def layer_shapes(self) -> list[tuple[str, tuple[int, ...]]]:
+        qkv_rows = (self.heads * self.kv + 2 * self.groups * self.kv) // self.tp
+        return [
+            ("input_norm.weight", (self.hidden,)),
+            ("self_attention.query_key_value.weight", (qkv_rows, self.hidden)),
+            ("self_attention.dense.weight", (self.hidden, self.heads * self.kv // self.tp)),
+            ("post_attention_norm.weight", (self.hidden,)),
+            ("mlp.dense_h_to_4h.weight", (2 * self.ffn // self.tp, self.hidden)),   # SwiGLU [gate; up]
+            ("mlp.dense_4h_to_h.weight", (self.hidden, self.ffn // self.tp)),
+        ]
+
+    def stage_tensors(self, pp: int) -> list[tuple[list[str], tuple[int, ...]]]:
+        """(nested key path, shape) of one rank's model dict, in state-dict order."""
+        out = []
+        if pp == 0:
+            out.append((["language_model", "embedding", "word_embeddings", "weight"],
+                        (self.vocab // self.tp, self.hidden)))
+        for n in range(self.layers // self.pp):
+            for suffix, shape in self.layer_shapes():
+                out.append((["language_model", "encoder", f"layers.{n}.{suffix}"], shape))
+        if pp == self.pp - 1:
+            out.append((["language_model", "encoder", "final_norm.weight"], (self.hidden,)))
+            out.append((["language_model", "output_layer", "weight"], (self.vocab // self.tp, self.hidden)))
+        return out
+
+    def args(self, iteration: int) -> argparse.Namespace:
+        return argparse.Namespace(
+            num_layers=self.layers, hidden_size=self.hidden, num_attention_heads=self.heads,
+            num_query_groups=self.groups, kv_channels=self.kv, ffn_hidden_size=self.ffn,
+            padded_vocab_size=self.vocab, swiglu=True, tensor_model_parallel_size=self.tp,
+            pipeline_model_parallel_size=self.pp, data_parallel_size=self.dp, context_parallel_size=1,
+            virtual_pipeline_model_parallel_size=None, params_dtype=torch.bfloat16, bf16=True,
+            use_distributed_optimizer=True, iteration=iteration, consumed_train_samples=iteration * 64,
+            save="checkpoints/demo")
 
 
-def _layer_shapes(tp: int) -> list[tuple[str, tuple[int, ...]]]:
-    qkv_rows = (HEADS * KV + 2 * GROUPS * KV) // tp
-    return [
-        ("input_norm.weight", (HIDDEN,)),
-        ("self_attention.query_key_value.weight", (qkv_rows, HIDDEN)),
-        ("self_attention.dense.weight", (HIDDEN, HEADS * KV // tp)),
-        ("post_attention_norm.weight", (HIDDEN,)),
-        ("mlp.dense_h_to_4h.weight", (2 * FFN // tp, HIDDEN)),   # SwiGLU [gate; up]
-        ("mlp.dense_4h_to_h.weight", (HIDDEN, FFN // tp)),
-    ]
-
-
-def _stage_tensors(tp: int, pp: int) -> list[tuple[list[str], tuple[int, ...]]]:
-    """(nested key path, shape) of one rank's model dict, in state-dict order."""
-    out = []
-    if pp == 0:
-        out.append((["language_model", "embedding", "word_embeddings", "weight"], (VOCAB // TP, HIDDEN)))
-    for n in range(LAYERS // PP):
-        for suffix, shape in _layer_shapes(TP):
-            out.append((["language_model", "encoder", f"layers.{n}.{suffix}"], shape))
-    if pp == PP - 1:
-        out.append((["language_model", "encoder", "final_norm.weight"], (HIDDEN,)))
-        out.append((["language_model", "output_layer", "weight"], (VOCAB // TP, HIDDEN)))
-    return out
-
-
-def _args(iteration: int) -> argparse.Namespace:
-    return argparse.Namespace(
-        num_layers=LAYERS, hidden_size=HIDDEN, num_attention_heads=HEADS, num_query_groups=GROUPS,
-        kv_channels=KV, ffn_hidden_size=FFN, padded_vocab_size=VOCAB, swiglu=True,
-        tensor_model_parallel_size=TP, pipeline_model_parallel_size=PP, data_parallel_size=DP,
-        context_parallel_size=1, virtual_pipeline_model_parallel_size=None, params_dtype=torch.bfloat16,
-        bf16=True, use_distributed_optimizer=True, iteration=iteration, consumed_train_samples=iteration * 64,
-        save="checkpoints/demo")
-
-
-def build_megatron_checkpoint(save_root: Path, iteration: int = 100, seed: int = 0) -> dict:
-    """Write the demo checkpoint; returns {(tp, pp): {dotted name: bf16 tensor}} as truth."""
+def build_megatron_checkpoint(save_root: Path, model: DemoModel = DemoModel(), iteration: int = 100,
+                              seed: int = 0, keep_truth: bool = True) -> dict:
+    """Write the checkpoint; returns {(tp, pp): {dotted name: bf16 tensor}} as truth."""
     gen = torch.Generator().manual_seed(seed)
     truth = {}
     iter_dir = save_root / megatron.iter_dir_name(iteration)
-    for tp in range(TP):
-        for pp in range(PP):
-            entries = _stage_tensors(tp, pp)
+    for tp in range(model.tp):
+        for pp in range(model.pp):
+            entries = model.stage_tensors(pp)
             numels = [math.prod(shape) for _, shape in entries]
             # Megatron: one bf16 buffer per chunk, parameters in reverse order, tensors are views of it
             buffer = (torch.randn(sum(numels), generator=gen) * 0.02).to(torch.bfloat16)
-            model: dict = {}
+            tree: dict = {}
             offset = sum(numels)
             names = {}
             for (path, shape), numel in zip(entries, numels):
                 offset -= numel
                 t = buffer[offset:offset + numel].view(shape)
-                node = model
+                node = tree
                 for k in path[:-1]:
                     node = node.setdefault(k, {})
                 node[path[-1]] = t
                 names[".".join(path)] = t
             state = {
-                "args": _args(iteration), "checkpoint_version": megatron.CHECKPOINT_VERSION,
-                "iteration": iteration, "model": model,
+                "args": model.args(iteration), "checkpoint_version": megatron.CHECKPOINT_VERSION,
+                "iteration": iteration, "model": tree,
                 "optimizer": {"optimizer": {"param_groups": [{"lr": 1e-4, "step": iteration}]}},
                 "opt_param_scheduler": {"max_lr": 1e-4, "num_steps": iteration},
                 "rng_state": [{"random_rng_state": (3, tuple(range(5)), None)}],
                 "num_floating_point_operations_so_far": 0,
             }
-            rank_dir = iter_dir / megatron.mp_rank_dir_name(tp, pp, PP)
+            rank_dir = iter_dir / megatron.mp_rank_dir_name(tp, pp, model.pp)
             rank_dir.mkdir(parents=True, exist_ok=True)
             torch_zip.save(state, rank_dir / megatron.MODEL_FILE)
-            truth[(tp, pp)] = names
+            truth[(tp, pp)] = names if keep_truth else None
     megatron.write_tracker(save_root, iteration)
     return truth
 
@@ -99,7 +112,6 @@ def build_megatron_checkpoint(save_root: Path, iteration: int = 100, seed: int =
 def run_demo(workdir: Path | None = None) -> int:
     from ckptmap.cli import print_plan, print_report
     from ckptmap.execute import run_plan
-    from ckptmap.formats.mindspore_ckpt import load as load_ckpt
     from ckptmap.mapping.compiler import Pt2MsOptions, compile_pt2ms
 
     holder = None
@@ -108,14 +120,15 @@ def run_demo(workdir: Path | None = None) -> int:
         workdir = Path(holder.name)
     try:
         src, dst = workdir / "megatron", workdir / "mindspore"
-        print(f"== 1. building a Megatron legacy GPT checkpoint (TP {TP}, PP {PP}, bf16) in {src}")
+        model = DemoModel()
+        print(f"== 1. building a Megatron legacy GPT checkpoint (TP {model.tp}, PP {model.pp}, bf16) in {src}")
         truth = build_megatron_checkpoint(src)
         size = sum(p.stat().st_size for p in src.rglob("*.pt"))
         print(f"   {len(truth)} mp_rank files, {size / 2**20:.1f} MiB")
 
         print("\n== 2. the plan (ckptmap plan pt2ms --convert-param-only --dry-run)")
         plan = compile_pt2ms(Pt2MsOptions(megatron_path=str(src), ms_path=str(dst), convert_param_only=True,
-                                          dp_size=DP))
+                                          dp_size=model.dp))
         print_plan(plan, detail=False)
 
         print("\n== 3. converting")
@@ -130,7 +143,7 @@ def run_demo(workdir: Path | None = None) -> int:
         for f in plan.files:
             if f.format != "ckpt":
                 continue
-            loaded = load_ckpt(dst / f.path)
+            loaded = _load_back(dst / f.path)
             tp, pp = _rank_of(f, plan)
             equal = 0
             for t in f.tensors:
@@ -155,6 +168,16 @@ def run_demo(workdir: Path | None = None) -> int:
     finally:
         if holder is not None:
             holder.cleanup()
+
+
+def _load_back(path: Path) -> dict:
+    """Read with the real MindSpore when it is installed (it is, via `make demo`), else ckptmap's reader."""
+    try:
+        import mindspore
+    except ImportError:
+        from ckptmap.formats.mindspore_ckpt import load
+        return load(path)
+    return {k: torch.from_numpy(v.asnumpy()) for k, v in mindspore.load_checkpoint(str(path)).items()}
 
 
 def _rank_of(file_task, plan) -> tuple[int, int]:

@@ -93,7 +93,7 @@ def _tmp_path(final: Path) -> Path:
     return final.with_name(f"{final.name}{TMP_MARK}{os.getpid()}")
 
 
-def write_file(task: FileTask, root: Path, progress=None) -> int:
+def write_file(task: FileTask, root: Path, progress=None, fsync: bool = False) -> int:
     """Write one FileTask atomically; returns the bytes of tensor data written."""
     final = root / task.path
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -104,7 +104,8 @@ def write_file(task: FileTask, root: Path, progress=None) -> int:
             entries = [(t.name, t.dtype, t.shape) for t in task.tensors]
             sources = _Sources()
             try:
-                with registry.open_writer(task.format, tmp, entries, task.metadata) as writer:
+                with registry.open_writer(task.format, tmp, entries, task.metadata, fsync=fsync,
+                                          crc=task.crc) as writer:
                     for t in task.tensors:
                         if t.sources:
                             value = tensor_ops.apply_all(t.ops, sources.tensor(t))
@@ -147,7 +148,7 @@ def _describe(exc: BaseException) -> str:
     return "".join(traceback.format_exception_only(type(exc), exc)).strip()
 
 
-def _worker(tasks, results, root, plan_files):
+def _worker(tasks, results, root, plan_files, fsync):
     torch.set_num_threads(1)
     while True:
         item = tasks.get()
@@ -157,7 +158,8 @@ def _worker(tasks, results, root, plan_files):
         results.put(("start", index, os.getpid()))
         started = time.perf_counter()
         try:
-            n = write_file(plan_files[index], root, progress=lambda b: results.put(("bytes", index, b)))
+            n = write_file(plan_files[index], root, progress=lambda b: results.put(("bytes", index, b)),
+                           fsync=fsync)
             results.put(("done", index, FileResult(plan_files[index].path, True, n, time.perf_counter() - started)))
         except BaseException as e:  # reported, never raised out of the worker
             results.put(("done", index, FileResult(plan_files[index].path, False, 0,
@@ -182,7 +184,10 @@ class _Progress:
 
 
 def run_plan(plan: Plan, *, processes: int = 1, multiprocess: bool = True, timeout: float | None = None,
-             progress: bool = True) -> RunReport:
+             progress: bool = True, fsync: bool = False) -> RunReport:
+    """Write every file of ``plan``. ``fsync`` makes each file durable before it is renamed into
+    place (slower: it waits for the disk); without it a finished name still never holds a partial
+    file, but a power loss may lose recent files."""
     root = Path(plan.output_root)
     started = time.perf_counter()
     bar = _Progress(plan.nbytes, progress)
@@ -195,20 +200,20 @@ def run_plan(plan: Plan, *, processes: int = 1, multiprocess: bool = True, timeo
             if not phase:
                 continue
             if multiprocess and processes > 1 and len(phase) > 1:
-                results.update(_run_pool(plan, phase, root, min(processes, len(phase)), timeout, bar))
+                results.update(_run_pool(plan, phase, root, min(processes, len(phase)), timeout, bar, fsync))
             else:
                 for i in phase:
-                    results[i] = _run_inline(plan.files[i], root, bar)
+                    results[i] = _run_inline(plan.files[i], root, bar, fsync)
     finally:
         bar.close()
     ordered = [results[i] for i in sorted(results)]
     return RunReport(ordered, time.perf_counter() - started)
 
 
-def _run_inline(task: FileTask, root: Path, bar: _Progress) -> FileResult:
+def _run_inline(task: FileTask, root: Path, bar: _Progress, fsync: bool) -> FileResult:
     t0 = time.perf_counter()
     try:
-        n = write_file(task, root, progress=bar.update)
+        n = write_file(task, root, progress=bar.update, fsync=fsync)
         return FileResult(task.path, True, n, time.perf_counter() - t0)
     except KeyboardInterrupt:
         raise
@@ -216,14 +221,14 @@ def _run_inline(task: FileTask, root: Path, bar: _Progress) -> FileResult:
         return FileResult(task.path, False, 0, time.perf_counter() - t0, _describe(e))
 
 
-def _run_pool(plan: Plan, phase: list[int], root: Path, n: int, timeout, bar: _Progress) -> dict:
+def _run_pool(plan: Plan, phase: list[int], root: Path, n: int, timeout, bar: _Progress, fsync: bool) -> dict:
     ctx = mp.get_context("fork")
     tasks, results_q = ctx.Queue(), ctx.Queue()
     for i in phase:
         tasks.put(i)
 
     def spawn():
-        p = ctx.Process(target=_worker, args=(tasks, results_q, root, plan.files), daemon=True)
+        p = ctx.Process(target=_worker, args=(tasks, results_q, root, plan.files, fsync), daemon=True)
         p.start()
         return p
 

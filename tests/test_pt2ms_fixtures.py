@@ -135,3 +135,13 @@ def test_dtype_keep_writes_bf16(tmp_path):
     assert w.dtype == ms.bfloat16
     want = truth[(0, "language_model.encoder.layers.0.self_attention.query_key_value.weight")]
     assert np.array_equal(w.float().asnumpy(), want.float().numpy())
+
+
+def test_crc_trailer_checked_by_mindspore(tmp_path):
+    fixture = fixture_dir("legacy_tp1pp1dp1")
+    out = tmp_path / "ms"
+    assert main(["pt2ms", "--megatron-path", str(fixture), "--ms-path", str(out), "--convert-param-only",
+                 "--crc", "--fsync", "--no-progress"]) == 0
+    path = out / "rank_0" / "network.ckpt"
+    assert path.read_bytes()[-17:-10] == b"crc_num"
+    assert len(ms.load_checkpoint(str(path), crc_check=True)) == 27 + 2  # 27 weights + step_num, epoch_num

@@ -112,8 +112,10 @@ def _normalise_entry(entry, path):
 class CkptWriter:
     """Stream tensors into a MindSpore ``.ckpt`` file (see the module docstring for the bytes)."""
 
-    def __init__(self, path, entries=None, metadata=None, *, slice_bytes=DEFAULT_SLICE_BYTES, crc=False):
+    def __init__(self, path, entries=None, metadata=None, *, slice_bytes=DEFAULT_SLICE_BYTES, crc=False,
+                 fsync=False):
         self.path = os.fspath(path)
+        self._fsync = fsync
         self._entries = None if entries is None else [_normalise_entry(e, self.path) for e in entries]
         if int(slice_bytes) < 1:
             raise CkptmapError(f"{self.path}: slice_bytes must be positive, got {slice_bytes}")
@@ -209,7 +211,8 @@ class CkptWriter:
             if self._crc is not None:
                 f.write(_CRC_MAGIC + self._crc.to_bytes(10, "big"))
             f.flush()
-            os.fsync(f.fileno())
+            if self._fsync:  # durability against power loss costs a full write-back; the caller decides
+                os.fsync(f.fileno())
         finally:
             f.close()
 

@@ -10,13 +10,13 @@ from ckptmap.errors import CkptmapError
 TENSOR_FORMATS = ("ckpt", "safetensors")
 
 
-def open_writer(fmt: str, path, entries, metadata=None):
+def open_writer(fmt: str, path, entries, metadata=None, *, fsync: bool = False, crc: bool = False):
     if fmt == "ckpt":
         from ckptmap.formats.mindspore_ckpt import CkptWriter
-        return CkptWriter(path, entries, metadata)
+        return CkptWriter(path, entries, metadata, fsync=fsync, crc=crc)
     if fmt == "safetensors":
         from ckptmap.formats.safetensors_io import SafetensorsWriter
-        return SafetensorsWriter(path, entries, metadata)
+        return SafetensorsWriter(path, entries, metadata, fsync=fsync)
     raise CkptmapError(f"cannot write tensor format {fmt!r}; use one of {', '.join(TENSOR_FORMATS)}")
 
 

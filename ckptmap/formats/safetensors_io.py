@@ -57,8 +57,9 @@ def _dumps(obj) -> str:
 class SafetensorsWriter:
     """Write a safetensors file byte-identical to ``safetensors.torch.save_file`` without holding the tensors."""
 
-    def __init__(self, path, entries, metadata=None, **_ignored):
+    def __init__(self, path, entries, metadata=None, *, fsync=False, **_ignored):
         self.path = os.fspath(path)
+        self._fsync = fsync
         self._order = []
         for entry in entries:
             try:
@@ -139,7 +140,8 @@ class SafetensorsWriter:
         fd, self._fd = self._fd, None
         try:
             os.ftruncate(fd, self._size)  # a no-op unless the last tensors are empty
-            os.fsync(fd)
+            if self._fsync:
+                os.fsync(fd)
         finally:
             os.close(fd)
 

@@ -47,6 +47,7 @@ class Pt2MsOptions:
     rules: str = AUTO_RULES
     layout: str = "v1"
     dtype: str = "float32"
+    crc: bool = False
 
 
 def _listing(names, limit=MAX_LISTED) -> str:
@@ -207,7 +208,8 @@ def compile_pt2ms(opt: Pt2MsOptions) -> Plan:
                    else mindspeed.v2_path(iteration, tp, pp, pp_size, opt.format))
             if primary is None:
                 primary = rel
-                out_files.append(FileTask(rel, opt.format, tuple(tasks) + tuple(scalars), metadata))
+                out_files.append(FileTask(rel, opt.format, tuple(tasks) + tuple(scalars), metadata,
+                                          crc=opt.crc and opt.format == "ckpt"))
             else:
                 out_files.append(FileTask(rel, "copy", source=primary, source_is_output=True))
         out_files.append(_pt_meta_task(files[(tp, pp)], tp, pp, layout, rules, param_maps, inventory[(tp, pp)]))

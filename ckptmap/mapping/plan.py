@@ -97,6 +97,7 @@ class FileTask:
     keys: tuple[str, ...] = attrs.field(converter=_tuple, default=())
     extra: dict = attrs.field(factory=dict)
     text: str | None = None
+    crc: bool = False  # .ckpt: append MindSpore's CRC-32 trailer (load_checkpoint(crc_check=True))
 
     @property
     def nbytes(self) -> int:

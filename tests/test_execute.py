@@ -1,0 +1,141 @@
+"""The executor: plan JSON round trip, dry-run output, worker pool, failures, timeouts and atomicity."""
+
+import json
+import time
+
+import pytest
+import torch
+
+from ckptmap import execute
+from ckptmap.cli import main
+from ckptmap.demo import DemoModel, build_megatron_checkpoint
+from ckptmap.formats.mindspore_ckpt import load as load_ckpt
+from ckptmap.mapping.compiler import Pt2MsOptions, compile_pt2ms
+from ckptmap.mapping.plan import Plan
+
+SMALL = DemoModel(tp=2, pp=2, dp=1, layers=4, hidden=64, heads=4, groups=2, kv=16, ffn=96, vocab=128)
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory):
+    root = tmp_path_factory.mktemp("megatron")
+    truth = build_megatron_checkpoint(root, SMALL, iteration=7)
+    return root, truth
+
+
+def files_under(path):
+    return sorted(str(p.relative_to(path)) for p in path.rglob("*") if p.is_file())
+
+
+def test_dry_run_lists_every_tensor_and_writes_nothing(source, tmp_path, capsys):
+    root, truth = source
+    out = tmp_path / "ms"
+    assert main(["plan", "pt2ms", "--megatron-path", str(root), "--ms-path", str(out),
+                 "--convert-param-only", "--dry-run"]) == 0
+    text = capsys.readouterr().out
+    assert not out.exists()
+    for line in ["rank_0/network.ckpt", "rank_1/network.ckpt", "rank_2/network.ckpt", "rank_3/network.ckpt"]:
+        assert line in text
+    # one row per tensor: MindSpore name, Megatron name, source file, shape, dtype, ops, bytes
+    row = next(l for l in text.splitlines() if "layers.3.attention.qkv_proj.weight" in l and "mp_rank_01_001" in l)
+    assert "language_model.encoder.layers.1.self_attention.query_key_value.weight" in row
+    assert "64x64" in row and "float32" in row and "cast(bfloat16, float32)" in row and str(64 * 64 * 4) in row
+    n_weights = sum(len(t) for t in truth.values())
+    assert f"{n_weights + 2 * 4} tensors" in text  # + step_num, epoch_num per file
+
+
+def test_plan_json_apply_round_trip(source, tmp_path, capsys):
+    root, truth = source
+    out, plan_file = tmp_path / "ms", tmp_path / "plan.json"
+    assert main(["plan", "pt2ms", "--megatron-path", str(root), "--ms-path", str(out),
+                 "--convert-param-only", "-o", str(plan_file)]) == 0
+    assert not out.exists()
+    plan = Plan.from_json(plan_file.read_text())
+    assert plan.to_json() == plan_file.read_text()
+    assert main(["apply", str(plan_file), "--no-progress"]) == 0
+    got = load_ckpt(out / "rank_3" / "network.ckpt")
+    assert torch.equal(got["language_model.encoder.layers.3.mlp.mapping.weight"],
+                       truth[(1, 1)]["language_model.encoder.layers.1.mlp.dense_h_to_4h.weight"].float())
+    assert int(got["step_num"]) == 7
+
+
+def test_bad_plan_file(tmp_path, capsys):
+    bad = tmp_path / "plan.json"
+    bad.write_text(json.dumps({"version": 1, "kind": "pt2ms"}))
+    assert main(["apply", str(bad)]) == 2
+    assert "not a valid ckptmap plan" in capsys.readouterr().err
+
+
+def test_pool_and_inline_give_identical_files(source, tmp_path):
+    root, _ = source
+    outputs = {}
+    for label, kwargs in {"pool": dict(processes=2), "inline": dict(multiprocess=False)}.items():
+        out = tmp_path / label
+        plan = compile_pt2ms(Pt2MsOptions(str(root), str(out), convert_param_only=True))
+        report = execute.run_plan(plan, progress=False, **kwargs)
+        assert not report.failed
+        outputs[label] = {f: (out / f).read_bytes() for f in files_under(out) if f.endswith(".ckpt")}
+    assert outputs["pool"] == outputs["inline"] and len(outputs["pool"]) == 4
+
+
+def _failing_reader(monkeypatch, fail_key_part):
+    real = execute._Sources.tensor
+
+    def tensor(self, task):
+        if fail_key_part in task.name:
+            raise OSError(5, "Input/output error (injected)")
+        return real(self, task)
+    monkeypatch.setattr(execute._Sources, "tensor", tensor)
+
+
+@pytest.mark.parametrize("processes", [1, 2])
+def test_failed_file_leaves_nothing_partial(source, tmp_path, monkeypatch, capsys, processes):
+    root, _ = source
+    _failing_reader(monkeypatch, "layers.3.mlp")   # only on the pp = 1 stage
+    out = tmp_path / "ms"
+    argv = ["pt2ms", "--megatron-path", str(root), "--ms-path", str(out), "--convert-param-only",
+            "--no-progress", "--process-limit", str(processes)]
+    assert main(argv) == 1
+    text = capsys.readouterr().out
+    files = files_under(out)
+    assert "rank_0/network.ckpt" in files and "rank_1/network.ckpt" in files
+    assert "rank_2/network.ckpt" not in files and "rank_3/network.ckpt" not in files
+    assert not [f for f in files if execute.TMP_MARK in f]
+    assert "FAILED rank_2/network.ckpt" in text and "Input/output error (injected)" in text
+    assert "6 of 8 files written successfully" in text
+
+
+def test_timeout_kills_the_worker(source, tmp_path, monkeypatch):
+    root, _ = source
+    real = execute._Sources.tensor
+
+    def slow(self, task):
+        if "layers.2." in task.name:
+            time.sleep(30)
+        return real(self, task)
+    monkeypatch.setattr(execute._Sources, "tensor", slow)
+    out = tmp_path / "ms"
+    plan = compile_pt2ms(Pt2MsOptions(str(root), str(out), convert_param_only=True))
+    t0 = time.monotonic()
+    report = execute.run_plan(plan, processes=2, timeout=3, progress=False)
+    assert time.monotonic() - t0 < 20
+    failed = {r.path: r.error for r in report.failed}
+    assert set(failed) == {"rank_2/network.ckpt", "rank_3/network.ckpt"}
+    assert all("timed out after 3 s" in e for e in failed.values())
+    assert not [f for f in files_under(out) if execute.TMP_MARK in f]
+    assert (out / "rank_0" / "network.ckpt").exists() and (out / "rank_1" / "network.ckpt").exists()
+
+
+def test_inspect_lists_pt_and_ckpt(source, tmp_path, capsys):
+    root, _ = source
+    assert main(["inspect", str(root)]) == 0
+    rows = [l.split(None, 2) for l in capsys.readouterr().out.splitlines()]
+    assert ["model/language_model/encoder/layers.1.mlp.dense_h_to_4h.weight", "bfloat16", "[96, 64]"] in rows
+    out = tmp_path / "ms"
+    assert main(["pt2ms", "--megatron-path", str(root), "--ms-path", str(out), "--convert-param-only",
+                 "--no-progress", "--format", "safetensors"]) == 0
+    capsys.readouterr()
+    assert main(["inspect", str(out / "rank_0" / "network.safetensors")]) == 0
+    rows = [l.split(None, 2) for l in capsys.readouterr().out.splitlines()]
+    assert ["language_model.encoder.layers.1.mlp.mapping.weight", "float32", "[96, 64]"] in rows
+    assert ["step_num", "int64", "[]"] in rows
