@@ -1,7 +1,8 @@
 """Benchmark: `ckptmap pt2ms --convert-param-only` on a ~2.15 GB Megatron checkpoint (legacy GPT,
 TP 2, PP 2, bf16), against `cp -r` of the same files. Records wall time and peak memory of the
-whole process tree (sum over processes, sampled every 20 ms): anonymous memory (what the tool
-allocates) and RSS (which also counts mmap'd file pages the kernel can drop at any time).
+whole process tree (sum over processes, sampled every 20 ms): proportional anonymous memory (what
+the tool allocates; pages shared by forked workers count once) and RSS (which also counts mmap'd
+file pages, page cache the kernel can drop at any time).
 
     .venv/bin/python bench/bench_pt2ms.py [--workdir DIR] [--layers N] [--keep]
 
@@ -23,10 +24,11 @@ from ckptmap.demo import DemoModel, build_megatron_checkpoint
 
 
 def anon_kib(proc: psutil.Process) -> int:
+    """Proportional anonymous memory: pages a forked worker shares with its parent count once."""
     try:
-        with open(f"/proc/{proc.pid}/status") as f:
+        with open(f"/proc/{proc.pid}/smaps_rollup") as f:
             for line in f:
-                if line.startswith("RssAnon:"):
+                if line.startswith("Pss_Anon:"):
                     return int(line.split()[1])
     except OSError:
         pass
@@ -99,7 +101,7 @@ def main():
                                                      "--no-progress", "--dtype", "keep"],
     }
     print(f"source: {size / 1e9:.2f} GB, legacy GPT TP2 PP2, {ns.layers} layers, hidden 2048")
-    print(f"{'command':34s} {'best s':>7s} {'out GB':>7s} {'peak anon MiB':>14s} {'peak RSS MiB':>13s} {'procs':>5s}")
+    print(f"{'command':34s} {'best s':>7s} {'out GB':>7s} {'peak PSS anon MiB':>14s} {'peak RSS MiB':>13s} {'procs':>5s}")
     for label, make in runs.items():
         best = None
         for _ in range(ns.repeat):
@@ -109,7 +111,7 @@ def main():
             r["out"] = du(out)
             if best is None or r["seconds"] < best["seconds"]:
                 best = r
-        print(f"{label:34s} {best['seconds']:7.2f} {best['out'] / 1e9:7.2f} {best['anon'] / 1024:14.0f} "
+        print(f"{label:34s} {best['seconds']:7.2f} {best['out'] / 1e9:7.2f} {best['anon'] / 1024:18.0f} "
               f"{best['rss'] / 1024:13.0f} {best['procs']:5d}")
     shutil.rmtree(work / "out", ignore_errors=True)
     if not ns.keep and not ns.workdir:
