@@ -283,6 +283,9 @@ def main(argv=None) -> int:
             traceback.print_exc()
         print(f"ckptmap {ns.command}: error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except BrokenPipeError:  # output piped into `head` and closed: not an error
+        sys.stderr.close()
+        return 0
     except KeyboardInterrupt:
         print("ckptmap: interrupted; finished files are complete, unfinished ones were removed", file=sys.stderr)
         return 130

@@ -309,6 +309,50 @@ class ModelFile(PtFile):
         return [k for k in self.root if k not in chunk_keys]
 
 
+OPTIM_STATES = ("param", "exp_avg", "exp_avg_sq")
+
+
+class OptimFile(PtFile):
+    """``distrib_optim.pt`` (formats.md §1.3): per buffer (numbered across model chunks), per
+    (param dtype, grad dtype), per state, one fp32 tensor per padded bucket."""
+
+    def __init__(self, path):
+        path = Path(path)
+        if not path.is_file():
+            raise CkptmapError(f"{path} is missing: converting the optimizer state needs the distributed "
+                               f"optimizer's file, written by Megatron with --use-distributed-optimizer; "
+                               f"convert the weights alone with --convert-param-only")
+        super().__init__(path)
+        root = self.root
+        if not isinstance(root, dict) or "per_bucket_numel" not in root:
+            raise CkptmapError(f"{path} has no per_bucket_numel; it is not a Megatron core_r0.6-style "
+                               f"distrib_optim.pt (DistributedOptimizer.save_parameter_state)")
+        self.buffers = []   # per global buffer index: (dtype key, [padded], [unpadded])
+        for g, (padded, unpadded) in enumerate(zip(root["per_bucket_numel"], root["per_bucket_numel_unpadded"])):
+            if len(padded) != 1 or padded.keys() != unpadded.keys():
+                raise CkptmapError(f"{path}: buffer {g} has dtype keys {list(padded)}; ckptmap expects one "
+                                   f"(param dtype, grad dtype) pair per buffer, as Megatron core_r0.6 writes")
+            key = next(iter(padded))
+            self.buffers.append((key, list(padded[key]), list(unpadded[key])))
+            if g not in root:
+                raise CkptmapError(f"{path}: per_bucket_numel lists buffer {g} but the file has no entry {g}")
+            for state in OPTIM_STATES:
+                tensors = root[g].get(key, {}).get(state)
+                if tensors is None or len(tensors) != len(padded[key]):
+                    raise CkptmapError(f"{path}: buffer {g} lacks {state!r} tensors for its {len(padded[key])} "
+                                       f"bucket(s); the file is incomplete")
+                for j, (ref, n) in enumerate(zip(tensors, padded[key])):
+                    if tuple(ref.shape) != (n,) or ref.dtype != "float32":
+                        raise CkptmapError(f"{path}: buffer {g} {state} bucket {j} is {ref.dtype} "
+                                           f"{list(ref.shape)}, expected float32 [{n}] (per_bucket_numel)")
+
+    def param_dtype(self, buffer: int) -> str:
+        return dtypes.name_of(self.buffers[buffer][0][0])
+
+    def key(self, buffer: int, state: str, bucket: int) -> str:
+        return KEY_SEP.join([str(buffer), encode_key(self.buffers[buffer][0]), state, str(bucket)])
+
+
 def read_meta(path, keys) -> dict:
     """The listed top-level objects of a ``.pt`` with real tensors (rng states), safely unpickled."""
     obj = torch_zip.load(path)
@@ -382,6 +426,11 @@ def read_param_map(path) -> dict:
             raise CkptmapError(f"{path}: entry {name!r} = {entry!r} is not [dtype, shape, start, end, "
                                f"bucket]: {e}") from None
     return out
+
+
+def param_map_text(slots) -> str:
+    """A param_map JSON file for slots with (name, dtype, shape, start, end, bucket), buffer order."""
+    return json.dumps({s.name: [f"torch.{s.dtype}", list(s.shape), s.start, s.end, s.bucket] for s in slots})
 
 
 def _torch_dtype_from_string(text: str):

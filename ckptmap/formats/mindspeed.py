@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+from ckptmap.errors import CkptmapError
 from ckptmap.formats import megatron
 
 DEFAULT_PREFIX = "network"
@@ -35,3 +36,55 @@ def pt_meta_args_path(tp: int, pp: int) -> str:
 
 def pt_meta_path(name: str) -> str:
     return f"{PT_META_DIR}/{name}"
+
+
+# -------------------------------------------------------------------------------------------------
+# Scalar keys of a converted MindSpore checkpoint (formats.md §3.3). Each is (name, dtype, shape, value).
+
+LR_DECAY_STYLES = ("constant", "WSD", "linear", "cosine", "inverse-square-root")
+WD_INCR_STYLES = ("constant", "linear", "cosine")
+_SCHEDULER_KEYS = {
+    "max_lr": "float64", "min_lr": "float64", "start_wd": "float64", "end_wd": "float64",
+    "lr_warmup_steps": "int64", "num_steps": "int64", "lr_decay_steps": "int64", "wd_incr_steps": "int64",
+}
+_SCHEDULER_STYLES = {"lr_decay_style": LR_DECAY_STYLES, "wd_incr_style": WD_INCR_STYLES}
+
+
+def step_scalars(iteration: int, layout: str) -> list[tuple]:
+    out = [("step_num", "int64", (), iteration), ("epoch_num", "int64", (), 0)]
+    if layout == "v2":
+        out += [("iteration", "int64", (), iteration), ("checkpoint_version", "float32", (), 2.0)]
+    return out
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def optimizer_scalars(optimizer: dict | None, scheduler: dict | None, origin: str) -> list[tuple]:
+    """Megatron's optimizer param groups and scheduler state as MindSpeed keys: per group ``i``
+    ``learning_rate_group_i`` (lr) and ``{key}_group_i`` for the other numbers (Float32), one
+    ``state_step`` (Float32 [1]); tuples, flags and None are dropped."""
+    out = []
+    groups = ((optimizer or {}).get("optimizer") or {}).get("param_groups") or []
+    step = None
+    for i, group in enumerate(groups):
+        for key, value in group.items():
+            if key == "step":
+                step = value if step is None else step
+            elif key == "lr" and _is_number(value):
+                out.append((f"learning_rate_group_{i}", "float32", (), value))
+            elif _is_number(value):
+                out.append((f"{key}_group_{i}", "float32", (), value))
+    if step is not None:
+        out.append(("state_step", "float32", (1,), [float(step)]))
+    for key, value in (scheduler or {}).items():
+        if key in _SCHEDULER_KEYS and _is_number(value):
+            out.append((key, _SCHEDULER_KEYS[key], (), value))
+        elif key in _SCHEDULER_STYLES and value is not None:
+            styles = _SCHEDULER_STYLES[key]
+            if value not in styles:
+                raise CkptmapError(f"{origin}: opt_param_scheduler {key} = {value!r} has no MindSpeed index; "
+                                   f"known styles: {', '.join(styles)}")
+            out.append((key, "int64", (), styles.index(value)))
+    return out

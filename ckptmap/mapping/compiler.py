@@ -15,6 +15,7 @@ import attrs
 from ckptmap import dtypes
 from ckptmap.errors import CkptmapError
 from ckptmap.formats import megatron, mindspeed
+from ckptmap.mapping import buckets
 from ckptmap.mapping import ops as tensor_ops
 from ckptmap.mapping.layout import ParallelLayout
 from ckptmap.mapping.plan import FileTask, Plan, SourceSlice, TensorTask
@@ -116,10 +117,9 @@ def compile_pt2ms(opt: Pt2MsOptions) -> Plan:
         raise CkptmapError(f"--layout {opt.layout}: use v1 or v2")
     if opt.dtype != "keep" and opt.dtype not in FLOAT_DTYPES:
         raise CkptmapError(f"--dtype {opt.dtype}: use keep or one of {', '.join(FLOAT_DTYPES)}")
-    if not opt.convert_param_only:
-        raise CkptmapError(
-            "converting the distributed optimizer state (pt2ms without --convert-param-only) is not "
-            "implemented yet in this version of ckptmap; convert the weights with --convert-param-only")
+    bad_states = [x for x in opt.dist_opt_content if x not in megatron.OPTIM_STATES]
+    if bad_states:
+        raise CkptmapError(f"--dist-opt-content {' '.join(bad_states)}: choose from {' '.join(megatron.OPTIM_STATES)}")
 
     ckdir = megatron.open_checkpoint_dir(opt.megatron_path)
     _check_size("--tp-size", opt.tp_size, ckdir.tp_size, f"{ckdir.root} has mp_rank directories for TP size")
@@ -161,22 +161,17 @@ def compile_pt2ms(opt: Pt2MsOptions) -> Plan:
     step = 0 if iteration == "release" else int(iteration)
     env = {k: v for k, v in vars(args).items() if isinstance(v, int)} if args is not None else {}
 
-    out_files: list[FileTask] = []
     rules_used: set = set()
     unmatched_all: dict[str, list[str]] = {}
-    per_rank_tensors: dict[tuple[int, int], list[TensorTask]] = {}
+    matched_per_rank: dict[tuple[int, int], list[_Matched]] = {}
     for (tp, pp), model_file in files.items():
         matched, unmatched = _match(rules, inventory[(tp, pp)], model_file.path)
         if unmatched:
             unmatched_all[str(model_file.path)] = unmatched
             continue
         _check_layers(layout, matched, model_file.path, tp, pp)
-        tasks = []
-        seen: dict[str, str] = {}
-        for m in matched:
-            rules_used.add(m.rule.loc)
-            tasks.append(_weight_task(m, layout, pp, model_file.path, opt.dtype, env, seen))
-        per_rank_tensors[(tp, pp)] = tasks
+        rules_used.update(m.rule.loc for m in matched)
+        matched_per_rank[(tp, pp)] = matched
     if unmatched_all:
         path, names = next(iter(unmatched_all.items()))
         raise CkptmapError(
@@ -190,15 +185,32 @@ def compile_pt2ms(opt: Pt2MsOptions) -> Plan:
             f"{_listing(f'{r.loc}: {r.megatron}' for r in unused)}; the checkpoint is not the model these "
             f"rules describe (choose other --rules, or mark the rule `optional`)")
 
-    scalars = [TensorTask("step_num", "int64", (), value=step),
-               TensorTask("epoch_num", "int64", (), value=0)]
-    if opt.layout == "v2":
-        scalars += [TensorTask("iteration", "int64", (), value=step),
-                    TensorTask("checkpoint_version", "float32", (), value=2.0)]
-    metadata = {"format": "ms"} if opt.format == "safetensors" else {}
-
     param_maps = _param_maps(opt, ckdir)
-    for (tp, pp), tasks in per_rank_tensors.items():
+    metadata = {"format": "ms"} if opt.format == "safetensors" else {}
+    out_files: list[FileTask] = []
+    layout_origins = set()
+    derived_maps: list[FileTask] = []
+    for (tp, pp), matched in matched_per_rank.items():
+        model_file = files[(tp, pp)]
+        seen: dict[str, str] = {}
+        if opt.convert_param_only:
+            tasks = [_weight_task(m, layout, pp, model_file.path, opt.dtype, env, seen) for m in matched]
+            scalar_rows = mindspeed.step_scalars(step, opt.layout)
+        else:
+            optim = megatron.OptimFile(ckdir.ranks[(tp, pp)] / megatron.OPTIM_FILE)
+            buffers = _buffer_layouts(rules, args, matched, optim, param_maps, tp, pp, layout,
+                                      explicit_maps=bool(opt.param_map_path))
+            for v, g, bl in buffers:
+                layout_origins.add("param_map" if bl.origin != "derived" else "derived")
+                if bl.origin == "derived":
+                    derived_maps.append(FileTask(
+                        mindspeed.pt_meta_path(megatron.param_map_file_name(
+                            g - min(b[1] for b in buffers if b[0] == v), 0, tp, pp, v)),
+                        "text", text=megatron.param_map_text(bl.slots)))
+            tasks = _optimizer_tasks(matched, buffers, optim, rules, layout, pp, opt, env, seen)
+            scalar_rows = mindspeed.step_scalars(step, opt.layout) + mindspeed.optimizer_scalars(
+                model_file.root.get("optimizer"), model_file.root.get("opt_param_scheduler"), str(model_file.path))
+        scalars = [TensorTask(name, dtype, shape, value=value) for name, dtype, shape, value in scalar_rows]
         primary = None
         targets = layout.ranks(all_dp_cp=opt.generate_all_dp_cp) if opt.layout == "v1" else [(None, None)]
         for g, coords in targets:
@@ -212,9 +224,10 @@ def compile_pt2ms(opt: Pt2MsOptions) -> Plan:
                                           crc=opt.crc and opt.format == "ckpt"))
             else:
                 out_files.append(FileTask(rel, "copy", source=primary, source_is_output=True))
-        out_files.append(_pt_meta_task(files[(tp, pp)], tp, pp, layout, rules, param_maps, inventory[(tp, pp)]))
+        out_files.append(_pt_meta_task(model_file, tp, pp, layout, rules, param_maps, inventory[(tp, pp)]))
     for pm in param_maps:
         out_files.append(FileTask(mindspeed.pt_meta_path(pm.path.name), "copy", source=str(pm.path)))
+    out_files.extend(derived_maps)
     if opt.layout == "v2":
         out_files.append(FileTask(mindspeed.v2_tracker_path(), "text", text=str(iteration)))
 
@@ -224,7 +237,10 @@ def compile_pt2ms(opt: Pt2MsOptions) -> Plan:
         "num_layers": num_layers, "noop": sorted(opt.noop), "layout": opt.layout, "format": opt.format,
         "dtype": opt.dtype, "all_dp_cp": opt.generate_all_dp_cp,
         "param_maps": len(param_maps),
+        "mode": "weights only" if opt.convert_param_only else f"optimizer ({' '.join(opt.dist_opt_content)})",
     }
+    if layout_origins:
+        info["bucket_layout"] = " + ".join(sorted(layout_origins))
     return Plan("pt2ms", str(Path(opt.ms_path)), tuple(out_files), info)
 
 
@@ -268,6 +284,113 @@ def _weight_task(m: _Matched, layout, pp, path, dtype_option, env, seen) -> Tens
     source = SourceSlice(str(path), m.tensor.key, m.tensor.dtype, m.tensor.shape)
     return TensorTask(name, dtype, shape, (source,), m.tensor.dtype, m.tensor.shape, tuple(concrete),
                       note=m.tensor.name)
+
+
+def _buffer_layouts(rules: RuleSet, args, matched, optim, param_maps, tp, pp, layout, explicit_maps):
+    """[(chunk, global buffer index, BufferLayout)] for one (tp, pp) rank: from its param_map files
+    when there are some, else derived from the model and the rules' `buckets megatron` block — and
+    accepted only if it reproduces distrib_optim.pt's bucket sizes exactly."""
+    out = []
+    g = 0
+    bucket_rule = rules.bucket_layout("megatron")
+    for v in range(layout.vpp):
+        maps = sorted((pm for pm in param_maps if (pm.tp, pm.pp, pm.vpp, pm.dp) == (tp, pp, v, 0)),
+                      key=lambda pm: pm.buffer)
+        if explicit_maps and not maps:
+            raise CkptmapError(
+                f"--param-map-path has no param_map_buffer*_dp0tp{tp}pp{pp}vpp{v}.json for tp rank {tp}, pp rank "
+                f"{pp}, chunk {v}; pass the folder with every rank's files, or leave --param-map-path out to "
+                f"derive the layout from the checkpoint")
+        if maps:
+            for pm in maps:
+                if g >= len(optim.buffers):
+                    raise CkptmapError(f"{pm.path}: describes buffer {g} but {optim.path} has "
+                                       f"{len(optim.buffers)}; the param_map belongs to a different run")
+                _, padded, unpadded = optim.buffers[g]
+                entries = megatron.read_param_map(pm.path)
+                out.append((v, g, buckets.buffer_from_param_map(entries, padded, unpadded, str(pm.path))))
+                g += 1
+            continue
+        params: dict[str, list[buckets.ParamEntry]] = {}
+        for m in matched:
+            if m.tensor.chunk == v:
+                params.setdefault(m.tensor.dtype, []).append(buckets.ParamEntry(
+                    m.rule.ddp_pattern().format(m.bindings), m.tensor.shape, m.tensor.dtype,
+                    m.rule.shared_embedding))
+        for dtype, group in params.items():
+            if g >= len(optim.buffers):
+                raise CkptmapError(f"{optim.path} has {len(optim.buffers)} buffer(s), but the model needs more "
+                                   f"(chunk {v}, {dtype} parameters); pass the training run's param_map")
+            _, padded, unpadded = optim.buffers[g]
+            values = {k: v_ for k, v_ in vars(args).items() if isinstance(v_, (int, bool))} if args else {}
+            values.update(dp=_arg(args, "data_parallel_size", 1), cp=_arg(args, "context_parallel_size", 1),
+                          pp=layout.pp, pp_rank=pp, chunk=v, bucket_size=_arg(args, "ddp_bucket_size"),
+                          overlap_grad_reduce=bool(_arg(args, "overlap_grad_reduce", False)),
+                          untie_embeddings_and_output_weights=bool(
+                              _arg(args, "untie_embeddings_and_output_weights", False)))
+            env = buckets.layout_env(bucket_rule, values)
+            fitted = buckets.fit_buffer(bucket_rule, group, env, padded, unpadded)
+            if fitted is None:
+                tried = buckets.build_buffer(bucket_rule, group, env)
+                raise CkptmapError(
+                    f"cannot derive the bucket layout of {optim.path} buffer {g} (chunk {v}): the rules' "
+                    f"`buckets megatron` block with this checkpoint's args (dp {env['dp']}, cp {env['cp']}, "
+                    f"overlap_grad_reduce {env['overlap_grad_reduce']}) gives buckets {tried.per_bucket_numel} "
+                    f"(unpadded {tried.per_bucket_numel_unpadded}) but the file has {padded} (unpadded "
+                    f"{unpadded}). A param_map is required: pass --param-map-path with the param_map folder "
+                    f"written by the training run")
+            out.append((v, g, fitted))
+            g += 1
+    if g != len(optim.buffers):
+        raise CkptmapError(f"{optim.path} has {len(optim.buffers)} buffer(s) but the model chunks account for {g}; "
+                           f"the checkpoint and its distrib_optim.pt disagree")
+    return out
+
+
+def _optimizer_tasks(matched, buffer_layouts, optim, rules, layout, pp, opt, env, seen) -> list[TensorTask]:
+    slots = {}
+    for v, g, bl in buffer_layouts:
+        for slot in bl.slots:
+            slots[(v, slot.name)] = (g, bl, slot)
+    used = set()
+    tasks = []
+    for m in matched:
+        ddp = m.rule.ddp_pattern().format(m.bindings)
+        found = slots.get((m.tensor.chunk, ddp))
+        if found is None:
+            origin = next((bl.origin for v, _, bl in buffer_layouts if v == m.tensor.chunk), "the layout")
+            raise CkptmapError(
+                f"{origin}: has no parameter {ddp} (tensor {m.tensor.name} of model chunk {m.tensor.chunk}); the param_map "
+                f"describes a different model — use the one written with this checkpoint, or leave "
+                f"--param-map-path out")
+        g, bl, slot = found
+        used.add((m.tensor.chunk, ddp))
+        if tuple(slot.shape) != tuple(m.tensor.shape) or slot.dtype != m.tensor.dtype:
+            raise CkptmapError(
+                f"{bl.origin}: parameter {ddp} is {slot.dtype} {list(slot.shape)} there but "
+                f"{m.tensor.dtype} {list(m.tensor.shape)} in the checkpoint's model; the param_map belongs to a "
+                f"different run — use the one written with this checkpoint, or leave --param-map-path out")
+        bucket = bl.buckets[slot.bucket]
+        weight = _weight_task(m, layout, pp, optim.path.parent, "keep", env, seen)
+        note = (f"{m.tensor.name} · buffer {g} bucket {slot.bucket} [{slot.start - bucket.start}:"
+                f"{slot.end - bucket.start}]")
+        for state in opt.dist_opt_content:
+            concrete, shape, dtype = list(weight.ops), weight.shape, "float32"
+            if state == "param" and opt.dtype not in ("keep", "float32"):
+                op, shape, dtype = tensor_ops.resolve("cast", (opt.dtype,), shape, dtype, env, str(m.rule.loc))
+                concrete.append(op)
+            source = SourceSlice(str(optim.path), optim.key(g, state, slot.bucket), "float32", (bucket.numel,),
+                                 start=slot.start - bucket.start, numel=slot.end - slot.start)
+            tasks.append(TensorTask(rules.state_pattern(state).format({"name": weight.name}), dtype, shape,
+                                    (source,), "float32", m.tensor.shape, tuple(concrete), note=note))
+    for v, g, bl in buffer_layouts:
+        for slot in bl.slots:
+            if (v, slot.name) not in used:
+                raise CkptmapError(
+                    f"{bl.origin}: parameter {slot.name} (buffer {g}) has no tensor in the checkpoint's model "
+                    f"chunk {v}; the param_map describes a different model — use the one written with this "
+                    f"checkpoint, or leave --param-map-path out")
+    return tasks
 
 
 def _param_maps(opt: Pt2MsOptions, ckdir) -> list:

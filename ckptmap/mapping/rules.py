@@ -8,6 +8,7 @@ ranks and layer numbering is left to the compiler and `layout.py`.
 from __future__ import annotations
 
 import functools
+import operator
 from importlib import resources
 from pathlib import Path
 
@@ -163,6 +164,7 @@ class ParamRule:
     ops: tuple[OpSpec, ...]
     optional: bool
     loc: Loc
+    shared_embedding: bool = False
 
     def ddp_pattern(self, prefix: str = "module.") -> Pattern:
         """The name in Megatron's DDP buffer / param_map: declared, or the DDP wrapper prefix
@@ -207,6 +209,33 @@ class Expr:
         return f"({self.left} {'*' if self.op == 'mul' else '+'} {self.right})"
 
 
+_COMPARE = {"==": operator.eq, "!=": operator.ne, ">": operator.gt, "<": operator.lt,
+            ">=": operator.ge, "<=": operator.le}
+
+
+@attrs.frozen
+class Condition:
+    """``flag`` / ``not flag`` (truthiness of a value) or ``name <op> expr``."""
+
+    name: str
+    negated: bool = False
+    op: str | None = None
+    value: Expr | None = None
+
+    def holds(self, env: dict) -> bool:
+        if self.name not in env:
+            raise CkptmapError(f"bucket rule condition uses {self.name!r}, which is not known here; known "
+                               f"values: {', '.join(sorted(env))}")
+        if self.op is not None:
+            return _COMPARE[self.op](env[self.name], self.value.evaluate(env))
+        return bool(env[self.name]) != self.negated
+
+    def __str__(self) -> str:
+        if self.op is not None:
+            return f"{self.name} {self.op} {self.value}"
+        return ("not " if self.negated else "") + self.name
+
+
 @attrs.frozen
 class BucketLayout:
     name: str
@@ -214,8 +243,10 @@ class BucketLayout:
     param_align: tuple[Expr, str] | None = None  # (amount, "elements"|"bytes")
     bucket_pad: tuple[Expr, str] | None = None
     bucket_close: Expr | None = None
-    close_condition: tuple[bool, str] | None = None  # (negated, flag name)
+    close_when: tuple[Condition, ...] = ()  # all must hold for bucket_close to apply
     shared_embedding: str = "in_order"
+    shared_when: tuple[Condition, ...] = ()  # when params marked shared_embedding are shared
+    defaults: tuple[tuple[str, Expr], ...] = ()  # values used when the checkpoint's args lack them
     loc: Loc | None = None
 
 
@@ -355,8 +386,12 @@ class _Builder(lark.Transformer):
         if rest and isinstance(rest[0], Pattern) and len([r for r in rest if isinstance(r, Pattern)]) == 2:
             ddp, rest = rest[0], rest[1:]
         mindspore, clauses = rest[0], rest[1:]
-        tp, ops = None, ()
-        for key, value in clauses:
+        tp, ops, shared = None, (), False
+        for clause in clauses:
+            if isinstance(clause, lark.Token):  # SHARED_EMBEDDING
+                shared = True
+                continue
+            key, value = clause
             if key == "tp":
                 if tp is not None:
                     raise _SemanticError("two tp: clauses in one rule", meta)
@@ -367,7 +402,7 @@ class _Builder(lark.Transformer):
             raise _SemanticError(
                 f"rule for {megatron} has no tp: clause; say how it is split across tensor-parallel "
                 f"ranks (tp: replicated, or tp: split(dim=0))", meta)
-        return ParamRule(megatron, mindspore, ddp, tp, ops, optional, self._loc(meta))
+        return ParamRule(megatron, mindspore, ddp, tp, ops, optional, self._loc(meta), shared)
 
     # optimizer state
     @lark.v_args(meta=True)
@@ -399,25 +434,39 @@ class _Builder(lark.Transformer):
     def bucket_pad(self, items):
         return ("bucket_pad", (items[0], str(items[1])))
 
+    def cond_flag(self, items):
+        return Condition(str(items[-1]), negated=len(items) == 2)
+
+    def cond_compare(self, items):
+        return Condition(str(items[0]), op=str(items[1]), value=items[2])
+
     def condition(self, items):
-        negated = len(items) == 2
-        return (negated, str(items[-1]))
+        return tuple(items)
 
     def bucket_close(self, items):
-        return ("bucket_close", (items[0], items[1] if len(items) > 1 else None))
+        return ("bucket_close", (items[0], items[1] if len(items) > 1 else ()))
+
+    def default(self, items):
+        return ("default", (str(items[0]), items[1]))
 
     def shared_embedding(self, items):
-        return ("shared_embedding", str(items[0]))
+        return ("shared_embedding", (str(items[0]), items[1] if len(items) > 1 else ()))
 
     @lark.v_args(meta=True)
     def buckets_block(self, meta, items):
-        kwargs = {}
+        kwargs, defaults = {}, []
         for key, value in items[1:]:
+            if key == "default":
+                defaults.append(value)
+                continue
             if key in kwargs:
                 raise _SemanticError(f"bucket setting {key!r} given twice", meta)
             kwargs[key] = value
         if "bucket_close" in kwargs:
-            kwargs["bucket_close"], kwargs["close_condition"] = kwargs["bucket_close"]
+            kwargs["bucket_close"], kwargs["close_when"] = kwargs["bucket_close"]
+        if "shared_embedding" in kwargs:
+            kwargs["shared_embedding"], kwargs["shared_when"] = kwargs["shared_embedding"]
+        kwargs["defaults"] = tuple(defaults)
         return BucketLayout(name=str(items[0]), loc=self._loc(meta), **kwargs)
 
     def layers_stmt(self, items):

@@ -1,0 +1,208 @@
+"""Distributed-optimizer buffer layouts: where each parameter sits in a bucketed flat buffer.
+
+Two sources of truth, one result type:
+  * ``build_buffer`` runs a ``buckets`` block of the rules (parameter order, per-parameter
+    alignment, bucket closing, shared-embedding buckets, bucket padding) over the parameters of
+    one model chunk — the layout the training framework *would* have built;
+  * ``buffer_from_param_map`` reads the layout a training run recorded (Megatron ``param_map``)
+    and checks it against the bucket sizes of the checkpoint.
+Offsets are element offsets in the whole buffer; bucket ``j`` starts at the sum of the padded
+sizes of buckets ``0..j-1``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import attrs
+
+from ckptmap import dtypes
+from ckptmap.errors import CkptmapError
+from ckptmap.mapping.rules import BucketLayout
+
+
+@attrs.frozen
+class ParamEntry:
+    """A parameter as the layout engine sees it, in registration order."""
+
+    name: str                 # DDP name (``module.…``)
+    shape: tuple[int, ...]
+    dtype: str
+    shared_embedding: bool = False
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+@attrs.frozen
+class ParamSlot:
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    start: int
+    end: int
+    bucket: int
+
+
+@attrs.frozen
+class Bucket:
+    start: int           # offset of the bucket in the (padded) buffer
+    numel: int           # padded size
+    numel_unpadded: int
+
+
+@attrs.frozen
+class BufferLayout:
+    dtype: str
+    slots: tuple[ParamSlot, ...]
+    buckets: tuple[Bucket, ...]
+    origin: str = ""     # "derived" or the param_map path
+
+    def slot(self, name: str) -> ParamSlot | None:
+        for s in self.slots:
+            if s.name == name:
+                return s
+        return None
+
+    @property
+    def per_bucket_numel(self) -> list[int]:
+        return [b.numel for b in self.buckets]
+
+    @property
+    def per_bucket_numel_unpadded(self) -> list[int]:
+        return [b.numel_unpadded for b in self.buckets]
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def _elements(amount: tuple, env: dict, itemsize: int, what: str) -> int:
+    expr, unit = amount
+    value = expr.evaluate(env)
+    if unit == "bytes":
+        if value % itemsize:
+            raise CkptmapError(f"bucket rule {what}: {value} bytes is not a whole number of {itemsize}-byte elements")
+        value //= itemsize
+    if value < 1:
+        raise CkptmapError(f"bucket rule {what} evaluates to {value}; it must be at least 1")
+    return value
+
+
+def layout_env(rule: BucketLayout, values: dict) -> dict:
+    """The rule's defaults, overridden by the values known from the checkpoint (None = unknown)."""
+    env = {name: expr.evaluate(values) for name, expr in rule.defaults}
+    env.update({k: v for k, v in values.items() if v is not None})
+    return env
+
+
+def closes_buckets(rule: BucketLayout, env: dict) -> bool:
+    return rule.bucket_close is not None and all(c.holds(env) for c in rule.close_when)
+
+
+def build_buffer(rule: BucketLayout, params: list[ParamEntry], env: dict) -> BufferLayout:
+    """Lay out ``params`` (registration order, one dtype) as the rule says."""
+    if not params:
+        raise CkptmapError("internal error: a buffer without parameters")
+    dtype = params[0].dtype
+    itemsize = dtypes.itemsize(dtype)
+    align = _elements(rule.param_align, env, itemsize, "param_align") if rule.param_align else 1
+    pad = _elements(rule.bucket_pad, env, itemsize, "bucket_pad") if rule.bucket_pad else 1
+    close_at = rule.bucket_close.evaluate(env) if closes_buckets(rule, env) else None
+    shared_active = rule.shared_embedding == "own_bucket" and all(c.holds(env) for c in rule.shared_when)
+    ordered = params[::-1] if rule.order == "reverse_registration" else list(params)
+
+    slots: list[ParamSlot] = []
+    buckets: list[Bucket] = []
+    bucket_start = start = 0
+    open_params = 0
+
+    def close(end_unpadded: int) -> int:
+        nonlocal bucket_start, open_params
+        padded = _round_up(end_unpadded, pad)
+        buckets.append(Bucket(bucket_start, padded - bucket_start, end_unpadded - bucket_start))
+        bucket_start, open_params = padded, 0
+        return padded
+
+    for p in ordered:
+        shared = shared_active and p.shared_embedding
+        if shared and open_params:
+            start = close(start)
+        start = _round_up(start, align)
+        end = start + p.numel
+        slots.append(ParamSlot(p.name, p.dtype, tuple(p.shape), start, end, len(buckets)))
+        open_params += 1
+        if (close_at is not None and end - bucket_start >= close_at) or shared:
+            end = close(end)
+        start = end
+    if open_params:
+        close(start)
+    return BufferLayout(dtype, tuple(slots), tuple(buckets), "derived")
+
+
+def fit_buffer(rule: BucketLayout, params: list[ParamEntry], env: dict, padded: list[int],
+               unpadded: list[int], close_symbol: str = "bucket_size") -> BufferLayout | None:
+    """The rule's layout if it reproduces the checkpoint's bucket sizes exactly, else None.
+
+    When the closing threshold (``bucket_size``) is not recorded in the checkpoint, any threshold
+    in (largest partial bucket, smallest closed bucket] gives the same buckets, so the closed
+    bucket sizes themselves are the only candidates worth trying."""
+    layout = build_buffer(rule, params, env)
+    if layout.per_bucket_numel == padded and layout.per_bucket_numel_unpadded == unpadded:
+        return layout
+    if not closes_buckets(rule, env) or len(unpadded) < 2:
+        return None
+    for candidate in sorted(set(unpadded[:-1])):
+        layout = build_buffer(rule, params, dict(env, **{close_symbol: candidate}))
+        if layout.per_bucket_numel == padded and layout.per_bucket_numel_unpadded == unpadded:
+            return layout
+    return None
+
+
+def buffer_from_param_map(entries: dict, padded: list[int], unpadded: list[int], origin: str,
+                          contiguous: bool = True) -> BufferLayout:
+    """``entries``: name -> (dtype, shape, start, end, bucket) in buffer order (a param_map file).
+
+    Every range must lie inside its bucket (bucket ``j`` starts at the sum of the padded sizes
+    before it) and, for a Megatron buffer (``contiguous``), parameters must tile each bucket's
+    unpadded part exactly; the first parameter that does not is named."""
+    starts = [sum(padded[:j]) for j in range(len(padded))]
+    buckets = tuple(Bucket(s, n, u) for s, n, u in zip(starts, padded, unpadded))
+    slots = []
+    expected_next = {}
+    dtype = None
+    for name, (p_dtype, shape, start, end, bucket) in entries.items():
+        dtype = dtype or p_dtype
+        where = (f"{origin}: parameter {name} (range [{start}, {end}) in bucket {bucket})")
+        if not 0 <= bucket < len(buckets):
+            raise CkptmapError(f"{where}: the checkpoint's distrib_optim.pt has {len(buckets)} bucket(s) in this "
+                               f"buffer; the param_map belongs to a different run (other --dp-size, bucket size "
+                               f"or model) — use the param_map written with this checkpoint, or leave "
+                               f"--param-map-path out to derive the layout from the checkpoint")
+        b = buckets[bucket]
+        numel = math.prod(shape)
+        if end - start != numel:
+            raise CkptmapError(f"{where}: the range holds {end - start} elements but the shape {list(shape)} needs "
+                               f"{numel}; the param_map file is corrupt")
+        want = expected_next.get(bucket, b.start)
+        bad_start = start != want if contiguous else start < want
+        if bad_start or end > b.start + b.numel_unpadded:
+            raise CkptmapError(
+                f"{where}: expected the parameter {'at' if contiguous else 'at or after'} element {want}, inside "
+                f"bucket {bucket} = [{b.start}, {b.start + b.numel_unpadded}) (bucket sizes from distrib_optim.pt: "
+                f"padded {padded}, unpadded {unpadded}); the param_map belongs to a different run (other "
+                f"--dp-size, bucket size or model) — use the param_map written with this checkpoint, or leave "
+                f"--param-map-path out to derive the layout from the checkpoint")
+        expected_next[bucket] = end
+        slots.append(ParamSlot(name, p_dtype, tuple(shape), start, end, bucket))
+    if contiguous:
+        for j, b in enumerate(buckets):
+            filled = expected_next.get(j, b.start) - b.start
+            if filled != b.numel_unpadded:
+                raise CkptmapError(
+                    f"{origin}: bucket {j} holds {filled} elements of parameters but distrib_optim.pt says "
+                    f"{b.numel_unpadded}; the param_map belongs to a different run — use the param_map written "
+                    f"with this checkpoint, or leave --param-map-path out to derive the layout")
+    return BufferLayout(dtype or "", tuple(slots), buckets, origin)
+
