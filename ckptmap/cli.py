@@ -253,6 +253,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_flags(p)
     p.set_defaults(func=cmd_apply)
 
+    from ckptmap.cli_combine import register as register_combine
+    register_combine(sub)
+
     p = sub.add_parser("inspect", help="List keys, shapes and dtypes of a checkpoint file or directory.")
     p.add_argument("path")
     p.add_argument("--debug", action="store_true")
