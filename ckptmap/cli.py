@@ -83,6 +83,51 @@ def _add_run_flags(g) -> None:
                    help="fsync every file before renaming it into place (durable against power loss; slower).")
 
 
+def _add_ms2pt_flags(p: argparse.ArgumentParser) -> None:
+    d = p.add_argument_group("distributed")
+    d.add_argument("--num-layers", type=int, help="Layers on the MindSpeed side, noop layers included "
+                                                  "(default: from pt_meta args + number of --noop).")
+    d.add_argument("--dp-size", type=int, help="Data parallel size of the MindSpore checkpoint (rank numbering; "
+                                               "default: from pt_meta args).")
+    d.add_argument("--cp-size", type=int, help="Context parallel size (default: from pt_meta args).")
+    d.add_argument("--tp-size", type=int, help="Tensor parallel size (checked against pt_meta).")
+    d.add_argument("--pp-size", type=int, help="Pipeline parallel size (checked against pt_meta).")
+    d.add_argument("--vpp-size", type=int, help="Virtual pipeline chunks per stage (checked against pt_meta).")
+    d.add_argument("--src-model-format", choices=("ckpt", "safetensors"),
+                   help="Format of the MindSpore files (default: whichever is present).")
+    d.add_argument("--noop", nargs="+", type=int, default=[],
+                   help="MindSpeed global layer ids that are identity (noop) layers; Megatron gets the rest.")
+    d.add_argument("--stage-list", nargs="+", help="Layers per pipeline stage on the MindSpeed side.")
+    d.add_argument("--parallel-init-order", default="tp-cp-ep-dp-pp")
+    f = p.add_argument_group("File Path/Location")
+    f.add_argument("--ms-path", required=True, help="MindSpore checkpoint folder (rank_*/ or iter_*/ inside).")
+    f.add_argument("--param-map-path", help="The pt_meta folder written by pt2ms (default: <ms-path>/pt_meta).")
+    f.add_argument("--megatron-path", required=True, help="Where to write the Megatron checkpoint.")
+    f.add_argument("--convert-param-only", action="store_true",
+                   help="Write model_optim_rng.pt only (weights in the training dtype), no distrib_optim.pt.")
+    f.add_argument("--debug", action="store_true")
+    _add_run_flags(f)
+    c = p.add_argument_group("ckptmap")
+    c.add_argument("--rules", default="auto", help="Bundled rules name or a .rules path (default: auto).")
+    c.add_argument("--layout", choices=("auto", "v1", "v2"), default="auto",
+                   help="Layout of the MindSpore checkpoint (default: detect).")
+    c.add_argument("--file-prefix", default="network", help="File name prefix in V1 layout (default network).")
+    c.add_argument("--dry-run", action="store_true", help="Print the plan and write nothing.")
+
+
+def _ms2pt_options(ns):
+    from ckptmap.mapping.layout import parse_stage_list
+    from ckptmap.mapping.ms2pt import Ms2PtOptions
+
+    return Ms2PtOptions(
+        ms_path=ns.ms_path, megatron_path=ns.megatron_path, param_map_path=ns.param_map_path,
+        num_layers=ns.num_layers, dp_size=ns.dp_size, cp_size=ns.cp_size, tp_size=ns.tp_size, pp_size=ns.pp_size,
+        vpp_size=ns.vpp_size, src_model_format=ns.src_model_format, noop=tuple(ns.noop),
+        stage_list=parse_stage_list(ns.stage_list) if ns.stage_list else None,
+        parallel_init_order=ns.parallel_init_order, convert_param_only=ns.convert_param_only, rules=ns.rules,
+        layout=ns.layout, file_prefix=ns.file_prefix)
+
+
 def _pt2ms_options(ns):
     from ckptmap.mapping.compiler import Pt2MsOptions
     from ckptmap.mapping.layout import parse_stage_list
@@ -102,11 +147,25 @@ def _pt2ms_options(ns):
 # Printing
 
 
+def _tensor_row(t, common, prefix=""):
+    src_file = os.path.relpath(t.sources[0].file, common) if t.sources else "-"
+    return (prefix + t.name, t.note or t.source_label, src_file, "x".join(map(str, t.shape)) or "scalar", t.dtype,
+            ", ".join(map(str, t.ops)) or "-", str(t.nbytes))
+
+
+def _print_rows(rows, out) -> None:
+    rows = [("tensor", "from", "file", "shape", "dtype", "ops", "bytes")] + rows
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        print("  " + "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip(), file=out)
+
+
 def print_plan(plan, out=None, detail: bool = True) -> None:
     out = out or sys.stdout
     info = plan.info
-    common = os.path.commonpath([t.sources[0].file for f in plan.files for t in f.tensors if t.sources]
-                                or [plan.output_root])
+    files = [t.sources[0].file for f in plan.files for t in f.tensors if t.sources]
+    files += [p.tensor.sources[0].file for f in plan.files for s in f.storages for p in s.pieces if p.tensor]
+    common = os.path.commonpath(files or [plan.output_root])
     print(f"plan {plan.kind}: {info.get('source', '')} -> {plan.output_root}", file=out)
     print("  " + ", ".join(f"{k} {v}" for k, v in info.items() if k not in ("source", "rules_path")), file=out)
     n_tensors = 0
@@ -114,22 +173,29 @@ def print_plan(plan, out=None, detail: bool = True) -> None:
         if f.format in ("ckpt", "safetensors"):
             print(f"\n{f.path}  ({f.format}, {len(f.tensors)} tensors, {_human(f.nbytes)})", file=out)
             n_tensors += len(f.tensors)
-            if not detail:
-                continue
-            rows = [("tensor", "from", "file", "shape", "dtype", "ops", "bytes")]
-            for t in f.tensors:
-                src_file = os.path.relpath(t.sources[0].file, common) if t.sources else "-"
-                rows.append((t.name, t.note or t.source_label, src_file,
-                             "x".join(map(str, t.shape)) or "scalar", t.dtype,
-                             ", ".join(map(str, t.ops)) or "-", str(t.nbytes)))
-            widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-            for r in rows:
-                print("  " + "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip(), file=out)
+            if detail:
+                _print_rows([_tensor_row(t, common) for t in f.tensors], out)
+        elif f.format == "torch_stream":
+            pieces = [p for s in f.storages for p in s.pieces]
+            n_tensors += sum(1 for p in pieces if p.tensor)
+            print(f"\n{f.path}  (torch file: {len(f.storages)} storages, {sum(1 for p in pieces if p.tensor)} "
+                  f"tensors, {_human(f.nbytes)})", file=out)
+            if detail:
+                rows = []
+                for s in f.storages:
+                    for p in s.pieces:
+                        if p.tensor:
+                            rows.append(_tensor_row(p.tensor, common, f"[{s.key}@{p.offset}] "))
+                        else:
+                            rows.append((f"[{s.key}@{p.offset}] padding", p.padding.key,
+                                         os.path.relpath(p.padding.file, common), "-", "bytes", "-",
+                                         str(p.padding.shape[0])))
+                _print_rows(rows, out)
         elif f.format == "copy":
             print(f"\n{f.path}  (copy of {f.source})", file=out)
         elif f.format == "torch_meta":
             print(f"\n{f.path}  (entries {', '.join(f.keys)} of {os.path.relpath(f.source, common)}"
-                  f" + {', '.join(f.extra)})", file=out)
+                  f" + {', '.join(f.extra)} + layout skeletons)", file=out)
         else:
             print(f"\n{f.path}  ({f.format})", file=out)
     print(f"\ntotal: {len(plan.files)} files, {n_tensors} tensors, {_human(plan.nbytes)} of tensor data "
@@ -173,10 +239,27 @@ def cmd_pt2ms(ns) -> int:
     return _run(plan, ns)
 
 
-def cmd_plan(ns) -> int:
-    from ckptmap.mapping.compiler import compile_pt2ms
+def cmd_ms2pt(ns) -> int:
+    from ckptmap.mapping.ms2pt import compile_ms2pt
 
-    plan = compile_pt2ms(_pt2ms_options(ns))
+    plan = compile_ms2pt(_ms2pt_options(ns))
+    if ns.dry_run:
+        print_plan(plan)
+        return 0
+    print_plan(plan, detail=ns.debug)
+    return _run(plan, ns)
+
+
+def _compile(ns):
+    if ns.plan_command == "ms2pt":
+        from ckptmap.mapping.ms2pt import compile_ms2pt
+        return compile_ms2pt(_ms2pt_options(ns))
+    from ckptmap.mapping.compiler import compile_pt2ms
+    return compile_pt2ms(_pt2ms_options(ns))
+
+
+def cmd_plan(ns) -> int:
+    plan = _compile(ns)
     if ns.output:
         out = Path(ns.output)
         tmp = out.with_name(out.name + ".tmp")
@@ -199,6 +282,36 @@ def cmd_apply(ns) -> int:
     plan = Plan.from_json(text, str(path))
     print_plan(plan, detail=False)
     return _run(plan, ns)
+
+
+def cmd_verify(ns) -> int:
+    from ckptmap import verify
+
+    if ns.md5:
+        same, lines = verify.md5_report(ns.paths)
+        print("\n".join(lines))
+        return 0 if same else EXIT_FAILED
+    if len(ns.paths) != 2:
+        raise CkptmapError(f"verify compares two paths (files or checkpoint directories), got {len(ns.paths)}; "
+                           f"use --md5 to compare the md5 sums of several files")
+    reports = verify.verify(ns.paths[0], ns.paths[1], rules=ns.rules)
+    ok = True
+    for r in reports:
+        ok &= r.identical
+        status = "identical" if r.identical else "DIFFERENT"
+        print(f"{status:9s}  {r.left}  <->  {r.right}  ({r.compared} values compared)")
+        for k in r.only_left[:20]:
+            print(f"    only in the first:  {k}")
+        for k in r.only_right[:20]:
+            print(f"    only in the second: {k}")
+        for k, what in r.differing[:20]:
+            print(f"    differs: {k}: {what}")
+        hidden = max(0, len(r.only_left) - 20) + max(0, len(r.only_right) - 20) + max(0, len(r.differing) - 20)
+        if hidden:
+            print(f"    … and {hidden} more")
+    n_bad = sum(not r.identical for r in reports)
+    print(f"\n{len(reports) - n_bad} of {len(reports)} file pairs identical")
+    return 0 if ok else EXIT_FAILED
 
 
 def cmd_inspect(ns) -> int:
@@ -246,6 +359,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_pt2ms_flags(pp)
     pp.add_argument("-o", "--output", help="Write the plan as JSON to this file.")
     pp.set_defaults(func=cmd_plan)
+    pm = plan_sub.add_parser("ms2pt", help="Plan an ms2pt conversion.")
+    _add_ms2pt_flags(pm)
+    pm.add_argument("-o", "--output", help="Write the plan as JSON to this file.")
+    pm.set_defaults(func=cmd_plan)
+
+    p = sub.add_parser("ms2pt", help="MindSpore checkpoint -> Megatron checkpoint (flags of convert_ckpt2pt.py).",
+                       description="MindSpore checkpoint -> Megatron checkpoint.")
+    _add_ms2pt_flags(p)
+    p.set_defaults(func=cmd_ms2pt)
 
     p = sub.add_parser("apply", help="Run a plan written by `ckptmap plan … -o FILE`.")
     p.add_argument("plan")
@@ -255,6 +377,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     from ckptmap.cli_combine import register as register_combine
     register_combine(sub)
+
+    p = sub.add_parser("verify", help="Compare two checkpoints value by value (files or directories, "
+                                      "Megatron vs MindSpore too); --md5 prints whole-file md5 sums.")
+    p.add_argument("paths", nargs="+", help="Two files or directories (or, with --md5, any number of files).")
+    p.add_argument("--md5", action="store_true", help="Compare whole-file md5 sums (the conversion guide's check).")
+    p.add_argument("--rules", default="auto", help="Rules pairing Megatron and MindSpore names (default: auto).")
+    p.add_argument("--debug", action="store_true")
+    p.set_defaults(func=cmd_verify)
 
     p = sub.add_parser("inspect", help="List keys, shapes and dtypes of a checkpoint file or directory.")
     p.add_argument("path")

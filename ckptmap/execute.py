@@ -79,18 +79,54 @@ class _Sources:
             return out if tuple(out.shape) == tuple(task.src_shape) else out.reshape(task.src_shape)
         return torch.cat([p.reshape(-1) for p in parts]).reshape(task.src_shape)
 
+    def raw(self, s) -> torch.Tensor:
+        reader = self._open.get(s.file)
+        if reader is None:
+            reader = self._open[s.file] = registry.open_reader(s.file)
+        return reader.get(s.key)
+
     def close(self):
         for r in self._open.values():
             r.close()
         self._open.clear()
 
 
-def _constant(task: TensorTask) -> torch.Tensor:
-    return torch.tensor(task.value, dtype=dtypes.to_torch(task.dtype)).reshape(task.shape)
+def expected_tensor(task: TensorTask, sources: _Sources) -> torch.Tensor:
+    """The value a TensorTask describes: its sources through its ops, or its constant."""
+    if not task.sources:
+        return torch.tensor(task.value, dtype=dtypes.to_torch(task.dtype)).reshape(task.shape)
+    value = tensor_ops.apply_all(task.ops, sources.tensor(task))
+    if tuple(value.shape) != tuple(task.shape) or dtypes.name_of(value.dtype) != task.dtype:
+        raise CkptmapError(f"internal error: {task.name} came out {value.dtype} {list(value.shape)}, "
+                           f"plan says {task.dtype} {list(task.shape)}")
+    return value
 
 
 def _tmp_path(final: Path) -> Path:
     return final.with_name(f"{final.name}{TMP_MARK}{os.getpid()}")
+
+
+def _storage_bytes(storages, sources: "_Sources", progress):
+    """fill(key) for a streamed torch file: each storage's pieces in order, as raw bytes."""
+    by_key = {s.key: s for s in storages}
+
+    def fill(key):
+        st = by_key.get(key)
+        if st is None:
+            raise CkptmapError(f"internal error: the plan has no storage {key!r}")
+        storage_dtype = dtypes.to_torch(st.dtype)
+        for piece in st.pieces:
+            if piece.tensor is not None:
+                t = piece.tensor
+                value = expected_tensor(t, sources)
+                if value.dtype != storage_dtype:
+                    raise CkptmapError(f"internal error: {t.name} is {t.dtype}, storage {key} holds {st.dtype}")
+                yield value.contiguous().reshape(-1).view(torch.uint8).numpy()
+                if progress:
+                    progress(t.nbytes)
+            else:
+                yield sources.raw(piece.padding).numpy()
+    return fill
 
 
 def write_file(task: FileTask, root: Path, progress=None, fsync: bool = False) -> int:
@@ -99,6 +135,14 @@ def write_file(task: FileTask, root: Path, progress=None, fsync: bool = False) -
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = _tmp_path(final)
     written = 0
+    if task.format == "torch_stream":  # torch files carry their name inside: the writer renames itself
+        sources = _Sources()
+        try:
+            megatron.write_from_skeleton(task.source, task.extra["skeleton"], task.extra.get("set", []), final,
+                                         _storage_bytes(task.storages, sources, progress))
+        finally:
+            sources.close()
+        return task.nbytes
     try:
         if task.format in registry.TENSOR_FORMATS:
             entries = [(t.name, t.dtype, t.shape) for t in task.tensors]
@@ -107,14 +151,7 @@ def write_file(task: FileTask, root: Path, progress=None, fsync: bool = False) -
                 with registry.open_writer(task.format, tmp, entries, task.metadata, fsync=fsync,
                                           crc=task.crc) as writer:
                     for t in task.tensors:
-                        if t.sources:
-                            value = tensor_ops.apply_all(t.ops, sources.tensor(t))
-                        else:
-                            value = _constant(t)
-                        if tuple(value.shape) != tuple(t.shape) or dtypes.name_of(value.dtype) != t.dtype:
-                            raise CkptmapError(
-                                f"internal error: {t.name} came out {value.dtype} {list(value.shape)}, "
-                                f"plan says {t.dtype} {list(t.shape)}")
+                        value = expected_tensor(t, sources)
                         writer.write(t.name, value.contiguous())
                         written += t.nbytes
                         if progress:
@@ -123,9 +160,9 @@ def write_file(task: FileTask, root: Path, progress=None, fsync: bool = False) -
             finally:
                 sources.close()
         elif task.format == "torch_meta":
-            obj = megatron.read_meta(task.source, task.keys)
-            obj.update(task.extra)
-            megatron.save_object(obj, tmp)
+            obj = megatron.build_pt_meta(task.source, task.aux_source, task.keys, task.extra)
+            megatron.save_object(obj, final)  # atomic itself; the archive name follows the file name
+            return 0
         elif task.format == "copy":
             source = root / task.source if task.source_is_output else Path(task.source)
             shutil.copyfile(source, tmp)

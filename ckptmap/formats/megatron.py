@@ -353,13 +353,182 @@ class OptimFile(PtFile):
         return KEY_SEP.join([str(buffer), encode_key(self.buffers[buffer][0]), state, str(bucket)])
 
 
-def read_meta(path, keys) -> dict:
-    """The listed top-level objects of a ``.pt`` with real tensors (rng states), safely unpickled."""
-    obj = torch_zip.load(path)
-    missing = [k for k in keys if k not in obj]
+# -------------------------------------------------------------------------------------------------
+# pt_meta: what a MindSpore checkpoint cannot hold, kept so the way back can rebuild Megatron's files
+# byte for byte. A *skeleton* is a file's object graph with every converted tensor replaced by the
+# placeholder (PLACEHOLDER, i) and described by entry i of a list of TensorRef fields; the bytes of
+# storages that no converted tensor covers (bucket padding) are kept as uint8 tensors.
+
+PLACEHOLDER = "__ckptmap_tensor__"
+META_KEY = "ckptmap"
+META_VERSION = 1
+_REF_FIELDS = ("storage", "dtype", "storage_offset", "shape", "stride", "storage_numel", "requires_grad",
+               "location")
+
+
+def _ref_fields(ref: torch_zip.TensorRef) -> list:
+    return [getattr(ref, f) for f in _REF_FIELDS]
+
+
+def ref_from_fields(fields) -> torch_zip.TensorRef:
+    values = dict(zip(_REF_FIELDS, fields))
+    values["shape"], values["stride"] = tuple(values["shape"]), tuple(values["stride"])
+    return torch_zip.TensorRef(**values)
+
+
+def _placeholders(loaded, refs_node, refs: list):
+    """Copy ``loaded`` (same container types and key objects) with TensorRefs of ``refs_node`` (the
+    same graph read lazily) replaced by placeholders."""
+    if isinstance(refs_node, torch_zip.TensorRef):
+        refs.append(_ref_fields(refs_node))
+        return (PLACEHOLDER, len(refs) - 1)
+    if isinstance(loaded, dict):
+        out = type(loaded)()
+        for (k, v), (_, rv) in zip(loaded.items(), refs_node.items()):
+            out[k] = _placeholders(v, rv, refs)
+        return out
+    if isinstance(loaded, (list, tuple)) and type(loaded) in (list, tuple):
+        items = [_placeholders(v, rv, refs) for v, rv in zip(loaded, refs_node)]
+        return items if isinstance(loaded, list) else tuple(items)
+    return loaded
+
+
+def _uncovered(numel: int, covered: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    gaps, pos = [], 0
+    for start, end in sorted(covered):
+        if start > pos:
+            gaps.append((pos, start))
+        pos = max(pos, end)
+    if pos < numel:
+        gaps.append((pos, numel))
+    return gaps
+
+
+def _padding(zf: torch_zip.TorchZipFile, storages: dict) -> dict:
+    """storage key -> [(start, end, uint8 bytes)] for the element ranges no converted tensor covers."""
+    out = {}
+    for key, (dtype, numel, covered) in storages.items():
+        size = dtypes.itemsize(dtype)
+        raw = zf.tensor(torch_zip.TensorRef(key, "uint8", 0, (numel * size,), (1,), numel * size))
+        out[key] = [(a, b, raw[a * size:b * size].clone()) for a, b in _uncovered(numel, covered)]
+    return out
+
+
+def build_pt_meta(model_path, optim_path, keys, extra) -> dict:
+    """The pt_meta object of one mp_rank: the listed top-level entries of ``model_optim_rng.pt``
+    exactly as read, ``extra``, and under ``ckptmap`` the skeletons and padding of
+    ``model_optim_rng.pt`` (model chunk tensors replaced) and ``distrib_optim.pt`` (every tensor)."""
+    loaded = torch_zip.load(model_path)
+    missing = [k for k in keys if k not in loaded]
     if missing:
-        raise CkptmapError(f"{path} lacks {', '.join(missing)}; it changed since the plan was made")
-    return {k: obj[k] for k in keys}
+        raise CkptmapError(f"{model_path} lacks {', '.join(missing)}; it changed since the plan was made")
+    zf = torch_zip.TorchZipFile(model_path)
+    chunk_keys = {k for k, _ in _chunk_keys(loaded, model_path)}
+    refs: list = []
+    skeleton = type(loaded)()
+    for k, v in loaded.items():
+        skeleton[k] = _placeholders(v, zf.root[k], refs) if k in chunk_keys else v
+    storages = {}
+    for fields in refs:
+        ref = ref_from_fields(fields)
+        entry = storages.setdefault(ref.storage, (ref.dtype, ref.storage_numel, []))
+        if entry[0] != ref.dtype or ref.numel and ref.stride != _contiguous_stride(ref.shape):
+            raise CkptmapError(f"{model_path}: model tensor views of storage {ref.storage} are not plain "
+                               f"contiguous {entry[0]} slices; ckptmap cannot rebuild this file byte for byte")
+        entry[2].append((ref.storage_offset, ref.storage_offset + ref.numel))
+    meta = {"version": META_VERSION, "model_optim_rng": skeleton, "model_tensors": refs,
+            "model_padding": _padding(zf, storages)}
+    if optim_path is not None and Path(optim_path).is_file():
+        ozf = torch_zip.TorchZipFile(optim_path)
+        orefs: list = []
+        oskeleton = _placeholders(ozf.root, ozf.root, orefs)
+        ostorages = {}
+        for g, (dtype_key, padded, unpadded) in enumerate(OptimFile(optim_path).buffers):
+            for state in OPTIM_STATES:
+                for j, ref in enumerate(ozf.root[g][dtype_key][state]):
+                    ostorages[ref.storage] = (ref.dtype, ref.storage_numel,
+                                              [(ref.storage_offset, ref.storage_offset + unpadded[j])])
+        meta.update(distrib_optim=oskeleton, distrib_optim_tensors=orefs, distrib_optim_padding=_padding(ozf, ostorages))
+    out = {k: loaded[k] for k in keys}
+    out.update(extra)
+    out[META_KEY] = meta
+    return out
+
+
+_TENSOR_LISTS = {"model_optim_rng": "model_tensors", "distrib_optim": "distrib_optim_tensors"}
+STREAM_CHUNK = 64 * 1024 * 1024
+
+
+def _set_path(root, path, value) -> None:
+    node = root
+    for part in path[:-1]:
+        node = node[part] if isinstance(node, (dict, list)) else getattr(node, part)
+    if isinstance(node, (dict, list)):
+        node[path[-1]] = value
+    else:
+        setattr(node, path[-1], value)
+
+
+def write_from_skeleton(meta_path, which: str, sets, path, fill) -> None:
+    """Write Megatron's ``model_optim_rng.pt`` / ``distrib_optim.pt`` (``which``) at ``path`` from the
+    skeleton kept in the pt_meta file ``meta_path``: the same object graph (so the same pickle bytes),
+    each placeholder bound to its original storage, whose bytes ``fill(storage_key)`` streams; the
+    pt_meta file's own tensors (RNG states) are copied from it. ``sets``: [(path, value)] updates."""
+    zf = torch_zip.TorchZipFile(meta_path)
+    meta = zf.root.get(META_KEY) if isinstance(zf.root, dict) else None
+    if not isinstance(meta, dict) or which not in meta:
+        raise CkptmapError(f"{meta_path} has no {which} skeleton; re-run `ckptmap pt2ms`")
+    refs = meta[_TENSOR_LISTS[which]]
+    memo: dict[int, object] = {}
+
+    def bind(node):
+        hit = memo.get(id(node))
+        if hit is not None:
+            return hit
+        if type(node) is tuple and len(node) == 2 and node[0] == PLACEHOLDER:
+            ref = ref_from_fields(refs[node[1]])
+            out = attrs.evolve(ref, storage="out/" + ref.storage)
+        elif isinstance(node, torch_zip.TensorRef):
+            out = attrs.evolve(node, storage="meta/" + node.storage)
+        elif isinstance(node, dict):
+            out = memo[id(node)] = type(node)()
+            for k, v in node.items():
+                out[k] = bind(v)
+            return out
+        elif type(node) is list:
+            out = memo[id(node)] = []
+            out.extend(bind(v) for v in node)
+            return out
+        elif type(node) is tuple:
+            out = tuple(bind(v) for v in node)
+        else:
+            return node
+        memo[id(node)] = out
+        return out
+
+    obj = bind(meta[which])
+    for set_path, value in sets:
+        _set_path(obj, set_path, value)
+
+    def stream(key):
+        kind, _, original = key.partition("/")
+        if kind == "out":
+            yield from fill(original)
+            return
+        n = zf.storage_nbytes(original)
+        raw = zf.tensor(torch_zip.TensorRef(original, "uint8", 0, (n,), (1,), n))
+        for start in range(0, n, STREAM_CHUNK):
+            yield raw[start:start + STREAM_CHUNK].numpy()
+
+    torch_zip.save_streaming(obj, path, stream)
+
+
+def _contiguous_stride(shape) -> tuple[int, ...]:
+    stride, acc = [], 1
+    for n in reversed(shape):
+        stride.append(acc)
+        acc *= max(n, 1)
+    return tuple(reversed(stride))
 
 
 def save_object(obj, path) -> None:

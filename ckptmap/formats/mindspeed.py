@@ -8,6 +8,8 @@
 
 from __future__ import annotations
 
+import re
+
 from ckptmap.errors import CkptmapError
 from ckptmap.formats import megatron
 
@@ -88,3 +90,22 @@ def optimizer_scalars(optimizer: dict | None, scheduler: dict | None, origin: st
                                    f"known styles: {', '.join(styles)}")
             out.append((key, "int64", (), styles.index(value)))
     return out
+
+
+# -------------------------------------------------------------------------------------------------
+# Which keys of a MindSpeed checkpoint belong to the optimizer (`ckptmap combine --no-save-optim`).
+
+OPTIMIZER_STEP_KEY = "state_step"
+_GROUP_KEY = re.compile(r"^.+_group_\d+$")
+
+
+def is_optimizer_key(key: str, state_prefixes=()) -> bool:
+    """True for the optimizer's keys: the states of a parameter, ``{state}.{name}`` for every state
+    prefix in ``state_prefixes`` (``exp_avg``, ``exp_avg_sq``, … — those that appear in the
+    checkpoint's ``{state}.buffer_{i}_bucket_{j}`` keys); ``state_step``; and the per-parameter-group
+    hyper-parameters ``{key}_group_{i}`` (``learning_rate_group_i``, ``weight_decay_group_i``, …).
+    Model weights, RNG states, the LR-scheduler keys and ``iteration`` / ``step_num`` / ``epoch_num``
+    are not optimizer keys."""
+    if key == OPTIMIZER_STEP_KEY or _GROUP_KEY.match(key):
+        return True
+    return any(key.startswith(prefix + ".") for prefix in state_prefixes if prefix)

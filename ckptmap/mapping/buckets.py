@@ -8,6 +8,18 @@ Two sources of truth, one result type:
     and checks it against the bucket sizes of the checkpoint.
 Offsets are element offsets in the whole buffer; bucket ``j`` starts at the sum of the padded
 sizes of buckets ``0..j-1``.
+
+Per-parameter alignment (``param_align``, MindSpeed's memory alignment, formats.md §3.4): every
+parameter occupies its element count rounded *up* to the alignment, i.e. it is *followed* by
+padding — the last parameter of a bucket included. So a bucket's unpadded size is the aligned end
+of its last parameter, the bucket-closing threshold compares that aligned fill, and the bucket
+padding (``bucket_pad``, MindSpeed: a multiple of dp·512 bytes) is added on top. ``bytes`` amounts
+are converted to elements with the itemsize of the buffer's *parameter* dtype (a bf16 buffer aligns
+to 256 elements, an fp32 buffer to 128), even though the optimizer shards that use the layout hold
+fp32: offsets are element offsets, shared by the parameter buffer and every fp32 state. With an
+alignment of 1 element (Megatron) this is exactly the unaligned layout. The example of formats.md
+§3.4 (bf16, dp 2: unpadded 1280 = 5·256, padded 1536 = 3·512) is consistent with this reading and
+not with a start-only alignment in fp32 elements.
 """
 
 from __future__ import annotations
@@ -129,10 +141,10 @@ def build_buffer(rule: BucketLayout, params: list[ParamEntry], env: dict) -> Buf
         shared = shared_active and p.shared_embedding
         if shared and open_params:
             start = close(start)
-        start = _round_up(start, align)
         end = start + p.numel
         slots.append(ParamSlot(p.name, p.dtype, tuple(p.shape), start, end, len(buckets)))
         open_params += 1
+        end = _round_up(end, align)  # the parameter is followed by its alignment padding
         if (close_at is not None and end - bucket_start >= close_at) or shared:
             end = close(end)
         start = end

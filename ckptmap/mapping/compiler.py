@@ -431,7 +431,9 @@ def _pt_meta_task(model_file, tp, pp, layout, rules, param_maps, tensors) -> Fil
         "param_name_list_source": source,
         "model_key_paths": {key: model_file.key_paths(key) for key, _ in model_file.chunks()},
     }
+    optim_path = model_file.path.with_name(megatron.OPTIM_FILE)
     return FileTask(mindspeed.pt_meta_args_path(tp, pp), "torch_meta", source=str(model_file.path),
+                    aux_source=str(optim_path) if optim_path.is_file() else None,
                     keys=tuple(model_file.meta_keys()), extra=extra)
 
 

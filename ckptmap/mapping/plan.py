@@ -81,27 +81,61 @@ class TensorTask:
 
 
 @attrs.frozen
+class StoragePiece:
+    """Elements ``[offset, offset + n)`` of a storage: a tensor's flattened elements, or raw bytes."""
+
+    offset: int
+    tensor: TensorTask | None = None
+    padding: SourceSlice | None = None   # uint8 bytes kept in pt_meta
+
+
+@attrs.frozen
+class StorageTask:
+    """One storage of a streamed torch file, assembled from pieces that tile ``[0, numel)``."""
+
+    key: str
+    dtype: str
+    numel: int
+    pieces: tuple[StoragePiece, ...] = attrs.field(converter=_tuple, default=())
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * dtypes.itemsize(self.dtype)
+
+
+@attrs.frozen
 class FileTask:
     """One output file, relative to the plan's output root.
 
     format: ``ckpt`` / ``safetensors`` (tensors), ``torch_meta`` (the listed top-level objects of
-    ``source`` plus ``extra``, re-pickled safely), ``copy`` (bytes of ``source``; an output-relative
-    path when ``source_is_output``), ``text`` (``text``)."""
+    ``source`` plus ``extra``, re-pickled safely), ``torch_stream`` (the skeleton ``extra["skeleton"]``
+    of the pt_meta file ``source`` with its placeholders bound to ``storages``, written like
+    torch.save), ``copy`` (bytes of ``source``; an output-relative path when ``source_is_output``),
+    ``text`` (``text``)."""
 
     path: str
     format: str
     tensors: tuple[TensorTask, ...] = attrs.field(converter=_tuple, default=())
     metadata: dict = attrs.field(factory=dict)
     source: str | None = None
+    aux_source: str | None = None
     source_is_output: bool = False
     keys: tuple[str, ...] = attrs.field(converter=_tuple, default=())
     extra: dict = attrs.field(factory=dict)
     text: str | None = None
     crc: bool = False  # .ckpt: append MindSpore's CRC-32 trailer (load_checkpoint(crc_check=True))
+    storages: tuple[StorageTask, ...] = attrs.field(converter=_tuple, default=())
 
     @property
     def nbytes(self) -> int:
-        return sum(t.nbytes for t in self.tensors)
+        return sum(t.nbytes for t in self.tensors) + sum(s.nbytes for s in self.storages)
+
+
+def _tensor_task(raw: dict) -> TensorTask:
+    t = dict(raw)
+    t["sources"] = tuple(SourceSlice(**s) for s in t.get("sources", ()))
+    t["ops"] = tuple(Op(**o) for o in t.get("ops", ()))
+    return TensorTask(**t)
 
 
 @attrs.frozen
@@ -128,14 +162,14 @@ class Plan:
                                    f"version {PLAN_VERSION}; re-create the plan with `ckptmap plan`")
             files = []
             for f in raw["files"]:
-                tensors = []
-                for t in f.get("tensors", ()):
-                    t = dict(t)
-                    t["sources"] = tuple(SourceSlice(**s) for s in t.get("sources", ()))
-                    t["ops"] = tuple(Op(**o) for o in t.get("ops", ()))
-                    tensors.append(TensorTask(**t))
                 f = dict(f)
-                f["tensors"] = tuple(tensors)
+                f["tensors"] = tuple(_tensor_task(t) for t in f.get("tensors", ()))
+                f["storages"] = tuple(
+                    StorageTask(**dict(st, pieces=tuple(
+                        StoragePiece(p["offset"], _tensor_task(p["tensor"]) if p.get("tensor") else None,
+                                     SourceSlice(**p["padding"]) if p.get("padding") else None)
+                        for p in st.get("pieces", ()))))
+                    for st in f.get("storages", ()))
                 files.append(FileTask(**f))
             return cls(kind=raw["kind"], output_root=raw["output_root"], files=tuple(files),
                        info=raw.get("info", {}), version=raw["version"])

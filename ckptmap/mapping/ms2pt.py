@@ -1,0 +1,408 @@
+"""MindSpore → Megatron: compile `ckptmap ms2pt` into a Plan.
+
+The way back is pt2ms read backwards: the Megatron files' structure comes from the skeletons that
+pt2ms kept in ``pt_meta`` (every object exactly as Megatron pickled it, tensors replaced by
+placeholders, bucket padding bytes kept), the values from the MindSpore files, the names from the
+same rules (inverse ops, MindSpore global layers → Megatron chunk-local layers), and the
+distributed-optimizer buckets from the param_map files in ``pt_meta``. Each Megatron file is a
+``torch_stream`` FileTask whose storages are tiled by pieces: tensors read from MindSpore (cast
+back to the storage dtype; bf16 by round-to-nearest-even) and padding bytes from pt_meta.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import attrs
+
+from ckptmap import dtypes
+from ckptmap.errors import CkptmapError
+from ckptmap.formats import megatron, mindspeed, registry, torch_zip
+from ckptmap.mapping import buckets
+from ckptmap.mapping import ops as tensor_ops
+from ckptmap.mapping.compiler import _check_layers, _check_size, _choose_rules, _listing, _match
+from ckptmap.mapping.layout import ParallelLayout
+from ckptmap.mapping.plan import FileTask, Plan, SourceSlice, StoragePiece, StorageTask, TensorTask
+from ckptmap.mapping.rules import LAYER
+
+
+@attrs.frozen
+class Ms2PtOptions:
+    ms_path: str
+    megatron_path: str
+    param_map_path: str | None = None   # the pt_meta folder (default: <ms-path>/pt_meta)
+    num_layers: int | None = None
+    dp_size: int | None = None
+    cp_size: int | None = None
+    tp_size: int | None = None
+    pp_size: int | None = None
+    vpp_size: int | None = None
+    src_model_format: str | None = None  # ckpt | safetensors (default: whatever is there)
+    noop: tuple[int, ...] = ()
+    stage_list: tuple[int, ...] | None = None
+    parallel_init_order: str = "tp-cp-ep-dp-pp"
+    convert_param_only: bool = False
+    rules: str = "auto"
+    layout: str = "auto"                 # v1 | v2 | auto
+    file_prefix: str = mindspeed.DEFAULT_PREFIX
+
+
+@attrs.frozen
+class _MetaRank:
+    path: Path
+    root: dict          # the pt_meta object graph (TensorRefs for its own tensors)
+    meta: dict          # root["ckptmap"]
+    tensors: list       # Megatron model tensors from the skeleton, as megatron.ModelTensor
+
+
+def _read_meta(meta_dir: Path, tp: int, pp: int) -> _MetaRank:
+    path = meta_dir / Path(mindspeed.pt_meta_args_path(tp, pp)).name
+    if not path.is_file():
+        raise CkptmapError(
+            f"{path} is missing: converting back to Megatron needs the pt_meta folder that `ckptmap pt2ms` "
+            f"wrote next to the MindSpore checkpoint (args, optimizer, RNG state and layout of every mp_rank); "
+            f"pass it with --param-map-path")
+    root = torch_zip.read_objects(path)
+    meta = root.get(megatron.META_KEY) if isinstance(root, dict) else None
+    if not isinstance(meta, dict) or meta.get("version") != megatron.META_VERSION:
+        raise CkptmapError(
+            f"{path} was not written by this version of ckptmap pt2ms (no '{megatron.META_KEY}' entry of "
+            f"version {megatron.META_VERSION}); re-run `ckptmap pt2ms` on the original Megatron checkpoint")
+    tensors = []
+    skeleton = meta["model_optim_rng"]
+    for chunk_key, v in megatron._chunk_keys(skeleton, path):
+        _walk_placeholders(skeleton[chunk_key], [], v, chunk_key, meta["model_tensors"], tensors)
+    return _MetaRank(path, root, meta, tensors)
+
+
+def _walk_placeholders(node, names, chunk, chunk_key, refs, out):
+    for k, v in node.items():
+        if isinstance(v, dict):
+            _walk_placeholders(v, names + [k], chunk, chunk_key, refs, out)
+        elif isinstance(v, tuple) and len(v) == 2 and v[0] == megatron.PLACEHOLDER:
+            ref = megatron.ref_from_fields(refs[v[1]])
+            name = ".".join(names + [k])
+            out.append(megatron.ModelTensor(chunk, name, f"{chunk_key}{megatron.KEY_SEP}{v[1]}", ref.dtype,
+                                            tuple(ref.shape)))
+
+
+def _find_ms_root(opt: Ms2PtOptions) -> tuple[Path, str]:
+    root = Path(opt.ms_path)
+    if not root.is_dir():
+        raise CkptmapError(f"--ms-path {root} does not exist or is not a directory; pass the MindSpore checkpoint "
+                           f"folder (rank_*/ or iter_*/ inside)")
+    layout = opt.layout
+    if layout == "auto":
+        layout = "v2" if (root / megatron.TRACKER).is_file() or any(root.glob("iter_*")) else "v1"
+    return root, layout
+
+
+def _ms_file(root: Path, layout: str, iteration, tp: int, pp: int, pp_size: int, rank: int, opt) -> Path:
+    fmts = [opt.src_model_format] if opt.src_model_format else ["ckpt", "safetensors"]
+    if layout == "v2":
+        candidates = [root / mindspeed.v2_path(iteration, tp, pp, pp_size, f) for f in fmts]
+        found = [c for c in candidates if c.is_file()]
+        if not found:
+            raise CkptmapError(f"no MindSpore file for tp rank {tp}, pp rank {pp}: expected {candidates[0]}")
+        return found[0]
+    folder = root / Path(mindspeed.v1_path(rank, opt.file_prefix, "x")).parent
+    if not folder.is_dir():
+        raise CkptmapError(
+            f"{folder} is missing: the MindSpore rank of tp {tp}, pp {pp} (dp 0, cp 0) is global rank {rank} "
+            f"for these sizes; check --tp-size/--pp-size/--dp-size/--cp-size")
+    for f in fmts:
+        named = root / mindspeed.v1_path(rank, opt.file_prefix, f)
+        if named.is_file():
+            return named
+    merged = sorted(p for f in fmts for p in folder.glob(f"*_dp_merged.{f}"))
+    if len(merged) == 1:
+        return merged[0]
+    files = sorted(p.name for f in fmts for p in folder.glob(f"*.{f}"))
+    raise CkptmapError(
+        f"{folder}: cannot tell which file holds rank {rank}: expected {opt.file_prefix}.{fmts[0]} or one "
+        f"*_dp_merged file, found {', '.join(files) or 'no checkpoint files'}; pass --file-prefix, or merge "
+        f"distributed-optimizer shards first with `ckptmap combine`")
+
+
+def _scalar(reader, name):
+    if name not in reader.keys():
+        return None
+    return reader.get(name).reshape(-1)[0].item()
+
+
+def compile_ms2pt(opt: Ms2PtOptions) -> Plan:
+    ms_root, layout_name = _find_ms_root(opt)
+    meta_dir = Path(opt.param_map_path) if opt.param_map_path else ms_root / mindspeed.PT_META_DIR
+    if not meta_dir.is_dir():
+        raise CkptmapError(
+            f"pt_meta folder {meta_dir} does not exist: converting back to Megatron needs the pt_meta folder that "
+            f"`ckptmap pt2ms` wrote next to the MindSpore checkpoint; pass it with --param-map-path")
+    metas = sorted(p.name for p in meta_dir.glob("args_tp*_pp*.pt"))
+    if not metas:
+        raise CkptmapError(f"{meta_dir} holds no args_tpTT_ppPPP.pt files; it is not a pt_meta folder written by "
+                           f"`ckptmap pt2ms`")
+    tp_found = 1 + max(int(n[len("args_tp"):len("args_tp") + 2]) for n in metas)
+    pp_found = 1 + max(int(n.split("_pp")[1][:3]) for n in metas)
+    _check_size("--tp-size", opt.tp_size, tp_found, f"{meta_dir} has args files for TP size")
+    _check_size("--pp-size", opt.pp_size, pp_found, f"{meta_dir} has args files for PP size")
+    first = _read_meta(meta_dir, 0, 0)
+    args = first.root.get("args")
+    chunks = len(megatron._chunk_keys(first.meta["model_optim_rng"], first.path))
+    _check_size("--vpp-size", opt.vpp_size if opt.vpp_size and opt.vpp_size > 1 else (1 if opt.vpp_size else None),
+                chunks, f"{first.path} describes model chunks:")
+    rules = _choose_rules(opt.rules, first.tensors, first.path)
+    count_arg = rules.layers.count_arg if rules.layers else "num_layers"
+    num_layers = opt.num_layers
+    if num_layers is None:
+        n = getattr(args, count_arg, None)
+        if n is None:
+            raise CkptmapError(f"{first.path}: args has no {count_arg}; pass --num-layers")
+        num_layers = n + len(set(opt.noop))
+    layout = ParallelLayout(tp=tp_found, pp=pp_found,
+                            dp=opt.dp_size or getattr(args, "data_parallel_size", None) or 1,
+                            cp=opt.cp_size or getattr(args, "context_parallel_size", None) or 1,
+                            vpp=chunks, num_layers=num_layers,
+                            stage_list=tuple(opt.stage_list) if opt.stage_list else None,
+                            noop=frozenset(opt.noop), order=opt.parallel_init_order)
+    param_maps = megatron.find_param_maps(meta_dir)
+
+    plan_files: list[FileTask] = []
+    iterations = set()
+    out_iteration = None
+    ranks = []
+    for tp in range(tp_found):
+        for pp in range(pp_found):
+            meta = first if (tp, pp) == (0, 0) else _read_meta(meta_dir, tp, pp)
+            matched, unmatched = _match(rules, meta.tensors, meta.path)
+            if unmatched:
+                raise CkptmapError(f"no rule in {rules.path} matches {_listing(unmatched)} of {meta.path}; add "
+                                   f"rules for them or pick other rules with --rules")
+            _check_layers(layout, matched, meta.path, tp, pp)
+            ranks.append((tp, pp, meta, matched))
+    # the MindSpore files, and the iteration they are at
+    sources = {}
+    for tp, pp, meta, matched in ranks:
+        it_hint = meta.root.get("iteration")
+        ms_file = _ms_file(ms_root, layout_name, _v2_iteration(ms_root) if layout_name == "v2" else it_hint,
+                           tp, pp, pp_found, layout.global_rank(tp=tp, pp=pp), opt)
+        reader = registry.open_reader(ms_file)
+        try:
+            specs = {k: reader.spec(k) for k in reader.keys()}
+            it = _scalar(reader, "iteration")
+            it = _scalar(reader, "step_num") if it is None else it
+            scalars = {k: _scalar(reader, k) for k in specs if specs[k][1] in ((), (1,))}
+        finally:
+            reader.close()
+        iterations.add(int(it) if it is not None else it_hint)
+        sources[(tp, pp)] = (ms_file, specs, scalars)
+    if len(iterations) != 1:
+        raise CkptmapError(f"the MindSpore files are at different iterations ({sorted(map(str, iterations))}); "
+                           f"convert one consistent checkpoint")
+    out_iteration = iterations.pop()
+
+    for tp, pp, meta, matched in ranks:
+        ms_file, specs, scalars = sources[(tp, pp)]
+        rank_dir = f"{megatron.iter_dir_name(out_iteration)}/{megatron.mp_rank_dir_name(tp, pp, pp_found)}"
+        weights = {(m.tensor.chunk, m.tensor.name): _reverse_task(m, layout, pp) for m in matched}
+        plan_files.append(_model_file(meta, rank_dir, weights, ms_file, specs, out_iteration,
+                                      opt.convert_param_only, scalars))
+        if not opt.convert_param_only:
+            plan_files.append(_optim_file(meta, rank_dir, matched, layout, pp, tp, rules, ms_file, specs,
+                                          param_maps))
+    plan_files.append(FileTask(megatron.TRACKER, "text", text=str(out_iteration)))
+    info = {"source": str(ms_root), "layout": layout_name, "pt_meta": str(meta_dir), "iteration": out_iteration,
+            "rules": rules.name, "tp": tp_found, "pp": pp_found, "vpp": chunks, "num_layers": num_layers,
+            "noop": sorted(opt.noop),
+            "mode": "weights only" if opt.convert_param_only else "weights + distributed optimizer"}
+    return Plan("ms2pt", str(Path(opt.megatron_path)), tuple(plan_files), info)
+
+
+def _v2_iteration(root: Path):
+    tracker = root / megatron.TRACKER
+    if tracker.is_file():
+        text = tracker.read_text().strip()
+        return "release" if text == "release" else int(text)
+    iters = sorted(p.name for p in root.glob("iter_*"))
+    if len(iters) != 1:
+        raise CkptmapError(f"{root} has no {megatron.TRACKER} and {len(iters)} iter_* folders; keep one or add "
+                           f"the tracker file")
+    return int(iters[0][len("iter_"):])
+
+
+def _reverse_task(m, layout, pp) -> tuple:
+    """(MindSpore name, its shape, inverse ops) of a Megatron tensor."""
+    bindings = dict(m.bindings)
+    if LAYER in bindings:
+        bindings[LAYER] = layout.global_layer(pp, m.tensor.chunk, bindings[LAYER])
+    ms_name = m.rule.mindspore.format(bindings)
+    shape, dtype, chain, shapes = m.tensor.shape, m.tensor.dtype, [], []
+    for spec in m.rule.ops:
+        op, shape, dtype = tensor_ops.resolve(spec.name, spec.args, shape, dtype, {}, str(m.rule.loc))
+        chain.append(op)
+        shapes.append(shape)
+    return ms_name, tuple(shape), tensor_ops.invert_all(chain, shapes)
+
+
+def _source_task(name, ms_file, specs, ms_name, ms_shape, inverse, out_dtype, megatron_shape) -> TensorTask:
+    spec = specs.get(ms_name)
+    if spec is None:
+        raise CkptmapError(f"{ms_file} has no tensor {ms_name} (needed for Megatron's {name}); the MindSpore "
+                           f"checkpoint does not match pt_meta — convert the matching checkpoint, or check --rules")
+    src_dtype, src_shape = spec
+    if tuple(src_shape) != tuple(ms_shape):
+        raise CkptmapError(f"{ms_file}: tensor {ms_name} has shape {list(src_shape)}, but Megatron's {name} needs "
+                           f"{list(ms_shape)}; the MindSpore checkpoint was saved with a different model or "
+                           f"parallel layout than pt_meta describes")
+    ops = list(inverse)
+    if src_dtype != out_dtype:
+        ops.append(tensor_ops.resolve("cast", (out_dtype,), tuple(megatron_shape), src_dtype, {}, name)[0])
+    return TensorTask(name, out_dtype, tuple(megatron_shape),
+                      (SourceSlice(str(ms_file), ms_name, src_dtype, tuple(src_shape)),),
+                      src_dtype, tuple(src_shape), tuple(ops), note=ms_name)
+
+
+def _storages(refs, tensors_by_ref: dict, padding: dict, meta_path, padding_key) -> list[StorageTask]:
+    """StorageTasks for the storages of ``refs`` (placeholder fields): pieces sorted by offset, padding
+    from pt_meta; the pieces must tile each storage exactly."""
+    per_storage: dict[str, list] = {}
+    info = {}
+    for i, fields in enumerate(refs):
+        ref = megatron.ref_from_fields(fields)
+        info[ref.storage] = (ref.dtype, ref.storage_numel)
+        task = tensors_by_ref.get(i)
+        if task is None:
+            continue
+        per_storage.setdefault(ref.storage, []).append(StoragePiece(ref.storage_offset, tensor=task))
+    out = []
+    for key, (dtype, numel) in info.items():
+        pieces = per_storage.get(key, [])
+        size = dtypes.itemsize(dtype)
+        for j, (a, b, raw) in enumerate(padding.get(key, [])):
+            pieces.append(StoragePiece(a, padding=SourceSlice(
+                str(meta_path), megatron.KEY_SEP.join([megatron.META_KEY, padding_key, key, str(j), "2"]), "uint8",
+                ((b - a) * size,))))
+        pieces.sort(key=lambda p: p.offset)
+        pos = 0
+        for p in pieces:
+            n = math.prod(p.tensor.shape) if p.tensor else p.padding.shape[0] // size
+            if p.offset != pos:
+                raise CkptmapError(f"{meta_path}: storage {key} is not tiled by its tensors and padding (gap or "
+                                   f"overlap at element {pos}); pt_meta is damaged — re-run `ckptmap pt2ms`")
+            pos += n
+        if pos != numel:
+            raise CkptmapError(f"{meta_path}: storage {key} holds {numel} elements but its tensors and padding cover "
+                               f"{pos}; pt_meta is damaged — re-run `ckptmap pt2ms`")
+        out.append(StorageTask(key, dtype, numel, tuple(pieces)))
+    return out
+
+
+def _model_file(meta: _MetaRank, rank_dir, weights, ms_file, specs, iteration, param_only, scalars) -> FileTask:
+    by_ref = {}
+    for t in meta.tensors:
+        index = int(t.key.split(megatron.KEY_SEP)[-1])
+        ms_name, ms_shape, inverse = weights[(t.chunk, t.name)]
+        by_ref[index] = _source_task(t.name, ms_file, specs, ms_name, ms_shape, inverse, t.dtype, t.shape)
+    storages = _storages(meta.meta["model_tensors"], by_ref, meta.meta["model_padding"], meta.path, "model_padding")
+    updates = _follow_iteration(meta.root, iteration, None if param_only else scalars)
+    return FileTask(f"{rank_dir}/{megatron.MODEL_FILE}", "torch_stream", source=str(meta.path),
+                    storages=tuple(storages), extra={"skeleton": "model_optim_rng", "set": updates})
+
+
+def _follow_iteration(root: dict, iteration, scalars) -> list:
+    """[(path, value)] of the fields that follow the MindSpore checkpoint's training progress; values
+    keep the type Megatron had (an unchanged value leaves the bytes unchanged)."""
+    sets = []
+
+    def put(path, old, new):
+        if new is not None and old is not None and new != old:
+            sets.append((path, type(old)(new)))
+    put(["iteration"], root.get("iteration"), iteration)
+    args = root.get("args")
+    put(["args", "iteration"], getattr(args, "iteration", None), iteration)
+    if scalars:
+        groups = ((root.get("optimizer") or {}).get("optimizer") or {}).get("param_groups") or []
+        for i, g in enumerate(groups):
+            put(["optimizer", "optimizer", "param_groups", i, "lr"], g.get("lr"), scalars.get(f"learning_rate_group_{i}"))
+            put(["optimizer", "optimizer", "param_groups", i, "step"], g.get("step"), scalars.get("state_step"))
+        sched = root.get("opt_param_scheduler") or {}
+        put(["opt_param_scheduler", "num_steps"], sched.get("num_steps"), scalars.get("num_steps"))
+    return sets
+
+
+def _optim_file(meta: _MetaRank, rank_dir, matched, layout, pp, tp, rules, ms_file, specs, param_maps) -> FileTask:
+    m_meta = meta.meta
+    if "distrib_optim" not in m_meta:
+        raise CkptmapError(f"{meta.path} has no distributed-optimizer layout (the Megatron checkpoint had no "
+                           f"distrib_optim.pt); convert the weights alone with --convert-param-only")
+    skeleton = m_meta["distrib_optim"]
+    refs = m_meta["distrib_optim_tensors"]
+    buffers_meta = []
+    for g, (padded_map, unpadded_map) in enumerate(zip(skeleton["per_bucket_numel"],
+                                                       skeleton["per_bucket_numel_unpadded"])):
+        key = next(iter(padded_map))
+        buffers_meta.append((key, list(padded_map[key]), list(unpadded_map[key])))
+    layouts = []
+    g = 0
+    for v in range(layout.vpp):
+        maps = sorted((pm for pm in param_maps if (pm.tp, pm.pp, pm.vpp, pm.dp) == (tp, pp, v, 0)),
+                      key=lambda pm: pm.buffer)
+        if not maps:
+            raise CkptmapError(f"{meta.path.parent} has no param_map_buffer*_dp0tp{tp}pp{pp}vpp{v}.json; the pt_meta "
+                               f"folder is incomplete — re-run `ckptmap pt2ms`")
+        for pm in maps:
+            _, padded, unpadded = buffers_meta[g]
+            layouts.append((v, g, buckets.buffer_from_param_map(megatron.read_param_map(pm.path), padded, unpadded,
+                                                                 str(pm.path))))
+            g += 1
+    slot_of = {(v, s.name): (gi, bl, s) for v, gi, bl in layouts for s in bl.slots}
+    placeholder_of = {}
+    for gi, (key, padded, _) in enumerate(buffers_meta):
+        for state in megatron.OPTIM_STATES:
+            for j, ph in enumerate(skeleton[gi][key][state]):
+                placeholder_of[(gi, state, j)] = ph[1]
+    pieces_by_storage: dict[str, list] = {}
+    by_ref = {}
+    for m in matched:
+        ddp = m.rule.ddp_pattern().format(m.bindings)
+        found = slot_of.get((m.tensor.chunk, ddp))
+        if found is None:
+            raise CkptmapError(f"{meta.path.parent}: the param_map of chunk {m.tensor.chunk} has no {ddp}; pt_meta "
+                               f"is inconsistent — re-run `ckptmap pt2ms`")
+        gi, bl, slot = found
+        ms_name, ms_shape, inverse = _reverse_task(m, layout, pp)
+        for state in megatron.OPTIM_STATES:
+            name = rules.state_pattern(state).format({"name": ms_name})
+            task = _source_task(f"{state} of {m.tensor.name}", ms_file, specs, name, ms_shape, inverse, "float32",
+                                m.tensor.shape)
+            ref_index = placeholder_of[(gi, state, slot.bucket)]
+            pieces_by_storage.setdefault(ref_index, []).append(
+                (slot.start - bl.buckets[slot.bucket].start, task))
+    # one storage per bucket tensor: several tensors each, so bind pieces by storage offset
+    storages = _bucket_storages(refs, pieces_by_storage, m_meta["distrib_optim_padding"], meta.path)
+    return FileTask(f"{rank_dir}/{megatron.OPTIM_FILE}", "torch_stream", source=str(meta.path),
+                    storages=tuple(storages), extra={"skeleton": "distrib_optim", "set": []})
+
+
+def _bucket_storages(refs, pieces_by_ref, padding, meta_path) -> list[StorageTask]:
+    out = []
+    for i, fields in enumerate(refs):
+        ref = megatron.ref_from_fields(fields)
+        size = dtypes.itemsize(ref.dtype)
+        pieces = [StoragePiece(ref.storage_offset + off, tensor=t) for off, t in pieces_by_ref.get(i, [])]
+        for j, (a, b, _) in enumerate(padding.get(ref.storage, [])):
+            pieces.append(StoragePiece(a, padding=SourceSlice(
+                str(meta_path), megatron.KEY_SEP.join([megatron.META_KEY, "distrib_optim_padding", ref.storage,
+                                                        str(j), "2"]), "uint8", ((b - a) * size,))))
+        pieces.sort(key=lambda p: p.offset)
+        pos = 0
+        for p in pieces:
+            if p.offset != pos:
+                raise CkptmapError(f"{meta_path}: bucket storage {ref.storage} is not tiled by its parameters and "
+                                   f"padding (gap or overlap at element {pos}); pt_meta is damaged")
+            pos += math.prod(p.tensor.shape) if p.tensor else p.padding.shape[0] // size
+        if pos != ref.storage_numel:
+            raise CkptmapError(f"{meta_path}: bucket storage {ref.storage} holds {ref.storage_numel} elements but its "
+                               f"parameters and padding cover {pos}; pt_meta is damaged")
+        out.append(StorageTask(ref.storage, ref.dtype, ref.storage_numel, tuple(pieces)))
+    return out

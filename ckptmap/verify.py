@@ -1,0 +1,259 @@
+"""`ckptmap verify`: compare checkpoints by value — every tensor's bytes and every other object.
+
+* same framework (file vs file, or directory vs directory paired by relative path): every key of
+  ``.pt`` (tensors and the pickled objects around them), ``.ckpt`` and ``.safetensors`` files;
+* Megatron directory vs MindSpore directory: the pt2ms plan for the Megatron side is computed in
+  memory, tensor by tensor, and compared with the MindSpore files (names paired by the rules);
+* ``--md5``: whole-file md5 sums in the conversion guide's style.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from pathlib import Path
+
+import attrs
+import torch
+
+from ckptmap import dtypes
+from ckptmap.errors import CkptmapError
+from ckptmap.formats import megatron, registry, torch_zip
+
+TENSOR_SUFFIXES = (".pt", ".ckpt", ".safetensors")
+
+
+@attrs.define
+class FileReport:
+    left: str
+    right: str
+    only_left: list = attrs.field(factory=list)
+    only_right: list = attrs.field(factory=list)
+    differing: list = attrs.field(factory=list)   # (key, description)
+    compared: int = 0
+
+    @property
+    def identical(self) -> bool:
+        return not (self.only_left or self.only_right or self.differing)
+
+
+def describe_difference(a: torch.Tensor, b: torch.Tensor) -> str | None:
+    """None if ``a`` and ``b`` have the same dtype, shape and bytes; else what differs."""
+    if a.dtype != b.dtype or tuple(a.shape) != tuple(b.shape):
+        return f"{dtypes.name_of(a.dtype)} {list(a.shape)} vs {dtypes.name_of(b.dtype)} {list(b.shape)}"
+    fa = a.contiguous().reshape(-1).view(torch.uint8) if a.numel() else a.reshape(-1)
+    fb = b.contiguous().reshape(-1).view(torch.uint8) if b.numel() else b.reshape(-1)
+    if torch.equal(fa, fb):
+        return None
+    ea, eb = a.contiguous().reshape(-1), b.contiguous().reshape(-1)
+    if ea.dtype.is_floating_point:
+        differs = ea.view(_int_view(ea.dtype)) != eb.view(_int_view(eb.dtype))
+        diff = (ea.double() - eb.double()).abs()
+        max_diff = float(diff[differs].nan_to_num(nan=math.inf).max())
+    else:
+        differs = ea != eb
+        max_diff = float((ea.double() - eb.double()).abs().max())
+    first = int(differs.nonzero()[0, 0])
+    index = list(torch.unravel_index(torch.tensor(first), tuple(a.shape))) if a.dim() else []
+    return (f"{int(differs.sum())} of {a.numel()} elements differ, max abs diff {max_diff:g}, first at "
+            f"{[int(i) for i in index]} ({ea[first].item()!r} vs {eb[first].item()!r})")
+
+
+def _int_view(dtype):
+    return {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[dtype.itemsize]
+
+
+# -------------------------------------------------------------------------------------------------
+# Same framework
+
+
+def _compare_objects(a, b, path, report, tensors_a, tensors_b):
+    """Walk two pickled object graphs; tensors (TensorRefs) are compared by value."""
+    where = "/".join(map(str, path)) or "(root)"
+    if isinstance(a, torch_zip.TensorRef) or isinstance(b, torch_zip.TensorRef):
+        if not (isinstance(a, torch_zip.TensorRef) and isinstance(b, torch_zip.TensorRef)):
+            report.differing.append((where, f"{type(a).__name__} vs {type(b).__name__}"))
+            return
+        report.compared += 1
+        problem = describe_difference(tensors_a(a), tensors_b(b))
+        if problem:
+            report.differing.append((where, problem))
+        return
+    if type(a) is not type(b):
+        report.differing.append((where, f"{type(a).__name__} vs {type(b).__name__}"))
+        return
+    if isinstance(a, dict):
+        keys_a, keys_b = list(a), list(b)
+        for k in keys_a:
+            if k not in b:
+                report.only_left.append("/".join(map(str, path + [k])))
+        for k in keys_b:
+            if k not in a:
+                report.only_right.append("/".join(map(str, path + [k])))
+        common = [k for k in keys_a if k in b]
+        if common != [k for k in keys_b if k in a]:
+            report.differing.append((where, "same keys in a different order"))
+        for k in common:
+            _compare_objects(a[k], b[k], path + [k], report, tensors_a, tensors_b)
+        return
+    if isinstance(a, (list, tuple)):
+        if len(a) != len(b):
+            report.differing.append((where, f"length {len(a)} vs {len(b)}"))
+            return
+        for i, (x, y) in enumerate(zip(a, b)):
+            _compare_objects(x, y, path + [i], report, tensors_a, tensors_b)
+        return
+    if hasattr(a, "__dict__") and not isinstance(a, torch_zip.StandIn):
+        _compare_objects(vars(a), vars(b), path, report, tensors_a, tensors_b)
+        return
+    report.compared += 1
+    try:
+        equal = bool(a == b) or (a != a and b != b)  # NaN equals NaN here
+    except Exception:  # e.g. numpy arrays: compare their bytes
+        equal = getattr(a, "tobytes", lambda: a)() == getattr(b, "tobytes", lambda: b)()
+    if not equal:
+        report.differing.append((where, f"{_short(a)} vs {_short(b)}"))
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) < 80 else text[:77] + "..."
+
+
+def compare_files(left: Path, right: Path) -> FileReport:
+    report = FileReport(str(left), str(right))
+    if left.suffix == ".pt" and right.suffix == ".pt":
+        za, zb = torch_zip.TorchZipFile(left), torch_zip.TorchZipFile(right)
+        _compare_objects(za.root, zb.root, [], report, za.tensor, zb.tensor)
+        return report
+    ra, rb = registry.open_reader(left), registry.open_reader(right)
+    try:
+        ka, kb = ra.keys(), rb.keys()
+        report.only_left = [k for k in ka if k not in set(kb)]
+        report.only_right = [k for k in kb if k not in set(ka)]
+        for k in ka:
+            if k in set(kb):
+                report.compared += 1
+                problem = describe_difference(ra.get(k), rb.get(k))
+                if problem:
+                    report.differing.append((k, problem))
+    finally:
+        ra.close()
+        rb.close()
+    return report
+
+
+def pair_files(left: Path, right: Path) -> tuple[list[tuple[Path, Path]], list[str], list[str]]:
+    if left.is_file() and right.is_file():
+        return [(left, right)], [], []
+    if left.is_dir() and right.is_dir():
+        fa = {p.relative_to(left) for p in left.rglob("*") if p.is_file() and p.suffix in TENSOR_SUFFIXES}
+        fb = {p.relative_to(right) for p in right.rglob("*") if p.is_file() and p.suffix in TENSOR_SUFFIXES}
+        return ([(left / p, right / p) for p in sorted(fa & fb)], sorted(map(str, fa - fb)),
+                sorted(map(str, fb - fa)))
+    raise CkptmapError(f"cannot compare {left} with {right}: give two files or two directories")
+
+
+# -------------------------------------------------------------------------------------------------
+# Across frameworks
+
+
+def _is_megatron_dir(path: Path) -> bool:
+    return path.is_dir() and (any(path.glob("iter_*/mp_rank_*")) or any(path.glob("mp_rank_*")))
+
+
+def compare_across(megatron_dir: Path, ms_dir: Path, rules: str) -> list[FileReport]:
+    """The pt2ms plan for ``megatron_dir``, evaluated in memory, against the files of ``ms_dir``."""
+    from ckptmap.execute import expected_tensor, _Sources
+    from ckptmap.mapping.compiler import Pt2MsOptions, compile_pt2ms
+
+    files = sorted(p for p in ms_dir.rglob("*") if p.suffix in (".ckpt", ".safetensors"))
+    if not files:
+        raise CkptmapError(f"{ms_dir} holds no .ckpt or .safetensors files")
+    fmt = files[0].suffix[1:]
+    layout = "v2" if any(ms_dir.glob("iter_*")) else "v1"
+    prefix = files[0].stem if layout == "v1" else "network"
+    probe = registry.open_reader(files[0])
+    try:
+        keys = probe.keys()
+        param_only = not any(k.startswith("exp_avg.") for k in keys)
+        weight = next((k for k in keys if probe.spec(k)[0] in ("bfloat16", "float16", "float32")
+                       and len(probe.spec(k)[1]) > 1), None)
+        dtype = probe.spec(weight)[0] if weight else "float32"
+    finally:
+        probe.close()
+    meta_args = sorted(ms_dir.glob("pt_meta/args_*.pt"))
+    dp = None
+    if layout == "v1" and meta_args:
+        args = torch_zip.read_objects(meta_args[0]).get("args")
+        dp = getattr(args, "data_parallel_size", None)
+    plan = compile_pt2ms(Pt2MsOptions(
+        str(megatron_dir), str(ms_dir), convert_param_only=param_only, format=fmt, layout=layout,
+        file_prefix=prefix, dtype=dtype, rules=rules, dp_size=dp))
+    reports = []
+    sources = _Sources()
+    try:
+        for f in plan.files:
+            if f.format not in ("ckpt", "safetensors"):
+                continue
+            path = ms_dir / f.path
+            report = FileReport(f"{megatron_dir} (as {f.path})", str(path))
+            if not path.is_file():
+                report.only_left.append(f"(whole file {f.path})")
+                reports.append(report)
+                continue
+            reader = registry.open_reader(path)
+            try:
+                have = set(reader.keys())
+                for t in f.tensors:
+                    if t.name not in have:
+                        report.only_left.append(t.name)
+                        continue
+                    report.compared += 1
+                    problem = describe_difference(expected_tensor(t, sources), reader.get(t.name))
+                    if problem:
+                        report.differing.append((t.name, problem))
+                planned = {t.name for t in f.tensors}
+                report.only_right = sorted(have - planned)
+            finally:
+                reader.close()
+            reports.append(report)
+    finally:
+        sources.close()
+    return reports
+
+
+def verify(left, right, rules: str = "auto") -> list[FileReport]:
+    left, right = Path(left), Path(right)
+    for p in (left, right):
+        if not p.exists():
+            raise CkptmapError(f"{p} does not exist")
+    if _is_megatron_dir(left) and not _is_megatron_dir(right) and right.is_dir():
+        return compare_across(left, right, rules)
+    if _is_megatron_dir(right) and not _is_megatron_dir(left) and left.is_dir():
+        return compare_across(right, left, rules)
+    pairs, only_left, only_right = pair_files(left, right)
+    reports = [compare_files(a, b) for a, b in pairs]
+    if only_left or only_right:
+        missing = FileReport(str(left), str(right), [f"(file {p})" for p in only_left],
+                             [f"(file {p})" for p in only_right])
+        reports.append(missing)
+    return reports
+
+
+def md5_report(paths) -> tuple[bool, list[str]]:
+    sums = []
+    for p in paths:
+        h = hashlib.md5()
+        with open(p, "rb") as f:
+            for block in iter(lambda: f.read(16 * 1024 * 1024), b""):
+                h.update(block)
+        sums.append((str(p), h.hexdigest()))
+    lines = ["-------------Comparing MD5Sum-------------"]
+    same = len({s for _, s in sums}) == 1
+    if same:
+        lines.append(f"All files have the same md5sum value: {sums[0][1]}")
+    else:
+        lines += [f"{s}  {p}" for p, s in sums]
+        lines.append("The md5sum values differ.")
+    return same, lines

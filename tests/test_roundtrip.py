@@ -1,0 +1,130 @@
+"""Megatron A -> pt2ms -> MindSpore B -> ms2pt -> Megatron C reproduces A byte for byte; and from the
+MindSpore side, ms2pt -> pt2ms returns the MindSpore tensors unchanged."""
+
+import filecmp
+import json
+import shutil
+
+import mindspore as ms
+import numpy as np
+import pytest
+
+from ckptmap.cli import main
+from conftest import FIXTURE_NAMES, fixture_dir
+
+
+def rank_dirs(root):
+    return sorted(p.relative_to(root) for p in (root / "iter_0000001").iterdir())
+
+
+def convert_and_back(fixture, tmp_path, *extra, fmt="ckpt", layout="v1"):
+    b, c = tmp_path / "B", tmp_path / "C"
+    assert main(["pt2ms", "--megatron-path", str(fixture), "--ms-path", str(b), "--format", fmt, "--layout", layout,
+                 "--no-progress", *extra]) == 0
+    assert main(["ms2pt", "--ms-path", str(b), "--megatron-path", str(c), "--no-progress", *extra]) == 0
+    return b, c
+
+
+CASES = [(name, fmt, layout) for name in FIXTURE_NAMES for fmt, layout in [("ckpt", "v1"), ("safetensors", "v2")]]
+CASES += [("legacy_tp2pp2dp2", "safetensors", "v1"), ("mcore_tp2pp1dp2_buckets", "ckpt", "v2")]
+
+
+@pytest.mark.parametrize("name, fmt, layout", CASES)
+def test_full_round_trip_is_byte_identical(name, fmt, layout, tmp_path):
+    a = fixture_dir(name)
+    _, c = convert_and_back(a, tmp_path, fmt=fmt, layout=layout)
+    assert rank_dirs(c) == rank_dirs(a)
+    assert (c / "latest_checkpointed_iteration.txt").read_bytes() == (a / "latest_checkpointed_iteration.txt").read_bytes()
+    for rank in rank_dirs(a):
+        for f in ("distrib_optim.pt", "model_optim_rng.pt"):
+            assert filecmp.cmp(a / rank / f, c / rank / f, shallow=False), f"{rank}/{f} differs"
+
+
+@pytest.mark.parametrize("name", FIXTURE_NAMES)
+def test_param_only_round_trip_is_byte_identical(name, tmp_path):
+    a = fixture_dir(name)
+    _, c = convert_and_back(a, tmp_path, "--convert-param-only")
+    for rank in rank_dirs(a):
+        assert filecmp.cmp(a / rank / "model_optim_rng.pt", c / rank / "model_optim_rng.pt", shallow=False), rank
+        assert not (c / rank / "distrib_optim.pt").exists()
+
+
+def ms_tensors(path):
+    return {k: v.asnumpy() for k, v in ms.load_checkpoint(str(path)).items()}
+
+
+def test_from_mindspore_side(tmp_path):
+    """MindSpore tensors saved by mindspore.save_checkpoint (as if training went on 4 more steps)
+    -> ms2pt -> pt2ms -> the same tensors."""
+    a = fixture_dir("legacy_tp2pp2dp2")
+    b = tmp_path / "B"
+    assert main(["pt2ms", "--megatron-path", str(a), "--ms-path", str(b), "--no-progress"]) == 0
+    rng = np.random.default_rng(0)
+    edited = {}
+    for rank in sorted(b.glob("rank_*")):
+        params = ms_tensors(rank / "network.ckpt")
+        out = []
+        for k, v in params.items():
+            if v.dtype == np.float32 and v.ndim >= 1 and v.shape != (1,):
+                v = (v + rng.standard_normal(v.shape).astype(np.float32) * 1e-3).astype(np.float32)
+            if k == "step_num":
+                v = np.array(5, dtype=np.int64)
+            out.append({"name": k, "data": ms.Tensor(v)})
+        ms.save_checkpoint(out, str(rank / "network.ckpt"))
+        edited[rank.name] = {d["name"]: d["data"].asnumpy() for d in out}
+    c, b2 = tmp_path / "C", tmp_path / "B2"
+    assert main(["ms2pt", "--ms-path", str(b), "--megatron-path", str(c), "--no-progress"]) == 0
+    assert (c / "latest_checkpointed_iteration.txt").read_text() == "5"
+    assert (c / "iter_0000005" / "mp_rank_01_001" / "distrib_optim.pt").is_file()
+    assert main(["pt2ms", "--megatron-path", str(c), "--ms-path", str(b2), "--no-progress"]) == 0
+    for rank, expected in edited.items():
+        got = ms_tensors(b2 / rank / "network.ckpt")
+        assert set(got) == set(expected)
+        for k, v in expected.items():
+            assert got[k].dtype == v.dtype and np.array_equal(got[k], v), (rank, k)
+
+
+def refused(argv, capsys, out, *words):
+    assert main(argv + ["--megatron-path", str(out), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err
+    for w in words:
+        assert w in err, err
+    assert not out.exists()
+
+
+@pytest.fixture
+def converted(tmp_path):
+    b = tmp_path / "B"
+    assert main(["pt2ms", "--megatron-path", str(fixture_dir("legacy_tp1pp1dp1")), "--ms-path", str(b),
+                 "--no-progress"]) == 0
+    return b
+
+
+def test_missing_pt_meta(converted, tmp_path, capsys):
+    shutil.rmtree(converted / "pt_meta")
+    refused(["ms2pt", "--ms-path", str(converted)], capsys, tmp_path / "C", "pt_meta", "--param-map-path")
+
+
+def test_mindspore_file_missing_a_parameter(converted, tmp_path, capsys):
+    path = converted / "rank_0" / "network.ckpt"
+    params = ms.load_checkpoint(str(path))
+    del params["exp_avg.language_model.encoder.layers.2.mlp.projection.weight"]
+    ms.save_checkpoint([{"name": k, "data": v} for k, v in params.items()], str(path))
+    refused(["ms2pt", "--ms-path", str(converted)], capsys, tmp_path / "C", str(path),
+            "exp_avg.language_model.encoder.layers.2.mlp.projection.weight")
+
+
+def test_mindspore_file_with_wrong_shape(converted, tmp_path, capsys):
+    path = converted / "rank_0" / "network.ckpt"
+    params = {k: v.asnumpy() for k, v in ms.load_checkpoint(str(path)).items()}
+    params["language_model.encoder.layers.1.attention.qkv_proj.weight"] = np.zeros((3, 64), np.float32)
+    ms.save_checkpoint([{"name": k, "data": ms.Tensor(v)} for k, v in params.items()], str(path))
+    refused(["ms2pt", "--ms-path", str(converted)], capsys, tmp_path / "C",
+            "language_model.encoder.layers.1.attention.qkv_proj.weight", "[3, 64]", "[96, 64]")
+
+
+def test_noop_that_does_not_fit(converted, tmp_path, capsys):
+    refused(["ms2pt", "--ms-path", str(converted), "--noop", "7"], capsys, tmp_path / "C", "--noop")
+    refused(["ms2pt", "--ms-path", str(converted), "--num-layers", "5", "--noop", "1", "2"], capsys,
+            tmp_path / "C", "expects")
