@@ -17,7 +17,8 @@ def _add_combine_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--checkpoint-dir", default="output",
                    help="Folder holding the ranks' checkpoints: rank_*/ (V1) or iter_*/ (V2) (default output).")
     g.add_argument("--output-dir", default="output",
-                   help="Where the merged files go, in rank_*/ folders (V1) or iter_*/mp_rank_*/ (V2) (default output).")
+                   help="Where the merged files go, in rank_*/ folders (V1) or iter_*/mp_rank_*/ (V2) "
+                        "(default output).")
     g.add_argument("--src-format", choices=("ckpt", "safetensors"), default="ckpt",
                    help="Format of the ranks' checkpoints (default ckpt).")
     g.add_argument("--dst-format", choices=("ckpt", "safetensors"), default="ckpt",
@@ -25,6 +26,7 @@ def _add_combine_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--copy-to-all-dp-ranks", action="store_true",
                    help="Put the merged file in every DP rank's folder, not only in the DP-rank-0 folder (V1).")
     g.add_argument("--max-proccess-limit", "--max-process-limit", dest="process_limit", type=int, default=8,
+                   metavar="N",
                    help="Maximum worker processes (default 8); each holds one output tensor in memory.")
     g.add_argument("--rank-section", nargs=2, type=int, metavar=("A", "B"), default=None,
                    help="Only global ranks A <= r < B: DP groups whose lowest rank is in the section (with "

@@ -3,6 +3,7 @@ consistent with the files Megatron itself wrote (distrib_optim.pt by the Distrib
 model_optim_rng.pt as save_checkpoint builds it)."""
 import argparse
 import math
+import time
 
 import pytest
 import torch
@@ -189,8 +190,29 @@ def test_context_parallel_trains_like_no_context_parallel(runs):
             assert (a - b).abs().max() <= 0.05 * a.abs().max() + 1e-12, (name, key)
 
 
-def test_failing_rank_reports_traceback(tmp_path):
+def test_failing_ranks_report_tracebacks(tmp_path):
     with pytest.raises(HarnessError) as err:
         run_case(Case(dp=2, vocab=0), tmp_path, save=False, timeout=120)
     text = str(err.value)
-    assert "--- rank 0" in text and "--- rank 1" in text and "Traceback" in text
+    assert text.count("Traceback") == 2 and "--- rank 0 (exit code 1)" in text and "--- rank 1 (exit code 1)" in text
+    assert "random_ expects" in text
+
+
+def test_one_failing_rank_is_reported(tmp_path, monkeypatch):
+    """Rank 1 dies after joining the process group; rank 0 then fails in (or, if gloo did not
+    notice, is killed out of) its first collective. Rank 1's traceback is in the error."""
+    monkeypatch.setenv("MCORE_HARNESS_FAULT", "1:raise")
+    with pytest.raises(HarnessError) as err:
+        run_case(Case(dp=2), tmp_path, save=False, timeout=120)
+    text = str(err.value)
+    assert "--- rank 1 (exit code 1)" in text and "injected failure on rank 1" in text
+    assert "--- rank 0 (exit code 1)" in text or "--- rank 0: no report" in text
+
+
+def test_hanging_rank_times_out(tmp_path, monkeypatch):
+    monkeypatch.setenv("MCORE_HARNESS_FAULT", "1:hang")
+    start = time.monotonic()
+    with pytest.raises(HarnessError, match="timed out after 8 s") as err:
+        run_case(Case(dp=2), tmp_path, save=False, timeout=8)
+    assert time.monotonic() - start < 30
+    assert "--- rank 0: no report" in str(err.value) and "--- rank 1: no report" in str(err.value)

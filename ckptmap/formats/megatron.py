@@ -384,6 +384,7 @@ def _placeholders(loaded, refs_node, refs: list):
         return (PLACEHOLDER, len(refs) - 1)
     if isinstance(loaded, dict):
         out = type(loaded)()
+        _copy_attributes(loaded, out)
         for (k, v), (_, rv) in zip(loaded.items(), refs_node.items()):
             out[k] = _placeholders(v, rv, refs)
         return out
@@ -391,6 +392,12 @@ def _placeholders(loaded, refs_node, refs: list):
         items = [_placeholders(v, rv, refs) for v, rv in zip(loaded, refs_node)]
         return items if isinstance(loaded, list) else tuple(items)
     return loaded
+
+
+def _copy_attributes(source, target) -> None:
+    """Instance attributes of a dict subclass (a state dict's ``_metadata``) are part of its pickle."""
+    if hasattr(source, "__dict__"):
+        target.__dict__.update(source.__dict__)
 
 
 def _uncovered(numel: int, covered: list[tuple[int, int]]) -> list[tuple[int, int]]:
@@ -492,6 +499,7 @@ def write_from_skeleton(meta_path, which: str, sets, path, fill) -> None:
             out = attrs.evolve(node, storage="meta/" + node.storage)
         elif isinstance(node, dict):
             out = memo[id(node)] = type(node)()
+            _copy_attributes(node, out)
             for k, v in node.items():
                 out[k] = bind(v)
             return out

@@ -225,7 +225,7 @@ def _v1_sources(groups, ckdir: Path, opt: CombineOptions):
                     f"{d} holds no {opt.src_format} checkpoint named <prefix>-<epoch>_<step>.{opt.src_format}; "
                     f"check --checkpoint-dir and --src-format (ckpt or safetensors)")
             found[r] = by_step
-    chosen, newer = _choose_step({osi.rank_dir_name(r): set(s) for r, s in found.items()}, opt,
+    chosen, newer = _choose_step({str(ckdir / osi.rank_dir_name(r)): set(s) for r, s in found.items()}, opt,
                                  "checkpoint", naming)
     picked = {}
     for r, by_step in found.items():
@@ -256,7 +256,7 @@ def _v2_sources(groups, ckdir: Path, opt: CombineOptions):
                 f"{list(g.info.dp_ranks)} ({g.info.path}) cannot be merged; copy the folder into place or point "
                 f"--checkpoint-dir at the checkpoint holding every mp_rank_* folder")
         for k, r in enumerate(g.info.dp_ranks):
-            available[f"{g.label} dp {k} (rank {r})"] = {
+            available[f"{ckdir}/iter_*/{g.label} dp {k} (rank {r})"] = {
                 it for it in iterations if (ckdir / osi.v2_shard_path(it, g.label, k, opt.src_format)).is_file()}
     chosen, newer = _choose_step(available, opt, "shard file", naming)
     paths = {}
@@ -325,8 +325,9 @@ def _group_tasks(group: _Group, files: list[Path], opt: CombineOptions) -> list[
             dtype, shape = keys[key]
             if tuple(shape) != (length,):
                 raise CkptmapError(
-                    f"{path}: shard {key} has shape {list(shape)}, expected [{length}] = the {info.buffers[i].buckets[j].numel} "
-                    f"padded elements of bucket {j} of buffer {i} ({info.path}) / DP size {dp}; {fix}")
+                    f"{path}: shard {key} has shape {list(shape)}, expected [{length}] = the "
+                    f"{info.buffers[i].buckets[j].numel} padded elements of bucket {j} of buffer {i} "
+                    f"({info.path}) / DP size {dp}; {fix}")
             if shard_dtype.setdefault(key, dtype) != dtype:
                 raise CkptmapError(f"{path}: shard {key} is {dtype} but {files[0]} holds it as {shard_dtype[key]}; "
                                    f"the ranks' files come from different runs — {fix}")

@@ -15,6 +15,7 @@ import math
 from pathlib import Path
 
 import attrs
+import numpy as np
 
 from ckptmap import dtypes
 from ckptmap.errors import CkptmapError
@@ -315,11 +316,16 @@ def _follow_iteration(root: dict, iteration, scalars) -> list:
     sets = []
 
     def put(path, old, new):
-        if new is not None and old is not None and new != old:
-            sets.append((path, type(old)(new)))
+        if new is None or old is None or isinstance(old, bool):
+            return
+        if isinstance(old, float):  # MindSpore kept it as float32: unchanged if it still rounds the same
+            if np.float32(old) == np.float32(new):
+                return
+        elif new == old:
+            return
+        sets.append((path, type(old)(new)))
+    # args.iteration is what Megatron had when it saved (it re-reads the top-level entry on load)
     put(["iteration"], root.get("iteration"), iteration)
-    args = root.get("args")
-    put(["args", "iteration"], getattr(args, "iteration", None), iteration)
     if scalars:
         groups = ((root.get("optimizer") or {}).get("optimizer") or {}).get("param_groups") or []
         for i, g in enumerate(groups):

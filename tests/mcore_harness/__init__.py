@@ -36,6 +36,8 @@ import tempfile
 import shutil
 import time
 
+from .worker import SEQ_LENGTH  # stdlib-only module top: cheap, no torch / megatron import
+
 __all__ = ["Case", "run_case", "HarnessError"]
 
 
@@ -60,8 +62,8 @@ class Case:
     def __post_init__(self):
         if not 1 <= self.dp <= 8:
             raise ValueError(f"dp must be 1..8, got {self.dp}")
-        if self.cp not in (1, 2, 4):
-            raise ValueError(f"cp must be 1, 2 or 4, got {self.cp}")
+        if self.cp < 1 or (self.cp > 1 and SEQ_LENGTH % (2 * self.cp)):
+            raise ValueError(f"cp must split the sequence ({SEQ_LENGTH}) into 2*cp chunks, got {self.cp}")
         if self.model != "mcore":
             raise ValueError(f"model must be 'mcore', got {self.model!r}")
         if self.steps < 1:
@@ -80,7 +82,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_case(case: Case, out_dir: pathlib.Path, *, save: bool = True, timeout: float = 300.0) -> dict:
+def run_case(case: Case, out_dir: pathlib.Path, *, save: bool = True, timeout: float = 300.0,
+             load_from: pathlib.Path | None = None) -> dict:
     """Run ``case`` in ``dp * cp`` processes and return rank 0's view (gathered where needed).
 
     Returns plain python / CPU tensors::
@@ -99,7 +102,10 @@ def run_case(case: Case, out_dir: pathlib.Path, *, save: bool = True, timeout: f
     ``ddp_name`` is the name the MindSpeed param_map patch records ("module." + GPTModel name).
     With ``save`` the Megatron checkpoint is written under ``out_dir`` (only DP rank 0 writes).
     Raises :class:`HarnessError` with each failed rank's traceback; never waits longer than
-    ``timeout`` seconds.
+    ``timeout`` seconds (``timeout`` is an addition to the agreed API). With ``load_from`` the
+    model and optimizer are built but not trained: the real ``DistributedOptimizer.
+    load_parameter_state(load_from)`` fills them and ``live`` reports what it loaded. For the harness's own
+    tests, ``MCORE_HARNESS_FAULT=<rank>:raise|hang`` in the environment injects a rank failure.
     """
     import torch.multiprocessing as mp
     import torch
@@ -107,9 +113,13 @@ def run_case(case: Case, out_dir: pathlib.Path, *, save: bool = True, timeout: f
     from . import worker
 
     out_dir = pathlib.Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    if save:
+        out_dir.mkdir(parents=True, exist_ok=True)
     world = case.dp * case.cp
     case_dict = dataclasses.asdict(case)
+    if load_from is not None:
+        case_dict["load_from"] = str(load_from)
+        save = False
     ctx = mp.get_context("spawn")
     last_error = None
     for _attempt in range(3):  # a fresh port if another process grabbed ours in between

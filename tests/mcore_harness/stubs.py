@@ -30,6 +30,7 @@ stand-ins answer only what needs apex, TransformerEngine or CUDA:
 
 ``torch.distributed.new_group`` answers "not a member" for an *empty* rank list instead of
 failing (megatron 0.6 asks for such groups when ``cp > 1``; see :func:`_tolerate_empty_new_group`).
+``torch.compile`` (megatron's ``jit_fuser``) compiles lazily, at first call (start-up time only).
 Collectives are not stubbed: torch 2.13's gloo backend runs ``_reduce_scatter_base`` and
 ``_all_gather_base`` on CPU tensors (including the in-place forms Megatron uses), asynchronously
 when Megatron asks for ``async_op=True``.
@@ -37,6 +38,7 @@ when Megatron asks for ``async_op=True``.
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.abc
 import importlib.metadata
 import importlib.util
@@ -385,6 +387,33 @@ def _tolerate_empty_new_group():
     dist.new_group = new_group
 
 
+def _lazy_torch_compile():
+    """megatron.core 0.6 decorates a few fused helpers with ``torch.compile`` at import time
+    (``megatron.core.jit.jit_fuser``), which imports torch._dynamo/inductor (~1.5 s per rank
+    process). The stand-in defers the real ``torch.compile`` to the first call of a decorated
+    function (none is called with the harness's configuration): same behaviour, faster start."""
+    real_compile = torch.compile
+    if getattr(real_compile, "__stub__", False):
+        return
+
+    def compile(model=None, **kwargs):
+        if model is None:
+            return lambda fn: compile(fn, **kwargs)
+        compiled = None
+
+        @functools.wraps(model)
+        def lazily_compiled(*args, **kw):
+            nonlocal compiled
+            if compiled is None:
+                compiled = real_compile(model, **kwargs)
+            return compiled(*args, **kw)
+
+        return lazily_compiled
+
+    compile.__stub__ = True
+    torch.compile = compile
+
+
 def _patch_torch_cuda():
     cuda = torch.cuda
     cuda.current_device = lambda: torch.device("cpu")
@@ -435,6 +464,7 @@ def install():
 
     _patch_torch_cuda()
     _tolerate_empty_new_group()
+    _lazy_torch_compile()
     _INSTALLED = True
 
 

@@ -27,6 +27,7 @@ WEIGHT_DECAY, BETAS, ADAM_EPS, CLIP_GRAD = 0.01, (0.9, 0.95), 1e-8, 1.0
 INIT_METHOD_STD = 0.02
 DEFAULT_BUCKET_SIZE = 40_000_000
 COLLECTIVE_TIMEOUT_S = 120
+FAULT_ENV = "MCORE_HARNESS_FAULT"
 
 
 def entry(rank: int, world_size: int, port: int, case: dict, out_dir: str, save: bool, tmp_dir: str):
@@ -211,6 +212,19 @@ def _forward_step(cp_size, data_iterator, model):
 
 # ------------------------------------------------------------------------------------ the rank
 
+def _injected_fault(rank):
+    """Test hook: ``MCORE_HARNESS_FAULT=<rank>:raise`` or ``<rank>:hang`` makes that rank fail or
+    block forever right after joining the process group (the peers then block in collectives)."""
+    spec = os.environ.get(FAULT_ENV, "")
+    if spec.partition(":")[0] != str(rank):
+        return
+    if spec.partition(":")[2] == "hang":
+        import time
+        while True:
+            time.sleep(1)
+    raise RuntimeError(f"injected failure on rank {rank} ({FAULT_ENV}={spec})")
+
+
 def _main(rank, world_size, port, case, out_dir: Path, save: bool, tmp_dir: Path):
     warnings.filterwarnings("ignore")
     os.environ["MASTER_ADDR"] = "127.0.0.1"
@@ -243,6 +257,7 @@ def _main(rank, world_size, port, case, out_dir: Path, save: bool, tmp_dir: Path
             tensor_model_parallel_size=1, pipeline_model_parallel_size=1, context_parallel_size=cp,
             distributed_timeout_minutes=max(1, COLLECTIVE_TIMEOUT_S // 60))
         assert parallel_state.get_data_parallel_world_size() == dp
+        _injected_fault(rank)
 
         # megatron.training.initialize._set_random_seed (pp rank 0, no data-parallel random init)
         seed = case["seed"]
@@ -307,6 +322,19 @@ def _main(rank, world_size, port, case, out_dir: Path, save: bool, tmp_dir: Path
             optimizer, max_lr=LR, min_lr=MIN_LR, lr_warmup_steps=0, lr_decay_steps=LR_DECAY_ITERS * gbs,
             lr_decay_style="cosine", start_wd=WEIGHT_DECAY, end_wd=WEIGHT_DECAY,
             wd_incr_steps=case["steps"] * gbs, wd_incr_style="constant")
+
+        if case.get("load_from"):
+            # megatron.training.checkpointing.load_checkpoint with --use-distributed-optimizer:
+            # the optimizer state exists (init_state_fn), then the real load_parameter_state fills it
+            optimizer.init_state_fn(optimizer.optimizer)
+            optimizer.load_parameter_state(case["load_from"])
+            result = _collect(case, ddp, optimizer, bucket_size)
+            torch.distributed.barrier()
+            if rank == 0:
+                torch.save(result, tmp_dir / "result.pt")
+            torch.distributed.barrier()
+            torch.distributed.destroy_process_group()
+            return
 
         # ---- train (megatron.training.training.train / train_step) ----
         config.grad_scale_func = optimizer.scale_loss
