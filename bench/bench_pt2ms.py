@@ -77,6 +77,8 @@ def main():
     ap.add_argument("--layers", type=int, default=20)
     ap.add_argument("--keep", action="store_true")
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--optimizer", action="store_true",
+                    help="also write distrib_optim.pt and time the full conversion and the way back")
     ns = ap.parse_args()
     work = Path(ns.workdir or tempfile.mkdtemp(prefix="ckptmap-bench-"))
     src = work / "megatron"
@@ -84,12 +86,49 @@ def main():
                       ffn=5632, vocab=32000)
     if not src.exists():
         t0 = time.perf_counter()
-        build_megatron_checkpoint(src, model, keep_truth=False)
+        build_megatron_checkpoint(src, model, keep_truth=False, optimizer=ns.optimizer)
         print(f"built {du(src) / 1e9:.2f} GB in {time.perf_counter() - t0:.1f} s")
     size = du(src)
     ckptmap = str(Path(sys.executable).with_name("ckptmap"))
     runs = {
         "cp -r": lambda out: ["cp", "-r", str(src), str(out)],
+    }
+    if ns.optimizer:
+        ms_dir = work / "ms_full"
+        if not ms_dir.exists():
+            subprocess.run([ckptmap, "pt2ms", "--megatron-path", str(src), "--ms-path", str(ms_dir),
+                            "--no-progress"], check=True, stdout=subprocess.DEVNULL)
+        runs.update({
+            "ckptmap pt2ms (optimizer, 2 procs)": lambda out: [
+                ckptmap, "pt2ms", "--megatron-path", str(src), "--ms-path", str(out), "--no-progress",
+                "--process-limit", "2"],
+            "ckptmap ms2pt (optimizer, 2 procs)": lambda out: [
+                ckptmap, "ms2pt", "--ms-path", str(ms_dir), "--megatron-path", str(out), "--no-progress",
+                "--process-limit", "2"],
+        })
+    else:
+        runs.update(_weight_runs(src))
+    print(f"source: {size / 1e9:.2f} GB, legacy GPT TP2 PP2, {ns.layers} layers, hidden 2048")
+    print(f"{'command':36s} {'best s':>7s} {'out GB':>7s} {'peak PSS anon MiB':>18s} {'peak RSS MiB':>13s} {'procs':>5s}")
+    for label, make in runs.items():
+        best = None
+        for _ in range(ns.repeat):
+            out = work / "out"
+            shutil.rmtree(out, ignore_errors=True)
+            r = run_measured(make(out))
+            r["out"] = du(out)
+            if best is None or r["seconds"] < best["seconds"]:
+                best = r
+        print(f"{label:36s} {best['seconds']:7.2f} {best['out'] / 1e9:7.2f} {best['anon'] / 1024:18.0f} "
+              f"{best['rss'] / 1024:13.0f} {best['procs']:5d}")
+    shutil.rmtree(work / "out", ignore_errors=True)
+    if not ns.keep and not ns.workdir:
+        shutil.rmtree(work)
+
+
+def _weight_runs(src):
+    ckptmap = str(Path(sys.executable).with_name("ckptmap"))
+    return {
         "ckptmap pt2ms (fp32, 2 procs)": lambda out: [ckptmap, "pt2ms", "--megatron-path", str(src),
                                                       "--ms-path", str(out), "--convert-param-only",
                                                       "--no-progress", "--process-limit", "2"],
@@ -100,22 +139,6 @@ def main():
                                                      "--ms-path", str(out), "--convert-param-only",
                                                      "--no-progress", "--dtype", "keep"],
     }
-    print(f"source: {size / 1e9:.2f} GB, legacy GPT TP2 PP2, {ns.layers} layers, hidden 2048")
-    print(f"{'command':34s} {'best s':>7s} {'out GB':>7s} {'peak PSS anon MiB':>14s} {'peak RSS MiB':>13s} {'procs':>5s}")
-    for label, make in runs.items():
-        best = None
-        for _ in range(ns.repeat):
-            out = work / "out"
-            shutil.rmtree(out, ignore_errors=True)
-            r = run_measured(make(out))
-            r["out"] = du(out)
-            if best is None or r["seconds"] < best["seconds"]:
-                best = r
-        print(f"{label:34s} {best['seconds']:7.2f} {best['out'] / 1e9:7.2f} {best['anon'] / 1024:18.0f} "
-              f"{best['rss'] / 1024:13.0f} {best['procs']:5d}")
-    shutil.rmtree(work / "out", ignore_errors=True)
-    if not ns.keep and not ns.workdir:
-        shutil.rmtree(work)
 
 
 if __name__ == "__main__":

@@ -66,45 +66,72 @@ class DemoModel:
             padded_vocab_size=self.vocab, swiglu=True, tensor_model_parallel_size=self.tp,
             pipeline_model_parallel_size=self.pp, data_parallel_size=self.dp, context_parallel_size=1,
             virtual_pipeline_model_parallel_size=None, params_dtype=torch.bfloat16, bf16=True,
+            untie_embeddings_and_output_weights=True, overlap_grad_reduce=False,
             use_distributed_optimizer=True, iteration=iteration, consumed_train_samples=iteration * 64,
             save="checkpoints/demo")
 
 
 def build_megatron_checkpoint(save_root: Path, model: DemoModel = DemoModel(), iteration: int = 100,
-                              seed: int = 0, keep_truth: bool = True) -> dict:
-    """Write the checkpoint; returns {(tp, pp): {dotted name: bf16 tensor}} as truth."""
+                              seed: int = 0, keep_truth: bool = True, optimizer: bool = True) -> dict:
+    """Write the checkpoint as Megatron core_r0.6.0 with the distributed optimizer would: per chunk
+    one bf16 parameter buffer laid out by the rules' `buckets megatron` block (tensors are views of
+    it), fp32 main params and Adam moments in ``distrib_optim.pt``, bf16 weights = main params
+    rounded. Returns {(tp, pp): {dotted name: {"weight", "param", "exp_avg", "exp_avg_sq"}}}."""
+    from ckptmap.mapping import buckets
+    from ckptmap.mapping.rules import bundled_rules, load_rules
+
+    rule = load_rules(bundled_rules()["megatron_legacy_gpt"]).bucket_layout("megatron")
     gen = torch.Generator().manual_seed(seed)
     truth = {}
     iter_dir = save_root / megatron.iter_dir_name(iteration)
     for tp in range(model.tp):
         for pp in range(model.pp):
             entries = model.stage_tensors(pp)
-            numels = [math.prod(shape) for _, shape in entries]
-            # Megatron: one bf16 buffer per chunk, parameters in reverse order, tensors are views of it
-            buffer = (torch.randn(sum(numels), generator=gen) * 0.02).to(torch.bfloat16)
+            names = [".".join(path) for path, _ in entries]
+            params = [buckets.ParamEntry("module." + n, shape, "bfloat16") for n, (_, shape) in zip(names, entries)]
+            env = buckets.layout_env(rule, {"dp": model.dp, "cp": 1, "pp": model.pp, "pp_rank": pp, "chunk": 0,
+                                            "overlap_grad_reduce": False,
+                                            "untie_embeddings_and_output_weights": True})
+            layout = buckets.build_buffer(rule, params, env)
+            total = sum(b.numel for b in layout.buckets)
+            states = {"param": torch.randn(total, generator=gen) * 0.02,
+                      "exp_avg": torch.randn(total, generator=gen) * 1e-3,
+                      "exp_avg_sq": torch.rand(total, generator=gen) * 1e-6}
+            buffer = states["param"].to(torch.bfloat16)   # the DDP parameter buffer, padding included
             tree: dict = {}
-            offset = sum(numels)
-            names = {}
-            for (path, shape), numel in zip(entries, numels):
-                offset -= numel
-                t = buffer[offset:offset + numel].view(shape)
+            rank_truth = {}
+            for name, (path, shape), slot in zip(names, entries, (layout.slot("module." + n) for n in names)):
+                t = buffer[slot.start:slot.end].view(shape)
                 node = tree
                 for k in path[:-1]:
                     node = node.setdefault(k, {})
                 node[path[-1]] = t
-                names[".".join(path)] = t
+                rank_truth[name] = {"weight": t, **{k: v[slot.start:slot.end].view(shape) for k, v in states.items()}}
             state = {
                 "args": model.args(iteration), "checkpoint_version": megatron.CHECKPOINT_VERSION,
                 "iteration": iteration, "model": tree,
-                "optimizer": {"optimizer": {"param_groups": [{"lr": 1e-4, "step": iteration}]}},
-                "opt_param_scheduler": {"max_lr": 1e-4, "num_steps": iteration},
-                "rng_state": [{"random_rng_state": (3, tuple(range(5)), None)}],
+                "optimizer": {"optimizer": {"param_groups": [
+                    {"lr": 9.5e-5, "weight_decay": 0.01, "betas": (0.9, 0.95), "eps": 1e-8, "step": iteration},
+                    {"lr": 9.5e-5, "weight_decay": 0.0, "betas": (0.9, 0.95), "eps": 1e-8, "step": iteration}]}},
+                "opt_param_scheduler": {"max_lr": 1e-4, "lr_warmup_steps": 10, "num_steps": iteration * 64,
+                                        "lr_decay_style": "cosine", "lr_decay_steps": 10000, "min_lr": 1e-5,
+                                        "start_wd": 0.01, "end_wd": 0.01, "wd_incr_style": "constant",
+                                        "wd_incr_steps": 10000},
+                "rng_state": [{"random_rng_state": (3, tuple(range(5)), None),
+                               "torch_rng_state": torch.get_rng_state()}],
                 "num_floating_point_operations_so_far": 0,
             }
             rank_dir = iter_dir / megatron.mp_rank_dir_name(tp, pp, model.pp)
             rank_dir.mkdir(parents=True, exist_ok=True)
             torch_zip.save(state, rank_dir / megatron.MODEL_FILE)
-            truth[(tp, pp)] = names if keep_truth else None
+            if optimizer:
+                key = (torch.bfloat16, torch.float32)
+                bucket_tensors = {k: [v[b.start:b.start + b.numel].clone() for b in layout.buckets]
+                                  for k, v in states.items()}
+                torch_zip.save({"per_bucket_numel": [{key: layout.per_bucket_numel}],
+                                "per_bucket_numel_unpadded": [{key: layout.per_bucket_numel_unpadded}],
+                                0: {key: bucket_tensors}}, rank_dir / megatron.OPTIM_FILE)
+            truth[(tp, pp)] = rank_truth if keep_truth else None
     megatron.write_tracker(save_root, iteration)
     return truth
 
@@ -113,57 +140,70 @@ def run_demo(workdir: Path | None = None) -> int:
     from ckptmap.cli import print_plan, print_report
     from ckptmap.execute import run_plan
     from ckptmap.mapping.compiler import Pt2MsOptions, compile_pt2ms
+    from ckptmap.mapping.ms2pt import Ms2PtOptions, compile_ms2pt
+    from ckptmap.verify import md5_report
 
     holder = None
     if workdir is None:
         holder = tempfile.TemporaryDirectory(prefix="ckptmap-demo-")
         workdir = Path(holder.name)
     try:
-        src, dst = workdir / "megatron", workdir / "mindspore"
+        src, dst, back = workdir / "megatron", workdir / "mindspore", workdir / "megatron_again"
         model = DemoModel()
-        print(f"== 1. building a Megatron legacy GPT checkpoint (TP {model.tp}, PP {model.pp}, bf16) in {src}")
-        truth = build_megatron_checkpoint(src)
+        print(f"== 1. a Megatron legacy GPT checkpoint with the distributed optimizer (TP {model.tp}, PP {model.pp}, "
+              f"DP {model.dp}, bf16) in {src}")
+        truth = build_megatron_checkpoint(src, model)
         size = sum(p.stat().st_size for p in src.rglob("*.pt"))
-        print(f"   {len(truth)} mp_rank files, {size / 2**20:.1f} MiB")
+        print(f"   {len(truth)} mp_rank folders, {size / 2**20:.1f} MiB")
 
-        print("\n== 2. the plan (ckptmap plan pt2ms --convert-param-only --dry-run)")
-        plan = compile_pt2ms(Pt2MsOptions(megatron_path=str(src), ms_path=str(dst), convert_param_only=True,
-                                          dp_size=model.dp))
+        print("\n== 2. the plan: `ckptmap plan pt2ms --megatron-path … --ms-path … --dry-run` (summary)")
+        plan = compile_pt2ms(Pt2MsOptions(megatron_path=str(src), ms_path=str(dst)))
         print_plan(plan, detail=False)
 
-        print("\n== 3. converting")
-        t0 = time.perf_counter()
+        print("\n== 3. converting to MindSpore (fp32 main params + Adam moments)")
         report = run_plan(plan, processes=2, progress=False)
         print_report(report)
         if report.failed:
             return 1
 
-        print(f"\n== 4. reading the MindSpore files back ({time.perf_counter() - t0:.2f} s so far)")
+        print("\n== 4. reading the MindSpore files back")
         rows, all_ok = [], True
         for f in plan.files:
             if f.format != "ckpt":
                 continue
             loaded = _load_back(dst / f.path)
             tp, pp = _rank_of(f, plan)
-            equal = 0
+            equal = checked = 0
             for t in f.tensors:
                 if not t.sources:
                     continue
-                expected = truth[(tp, pp)][t.note].float()
-                got = loaded[t.name]
-                equal += int(got.dtype == torch.float32 and torch.equal(got, expected))
-            weights = sum(1 for t in f.tensors if t.sources)
-            ok = equal == weights
+                state = next((s for s in ("exp_avg_sq", "exp_avg") if t.name.startswith(s + ".")), "param")
+                expected = truth[(tp, pp)][t.note.split(" ")[0]][state]
+                checked += 1
+                equal += int(torch.equal(loaded[t.name], expected))
+            ok = equal == checked
             all_ok &= ok
             layers = sorted({int(part) for n in loaded for part in n.split(".") if part.isdigit()})
-            rows.append((f.path, f"tp{tp} pp{pp}", str(len(loaded)), f"{layers}",
-                         f"{equal}/{weights}", "ok" if ok else "MISMATCH"))
+            rows.append((f.path, f"tp{tp} pp{pp}", str(len(loaded)), f"{layers}", f"{equal}/{checked}",
+                         "ok" if ok else "MISMATCH"))
         header = ("MindSpore file", "Megatron rank", "keys", "global layers", "bit-exact", "")
         widths = [max(len(r[i]) for r in rows + [header]) for i in range(len(header))]
         for r in [header] + rows:
             print("   " + "  ".join(c.ljust(w) for c, w in zip(r, widths)))
-        print("\n" + ("demo ok: every MindSpore tensor equals the Megatron weight (bf16 -> fp32 exact)"
-                      if all_ok else "demo FAILED: some tensors differ"))
+
+        print("\n== 5. and back: `ckptmap ms2pt`, then md5 of every file against the original")
+        report = run_plan(compile_ms2pt(Ms2PtOptions(ms_path=str(dst), megatron_path=str(back))),
+                          processes=2, progress=False)
+        if report.failed:
+            print_report(report)
+            return 1
+        for original in sorted(src.rglob("*.pt")):
+            same, lines = md5_report([original, back / original.relative_to(src)])
+            all_ok &= same
+            print(f"   {str(original.relative_to(src)):45s} {'identical' if same else 'DIFFERENT'}  "
+                  f"{lines[-1].split(': ')[-1] if same else ''}")
+        print("\n" + ("demo ok: MindSpore holds every main param and moment bit-exactly, and the way back "
+                      "reproduces Megatron's files byte for byte" if all_ok else "demo FAILED"))
         return 0 if all_ok else 1
     finally:
         if holder is not None:

@@ -55,7 +55,7 @@ def test_plan_json_apply_round_trip(source, tmp_path, capsys):
     assert main(["apply", str(plan_file), "--no-progress"]) == 0
     got = load_ckpt(out / "rank_3" / "network.ckpt")
     assert torch.equal(got["language_model.encoder.layers.3.mlp.mapping.weight"],
-                       truth[(1, 1)]["language_model.encoder.layers.1.mlp.dense_h_to_4h.weight"].float())
+                       truth[(1, 1)]["language_model.encoder.layers.1.mlp.dense_h_to_4h.weight"]["weight"].float())
     assert int(got["step_num"]) == 7
 
 
