@@ -18,7 +18,7 @@ import torch
 
 from ckptmap import dtypes
 from ckptmap.errors import CkptmapError
-from ckptmap.formats import megatron, registry, torch_zip
+from ckptmap.formats import mindspeed, registry, torch_zip
 
 TENSOR_SUFFIXES = (".pt", ".ckpt", ".safetensors")
 
@@ -171,7 +171,7 @@ def compare_across(megatron_dir: Path, ms_dir: Path, rules: str) -> list[FileRep
     if not files:
         raise CkptmapError(f"{ms_dir} holds no .ckpt or .safetensors files")
     fmt = files[0].suffix[1:]
-    layout = "v2" if any(ms_dir.glob("iter_*")) else "v1"
+    layout = mindspeed.detect_layout(ms_dir)
     prefix = files[0].stem if layout == "v1" else "network"
     probe = registry.open_reader(files[0])
     try:

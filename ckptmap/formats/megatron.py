@@ -421,6 +421,13 @@ def _padding(zf: torch_zip.TorchZipFile, storages: dict) -> dict:
     return out
 
 
+def padding_key(which: str, storage: str, index: int) -> str:
+    """Key (for PtFile.get) of the ``index``-th kept padding range of ``storage`` in a pt_meta file;
+    ``which``: "model_optim_rng" or "distrib_optim"."""
+    table = {"model_optim_rng": "model_padding", "distrib_optim": "distrib_optim_padding"}[which]
+    return KEY_SEP.join([META_KEY, table, storage, str(index), "2"])
+
+
 def build_pt_meta(model_path, optim_path, keys, extra) -> dict:
     """The pt_meta object of one mp_rank: the listed top-level entries of ``model_optim_rng.pt``
     exactly as read, ``extra``, and under ``ckptmap`` the skeletons and padding of
@@ -608,6 +615,77 @@ def read_param_map(path) -> dict:
 def param_map_text(slots) -> str:
     """A param_map JSON file for slots with (name, dtype, shape, start, end, bucket), buffer order."""
     return json.dumps({s.name: [f"torch.{s.dtype}", list(s.shape), s.start, s.end, s.bucket] for s in slots})
+
+
+def write_param_map(path, slots) -> Path:
+    """Write one param_map JSON file (``param_map_text``) atomically: a temporary file in the same
+    directory, renamed into place, so a reader never sees half a file and concurrent writers of the
+    same name (identical content) cannot interleave. Creates the directory."""
+    import tempfile
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(param_map_text(slots))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    return path
+
+
+@attrs.frozen
+class ParamMapDifference:
+    """The first entry where two param_maps disagree. ``saved``/``live`` are (name, (dtype, shape,
+    start, end, bucket)) or None when that side has no entry at ``index``."""
+
+    index: int
+    saved: tuple | None
+    live: tuple | None
+
+
+def _bucket_bases(entries: dict) -> dict[int, int]:
+    bases: dict[int, int] = {}
+    for _dtype, _shape, start, _end, bucket in entries.values():
+        bases[bucket] = min(start, bases.get(bucket, start))
+    return bases
+
+
+def param_map_difference(saved: dict, live: dict, relative: bool = True) -> ParamMapDifference | None:
+    """Compare two param_maps (``read_param_map`` form: name -> (dtype, shape, start, end, bucket) in
+    buffer order) entry by entry; None if they describe the same layout.
+
+    ``relative``: offsets are compared relative to the start of their bucket (the smallest start in
+    it), which is what Megatron's ``load_parameter_state`` relies on — it moves each bucket as a whole
+    and cuts parameters out at bucket-relative offsets, so bucket *padding* (which depends on the
+    data-parallel size) may differ. Otherwise start and end must be equal as recorded."""
+    saved_items, live_items = list(saved.items()), list(live.items())
+    saved_bases, live_bases = _bucket_bases(saved), _bucket_bases(live)
+
+    def key(entry, bases):
+        dtype, shape, start, end, bucket = entry
+        base = bases[bucket] if relative else 0
+        return dtype, tuple(shape), bucket, start - base, end - base
+
+    for i in range(max(len(saved_items), len(live_items))):
+        s = saved_items[i] if i < len(saved_items) else None
+        v = live_items[i] if i < len(live_items) else None
+        if s is None or v is None or s[0] != v[0] or key(s[1], saved_bases) != key(v[1], live_bases):
+            return ParamMapDifference(i, s, v)
+    return None
+
+
+def describe_param_map_entry(entry) -> str:
+    """``torch.bfloat16 [37, 16], elements [0, 592) of bucket 0`` for a (dtype, shape, start, end, bucket)."""
+    dtype, shape, start, end, bucket = entry
+    return f"torch.{dtype} {list(shape)}, elements [{start}, {end}) of the buffer, bucket {bucket}"
 
 
 def _torch_dtype_from_string(text: str):

@@ -40,6 +40,24 @@ def pt_meta_path(name: str) -> str:
     return f"{PT_META_DIR}/{name}"
 
 
+def parse_pt_meta_args_name(name: str) -> tuple[int, int] | None:
+    """(tp, pp) from ``args_tpTT_ppPPP.pt``; None if it is not one."""
+    if not (name.startswith("args_tp") and name.endswith(".pt")):
+        return None
+    tp, sep, pp = name[len("args_tp"):-len(".pt")].partition("_pp")
+    if not (sep and tp.isdigit() and pp.isdigit()):
+        return None
+    return int(tp), int(pp)
+
+
+def detect_layout(root) -> str:
+    """``v2`` when the folder looks like ``iter_*/mp_rank_*`` (or has the tracker file), else ``v1``."""
+    from pathlib import Path
+
+    root = Path(root)
+    return "v2" if (root / megatron.TRACKER).is_file() or any(root.glob("iter_*")) else "v1"
+
+
 # -------------------------------------------------------------------------------------------------
 # Scalar keys of a converted MindSpore checkpoint (formats.md §3.3). Each is (name, dtype, shape, value).
 

@@ -386,3 +386,26 @@ def write_opt_shard_info(path, dp_ranks, buffers, zero3_params=(), *, fsync: boo
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+# -------------------------------------------------------------------------------------------------
+# Writing at training time (ckptmap.hooks.mindspeed)
+
+
+def canonical_dtype(value) -> str:
+    """ckptmap's dtype name for a dtype as MindSpore, torch, numpy or a JSON file spells it
+    (``mindspore.bfloat16`` / ``BFloat16`` / ``torch.bfloat16`` / ``bf16`` -> ``bfloat16``)."""
+    return _canonical_dtype(str(value))
+
+
+def shard_info_relpath(layout: str, *, rank: int, tp: int = 0, pp: int = 0, pp_size: int = 1) -> str:
+    """Where the DP-rank-0 rank ``rank`` writes its shard-info JSON, relative to the strategy dir
+    (``<output_dir>/opt_shard_info``): V1 ``rank_{rank}/dist_opt_shard_info_rank_{rank}-0_0.json``
+    (``-0_0``: MindSpeed writes it before the first step), V2
+    ``mp_rank_{tp:02d}[_{pp:03d} if pp_size > 1]/dist_opt_shard_info_model_optim_rng.json``."""
+    if layout == "v1":
+        return v1_shard_info_path(rank)
+    if layout == "v2":
+        return v2_shard_info_path(megatron.mp_rank_dir_name(tp, pp, pp_size))
+    raise CkptmapError(f"opt_shard_info layout {layout!r} is unknown; use \"v1\" (opt_shard_info/rank_{{r}}/…) or "
+                       f"\"v2\" (opt_shard_info/mp_rank_…/…)")

@@ -93,10 +93,7 @@ def _find_ms_root(opt: Ms2PtOptions) -> tuple[Path, str]:
     if not root.is_dir():
         raise CkptmapError(f"--ms-path {root} does not exist or is not a directory; pass the MindSpore checkpoint "
                            f"folder (rank_*/ or iter_*/ inside)")
-    layout = opt.layout
-    if layout == "auto":
-        layout = "v2" if (root / megatron.TRACKER).is_file() or any(root.glob("iter_*")) else "v1"
-    return root, layout
+    return root, mindspeed.detect_layout(root) if opt.layout == "auto" else opt.layout
 
 
 def _ms_file(root: Path, layout: str, iteration, tp: int, pp: int, pp_size: int, rank: int, opt) -> Path:
@@ -139,12 +136,12 @@ def compile_ms2pt(opt: Ms2PtOptions) -> Plan:
         raise CkptmapError(
             f"pt_meta folder {meta_dir} does not exist: converting back to Megatron needs the pt_meta folder that "
             f"`ckptmap pt2ms` wrote next to the MindSpore checkpoint; pass it with --param-map-path")
-    metas = sorted(p.name for p in meta_dir.glob("args_tp*_pp*.pt"))
+    metas = [r for p in meta_dir.iterdir() if (r := mindspeed.parse_pt_meta_args_name(p.name))]
     if not metas:
         raise CkptmapError(f"{meta_dir} holds no args_tpTT_ppPPP.pt files; it is not a pt_meta folder written by "
                            f"`ckptmap pt2ms`")
-    tp_found = 1 + max(int(n[len("args_tp"):len("args_tp") + 2]) for n in metas)
-    pp_found = 1 + max(int(n.split("_pp")[1][:3]) for n in metas)
+    tp_found = 1 + max(tp for tp, _ in metas)
+    pp_found = 1 + max(pp for _, pp in metas)
     _check_size("--tp-size", opt.tp_size, tp_found, f"{meta_dir} has args files for TP size")
     _check_size("--pp-size", opt.pp_size, pp_found, f"{meta_dir} has args files for PP size")
     first = _read_meta(meta_dir, 0, 0)
@@ -263,39 +260,25 @@ def _source_task(name, ms_file, specs, ms_name, ms_shape, inverse, out_dtype, me
                       src_dtype, tuple(src_shape), tuple(ops), note=ms_name)
 
 
-def _storages(refs, tensors_by_ref: dict, padding: dict, meta_path, padding_key) -> list[StorageTask]:
-    """StorageTasks for the storages of ``refs`` (placeholder fields): pieces sorted by offset, padding
-    from pt_meta; the pieces must tile each storage exactly."""
-    per_storage: dict[str, list] = {}
-    info = {}
-    for i, fields in enumerate(refs):
-        ref = megatron.ref_from_fields(fields)
-        info[ref.storage] = (ref.dtype, ref.storage_numel)
-        task = tensors_by_ref.get(i)
-        if task is None:
-            continue
-        per_storage.setdefault(ref.storage, []).append(StoragePiece(ref.storage_offset, tensor=task))
-    out = []
-    for key, (dtype, numel) in info.items():
-        pieces = per_storage.get(key, [])
-        size = dtypes.itemsize(dtype)
-        for j, (a, b, raw) in enumerate(padding.get(key, [])):
-            pieces.append(StoragePiece(a, padding=SourceSlice(
-                str(meta_path), megatron.KEY_SEP.join([megatron.META_KEY, padding_key, key, str(j), "2"]), "uint8",
-                ((b - a) * size,))))
-        pieces.sort(key=lambda p: p.offset)
-        pos = 0
-        for p in pieces:
-            n = math.prod(p.tensor.shape) if p.tensor else p.padding.shape[0] // size
-            if p.offset != pos:
-                raise CkptmapError(f"{meta_path}: storage {key} is not tiled by its tensors and padding (gap or "
-                                   f"overlap at element {pos}); pt_meta is damaged — re-run `ckptmap pt2ms`")
-            pos += n
-        if pos != numel:
-            raise CkptmapError(f"{meta_path}: storage {key} holds {numel} elements but its tensors and padding cover "
-                               f"{pos}; pt_meta is damaged — re-run `ckptmap pt2ms`")
-        out.append(StorageTask(key, dtype, numel, tuple(pieces)))
-    return out
+def _tiled(key, dtype, numel, pieces, padding, meta_path, which) -> StorageTask:
+    """A storage from its tensor pieces plus the padding kept in pt_meta; they must tile
+    ``[0, numel)`` exactly."""
+    size = dtypes.itemsize(dtype)
+    pieces = list(pieces) + [
+        StoragePiece(a, padding=SourceSlice(str(meta_path), megatron.padding_key(which, key, j), "uint8",
+                                            ((b - a) * size,)))
+        for j, (a, b, _) in enumerate(padding.get(key, []))]
+    pieces.sort(key=lambda p: p.offset)
+    pos = 0
+    for p in pieces:
+        if p.offset != pos:
+            raise CkptmapError(f"{meta_path}: storage {key} of {which} is not tiled by its tensors and padding (gap "
+                               f"or overlap at element {pos}); pt_meta is damaged — re-run `ckptmap pt2ms`")
+        pos += math.prod(p.tensor.shape) if p.tensor else p.padding.shape[0] // size
+    if pos != numel:
+        raise CkptmapError(f"{meta_path}: storage {key} of {which} holds {numel} elements but its tensors and "
+                           f"padding cover {pos}; pt_meta is damaged — re-run `ckptmap pt2ms`")
+    return StorageTask(key, dtype, numel, tuple(pieces))
 
 
 def _model_file(meta: _MetaRank, rank_dir, weights, ms_file, specs, iteration, param_only, scalars) -> FileTask:
@@ -304,7 +287,14 @@ def _model_file(meta: _MetaRank, rank_dir, weights, ms_file, specs, iteration, p
         index = int(t.key.split(megatron.KEY_SEP)[-1])
         ms_name, ms_shape, inverse = weights[(t.chunk, t.name)]
         by_ref[index] = _source_task(t.name, ms_file, specs, ms_name, ms_shape, inverse, t.dtype, t.shape)
-    storages = _storages(meta.meta["model_tensors"], by_ref, meta.meta["model_padding"], meta.path, "model_padding")
+    per_storage: dict[str, tuple] = {}
+    for i, fields in enumerate(meta.meta["model_tensors"]):
+        ref = megatron.ref_from_fields(fields)
+        entry = per_storage.setdefault(ref.storage, (ref.dtype, ref.storage_numel, []))
+        if i in by_ref:
+            entry[2].append(StoragePiece(ref.storage_offset, tensor=by_ref[i]))
+    storages = [_tiled(key, dtype, numel, pieces, meta.meta["model_padding"], meta.path, "model_optim_rng")
+                for key, (dtype, numel, pieces) in per_storage.items()]
     updates = _follow_iteration(meta.root, iteration, None if param_only else scalars)
     return FileTask(f"{rank_dir}/{megatron.MODEL_FILE}", "torch_stream", source=str(meta.path),
                     storages=tuple(storages), extra={"skeleton": "model_optim_rng", "set": updates})
@@ -367,7 +357,7 @@ def _optim_file(meta: _MetaRank, rank_dir, matched, layout, pp, tp, rules, ms_fi
         for state in megatron.OPTIM_STATES:
             for j, ph in enumerate(skeleton[gi][key][state]):
                 placeholder_of[(gi, state, j)] = ph[1]
-    pieces_by_storage: dict[str, list] = {}
+    pieces_by_ref: dict[int, list] = {}
     by_ref = {}
     for m in matched:
         ddp = m.rule.ddp_pattern().format(m.bindings)
@@ -382,33 +372,13 @@ def _optim_file(meta: _MetaRank, rank_dir, matched, layout, pp, tp, rules, ms_fi
             task = _source_task(f"{state} of {m.tensor.name}", ms_file, specs, name, ms_shape, inverse, "float32",
                                 m.tensor.shape)
             ref_index = placeholder_of[(gi, state, slot.bucket)]
-            pieces_by_storage.setdefault(ref_index, []).append(
+            pieces_by_ref.setdefault(ref_index, []).append(
                 (slot.start - bl.buckets[slot.bucket].start, task))
-    # one storage per bucket tensor: several tensors each, so bind pieces by storage offset
-    storages = _bucket_storages(refs, pieces_by_storage, m_meta["distrib_optim_padding"], meta.path)
-    return FileTask(f"{rank_dir}/{megatron.OPTIM_FILE}", "torch_stream", source=str(meta.path),
-                    storages=tuple(storages), extra={"skeleton": "distrib_optim", "set": []})
-
-
-def _bucket_storages(refs, pieces_by_ref, padding, meta_path) -> list[StorageTask]:
-    out = []
+    storages = []
     for i, fields in enumerate(refs):
         ref = megatron.ref_from_fields(fields)
-        size = dtypes.itemsize(ref.dtype)
         pieces = [StoragePiece(ref.storage_offset + off, tensor=t) for off, t in pieces_by_ref.get(i, [])]
-        for j, (a, b, _) in enumerate(padding.get(ref.storage, [])):
-            pieces.append(StoragePiece(a, padding=SourceSlice(
-                str(meta_path), megatron.KEY_SEP.join([megatron.META_KEY, "distrib_optim_padding", ref.storage,
-                                                        str(j), "2"]), "uint8", ((b - a) * size,))))
-        pieces.sort(key=lambda p: p.offset)
-        pos = 0
-        for p in pieces:
-            if p.offset != pos:
-                raise CkptmapError(f"{meta_path}: bucket storage {ref.storage} is not tiled by its parameters and "
-                                   f"padding (gap or overlap at element {pos}); pt_meta is damaged")
-            pos += math.prod(p.tensor.shape) if p.tensor else p.padding.shape[0] // size
-        if pos != ref.storage_numel:
-            raise CkptmapError(f"{meta_path}: bucket storage {ref.storage} holds {ref.storage_numel} elements but its "
-                               f"parameters and padding cover {pos}; pt_meta is damaged")
-        out.append(StorageTask(ref.storage, ref.dtype, ref.storage_numel, tuple(pieces)))
-    return out
+        storages.append(_tiled(ref.storage, ref.dtype, ref.storage_numel, pieces, m_meta["distrib_optim_padding"],
+                               meta.path, "distrib_optim"))
+    return FileTask(f"{rank_dir}/{megatron.OPTIM_FILE}", "torch_stream", source=str(meta.path),
+                    storages=tuple(storages), extra={"skeleton": "distrib_optim", "set": []})
