@@ -358,7 +358,6 @@ def _optim_file(meta: _MetaRank, rank_dir, matched, layout, pp, tp, rules, ms_fi
             for j, ph in enumerate(skeleton[gi][key][state]):
                 placeholder_of[(gi, state, j)] = ph[1]
     pieces_by_ref: dict[int, list] = {}
-    by_ref = {}
     for m in matched:
         ddp = m.rule.ddp_pattern().format(m.bindings)
         found = slot_of.get((m.tensor.chunk, ddp))
