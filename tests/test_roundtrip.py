@@ -128,3 +128,20 @@ def test_noop_that_does_not_fit(converted, tmp_path, capsys):
     refused(["ms2pt", "--ms-path", str(converted), "--noop", "7"], capsys, tmp_path / "C", "--noop")
     refused(["ms2pt", "--ms-path", str(converted), "--num-layers", "5", "--noop", "1", "2"], capsys,
             tmp_path / "C", "expects")
+
+
+def test_noop_layers_round_trip(tmp_path):
+    """MindSpeed layer 2 of 5 is a noop layer: Megatron's 4 layers become MindSpeed 0, 1, 3, 4 and
+    come back to Megatron's compact numbering byte for byte."""
+    a = fixture_dir("legacy_tp1pp1dp1")
+    b, c = convert_and_back(a, tmp_path, "--num-layers", "5", "--noop", "2")
+    names = ms.load_checkpoint(str(b / "rank_0" / "network.ckpt"))
+    layers = {int(n.split(".")[3]) for n in names if n.startswith("language_model.encoder.layers.")}
+    assert layers == {0, 1, 3, 4}
+    w = names["language_model.encoder.layers.3.attention.qkv_proj.weight"].asnumpy()
+    from safetensors.torch import load_file
+    truth = load_file(str(a / "truth" / "tp0_pp0.safetensors"))
+    want = truth["param.module.language_model.encoder.layers.2.self_attention.query_key_value.weight"].numpy()
+    assert np.array_equal(w, want)
+    for f in ("distrib_optim.pt", "model_optim_rng.pt"):
+        assert filecmp.cmp(a / "iter_0000001/mp_rank_00" / f, c / "iter_0000001/mp_rank_00" / f, shallow=False)
