@@ -282,19 +282,6 @@ class ModelFile(PtFile):
             _walk(self.root[key], [], [key], out, v)
         return out
 
-    def key_paths(self, chunk_key: str) -> list[list[str]]:
-        """Every leaf path of a chunk (``_extra_state`` included), in order — the nested structure."""
-        out = []
-
-        def rec(node, path):
-            for k, v in node.items():
-                if isinstance(v, dict):
-                    rec(v, path + [k])
-                else:
-                    out.append(path + [k])
-        rec(self.root[chunk_key], [])
-        return out
-
     @property
     def args(self):
         return self.root.get("args")

@@ -411,7 +411,8 @@ def _param_maps(opt: Pt2MsOptions, ckdir) -> list:
 
 def _pt_meta_task(model_file, tp, pp, layout, rules, param_maps, tensors) -> FileTask:
     """pt_meta/args_tpTT_ppPPP.pt: every non-model entry as read, plus the per-chunk parameter
-    names in buffer order (from the param_map when there is one) and the chunks' key structure."""
+    names in buffer order (from the param_map when there is one); the executor adds the skeletons
+    of the Megatron files (formats.megatron.build_pt_meta)."""
     names: list[list[str]] = []
     source = "param_map"
     for v in range(layout.vpp):
@@ -429,7 +430,6 @@ def _pt_meta_task(model_file, tp, pp, layout, rules, param_maps, tensors) -> Fil
     extra = {
         "param_name_list": names,
         "param_name_list_source": source,
-        "model_key_paths": {key: model_file.key_paths(key) for key, _ in model_file.chunks()},
     }
     optim_path = model_file.path.with_name(megatron.OPTIM_FILE)
     return FileTask(mindspeed.pt_meta_args_path(tp, pp), "torch_meta", source=str(model_file.path),
