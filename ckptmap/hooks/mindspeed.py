@@ -87,14 +87,12 @@ The layout (our reading of MindSpeed's distributed data parallel, formats.md §1
 from __future__ import annotations
 
 import functools
-import math
 import os
 import sys
 import threading
 from pathlib import Path
 
 import attrs
-import mindspore
 from mindspore.train import Callback, ModelCheckpoint
 from mindspore.train import serialization as _serialization
 
