@@ -58,6 +58,9 @@ class Case:
     model: str = "mcore"        # megatron.core.models.gpt.GPTModel with get_gpt_layer_local_spec()
     seed: int = 0
     steps: int = 1
+    chunks: int = 1             # model chunks per rank, as Megatron's get_model builds them for virtual
+                                # pipelining (parallel_state's virtual-pipeline size is set to it);
+                                # num_layers is the total over the chunks
 
     def __post_init__(self):
         if not 1 <= self.dp <= 8:
@@ -70,6 +73,10 @@ class Case:
             raise ValueError("steps must be >= 1")
         if self.hidden // self.heads < 1:
             raise ValueError("hidden must be >= heads")
+        if self.chunks < 1 or self.num_layers % self.chunks:
+            raise ValueError(f"chunks must divide num_layers ({self.num_layers}), got {self.chunks}")
+        if self.chunks > 1 and (self.cp > 1 or self.tied_embeddings):
+            raise ValueError("chunks > 1 runs with cp = 1 and untied embeddings only")
 
 
 class HarnessError(RuntimeError):
@@ -83,7 +90,7 @@ def _free_port() -> int:
 
 
 def run_case(case: Case, out_dir: pathlib.Path, *, save: bool = True, timeout: float = 300.0,
-             load_from: pathlib.Path | None = None) -> dict:
+             load_from: pathlib.Path | None = None, rank_setup=None, megatron_training: bool = False) -> dict:
     """Run ``case`` in ``dp * cp`` processes and return rank 0's view (gathered where needed).
 
     Returns plain python / CPU tensors::
@@ -98,6 +105,13 @@ def run_case(case: Case, out_dir: pathlib.Path, *, save: bool = True, timeout: f
                         from every rank's live main-param shard and Adam state (each element
                         covered exactly once, checked)
       ddp_bucket_size   the bucket_size passed to the DDP;  overlap_grad_reduce  bool
+      buffer_chunk      the model chunk of each buffer (the lists above are per buffer, over all chunks)
+      chunks            [ per model chunk: {param_index_map, bucket_indices (this chunk's buffers),
+                        param_dtype, shapes, registration_order, state_dict_order, live} ]
+      warnings          rank 0's warnings whose text starts with "ckptmap" (from hooks)
+
+    With ``Case(chunks > 1)`` the name-keyed entries (``param_dtype``, ``shapes``, ``live``, …)
+    exist only per chunk, in ``chunks`` (names repeat across chunks).
 
     ``ddp_name`` is the name the MindSpeed param_map patch records ("module." + GPTModel name).
     With ``save`` the Megatron checkpoint is written under ``out_dir`` (only DP rank 0 writes).
@@ -106,6 +120,15 @@ def run_case(case: Case, out_dir: pathlib.Path, *, save: bool = True, timeout: f
     model and optimizer are built but not trained: the real ``DistributedOptimizer.
     load_parameter_state(load_from)`` fills them and ``live`` reports what it loaded. For the harness's own
     tests, ``MCORE_HARNESS_FAULT=<rank>:raise|hang`` in the environment injects a rank failure.
+
+    ``rank_setup``: a picklable callable (a module-level function, or a ``functools.partial`` of
+    one) that every rank calls as ``rank_setup(rank=, out_dir=, case=)`` after the apex / TE / CUDA
+    stand-ins are installed and before the process group and the model exist — e.g. to import
+    ``ckptmap.hooks.megatron``. ``megatron_training``: emulate Megatron-LM's ``megatron.training``
+    with the test-only package in ``tests/fake_megatron_training`` — the ranks set its
+    ``get_args()`` (with ``args.save`` = ``out_dir``, or None without ``save``) before building the
+    model, and save through its ``training.save_checkpoint_and_time`` →
+    ``checkpointing.save_checkpoint`` (the same files as without it).
     """
     import torch.multiprocessing as mp
     import torch
@@ -128,7 +151,8 @@ def run_case(case: Case, out_dir: pathlib.Path, *, save: bool = True, timeout: f
         try:
             port = _free_port()
             procs = [ctx.Process(target=worker.entry, daemon=True,
-                                 args=(r, world, port, case_dict, str(out_dir), save, str(tmp)))
+                                 args=(r, world, port, case_dict, str(out_dir), save, str(tmp),
+                                       {"rank_setup": rank_setup, "megatron_training": megatron_training}))
                      for r in range(world)]
             for p in procs:
                 p.start()

@@ -30,11 +30,17 @@ COLLECTIVE_TIMEOUT_S = 120
 FAULT_ENV = "MCORE_HARNESS_FAULT"
 
 
-def entry(rank: int, world_size: int, port: int, case: dict, out_dir: str, save: bool, tmp_dir: str):
-    """Process target. Writes ``rank{r}.err`` (traceback) or ``rank{r}.ok`` into ``tmp_dir``."""
+FAKE_MEGATRON_TRAINING = Path(__file__).resolve().parent.parent / "fake_megatron_training"
+
+
+def entry(rank: int, world_size: int, port: int, case: dict, out_dir: str, save: bool, tmp_dir: str,
+          options: dict | None = None):
+    """Process target. Writes ``rank{r}.err`` (traceback) or ``rank{r}.ok`` into ``tmp_dir``.
+    ``options``: ``rank_setup`` (a callable run in every rank before the model is built) and
+    ``megatron_training`` (use the test-only ``megatron.training`` of ``tests/fake_megatron_training``)."""
     code = 0
     try:
-        _main(rank, world_size, port, case, Path(out_dir), save, Path(tmp_dir))
+        _main(rank, world_size, port, case, Path(out_dir), save, Path(tmp_dir), options or {})
         (Path(tmp_dir) / f"rank{rank}.ok").write_text("ok")
     except BaseException:  # noqa: BLE001 - reported to the parent, which raises
         code = 1
@@ -133,14 +139,17 @@ def _make_args(case, out_dir: Path, world_size, kv_channels, gbs, bucket_size, i
         save=f"checkpoints/{out_dir.name}", save_interval=1, load=None, use_dist_ckpt=False,
         fp16=False, bf16=True, loss_scale=None, accumulate_allreduce_grads_in_fp32=True,
         tensor_model_parallel_size=1, pipeline_model_parallel_size=1,
-        num_layers_per_virtual_pipeline_stage=None, distributed_backend="gloo",
+        distributed_backend="gloo",
         overlap_grad_reduce=case["overlap_grad_reduce"], delay_grad_reduce=True,
         overlap_param_gather=False, use_distributed_optimizer=True,
         context_parallel_size=case["cp"], expert_model_parallel_size=1, num_experts=None,
         vocab_size=case["vocab"], seq_length=SEQ_LENGTH, encoder_seq_length=SEQ_LENGTH,
         tokenizer_type="NullTokenizer", transformer_impl="local", rank=0, world_size=world_size,
         transformer_pipeline_model_parallel_size=1, data_parallel_size=case["dp"],
-        virtual_pipeline_model_parallel_size=None, params_dtype=torch.bfloat16,
+        virtual_pipeline_model_parallel_size=case.get("chunks", 1) if case.get("chunks", 1) > 1 else None,
+        num_layers_per_virtual_pipeline_stage=(case["num_layers"] // case["chunks"]
+                                               if case.get("chunks", 1) > 1 else None),
+        params_dtype=torch.bfloat16,
         consumed_train_samples=gbs * iteration, consumed_valid_samples=0, padded_vocab_size=case["vocab"],
         model_type=ModelType.encoder_or_decoder, ddp_bucket_size=bucket_size,
         # Megatron's own save keeps args.iteration at its load-time value (0 for a fresh run).
@@ -225,37 +234,53 @@ def _injected_fault(rank):
     raise RuntimeError(f"injected failure on rank {rank} ({FAULT_ENV}={spec})")
 
 
-def _main(rank, world_size, port, case, out_dir: Path, save: bool, tmp_dir: Path):
-    warnings.filterwarnings("ignore")
+def _main(rank, world_size, port, case, out_dir: Path, save: bool, tmp_dir: Path, options: dict):
+    # ckptmap's own warnings (from hooks run in this rank) are recorded and returned in the result
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.filterwarnings("ignore")
+        warnings.filterwarnings("always", message="ckptmap")
+        _run_rank(rank, world_size, port, case, out_dir, save, tmp_dir, options, caught)
+
+
+def _run_rank(rank, world_size, port, case, out_dir: Path, save: bool, tmp_dir: Path, options: dict, caught):
     os.environ["MASTER_ADDR"] = "127.0.0.1"
     os.environ["MASTER_PORT"] = str(port)
     os.environ.setdefault("NVTE_APPLY_QK_LAYER_SCALING", "0")
 
     from . import stubs
     stubs.install()
+    if options.get("megatron_training"):
+        # megatron is a namespace package in the megatron-core wheel: this adds megatron.training
+        sys.path.insert(0, str(FAKE_MEGATRON_TRAINING))
 
     import numpy as np
     import torch
     torch.set_num_threads(1)
 
     from megatron.core import parallel_state, tensor_parallel
-    from megatron.core.distributed import DistributedDataParallel, finalize_model_grads
+    from megatron.core.distributed import DistributedDataParallel
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-    from megatron.core.pipeline_parallel import get_forward_backward_func
     from megatron.core.transformer import TransformerConfig
     from megatron.core.transformer.custom_layers.transformer_engine import TEDotProductAttention
     from megatron.core.transformer.module import Float16Module
     stubs.install_cpu_rng_tracker()
 
     dp, cp = case["dp"], case["cp"]
+    chunks = case.get("chunks", 1)
     with stubs.CudaOnCpu():
+        if options.get("rank_setup") is not None:
+            options["rank_setup"](rank=rank, out_dir=out_dir, case=case)
         torch.distributed.init_process_group(
             "gloo", rank=rank, world_size=world_size, timeout=datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S))
         parallel_state.initialize_model_parallel(
             tensor_model_parallel_size=1, pipeline_model_parallel_size=1, context_parallel_size=cp,
             distributed_timeout_minutes=max(1, COLLECTIVE_TIMEOUT_S // 60))
+        if chunks > 1:
+            # Megatron's initialize_model_parallel refuses virtual pipelining below PP 3 at this
+            # version; the chunk bookkeeping itself is just this setting.
+            parallel_state.set_virtual_pipeline_model_parallel_world_size(chunks)
         assert parallel_state.get_data_parallel_world_size() == dp
         _injected_fault(rank)
 
@@ -266,9 +291,19 @@ def _main(rank, world_size, port, case, out_dir: Path, save: bool, tmp_dir: Path
         torch.manual_seed(seed)
         tensor_parallel.model_parallel_cuda_manual_seed(seed)
 
-        # ---- model (pretrain_gpt.model_provider with --use-mcore-models, local spec) ----
         heads, hidden = case["heads"], case["hidden"]
         kv_channels = max(1, hidden // heads)
+        bucket_size = DEFAULT_BUCKET_SIZE if case["bucket_size"] is None else case["bucket_size"]
+        gbs = MICRO_BATCH_SIZE * NUM_MICROBATCHES * dp
+        iteration = case["steps"]
+        megatron_args = None
+        if options.get("megatron_training"):
+            import megatron.training
+            megatron_args = _make_args(case, out_dir, world_size, kv_channels, gbs, bucket_size, iteration)
+            megatron_args.save = str(out_dir) if save else None   # the real --save (or none)
+            megatron.training.set_args(megatron_args)
+
+        # ---- model (pretrain_gpt.model_provider with --use-mcore-models, local spec) ----
         config = TransformerConfig(
             num_layers=case["num_layers"], hidden_size=hidden, num_attention_heads=heads,
             num_query_groups=heads, kv_channels=kv_channels, ffn_hidden_size=case["ffn"],
@@ -290,25 +325,32 @@ def _main(rank, world_size, port, case, out_dir: Path, save: bool, tmp_dir: Path
             spec.submodules.self_attention.submodules.core_attention = TEDotProductAttention
         if case["model"] != "mcore":
             raise ValueError(f"unknown model {case['model']!r} (only 'mcore')")
-        model = GPTModel(
-            config=config, transformer_layer_spec=spec, vocab_size=case["vocab"],
-            max_sequence_length=SEQ_LENGTH, pre_process=True, post_process=True,
-            fp16_lm_cross_entropy=False, parallel_output=True,
-            share_embeddings_and_output_weights=case["tied_embeddings"],
-            position_embedding_type="rope", rotary_percent=1.0)
-        # megatron.training.training.get_model
-        for param in model.parameters():
-            tensor_parallel.set_defaults_if_not_set_tensor_model_parallel_attributes(param)
-        model = Float16Module(config, model)
-        bucket_size = DEFAULT_BUCKET_SIZE if case["bucket_size"] is None else case["bucket_size"]
-        ddp = DistributedDataParallel(
+        # megatron.training.training.get_model: one model per virtual-pipeline chunk, built with the
+        # chunk's virtual rank set (first / last stage decide embedding / output layer), then each
+        # wrapped in Float16Module and DDP, in order, bucketing only for chunk 0.
+        models = []
+        for i in range(chunks):
+            if chunks > 1:
+                parallel_state.set_virtual_pipeline_model_parallel_rank(i)
+            model = GPTModel(
+                config=config, transformer_layer_spec=spec, vocab_size=case["vocab"],
+                max_sequence_length=SEQ_LENGTH, pre_process=parallel_state.is_pipeline_first_stage(),
+                post_process=parallel_state.is_pipeline_last_stage(),
+                fp16_lm_cross_entropy=False, parallel_output=True,
+                share_embeddings_and_output_weights=case["tied_embeddings"],
+                position_embedding_type="rope", rotary_percent=1.0)
+            for param in model.parameters():
+                tensor_parallel.set_defaults_if_not_set_tensor_model_parallel_attributes(param)
+            models.append(Float16Module(config, model))
+        ddps = [DistributedDataParallel(
             config, model,
             data_parallel_group=parallel_state.get_data_parallel_group(with_context_parallel=True),
             accumulate_allreduce_grads_in_fp32=True,
             overlap_grad_reduce=case["overlap_grad_reduce"],
             use_distributed_optimizer=True,
             expert_data_parallel_group=parallel_state.get_data_modulo_expert_parallel_group(),
-            disable_bucketing=False, check_for_nan_in_grad=True, bucket_size=bucket_size)
+            disable_bucketing=(i > 0), check_for_nan_in_grad=True, bucket_size=bucket_size)
+            for i, model in enumerate(models)]
 
         # ---- optimizer (setup_model_and_optimizer) ----
         opt_config = OptimizerConfig(
@@ -316,8 +358,7 @@ def _main(rank, world_size, port, case, out_dir: Path, save: bool, tmp_dir: Path
             params_dtype=torch.bfloat16, adam_beta1=BETAS[0], adam_beta2=BETAS[1], adam_eps=ADAM_EPS,
             use_distributed_optimizer=True, overlap_grad_reduce=case["overlap_grad_reduce"],
             overlap_param_gather=False, clip_grad=CLIP_GRAD)
-        optimizer = get_megatron_optimizer(opt_config, [ddp])
-        gbs = MICRO_BATCH_SIZE * NUM_MICROBATCHES * dp
+        optimizer = get_megatron_optimizer(opt_config, ddps)
         scheduler = OptimizerParamScheduler(
             optimizer, max_lr=LR, min_lr=MIN_LR, lr_warmup_steps=0, lr_decay_steps=LR_DECAY_ITERS * gbs,
             lr_decay_style="cosine", start_wd=WEIGHT_DECAY, end_wd=WEIGHT_DECAY,
@@ -328,52 +369,95 @@ def _main(rank, world_size, port, case, out_dir: Path, save: bool, tmp_dir: Path
             # the optimizer state exists (init_state_fn), then the real load_parameter_state fills it
             optimizer.init_state_fn(optimizer.optimizer)
             optimizer.load_parameter_state(case["load_from"])
-            result = _collect(case, ddp, optimizer, bucket_size)
-            torch.distributed.barrier()
-            if rank == 0:
-                torch.save(result, tmp_dir / "result.pt")
-            torch.distributed.barrier()
-            torch.distributed.destroy_process_group()
-            return
+        else:
+            _train(case, ddps, optimizer, scheduler, config, gbs)
+            if save:
+                flops = float(_num_floating_point_operations(
+                    _make_args(case, out_dir, world_size, kv_channels, gbs, bucket_size, iteration), gbs) * iteration)
+                if megatron_args is not None:
+                    # as Megatron-LM's train loop saves: training.save_checkpoint_and_time calls the
+                    # save_checkpoint that training.py imported by name
+                    import megatron.training.training
+                    megatron.training.training.save_checkpoint_and_time(iteration, ddps, optimizer, scheduler, flops)
+                else:
+                    _save(case, out_dir, ddps, optimizer, scheduler, world_size, kv_channels, gbs, bucket_size,
+                          iteration)
 
-        # ---- train (megatron.training.training.train / train_step) ----
-        config.grad_scale_func = optimizer.scale_loss
-        if case["overlap_grad_reduce"]:
-            config.no_sync_func = ddp.no_sync
-        config.finalize_model_grads_func = finalize_model_grads
-        forward_backward = get_forward_backward_func()
-        dp_rank = parallel_state.get_data_parallel_rank()
-        for step in range(case["steps"]):
-            ddp.zero_grad_buffer()
-            optimizer.zero_grad()
-            batches = [_batch_on_this_cp_rank(b) for b in _gpt_batches(case, dp_rank, step, case["vocab"])]
-            forward_backward(
-                forward_step_func=functools.partial(_forward_step, cp), data_iterator=iter(batches),
-                model=[ddp], num_microbatches=NUM_MICROBATCHES, seq_length=SEQ_LENGTH,
-                micro_batch_size=MICRO_BATCH_SIZE, decoder_seq_length=SEQ_LENGTH, forward_only=False)
-            ok, _grad_norm, _ = optimizer.step()
-            if not ok:
-                raise RuntimeError(f"optimizer step {step} was skipped")
-            scheduler.step(increment=gbs)
-        iteration = case["steps"]
-
-        if save:
-            _save(case, out_dir, ddp, optimizer, scheduler, world_size, kv_channels, gbs, bucket_size, iteration)
-
-        result = _collect(case, ddp, optimizer, bucket_size)
+        result = _collect(case, ddps, optimizer, bucket_size)
         torch.distributed.barrier()
         if rank == 0:
+            result["warnings"] = [str(w.message) for w in caught if str(w.message).startswith("ckptmap")]
             torch.save(result, tmp_dir / "result.pt")
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
 
 
-def _save(case, out_dir, ddp, optimizer, scheduler, world_size, kv_channels, gbs, bucket_size, iteration):
+def _train(case, ddps, optimizer, scheduler, config, gbs):
+    """megatron.training.training.train / train_step, ``case["steps"]`` iterations."""
+    import contextlib
+
+    from megatron.core import parallel_state
+    from megatron.core.distributed import finalize_model_grads
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    config.grad_scale_func = optimizer.scale_loss
+    if case["overlap_grad_reduce"]:
+        config.no_sync_func = ddps[0].no_sync if len(ddps) == 1 else [d.no_sync for d in ddps]
+    config.finalize_model_grads_func = finalize_model_grads
+    cp = case["cp"]
+    dp_rank = parallel_state.get_data_parallel_rank()
+    for step in range(case["steps"]):
+        for ddp in ddps:
+            ddp.zero_grad_buffer()
+        optimizer.zero_grad()
+        batches = [_batch_on_this_cp_rank(b) for b in _gpt_batches(case, dp_rank, step, case["vocab"])]
+        if len(ddps) == 1:
+            get_forward_backward_func()(
+                forward_step_func=functools.partial(_forward_step, cp), data_iterator=iter(batches),
+                model=ddps, num_microbatches=NUM_MICROBATCHES, seq_length=SEQ_LENGTH,
+                micro_batch_size=MICRO_BATCH_SIZE, decoder_seq_length=SEQ_LENGTH, forward_only=False)
+        else:
+            # Model chunks on one rank (virtual pipelining without a pipeline): the chunks run one
+            # after the other in one autograd graph, set_input_tensor carrying the hidden states,
+            # the loss scaled like the schedules do; grads sync for every chunk at the end.
+            for mb, batch in enumerate(batches):
+                last = mb == len(batches) - 1
+                with contextlib.ExitStack() as stack:
+                    if case["overlap_grad_reduce"] and not last:
+                        for ddp in ddps:
+                            stack.enter_context(ddp.no_sync())
+                    hidden = None
+                    for i, ddp in enumerate(ddps):
+                        parallel_state.set_virtual_pipeline_model_parallel_rank(i)
+                        if i > 0:
+                            ddp.module.set_input_tensor(hidden)
+                        hidden = ddp(batch["tokens"], batch["position_ids"], batch["attention_mask"],
+                                     labels=batch["labels"] if i == len(ddps) - 1 else None)
+                    loss, _ = _loss_func(cp, batch["loss_mask"], hidden)
+                    optimizer.scale_loss(loss / NUM_MICROBATCHES).backward()
+            finalize_model_grads(ddps)
+        ok, _grad_norm, _ = optimizer.step()
+        if not ok:
+            raise RuntimeError(f"optimizer step {step} was skipped")
+        scheduler.step(increment=gbs)
+
+
+def _save(case, out_dir, ddps, optimizer, scheduler, world_size, kv_channels, gbs, bucket_size, iteration):
     """megatron.training.checkpointing.save_checkpoint (legacy torch format), tp = pp = 1."""
+    args = _make_args(case, out_dir, world_size, kv_channels, gbs, bucket_size, iteration)
+    flops = float(_num_floating_point_operations(args, gbs) * iteration)
+    save_legacy_checkpoint(out_dir, iteration, ddps, optimizer, scheduler, args, flops)
+
+
+def save_legacy_checkpoint(out_dir, iteration, ddps, optimizer, scheduler, args, flops):
+    """The files Megatron-LM core_r0.6.0's save_checkpoint writes (legacy torch format, tp = pp = 1):
+    ``distrib_optim.pt`` by the optimizer's own save_parameter_state, ``model_optim_rng.pt`` (``model``,
+    or ``model0``, ``model1``, … for several chunks) by DP rank 0, then the tracker file."""
     import numpy as np
     import torch
     from megatron.core import parallel_state, tensor_parallel
 
+    out_dir = Path(out_dir)
     rng_state = [{
         "random_rng_state": random.getstate(),
         "np_rng_state": np.random.get_state(),
@@ -387,17 +471,20 @@ def _save(case, out_dir, ddp, optimizer, scheduler, world_size, kv_channels, gbs
         ckpt_dir.mkdir(parents=True, exist_ok=True)
     optimizer.save_parameter_state(str(ckpt_dir / "distrib_optim.pt"))
     if writer:
-        args = _make_args(case, out_dir, world_size, kv_channels, gbs, bucket_size, iteration)
         state_dict = {}
         state_dict["args"] = args
         state_dict["checkpoint_version"] = 3.0
         state_dict["iteration"] = iteration
-        state_dict["model"] = ddp.state_dict_for_save_checkpoint()
+        if len(ddps) == 1:
+            state_dict["model"] = ddps[0].state_dict_for_save_checkpoint()
+        else:
+            for i, ddp in enumerate(ddps):
+                parallel_state.set_virtual_pipeline_model_parallel_rank(i)
+                state_dict[f"model{i}"] = ddp.state_dict_for_save_checkpoint()
         state_dict["optimizer"] = optimizer.state_dict()
         state_dict["opt_param_scheduler"] = scheduler.state_dict()
         state_dict["rng_state"] = rng_state
-        state_dict["num_floating_point_operations_so_far"] = float(
-            _num_floating_point_operations(args, gbs) * iteration)
+        state_dict["num_floating_point_operations_so_far"] = flops
         torch.save(state_dict, ckpt_dir / "model_optim_rng.pt")
     torch.distributed.barrier()
     if torch.distributed.get_rank() == 0:
@@ -415,28 +502,30 @@ def _flatten_keys(d, prefix=""):
     return out
 
 
-def _collect(case, ddp, optimizer, bucket_size):
+def _collect(case, ddps, optimizer, bucket_size):
     """Buffer layout from the real buffers, and the live optimizer state stitched from all ranks."""
     import torch
 
     # Names as the MindSpeed param_map patch records them: the DDP's param_to_name, i.e. the
     # names of DDP.module (Megatron's Float16Module) = "module." + the GPTModel parameter name.
-    name_of = {p: n for n, p in ddp.module.named_parameters()}
+    names_of = [{p: n for n, p in ddp.module.named_parameters()} for ddp in ddps]
+    chunk_of = {p: (v, n) for v, name_of in enumerate(names_of) for p, n in name_of.items()}
     layout = {
         "param_index_map": [{name_of[p]: tuple(int(x) for x in idx) for p, idx in buf.param_index_map.items()}
-                            for buf in ddp.buffers],
-        "bucket_indices": [[(int(s), int(e)) for s, e in buf.bucket_indices] for buf in ddp.buffers],
+                            for ddp, name_of in zip(ddps, names_of) for buf in ddp.buffers],
+        "bucket_indices": [[(int(s), int(e)) for s, e in buf.bucket_indices] for ddp in ddps for buf in ddp.buffers],
+        "buffer_chunk": [v for v, ddp in enumerate(ddps) for _ in ddp.buffers],
         "per_bucket_numel": [dict(d) for d in optimizer.per_bucket_numel],
         "per_bucket_numel_unpadded": [dict(d) for d in optimizer.per_bucket_numel_unpadded],
     }
-    # Each rank's owned pieces: (name, start, end) inside the flattened parameter, from the
+    # Each rank's owned pieces: (chunk, name, start, end) inside the flattened parameter, from the
     # optimizer's own model-param -> shard maps, with the fp32 main shard and the Adam moments.
     pieces = []
     for model_group, main_group in zip(optimizer.model_float16_groups, optimizer.shard_fp32_from_float16_groups):
         for model_param, main_param in zip(model_group, main_group):
             sub = optimizer._get_model_param_range_map(model_param)["param"]
             state = optimizer.optimizer.state[main_param]
-            pieces.append((name_of[model_param], sub.start, sub.end, main_param.detach().clone(),
+            pieces.append((*chunk_of[model_param], sub.start, sub.end, main_param.detach().clone(),
                            state["exp_avg"].detach().clone(), state["exp_avg_sq"].detach().clone()))
     if optimizer.model_fp32_groups and any(optimizer.model_fp32_groups):
         raise RuntimeError("unexpected fp32 model params (the harness trains bf16)")
@@ -451,37 +540,55 @@ def _collect(case, ddp, optimizer, bucket_size):
         if other != layout:
             raise RuntimeError(f"rank {r}'s buffer layout differs from rank 0's:\n{other}\n{layout}")
 
-    params = dict(ddp.module.named_parameters())
-    live = {}
-    for name, p in params.items():
-        n = p.numel()
-        live[name] = {k: torch.zeros(n, dtype=torch.float32) for k in ("param", "exp_avg", "exp_avg_sq")}
-        live[name]["_count"] = torch.zeros(n, dtype=torch.int32)
+    params = [dict(ddp.module.named_parameters()) for ddp in ddps]
+    live = [{} for _ in ddps]
+    for v, chunk_params in enumerate(params):
+        for name, p in chunk_params.items():
+            n = p.numel()
+            live[v][name] = {k: torch.zeros(n, dtype=torch.float32) for k in ("param", "exp_avg", "exp_avg_sq")}
+            live[v][name]["_count"] = torch.zeros(n, dtype=torch.int32)
     for _, rank_pieces in gathered:
-        for name, start, end, main, m, v in rank_pieces:
-            slot = live[name]
-            for key, t in (("param", main), ("exp_avg", m), ("exp_avg_sq", v)):
+        for v, name, start, end, main, m, s in rank_pieces:
+            slot = live[v][name]
+            for key, t in (("param", main), ("exp_avg", m), ("exp_avg_sq", s)):
                 assert t.numel() == end - start, (name, start, end, t.shape)
                 slot[key][start:end] = t
             slot["_count"][start:end] += 1
-    for name, slot in live.items():
-        count = slot.pop("_count")
-        if not bool((count == 1).all()):
-            bad = (count != 1).nonzero().flatten()[:10].tolist()
-            raise RuntimeError(f"{name}: elements {bad} covered {count[bad].tolist()} times, not once")
-        for key in list(slot):
-            slot[key] = slot[key].view(params[name].shape)
+    for v, chunk_live in enumerate(live):
+        for name, slot in chunk_live.items():
+            count = slot.pop("_count")
+            if not bool((count == 1).all()):
+                bad = (count != 1).nonzero().flatten()[:10].tolist()
+                raise RuntimeError(f"chunk {v} {name}: elements {bad} covered {count[bad].tolist()} times, not once")
+            for key in list(slot):
+                slot[key] = slot[key].view(params[v][name].shape)
 
-    return {
-        **{k: layout[k] for k in ("param_index_map",)},
-        "param_dtype": {n: str(p.dtype).replace("torch.", "") for n, p in params.items()},
-        "shapes": {n: tuple(p.shape) for n, p in params.items()},
+    from megatron.core import parallel_state
+    state_dict_orders = []
+    for v, ddp in enumerate(ddps):
+        if len(ddps) > 1:
+            parallel_state.set_virtual_pipeline_model_parallel_rank(v)
+        state_dict_orders.append(_flatten_keys(ddp.state_dict_for_save_checkpoint()))
+    per_chunk = [{
+        "param_index_map": [m for m, c in zip(layout["param_index_map"], layout["buffer_chunk"]) if c == v],
+        "bucket_indices": [b for b, c in zip(layout["bucket_indices"], layout["buffer_chunk"]) if c == v],
+        "param_dtype": {n: str(p.dtype).replace("torch.", "") for n, p in params[v].items()},
+        "shapes": {n: tuple(p.shape) for n, p in params[v].items()},
+        "registration_order": [names_of[v][p] for p in ddp.module.parameters()],
+        "state_dict_order": state_dict_orders[v],
+        "live": live[v],
+    } for v, ddp in enumerate(ddps)]
+    result = {
+        "param_index_map": layout["param_index_map"],
         "bucket_indices": layout["bucket_indices"],
+        "buffer_chunk": layout["buffer_chunk"],
         "per_bucket_numel": layout["per_bucket_numel"],
         "per_bucket_numel_unpadded": layout["per_bucket_numel_unpadded"],
-        "registration_order": [name_of[p] for p in ddp.module.parameters()],
-        "state_dict_order": _flatten_keys(ddp.state_dict_for_save_checkpoint()),
-        "live": live,
+        "chunks": per_chunk,
         "ddp_bucket_size": bucket_size,
         "overlap_grad_reduce": bool(case["overlap_grad_reduce"]),
     }
+    if len(ddps) == 1:  # names are unique only within a chunk
+        for key in ("param_dtype", "shapes", "registration_order", "state_dict_order", "live"):
+            result[key] = per_chunk[0][key]
+    return result
