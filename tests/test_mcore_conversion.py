@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from ckptmap.cli import main
-from mcore_harness import Case, run_case
+from mcore_harness import Case, HarnessError, run_case
+from test_hooks_megatron import hook_setup
 
 
 def random_cases(n, seed=1234):
@@ -73,8 +74,19 @@ def test_real_load_parameter_state_reads_ms2pt_output(case, tmp_path):
     assert main(["pt2ms", "--megatron-path", str(a), "--ms-path", str(b), "--no-progress"]) == 0
     assert main(["ms2pt", "--ms-path", str(b), "--megatron-path", str(c), "--no-progress"]) == 0
     produced = c / "iter_0000001" / "mp_rank_00" / "distrib_optim.pt"
-    loaded = run_case(case, tmp_path / "unused", load_from=produced)
+    # C carries the (derived) param_map in its iter dir, so ckptmap's Megatron load hook checks it too
+    assert sorted(p.name for p in (c / "iter_0000001" / "param_map").iterdir()) == [
+        f"param_map_buffer0_dp{d}tp0pp0vpp0.json" for d in range(case.dp)]
+    loaded = run_case(case, tmp_path / "unused", load_from=produced, rank_setup=hook_setup, megatron_training=True)
     for name, states in truth["live"].items():
         for state in ("param", "exp_avg", "exp_avg_sq"):
             assert np.array_equal(loaded["live"][name][state].numpy().view(np.uint32),
                                   states[state].numpy().view(np.uint32)), (state, name)
+    # and the hook really checks it: a param_map that swaps two parameters is refused
+    for path in (c / "iter_0000001" / "param_map").iterdir():
+        entries = list(json.loads(path.read_text()).items())
+        (k0, v0), (k1, v1) = entries[0], entries[1]
+        entries[0], entries[1] = (k1, v0), (k0, v1)
+        path.write_text(json.dumps(dict(entries)))
+    with pytest.raises(HarnessError, match=f"first differ at parameter {k1}"):
+        run_case(case, tmp_path / "unused2", load_from=produced, rank_setup=hook_setup, megatron_training=True)

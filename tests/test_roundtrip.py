@@ -14,7 +14,7 @@ from conftest import FIXTURE_NAMES, fixture_dir
 
 
 def rank_dirs(root):
-    return sorted(p.relative_to(root) for p in (root / "iter_0000001").iterdir())
+    return sorted(p.relative_to(root) for p in (root / "iter_0000001").glob("mp_rank_*"))
 
 
 def convert_and_back(fixture, tmp_path, *extra, fmt="ckpt", layout="v1"):
@@ -38,6 +38,11 @@ def test_full_round_trip_is_byte_identical(name, fmt, layout, tmp_path):
     for rank in rank_dirs(a):
         for f in ("distrib_optim.pt", "model_optim_rng.pt"):
             assert filecmp.cmp(a / rank / f, c / rank / f, shallow=False), f"{rank}/{f} differs"
+    # C describes its own bucket layout, as a checkpoint saved under ckptmap.hooks.megatron does
+    maps = sorted(p.name for p in (a / "param_map").iterdir())
+    assert sorted(p.name for p in (c / "iter_0000001" / "param_map").iterdir()) == maps
+    for name in maps:
+        assert (c / "iter_0000001" / "param_map" / name).read_bytes() == (a / "param_map" / name).read_bytes()
 
 
 @pytest.mark.parametrize("name", FIXTURE_NAMES)

@@ -202,11 +202,13 @@ def compile_pt2ms(opt: Pt2MsOptions) -> Plan:
                                       explicit_maps=bool(opt.param_map_path))
             for v, g, bl in buffers:
                 layout_origins.add("param_map" if bl.origin != "derived" else "derived")
-                if bl.origin == "derived":
-                    derived_maps.append(FileTask(
-                        mindspeed.pt_meta_path(megatron.param_map_file_name(
-                            g - min(b[1] for b in buffers if b[0] == v), 0, tp, pp, v)),
-                        "text", text=megatron.param_map_text(bl.slots)))
+                if bl.origin == "derived":  # one file per DP rank, as the training run would have written
+                    text = megatron.param_map_text(bl.slots)
+                    b = g - min(x[1] for x in buffers if x[0] == v)
+                    derived_maps.extend(
+                        FileTask(mindspeed.pt_meta_path(megatron.param_map_file_name(b, d, tp, pp, v)), "text",
+                                 text=text)
+                        for d in range(_arg(args, "data_parallel_size", 1)))
             tasks = _optimizer_tasks(matched, buffers, optim, rules, layout, pp, opt, env, seen)
             scalar_rows = mindspeed.step_scalars(step, opt.layout) + mindspeed.optimizer_scalars(
                 model_file.root.get("optimizer"), model_file.root.get("opt_param_scheduler"), str(model_file.path))

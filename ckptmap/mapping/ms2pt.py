@@ -208,6 +208,10 @@ def compile_ms2pt(opt: Ms2PtOptions) -> Plan:
         if not opt.convert_param_only:
             plan_files.append(_optim_file(meta, rank_dir, matched, layout, pp, tp, rules, ms_file, specs,
                                           param_maps))
+    if not opt.convert_param_only:
+        # the checkpoint describes its own bucket layout, as with ckptmap.hooks.megatron
+        iter_maps = f"{megatron.iter_dir_name(out_iteration)}/{megatron.PARAM_MAP_DIR}"
+        plan_files.extend(FileTask(f"{iter_maps}/{pm.path.name}", "copy", source=str(pm.path)) for pm in param_maps)
     plan_files.append(FileTask(megatron.TRACKER, "text", text=str(out_iteration)))
     info = {"source": str(ms_root), "layout": layout_name, "pt_meta": str(meta_dir), "iteration": out_iteration,
             "rules": rules.name, "tp": tp_found, "pp": pp_found, "vpp": chunks, "num_layers": num_layers,
