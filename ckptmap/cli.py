@@ -228,10 +228,8 @@ def _run(plan, ns) -> int:
 # Commands
 
 
-def cmd_pt2ms(ns) -> int:
-    from ckptmap.mapping.compiler import compile_pt2ms
-
-    plan = compile_pt2ms(_pt2ms_options(ns))
+def show_or_run(plan, ns) -> int:
+    """--dry-run: print the whole plan; else a summary (every tensor with --debug), then run it."""
     if ns.dry_run:
         print_plan(plan)
         return 0
@@ -239,19 +237,12 @@ def cmd_pt2ms(ns) -> int:
     return _run(plan, ns)
 
 
-def cmd_ms2pt(ns) -> int:
-    from ckptmap.mapping.ms2pt import compile_ms2pt
-
-    plan = compile_ms2pt(_ms2pt_options(ns))
-    if ns.dry_run:
-        print_plan(plan)
-        return 0
-    print_plan(plan, detail=ns.debug)
-    return _run(plan, ns)
+def cmd_convert(ns) -> int:
+    return show_or_run(_compile(ns), ns)
 
 
 def _compile(ns):
-    if ns.plan_command == "ms2pt":
+    if (getattr(ns, "plan_command", None) or ns.command) == "ms2pt":
         from ckptmap.mapping.ms2pt import compile_ms2pt
         return compile_ms2pt(_ms2pt_options(ns))
     from ckptmap.mapping.compiler import compile_pt2ms
@@ -351,7 +342,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("pt2ms", help="Megatron checkpoint -> MindSpore checkpoint (flags of convert_pt2ckpt.py).",
                        description="Megatron checkpoint -> MindSpore checkpoint.")
     _add_pt2ms_flags(p)
-    p.set_defaults(func=cmd_pt2ms)
+    p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("plan", help="Compile a conversion plan; --dry-run prints it, -o saves it for `apply`.")
     plan_sub = p.add_subparsers(dest="plan_command", required=True, metavar="CONVERSION")
@@ -367,7 +358,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("ms2pt", help="MindSpore checkpoint -> Megatron checkpoint (flags of convert_ckpt2pt.py).",
                        description="MindSpore checkpoint -> Megatron checkpoint.")
     _add_ms2pt_flags(p)
-    p.set_defaults(func=cmd_ms2pt)
+    p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("apply", help="Run a plan written by `ckptmap plan … -o FILE`.")
     p.add_argument("plan")

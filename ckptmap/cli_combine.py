@@ -64,7 +64,7 @@ def combine_options(ns):
 
 
 def cmd_combine(ns) -> int:
-    from ckptmap.cli import _run, print_plan
+    from ckptmap.cli import show_or_run
     from ckptmap.mapping.combine import compile_combine
 
     plan = compile_combine(combine_options(ns))
@@ -72,11 +72,7 @@ def cmd_combine(ns) -> int:
     print(f"combine: step {info['step']} ({info['step_choice']})"
           + (f"; newer steps not on every rank were ignored: {info['newer_steps_ignored']}"
              if "newer_steps_ignored" in info else ""))
-    if ns.dry_run:
-        print_plan(plan)
-        return 0
-    print_plan(plan, detail=ns.debug)
-    return _run(plan, ns)
+    return show_or_run(plan, ns)
 
 
 def register(sub) -> None:
