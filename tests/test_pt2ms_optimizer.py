@@ -168,3 +168,29 @@ def test_missing_distrib_optim(tmp_path, capsys):
     (source / "iter_0000001/mp_rank_00/distrib_optim.pt").unlink()
     refused(["pt2ms", "--megatron-path", str(source)], capsys, tmp_path / "o",
             "distrib_optim.pt is missing", "--convert-param-only")
+
+
+def test_stale_param_map_next_to_the_checkpoint_falls_back_to_derivation(tmp_path, capsys):
+    """<save>/param_map left by another run (here: as if dp 1, no padding) is not trusted blindly:
+    it does not fit distrib_optim.pt, so the layout is derived, and pt_meta gets the derived maps."""
+    name = "mcore_tp2pp1dp2_buckets"
+    fixture = fixture_dir(name)
+    source = tmp_path / name
+    shutil.copytree(fixture, source, ignore=shutil.ignore_patterns("truth"))
+    for path in (source / "param_map").iterdir():
+        entries = json.loads(path.read_text())
+        pos, fixed = 0, {}
+        for key, (dtype, shape, start, end, bucket) in entries.items():
+            fixed[key] = [dtype, shape, pos, pos + end - start, bucket]
+            pos += end - start
+        path.write_text(json.dumps(fixed))
+    out = tmp_path / "ms"
+    assert main(["pt2ms", "--megatron-path", str(source), "--ms-path", str(out), "--no-progress"]) == 0
+    assert "bucket_layout derived" in capsys.readouterr().out
+    for path in (fixture / "param_map").iterdir():   # the real layout, not the stale one
+        got = json.loads((out / "pt_meta" / path.name).read_text())
+        assert list(got.items()) == list(json.loads(path.read_text()).items())
+    truth = truth_states(fixture, 0, 0)
+    got = load_ms(out / "rank_0" / "network.ckpt", "ckpt")
+    t = truth[("exp_avg", 0, "decoder.layers.2.pre_mlp_layernorm.bias")]
+    assert np.array_equal(got["exp_avg.decoder.layers.2.pre_mlp_layernorm.bias"], t.numpy())

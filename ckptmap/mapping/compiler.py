@@ -189,6 +189,7 @@ def compile_pt2ms(opt: Pt2MsOptions) -> Plan:
     metadata = {"format": "ms"} if opt.format == "safetensors" else {}
     out_files: list[FileTask] = []
     layout_origins = set()
+    used_maps: set[tuple[int, int, int]] = set()
     derived_maps: list[FileTask] = []
     for (tp, pp), matched in matched_per_rank.items():
         model_file = files[(tp, pp)]
@@ -202,7 +203,9 @@ def compile_pt2ms(opt: Pt2MsOptions) -> Plan:
                                       explicit_maps=bool(opt.param_map_path))
             for v, g, bl in buffers:
                 layout_origins.add("param_map" if bl.origin != "derived" else "derived")
-                if bl.origin == "derived":  # one file per DP rank, as the training run would have written
+                if bl.origin != "derived":
+                    used_maps.add((tp, pp, v))
+                else:  # one file per DP rank, as the training run would have written
                     text = megatron.param_map_text(bl.slots)
                     b = g - min(x[1] for x in buffers if x[0] == v)
                     derived_maps.extend(
@@ -227,8 +230,9 @@ def compile_pt2ms(opt: Pt2MsOptions) -> Plan:
             else:
                 out_files.append(FileTask(rel, "copy", source=primary, source_is_output=True))
         out_files.append(_pt_meta_task(model_file, tp, pp, layout, rules, param_maps, inventory[(tp, pp)]))
-    for pm in param_maps:
-        out_files.append(FileTask(mindspeed.pt_meta_path(pm.path.name), "copy", source=str(pm.path)))
+    for pm in param_maps:  # the way back reads pt_meta: keep only the maps this conversion relied on
+        if opt.convert_param_only or (pm.tp, pm.pp, pm.vpp) in used_maps:
+            out_files.append(FileTask(mindspeed.pt_meta_path(pm.path.name), "copy", source=str(pm.path)))
     out_files.extend(derived_maps)
     if opt.layout == "v2":
         out_files.append(FileTask(mindspeed.v2_tracker_path(), "text", text=str(iteration)))
@@ -303,16 +307,26 @@ def _buffer_layouts(rules: RuleSet, args, matched, optim, param_maps, tp, pp, la
                 f"--param-map-path has no param_map_buffer*_dp0tp{tp}pp{pp}vpp{v}.json for tp rank {tp}, pp rank "
                 f"{pp}, chunk {v}; pass the folder with every rank's files, or leave --param-map-path out to "
                 f"derive the layout from the checkpoint")
+        stale = None
         if maps:
-            for pm in maps:
-                if g >= len(optim.buffers):
-                    raise CkptmapError(f"{pm.path}: describes buffer {g} but {optim.path} has "
-                                       f"{len(optim.buffers)}; the param_map belongs to a different run")
-                _, padded, unpadded = optim.buffers[g]
-                entries = megatron.read_param_map(pm.path)
-                out.append((v, g, buckets.buffer_from_param_map(entries, padded, unpadded, str(pm.path))))
-                g += 1
-            continue
+            try:
+                chunk_layouts = []
+                for i, pm in enumerate(maps):
+                    if g + i >= len(optim.buffers):
+                        raise CkptmapError(f"{pm.path}: describes buffer {g + i} but {optim.path} has "
+                                           f"{len(optim.buffers)}; the param_map belongs to a different run")
+                    _, padded, unpadded = optim.buffers[g + i]
+                    entries = megatron.read_param_map(pm.path)
+                    chunk_layouts.append((v, g + i, buckets.buffer_from_param_map(entries, padded, unpadded,
+                                                                                  str(pm.path))))
+            except CkptmapError as e:
+                if explicit_maps:
+                    raise
+                stale = str(e)  # a param_map found lying around may be stale: derive instead
+            else:
+                out.extend(chunk_layouts)
+                g += len(chunk_layouts)
+                continue
         params: dict[str, list[buckets.ParamEntry]] = {}
         for m in matched:
             if m.tensor.chunk == v:
@@ -340,7 +354,8 @@ def _buffer_layouts(rules: RuleSet, args, matched, optim, param_maps, tp, pp, la
                     f"overlap_grad_reduce {env['overlap_grad_reduce']}) gives buckets {tried.per_bucket_numel} "
                     f"(unpadded {tried.per_bucket_numel_unpadded}) but the file has {padded} (unpadded "
                     f"{unpadded}). A param_map is required: pass --param-map-path with the param_map folder "
-                    f"written by the training run")
+                    f"written by the training run"
+                    + (f" (the one found next to the checkpoint does not fit it either: {stale})" if stale else ""))
             out.append((v, g, fitted))
             g += 1
     if g != len(optim.buffers):
