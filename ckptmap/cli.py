@@ -81,6 +81,12 @@ def _add_run_flags(g) -> None:
     g.add_argument("--no-progress", action="store_true", help="No progress bar.")
     g.add_argument("--fsync", action="store_true",
                    help="fsync every file before renaming it into place (durable against power loss; slower).")
+    g.add_argument("--world-size", type=int, default=int(os.environ.get("WORLD_SIZE", 1)),
+                   help="Machines sharing the work (default $WORLD_SIZE, as set by torchrun, else 1); each "
+                        "writes a disjoint part of the plan into the same (shared) output folder.")
+    g.add_argument("--rank", type=int, default=int(os.environ.get("RANK", 0)),
+                   help="This machine's rank among --world-size (default $RANK, else 0); rank 0 writes "
+                        "ckptmap_manifest.json when every rank has finished.")
 
 
 def _add_ms2pt_flags(p: argparse.ArgumentParser) -> None:
@@ -219,7 +225,8 @@ def _run(plan, ns) -> int:
     from ckptmap.execute import run_plan
 
     report = run_plan(plan, processes=ns.process_limit, multiprocess=not ns.multiprocess_off,
-                      timeout=ns.process_timeout, progress=not ns.no_progress, fsync=ns.fsync)
+                      timeout=ns.process_timeout, progress=not ns.no_progress, fsync=ns.fsync,
+                      world_size=ns.world_size, rank=ns.rank)
     print_report(report)
     return EXIT_FAILED if report.failed else 0
 

@@ -8,6 +8,7 @@ Copies of finished outputs (extra DP/CP ranks) run after their originals.
 
 from __future__ import annotations
 
+import json
 import multiprocessing as mp
 import os
 import queue
@@ -220,17 +221,44 @@ class _Progress:
             self.bar.close()
 
 
+def assign_files(plan: Plan, world_size: int) -> list[int]:
+    """The machine (0 … world_size-1) that writes each file: a deterministic largest-first
+    balance of the bytes; copies of an output go with their original (they need it finished)."""
+    owner = [0] * len(plan.files)
+    load = [0] * world_size
+    index_of = {f.path: i for i, f in enumerate(plan.files)}
+    for i in sorted((i for i, f in enumerate(plan.files) if not f.source_is_output),
+                    key=lambda i: (-plan.files[i].nbytes, i)):
+        r = min(range(world_size), key=lambda r: (load[r], r))
+        owner[i] = r
+        load[r] += plan.files[i].nbytes + 1
+    for i, f in enumerate(plan.files):
+        if f.source_is_output:
+            owner[i] = owner[index_of[f.source]]
+    return owner
+
+
+MANIFEST = "ckptmap_manifest.json"
+_DONE_DIR = ".ckptmap-done"
+
+
 def run_plan(plan: Plan, *, processes: int = 1, multiprocess: bool = True, timeout: float | None = None,
-             progress: bool = True, fsync: bool = False) -> RunReport:
-    """Write every file of ``plan``. ``fsync`` makes each file durable before it is renamed into
+             progress: bool = True, fsync: bool = False, world_size: int = 1, rank: int = 0,
+             wait_timeout: float | None = None) -> RunReport:
+    """Write every file of ``plan`` — or, across ``world_size`` machines sharing the output folder,
+    this ``rank``'s part of it; then rank 0 waits for every rank's report and writes
+    ``ckptmap_manifest.json`` last. ``fsync`` makes each file durable before it is renamed into
     place (slower: it waits for the disk); without it a finished name still never holds a partial
     file, but a power loss may lose recent files."""
+    if not 0 <= rank < world_size:
+        raise CkptmapError(f"--rank {rank} is outside --world-size {world_size}; ranks are 0 … {world_size - 1}")
     root = Path(plan.output_root)
     started = time.perf_counter()
-    bar = _Progress(plan.nbytes, progress)
+    mine = [i for i, r in enumerate(assign_files(plan, world_size)) if r == rank]
+    bar = _Progress(sum(plan.files[i].nbytes for i in mine), progress)
     # copies of outputs need their originals first
-    phases = [[i for i, f in enumerate(plan.files) if not f.source_is_output],
-              [i for i, f in enumerate(plan.files) if f.source_is_output]]
+    phases = [[i for i in mine if not plan.files[i].source_is_output],
+              [i for i in mine if plan.files[i].source_is_output]]
     results: dict[int, FileResult] = {}
     try:
         for phase in phases:
@@ -244,7 +272,42 @@ def run_plan(plan: Plan, *, processes: int = 1, multiprocess: bool = True, timeo
     finally:
         bar.close()
     ordered = [results[i] for i in sorted(results)]
+    if world_size > 1:
+        ordered = _finish_distributed(plan, root, ordered, world_size, rank, wait_timeout)
     return RunReport(ordered, time.perf_counter() - started)
+
+
+def _finish_distributed(plan, root: Path, mine: list[FileResult], world_size: int, rank: int,
+                        wait_timeout) -> list[FileResult]:
+    """Each rank reports its files in ``.ckptmap-done/``; rank 0 gathers the reports, writes the
+    manifest of the whole output, and returns every rank's results (so its exit code covers all)."""
+    done = root / _DONE_DIR
+    done.mkdir(parents=True, exist_ok=True)
+    report = done / f"rank{rank}-of-{world_size}.json"
+    tmp = report.with_name(report.name + TMP_MARK)
+    tmp.write_text(json.dumps([attrs.asdict(r) for r in mine]))
+    os.replace(tmp, report)
+    if rank != 0:
+        return mine
+    deadline = None if wait_timeout is None else time.monotonic() + wait_timeout
+    reports = [done / f"rank{r}-of-{world_size}.json" for r in range(world_size)]
+    while not all(p.is_file() for p in reports):
+        if deadline is not None and time.monotonic() > deadline:
+            missing = [str(r) for r, p in enumerate(reports) if not p.is_file()]
+            raise CkptmapError(f"rank 0 waited {wait_timeout:g} s for ranks {', '.join(missing)} of {world_size} to "
+                               f"finish writing {root}; their files may be incomplete — rerun those ranks "
+                               f"(same plan, --rank R) and then rank 0")
+        time.sleep(0.5)
+    results = [FileResult(**r) for p in reports for r in json.loads(p.read_text())]
+    manifest = {"kind": plan.kind, "info": plan.info, "world_size": world_size,
+                "complete": all(r.ok for r in results) and len(results) == len(plan.files),
+                "files": {r.path: {"ok": r.ok, "bytes": (root / r.path).stat().st_size if r.ok else None,
+                                   "error": r.error or None} for r in results}}
+    tmp = root / (MANIFEST + TMP_MARK)
+    tmp.write_text(json.dumps(manifest, indent=1))
+    os.replace(tmp, root / MANIFEST)
+    shutil.rmtree(done, ignore_errors=True)
+    return results
 
 
 def _run_inline(task: FileTask, root: Path, bar: _Progress, fsync: bool) -> FileResult:

@@ -139,3 +139,34 @@ def test_inspect_lists_pt_and_ckpt(source, tmp_path, capsys):
     rows = [l.split(None, 2) for l in capsys.readouterr().out.splitlines()]
     assert ["language_model.encoder.layers.1.mlp.mapping.weight", "float32", "[96, 64]"] in rows
     assert ["step_num", "int64", "[]"] in rows
+
+
+def test_two_machines_split_the_plan_and_rank0_writes_the_manifest(source, tmp_path, capsys):
+    """--world-size 2: each rank writes a disjoint part into the shared output; the union equals a
+    single-machine run byte for byte, and rank 0 writes the manifest once every rank reported."""
+    root, _ = source
+    single, split = tmp_path / "single", tmp_path / "split"
+    common = ["pt2ms", "--megatron-path", str(root), "--convert-param-only", "--no-progress",
+              "--generate-all-dp-cp", "--dp-size", "2"]
+    assert main(common + ["--ms-path", str(single)]) == 0
+    plan = compile_pt2ms(Pt2MsOptions(str(root), str(split), convert_param_only=True, generate_all_dp_cp=True,
+                                      dp_size=2))
+    owner = execute.assign_files(plan, 2)
+    assert set(owner) == {0, 1}
+    index = {f.path: i for i, f in enumerate(plan.files)}
+    for i, f in enumerate(plan.files):
+        if f.source_is_output:
+            assert owner[i] == owner[index[f.source]]   # a copy runs where its original is written
+    assert main(common + ["--ms-path", str(split), "--world-size", "2", "--rank", "1"]) == 0
+    assert not (split / execute.MANIFEST).exists()
+    written_by_1 = set(files_under(split))
+    assert written_by_1 and written_by_1 != set(files_under(single))
+    assert main(common + ["--ms-path", str(split), "--world-size", "2", "--rank", "0"]) == 0
+    assert set(files_under(split)) == set(files_under(single)) | {execute.MANIFEST}
+    for f in files_under(single):
+        if f.endswith(".ckpt"):
+            assert (split / f).read_bytes() == (single / f).read_bytes(), f
+    manifest = json.loads((split / execute.MANIFEST).read_text())
+    assert manifest["complete"] and manifest["world_size"] == 2
+    assert set(manifest["files"]) == {f.path for f in plan.files}
+    assert all(e["ok"] and e["bytes"] == (split / p).stat().st_size for p, e in manifest["files"].items())
