@@ -821,8 +821,9 @@ class _Unpickler(pickle.Unpickler):
 
 def _unpickle(archive: _Archive, materialize: bool, bases: dict):
     data = archive.read_record("data.pkl")
+    unpickler = _Unpickler(data, archive, materialize, bases)
     try:
-        return _Unpickler(data, archive, materialize, bases).run()
+        return unpickler.run()
     except CkptmapError:
         raise
     except RecursionError:
@@ -832,6 +833,11 @@ def _unpickle(archive: _Archive, materialize: bool, bases: dict):
         raise CkptmapError(f"{archive.path} has a malformed pickle in {archive.prefix}data.pkl "
                            f"({type(e).__name__}: {str(e)[:300]}); expected the object graph torch.save "
                            f"writes — the file is corrupt or not a torch checkpoint, save it again") from None
+    finally:
+        # the unpickler refers to itself (bound methods): without this the archive's map, and its
+        # file handle, would live until the next garbage collection, and thousands of rank files
+        # would exhaust the process's file handles
+        unpickler.__dict__.clear()
 
 
 def _base(archive: _Archive, bases: dict, key: str) -> torch.Tensor:

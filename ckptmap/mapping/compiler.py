@@ -128,7 +128,10 @@ def compile_pt2ms(opt: Pt2MsOptions) -> Plan:
     if pp_size > 1 and not ckdir.has_pp_suffix:
         raise CkptmapError(f"{ckdir.root}: mp_rank directories without a PP suffix but PP {pp_size}")
 
-    files = {key: megatron.ModelFile(d / megatron.MODEL_FILE) for key, d in sorted(ckdir.ranks.items())}
+    files = {}
+    for key, d in sorted(ckdir.ranks.items()):
+        files[key] = megatron.ModelFile(d / megatron.MODEL_FILE)
+        files[key].close()  # only the object tree is needed here; a map per rank would exhaust file handles
     first = files[(0, 0)]
     args = first.args
     inventory = {key: f.tensors() for key, f in files.items()}
@@ -199,6 +202,7 @@ def compile_pt2ms(opt: Pt2MsOptions) -> Plan:
             scalar_rows = mindspeed.step_scalars(step, opt.layout)
         else:
             optim = megatron.OptimFile(ckdir.ranks[(tp, pp)] / megatron.OPTIM_FILE)
+            optim.close()
             buffers = _buffer_layouts(rules, args, matched, optim, param_maps, tp, pp, layout,
                                       explicit_maps=bool(opt.param_map_path))
             for v, g, bl in buffers:
