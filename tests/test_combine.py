@@ -10,7 +10,6 @@ of each bucket. Padding positions hold a sentinel (-7.0), so a merge that reads 
 """
 
 import json
-import math
 import shutil
 from pathlib import Path
 
@@ -19,20 +18,12 @@ import numpy as np
 import pytest
 
 from ckptmap.cli import main
+from mindspeed_reference import key_of, reference_layout
 
 SENTINEL = np.float32(-7.0)
-ITEMSIZE = {"bfloat16": 2, "float32": 4}
 STATES = ("", "exp_avg", "exp_avg_sq")
 HIDDEN = 16
 BUCKET_SIZE = 1000  # elements
-
-
-def round_up(n, m):
-    return -(-n // m) * m
-
-
-def key_of(state, name):
-    return f"{state}.{name}" if state else name
 
 
 # ------------------------------------------------------------------------------------------------
@@ -66,29 +57,7 @@ def zero3_params(pp):
 
 def mindspeed_buffers(params, dp, bucket_size=BUCKET_SIZE):
     """{buffer index: (slots [(name, shape, dtype, start, end, bucket)], buckets [(padded, unpadded)])}."""
-    dtypes = list(dict.fromkeys(d for _, _, d in params))
-    out = {}
-    for i, dtype in enumerate(dtypes):
-        align = 512 // ITEMSIZE[dtype]
-        pad = dp * 512 // ITEMSIZE[dtype]
-        slots, buckets = [], []
-        pos = bucket_start = 0
-        open_ = False
-        for name, shape, d in reversed([p for p in params if p[2] == dtype]):
-            start, end = pos, pos + math.prod(shape)
-            slots.append((name, shape, dtype, start, end, len(buckets)))
-            pos = round_up(end, align)
-            open_ = True
-            if pos - bucket_start >= bucket_size:
-                padded = round_up(pos, pad)
-                buckets.append((padded - bucket_start, pos - bucket_start))
-                bucket_start = pos = padded
-                open_ = False
-        if open_:
-            padded = round_up(pos, pad)
-            buckets.append((padded - bucket_start, pos - bucket_start))
-        out[i] = (slots, buckets)
-    return out
+    return reference_layout(params, dp, bucket_size)
 
 
 def shard_info_json(dp_ranks, buffers, zero3):

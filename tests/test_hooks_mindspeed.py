@@ -18,7 +18,6 @@ Truth is built here, independently of ckptmap's bucket engine, from formats.md ย
 
 import importlib
 import json
-import math
 from pathlib import Path
 
 import mindspore as ms
@@ -30,23 +29,15 @@ from mindspore.train import CheckpointConfig, Model, ModelCheckpoint
 from mindspore.train import serialization
 
 from ckptmap.cli import main
+from mindspeed_reference import key_of, reference_layout
 from ckptmap.errors import CkptmapError
 from ckptmap.formats import opt_shard_info as osi
 from ckptmap.hooks import mindspeed as hook
 
 ORIGINAL_SAVE = serialization.save_checkpoint
 SENTINEL = np.float32(-7.0)
-ITEMSIZE = {"bfloat16": 2, "float32": 4}
 STATES = ("", "exp_avg", "exp_avg_sq")
 H, VOCAB, FFN = 16, 40, 64
-
-
-def round_up(n, m):
-    return -(-n // m) * m
-
-
-def key_of(state, name):
-    return f"{state}.{name}" if state else name
 
 
 # ------------------------------------------------------------------------------------------------
@@ -140,29 +131,9 @@ def test_network_is_what_the_test_claims():
 
 def expected_layout(params, dp, bucket_size=None, zero3=()):
     """{buffer: ([(name, shape, dtype, start, end, bucket)], [(padded, unpadded)])}, formats.md ยง3.4."""
-    params = [p for p in params if p[0] not in zero3]
-    order = list(dict.fromkeys(d for _, _, d in params))
-    out = {}
-    for i, dtype in enumerate(order):
-        align, pad = 512 // ITEMSIZE[dtype], dp * 512 // ITEMSIZE[dtype]
-        slots, buckets = [], []
-        pos = bucket_start = 0
-        open_ = False
-        for name, shape, d in reversed([p for p in params if p[2] == dtype]):
-            start, end = pos, pos + math.prod(shape)
-            slots.append((name, list(shape), dtype, start, end, len(buckets)))
-            pos = round_up(end, align)
-            open_ = True
-            if bucket_size is not None and pos - bucket_start >= bucket_size:
-                padded = round_up(pos, pad)
-                buckets.append((padded - bucket_start, pos - bucket_start))
-                bucket_start = pos = padded
-                open_ = False
-        if open_:
-            padded = round_up(pos, pad)
-            buckets.append((padded - bucket_start, pos - bucket_start))
-        out[i] = (slots, buckets)
-    return out
+    layout = reference_layout(params, dp, bucket_size, zero3)
+    return {i: ([(n, list(shape), *rest) for n, shape, *rest in slots], buckets)
+            for i, (slots, buckets) in layout.items()}
 
 
 def assert_json_is_layout(info, dp_ranks, layout, zero3=()):

@@ -123,18 +123,24 @@ def refused(argv, capsys, out, *words):
     assert not out.exists()
 
 
+def as_if_dp1(param_map_dir, out_dir):
+    """The param_map files of ``param_map_dir`` as a run without bucket padding (dp 1) would have
+    written them: every parameter right after the previous one."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for path in list(param_map_dir.iterdir()):
+        entries = json.loads(path.read_text())
+        pos, fixed = 0, {}
+        for key, (dtype, shape, start, end, bucket) in entries.items():
+            fixed[key] = [dtype, shape, pos, pos + end - start, bucket]
+            pos += end - start
+        (out_dir / path.name).write_text(json.dumps(fixed))
+
+
 def test_param_map_from_other_dp_is_refused(tmp_path, capsys):
     """A param_map written with dp 1 has no bucket padding: bucket 1 would start one element early."""
     fixture = fixture_dir("mcore_tp2pp1dp2_buckets")
     maps = tmp_path / "param_map"
-    maps.mkdir()
-    for path in (fixture / "param_map").iterdir():
-        entries = json.loads(path.read_text())
-        pos, fixed = 0, {}
-        for name, (dtype, shape, start, end, bucket) in entries.items():
-            fixed[name] = [dtype, shape, pos, pos + end - start, bucket]
-            pos += end - start
-        (maps / path.name).write_text(json.dumps(fixed))
+    as_if_dp1(fixture / "param_map", maps)
     refused(["pt2ms", "--megatron-path", str(fixture), "--param-map-path", str(maps)], capsys, tmp_path / "o",
             "module.decoder.layers.2.pre_mlp_layernorm.bias", "expected the parameter at element 10396",
             "different run")
@@ -177,13 +183,7 @@ def test_stale_param_map_next_to_the_checkpoint_falls_back_to_derivation(tmp_pat
     fixture = fixture_dir(name)
     source = tmp_path / name
     shutil.copytree(fixture, source, ignore=shutil.ignore_patterns("truth"))
-    for path in (source / "param_map").iterdir():
-        entries = json.loads(path.read_text())
-        pos, fixed = 0, {}
-        for key, (dtype, shape, start, end, bucket) in entries.items():
-            fixed[key] = [dtype, shape, pos, pos + end - start, bucket]
-            pos += end - start
-        path.write_text(json.dumps(fixed))
+    as_if_dp1(source / "param_map", source / "param_map")
     out = tmp_path / "ms"
     assert main(["pt2ms", "--megatron-path", str(source), "--ms-path", str(out), "--no-progress"]) == 0
     assert "bucket_layout derived" in capsys.readouterr().out
