@@ -18,7 +18,7 @@ import torch
 
 from ckptmap import dtypes
 from ckptmap.errors import CkptmapError
-from ckptmap.formats import mindspeed, registry, torch_zip
+from ckptmap.formats import megatron, mindspeed, registry, torch_zip
 
 TENSOR_SUFFIXES = (".pt", ".ckpt", ".safetensors")
 
@@ -158,10 +158,6 @@ def pair_files(left: Path, right: Path) -> tuple[list[tuple[Path, Path]], list[s
 # Across frameworks
 
 
-def _is_megatron_dir(path: Path) -> bool:
-    return path.is_dir() and (any(path.glob("iter_*/mp_rank_*")) or any(path.glob("mp_rank_*")))
-
-
 def compare_across(megatron_dir: Path, ms_dir: Path, rules: str) -> list[FileReport]:
     """The pt2ms plan for ``megatron_dir``, evaluated in memory, against the files of ``ms_dir``."""
     from ckptmap.execute import expected_tensor, _Sources
@@ -182,7 +178,8 @@ def compare_across(megatron_dir: Path, ms_dir: Path, rules: str) -> list[FileRep
         dtype = probe.spec(weight)[0] if weight else "float32"
     finally:
         probe.close()
-    meta_args = sorted(ms_dir.glob("pt_meta/args_*.pt"))
+    meta_dir = ms_dir / mindspeed.PT_META_DIR
+    meta_args = sorted(p for p in meta_dir.glob("*.pt") if mindspeed.parse_pt_meta_args_name(p.name))
     dp = None
     if layout == "v1" and meta_args:
         args = torch_zip.read_objects(meta_args[0]).get("args")
@@ -228,9 +225,9 @@ def verify(left, right, rules: str = "auto") -> list[FileReport]:
     for p in (left, right):
         if not p.exists():
             raise CkptmapError(f"{p} does not exist")
-    if _is_megatron_dir(left) and not _is_megatron_dir(right) and right.is_dir():
+    if megatron.looks_like_checkpoint(left) and not megatron.looks_like_checkpoint(right) and right.is_dir():
         return compare_across(left, right, rules)
-    if _is_megatron_dir(right) and not _is_megatron_dir(left) and left.is_dir():
+    if megatron.looks_like_checkpoint(right) and not megatron.looks_like_checkpoint(left) and left.is_dir():
         return compare_across(right, left, rules)
     pairs, only_left, only_right = pair_files(left, right)
     reports = [compare_files(a, b) for a, b in pairs]

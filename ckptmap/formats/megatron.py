@@ -79,6 +79,12 @@ class CheckpointDir:
         return 1 + max(pp for _, pp in self.ranks)
 
 
+def looks_like_checkpoint(path) -> bool:
+    """A save root or iteration folder of a Megatron checkpoint (it has mp_rank_* folders)."""
+    path = Path(path)
+    return path.is_dir() and (any(path.glob("iter_*/mp_rank_*")) or any(path.glob("mp_rank_*")))
+
+
 def open_checkpoint_dir(path) -> CheckpointDir:
     """Accept an ``iter_*`` directory, or a save root holding the tracker file."""
     path = Path(path)
