@@ -177,7 +177,7 @@ class ModelTensor:
     shape: tuple[int, ...]
 
 
-def _chunk_keys(root: dict, path) -> list[tuple[str, int]]:
+def model_chunk_keys(root: dict, path) -> list[tuple[str, int]]:
     if "model" in root:
         return [("model", 0)]
     keys = sorted((k for k in root if isinstance(k, str) and k.startswith("model") and k[5:].isdigit()),
@@ -280,7 +280,7 @@ class ModelFile(PtFile):
             raise CkptmapError(f"{self.path} holds a {type(self.root).__name__}, not the dict Megatron saves")
 
     def chunks(self) -> list[tuple[str, int]]:
-        return _chunk_keys(self.root, self.path)
+        return model_chunk_keys(self.root, self.path)
 
     def tensors(self) -> list[ModelTensor]:
         out: list[ModelTensor] = []
@@ -430,7 +430,7 @@ def build_pt_meta(model_path, optim_path, keys, extra) -> dict:
     if missing:
         raise CkptmapError(f"{model_path} lacks {', '.join(missing)}; it changed since the plan was made")
     zf = torch_zip.TorchZipFile(model_path)
-    chunk_keys = {k for k, _ in _chunk_keys(loaded, model_path)}
+    chunk_keys = {k for k, _ in model_chunk_keys(loaded, model_path)}
     refs: list = []
     skeleton = type(loaded)()
     for k, v in loaded.items():

@@ -51,7 +51,7 @@ class Pt2MsOptions:
     crc: bool = False
 
 
-def _listing(names, limit=MAX_LISTED) -> str:
+def listing(names, limit=MAX_LISTED) -> str:
     names = list(names)
     shown = ", ".join(names[:limit])
     return shown + (f", … ({len(names) - limit} more)" if len(names) > limit else "")
@@ -64,7 +64,7 @@ class _Matched:
     bindings: dict
 
 
-def _match(rules: RuleSet, tensors, path) -> tuple[list[_Matched], list[str]]:
+def match_rules(rules: RuleSet, tensors, path) -> tuple[list[_Matched], list[str]]:
     matched, unmatched = [], []
     for t in tensors:
         hits = [(r, b) for r in rules.params if (b := r.megatron.match(t.name)) is not None]
@@ -79,13 +79,13 @@ def _match(rules: RuleSet, tensors, path) -> tuple[list[_Matched], list[str]]:
     return matched, unmatched
 
 
-def _choose_rules(option: str, tensors, path) -> RuleSet:
+def choose_rules(option: str, tensors, path) -> RuleSet:
     if option != AUTO_RULES:
         return resolve_rules(option)
     fits = []
     for name, rules_path in bundled_rules().items():
         rules = load_rules(rules_path)
-        _, unmatched = _match(rules, tensors, path)
+        _, unmatched = match_rules(rules, tensors, path)
         if not unmatched:
             fits.append(rules)
     if len(fits) == 1:
@@ -93,13 +93,13 @@ def _choose_rules(option: str, tensors, path) -> RuleSet:
     if not fits:
         raise CkptmapError(
             f"no bundled rules describe the model in {path} (first tensors: "
-            f"{_listing([t.name for t in tensors], 5)}); write a .rules file for it and pass --rules PATH "
+            f"{listing([t.name for t in tensors], 5)}); write a .rules file for it and pass --rules PATH "
             f"(`ckptmap rules list` shows the bundled ones)")
     raise CkptmapError(f"several bundled rules fit {path} ({', '.join(r.name for r in fits)}); choose one "
                        f"with --rules")
 
 
-def _check_size(flag: str, given, found, what: str):
+def check_size(flag: str, given, found, what: str):
     if given is not None and given != found:
         raise CkptmapError(f"{flag} {given} disagrees with the checkpoint: {what} {found}; pass {flag} "
                            f"{found} or point --megatron-path at the checkpoint you meant")
@@ -122,8 +122,8 @@ def compile_pt2ms(opt: Pt2MsOptions) -> Plan:
         raise CkptmapError(f"--dist-opt-content {' '.join(bad_states)}: choose from {' '.join(megatron.OPTIM_STATES)}")
 
     ckdir = megatron.open_checkpoint_dir(opt.megatron_path)
-    _check_size("--tp-size", opt.tp_size, ckdir.tp_size, f"{ckdir.root} has mp_rank directories for TP size")
-    _check_size("--pp-size", opt.pp_size, ckdir.pp_size, f"{ckdir.root} has mp_rank directories for PP size")
+    check_size("--tp-size", opt.tp_size, ckdir.tp_size, f"{ckdir.root} has mp_rank directories for TP size")
+    check_size("--pp-size", opt.pp_size, ckdir.pp_size, f"{ckdir.root} has mp_rank directories for PP size")
     tp_size, pp_size = ckdir.tp_size, ckdir.pp_size
     if pp_size > 1 and not ckdir.has_pp_suffix:
         raise CkptmapError(f"{ckdir.root}: mp_rank directories without a PP suffix but PP {pp_size}")
@@ -142,9 +142,9 @@ def compile_pt2ms(opt: Pt2MsOptions) -> Plan:
                            f"{dict((f'tp{t} pp{p}', n) for (t, p), n in chunk_counts.items())}")
     chunks_found = chunk_counts[(0, 0)]
     vpp = opt.vpp_size or _arg(args, "virtual_pipeline_model_parallel_size") or chunks_found
-    _check_size("--vpp-size", vpp, chunks_found, f"{first.path} holds model chunks:")
+    check_size("--vpp-size", vpp, chunks_found, f"{first.path} holds model chunks:")
 
-    rules = _choose_rules(opt.rules, inventory[(0, 0)], first.path)
+    rules = choose_rules(opt.rules, inventory[(0, 0)], first.path)
     count_arg = rules.layers.count_arg if rules.layers else "num_layers"
     num_layers = opt.num_layers
     if num_layers is None:
@@ -168,24 +168,24 @@ def compile_pt2ms(opt: Pt2MsOptions) -> Plan:
     unmatched_all: dict[str, list[str]] = {}
     matched_per_rank: dict[tuple[int, int], list[_Matched]] = {}
     for (tp, pp), model_file in files.items():
-        matched, unmatched = _match(rules, inventory[(tp, pp)], model_file.path)
+        matched, unmatched = match_rules(rules, inventory[(tp, pp)], model_file.path)
         if unmatched:
             unmatched_all[str(model_file.path)] = unmatched
             continue
-        _check_layers(layout, matched, model_file.path, tp, pp)
+        check_layers(layout, matched, model_file.path, tp, pp)
         rules_used.update(m.rule.loc for m in matched)
         matched_per_rank[(tp, pp)] = matched
     if unmatched_all:
         path, names = next(iter(unmatched_all.items()))
         raise CkptmapError(
-            f"no rule in {rules.path} matches {len(names)} tensor(s) of {path}: {_listing(names)}"
+            f"no rule in {rules.path} matches {len(names)} tensor(s) of {path}: {listing(names)}"
             f"{f' (and {len(unmatched_all) - 1} more files)' if len(unmatched_all) > 1 else ''}. "
             f"Add rules for them (or pick other rules with --rules); nothing was written")
     unused = [r for r in rules.params if not r.optional and r.loc not in rules_used]
     if unused:
         raise CkptmapError(
             f"rule(s) of {rules.path} matched no tensor in {ckdir.root}: "
-            f"{_listing(f'{r.loc}: {r.megatron}' for r in unused)}; the checkpoint is not the model these "
+            f"{listing(f'{r.loc}: {r.megatron}' for r in unused)}; the checkpoint is not the model these "
             f"rules describe (choose other --rules, or mark the rule `optional`)")
 
     param_maps = _param_maps(opt, ckdir)
@@ -254,7 +254,7 @@ def compile_pt2ms(opt: Pt2MsOptions) -> Plan:
     return Plan("pt2ms", str(Path(opt.ms_path)), tuple(out_files), info)
 
 
-def _check_layers(layout: ParallelLayout, matched, path, tp, pp) -> None:
+def check_layers(layout: ParallelLayout, matched, path, tp, pp) -> None:
     found = defaultdict(set)
     for m in matched:
         if LAYER in m.bindings:

@@ -22,7 +22,7 @@ from ckptmap.errors import CkptmapError
 from ckptmap.formats import megatron, mindspeed, registry, torch_zip
 from ckptmap.mapping import buckets
 from ckptmap.mapping import ops as tensor_ops
-from ckptmap.mapping.compiler import _check_layers, _check_size, _choose_rules, _listing, _match
+from ckptmap.mapping.compiler import check_layers, check_size, choose_rules, listing, match_rules
 from ckptmap.mapping.layout import ParallelLayout
 from ckptmap.mapping.plan import FileTask, Plan, SourceSlice, StoragePiece, StorageTask, TensorTask
 from ckptmap.mapping.rules import LAYER
@@ -72,7 +72,7 @@ def _read_meta(meta_dir: Path, tp: int, pp: int) -> _MetaRank:
             f"version {megatron.META_VERSION}); re-run `ckptmap pt2ms` on the original Megatron checkpoint")
     tensors = []
     skeleton = meta["model_optim_rng"]
-    for chunk_key, v in megatron._chunk_keys(skeleton, path):
+    for chunk_key, v in megatron.model_chunk_keys(skeleton, path):
         _walk_placeholders(skeleton[chunk_key], [], v, chunk_key, meta["model_tensors"], tensors)
     return _MetaRank(path, root, meta, tensors)
 
@@ -142,14 +142,14 @@ def compile_ms2pt(opt: Ms2PtOptions) -> Plan:
                            f"`ckptmap pt2ms`")
     tp_found = 1 + max(tp for tp, _ in metas)
     pp_found = 1 + max(pp for _, pp in metas)
-    _check_size("--tp-size", opt.tp_size, tp_found, f"{meta_dir} has args files for TP size")
-    _check_size("--pp-size", opt.pp_size, pp_found, f"{meta_dir} has args files for PP size")
+    check_size("--tp-size", opt.tp_size, tp_found, f"{meta_dir} has args files for TP size")
+    check_size("--pp-size", opt.pp_size, pp_found, f"{meta_dir} has args files for PP size")
     first = _read_meta(meta_dir, 0, 0)
     args = first.root.get("args")
-    chunks = len(megatron._chunk_keys(first.meta["model_optim_rng"], first.path))
-    _check_size("--vpp-size", opt.vpp_size if opt.vpp_size and opt.vpp_size > 1 else (1 if opt.vpp_size else None),
+    chunks = len(megatron.model_chunk_keys(first.meta["model_optim_rng"], first.path))
+    check_size("--vpp-size", opt.vpp_size if opt.vpp_size and opt.vpp_size > 1 else (1 if opt.vpp_size else None),
                 chunks, f"{first.path} describes model chunks:")
-    rules = _choose_rules(opt.rules, first.tensors, first.path)
+    rules = choose_rules(opt.rules, first.tensors, first.path)
     count_arg = rules.layers.count_arg if rules.layers else "num_layers"
     num_layers = opt.num_layers
     if num_layers is None:
@@ -172,11 +172,11 @@ def compile_ms2pt(opt: Ms2PtOptions) -> Plan:
     for tp in range(tp_found):
         for pp in range(pp_found):
             meta = first if (tp, pp) == (0, 0) else _read_meta(meta_dir, tp, pp)
-            matched, unmatched = _match(rules, meta.tensors, meta.path)
+            matched, unmatched = match_rules(rules, meta.tensors, meta.path)
             if unmatched:
-                raise CkptmapError(f"no rule in {rules.path} matches {_listing(unmatched)} of {meta.path}; add "
+                raise CkptmapError(f"no rule in {rules.path} matches {listing(unmatched)} of {meta.path}; add "
                                    f"rules for them or pick other rules with --rules")
-            _check_layers(layout, matched, meta.path, tp, pp)
+            check_layers(layout, matched, meta.path, tp, pp)
             ranks.append((tp, pp, meta, matched))
     # the MindSpore files, and the iteration they are at
     sources = {}
