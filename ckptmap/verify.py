@@ -171,22 +171,38 @@ def compare_across(megatron_dir: Path, ms_dir: Path, rules: str) -> list[FileRep
     prefix = files[0].stem if layout == "v1" else "network"
     probe = registry.open_reader(files[0])
     try:
-        keys = probe.keys()
-        param_only = not any(k.startswith("exp_avg.") for k in keys)
-        weight = next((k for k in keys if probe.spec(k)[0] in ("bfloat16", "float16", "float32")
-                       and len(probe.spec(k)[1]) > 1), None)
-        dtype = probe.spec(weight)[0] if weight else "float32"
+        specs = [probe.spec(k) for k in probe.keys()]
     finally:
         probe.close()
+    dtype = next((d for d, shape in specs if d in ("bfloat16", "float16", "float32") and len(shape) > 1),
+                 "float32")
     meta_dir = ms_dir / mindspeed.PT_META_DIR
     meta_args = sorted(p for p in meta_dir.glob("*.pt") if mindspeed.parse_pt_meta_args_name(p.name))
     dp = None
     if layout == "v1" and meta_args:
         args = torch_zip.read_objects(meta_args[0]).get("args")
         dp = getattr(args, "data_parallel_size", None)
-    plan = compile_pt2ms(Pt2MsOptions(
-        str(megatron_dir), str(ms_dir), convert_param_only=param_only, format=fmt, layout=layout,
-        file_prefix=prefix, dtype=dtype, rules=rules, dp_size=dp))
+
+    def plan_for(param_only: bool):
+        return compile_pt2ms(Pt2MsOptions(
+            str(megatron_dir), str(ms_dir), convert_param_only=param_only, format=fmt, layout=layout,
+            file_prefix=prefix, dtype=dtype, rules=rules, dp_size=dp))
+
+    # Which conversion made these files? The optimizer one if its first file's names are all there.
+    plan = None
+    try:
+        full = plan_for(False)
+        first = next(f for f in full.files if f.format in ("ckpt", "safetensors"))
+        if (ms_dir / first.path).is_file():
+            reader = registry.open_reader(ms_dir / first.path)
+            try:
+                if {t.name for t in first.tensors} <= set(reader.keys()):
+                    plan = full
+            finally:
+                reader.close()
+    except CkptmapError:  # e.g. no distrib_optim.pt: only the weights can be compared
+        pass
+    plan = plan or plan_for(True)
     reports = []
     sources = _Sources()
     try:

@@ -57,3 +57,14 @@ def test_md5(tmp_path, capsys):
     assert f"All files have the same md5sum value: {hashlib.md5(a.read_bytes()).hexdigest()}" in out
     b.write_bytes(b.read_bytes()[:-1] + b"x")
     assert main(["verify", "--md5", str(a), str(b)]) == 1
+
+
+def test_megatron_vs_weights_only_mindspore(tmp_path, capsys):
+    """Files written by --convert-param-only are recognised as such and compared weight by weight."""
+    a = fixture_dir("legacy_tp1pp1dp1")
+    b = tmp_path / "ms"
+    assert main(["pt2ms", "--megatron-path", str(a), "--ms-path", str(b), "--no-progress",
+                 "--convert-param-only"]) == 0
+    capsys.readouterr()
+    assert main(["verify", str(a), str(b)]) == 0
+    assert "(29 values compared)" in capsys.readouterr().out   # 27 weights + step_num + epoch_num

@@ -79,6 +79,30 @@ class CheckpointDir:
         return 1 + max(pp for _, pp in self.ranks)
 
 
+def read_tracker(save_root) -> int | str:
+    """The iteration named by ``latest_checkpointed_iteration.txt``: a number or ``"release"``."""
+    tracker = Path(save_root) / TRACKER
+    text = tracker.read_text().strip()
+    if text == "release":
+        return "release"
+    try:
+        return int(text)
+    except ValueError:
+        raise CkptmapError(f"{tracker} holds {text!r}; expected an iteration number or 'release'") from None
+
+
+def latest_iteration(save_root) -> int | str:
+    """The tracker's iteration, or the only ``iter_*`` folder's when there is no tracker."""
+    save_root = Path(save_root)
+    if (save_root / TRACKER).is_file():
+        return read_tracker(save_root)
+    iters = sorted(p.name for p in save_root.glob("iter_*") if p.name[len("iter_"):].isdigit())
+    if len(iters) != 1:
+        raise CkptmapError(f"{save_root} has no {TRACKER} and {len(iters)} iter_* folders; keep one or add "
+                           f"the tracker file")
+    return int(iters[0][len("iter_"):])
+
+
 def looks_like_checkpoint(path) -> bool:
     """A save root or iteration folder of a Megatron checkpoint (it has mp_rank_* folders)."""
     path = Path(path)
@@ -97,19 +121,10 @@ def open_checkpoint_dir(path) -> CheckpointDir:
     save_root = None
     if (path / TRACKER).is_file():
         save_root = path
-        text = (path / TRACKER).read_text().strip()
-        iteration: int | str
-        if text == "release":
-            iteration = "release"
-        else:
-            try:
-                iteration = int(text)
-            except ValueError:
-                raise CkptmapError(f"{path / TRACKER} holds {text!r}; expected an iteration number or "
-                                   f"'release'") from None
+        iteration = read_tracker(path)
         iter_dir = path / iter_dir_name(iteration)
         if not iter_dir.is_dir():
-            raise CkptmapError(f"{path / TRACKER} names iteration {text}, but {iter_dir} does not exist; "
+            raise CkptmapError(f"{path / TRACKER} names iteration {iteration}, but {iter_dir} does not exist; "
                                f"pass the iter_* directory you want explicitly")
     elif path.name.startswith("iter_") or path.name == "release":
         iter_dir = path

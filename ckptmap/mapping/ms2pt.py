@@ -182,7 +182,7 @@ def compile_ms2pt(opt: Ms2PtOptions) -> Plan:
     sources = {}
     for tp, pp, meta, matched in ranks:
         it_hint = meta.root.get("iteration")
-        ms_file = _ms_file(ms_root, layout_name, _v2_iteration(ms_root) if layout_name == "v2" else it_hint,
+        ms_file = _ms_file(ms_root, layout_name, megatron.latest_iteration(ms_root) if layout_name == "v2" else it_hint,
                            tp, pp, pp_found, layout.global_rank(tp=tp, pp=pp), opt)
         reader = registry.open_reader(ms_file)
         try:
@@ -218,18 +218,6 @@ def compile_ms2pt(opt: Ms2PtOptions) -> Plan:
             "noop": sorted(opt.noop),
             "mode": "weights only" if opt.convert_param_only else "weights + distributed optimizer"}
     return Plan("ms2pt", str(Path(opt.megatron_path)), tuple(plan_files), info)
-
-
-def _v2_iteration(root: Path):
-    tracker = root / megatron.TRACKER
-    if tracker.is_file():
-        text = tracker.read_text().strip()
-        return "release" if text == "release" else int(text)
-    iters = sorted(p.name for p in root.glob("iter_*"))
-    if len(iters) != 1:
-        raise CkptmapError(f"{root} has no {megatron.TRACKER} and {len(iters)} iter_* folders; keep one or add "
-                           f"the tracker file")
-    return int(iters[0][len("iter_"):])
 
 
 def _reverse_task(m, layout, pp) -> tuple:
