@@ -17,7 +17,7 @@ from pathlib import Path
 import attrs
 import torch
 
-from ckptmap.formats import megatron, torch_zip
+from ckptmap.formats import megatron_files, megatron_folders, torch_zip_writer
 
 @attrs.frozen
 class DemoModel:
@@ -83,7 +83,7 @@ def build_megatron_checkpoint(save_root: Path, model: DemoModel = DemoModel(), i
     rule = load_rules(bundled_rules()["megatron_legacy_gpt"]).bucket_layout("megatron")
     gen = torch.Generator().manual_seed(seed)
     truth = {}
-    iter_dir = save_root / megatron.iter_dir_name(iteration)
+    iter_dir = save_root / megatron_folders.iter_dir_name(iteration)
     for tp in range(model.tp):
         for pp in range(model.pp):
             entries = model.stage_tensors(pp)
@@ -108,7 +108,7 @@ def build_megatron_checkpoint(save_root: Path, model: DemoModel = DemoModel(), i
                 node[path[-1]] = t
                 rank_truth[name] = {"weight": t, **{k: v[slot.start:slot.end].view(shape) for k, v in states.items()}}
             state = {
-                "args": model.args(iteration), "checkpoint_version": megatron.CHECKPOINT_VERSION,
+                "args": model.args(iteration), "checkpoint_version": megatron_files.CHECKPOINT_VERSION,
                 "iteration": iteration, "model": tree,
                 "optimizer": {"optimizer": {"param_groups": [
                     {"lr": 9.5e-5, "weight_decay": 0.01, "betas": (0.9, 0.95), "eps": 1e-8, "step": iteration},
@@ -121,23 +121,23 @@ def build_megatron_checkpoint(save_root: Path, model: DemoModel = DemoModel(), i
                                "torch_rng_state": torch.get_rng_state()}],
                 "num_floating_point_operations_so_far": 0,
             }
-            rank_dir = iter_dir / megatron.mp_rank_dir_name(tp, pp, model.pp)
+            rank_dir = iter_dir / megatron_folders.mp_rank_dir_name(tp, pp, model.pp)
             rank_dir.mkdir(parents=True, exist_ok=True)
-            torch_zip.save(state, rank_dir / megatron.MODEL_FILE)
+            torch_zip_writer.save(state, rank_dir / megatron_folders.MODEL_FILE)
             if optimizer:
                 key = (torch.bfloat16, torch.float32)
                 bucket_tensors = {k: [v[b.start:b.start + b.numel].clone() for b in layout.buckets]
                                   for k, v in states.items()}
-                torch_zip.save({"per_bucket_numel": [{key: layout.per_bucket_numel}],
+                torch_zip_writer.save({"per_bucket_numel": [{key: layout.per_bucket_numel}],
                                 "per_bucket_numel_unpadded": [{key: layout.per_bucket_numel_unpadded}],
-                                0: {key: bucket_tensors}}, rank_dir / megatron.OPTIM_FILE)
+                                0: {key: bucket_tensors}}, rank_dir / megatron_folders.OPTIM_FILE)
             truth[(tp, pp)] = rank_truth if keep_truth else None
-    megatron.write_tracker(save_root, iteration)
+    megatron_folders.write_tracker(save_root, iteration)
     return truth
 
 
 def run_demo(workdir: Path | None = None) -> int:
-    from ckptmap.cli import print_plan, print_report
+    from ckptmap.cli.printing import print_plan, print_report
     from ckptmap.execute import run_plan
     from ckptmap.mapping.compiler import Pt2MsOptions, compile_pt2ms
     from ckptmap.mapping.ms2pt import Ms2PtOptions, compile_ms2pt
@@ -222,5 +222,5 @@ def _load_back(path: Path) -> dict:
 
 def _rank_of(file_task, plan) -> tuple[int, int]:
     source = Path(next(t.sources[0].file for t in file_task.tensors if t.sources)).parent.name
-    parts = megatron.parse_mp_rank_dir_name(source)
+    parts = megatron_folders.parse_mp_rank_dir_name(source)
     return parts[0], parts[1] if len(parts) > 1 else 0

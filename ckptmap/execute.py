@@ -19,15 +19,14 @@ import traceback
 from pathlib import Path
 
 import attrs
-import torch
+import numpy as np
 
-from ckptmap import dtypes
+from ckptmap import atomic, dtypes
 from ckptmap.errors import CkptmapError
-from ckptmap.formats import megatron, registry
+from ckptmap.formats import pt_meta, registry
 from ckptmap.mapping import ops as tensor_ops
 from ckptmap.mapping.plan import FileTask, Plan, TensorTask
 
-TMP_MARK = ".ckptmap-tmp-"
 
 
 @attrs.frozen
@@ -59,18 +58,23 @@ class _Sources:
     def __init__(self):
         self._open = {}
 
-    def tensor(self, task: TensorTask) -> torch.Tensor:
+    def reader(self, path):
+        reader = self._open.get(path)
+        if reader is None:
+            reader = self._open[path] = registry.open_reader(path)
+        return reader
+
+    def array(self, task: TensorTask) -> np.ndarray:
+        """The task's sources concatenated and viewed as ``src_shape`` (storage dtype of ``src_dtype``)."""
         parts = []
         for s in task.sources:
-            reader = self._open.get(s.file)
-            if reader is None:
-                reader = self._open[s.file] = registry.open_reader(s.file)
-            t = reader.get(s.key)
-            if tuple(t.shape) != tuple(s.shape) or dtypes.name_of(t.dtype) != s.dtype:
+            reader = self.reader(s.file)
+            spec = reader.spec(s.key)
+            if tuple(spec.shape) != tuple(s.shape) or spec.dtype != s.dtype:
                 raise CkptmapError(
-                    f"{s.file}: tensor {s.key} is {dtypes.name_of(t.dtype)} {list(t.shape)} but the plan "
-                    f"expects {s.dtype} {list(s.shape)}; the source changed since the plan was made — "
-                    f"re-create the plan")
+                    f"{s.file}: tensor {s.key} is {spec.dtype} {list(spec.shape)} but the plan expects {s.dtype} "
+                    f"{list(s.shape)}; the source changed since the plan was made — re-create the plan")
+            t = reader.array(s.key)
             if s.start or s.numel is not None:
                 t = t.reshape(-1)[s.start:s.start + s.count]
             parts.append(t)
@@ -78,13 +82,10 @@ class _Sources:
         if len(parts) == 1 and first.start == 0 and first.numel is None:
             out = parts[0]  # whole tensor: stay a zero-copy view
             return out if tuple(out.shape) == tuple(task.src_shape) else out.reshape(task.src_shape)
-        return torch.cat([p.reshape(-1) for p in parts]).reshape(task.src_shape)
+        return np.concatenate([p.reshape(-1) for p in parts]).reshape(task.src_shape)
 
-    def raw(self, s) -> torch.Tensor:
-        reader = self._open.get(s.file)
-        if reader is None:
-            reader = self._open[s.file] = registry.open_reader(s.file)
-        return reader.get(s.key)
+    def raw(self, s) -> np.ndarray:
+        return self.reader(s.file).array(s.key)
 
     def close(self):
         for r in self._open.values():
@@ -92,19 +93,16 @@ class _Sources:
         self._open.clear()
 
 
-def expected_tensor(task: TensorTask, sources: _Sources) -> torch.Tensor:
-    """The value a TensorTask describes: its sources through its ops, or its constant."""
+def expected_array(task: TensorTask, sources: _Sources) -> np.ndarray:
+    """The value a TensorTask describes, as an array of ``task.dtype``'s storage type: its sources
+    through its ops, or its constant."""
     if not task.sources:
-        return torch.tensor(task.value, dtype=dtypes.to_torch(task.dtype)).reshape(task.shape)
-    value = tensor_ops.apply_all(task.ops, sources.tensor(task))
-    if tuple(value.shape) != tuple(task.shape) or dtypes.name_of(value.dtype) != task.dtype:
+        return np.array(task.value, dtype=dtypes.storage(task.dtype)).reshape(task.shape)
+    value = tensor_ops.apply_all(task.ops, sources.array(task))
+    if tuple(value.shape) != tuple(task.shape) or value.dtype != dtypes.storage(task.dtype):
         raise CkptmapError(f"internal error: {task.name} came out {value.dtype} {list(value.shape)}, "
                            f"plan says {task.dtype} {list(task.shape)}")
     return value
-
-
-def _tmp_path(final: Path) -> Path:
-    return final.with_name(f"{final.name}{TMP_MARK}{os.getpid()}")
 
 
 def _storage_bytes(storages, sources: "_Sources", progress):
@@ -115,18 +113,17 @@ def _storage_bytes(storages, sources: "_Sources", progress):
         st = by_key.get(key)
         if st is None:
             raise CkptmapError(f"internal error: the plan has no storage {key!r}")
-        storage_dtype = dtypes.to_torch(st.dtype)
         for piece in st.pieces:
             if piece.tensor is not None:
                 t = piece.tensor
-                value = expected_tensor(t, sources)
-                if value.dtype != storage_dtype:
+                if t.dtype != st.dtype:
                     raise CkptmapError(f"internal error: {t.name} is {t.dtype}, storage {key} holds {st.dtype}")
-                yield value.contiguous().reshape(-1).view(torch.uint8).numpy()
+                value = expected_array(t, sources)
+                yield np.ascontiguousarray(value).reshape(-1).view(np.uint8)
                 if progress:
                     progress(t.nbytes)
             else:
-                yield sources.raw(piece.padding).numpy()
+                yield sources.raw(piece.padding)
     return fill
 
 
@@ -134,36 +131,31 @@ def write_file(task: FileTask, root: Path, progress=None, fsync: bool = False) -
     """Write one FileTask atomically; returns the bytes of tensor data written."""
     final = root / task.path
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_path(final)
-    written = 0
-    if task.format == "torch_stream":  # torch files carry their name inside: the writer renames itself
+    if task.format == "torch_stream":
         sources = _Sources()
         try:
-            megatron.write_from_skeleton(task.source, task.extra["skeleton"], task.extra.get("set", []), final,
-                                         _storage_bytes(task.storages, sources, progress))
+            pt_meta.write_from_skeleton(task.source, task.extra["skeleton"], task.extra.get("set", []), final,
+                                        _storage_bytes(task.storages, sources, progress), fsync=fsync)
         finally:
             sources.close()
         return task.nbytes
-    try:
+    if task.format == "torch_meta":
+        pt_meta.write_pt_meta(task.source, task.aux_source, task.keys, task.extra, final, fsync=fsync)
+        return 0
+    written = 0
+    with atomic.atomic_output(final, fsync=fsync) as tmp:
         if task.format in registry.TENSOR_FORMATS:
             entries = [(t.name, t.dtype, t.shape) for t in task.tensors]
             sources = _Sources()
             try:
-                with registry.open_writer(task.format, tmp, entries, task.metadata, fsync=fsync,
-                                          crc=task.crc) as writer:
+                with registry.open_writer(task.format, tmp, entries, task.metadata, crc=task.crc) as writer:
                     for t in task.tensors:
-                        value = expected_tensor(t, sources)
-                        writer.write(t.name, value.contiguous())
+                        writer.write(t.name, expected_array(t, sources), t.dtype)
                         written += t.nbytes
                         if progress:
                             progress(t.nbytes)
-                        del value
             finally:
                 sources.close()
-        elif task.format == "torch_meta":
-            obj = megatron.build_pt_meta(task.source, task.aux_source, task.keys, task.extra)
-            megatron.save_object(obj, final)  # atomic itself; the archive name follows the file name
-            return 0
         elif task.format == "copy":
             source = root / task.source if task.source_is_output else Path(task.source)
             shutil.copyfile(source, tmp)
@@ -171,10 +163,6 @@ def write_file(task: FileTask, root: Path, progress=None, fsync: bool = False) -
             tmp.write_text(task.text)
         else:
             raise CkptmapError(f"plan has a file of unknown format {task.format!r} ({task.path})")
-        os.replace(tmp, final)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     return written
 
 
@@ -187,7 +175,6 @@ def _describe(exc: BaseException) -> str:
 
 
 def _worker(tasks, results, root, plan_files, fsync):
-    torch.set_num_threads(1)
     while True:
         item = tasks.get()
         if item is None:
@@ -284,9 +271,7 @@ def _finish_distributed(plan, root: Path, mine: list[FileResult], world_size: in
     done = root / _DONE_DIR
     done.mkdir(parents=True, exist_ok=True)
     report = done / f"rank{rank}-of-{world_size}.json"
-    tmp = report.with_name(report.name + TMP_MARK)
-    tmp.write_text(json.dumps([attrs.asdict(r) for r in mine]))
-    os.replace(tmp, report)
+    atomic.write_text(report, json.dumps([attrs.asdict(r) for r in mine]))
     if rank != 0:
         return mine
     deadline = None if wait_timeout is None else time.monotonic() + wait_timeout
@@ -303,9 +288,7 @@ def _finish_distributed(plan, root: Path, mine: list[FileResult], world_size: in
                 "complete": all(r.ok for r in results) and len(results) == len(plan.files),
                 "files": {r.path: {"ok": r.ok, "bytes": (root / r.path).stat().st_size if r.ok else None,
                                    "error": r.error or None} for r in results}}
-    tmp = root / (MANIFEST + TMP_MARK)
-    tmp.write_text(json.dumps(manifest, indent=1))
-    os.replace(tmp, root / MANIFEST)
+    atomic.write_text(root / MANIFEST, json.dumps(manifest, indent=1))
     shutil.rmtree(done, ignore_errors=True)
     return results
 
@@ -362,8 +345,7 @@ def _run_pool(plan: Plan, phase: list[int], root: Path, n: int, timeout, bar: _P
                         proc.join()
                     workers.pop(pid, None)
                     running.pop(index)
-                    final = root / plan.files[index].path
-                    final.with_name(f"{final.name}{TMP_MARK}{pid}").unlink(missing_ok=True)
+                    atomic.remove_stale_temps((root / plan.files[index].path).parent)  # the killed worker's
                     reason = (f"timed out after {timeout:g} s (--process_timeout); raise the limit or use "
                               f"more processes" if timed_out else f"worker process died (exit code {proc.exitcode})")
                     done[index] = FileResult(plan.files[index].path, False, 0, now - t0, reason)

@@ -21,7 +21,7 @@ def inspect_file(path: Path, out) -> None:
         width = max((len(k) for k in keys), default=0)
         for key in keys:
             dtype, shape = reader.spec(key)
-            nbytes = math.prod(shape) * dtypes.itemsize(dtype) if dtype in dtypes.TORCH_DTYPES else 0
+            nbytes = math.prod(shape) * dtypes.itemsize(dtype) if dtype in dtypes.TABLE else 0
             total += nbytes
             print(f"  {key.ljust(width)}  {dtype:9s} {list(shape)}", file=out)
         print(f"  total {total} bytes of tensor data", file=out)

@@ -14,11 +14,14 @@ import math
 from pathlib import Path
 
 import attrs
-import torch
+import numpy as np
 
 from ckptmap import dtypes
 from ckptmap.errors import CkptmapError
-from ckptmap.formats import megatron, mindspeed, registry, torch_zip
+from ckptmap.formats import megatron_folders, mindspeed, registry
+from ckptmap.formats.safe_unpickler import StandIn
+from ckptmap.formats.torch_zip_reader import TensorRef, TorchZipFile, read_objects
+from ckptmap.mapping.ops import cast
 
 TENSOR_SUFFIXES = (".pt", ".ckpt", ".safetensors")
 
@@ -37,30 +40,26 @@ class FileReport:
         return not (self.only_left or self.only_right or self.differing)
 
 
-def describe_difference(a: torch.Tensor, b: torch.Tensor) -> str | None:
-    """None if ``a`` and ``b`` have the same dtype, shape and bytes; else what differs."""
-    if a.dtype != b.dtype or tuple(a.shape) != tuple(b.shape):
-        return f"{dtypes.name_of(a.dtype)} {list(a.shape)} vs {dtypes.name_of(b.dtype)} {list(b.shape)}"
-    fa = a.contiguous().reshape(-1).view(torch.uint8) if a.numel() else a.reshape(-1)
-    fb = b.contiguous().reshape(-1).view(torch.uint8) if b.numel() else b.reshape(-1)
-    if torch.equal(fa, fb):
+def describe_difference(a: np.ndarray, a_dtype: str, b: np.ndarray, b_dtype: str) -> str | None:
+    """None if ``a`` and ``b`` (arrays of the named dtypes' storage types) have the same dtype, shape
+    and bytes; else what differs."""
+    if a_dtype != b_dtype or tuple(a.shape) != tuple(b.shape):
+        return f"{a_dtype} {list(a.shape)} vs {b_dtype} {list(b.shape)}"
+    fa, fb = np.ascontiguousarray(a).reshape(-1), np.ascontiguousarray(b).reshape(-1)
+    if fa.view(np.uint8).tobytes() == fb.view(np.uint8).tobytes():
         return None
-    ea, eb = a.contiguous().reshape(-1), b.contiguous().reshape(-1)
-    if ea.dtype.is_floating_point:
-        differs = ea.view(_int_view(ea.dtype)) != eb.view(_int_view(eb.dtype))
-        diff = (ea.double() - eb.double()).abs()
-        max_diff = float(diff[differs].nan_to_num(nan=math.inf).max())
+    differs = fa.view(np.uint8).reshape(fa.size, -1) != fb.view(np.uint8).reshape(fb.size, -1)
+    differs = differs.any(axis=1)
+    if dtypes.get(a_dtype).is_float:
+        va, vb = cast(fa, a_dtype, "float64"), cast(fb, b_dtype, "float64")
     else:
-        differs = ea != eb
-        max_diff = float((ea.double() - eb.double()).abs().max())
-    first = int(differs.nonzero()[0, 0])
-    index = list(torch.unravel_index(torch.tensor(first), tuple(a.shape))) if a.dim() else []
-    return (f"{int(differs.sum())} of {a.numel()} elements differ, max abs diff {max_diff:g}, first at "
-            f"{[int(i) for i in index]} ({ea[first].item()!r} vs {eb[first].item()!r})")
-
-
-def _int_view(dtype):
-    return {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[dtype.itemsize]
+        va, vb = fa.astype(np.float64), fb.astype(np.float64)
+    diff = np.abs(va[differs] - vb[differs])
+    max_diff = float(np.nan_to_num(diff, nan=math.inf).max())
+    first = int(np.flatnonzero(differs)[0])
+    index = [int(i) for i in np.unravel_index(first, a.shape)] if a.ndim else []
+    return (f"{int(differs.sum())} of {a.size} elements differ, max abs diff {max_diff:g}, first at "
+            f"{index} ({va[first].item()!r} vs {vb[first].item()!r})")
 
 
 # -------------------------------------------------------------------------------------------------
@@ -70,12 +69,12 @@ def _int_view(dtype):
 def _compare_objects(a, b, path, report, tensors_a, tensors_b):
     """Walk two pickled object graphs; tensors (TensorRefs) are compared by value."""
     where = "/".join(map(str, path)) or "(root)"
-    if isinstance(a, torch_zip.TensorRef) or isinstance(b, torch_zip.TensorRef):
-        if not (isinstance(a, torch_zip.TensorRef) and isinstance(b, torch_zip.TensorRef)):
+    if isinstance(a, TensorRef) or isinstance(b, TensorRef):
+        if not (isinstance(a, TensorRef) and isinstance(b, TensorRef)):
             report.differing.append((where, f"{type(a).__name__} vs {type(b).__name__}"))
             return
         report.compared += 1
-        problem = describe_difference(tensors_a(a), tensors_b(b))
+        problem = describe_difference(tensors_a(a), a.dtype, tensors_b(b), b.dtype)
         if problem:
             report.differing.append((where, problem))
         return
@@ -103,7 +102,7 @@ def _compare_objects(a, b, path, report, tensors_a, tensors_b):
         for i, (x, y) in enumerate(zip(a, b)):
             _compare_objects(x, y, path + [i], report, tensors_a, tensors_b)
         return
-    if hasattr(a, "__dict__") and not isinstance(a, torch_zip.StandIn):
+    if hasattr(a, "__dict__") and not isinstance(a, StandIn):
         _compare_objects(vars(a), vars(b), path, report, tensors_a, tensors_b)
         return
     report.compared += 1
@@ -123,8 +122,8 @@ def _short(value) -> str:
 def compare_files(left: Path, right: Path) -> FileReport:
     report = FileReport(str(left), str(right))
     if left.suffix == ".pt" and right.suffix == ".pt":
-        za, zb = torch_zip.TorchZipFile(left), torch_zip.TorchZipFile(right)
-        _compare_objects(za.root, zb.root, [], report, za.tensor, zb.tensor)
+        za, zb = TorchZipFile(left), TorchZipFile(right)
+        _compare_objects(za.root, zb.root, [], report, za.array, zb.array)
         return report
     ra, rb = registry.open_reader(left), registry.open_reader(right)
     try:
@@ -134,7 +133,7 @@ def compare_files(left: Path, right: Path) -> FileReport:
         for k in ka:
             if k in set(kb):
                 report.compared += 1
-                problem = describe_difference(ra.get(k), rb.get(k))
+                problem = describe_difference(ra.array(k), ra.spec(k).dtype, rb.array(k), rb.spec(k).dtype)
                 if problem:
                     report.differing.append((k, problem))
     finally:
@@ -160,7 +159,7 @@ def pair_files(left: Path, right: Path) -> tuple[list[tuple[Path, Path]], list[s
 
 def compare_across(megatron_dir: Path, ms_dir: Path, rules: str) -> list[FileReport]:
     """The pt2ms plan for ``megatron_dir``, evaluated in memory, against the files of ``ms_dir``."""
-    from ckptmap.execute import expected_tensor, _Sources
+    from ckptmap.execute import _Sources, expected_array
     from ckptmap.mapping.compiler import Pt2MsOptions, compile_pt2ms
 
     files = sorted(p for p in ms_dir.rglob("*") if p.suffix in (".ckpt", ".safetensors"))
@@ -180,7 +179,7 @@ def compare_across(megatron_dir: Path, ms_dir: Path, rules: str) -> list[FileRep
     meta_args = sorted(p for p in meta_dir.glob("*.pt") if mindspeed.parse_pt_meta_args_name(p.name))
     dp = None
     if layout == "v1" and meta_args:
-        args = torch_zip.read_objects(meta_args[0]).get("args")
+        args = read_objects(meta_args[0]).get("args")
         dp = getattr(args, "data_parallel_size", None)
 
     def plan_for(param_only: bool):
@@ -223,7 +222,8 @@ def compare_across(megatron_dir: Path, ms_dir: Path, rules: str) -> list[FileRep
                         report.only_left.append(t.name)
                         continue
                     report.compared += 1
-                    problem = describe_difference(expected_tensor(t, sources), reader.get(t.name))
+                    problem = describe_difference(expected_array(t, sources), t.dtype, reader.array(t.name),
+                                                  reader.spec(t.name).dtype)
                     if problem:
                         report.differing.append((t.name, problem))
                 planned = {t.name for t in f.tensors}
@@ -241,9 +241,9 @@ def verify(left, right, rules: str = "auto") -> list[FileReport]:
     for p in (left, right):
         if not p.exists():
             raise CkptmapError(f"{p} does not exist")
-    if megatron.looks_like_checkpoint(left) and not megatron.looks_like_checkpoint(right) and right.is_dir():
+    if megatron_folders.looks_like_checkpoint(left) and not megatron_folders.looks_like_checkpoint(right) and right.is_dir():
         return compare_across(left, right, rules)
-    if megatron.looks_like_checkpoint(right) and not megatron.looks_like_checkpoint(left) and left.is_dir():
+    if megatron_folders.looks_like_checkpoint(right) and not megatron_folders.looks_like_checkpoint(left) and left.is_dir():
         return compare_across(right, left, rules)
     pairs, only_left, only_right = pair_files(left, right)
     reports = [compare_files(a, b) for a, b in pairs]

@@ -7,9 +7,10 @@ import pytest
 import torch
 
 from ckptmap import execute
+from ckptmap import atomic
 from ckptmap.cli import main
 from ckptmap.demo import DemoModel, build_megatron_checkpoint
-from ckptmap.formats.mindspore_ckpt import load as load_ckpt
+from torch_views import load_torch as load_ckpt
 from ckptmap.mapping.compiler import Pt2MsOptions, compile_pt2ms
 from ckptmap.mapping.plan import Plan
 
@@ -79,13 +80,13 @@ def test_pool_and_inline_give_identical_files(source, tmp_path):
 
 
 def _failing_reader(monkeypatch, fail_key_part):
-    real = execute._Sources.tensor
+    real = execute._Sources.array
 
     def tensor(self, task):
         if fail_key_part in task.name:
             raise OSError(5, "Input/output error (injected)")
         return real(self, task)
-    monkeypatch.setattr(execute._Sources, "tensor", tensor)
+    monkeypatch.setattr(execute._Sources, "array", tensor)
 
 
 @pytest.mark.parametrize("processes", [1, 2])
@@ -100,20 +101,20 @@ def test_failed_file_leaves_nothing_partial(source, tmp_path, monkeypatch, capsy
     files = files_under(out)
     assert "rank_0/network.ckpt" in files and "rank_1/network.ckpt" in files
     assert "rank_2/network.ckpt" not in files and "rank_3/network.ckpt" not in files
-    assert not [f for f in files if execute.TMP_MARK in f]
+    assert not [f for f in files if atomic.TMP_MARK in f]
     assert "FAILED rank_2/network.ckpt" in text and "Input/output error (injected)" in text
     assert "6 of 8 files written successfully" in text
 
 
 def test_timeout_kills_the_worker(source, tmp_path, monkeypatch):
     root, _ = source
-    real = execute._Sources.tensor
+    real = execute._Sources.array
 
     def slow(self, task):
         if "layers.2." in task.name:
             time.sleep(30)
         return real(self, task)
-    monkeypatch.setattr(execute._Sources, "tensor", slow)
+    monkeypatch.setattr(execute._Sources, "array", slow)
     out = tmp_path / "ms"
     plan = compile_pt2ms(Pt2MsOptions(str(root), str(out), convert_param_only=True))
     t0 = time.monotonic()
@@ -122,7 +123,7 @@ def test_timeout_kills_the_worker(source, tmp_path, monkeypatch):
     failed = {r.path: r.error for r in report.failed}
     assert set(failed) == {"rank_2/network.ckpt", "rank_3/network.ckpt"}
     assert all("timed out after 3 s" in e for e in failed.values())
-    assert not [f for f in files_under(out) if execute.TMP_MARK in f]
+    assert not [f for f in files_under(out) if atomic.TMP_MARK in f]
     assert (out / "rank_0" / "network.ckpt").exists() and (out / "rank_1" / "network.ckpt").exists()
 
 

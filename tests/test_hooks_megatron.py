@@ -15,7 +15,7 @@ import pytest
 
 from ckptmap.cli import main
 from ckptmap.errors import CkptmapError
-from ckptmap.formats import megatron as fmt
+from ckptmap.formats import param_map
 from ckptmap.mapping.buckets import ParamSlot
 from mcore_harness import Case, HarnessError, run_case
 
@@ -286,12 +286,12 @@ def _slots(*rows):
 
 def test_write_param_map_is_atomic_and_reads_back(tmp_path):
     slots = _slots(("module.b", (3,), 0, 3, 0), ("module.a", (2, 2), 3, 7, 0), ("module.c", (5,), 8, 13, 1))
-    path = fmt.write_param_map(tmp_path / "d" / fmt.param_map_file_name(0, 1, 2, 3, 4), slots)
+    path = param_map.write_param_map(tmp_path / "d" / param_map.param_map_file_name(0, 1, 2, 3, 4), slots)
     assert path.name == "param_map_buffer0_dp1tp2pp3vpp4.json"
     assert [p.name for p in path.parent.iterdir()] == [path.name]
     assert path.read_text() == ('{"module.b": ["torch.bfloat16", [3], 0, 3, 0], "module.a": ["torch.bfloat16", '
                                 '[2, 2], 3, 7, 0], "module.c": ["torch.bfloat16", [5], 8, 13, 1]}')
-    assert list(fmt.read_param_map(path)) == ["module.b", "module.a", "module.c"]
+    assert list(param_map.read_param_map(path)) == ["module.b", "module.a", "module.c"]
 
 
 def test_param_map_difference():
@@ -300,15 +300,15 @@ def test_param_map_difference():
 
     saved = m(("a", (4,), 0, 4, 0), ("b", (3,), 4, 7, 0), ("c", (5,), 8, 13, 1), ("d", (2,), 13, 15, 1))
     repadded = m(("a", (4,), 0, 4, 0), ("b", (3,), 4, 7, 0), ("c", (5,), 12, 17, 1), ("d", (2,), 17, 19, 1))
-    assert fmt.param_map_difference(saved, dict(saved)) is None
-    assert fmt.param_map_difference(saved, repadded) is None                  # only the bucket padding moved
-    assert fmt.param_map_difference(saved, repadded, relative=False).saved[0] == "c"
+    assert param_map.param_map_difference(saved, dict(saved)) is None
+    assert param_map.param_map_difference(saved, repadded) is None                  # only the bucket padding moved
+    assert param_map.param_map_difference(saved, repadded, relative=False).saved[0] == "c"
     rebucketed = m(("a", (4,), 0, 4, 0), ("b", (3,), 4, 7, 1), ("c", (5,), 7, 12, 1), ("d", (2,), 12, 14, 1))
-    assert fmt.param_map_difference(saved, rebucketed).index == 1             # other bucket size
+    assert param_map.param_map_difference(saved, rebucketed).index == 1             # other bucket size
     reshaped = m(("a", (2, 2), 0, 4, 0), ("b", (3,), 4, 7, 0), ("c", (5,), 8, 13, 1), ("d", (2,), 13, 15, 1))
-    assert fmt.param_map_difference(saved, reshaped).live == ("a", ("bfloat16", (2, 2), 0, 4, 0))
+    assert param_map.param_map_difference(saved, reshaped).live == ("a", ("bfloat16", (2, 2), 0, 4, 0))
     shorter = dict(list(saved.items())[:3])
-    diff = fmt.param_map_difference(saved, shorter)
+    diff = param_map.param_map_difference(saved, shorter)
     assert (diff.index, diff.saved[0], diff.live) == (3, "d", None)
 
 

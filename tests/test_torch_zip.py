@@ -22,8 +22,10 @@ import pytest
 import torch
 
 from ckptmap.errors import CkptmapError
-from ckptmap.formats import torch_zip
-from ckptmap.formats.torch_zip import StandIn, StandInClass, TensorRef, TorchZipFile, load, read_objects, save
+from ckptmap.formats import safe_unpickler, torch_zip_reader, torch_zip_writer
+from ckptmap.formats.safe_unpickler import StandIn, StandInClass
+from ckptmap.formats.torch_zip_reader import TensorRef, TorchZipFile, load, read_objects
+from ckptmap.formats.torch_zip_writer import save
 
 FIXTURES = Path("/work/shared/fixtures/megatron-r0.6.0")
 FILES = sorted(FIXTURES.glob("*/iter_0000001/mp_rank_*/*.pt"))
@@ -246,7 +248,7 @@ def test_loader_never_imports_megatron():
                     attempts.append(name)
                 return None
         sys.meta_path.insert(0, Spy())
-        from ckptmap.formats.torch_zip import load, read_objects, TorchZipFile
+        from ckptmap.formats.torch_zip_reader import load, read_objects, TorchZipFile
         for p in {[str(p) for p in FILES]!r}:
             obj = load(p)
             root = read_objects(p)

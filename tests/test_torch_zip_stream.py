@@ -1,4 +1,4 @@
-"""torch_zip.save_streaming: torch.save's exact bytes with storages streamed from a fill() callback."""
+"""torch_zip_writer.save_streaming: torch.save's exact bytes with storages streamed from a fill() callback."""
 
 import argparse
 import collections
@@ -16,8 +16,10 @@ from conftest import FIXTURE_NAMES, FIXTURE_ROOT, fixture_dir
 
 from ckptmap import dtypes
 from ckptmap.errors import CkptmapError
-from ckptmap.formats import torch_zip
-from ckptmap.formats.torch_zip import StandInClass, TensorRef, TorchZipFile, load, save, save_streaming
+from ckptmap.formats import safe_unpickler, torch_zip_reader, torch_zip_writer
+from ckptmap.formats.safe_unpickler import StandInClass
+from ckptmap.formats.torch_zip_reader import TensorRef, TorchZipFile, load
+from ckptmap.formats.torch_zip_writer import save, save_streaming
 
 REPO = Path(__file__).resolve().parents[1]
 FILES = sorted(FIXTURE_ROOT.glob("*/iter_0000001/mp_rank_*/*.pt"))
@@ -268,9 +270,17 @@ def test_torch_save_options_are_honoured(tmp_path):
 
 
 def test_storage_types_match_torch():
+    """ckptmap's own table (no torch) names the storage type torch pickles for every dtype, and every
+    dtype global the unpickler maps to a ckptmap dtype is that torch dtype."""
     expect = torch.storage._dtype_to_storage_type_map()
-    for name, dt in dtypes.TORCH_DTYPES.items():
-        assert torch_zip._STORAGE_TYPES[dt] is getattr(torch, expect[dt]), name
+    for name in dtypes.NAMES:
+        assert safe_unpickler.STORAGE_TYPE_OF[name] == expect[dtypes.to_torch(name)], name
+        assert safe_unpickler.STORAGE_TYPES[expect[dtypes.to_torch(name)]] == name
+    for n in dir(torch):
+        if isinstance(getattr(torch, n, None), torch.dtype) and n == str(getattr(torch, n)).rpartition(".")[2]:
+            marker = safe_unpickler.ALLOWED_OBJECTS.get(("torch", n))
+            assert marker is not None, f"torch.{n} has no marker"
+            assert marker.dtype == (n if n in dtypes.TABLE else None)
 
 
 # -------------------------------------------------------------------------------------------------
@@ -447,7 +457,8 @@ def test_large_storage_streams_in_bounded_memory(tmp_path):
         import resource
         import numpy as np
         import psutil
-        from ckptmap.formats.torch_zip import TensorRef, save_streaming
+        from ckptmap.formats.torch_zip_reader import TensorRef
+        from ckptmap.formats.torch_zip_writer import save_streaming
 
         def peak_kib():  # VmHWM: the peak resident set size (resettable), else ru_maxrss
             for line in open("/proc/self/status"):

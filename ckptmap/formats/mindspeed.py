@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 
 from ckptmap.errors import CkptmapError
-from ckptmap.formats import megatron
+from ckptmap.formats import megatron_folders
 
 DEFAULT_PREFIX = "network"
 PT_META_DIR = "pt_meta"
@@ -24,12 +24,12 @@ def v1_path(rank: int, prefix: str, fmt: str) -> str:
 
 
 def v2_path(iteration, tp: int, pp: int, pp_size: int, fmt: str) -> str:
-    return (f"{megatron.iter_dir_name(iteration)}/{megatron.mp_rank_dir_name(tp, pp, pp_size)}/"
+    return (f"{megatron_folders.iter_dir_name(iteration)}/{megatron_folders.mp_rank_dir_name(tp, pp, pp_size)}/"
             f"{V2_FILE_STEM}.{fmt}")
 
 
 def v2_tracker_path() -> str:
-    return megatron.TRACKER
+    return megatron_folders.TRACKER
 
 
 def pt_meta_args_path(tp: int, pp: int) -> str:
@@ -55,7 +55,7 @@ def detect_layout(root) -> str:
     from pathlib import Path
 
     root = Path(root)
-    return "v2" if (root / megatron.TRACKER).is_file() or any(root.glob("iter_*")) else "v1"
+    return "v2" if (root / megatron_folders.TRACKER).is_file() or any(root.glob("iter_*")) else "v1"
 
 
 # -------------------------------------------------------------------------------------------------

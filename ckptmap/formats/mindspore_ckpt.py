@@ -65,10 +65,11 @@ import mmap
 import os
 import zlib
 
-import torch
+import numpy as np
 
-from ckptmap.dtypes import name_of, to_torch
+from ckptmap import dtypes
 from ckptmap.errors import CkptmapError
+from ckptmap.formats.base import FileRange, TensorSpec
 
 DEFAULT_SLICE_BYTES = 512 * 1024 * 1024
 
@@ -160,25 +161,27 @@ class CkptWriter:
         self._written.add(name)
         self._count += 1
 
-    def write(self, name: str, tensor: torch.Tensor) -> None:
-        if not isinstance(tensor, torch.Tensor):
-            raise CkptmapError(f"{self.path}: tensor {name!r} is a {type(tensor).__name__}, not a torch.Tensor "
-                               "(use write_string for str values)")
-        if tensor.device.type != "cpu":
-            raise CkptmapError(f"{self.path}: tensor {name!r} is on {tensor.device}; move it to the CPU first")
+    def write(self, name: str, data, dtype: str | None = None) -> None:
+        """Write ``data`` (a numpy array of the dtype's storage type, or a torch tensor) as tensor
+        ``name``; ``dtype`` defaults to the announced entry's (bfloat16 travels as uint16)."""
+        if isinstance(data, str):
+            raise CkptmapError(f"{self.path}: {name!r} is a str; use write_string for str values")
+        if dtype is None and self._entries is not None and self._count < len(self._entries):
+            dtype = self._entries[self._count][1]
         try:
-            dtype = name_of(tensor.dtype)
+            dtype, array = dtypes.as_array(data, dtype)
         except CkptmapError as e:
             raise CkptmapError(f"{self.path}: tensor {name!r}: {e}") from None
-        shape = tuple(tensor.shape)
+        shape = tuple(array.shape)
         if shape == (0,):
             raise CkptmapError(f"{self.path}: tensor {name!r} has shape (0,), which a MindSpore .ckpt cannot hold "
                                "(dims [0] reads back as a scalar, and save_checkpoint drops empty tensors); "
                                "leave it out or give it another shape")
         self._admit(name, dtype, shape)
-        flat = tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
-        content = memoryview(flat)  # the tensor's own bytes, no copy
-        step = self._slice_bytes // tensor.element_size() * tensor.element_size()
+        flat = np.ascontiguousarray(array).reshape(-1).view(np.uint8)
+        content = memoryview(flat)  # the array's own bytes, no copy when it is contiguous
+        size = dtypes.itemsize(dtype)
+        step = self._slice_bytes // size * size
         if step == 0:
             raise CkptmapError(f"{self.path}: slice_bytes={self._slice_bytes} is smaller than one element of "
                                f"tensor {name!r} ({dtype}); use a slice size of at least 8 bytes")
@@ -369,7 +372,7 @@ class CkptReader:
         if canonical == "str":
             return
         shape = () if entry.dims in ((), (0,)) else entry.dims  # MindSpore's loader maps dims [0] to a scalar
-        expected = math.prod(shape) * to_torch(canonical).itemsize
+        expected = math.prod(shape) * dtypes.itemsize(canonical)
         found = sum(n for _, n in entry.slices)
         if found != expected:
             raise self._corrupt(entry.slices[0][0], f"tensor {tag!r} ({entry.ms_type} {list(shape)}) needs "
@@ -401,38 +404,55 @@ class CkptReader:
             raise CkptmapError(f"{self.path}: no tensor named {name!r} (the file holds {len(self._entries)} "
                                "tensors; list them with keys())") from None
 
-    def spec(self, name) -> tuple[str, tuple[int, ...]]:
+    def spec(self, name) -> TensorSpec:
         entry = self._entry(name)
         dtype = _CANONICAL[entry.ms_type]
-        return dtype, (() if dtype == "str" or entry.dims == (0,) else entry.dims)
+        return TensorSpec(dtype, () if dtype == "str" or entry.dims == (0,) else entry.dims)
 
-    def get(self, name):
+    def string(self, name) -> str:
+        entry = self._entry(name)
+        if _CANONICAL[entry.ms_type] != "str":
+            raise CkptmapError(f"{self.path}: {name!r} is a tensor, not a string")
+        raw = b"".join(self._mm[o:o + n] for o, n in entry.slices)
+        try:
+            return raw.decode("utf-32-le").rstrip("\0")
+        except UnicodeDecodeError as e:
+            raise CkptmapError(f"{self.path}: string {name!r} is not valid UTF-32: {e}") from None
+
+    def array(self, name) -> np.ndarray:
+        """The tensor's values as a numpy array of its storage dtype: a view of the file mapping
+        (possibly unaligned) when it is one record, a copy when MindSpore sliced it."""
         entry = self._entry(name)
         dtype_name, shape = self.spec(name)
         if dtype_name == "str":
-            raw = b"".join(self._mm[o:o + n] for o, n in entry.slices)
-            try:
-                return raw.decode("utf-32-le").rstrip("\0")
-            except UnicodeDecodeError as e:
-                raise CkptmapError(f"{self.path}: string {name!r} is not valid UTF-32: {e}") from None
-        dtype = to_torch(dtype_name)
+            raise CkptmapError(f"{self.path}: {name!r} is a string; read it with string()")
+        st = dtypes.storage(dtype_name)
         numel = math.prod(shape)
         if numel == 0:
-            return torch.empty(shape, dtype=dtype)
+            return np.empty(shape, dtype=st)
         if len(entry.slices) == 1:
-            return torch.frombuffer(self._mm, dtype=dtype, count=numel, offset=entry.slices[0][0]).reshape(shape)
-        out = torch.empty(numel * dtype.itemsize, dtype=torch.uint8)
+            return np.frombuffer(self._mm, dtype=st, count=numel, offset=entry.slices[0][0]).reshape(shape)
+        out = np.empty(numel * st.itemsize, dtype=np.uint8)
         pos = 0
         for offset, n in entry.slices:
-            if n:
-                out[pos:pos + n] = torch.frombuffer(self._mm, dtype=torch.uint8, count=n, offset=offset)
+            out[pos:pos + n] = np.frombuffer(self._mm, dtype=np.uint8, count=n, offset=offset)
             pos += n
-        return out.view(dtype).reshape(shape)
+        return out.view(st).reshape(shape)
+
+    def byte_range(self, name) -> FileRange | None:
+        entry = self._entry(name)
+        if len(entry.slices) != 1 or _CANONICAL[entry.ms_type] == "str":
+            return None
+        offset, n = entry.slices[0]
+        return FileRange(self.path, offset, n)
+
+    def get(self, name):
+        """A string value, or the tensor as an array (see array())."""
+        return self.string(name) if self.spec(name).dtype == "str" else self.array(name)
 
     def close(self) -> None:
-        # Only drop our reference: torch.frombuffer views keep the mmap object alive (by reference, not
-        # by a buffer export, so mmap.close() would unmap memory they still point at). The file is
-        # unmapped when the last of them is freed, or right here if there are none.
+        # Only drop our reference: arrays handed out keep the map alive through their buffer export;
+        # the file is unmapped when the last of them is freed, or right here if there are none.
         self._mm = None
 
     def __enter__(self):
@@ -443,6 +463,7 @@ class CkptReader:
 
 
 def load(path) -> dict:
-    """Every tensor and string of a ``.ckpt`` file, in file order (tensors view the file mapping)."""
+    """Every tensor and string of a ``.ckpt`` file, in file order (tensors as numpy arrays viewing the
+    file mapping, bfloat16 as uint16: ``spec()`` says which)."""
     with CkptReader(path) as reader:
         return {name: reader.get(name) for name in reader.keys()}

@@ -42,7 +42,7 @@ from pathlib import Path
 import attrs
 
 from ckptmap.errors import CkptmapError
-from ckptmap.formats import megatron, mindspeed
+from ckptmap.formats import megatron_folders, mindspeed
 from ckptmap.mapping.buckets import Bucket, BufferLayout, ParamSlot
 
 STRATEGY_DIR_NAME = "opt_shard_info"
@@ -141,11 +141,11 @@ def v1_merged_path(rank: int, stem: str, fmt: str) -> str:
 
 
 def v2_shard_path(iteration: int, mp_dir: str, dp: int, fmt: str) -> str:
-    return f"{megatron.iter_dir_name(iteration)}/{mp_dir}/{mindspeed.V2_FILE_STEM}_{dp:03d}.{fmt}"
+    return f"{megatron_folders.iter_dir_name(iteration)}/{mp_dir}/{mindspeed.V2_FILE_STEM}_{dp:03d}.{fmt}"
 
 
 def v2_merged_path(iteration: int, mp_dir: str, fmt: str) -> str:
-    return f"{megatron.iter_dir_name(iteration)}/{mp_dir}/{mindspeed.V2_FILE_STEM}.{fmt}"
+    return f"{megatron_folders.iter_dir_name(iteration)}/{mp_dir}/{mindspeed.V2_FILE_STEM}.{fmt}"
 
 
 def list_v2_iterations(checkpoint_dir: Path) -> list[int]:
@@ -183,7 +183,7 @@ def find_v2_shard_infos(strategy_dir: Path) -> dict[str, Path]:
     """{mp_rank dir name: JSON path} for every ``mp_rank_*`` folder holding the V2 shard-info JSON."""
     found = {}
     for d in sorted(strategy_dir.iterdir()):
-        if megatron.parse_mp_rank_dir_name(d.name) is None or not d.is_dir():
+        if megatron_folders.parse_mp_rank_dir_name(d.name) is None or not d.is_dir():
             continue
         p = d / V2_SHARD_INFO_NAME
         if p.is_file():
@@ -406,6 +406,6 @@ def shard_info_relpath(layout: str, *, rank: int, tp: int = 0, pp: int = 0, pp_s
     if layout == "v1":
         return v1_shard_info_path(rank)
     if layout == "v2":
-        return v2_shard_info_path(megatron.mp_rank_dir_name(tp, pp, pp_size))
+        return v2_shard_info_path(megatron_folders.mp_rank_dir_name(tp, pp, pp_size))
     raise CkptmapError(f"opt_shard_info layout {layout!r} is unknown; use \"v1\" (opt_shard_info/rank_{{r}}/…) or "
                        f"\"v2\" (opt_shard_info/mp_rank_…/…)")

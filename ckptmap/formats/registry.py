@@ -10,18 +10,21 @@ from ckptmap.errors import CkptmapError
 TENSOR_FORMATS = ("ckpt", "safetensors")
 
 
-def open_writer(fmt: str, path, entries, metadata=None, *, fsync: bool = False, crc: bool = False):
+def open_writer(fmt: str, path, entries, metadata=None, *, crc: bool = False):
+    """A writer of ``entries`` [(name, dtype, shape)] in that order at ``path`` (the caller's temporary
+    name: durability and the rename are ``ckptmap.atomic``'s)."""
     if fmt == "ckpt":
         from ckptmap.formats.mindspore_ckpt import CkptWriter
-        return CkptWriter(path, entries, metadata, fsync=fsync, crc=crc)
+        return CkptWriter(path, entries, metadata, crc=crc)
     if fmt == "safetensors":
         from ckptmap.formats.safetensors_io import SafetensorsWriter
-        return SafetensorsWriter(path, entries, metadata, fsync=fsync)
+        return SafetensorsWriter(path, entries, metadata)
     raise CkptmapError(f"cannot write tensor format {fmt!r}; use one of {', '.join(TENSOR_FORMATS)}")
 
 
 def open_reader(path):
-    """A reader with ``get(key) -> torch.Tensor`` for a source file, chosen by suffix."""
+    """A reader (``formats/base.py``: keys, spec, array, byte_range, close) for a source file, chosen by
+    suffix."""
     path = Path(path)
     if not path.exists():
         raise CkptmapError(f"source file {path} does not exist")
@@ -33,6 +36,6 @@ def open_reader(path):
         from ckptmap.formats.safetensors_io import SafetensorsReader
         return SafetensorsReader(path)
     if suffix == ".pt":
-        from ckptmap.formats.megatron import PtFile
+        from ckptmap.formats.megatron_files import PtFile
         return PtFile(path)
     raise CkptmapError(f"{path}: unknown file type {suffix!r}; ckptmap reads .pt, .ckpt and .safetensors")

@@ -24,7 +24,7 @@ Layout (https://github.com/huggingface/safetensors)::
 at once, then writes each tensor's bytes, straight from the tensor's buffer, at the tensor's
 library-order offset with ``os.pwrite`` -- so ``write()`` takes the tensors in the caller's announced
 order while the bytes come out in library order. MindSpore writes metadata ``{"format": "ms"}``.
-:class:`SafetensorsReader` parses the header itself and returns torch views of a private
+:class:`SafetensorsReader` parses the header itself and returns numpy views of a private
 (copy-on-write) memory map.
 """
 
@@ -36,10 +36,11 @@ import mmap
 import os
 import struct
 
-import torch
+import numpy as np
 
-from ckptmap.dtypes import name_of, to_torch
+from ckptmap import dtypes
 from ckptmap.errors import CkptmapError
+from ckptmap.formats.base import FileRange, TensorSpec
 
 _ST_TYPES = {
     "int64": "I64", "float64": "F64", "float32": "F32", "int32": "I32", "bfloat16": "BF16",
@@ -81,7 +82,7 @@ class SafetensorsWriter:
         self._offsets = {}
         pos = 0
         for name, dtype, shape in sorted(self._order, key=lambda e: (_RANK[e[1]], e[0])):
-            end = pos + math.prod(shape) * to_torch(dtype).itemsize
+            end = pos + math.prod(shape) * dtypes.itemsize(dtype)
             header[name] = {"dtype": _ST_TYPES[dtype], "shape": list(shape), "data_offsets": [pos, end]}
             self._offsets[name] = pos
             pos = end
@@ -106,26 +107,30 @@ class SafetensorsWriter:
             n = os.pwrite(self._fd, view, offset)
             view, offset = view[n:], offset + n
 
-    def write(self, name, tensor) -> None:
+    def write(self, name, data, dtype: str | None = None) -> None:
+        """``data``: a numpy array of the announced dtype's storage type (bfloat16 as uint16), or a
+        torch tensor."""
         if self._fd is None:
             raise CkptmapError(f"{self.path}: cannot write tensor {name!r}, the writer is already closed")
         if self._count >= len(self._order):
             raise CkptmapError(f"{self.path}: tensor {name!r} was not announced; all {len(self._order)} announced "
                                "tensors are written already")
-        if not isinstance(tensor, torch.Tensor) or tensor.device.type != "cpu":
-            raise CkptmapError(f"{self.path}: tensor {name!r} must be a CPU torch.Tensor, got "
-                               f"{getattr(tensor, 'device', type(tensor).__name__)}")
-        try:
-            found = (name, name_of(tensor.dtype), tuple(tensor.shape))
-        except CkptmapError as e:
-            raise CkptmapError(f"{self.path}: tensor {name!r}: {e}") from None
         expected = self._order[self._count]
+        if name != expected[0]:
+            raise CkptmapError(f"{self.path}: write #{self._count} is {name!r} but the announced entries say "
+                               f"{expected[0]!r} comes next; write tensors in the announced order")
+        try:
+            dtype, array = dtypes.as_array(data, dtype or expected[1])
+        except CkptmapError as e:
+            raise CkptmapError(f"{self.path}: tensor {name!r} does not match its announced entry {expected}: "
+                               f"{e}") from None
+        found = (name, dtype, tuple(array.shape))
         if found != expected:
             raise CkptmapError(f"{self.path}: write #{self._count} does not follow the announced entries: expected "
                                f"{expected}, got {found}; write tensors in the announced order with the announced "
                                "dtype and shape")
-        flat = tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
-        self._pwrite(flat, self._data_start + self._offsets[name])  # the tensor's own bytes, no copy
+        flat = np.ascontiguousarray(array).reshape(-1).view(np.uint8)
+        self._pwrite(flat, self._data_start + self._offsets[name])  # the array's own bytes
         self._count += 1
 
     def close(self) -> None:
@@ -219,9 +224,9 @@ class SafetensorsReader:
             if not ok:
                 raise self._bad(f"tensor {name!r} has a malformed or unsupported entry {info!r} (ckptmap reads "
                                 f"dtypes {', '.join(_CANONICAL)})")
-            if end - begin != math.prod(shape) * to_torch(dtype).itemsize:
+            if end - begin != math.prod(shape) * dtypes.itemsize(dtype):
                 raise self._bad(f"tensor {name!r} ({info['dtype']} {list(shape)}) spans {end - begin} bytes "
-                                f"[{begin}, {end}), expected {math.prod(shape) * to_torch(dtype).itemsize}")
+                                f"[{begin}, {end}), expected {math.prod(shape) * dtypes.itemsize(dtype)}")
             self._entries[name] = (dtype, shape, begin)
             spans.append((begin, end, name))
         pos = 0  # like the library: the tensors must tile the data area exactly
@@ -241,26 +246,32 @@ class SafetensorsReader:
     def metadata(self) -> dict:
         return dict(self._metadata)
 
-    def spec(self, name) -> tuple[str, tuple[int, ...]]:
+    def spec(self, name) -> TensorSpec:
         try:
             dtype, shape, _ = self._entries[name]
         except KeyError:
             raise CkptmapError(f"{self.path}: no tensor named {name!r} (the file holds {len(self._entries)} "
                                "tensors; list them with keys())") from None
-        return dtype, shape
+        return TensorSpec(dtype, shape)
 
-    def get(self, name) -> torch.Tensor:
+    def array(self, name) -> np.ndarray:
         dtype_name, shape = self.spec(name)
-        dtype, numel = to_torch(dtype_name), math.prod(shape)
+        st, numel = dtypes.storage(dtype_name), math.prod(shape)
         if numel == 0:
-            return torch.empty(shape, dtype=dtype)
+            return np.empty(shape, dtype=st)
         offset = self._data_start + self._entries[name][2]
-        return torch.frombuffer(self._mm, dtype=dtype, count=numel, offset=offset).reshape(shape)
+        return np.frombuffer(self._mm, dtype=st, count=numel, offset=offset).reshape(shape)
+
+    get = array
+
+    def byte_range(self, name) -> FileRange:
+        dtype_name, shape = self.spec(name)
+        return FileRange(self.path, self._data_start + self._entries[name][2],
+                         math.prod(shape) * dtypes.itemsize(dtype_name))
 
     def close(self) -> None:
-        # Only drop our reference: torch.frombuffer views keep the mmap object alive (by reference, not
-        # by a buffer export, so mmap.close() would unmap memory they still point at). The file is
-        # unmapped when the last of them is freed, or right here if there are none.
+        # Only drop our reference: arrays handed out keep the map alive through their buffer export;
+        # the file is unmapped when the last of them is freed, or right here if there are none.
         self._mm = None
 
     def __enter__(self):
@@ -270,7 +281,8 @@ class SafetensorsReader:
         self.close()
 
 
-def load(path) -> dict[str, torch.Tensor]:
-    """Every tensor of a safetensors file, in header order (views of the file mapping)."""
+def load(path) -> dict:
+    """Every tensor of a safetensors file, in header order, as numpy arrays viewing the file mapping
+    (bfloat16 as uint16: ``spec()`` says which)."""
     with SafetensorsReader(path) as reader:
-        return {name: reader.get(name) for name in reader.keys()}
+        return {name: reader.array(name) for name in reader.keys()}

@@ -64,7 +64,8 @@ from pathlib import Path
 
 from ckptmap import dtypes
 from ckptmap.errors import CkptmapError
-from ckptmap.formats import megatron as fmt
+from ckptmap.formats import megatron_folders
+from ckptmap.formats import param_map
 from ckptmap.mapping.buckets import ParamSlot
 
 __all__ = ["install", "uninstall", "configure", "installed", "save_param_maps", "check_checkpoint",
@@ -426,7 +427,7 @@ def _write(layout: list[list[ParamSlot]], chunk: int, directory: Path) -> list[P
     dp, tp, pp, cp = _ranks()
     if cp != 0:
         return []   # the context-parallel copies of this rank have the same layout and file name
-    return [fmt.write_param_map(directory / fmt.param_map_file_name(b, dp, tp, pp, chunk), slots)
+    return [param_map.write_param_map(directory / param_map.param_map_file_name(b, dp, tp, pp, chunk), slots)
             for b, slots in enumerate(layout)]
 
 
@@ -463,7 +464,7 @@ def _on_ddp_built(ddp) -> None:
                          "ckptmap.hooks.megatron.configure(save_dir=...) was not called); param_map files are not "
                          "written at model construction")
         return
-    _write(layout, chunk, Path(save_dir) / fmt.PARAM_MAP_DIR)
+    _write(layout, chunk, Path(save_dir) / megatron_folders.PARAM_MAP_DIR)
 
 
 def _legacy_format(args) -> bool:
@@ -487,7 +488,7 @@ def _before_save(iteration, model, kwargs) -> None:
                            "--ckpt-format other than torch), which keeps no bucket-ordered distrib_optim.pt; "
                            "param_map is not written into the iter_* directories")
         return
-    directory = Path(save) / fmt.iter_dir_name(iteration) / fmt.PARAM_MAP_DIR
+    directory = Path(save) / megatron_folders.iter_dir_name(iteration) / megatron_folders.PARAM_MAP_DIR
     chunks = model if isinstance(model, (list, tuple)) else [model]
     for v, m in enumerate(chunks):
         ddp = _find_ddp(m)
@@ -517,11 +518,11 @@ def check_checkpoint(optimizer, filename) -> None:
     ``<iter>/mp_rank_…/distrib_optim.pt``) with the live buffers of ``optimizer`` (a
     DistributedOptimizer, or a ChainedOptimizer of them); raise :class:`CkptmapError` naming the first
     differing parameter. Nothing to compare (no param_map saved) is fine."""
-    directory = Path(filename).parent.parent / fmt.PARAM_MAP_DIR
+    directory = Path(filename).parent.parent / megatron_folders.PARAM_MAP_DIR
     if not directory.is_dir():
         log.info("ckptmap: %s has no param_map; the checkpoint's layout is not checked", directory.parent)
         return
-    files = fmt.find_param_maps(directory)
+    files = param_map.find_param_maps(directory)
     if not files:
         return
     mode = _config["load_check"]
@@ -570,20 +571,20 @@ def _check_buffer(filename, directory, files, live_slots, b, chunk, dp, tp, pp, 
             f"{', '.join(map(str, have[:8]))}{' …' if len(have) > 8 else ''}, so the checkpoint was saved with a "
             f"different tensor / pipeline / virtual-pipeline layout or model. {todo}.")
     saved_file = min(mine, key=lambda f: f.dp)
-    saved = fmt.read_param_map(saved_file.path)
+    saved = param_map.read_param_map(saved_file.path)
     live = {s.name: (s.dtype, s.shape, s.start, s.end, s.bucket) for s in live_slots}
-    diff = fmt.param_map_difference(saved, live, relative=(mode != "exact"))
+    diff = param_map.param_map_difference(saved, live, relative=(mode != "exact"))
     saved_dp = 1 + max(f.dp for f in files if (f.tp, f.pp) == (tp, pp))
     where = f"model chunk {chunk}, buffer {b}, tensor-parallel rank {tp}, pipeline rank {pp}"
     if diff is not None:
         if diff.saved is None:
             found = f"the checkpoint has no entry {diff.index} (it describes {len(saved)} parameters)"
         else:
-            found = f"the checkpoint has {diff.saved[0]}: {fmt.describe_param_map_entry(diff.saved[1])}"
+            found = f"the checkpoint has {diff.saved[0]}: {param_map.describe_param_map_entry(diff.saved[1])}"
         if diff.live is None:
             want = f"the live model has no entry {diff.index} (it has {len(live)} parameters)"
         else:
-            want = f"the live model has {diff.live[0]}: {fmt.describe_param_map_entry(diff.live[1])}"
+            want = f"the live model has {diff.live[0]}: {param_map.describe_param_map_entry(diff.live[1])}"
         first = diff.saved[0] if diff.saved is not None else diff.live[0]
         dp_note = (f" The checkpoint was saved with data-parallel size {saved_dp}, this run has {live_dp}"
                    + (": if that is intended, ckptmap.hooks.megatron.configure(load_check='layout') compares "

@@ -166,9 +166,9 @@ def _params(params, rules: RuleSet) -> list[_Param]:
         if any(d < 0 for d in shape):
             raise CkptmapError(f"parameter {name}: shape {list(shape)} has a negative dimension")
         canonical = osi.canonical_dtype(dtype)
-        if canonical not in dtypes.TORCH_DTYPES:
+        if canonical not in dtypes.TABLE:
             raise CkptmapError(f"parameter {name}: dtype {dtype} is not one ckptmap knows "
-                               f"({', '.join(dtypes.TORCH_DTYPES)})")
+                               f"({', '.join(dtypes.TABLE)})")
         if name in seen:
             raise CkptmapError(f"params[{i}] and params[{seen[name]}] are both named {name}; checkpoint names must "
                                f"be unique (pass network.trainable_params(), which lists a shared Parameter once)")

@@ -31,7 +31,7 @@ from pathlib import Path
 import attrs
 
 from ckptmap.errors import CkptmapError
-from ckptmap.formats import megatron, mindspeed, registry
+from ckptmap.formats import megatron_folders, mindspeed, registry
 from ckptmap.formats import opt_shard_info as osi
 from ckptmap.mapping.plan import FileTask, Plan, SourceSlice, TensorTask
 
@@ -250,7 +250,7 @@ def _v2_sources(groups, ckdir: Path, opt: CombineOptions):
                            f"run's checkpoint folder")
     available = {}
     for g in groups:
-        if not any((ckdir / megatron.iter_dir_name(it) / g.label).is_dir() for it in iterations):
+        if not any((ckdir / megatron_folders.iter_dir_name(it) / g.label).is_dir() for it in iterations):
             raise CkptmapError(
                 f"rank folder {g.label} is missing from every iter_* folder of {ckdir}: its DP group "
                 f"{list(g.info.dp_ranks)} ({g.info.path}) cannot be merged; copy the folder into place or point "
@@ -261,7 +261,7 @@ def _v2_sources(groups, ckdir: Path, opt: CombineOptions):
     chosen, newer = _choose_step(available, opt, "shard file", naming)
     paths = {}
     for g in groups:
-        d = ckdir / megatron.iter_dir_name(chosen) / g.label
+        d = ckdir / megatron_folders.iter_dir_name(chosen) / g.label
         extra = sorted(p.name for p in d.iterdir()
                        if (parsed := osi.parse_v2_shard_name(p.name)) and parsed[1] == opt.src_format
                        and parsed[0] >= g.info.dp)

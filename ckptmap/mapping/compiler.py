@@ -14,7 +14,7 @@ import attrs
 
 from ckptmap import dtypes
 from ckptmap.errors import CkptmapError
-from ckptmap.formats import megatron, mindspeed
+from ckptmap.formats import megatron_files, megatron_folders, mindspeed, param_map
 from ckptmap.mapping import buckets
 from ckptmap.mapping import ops as tensor_ops
 from ckptmap.mapping.layout import ParallelLayout
@@ -59,7 +59,7 @@ def listing(names, limit=MAX_LISTED) -> str:
 
 @attrs.frozen
 class _Matched:
-    tensor: megatron.ModelTensor
+    tensor: megatron_files.ModelTensor
     rule: ParamRule
     bindings: dict
 
@@ -117,11 +117,11 @@ def compile_pt2ms(opt: Pt2MsOptions) -> Plan:
         raise CkptmapError(f"--layout {opt.layout}: use v1 or v2")
     if opt.dtype != "keep" and opt.dtype not in FLOAT_DTYPES:
         raise CkptmapError(f"--dtype {opt.dtype}: use keep or one of {', '.join(FLOAT_DTYPES)}")
-    bad_states = [x for x in opt.dist_opt_content if x not in megatron.OPTIM_STATES]
+    bad_states = [x for x in opt.dist_opt_content if x not in megatron_files.OPTIM_STATES]
     if bad_states:
-        raise CkptmapError(f"--dist-opt-content {' '.join(bad_states)}: choose from {' '.join(megatron.OPTIM_STATES)}")
+        raise CkptmapError(f"--dist-opt-content {' '.join(bad_states)}: choose from {' '.join(megatron_files.OPTIM_STATES)}")
 
-    ckdir = megatron.open_checkpoint_dir(opt.megatron_path)
+    ckdir = megatron_folders.open_checkpoint_dir(opt.megatron_path)
     check_size("--tp-size", opt.tp_size, ckdir.tp_size, f"{ckdir.root} has mp_rank directories for TP size")
     check_size("--pp-size", opt.pp_size, ckdir.pp_size, f"{ckdir.root} has mp_rank directories for PP size")
     tp_size, pp_size = ckdir.tp_size, ckdir.pp_size
@@ -130,7 +130,7 @@ def compile_pt2ms(opt: Pt2MsOptions) -> Plan:
 
     files = {}
     for key, d in sorted(ckdir.ranks.items()):
-        files[key] = megatron.ModelFile(d / megatron.MODEL_FILE)
+        files[key] = megatron_files.ModelFile(d / megatron_folders.MODEL_FILE)
         files[key].close()  # only the object tree is needed here; a map per rank would exhaust file handles
     first = files[(0, 0)]
     args = first.args
@@ -201,7 +201,7 @@ def compile_pt2ms(opt: Pt2MsOptions) -> Plan:
             tasks = [_weight_task(m, layout, pp, model_file.path, opt.dtype, env, seen) for m in matched]
             scalar_rows = mindspeed.step_scalars(step, opt.layout)
         else:
-            optim = megatron.OptimFile(ckdir.ranks[(tp, pp)] / megatron.OPTIM_FILE)
+            optim = megatron_files.OptimFile(ckdir.ranks[(tp, pp)] / megatron_folders.OPTIM_FILE)
             optim.close()
             buffers = _buffer_layouts(rules, args, matched, optim, param_maps, tp, pp, layout,
                                       explicit_maps=bool(opt.param_map_path))
@@ -210,10 +210,10 @@ def compile_pt2ms(opt: Pt2MsOptions) -> Plan:
                 if bl.origin != "derived":
                     used_maps.add((tp, pp, v))
                 else:  # one file per DP rank, as the training run would have written
-                    text = megatron.param_map_text(bl.slots)
+                    text = param_map.param_map_text(bl.slots)
                     b = g - min(x[1] for x in buffers if x[0] == v)
                     derived_maps.extend(
-                        FileTask(mindspeed.pt_meta_path(megatron.param_map_file_name(b, d, tp, pp, v)), "text",
+                        FileTask(mindspeed.pt_meta_path(param_map.param_map_file_name(b, d, tp, pp, v)), "text",
                                  text=text)
                         for d in range(_arg(args, "data_parallel_size", 1)))
             tasks = _optimizer_tasks(matched, buffers, optim, rules, layout, pp, opt, env, seen)
@@ -320,7 +320,7 @@ def _buffer_layouts(rules: RuleSet, args, matched, optim, param_maps, tp, pp, la
                         raise CkptmapError(f"{pm.path}: describes buffer {g + i} but {optim.path} has "
                                            f"{len(optim.buffers)}; the param_map belongs to a different run")
                     _, padded, unpadded = optim.buffers[g + i]
-                    entries = megatron.read_param_map(pm.path)
+                    entries = param_map.read_param_map(pm.path)
                     chunk_layouts.append((v, g + i, buckets.buffer_from_param_map(entries, padded, unpadded,
                                                                                   str(pm.path))))
             except CkptmapError as e:
@@ -416,15 +416,15 @@ def _optimizer_tasks(matched, buffer_layouts, optim, rules, layout, pp, opt, env
 
 def _param_maps(opt: Pt2MsOptions, ckdir) -> list:
     if opt.param_map_path:
-        found = megatron.find_param_maps(opt.param_map_path)
+        found = param_map.find_param_maps(opt.param_map_path)
         if not found:
             raise CkptmapError(f"--param-map-path {opt.param_map_path} holds no "
                                f"param_map_buffer*_dp*tp*pp*vpp*.json files")
         return found
-    for candidate in (ckdir.root / megatron.PARAM_MAP_DIR,
-                      (ckdir.save_root / megatron.PARAM_MAP_DIR) if ckdir.save_root else None):
+    for candidate in (ckdir.root / megatron_folders.PARAM_MAP_DIR,
+                      (ckdir.save_root / megatron_folders.PARAM_MAP_DIR) if ckdir.save_root else None):
         if candidate is not None and candidate.is_dir():
-            found = megatron.find_param_maps(candidate)
+            found = param_map.find_param_maps(candidate)
             if found:
                 return found
     return []
@@ -442,7 +442,7 @@ def _pt_meta_task(model_file, tp, pp, layout, rules, param_maps, tensors) -> Fil
         if maps:
             chunk_names = []
             for pm in maps:
-                chunk_names.extend(megatron.read_param_map(pm.path))
+                chunk_names.extend(param_map.read_param_map(pm.path))
             names.append(chunk_names)
         else:
             source = "state_dict_reversed"
@@ -452,7 +452,7 @@ def _pt_meta_task(model_file, tp, pp, layout, rules, param_maps, tensors) -> Fil
         "param_name_list": names,
         "param_name_list_source": source,
     }
-    optim_path = model_file.path.with_name(megatron.OPTIM_FILE)
+    optim_path = model_file.path.with_name(megatron_folders.OPTIM_FILE)
     return FileTask(mindspeed.pt_meta_args_path(tp, pp), "torch_meta", source=str(model_file.path),
                     aux_source=str(optim_path) if optim_path.is_file() else None,
                     keys=tuple(model_file.meta_keys()), extra=extra)

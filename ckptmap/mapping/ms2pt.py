@@ -19,7 +19,7 @@ import numpy as np
 
 from ckptmap import dtypes
 from ckptmap.errors import CkptmapError
-from ckptmap.formats import megatron, mindspeed, registry, torch_zip
+from ckptmap.formats import megatron_files, megatron_folders, mindspeed, param_map, pt_meta, registry, torch_zip_reader
 from ckptmap.mapping import buckets
 from ckptmap.mapping import ops as tensor_ops
 from ckptmap.mapping.compiler import check_layers, check_size, choose_rules, listing, match_rules
@@ -54,7 +54,7 @@ class _MetaRank:
     path: Path
     root: dict          # the pt_meta object graph (TensorRefs for its own tensors)
     meta: dict          # root["ckptmap"]
-    tensors: list       # Megatron model tensors from the skeleton, as megatron.ModelTensor
+    tensors: list       # Megatron model tensors from the skeleton, as megatron_files.ModelTensor
 
 
 def _read_meta(meta_dir: Path, tp: int, pp: int) -> _MetaRank:
@@ -64,15 +64,15 @@ def _read_meta(meta_dir: Path, tp: int, pp: int) -> _MetaRank:
             f"{path} is missing: converting back to Megatron needs the pt_meta folder that `ckptmap pt2ms` "
             f"wrote next to the MindSpore checkpoint (args, optimizer, RNG state and layout of every mp_rank); "
             f"pass it with --param-map-path")
-    root = torch_zip.read_objects(path)
-    meta = root.get(megatron.META_KEY) if isinstance(root, dict) else None
-    if not isinstance(meta, dict) or meta.get("version") != megatron.META_VERSION:
+    root = torch_zip_reader.read_objects(path)
+    meta = root.get(pt_meta.META_KEY) if isinstance(root, dict) else None
+    if not isinstance(meta, dict) or meta.get("version") != pt_meta.META_VERSION:
         raise CkptmapError(
-            f"{path} was not written by this version of ckptmap pt2ms (no '{megatron.META_KEY}' entry of "
-            f"version {megatron.META_VERSION}); re-run `ckptmap pt2ms` on the original Megatron checkpoint")
+            f"{path} was not written by this version of ckptmap pt2ms (no '{pt_meta.META_KEY}' entry of "
+            f"version {pt_meta.META_VERSION}); re-run `ckptmap pt2ms` on the original Megatron checkpoint")
     tensors = []
     skeleton = meta["model_optim_rng"]
-    for chunk_key, v in megatron.model_chunk_keys(skeleton, path):
+    for chunk_key, v in megatron_files.model_chunk_keys(skeleton, path):
         _walk_placeholders(skeleton[chunk_key], [], v, chunk_key, meta["model_tensors"], tensors)
     return _MetaRank(path, root, meta, tensors)
 
@@ -81,10 +81,10 @@ def _walk_placeholders(node, names, chunk, chunk_key, refs, out):
     for k, v in node.items():
         if isinstance(v, dict):
             _walk_placeholders(v, names + [k], chunk, chunk_key, refs, out)
-        elif isinstance(v, tuple) and len(v) == 2 and v[0] == megatron.PLACEHOLDER:
-            ref = megatron.ref_from_fields(refs[v[1]])
+        elif isinstance(v, tuple) and len(v) == 2 and v[0] == pt_meta.PLACEHOLDER:
+            ref = pt_meta.ref_from_fields(refs[v[1]])
             name = ".".join(names + [k])
-            out.append(megatron.ModelTensor(chunk, name, f"{chunk_key}{megatron.KEY_SEP}{v[1]}", ref.dtype,
+            out.append(megatron_files.ModelTensor(chunk, name, f"{chunk_key}{megatron_files.KEY_SEP}{v[1]}", ref.dtype,
                                             tuple(ref.shape)))
 
 
@@ -126,7 +126,9 @@ def _ms_file(root: Path, layout: str, iteration, tp: int, pp: int, pp_size: int,
 def _scalar(reader, name):
     if name not in reader.keys():
         return None
-    return reader.get(name).reshape(-1)[0].item()
+    dtype = reader.spec(name).dtype
+    value = reader.array(name).reshape(-1)[:1]
+    return tensor_ops.cast(value, dtype, "float64")[0].item() if dtypes.get(dtype).is_float else value[0].item()
 
 
 def compile_ms2pt(opt: Ms2PtOptions) -> Plan:
@@ -146,7 +148,7 @@ def compile_ms2pt(opt: Ms2PtOptions) -> Plan:
     check_size("--pp-size", opt.pp_size, pp_found, f"{meta_dir} has args files for PP size")
     first = _read_meta(meta_dir, 0, 0)
     args = first.root.get("args")
-    chunks = len(megatron.model_chunk_keys(first.meta["model_optim_rng"], first.path))
+    chunks = len(megatron_files.model_chunk_keys(first.meta["model_optim_rng"], first.path))
     check_size("--vpp-size", opt.vpp_size if opt.vpp_size and opt.vpp_size > 1 else (1 if opt.vpp_size else None),
                 chunks, f"{first.path} describes model chunks:")
     rules = choose_rules(opt.rules, first.tensors, first.path)
@@ -163,7 +165,7 @@ def compile_ms2pt(opt: Ms2PtOptions) -> Plan:
                             vpp=chunks, num_layers=num_layers,
                             stage_list=tuple(opt.stage_list) if opt.stage_list else None,
                             noop=frozenset(opt.noop), order=opt.parallel_init_order)
-    param_maps = megatron.find_param_maps(meta_dir)
+    param_maps = param_map.find_param_maps(meta_dir)
 
     plan_files: list[FileTask] = []
     iterations = set()
@@ -182,7 +184,7 @@ def compile_ms2pt(opt: Ms2PtOptions) -> Plan:
     sources = {}
     for tp, pp, meta, matched in ranks:
         it_hint = meta.root.get("iteration")
-        ms_file = _ms_file(ms_root, layout_name, megatron.latest_iteration(ms_root) if layout_name == "v2" else it_hint,
+        ms_file = _ms_file(ms_root, layout_name, megatron_folders.latest_iteration(ms_root) if layout_name == "v2" else it_hint,
                            tp, pp, pp_found, layout.global_rank(tp=tp, pp=pp), opt)
         reader = registry.open_reader(ms_file)
         try:
@@ -201,7 +203,7 @@ def compile_ms2pt(opt: Ms2PtOptions) -> Plan:
 
     for tp, pp, meta, matched in ranks:
         ms_file, specs, scalars = sources[(tp, pp)]
-        rank_dir = f"{megatron.iter_dir_name(out_iteration)}/{megatron.mp_rank_dir_name(tp, pp, pp_found)}"
+        rank_dir = f"{megatron_folders.iter_dir_name(out_iteration)}/{megatron_folders.mp_rank_dir_name(tp, pp, pp_found)}"
         weights = {(m.tensor.chunk, m.tensor.name): _reverse_task(m, layout, pp) for m in matched}
         plan_files.append(_model_file(meta, rank_dir, weights, ms_file, specs, out_iteration,
                                       opt.convert_param_only, scalars))
@@ -210,9 +212,9 @@ def compile_ms2pt(opt: Ms2PtOptions) -> Plan:
                                           param_maps))
     if not opt.convert_param_only:
         # the checkpoint describes its own bucket layout, as with ckptmap.hooks.megatron
-        iter_maps = f"{megatron.iter_dir_name(out_iteration)}/{megatron.PARAM_MAP_DIR}"
+        iter_maps = f"{megatron_folders.iter_dir_name(out_iteration)}/{megatron_folders.PARAM_MAP_DIR}"
         plan_files.extend(FileTask(f"{iter_maps}/{pm.path.name}", "copy", source=str(pm.path)) for pm in param_maps)
-    plan_files.append(FileTask(megatron.TRACKER, "text", text=str(out_iteration)))
+    plan_files.append(FileTask(megatron_folders.TRACKER, "text", text=str(out_iteration)))
     info = {"source": str(ms_root), "layout": layout_name, "pt_meta": str(meta_dir), "iteration": out_iteration,
             "rules": rules.name, "tp": tp_found, "pp": pp_found, "vpp": chunks, "num_layers": num_layers,
             "noop": sorted(opt.noop),
@@ -257,7 +259,7 @@ def _tiled(key, dtype, numel, pieces, padding, meta_path, which) -> StorageTask:
     ``[0, numel)`` exactly."""
     size = dtypes.itemsize(dtype)
     pieces = list(pieces) + [
-        StoragePiece(a, padding=SourceSlice(str(meta_path), megatron.padding_key(which, key, j), "uint8",
+        StoragePiece(a, padding=SourceSlice(str(meta_path), pt_meta.padding_key(which, key, j), "uint8",
                                             ((b - a) * size,)))
         for j, (a, b, _) in enumerate(padding.get(key, []))]
     pieces.sort(key=lambda p: p.offset)
@@ -276,19 +278,19 @@ def _tiled(key, dtype, numel, pieces, padding, meta_path, which) -> StorageTask:
 def _model_file(meta: _MetaRank, rank_dir, weights, ms_file, specs, iteration, param_only, scalars) -> FileTask:
     by_ref = {}
     for t in meta.tensors:
-        index = int(t.key.split(megatron.KEY_SEP)[-1])
+        index = int(t.key.split(megatron_files.KEY_SEP)[-1])
         ms_name, ms_shape, inverse = weights[(t.chunk, t.name)]
         by_ref[index] = _source_task(t.name, ms_file, specs, ms_name, ms_shape, inverse, t.dtype, t.shape)
     per_storage: dict[str, tuple] = {}
     for i, fields in enumerate(meta.meta["model_tensors"]):
-        ref = megatron.ref_from_fields(fields)
+        ref = pt_meta.ref_from_fields(fields)
         entry = per_storage.setdefault(ref.storage, (ref.dtype, ref.storage_numel, []))
         if i in by_ref:
             entry[2].append(StoragePiece(ref.storage_offset, tensor=by_ref[i]))
     storages = [_tiled(key, dtype, numel, pieces, meta.meta["model_padding"], meta.path, "model_optim_rng")
                 for key, (dtype, numel, pieces) in per_storage.items()]
     updates = _follow_iteration(meta.root, iteration, None if param_only else scalars)
-    return FileTask(f"{rank_dir}/{megatron.MODEL_FILE}", "torch_stream", source=str(meta.path),
+    return FileTask(f"{rank_dir}/{megatron_folders.MODEL_FILE}", "torch_stream", source=str(meta.path),
                     storages=tuple(storages), extra={"skeleton": "model_optim_rng", "set": updates})
 
 
@@ -340,13 +342,13 @@ def _optim_file(meta: _MetaRank, rank_dir, matched, layout, pp, tp, rules, ms_fi
                                f"folder is incomplete — re-run `ckptmap pt2ms`")
         for pm in maps:
             _, padded, unpadded = buffers_meta[g]
-            layouts.append((v, g, buckets.buffer_from_param_map(megatron.read_param_map(pm.path), padded, unpadded,
+            layouts.append((v, g, buckets.buffer_from_param_map(param_map.read_param_map(pm.path), padded, unpadded,
                                                                  str(pm.path))))
             g += 1
     slot_of = {(v, s.name): (gi, bl, s) for v, gi, bl in layouts for s in bl.slots}
     placeholder_of = {}
     for gi, (key, padded, _) in enumerate(buffers_meta):
-        for state in megatron.OPTIM_STATES:
+        for state in megatron_files.OPTIM_STATES:
             for j, ph in enumerate(skeleton[gi][key][state]):
                 placeholder_of[(gi, state, j)] = ph[1]
     pieces_by_ref: dict[int, list] = {}
@@ -358,7 +360,7 @@ def _optim_file(meta: _MetaRank, rank_dir, matched, layout, pp, tp, rules, ms_fi
                                f"is inconsistent — re-run `ckptmap pt2ms`")
         gi, bl, slot = found
         ms_name, ms_shape, inverse = _reverse_task(m, layout, pp)
-        for state in megatron.OPTIM_STATES:
+        for state in megatron_files.OPTIM_STATES:
             name = rules.state_pattern(state).format({"name": ms_name})
             task = _source_task(f"{state} of {m.tensor.name}", ms_file, specs, name, ms_shape, inverse, "float32",
                                 m.tensor.shape)
@@ -367,9 +369,9 @@ def _optim_file(meta: _MetaRank, rank_dir, matched, layout, pp, tp, rules, ms_fi
                 (slot.start - bl.buckets[slot.bucket].start, task))
     storages = []
     for i, fields in enumerate(refs):
-        ref = megatron.ref_from_fields(fields)
+        ref = pt_meta.ref_from_fields(fields)
         pieces = [StoragePiece(ref.storage_offset + off, tensor=t) for off, t in pieces_by_ref.get(i, [])]
         storages.append(_tiled(ref.storage, ref.dtype, ref.storage_numel, pieces, m_meta["distrib_optim_padding"],
                                meta.path, "distrib_optim"))
-    return FileTask(f"{rank_dir}/{megatron.OPTIM_FILE}", "torch_stream", source=str(meta.path),
+    return FileTask(f"{rank_dir}/{megatron_folders.OPTIM_FILE}", "torch_stream", source=str(meta.path),
                     storages=tuple(storages), extra={"skeleton": "distrib_optim", "set": []})

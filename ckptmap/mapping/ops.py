@@ -8,13 +8,17 @@ Concrete ops:
   reshape(in_shape, out_shape)   inverse swaps the shapes
   chunk_interleave(dim, n)       view ``dim`` as (n, size/n), swap, flatten: interleaves n chunks row
                                  by row; inverse is chunk_interleave(dim, size/n)
+
+Ops run on numpy arrays of the dtypes' storage types (``ckptmap.dtypes``); casts follow torch's
+``Tensor.to`` bit for bit: bfloat16 -> float32 is a 16-bit shift, float32 -> bfloat16 rounds to
+nearest even (NaN -> 0x7FC0, as c10::BFloat16), other float casts are IEEE round-to-nearest-even.
 """
 
 from __future__ import annotations
 
 import math
 
-import torch
+import numpy as np
 
 from ckptmap import dtypes
 from ckptmap.errors import CkptmapError
@@ -26,7 +30,7 @@ def resolve(spec_name: str, spec_args: tuple, shape: tuple[int, ...], dtype: str
     """Turn a rules op (``spec_name(spec_args)``) into a concrete Op for this input."""
     if spec_name == "cast":
         (dst,) = spec_args
-        dtypes.to_torch(dst)
+        dtypes.get(dst)
         return Op("cast", (dtype, dst)), shape, dst
     if spec_name == "transpose":
         a, b = (_dim(d, shape, where) for d in spec_args)
@@ -78,25 +82,50 @@ def inverse(op: Op, shape_after: tuple[int, ...]) -> Op:
     raise CkptmapError(f"unknown op {op.kind}")
 
 
-def apply(op: Op, tensor: torch.Tensor) -> torch.Tensor:
+def bf16_to_f32(bits: np.ndarray) -> np.ndarray:
+    return (bits.astype(np.uint32) << 16).view(np.float32)
+
+
+def f32_to_bf16(values: np.ndarray) -> np.ndarray:
+    """Round-to-nearest-even float32 -> bfloat16 bit patterns, as c10::BFloat16."""
+    u = np.asarray(values, dtype=np.float32, order="C").view(np.uint32)
+    out = ((u + (((u >> 16) & 1) + np.uint32(0x7FFF))) >> 16).astype(np.uint16)
+    nan = np.isnan(values)
+    if nan.any():
+        out[nan] = 0x7FC0
+    return out
+
+
+def cast(array: np.ndarray, src: str, dst: str) -> np.ndarray:
+    if src == dst:
+        return array
+    if src == "bfloat16":
+        return cast(bf16_to_f32(array), "float32", dst)
+    if dst == "bfloat16":
+        return f32_to_bf16(array if src == "float32" else array.astype(np.float32))
+    with np.errstate(over="ignore"):  # out of range becomes inf, as in torch
+        return array.astype(dtypes.storage(dst))
+
+
+def apply(op: Op, array: np.ndarray) -> np.ndarray:
     if op.kind == "cast":
-        return tensor.to(dtypes.to_torch(op.args[1]))
+        return cast(array, *op.args)
     if op.kind == "transpose":
-        return tensor.transpose(*op.args)
+        return np.swapaxes(array, *op.args)
     if op.kind == "reshape":
-        return tensor.reshape(op.args[1])
+        return array.reshape(op.args[1])
     if op.kind == "chunk_interleave":
         dim, n = op.args
-        shape = tensor.shape
-        split = tensor.reshape(*shape[:dim], n, shape[dim] // n, *shape[dim + 1:])
-        return split.transpose(dim, dim + 1).reshape(shape)
+        shape = array.shape
+        split = array.reshape(*shape[:dim], n, shape[dim] // n, *shape[dim + 1:])
+        return np.swapaxes(split, dim, dim + 1).reshape(shape)
     raise CkptmapError(f"unknown op {op.kind}")
 
 
-def apply_all(ops, tensor: torch.Tensor) -> torch.Tensor:
+def apply_all(ops, array: np.ndarray) -> np.ndarray:
     for op in ops:
-        tensor = apply(op, tensor)
-    return tensor
+        array = apply(op, array)
+    return array
 
 
 def invert_all(ops, shapes_after) -> list[Op]:

@@ -49,8 +49,8 @@ def _add_combine_flags(p: argparse.ArgumentParser) -> None:
     c.add_argument("--dry-run", action="store_true",
                    help="Print the plan (which shard slices make which tensor) and write nothing.")
     c.add_argument("--debug", action="store_true", help="Show tracebacks.")
-    from ckptmap.cli import _add_run_flags
-    _add_run_flags(p.add_argument_group("execution"))
+    from ckptmap.cli.flags import add_run_flags
+    add_run_flags(p.add_argument_group("execution"))
 
 
 def combine_options(ns):
@@ -64,7 +64,7 @@ def combine_options(ns):
 
 
 def cmd_combine(ns) -> int:
-    from ckptmap.cli import show_or_run
+    from ckptmap.cli.run import show_or_run
     from ckptmap.mapping.combine import compile_combine
 
     plan = compile_combine(combine_options(ns))

@@ -1,0 +1,197 @@
+"""`ckptmap` command line: plan, apply, pt2ms, ms2pt, combine, verify, inspect, rules, demo.
+
+``flags`` declares the arguments, ``printing`` prints plans and reports, ``combine`` adds the
+combine command; this module dispatches and turns errors into exit codes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from ckptmap.cli.flags import add_ms2pt_flags, add_pt2ms_flags, add_run_flags, ms2pt_options, pt2ms_options
+from ckptmap.cli.printing import print_plan
+from ckptmap.cli.run import EXIT_FAILED, run, show_or_run
+from ckptmap.errors import CkptmapError
+
+EXIT_BAD_INPUT = 2
+
+
+def cmd_convert(ns) -> int:
+    return show_or_run(_compile(ns), ns)
+
+
+def _compile(ns):
+    if (getattr(ns, "plan_command", None) or ns.command) == "ms2pt":
+        from ckptmap.mapping.ms2pt import compile_ms2pt
+        return compile_ms2pt(ms2pt_options(ns))
+    from ckptmap.mapping.compiler import compile_pt2ms
+    return compile_pt2ms(pt2ms_options(ns))
+
+
+def cmd_plan(ns) -> int:
+    plan = _compile(ns)
+    if ns.output:
+        out = Path(ns.output)
+        tmp = out.with_name(out.name + ".tmp")
+        tmp.write_text(plan.to_json())
+        os.replace(tmp, out)
+        print(f"plan written to {out} ({len(plan.files)} files); run it with `ckptmap apply {out}`")
+    if ns.dry_run or not ns.output:
+        print_plan(plan)
+    return 0
+
+
+def cmd_apply(ns) -> int:
+    from ckptmap.mapping.plan import Plan
+
+    path = Path(ns.plan)
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise CkptmapError(f"cannot read plan {path}: {e.strerror}") from None
+    plan = Plan.from_json(text, str(path))
+    print_plan(plan, detail=False)
+    return run(plan, ns)
+
+
+def cmd_verify(ns) -> int:
+    from ckptmap import verify
+
+    if ns.md5:
+        same, lines = verify.md5_report(ns.paths)
+        print("\n".join(lines))
+        return 0 if same else EXIT_FAILED
+    if len(ns.paths) != 2:
+        raise CkptmapError(f"verify compares two paths (files or checkpoint directories), got {len(ns.paths)}; "
+                           f"use --md5 to compare the md5 sums of several files")
+    reports = verify.verify(ns.paths[0], ns.paths[1], rules=ns.rules)
+    ok = True
+    for r in reports:
+        ok &= r.identical
+        status = "identical" if r.identical else "DIFFERENT"
+        print(f"{status:9s}  {r.left}  <->  {r.right}  ({r.compared} values compared)")
+        for k in r.only_left[:20]:
+            print(f"    only in the first:  {k}")
+        for k in r.only_right[:20]:
+            print(f"    only in the second: {k}")
+        for k, what in r.differing[:20]:
+            print(f"    differs: {k}: {what}")
+        hidden = max(0, len(r.only_left) - 20) + max(0, len(r.only_right) - 20) + max(0, len(r.differing) - 20)
+        if hidden:
+            print(f"    … and {hidden} more")
+    n_bad = sum(not r.identical for r in reports)
+    print(f"\n{len(reports) - n_bad} of {len(reports)} file pairs identical")
+    return 0 if ok else EXIT_FAILED
+
+
+def cmd_inspect(ns) -> int:
+    from ckptmap.inspect import inspect_path
+
+    inspect_path(ns.path, sys.stdout)
+    return 0
+
+
+def cmd_rules(ns) -> int:
+    from ckptmap.mapping.rules import bundled_rules, load_rules
+
+    if ns.rules_command == "list":
+        for name, path in bundled_rules().items():
+            rules = load_rules(path)
+            print(f"{name:24s} {len(rules.params):3d} param rules  {rules.description}")
+        return 0
+    rules = load_rules(ns.file)
+    print(f"{ns.file}: ok — rules {rules.name}, {len(rules.params)} param rules, "
+          f"{len(rules.states)} optimizer states, bucket layouts: "
+          f"{', '.join(b.name for b in rules.buckets) or 'none'}")
+    return 0
+
+
+def cmd_demo(ns) -> int:
+    from ckptmap.demo import run_demo
+
+    return run_demo(Path(ns.workdir) if ns.workdir else None)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ckptmap",
+        description="Move training checkpoints between Megatron-LM and MindSpeed-Core-MS, streaming and bit-exact.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("pt2ms", help="Megatron checkpoint -> MindSpore checkpoint (flags of convert_pt2ckpt.py).",
+                       description="Megatron checkpoint -> MindSpore checkpoint.")
+    add_pt2ms_flags(p)
+    p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("plan", help="Compile a conversion plan; --dry-run prints it, -o saves it for `apply`.")
+    plan_sub = p.add_subparsers(dest="plan_command", required=True, metavar="CONVERSION")
+    pp = plan_sub.add_parser("pt2ms", help="Plan a pt2ms conversion.")
+    add_pt2ms_flags(pp)
+    pp.add_argument("-o", "--output", help="Write the plan as JSON to this file.")
+    pp.set_defaults(func=cmd_plan)
+    pm = plan_sub.add_parser("ms2pt", help="Plan an ms2pt conversion.")
+    add_ms2pt_flags(pm)
+    pm.add_argument("-o", "--output", help="Write the plan as JSON to this file.")
+    pm.set_defaults(func=cmd_plan)
+
+    p = sub.add_parser("ms2pt", help="MindSpore checkpoint -> Megatron checkpoint (flags of convert_ckpt2pt.py).",
+                       description="MindSpore checkpoint -> Megatron checkpoint.")
+    add_ms2pt_flags(p)
+    p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("apply", help="Run a plan written by `ckptmap plan … -o FILE`.")
+    p.add_argument("plan")
+    p.add_argument("--debug", action="store_true")
+    add_run_flags(p)
+    p.set_defaults(func=cmd_apply)
+
+    from ckptmap.cli.combine import register as register_combine
+    register_combine(sub)
+
+    p = sub.add_parser("verify", help="Compare two checkpoints value by value (files or directories, "
+                                      "Megatron vs MindSpore too); --md5 prints whole-file md5 sums.")
+    p.add_argument("paths", nargs="+", help="Two files or directories (or, with --md5, any number of files).")
+    p.add_argument("--md5", action="store_true", help="Compare whole-file md5 sums (the conversion guide's check).")
+    p.add_argument("--rules", default="auto", help="Rules pairing Megatron and MindSpore names (default: auto).")
+    p.add_argument("--debug", action="store_true")
+    p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser("inspect", help="List keys, shapes and dtypes of a checkpoint file or directory.")
+    p.add_argument("path")
+    p.add_argument("--debug", action="store_true")
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("rules", help="List bundled rules or check a .rules file.")
+    rsub = p.add_subparsers(dest="rules_command", required=True, metavar="ACTION")
+    rsub.add_parser("list", help="List the bundled rules.")
+    rc = rsub.add_parser("check", help="Validate a .rules file.")
+    rc.add_argument("file")
+    p.set_defaults(func=cmd_rules, debug=False)
+
+    p = sub.add_parser("demo", help="Build a small Megatron checkpoint, convert it, and show the result.")
+    p.add_argument("--workdir", help="Where to put the demo files (default: a temporary directory).")
+    p.add_argument("--debug", action="store_true")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    ns = parser.parse_args(argv)
+    try:
+        return ns.func(ns)
+    except CkptmapError as e:
+        if getattr(ns, "debug", False):
+            import traceback
+            traceback.print_exc()
+        print(f"ckptmap {ns.command}: error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except BrokenPipeError:  # output piped into `head` and closed: not an error
+        sys.stderr.close()
+        return 0
+    except KeyboardInterrupt:
+        print("ckptmap: interrupted; finished files are complete, unfinished ones were removed", file=sys.stderr)
+        return 130

@@ -1,0 +1,129 @@
+"""Command-line flags and the options objects they become."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+
+def add_pt2ms_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("File Path/Location")
+    g.add_argument("--megatron-path", required=True,
+                   help="Megatron checkpoint: the --save directory (uses latest_checkpointed_iteration.txt) "
+                        "or an iter_* directory.")
+    g.add_argument("--ms-path", required=True, help="Directory for the MindSpore checkpoint.")
+    g.add_argument("--param-map-path", help="Directory with param_map_*.json files (default: "
+                                            "<save>/param_map when present).")
+    d = p.add_argument_group("distributed")
+    d.add_argument("--pp-size", type=int, help="Pipeline parallel size (default: from the mp_rank directories).")
+    d.add_argument("--tp-size", type=int, help="Tensor parallel size (default: from the mp_rank directories).")
+    d.add_argument("--dp-size", type=int, help="Data parallel size of the MindSpore run (default: from args).")
+    d.add_argument("--cp-size", type=int, help="Context parallel size (default: from args, else 1).")
+    d.add_argument("--parallel-init-order", default="tp-cp-ep-dp-pp",
+                   help="Rank order, fastest first (default tp-cp-ep-dp-pp).")
+    d.add_argument("--vpp-size", type=int, help="Virtual pipeline chunks per stage (default: from the checkpoint).")
+    d.add_argument("--stage-list", nargs="+", help="Layers per pipeline stage (with VPP: per virtual stage, "
+                                                   "PP*VPP values in execution order).")
+    d.add_argument("--num-layers", type=int, help="Number of layers on the MindSpeed side, noop layers "
+                                                  "included (default: args.num_layers + number of --noop).")
+    d.add_argument("--noop", nargs="+", type=int, default=[],
+                   help="MindSpeed global layer ids that are identity (noop) layers.")
+    a = p.add_argument_group("Advanced feature")
+    a.add_argument("--generate-all-dp-cp", action="store_true",
+                   help="Write a copy for every (dp, cp) rank, not only dp = cp = 0.")
+    a.add_argument("--convert-param-only", action="store_true",
+                   help="Convert model weights only (no optimizer state).")
+    a.add_argument("--file-prefix", default="network", help="File name prefix in V1 layout (default network).")
+    a.add_argument("--format", choices=("ckpt", "safetensors"), default="ckpt")
+    a.add_argument("--dist-opt-content", nargs="+", default=["param", "exp_avg", "exp_avg_sq"],
+                   help="Optimizer states to write (optimizer mode).")
+    a.add_argument("--debug", action="store_true", help="Show tracebacks and per-tensor detail.")
+    add_run_flags(a)
+    c = p.add_argument_group("ckptmap")
+    c.add_argument("--rules", default="auto",
+                   help="Bundled rules name or a .rules path (default: the bundled rules that fit the model).")
+    c.add_argument("--layout", choices=("v1", "v2"), default="v1",
+                   help="v1: rank_{g}/{prefix}.{fmt} (default); v2: iter_*/mp_rank_*/model_optim_rng.{fmt}.")
+    c.add_argument("--dtype", default="float32",
+                   help="Output dtype of floating-point weights: float32 (default, like the reference), "
+                        "keep (the source dtype), bfloat16, float16.")
+    c.add_argument("--crc", action="store_true",
+                   help="Append MindSpore's CRC-32 trailer to .ckpt files (checked by load_checkpoint(crc_check=True)).")
+    c.add_argument("--dry-run", action="store_true", help="Print the plan and write nothing.")
+
+
+def add_run_flags(g) -> None:
+    g.add_argument("--multiprocess-off", action="store_true", help="Run in this process only.")
+    g.add_argument("--process-limit", type=int, default=min(8, os.cpu_count() or 1),
+                   help="Maximum worker processes (default min(8, CPUs)).")
+    g.add_argument("--process_timeout", "--process-timeout", dest="process_timeout", type=float, default=None,
+                   help="Seconds allowed per output file; a file that takes longer fails.")
+    g.add_argument("--no-progress", action="store_true", help="No progress bar.")
+    g.add_argument("--fsync", action="store_true",
+                   help="fsync every file before renaming it into place (durable against power loss; slower).")
+    g.add_argument("--world-size", type=int, default=int(os.environ.get("WORLD_SIZE", 1)),
+                   help="Machines sharing the work (default $WORLD_SIZE, as set by torchrun, else 1); each "
+                        "writes a disjoint part of the plan into the same (shared) output folder.")
+    g.add_argument("--rank", type=int, default=int(os.environ.get("RANK", 0)),
+                   help="This machine's rank among --world-size (default $RANK, else 0); rank 0 writes "
+                        "ckptmap_manifest.json when every rank has finished.")
+
+
+def add_ms2pt_flags(p: argparse.ArgumentParser) -> None:
+    d = p.add_argument_group("distributed")
+    d.add_argument("--num-layers", type=int, help="Layers on the MindSpeed side, noop layers included "
+                                                  "(default: from pt_meta args + number of --noop).")
+    d.add_argument("--dp-size", type=int, help="Data parallel size of the MindSpore checkpoint (rank numbering; "
+                                               "default: from pt_meta args).")
+    d.add_argument("--cp-size", type=int, help="Context parallel size (default: from pt_meta args).")
+    d.add_argument("--tp-size", type=int, help="Tensor parallel size (checked against pt_meta).")
+    d.add_argument("--pp-size", type=int, help="Pipeline parallel size (checked against pt_meta).")
+    d.add_argument("--vpp-size", type=int, help="Virtual pipeline chunks per stage (checked against pt_meta).")
+    d.add_argument("--src-model-format", choices=("ckpt", "safetensors"),
+                   help="Format of the MindSpore files (default: whichever is present).")
+    d.add_argument("--noop", nargs="+", type=int, default=[],
+                   help="MindSpeed global layer ids that are identity (noop) layers; Megatron gets the rest.")
+    d.add_argument("--stage-list", nargs="+", help="Layers per pipeline stage on the MindSpeed side.")
+    d.add_argument("--parallel-init-order", default="tp-cp-ep-dp-pp")
+    f = p.add_argument_group("File Path/Location")
+    f.add_argument("--ms-path", required=True, help="MindSpore checkpoint folder (rank_*/ or iter_*/ inside).")
+    f.add_argument("--param-map-path", help="The pt_meta folder written by pt2ms (default: <ms-path>/pt_meta).")
+    f.add_argument("--megatron-path", required=True, help="Where to write the Megatron checkpoint.")
+    f.add_argument("--convert-param-only", action="store_true",
+                   help="Write model_optim_rng.pt only (weights in the training dtype), no distrib_optim.pt.")
+    f.add_argument("--debug", action="store_true")
+    add_run_flags(f)
+    c = p.add_argument_group("ckptmap")
+    c.add_argument("--rules", default="auto", help="Bundled rules name or a .rules path (default: auto).")
+    c.add_argument("--layout", choices=("auto", "v1", "v2"), default="auto",
+                   help="Layout of the MindSpore checkpoint (default: detect).")
+    c.add_argument("--file-prefix", default="network", help="File name prefix in V1 layout (default network).")
+    c.add_argument("--dry-run", action="store_true", help="Print the plan and write nothing.")
+
+
+def ms2pt_options(ns):
+    from ckptmap.mapping.layout import parse_stage_list
+    from ckptmap.mapping.ms2pt import Ms2PtOptions
+
+    return Ms2PtOptions(
+        ms_path=ns.ms_path, megatron_path=ns.megatron_path, param_map_path=ns.param_map_path,
+        num_layers=ns.num_layers, dp_size=ns.dp_size, cp_size=ns.cp_size, tp_size=ns.tp_size, pp_size=ns.pp_size,
+        vpp_size=ns.vpp_size, src_model_format=ns.src_model_format, noop=tuple(ns.noop),
+        stage_list=parse_stage_list(ns.stage_list) if ns.stage_list else None,
+        parallel_init_order=ns.parallel_init_order, convert_param_only=ns.convert_param_only, rules=ns.rules,
+        layout=ns.layout, file_prefix=ns.file_prefix)
+
+
+def pt2ms_options(ns):
+    from ckptmap.mapping.compiler import Pt2MsOptions
+    from ckptmap.mapping.layout import parse_stage_list
+
+    return Pt2MsOptions(
+        megatron_path=ns.megatron_path, ms_path=ns.ms_path, param_map_path=ns.param_map_path,
+        tp_size=ns.tp_size, pp_size=ns.pp_size, dp_size=ns.dp_size, cp_size=ns.cp_size,
+        parallel_init_order=ns.parallel_init_order, vpp_size=ns.vpp_size,
+        stage_list=parse_stage_list(ns.stage_list) if ns.stage_list else None,
+        num_layers=ns.num_layers, noop=tuple(ns.noop), generate_all_dp_cp=ns.generate_all_dp_cp,
+        convert_param_only=ns.convert_param_only, file_prefix=ns.file_prefix, format=ns.format,
+        dist_opt_content=tuple(ns.dist_opt_content), rules=ns.rules, layout=ns.layout, dtype=ns.dtype,
+        crc=ns.crc)

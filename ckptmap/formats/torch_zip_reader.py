@@ -1,0 +1,547 @@
+"""PyTorch's zip checkpoint format (``torch.save`` >= 1.6), read safely and lazily, without torch.
+
+A torch zip checkpoint is an uncompressed zip archive whose records all live under one directory
+(the *prefix*, derived from the file name by ``torch.save``: ``model_optim_rng/``)::
+
+    <prefix>/data.pkl          the pickled object graph; tensors appear as
+                               torch._utils._rebuild_tensor_v2(<persistent id>, offset, shape, stride, ...)
+                               with persistent id ('storage', torch.BFloat16Storage, '0', 'cpu', numel)
+    <prefix>/byteorder         'little' (absent in files from very old torch: little)
+    <prefix>/data/<key>        the raw bytes of storage <key>
+    <prefix>/version, .format_version, .storage_alignment, .data/serialization_id
+
+The zip directory is parsed with :mod:`zipfile`, the file is mmap'd copy-on-write, and ``data.pkl``
+is unpickled by :mod:`safe_unpickler`'s restricted unpickler (never imports a module named in the
+pickle, never runs code from it) plus the tensor rebuild functions of this module. Tensors become
+:class:`TensorRef` values — where the tensor lies, not its bytes — and :meth:`TorchZipFile.array`
+gives a zero-copy numpy view of the mapping on demand (bfloat16 as ``uint16`` bit patterns, see
+``ckptmap.dtypes``). :func:`load` is the torch-materialising variant for callers that want real
+tensors (it imports torch). All tensors of one storage record are views of one base, so storage
+sharing survives a re-save. Writing is ``torch_zip_writer``.
+"""
+
+from __future__ import annotations
+
+import math
+import mmap
+import os
+import pickle
+import struct
+import zipfile
+
+import attrs
+import numpy as np
+
+from ckptmap import dtypes
+from ckptmap.errors import CkptmapError
+from ckptmap.formats.safe_unpickler import (ALLOWED_OBJECTS, TENSOR_TYPE_MARKERS, GlobalMarker, RestrictedUnpickler,
+                                            StandIn, dtype_name, unpickle)
+
+__all__ = ["TensorRef", "HeldTensor", "TorchZipFile", "read_objects", "load", "file_offset"]
+
+
+# -------------------------------------------------------------------------------------------------
+# Values in the object graph
+
+
+@attrs.frozen
+class TensorRef:
+    """A tensor inside a torch zip checkpoint, described without reading its bytes.
+
+    ``storage`` is the record key (``data/<storage>``), ``dtype`` a canonical ckptmap dtype name,
+    ``storage_offset`` / ``shape`` / ``stride`` are in elements of ``dtype``, ``storage_numel`` is
+    the length of the whole storage in elements, ``location`` the device it was saved from
+    (tensors always load on the CPU). Several refs may name the same storage (views)."""
+
+    storage: str
+    dtype: str
+    storage_offset: int
+    shape: tuple[int, ...]
+    stride: tuple[int, ...]
+    storage_numel: int
+    requires_grad: bool = False
+    location: str = "cpu"
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def itemsize(self) -> int:
+        return dtypes.itemsize(self.dtype)
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * self.itemsize
+
+
+def _ref_problem(ref: TensorRef) -> str | None:
+    """Why ``ref`` does not fit inside its storage, or None."""
+    if ref.storage_offset < 0 or ref.storage_numel < 0:
+        return f"negative storage offset {ref.storage_offset} or storage size {ref.storage_numel}"
+    if len(ref.shape) != len(ref.stride):
+        return f"shape {ref.shape} and stride {ref.stride} have different lengths"
+    if any(s < 0 for s in ref.shape) or any(s < 0 for s in ref.stride):
+        return f"negative size or stride (shape {ref.shape}, stride {ref.stride})"
+    if ref.numel == 0:
+        return None
+    end = ref.storage_offset + sum((n - 1) * s for n, s in zip(ref.shape, ref.stride)) + 1
+    if end > ref.storage_numel:
+        return (f"shape {ref.shape}, stride {ref.stride} at offset {ref.storage_offset} reaches element "
+                f"{end} but the storage holds {ref.storage_numel}")
+    return None
+
+
+
+
+@attrs.frozen(eq=False)
+class HeldTensor:
+    """A tensor whose bytes are in memory (``data``: a C-contiguous numpy array of ``dtype``'s storage
+    type, ``shape`` as given), for object graphs that ckptmap builds itself (pt_meta padding, demo
+    checkpoints). The writer pickles it as a tensor over a storage of its own."""
+
+    dtype: str
+    data: np.ndarray
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.data.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.data.nbytes)
+
+
+# -------------------------------------------------------------------------------------------------
+# Zip archive
+
+
+_LOCAL_HEADER = struct.Struct("<4s5H3L2H")
+_LEGACY_MAGIC = b"\x8a\x0al\xfc\x9cF\xf9 j\xa8P\x19"  # LONG1 0x1950a86a20f9469cfc6c, torch's pre-zip magic
+
+
+@attrs.frozen
+class _Record:
+    name: str
+    offset: int  # of the data, in the file
+    size: int
+
+
+class _Archive:
+    """The zip directory and the copy-on-write mmap of one file; no record data is read."""
+
+    def __init__(self, path):
+        self.path = os.fspath(path)
+        p = self.path
+        if not os.path.exists(p):
+            raise CkptmapError(f"{p} does not exist; expected a torch checkpoint file (.pt) — check the path")
+        if os.path.isdir(p):
+            raise CkptmapError(f"{p} is a directory, not a torch checkpoint file; pass the .pt file inside "
+                               f"it (e.g. model_optim_rng.pt)")
+        try:
+            with open(p, "rb") as f:
+                self.size = os.fstat(f.fileno()).st_size
+                if self.size == 0:
+                    raise CkptmapError(f"{p} is empty (0 bytes); expected a torch zip checkpoint — the file "
+                                       f"was not written completely, copy or save it again")
+                head = f.read(512)
+                self.mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+                f.seek(0)
+                try:
+                    zf = zipfile.ZipFile(f)
+                    infos = zf.infolist()
+                except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, OSError, ValueError,
+                        struct.error, NotImplementedError) as e:
+                    raise CkptmapError(self._not_zip_message(head, e)) from None
+        except CkptmapError:
+            raise
+        except OSError as e:
+            raise CkptmapError(f"cannot read {p}: {e.strerror or e}; expected a readable torch checkpoint "
+                               f"file — check the path and its permissions") from None
+        self.records: dict[str, _Record] = {}
+        for zi in infos:
+            self._add_record(zi)
+        pkls = [n for n in self.records if n.endswith("/data.pkl") and n.count("/") == 1]
+        if len(pkls) != 1:
+            found = ", ".join(list(self.records)[:8]) or "no records"
+            raise CkptmapError(f"{p} is a zip archive but not a torch checkpoint: expected exactly one "
+                               f"'<name>/data.pkl' record, found {len(pkls)} (records: {found}) — pass a file "
+                               f"written by torch.save")
+        self.prefix = pkls[0][: -len("data.pkl")]
+        order = self.read_record("byteorder", missing_ok=True)
+        if order is not None and order != b"little":
+            shown = order[:20].decode("latin1")
+            raise CkptmapError(f"{p} was saved on a {shown!r}-endian machine; ckptmap only reads little-endian "
+                               f"torch checkpoints — load and re-save it with torch on a little-endian "
+                               f"(x86/ARM) machine")
+
+    def _not_zip_message(self, head, err):
+        p = self.path
+        if _LEGACY_MAGIC in head[:32] or (len(head) >= 262 and head[257:262] == b"ustar"):
+            return (f"{p} is in PyTorch's legacy pre-1.6 (non-zip) serialization format; ckptmap reads only "
+                    f"the zip format — if the file is trusted, re-save it with torch >= 1.6: "
+                    f"torch.save(torch.load(path, weights_only=False), new_path)")
+        if head.startswith(b"PK"):
+            return (f"{p} is truncated or corrupt: it starts like a zip archive but its {self.size} bytes end "
+                    f"without a valid zip central directory ({err}); expected a complete torch zip checkpoint "
+                    f"— the copy or save was probably interrupted, copy or save it again")
+        return (f"{p} is not a torch checkpoint: expected a zip archive written by torch.save (>= 1.6), "
+                f"found {self.size} bytes starting with {head[:8]!r} ({err}) — check that the path names a "
+                f".pt file")
+
+    def _add_record(self, zi: zipfile.ZipInfo):
+        p = self.path
+        name = zi.filename
+        if name in self.records:
+            raise CkptmapError(f"{p} holds the record {name!r} twice; a torch checkpoint never does — the file "
+                               f"is corrupt or was tampered with, save it again")
+        if zi.flag_bits & 0x1:
+            raise CkptmapError(f"{p}: record {name!r} is encrypted; torch checkpoints are never encrypted — "
+                               f"save the file again with torch.save")
+        if zi.compress_type != zipfile.ZIP_STORED or zi.compress_size != zi.file_size:
+            raise CkptmapError(f"{p}: record {name!r} is compressed (zip method {zi.compress_type}); torch "
+                               f"checkpoints store records uncompressed and ckptmap maps them directly — "
+                               f"re-create the archive without compression (zip -0) or save it again with "
+                               f"torch.save")
+        h = zi.header_offset
+        if h < 0 or h + _LOCAL_HEADER.size > self.size:
+            raise CkptmapError(self._truncated(name, "its local header lies past the end of the file"))
+        sig, _, _, _, _, _, _, _, _, nlen, elen = _LOCAL_HEADER.unpack_from(self.mm, h)
+        if sig != b"PK\x03\x04":
+            raise CkptmapError(self._truncated(name, f"no local file header at offset {h}"))
+        start = h + _LOCAL_HEADER.size + nlen + elen
+        if start + zi.file_size > self.size:
+            raise CkptmapError(self._truncated(
+                name, f"its {zi.file_size} data bytes at offset {start} run past the end of the file"))
+        self.records[name] = _Record(name, start, zi.file_size)
+
+    def _truncated(self, name, what):
+        return (f"{self.path} is truncated or corrupt: record {name!r} is damaged ({what}; file size "
+                f"{self.size} bytes) — the copy or save was probably interrupted, copy or save it again")
+
+    def record(self, rel: str) -> _Record | None:
+        return self.records.get(self.prefix + rel)
+
+    def read_record(self, rel: str, missing_ok=False) -> bytes | None:
+        r = self.record(rel)
+        if r is None:
+            if missing_ok:
+                return None
+            raise CkptmapError(f"{self.path} has no record {self.prefix + rel!r}; it is not a complete torch "
+                               f"checkpoint — save it again")
+        return self.mm[r.offset: r.offset + r.size]
+
+
+# -------------------------------------------------------------------------------------------------
+# Unpickling
+
+
+class _Storage:
+    """What a persistent id resolves to: one storage record, typed."""
+
+    __slots__ = ("key", "dtype", "location", "numel")
+
+    def __init__(self, key, dtype, location, numel):
+        self.key, self.dtype, self.location, self.numel = key, dtype, location, numel
+
+
+class _TorchUnpickler(RestrictedUnpickler):
+    """The restricted unpickler plus torch's persistent ids and tensor rebuild functions."""
+
+    def __init__(self, data: bytes, archive: _Archive, materialize: bool, bases: dict):
+        rebuilders = {
+            ("torch._utils", "_rebuild_tensor"): self._rebuild_tensor,
+            ("torch._utils", "_rebuild_tensor_v2"): self._rebuild_tensor_v2,
+            ("torch._utils", "_rebuild_tensor_v3"): self._rebuild_tensor_v3,
+            ("torch._utils", "_rebuild_parameter"): self._rebuild_parameter,
+            ("torch._utils", "_rebuild_parameter_with_state"): self._rebuild_parameter_with_state,
+            ("torch._tensor", "_rebuild_from_type_v2"): self._rebuild_from_type_v2,
+        }
+        if materialize:  # real torch values for the caller that asked for torch objects
+            rebuilders.update(_real_torch_globals())
+        super().__init__(data, archive.path, rebuilders)
+        self.archive = archive
+        self.materialize = materialize
+        self.bases = bases
+        self.storages_made: dict[int, _Storage] = {}
+        self.storages_used: set[int] = set()
+        self.tensor_funcs = set(rebuilders.values())
+
+    def persistent_load(self, pid):
+        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"):
+            raise pickle.UnpicklingError(f"unsupported persistent id {pid!r:.200}")
+        _, stype, key, location, numel = pid
+        if not isinstance(stype, GlobalMarker) or stype.dtype is None:
+            raise pickle.UnpicklingError(f"persistent id names {stype!r:.100} instead of a torch storage type "
+                                         f"ckptmap reads")
+        if not isinstance(key, str) or not isinstance(location, str) or type(numel) is not int or numel < 0:
+            raise pickle.UnpicklingError(f"malformed storage persistent id {pid!r:.200}")
+        rec = self.archive.record("data/" + key)
+        if rec is None:
+            raise CkptmapError(f"{self.path} references storage {key!r} but has no record "
+                               f"{self.archive.prefix}data/{key}; the file is incomplete — save it again")
+        need = numel * dtypes.itemsize(stype.dtype)
+        if rec.size < need:
+            raise CkptmapError(f"{self.path}: storage record {self.archive.prefix}data/{key} holds {rec.size} "
+                               f"bytes but the pickle expects {numel} x {stype.dtype} = {need} bytes; the file "
+                               f"is corrupt — save it again")
+        st = _Storage(key, stype.dtype, location, numel)
+        self.storages_made[id(st)] = st
+        return st
+
+    def _make_ref(self, storage, offset, size, stride, requires_grad, dtype=None):
+        if not isinstance(storage, _Storage):
+            raise pickle.UnpicklingError(f"tensor rebuild got {type(storage).__name__} instead of a storage")
+        if isinstance(size, StandIn) and size.module == "torch" and size.qualname == "Size" and size.args:
+            size = tuple(size.args[0])
+        ok = (type(offset) is int and isinstance(size, tuple) and isinstance(stride, tuple)
+              and all(type(x) is int for x in size) and all(type(x) is int for x in stride)
+              and isinstance(requires_grad, bool))
+        if not ok:
+            raise pickle.UnpicklingError(f"malformed tensor arguments {(offset, size, stride, requires_grad)!r:.200}")
+        self.storages_used.add(id(storage))
+        if dtype is None:
+            name, numel = storage.dtype, storage.numel
+        else:
+            name = dtype_name(dtype)
+            if not isinstance(dtype, GlobalMarker) and name is None:
+                raise pickle.UnpicklingError(f"tensor dtype {dtype!r:.100} is not a torch dtype")
+            if name is None:
+                raise CkptmapError(f"{self.path} holds a tensor of dtype {dtype!r} (storage "
+                                   f"{storage.key!r}); ckptmap supports {', '.join(dtypes.NAMES)} — convert that "
+                                   f"tensor before using ckptmap")
+            numel = storage.numel * dtypes.itemsize(storage.dtype) // dtypes.itemsize(name)
+        ref = TensorRef(storage=storage.key, dtype=name, storage_offset=offset, shape=size, stride=stride,
+                        storage_numel=numel, requires_grad=requires_grad, location=storage.location)
+        problem = _ref_problem(ref)
+        if problem:
+            raise CkptmapError(f"{self.path} is corrupt: a tensor in storage {storage.key!r} does not fit "
+                               f"its storage ({problem}) — save the file again")
+        if self.materialize:
+            return _torch_view(self.archive, self.bases, ref)
+        return ref
+
+    def _check_metadata(self, metadata):
+        if metadata and any(metadata.values()):
+            raise CkptmapError(f"{self.path} holds a tensor with metadata {metadata!r} (conjugate or negative "
+                               f"bit); ckptmap does not support such tensors — resolve them (tensor.resolve_conj()"
+                               f".resolve_neg()) and save again")
+
+    def _rebuild_tensor(self, storage, storage_offset, size, stride):
+        return self._make_ref(storage, storage_offset, size, stride, False)
+
+    def _rebuild_tensor_v2(self, storage, storage_offset, size, stride, requires_grad, backward_hooks,
+                           metadata=None):
+        self._check_metadata(metadata)
+        return self._make_ref(storage, storage_offset, size, stride, requires_grad)
+
+    def _rebuild_tensor_v3(self, storage, storage_offset, size, stride, requires_grad, backward_hooks, dtype,
+                           metadata=None):
+        self._check_metadata(metadata)
+        return self._make_ref(storage, storage_offset, size, stride, requires_grad, dtype)
+
+    def _rebuild_parameter(self, data, requires_grad, backward_hooks):
+        if isinstance(data, TensorRef):
+            return attrs.evolve(data, requires_grad=bool(requires_grad))
+        if self.materialize and type(data).__module__.startswith("torch"):
+            import torch
+            return torch.nn.Parameter(data, bool(requires_grad))
+        raise pickle.UnpicklingError(f"_rebuild_parameter got {type(data).__name__} instead of a tensor")
+
+    def _rebuild_parameter_with_state(self, data, requires_grad, backward_hooks, state):
+        if state:
+            raise CkptmapError(f"{self.path} holds a torch.nn.Parameter with Python attributes "
+                               f"({', '.join(map(str, state))}); ckptmap does not keep those — save the plain "
+                               f"tensors (state_dict) instead")
+        return self._rebuild_parameter(data, requires_grad, backward_hooks)
+
+    def _rebuild_from_type_v2(self, func, new_type, args, state):
+        if func not in self.tensor_funcs or new_type not in TENSOR_TYPE_MARKERS.values() \
+                or not isinstance(args, tuple):
+            raise CkptmapError(f"{self.path} holds a tensor subclass ({new_type!r}); ckptmap reads only plain "
+                               f"tensors and parameters — save the plain tensors (state_dict) instead")
+        if state:
+            raise CkptmapError(f"{self.path} holds a tensor with Python attributes "
+                               f"({', '.join(map(str, state))}); ckptmap does not keep those — save "
+                               f"tensor.detach() values (a state_dict) instead")
+        out = func(*args)
+        if self.materialize and new_type.qualname == "Parameter":
+            import torch
+            if not isinstance(out, torch.nn.Parameter):
+                out = torch.nn.Parameter(out, out.requires_grad)
+        return out
+
+    def run(self):
+        root = super().run()
+        if set(self.storages_made) - self.storages_used:
+            raise CkptmapError(f"{self.path} holds a bare torch storage (not inside a tensor); ckptmap reads "
+                               f"only tensors — wrap it in a tensor (torch.tensor([], dtype=torch.uint8)"
+                               f".set_(storage)) and save again")
+        return root
+
+
+def _real_torch_globals() -> dict:
+    import torch
+
+    out = {("torch", "Size"): torch.Size, ("torch", "device"): torch.device}
+    for (module, name), marker in ALLOWED_OBJECTS.items():
+        if module == "torch" and isinstance(marker, GlobalMarker) and isinstance(getattr(torch, name, None),
+                                                                                   torch.dtype):
+            out[(module, name)] = getattr(torch, name)
+    return out
+
+
+def _unpickle(archive: _Archive, materialize: bool, bases: dict):
+    data = archive.read_record("data.pkl")
+    return unpickle(_TorchUnpickler(data, archive, materialize, bases), f"{archive.path} ({archive.prefix}data.pkl)")
+
+
+def _base(archive: _Archive, bases: dict, key: str) -> np.ndarray:
+    base = bases.get(key)
+    if base is None:
+        rec = archive.record("data/" + key)
+        if rec is None:
+            raise CkptmapError(f"{archive.path} has no storage record {archive.prefix}data/{key}; the tensor "
+                               f"reference does not belong to this file")
+        base = bases[key] = np.frombuffer(archive.mm, dtype=np.uint8, count=rec.size, offset=rec.offset) \
+            if rec.size else np.empty(0, dtype=np.uint8)
+    return base
+
+
+def _checked_base(archive: _Archive, bases: dict, ref: TensorRef) -> np.ndarray:
+    problem = _ref_problem(ref)
+    if problem:
+        raise CkptmapError(f"{archive.path}: tensor reference {ref} does not fit its storage ({problem}); "
+                           f"it does not belong to this file")
+    base = _base(archive, bases, ref.storage)
+    size = dtypes.itemsize(ref.dtype)
+    if ref.storage_numel * size > base.size:
+        raise CkptmapError(f"{archive.path}: tensor reference {ref} needs {ref.storage_numel} elements of "
+                           f"{ref.dtype} but storage record {archive.prefix}data/{ref.storage} holds only "
+                           f"{base.size} bytes; it does not belong to this file")
+    return base
+
+
+def _numpy_view(archive: _Archive, bases: dict, ref: TensorRef) -> np.ndarray:
+    base = _checked_base(archive, bases, ref)
+    st = dtypes.storage(ref.dtype)
+    typed = base[: ref.storage_numel * st.itemsize].view(st)
+    if ref.numel == 0:
+        return np.empty(ref.shape, dtype=st)
+    if ref.stride == _contiguous_stride(ref.shape):
+        return typed[ref.storage_offset: ref.storage_offset + ref.numel].reshape(ref.shape)
+    return np.lib.stride_tricks.as_strided(typed[ref.storage_offset:], ref.shape,
+                                           tuple(s * st.itemsize for s in ref.stride), writeable=False)
+
+
+def _torch_view(archive: _Archive, bases: dict, ref: TensorRef):
+    import torch
+
+    base = _checked_base(archive, bases, ref)
+    key = ("torch", ref.storage)
+    tbase = bases.get(key)
+    if tbase is None:
+        tbase = bases[key] = torch.from_numpy(base) if base.size else torch.empty(0, dtype=torch.uint8)
+    dt = dtypes.to_torch(ref.dtype)
+    usable = tbase.numel() // dt.itemsize
+    typed = tbase[: usable * dt.itemsize].view(dt) if dt != torch.uint8 else tbase
+    t = typed.as_strided(ref.shape, ref.stride, ref.storage_offset)
+    if ref.requires_grad:
+        t.requires_grad_(True)
+    return t
+
+
+def _contiguous_stride(shape) -> tuple[int, ...]:
+    stride, acc = [], 1
+    for n in reversed(shape):
+        stride.append(acc)
+        acc *= max(n, 1)
+    return tuple(reversed(stride))
+
+
+def file_offset(zf: "TorchZipFile", ref: TensorRef) -> tuple[int, int] | None:
+    """``(offset in the file, nbytes)`` of ``ref``'s elements when they lie contiguous in C order,
+    else None — what a byte-range copy needs."""
+    if ref.stride != _contiguous_stride(ref.shape) and ref.numel > 1:
+        return None
+    rec = zf._live().record(f"data/{ref.storage}")
+    size = dtypes.itemsize(ref.dtype)
+    return rec.offset + ref.storage_offset * size, ref.numel * size
+
+
+# -------------------------------------------------------------------------------------------------
+# Public reading API
+
+
+class TorchZipFile:
+    """An open torch zip checkpoint: ``root`` is the object graph with :class:`TensorRef` in place of
+    tensors (no tensor bytes are read); :meth:`array` gives a zero-copy numpy view on demand.
+
+    Arrays handed out stay valid after :meth:`close` (they keep the mapping alive)."""
+
+    def __init__(self, path):
+        self._archive = _Archive(path)
+        self.path = self._archive.path
+        self.prefix = self._archive.prefix
+        self._bases: dict = {}
+        self.root = _unpickle(self._archive, materialize=False, bases=self._bases)
+
+    def storage_keys(self) -> list[str]:
+        n = len(self.prefix) + len("data/")
+        return [name[n:] for name in self._archive.records if name.startswith(self.prefix + "data/")]
+
+    def storage_nbytes(self, key) -> int:
+        rec = self._live().record(f"data/{key}")
+        if rec is None:
+            raise CkptmapError(f"{self.path} has no storage {key!r} (storages: {', '.join(self.storage_keys())})")
+        return rec.size
+
+    def storage_bytes(self, key) -> np.ndarray:
+        """The raw bytes of storage record ``key`` (uint8 view of the mapping)."""
+        self.storage_nbytes(key)
+        return _base(self._live(), self._bases, key)
+
+    def array(self, ref: TensorRef) -> np.ndarray:
+        if not isinstance(ref, TensorRef):
+            raise CkptmapError(f"{self.path}: array() needs a TensorRef, got {type(ref).__name__}")
+        return _numpy_view(self._live(), self._bases, ref)
+
+    def tensor(self, ref: TensorRef):
+        """A zero-copy torch view (imports torch)."""
+        if not isinstance(ref, TensorRef):
+            raise CkptmapError(f"{self.path}: tensor() needs a TensorRef, got {type(ref).__name__}")
+        return _torch_view(self._live(), self._bases, ref)
+
+    def _live(self) -> _Archive:
+        if self._archive is None:
+            raise CkptmapError(f"{self.path} was already closed; open it again with TorchZipFile(path)")
+        return self._archive
+
+    def close(self):
+        # Do not close the mmap: arrays handed out may still point into it. Dropping our references
+        # unmaps it once the last such array is gone.
+        self._archive = None
+        self._bases = {}
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __repr__(self):
+        return f"TorchZipFile({self.path!r})"
+
+
+def read_objects(path) -> object:
+    """The object graph of a torch zip checkpoint with :class:`TensorRef` in place of tensors."""
+    with TorchZipFile(path) as f:
+        return f.root
+
+
+def load(path) -> object:
+    """Like ``torch.load(path, mmap=True, map_location='cpu')`` but safe: tensors are real torch CPU
+    views of a copy-on-write mmap of the file (kept alive by the tensors), views of one storage share
+    it, and unknown classes come back as inert stand-ins. Imports torch."""
+    archive = _Archive(path)
+    return _unpickle(archive, materialize=True, bases={})

@@ -1,0 +1,514 @@
+"""PyTorch's zip checkpoint format, written: the bytes ``torch.save`` writes, without torch.
+
+:func:`save_streaming` writes an object graph holding :class:`TensorRef` values (tensors that live in
+some file) and :class:`HeldTensor` values (tensors in memory) with the bytes ``torch.save`` would
+write for the equivalent real tensors, taking each referenced storage's bytes from a ``fill(key)``
+iterable chunk by chunk (a 30 GB ``distrib_optim.pt`` never sits in memory). It pickles like torch
+(protocol 2, ``_rebuild_tensor_v2`` reductions, persistent ids) with a pure-Python pickler that writes
+stand-ins and torch globals (``safe_unpickler.GlobalMarker``) as the GLOBALs they were read from, and
+re-implements torch's zip writer (miniz) record for record: 64-byte aligned data, data descriptors,
+zip64 above 4 GiB and the ``.data/serialization_id`` (see the notes above :func:`save_streaming`).
+``save_streaming`` of ``TorchZipFile(f).root`` with the file's own storage bytes reproduces every
+Megatron fixture byte for byte; :func:`save` is the same for graphs whose tensors are all in memory
+(or real torch tensors, when the caller has torch). One identity a loaded graph cannot carry: if the
+training process pickled the interned string ``'storage'`` itself before its first tensor, torch's
+persistent ids referenced it by memo; a re-save writes it out again (Megatron checkpoints hold no
+such string). Files are written through ``ckptmap.atomic`` under a temporary name and renamed.
+"""
+
+from __future__ import annotations
+
+import _compat_pickle
+import collections
+import io
+import operator
+import os
+import pickle
+import struct
+import sys
+import zlib
+from pathlib import Path
+
+from ckptmap import atomic, dtypes
+from ckptmap.errors import CkptmapError
+from ckptmap.formats.safe_unpickler import STORAGE_TYPE_OF, GlobalMarker, StandInClass, torch_global
+from ckptmap.formats.torch_serialization_id import name_hash_digits
+from ckptmap.formats.torch_zip_reader import HeldTensor, TensorRef, _ref_problem, _Storage
+
+__all__ = ["save", "save_streaming", "archive_name"]
+
+_LOCAL_HEADER = struct.Struct("<4s5H3L2H")
+DEFAULT_PROTOCOL = 2        # torch.serialization.DEFAULT_PROTOCOL
+DEFAULT_ALIGNMENT = 64      # torch's storage alignment default
+
+
+def _global(module: str, name: str):
+    """torch's own object when the caller has torch loaded (so that a graph mixing real tensors with
+    TensorRefs memo-shares one GLOBAL, as torch.save would), else ckptmap's inert marker of it."""
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        obj = sys.modules.get(module)
+        if obj is not None and hasattr(obj, name):
+            return getattr(obj, name)
+    return torch_global(module, name)
+
+
+def _torch_options() -> tuple[int, bool]:
+    """(storage alignment, compute crc32): torch's current save options when the caller has torch
+    imported (and may have changed them), else torch's defaults."""
+    torch = sys.modules.get("torch")
+    if torch is None:
+        return DEFAULT_ALIGNMENT, True
+    return int(torch.serialization._get_storage_alignment()), bool(torch.serialization.get_crc32_options())
+
+
+# -------------------------------------------------------------------------------------------------
+# Pickling
+
+
+class _Pickler(pickle._Pickler):
+    """Pure-Python pickler that writes stand-in classes as their original GLOBAL without importing."""
+
+    def reducer_override(self, obj):
+        if isinstance(obj, _Storage):
+            raise CkptmapError("cannot save an internal storage reference; save tensors instead")
+        return NotImplemented
+
+    def save_global(self, obj, name=None):
+        if isinstance(obj, StandInClass):
+            self._write_global(obj, obj.__module__, obj.__qualname__)
+        elif isinstance(obj, GlobalMarker):
+            self._write_global(obj, obj.module, obj.qualname)
+        else:
+            super().save_global(obj, name)
+
+    def _write_global(self, obj, module, qualname):
+        if "\n" in module or "\n" in qualname:
+            raise pickle.PicklingError(f"global name {module!r}.{qualname!r} contains a newline")
+        parent, _, last = qualname.rpartition(".")
+        if self.proto >= 4:
+            self.save(module)
+            self.save(qualname)
+            self.write(pickle.STACK_GLOBAL)
+        elif parent:  # what pickle does for nested classes below protocol 4
+            self.save_reduce(getattr, (StandInClass.make(module, parent), last))
+        else:
+            if self.proto < 3 and self.fix_imports:
+                if (module, qualname) in _compat_pickle.REVERSE_NAME_MAPPING:
+                    module, qualname = _compat_pickle.REVERSE_NAME_MAPPING[(module, qualname)]
+                elif module in _compat_pickle.REVERSE_IMPORT_MAPPING:
+                    module = _compat_pickle.REVERSE_IMPORT_MAPPING[module]
+            enc = "utf-8" if self.proto >= 3 else "ascii"
+            try:
+                line = (pickle.GLOBAL + bytes(module, enc) + b"\n" + bytes(qualname, enc) + b"\n")
+            except UnicodeEncodeError:
+                raise pickle.PicklingError(f"cannot pickle global {module}.{qualname} with protocol "
+                                           f"{self.proto}") from None
+            self.write(line)
+        self.memoize(obj)
+
+
+# -------------------------------------------------------------------------------------------------
+# Streaming writer: torch.save's exact bytes, storages supplied chunk by chunk
+#
+# torch.save = pickle data.pkl (protocol 2) with persistent ids for storages, then
+# torch._C.PyTorchFileWriter (caffe2/serialize/inline_container.cc over miniz, opened with
+# MZ_ZIP_FLAG_WRITE_ZIP64) writes, in this order, the records
+#     data.pkl, .format_version ("1"), .storage_alignment ("64"), byteorder ("little"),
+#     data/0, data/1, ... (first-encounter order while pickling), version ("3\n"),
+#     .data/serialization_id
+# each under "<archive name>/". Every record is stored (method 0) as:
+#   local header   PK\3\4, version needed 0, flags 0x0808 (data descriptor + UTF-8), time/date 0,
+#                  CRC and both sizes 0 (they follow in the data descriptor);
+#                  extra field = [zip64 extra: id 1, (size, 0) if size >= 0xFFFFFFFF,
+#                  (header offset) if offset >= 0xFFFFFFFF] + "FB" <u16 n> + "Z" * n, where n pads
+#                  the data start to a multiple of the storage alignment (64)
+#   data
+#   descriptor     PK\7\8, CRC32, sizes as 2 x u32 -- or 2 x u64 when the record has a zip64 extra;
+#                  an empty record (an empty storage) has none, and flags 0x0800
+# then the central directory (one PK\1\2 entry per record: versions 0, the record's flags, CRC,
+# sizes and offset capped at 0xFFFFFFFF with the zip64 extra -- (size, size) here -- and no "FB"
+# padding, no comment, attributes 0), always a zip64 end-of-central-directory record (made by
+# 0x031E, needed 45) and its locator, and the classic end record (counts capped at 0xFFFF, size
+# and offset capped at 0xFFFFFFFF).
+#
+# .data/serialization_id is deterministic: 20 decimal digits (zero-padded) of a hash of the record
+# *names* followed by 20 digits of c10::hash_combine over the CRC32 of every non-empty record in
+# write order (crc 0 when torch's compute_crc32 option is off), starting from 0, where
+# hash_combine(seed, v) = seed ^ (v + 0x9e3779b9 + (seed << 6) + (seed >> 2)) mod 2**64. The name part
+# is hash_combine over std::hash<std::string>(name) in the iteration order of the writer's
+# std::unordered_set of written names -- a function of the names and their insertion order only
+# (not of the archive name or the data). Rather than re-implement libstdc++'s hash table, it is taken
+# from torch's own writer fed the same record names with empty contents (a few bytes per record,
+# written to a sink).
+
+_MAX32 = 0xFFFFFFFF
+_ZIP_FLAGS = 0x0808  # data descriptor follows + UTF-8 names
+_ZIP_FLAGS_EMPTY = 0x0800  # an empty record has no data descriptor
+_CENTRAL_HEADER = struct.Struct("<4s6H3L5H2L")
+_DESCRIPTOR32 = struct.Struct("<4s3L")
+_DESCRIPTOR64 = struct.Struct("<4sL2Q")
+_ZIP64_EOCD = struct.Struct("<4sQ2H2L4Q")
+_ZIP64_LOCATOR = struct.Struct("<4sLQL")
+_EOCD = struct.Struct("<4s4H2LH")
+_FILE_FORMAT_VERSION = b"3\n"  # caffe2 kMinProducedFileFormatVersion, what torch.save writes
+_STORAGE_PID = "storage"  # the interned literal torch's persistent_id uses
+_HASH_MASK = (1 << 64) - 1
+
+
+def _hash_combine(seed: int, value: int) -> int:
+    return (seed ^ ((value + 0x9E3779B9 + ((seed << 6) & _HASH_MASK) + (seed >> 2)) & _HASH_MASK)) & _HASH_MASK
+
+
+def archive_name(file_name: str) -> str:
+    """The record prefix torch.save derives from the file name (caffe2's basename(): the part after
+    the last '/' or backslash up to its last '.'; 'archive' for a name that is not ASCII, which torch
+    writes through a Python file object)."""
+    try:
+        file_name.encode("ascii")
+    except UnicodeEncodeError:
+        return "archive"
+    start = max(file_name.rfind("/"), file_name.rfind("\\")) + 1
+    dot = file_name.rfind(".", start)
+    return file_name[start: dot if dot >= 0 else len(file_name)]
+
+
+def _zip64_extra(size: int, offset: int, compressed_size: int) -> bytes:
+    fields = b""
+    if size >= _MAX32:
+        fields += struct.pack("<2Q", size, compressed_size)
+    if offset >= _MAX32:
+        fields += struct.pack("<Q", offset)
+    return struct.pack("<2H", 1, len(fields)) + fields if fields else b""
+
+
+class _StreamZipWriter:
+    """Writes the records of a torch zip archive exactly as torch's PyTorchFileWriter does."""
+
+    def __init__(self, f, archive_name: str, alignment: int, compute_crc32: bool):
+        self.f = f
+        self.prefix = (archive_name + "/").encode("utf-8")
+        self.alignment = alignment
+        self.compute_crc32 = compute_crc32
+        self.pos = 0
+        self.names: list[str] = []
+        self.central: list[bytes] = []
+        self.combined_crc = 0
+
+    def _write(self, data) -> None:
+        n = memoryview(data).nbytes
+        self.f.write(data)
+        self.pos += n
+
+    def begin(self, name: str, size: int) -> int:
+        """Write the local header of a record of ``size`` bytes; returns its offset."""
+        full = self.prefix + name.encode("utf-8")
+        offset = self.pos
+        z64 = _zip64_extra(size, offset, 0)  # miniz: the compressed size is not known yet (0)
+        start = offset + _LOCAL_HEADER.size + len(full) + len(z64) + 4
+        pad = -start % self.alignment
+        extra = z64 + b"FB" + struct.pack("<H", pad) + b"Z" * pad
+        flags = _ZIP_FLAGS if size else _ZIP_FLAGS_EMPTY
+        self._write(_LOCAL_HEADER.pack(b"PK\x03\x04", 0, flags, 0, 0, 0, 0, 0, 0, len(full), len(extra))
+                    + full + extra)
+        return offset
+
+    def end(self, name: str, size: int, crc: int, offset: int) -> None:
+        """After the data: the data descriptor, and the record's central directory entry."""
+        crc = crc if self.compute_crc32 else 0
+        z64 = _zip64_extra(size, offset, size)
+        if not size:
+            pass  # miniz writes no data descriptor for an empty record
+        elif z64:
+            self._write(_DESCRIPTOR64.pack(b"PK\x07\x08", crc, size, size))
+        else:
+            self._write(_DESCRIPTOR32.pack(b"PK\x07\x08", crc, size, size))
+        full = self.prefix + name.encode("utf-8")
+        flags = _ZIP_FLAGS if size else _ZIP_FLAGS_EMPTY
+        self.central.append(_CENTRAL_HEADER.pack(
+            b"PK\x01\x02", 0, 0, flags, 0, 0, 0, crc, min(size, _MAX32), min(size, _MAX32), len(full), len(z64),
+            0, 0, 0, 0, min(offset, _MAX32)) + full + z64)
+        self.names.append(name)
+        if size:
+            self.combined_crc = _hash_combine(self.combined_crc, crc)
+
+    def record(self, name: str, data: bytes) -> None:
+        offset = self.begin(name, len(data))
+        self._write(data)
+        self.end(name, len(data), zlib.crc32(data) if self.compute_crc32 else 0, offset)
+
+    def finish(self) -> None:
+        self.record("version", _FILE_FORMAT_VERSION)
+        names_part = name_hash_digits(self.names[:-1])
+        self.record(".data/serialization_id", f"{names_part}{self.combined_crc:020d}".encode("ascii"))
+        cd_offset = self.pos
+        for entry in self.central:
+            self._write(entry)
+        cd_size = self.pos - cd_offset
+        n = len(self.central)
+        eocd64 = self.pos
+        self._write(_ZIP64_EOCD.pack(b"PK\x06\x06", _ZIP64_EOCD.size - 12, 0x031E, 45, 0, 0, n, n, cd_size,
+                                     cd_offset))
+        self._write(_ZIP64_LOCATOR.pack(b"PK\x06\x07", 0, eocd64, 1))
+        self._write(_EOCD.pack(b"PK\x05\x06", 0, 0, min(n, 0xFFFF), min(n, 0xFFFF), min(cd_size, _MAX32),
+                               min(cd_offset, _MAX32), 0))
+
+
+class _RefStorage:
+    """The storage behind one TensorRef storage key (or one HeldTensor) while pickling (what
+    TypedStorage is to torch)."""
+
+    __slots__ = ("key", "dtype", "storage_type", "numel", "location", "held")
+
+    def __init__(self, ref: TensorRef, held=None):
+        self.held = held
+        self.key = ref.storage
+        self.dtype = ref.dtype
+        self.storage_type = _global("torch", STORAGE_TYPE_OF[dtypes.get(ref.dtype).name])
+        self.numel = ref.storage_numel
+        self.location = ref.location
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * dtypes.itemsize(self.dtype)
+
+
+class _StreamPickler(_Pickler):
+    """``_Pickler`` plus torch.save's persistent ids, pickling a TensorRef as torch pickles the
+    equivalent CPU tensor (``Tensor._reduce_ex_internal``): ``_rebuild_tensor_v2(TypedStorage,
+    offset, size, stride, requires_grad, OrderedDict())``."""
+
+    def __init__(self, file, path):
+        super().__init__(file, protocol=DEFAULT_PROTOCOL)
+        self.path = path
+        self.id_map: dict = {}
+        self.storages: dict[str, object] = {}  # output key -> _RefStorage | torch.UntypedStorage
+        self.ref_storages: dict[str, _RefStorage] = {}
+        self.storage_dtypes: dict[int, object] = {}
+        self.locations: dict[str, str] = {}
+
+    def reducer_override(self, obj):
+        if isinstance(obj, TensorRef):
+            return self._reduce_ref(obj)
+        if isinstance(obj, HeldTensor):
+            return self._reduce_held(obj)
+        return super().reducer_override(obj)
+
+    def _reduce_held(self, held: HeldTensor):
+        data = held.data
+        if not data.flags.c_contiguous or data.dtype != dtypes.storage(held.dtype):
+            raise CkptmapError(f"a HeldTensor of {held.dtype} must hold a C-contiguous {dtypes.storage(held.dtype)} "
+                               f"array, got {data.dtype} (contiguous: {data.flags.c_contiguous})")
+        key = f"held/{id(held)}"
+        st = self.ref_storages.get(key)
+        if st is None:
+            ref = TensorRef(key, held.dtype, 0, held.shape, _contiguous(held.shape), int(data.size))
+            st = self.ref_storages[key] = _RefStorage(ref, held)
+        args = (st, 0, tuple(held.shape), _contiguous(held.shape), False, collections.OrderedDict())
+        return _global("torch._utils", "_rebuild_tensor_v2"), args
+
+    def _reduce_ref(self, ref: TensorRef):
+        problem = _ref_problem(ref)
+        if problem:
+            raise CkptmapError(f"tensor reference {ref} does not fit its storage ({problem})")
+        if not isinstance(ref.storage, str):
+            raise CkptmapError(f"tensor reference {ref} names its storage with a {type(ref.storage).__name__}, "
+                               f"not a string")
+        if not isinstance(ref.location, str) or not ref.location:
+            raise CkptmapError(f"tensor reference {ref} has no device location string (e.g. 'cpu')")
+        st = self.ref_storages.get(ref.storage)
+        if st is None:
+            st = self.ref_storages[ref.storage] = _RefStorage(ref)
+        elif (st.dtype, st.numel, st.location) != (ref.dtype, ref.storage_numel, ref.location):
+            raise CkptmapError(f"tensor references disagree about storage {ref.storage!r}: one says "
+                               f"{st.numel} x {st.dtype} on {st.location}, another {ref.storage_numel} x "
+                               f"{ref.dtype} on {ref.location} — a storage has one dtype, size and device")
+        # fresh tuples, like Tensor.size() / stride(): torch never memo-shares them between tensors
+        args = (st, operator.index(ref.storage_offset), tuple([operator.index(n) for n in ref.shape]),
+                tuple([operator.index(s) for s in ref.stride]), bool(ref.requires_grad),
+                collections.OrderedDict())
+        return _global("torch._utils", "_rebuild_tensor_v2"), args
+
+    def persistent_id(self, obj):
+        if type(obj) is _RefStorage:
+            key = self.id_map.setdefault(("ref", obj.key), str(len(self.id_map)))
+            self.storages[key] = obj
+            loc = obj.location
+            if ":" in loc:  # torch builds 'cuda:0' anew for every tensor (never memo-shared)
+                head, _, tail = loc.partition(":")
+                loc = head + ":" + tail
+            else:  # 'cpu' is one (interned) string in torch: memo-shared after its first use
+                loc = self.locations.setdefault(loc, loc)
+            return (_STORAGE_PID, obj.storage_type, key, loc, obj.numel)
+        torch = sys.modules.get("torch")  # a real tensor can only be here if the caller imported torch
+        if torch is not None and (isinstance(obj, torch.storage.TypedStorage) or torch.is_storage(obj)):
+            # a real tensor in the object: torch.serialization._save's persistent_id
+            if isinstance(obj, torch.storage.TypedStorage):
+                storage = obj._untyped_storage
+                storage_dtype = obj.dtype
+                storage_type = getattr(torch, obj._pickle_storage_type())
+                storage_numel = obj._size()
+            else:
+                storage = obj
+                storage_dtype = torch.uint8
+                storage_type = torch.serialization.normalize_storage_type(type(obj))
+                storage_numel = storage.nbytes()
+            if str(storage.device) != "meta" and storage.data_ptr() != 0:
+                if self.storage_dtypes.setdefault(storage.data_ptr(), storage_dtype) != storage_dtype:
+                    raise CkptmapError("two tensors view the same memory as different dtypes; torch.save "
+                                       "cannot write that either — save copies (tensor.clone())")
+            if str(storage.device) == "meta":
+                raise CkptmapError("a tensor on the meta device has no data to write")
+            key = self.id_map.setdefault(storage._cdata, str(len(self.id_map)))
+            location = torch.serialization.location_tag(storage)
+            self.storages[key] = storage
+            return (_STORAGE_PID, storage_type, key, location, storage_numel)
+        return None
+
+
+def _stream_storage(writer: _StreamZipWriter, name: str, st: _RefStorage, fill, path) -> None:
+    expected = st.nbytes
+    offset = writer.begin(name, expected)
+    chunks = fill(st.key)
+    try:
+        iterator = iter(chunks)
+    except TypeError:
+        raise CkptmapError(f"cannot save {path}: fill({st.key!r}) returned {type(chunks).__name__}, not an "
+                           f"iterable of byte chunks") from None
+    try:
+        crc = _stream_chunks(writer, st, iterator, path)
+    finally:
+        close = getattr(iterator, "close", None)  # a generator stopped early releases its resources now
+        if close is not None:
+            close()
+    writer.end(name, expected, crc, offset)
+
+
+def _stream_chunks(writer: _StreamZipWriter, st: _RefStorage, iterator, path) -> int:
+    expected = st.nbytes
+    done, crc = 0, 0
+    while True:
+        try:
+            chunk = next(iterator)
+        except StopIteration:
+            break
+        except OSError as e:
+            raise CkptmapError(f"cannot save {path}: reading the data of storage {st.key!r} failed "
+                               f"({e.strerror or e}) — check the source files") from None
+        try:
+            view = memoryview(chunk)
+        except TypeError:
+            raise CkptmapError(f"cannot save {path}: fill({st.key!r}) yielded a {type(chunk).__name__}, not a "
+                               f"bytes-like chunk") from None
+        if not view.c_contiguous:
+            raise CkptmapError(f"cannot save {path}: fill({st.key!r}) yielded a non-contiguous buffer")
+        n = view.nbytes
+        if done + n > expected:
+            raise CkptmapError(f"cannot save {path}: storage {st.key!r} ({st.numel} x {st.dtype}) must be "
+                               f"{expected} bytes but fill yielded at least {done + n} — the storage's data "
+                               f"source does not match its tensors")
+        if n:
+            if view.ndim != 1 or view.format not in ("B", "b", "c"):
+                view = view.cast("B")
+            writer._write(view)
+            if writer.compute_crc32:
+                crc = zlib.crc32(view, crc)
+            done += n
+    if done != expected:
+        raise CkptmapError(f"cannot save {path}: storage {st.key!r} ({st.numel} x {st.dtype}) must be "
+                           f"{expected} bytes but fill yielded only {done} — the storage's data source "
+                           f"does not match its tensors")
+    return crc
+
+
+def _write_real_storage(writer: _StreamZipWriter, name: str, storage) -> None:
+    import torch
+
+    if storage.device.type != "cpu":
+        storage = storage.cpu()
+    n = storage.nbytes()
+    data = (torch.empty(0, dtype=torch.uint8).set_(storage).numpy() if n else b"")
+    offset = writer.begin(name, n)
+    writer._write(data)
+    writer.end(name, n, zlib.crc32(data) if writer.compute_crc32 else 0, offset)
+
+
+def save_streaming(obj, path, fill, *, fsync: bool = False) -> None:
+    """Write ``obj`` exactly as torch.save would write it (same bytes) if every TensorRef in it were a
+    real CPU tensor: a view (TensorRef.storage_offset, shape, stride, requires_grad) of a storage of
+    TensorRef.storage_numel elements of TensorRef.dtype, TensorRefs with the same ``storage`` key
+    sharing one storage, saved from device TensorRef.location. The storages' bytes are not in
+    memory: ``fill(key)`` (key = the TensorRef.storage key as found in ``obj``) returns an iterable of
+    bytes-like chunks whose concatenation is that storage's bytes (numel * itemsize, little-endian);
+    chunks are written as they come (one chunk in memory at a time), CRC32 computed incrementally.
+    A wrong total length is a :class:`CkptmapError` naming the storage and path, and no file is left
+    at ``path``. Stand-ins re-pickle as in :func:`save`; real tensors may appear too (written from
+    memory, as torch.save does). The archive prefix is the file stem, as torch.save derives it: the
+    file is written under a temporary name beside ``path`` (the archive prefix is computed from the
+    final name) and renamed into place, so ``path`` never holds a partial file. Storage keys in the output are renumbered in
+    pickling (first-encounter) order exactly as torch.save numbers them; ``fill`` is called once per
+    storage, in the order the records are written (that same order). Honours torch's save options
+    (``torch.serialization.set_crc32_options``, ``torch.utils.serialization.config.save.storage_alignment``)
+    as torch.save does. ``fsync``: make the file durable before it is renamed into place."""
+    path = Path(os.fspath(path))
+    archive = archive_name(path.name)
+    if not archive:
+        raise CkptmapError(f"cannot save {path}: torch.save cannot write a file whose name has no stem "
+                           f"(the zip records are named after it) — choose a name like model_optim_rng.pt")
+    buf = io.BytesIO()
+    pickler = _StreamPickler(buf, path)
+    try:
+        pickler.dump(obj)
+    except CkptmapError as e:
+        raise CkptmapError(f"cannot save {path}: {e}") from None
+    except (pickle.PicklingError, TypeError, AttributeError, RecursionError, RuntimeError, ValueError) as e:
+        raise CkptmapError(f"cannot save {path}: the object cannot be pickled ({type(e).__name__}: "
+                           f"{str(e)[:300]}) — save tensors and plain data only") from None
+    data_pkl = buf.getvalue()
+    del buf
+    alignment, compute_crc32 = _torch_options()
+    if not path.parent.is_dir():
+        raise CkptmapError(f"cannot save {path}: the directory {path.parent} does not exist — create it first")
+    with atomic.atomic_output(path, fsync=fsync) as tmp:
+        try:
+            with open(tmp, "wb", buffering=1 << 20) as f:
+                writer = _StreamZipWriter(f, archive, alignment, compute_crc32)
+                writer.record("data.pkl", data_pkl)
+                writer.record(".format_version", b"1")
+                writer.record(".storage_alignment", str(alignment).encode("ascii"))
+                writer.record("byteorder", b"little")
+                for key, st in pickler.storages.items():
+                    if type(st) is _RefStorage:
+                        _stream_storage(writer, f"data/{key}", st,
+                                        fill if st.held is None else (lambda _key, st=st: _held_bytes(st)), path)
+                    else:
+                        _write_real_storage(writer, f"data/{key}", st)
+                writer.finish()
+        except OSError as e:
+            raise CkptmapError(f"cannot save {path}: writing failed ({e.strerror or e}) — check free space "
+                               f"and permissions") from None
+
+
+def _contiguous(shape) -> tuple[int, ...]:
+    stride, acc = [], 1
+    for n in reversed(shape):
+        stride.append(acc)
+        acc *= max(n, 1)
+    return tuple(reversed(stride))
+
+
+def _held_bytes(st: "_RefStorage"):
+    yield st.held.data.reshape(-1).view("u1")
+
+
+def save(obj, path, *, fsync: bool = False) -> None:
+    """Write ``obj`` as a torch zip checkpoint, like ``torch.save(obj, path)``: the same bytes for the
+    same objects. Tensors must be in memory — :class:`HeldTensor` values, or real torch tensors (from
+    ``torch_zip_reader.load``, or the caller's own) — a :class:`TensorRef` is refused (its bytes live in
+    another file: use :func:`save_streaming`). Stand-ins are written back as the globals and
+    reconstructions they were read from."""
+    def no_refs(key):
+        raise CkptmapError(f"cannot save {path}: the object holds a TensorRef (storage {key!r}), which only "
+                           f"describes a tensor inside its source file; use save_streaming() with a fill that "
+                           f"reads it, or load() the source to get real tensors")
+    save_streaming(obj, path, no_refs, fsync=fsync)
