@@ -32,7 +32,7 @@ from pathlib import Path
 from ckptmap import atomic, dtypes
 from ckptmap.errors import CkptmapError
 from ckptmap.formats.safe_unpickler import STORAGE_TYPE_OF, GlobalMarker, StandInClass, torch_global
-from ckptmap.formats.torch_serialization_id import name_hash_digits
+from ckptmap.formats.torch_serialization_id import hash_combine, name_hash_digits
 from ckptmap.formats.torch_zip_reader import HeldTensor, TensorRef, _ref_problem, _Storage
 
 __all__ = ["save", "save_streaming", "archive_name"]
@@ -153,11 +153,6 @@ _ZIP64_LOCATOR = struct.Struct("<4sLQL")
 _EOCD = struct.Struct("<4s4H2LH")
 _FILE_FORMAT_VERSION = b"3\n"  # caffe2 kMinProducedFileFormatVersion, what torch.save writes
 _STORAGE_PID = "storage"  # the interned literal torch's persistent_id uses
-_HASH_MASK = (1 << 64) - 1
-
-
-def _hash_combine(seed: int, value: int) -> int:
-    return (seed ^ ((value + 0x9E3779B9 + ((seed << 6) & _HASH_MASK) + (seed >> 2)) & _HASH_MASK)) & _HASH_MASK
 
 
 def archive_name(file_name: str) -> str:
@@ -230,7 +225,7 @@ class _StreamZipWriter:
             0, 0, 0, 0, min(offset, _MAX32)) + full + z64)
         self.names.append(name)
         if size:
-            self.combined_crc = _hash_combine(self.combined_crc, crc)
+            self.combined_crc = hash_combine(self.combined_crc, crc)
 
     def record(self, name: str, data: bytes) -> None:
         offset = self.begin(name, len(data))
