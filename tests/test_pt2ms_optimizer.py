@@ -71,11 +71,12 @@ def test_optimizer_state_bit_exact(name, with_param_map, fmt, tmp_path):
             for i, g in enumerate(groups):
                 assert got[f"learning_rate_group_{i}"] == np.float32(g["lr"])
                 assert got[f"weight_decay_group_{i}"] == np.float32(g["weight_decay"])
-                assert f"betas_group_{i}" not in got and f"bias_correction_group_{i}" not in got
+                assert got[f"bias_correction_group_{i}"] == np.float32(g["bias_correction"])  # a flag: 1.0 / 0.0
+                assert f"betas_group_{i}" not in got
             assert got["state_step"].shape == (1,) and got["state_step"][0] == groups[0]["step"]
             sched = state["opt_param_scheduler"]
             assert got["max_lr"].dtype == np.float64 and got["max_lr"] == sched["max_lr"]
-            assert got["num_steps"].dtype == np.int64 and got["num_steps"] == sched["num_steps"]
+            assert got["num_steps"].dtype == np.int32 and got["num_steps"] == sched["num_steps"]
             assert got["lr_decay_style"] == ["constant", "WSD", "linear", "cosine",
                                              "inverse-square-root"].index(sched["lr_decay_style"])
             assert got["wd_incr_style"] == ["constant", "linear", "cosine"].index(sched["wd_incr_style"])

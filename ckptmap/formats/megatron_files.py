@@ -104,6 +104,10 @@ class PtFile:
     def keys(self) -> list[str]:
         return [k for k, _ in self.entries()]
 
+    def __contains__(self, key) -> bool:
+        self.entries()
+        return key in self._entries
+
     def ref(self, key: str) -> TensorRef:
         self.entries()
         ref = self._entries.get(key)

@@ -59,15 +59,15 @@ def detect_layout(root) -> str:
 
 
 # -------------------------------------------------------------------------------------------------
-# Scalar keys of a converted MindSpore checkpoint (formats.md §3.3). Each is (name, dtype, shape, value).
+# Scalar keys of a converted MindSpore checkpoint (formats.md §3.3), as the reference converter
+# (MindSpeed-Core-MS r0.1.0 convert_pt2ckpt.py) writes them. Each row is (name, dtype, shape, value).
 
 LR_DECAY_STYLES = ("constant", "WSD", "linear", "cosine", "inverse-square-root")
 WD_INCR_STYLES = ("constant", "linear", "cosine")
-_SCHEDULER_KEYS = {
-    "max_lr": "float64", "min_lr": "float64", "start_wd": "float64", "end_wd": "float64",
-    "lr_warmup_steps": "int64", "num_steps": "int64", "lr_decay_steps": "int64", "wd_incr_steps": "int64",
-}
-_SCHEDULER_STYLES = {"lr_decay_style": LR_DECAY_STYLES, "wd_incr_style": WD_INCR_STYLES}
+SCHEDULER_STYLES = {"lr_decay_style": LR_DECAY_STYLES, "wd_incr_style": WD_INCR_STYLES}
+_SCHEDULER_FLOATS = ("max_lr", "min_lr", "start_wd", "end_wd")                        # Float64
+_SCHEDULER_COUNTS = ("lr_warmup_steps", "num_steps", "lr_decay_steps", "wd_incr_steps")  # Int32
+_INT32 = range(-2 ** 31, 2 ** 31)
 
 
 def step_scalars(iteration: int, layout: str) -> list[tuple]:
@@ -81,33 +81,62 @@ def _is_number(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
-def optimizer_scalars(optimizer: dict | None, scheduler: dict | None, origin: str) -> list[tuple]:
-    """Megatron's optimizer param groups and scheduler state as MindSpeed keys: per group ``i``
-    ``learning_rate_group_i`` (lr) and ``{key}_group_i`` for the other numbers (Float32), one
-    ``state_step`` (Float32 [1]); tuples, flags and None are dropped."""
-    out = []
-    groups = ((optimizer or {}).get("optimizer") or {}).get("param_groups") or []
-    step = None
+def scalar_fields(root: dict) -> list[tuple[list, str, tuple | None]]:
+    """Which value of Megatron's ``model_optim_rng.pt`` (``root``) each optimizer and scheduler key of
+    the MindSpore file holds: ``[(path from root, MindSpeed key, style names or None)]``. Per param group
+    ``i``: ``lr`` → ``learning_rate_group_i``, ``step`` → ``state_step`` (one key for all groups),
+    every other number or flag ``key`` → ``key_group_i`` (tuples such as ``betas`` and None have no
+    key); scheduler numbers under their own names; ``lr_decay_style`` / ``wd_incr_style`` as the
+    index of the style name in ``styles``."""
+    fields = []
+    groups = ((root.get("optimizer") or {}).get("optimizer") or {}).get("param_groups") or []
     for i, group in enumerate(groups):
         for key, value in group.items():
+            path = ["optimizer", "optimizer", "param_groups", i, key]
             if key == "step":
-                step = value if step is None else step
-            elif key == "lr" and _is_number(value):
-                out.append((f"learning_rate_group_{i}", "float32", (), value))
-            elif _is_number(value):
-                out.append((f"{key}_group_{i}", "float32", (), value))
-    if step is not None:
-        out.append(("state_step", "float32", (1,), [float(step)]))
-    for key, value in (scheduler or {}).items():
-        if key in _SCHEDULER_KEYS and _is_number(value):
-            out.append((key, _SCHEDULER_KEYS[key], (), value))
-        elif key in _SCHEDULER_STYLES and value is not None:
-            styles = _SCHEDULER_STYLES[key]
+                if _is_number(value):
+                    fields.append((path, OPTIMIZER_STEP_KEY, None))
+            elif key == "lr":
+                if _is_number(value):
+                    fields.append((path, f"learning_rate_group_{i}", None))
+            elif isinstance(value, (bool, int, float)):   # a flag is a number to MindSpeed (1.0 / 0.0)
+                fields.append((path, f"{key}_group_{i}", None))
+    for key, value in (root.get("opt_param_scheduler") or {}).items():
+        path = ["opt_param_scheduler", key]
+        if key in SCHEDULER_STYLES:
+            if value is not None:
+                fields.append((path, key, SCHEDULER_STYLES[key]))
+        elif key in _SCHEDULER_FLOATS + _SCHEDULER_COUNTS and _is_number(value):
+            fields.append((path, key, None))
+    return fields
+
+
+def optimizer_scalars(optimizer: dict | None, scheduler: dict | None, origin: str) -> list[tuple]:
+    """Megatron's optimizer param groups and scheduler state as MindSpeed keys (``scalar_fields``), with
+    the reference's dtypes: group values Float32 (flags 1.0 / 0.0), ``state_step`` Float32 [1] (the
+    first group's ``step``), scheduler ``max_lr``/``min_lr``/``start_wd``/``end_wd`` Float64, step
+    counts and style indices Int32 — what MindSpore makes of the reference's ``Parameter(int(v))``. A
+    count outside Int32's range is written as Int64 (the reference's Int32 would wrap it)."""
+    root = {"optimizer": optimizer, "opt_param_scheduler": scheduler}
+    groups, step, sched = [], None, []
+    for path, key, styles in scalar_fields(root):
+        value = root[path[0]]
+        for part in path[1:]:
+            value = value[part]
+        if key == OPTIMIZER_STEP_KEY:
+            step = value if step is None else step
+        elif path[0] == "optimizer":
+            groups.append((key, "float32", (), float(value)))
+        elif styles is not None:
             if value not in styles:
                 raise CkptmapError(f"{origin}: opt_param_scheduler {key} = {value!r} has no MindSpeed index; "
                                    f"known styles: {', '.join(styles)}")
-            out.append((key, "int64", (), styles.index(value)))
-    return out
+            sched.append((key, "int32", (), styles.index(value)))
+        elif key in _SCHEDULER_COUNTS and isinstance(value, int):
+            sched.append((key, "int32" if value in _INT32 else "int64", (), value))
+        else:
+            sched.append((key, "float64", (), float(value)))
+    return groups + ([(OPTIMIZER_STEP_KEY, "float32", (1,), [float(step)])] if step is not None else []) + sched
 
 
 # -------------------------------------------------------------------------------------------------

@@ -124,11 +124,15 @@ def _ms_file(root: Path, layout: str, iteration, tp: int, pp: int, pp_size: int,
 
 
 def _scalar(reader, name):
-    if name not in reader.keys():
+    """The one value of a scalar key as a 0-d numpy array of the dtype it is stored in (bfloat16 as its
+    exact float32); None when the file has no such key, or holds a string under it."""
+    if name not in reader or reader.spec(name).dtype == "str":
         return None
     dtype = reader.spec(name).dtype
-    value = reader.array(name).reshape(-1)[:1]
-    return tensor_ops.cast(value, dtype, "float64")[0].item() if dtypes.get(dtype).is_float else value[0].item()
+    value = reader.array(name).reshape(-1)[0:1]
+    if dtype == "bfloat16":  # numpy has no bfloat16: its float32 value is exact
+        value = tensor_ops.cast(value, dtype, "float32")
+    return value.reshape(()).copy()
 
 
 def compile_ms2pt(opt: Ms2PtOptions) -> Plan:
@@ -289,35 +293,64 @@ def _model_file(meta: _MetaRank, rank_dir, weights, ms_file, specs, iteration, p
             entry[2].append(StoragePiece(ref.storage_offset, tensor=by_ref[i]))
     storages = [_tiled(key, dtype, numel, pieces, meta.meta["model_padding"], meta.path, "model_optim_rng")
                 for key, (dtype, numel, pieces) in per_storage.items()]
-    updates = _follow_iteration(meta.root, iteration, None if param_only else scalars)
+    updates = _follow_iteration(meta.root, iteration, None if param_only else scalars, ms_file)
     return FileTask(f"{rank_dir}/{megatron_folders.MODEL_FILE}", "torch_stream", source=str(meta.path),
                     storages=tuple(storages), extra={"skeleton": "model_optim_rng", "set": updates})
 
 
-def _follow_iteration(root: dict, iteration, scalars) -> list:
-    """[(path, value)] of the fields that follow the MindSpore checkpoint's training progress; values
-    keep the type Megatron had (an unchanged value leaves the bytes unchanged)."""
+def _follow_iteration(root: dict, iteration, scalars, origin) -> list:
+    """[(path, value)] of the fields that follow the MindSpore checkpoint's training progress: the
+    iteration, and (``scalars``: {key: 0-d numpy array}) every optimizer and scheduler value pt2ms wrote
+    (``mindspeed.scalar_fields``). Values keep the type Megatron had — a flag comes back as a bool,
+    a count as an int, a style index as the style's name — and a value that still equals the original
+    in the precision it was stored in (Float32, Int32, Int64, …) is left alone, so that an unchanged
+    value leaves the bytes unchanged."""
     sets = []
 
-    def put(path, old, new):
-        if new is None or old is None or isinstance(old, bool):
+    def put(path, old, new, key, styles=None):
+        if new is None or old is None:
             return
-        if isinstance(old, float):  # MindSpore kept it as float32: unchanged if it still rounds the same
-            if np.float32(old) == np.float32(new):
-                return
-        elif new == old:
-            return
-        sets.append((path, type(old)(new)))
+        value = _megatron_value(old, new, styles, f"{origin}: {key}")
+        if value is not old and not (type(value) is type(old) and value == old):
+            sets.append((path, value))
     # args.iteration is what Megatron had when it saved (it re-reads the top-level entry on load)
-    put(["iteration"], root.get("iteration"), iteration)
-    if scalars:
-        groups = ((root.get("optimizer") or {}).get("optimizer") or {}).get("param_groups") or []
-        for i, g in enumerate(groups):
-            put(["optimizer", "optimizer", "param_groups", i, "lr"], g.get("lr"), scalars.get(f"learning_rate_group_{i}"))
-            put(["optimizer", "optimizer", "param_groups", i, "step"], g.get("step"), scalars.get("state_step"))
-        sched = root.get("opt_param_scheduler") or {}
-        put(["opt_param_scheduler", "num_steps"], sched.get("num_steps"), scalars.get("num_steps"))
+    put(["iteration"], root.get("iteration"), np.array(iteration, dtype=np.int64), "iteration")
+    for path, key, styles in mindspeed.scalar_fields(root) if scalars else ():
+        old = root
+        for part in path:
+            old = old[part]
+        put(path, old, scalars.get(key), key, styles)
     return sets
+
+
+def _megatron_value(old, new, styles, what):
+    """Megatron's value for a field that was ``old`` in Megatron and is ``new`` (0-d numpy array) in MindSpore;
+    ``old`` itself when ``new`` is ``old`` as stored."""
+    if styles is not None:
+        index = _whole(new, what)
+        if not 0 <= index < len(styles):
+            raise CkptmapError(f"{what} is {index}, which is no style index; MindSpeed numbers them "
+                               f"{', '.join(f'{i} = {s}' for i, s in enumerate(styles))}")
+        return styles[index]
+    if isinstance(old, bool):
+        if new.item() not in (0, 1):
+            raise CkptmapError(f"{what} is {new.item()}, but Megatron's value is a flag (1 = True, 0 = False)")
+        return bool(new.item())
+    if not isinstance(old, (int, float)):
+        return old
+    if np.issubdtype(new.dtype, np.floating):  # stored rounded (a count as Float32 too): unchanged if it still rounds the same
+        if bool(np.array(float(old), dtype=new.dtype) == new):
+            return old
+    elif new.dtype != np.bool_ and old == new.item():
+        return old
+    return float(new.item()) if isinstance(old, float) else _whole(new, what)
+
+
+def _whole(new, what) -> int:
+    value = new.item()
+    if isinstance(value, float) and not value.is_integer():
+        raise CkptmapError(f"{what} is {value}, but Megatron's value is a whole number")
+    return int(value)
 
 
 def _optim_file(meta: _MetaRank, rank_dir, matched, layout, pp, tp, rules, ms_file, specs, param_maps) -> FileTask:
