@@ -64,25 +64,56 @@ class _Sources:
             reader = self._open[path] = registry.open_reader(path)
         return reader
 
+    def slice(self, s) -> np.ndarray:
+        """The elements of a SourceSlice (flat when it is a range, else in the tensor's shape)."""
+        reader = self.reader(s.file)
+        spec = reader.spec(s.key)
+        if tuple(spec.shape) != tuple(s.shape) or spec.dtype != s.dtype:
+            raise CkptmapError(
+                f"{s.file}: tensor {s.key} is {spec.dtype} {list(spec.shape)} but the plan expects {s.dtype} "
+                f"{list(s.shape)}; the source changed since the plan was made — re-create the plan")
+        t = reader.array(s.key)
+        if s.start or s.numel is not None:
+            t = t.reshape(-1)[s.start:s.start + s.count]
+        return t
+
     def array(self, task: TensorTask) -> np.ndarray:
-        """The task's sources concatenated and viewed as ``src_shape`` (storage dtype of ``src_dtype``)."""
-        parts = []
-        for s in task.sources:
-            reader = self.reader(s.file)
-            spec = reader.spec(s.key)
-            if tuple(spec.shape) != tuple(s.shape) or spec.dtype != s.dtype:
-                raise CkptmapError(
-                    f"{s.file}: tensor {s.key} is {spec.dtype} {list(spec.shape)} but the plan expects {s.dtype} "
-                    f"{list(s.shape)}; the source changed since the plan was made — re-create the plan")
-            t = reader.array(s.key)
-            if s.start or s.numel is not None:
-                t = t.reshape(-1)[s.start:s.start + s.count]
-            parts.append(t)
+        """The task's sources concatenated (or its reads assembled) and viewed as ``src_shape``
+        (storage dtype of ``src_dtype``)."""
+        if task.reads:
+            return self._assemble(task)
+        parts = [self.slice(s) for s in task.sources]
+        if task.replicas:
+            self._check_replicas(task, parts[0])
         first = task.sources[0]
         if len(parts) == 1 and first.start == 0 and first.numel is None:
             out = parts[0]  # whole tensor: stay a zero-copy view
             return out if tuple(out.shape) == tuple(task.src_shape) else out.reshape(task.src_shape)
         return np.concatenate([p.reshape(-1) for p in parts]).reshape(task.src_shape)
+
+    def _assemble(self, task: TensorTask) -> np.ndarray:
+        out = np.zeros(task.src_shape, dtype=dtypes.storage(task.src_dtype))
+        for r in task.reads:
+            src = self.slice(r.source).reshape(r.view)
+            box = src[tuple(slice(o, o + n) for o, n in zip(r.offsets, r.lengths))]
+            lengths = r.dst_lengths or r.lengths
+            out[tuple(slice(o, o + n) for o, n in zip(r.dst_offsets, lengths))] = box
+        if task.replicas:
+            self._check_replicas(task, self.slice(task.reads[0].source))
+        return out
+
+    def _check_replicas(self, task: TensorTask, first: np.ndarray) -> None:
+        """A replicated tensor is read from one rank; every other rank's copy must be the same bytes."""
+        want = np.ascontiguousarray(first).reshape(-1).view(np.uint8)
+        for other in task.replicas:
+            got = np.ascontiguousarray(self.slice(other)).reshape(-1).view(np.uint8)
+            if got.shape != want.shape or not np.array_equal(got, want):
+                differing = int(np.count_nonzero(got != want)) if got.shape == want.shape else "all"
+                raise CkptmapError(
+                    f"{task.name}: the tensor is replicated across tensor-parallel ranks, but {other.file} ({other.key}) "
+                    f"differs from the copy used ({task.reads[0].source.file if task.reads else task.sources[0].file}): "
+                    f"{differing} bytes differ; the source ranks disagree — check the checkpoint (one rank may be "
+                    f"stale or corrupt) before resharding it")
 
     def raw(self, s) -> np.ndarray:
         return self.reader(s.file).array(s.key)

@@ -15,7 +15,7 @@ import attrs
 from ckptmap import dtypes
 from ckptmap.errors import CkptmapError
 
-PLAN_VERSION = 1
+PLAN_VERSION = 2
 
 
 def _tuple(value) -> tuple:
@@ -51,9 +51,32 @@ class SourceSlice:
 
 
 @attrs.frozen
+class Read:
+    """Copy a box from a source to the assembly of a TensorTask (PyTorch DCP's ``ReadItem``): the
+    elements of ``source`` viewed (C order) as ``view``, box ``offsets``/``lengths`` there, land at
+    ``dst_offsets`` of the task's ``src_shape``. ``dst_lengths`` (default: ``lengths``) may be larger
+    along dims where ``lengths`` is 1: the box is repeated (Megatron's new vocabulary padding rows
+    copy the last row)."""
+
+    source: SourceSlice
+    view: tuple[int, ...] = attrs.field(converter=_tuple)
+    offsets: tuple[int, ...] = attrs.field(converter=_tuple)
+    lengths: tuple[int, ...] = attrs.field(converter=_tuple)
+    dst_offsets: tuple[int, ...] = attrs.field(converter=_tuple)
+    dst_lengths: tuple[int, ...] | None = attrs.field(default=None, converter=lambda v: None if v is None else tuple(v))
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.dst_lengths or self.lengths)
+
+
+@attrs.frozen
 class TensorTask:
-    """One output tensor: its sources' element ranges concatenated and viewed as
-    ``src_shape`` / ``src_dtype``, then ``ops`` applied; or a constant ``value``."""
+    """One output tensor: its sources' element ranges concatenated (``sources``) — or, when the
+    tensor is assembled from boxes of several sources (resharding), ``reads`` placed into a zeroed
+    array — viewed as ``src_shape`` / ``src_dtype``, then ``ops`` applied; or a constant ``value``.
+    ``replicas``: sources that must hold exactly the bytes of the first source (a replicated
+    tensor read from one of several ranks); the executor compares them."""
 
     name: str
     dtype: str
@@ -64,6 +87,8 @@ class TensorTask:
     ops: tuple[Op, ...] = attrs.field(converter=_tuple, default=())
     value: Any = None
     note: str = ""
+    reads: tuple[Read, ...] = attrs.field(converter=_tuple, default=())
+    replicas: tuple[SourceSlice, ...] = attrs.field(converter=_tuple, default=())
 
     @property
     def nbytes(self) -> int:
@@ -71,6 +96,9 @@ class TensorTask:
 
     @property
     def source_label(self) -> str:
+        if self.reads:
+            files = {r.source.file for r in self.reads}
+            return f"{len(self.reads)} boxes of {len(files)} file{'s' if len(files) > 1 else ''}"
         if not self.sources:
             return f"= {self.value!r}"
         if len(self.sources) == 1:
@@ -134,6 +162,8 @@ class FileTask:
 def _tensor_task(raw: dict) -> TensorTask:
     t = dict(raw)
     t["sources"] = tuple(SourceSlice(**s) for s in t.get("sources", ()))
+    t["replicas"] = tuple(SourceSlice(**s) for s in t.get("replicas", ()))
+    t["reads"] = tuple(Read(**dict(r, source=SourceSlice(**r["source"]))) for r in t.get("reads", ()))
     t["ops"] = tuple(Op(**o) for o in t.get("ops", ()))
     return TensorTask(**t)
 
