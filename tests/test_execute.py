@@ -62,7 +62,7 @@ def test_plan_json_apply_round_trip(source, tmp_path, capsys):
 
 def test_bad_plan_file(tmp_path, capsys):
     bad = tmp_path / "plan.json"
-    bad.write_text(json.dumps({"version": 1, "kind": "pt2ms"}))
+    bad.write_text(json.dumps({"version": 2, "kind": "pt2ms"}))
     assert main(["apply", str(bad)]) == 2
     assert "not a valid ckptmap plan" in capsys.readouterr().err
 
