@@ -110,7 +110,7 @@ def test_errors_point_at_file_line_col(text, where, words):
 def test_bucket_expressions_evaluate():
     rules = load_rules(bundled_rules()["megatron_legacy_gpt"])
     mega = rules.bucket_layout("megatron")
-    assert mega.bucket_pad[0].evaluate({"dp": 4, "cp": 2}) == 8 and mega.bucket_pad[1] == "elements"
+    assert mega.bucket_pads[0].amount.evaluate({"dp": 4, "cp": 2}) == 8 and mega.bucket_pads[0].unit == "elements"
     env = {"overlap_grad_reduce": True, "pp_rank": 0, "chunk": 0, "untie_embeddings_and_output_weights": False,
            "pp": 2}
     assert [str(c) for c in mega.close_when] == ["overlap_grad_reduce", "pp_rank == 0", "chunk == 0"]
@@ -120,7 +120,7 @@ def test_bucket_expressions_evaluate():
     assert not all(c.holds(dict(env, pp=1)) for c in mega.shared_when)
     assert dict(mega.defaults)["bucket_size"].evaluate({}) == 40_000_000
     ms = rules.bucket_layout("mindspeed")
-    assert ms.bucket_pad[0].evaluate({"dp": 4}) == 2048 and ms.bucket_pad[1] == "bytes"
+    assert ms.bucket_pads[0].amount.evaluate({"dp": 4}) == 2048 and ms.bucket_pads[0].unit == "bytes"
     assert ms.param_align[0].evaluate({}) == 512
 
 

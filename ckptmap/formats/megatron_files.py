@@ -167,11 +167,58 @@ class ModelFile(PtFile):
 
 
 OPTIM_STATES = ("param", "exp_avg", "exp_avg_sq")
+PER_BUCKET, COALESCED = "per_bucket", "coalesced"
+
+
+@attrs.frozen
+class OptimBuffer:
+    """One DDP buffer's state in ``distrib_optim.pt``.
+
+    ``path``: the keys leading to it (``(gbuf_idx, dtype_key)``, prefixed by the optimizer's index
+    when the file holds a ChainedOptimizer's list); ``storage``: ``per_bucket`` (Megatron core_r0.6:
+    one padded fp32 tensor per bucket per state, sizes in ``padded`` / ``unpadded``) or ``coalesced``
+    (Megatron >= 0.7: one fp32 tensor per state holding every bucket's unpadded part, concatenated;
+    only the total ``numel_unpadded`` is recorded)."""
+
+    optimizer: int | None
+    index: int
+    dtype_key: object
+    param_dtype: str
+    storage: str
+    padded: tuple[int, ...] | None = None
+    unpadded: tuple[int, ...] | None = None
+    numel_unpadded: int | None = None
+
+    @property
+    def prefix(self) -> list[str]:
+        head = [] if self.optimizer is None else [str(self.optimizer)]
+        return head + [str(self.index), encode_key(self.dtype_key)]
+
+    def key(self, state: str, bucket: int | None = None) -> str:
+        """Flat key (``PtFile.array``) of a state's tensor: per bucket, or the coalesced one."""
+        return KEY_SEP.join(self.prefix + [state] + ([] if self.storage == COALESCED else [str(bucket)]))
+
+    @property
+    def describe(self) -> str:
+        where = f"optimizer {self.optimizer} " if self.optimizer is not None else ""
+        if self.storage == COALESCED:
+            return f"{where}buffer {self.index} ({self.param_dtype}, coalesced, {self.numel_unpadded} elements)"
+        return f"{where}buffer {self.index} ({self.param_dtype}, buckets {list(self.padded)})"
 
 
 class OptimFile(PtFile):
-    """``distrib_optim.pt`` (formats.md §1.3): per buffer (numbered across model chunks), per
-    (param dtype, grad dtype), per state, one fp32 tensor per padded bucket."""
+    """``distrib_optim.pt`` as ``DistributedOptimizer.save_parameter_state`` writes it, in any of the
+    forms Megatron-LM has used (formats.md §1.3; issue 10):
+
+    * core_r0.6: ``{"per_bucket_numel": [{key: [n...]}], "per_bucket_numel_unpadded": [...],
+      g: {key: {state: [fp32 tensor per bucket]}}}`` — buffers numbered across model chunks;
+    * 0.7+: ``{"buckets_coalesced": True, g: {key: {state: fp32 tensor, "numel_unpadded": n}}}`` —
+      ``n`` may be a 0-d int tensor (MindSpeed-LLM on MindSpore);
+    * a ChainedOptimizer (MoE: dense and expert optimizers) writes a list with one such dict per
+      optimizer, ``None`` for the optimizers whose data-parallel rank 0 is on another rank.
+
+    ``key`` is ``(param dtype, grad dtype)`` as torch dtypes or MindSpore dtype objects.
+    ``buffers`` lists them in file order."""
 
     def __init__(self, path):
         path = Path(path)
@@ -181,45 +228,104 @@ class OptimFile(PtFile):
                                f"convert the weights alone with --convert-param-only")
         super().__init__(path)
         root = self.root
-        if not isinstance(root, dict) or "per_bucket_numel" not in root:
-            raise CkptmapError(f"{path} has no per_bucket_numel; it is not a Megatron core_r0.6-style "
-                               f"distrib_optim.pt (DistributedOptimizer.save_parameter_state)")
-        self.buffers = []   # per global buffer index: (dtype key, [padded], [unpadded])
-        for g, (padded, unpadded) in enumerate(zip(root["per_bucket_numel"], root["per_bucket_numel_unpadded"])):
+        self.chained = isinstance(root, list)
+        parts = list(enumerate(root)) if self.chained else [(None, root)]
+        self.buffers: list[OptimBuffer] = []
+        self.absent: list[int] = []   # chained optimizers without state in this file
+        self.storage = None
+        for opt_index, state in parts:
+            if state is None:
+                self.absent.append(opt_index)
+                continue
+            where = f"{path}" + (f" (optimizer {opt_index} of the chained list)" if self.chained else "")
+            if not isinstance(state, dict):
+                raise CkptmapError(f"{where} holds a {type(state).__name__}; expected the dict "
+                                   f"DistributedOptimizer.save_parameter_state writes")
+            kind = COALESCED if state.get("buckets_coalesced") is True else \
+                PER_BUCKET if "per_bucket_numel" in state else None
+            if kind is None:
+                raise CkptmapError(f"{where} has neither per_bucket_numel (Megatron core_r0.6) nor buckets_coalesced "
+                                   f"(Megatron >= 0.7); top-level keys: {', '.join(map(str, state))}; it is not a "
+                                   f"distrib_optim.pt written by DistributedOptimizer.save_parameter_state")
+            if self.storage not in (None, kind):
+                raise CkptmapError(f"{path} mixes coalesced and per-bucket optimizer states")
+            self.storage = kind
+            read = self._per_bucket if kind == PER_BUCKET else self._coalesced
+            self.buffers.extend(read(state, opt_index, where))
+
+    def _dtype_key(self, key, g, where) -> tuple[object, str]:
+        if not (isinstance(key, tuple) and len(key) == 2):
+            raise CkptmapError(f"{where}: buffer {g} is keyed by {key!r}; expected (param dtype, grad dtype)")
+        names = [dtype_name(k) for k in key]
+        if None in names:
+            raise CkptmapError(f"{where}: buffer {g} is keyed by {key!r}, which is neither a pair of torch dtypes nor "
+                               f"of MindSpore dtypes; the file is not a Megatron distrib_optim.pt")
+        return key, names[0]
+
+    def _per_bucket(self, state, opt_index, where):
+        out = []
+        for g, (padded, unpadded) in enumerate(zip(state["per_bucket_numel"], state["per_bucket_numel_unpadded"])):
             if len(padded) != 1 or padded.keys() != unpadded.keys():
-                raise CkptmapError(f"{path}: buffer {g} has dtype keys {list(padded)}; ckptmap expects one "
-                                   f"(param dtype, grad dtype) pair per buffer, as Megatron core_r0.6 writes")
-            key = next(iter(padded))
-            self.buffers.append((key, list(padded[key]), list(unpadded[key])))
-            if g not in root:
-                raise CkptmapError(f"{path}: per_bucket_numel lists buffer {g} but the file has no entry {g}")
-            for state in OPTIM_STATES:
-                tensors = root[g].get(key, {}).get(state)
+                raise CkptmapError(f"{where}: buffer {g} has dtype keys {list(padded)}; ckptmap expects one "
+                                   f"(param dtype, grad dtype) pair per buffer, as Megatron writes")
+            key, param_dtype = self._dtype_key(next(iter(padded)), g, where)
+            if g not in state:
+                raise CkptmapError(f"{where}: per_bucket_numel lists buffer {g} but the file has no entry {g}")
+            for st in OPTIM_STATES:
+                tensors = state[g].get(key, {}).get(st)
                 if tensors is None or len(tensors) != len(padded[key]):
-                    raise CkptmapError(f"{path}: buffer {g} lacks {state!r} tensors for its {len(padded[key])} "
+                    raise CkptmapError(f"{where}: buffer {g} lacks {st!r} tensors for its {len(padded[key])} "
                                        f"bucket(s); the file is incomplete")
                 for j, (ref, n) in enumerate(zip(tensors, padded[key])):
                     if tuple(ref.shape) != (n,) or ref.dtype != "float32":
-                        raise CkptmapError(f"{path}: buffer {g} {state} bucket {j} is {ref.dtype} "
+                        raise CkptmapError(f"{where}: buffer {g} {st} bucket {j} is {ref.dtype} "
                                            f"{list(ref.shape)}, expected float32 [{n}] (per_bucket_numel)")
-
-    def covered_storages(self) -> dict:
-        """storage key -> (dtype, numel, [(start, end)]): the element ranges of each bucket tensor's
-        storage that hold parameters' state (the rest is bucket padding)."""
-        out = {}
-        for g, (dtype_key, padded, unpadded) in enumerate(self.buffers):
-            for state in OPTIM_STATES:
-                for j, ref in enumerate(self.root[g][dtype_key][state]):
-                    out[ref.storage] = (ref.dtype, ref.storage_numel,
-                                        [(ref.storage_offset, ref.storage_offset + unpadded[j])])
+            out.append(OptimBuffer(opt_index, g, key, param_dtype, PER_BUCKET, tuple(padded[key]),
+                                   tuple(unpadded[key])))
         return out
 
-    def param_dtype(self, buffer: int) -> str:
-        name = dtype_name(self.buffers[buffer][0][0])
-        if name is None:
-            raise CkptmapError(f"{self.path}: buffer {buffer} is keyed by {self.buffers[buffer][0]!r}; expected "
-                               f"(param dtype, grad dtype)")
-        return name
+    def _coalesced(self, state, opt_index, where):
+        out = []
+        indices = sorted(k for k in state if isinstance(k, int) and not isinstance(k, bool))
+        if indices != list(range(len(indices))):
+            raise CkptmapError(f"{where}: buffer entries {indices} are not numbered 0, 1, …; the file is damaged")
+        for g in indices:
+            entry = state[g]
+            if not isinstance(entry, dict) or len(entry) != 1:
+                raise CkptmapError(f"{where}: buffer {g} has {len(entry) if isinstance(entry, dict) else 0} dtype "
+                                   f"keys; ckptmap expects one (param dtype, grad dtype) pair per buffer")
+            key, param_dtype = self._dtype_key(next(iter(entry)), g, where)
+            states = entry[key]
+            numel = states.get("numel_unpadded")
+            if isinstance(numel, TensorRef):  # MindSpeed-LLM on MindSpore stores a 0-d int64 tensor
+                if numel.shape != () or numel.dtype != "int64":
+                    raise CkptmapError(f"{where}: buffer {g} numel_unpadded is a {numel.dtype} tensor of shape "
+                                       f"{list(numel.shape)}; expected an int or a 0-d int64 tensor")
+                numel = int(self._zip.array(numel))
+            if type(numel) is not int or numel < 0:
+                raise CkptmapError(f"{where}: buffer {g} has no valid numel_unpadded ({numel!r})")
+            for st in OPTIM_STATES:
+                ref = states.get(st)
+                if not isinstance(ref, TensorRef) or tuple(ref.shape) != (numel,) or ref.dtype != "float32":
+                    found = f"{ref.dtype} {list(ref.shape)}" if isinstance(ref, TensorRef) else repr(ref)
+                    raise CkptmapError(f"{where}: buffer {g} {st!r} is {found}, expected float32 [{numel}] "
+                                       f"(numel_unpadded); the file is damaged")
+            out.append(OptimBuffer(opt_index, g, key, param_dtype, COALESCED, numel_unpadded=numel))
+        return out
 
-    def key(self, buffer: int, state: str, bucket: int) -> str:
-        return KEY_SEP.join([str(buffer), encode_key(self.buffers[buffer][0]), state, str(bucket)])
+    def state_refs(self, buf: OptimBuffer, state: str) -> list[TensorRef]:
+        node = self.root
+        for part in ([buf.optimizer] if buf.optimizer is not None else []) + [buf.index, buf.dtype_key, state]:
+            node = node[part]
+        return list(node) if buf.storage == PER_BUCKET else [node]
+
+    def covered_storages(self) -> dict:
+        """storage key -> (dtype, numel, [(start, end)]): the element ranges of each state tensor's
+        storage that hold parameters' state (per-bucket tensors: all but the bucket padding)."""
+        out = {}
+        for buf in self.buffers:
+            for st in OPTIM_STATES:
+                for j, ref in enumerate(self.state_refs(buf, st)):
+                    n = buf.unpadded[j] if buf.storage == PER_BUCKET else buf.numel_unpadded
+                    out[ref.storage] = (ref.dtype, ref.storage_numel, [(ref.storage_offset, ref.storage_offset + n)])
+        return out

@@ -9,7 +9,11 @@ Two sources of truth, one result type:
 Offsets are element offsets in the whole buffer; bucket ``j`` starts at the sum of the padded
 sizes of buckets ``0..j-1``.
 
-Per-parameter alignment (``param_align``, MindSpeed's memory alignment, formats.md §3.4): every
+Per-parameter alignment comes in two kinds. ``param_start_align`` (Megatron >= 0.8,
+``_pad_start_of_param_if_needed``): each parameter *starts* at a multiple of the alignment, so the
+gaps lie between parameters and a bucket closed by size ends (unpadded) at its last parameter's end;
+a bucket closed because a shared embedding follows ends at that parameter's aligned start.
+``param_align`` (MindSpeed's memory alignment, formats.md §3.4): every
 parameter occupies its element count rounded *up* to the alignment, i.e. it is *followed* by
 padding — the last parameter of a bucket included. So a bucket's unpadded size is the aligned end
 of its last parameter, the bucket-closing threshold compares that aligned fill, and the bucket
@@ -102,6 +106,14 @@ def _elements(amount: tuple, env: dict, itemsize: int, what: str) -> int:
     return value
 
 
+def bucket_pad_elements(rule: BucketLayout, env: dict, itemsize: int) -> int:
+    """The bucket-end padding multiple: the first ``bucket_pad`` whose conditions hold (1 if none)."""
+    for pad in rule.bucket_pads:
+        if all(c.holds(env) for c in pad.when):
+            return _elements((pad.amount, pad.unit), env, itemsize, "bucket_pad")
+    return 1
+
+
 def layout_env(rule: BucketLayout, values: dict) -> dict:
     """The rule's defaults, overridden by the values known from the checkpoint (None = unknown)."""
     env = {name: expr.evaluate(values) for name, expr in rule.defaults}
@@ -120,7 +132,9 @@ def build_buffer(rule: BucketLayout, params: list[ParamEntry], env: dict) -> Buf
     dtype = params[0].dtype
     itemsize = dtypes.itemsize(dtype)
     align = _elements(rule.param_align, env, itemsize, "param_align") if rule.param_align else 1
-    pad = _elements(rule.bucket_pad, env, itemsize, "bucket_pad") if rule.bucket_pad else 1
+    start_align = (_elements(rule.param_start_align, env, itemsize, "param_start_align")
+                   if rule.param_start_align else 1)
+    pad = bucket_pad_elements(rule, env, itemsize)
     close_at = rule.bucket_close.evaluate(env) if closes_buckets(rule, env) else None
     shared_active = rule.shared_embedding == "own_bucket" and all(c.holds(env) for c in rule.shared_when)
     ordered = params[::-1] if rule.order == "reverse_registration" else list(params)
@@ -139,6 +153,7 @@ def build_buffer(rule: BucketLayout, params: list[ParamEntry], env: dict) -> Buf
 
     for p in ordered:
         shared = shared_active and p.shared_embedding
+        start = _round_up(start, start_align)  # a new bucket's start is aligned already
         if shared and open_params:
             start = close(start)
         end = start + p.numel

@@ -319,7 +319,7 @@ def _buffer_layouts(rules: RuleSet, args, matched, optim, param_maps, tp, pp, la
                     if g + i >= len(optim.buffers):
                         raise CkptmapError(f"{pm.path}: describes buffer {g + i} but {optim.path} has "
                                            f"{len(optim.buffers)}; the param_map belongs to a different run")
-                    _, padded, unpadded = optim.buffers[g + i]
+                    padded, unpadded = list(optim.buffers[g + i].padded), list(optim.buffers[g + i].unpadded)
                     entries = param_map.read_param_map(pm.path)
                     chunk_layouts.append((v, g + i, buckets.buffer_from_param_map(entries, padded, unpadded,
                                                                                   str(pm.path))))
@@ -341,7 +341,7 @@ def _buffer_layouts(rules: RuleSet, args, matched, optim, param_maps, tp, pp, la
             if g >= len(optim.buffers):
                 raise CkptmapError(f"{optim.path} has {len(optim.buffers)} buffer(s), but the model needs more "
                                    f"(chunk {v}, {dtype} parameters); pass the training run's param_map")
-            _, padded, unpadded = optim.buffers[g]
+            padded, unpadded = list(optim.buffers[g].padded), list(optim.buffers[g].unpadded)
             values = {k: v_ for k, v_ in vars(args).items() if isinstance(v_, (int, bool))} if args else {}
             values.update(dp=_arg(args, "data_parallel_size", 1), cp=_arg(args, "context_parallel_size", 1),
                           pp=layout.pp, pp_rank=pp, chunk=v, bucket_size=_arg(args, "ddp_bucket_size"),
@@ -400,7 +400,7 @@ def _optimizer_tasks(matched, buffer_layouts, optim, rules, layout, pp, opt, env
             if state == "param" and opt.dtype not in ("keep", "float32"):
                 op, shape, dtype = tensor_ops.resolve("cast", (opt.dtype,), shape, dtype, env, str(m.rule.loc))
                 concrete.append(op)
-            source = SourceSlice(str(optim.path), optim.key(g, state, slot.bucket), "float32", (bucket.numel,),
+            source = SourceSlice(str(optim.path), optim.buffers[g].key(state, slot.bucket), "float32", (bucket.numel,),
                                  start=slot.start - bucket.start, numel=slot.end - slot.start)
             tasks.append(TensorTask(rules.state_pattern(state).format({"name": weight.name}), dtype, shape,
                                     (source,), "float32", m.tensor.shape, tuple(concrete), note=note))

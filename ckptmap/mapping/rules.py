@@ -8,6 +8,7 @@ ranks and layer numbering is left to the compiler and `layout.py`.
 from __future__ import annotations
 
 import functools
+import math
 import operator
 from importlib import resources
 from pathlib import Path
@@ -23,6 +24,7 @@ KNOWN_OPS = {"transpose": 2, "reshape": None, "cast": 1, "chunk_interleave": 2}
 KNOWN_STATES = ("param", "exp_avg", "exp_avg_sq")
 KNOWN_BUCKET_ORDERS = ("reverse_registration", "registration")
 KNOWN_SHARED_EMBEDDING = ("own_bucket", "in_order")
+KNOWN_BUCKET_STORAGE = ("per_bucket", "coalesced")
 
 
 @attrs.frozen
@@ -186,10 +188,11 @@ class StateRule:
 class Expr:
     """A tiny arithmetic expression over named layout/args values (``dp * cp``)."""
 
-    op: str  # const | symbol | mul | add
+    op: str  # const | symbol | mul | add | lcm | max
     value: object = None
     left: "Expr | None" = None
     right: "Expr | None" = None
+    args: tuple = ()  # lcm / max
 
     def evaluate(self, env: dict[str, int]) -> int:
         if self.op == "const":
@@ -200,12 +203,25 @@ class Expr:
                     f"bucket rule uses {self.value!r}, which is not known here; known values: "
                     f"{', '.join(sorted(env))}")
             return int(env[self.value])
+        if self.op in ("lcm", "max"):
+            values = [a.evaluate(env) for a in self.args]
+            return math.lcm(*values) if self.op == "lcm" else max(values)
         a, b = self.left.evaluate(env), self.right.evaluate(env)
         return a * b if self.op == "mul" else a + b
+
+    def symbols(self) -> set[str]:
+        if self.op == "symbol":
+            return {self.value}
+        if self.op == "const":
+            return set()
+        parts = list(self.args) + [e for e in (self.left, self.right) if e is not None]
+        return set().union(*(p.symbols() for p in parts))
 
     def __str__(self) -> str:
         if self.op in ("const", "symbol"):
             return str(self.value)
+        if self.op in ("lcm", "max"):
+            return f"{self.op}({', '.join(map(str, self.args))})"
         return f"({self.left} {'*' if self.op == 'mul' else '+'} {self.right})"
 
 
@@ -237,17 +253,53 @@ class Condition:
 
 
 @attrs.frozen
+class BucketPad:
+    amount: Expr
+    unit: str                              # "elements" | "bytes"
+    when: tuple[Condition, ...] = ()       # all must hold; the first pad whose conditions hold applies
+
+
+def _version_key(text: str) -> tuple[int, ...]:
+    return tuple(int(p) for p in text.split("."))
+
+
+@attrs.frozen
 class BucketLayout:
+    """A ``buckets NAME [for A - B] { ... }`` block: how a framework version lays parameters out in
+    the distributed optimizer's bucketed buffer and how its checkpoint stores the buckets.
+
+    ``param_align``: every parameter is *followed* by padding to a multiple (MindSpeed);
+    ``param_start_align``: every parameter *starts* at a multiple (Megatron >= 0.8), so a bucket's
+    unpadded size ends at its last parameter; ``bucket_pads``: the first whose conditions hold pads
+    each bucket's end; ``storage``: ``per_bucket`` (a padded tensor per bucket, Megatron 0.6) or
+    ``coalesced`` (one tensor per buffer with every bucket's end padding cut away, Megatron >= 0.7)."""
+
     name: str
     order: str = "reverse_registration"
     param_align: tuple[Expr, str] | None = None  # (amount, "elements"|"bytes")
-    bucket_pad: tuple[Expr, str] | None = None
+    param_start_align: tuple[Expr, str] | None = None
+    bucket_pads: tuple[BucketPad, ...] = ()
+    storage: str = "per_bucket"
+    versions: tuple[str, str] | None = None
     bucket_close: Expr | None = None
     close_when: tuple[Condition, ...] = ()  # all must hold for bucket_close to apply
     shared_embedding: str = "in_order"
     shared_when: tuple[Condition, ...] = ()  # when params marked shared_embedding are shared
     defaults: tuple[tuple[str, Expr], ...] = ()  # values used when the checkpoint's args lack them
     loc: Loc | None = None
+
+    def covers(self, version: str) -> bool:
+        """Whether ``version`` ("0.12.1", "0.8") falls in the block's range (to the precision given)."""
+        if self.versions is None:
+            return True
+        lo, hi = self.versions
+        v = _version_key(version)
+        return _version_key(lo) <= v[:len(_version_key(lo))] and v[:len(_version_key(hi))] <= _version_key(hi)
+
+    @property
+    def label(self) -> str:
+        return self.name + (f" for {self.versions[0]}" + (f" - {self.versions[1]}" if self.versions[1] !=
+                                                          self.versions[0] else "") if self.versions else "")
 
 
 @attrs.frozen
@@ -273,11 +325,22 @@ class RuleSet:
         raise CkptmapError(f"rules {self.path} do not name optimizer state {state!r}; add it to the "
                            f"optimizer_state block")
 
-    def bucket_layout(self, name: str) -> BucketLayout:
-        for b in self.buckets:
-            if b.name == name:
-                return b
-        raise CkptmapError(f"rules {self.path} have no `buckets {name} {{...}}` block")
+    def bucket_layout(self, name: str, version: str | None = None) -> BucketLayout:
+        """The ``buckets name`` block (for ``version`` when blocks are per version)."""
+        blocks = self.bucket_layouts(name)
+        if not blocks:
+            raise CkptmapError(f"rules {self.path} have no `buckets {name} {{...}}` block")
+        if version is not None:
+            blocks = [b for b in blocks if b.covers(version)]
+            if not blocks:
+                known = ", ".join(b.label for b in self.bucket_layouts(name))
+                raise CkptmapError(f"rules {self.path} have no `buckets {name}` block for version {version} (they "
+                                   f"have: {known}); use a version they describe, or add a block for it")
+        return blocks[0]
+
+    def bucket_layouts(self, name: str) -> list[BucketLayout]:
+        """Every ``buckets name`` block, in file order."""
+        return [b for b in self.buckets if b.name == name]
 
 
 # -------------------------------------------------------------------------------------------------
@@ -428,11 +491,27 @@ class _Builder(lark.Transformer):
     def order(self, items):
         return ("order", str(items[0]))
 
+    def lcm(self, items):
+        return Expr("lcm", args=tuple(items))
+
+    def max(self, items):
+        return Expr("max", args=tuple(items))
+
     def param_align(self, items):
         return ("param_align", (items[0], str(items[1])))
 
+    def param_start_align(self, items):
+        return ("param_start_align", (items[0], str(items[1])))
+
     def bucket_pad(self, items):
-        return ("bucket_pad", (items[0], str(items[1])))
+        return ("bucket_pad", BucketPad(items[0], str(items[1]), items[2] if len(items) > 2 else ()))
+
+    def storage(self, items):
+        return ("storage", str(items[0]))
+
+    def version_range(self, items):
+        lo = str(items[0])
+        return ("versions", (lo, str(items[1]) if len(items) > 1 else lo))
 
     def cond_flag(self, items):
         return Condition(str(items[-1]), negated=len(items) == 2)
@@ -454,10 +533,13 @@ class _Builder(lark.Transformer):
 
     @lark.v_args(meta=True)
     def buckets_block(self, meta, items):
-        kwargs, defaults = {}, []
+        kwargs, defaults, pads = {}, [], []
         for key, value in items[1:]:
             if key == "default":
                 defaults.append(value)
+                continue
+            if key == "bucket_pad":
+                pads.append(value)
                 continue
             if key in kwargs:
                 raise _SemanticError(f"bucket setting {key!r} given twice", meta)
@@ -467,6 +549,10 @@ class _Builder(lark.Transformer):
         if "shared_embedding" in kwargs:
             kwargs["shared_embedding"], kwargs["shared_when"] = kwargs["shared_embedding"]
         kwargs["defaults"] = tuple(defaults)
+        kwargs["bucket_pads"] = tuple(pads)
+        if "param_align" in kwargs and "param_start_align" in kwargs:
+            raise _SemanticError("param_align (padding after each parameter) and param_start_align (each "
+                                 "parameter starts aligned) exclude each other; keep one", meta)
         return BucketLayout(name=str(items[0]), loc=self._loc(meta), **kwargs)
 
     def layers_stmt(self, items):
@@ -587,16 +673,30 @@ def _validate(rules: RuleSet) -> None:
                 seg.kind == "ref" and seg.name == "name" for seg in s.pattern.segments):
             raise CkptmapError(f"{s.loc}: an optimizer state pattern must contain {{name}} and nothing "
                                f"else in braces, e.g. exp_avg.{{name}}")
-    seen_buckets = set()
+    seen_buckets: dict[str, list] = {}
     for b in rules.buckets:
-        if b.name in seen_buckets:
-            raise CkptmapError(f"{b.loc}: a second `buckets {b.name}` block")
-        seen_buckets.add(b.name)
+        others = seen_buckets.setdefault(b.name, [])
+        for o in others:
+            if b.versions is None or o.versions is None or _ranges_overlap(b.versions, o.versions):
+                raise CkptmapError(f"{b.loc}: a second `buckets {b.name}` block for the same versions as {o.loc}; "
+                                   f"give each block its own version range (`buckets {b.name} for 0.8 - 0.16`)")
+        others.append(b)
+        if b.versions and _version_key(b.versions[0]) > _version_key(b.versions[1]):
+            raise CkptmapError(f"{b.loc}: version range {b.versions[0]} - {b.versions[1]} is empty")
+        if b.storage not in KNOWN_BUCKET_STORAGE:
+            raise CkptmapError(f"{b.loc}: storage: {b.storage} is unknown; use one of {', '.join(KNOWN_BUCKET_STORAGE)}")
+        if len(b.bucket_pads) > 1 and any(not p.when for p in b.bucket_pads[:-1]):
+            raise CkptmapError(f"{b.loc}: an unconditional bucket_pad must come last (the first pad whose "
+                               f"conditions hold applies)")
         if b.order not in KNOWN_BUCKET_ORDERS:
             raise CkptmapError(f"{b.loc}: order: {b.order} is unknown; use one of {', '.join(KNOWN_BUCKET_ORDERS)}")
         if b.shared_embedding not in KNOWN_SHARED_EMBEDDING:
             raise CkptmapError(f"{b.loc}: shared_embedding: {b.shared_embedding} is unknown; use one of "
                                f"{', '.join(KNOWN_SHARED_EMBEDDING)}")
+
+
+def _ranges_overlap(a, b) -> bool:
+    return not (_version_key(a[1]) < _version_key(b[0]) or _version_key(b[1]) < _version_key(a[0]))
 
 
 def load_rules(path: str | Path) -> RuleSet:
