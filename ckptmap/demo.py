@@ -80,7 +80,7 @@ def build_megatron_checkpoint(save_root: Path, model: DemoModel = DemoModel(), i
     from ckptmap.mapping import buckets
     from ckptmap.mapping.rules import bundled_rules, load_rules
 
-    rule = load_rules(bundled_rules()["megatron_legacy_gpt"]).bucket_layout("megatron")
+    rule = load_rules(bundled_rules()["megatron_legacy_gpt"]).bucket_layout("megatron", "0.6")
     gen = torch.Generator().manual_seed(seed)
     truth = {}
     iter_dir = save_root / megatron_folders.iter_dir_name(iteration)
@@ -89,7 +89,7 @@ def build_megatron_checkpoint(save_root: Path, model: DemoModel = DemoModel(), i
             entries = model.stage_tensors(pp)
             names = [".".join(path) for path, _ in entries]
             params = [buckets.ParamEntry("module." + n, shape, "bfloat16") for n, (_, shape) in zip(names, entries)]
-            env = buckets.layout_env(rule, {"dp": model.dp, "cp": 1, "pp": model.pp, "pp_rank": pp, "chunk": 0,
+            env = buckets.layout_env(rule, {"dp": model.dp, "cp": 1, "dp_group": model.dp, "pp": model.pp, "pp_rank": pp, "chunk": 0,
                                             "overlap_grad_reduce": False,
                                             "untie_embeddings_and_output_weights": True})
             layout = buckets.build_buffer(rule, params, env)

@@ -109,8 +109,8 @@ def test_errors_point_at_file_line_col(text, where, words):
 
 def test_bucket_expressions_evaluate():
     rules = load_rules(bundled_rules()["megatron_legacy_gpt"])
-    mega = rules.bucket_layout("megatron")
-    assert mega.bucket_pads[0].amount.evaluate({"dp": 4, "cp": 2}) == 8 and mega.bucket_pads[0].unit == "elements"
+    mega = rules.bucket_layout("megatron", "0.6")
+    assert mega.bucket_pads[0].amount.evaluate({"dp_group": 8}) == 8 and mega.bucket_pads[0].unit == "elements"
     env = {"overlap_grad_reduce": True, "pp_rank": 0, "chunk": 0, "untie_embeddings_and_output_weights": False,
            "pp": 2}
     assert [str(c) for c in mega.close_when] == ["overlap_grad_reduce", "pp_rank == 0", "chunk == 0"]
@@ -134,3 +134,51 @@ def test_cli_rules_list_and_check(capsys, tmp_path):
     assert main(["rules", "check", str(bad)]) == 2
     err = capsys.readouterr().err
     assert f"{bad}:2:11" in err and "unexpected end of file; expected" in err
+
+
+def test_versioned_bucket_blocks_are_chosen_by_version():
+    rules = load_rules(bundled_rules()["megatron_core_gpt"])
+    assert [b.label for b in rules.bucket_layouts("megatron")] == [
+        "megatron for 0.6", "megatron for 0.7", "megatron for 0.8 - 0.16"]
+    assert rules.bucket_layout("megatron", "0.6.0").storage == "per_bucket"
+    assert rules.bucket_layout("megatron", "0.7").storage == "coalesced"
+    v12 = rules.bucket_layout("megatron", "0.12.1")
+    assert v12.param_start_align[0].evaluate({}) == 64
+    env = {"dp_group": 6, "pad_buckets_for_high_nccl_busbw": 0}
+    first = next(p for p in v12.bucket_pads if all(c.holds(env) for c in p.when))
+    assert first.amount.evaluate(env) == 384                       # lcm(6, 128)
+    env["pad_buckets_for_high_nccl_busbw"] = 1
+    first = next(p for p in v12.bucket_pads if all(c.holds(env) for c in p.when))
+    assert first.amount.evaluate(env) == 196608                    # lcm(6, 128, 2**16)
+    with pytest.raises(CkptmapError, match="no `buckets megatron` block for version 0.17"):
+        rules.bucket_layout("megatron", "0.17")
+
+
+def test_include_cycle_and_missing(tmp_path):
+    (tmp_path / "a.rules").write_text('rules a\ninclude b\n')
+    (tmp_path / "b.rules").write_text('rules b\ninclude a\n')
+    with pytest.raises(CkptmapError, match="includes itself"):
+        load_rules(tmp_path / "a.rules")
+    (tmp_path / "c.rules").write_text('rules c\ninclude nowhere\n')
+    with pytest.raises(CkptmapError, match=r"c.rules:2:1: include nowhere"):
+        load_rules(tmp_path / "c.rules")
+
+
+def test_overlapping_version_blocks_are_refused(tmp_path):
+    block = "buckets megatron for {} {{\n   order: reverse_registration\n}}\n"
+    (tmp_path / "x.rules").write_text("rules x\n" + block.format("0.8 - 0.12") + block.format("0.12 - 0.16"))
+    with pytest.raises(CkptmapError, match="same versions"):
+        load_rules(tmp_path / "x.rules")
+
+
+def test_start_alignment_places_parameters_like_megatron_0_8():
+    # param_start_align: gaps before parameters, none after the last one of a bucket
+    from ckptmap.mapping import buckets
+    rule = load_rules(bundled_rules()["megatron_core_gpt"]).bucket_layout("megatron", "0.8")
+    params = [buckets.ParamEntry(f"p{i}", (n,), "bfloat16") for i, n in enumerate([10, 70, 3])]
+    env = buckets.layout_env(rule, {"dp_group": 2, "overlap_grad_reduce": False, "pp_rank": 0, "chunk": 0, "pp": 1,
+                                    "untie_embeddings_and_output_weights": True})
+    layout = buckets.build_buffer(rule, params, env)
+    # reverse order: p2 [0,3), p1 at 64, p0 at 192
+    assert [(s.name, s.start, s.end) for s in layout.slots] == [("p2", 0, 3), ("p1", 64, 134), ("p0", 192, 202)]
+    assert layout.per_bucket_numel_unpadded == [202] and layout.per_bucket_numel == [256]

@@ -302,7 +302,7 @@ def _buffer_layouts(rules: RuleSet, args, matched, optim, param_maps, tp, pp, la
     accepted only if it reproduces distrib_optim.pt's bucket sizes exactly."""
     out = []
     g = 0
-    bucket_rule = rules.bucket_layout("megatron")
+    bucket_rule = rules.bucket_layout("megatron", "0.6")
     for v in range(layout.vpp):
         maps = sorted((pm for pm in param_maps if (pm.tp, pm.pp, pm.vpp, pm.dp) == (tp, pp, v, 0)),
                       key=lambda pm: pm.buffer)
@@ -343,7 +343,8 @@ def _buffer_layouts(rules: RuleSet, args, matched, optim, param_maps, tp, pp, la
                                    f"(chunk {v}, {dtype} parameters); pass the training run's param_map")
             padded, unpadded = list(optim.buffers[g].padded), list(optim.buffers[g].unpadded)
             values = {k: v_ for k, v_ in vars(args).items() if isinstance(v_, (int, bool))} if args else {}
-            values.update(dp=_arg(args, "data_parallel_size", 1), cp=_arg(args, "context_parallel_size", 1),
+            dp_size, cp_size = _arg(args, "data_parallel_size", 1), _arg(args, "context_parallel_size", 1)
+            values.update(dp=dp_size, cp=cp_size, dp_group=dp_size * cp_size,
                           pp=layout.pp, pp_rank=pp, chunk=v, bucket_size=_arg(args, "ddp_bucket_size"),
                           overlap_grad_reduce=bool(_arg(args, "overlap_grad_reduce", False)),
                           untie_embeddings_and_output_weights=bool(

@@ -555,6 +555,10 @@ class _Builder(lark.Transformer):
                                  "parameter starts aligned) exclude each other; keep one", meta)
         return BucketLayout(name=str(items[0]), loc=self._loc(meta), **kwargs)
 
+    @lark.v_args(meta=True)
+    def include_stmt(self, meta, items):
+        return ("include", str(items[0]), self._loc(meta))
+
     def layers_stmt(self, items):
         return LayersSpec(str(items[0]), str(items[1]) if len(items) > 1 else None)
 
@@ -575,7 +579,7 @@ class _SemanticError(Exception):
         self.meta = meta
 
 
-def parse_rules(text: str, path: str = "<rules>") -> RuleSet:
+def parse_rules(text: str, path: str = "<rules>", _including: tuple = ()) -> RuleSet:
     try:
         tree = _parser().parse(text)
     except lark.UnexpectedCharacters as e:
@@ -598,14 +602,38 @@ def parse_rules(text: str, path: str = "<rules>") -> RuleSet:
             where = f"{path}:{meta.line}:{meta.column}" if meta is not None and hasattr(meta, "line") else path
             raise CkptmapError(f"{where}: {err.message}") from None
         raise
-    return _assemble(items, path)
+    return _assemble(items, path, _including + (str(Path(path).resolve()),))
 
 
-def _assemble(items, path: str) -> RuleSet:
+def _included(name: str, loc: Loc, path: str, chain: tuple) -> RuleSet:
+    here = Path(path).parent / f"{name}.rules"
+    common = Path(str(resources.files("ckptmap.rules").joinpath("common", f"{name}.rules")))
+    target = here if here.is_file() else common if common.is_file() else None
+    if target is None:
+        raise CkptmapError(f"{loc}: include {name}: no {here} and no bundled common/{name}.rules")
+    if str(target.resolve()) in chain:
+        raise CkptmapError(f"{loc}: include {name} includes itself ({' -> '.join(chain)})")
+    try:
+        text = target.read_text()
+    except OSError as e:
+        raise CkptmapError(f"{loc}: include {name}: cannot read {target}: {e.strerror}") from None
+    return parse_rules(text, str(target), chain)
+
+
+def _assemble(items, path: str, chain: tuple = ()) -> RuleSet:
     _, name, description = items[0]
     params, states, buckets, layers = [], [], [], None
     for item in items[1:]:
-        if isinstance(item, ParamRule):
+        if isinstance(item, tuple) and item[0] == "include":
+            inc = _included(item[1], item[2], path, chain)
+            params.extend(inc.params)
+            buckets.extend(inc.buckets)
+            if inc.states:
+                if states:
+                    raise CkptmapError(f"{item[2]}: include {item[1]} names optimizer states, and so does {path}; keep one")
+                states = list(inc.states)
+            layers = layers or inc.layers
+        elif isinstance(item, ParamRule):
             params.append(item)
         elif isinstance(item, tuple) and item[0] == "states":
             if states:
