@@ -105,7 +105,7 @@ def cmd_rules(ns) -> int:
     rules = load_rules(ns.file)
     print(f"{ns.file}: ok — rules {rules.name}, {len(rules.params)} param rules, "
           f"{len(rules.states)} optimizer states, bucket layouts: "
-          f"{', '.join(b.name for b in rules.buckets) or 'none'}")
+          f"{', '.join(b.label for b in rules.buckets) or 'none'}")
     return 0
 
 
