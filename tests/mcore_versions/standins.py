@@ -1,0 +1,143 @@
+"""What stands in for CUDA, apex and TransformerEngine when a real megatron-core 0.8 / 0.12 / 0.16
+runs on this CPU-only torch. Nothing here replaces megatron's model, DDP, optimizer, schedules or
+dist_checkpointing code.
+
+* CUDA: the pieces of ``mcore_harness.stubs`` (``torch.cuda.current_device`` answers the CPU,
+  ``synchronize`` / ``Stream`` are no-ops, :class:`CudaOnCpu` maps ``device='cuda'`` to the CPU and
+  answers ``Tensor.type()`` with the ``torch.cuda.*`` name megatron checks), plus a few calls the
+  newer versions make (``torch.cuda.current_stream`` / ``stream`` / ``Event``, memory statistics).
+* RNG: megatron's CUDA RNG-states tracker forks the CPU generator instead (:func:`install_cpu_rng_tracker`).
+* TransformerEngine: absent. 0.8+ runs without it on the *local* layer spec (megatron's own
+  ``WrappedTorchLayerNorm`` / ``WrappedTorchNorm``, ``DotProductAttention``, column/row parallel
+  linears), exactly as megatron allows.
+* apex: absent too (megatron's local spec then uses its torch norms, and clip_grads its local
+  multi-tensor fallbacks). The one exception is the *optimizer*: with neither apex nor TE,
+  megatron picks ``torch.optim.AdamW`` / ``Adam``, keeps ``step`` per parameter, and at 0.12.1 then
+  cannot reload its own ``distrib_optim.pt`` (``KeyError: 'step'``); 0.8.0's DistributedOptimizer
+  refuses to run at all (``assert HAVE_APEX_OR_TE``). :func:`use_fused_adam` therefore sets the
+  module globals megatron's optimizer package derived from ``from apex.optimizers import FusedAdam``
+  to what that import would have given: ``mcore_harness.stubs.FusedAdam`` (apex FusedAdam's
+  arithmetic in torch: decoupled weight decay in ``adam_w_mode``, ``step`` kept per param group).
+  A bare ``apex`` module is *not* put in ``sys.modules``: megatron's layer specs test
+  ``import apex`` to choose apex's fused norms.
+* megatron-core 0.16.1 bug: ``transformer/moe/moe_utils.py`` imports ``te_general_gemm`` only
+  inside its ``try: import transformer_engine`` block but the router's gating
+  (``RouterGatingLinearFunction``) tests ``te_general_gemm is not None`` unconditionally, so any
+  MoE forward without TE raises ``NameError``. :func:`fix_missing_te_names` sets the name to
+  ``None``, which is what the ``except ImportError`` branch should have done.
+* numpy: 0.12 still calls ``np.product`` (removed in numpy 2): aliased to ``np.prod`` if missing.
+* 0.8.0 imports ``pkg_resources``: the Makefile installs ``setuptools<70`` into 0.8.0's target dir.
+"""
+from __future__ import annotations
+
+import contextlib
+import sys
+
+import torch
+
+from mcore_harness.stubs import CudaOnCpu, FusedAdam, _lazy_torch_compile, _patch_torch_cuda  # noqa: F401
+
+__all__ = ["CudaOnCpu", "install", "use_fused_adam", "install_cpu_rng_tracker"]
+
+
+class _Event:
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def record(self, *args, **kwargs):
+        pass
+
+    def wait(self, *args, **kwargs):
+        pass
+
+    def synchronize(self):
+        pass
+
+    def query(self):
+        return True
+
+    def elapsed_time(self, other):
+        return 0.0
+
+
+def install():
+    """Before megatron.core is imported."""
+    if any(m == "megatron.core" or m.startswith("megatron.core.") for m in sys.modules):
+        raise RuntimeError("standins.install() must run before megatron.core is imported")
+    import importlib.util
+    for real in ("apex", "transformer_engine"):
+        if importlib.util.find_spec(real) is not None:
+            raise RuntimeError(f"{real} is installed; the harness expects a CPU-only environment")
+    import numpy as np
+    if not hasattr(np, "product"):
+        np.product = np.prod
+    _patch_torch_cuda()
+    cuda = torch.cuda
+    stream = cuda.Stream()
+    cuda.current_stream = lambda *a, **k: stream
+    cuda.default_stream = lambda *a, **k: stream
+    cuda.stream = lambda *a, **k: contextlib.nullcontext()
+    cuda.Event = _Event
+    cuda.set_device = lambda *a, **k: None
+    cuda.memory_allocated = lambda *a, **k: 0
+    cuda.max_memory_allocated = lambda *a, **k: 0
+    cuda.empty_cache = lambda: None
+    _lazy_torch_compile()
+
+
+def use_fused_adam():
+    """After importing megatron.core.optimizer: the module globals as ``from apex.optimizers import
+    FusedAdam as Adam`` would have set them (see the module docstring)."""
+    import megatron.core.optimizer as mopt
+    import megatron.core.optimizer.distrib_optimizer as mdo
+
+    for mod in (mopt, mdo):
+        mod.Adam = FusedAdam
+        for flag, value in (("HAVE_APEX_OR_TE", True), ("USING_PYTORCH_OPTIMIZER", False),
+                            ("USING_APEX_OPTIMIZER", True), ("USING_TE_OPTIMIZER", False)):
+            if hasattr(mod, flag):
+                setattr(mod, flag, value)
+
+
+def install_cpu_rng_tracker():
+    """Megatron's RNG-states tracker, forking the CPU generator; installed as already initialised
+    so that ``model_parallel_cuda_manual_seed`` keeps it (it only resets and re-adds states)."""
+    from megatron.core.tensor_parallel import random as mrandom
+
+    class CpuRNGStatesTracker(mrandom.CudaRNGStatesTracker):
+        def add(self, name, seed):
+            self._is_initialized = True
+            if seed in self.seeds_:
+                raise Exception(f"seed {seed} already exists")
+            self.seeds_.add(seed)
+            if name in self.states_:
+                raise Exception(f"rng state {name} already exists")
+            orig = torch.get_rng_state()
+            torch.manual_seed(seed)
+            self.states_[name] = torch.get_rng_state()
+            torch.set_rng_state(orig)
+
+        @contextlib.contextmanager
+        def fork(self, name=mrandom._MODEL_PARALLEL_RNG_TRACKER_NAME):
+            if name not in self.states_:
+                raise Exception(f"rng state {name} is not added")
+            orig = torch.get_rng_state()
+            torch.set_rng_state(self.states_[name])
+            try:
+                yield
+            finally:
+                self.states_[name] = torch.get_rng_state()
+                torch.set_rng_state(orig)
+
+    mrandom._CUDA_RNG_STATE_TRACKER = CpuRNGStatesTracker()
+    mrandom._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
+
+
+def fix_missing_te_names():
+    """See the module docstring (megatron-core 0.16.1 MoE router without TransformerEngine)."""
+    try:
+        import megatron.core.transformer.moe.moe_utils as moe_utils
+    except ImportError:
+        return
+    if not getattr(moe_utils, "HAVE_TE", True) and not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
