@@ -105,13 +105,16 @@ class Case:
 STANDARD_CASES = {
     # TP 2 x PP 2 (interleaved, 2 chunks per stage) x DP 2: SwiGLU, GQA, tied embeddings across
     # the pipeline, overlap-grad-reduce with a bucket size that makes several buckets on chunk 0 of
-    # pipeline rank 0 (the only one Megatron buckets), hidden 40 (64-alignment gaps)
+    # pipeline rank 0 (the only one Megatron buckets), hidden 40 (64-alignment gaps). bucket_size
+    # 600 makes the bucket before the shared embedding close on its own (see
+    # worker._check_buffer_layout for the 0.8 / 0.12 layout bug other sizes run into)
     "dense": dict(tp=2, pp=2, vpp=2, dp=2, num_layers=4, hidden=40, ffn=56, heads=4, query_groups=2,
-                  swiglu=True, bias=False, tied_embeddings=True, overlap_grad_reduce=True, bucket_size=900),
+                  swiglu=True, bias=True, tied_embeddings=True, overlap_grad_reduce=True, bucket_size=600),
     # DP 4 (TP 1, PP 1) with MoE: 4 experts, EP 2 (expert-DP 2), router + SequentialMLP experts,
-    # bias, untied embeddings, overlap-grad-reduce with small buckets (padding to lcm(dp, 128))
+    # untied embeddings, overlap-grad-reduce with small buckets (padding to lcm(dp, 128)); no bias
+    # (0.12.1: "Bias is not supported for MoE")
     "moe": dict(tp=1, pp=1, dp=4, ep=2, num_experts=4, num_layers=2, hidden=40, ffn=24, heads=4,
-                bias=True, overlap_grad_reduce=True, bucket_size=2000),
+                bias=False, overlap_grad_reduce=True, bucket_size=2000),
 }
 
 

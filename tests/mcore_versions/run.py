@@ -39,6 +39,10 @@ def _import_megatron(version):
     import megatron.core.dist_checkpointing  # noqa: F401
     import megatron.core.dist_checkpointing.serialization  # noqa: F401
     import megatron.core.dist_checkpointing.strategies.fully_parallel  # noqa: F401
+    import megatron.core.dist_checkpointing.strategies.torch  # noqa: F401
+    import megatron.core.dist_checkpointing.strategies.filesystem_async  # noqa: F401
+    # torch.optim.Optimizer.__init__ imports torch._dynamo on first use: once here, not per rank
+    import torch._dynamo  # noqa: F401
     import megatron.core.distributed  # noqa: F401
     import megatron.core.models.gpt  # noqa: F401
     import megatron.core.models.gpt.gpt_layer_specs  # noqa: F401
@@ -47,6 +51,7 @@ def _import_megatron(version):
     import megatron.core.transformer.moe.moe_layer  # noqa: F401
     standins.use_fused_adam()
     standins.fix_missing_te_names()
+    standins.adapt_torch_write_item()
     from . import worker  # noqa: F401
     return time.monotonic() - t0
 

@@ -25,6 +25,24 @@ dist_checkpointing code.
   (``RouterGatingLinearFunction``) tests ``te_general_gemm is not None`` unconditionally, so any
   MoE forward without TE raises ``NameError``. :func:`fix_missing_te_names` sets the name to
   ``None``, which is what the ``except ImportError`` branch should have done.
+* megatron-core 0.12.1 bug: ``DistributedOptimizer._copy_main_params_to_model_params`` always
+  calls ``fp8_utils.quantize_param_shard`` (with empty lists when no parameter is fp8), and without
+  TE that function's fallback raises ``RuntimeError("Invalid Transformer Engine version for FP8
+  distributed optimizer")`` unconditionally, so no optimizer step can run. The fallback is replaced
+  by one that does nothing for empty lists and raises as before otherwise.
+* ``dist_checkpointing``'s async file writer (used synchronously by ``dist_checkpointing.save``)
+  collects write results through a ``multiprocessing.Manager().Queue()`` it creates once per
+  process; 0.8.0 and 0.16.1 start that Manager with the *spawn* method, a fresh interpreter that
+  then imports torch to unpickle the results (seconds of CPU per rank, on 2 cores for 8 ranks).
+  :func:`fork_started_results_queue` pre-sets that module-level queue in each rank to the queue of
+  a *fork*-started Manager, as 0.12.1 itself does; the write path is unchanged.
+* torch 2.13's private ``torch.distributed.checkpoint.filesystem._write_item`` (which
+  ``dist_checkpointing``'s async writer calls) takes ``(transforms, stream, data, write_item,
+  storage_key, serialization_format)``. 0.8.0 calls it as ``(stream, data, write_item, storage_key)``
+  (the torch 2.3 signature) and 0.12.1 without ``serialization_format``; 0.16.1 adapts itself
+  (it passes ``SerializationFormat.TORCH_SAVE`` when the parameter exists).
+  :func:`adapt_torch_write_item` gives the two older versions the same adapter: the transforms
+  torch's own ``FileSystemWriter`` uses by default (none) and ``TORCH_SAVE``.
 * numpy: 0.12 still calls ``np.product`` (removed in numpy 2): aliased to ``np.prod`` if missing.
 * 0.8.0 imports ``pkg_resources``: the Makefile installs ``setuptools<70`` into 0.8.0's target dir.
 """
@@ -134,10 +152,55 @@ def install_cpu_rng_tracker():
 
 
 def fix_missing_te_names():
-    """See the module docstring (megatron-core 0.16.1 MoE router without TransformerEngine)."""
+    """See the module docstring (megatron-core 0.16.1 MoE router, 0.12.1 fp8 fallback, without TE)."""
+    try:
+        import megatron.core.fp8_utils as fp8_utils
+    except ImportError:
+        fp8_utils = None
+    impl = getattr(fp8_utils, "_quantize_param_shard_impl", None)
+    if impl is not None and not getattr(fp8_utils, "HAVE_TE", True) and not getattr(impl, "__standin__", False):
+        def _quantize_param_shard_impl(model_params, *args, **kwargs):
+            if len(model_params) == 0:
+                return None
+            return impl(model_params, *args, **kwargs)
+        _quantize_param_shard_impl.__standin__ = True
+        fp8_utils._quantize_param_shard_impl = _quantize_param_shard_impl
     try:
         import megatron.core.transformer.moe.moe_utils as moe_utils
     except ImportError:
         return
     if not getattr(moe_utils, "HAVE_TE", True) and not hasattr(moe_utils, "te_general_gemm"):
         moe_utils.te_general_gemm = None
+
+
+def fork_started_results_queue():
+    """In a rank, before the first torch_dist save (see the module docstring)."""
+    import multiprocessing as mp
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    if getattr(filesystem_async, "_results_queue", "missing") is None:
+        filesystem_async._results_queue = mp.get_context("fork").Manager().Queue()
+
+
+def adapt_torch_write_item():
+    """See the module docstring (torch 2.13 ``_write_item`` signature)."""
+    import inspect
+
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+    from torch.distributed.checkpoint import filesystem
+
+    real = filesystem._write_item
+    params = inspect.signature(real).parameters
+    if getattr(filesystem_async._write_item, "__standin__", False) or "serialization_format" not in params:
+        return
+    src = inspect.getsource(filesystem_async)
+    if "serialization_format" in src:  # 0.16.1 passes it itself
+        return
+
+    def _write_item(*args):
+        if len(args) == 4:  # 0.8.0: (stream, data, write_item, storage_key)
+            args = (filesystem._StorageWriterTransforms(),) + args
+        return real(*args, serialization_format=filesystem.SerializationFormat.TORCH_SAVE)
+
+    _write_item.__standin__ = True
+    filesystem_async._write_item = _write_item

@@ -40,7 +40,12 @@ def entry(rank, world_size, port, job, tmp_dir):
     code = 0
     tmp_dir = Path(tmp_dir)
     try:
-        _run(rank, world_size, port, job, tmp_dir)
+        if os.environ.get("MCORE_VERSIONS_PROFILE") and rank == 0:
+            import cProfile
+            cProfile.runctx("_run(rank, world_size, port, job, tmp_dir)", globals(), locals(),
+                            os.environ["MCORE_VERSIONS_PROFILE"])
+        else:
+            _run(rank, world_size, port, job, tmp_dir)
         _stop_children()
         (tmp_dir / f"rank{rank}.ok").write_text("ok")
     except BaseException:  # noqa: BLE001 - reported to the launcher
@@ -168,6 +173,7 @@ def _build(version, c):
         ddps.append(DistributedDataParallel(config=config, ddp_config=ddp_config, module=m,
                                             disable_bucketing=i > 0))
 
+    _check_buffer_layout(version, ddps)
     opt_kwargs = dict(optimizer="adam", lr=T.LR, min_lr=T.MIN_LR, weight_decay=T.WEIGHT_DECAY, bf16=True,
                       params_dtype=torch.bfloat16, adam_beta1=T.BETAS[0], adam_beta2=T.BETAS[1],
                       adam_eps=T.ADAM_EPS, use_distributed_optimizer=True, clip_grad=T.CLIP_GRAD)
@@ -179,6 +185,28 @@ def _build(version, c):
     gbs = T.MICRO_BATCH_SIZE * T.NUM_MICROBATCHES * c["dp"]
     scheduler = T.make_scheduler(version, optimizer, gbs, c["steps"])
     return config, models, ddps, optimizer, scheduler, gbs
+
+
+def _check_buffer_layout(version, ddps):
+    """Refuse, with a readable message, a layout megatron itself would trip over later.
+
+    megatron-core 0.8.0 and 0.12.1 place a shared-embedding parameter (tied embeddings with PP > 1)
+    at the 64-aligned end of the previous parameter when it opens its own bucket, but pad the
+    previous bucket's end to lcm(dp, 128): when those differ, the embedding overlaps the previous
+    bucket and the DistributedOptimizer later fails with "Param should not be in param_gbuf_map;
+    each param only belongs to a single bucket" (0.16 places the parameter at the padded end)."""
+    for ci, d in enumerate(ddps):
+        names = {p: n for n, p in d.module.named_parameters()}
+        for buf in list(d.buffers) + list(d.expert_parallel_buffers):
+            for p, (start, end, b) in buf.param_index_map.items():
+                bs, be = buf.bucket_indices[b]
+                if not (bs <= start and end <= be):
+                    raise RuntimeError(
+                        f"megatron-core {version} buffer layout bug (chunk {ci}): {names[p]} at [{start}, {end}) "
+                        f"lies outside its bucket {b} = [{bs}, {be}) (bucket_indices {buf.bucket_indices}). "
+                        "A shared embedding that opens a bucket at an offset that is not a multiple of "
+                        "lcm(dp, 128) overlaps the previous bucket at this version: choose sizes / bucket_size "
+                        "so that the bucket before it closes on its own.")
 
 
 # ------------------------------------------------------------------------------------ training
@@ -358,6 +386,7 @@ def _run(rank, world_size, port, job, tmp_dir: Path):
         if job["kind"] == "generate":
             _train(version, c, config, ddps, optimizer, scheduler, gbs)
             timings["train"] = time.monotonic() - t0 - sum(timings.values())
+            standins.fork_started_results_queue()
             out = Path(job["out_dir"])
             iteration = c["steps"]
             files = {}
@@ -370,7 +399,7 @@ def _run(rank, world_size, port, job, tmp_dir: Path):
                 else:
                     T.save_torch_dist(version, str(sub), iteration, models, optimizer, scheduler, args, flops, st)
                 files[_save_dir_name(fmt, st)] = True
-            timings["save"] = time.monotonic() - t0 - sum(timings.values())
+                timings[f"save {_save_dir_name(fmt, st)}"] = time.monotonic() - t0 - sum(timings.values())
             results.append(truth_mod.collect(version, c, models, ddps, optimizer, extra={"saved": sorted(files)}))
         else:
             for src in job["sources"]:
