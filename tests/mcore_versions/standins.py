@@ -43,6 +43,12 @@ dist_checkpointing code.
   (it passes ``SerializationFormat.TORCH_SAVE`` when the parameter exists).
   :func:`adapt_torch_write_item` gives the two older versions the same adapter: the transforms
   torch's own ``FileSystemWriter`` uses by default (none) and ``TORCH_SAVE``.
+* torch >= 2.4's ``create_default_local_save_plan`` already requests every BytesIO (ShardedObject)
+  on every rank; 0.8.0's ``MCoreSavePlanner`` (written for torch 2.3, which requested them on the
+  coordinator only) adds them again on the other ranks (``_add_non_coordinator_iobytes_request``),
+  and torch 2.13's global planner then rejects the duplicates (``AssertionError: item.index.fqn
+  not in md``). :func:`adapt_torch_write_item` makes that method a no-op, which is what 0.12+ do
+  (their planner builds the local plan without it); each object is still written once.
 * numpy: 0.12 still calls ``np.product`` (removed in numpy 2): aliased to ``np.prod`` if missing.
 * 0.8.0 imports ``pkg_resources``: the Makefile installs ``setuptools<70`` into 0.8.0's target dir.
 """
@@ -188,6 +194,11 @@ def adapt_torch_write_item():
 
     from megatron.core.dist_checkpointing.strategies import filesystem_async
     from torch.distributed.checkpoint import filesystem
+
+    from megatron.core.dist_checkpointing.strategies import torch as mtorch
+    planner = getattr(mtorch, "MCoreSavePlanner", None)
+    if planner is not None and hasattr(planner, "_add_non_coordinator_iobytes_request"):
+        planner._add_non_coordinator_iobytes_request = lambda self, plan: None
 
     real = filesystem._write_item
     params = inspect.signature(real).parameters

@@ -94,7 +94,10 @@ def _config(version, c):
         virtual_pipeline_model_parallel_size=c["vpp"], context_parallel_size=1,
         expert_model_parallel_size=c["ep"], sequence_parallel=False, gradient_accumulation_fusion=False,
         bias_activation_fusion=False, bias_dropout_fusion=False, masked_softmax_fusion=False,
-        apply_rope_fusion=False, persist_layer_norm=False, deallocate_pipeline_outputs=True,
+        # deallocate_pipeline_outputs (Megatron-LM's default True) frees a stage's output right after
+        # its asynchronous send; on gloo/CPU the send may still read that memory (0.8.0 then
+        # trains on garbage: NaN grads). A memory optimisation only, so off here.
+        apply_rope_fusion=False, persist_layer_norm=False, deallocate_pipeline_outputs=False,
         variable_seq_lengths=False, overlap_p2p_comm=bool(c["vpp"]), batch_p2p_comm=not c["vpp"],
     )
     if c["num_experts"]:
