@@ -26,7 +26,7 @@ import tempfile
 import time
 
 __all__ = ["Case", "generate", "load", "run_jobs", "HarnessError", "VERSIONS", "SHARDING_TYPES",
-           "target_dir", "source_hash", "STANDARD_CASES", "LOAD_FORMATS"]
+           "target_dir", "source_hash", "STANDARD_CASES", "LOAD_FORMATS", "assemble"]
 
 VERSIONS = ("0.8.0", "0.12.1", "0.16.1")
 # the DistributedOptimizer sharding types each version's save_checkpoint can write (first = default)
@@ -240,3 +240,46 @@ def load(case: Case, ckpt_dir, fmt: str = "legacy", sharding_type: str | None = 
     if fmt == "torch_dist" and sharding_type is None:
         sharding_type = SHARDING_TYPES[case.version][0]
     return run_jobs(case.version, [("load", case, [(ckpt_dir, fmt, sharding_type)])], timeout=timeout)[0][0]
+
+
+def assemble(truth: dict, state: str = "weight") -> dict:
+    """Full (unsharded) tensors from megatron's own ``sharded_state_dict()`` metadata in the truth:
+    ``{sharded key: tensor of the global shape}`` for ``state`` in ``weight`` (bf16 model weights) or
+    ``param`` / ``exp_avg`` / ``exp_avg_sq`` (fp32). Each rank's local tensor is cut into the pieces
+    its ShardedTensor (or a factory's pieces, in order along dim 0) describes; only main replicas
+    (``replica_id`` all zero) are placed, and every element must be placed exactly once."""
+    import torch
+
+    out, count = {}, {}
+    for key, rk in truth["ranks"].items():
+        for ch in rk["chunks"]:
+            for sd_key, meta in ch["sharded"].items():
+                if meta["type"] == "ShardedObject":
+                    continue
+                name = "module." + sd_key
+                if name not in ch["live"]:
+                    continue
+                local = ch["live"][name][state]
+                pieces = meta["pieces"] if meta["type"] == "ShardedTensorFactory" else [meta]
+                rows = [p["local_shape"][0] for p in pieces]
+                if sum(rows) != local.shape[0]:
+                    raise AssertionError(f"{key} {sd_key}: pieces {rows} do not split {tuple(local.shape)}")
+                for p, part in zip(pieces, torch.split(local, rows, dim=0)):
+                    if p["flattened_range"] is not None:
+                        raise AssertionError(f"{sd_key}: flattened ShardedTensor in a model state dict")
+                    rid = p["replica_id"]
+                    if (rid if isinstance(rid, int) else max(rid)) != 0:
+                        continue
+                    k = p["key"]
+                    if k not in out:
+                        out[k] = torch.zeros(p["global_shape"], dtype=local.dtype)
+                        count[k] = torch.zeros(p["global_shape"], dtype=torch.int32)
+                    pre = p["prepend_axis_num"]
+                    idx = tuple(slice(o, o + 1) for o in p["global_offset"][:pre]) + tuple(
+                        slice(o, o + n) for o, n in zip(p["global_offset"][pre:], p["local_shape"]))
+                    out[k][idx] = part.reshape(out[k][idx].shape)
+                    count[k][idx] += 1
+    for k, c in count.items():
+        if not bool((c == 1).all()):
+            raise AssertionError(f"{k}: elements placed {sorted(set(c.flatten().tolist()))} times, not once")
+    return out

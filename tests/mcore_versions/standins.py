@@ -49,6 +49,14 @@ dist_checkpointing code.
   and torch 2.13's global planner then rejects the duplicates (``AssertionError: item.index.fqn
   not in md``). :func:`adapt_torch_write_item` makes that method a no-op, which is what 0.12+ do
   (their planner builds the local plan without it); each object is still written once.
+* torch >= 2.6 loads with ``weights_only=True`` by default. 0.8.0's ``dist_checkpointing``
+  reads ``common.pt`` (which holds the ``args`` Namespace and its ``ModelType`` enum) with a bare
+  ``torch.load``; :func:`allow_checkpoint_globals` registers those two classes with
+  ``torch.serialization.add_safe_globals``, as 0.16.1's own ``megatron.core.safe_globals`` does
+  (0.12.1 loads ``common.pt`` with ``weights_only=False``).
+* ``torch.compile`` (megatron's ``jit_fuser`` for a few fused elementwise helpers, e.g. in the
+  MoE router / aux loss): the decorated functions run eagerly. Compiling them with inductor on
+  CPU costs ~5 s per rank process and changes no checkpoint structure.
 * numpy: 0.12 still calls ``np.product`` (removed in numpy 2): aliased to ``np.prod`` if missing.
 * 0.8.0 imports ``pkg_resources``: the Makefile installs ``setuptools<70`` into 0.8.0's target dir.
 """
@@ -59,7 +67,7 @@ import sys
 
 import torch
 
-from mcore_harness.stubs import CudaOnCpu, FusedAdam, _lazy_torch_compile, _patch_torch_cuda  # noqa: F401
+from mcore_harness.stubs import CudaOnCpu, FusedAdam, _patch_torch_cuda  # noqa: F401
 
 __all__ = ["CudaOnCpu", "install", "use_fused_adam", "install_cpu_rng_tracker"]
 
@@ -106,7 +114,17 @@ def install():
     cuda.memory_allocated = lambda *a, **k: 0
     cuda.max_memory_allocated = lambda *a, **k: 0
     cuda.empty_cache = lambda: None
-    _lazy_torch_compile()
+    _eager_torch_compile()
+
+
+def _eager_torch_compile():
+    def compile(model=None, **kwargs):
+        if model is None:
+            return lambda fn: fn
+        return model
+
+    compile.__standin__ = True
+    torch.compile = compile
 
 
 def use_fused_adam():
@@ -215,3 +233,11 @@ def adapt_torch_write_item():
 
     _write_item.__standin__ = True
     filesystem_async._write_item = _write_item
+
+
+def allow_checkpoint_globals():
+    """See the module docstring (torch >= 2.6 ``weights_only`` default, 0.8.0 ``common.pt``)."""
+    import argparse
+
+    from megatron.core.enums import ModelType
+    torch.serialization.add_safe_globals([argparse.Namespace, ModelType])
