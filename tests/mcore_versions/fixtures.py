@@ -1,0 +1,116 @@
+"""Session fixture: every standard case of a version generated once (and reloaded by the version's
+own loaders once), cached on disk by version + case + harness source hash.
+
+    from mcore_versions.fixtures import mcore_standard   # registers the fixture in a test module
+
+    def test_x(mcore_standard):
+        run = mcore_standard("0.12.1", "dense")
+        run.case, run.dir, run.truth            # run.dir / "legacy", run.dir / "torch_dist_<type>"
+        run.reloaded[("torch_dist", "dp_zero_gather_scatter")]   # truth of the self-reload
+
+The first request for a version runs *all* its standard cases in one launcher process (import
+megatron.core once, generate each case, then reload every save of it). The cache lives in
+``<venv>/mcore-cache/`` (``$MCORE_VERSIONS_CACHE`` overrides; ``MCORE_VERSIONS_CACHE=off`` uses a
+pytest temp dir, i.e. no reuse across sessions). A cache entry is used only if complete.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import pathlib
+import shutil
+import sys
+import time
+
+import pytest
+
+from . import LOAD_FORMATS, STANDARD_CASES, Case, run_jobs, source_hash
+
+
+@dataclasses.dataclass
+class StandardRun:
+    version: str
+    name: str
+    case: Case
+    dir: pathlib.Path
+    truth: dict
+    reloaded: dict          # {(fmt, sharding_type): truth of what the version's own loader loaded}
+    seconds: dict           # {"generate": s, "load": s, "import": s, "launcher": s} (of the run that made it)
+    cached: bool
+
+
+def _key(version, name, case):
+    blob = json.dumps([version, name, dataclasses.asdict(case), source_hash()], sort_keys=True)
+    return f"{version}-{name}-{hashlib.sha256(blob.encode()).hexdigest()[:16]}"
+
+
+def _save_subdir(fmt, st):
+    return "legacy" if fmt == "legacy" else f"torch_dist_{st}"
+
+
+class StandardRuns:
+    def __init__(self, root: pathlib.Path):
+        self.root = root
+        self._runs = {}
+        self.log = []   # (version, seconds of the launcher, cached) for the timing summary
+
+    def __call__(self, version: str, name: str) -> StandardRun:
+        if (version, name) not in self._runs:
+            self._make_version(version)
+        return self._runs[(version, name)]
+
+    def _make_version(self, version):
+        import torch
+
+        todo, jobs = [], []
+        for name, kw in STANDARD_CASES.items():
+            case = Case(version=version, **kw)
+            d = self.root / _key(version, name, case)
+            if (d / "complete.json").exists():
+                meta = json.loads((d / "complete.json").read_text())
+                self._runs[(version, name)] = StandardRun(
+                    version, name, case, d / "ckpt", torch.load(d / "ckpt" / "truth.pt", weights_only=False),
+                    torch.load(d / "reloaded.pt", weights_only=False), meta["seconds"], True)
+                continue
+            for stale in self.root.glob(f"{version}-{name}-*"):  # other harness versions of this case
+                shutil.rmtree(stale, ignore_errors=True)
+            d.mkdir(parents=True)
+            srcs = [(d / "ckpt" / _save_subdir(f, st), f, st) for f, st in LOAD_FORMATS(version)]
+            todo.append((name, case, d))
+            jobs += [("generate", case, d / "ckpt"), ("load", case, srcs)]
+        if not jobs:
+            self.log.append((version, 0.0, True))
+            return
+        t0 = time.monotonic()
+        results = run_jobs(version, jobs)
+        launcher = time.monotonic() - t0
+        self.log.append((version, launcher, False))
+        for i, (name, case, d) in enumerate(todo):
+            truth, loads = results[2 * i], results[2 * i + 1]
+            reloaded = {(f, st): r for (f, st), r in zip(LOAD_FORMATS(version), loads)}
+            seconds = {"generate": truth["seconds"], "load": loads[0]["seconds"],
+                       "import": truth["import_seconds"], "launcher": launcher}
+            torch.save(reloaded, d / "reloaded.pt")
+            (d / "complete.json").write_text(json.dumps({"seconds": seconds}))
+            self._runs[(version, name)] = StandardRun(version, name, case, d / "ckpt", truth, reloaded, seconds, False)
+
+
+def _cache_root(tmp_path_factory):
+    env = os.environ.get("MCORE_VERSIONS_CACHE")
+    if env == "off":
+        return tmp_path_factory.mktemp("mcore_versions")
+    root = pathlib.Path(env) if env else pathlib.Path(sys.prefix) / "mcore-cache"
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
+@pytest.fixture(scope="session")
+def mcore_standard(tmp_path_factory):
+    runs = StandardRuns(_cache_root(tmp_path_factory))
+    yield runs
+    if runs.log:
+        lines = [f"  {v}: {'cached' if cached else f'{s:.1f} s (launcher: import + generate + reload, all standard cases)'}"
+                 for v, s, cached in runs.log]
+        print("\nmcore_versions timings:\n" + "\n".join(lines))
