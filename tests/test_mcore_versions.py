@@ -9,8 +9,7 @@ import pytest
 import torch
 
 from mcore_versions import (LOAD_FORMATS, SHARDING_TYPES, STANDARD_CASES, VERSIONS, Case, HarnessError,
-                            assemble, generate)
-from mcore_versions.dcp import read_torch_dist
+                            assemble, run_jobs)
 from mcore_versions.fixtures import mcore_standard  # noqa: F401  (session fixture)
 from mcore_versions.pickles import load as load_pickle
 
@@ -233,7 +232,7 @@ def test_torch_dist_matches_assembled_truth(mcore_standard, version, name):
     it = run.dir / f"torch_dist_{st}" / "iter_0000001"
     assert {"common.pt", "metadata.json", ".metadata"} <= {p.name for p in it.iterdir()}
     assert any(p.suffix == ".distcp" for p in it.iterdir())
-    flat = read_torch_dist(version, it)
+    flat = load_pickle(run.flat_torch_dist)[0]   # dcp_to_torch_save of `it`, done by the version's launcher
     weights = assemble(run.truth, "weight")
     assert weights
     for k, t in weights.items():
@@ -286,17 +285,15 @@ def test_version_reloads_its_own_checkpoint(mcore_standard, version, name, fmt, 
 
 # ------------------------------------------------------------------------------------ failures
 
-def test_failing_rank_is_reported(tmp_path, monkeypatch):
-    monkeypatch.setenv("MCORE_VERSIONS_FAULT", "1:raise")
-    with pytest.raises(HarnessError) as err:
-        generate(Case(version="0.12.1", dp=2, num_layers=1), tmp_path / "x", timeout=120)
-    text = str(err.value)
+def test_failing_and_hanging_ranks_are_reported(tmp_path):
+    """One launcher, two jobs: rank 1 raises right after joining the process group (its traceback
+    is in the error, rank 0's report too), then rank 1 hangs (the job times out; no rank reports)."""
+    case = Case(version="0.12.1", dp=2, num_layers=1)
+    raised, hung = run_jobs("0.12.1", [("generate", case, tmp_path / "a", {"fault": "1:raise"}),
+                                       ("generate", case, tmp_path / "b", {"fault": "1:hang"})],
+                            timeout=6, raise_errors=False)
+    assert isinstance(raised, HarnessError) and isinstance(hung, HarnessError)
+    text = str(raised)
     assert "--- rank 1 (exit code 1) ---" in text and "injected failure on rank 1" in text
     assert "--- rank 0" in text
-
-
-def test_hanging_rank_times_out(tmp_path, monkeypatch):
-    monkeypatch.setenv("MCORE_VERSIONS_FAULT", "1:hang")
-    with pytest.raises(HarnessError, match="timed out after 6 s") as err:
-        generate(Case(version="0.12.1", dp=2, num_layers=1), tmp_path / "x", timeout=6)
-    assert "--- rank 1: no report" in str(err.value)
+    assert "timed out after 6 s" in str(hung) and "--- rank 1: no report" in str(hung)

@@ -153,11 +153,15 @@ def _job_dict(kind, case: Case, **kw):
     return d
 
 
-def run_jobs(version: str, jobs: list[dict], *, timeout: float = 300.0) -> list:
-    """Run ``jobs`` (each ``("generate", case, out_dir)`` or ``("load", case, sources)`` with
-    ``sources`` a list of ``(dir, fmt, sharding_type)``) in one launcher process of ``version``.
-    Returns one result per job: the truth dict (generate) or the list of truths, one per source
-    (load). ``timeout`` is per job; the launcher's import gets 300 s more."""
+def run_jobs(version: str, jobs: list, *, timeout: float = 300.0, raise_errors: bool = True) -> list:
+    """Run ``jobs`` in one launcher process of ``version`` (one import of megatron.core for all).
+    Each job is ``("generate", case, out_dir)``, ``("load", case, sources)`` with ``sources`` a list
+    of ``(dir, fmt, sharding_type)``, or ``("flatten", case, torch_dist_iter_dir, out_file)``
+    (``dcp_to_torch_save`` in the launcher: put these last). Generate / load jobs take an optional
+    4th element ``{"fault": "<rank>:raise|hang"}`` (the harness's own failure tests).
+    Returns one result per job: the truth dict (generate), the list of truths, one per source
+    (load), or the flat file's path (flatten); with ``raise_errors=False`` a failed job's result
+    is its :class:`HarnessError`. ``timeout`` is per job; the launcher's import gets 300 s more."""
     target = target_dir(version)
     tmp_root = pathlib.Path(tempfile.mkdtemp(prefix=f"mcore_versions_{version}_"))
     try:
@@ -184,8 +188,13 @@ def run_jobs(version: str, jobs: list[dict], *, timeout: float = 300.0) -> list:
                     sources.append({"dir": str(d), "fmt": "torch" if fmt == "legacy" else "torch_dist",
                                     "sharding_type": st})
                 spec_jobs.append(_job_dict("load", case, sources=sources, tmp=str(tmp), timeout=timeout))
+            elif kind == "flatten":
+                spec_jobs.append(_job_dict("flatten", case, src=str(job[2]), out=str(job[3]), tmp=str(tmp)))
+                continue
             else:
                 raise ValueError(f"unknown job kind {kind!r}")
+            if len(job) > 3 and job[3].get("fault"):
+                spec_jobs[-1]["fault"] = job[3]["fault"]
         spec = tmp_root / "jobs.json"
         spec.write_text(json.dumps({"version": version, "jobs": spec_jobs}))
         env = dict(os.environ)
@@ -209,7 +218,13 @@ def run_jobs(version: str, jobs: list[dict], *, timeout: float = 300.0) -> list:
                                    f"({job['kind']} {job['case']}) finished; its output:\n{launcher_out[-20000:]}")
             status = json.loads(status_file.read_text())
             if not status["ok"]:
+                if not raise_errors:
+                    results.append(HarnessError(status["error"]))
+                    continue
                 raise HarnessError(status["error"])
+            if job["kind"] == "flatten":
+                results.append(pathlib.Path(job["out"]))
+                continue
             res = torch.load(pathlib.Path(job["tmp"]) / "result.pt", weights_only=False)
             for r in res:
                 r["seconds"] = status["seconds"]

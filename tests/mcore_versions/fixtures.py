@@ -26,7 +26,7 @@ import time
 
 import pytest
 
-from . import LOAD_FORMATS, STANDARD_CASES, Case, run_jobs, source_hash
+from . import LOAD_FORMATS, SHARDING_TYPES, STANDARD_CASES, Case, run_jobs, source_hash
 
 
 @dataclasses.dataclass
@@ -37,6 +37,7 @@ class StandardRun:
     dir: pathlib.Path
     truth: dict
     reloaded: dict          # {(fmt, sharding_type): truth of what the version's own loader loaded}
+    flat_torch_dist: pathlib.Path  # the default-sharding torch_dist save as one flat torch file
     seconds: dict           # {"generate": s, "load": s, "import": s, "launcher": s} (of the run that made it)
     cached: bool
 
@@ -72,7 +73,8 @@ class StandardRuns:
                 meta = json.loads((d / "complete.json").read_text())
                 self._runs[(version, name)] = StandardRun(
                     version, name, case, d / "ckpt", torch.load(d / "ckpt" / "truth.pt", weights_only=False),
-                    torch.load(d / "reloaded.pt", weights_only=False), meta["seconds"], True)
+                    torch.load(d / "reloaded.pt", weights_only=False), d / "flat_torch_dist.pt",
+                    meta["seconds"], True)
                 continue
             for stale in self.root.glob(f"{version}-{name}-*"):  # other harness versions of this case
                 shutil.rmtree(stale, ignore_errors=True)
@@ -83,18 +85,25 @@ class StandardRuns:
         if not jobs:
             self.log.append((version, 0.0, True))
             return
+        st = SHARDING_TYPES[version][0]
+        flat_jobs = [("flatten", case, d / "ckpt" / f"torch_dist_{st}" / "iter_0000001", d / "flat_torch_dist.pt")
+                     for _, case, d in todo]
         t0 = time.monotonic()
-        results = run_jobs(version, jobs)
+        results = run_jobs(version, jobs + flat_jobs)
         launcher = time.monotonic() - t0
         self.log.append((version, launcher, False))
+        self.log.append((f"{version} import", f"{results[0]['import_seconds']:.1f} s", False))
         for i, (name, case, d) in enumerate(todo):
             truth, loads = results[2 * i], results[2 * i + 1]
+            self.log.append((f"{version} {name}", f"generate {truth['seconds']:.1f} s, reload (all formats) "
+                             f"{loads[0]['seconds']:.1f} s", False))
             reloaded = {(f, st): r for (f, st), r in zip(LOAD_FORMATS(version), loads)}
             seconds = {"generate": truth["seconds"], "load": loads[0]["seconds"],
                        "import": truth["import_seconds"], "launcher": launcher}
             torch.save(reloaded, d / "reloaded.pt")
             (d / "complete.json").write_text(json.dumps({"seconds": seconds}))
-            self._runs[(version, name)] = StandardRun(version, name, case, d / "ckpt", truth, reloaded, seconds, False)
+            self._runs[(version, name)] = StandardRun(version, name, case, d / "ckpt", truth, reloaded,
+                                                      d / "flat_torch_dist.pt", seconds, False)
 
 
 def _cache_root(tmp_path_factory):
@@ -111,6 +120,7 @@ def mcore_standard(tmp_path_factory):
     runs = StandardRuns(_cache_root(tmp_path_factory))
     yield runs
     if runs.log:
-        lines = [f"  {v}: {'cached' if cached else f'{s:.1f} s (launcher: import + generate + reload, all standard cases)'}"
+        lines = [f"  {v}: " + ("cached" if cached else s if isinstance(s, str) else
+                                f"{s:.1f} s launcher in all (import of megatron.core + every job below)")
                  for v, s, cached in runs.log]
         print("\nmcore_versions timings:\n" + "\n".join(lines))

@@ -103,6 +103,19 @@ def _run_job(job, tmp: Path, timeout: float, grace: float = 5.0):
     return last
 
 
+def _flatten(job):
+    """A torch_dist checkpoint as one flat torch file, read in this process (no ranks): the
+    ``.metadata`` pickles megatron.core classes of the version that wrote it. Run after the rank
+    jobs (it runs torch ops here, and ranks are forked from this process)."""
+    import traceback
+    try:
+        from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+        dcp_to_torch_save(job["src"], job["out"])
+        return None
+    except Exception:  # noqa: BLE001
+        return f"mcore_versions flatten {job['src']} failed:\n{traceback.format_exc()}"
+
+
 def _kill_tree(procs):
     """Kill the ranks and whatever they started (dist_checkpointing's Manager processes)."""
     import signal
@@ -136,7 +149,10 @@ def main(argv=None):
         tmp = Path(job["tmp"])
         tmp.mkdir(parents=True, exist_ok=True)
         t0 = time.monotonic()
-        error = _run_job(job, tmp, job.get("timeout", 300.0))
+        if job["kind"] == "flatten":
+            error = _flatten(job)
+        else:
+            error = _run_job(job, tmp, job.get("timeout", 300.0))
         status = {"ok": error is None, "error": error, "seconds": time.monotonic() - t0, "import_seconds": import_s}
         (tmp / "status.json").write_text(json.dumps(status))
     return 0

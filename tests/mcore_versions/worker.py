@@ -65,8 +65,8 @@ def _stop_children():
     multiprocessing.util._exit_function()
 
 
-def _injected_fault(rank):
-    spec = os.environ.get(FAULT_ENV, "")
+def _injected_fault(rank, job):
+    spec = job.get("fault") or os.environ.get(FAULT_ENV, "")
     if spec.partition(":")[0] != str(rank):
         return
     if spec.partition(":")[2] == "hang":
@@ -368,7 +368,7 @@ def _run(rank, world_size, port, job, tmp_dir: Path):
     with standins.CudaOnCpu():
         torch.distributed.init_process_group(
             "gloo", rank=rank, world_size=world_size, timeout=datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S))
-        _injected_fault(rank)
+        _injected_fault(rank, job)
         standins.install_cpu_rng_tracker()
         mpu.initialize_model_parallel(
             tensor_model_parallel_size=c["tp"], pipeline_model_parallel_size=c["pp"],
