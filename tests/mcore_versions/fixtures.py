@@ -29,6 +29,17 @@ import pytest
 from . import LOAD_FORMATS, SHARDING_TYPES, STANDARD_CASES, Case, run_jobs, source_hash
 
 
+# A load at another layout, per version, of the "dense" standard case's torch_dist save: the
+# sharding type that version can reshard, and the layout it is loaded into.
+RESHARD = {
+    "0.8.0": ("fully_sharded_model_space", dict(tp=1, pp=2, vpp=None, dp=2)),
+    "0.12.1": ("fully_sharded_model_space", dict(tp=1, pp=2, vpp=None, dp=2)),
+    # dp_reshardable reshards along DP only (TP/PP changes are refused with "Global shape mismatch");
+    # fully_reshardable would reshard but saves wrong optimizer state at 0.16.1 (README)
+    "0.16.1": ("dp_reshardable", dict(dp=1)),
+}
+
+
 @dataclasses.dataclass
 class StandardRun:
     version: str
@@ -40,6 +51,7 @@ class StandardRun:
     flat_torch_dist: pathlib.Path  # the default-sharding torch_dist save as one flat torch file
     seconds: dict           # {"generate": s, "load": s, "import": s, "launcher": s} (of the run that made it)
     cached: bool
+    resharded: tuple | None = None  # ("dense" only) (sharding type, Case loaded into, truth of that load)
 
 
 def _key(version, name, case):
@@ -74,7 +86,7 @@ class StandardRuns:
                 self._runs[(version, name)] = StandardRun(
                     version, name, case, d / "ckpt", torch.load(d / "ckpt" / "truth.pt", weights_only=False),
                     torch.load(d / "reloaded.pt", weights_only=False), d / "flat_torch_dist.pt",
-                    meta["seconds"], True)
+                    meta["seconds"], True, _load_resharded(d))
                 continue
             for stale in self.root.glob(f"{version}-{name}-*"):  # other harness versions of this case
                 shutil.rmtree(stale, ignore_errors=True)
@@ -85,11 +97,20 @@ class StandardRuns:
         if not jobs:
             self.log.append((version, 0.0, True))
             return
+        reshard_jobs, reshard_of = [], []
+        for name, case, d in todo:
+            if name == "dense":
+                rst, over = RESHARD[version]
+                rcase = dataclasses.replace(case, **over)
+                reshard_jobs.append(("load", rcase, [(d / "ckpt" / f"torch_dist_{rst}", "torch_dist", rst)]))
+                reshard_of.append((d, rst, rcase))
         st = SHARDING_TYPES[version][0]
         flat_jobs = [("flatten", case, d / "ckpt" / f"torch_dist_{st}" / "iter_0000001", d / "flat_torch_dist.pt")
                      for _, case, d in todo]
         t0 = time.monotonic()
-        results = run_jobs(version, jobs + flat_jobs)
+        results = run_jobs(version, jobs + reshard_jobs + flat_jobs)
+        for (d, rst, rcase), res in zip(reshard_of, results[len(jobs):len(jobs) + len(reshard_jobs)]):
+            torch.save({"sharding_type": rst, "case": dataclasses.asdict(rcase), "truth": res[0]}, d / "resharded.pt")
         launcher = time.monotonic() - t0
         self.log.append((version, launcher, False))
         self.log.append((f"{version} import", f"{results[0]['import_seconds']:.1f} s", False))
@@ -103,7 +124,16 @@ class StandardRuns:
             torch.save(reloaded, d / "reloaded.pt")
             (d / "complete.json").write_text(json.dumps({"seconds": seconds}))
             self._runs[(version, name)] = StandardRun(version, name, case, d / "ckpt", truth, reloaded,
-                                                      d / "flat_torch_dist.pt", seconds, False)
+                                                      d / "flat_torch_dist.pt", seconds, False, _load_resharded(d))
+
+
+def _load_resharded(d):
+    import torch
+
+    if not (d / "resharded.pt").exists():
+        return None
+    r = torch.load(d / "resharded.pt", weights_only=False)
+    return r["sharding_type"], Case(**r["case"]), r["truth"]
 
 
 def _cache_root(tmp_path_factory):
