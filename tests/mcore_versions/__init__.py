@@ -63,7 +63,7 @@ class Case:
     swiglu: bool = False
     bias: bool = True
     overlap_grad_reduce: bool = False
-    bucket_size: int | None = None  # DDP bucket_size (used only with overlap_grad_reduce from 0.12 on)
+    bucket_size: int | None = None  # DDP bucket_size; every version ignores it without overlap_grad_reduce
     tied_embeddings: bool = False
     seed: int = 0
     steps: int = 1
