@@ -5,7 +5,7 @@ PY      = $(VENV)/bin/python
 # This machine has a local CPU wheel of torch 2.13.0; an unpinned torch would pull a multi-GB CUDA build.
 TORCH_PIN ?= torch==2.13.0
 
-.PHONY: demo test env bench clean
+.PHONY: demo test env bench clean mcore-versions
 
 $(VENV)/.installed: pyproject.toml requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -19,7 +19,20 @@ env: $(VENV)/.installed
 demo: env
 	$(VENV)/bin/ckptmap demo
 
-test: env
+# Several megatron-core versions side by side for tests/mcore_versions: one --target dir each
+# (seconds to install, cached by a stamp), not one venv each.
+include tests/mcore_versions/versions.mk
+MCORE_DIR = $(VENV)/mcore
+
+$(MCORE_DIR)/%/.installed: tests/mcore_versions/versions.mk | $(VENV)/.installed
+	rm -rf $(MCORE_DIR)/$*
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps --target $(MCORE_DIR)/$* \
+		megatron-core==$* $(MCORE_EXTRA_$*)
+	touch $@
+
+mcore-versions: $(foreach v,$(MCORE_VERSIONS),$(MCORE_DIR)/$(v)/.installed)
+
+test: env mcore-versions
 	$(PY) -m pytest -q
 
 bench: env
