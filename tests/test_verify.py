@@ -44,6 +44,7 @@ def test_megatron_vs_mindspore(tmp_path, capsys):
     assert main(["verify", str(a), str(b)]) == 1
     out = capsys.readouterr().out
     line = next(l for l in out.splitlines() if "exp_avg.language_model.encoder.layers.3.mlp.mapping.weight" in l)
+    assert "vs distrib_optim.pt buffer 0 bucket 0 exp_avg [" in line
     assert "1 of" in line and "first at [0, 2]" in line and "7.0" in line
 
 
@@ -67,4 +68,7 @@ def test_megatron_vs_weights_only_mindspore(tmp_path, capsys):
                  "--convert-param-only"]) == 0
     capsys.readouterr()
     assert main(["verify", str(a), str(b)]) == 0
-    assert "(29 values compared)" in capsys.readouterr().out   # 27 weights + step_num + epoch_num
+    out = capsys.readouterr().out
+    # 27 weights (130752 values, exact bf16 -> fp32 upcasts) + step_num; epoch_num has no Megatron counterpart
+    assert "(28 keys, 130753 values compared: weights)" in out
+    assert "not compared: epoch_num" in out

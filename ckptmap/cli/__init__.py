@@ -68,22 +68,8 @@ def cmd_verify(ns) -> int:
         raise CkptmapError(f"verify compares two paths (files or checkpoint directories), got {len(ns.paths)}; "
                            f"use --md5 to compare the md5 sums of several files")
     reports = verify.verify(ns.paths[0], ns.paths[1], rules=ns.rules)
-    ok = True
-    for r in reports:
-        ok &= r.identical
-        status = "identical" if r.identical else "DIFFERENT"
-        print(f"{status:9s}  {r.left}  <->  {r.right}  ({r.compared} values compared)")
-        for k in r.only_left[:20]:
-            print(f"    only in the first:  {k}")
-        for k in r.only_right[:20]:
-            print(f"    only in the second: {k}")
-        for k, what in r.differing[:20]:
-            print(f"    differs: {k}: {what}")
-        hidden = max(0, len(r.only_left) - 20) + max(0, len(r.only_right) - 20) + max(0, len(r.differing) - 20)
-        if hidden:
-            print(f"    … and {hidden} more")
-    n_bad = sum(not r.identical for r in reports)
-    print(f"\n{len(reports) - n_bad} of {len(reports)} file pairs identical")
+    ok, lines = verify.report_lines(reports)
+    print("\n".join(lines))
     return 0 if ok else EXIT_FAILED
 
 
