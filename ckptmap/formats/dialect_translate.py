@@ -12,7 +12,11 @@ structure — and with it the bytes — survive):
   ``torch.<X>Storage``; what was a Parameter stays one (stock: ``_rebuild_parameter(t, True, {})``, as
   torch pickles an ``nn.Parameter``). Stock views of a shared storage (Megatron's model tensors view
   one parameter buffer) become one storage per tensor holding the view's elements in C order: MSAdapter
-  files have no storage sharing. A MindSpore StubTensor class is not kept (it becomes Tensor).
+  files have no storage sharing. What that loses (which tensor views which storage where, devices,
+  the bytes no tensor covers) goes to a layout file beside the output
+  (``model_optim_rng.pt.ckptmap-torch-layout``, a small stock torch file MindSpeed ignores); the way
+  back uses it when it still describes the file (sha256 of its ``data.pkl``), so stock -> MSAdapter ->
+  stock is byte-identical. A MindSpore StubTensor class is not kept (it becomes Tensor).
 * dtypes anywhere in the graph (``args.params_dtype``, the ``(param dtype, grad dtype)`` keys of
   ``distrib_optim.pt``, …): MindSpore dtype objects ⇄ ``torch.<dtype>`` globals; a dtype-pair key of
   plain strings (what MSAdapter's ``torch.load`` makes of a stock key) or of anything else is refused.
@@ -83,10 +87,12 @@ class Translation:
     sources: dict
     rng_keys: list
     nbytes: int = 0
+    pieces: dict | None = None  # stock layout restored: storage key -> [(element offset, source ref)]
+    layout_note: str = ""
 
 
 class _Translator:
-    def __init__(self, source: str, target: str, where: str, rng: str):
+    def __init__(self, source: str, target: str, where: str, rng: str, layout: list | None = None):
         if source not in DIALECTS or target not in DIALECTS or source == target:
             raise CkptmapError(f"translate from one of {', '.join(DIALECTS)} to the other, not {source!r} -> {target!r}")
         if rng not in RNG_POLICIES:
@@ -96,6 +102,8 @@ class _Translator:
         self.sources: dict[str, TensorRef] = {}
         self.dtype_objects: dict[str, object] = {}          # one MindSpore dtype object per dtype, like the shim
         self.nbytes = 0
+        self.layout = layout  # stock TensorRefs to restore, by tensor index (see TorchLayout)
+        self.pieces: dict[str, list] = {}  # with a layout: stock storage key -> [(element offset, source ref)]
 
     def fail(self, path, what):
         key = "/".join(path) or "(root)"
@@ -269,6 +277,13 @@ class _Translator:
         self.nbytes += ref.nbytes
         shape = tuple(ref.shape)
         stride = _contiguous(shape)
+        if self.layout is not None:
+            orig = self.layout[len(self.sources) - 1]
+            if (orig.dtype, tuple(orig.shape)) != (ref.dtype, shape):
+                raise _LayoutMismatch(f"tensor {'/'.join(path)} is {ref.dtype} {list(shape)} but the layout file "
+                                      f"says {orig.dtype} {list(orig.shape)}")
+            self.pieces.setdefault(orig.storage, []).append((orig.storage_offset, ref))
+            return orig
         if self.target == "torch":
             return TensorRef(storage=key, dtype=ref.dtype, storage_offset=0, shape=shape, stride=stride,
                              storage_numel=ref.numel, requires_grad=ref.parameter, location="cpu",
@@ -296,6 +311,10 @@ class _Translator:
                                 "without it")
 
 
+class _LayoutMismatch(Exception):
+    pass
+
+
 def _is_dtype_word(s: str) -> bool:
     return s in ("bfloat16", "float16", "float32", "float64", "half", "float", "double", "int64", "int32", "int16",
                  "int8", "uint8", "bool", "long", "int")
@@ -309,11 +328,12 @@ def _contiguous(shape) -> tuple[int, ...]:
     return tuple(reversed(stride))
 
 
-def translate_graph(root, *, source: str, target: str, where: str, rng: str = "refuse") -> Translation:
+def translate_graph(root, *, source: str, target: str, where: str, rng: str = "refuse",
+                    layout: list | None = None) -> Translation:
     """Translate an object graph read from a ``source``-dialect file (``TorchZipFile(path).root``) into
     one the ``target`` dialect's writer writes (``save_streaming(t.root, dst, fill, dialect=target)``,
     ``fill(key)`` = the C-order elements of ``t.sources[key]``). ``where`` names the file in errors."""
-    tr = _Translator(source, target, where, rng)
+    tr = _Translator(source, target, where, rng, layout)
     rng_keys = [k for k in root if k in RNG_KEYS] if isinstance(root, dict) else []
     if rng_keys and rng == "refuse":
         what = ("MindSpore generator states (16 bytes each: seed, offset)" if source == "msadapter" else
@@ -325,7 +345,11 @@ def translate_graph(root, *, source: str, target: str, where: str, rng: str = "r
             f"copy it unchanged only so that a later conversion back restores it (the target still needs "
             f"--no-load-rng)")
     new_root = tr.value(root, [])
-    return Translation(new_root, tr.sources, rng_keys, tr.nbytes)
+    if layout is not None and len(layout) != len(tr.sources):
+        raise _LayoutMismatch(f"the layout file describes {len(layout)} tensors, the file holds {len(tr.sources)}")
+    t = Translation(new_root, tr.sources, rng_keys, tr.nbytes)
+    t.pieces = tr.pieces if layout is not None else None
+    return t
 
 
 def target_name(dialect: str, training: bool = False) -> str:
@@ -349,16 +373,158 @@ def _fill(zf: TorchZipFile, sources: dict):
     return fill
 
 
+LAYOUT_SUFFIX = ".ckptmap-torch-layout"
+_LAYOUT_VERSION = 1
+
+
+def layout_path(path) -> Path:
+    """The layout file beside an MSAdapter file made from a stock one (see :func:`translate_file`)."""
+    path = Path(path)
+    return path.with_name(path.name + LAYOUT_SUFFIX)
+
+
+def _contiguous_ref(ref: TensorRef) -> bool:
+    return ref.numel <= 1 or tuple(ref.stride) == _contiguous(ref.shape)
+
+
+def _needs_layout(sources: dict) -> bool:
+    """Whether the stock file's storage layout differs from "one contiguous storage per tensor, on the
+    CPU" — what translating back from MSAdapter would produce without help."""
+    seen = set()
+    for ref in sources.values():
+        if (ref.storage_offset or ref.storage_numel != ref.numel or not _contiguous_ref(ref) or ref.location != "cpu"
+                or ref.storage in seen or ref.requires_grad != ref.parameter):
+            return True
+        seen.add(ref.storage)
+    return False
+
+
+def _write_layout(zf: TorchZipFile, t: Translation, msadapter_file: Path, fsync: bool) -> str:
+    """Stock -> MSAdapter: keep what MSAdapter files cannot say — which tensors view which shared
+    storage (Megatron's model weights view one parameter buffer), offsets, devices, and the bytes of
+    storage that no tensor covers — beside the output, so that the way back is byte-identical.
+    MindSpeed ignores the file. Only written when needed and when every tensor is a contiguous view."""
+    out = layout_path(msadapter_file)
+    if not _needs_layout(t.sources) or not all(_contiguous_ref(r) for r in t.sources.values()):
+        if out.exists():
+            out.unlink()  # a stale one from an earlier conversion
+        return "" if not _needs_layout(t.sources) else "strided views: the way back is value-identical only"
+    import hashlib
+
+    from ckptmap.formats.torch_zip_reader import HeldTensor
+    covered: dict[str, list] = {}
+    for ref in t.sources.values():
+        covered.setdefault(ref.storage, []).append((ref.storage_offset * ref.itemsize,
+                                                    (ref.storage_offset + ref.numel) * ref.itemsize))
+    storages = {}
+    for key, ranges in covered.items():
+        ref = next(r for r in t.sources.values() if r.storage == key)
+        total = ref.storage_numel * ref.itemsize
+        gaps, pos = [], 0
+        for a, b in sorted(ranges):
+            if a > pos:
+                gaps.append([pos, a])
+            pos = max(pos, b)
+        if pos < total:
+            gaps.append([pos, total])
+        base = zf.storage_bytes(key)
+        data = np.concatenate([base[a:b] for a, b in gaps]) if gaps else np.zeros(0, np.uint8)
+        storages[key] = {"dtype": ref.dtype, "numel": ref.storage_numel, "gaps": gaps,
+                         "bytes": HeldTensor("uint8", np.ascontiguousarray(data))}
+    fields = ("storage", "dtype", "storage_offset", "shape", "stride", "storage_numel", "requires_grad", "location",
+              "parameter")
+    pkl = zipfile.ZipFile(msadapter_file).read(f"{msadapter.ARCHIVE}/data.pkl")
+    obj = {"ckptmap_torch_layout": _LAYOUT_VERSION, "data_pkl_sha256": hashlib.sha256(pkl).hexdigest(),
+           "fields": list(fields),
+           "tensors": [[list(v) if isinstance(v, tuple) else v for v in (getattr(r, f) for f in fields)]
+                       for r in t.sources.values()],
+           "storages": storages}
+    save_streaming(obj, out, None, fsync=fsync)
+    return f"torch layout kept in {out.name}"
+
+
+def _read_layout(src: Path, zf: TorchZipFile):
+    """(stock TensorRefs by tensor index, storages) from the layout file beside ``src``, or (None, why)."""
+    path = layout_path(src)
+    if not path.is_file():
+        return None, ""
+    import hashlib
+
+    pkl = zipfile.ZipFile(src).read(f"{zf.prefix}data.pkl")
+    lz = TorchZipFile(path)
+    root = lz.root
+    if not isinstance(root, dict) or root.get("ckptmap_torch_layout") != _LAYOUT_VERSION:
+        return None, f"{path.name} is not a ckptmap layout file of version {_LAYOUT_VERSION}; ignored"
+    if root.get("data_pkl_sha256") != hashlib.sha256(pkl).hexdigest():
+        return None, f"{path.name} describes another version of this file (it changed since); ignored"
+    fields = root["fields"]
+    refs = []
+    for values in root["tensors"]:
+        d = dict(zip(fields, values))
+        d["shape"], d["stride"] = tuple(d["shape"]), tuple(d["stride"])
+        refs.append(TensorRef(**d))
+    storages = {k: (v["dtype"], v["numel"], v["gaps"], lz.array(v["bytes"])) for k, v in root["storages"].items()}
+    return (refs, storages), ""
+
+
+def _layout_fill(zf: TorchZipFile, pieces: dict, storages: dict):
+    """fill(stock storage key): the tensors' bytes at their offsets, the kept bytes in the gaps."""
+    def fill(key):
+        dtype, numel, gaps, gap_bytes = storages[key]
+        from ckptmap import dtypes as _dt
+        total = numel * _dt.itemsize(dtype)
+        segments = [(a, b, "gap", i) for i, (a, b) in enumerate(gaps)]
+        offsets = np.cumsum([0] + [b - a for a, b in gaps])
+        for start, ref in pieces.get(key, []):
+            a = start * ref.itemsize
+            segments.append((a, a + ref.nbytes, "tensor", ref))
+        pos = 0
+        for a, b, kind, what in sorted(segments, key=lambda s: (s[0], s[2] != "tensor")):
+            if b <= pos:
+                continue
+            skip = pos - a if pos > a else 0
+            if a > pos:
+                raise CkptmapError(f"layout file: bytes {pos}..{a} of storage {key} are neither a tensor nor kept")
+            if kind == "gap":
+                chunk = gap_bytes[offsets[what]: offsets[what + 1]]
+                yield chunk[skip:]
+            else:
+                base = zf.storage_bytes(what.storage)
+                yield base[skip: what.nbytes]
+            pos = b
+        if pos != total:
+            raise CkptmapError(f"layout file: storage {key} ends at byte {pos}, expected {total}")
+    return fill
+
+
 def translate_file(src, dst, *, source: str, target: str, rng: str = "refuse", fsync: bool = False,
                    date_time=None) -> Translation:
     """Translate one ``.pt`` file (streaming; ``dst`` written atomically). The source's dialect must be
-    ``source`` (it is detected from the file)."""
+    ``source`` (it is detected from the file). Stock -> MSAdapter also writes ``dst`` +
+    ``.ckptmap-torch-layout`` when the stock file shares storages between tensors (MSAdapter files
+    cannot), which MSAdapter -> stock then uses to give back the original bytes."""
     src, dst = Path(src), Path(dst)
     with TorchZipFile(src) as zf:
         check_dialect(zf, source)
-        t = translate_graph(zf.root, source=source, target=target, where=str(src), rng=rng)
-        save_streaming(t.root, dst, _fill(zf, t.sources), fsync=fsync, dialect=target,
+        layout, note = (None, "")
+        if source == "msadapter":
+            layout, note = _read_layout(src, zf)
+        t = None
+        if layout is not None:
+            try:
+                t = translate_graph(zf.root, source=source, target=target, where=str(src), rng=rng, layout=layout[0])
+                fill = _layout_fill(zf, t.pieces, layout[1])
+                note = f"torch layout restored from {layout_path(src).name}"
+            except _LayoutMismatch as e:
+                t, note = None, f"{layout_path(src).name} does not fit ({e}); ignored"
+        if t is None:
+            t = translate_graph(zf.root, source=source, target=target, where=str(src), rng=rng)
+            fill = _fill(zf, t.sources)
+        save_streaming(t.root, dst, fill, fsync=fsync, dialect=target,
                        date_time=date_time if target == "msadapter" else None)
+        if target == "msadapter":
+            note = _write_layout(zf, t, dst, fsync)
+    t.layout_note = note
     return t
 
 
@@ -427,6 +593,8 @@ def plan_folder(src, dst, *, source: str, target: str, rng: str = "refuse") -> t
                                f"training run's --save directory, one iter_* folder, or one .pt file")
     jobs, problems = [], []
     for path, rel in zip(files, rels):
+        if path.name.endswith(LAYOUT_SUFFIX) and path.with_name(path.name[:-len(LAYOUT_SUFFIX)]).is_file():
+            continue  # consumed (msadapter -> torch) or re-made with its .pt
         if path.suffix != ".pt":
             jobs.append(FileJob(rel, "copy", str(path), nbytes=0))
             continue
@@ -434,9 +602,23 @@ def plan_folder(src, dst, *, source: str, target: str, rng: str = "refuse") -> t
             with TorchZipFile(path) as zf:
                 check_dialect(zf, source)
                 t = translate_graph(zf.root, source=source, target=target, where=str(path), rng=rng)
-                note = ""
+                notes = []
                 if t.rng_keys:
-                    note = f"RNG {'dropped' if rng == 'drop' else 'kept unchanged (foreign)'}: {', '.join(t.rng_keys)}"
+                    notes.append(f"RNG {'dropped' if rng == 'drop' else 'kept unchanged (foreign)'}: "
+                                 f"{', '.join(t.rng_keys)}")
+                if source == "torch" and _needs_layout(t.sources):
+                    notes.append("shared storages: layout file written beside it")
+                if source == "msadapter" and layout_path(path).is_file():
+                    layout, why = _read_layout(path, zf)
+                    if layout is not None:
+                        try:
+                            translate_graph(zf.root, source=source, target=target, where=str(path), rng=rng,
+                                            layout=layout[0])
+                            why = f"torch layout from {layout_path(path).name}"
+                        except _LayoutMismatch as e:
+                            why = f"{layout_path(path).name} does not fit ({e}); ignored"
+                    notes.append(why)
+                note = "; ".join(notes)
                 jobs.append(FileJob(rel, "translate", str(path), zf.dialect, len(t.sources), t.nbytes, note))
         except CkptmapError as e:
             problems.append(str(e))
