@@ -499,7 +499,11 @@ def test_dry_run_shows_dialects_and_writes_nothing(tmp_path, capsys):
 def test_single_file_and_iteration_folder(tmp_path):
     src = pt_files("tiny-gqa-tp1pp2")[1]
     assert _convert(src, tmp_path / "one.pt", "msadapter", "torch", "--drop-rng") == 0
-    assert "model" not in _stock_load(tmp_path / "one.pt") or True
+    assert "decoder.layers.0.mlp.linear_fc1.weight" in _stock_load(tmp_path / "one.pt")["model"]
+    (tmp_path / "into").mkdir()
+    assert _convert(src, tmp_path / "into", "msadapter", "torch", "--drop-rng") == 0
+    a, b = _stock_load(tmp_path / "into" / src.name)["model"], _stock_load(tmp_path / "one.pt")["model"]
+    assert list(a) == list(b) and all(torch.equal(a[k], b[k]) for k in a if a[k] is not None)
     iter_dir = fixture_dir("tiny-gqa-tp1pp2") / "iter_0000012"
     assert _convert(iter_dir, tmp_path / "it", "msadapter", "torch", "--drop-rng") == 0
     assert sorted(p.relative_to(tmp_path / "it").as_posix() for p in (tmp_path / "it").rglob("*.pt")) == [
@@ -551,3 +555,27 @@ def test_wrong_direction_is_refused(capsys, tmp_path):
     assert "is a stock PyTorch (torch.save) file, not msadapter" in err
     err = _refused(capsys, tmp_path, fixture_dir("tiny-gqa-tp1pp2"), "--drop-rng", frm="torch", to="msadapter")
     assert "is an MSAdapter-dialect file, not torch" in err
+
+
+def test_probe_file_both_ways(tmp_path):
+    """Every storage kind, 0-d, empty, views, a Parameter, aliasing, all MindSpore dtype objects and a
+    nested torch.save(None): to stock torch (weights_only load, values = truth) and back (spec format)."""
+    truth = load_file(str(PROBE.parent / "truth" / "probe.safetensors"))
+    out = tmp_path / "probe_torch.pt"
+    T.translate_file(PROBE, out, source="msadapter", target="torch")
+    with torch.serialization.safe_globals([io.BytesIO]):  # TransformerEngine's _extra_state type
+        got = _stock_load(out)
+    for k, ref in truth.items():
+        assert got[k].dtype == ref.dtype and torch.equal(got[k], ref) and got[k].is_contiguous(), k
+    assert type(got["bfloat16_parameter"]) is torch.nn.Parameter and got["alias_of_float32"] is got["float32"]
+    assert got["dtypes"] == [torch.float16, torch.float32, torch.float64, torch.bfloat16, torch.int8, torch.int16,
+                             torch.int32, torch.int64, torch.uint8, torch.bool]
+    assert torch.load(io.BytesIO(got["te_extra_state"].getvalue()), weights_only=True) is None
+    back = tmp_path / "probe.pt"
+    T.translate_file(out, back, source="torch", target="msadapter")
+    R.check_msadapter_file(back)
+    spec = R.load(back)
+    for k, ref in truth.items():
+        assert spec[k].tobytes() == raw(ref), k
+    assert [d.name for d in spec["dtypes"]] == [d.name for d in R.load(PROBE)["dtypes"]]
+    assert spec["bfloat16_parameter"].is_parameter and spec["alias_of_float32"] is spec["float32"]

@@ -580,7 +580,8 @@ def plan_folder(src, dst, *, source: str, target: str, rng: str = "refuse") -> t
     if dst.resolve() == src.resolve() or src.resolve() in dst.resolve().parents:
         raise CkptmapError(f"--dst {dst} is {src} or inside it; write the converted checkpoint to another folder")
     if src.is_file():
-        files, skipped, rels = [src], [], [""]  # "" = the --dst file itself
+        files, skipped = [src], []
+        rels = [src.name] if dst.is_dir() else [""]  # "" = the --dst file itself
     else:
         if any(src.glob("mp_rank_*")) and not (src / TRACKER).exists():  # one iter_* folder
             files = sorted(p for p in src.rglob("*") if p.is_file())
