@@ -4,11 +4,9 @@ reader (``msadapter_spec_reader``: ``check_msadapter_file``), and ``ckptmap conv
 torch: stock ``torch.load(weights_only=True)`` on the output, round trips, RNG policy, bad inputs."""
 
 import argparse
-import collections
 import io
 import json
 import os
-import struct
 import zipfile
 from pathlib import Path
 
@@ -579,3 +577,28 @@ def test_probe_file_both_ways(tmp_path):
         assert spec[k].tobytes() == raw(ref), k
     assert [d.name for d in spec["dtypes"]] == [d.name for d in R.load(PROBE)["dtypes"]]
     assert spec["bfloat16_parameter"].is_parameter and spec["alias_of_float32"] is spec["float32"]
+
+
+def test_convert_needs_neither_torch_nor_mindspore(tmp_path):
+    import subprocess
+    import sys
+    import textwrap
+    script = textwrap.dedent(f"""
+        import sys, importlib.abc
+        class Block(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path, target=None):
+                if name.split('.')[0] in ('mindspore', 'torch', 'megatron'):
+                    raise ImportError('blocked: ' + name)
+        sys.meta_path.insert(0, Block())
+        from ckptmap.cli import main
+        rc = main(['convert', '--from', 'msadapter', '--to', 'torch', '--src', {str(fixture_dir(SHARED))!r},
+                   '--dst', {str(tmp_path / 'pt')!r}, '--drop-rng', '--no-progress'])
+        rc |= main(['convert', '--from', 'torch', '--to', 'msadapter', '--src', {str(fixture_dir("legacy_tp1pp1dp1"))!r},
+                    '--dst', {str(tmp_path / 'ms')!r}, '--drop-rng', '--no-progress'])
+        assert not any(m.split('.')[0] in ('mindspore', 'torch', 'megatron') for m in sys.modules)
+        sys.exit(rc)
+    """)
+    env = dict(os.environ, PYTHONPATH=str(HERE.parent))
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert len(list((tmp_path / "pt").rglob("*.pt"))) == 4 and len(list((tmp_path / "ms").rglob("*.pt"))) == 2

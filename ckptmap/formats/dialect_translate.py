@@ -44,6 +44,7 @@ are when they hold no tensors and no dtypes (stock ``torch.load`` and MSAdapter 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import io
 import pickletools
 import shutil
@@ -54,13 +55,13 @@ from pathlib import Path
 import attrs
 import numpy as np
 
-from ckptmap import atomic
+from ckptmap import atomic, dtypes
 from ckptmap.errors import CkptmapError
 from ckptmap.formats import msadapter
 from ckptmap.formats.megatron_folders import TRACKER
 from ckptmap.formats.megatron_files import encode_key
 from ckptmap.formats.safe_unpickler import GlobalMarker, StandIn, StandInClass, dtype_name, torch_global
-from ckptmap.formats.torch_zip_reader import TensorRef, TorchZipFile
+from ckptmap.formats.torch_zip_reader import HeldTensor, TensorRef, TorchZipFile
 from ckptmap.formats.torch_zip_writer import save_streaming
 
 __all__ = ["DIALECTS", "RNG_POLICIES", "translate_graph", "Translation", "FileJob", "plan_folder", "write_job",
@@ -409,9 +410,6 @@ def _write_layout(zf: TorchZipFile, t: Translation, msadapter_file: Path, fsync:
         if out.exists():
             out.unlink()  # a stale one from an earlier conversion
         return "" if not _needs_layout(t.sources) else "strided views: the way back is value-identical only"
-    import hashlib
-
-    from ckptmap.formats.torch_zip_reader import HeldTensor
     covered: dict[str, list] = {}
     for ref in t.sources.values():
         covered.setdefault(ref.storage, []).append((ref.storage_offset * ref.itemsize,
@@ -448,8 +446,6 @@ def _read_layout(src: Path, zf: TorchZipFile):
     path = layout_path(src)
     if not path.is_file():
         return None, ""
-    import hashlib
-
     pkl = zipfile.ZipFile(src).read(f"{zf.prefix}data.pkl")
     lz = TorchZipFile(path)
     root = lz.root
@@ -471,8 +467,7 @@ def _layout_fill(zf: TorchZipFile, pieces: dict, storages: dict):
     """fill(stock storage key): the tensors' bytes at their offsets, the kept bytes in the gaps."""
     def fill(key):
         dtype, numel, gaps, gap_bytes = storages[key]
-        from ckptmap import dtypes as _dt
-        total = numel * _dt.itemsize(dtype)
+        total = numel * dtypes.itemsize(dtype)
         segments = [(a, b, "gap", i) for i, (a, b) in enumerate(gaps)]
         offsets = np.cumsum([0] + [b - a for a, b in gaps])
         for start, ref in pieces.get(key, []):

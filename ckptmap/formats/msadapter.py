@@ -83,7 +83,6 @@ def read_storage_dtype(stype) -> str | None:
 # -------------------------------------------------------------------------------------------------
 # MindSpore dtype objects (inert stand-ins; mindspore is never imported)
 
-_MS_KINDS = {"float": "Float", "bfloat": "BFloat", "int": "Int", "uint": "UInt"}
 _MS_DTYPES = {"float16": ("Float", 16), "float32": ("Float", 32), "float64": ("Float", 64),
               "bfloat16": ("BFloat", 16), "int8": ("Int", 8), "int16": ("Int", 16), "int32": ("Int", 32),
               "int64": ("Int", 64), "uint8": ("UInt", 8), "uint16": ("UInt", 16), "uint32": ("UInt", 32),

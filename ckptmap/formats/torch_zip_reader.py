@@ -18,6 +18,13 @@ gives a zero-copy numpy view of the mapping on demand (bfloat16 as ``uint16`` bi
 ``ckptmap.dtypes``). :func:`load` is the torch-materialising variant for callers that want real
 tensors (it imports torch). All tensors of one storage record are views of one base, so storage
 sharing survives a re-save. Writing is ``torch_zip_writer``.
+
+Two dialects are read, detected from the file (``TorchZipFile.dialect``): stock ``torch.save``
+(``torch.<X>Storage`` globals in the persistent ids) and MindSpeed-Core-MS's MSAdapter shim
+(``formats/msadapter.py``: string storage types, ``_rebuild_from_type_v2`` with MindSpore tensor
+classes, one C-order record per tensor whatever stride it recorded). What differs lives in the
+:class:`ReadDialect` hooks ``STOCK_READ`` / ``MSADAPTER_READ`` (storage type -> dtype, rebuild
+arguments -> TensorRef, tensor class -> TensorRef); the unpickler asks them per storage.
 """
 
 from __future__ import annotations

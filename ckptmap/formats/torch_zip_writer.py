@@ -14,6 +14,11 @@ Megatron fixture byte for byte; :func:`save` is the same for graphs whose tensor
 training process pickled the interned string ``'storage'`` itself before its first tensor, torch's
 persistent ids referenced it by memo; a re-save writes it out again (Megatron checkpoints hold no
 such string). Files are written through ``ckptmap.atomic`` under a temporary name and renamed.
+
+``save_streaming(..., dialect="msadapter")`` writes the MSAdapter dialect instead (MindSpeed-Core-MS's
+shim ``torch.save``; ``formats/msadapter.py``): the same pickler base with the shim's tensor
+reductions (``_MSAdapterPickler``) and Python zipfile's container (``_PyZipWriter``); re-writing what
+``torch_zip_reader`` read from a shim file gives the shim's bytes (its timestamp given).
 """
 
 from __future__ import annotations
