@@ -17,7 +17,9 @@ def inspect_file(path: Path, out) -> None:
     try:
         keys = reader.keys()
         total = 0
-        print(f"{path}  ({len(keys)} tensors)", file=out)
+        dialect = getattr(reader, "dialect", None)  # torch zip files: who wrote them
+        shown = f", {dialect} dialect" if dialect else ""
+        print(f"{path}  ({len(keys)} tensors{shown})", file=out)
         width = max((len(k) for k in keys), default=0)
         for key in keys:
             dtype, shape = reader.spec(key)

@@ -1,7 +1,7 @@
-"""`ckptmap` command line: plan, apply, pt2ms, ms2pt, combine, verify, inspect, rules, demo.
+"""`ckptmap` command line: plan, apply, pt2ms, ms2pt, combine, convert, verify, inspect, rules, demo.
 
 ``flags`` declares the arguments, ``printing`` prints plans and reports, ``combine`` adds the
-combine command; this module dispatches and turns errors into exit codes.
+combine command, ``convert`` the MSAdapter <-> torch dialect translation; this module dispatches and turns errors into exit codes.
 """
 
 from __future__ import annotations
@@ -122,6 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_ms2pt_flags(pm)
     pm.add_argument("-o", "--output", help="Write the plan as JSON to this file.")
     pm.set_defaults(func=cmd_plan)
+
+    from ckptmap.cli.convert import register as register_convert
+    register_convert(sub, plan_sub)
 
     p = sub.add_parser("ms2pt", help="MindSpore checkpoint -> Megatron checkpoint (flags of convert_ckpt2pt.py).",
                        description="MindSpore checkpoint -> Megatron checkpoint.")

@@ -84,6 +84,11 @@ class PtFile:
         self.root = self._zip.root
         self._entries: dict | None = None
 
+    @property
+    def dialect(self) -> str:
+        """``torch`` (stock torch.save) or ``msadapter`` (MindSpeed-Core-MS's MSAdapter shim), from the file."""
+        return self._zip.dialect
+
     def entries(self) -> list[tuple[str, TensorRef]]:
         """(key, TensorRef) of every tensor in the object graph, in pickle order."""
         if self._entries is None:

@@ -18,6 +18,13 @@ gives a zero-copy numpy view of the mapping on demand (bfloat16 as ``uint16`` bi
 ``ckptmap.dtypes``). :func:`load` is the torch-materialising variant for callers that want real
 tensors (it imports torch). All tensors of one storage record are views of one base, so storage
 sharing survives a re-save. Writing is ``torch_zip_writer``.
+
+Two dialects are read, detected from the file (``TorchZipFile.dialect``): stock ``torch.save``
+(``torch.<X>Storage`` globals in the persistent ids) and MindSpeed-Core-MS's MSAdapter shim
+(``formats/msadapter.py``: string storage types, ``_rebuild_from_type_v2`` with MindSpore tensor
+classes, one C-order record per tensor whatever stride it recorded). What differs lives in the
+:class:`ReadDialect` hooks ``STOCK_READ`` / ``MSADAPTER_READ`` (storage type -> dtype, rebuild
+arguments -> TensorRef, tensor class -> TensorRef); the unpickler asks them per storage.
 """
 
 from __future__ import annotations
@@ -34,8 +41,9 @@ import numpy as np
 
 from ckptmap import dtypes
 from ckptmap.errors import CkptmapError
+from ckptmap.formats import msadapter
 from ckptmap.formats.safe_unpickler import (ALLOWED_OBJECTS, TENSOR_TYPE_MARKERS, GlobalMarker, RestrictedUnpickler,
-                                            StandIn, dtype_name, unpickle)
+                                            StandIn, StandInClass, dtype_name, unpickle)
 
 __all__ = ["TensorRef", "HeldTensor", "TorchZipFile", "read_objects", "load", "file_offset"]
 
@@ -51,7 +59,11 @@ class TensorRef:
     ``storage`` is the record key (``data/<storage>``), ``dtype`` a canonical ckptmap dtype name,
     ``storage_offset`` / ``shape`` / ``stride`` are in elements of ``dtype``, ``storage_numel`` is
     the length of the whole storage in elements, ``location`` the device it was saved from
-    (tensors always load on the CPU). Several refs may name the same storage (views)."""
+    (tensors always load on the CPU). Several refs may name the same storage (views).
+    ``parameter``: pickled as a Parameter (stock ``_rebuild_parameter``, or the MSAdapter shim's
+    ``torch.nn.parameter.Parameter`` class). ``msadapter``: set for a tensor of the MSAdapter dialect
+    (see :class:`MSAdapterTensor`); its ``stride`` is then the C-contiguous one, because the record
+    holds the elements in C order whatever stride the file recorded."""
 
     storage: str
     dtype: str
@@ -61,6 +73,8 @@ class TensorRef:
     storage_numel: int
     requires_grad: bool = False
     location: str = "cpu"
+    parameter: bool = False
+    msadapter: "MSAdapterTensor | None" = None
 
     @property
     def numel(self) -> int:
@@ -73,6 +87,18 @@ class TensorRef:
     @property
     def nbytes(self) -> int:
         return self.numel * self.itemsize
+
+
+@attrs.frozen
+class MSAdapterTensor:
+    """How the MSAdapter shim pickled a tensor, beyond what :class:`TensorRef` says: the tensor class
+    given to ``_rebuild_from_type_v2`` (``mindspore.common.tensor.Tensor``, ``…_stub_tensor.StubTensor``
+    or ``torch.nn.parameter.Parameter``) and the stride exactly as recorded (the view's own stride,
+    which readers must ignore; a list with MindSpore 2.10) — what a faithful rewrite needs."""
+
+    cls: tuple[str, str]
+    stride: tuple[int, ...]
+    stride_is_list: bool = True
 
 
 def _ref_problem(ref: TensorRef) -> str | None:
@@ -237,18 +263,111 @@ class _Archive:
 
 
 class _Storage:
-    """What a persistent id resolves to: one storage record, typed."""
+    """What a persistent id resolves to: one storage record, typed, and the dialect whose persistent
+    id named it."""
 
-    __slots__ = ("key", "dtype", "location", "numel")
+    __slots__ = ("key", "dtype", "location", "numel", "dialect")
 
-    def __init__(self, key, dtype, location, numel):
-        self.key, self.dtype, self.location, self.numel = key, dtype, location, numel
+    def __init__(self, key, dtype, location, numel, dialect):
+        self.key, self.dtype, self.location, self.numel, self.dialect = key, dtype, location, numel, dialect
+
+
+class ReadDialect:
+    """What differs between dialects of the torch zip format when *reading*, as small named hooks.
+    The unpickler asks each dialect in turn (:data:`READ_DIALECTS`) which one a persistent id's storage
+    type belongs to; from then on that storage's tensors go through that dialect's hooks."""
+
+    name = "?"
+
+    def storage_dtype(self, stype) -> str | None:
+        """The element dtype a persistent id's storage type names, or None if it is not this dialect's."""
+        raise NotImplementedError
+
+    def tensor(self, up: "_TorchUnpickler", storage: _Storage, offset, size, stride, requires_grad,
+               backward_hooks, metadata) -> TensorRef:
+        """The TensorRef that ``_rebuild_tensor_v2(storage, offset, size, stride, …)`` means here."""
+        raise NotImplementedError
+
+    def tensor_class(self, ref: TensorRef, new_type) -> TensorRef | None:
+        """``_rebuild_from_type_v2(…, new_type, …)``: the ref with the class remembered, or None if
+        this dialect does not know that class."""
+        raise NotImplementedError
+
+
+class _StockRead(ReadDialect):
+    """Stock ``torch.save``: storage types are ``torch.<X>Storage`` globals; offset and stride are
+    honoured (views of one storage share it)."""
+
+    name = "torch"
+
+    def storage_dtype(self, stype):
+        return stype.dtype if isinstance(stype, GlobalMarker) else None
+
+    def tensor(self, up, storage, offset, size, stride, requires_grad, backward_hooks, metadata):
+        return up._make_ref(storage, offset, size, stride, requires_grad)
+
+    def tensor_class(self, ref, new_type):
+        return ref if new_type in TENSOR_TYPE_MARKERS.values() else None
+
+
+def _class_name(obj) -> tuple[str, str] | None:
+    if isinstance(obj, StandInClass):
+        return obj.__module__, obj.__qualname__
+    if isinstance(obj, GlobalMarker):
+        return obj.module, obj.qualname
+    return None
+
+
+class _MSAdapterRead(ReadDialect):
+    """MSAdapter (``formats/msadapter.py``): the storage type is a string; each record holds exactly
+    one tensor's elements in C order, so the recorded stride (the view's own; a list) is kept aside in
+    :class:`MSAdapterTensor` and the ref gets the C-contiguous stride; the tensor class of
+    ``_rebuild_from_type_v2`` is remembered (a shim Parameter becomes ``parameter=True``)."""
+
+    name = "msadapter"
+
+    def storage_dtype(self, stype):
+        return msadapter.read_storage_dtype(stype)
+
+    def tensor(self, up, storage, offset, size, stride, requires_grad, backward_hooks, metadata):
+        if isinstance(size, StandIn) and size.module == "torch" and size.qualname == "Size" and size.args:
+            size = tuple(size.args[0])
+        ok = (type(offset) is int and isinstance(size, tuple) and isinstance(stride, (list, tuple))
+              and all(type(x) is int for x in size) and all(type(x) is int for x in stride)
+              and type(requires_grad) is bool and len(stride) == len(size))
+        if not ok:
+            raise pickle.UnpicklingError(f"malformed MSAdapter tensor arguments "
+                                         f"{(offset, size, stride, requires_grad)!r:.200}")
+        up.storages_used.add(id(storage))
+        shape = tuple(size)
+        ref = TensorRef(storage=storage.key, dtype=storage.dtype, storage_offset=offset, shape=shape,
+                        stride=_contiguous_stride(shape), storage_numel=storage.numel, requires_grad=requires_grad,
+                        location=storage.location,
+                        msadapter=MSAdapterTensor(msadapter.TENSOR_CLASS, tuple(stride), type(stride) is list))
+        problem = _ref_problem(ref)
+        if problem:
+            raise CkptmapError(f"{up.path} is corrupt: a tensor in storage {storage.key!r} does not fit "
+                               f"its storage ({problem}) — save the file again")
+        return ref
+
+    def tensor_class(self, ref, new_type):
+        cls = _class_name(new_type)
+        if cls not in msadapter.TENSOR_CLASSES:
+            return None
+        return attrs.evolve(ref, parameter=cls == msadapter.PARAMETER_CLASS,
+                            msadapter=attrs.evolve(ref.msadapter, cls=cls))
+
+
+STOCK_READ = _StockRead()
+MSADAPTER_READ = _MSAdapterRead()
+READ_DIALECTS = (STOCK_READ, MSADAPTER_READ)
 
 
 class _TorchUnpickler(RestrictedUnpickler):
-    """The restricted unpickler plus torch's persistent ids and tensor rebuild functions."""
+    """The restricted unpickler plus torch's persistent ids and tensor rebuild functions; the
+    dialect-specific parts go through :class:`ReadDialect` hooks."""
 
-    def __init__(self, data: bytes, archive: _Archive, materialize: bool, bases: dict):
+    def __init__(self, data: bytes, archive: _Archive, materialize: bool, bases: dict, evidence: dict | None = None):
         rebuilders = {
             ("torch._utils", "_rebuild_tensor"): self._rebuild_tensor,
             ("torch._utils", "_rebuild_tensor_v2"): self._rebuild_tensor_v2,
@@ -266,26 +385,40 @@ class _TorchUnpickler(RestrictedUnpickler):
         self.storages_made: dict[int, _Storage] = {}
         self.storages_used: set[int] = set()
         self.tensor_funcs = set(rebuilders.values())
+        self.dialects_seen: set[str] = set()  # evidence: storages and tensor classes of each dialect
+        self.mindspore_globals = False
+        self.evidence = evidence  # filled by run() with what the dialect detection needs
+
+    def find_class(self, module, name):
+        obj = super().find_class(module, name)
+        if isinstance(module, str) and module.split(".", 1)[0] == "mindspore":
+            self.mindspore_globals = True
+        return obj
 
     def persistent_load(self, pid):
         if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"):
             raise pickle.UnpicklingError(f"unsupported persistent id {pid!r:.200}")
         _, stype, key, location, numel = pid
-        if not isinstance(stype, GlobalMarker) or stype.dtype is None:
-            raise pickle.UnpicklingError(f"persistent id names {stype!r:.100} instead of a torch storage type "
-                                         f"ckptmap reads")
+        for dialect in READ_DIALECTS:
+            dtype = dialect.storage_dtype(stype)
+            if dtype is not None:
+                break
+        else:
+            raise pickle.UnpicklingError(f"persistent id names {stype!r:.100} instead of a storage type ckptmap "
+                                         f"reads (a torch.<X>Storage global, or an MSAdapter '<X>Storage' string)")
         if not isinstance(key, str) or not isinstance(location, str) or type(numel) is not int or numel < 0:
             raise pickle.UnpicklingError(f"malformed storage persistent id {pid!r:.200}")
         rec = self.archive.record("data/" + key)
         if rec is None:
             raise CkptmapError(f"{self.path} references storage {key!r} but has no record "
                                f"{self.archive.prefix}data/{key}; the file is incomplete — save it again")
-        need = numel * dtypes.itemsize(stype.dtype)
+        need = numel * dtypes.itemsize(dtype)
         if rec.size < need:
             raise CkptmapError(f"{self.path}: storage record {self.archive.prefix}data/{key} holds {rec.size} "
-                               f"bytes but the pickle expects {numel} x {stype.dtype} = {need} bytes; the file "
+                               f"bytes but the pickle expects {numel} x {dtype} = {need} bytes; the file "
                                f"is corrupt — save it again")
-        st = _Storage(key, stype.dtype, location, numel)
+        self.dialects_seen.add(dialect.name)
+        st = _Storage(key, dtype, location, numel, dialect)
         self.storages_made[id(st)] = st
         return st
 
@@ -317,9 +450,10 @@ class _TorchUnpickler(RestrictedUnpickler):
         if problem:
             raise CkptmapError(f"{self.path} is corrupt: a tensor in storage {storage.key!r} does not fit "
                                f"its storage ({problem}) — save the file again")
-        if self.materialize:
-            return _torch_view(self.archive, self.bases, ref)
         return ref
+
+    def _finish(self, ref: TensorRef):
+        return _torch_view(self.archive, self.bases, ref) if self.materialize else ref
 
     def _check_metadata(self, metadata):
         if metadata and any(metadata.values()):
@@ -328,21 +462,28 @@ class _TorchUnpickler(RestrictedUnpickler):
                                f".resolve_neg()) and save again")
 
     def _rebuild_tensor(self, storage, storage_offset, size, stride):
-        return self._make_ref(storage, storage_offset, size, stride, False)
+        return self._finish(self._make_ref(storage, storage_offset, size, stride, False))
 
     def _rebuild_tensor_v2(self, storage, storage_offset, size, stride, requires_grad, backward_hooks,
                            metadata=None):
         self._check_metadata(metadata)
-        return self._make_ref(storage, storage_offset, size, stride, requires_grad)
+        if not isinstance(storage, _Storage):
+            raise pickle.UnpicklingError(f"tensor rebuild got {type(storage).__name__} instead of a storage")
+        ref = storage.dialect.tensor(self, storage, storage_offset, size, stride, requires_grad, backward_hooks,
+                                     metadata)
+        # inside _rebuild_from_type_v2 the class decides (and materialises); see there
+        return ref if self._in_from_type else self._finish(ref)
+
+    _in_from_type = False
 
     def _rebuild_tensor_v3(self, storage, storage_offset, size, stride, requires_grad, backward_hooks, dtype,
                            metadata=None):
         self._check_metadata(metadata)
-        return self._make_ref(storage, storage_offset, size, stride, requires_grad, dtype)
+        return self._finish(self._make_ref(storage, storage_offset, size, stride, requires_grad, dtype))
 
     def _rebuild_parameter(self, data, requires_grad, backward_hooks):
         if isinstance(data, TensorRef):
-            return attrs.evolve(data, requires_grad=bool(requires_grad))
+            return attrs.evolve(data, requires_grad=bool(requires_grad), parameter=True)
         if self.materialize and type(data).__module__.startswith("torch"):
             import torch
             return torch.nn.Parameter(data, bool(requires_grad))
@@ -356,16 +497,35 @@ class _TorchUnpickler(RestrictedUnpickler):
         return self._rebuild_parameter(data, requires_grad, backward_hooks)
 
     def _rebuild_from_type_v2(self, func, new_type, args, state):
-        if func not in self.tensor_funcs or new_type not in TENSOR_TYPE_MARKERS.values() \
-                or not isinstance(args, tuple):
+        if func not in self.tensor_funcs or not isinstance(args, tuple):
             raise CkptmapError(f"{self.path} holds a tensor subclass ({new_type!r}); ckptmap reads only plain "
                                f"tensors and parameters — save the plain tensors (state_dict) instead")
         if state:
             raise CkptmapError(f"{self.path} holds a tensor with Python attributes "
                                f"({', '.join(map(str, state))}); ckptmap does not keep those — save "
                                f"tensor.detach() values (a state_dict) instead")
-        out = func(*args)
-        if self.materialize and new_type.qualname == "Parameter":
+        self._in_from_type = True
+        try:
+            out = func(*args)
+        finally:
+            self._in_from_type = False
+        if isinstance(out, TensorRef):
+            dialect = MSADAPTER_READ if out.msadapter is not None else STOCK_READ
+            ref = dialect.tensor_class(out, new_type)
+            if ref is None:
+                raise CkptmapError(f"{self.path} holds a tensor of class {new_type!r} in a {dialect.name}-dialect "
+                                   f"storage; ckptmap reads only plain tensors and parameters — save the plain "
+                                   f"tensors (state_dict) instead")
+            if _class_name(new_type) in msadapter.TENSOR_CLASSES[:2]:
+                self.dialects_seen.add(MSADAPTER_READ.name)
+            if not self.materialize:
+                return ref
+            out = _torch_view(self.archive, self.bases, ref)
+            is_param = ref.parameter
+        else:  # a real tensor (materialize) from a func that materialised itself
+            is_param = False
+        is_param = is_param or (_class_name(new_type) or ("", ""))[1] == "Parameter"
+        if self.materialize and is_param:
             import torch
             if not isinstance(out, torch.nn.Parameter):
                 out = torch.nn.Parameter(out, out.requires_grad)
@@ -377,6 +537,8 @@ class _TorchUnpickler(RestrictedUnpickler):
             raise CkptmapError(f"{self.path} holds a bare torch storage (not inside a tensor); ckptmap reads "
                                f"only tensors — wrap it in a tensor (torch.tensor([], dtype=torch.uint8)"
                                f".set_(storage)) and save again")
+        if self.evidence is not None:
+            self.evidence.update(seen=set(self.dialects_seen), mindspore=self.mindspore_globals)
         return root
 
 
@@ -391,9 +553,31 @@ def _real_torch_globals() -> dict:
     return out
 
 
-def _unpickle(archive: _Archive, materialize: bool, bases: dict):
+def _unpickle(archive: _Archive, materialize: bool, bases: dict, dialect_out: list | None = None):
     data = archive.read_record("data.pkl")
-    return unpickle(_TorchUnpickler(data, archive, materialize, bases), f"{archive.path} ({archive.prefix}data.pkl)")
+    evidence: dict = {}
+    up = _TorchUnpickler(data, archive, materialize, bases, evidence)
+    root = unpickle(up, f"{archive.path} ({archive.prefix}data.pkl)")
+    if dialect_out is not None:
+        dialect_out.append(_dialect(archive, evidence["seen"], evidence["mindspore"]))
+    return root
+
+
+def _dialect(archive: _Archive, seen: set, mindspore_globals: bool) -> str:
+    """``torch`` or ``msadapter``, from the file: the storages' persistent ids and the tensor classes
+    decide; a file without tensors is MSAdapter's if it names MindSpore globals or has MSAdapter's
+    container (``version`` = ``3`` without newline, no ``.format_version``)."""
+    if len(seen) > 1:
+        raise CkptmapError(f"{archive.path} mixes stock torch storages (torch.<X>Storage globals) with MSAdapter "
+                           f"ones ('<X>Storage' strings); no torch.save writes that — the file was assembled by "
+                           f"hand or is corrupt, save it again with one framework")
+    if seen:
+        return next(iter(seen))
+    if mindspore_globals:
+        return MSADAPTER_READ.name
+    version = archive.read_record("version", missing_ok=True)
+    stock_only = any(archive.record(r) is not None for r in (".format_version", ".data/serialization_id"))
+    return MSADAPTER_READ.name if version == msadapter.VERSION_RECORD and not stock_only else STOCK_READ.name
 
 
 def _base(archive: _Archive, bases: dict, key: str) -> np.ndarray:
@@ -476,6 +660,8 @@ def file_offset(zf: "TorchZipFile", ref: TensorRef) -> tuple[int, int] | None:
 class TorchZipFile:
     """An open torch zip checkpoint: ``root`` is the object graph with :class:`TensorRef` in place of
     tensors (no tensor bytes are read); :meth:`array` gives a zero-copy numpy view on demand.
+    ``dialect`` says who wrote it: ``"torch"`` (stock ``torch.save``) or ``"msadapter"`` (MindSpeed-Core-MS's
+    MSAdapter shim, ``formats/msadapter.py``), detected from the file itself.
 
     Arrays handed out stay valid after :meth:`close` (they keep the mapping alive)."""
 
@@ -484,7 +670,9 @@ class TorchZipFile:
         self.path = self._archive.path
         self.prefix = self._archive.prefix
         self._bases: dict = {}
-        self.root = _unpickle(self._archive, materialize=False, bases=self._bases)
+        found: list = []
+        self.root = _unpickle(self._archive, materialize=False, bases=self._bases, dialect_out=found)
+        self.dialect: str = found[0]  # "torch" or "msadapter", detected from the file (never a flag)
 
     def storage_keys(self) -> list[str]:
         n = len(self.prefix) + len("data/")

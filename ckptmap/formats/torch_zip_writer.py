@@ -14,6 +14,11 @@ Megatron fixture byte for byte; :func:`save` is the same for graphs whose tensor
 training process pickled the interned string ``'storage'`` itself before its first tensor, torch's
 persistent ids referenced it by memo; a re-save writes it out again (Megatron checkpoints hold no
 such string). Files are written through ``ckptmap.atomic`` under a temporary name and renamed.
+
+``save_streaming(..., dialect="msadapter")`` writes the MSAdapter dialect instead (MindSpeed-Core-MS's
+shim ``torch.save``; ``formats/msadapter.py``): the same pickler base with the shim's tensor
+reductions (``_MSAdapterPickler``) and Python zipfile's container (``_PyZipWriter``); re-writing what
+``torch_zip_reader`` read from a shim file gives the shim's bytes (its timestamp given).
 """
 
 from __future__ import annotations
@@ -29,13 +34,17 @@ import sys
 import zlib
 from pathlib import Path
 
+import attrs
+
 from ckptmap import atomic, dtypes
 from ckptmap.errors import CkptmapError
-from ckptmap.formats.safe_unpickler import STORAGE_TYPE_OF, GlobalMarker, StandInClass, torch_global
+from ckptmap.formats import msadapter
+from ckptmap.formats.safe_unpickler import (STORAGE_TYPE_OF, TENSOR_TYPE_MARKERS, GlobalMarker, StandInClass,
+                                            torch_global)
 from ckptmap.formats.torch_serialization_id import hash_combine, name_hash_digits
 from ckptmap.formats.torch_zip_reader import HeldTensor, TensorRef, _ref_problem, _Storage
 
-__all__ = ["save", "save_streaming", "archive_name"]
+__all__ = ["save", "save_streaming", "archive_name", "DEFAULT_DATE_TIME"]
 
 _LOCAL_HEADER = struct.Struct("<4s5H3L2H")
 DEFAULT_PROTOCOL = 2        # torch.serialization.DEFAULT_PROTOCOL
@@ -303,6 +312,10 @@ class _StreamPickler(_Pickler):
         return _global("torch._utils", "_rebuild_tensor_v2"), args
 
     def _reduce_ref(self, ref: TensorRef):
+        if ref.parameter:  # as torch pickles an nn.Parameter: _rebuild_parameter(self.data, requires_grad, hooks)
+            data = attrs.evolve(ref, parameter=False, requires_grad=False, msadapter=None)
+            return (_global("torch._utils", "_rebuild_parameter"),
+                    (data, bool(ref.requires_grad), collections.OrderedDict()))
         problem = _ref_problem(ref)
         if problem:
             raise CkptmapError(f"tensor reference {ref} does not fit its storage ({problem})")
@@ -359,6 +372,16 @@ class _StreamPickler(_Pickler):
             self.storages[key] = storage
             return (_STORAGE_PID, storage_type, key, location, storage_numel)
         return None
+
+
+def _dump(pickler, obj, path) -> None:
+    try:
+        pickler.dump(obj)
+    except CkptmapError as e:
+        raise CkptmapError(f"cannot save {path}: {e}") from None
+    except (pickle.PicklingError, TypeError, AttributeError, RecursionError, RuntimeError, ValueError) as e:
+        raise CkptmapError(f"cannot save {path}: the object cannot be pickled ({type(e).__name__}: "
+                           f"{str(e)[:300]}) — save tensors and plain data only") from None
 
 
 def _stream_storage(writer: _StreamZipWriter, name: str, st: _RefStorage, fill, path) -> None:
@@ -428,7 +451,7 @@ def _write_real_storage(writer: _StreamZipWriter, name: str, storage) -> None:
     writer.end(name, n, zlib.crc32(data) if writer.compute_crc32 else 0, offset)
 
 
-def save_streaming(obj, path, fill, *, fsync: bool = False) -> None:
+def save_streaming(obj, path, fill, *, fsync: bool = False, dialect: str = "torch", date_time=None) -> None:
     """Write ``obj`` exactly as torch.save would write it (same bytes) if every TensorRef in it were a
     real CPU tensor: a view (TensorRef.storage_offset, shape, stride, requires_grad) of a storage of
     TensorRef.storage_numel elements of TensorRef.dtype, TensorRefs with the same ``storage`` key
@@ -444,21 +467,34 @@ def save_streaming(obj, path, fill, *, fsync: bool = False) -> None:
     pickling (first-encounter) order exactly as torch.save numbers them; ``fill`` is called once per
     storage, in the order the records are written (that same order). Honours torch's save options
     (``torch.serialization.set_crc32_options``, ``torch.utils.serialization.config.save.storage_alignment``)
-    as torch.save does. ``fsync``: make the file durable before it is renamed into place."""
+    as torch.save does. ``fsync``: make the file durable before it is renamed into place.
+
+    ``dialect="msadapter"`` writes the bytes MindSpeed-Core-MS's MSAdapter shim writes (notes above
+    ``_PyZipWriter``; ``formats/msadapter.py``) instead: every TensorRef must then be a whole,
+    C-contiguous storage of its own (offset 0, ``storage_numel`` = its numel; a 0-d tensor has one
+    element) of one of the six storage kinds MindSpore-side readers know, each TensorRef object becomes
+    one record, and its ``msadapter`` / ``parameter`` fields choose the tensor class and the recorded
+    stride (default: ``mindspore.common.tensor.Tensor`` or the shim's ``Parameter``, C-contiguous
+    stride as a list). Torch dtype globals and real torch objects are refused (translate the graph
+    first: ``dialect_translate``). ``fill(key)`` is called once per record in the order the records are
+    written (keys sorted as strings). ``date_time``: the zip entries' timestamp, default
+    1980-01-01 00:00:00 (the shim writes the wall-clock time)."""
     path = Path(os.fspath(path))
+    if dialect == "msadapter":
+        _save_msadapter(obj, path, fill, fsync, DEFAULT_DATE_TIME if date_time is None else date_time)
+        return
+    if dialect != "torch":
+        raise CkptmapError(f"unknown torch zip dialect {dialect!r}; ckptmap writes 'torch' and 'msadapter'")
+    if date_time is not None:
+        raise CkptmapError("stock torch files carry no zip timestamps (torch writes 0); date_time is for the "
+                           "msadapter dialect")
     archive = archive_name(path.name)
     if not archive:
         raise CkptmapError(f"cannot save {path}: torch.save cannot write a file whose name has no stem "
                            f"(the zip records are named after it) — choose a name like model_optim_rng.pt")
     buf = io.BytesIO()
     pickler = _StreamPickler(buf, path)
-    try:
-        pickler.dump(obj)
-    except CkptmapError as e:
-        raise CkptmapError(f"cannot save {path}: {e}") from None
-    except (pickle.PicklingError, TypeError, AttributeError, RecursionError, RuntimeError, ValueError) as e:
-        raise CkptmapError(f"cannot save {path}: the object cannot be pickled ({type(e).__name__}: "
-                           f"{str(e)[:300]}) — save tensors and plain data only") from None
+    _dump(pickler, obj, path)
     data_pkl = buf.getvalue()
     del buf
     alignment, compute_crc32 = _torch_options()
@@ -478,6 +514,245 @@ def save_streaming(obj, path, fill, *, fsync: bool = False) -> None:
                                         fill if st.held is None else (lambda _key, st=st: _held_bytes(st)), path)
                     else:
                         _write_real_storage(writer, f"data/{key}", st)
+                writer.finish()
+        except OSError as e:
+            raise CkptmapError(f"cannot save {path}: writing failed ({e.strerror or e}) — check free space "
+                               f"and permissions") from None
+
+
+# -------------------------------------------------------------------------------------------------
+# The MSAdapter dialect (formats/msadapter.py): what MindSpeed-Core-MS's shim torch.save writes
+#
+# Container: Python's zipfile (3.11), entries added with ZipFile.writestr to a seekable file, in the
+# order data.pkl, version ("3"), byteorder ("little"), data/<key> with the keys sorted as strings, all
+# under "archive/". Each record: local header (PK\3\4, version needed 20, flags 0, method 0 (stored),
+# DOS time and date, CRC32, both sizes, name, no extra field) then the data -- no alignment padding,
+# no data descriptor. A record of more than ZIP64_LIMIT / 1.05 bytes (ZIP64_LIMIT = 2**31 - 1) gets
+# zipfile's zip64 local header instead: sizes 0xFFFFFFFF, versions 45 and the zip64 extra field
+# (1, 16, size, size). Central directory: one PK\1\2 entry per record (made by 20 on Unix (3), needed
+# 20 -- 45 for a zip64 record --, flags 0, external attributes 0o600 << 16, no comment; zip64 extra
+# with the size pair when size > ZIP64_LIMIT and the header offset when that offset > ZIP64_LIMIT),
+# then the zip64 end record and locator only when the entry count, directory size or offset need them,
+# and the classic end record. Timestamps: the shim writes the wall-clock time of the save; ckptmap
+# writes 1980-01-01 00:00:00 (zipfile's default for a ZipInfo without a date), so its output is
+# reproducible: the same object graph gives the same bytes.
+#
+# Pickle: protocol 2, Python's pickler; a tensor is
+#     torch._tensor._rebuild_from_type_v2(torch._utils._rebuild_tensor_v2, <class>,
+#                                         (<pid>, 0, <size tuple>, <stride list>, False, None, None), None)
+# with pid ('storage', '<Name>Storage', '<key>', 'cpu', numel) -- a string storage type, one storage
+# (and record) per tensor holding its elements in C order, keys '0', '1', ... in pickling order.
+
+_PY_ZIP64_LIMIT = (1 << 31) - 1         # zipfile.ZIP64_LIMIT
+_PY_ZIP_FILECOUNT_LIMIT = (1 << 16) - 1  # zipfile.ZIP_FILECOUNT_LIMIT
+_PY_FILE_HEADER = struct.Struct("<4s2B4HL2L2H")
+_PY_CENTRAL_DIR = struct.Struct("<4s4B4HL2L5H2L")
+_PY_EOCD64 = struct.Struct("<4sQ2H2L4Q")
+_PY_EOCD64_LOCATOR = struct.Struct("<4sLQL")
+_PY_EOCD = struct.Struct("<4s4H2LH")
+DEFAULT_DATE_TIME = (1980, 1, 1, 0, 0, 0)
+
+
+class _PyZipWriter:
+    """Writes records exactly as Python 3.11's ``zipfile.ZipFile.writestr`` does on a seekable file,
+    a record's data streamed in chunks (its CRC is patched into the local header afterwards, as
+    zipfile itself does by rewriting the header)."""
+
+    def __init__(self, f, prefix: str, date_time=DEFAULT_DATE_TIME):
+        self.f = f
+        self.prefix = prefix
+        dt = tuple(date_time)
+        if len(dt) != 6 or not 1980 <= dt[0] <= 2107:
+            raise CkptmapError(f"zip timestamps must be (year >= 1980, month, day, hour, minute, second), got {dt!r}")
+        self.dosdate = (dt[0] - 1980) << 9 | dt[1] << 5 | dt[2]
+        self.dostime = dt[3] << 11 | dt[4] << 5 | (dt[5] // 2)
+        self.pos = 0
+        self.compute_crc32 = True  # zipfile always does
+        self.entries: list[tuple[bytes, int, int, int, int]] = []  # (name, crc, size, offset, version)
+
+    def _write(self, data) -> None:
+        self.f.write(data)
+        self.pos += memoryview(data).nbytes
+
+    def begin(self, name: str, size: int, crc: int = 0) -> int:
+        full = (self.prefix + name).encode("ascii")
+        offset = self.pos
+        zip64 = size * 1.05 > _PY_ZIP64_LIMIT
+        version = 45 if zip64 else 20
+        extra = struct.pack("<HHQQ", 1, 16, size, size) if zip64 else b""
+        shown = 0xFFFFFFFF if zip64 else size
+        self._write(_PY_FILE_HEADER.pack(b"PK\x03\x04", version, 0, 0, 0, self.dostime, self.dosdate, crc, shown,
+                                         shown, len(full), len(extra)) + full + extra)
+        self.entries.append((full, crc, size, offset, version))
+        return offset
+
+    def end(self, crc: int) -> None:
+        """After a streamed record's data: its CRC into the local header and the directory entry."""
+        full, old, size, offset, version = self.entries[-1]
+        if crc != old:
+            here = self.f.tell()
+            self.f.seek(offset + 14)
+            self.f.write(struct.pack("<L", crc))
+            self.f.seek(here)
+            self.entries[-1] = (full, crc, size, offset, version)
+
+    def record(self, name: str, data: bytes) -> None:
+        self.begin(name, len(data), zlib.crc32(data))
+        self._write(data)
+
+    def finish(self) -> None:
+        start = self.pos
+        for full, crc, size, offset, version in self.entries:
+            extra = []
+            if size > _PY_ZIP64_LIMIT:
+                extra += [size, size]
+            if offset > _PY_ZIP64_LIMIT:
+                extra.append(offset)
+            extra_data = struct.pack("<HH" + "Q" * len(extra), 1, 8 * len(extra), *extra) if extra else b""
+            v = 45 if extra else version
+            self._write(_PY_CENTRAL_DIR.pack(
+                b"PK\x01\x02", v, 3, v, 0, 0, 0, self.dostime, self.dosdate, crc,
+                0xFFFFFFFF if size > _PY_ZIP64_LIMIT else size, 0xFFFFFFFF if size > _PY_ZIP64_LIMIT else size,
+                len(full), len(extra_data), 0, 0, 0, 0o600 << 16, 0xFFFFFFFF if offset > _PY_ZIP64_LIMIT else offset)
+                + full + extra_data)
+        end = self.pos
+        count, cd_size, cd_offset = len(self.entries), end - start, start
+        if count > _PY_ZIP_FILECOUNT_LIMIT or cd_offset > _PY_ZIP64_LIMIT or cd_size > _PY_ZIP64_LIMIT:
+            self._write(_PY_EOCD64.pack(b"PK\x06\x06", 44, 45, 45, 0, 0, count, count, cd_size, cd_offset))
+            self._write(_PY_EOCD64_LOCATOR.pack(b"PK\x06\x07", 0, end, 1))
+            count, cd_size, cd_offset = min(count, 0xFFFF), min(cd_size, 0xFFFFFFFF), min(cd_offset, 0xFFFFFFFF)
+        self._write(_PY_EOCD.pack(b"PK\x05\x06", 0, 0, count, count, cd_size, cd_offset, 0))
+
+
+class _MSStorage:
+    """The one storage (record) of one tensor in an MSAdapter file."""
+
+    __slots__ = ("source_key", "dtype", "numel", "held")
+
+    def __init__(self, source_key, dtype, numel, held=None):
+        self.source_key, self.dtype, self.numel, self.held = source_key, dtype, numel, held
+
+    @property
+    def key(self):  # what _stream_chunks names in its messages
+        return self.source_key
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * dtypes.itemsize(self.dtype)
+
+
+def _class_global(cls: tuple[str, str]):
+    return TENSOR_TYPE_MARKERS[cls] if cls in TENSOR_TYPE_MARKERS else StandInClass.make(*cls)
+
+
+class _MSAdapterPickler(_Pickler):
+    """Pickles like the MSAdapter shim: TensorRefs (and HeldTensors) as
+    ``_rebuild_from_type_v2(_rebuild_tensor_v2, <class>, (pid, 0, size, stride list, False, None, None),
+    None)`` over one storage each, persistent ids with string storage types."""
+
+    def __init__(self, file, path):
+        super().__init__(file, protocol=DEFAULT_PROTOCOL)
+        self.path = path
+        self.storages: dict[str, _MSStorage] = {}       # output key -> storage
+        self.by_source: dict[str, tuple[TensorRef, _MSStorage]] = {}
+
+    def reducer_override(self, obj):
+        if isinstance(obj, TensorRef):
+            return self._reduce(obj, self._ref_storage(obj), obj.shape)
+        if isinstance(obj, HeldTensor):
+            data = obj.data
+            if not data.flags.c_contiguous or data.dtype != dtypes.storage(obj.dtype):
+                raise CkptmapError(f"a HeldTensor of {obj.dtype} must hold a C-contiguous "
+                                   f"{dtypes.storage(obj.dtype)} array")
+            msadapter.storage_string(obj.dtype, f"a {obj.dtype} tensor of shape {list(obj.shape)}")
+            return self._reduce(obj, _MSStorage(f"held/{id(obj)}", obj.dtype, int(data.size), obj), obj.shape)
+        if isinstance(obj, GlobalMarker) and obj.dtype is not None:
+            raise CkptmapError(f"the object holds the torch global {obj!r}; MSAdapter files hold MindSpore dtype "
+                               f"objects — translate the graph first (formats/dialect_translate.py)")
+        if type(obj).__module__.startswith("torch"):
+            raise CkptmapError(f"a real {type(obj).__module__}.{type(obj).__name__} cannot be written in the "
+                               f"MSAdapter dialect; give TensorRef or HeldTensor values")
+        return super().reducer_override(obj)
+
+    def _ref_storage(self, ref: TensorRef) -> _MSStorage:
+        problem = _ref_problem(ref)
+        if problem:
+            raise CkptmapError(f"tensor reference {ref} does not fit its storage ({problem})")
+        if ref.storage_offset != 0 or ref.storage_numel != ref.numel or ref.stride != _contiguous(ref.shape):
+            raise CkptmapError(f"tensor reference {ref} is a view (offset {ref.storage_offset}, stride {ref.stride}, "
+                               f"storage of {ref.storage_numel} elements); an MSAdapter file holds one C-contiguous "
+                               f"tensor per storage — give each tensor a storage of its own (dialect_translate "
+                               f"does this)")
+        msadapter.storage_string(ref.dtype, f"storage {ref.storage!r} ({list(ref.shape)})")
+        seen = self.by_source.get(ref.storage)
+        if seen is not None:
+            if seen[0] != ref:
+                raise CkptmapError(f"two different tensors use storage {ref.storage!r}; MSAdapter files never share "
+                                   f"storage between tensors")
+            raise CkptmapError(f"storage {ref.storage!r} is used by two tensor objects; MSAdapter files write each "
+                               f"tensor object once — use the same TensorRef object for the same tensor")
+        st = _MSStorage(ref.storage, ref.dtype, ref.numel)
+        self.by_source[ref.storage] = (ref, st)
+        return st
+
+    def _reduce(self, obj, st: _MSStorage, shape):
+        info = obj.msadapter if isinstance(obj, TensorRef) else None
+        parameter = isinstance(obj, TensorRef) and obj.parameter
+        if info is not None:
+            cls = info.cls
+            if parameter != (cls == msadapter.PARAMETER_CLASS):
+                cls = msadapter.PARAMETER_CLASS if parameter else msadapter.TENSOR_CLASS
+            stride = list(info.stride) if info.stride_is_list else tuple(info.stride)
+            if len(stride) != len(shape):
+                raise CkptmapError(f"tensor reference {obj} records a stride of another rank than its shape")
+        else:
+            cls = msadapter.PARAMETER_CLASS if parameter else msadapter.TENSOR_CLASS
+            stride = list(_contiguous(shape))
+        args = (st, 0, tuple([operator.index(n) for n in shape]), stride, False, None, None)
+        return (_global("torch._tensor", "_rebuild_from_type_v2"),
+                (_global("torch._utils", "_rebuild_tensor_v2"), _class_global(cls), args, None))
+
+    def persistent_id(self, obj):
+        if type(obj) is _MSStorage:
+            key = str(len(self.storages))
+            self.storages[key] = obj
+            return (_STORAGE_PID, msadapter.storage_string(obj.dtype, f"storage {obj.source_key!r}"), key, "cpu",
+                    obj.numel)
+        return None
+
+
+def _save_msadapter(obj, path: Path, fill, fsync: bool, date_time) -> None:
+    buf = io.BytesIO()
+    pickler = _MSAdapterPickler(buf, path)
+    _dump(pickler, obj, path)
+    data_pkl = buf.getvalue()
+    del buf
+    if not path.parent.is_dir():
+        raise CkptmapError(f"cannot save {path}: the directory {path.parent} does not exist — create it first")
+    with atomic.atomic_output(path, fsync=fsync) as tmp:
+        try:
+            with open(tmp, "wb", buffering=1 << 20) as f:
+                writer = _PyZipWriter(f, msadapter.ARCHIVE + "/", date_time)
+                writer.record("data.pkl", data_pkl)
+                writer.record("version", msadapter.VERSION_RECORD)
+                writer.record("byteorder", b"little")
+                for key in sorted(pickler.storages):
+                    st = pickler.storages[key]
+                    writer.begin(f"data/{key}", st.nbytes)
+                    source = (lambda _k, st=st: _held_bytes(st)) if st.held is not None else fill
+                    chunks = source(st.source_key)
+                    try:
+                        iterator = iter(chunks)
+                    except TypeError:
+                        raise CkptmapError(f"cannot save {path}: fill({st.source_key!r}) returned "
+                                           f"{type(chunks).__name__}, not an iterable of byte chunks") from None
+                    try:
+                        crc = _stream_chunks(writer, st, iterator, path)
+                    finally:
+                        close = getattr(iterator, "close", None)
+                        if close is not None:
+                            close()
+                    writer.end(crc)
                 writer.finish()
         except OSError as e:
             raise CkptmapError(f"cannot save {path}: writing failed ({e.strerror or e}) — check free space "
