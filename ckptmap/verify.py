@@ -474,7 +474,11 @@ def _buffers_from_param_map(folder: Path, tp: int, pp: int, params: list[_Param]
         for pm in by_chunk[v]:
             if g >= len(optim.buffers):
                 return f"{pm.path.name} is buffer {g} but {optim.path.name} has {len(optim.buffers)}"
-            _, padded, unpadded = optim.buffers[g]
+            buf = optim.buffers[g]
+            if buf.storage != "per_bucket":
+                return (f"{optim.path.name} stores buffer {g} coalesced (Megatron >= 0.7), where a param_map alone "
+                        f"does not tell every bucket's unpadded size")
+            padded, unpadded = list(buf.padded), list(buf.unpadded)
             bases = [sum(padded[:j]) for j in range(len(padded))]
             filled = [0] * len(padded)
             for name, (dtype, shape, start, end, bucket) in param_map.read_param_map(pm.path).items():
@@ -703,7 +707,7 @@ def _compare_rank(report: FileReport, key, mg_dir: Path, ms_path: Path, ms_dir: 
 
 def _state_slice(optim: OptimFile, locate: dict, p: _Param, state: str, env: dict, where: str) -> np.ndarray:
     g, bucket, offset, numel = locate[(p.tensor.chunk, p.ddp_name)]
-    flat = optim.array(optim.key(g, state, bucket))[offset:offset + numel]
+    flat = optim.array(optim.buffers[g].key(state, bucket))[offset:offset + numel]
     return _apply_rule_ops(flat.reshape(p.tensor.shape), p.rule.ops, env, where)
 
 

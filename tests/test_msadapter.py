@@ -137,8 +137,9 @@ def test_optim_file_reads_the_per_bucket_layout():
     d = ms_dir("tiny-gqa-tp1pp1dp2-per-bucket", "mp_rank_00")
     of = OptimFile(d / "distrib_optim.pt")
     lay = config("tiny-gqa-tp1pp1dp2-per-bucket")["ranks"]["mp_rank_00"]["distrib_optim_layout"]
-    assert of.buffers[0][1] == lay["per_bucket_numel"] and of.param_dtype(0) == "bfloat16"
-    assert of.key(0, "exp_avg", 1) == "0/bfloat16,float32/exp_avg/1" and of.key(0, "exp_avg", 1) in of
+    buf = of.buffers[0]
+    assert list(buf.padded) == lay["per_bucket_numel"] and buf.param_dtype == "bfloat16" and buf.storage == "per_bucket"
+    assert buf.key("exp_avg", 1) == "0/bfloat16,float32/exp_avg/1" and buf.key("exp_avg", 1) in of
     of.close()
 
 
