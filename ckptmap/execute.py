@@ -8,6 +8,7 @@ Copies of finished outputs (extra DP/CP ranks) run after their originals.
 
 from __future__ import annotations
 
+import heapq
 import json
 import multiprocessing as mp
 import os
@@ -241,15 +242,21 @@ class _Progress:
 
 def assign_files(plan: Plan, world_size: int) -> list[int]:
     """The machine (0 … world_size-1) that writes each file: a deterministic largest-first
-    balance of the bytes; copies of an output go with their original (they need it finished)."""
+    balance of the bytes; copies of an output go with their original (they need it finished),
+    so an original weighs its bytes times one plus its number of copies. The least-loaded machine
+    (lowest rank on a tie) comes from a heap: O(files x log machines), not files x machines."""
     owner = [0] * len(plan.files)
-    load = [0] * world_size
     index_of = {f.path: i for i, f in enumerate(plan.files)}
-    for i in sorted((i for i, f in enumerate(plan.files) if not f.source_is_output),
-                    key=lambda i: (-plan.files[i].nbytes, i)):
-        r = min(range(world_size), key=lambda r: (load[r], r))
+    copies = [0] * len(plan.files)
+    for f in plan.files:
+        if f.source_is_output:
+            copies[index_of[f.source]] += 1
+    weight = [0 if f.source_is_output else (f.nbytes + 1) * (1 + copies[i]) for i, f in enumerate(plan.files)]
+    machines = [(0, r) for r in range(world_size)]  # (load, rank): ascending, so already a heap
+    for i in sorted((i for i, f in enumerate(plan.files) if not f.source_is_output), key=lambda i: (-weight[i], i)):
+        load, r = heapq.heappop(machines)
         owner[i] = r
-        load[r] += plan.files[i].nbytes + 1
+        heapq.heappush(machines, (load + weight[i], r))
     for i, f in enumerate(plan.files):
         if f.source_is_output:
             owner[i] = owner[index_of[f.source]]
@@ -307,9 +314,13 @@ def _finish_distributed(plan, root: Path, mine: list[FileResult], world_size: in
         return mine
     deadline = None if wait_timeout is None else time.monotonic() + wait_timeout
     reports = [done / f"rank{r}-of-{world_size}.json" for r in range(world_size)]
-    while not all(p.is_file() for p in reports):
+    pending = list(range(world_size))  # each poll looks only at the ranks not yet reported
+    while True:
+        pending = [r for r in pending if not reports[r].is_file()]
+        if not pending:
+            break
         if deadline is not None and time.monotonic() > deadline:
-            missing = [str(r) for r, p in enumerate(reports) if not p.is_file()]
+            missing = [str(r) for r in pending]
             raise CkptmapError(f"rank 0 waited {wait_timeout:g} s for ranks {', '.join(missing)} of {world_size} to "
                                f"finish writing {root}; their files may be incomplete — rerun those ranks "
                                f"(same plan, --rank R) and then rank 0")

@@ -11,6 +11,7 @@ import json
 import random
 import re
 import struct
+import sys
 
 import pytest
 
@@ -400,3 +401,218 @@ def test_real_fixture_ranks_and_layer_counts(name):
             local = {int(m.group(1)) for k in keys if k.startswith(prefix)
                      for m in [re.search(r"\blayers\.(\d+)\.", k)] if m}
             assert sorted(local) == list(range(len(lay.megatron_layers(p, v))))
+
+
+# --------------------------------------------------------------------------- ranks at scale
+#
+# The oracle below is Megatron's RankGenerator (megatron/core/parallel_state.py, core_r0.7.0 and
+# later: ``generate_masked_orthogonal_rank_groups`` + ``RankGenerator.get_ranks``), rewritten
+# from its semantics: it enumerates every process group of every kind and reads a rank's
+# coordinate as its position in its group. It shares nothing with layout.py.
+
+
+def _prefix_product(sizes):
+    out = [1]
+    for s in sizes:
+        out.append(out[-1] * s)
+    return out
+
+
+def _decompose(index, shape):
+    return [(index // d) % s for s, d in zip(shape, _prefix_product(shape))]
+
+
+def _masked_orthogonal_rank_groups(world, parallel_size, mask):
+    """Every group of the dimensions selected by `mask`, each listed by its in-group index."""
+    masked = [s for s, m in zip(parallel_size, mask) if m]
+    unmasked = [s for s, m in zip(parallel_size, mask) if not m]
+    stride = _prefix_product(parallel_size)
+    masked_stride = [d for d, m in zip(stride, mask) if m]
+    unmasked_stride = [d for d, m in zip(stride, mask) if not m]
+    group_size = _prefix_product(masked)[-1]
+    groups = []
+    for group_index in range(world // group_size):
+        outer = _decompose(group_index, unmasked)
+        groups.append([sum(i * d for i, d in zip(_decompose(k, masked), masked_stride))
+                       + sum(i * d for i, d in zip(outer, unmasked_stride)) for k in range(group_size)])
+    return groups
+
+
+def rank_generator_coords(TP, PP, DP, CP, EP, order):
+    """{global rank: {"tp", "cp", "ep", "dp", "pp"}} as Megatron's RankGenerator assigns them:
+    tp/pp/dp/cp groups from the order without 'ep' (dp of full size), ep groups from the order
+    with 'ep' (dp of size DP/EP); missing tokens (size 1) are appended."""
+    sizes = {"tp": TP, "pp": PP, "dp": DP, "ep": EP, "cp": CP}
+    tokens = order.lower().split("-")
+    tokens += [t for t in sizes if t not in tokens]
+    wo_ep = [t for t in tokens if t != "ep"]
+    world = TP * PP * DP * CP
+    coords = {g: {} for g in range(world)}
+
+    def assign(order_tokens, size_of, token):
+        groups = _masked_orthogonal_rank_groups(world, [size_of[t] for t in order_tokens],
+                                                [t == token for t in order_tokens])
+        for group in groups:
+            for i, g in enumerate(group):
+                assert token not in coords[g]
+                coords[g][token] = i
+
+    for token in ("tp", "pp", "dp", "cp"):
+        assign(wo_ep, sizes, token)
+    assign(tokens, dict(sizes, dp=DP // EP), "ep")
+    return coords
+
+
+def check_against_brute_force(lay, TP, PP, DP, CP, EP, order):
+    truth = rank_generator_coords(TP, PP, DP, CP, EP, order)
+    assert lay.world_size == len(truth)
+    by_mp_rank = {}
+    for g, c in truth.items():
+        assert lay.coords(g) == c, (order, TP, PP, DP, CP, EP, g)
+        assert lay.global_rank(tp=c["tp"], pp=c["pp"], dp=c["dp"], cp=c["cp"]) == g
+        by_mp_rank.setdefault((c["tp"], c["pp"]), []).append(g)
+    assert len(by_mp_rank) == TP * PP
+    for (t, p), gs in by_mp_rank.items():
+        assert lay.mp_rank_ranks(t, p, all_dp_cp=True) == sorted(gs)
+        zero = [g for g in gs if truth[g]["dp"] == 0 and truth[g]["cp"] == 0]
+        assert lay.mp_rank_ranks(t, p, all_dp_cp=False) == zero
+    assert lay.ranks(all_dp_cp=True) == sorted(truth.items())
+    assert lay.ranks(all_dp_cp=False) == sorted(
+        (g, c) for g, c in truth.items() if c["dp"] == 0 and c["cp"] == 0)
+
+
+# Distinct sizes per dimension, so that a swapped pair of digits cannot go unnoticed.
+SCALE_CONFIGS = [  # TP, PP, DP, CP, EP
+    (2, 3, 4, 5, 2), (3, 2, 6, 1, 3), (1, 3, 4, 2, 4), (2, 1, 6, 3, 2), (4, 2, 3, 1, 1), (2, 2, 2, 2, 2),
+]
+
+
+@pytest.mark.parametrize("order", orders_with_ep_next_to_dp())
+def test_rank_arithmetic_equals_megatron_rank_generator_brute_force(order):
+    for TP, PP, DP, CP, EP in SCALE_CONFIGS:
+        lay = ParallelLayout(tp=TP, pp=PP, dp=DP, cp=CP, ep=EP, order=order)
+        check_against_brute_force(lay, TP, PP, DP, CP, EP, order)
+
+
+def test_rank_arithmetic_brute_force_with_tokens_left_out_and_vpp():
+    """Orders that leave out size-1 tokens (Megatron appends them), every size 1..3, EP | DP, and
+    VPP/layers (which must not move a rank)."""
+    base = ["tp", "cp", "ep", "dp", "pp"]
+    for TP, PP, DP, CP in itertools.product((1, 2, 3), repeat=4):
+        for EP in divisors(DP):
+            sizes = {"tp": TP, "pp": PP, "dp": DP, "cp": CP, "ep": EP}
+            kept = [t for t in base if sizes[t] > 1 or (t == "dp" and EP > 1)]
+            for order in {"-".join(base), "-".join(kept) or "tp", "-".join(reversed(kept)) or "pp"}:
+                vpp = 2 if PP > 1 else 1
+                lay = ParallelLayout(tp=TP, pp=PP, dp=DP, cp=CP, ep=EP, order=order, vpp=vpp,
+                                     num_layers=PP * vpp * 2)
+                check_against_brute_force(lay, TP, PP, DP, CP, EP, order)
+
+
+def test_default_order_equals_megatron_core_0_6_0_process_groups(monkeypatch):
+    """The installed megatron-core 0.6.0 builds its groups with explicit loops (default order
+    only): run initialize_model_parallel with torch.distributed stubbed to record the groups."""
+    parallel_state = pytest.importorskip("megatron.core.parallel_state")
+    import torch.distributed as dist
+
+    for TP, PP, DP, CP, EP in [(2, 3, 4, 1, 2), (2, 2, 6, 1, 3), (2, 3, 2, 3, 1), (1, 2, 4, 2, 1), (4, 1, 4, 1, 4)]:
+        world = TP * PP * DP * CP
+        groups = []
+
+        def new_group(ranks=None, timeout=None, backend=None, pg_options=None, **kw):
+            if pg_options is not None:   # the gloo twins carry no name
+                groups.append((pg_options, list(ranks)))
+            return object()
+
+        monkeypatch.setattr(dist, "is_initialized", lambda: True)
+        monkeypatch.setattr(dist, "get_world_size", lambda group=None: world)
+        monkeypatch.setattr(dist, "get_rank", lambda group=None: 0)
+        monkeypatch.setattr(dist, "new_group", new_group)
+        monkeypatch.setattr(parallel_state, "get_nccl_options", lambda name, cfgs: name)
+        parallel_state.destroy_model_parallel()
+        try:
+            parallel_state.initialize_model_parallel(tensor_model_parallel_size=TP, pipeline_model_parallel_size=PP,
+                                                     context_parallel_size=CP, expert_model_parallel_size=EP)
+        finally:
+            parallel_state.destroy_model_parallel()
+        coords = {g: {} for g in range(world)}
+        for name, token in (("tp", "tp"), ("pp", "pp"), ("dp", "dp"), ("cp", "cp"), ("exp", "ep")):
+            for ranks in (r for n, r in groups if n == name):
+                for i, g in enumerate(ranks):
+                    coords[g][token] = i
+        lay = ParallelLayout(tp=TP, pp=PP, dp=DP, cp=CP, ep=EP)
+        for g, c in coords.items():
+            assert lay.coords(g) == c, (TP, PP, DP, CP, EP, g)
+        assert coords == rank_generator_coords(TP, PP, DP, CP, EP, "tp-cp-ep-dp-pp")
+
+
+def traced_lines(fn, module) -> int:
+    """Python lines executed inside `module`'s source file while fn() runs (comprehension and
+    generator iterations included): an operation count, independent of the machine's speed."""
+    target = module.__file__
+    count = 0
+
+    def local(frame, event, arg):
+        nonlocal count
+        if event == "line":
+            count += 1
+        return local
+
+    def calls(frame, event, arg):
+        return local if frame.f_code.co_filename == target else None
+
+    previous = sys.gettrace()
+    sys.settrace(calls)
+    try:
+        fn()
+    finally:
+        sys.settrace(previous)
+    return count
+
+
+def test_rank_enumeration_is_linear_in_the_ranks_listed():
+    """Listing the ranks of every mp_rank -- what a plan does -- costs a bounded number of
+    operations per rank listed and per mp_rank, up to 16,384 ranks (TP 8 x PP 64 x DP 32 x
+    EP 32), for orders placing the replica digits fast, slow or dp-before-ep. Counted in executed
+    lines of layout.py: doubling the mp_ranks or the replicas doubles the count (a per-mp_rank
+    scan of every rank, as before, would quadruple it)."""
+    import ckptmap.mapping.layout as layout_module
+
+    def count(lay, all_dp_cp):
+        listed = []
+
+        def run():
+            listed.append(sum(len(lay.mp_rank_ranks(t, p, all_dp_cp=all_dp_cp))
+                              for p in range(lay.pp) for t in range(lay.tp)))
+        lines = traced_lines(run, layout_module)
+        assert listed == [lay.world_size if all_dp_cp else lay.tp * lay.pp]
+        return lines
+
+    for order in ("tp-cp-ep-dp-pp", "pp-tp-dp-ep-cp", "ep-dp-cp-tp-pp"):
+        for grow in ("pp", "dp"):
+            full, zero, worlds = [], [], []
+            for k in (8, 16, 32, 64):
+                PP, DP = (k, 32) if grow == "pp" else (64, k // 2)
+                lay = ParallelLayout(tp=8, pp=PP, dp=DP, ep=min(DP, 32), vpp=2, num_layers=2 * PP, order=order)
+                full.append(count(lay, True))
+                zero.append(count(lay, False))
+                worlds.append(lay.world_size)
+                mp_ranks = lay.tp * lay.pp
+                assert full[-1] <= 2 * lay.world_size + 20 * mp_ranks + 100, (order, PP, DP, full[-1])
+                assert zero[-1] <= 20 * mp_ranks, (order, PP, DP, zero[-1])
+            if grow == "pp":
+                # each step doubles the mp_ranks and the ranks: the work doubles, no more
+                for series in (full, zero):
+                    for a, b in zip(series, series[1:]):
+                        assert 1.5 * a <= b <= 2.1 * a, (order, grow, series)
+            else:
+                # same mp_ranks, more replicas each: every rank added costs the same few steps
+                steps = [(b - a) / (wb - wa) for a, b, wa, wb in zip(full, full[1:], worlds, worlds[1:])]
+                assert all(0.5 <= x <= 2 for x in steps) and max(steps) <= 1.2 * min(steps), steps
+                assert len(set(zero)) == 1, zero   # the zero-redundancy listing does not depend on DP
+    # the whole-world listings with coordinates, once each, are linear too (~20 lines a rank)
+    for PP in (32, 64):
+        lay = ParallelLayout(tp=8, pp=PP, dp=32, ep=32)
+        n_full = traced_lines(lambda: lay.ranks(all_dp_cp=True), layout_module)
+        n_zero = traced_lines(lambda: lay.ranks(all_dp_cp=False), layout_module)
+        assert n_full <= 25 * lay.world_size and n_zero <= 25 * lay.tp * lay.pp, (PP, n_full, n_zero)

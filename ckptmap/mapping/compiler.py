@@ -7,6 +7,9 @@ here, before anything is written, so a refused conversion leaves the output unto
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import gc
 from collections import defaultdict
 from pathlib import Path
 
@@ -64,10 +67,26 @@ class _Matched:
     bindings: dict
 
 
-def match_rules(rules: RuleSet, tensors, path) -> tuple[list[_Matched], list[str]]:
+class RankMemo:
+    """What is the same on every rank, worked out once per compile: the rules a tensor name
+    matches (and their bindings), and a matched tensor's DDP name. Both depend on the tensor name
+    alone (for one rule set), and the same names recur on every rank -- layer numbers are local
+    to a pipeline chunk -- so with thousands of ranks this turns ranks x tensors x rules pattern
+    matches into (distinct names) x rules."""
+
+    def __init__(self):
+        self.hits: dict[str, list] = {}
+        self.ddp: dict[str, str] = {}
+
+
+def match_rules(rules: RuleSet, tensors, path, memo: RankMemo | None = None) -> tuple[list[_Matched], list[str]]:
     matched, unmatched = [], []
     for t in tensors:
-        hits = [(r, b) for r in rules.params if (b := r.megatron.match(t.name)) is not None]
+        hits = memo.hits.get(t.name) if memo is not None else None
+        if hits is None:
+            hits = [(r, b) for r in rules.params if (b := r.megatron.match(t.name)) is not None]
+            if memo is not None:
+                memo.hits[t.name] = hits   # bindings are shared between ranks: read them, never change them
         if not hits:
             unmatched.append(t.name)
             continue
@@ -77,6 +96,16 @@ def match_rules(rules: RuleSet, tensors, path) -> tuple[list[_Matched], list[str
                 f"({'; '.join(f'{r.loc}: {r.megatron}' for r, _ in hits)}); make the patterns disjoint")
         matched.append(_Matched(t, hits[0][0], hits[0][1]))
     return matched, unmatched
+
+
+def ddp_name(m: _Matched, memo: RankMemo | None = None) -> str:
+    """The matched tensor's name in Megatron's DDP buffer / param_map."""
+    if memo is None:
+        return m.rule.ddp_pattern().format(m.bindings)
+    name = memo.ddp.get(m.tensor.name)
+    if name is None:
+        name = memo.ddp[m.tensor.name] = m.rule.ddp_pattern().format(m.bindings)
+    return name
 
 
 def choose_rules(option: str, tensors, path) -> RuleSet:
@@ -110,6 +139,31 @@ def _arg(args, name, default=None):
     return default if value is None else value
 
 
+@contextlib.contextmanager
+def _few_full_collections():
+    """Planning allocates a few hundred thousand small records per thousand ranks and frees almost
+    none of them, so each full (generation 2) collection of the cyclic GC rescans the whole growing
+    plan: ~25% of the CPU time of a 4,096-rank plan. Full collections are made rare while planning
+    (the thresholds are restored after); the young generations still collect, so the short-lived
+    cycles that reading each rank's files leaves behind do not pile up."""
+    before = gc.get_threshold()
+    gc.set_threshold(before[0], before[1], max(before[2], 1000))
+    try:
+        yield
+    finally:
+        gc.set_threshold(*before)
+
+
+def planning(compile_fn):
+    """Decorator for a plan compiler: see _few_full_collections."""
+    @functools.wraps(compile_fn)
+    def wrapper(*args, **kwargs):
+        with _few_full_collections():
+            return compile_fn(*args, **kwargs)
+    return wrapper
+
+
+@planning
 def compile_pt2ms(opt: Pt2MsOptions) -> Plan:
     if opt.format not in ("ckpt", "safetensors"):
         raise CkptmapError(f"--format {opt.format}: use ckpt or safetensors")
@@ -167,8 +221,9 @@ def compile_pt2ms(opt: Pt2MsOptions) -> Plan:
     rules_used: set = set()
     unmatched_all: dict[str, list[str]] = {}
     matched_per_rank: dict[tuple[int, int], list[_Matched]] = {}
+    memo = RankMemo()
     for (tp, pp), model_file in files.items():
-        matched, unmatched = match_rules(rules, inventory[(tp, pp)], model_file.path)
+        matched, unmatched = match_rules(rules, inventory[(tp, pp)], model_file.path, memo)
         if unmatched:
             unmatched_all[str(model_file.path)] = unmatched
             continue
@@ -189,6 +244,7 @@ def compile_pt2ms(opt: Pt2MsOptions) -> Plan:
             f"rules describe (choose other --rules, or mark the rule `optional`)")
 
     param_maps = _param_maps(opt, ckdir)
+    maps_of = maps_by_chunk(param_maps)
     metadata = {"format": "ms"} if opt.format == "safetensors" else {}
     out_files: list[FileTask] = []
     layout_origins = set()
@@ -197,14 +253,15 @@ def compile_pt2ms(opt: Pt2MsOptions) -> Plan:
     for (tp, pp), matched in matched_per_rank.items():
         model_file = files[(tp, pp)]
         seen: dict[str, str] = {}
+        map_entries: dict = {}  # param_map files read for this rank, by path (buffer layout, then pt_meta)
         if opt.convert_param_only:
             tasks = [_weight_task(m, layout, pp, model_file.path, opt.dtype, env, seen) for m in matched]
             scalar_rows = mindspeed.step_scalars(step, opt.layout)
         else:
             optim = megatron_files.OptimFile(ckdir.ranks[(tp, pp)] / megatron_folders.OPTIM_FILE)
             optim.close()
-            buffers = _buffer_layouts(rules, args, matched, optim, param_maps, tp, pp, layout,
-                                      explicit_maps=bool(opt.param_map_path))
+            buffers = _buffer_layouts(rules, args, matched, optim, maps_of, tp, pp, layout,
+                                      explicit_maps=bool(opt.param_map_path), memo=memo, map_entries=map_entries)
             for v, g, bl in buffers:
                 layout_origins.add("param_map" if bl.origin != "derived" else "derived")
                 if bl.origin != "derived":
@@ -216,15 +273,14 @@ def compile_pt2ms(opt: Pt2MsOptions) -> Plan:
                         FileTask(mindspeed.pt_meta_path(param_map.param_map_file_name(b, d, tp, pp, v)), "text",
                                  text=text)
                         for d in range(_arg(args, "data_parallel_size", 1)))
-            tasks = _optimizer_tasks(matched, buffers, optim, rules, layout, pp, opt, env, seen)
+            tasks = _optimizer_tasks(matched, buffers, optim, rules, layout, pp, opt, env, seen, memo)
             scalar_rows = mindspeed.step_scalars(step, opt.layout) + mindspeed.optimizer_scalars(
                 model_file.root.get("optimizer"), model_file.root.get("opt_param_scheduler"), str(model_file.path))
         scalars = [TensorTask(name, dtype, shape, value=value) for name, dtype, shape, value in scalar_rows]
         primary = None
-        targets = layout.ranks(all_dp_cp=opt.generate_all_dp_cp) if opt.layout == "v1" else [(None, None)]
-        for g, coords in targets:
-            if coords is not None and (coords["tp"], coords["pp"]) != (tp, pp):
-                continue
+        targets = (layout.mp_rank_ranks(tp, pp, all_dp_cp=opt.generate_all_dp_cp) if opt.layout == "v1"
+                   else [None])
+        for g in targets:
             rel = (mindspeed.v1_path(g, opt.file_prefix, opt.format) if opt.layout == "v1"
                    else mindspeed.v2_path(iteration, tp, pp, pp_size, opt.format))
             if primary is None:
@@ -233,7 +289,7 @@ def compile_pt2ms(opt: Pt2MsOptions) -> Plan:
                                           crc=opt.crc and opt.format == "ckpt"))
             else:
                 out_files.append(FileTask(rel, "copy", source=primary, source_is_output=True))
-        out_files.append(_pt_meta_task(model_file, tp, pp, layout, rules, param_maps, inventory[(tp, pp)]))
+        out_files.append(_pt_meta_task(model_file, tp, pp, layout, maps_of, matched, memo, map_entries))
     for pm in param_maps:  # the way back reads pt_meta: keep only the maps this conversion relied on
         if opt.convert_param_only or (pm.tp, pm.pp, pm.vpp) in used_maps:
             out_files.append(FileTask(mindspeed.pt_meta_path(pm.path.name), "copy", source=str(pm.path)))
@@ -275,6 +331,13 @@ def check_layers(layout: ParallelLayout, matched, path, tp, pp) -> None:
 
 
 def _weight_task(m: _Matched, layout, pp, path, dtype_option, env, seen) -> TensorTask:
+    name, dtype, shape, concrete = _weight_parts(m, layout, pp, path, dtype_option, env, seen)
+    source = SourceSlice(str(path), m.tensor.key, m.tensor.dtype, m.tensor.shape)
+    return TensorTask(name, dtype, shape, (source,), m.tensor.dtype, m.tensor.shape, concrete, note=m.tensor.name)
+
+
+def _weight_parts(m: _Matched, layout, pp, path, dtype_option, env, seen) -> tuple:
+    """(MindSpore name, dtype, shape, ops) of a matched Megatron weight."""
     bindings = dict(m.bindings)
     if LAYER in bindings:
         bindings[LAYER] = layout.global_layer(pp, m.tensor.chunk, bindings[LAYER])
@@ -291,12 +354,32 @@ def _weight_task(m: _Matched, layout, pp, path, dtype_option, env, seen) -> Tens
     if dtype_option != "keep" and dtype in FLOAT_DTYPES and dtype != dtype_option:
         op, shape, dtype = tensor_ops.resolve("cast", (dtype_option,), shape, dtype, env, where)
         concrete.append(op)
-    source = SourceSlice(str(path), m.tensor.key, m.tensor.dtype, m.tensor.shape)
-    return TensorTask(name, dtype, shape, (source,), m.tensor.dtype, m.tensor.shape, tuple(concrete),
-                      note=m.tensor.name)
+    return name, dtype, shape, tuple(concrete)
 
 
-def _buffer_layouts(rules: RuleSet, args, matched, optim, param_maps, tp, pp, layout, explicit_maps):
+def maps_by_chunk(param_maps) -> dict[tuple[int, int, int], list]:
+    """{(tp, pp, vpp): the dp-0 param_map files of that model chunk, by buffer}: one pass over the
+    list, so that looking up a rank's maps does not scan every rank's."""
+    out: dict[tuple[int, int, int], list] = {}
+    for pm in param_maps:
+        if pm.dp == 0:
+            out.setdefault((pm.tp, pm.pp, pm.vpp), []).append(pm)
+    for maps in out.values():
+        maps.sort(key=lambda pm: pm.buffer)
+    return out
+
+
+def _read_map(pm, cache: dict | None) -> dict:
+    if cache is None:
+        return param_map.read_param_map(pm.path)
+    entries = cache.get(pm.path)
+    if entries is None:
+        entries = cache[pm.path] = param_map.read_param_map(pm.path)
+    return entries
+
+
+def _buffer_layouts(rules: RuleSet, args, matched, optim, maps_of, tp, pp, layout, explicit_maps, memo=None,
+                    map_entries=None):
     """[(chunk, global buffer index, BufferLayout)] for one (tp, pp) rank: from its param_map files
     when there are some, else derived from the model and the rules' `buckets megatron` block — and
     accepted only if it reproduces distrib_optim.pt's bucket sizes exactly."""
@@ -304,8 +387,7 @@ def _buffer_layouts(rules: RuleSet, args, matched, optim, param_maps, tp, pp, la
     g = 0
     bucket_rule = rules.bucket_layout("megatron", "0.6")
     for v in range(layout.vpp):
-        maps = sorted((pm for pm in param_maps if (pm.tp, pm.pp, pm.vpp, pm.dp) == (tp, pp, v, 0)),
-                      key=lambda pm: pm.buffer)
+        maps = maps_of.get((tp, pp, v), [])
         if explicit_maps and not maps:
             raise CkptmapError(
                 f"--param-map-path has no param_map_buffer*_dp0tp{tp}pp{pp}vpp{v}.json for tp rank {tp}, pp rank "
@@ -320,7 +402,7 @@ def _buffer_layouts(rules: RuleSet, args, matched, optim, param_maps, tp, pp, la
                         raise CkptmapError(f"{pm.path}: describes buffer {g + i} but {optim.path} has "
                                            f"{len(optim.buffers)}; the param_map belongs to a different run")
                     padded, unpadded = list(optim.buffers[g + i].padded), list(optim.buffers[g + i].unpadded)
-                    entries = param_map.read_param_map(pm.path)
+                    entries = _read_map(pm, map_entries)
                     chunk_layouts.append((v, g + i, buckets.buffer_from_param_map(entries, padded, unpadded,
                                                                                   str(pm.path))))
             except CkptmapError as e:
@@ -335,7 +417,7 @@ def _buffer_layouts(rules: RuleSet, args, matched, optim, param_maps, tp, pp, la
         for m in matched:
             if m.tensor.chunk == v:
                 params.setdefault(m.tensor.dtype, []).append(buckets.ParamEntry(
-                    m.rule.ddp_pattern().format(m.bindings), m.tensor.shape, m.tensor.dtype,
+                    ddp_name(m, memo), m.tensor.shape, m.tensor.dtype,
                     m.rule.shared_embedding))
         for dtype, group in params.items():
             if g >= len(optim.buffers):
@@ -369,15 +451,18 @@ def _buffer_layouts(rules: RuleSet, args, matched, optim, param_maps, tp, pp, la
     return out
 
 
-def _optimizer_tasks(matched, buffer_layouts, optim, rules, layout, pp, opt, env, seen) -> list[TensorTask]:
+def _optimizer_tasks(matched, buffer_layouts, optim, rules, layout, pp, opt, env, seen, memo=None) -> list[TensorTask]:
     slots = {}
+    keys: dict[tuple, str] = {}  # (buffer, state, bucket) -> flat key in distrib_optim.pt
     for v, g, bl in buffer_layouts:
         for slot in bl.slots:
             slots[(v, slot.name)] = (g, bl, slot)
     used = set()
     tasks = []
+    optim_file, optim_dir = str(optim.path), optim.path.parent
+    patterns = {state: rules.state_pattern(state) for state in opt.dist_opt_content}
     for m in matched:
-        ddp = m.rule.ddp_pattern().format(m.bindings)
+        ddp = ddp_name(m, memo)
         found = slots.get((m.tensor.chunk, ddp))
         if found is None:
             origin = next((bl.origin for v, _, bl in buffer_layouts if v == m.tensor.chunk), "the layout")
@@ -393,17 +478,20 @@ def _optimizer_tasks(matched, buffer_layouts, optim, rules, layout, pp, opt, env
                 f"{m.tensor.dtype} {list(m.tensor.shape)} in the checkpoint's model; the param_map belongs to a "
                 f"different run — use the one written with this checkpoint, or leave --param-map-path out")
         bucket = bl.buckets[slot.bucket]
-        weight = _weight_task(m, layout, pp, optim.path.parent, "keep", env, seen)
+        weight_name, _, weight_shape, weight_ops = _weight_parts(m, layout, pp, optim_dir, "keep", env, seen)
         note = (f"{m.tensor.name} · buffer {g} bucket {slot.bucket} [{slot.start - bucket.start}:"
                 f"{slot.end - bucket.start}]")
         for state in opt.dist_opt_content:
-            concrete, shape, dtype = list(weight.ops), weight.shape, "float32"
+            concrete, shape, dtype = list(weight_ops), weight_shape, "float32"
             if state == "param" and opt.dtype not in ("keep", "float32"):
                 op, shape, dtype = tensor_ops.resolve("cast", (opt.dtype,), shape, dtype, env, str(m.rule.loc))
                 concrete.append(op)
-            source = SourceSlice(str(optim.path), optim.buffers[g].key(state, slot.bucket), "float32", (bucket.numel,),
+            key = keys.get((g, state, slot.bucket))
+            if key is None:
+                key = keys[(g, state, slot.bucket)] = optim.buffers[g].key(state, slot.bucket)
+            source = SourceSlice(optim_file, key, "float32", (bucket.numel,),
                                  start=slot.start - bucket.start, numel=slot.end - slot.start)
-            tasks.append(TensorTask(rules.state_pattern(state).format({"name": weight.name}), dtype, shape,
+            tasks.append(TensorTask(patterns[state].format({"name": weight_name}), dtype, shape,
                                     (source,), "float32", m.tensor.shape, tuple(concrete), note=note))
     for v, g, bl in buffer_layouts:
         for slot in bl.slots:
@@ -431,24 +519,22 @@ def _param_maps(opt: Pt2MsOptions, ckdir) -> list:
     return []
 
 
-def _pt_meta_task(model_file, tp, pp, layout, rules, param_maps, tensors) -> FileTask:
+def _pt_meta_task(model_file, tp, pp, layout, maps_of, matched, memo=None, map_entries=None) -> FileTask:
     """pt_meta/args_tpTT_ppPPP.pt: every non-model entry as read, plus the per-chunk parameter
     names in buffer order (from the param_map when there is one); the executor adds the skeletons
     of the Megatron files (formats.megatron.build_pt_meta)."""
     names: list[list[str]] = []
     source = "param_map"
     for v in range(layout.vpp):
-        maps = sorted((pm for pm in param_maps if (pm.tp, pm.pp, pm.vpp, pm.dp) == (tp, pp, v, 0)),
-                      key=lambda pm: pm.buffer)
+        maps = maps_of.get((tp, pp, v))
         if maps:
             chunk_names = []
             for pm in maps:
-                chunk_names.extend(param_map.read_param_map(pm.path))
+                chunk_names.extend(_read_map(pm, map_entries))
             names.append(chunk_names)
         else:
             source = "state_dict_reversed"
-            chunk = [t for t in tensors if t.chunk == v]
-            names.append([_ddp_name(rules, t) for t in reversed(chunk)])
+            names.append([ddp_name(m, memo) for m in reversed(matched) if m.tensor.chunk == v])
     extra = {
         "param_name_list": names,
         "param_name_list_source": source,
@@ -457,11 +543,3 @@ def _pt_meta_task(model_file, tp, pp, layout, rules, param_maps, tensors) -> Fil
     return FileTask(mindspeed.pt_meta_args_path(tp, pp), "torch_meta", source=str(model_file.path),
                     aux_source=str(optim_path) if optim_path.is_file() else None,
                     keys=tuple(model_file.meta_keys()), extra=extra)
-
-
-def _ddp_name(rules: RuleSet, tensor) -> str:
-    for r in rules.params:
-        b = r.megatron.match(tensor.name)
-        if b is not None:
-            return r.ddp_pattern().format(b)
-    return "module." + tensor.name

@@ -185,7 +185,9 @@ class ParallelLayout:
 
     # Derived tables, filled in __attrs_post_init__ (not part of equality / hashing / repr).
     _radix: tuple = attrs.field(init=False, eq=False, repr=False)
+    _stride: dict = attrs.field(init=False, eq=False, repr=False)
     _ep_before_dp: bool = attrs.field(init=False, eq=False, repr=False)
+    _replica_offsets: tuple | None = attrs.field(init=False, default=None, eq=False, repr=False)
     _chunk_table: dict = attrs.field(init=False, eq=False, repr=False)
     _megatron_table: dict = attrs.field(init=False, eq=False, repr=False)
     _locate_table: tuple = attrs.field(init=False, eq=False, repr=False)
@@ -275,7 +277,13 @@ class ParallelLayout:
                 tokens.append(t)
         sizes = {"tp": self.tp, "cp": self.cp, "pp": self.pp, "ep": self.ep,
                  "dp": self.dp // self.ep}
-        object.__setattr__(self, "_radix", tuple((t, sizes[t]) for t in tokens))
+        radix = tuple((t, sizes[t]) for t in tokens)
+        stride, s = {}, 1
+        for t, size in radix:
+            stride[t] = s
+            s *= size
+        object.__setattr__(self, "_radix", radix)
+        object.__setattr__(self, "_stride", stride)
         object.__setattr__(self, "_ep_before_dp", tokens.index("ep") < tokens.index("dp"))
 
     def _build_layers(self) -> None:
@@ -387,12 +395,8 @@ class ParallelLayout:
             ep, dp_rest = dp % self.ep, dp // self.ep
         else:
             dp_rest, ep = dp % (self.dp // self.ep), dp // (self.dp // self.ep)
-        digits = {"tp": tp, "cp": cp, "pp": pp, "ep": ep, "dp": dp_rest}
-        rank, stride = 0, 1
-        for token, size in self._radix:
-            rank += digits[token] * stride
-            stride *= size
-        return rank
+        st = self._stride
+        return tp * st["tp"] + cp * st["cp"] + pp * st["pp"] + ep * st["ep"] + dp_rest * st["dp"]
 
     def coords(self, rank: int) -> dict:
         """Inverse of :meth:`global_rank`: ``{"tp", "cp", "ep", "dp", "pp"}`` with the full dp
@@ -412,12 +416,41 @@ class ParallelLayout:
         dp = ep + self.ep * dp_rest if self._ep_before_dp else dp_rest + (self.dp // self.ep) * ep
         return {"tp": digits["tp"], "cp": digits["cp"], "ep": ep, "dp": dp, "pp": digits["pp"]}
 
+    def _replicas(self) -> tuple[int, ...]:
+        """Ascending offsets ``cp*stride(cp) + ep*stride(ep) + dp_rest*stride(dp)`` over every
+        (cp, ep, dp_rest) digit combination: added to the rank of (tp, pp, dp 0, cp 0) they give
+        every rank holding the same model shard.  Built once, DP*CP entries: a mixed-radix
+        number grows with its slower digits, so listing each digit over the combinations of the
+        faster ones keeps the list ascending without sorting."""
+        if self._replica_offsets is None:
+            offsets = [0]
+            for token, size in self._radix:   # fastest digit first
+                if token in ("cp", "ep", "dp") and size > 1:
+                    stride = self._stride[token]
+                    offsets = [j * stride + o for j in range(size) for o in offsets]
+            object.__setattr__(self, "_replica_offsets", tuple(offsets))
+        return self._replica_offsets
+
+    def mp_rank_ranks(self, tp: int, pp: int, *, all_dp_cp: bool) -> list[int]:
+        """The global ranks that hold Megatron's mp_rank (`tp`, `pp`), ascending: all of its
+        data-/context-parallel (and expert) replicas when `all_dp_cp`, otherwise only the
+        zero-redundancy one (dp = cp = 0, the smallest).  Computed directly: O(DP*CP) with
+        `all_dp_cp`, O(1) without, independent of the world size."""
+        self._check_coord("tp", tp, self.tp)
+        self._check_coord("pp", pp, self.pp)
+        base = tp * self._stride["tp"] + pp * self._stride["pp"]
+        if not all_dp_cp:
+            return [base]
+        return [base + o for o in self._replicas()]
+
     def ranks(self, *, all_dp_cp: bool) -> list[tuple[int, dict]]:
         """``(global rank, coords)`` ascending by rank: every rank when `all_dp_cp`, otherwise
-        the zero-redundancy set dp = cp = 0 (one rank per (tp, pp))."""
+        the zero-redundancy set dp = cp = 0 (one rank per (tp, pp)).  Linear in the ranks
+        returned; per mp_rank, use :meth:`mp_rank_ranks` instead of filtering this list."""
         if all_dp_cp:
             return [(g, self.coords(g)) for g in range(self.world_size)]
-        found = sorted(self.global_rank(tp=t, pp=p) for p in range(self.pp) for t in range(self.tp))
+        st_tp, st_pp = self._stride["tp"], self._stride["pp"]
+        found = sorted(t * st_tp + p * st_pp for p in range(self.pp) for t in range(self.tp))
         return [(g, self.coords(g)) for g in found]
 
     def describe(self) -> str:
@@ -468,6 +501,10 @@ class ParallelLayout:
 
     def global_layer(self, pp: int, v: int, local: int) -> int:
         """MindSpeed global id of Megatron local layer `local` of chunk (pp, v)."""
+        if type(pp) is int and type(v) is int and type(local) is int:  # called per tensor: a plain lookup
+            kept = self._megatron_table.get((pp, v)) if self.num_layers else None
+            if kept is not None and 0 <= local < len(kept):
+                return kept[local]
         kept = self.megatron_layers(pp, v)
         if isinstance(local, bool) or not isinstance(local, int) or not 0 <= local < len(kept):
             noop_here = [g for g in self._chunk_table[(pp, v)] if g in self.noop]

@@ -22,7 +22,8 @@ from ckptmap.errors import CkptmapError
 from ckptmap.formats import megatron_files, megatron_folders, mindspeed, param_map, pt_meta, registry, torch_zip_reader
 from ckptmap.mapping import buckets
 from ckptmap.mapping import ops as tensor_ops
-from ckptmap.mapping.compiler import check_layers, check_size, choose_rules, listing, match_rules
+from ckptmap.mapping.compiler import (RankMemo, check_layers, check_size, choose_rules, ddp_name, listing,
+                                      maps_by_chunk, match_rules, planning)
 from ckptmap.mapping.layout import ParallelLayout
 from ckptmap.mapping.plan import FileTask, Plan, SourceSlice, StoragePiece, StorageTask, TensorTask
 from ckptmap.mapping.rules import LAYER
@@ -135,6 +136,7 @@ def _scalar(reader, name):
     return value.reshape(()).copy()
 
 
+@planning
 def compile_ms2pt(opt: Ms2PtOptions) -> Plan:
     ms_root, layout_name = _find_ms_root(opt)
     meta_dir = Path(opt.param_map_path) if opt.param_map_path else ms_root / mindspeed.PT_META_DIR
@@ -170,6 +172,8 @@ def compile_ms2pt(opt: Ms2PtOptions) -> Plan:
                             stage_list=tuple(opt.stage_list) if opt.stage_list else None,
                             noop=frozenset(opt.noop), order=opt.parallel_init_order)
     param_maps = param_map.find_param_maps(meta_dir)
+    maps_of = maps_by_chunk(param_maps)
+    memo = RankMemo()
 
     plan_files: list[FileTask] = []
     iterations = set()
@@ -178,7 +182,7 @@ def compile_ms2pt(opt: Ms2PtOptions) -> Plan:
     for tp in range(tp_found):
         for pp in range(pp_found):
             meta = first if (tp, pp) == (0, 0) else _read_meta(meta_dir, tp, pp)
-            matched, unmatched = match_rules(rules, meta.tensors, meta.path)
+            matched, unmatched = match_rules(rules, meta.tensors, meta.path, memo)
             if unmatched:
                 raise CkptmapError(f"no rule in {rules.path} matches {listing(unmatched)} of {meta.path}; add "
                                    f"rules for them or pick other rules with --rules")
@@ -213,7 +217,7 @@ def compile_ms2pt(opt: Ms2PtOptions) -> Plan:
                                       opt.convert_param_only, scalars))
         if not opt.convert_param_only:
             plan_files.append(_optim_file(meta, rank_dir, matched, layout, pp, tp, rules, ms_file, specs,
-                                          param_maps))
+                                          maps_of, memo))
     if not opt.convert_param_only:
         # the checkpoint describes its own bucket layout, as with ckptmap.hooks.megatron
         iter_maps = f"{megatron_folders.iter_dir_name(out_iteration)}/{megatron_folders.PARAM_MAP_DIR}"
@@ -353,7 +357,8 @@ def _whole(new, what) -> int:
     return int(value)
 
 
-def _optim_file(meta: _MetaRank, rank_dir, matched, layout, pp, tp, rules, ms_file, specs, param_maps) -> FileTask:
+def _optim_file(meta: _MetaRank, rank_dir, matched, layout, pp, tp, rules, ms_file, specs, maps_of,
+                memo=None) -> FileTask:
     m_meta = meta.meta
     if "distrib_optim" not in m_meta:
         raise CkptmapError(f"{meta.path} has no distributed-optimizer layout (the Megatron checkpoint had no "
@@ -368,8 +373,7 @@ def _optim_file(meta: _MetaRank, rank_dir, matched, layout, pp, tp, rules, ms_fi
     layouts = []
     g = 0
     for v in range(layout.vpp):
-        maps = sorted((pm for pm in param_maps if (pm.tp, pm.pp, pm.vpp, pm.dp) == (tp, pp, v, 0)),
-                      key=lambda pm: pm.buffer)
+        maps = maps_of.get((tp, pp, v))
         if not maps:
             raise CkptmapError(f"{meta.path.parent} has no param_map_buffer*_dp0tp{tp}pp{pp}vpp{v}.json; the pt_meta "
                                f"folder is incomplete — re-run `ckptmap pt2ms`")
@@ -386,7 +390,7 @@ def _optim_file(meta: _MetaRank, rank_dir, matched, layout, pp, tp, rules, ms_fi
                 placeholder_of[(gi, state, j)] = ph[1]
     pieces_by_ref: dict[int, list] = {}
     for m in matched:
-        ddp = m.rule.ddp_pattern().format(m.bindings)
+        ddp = ddp_name(m, memo)
         found = slot_of.get((m.tensor.chunk, ddp))
         if found is None:
             raise CkptmapError(f"{meta.path.parent}: the param_map of chunk {m.tensor.chunk} has no {ddp}; pt_meta "

@@ -6,6 +6,7 @@ compiler decides, the executor moves bytes. A plan is deterministic for the same
 
 from __future__ import annotations
 
+import io
 import json
 import math
 from typing import Any
@@ -159,6 +160,12 @@ class FileTask:
         return sum(t.nbytes for t in self.tensors) + sum(s.nbytes for s in self.storages)
 
 
+def _nested_json(value, depth: int) -> str:
+    """``json.dumps(value, indent=1)`` as it appears `depth` levels deep in an indented document
+    (JSON strings escape newlines, so every newline of the text is a line break of the layout)."""
+    return json.dumps(value, indent=1).replace("\n", "\n" + " " * depth)
+
+
 def _tensor_task(raw: dict) -> TensorTask:
     t = dict(raw)
     t["sources"] = tuple(SourceSlice(**s) for s in t.get("sources", ()))
@@ -181,7 +188,29 @@ class Plan:
         return sum(f.nbytes for f in self.files)
 
     def to_json(self) -> str:
-        return json.dumps(attrs.asdict(self, recurse=True), indent=1)
+        buf = io.StringIO()
+        self.write_json(buf)
+        return buf.getvalue()
+
+    def write_json(self, fp) -> None:
+        """Write the plan as JSON to the text stream `fp`, one file record at a time: never the
+        whole plan as one string or one dict tree (a 16,384-rank plan holds tens of thousands of
+        records). The text is exactly ``json.dumps(attrs.asdict(plan), indent=1)``."""
+        fields = attrs.fields(type(self))
+        rest = attrs.asdict(self, recurse=True, filter=lambda a, _: a is not fields.files)
+        for n, field in enumerate(fields):
+            fp.write(("{" if n == 0 else ",") + "\n " + json.dumps(field.name) + ": ")
+            if field.name != "files":
+                fp.write(_nested_json(rest[field.name], 1))
+                continue
+            if not self.files:
+                fp.write("[]")
+                continue
+            fp.write("[")
+            for i, f in enumerate(self.files):
+                fp.write(("\n  " if i == 0 else ",\n  ") + _nested_json(attrs.asdict(f, recurse=True), 2))
+            fp.write("\n ]")
+        fp.write("\n}")
 
     @classmethod
     def from_json(cls, text: str, origin: str = "plan") -> "Plan":

@@ -1,0 +1,165 @@
+"""Planning and multi-machine runs scale linearly with the rank count (project issue 16).
+
+Shown by operation counts, not by timing: the Python lines executed inside ckptmap's planning
+modules while a plan is compiled. Quadrupling the mp_rank folders (and the MindSpore ranks) must
+quadruple that count, not multiply it by 16 -- per-rank scans over every rank, or over every
+rank's param_map files, showed up as exactly that. Also: the streamed plan JSON is the same text
+as before, and a 64-machine run splits the files and finishes with one manifest.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import sys
+
+import attrs
+import pytest
+
+from ckptmap import execute
+from ckptmap.demo import DemoModel, build_megatron_checkpoint
+from ckptmap.mapping import compiler, layout, ms2pt, plan as plan_module
+from ckptmap.mapping.compiler import Pt2MsOptions, compile_pt2ms
+from ckptmap.mapping.ms2pt import Ms2PtOptions, compile_ms2pt
+from ckptmap.mapping.plan import FileTask, Plan, TensorTask
+
+PLANNING = (compiler, ms2pt, layout)
+
+
+def tiny(pp: int, dp: int) -> DemoModel:
+    return DemoModel(tp=2, pp=pp, dp=dp, layers=pp, hidden=16, heads=4, groups=4, kv=4, ffn=16, vocab=64)
+
+
+def traced_lines(fn, modules) -> tuple[int, object]:
+    """(Python lines executed inside the source files of `modules` while fn() runs, its result)."""
+    targets = {m.__file__ for m in modules}
+    count = 0
+
+    def local(frame, event, arg):
+        nonlocal count
+        if event == "line":
+            count += 1
+        return local
+
+    def calls(frame, event, arg):
+        return local if frame.f_code.co_filename in targets else None
+
+    previous = sys.gettrace()
+    sys.settrace(calls)
+    try:
+        result = fn()
+    finally:
+        sys.settrace(previous)
+    return count, result
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """TP 2 x PP 4 and TP 2 x PP 16 (8 and 32 mp_rank folders), saved with DP 8; each converted
+    once, so that its pt_meta folder holds 8 param_map files per mp_rank."""
+    out = {}
+    for pp in (4, 16):
+        root = tmp_path_factory.mktemp(f"pp{pp}")
+        build_megatron_checkpoint(root / "megatron", tiny(pp, 8), iteration=5, keep_truth=False)
+        plan = compile_pt2ms(Pt2MsOptions(str(root / "megatron"), str(root / "ms")))
+        assert not execute.run_plan(plan, processes=2, progress=False).failed
+        out[pp] = root
+    return out
+
+
+def assert_linear(counts: dict, what: str):
+    """counts: {pp: lines} for PP 4 and 16 (4x the ranks). Work linear in the ranks, a + b*ranks
+    with a >= 0, grows at most 4x (less, as the per-plan part a and the first/last stages' extra
+    tensors weigh less); any work per pair of ranks pushes it above 4 (the code before issue 16:
+    x4.1 for ms2pt's param_map scan, x7 to x10 for pt2ms)."""
+    ratio = counts[16] / counts[4]
+    assert 2.5 <= ratio <= 4.0, f"{what}: {counts} (x{ratio:.2f} for 4x the ranks)"
+
+
+def test_pt2ms_planning_is_linear_in_ranks(checkpoints):
+    """Plans with every DP rank written (--generate-all-dp-cp: 64 / 256 MindSpore ranks), with the
+    bucket layouts derived, and with the 8-per-mp_rank param_map files given explicitly."""
+    for label, extra in [("all dp ranks", dict(generate_all_dp_cp=True)),
+                         ("derived layouts", {}),
+                         ("explicit param maps", dict(param_map_path="PT_META"))]:
+        counts = {}
+        for pp, root in checkpoints.items():
+            if extra.get("param_map_path"):
+                extra = dict(extra, param_map_path=str(root / "ms" / "pt_meta"))
+            opt = Pt2MsOptions(str(root / "megatron"), str(root / "out"), **extra)
+            counts[pp], plan = traced_lines(lambda: compile_pt2ms(opt), PLANNING)
+            ms_ranks = 2 * pp * (8 if opt.generate_all_dp_cp else 1)
+            assert sum(f.path.endswith("network.ckpt") for f in plan.files) == ms_ranks
+        assert_linear(counts, f"compile_pt2ms ({label})")
+
+
+def test_ms2pt_planning_is_linear_in_ranks(checkpoints):
+    counts = {}
+    for pp, root in checkpoints.items():
+        opt = Ms2PtOptions(str(root / "ms"), str(root / "back"))
+        counts[pp], plan = traced_lines(lambda: compile_ms2pt(opt), PLANNING)
+        assert sum(f.path.endswith("distrib_optim.pt") for f in plan.files) == 2 * pp
+    assert_linear(counts, "compile_ms2pt")
+
+
+def test_assign_files_does_not_scan_every_machine_per_file(checkpoints):
+    """Splitting a plan between 4 or 512 machines costs the same number of steps per file."""
+    plan = compile_pt2ms(Pt2MsOptions(str(checkpoints[16] / "megatron"), "/nowhere", generate_all_dp_cp=True))
+    counts = {w: traced_lines(lambda: execute.assign_files(plan, w), [execute])[0] for w in (4, 512)}
+    assert counts[512] <= 1.1 * counts[4], counts
+
+
+def test_assign_files_balances_bytes_and_keeps_copies_with_their_original():
+    def sized(name, n):  # a file of n float32 constants: 4n bytes
+        return FileTask(name, "ckpt", (TensorTask("t", "float32", (n,), value=0.0),))
+
+    plan = Plan("t", "/o", tuple(sized(f"f{i}", n) for i, n in enumerate([5, 3, 3, 2, 2, 1, 1, 1])))
+    # largest first, each to the least-loaded machine (lowest rank on a tie); a file weighs bytes + 1
+    assert execute.assign_files(plan, 3) == [0, 1, 2, 1, 2, 0, 1, 2]   # loads 26, 27, 27
+    files = [sized("a", 2), sized("b", 4), FileTask("a2", "copy", source="a", source_is_output=True),
+             FileTask("a3", "copy", source="a", source_is_output=True), sized("c", 3)]
+    # "a" is written three times (two copies follow it): it weighs 3 x 9 and goes first
+    assert execute.assign_files(Plan("t", "/o", tuple(files)), 2) == [0, 1, 0, 0, 1]
+
+
+def test_written_plan_json_is_streamed_and_unchanged(checkpoints):
+    """write_json writes the plan record by record; the text is json.dumps of the whole plan."""
+    root = checkpoints[4]
+    plans = [compile_pt2ms(Pt2MsOptions(str(root / "megatron"), str(root / "out"), generate_all_dp_cp=True)),
+             compile_ms2pt(Ms2PtOptions(str(root / "ms"), str(root / "back"))),
+             Plan("pt2ms", "/o", (), {"note": "no files"})]
+    for p in plans:
+        writes = []
+
+        class Stream(io.StringIO):
+            def write(self, text):
+                writes.append(len(text))
+                return super().write(text)
+
+        stream = Stream()
+        p.write_json(stream)
+        assert stream.getvalue() == json.dumps(attrs.asdict(p, recurse=True), indent=1) == p.to_json()
+        assert Plan.from_json(stream.getvalue()) == p
+        if p.files:
+            largest = max(len(plan_module._nested_json(attrs.asdict(f, recurse=True), 2)) for f in p.files)
+            assert len(writes) > len(p.files) and max(writes) <= largest + 4
+
+
+def test_many_machines_finish_with_one_manifest(tmp_path):
+    """64 machines (run one after the other, rank 0 last) share 300 files; each writes its own
+    part, rank 0 gathers every report and writes the manifest of all 300."""
+    files = tuple(FileTask(f"d{i % 7}/f{i}.txt", "text", text=str(i) * (1 + i % 5)) for i in range(300))
+    plan = Plan("text", str(tmp_path / "out"), files)
+    owner = execute.assign_files(plan, 64)
+    assert set(owner) == set(range(64))
+    assert max(owner.count(r) for r in range(64)) - min(owner.count(r) for r in range(64)) <= 1
+    for rank in list(range(1, 64)) + [0]:
+        report = execute.run_plan(plan, multiprocess=False, progress=False, world_size=64, rank=rank,
+                                  wait_timeout=5)
+        assert not report.failed
+        assert len(report.results) == (300 if rank == 0 else owner.count(rank))
+    manifest = json.loads((tmp_path / "out" / execute.MANIFEST).read_text())
+    assert manifest["complete"] and manifest["world_size"] == 64 and len(manifest["files"]) == 300
+    assert not (tmp_path / "out" / ".ckptmap-done").exists()
+    for i, f in enumerate(files):
+        assert (tmp_path / "out" / f.path).read_text() == f.text
