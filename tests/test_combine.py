@@ -266,6 +266,20 @@ def test_reference_defaults_and_rerun_in_place(tmp_path, monkeypatch):
         "network_rank_0-0_1.ckpt", "network_rank_0-0_1_dp_merged.ckpt"]
 
 
+@pytest.mark.parametrize("key", ["state_step", "iteration"])
+def test_error_ranks_of_a_dp_group_at_different_steps(tmp_path, capsys, key):
+    """Shards named as the same step whose contents are of different optimizer steps (a rank's file
+    copied from another save) cannot be merged into one optimizer state."""
+    src = tmp_path / "run"
+    build_run(src, tp_size=2, pp_size=1, dp=2)
+    path = src / "rank_3/network_rank_3-0_1.ckpt"
+    tensors = load_ms(path)
+    tensors[key] = np.asarray(tensors[key] + 1, dtype=tensors[key].dtype)
+    save_ms(path, tensors, "ckpt")
+    err = _refused(src, tmp_path / "out", capsys, key, "rank 1", "rank 3", "[1, 3]")
+    assert "1" in err and "2" in err
+
+
 def test_no_save_optim_drops_exactly_the_optimizer_keys(tmp_path):
     src, out = tmp_path / "run", tmp_path / "merged"
     truth = build_run(src, tp_size=1, pp_size=2, dp=2)

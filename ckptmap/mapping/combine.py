@@ -287,10 +287,38 @@ def _inventory(path: Path) -> dict:
         reader.close()
 
 
+STEP_KEYS = ("state_step", "iteration", "step_num")
+
+
+def _check_same_step(info: osi.ShardInfo, files: list[Path], inv: list[dict]) -> None:
+    """Every rank of a DP group holds the shard of one optimizer step: their ``state_step``,
+    ``iteration`` and ``step_num`` agree (a file copied in from another save has the right name but
+    another step; merging it would mix two optimizer states)."""
+    for key in STEP_KEYS:
+        values = []
+        for k, (path, keys) in enumerate(zip(files, inv)):
+            spec = keys.get(key)
+            if spec is None or math.prod(spec[1]) != 1 or spec[0] == "str":
+                continue
+            reader = registry.open_reader(path)
+            try:
+                value = reader.array(key).reshape(-1)[0].item()
+            finally:
+                reader.close()
+            values.append((info.dp_ranks[k], path, value))
+        if len({v for _, _, v in values}) > 1:
+            shown = "; ".join(f"rank {r} has {v:g} ({path})" for r, path, v in values)
+            raise CkptmapError(
+                f"the ranks of DP group {list(info.dp_ranks)} ({info.path}) hold different steps in {key}: {shown}. "
+                f"Their shards belong to different saves and cannot be merged into one optimizer state; put back "
+                f"each rank's file of the same save (or pick a step every rank saved with --iteration)")
+
+
 def _group_tasks(group: _Group, files: list[Path], opt: CombineOptions) -> list[TensorTask]:
     info = group.info
     dp = info.dp
     inv = [_inventory(p) for p in files]
+    _check_same_step(info, files, inv)
     fix = ("the checkpoint files and the opt_shard_info folder come from different runs (or DP sizes); use the "
            "shard-info JSON written by the run that saved these checkpoints")
 
