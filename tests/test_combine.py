@@ -258,12 +258,45 @@ def test_reference_defaults_and_rerun_in_place(tmp_path, monkeypatch):
     assert build_parser().parse_args(["combine", "--process-limit", "2"]).process_limit == 2
     monkeypatch.chdir(tmp_path)
     truth = build_run("output", tp_size=2, pp_size=1, dp=2)
-    for _ in range(2):
-        assert main(["combine", "--no-progress", "--max-proccess-limit", "2"]) == 0
+    for overwrite in ([], ["--overwrite"]):   # a second run into the same folder replaces only on request
+        assert main(["combine", "--no-progress", "--max-proccess-limit", "2", *overwrite]) == 0
         for g in truth:
             assert_merged(Path(f"output/rank_{g}/network_rank_{g}-0_1_dp_merged.ckpt"), truth[g][1])
     assert sorted(p.name for p in Path("output/rank_0").iterdir()) == [
         "network_rank_0-0_1.ckpt", "network_rank_0-0_1_dp_merged.ckpt"]
+
+
+def test_rerun_in_place_refuses_existing_merged_files_and_never_touches_the_shards(tmp_path, capsys):
+    """--output-dir = --checkpoint-dir (the reference's default): the folder holds the run's shards,
+    so only the files combine writes count — an existing merged file is refused without --overwrite,
+    and --overwrite replaces exactly those files; shards and anything else stay."""
+    src = tmp_path / "run"
+    build_run(src, tp_size=1, pp_size=1, dp=2, steps=(1, 2))
+    (src / "rank_1" / "notes.txt").write_text("mine")
+    assert combine(src, src) == 0
+    merged = src / "rank_0/network_rank_0-0_2_dp_merged.ckpt"
+    everything = {p: p.read_bytes() for p in src.rglob("*") if p.is_file()}
+    merged.write_bytes(b"an older merge")
+    capsys.readouterr()
+    assert combine(src, src) == 2
+    err = capsys.readouterr().err
+    assert "rank_0/network_rank_0-0_2_dp_merged.ckpt" in err and "--overwrite" in err
+    assert merged.read_bytes() == b"an older merge"
+    assert combine(src, src, "--dry-run") == 0
+    printed = capsys.readouterr().out
+    assert "replace" in printed and "rank_0/network_rank_0-0_2_dp_merged.ckpt" in printed
+    assert "nothing else" in printed
+    assert combine(src, src, "--overwrite") == 0
+    assert {p: p.read_bytes() for p in src.rglob("*") if p.is_file()} == everything
+    # a separate output folder belongs to the merge: a stray file there is refused, then removed
+    out = tmp_path / "merged"
+    out.mkdir()
+    (out / "stray.ckpt").write_bytes(b"x")
+    assert combine(src, out) == 2
+    assert "stray.ckpt" in capsys.readouterr().err
+    assert combine(src, out, "--overwrite") == 0
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*")) == [
+        "rank_0", "rank_0/network_rank_0-0_2_dp_merged.ckpt"]
 
 
 @pytest.mark.parametrize("key", ["state_step", "iteration"])

@@ -25,6 +25,7 @@ not describe.
 from __future__ import annotations
 
 import math
+import os
 from collections import defaultdict
 from pathlib import Path
 
@@ -510,4 +511,17 @@ def compile_combine(opt: CombineOptions) -> Plan:
             f"{label}: {', '.join(_step_text(s) for s in steps)}" for label, steps in list(newer.items())[:MAX_LISTED])
     if notes:
         info["note"] = " ".join(notes)
-    return Plan("combine", str(Path(opt.output_dir)), tuple(out_files + copies), info)
+    # Writing into the folder of the shards (the reference's default --output-dir = --checkpoint-dir):
+    # that folder holds data combine reads but does not own, so only the merged files count as
+    # overwrites and nothing else is ever removed. A separate output folder belongs to the merge.
+    out = Path(opt.output_dir)
+    shared = any(_within(d, out) for d in (ckdir, strategy))
+    if shared:
+        info["output"] = "shared with the shards (only the merged files are this run's)"
+    return Plan("combine", str(out), tuple(out_files + copies), info, output_shared=shared)
+
+
+def _within(path: Path, folder: Path) -> bool:
+    """``path`` is ``folder`` or inside it (symbolic links resolved)."""
+    p, f = Path(os.path.realpath(path)), Path(os.path.realpath(folder))
+    return p == f or f in p.parents
