@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
+import shutil
 import socket
 import stat
 from pathlib import Path
@@ -21,13 +22,25 @@ _counter = itertools.count()
 _HOST = socket.gethostname().replace("-", "_") or "host"
 
 
-def _umask() -> int:
+def current_umask() -> int:
+    """The process's umask now (a training script may change it after importing ckptmap), read from
+    /proc/self/status without touching it; only without /proc is it read by setting it and back
+    (which, for that instant, applies umask 0 to files other threads create)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
     mask = os.umask(0)
     os.umask(mask)
     return mask
 
 
-FILE_MODE = 0o666 & ~_umask()   # what open() would give a new file: 0644 under the usual umask 022
+def file_mode() -> int:
+    """What open() gives a new plain file: 0666 minus the umask (0644 under the usual 022)."""
+    return 0o666 & ~current_umask()
 
 
 def temp_name(final: Path) -> Path:
@@ -45,7 +58,7 @@ def fsync_directory(directory: Path) -> None:
 @contextlib.contextmanager
 def atomic_output(final, *, fsync: bool = False, mode: int | None = None):
     """Yield a temporary path beside ``final``; when the block completes, set ``mode`` (default: the
-    permissions a plain new file gets), optionally fsync, and rename it to ``final``. On any
+    permissions a plain new file gets under the umask in effect now), optionally fsync, and rename it to ``final``. On any
     exception (KeyboardInterrupt and SystemExit included) the temporary file is removed and
     ``final`` is left as it was. The caller writes the temporary path however it likes."""
     final = Path(final)
@@ -54,7 +67,7 @@ def atomic_output(final, *, fsync: bool = False, mode: int | None = None):
         yield tmp
         if not tmp.exists():
             raise FileNotFoundError(f"internal error: nothing was written to {tmp} for {final}")
-        os.chmod(tmp, FILE_MODE if mode is None else mode)
+        os.chmod(tmp, file_mode() if mode is None else mode)
         if fsync:
             fd = os.open(tmp, os.O_RDONLY)
             try:
@@ -84,43 +97,63 @@ def is_temp(name: str) -> bool:
     return TMP_MARK in name
 
 
-def _owner(name: str) -> tuple[str, int] | None:
+def temp_owner(name: str) -> tuple[str, int] | None:
+    """(host, pid) of the process that made the ckptmap temporary file ``name``; None if it is not one."""
+    if not is_temp(name):
+        return None
     tail = name.rpartition(TMP_MARK)[2]
     parts = tail.rsplit("-", 2)
-    if len(parts) != 3 or not parts[1].isdigit():
+    if len(parts) != 3 or not parts[1].isdigit() or not parts[2].isdigit():
         return None
     return parts[0], int(parts[1])
 
 
-def _alive(pid: int) -> bool:
+
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` of this host still runs (a zombie nobody reaped has finished)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return True
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[0] not in ("Z", "X")
+    except (OSError, IndexError):
+        return True
 
 
-def remove_stale_temps(root) -> list[Path]:
-    """Remove ckptmap temporary files under ``root`` left by processes of this host that no longer
-    run (a killed run); returns what was removed. Files of live processes, of other hosts (a shared
-    folder written by several machines) and anything not named like ckptmap's temporaries stay."""
+
+def temp_state(name: str) -> str | None:
+    """For a ckptmap temporary file: ``"stale"`` (its process, on this host, is gone), ``"live"``
+    (it runs on this host), ``"other-host"`` (made on another machine: nobody here can tell).
+    None if ``name`` is not a ckptmap temporary file."""
+    owner = temp_owner(name)
+    if owner is None:
+        return None
+    if owner[0] != _HOST:
+        return "other-host"
+    return "live" if pid_alive(owner[1]) else "stale"
+
+
+def remove_stale_temps(root, *, recursive: bool = True) -> list[Path]:
+    """Remove ckptmap temporary files under ``root`` (only in ``root`` itself unless ``recursive``)
+    left by processes of this host that no longer run (a killed run); returns what was removed.
+    Files of live processes, of other hosts (a shared folder written by several machines) and
+    anything not named like ckptmap's temporaries stay. Symbolic links are not followed."""
     root = Path(root)
     removed = []
     if not root.is_dir():
         return removed
-    for dirpath, dirnames, filenames in os.walk(root):
+    walk = os.walk(root) if recursive else [(str(root), [], [e.name for e in os.scandir(root)])]
+    for dirpath, dirnames, filenames in walk:
         for name in filenames + dirnames:
-            if not is_temp(name):
-                continue
-            owner = _owner(name)
-            if owner is None or owner[0] != _HOST or _alive(owner[1]):
+            if temp_state(name) != "stale":
                 continue
             path = Path(dirpath) / name
             try:
                 if stat.S_ISDIR(path.lstat().st_mode):
-                    import shutil
                     shutil.rmtree(path)
                 else:
                     path.unlink()

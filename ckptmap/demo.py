@@ -161,7 +161,7 @@ def run_demo(workdir: Path | None = None) -> int:
         print_plan(plan, detail=False)
 
         print("\n== 3. converting to MindSpore (fp32 main params + Adam moments)")
-        report = run_plan(plan, processes=2, progress=False)
+        report = run_plan(plan, processes=2, progress=False, overwrite=True)   # the demo owns its folders
         print_report(report)
         if report.failed:
             return 1
@@ -193,7 +193,7 @@ def run_demo(workdir: Path | None = None) -> int:
 
         print("\n== 5. and back: `ckptmap ms2pt`, then md5 of every file against the original")
         report = run_plan(compile_ms2pt(Ms2PtOptions(ms_path=str(dst), megatron_path=str(back))),
-                          processes=2, progress=False)
+                          processes=2, progress=False, overwrite=True)
         if report.failed:
             print_report(report)
             return 1

@@ -4,6 +4,12 @@ Workers are long-lived forked processes pulling file tasks from a queue; each ho
 tensor in memory at a time (source tensors are zero-copy views of mmap'd files). A task that
 exceeds ``timeout`` seconds has its worker killed and replaced, and is reported as failed.
 Copies of finished outputs (extra DP/CP ranks) run after their originals.
+
+Before the first byte: temporary files of killed runs are removed (``atomic.remove_stale_temps``)
+and the output folder is checked (``ckptmap.target``: a non-empty one is refused unless
+``overwrite``). On SIGINT/SIGTERM (``ckptmap.signals``) workers are stopped and every unfinished
+file removed; workers exit by themselves when the main process is killed. Several machines:
+``ckptmap.coordinate``.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ import multiprocessing as mp
 import os
 import queue
 import shutil
+import signal
 import sys
 import time
 import traceback
@@ -22,7 +29,7 @@ from pathlib import Path
 import attrs
 import numpy as np
 
-from ckptmap import atomic, dtypes
+from ckptmap import atomic, coordinate, dtypes, signals, target
 from ckptmap.errors import CkptmapError
 from ckptmap.formats import pt_meta, registry
 from ckptmap.mapping import ops as tensor_ops
@@ -43,6 +50,7 @@ class FileResult:
 class RunReport:
     results: list[FileResult]
     seconds: float
+    removed: list[str] = attrs.field(factory=list)   # stale temporary files and --overwrite removals
 
     @property
     def failed(self) -> list[FileResult]:
@@ -206,21 +214,34 @@ def _describe(exc: BaseException) -> str:
     return "".join(traceback.format_exception_only(type(exc), exc)).strip()
 
 
-def _worker(tasks, results, root, plan_files, fsync):
-    while True:
-        item = tasks.get()
-        if item is None:
-            return
-        index = item
-        results.put(("start", index, os.getpid()))
-        started = time.perf_counter()
-        try:
-            n = write_file(plan_files[index], root, progress=lambda b: results.put(("bytes", index, b)),
-                           fsync=fsync)
-            results.put(("done", index, FileResult(plan_files[index].path, True, n, time.perf_counter() - started)))
-        except BaseException as e:  # reported, never raised out of the worker
-            results.put(("done", index, FileResult(plan_files[index].path, False, 0,
-                                                   time.perf_counter() - started, _describe(e))))
+def _worker(tasks, results, root, plan_files, fsync, parent_pid):
+    try:
+        signals.worker_setup(parent_pid)
+        while True:
+            try:
+                item = tasks.get(timeout=1.0)
+            except queue.Empty:
+                if os.getppid() != parent_pid:   # the main process is gone (no PDEATHSIG off Linux)
+                    raise signals.Interrupted(signal.SIGTERM)
+                continue
+            if item is None:
+                return
+            index = item
+            results.put(("start", index, os.getpid()))
+            started = time.perf_counter()
+            try:
+                n = write_file(plan_files[index], root, progress=lambda b: results.put(("bytes", index, b)),
+                               fsync=fsync)
+                results.put(("done", index, FileResult(plan_files[index].path, True, n,
+                                                       time.perf_counter() - started)))
+            except signals.Interrupted:
+                raise
+            except BaseException as e:  # reported, never raised out of the worker
+                results.put(("done", index, FileResult(plan_files[index].path, False, 0,
+                                                       time.perf_counter() - started, _describe(e))))
+    except signals.Interrupted as e:   # the temporary file being written is gone already
+        results.cancel_join_thread()
+        os._exit(e.exit_code)
 
 
 class _Progress:
@@ -264,75 +285,168 @@ def assign_files(plan: Plan, world_size: int) -> list[int]:
 
 
 MANIFEST = "ckptmap_manifest.json"
-_DONE_DIR = ".ckptmap-done"
+DEFAULT_WAIT_TIMEOUT = coordinate.DEFAULT_WAIT_TIMEOUT
 
 
 def run_plan(plan: Plan, *, processes: int = 1, multiprocess: bool = True, timeout: float | None = None,
              progress: bool = True, fsync: bool = False, world_size: int = 1, rank: int = 0,
-             wait_timeout: float | None = None) -> RunReport:
+             wait_timeout: float | None = DEFAULT_WAIT_TIMEOUT, overwrite: bool = False,
+             notify=None) -> RunReport:
     """Write every file of ``plan`` — or, across ``world_size`` machines sharing the output folder,
     this ``rank``'s part of it; then rank 0 waits for every rank's report and writes
     ``ckptmap_manifest.json`` last. ``fsync`` makes each file durable before it is renamed into
     place (slower: it waits for the disk); without it a finished name still never holds a partial
-    file, but a power loss may lose recent files."""
+    file, but a power loss may lose recent files.
+
+    Nothing is written into an output folder that holds anything this run would replace (or, when the
+    folder is the plan's own, anything at all) unless ``overwrite`` — see ``ckptmap.target``.
+    ``wait_timeout``: seconds a rank waits for another that shows no sign of life (None: forever).
+    ``notify(line)`` is told what was cleaned up or removed (default: print)."""
     if not 0 <= rank < world_size:
         raise CkptmapError(f"--rank {rank} is outside --world-size {world_size}; ranks are 0 … {world_size - 1}")
+    notify = notify or print
+    wait = float("inf") if wait_timeout is None else wait_timeout
     root = Path(plan.output_root)
     started = time.perf_counter()
-    mine = [i for i, r in enumerate(assign_files(plan, world_size)) if r == rank]
-    bar = _Progress(sum(plan.files[i].nbytes for i in mine), progress)
+    removed: list[str] = []
+    if world_size == 1:
+        _check_output(plan, root, overwrite, notify, removed)
+        results: dict[int, FileResult] = {}
+        _write_part(plan, root, list(range(len(plan.files))), results, processes, multiprocess, timeout,
+                    progress, fsync)
+        return RunReport([results[i] for i in sorted(results)], time.perf_counter() - started, removed)
+    owner = assign_files(plan, world_size)
+    mine = [i for i, r in enumerate(owner) if r == rank]
+    if rank == 0:
+        ordered = _run_rank0(plan, root, owner, mine, world_size, wait, overwrite, notify, removed,
+                             (processes, multiprocess, timeout, progress, fsync))
+    else:
+        ordered = _run_rank_n(plan, root, mine, world_size, rank, wait, notify, removed,
+                              (processes, multiprocess, timeout, progress, fsync))
+    return RunReport(ordered, time.perf_counter() - started, removed)
+
+
+def _remove_stale(root: Path, notify, removed: list[str]) -> None:
+    for path in atomic.remove_stale_temps(root):
+        notify(f"removed {path}: a temporary file of a ckptmap run that was killed")
+        removed.append(str(path))
+
+
+def _check_output(plan, root: Path, overwrite: bool, notify, removed: list[str], extra_paths=()) -> None:
+    """Before the first byte: dead runs' temporary files go, then the target is checked."""
+    _remove_stale(root, notify, removed)
+
+    def tell(line):
+        notify(line)
+        if line.startswith("  removed "):
+            removed.append(str(root / line[len("  removed "):].rstrip("/")))
+
+    target.prepare(plan, overwrite, tell, extra_paths)
+
+
+def _write_part(plan, root, indices, results, processes, multiprocess, timeout, progress, fsync) -> None:
+    """Write the files ``indices`` of ``plan`` into ``results`` (filled as they finish, so that an
+    interrupted caller knows what is complete)."""
+    bar = _Progress(sum(plan.files[i].nbytes for i in indices), progress)
     # copies of outputs need their originals first
-    phases = [[i for i in mine if not plan.files[i].source_is_output],
-              [i for i in mine if plan.files[i].source_is_output]]
-    results: dict[int, FileResult] = {}
+    phases = [[i for i in indices if not plan.files[i].source_is_output],
+              [i for i in indices if plan.files[i].source_is_output]]
     try:
         for phase in phases:
             if not phase:
                 continue
             if multiprocess and processes > 1 and len(phase) > 1:
-                results.update(_run_pool(plan, phase, root, min(processes, len(phase)), timeout, bar, fsync))
+                _run_pool(plan, phase, root, min(processes, len(phase)), timeout, bar, fsync, results)
             else:
                 for i in phase:
                     results[i] = _run_inline(plan.files[i], root, bar, fsync)
     finally:
         bar.close()
+
+
+def _run_rank0(plan, root, owner, mine, world_size, wait, overwrite, notify, removed, run_args) -> list[FileResult]:
+    """Rank 0: check the shared output folder once, before any rank writes; write its part; gather
+    every rank's report and write the manifest of the whole output."""
+    if root.exists() and not root.is_dir():
+        raise CkptmapError(f"output {root} is a file, not a folder; choose a folder (new or empty)")
+    co = coordinate.Rank0(root, plan, world_size)
+    done_writing = False
+    try:
+        co.start(notify)
+        try:
+            _check_output(plan, root, overwrite, notify, removed, extra_paths=(MANIFEST,))
+        except CkptmapError as e:
+            co.refused(str(e))
+            raise
+        co.writing()
+        results: dict[int, FileResult] = {}
+        _write_part(plan, root, mine, results, *run_args)
+        done_writing = True
+        reports, missing, why = co.gather(wait)
+        index_of = {f.path: i for i, f in enumerate(plan.files)}
+        for r, report in reports.items():
+            for item in report["results"]:
+                result = FileResult(**item)
+                results[index_of[result.path]] = result
+        for i, r in enumerate(owner):
+            if i in results:
+                continue
+            if r in reports:
+                reason = f"rank {r} was interrupted ({reports[r]['interrupted']}) before it finished this file"
+            else:
+                reason = f"rank {r} did not report ({why.get(r, 'unknown')}); the file may be missing or incomplete"
+            results[i] = FileResult(plan.files[i].path, False, 0, 0.0, reason)
+        ordered = [results[i] for i in sorted(results)]
+        manifest = {"kind": plan.kind, "info": plan.info, "world_size": world_size,
+                    "complete": not missing and all(r.ok for r in ordered) and len(ordered) == len(plan.files),
+                    "files": {r.path: {"ok": r.ok, "bytes": (root / r.path).stat().st_size if r.ok else None,
+                                       "error": r.error or None} for r in ordered}}
+        if missing:
+            manifest["missing_ranks"] = missing
+        atomic.write_text(root / MANIFEST, json.dumps(manifest, indent=1))
+        if missing:
+            listed = ", ".join(map(str, missing))
+            details = "; ".join(f"rank {r}: {why[r]}" for r in missing)
+            raise CkptmapError(
+                f"rank{'s' if len(missing) > 1 else ''} {listed} of {world_size} sent no report and showed no sign of "
+                f"life for {wait:g} s (--wait-timeout) — {details}. Their files in {root} may be missing or "
+                f"incomplete; {MANIFEST} says complete: false. Start the same command again on every rank with "
+                f"--overwrite (rank 0 then replaces what is there)")
+        return ordered
+    except signals.Interrupted:
+        if done_writing:
+            notify("rank 0 interrupted while waiting for the other ranks: no manifest was written")
+        raise
+    finally:
+        co.close()
+
+
+def _run_rank_n(plan, root, mine, world_size, rank, wait, notify, removed, run_args) -> list[FileResult]:
+    """Rank R > 0: write nothing until rank 0 has checked the folder and writes; then its part, and a
+    report for rank 0 (also when interrupted, so rank 0 need not wait for it)."""
+    co = coordinate.RankN(root, plan, world_size, rank)
+    co.wait_for_rank0(wait)
+    results: dict[int, FileResult] = {}
+    try:
+        _remove_stale(root, notify, removed)
+        co.start_beating()
+        _write_part(plan, root, mine, results, *run_args)
+    except signals.Interrupted as e:
+        co.report([attrs.asdict(results[i]) for i in sorted(results)], interrupted=e.name)
+        co.close()
+        raise
+    except BaseException:
+        co.close()
+        raise
     ordered = [results[i] for i in sorted(results)]
-    if world_size > 1:
-        ordered = _finish_distributed(plan, root, ordered, world_size, rank, wait_timeout)
-    return RunReport(ordered, time.perf_counter() - started)
-
-
-def _finish_distributed(plan, root: Path, mine: list[FileResult], world_size: int, rank: int,
-                        wait_timeout) -> list[FileResult]:
-    """Each rank reports its files in ``.ckptmap-done/``; rank 0 gathers the reports, writes the
-    manifest of the whole output, and returns every rank's results (so its exit code covers all)."""
-    done = root / _DONE_DIR
-    done.mkdir(parents=True, exist_ok=True)
-    report = done / f"rank{rank}-of-{world_size}.json"
-    atomic.write_text(report, json.dumps([attrs.asdict(r) for r in mine]))
-    if rank != 0:
-        return mine
-    deadline = None if wait_timeout is None else time.monotonic() + wait_timeout
-    reports = [done / f"rank{r}-of-{world_size}.json" for r in range(world_size)]
-    pending = list(range(world_size))  # each poll looks only at the ranks not yet reported
-    while True:
-        pending = [r for r in pending if not reports[r].is_file()]
-        if not pending:
-            break
-        if deadline is not None and time.monotonic() > deadline:
-            missing = [str(r) for r in pending]
-            raise CkptmapError(f"rank 0 waited {wait_timeout:g} s for ranks {', '.join(missing)} of {world_size} to "
-                               f"finish writing {root}; their files may be incomplete — rerun those ranks "
-                               f"(same plan, --rank R) and then rank 0")
-        time.sleep(0.5)
-    results = [FileResult(**r) for p in reports for r in json.loads(p.read_text())]
-    manifest = {"kind": plan.kind, "info": plan.info, "world_size": world_size,
-                "complete": all(r.ok for r in results) and len(results) == len(plan.files),
-                "files": {r.path: {"ok": r.ok, "bytes": (root / r.path).stat().st_size if r.ok else None,
-                                   "error": r.error or None} for r in results}}
-    atomic.write_text(root / MANIFEST, json.dumps(manifest, indent=1))
-    shutil.rmtree(done, ignore_errors=True)
-    return results
+    reported = co.report([attrs.asdict(r) for r in ordered])
+    co.close()
+    if not reported:
+        raise CkptmapError(
+            f"rank {rank} wrote its {len(ordered)} file(s) into {root}, but rank 0's run is gone (its marker in "
+            f"{root / coordinate.RUN_DIR} is missing or belongs to another attempt), so no manifest will list "
+            f"them; start the same command again on every rank with --overwrite")
+    return ordered
 
 
 def _run_inline(task: FileTask, root: Path, bar: _Progress, fsync: bool) -> FileResult:
@@ -346,25 +460,28 @@ def _run_inline(task: FileTask, root: Path, bar: _Progress, fsync: bool) -> File
         return FileResult(task.path, False, 0, time.perf_counter() - t0, _describe(e))
 
 
-def _run_pool(plan: Plan, phase: list[int], root: Path, n: int, timeout, bar: _Progress, fsync: bool) -> dict:
+def _run_pool(plan: Plan, phase: list[int], root: Path, n: int, timeout, bar: _Progress, fsync: bool,
+              done: dict) -> dict:
     ctx = mp.get_context("fork")
     tasks, results_q = ctx.Queue(), ctx.Queue()
     for i in phase:
         tasks.put(i)
+    parent = os.getpid()
 
     def spawn():
-        p = ctx.Process(target=_worker, args=(tasks, results_q, root, plan.files, fsync), daemon=True)
+        p = ctx.Process(target=_worker, args=(tasks, results_q, root, plan.files, fsync, parent), daemon=True)
         p.start()
         return p
 
     workers = {}
-    for _ in range(n):
-        p = spawn()
-        workers[p.pid] = p
     running: dict[int, tuple[int, float]] = {}  # task -> (pid, start time)
-    done: dict[int, FileResult] = {}
+    remaining = set(phase)
+    finished = False
     try:
-        while len(done) < len(phase):
+        for _ in range(n):
+            p = spawn()
+            workers[p.pid] = p
+        while remaining:
             try:
                 kind, index, payload = results_q.get(timeout=0.2)
             except queue.Empty:
@@ -376,6 +493,7 @@ def _run_pool(plan: Plan, phase: list[int], root: Path, n: int, timeout, bar: _P
             elif kind == "done":
                 running.pop(index, None)
                 done[index] = payload
+                remaining.discard(index)
             now = time.monotonic()
             for index, (pid, t0) in list(running.items()):
                 proc = workers.get(pid)
@@ -387,18 +505,43 @@ def _run_pool(plan: Plan, phase: list[int], root: Path, n: int, timeout, bar: _P
                         proc.join()
                     workers.pop(pid, None)
                     running.pop(index)
-                    atomic.remove_stale_temps((root / plan.files[index].path).parent)  # the killed worker's
+                    atomic.remove_stale_temps((root / plan.files[index].path).parent, recursive=False)
                     reason = (f"timed out after {timeout:g} s (--process_timeout); raise the limit or use "
                               f"more processes" if timed_out else f"worker process died (exit code {proc.exitcode})")
                     done[index] = FileResult(plan.files[index].path, False, 0, now - t0, reason)
-                    if len(done) + len(running) < len(phase):
+                    remaining.discard(index)
+                    if len(remaining) > len(running):
                         p = spawn()
                         workers[p.pid] = p
+        finished = True
     finally:
-        for _ in workers:
-            tasks.put(None)
-        for p in workers.values():
-            p.join(timeout=5)
-            if p.is_alive():
-                p.kill()
+        if finished:
+            for _ in workers:
+                tasks.put(None)
+            for p in workers.values():
+                p.join(timeout=5)
+                if p.is_alive():
+                    p.kill()
+                    p.join()
+        else:   # interrupted (or failed): stop the workers, which remove their temporary files
+            _stop(workers.values())
+            tasks.cancel_join_thread()
+            for d in sorted({(root / plan.files[i].path).parent for i in phase}):
+                atomic.remove_stale_temps(d, recursive=False)   # of workers that had to be killed
     return done
+
+
+def _stop(procs, grace: float = 10.0) -> None:
+    procs = [p for p in procs if p.is_alive()]
+    for p in procs:
+        try:
+            p.terminate()       # SIGTERM: the worker unwinds, removing its temporary file, and exits
+        except OSError:
+            pass
+    deadline = time.monotonic() + grace
+    for p in procs:
+        p.join(timeout=max(0.0, deadline - time.monotonic()))
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+            p.join()

@@ -258,12 +258,59 @@ def test_reference_defaults_and_rerun_in_place(tmp_path, monkeypatch):
     assert build_parser().parse_args(["combine", "--process-limit", "2"]).process_limit == 2
     monkeypatch.chdir(tmp_path)
     truth = build_run("output", tp_size=2, pp_size=1, dp=2)
-    for _ in range(2):
-        assert main(["combine", "--no-progress", "--max-proccess-limit", "2"]) == 0
+    for overwrite in ([], ["--overwrite"]):   # a second run into the same folder replaces only on request
+        assert main(["combine", "--no-progress", "--max-proccess-limit", "2", *overwrite]) == 0
         for g in truth:
             assert_merged(Path(f"output/rank_{g}/network_rank_{g}-0_1_dp_merged.ckpt"), truth[g][1])
     assert sorted(p.name for p in Path("output/rank_0").iterdir()) == [
         "network_rank_0-0_1.ckpt", "network_rank_0-0_1_dp_merged.ckpt"]
+
+
+def test_rerun_in_place_refuses_existing_merged_files_and_never_touches_the_shards(tmp_path, capsys):
+    """--output-dir = --checkpoint-dir (the reference's default): the folder holds the run's shards,
+    so only the files combine writes count — an existing merged file is refused without --overwrite,
+    and --overwrite replaces exactly those files; shards and anything else stay."""
+    src = tmp_path / "run"
+    build_run(src, tp_size=1, pp_size=1, dp=2, steps=(1, 2))
+    (src / "rank_1" / "notes.txt").write_text("mine")
+    assert combine(src, src) == 0
+    merged = src / "rank_0/network_rank_0-0_2_dp_merged.ckpt"
+    everything = {p: p.read_bytes() for p in src.rglob("*") if p.is_file()}
+    merged.write_bytes(b"an older merge")
+    capsys.readouterr()
+    assert combine(src, src) == 2
+    err = capsys.readouterr().err
+    assert "rank_0/network_rank_0-0_2_dp_merged.ckpt" in err and "--overwrite" in err
+    assert merged.read_bytes() == b"an older merge"
+    assert combine(src, src, "--dry-run") == 0
+    printed = capsys.readouterr().out
+    assert "replace" in printed and "rank_0/network_rank_0-0_2_dp_merged.ckpt" in printed
+    assert "nothing else" in printed
+    assert combine(src, src, "--overwrite") == 0
+    assert {p: p.read_bytes() for p in src.rglob("*") if p.is_file()} == everything
+    # a separate output folder belongs to the merge: a stray file there is refused, then removed
+    out = tmp_path / "merged"
+    out.mkdir()
+    (out / "stray.ckpt").write_bytes(b"x")
+    assert combine(src, out) == 2
+    assert "stray.ckpt" in capsys.readouterr().err
+    assert combine(src, out, "--overwrite") == 0
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*")) == [
+        "rank_0", "rank_0/network_rank_0-0_2_dp_merged.ckpt"]
+
+
+@pytest.mark.parametrize("key", ["state_step", "iteration"])
+def test_error_ranks_of_a_dp_group_at_different_steps(tmp_path, capsys, key):
+    """Shards named as the same step whose contents are of different optimizer steps (a rank's file
+    copied from another save) cannot be merged into one optimizer state."""
+    src = tmp_path / "run"
+    build_run(src, tp_size=2, pp_size=1, dp=2)
+    path = src / "rank_3/network_rank_3-0_1.ckpt"
+    tensors = load_ms(path)
+    tensors[key] = np.asarray(tensors[key] + 1, dtype=tensors[key].dtype)
+    save_ms(path, tensors, "ckpt")
+    err = _refused(src, tmp_path / "out", capsys, key, "rank 1", "rank 3", "[1, 3]")
+    assert "1" in err and "2" in err
 
 
 def test_no_save_optim_drops_exactly_the_optimizer_keys(tmp_path):

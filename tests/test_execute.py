@@ -158,11 +158,18 @@ def test_two_machines_split_the_plan_and_rank0_writes_the_manifest(source, tmp_p
     for i, f in enumerate(plan.files):
         if f.source_is_output:
             assert owner[i] == owner[index[f.source]]   # a copy runs where its original is written
-    assert main(common + ["--ms-path", str(split), "--world-size", "2", "--rank", "1"]) == 0
-    assert not (split / execute.MANIFEST).exists()
-    written_by_1 = set(files_under(split))
-    assert written_by_1 and written_by_1 != set(files_under(single))
-    assert main(common + ["--ms-path", str(split), "--world-size", "2", "--rank", "0"]) == 0
+    # the two "machines": rank 1 (a thread here) waits until rank 0 has checked the output folder
+    import threading
+
+    codes = {}
+    rank1 = threading.Thread(target=lambda: codes.setdefault(1, main(
+        common + ["--ms-path", str(split), "--world-size", "2", "--rank", "1", "--multiprocess-off"])))
+    rank1.start()
+    time.sleep(1.5)
+    assert rank1.is_alive() and not split.exists()   # nothing written before rank 0's check
+    codes[0] = main(common + ["--ms-path", str(split), "--world-size", "2", "--rank", "0", "--multiprocess-off"])
+    rank1.join(timeout=60)
+    assert codes == {0: 0, 1: 0}
     assert set(files_under(split)) == set(files_under(single)) | {execute.MANIFEST}
     for f in files_under(single):
         if f.endswith(".ckpt"):

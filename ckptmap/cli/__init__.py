@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from pathlib import Path
 
 from ckptmap.cli.flags import add_ms2pt_flags, add_pt2ms_flags, add_run_flags, ms2pt_options, pt2ms_options
 from ckptmap.cli.printing import print_plan
-from ckptmap.cli.run import EXIT_FAILED, run, show_or_run
+from ckptmap.cli.run import EXIT_FAILED, print_target, run, show_or_run
 from ckptmap.errors import CkptmapError
 
 EXIT_BAD_INPUT = 2
@@ -41,6 +42,7 @@ def cmd_plan(ns) -> int:
         print(f"plan written to {out} ({len(plan.files)} files); run it with `ckptmap apply {out}`")
     if ns.dry_run or not ns.output:
         print_plan(plan)
+        print_target(plan)
     return 0
 
 
@@ -168,10 +170,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    from ckptmap import signals
+
     parser = build_parser()
     ns = parser.parse_args(argv)
     try:
-        return ns.func(ns)
+        with signals.interruptible():   # SIGTERM (a scheduler) is handled like Ctrl-C
+            return ns.func(ns)
+    except signals.Interrupted as e:
+        what = "interrupted" if e.signum == signal.SIGINT else "terminated"
+        print(f"ckptmap: {what} ({e.name}); finished files are complete, unfinished ones were removed "
+              f"(exit code {e.exit_code})", file=sys.stderr)
+        return e.exit_code
     except CkptmapError as e:
         if getattr(ns, "debug", False):
             import traceback

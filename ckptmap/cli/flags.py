@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import os
 
+from ckptmap.coordinate import DEFAULT_WAIT_TIMEOUT
+
 
 def add_pt2ms_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("File Path/Location")
@@ -65,8 +67,16 @@ def add_run_flags(g) -> None:
                    help="Machines sharing the work (default $WORLD_SIZE, as set by torchrun, else 1); each "
                         "writes a disjoint part of the plan into the same (shared) output folder.")
     g.add_argument("--rank", type=int, default=int(os.environ.get("RANK", 0)),
-                   help="This machine's rank among --world-size (default $RANK, else 0); rank 0 writes "
-                        "ckptmap_manifest.json when every rank has finished.")
+                   help="This machine's rank among --world-size (default $RANK, else 0); rank 0 checks the output "
+                        "folder before any rank writes and writes ckptmap_manifest.json when every rank has finished.")
+    g.add_argument("--wait-timeout", type=float, default=DEFAULT_WAIT_TIMEOUT, metavar="SECONDS",
+                   help=f"With --world-size > 1: how long a rank waits for another that shows no sign of life — "
+                        f"ranks > 0 for rank 0 to check the output folder and start, rank 0 for the report of a rank "
+                        f"whose heartbeat stopped or never started (default {DEFAULT_WAIT_TIMEOUT:g}).")
+    g.add_argument("--overwrite", action="store_true",
+                   help="Allow a non-empty output folder: replace the files this run writes and remove everything "
+                        "else in it (listed), so that it holds exactly this conversion. Into a folder shared with "
+                        "other data (combine into the shards' folder) only the run's own files are replaced.")
 
 
 def add_ms2pt_flags(p: argparse.ArgumentParser) -> None:

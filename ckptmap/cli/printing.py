@@ -7,6 +7,9 @@ import sys
 import textwrap
 
 
+NOTES = ("param_map_ignored",)   # info entries printed one per line
+
+
 def human_bytes(n: int) -> str:
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if abs(n) < 1024 or unit == "TiB":
@@ -35,7 +38,11 @@ def print_plan(plan, out=None, detail: bool = True) -> None:
     files += [p.tensor.sources[0].file for f in plan.files for s in f.storages for p in s.pieces if p.tensor]
     common = os.path.commonpath(files or [plan.output_root])
     print(f"plan {plan.kind}: {info.get('source', '')} -> {plan.output_root}", file=out)
-    print("  " + ", ".join(f"{k} {v}" for k, v in info.items() if k not in ("source", "rules_path")), file=out)
+    print("  " + ", ".join(f"{k} {v}" for k, v in info.items() if k not in ("source", "rules_path") + NOTES),
+          file=out)
+    for key in NOTES:
+        for line in info.get(key, ()):
+            print(f"  note: {line}", file=out)
     n_tensors = 0
     for f in plan.files:
         if f.format in ("ckpt", "safetensors"):

@@ -64,7 +64,18 @@ class CheckpointDir:
 def read_tracker(save_root) -> int | str:
     """The iteration named by ``latest_checkpointed_iteration.txt``: a number or ``"release"``."""
     tracker = Path(save_root) / TRACKER
-    text = tracker.read_text().strip()
+    try:
+        raw = tracker.read_bytes()
+    except OSError as e:
+        raise CkptmapError(f"cannot read {tracker}: {e.strerror or e}") from None
+    try:
+        text = raw.decode("ascii").strip()
+    except UnicodeDecodeError:
+        shown = raw[:64]
+        raise CkptmapError(
+            f"{tracker} is not text: it holds the bytes {shown!r}{' …' if len(raw) > 64 else ''} ({len(raw)} bytes); "
+            f"Megatron writes an iteration number or 'release' there — the file is damaged: write the iteration "
+            f"you want into it, or pass that iter_* directory instead") from None
     if text == "release":
         return "release"
     try:

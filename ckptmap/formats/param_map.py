@@ -67,6 +67,9 @@ def read_param_map(path) -> dict:
         raw = json.loads(Path(path).read_text())
     except (OSError, ValueError) as e:
         raise CkptmapError(f"cannot read param_map {path}: {e}") from None
+    if not isinstance(raw, dict):
+        raise CkptmapError(f"{path}: holds a JSON {type(raw).__name__}, not a param_map (an object of "
+                           f"name: [dtype, shape, start, end, bucket])")
     out = {}
     for name, entry in raw.items():
         try:

@@ -557,6 +557,26 @@ def check_checkpoint(optimizer, filename) -> None:
                 _check_buffer(filename, directory, files, live_slots, b, chunk, dp, tp, pp, live_dp, mode)
 
 
+def _bucket_sizes(entries: dict) -> list[int]:
+    """Unpadded elements per bucket (what megatron-core 0.6's loader compares with the checkpoint)."""
+    sizes: dict[int, int] = {}
+    for _dtype, _shape, start, end, bucket in entries.values():
+        sizes[bucket] = sizes.get(bucket, 0) + end - start
+    return [sizes[k] for k in sorted(sizes)]
+
+
+def _dp_change_message(filename, directory, saved_dp, live_dp, first_moved) -> str:
+    moved = (f" (the first parameter whose absolute offsets moved with the padding is {first_moved})"
+             if first_moved else "")
+    return (f"ckptmap: refusing to load {filename}: it was saved with data-parallel size {saved_dp}, this run has "
+            f"{live_dp} (param_map files dp0..dp{saved_dp - 1} in {directory}). Only the bucket padding differs"
+            f"{moved}: every parameter sits at the same offset within its bucket, and megatron-core (0.6, tested) "
+            f"re-pads buckets on load, so this checkpoint loads correctly. The default check (load_check='exact') "
+            f"refuses any change of layout: if the new data-parallel size is intended, call "
+            f"ckptmap.hooks.megatron.configure(load_check='layout') before loading; otherwise resume with "
+            f"data-parallel size {saved_dp}.")
+
+
 def _check_buffer(filename, directory, files, live_slots, b, chunk, dp, tp, pp, live_dp, mode) -> None:
     todo = ("Resume with the model, DDP bucket size (--overlap-grad-reduce) and parallel sizes the checkpoint was "
             "saved with, or convert the checkpoint (ckptmap); ckptmap.hooks.megatron.configure(load_check='off') "
@@ -576,6 +596,10 @@ def _check_buffer(filename, directory, files, live_slots, b, chunk, dp, tp, pp, 
     diff = param_map.param_map_difference(saved, live, relative=(mode != "exact"))
     saved_dp = 1 + max(f.dp for f in files if (f.tp, f.pp) == (tp, pp))
     where = f"model chunk {chunk}, buffer {b}, tensor-parallel rank {tp}, pipeline rank {pp}"
+    if diff is not None and mode == "exact" and saved_dp != live_dp \
+            and param_map.param_map_difference(saved, live, relative=True) is None:
+        first = diff.saved[0] if diff.saved is not None else diff.live[0]
+        raise CkptmapError(_dp_change_message(filename, directory, saved_dp, live_dp, first))
     if diff is not None:
         if diff.saved is None:
             found = f"the checkpoint has no entry {diff.index} (it describes {len(saved)} parameters)"
@@ -586,24 +610,25 @@ def _check_buffer(filename, directory, files, live_slots, b, chunk, dp, tp, pp, 
         else:
             want = f"the live model has {diff.live[0]}: {param_map.describe_param_map_entry(diff.live[1])}"
         first = diff.saved[0] if diff.saved is not None else diff.live[0]
-        dp_note = (f" The checkpoint was saved with data-parallel size {saved_dp}, this run has {live_dp}"
-                   + (": if that is intended, ckptmap.hooks.megatron.configure(load_check='layout') compares "
-                      "offsets within buckets (megatron-core re-pads buckets on load)." if mode == "exact" else ".")
-                   ) if saved_dp != live_dp else ""
+        saved_sizes, live_sizes = _bucket_sizes(saved), _bucket_sizes(live)
+        if saved_sizes == live_sizes:
+            consequence = ("megatron-core's own check compares only the per-bucket sizes, which agree here "
+                           f"({saved_sizes}), so it would load the fp32 main parameters and Adam moments of one "
+                           "parameter into another without an error.")
+        else:
+            consequence = (f"megatron-core would stop at its own assertion on the per-bucket sizes (checkpoint "
+                           f"{saved_sizes}, live {live_sizes}), without naming a parameter.")
+        dp_note = (f" The checkpoint was saved with data-parallel size {saved_dp}, this run has {live_dp}."
+                   if saved_dp != live_dp else "")
         raise CkptmapError(
             f"ckptmap: refusing to load {filename}: the checkpoint's param_map {saved_file.path} and the live "
             f"DistributedDataParallel buffers ({where}) first differ at parameter {first} (entry {diff.index} in "
             f"buffer order): {found}; {want}"
-            f"{' (offsets compared relative to their bucket)' if mode != 'exact' else ''}. Loading would put the "
-            f"fp32 main parameters and Adam moments of one parameter into another.{dp_note} {todo}.")
+            f"{' (offsets compared relative to their bucket)' if mode != 'exact' else ''}. Without this check, "
+            f"{consequence}{dp_note} {todo}.")
     if saved_dp != live_dp:
         if mode == "exact":
-            raise CkptmapError(
-                f"ckptmap: refusing to load {filename}: it was saved with data-parallel size {saved_dp} (param_map "
-                f"files dp0..dp{saved_dp - 1} in {directory}) and this run has {live_dp}; the layouts agree "
-                f"relative to their buckets, and megatron-core re-pads buckets on load, so if the new data-parallel "
-                f"size is intended call ckptmap.hooks.megatron.configure(load_check='layout') before loading; "
-                f"otherwise resume with data-parallel size {saved_dp}.")
+            raise CkptmapError(_dp_change_message(filename, directory, saved_dp, live_dp, None))
         log.info("ckptmap: %s was saved with data-parallel size %d, this run has %d; its buckets hold the same "
                  "parameters at the same bucket offsets (%s), so Megatron re-pads them on load", filename, saved_dp,
                  live_dp, where)

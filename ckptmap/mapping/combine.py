@@ -25,6 +25,7 @@ not describe.
 from __future__ import annotations
 
 import math
+import os
 from collections import defaultdict
 from pathlib import Path
 
@@ -287,10 +288,38 @@ def _inventory(path: Path) -> dict:
         reader.close()
 
 
+STEP_KEYS = ("state_step", "iteration", "step_num")
+
+
+def _check_same_step(info: osi.ShardInfo, files: list[Path], inv: list[dict]) -> None:
+    """Every rank of a DP group holds the shard of one optimizer step: their ``state_step``,
+    ``iteration`` and ``step_num`` agree (a file copied in from another save has the right name but
+    another step; merging it would mix two optimizer states)."""
+    for key in STEP_KEYS:
+        values = []
+        for k, (path, keys) in enumerate(zip(files, inv)):
+            spec = keys.get(key)
+            if spec is None or math.prod(spec[1]) != 1 or spec[0] == "str":
+                continue
+            reader = registry.open_reader(path)
+            try:
+                value = reader.array(key).reshape(-1)[0].item()
+            finally:
+                reader.close()
+            values.append((info.dp_ranks[k], path, value))
+        if len({v for _, _, v in values}) > 1:
+            shown = "; ".join(f"rank {r} has {v:g} ({path})" for r, path, v in values)
+            raise CkptmapError(
+                f"the ranks of DP group {list(info.dp_ranks)} ({info.path}) hold different steps in {key}: {shown}. "
+                f"Their shards belong to different saves and cannot be merged into one optimizer state; put back "
+                f"each rank's file of the same save (or pick a step every rank saved with --iteration)")
+
+
 def _group_tasks(group: _Group, files: list[Path], opt: CombineOptions) -> list[TensorTask]:
     info = group.info
     dp = info.dp
     inv = [_inventory(p) for p in files]
+    _check_same_step(info, files, inv)
     fix = ("the checkpoint files and the opt_shard_info folder come from different runs (or DP sizes); use the "
            "shard-info JSON written by the run that saved these checkpoints")
 
@@ -482,4 +511,17 @@ def compile_combine(opt: CombineOptions) -> Plan:
             f"{label}: {', '.join(_step_text(s) for s in steps)}" for label, steps in list(newer.items())[:MAX_LISTED])
     if notes:
         info["note"] = " ".join(notes)
-    return Plan("combine", str(Path(opt.output_dir)), tuple(out_files + copies), info)
+    # Writing into the folder of the shards (the reference's default --output-dir = --checkpoint-dir):
+    # that folder holds data combine reads but does not own, so only the merged files count as
+    # overwrites and nothing else is ever removed. A separate output folder belongs to the merge.
+    out = Path(opt.output_dir)
+    shared = any(_within(d, out) for d in (ckdir, strategy))
+    if shared:
+        info["output"] = "shared with the shards (only the merged files are this run's)"
+    return Plan("combine", str(out), tuple(out_files + copies), info, output_shared=shared)
+
+
+def _within(path: Path, folder: Path) -> bool:
+    """``path`` is ``folder`` or inside it (symbolic links resolved)."""
+    p, f = Path(os.path.realpath(path)), Path(os.path.realpath(folder))
+    return p == f or f in p.parents

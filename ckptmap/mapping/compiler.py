@@ -243,7 +243,8 @@ def compile_pt2ms(opt: Pt2MsOptions) -> Plan:
             f"{listing(f'{r.loc}: {r.megatron}' for r in unused)}; the checkpoint is not the model these "
             f"rules describe (choose other --rules, or mark the rule `optional`)")
 
-    param_maps = _param_maps(opt, ckdir)
+    notes: list[str] = []   # param_maps found next to the checkpoint and ignored, and why
+    param_maps = _param_maps(opt, ckdir, notes)
     maps_of = maps_by_chunk(param_maps)
     metadata = {"format": "ms"} if opt.format == "safetensors" else {}
     out_files: list[FileTask] = []
@@ -261,7 +262,8 @@ def compile_pt2ms(opt: Pt2MsOptions) -> Plan:
             optim = megatron_files.OptimFile(ckdir.ranks[(tp, pp)] / megatron_folders.OPTIM_FILE)
             optim.close()
             buffers = _buffer_layouts(rules, args, matched, optim, maps_of, tp, pp, layout,
-                                      explicit_maps=bool(opt.param_map_path), memo=memo, map_entries=map_entries)
+                                      explicit_maps=bool(opt.param_map_path), memo=memo, map_entries=map_entries,
+                                      notes=notes)
             for v, g, bl in buffers:
                 layout_origins.add("param_map" if bl.origin != "derived" else "derived")
                 if bl.origin != "derived":
@@ -307,6 +309,8 @@ def compile_pt2ms(opt: Pt2MsOptions) -> Plan:
     }
     if layout_origins:
         info["bucket_layout"] = " + ".join(sorted(layout_origins))
+    if notes:
+        info["param_map_ignored"] = notes
     return Plan("pt2ms", str(Path(opt.ms_path)), tuple(out_files), info)
 
 
@@ -379,7 +383,7 @@ def _read_map(pm, cache: dict | None) -> dict:
 
 
 def _buffer_layouts(rules: RuleSet, args, matched, optim, maps_of, tp, pp, layout, explicit_maps, memo=None,
-                    map_entries=None):
+                    map_entries=None, notes=None):
     """[(chunk, global buffer index, BufferLayout)] for one (tp, pp) rank: from its param_map files
     when there are some, else derived from the model and the rules' `buckets megatron` block — and
     accepted only if it reproduces distrib_optim.pt's bucket sizes exactly."""
@@ -409,6 +413,8 @@ def _buffer_layouts(rules: RuleSet, args, matched, optim, maps_of, tp, pp, layou
                 if explicit_maps:
                     raise
                 stale = str(e)  # a param_map found lying around may be stale: derive instead
+                if notes is not None:
+                    notes.append(f"param_map for tp {tp} pp {pp} chunk {v} ignored as stale: {stale}")
             else:
                 out.extend(chunk_layouts)
                 g += len(chunk_layouts)
@@ -503,7 +509,7 @@ def _optimizer_tasks(matched, buffer_layouts, optim, rules, layout, pp, opt, env
     return tasks
 
 
-def _param_maps(opt: Pt2MsOptions, ckdir) -> list:
+def _param_maps(opt: Pt2MsOptions, ckdir, notes: list) -> list:
     if opt.param_map_path:
         found = param_map.find_param_maps(opt.param_map_path)
         if not found:
@@ -514,6 +520,15 @@ def _param_maps(opt: Pt2MsOptions, ckdir) -> list:
                       (ckdir.save_root / megatron_folders.PARAM_MAP_DIR) if ckdir.save_root else None):
         if candidate is not None and candidate.is_dir():
             found = param_map.find_param_maps(candidate)
+            for pm in found:   # a map found lying around that cannot be read is stale, like one that does not fit
+                if pm.dp != 0:     # only DP rank 0's maps are read (the others are copies of them)
+                    continue
+                try:
+                    param_map.read_param_map(pm.path)
+                except CkptmapError as e:
+                    notes.append(f"{candidate} ignored: {pm.path} is unreadable ({e}); the layout is derived")
+                    found = []
+                    break
             if found:
                 return found
     return []

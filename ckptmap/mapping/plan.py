@@ -177,11 +177,16 @@ def _tensor_task(raw: dict) -> TensorTask:
 
 @attrs.frozen
 class Plan:
+    """``output_shared``: the output root also holds data that is not this plan's (combine writing
+    next to the shards it reads), so only the plan's own files count when the executor checks the
+    target (``ckptmap.target``); otherwise the root belongs to the plan."""
+
     kind: str
     output_root: str
     files: tuple[FileTask, ...] = attrs.field(converter=_tuple)
     info: dict = attrs.field(factory=dict)
     version: int = PLAN_VERSION
+    output_shared: bool = False
 
     @property
     def nbytes(self) -> int:
@@ -231,7 +236,8 @@ class Plan:
                     for st in f.get("storages", ()))
                 files.append(FileTask(**f))
             return cls(kind=raw["kind"], output_root=raw["output_root"], files=tuple(files),
-                       info=raw.get("info", {}), version=raw["version"])
+                       info=raw.get("info", {}), version=raw["version"],
+                       output_shared=bool(raw.get("output_shared", False)))
         except (KeyError, TypeError, ValueError) as e:
             raise CkptmapError(f"{origin} is not a valid ckptmap plan ({type(e).__name__}: {e}); "
                                f"re-create it with `ckptmap plan … -o FILE`") from None
