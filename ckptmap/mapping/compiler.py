@@ -143,7 +143,7 @@ def _arg(args, name, default=None):
 def _few_full_collections():
     """Planning allocates a few hundred thousand small records per thousand ranks and frees almost
     none of them, so each full (generation 2) collection of the cyclic GC rescans the whole growing
-    plan: ~25% of the CPU time of a 4,096-rank plan. Full collections are made rare while planning
+    plan: 15 - 30% of the CPU time of a 4,096-rank plan. Full collections are made rare while planning
     (the thresholds are restored after); the young generations still collect, so the short-lived
     cycles that reading each rank's files leaves behind do not pile up."""
     before = gc.get_threshold()

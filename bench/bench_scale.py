@@ -1,0 +1,294 @@
+"""Benchmark: planning and converting checkpoints with many ranks (project issue 16).
+
+Builds tiny legacy GPT checkpoints with the distributed optimizer, saved as TP 8 x PP N mp_rank
+folders (each with ``model_optim_rng.pt`` and ``distrib_optim.pt``, laid out exactly as
+``ckptmap.demo.build_megatron_checkpoint`` writes them), then measures, each in a fresh process:
+
+* ``ckptmap plan pt2ms --dry-run`` (reads every rank's object tree and ``distrib_optim.pt``
+  header, derives every bucket layout, prints the whole plan to /dev/null);
+* ``ckptmap plan pt2ms -o plan.json`` (the same, plus the plan saved as JSON);
+* ``ckptmap pt2ms`` (the full conversion, 2 worker processes);
+
+with wall time, CPU time (user + system of the process tree: steadier than wall time when other
+jobs share the machine) and the peak memory of the whole process tree, sampled every 20 ms: RSS
+(which also counts mmap'd source pages) and, separately, proportional anonymous memory (Pss_Anon:
+what the processes allocate; pages shared by forked workers count once). It also times
+``import torch`` alone, splits one plan of each checkpoint into imports / compile / printing /
+JSON in a fresh process, and times the rank arithmetic of a 16,384-rank layout
+(TP 8 x PP 64 x DP 32 x EP 32).
+
+    PYTHONPATH=. .venv/bin/python bench/bench_scale.py [--ranks 512 1024 4096] [--all-dp 32]
+        [--workdir DIR] [--keep] [--repeat N] [--no-convert] [--profile] [--src OTHER_CHECKOUT]
+
+``--all-dp 32`` also builds a TP 8 x PP 64 checkpoint saved with DP 32 and plans it with
+``--generate-all-dp-cp`` (16,384 MindSpore rank files). ``--profile`` prints a cProfile of the
+in-process compile of the two last checkpoints. ``--src`` measures another checkout's CLI, e.g.
+the commit before a change (``git archive COMMIT ckptmap | tar -x -C /tmp/old``); the checkpoints
+are still built by this one. Checkpoints are cached in the work dir (keyed by their shape), so
+re-runs skip the build (4,096 ranks: 8,192 files, 303 MB, ~6 s on 2 cores). Results are copied
+into bench/RESULTS.md by hand.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import multiprocessing as mp
+import os
+import pstats
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from bench_pt2ms import run_measured
+from ckptmap.demo import DemoModel
+from ckptmap.formats import megatron
+
+REPO = Path(__file__).resolve().parent.parent
+CLI = [sys.executable, "-c", "import sys; from ckptmap.cli import main; sys.exit(main())"]
+
+
+def tiny_model(tp: int, pp: int, dp: int = 1) -> DemoModel:
+    """One transformer layer per pipeline stage, hidden 64: ~70 KB per rank, 19 tensors."""
+    return DemoModel(tp=tp, pp=pp, dp=dp, layers=pp, hidden=64, heads=8, groups=2, kv=8, ffn=128, vocab=256)
+
+
+# ------------------------------------------------------------------------------------------ builder
+
+
+def _build_stage(job) -> None:
+    """Every tp rank of one pipeline stage, as ckptmap.demo.build_megatron_checkpoint writes it
+    (same object tree, same bucket layout from the bundled rules), with a seed per rank so stages
+    can be built in parallel, and with torch.save (its C pickler) instead of ckptmap's
+    torch_zip.save (pure-Python pickler + a temporary directory per file: 4x slower here)."""
+    iter_dir, model, pp, iteration = job
+    from ckptmap.mapping import buckets
+    from ckptmap.mapping.rules import bundled_rules, load_rules
+
+    rule = load_rules(bundled_rules()["megatron_legacy_gpt"]).bucket_layout("megatron")
+    entries = model.stage_tensors(pp)
+    names = [".".join(path) for path, _ in entries]
+    params = [buckets.ParamEntry("module." + n, shape, "bfloat16") for n, (_, shape) in zip(names, entries)]
+    env = buckets.layout_env(rule, {"dp": model.dp, "cp": 1, "pp": model.pp, "pp_rank": pp, "chunk": 0,
+                                    "overlap_grad_reduce": False, "untie_embeddings_and_output_weights": True})
+    layout = buckets.build_buffer(rule, params, env)
+    slots = [layout.slot("module." + n) for n in names]
+    total = sum(b.numel for b in layout.buckets)
+    args = model.args(iteration)
+    for tp in range(model.tp):
+        gen = torch.Generator().manual_seed(pp * model.tp + tp)
+        states = {"param": torch.randn(total, generator=gen) * 0.02,
+                  "exp_avg": torch.randn(total, generator=gen) * 1e-3,
+                  "exp_avg_sq": torch.rand(total, generator=gen) * 1e-6}
+        buffer = states["param"].to(torch.bfloat16)
+        tree: dict = {}
+        for (path, shape), slot in zip(entries, slots):
+            node = tree
+            for k in path[:-1]:
+                node = node.setdefault(k, {})
+            node[path[-1]] = buffer[slot.start:slot.end].view(shape)
+        state = {
+            "args": args, "checkpoint_version": megatron.CHECKPOINT_VERSION, "iteration": iteration,
+            "model": tree,
+            "optimizer": {"optimizer": {"param_groups": [
+                {"lr": 9.5e-5, "weight_decay": 0.01, "betas": (0.9, 0.95), "eps": 1e-8, "step": iteration},
+                {"lr": 9.5e-5, "weight_decay": 0.0, "betas": (0.9, 0.95), "eps": 1e-8, "step": iteration}]}},
+            "opt_param_scheduler": {"max_lr": 1e-4, "lr_warmup_steps": 10, "num_steps": iteration * 64,
+                                    "lr_decay_style": "cosine", "lr_decay_steps": 10000, "min_lr": 1e-5,
+                                    "start_wd": 0.01, "end_wd": 0.01, "wd_incr_style": "constant",
+                                    "wd_incr_steps": 10000},
+            "rng_state": [{"random_rng_state": (3, tuple(range(5)), None), "torch_rng_state": gen.get_state()}],
+            "num_floating_point_operations_so_far": 0,
+        }
+        rank_dir = iter_dir / megatron.mp_rank_dir_name(tp, pp, model.pp)
+        rank_dir.mkdir(parents=True, exist_ok=True)
+        torch.save(state, rank_dir / megatron.MODEL_FILE)
+        key = (torch.bfloat16, torch.float32)
+        torch.save({"per_bucket_numel": [{key: layout.per_bucket_numel}],
+                    "per_bucket_numel_unpadded": [{key: layout.per_bucket_numel_unpadded}],
+                    0: {key: {k: [v[b.start:b.start + b.numel].clone() for b in layout.buckets]
+                              for k, v in states.items()}}},
+                   rank_dir / megatron.OPTIM_FILE)
+
+
+def build_checkpoint(save_root: Path, model: DemoModel, iteration: int = 100, processes: int = 2) -> float:
+    """Write the checkpoint (stages split over `processes`); returns the seconds it took."""
+    t0 = time.perf_counter()
+    partial = save_root.with_name(save_root.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    iter_dir = partial / megatron.iter_dir_name(iteration)
+    iter_dir.mkdir(parents=True)
+    jobs = [(iter_dir, model, pp, iteration) for pp in range(model.pp)]
+    with mp.get_context("fork").Pool(processes) as pool:
+        for _ in pool.imap_unordered(_build_stage, jobs, chunksize=4):
+            pass
+    megatron.write_tracker(partial, iteration)
+    os.replace(partial, save_root)
+    return time.perf_counter() - t0
+
+
+# ------------------------------------------------------------------------------------------ runs
+
+
+def du(path: Path) -> tuple[int, int]:
+    files = [p for p in path.rglob("*") if p.is_file()]
+    return len(files), sum(p.stat().st_size for p in files)
+
+
+def import_torch_seconds(repeat: int = 5) -> float:
+    """Best-of wall time of `import torch` in a fresh interpreter, minus an empty interpreter."""
+    def best(code):
+        times = []
+        for _ in range(repeat):
+            t0 = time.perf_counter()
+            subprocess.run([sys.executable, "-c", code], check=True)
+            times.append(time.perf_counter() - t0)
+        return min(times)
+    return best("import torch") - best("pass")
+
+
+def layout_arithmetic(tp=8, pp=64, dp=32, ep=32) -> dict:
+    """Seconds to enumerate every global rank of every mp_rank of a TP x PP x DP (EP) layout."""
+    from ckptmap.mapping.layout import ParallelLayout
+    t0 = time.perf_counter()
+    lay = ParallelLayout(tp=tp, pp=pp, dp=dp, ep=ep)
+    n = sum(len(lay.mp_rank_ranks(t, p, all_dp_cp=True)) for p in range(pp) for t in range(tp))
+    zero = sum(len(lay.mp_rank_ranks(t, p, all_dp_cp=False)) for p in range(pp) for t in range(tp))
+    return {"world": lay.world_size, "ranks": n, "zero_redundancy": zero, "seconds": time.perf_counter() - t0}
+
+
+PHASES = """
+import os, sys, time
+t = [time.perf_counter()]; c = [time.process_time()]
+def mark():
+    t.append(time.perf_counter()); c.append(time.process_time())
+import torch; mark()
+from ckptmap.cli import print_plan
+from ckptmap.mapping.compiler import Pt2MsOptions, compile_pt2ms; mark()
+plan = compile_pt2ms(Pt2MsOptions(megatron_path=sys.argv[1], ms_path=sys.argv[2], generate_all_dp_cp=sys.argv[3] == "1"))
+mark()
+with open(os.devnull, "w") as f:
+    print_plan(plan, out=f)
+mark()
+with open(os.devnull, "w") as f:
+    plan.write_json(f) if hasattr(plan, "write_json") else f.write(plan.to_json())  # older ckptmap: one string
+mark()
+names = ["import torch", "import ckptmap", "compile_pt2ms", "print_plan (--dry-run)", "write_json (-o)"]
+print("; ".join(f"{n} {c[i + 1] - c[i]:.2f} s CPU / {t[i + 1] - t[i]:.2f} s wall" for i, n in enumerate(names)))
+"""
+
+
+def phases(src: Path, out: Path, extra: dict) -> str:
+    """Where the time of a plan goes, in a fresh process: imports, compile, printing, JSON."""
+    done = subprocess.run([sys.executable, "-c", PHASES, str(src), str(out),
+                           "1" if extra.get("generate_all_dp_cp") else "0"], check=True, capture_output=True, text=True)
+    return done.stdout.strip()
+
+
+def profile_compile(src: Path, out: Path, extra: dict, top: int = 25) -> str:
+    from ckptmap.mapping.compiler import Pt2MsOptions, compile_pt2ms
+    prof = cProfile.Profile()
+    t0 = time.perf_counter()
+    prof.enable()
+    plan = compile_pt2ms(Pt2MsOptions(megatron_path=str(src), ms_path=str(out), **extra))
+    prof.disable()
+    seconds = time.perf_counter() - t0
+    buf = io.StringIO()
+    pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(top)
+    return f"compile_pt2ms of {src.name}: {len(plan.files)} files, {seconds:.2f} s under cProfile\n{buf.getvalue()}"
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--workdir")
+    ap.add_argument("--ranks", type=int, nargs="+", default=[512, 1024, 4096],
+                    help="world sizes to build and measure (TP 8, PP = ranks / 8, DP 1)")
+    ap.add_argument("--all-dp", type=int, default=0,
+                    help="also plan a TP 8 x PP 64 checkpoint saved with this DP, with --generate-all-dp-cp")
+    ap.add_argument("--repeat", type=int, default=1, help="runs per measurement (the fastest is shown)")
+    ap.add_argument("--no-convert", action="store_true", help="plan only; skip the full conversion")
+    ap.add_argument("--profile", action="store_true", help="cProfile the compile of the largest checkpoint")
+    ap.add_argument("--keep", action="store_true", help="keep the work dir (checkpoints are reused)")
+    ap.add_argument("--src", default=str(REPO),
+                    help="the ckptmap checkout whose CLI is measured (default: this one), e.g. an older commit "
+                         "exported with `git archive` for a before/after comparison")
+    ns = ap.parse_args()
+    work = Path(ns.workdir or tempfile.mkdtemp(prefix="ckptmap-scale-"))
+    work.mkdir(parents=True, exist_ok=True)
+    # the CLI runs in fresh processes: make them import this checkout of ckptmap
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [ns.src, os.environ.get("PYTHONPATH")]))
+    os.chdir(work)  # `python -c` puts the working directory first on sys.path: keep checkouts out of it
+
+    def measured(cmd):
+        best = None
+        for _ in range(ns.repeat):
+            before = resource.getrusage(resource.RUSAGE_CHILDREN)
+            r = run_measured(cmd)
+            after = resource.getrusage(resource.RUSAGE_CHILDREN)
+            # CPU seconds of the process tree (user + system): less sensitive than wall time to other
+            # load on the machine
+            r["cpu"] = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+            if best is None or r["seconds"] < best["seconds"]:
+                best = r
+        return best
+
+    cases = [(f"{r} ranks (TP 8 x PP {r // 8})", tiny_model(8, r // 8), {}) for r in ns.ranks]
+    if ns.all_dp:
+        cases.append((f"{512 * ns.all_dp} ranks (TP 8 x PP 64 x DP {ns.all_dp}, --generate-all-dp-cp)",
+                      tiny_model(8, 64, ns.all_dp), {"generate_all_dp_cp": True}))
+    print(f"python {sys.version.split()[0]}, torch {torch.__version__}, {os.cpu_count()} cores; work dir {work}")
+    print(f"import torch alone: {import_torch_seconds():.2f} s")
+    print(f"measuring the ckptmap of {ns.src}")
+    if ns.src == str(REPO):
+        arith = layout_arithmetic()
+        print(f"rank arithmetic TP 8 x PP 64 x DP 32 x EP 32: {arith['ranks']} ranks of {arith['world']} "
+              f"(+ {arith['zero_redundancy']} zero-redundancy) in {arith['seconds']:.3f} s")
+    header = (f"{'case':58s} {'step':20s} {'wall s':>7s} {'CPU s':>7s} {'files':>6s} {'MB':>7s} "
+              f"{'peak RSS MiB':>13s} {'peak anon MiB':>14s}")
+    rows = []
+    for label, model, extra in cases:
+        src = work / f"megatron_tp{model.tp}_pp{model.pp}_dp{model.dp}"
+        if not src.exists():
+            seconds = build_checkpoint(src, model)
+            n, size = du(src)
+            print(f"built {label}: {n} files, {size / 1e6:.0f} MB in {seconds:.1f} s")
+        flags = ["--megatron-path", str(src)] + (["--generate-all-dp-cp"] if extra.get("generate_all_dp_cp") else [])
+        out = work / "out"
+        steps = [("plan --dry-run", CLI + ["plan", "pt2ms"] + flags + ["--ms-path", str(out), "--dry-run"], None),
+                 ("plan -o plan.json", CLI + ["plan", "pt2ms"] + flags + ["--ms-path", str(out), "-o",
+                                                                         str(work / "plan.json")], work / "plan.json")]
+        if not ns.no_convert:
+            steps.append(("pt2ms (2 workers)", CLI + ["pt2ms"] + flags + ["--ms-path", str(out), "--no-progress",
+                                                                         "--process-limit", "2"], out))
+        for step, cmd, written in steps:
+            shutil.rmtree(out, ignore_errors=True)
+            r = measured(cmd)
+            n, size = (du(written) if written.is_dir() else (1, written.stat().st_size)) if written else (0, 0)
+            rows.append(f"{label:58s} {step:20s} {r['seconds']:7.2f} {r['cpu']:7.2f} {n:6d} {size / 1e6:7.1f} "
+                        f"{r['rss'] / 1024:13.0f} {r['anon'] / 1024:14.0f}")
+            if len(rows) == 1:
+                print(header)
+            print(rows[-1])
+        shutil.rmtree(out, ignore_errors=True)
+    print()
+    for label, model, extra in cases:
+        src = work / f"megatron_tp{model.tp}_pp{model.pp}_dp{model.dp}"
+        print(f"{label}: {phases(src, work / 'out', extra)}")
+    if ns.profile:
+        for label, model, extra in cases[-2:]:
+            src = work / f"megatron_tp{model.tp}_pp{model.pp}_dp{model.dp}"
+            print("\n" + profile_compile(src, work / "out", extra))
+    (work / "plan.json").unlink(missing_ok=True)
+    if not ns.keep and not ns.workdir:
+        shutil.rmtree(work)
+
+
+if __name__ == "__main__":
+    main()
