@@ -45,7 +45,15 @@ DEFAULT_WAIT_TIMEOUT = 600.0
 
 
 def plan_digest(plan) -> str:
-    return hashlib.sha256(plan.to_json().encode("utf-8")).hexdigest()[:16]
+    class _Hasher:
+        def __init__(self):
+            self.h = hashlib.sha256()
+
+        def write(self, text):
+            self.h.update(text.encode("utf-8"))
+    sink = _Hasher()
+    plan.write_json(sink)   # streamed into the hash: no whole-plan string
+    return sink.h.hexdigest()[:16]
 
 
 def _read(path: Path) -> dict | None:

@@ -15,6 +15,7 @@ from pathlib import Path
 from ckptmap.cli.flags import add_ms2pt_flags, add_pt2ms_flags, add_run_flags, ms2pt_options, pt2ms_options
 from ckptmap.cli.printing import print_plan
 from ckptmap.cli.run import EXIT_FAILED, print_target, run, show_or_run
+from ckptmap import atomic
 from ckptmap.errors import CkptmapError
 
 EXIT_BAD_INPUT = 2
@@ -36,9 +37,8 @@ def cmd_plan(ns) -> int:
     plan = _compile(ns)
     if ns.output:
         out = Path(ns.output)
-        tmp = out.with_name(out.name + ".tmp")
-        tmp.write_text(plan.to_json())
-        os.replace(tmp, out)
+        with atomic.atomic_output(out) as tmp, open(tmp, "w") as f:
+            plan.write_json(f)   # streamed, record by record: a 4,096-rank plan never sits in memory as text
         print(f"plan written to {out} ({len(plan.files)} files); run it with `ckptmap apply {out}`")
     if ns.dry_run or not ns.output:
         print_plan(plan)
