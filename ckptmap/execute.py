@@ -94,6 +94,8 @@ class _Sources:
         parts = [self.slice(s) for s in task.sources]
         if task.replicas:
             self._check_replicas(task, parts[0])
+        if task.rounds_to is not None:
+            self._check_rounding(task, parts[0])
         first = task.sources[0]
         if len(parts) == 1 and first.start == 0 and first.numel is None:
             out = parts[0]  # whole tensor: stay a zero-copy view
@@ -123,6 +125,20 @@ class _Sources:
                     f"differs from the copy used ({task.reads[0].source.file if task.reads else task.sources[0].file}): "
                     f"{differing} bytes differ; the source ranks disagree — check the checkpoint (one rank may be "
                     f"stale or corrupt) before resharding it")
+
+    def _check_rounding(self, task: TensorTask, main: np.ndarray) -> None:
+        """The fp32 main param, rounded to the model weight's dtype, must be that weight."""
+        weight = task.rounds_to
+        want = np.ascontiguousarray(self.slice(weight)).reshape(-1)
+        got = tensor_ops.cast(np.ascontiguousarray(main).reshape(-1), "float32", weight.dtype)
+        if got.shape != want.shape or not np.array_equal(got.view(np.uint8), want.view(np.uint8)):
+            bad = int(np.count_nonzero(got != want)) if got.shape == want.shape else "all"
+            raise CkptmapError(
+                f"{task.name}: the fp32 main param read from {task.sources[0].file} ({task.sources[0].key} "
+                f"[{task.sources[0].start}:{task.sources[0].start + task.sources[0].count}]) does not round to the model "
+                f"weight {weight.key} of {weight.file} ({bad} of {want.size} elements differ): the bucket layout puts "
+                f"another parameter's optimizer state here. Pass the training run's param_map (--param-map-path), or "
+                f"the right --megatron-version; --no-main-param-check skips this check")
 
     def raw(self, s) -> np.ndarray:
         return self.reader(s.file).array(s.key)

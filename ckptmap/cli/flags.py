@@ -51,6 +51,12 @@ def add_pt2ms_flags(p: argparse.ArgumentParser) -> None:
                         "keep (the source dtype), bfloat16, float16.")
     c.add_argument("--crc", action="store_true",
                    help="Append MindSpore's CRC-32 trailer to .ckpt files (checked by load_checkpoint(crc_check=True)).")
+    c.add_argument("--megatron-version",
+                   help="Megatron-LM / megatron-core version that wrote the checkpoint (e.g. 0.12.1), when the files "
+                        "alone do not tell which `buckets megatron` layout applies (default: detected).")
+    c.add_argument("--no-main-param-check", dest="main_param_check", action="store_false",
+                   help="Do not check that every fp32 main param rounds to its model weight (the check that catches "
+                        "optimizer state laid out under the wrong parameter).")
     c.add_argument("--dry-run", action="store_true", help="Print the plan and write nothing.")
 
 
@@ -136,4 +142,4 @@ def pt2ms_options(ns):
         num_layers=ns.num_layers, noop=tuple(ns.noop), generate_all_dp_cp=ns.generate_all_dp_cp,
         convert_param_only=ns.convert_param_only, file_prefix=ns.file_prefix, format=ns.format,
         dist_opt_content=tuple(ns.dist_opt_content), rules=ns.rules, layout=ns.layout, dtype=ns.dtype,
-        crc=ns.crc)
+        crc=ns.crc, megatron_version=ns.megatron_version, main_param_check=ns.main_param_check)

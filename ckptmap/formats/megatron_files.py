@@ -232,105 +232,123 @@ class OptimFile(PtFile):
                                f"optimizer's file, written by Megatron with --use-distributed-optimizer; "
                                f"convert the weights alone with --convert-param-only")
         super().__init__(path)
-        root = self.root
-        self.chained = isinstance(root, list)
-        parts = list(enumerate(root)) if self.chained else [(None, root)]
-        self.buffers: list[OptimBuffer] = []
-        self.absent: list[int] = []   # chained optimizers without state in this file
-        self.storage = None
-        for opt_index, state in parts:
-            if state is None:
-                self.absent.append(opt_index)
-                continue
-            where = f"{path}" + (f" (optimizer {opt_index} of the chained list)" if self.chained else "")
-            if not isinstance(state, dict):
-                raise CkptmapError(f"{where} holds a {type(state).__name__}; expected the dict "
-                                   f"DistributedOptimizer.save_parameter_state writes")
-            kind = COALESCED if state.get("buckets_coalesced") is True else \
-                PER_BUCKET if "per_bucket_numel" in state else None
-            if kind is None:
-                raise CkptmapError(f"{where} has neither per_bucket_numel (Megatron core_r0.6) nor buckets_coalesced "
-                                   f"(Megatron >= 0.7); top-level keys: {', '.join(map(str, state))}; it is not a "
-                                   f"distrib_optim.pt written by DistributedOptimizer.save_parameter_state")
-            if self.storage not in (None, kind):
-                raise CkptmapError(f"{path} mixes coalesced and per-bucket optimizer states")
-            self.storage = kind
-            read = self._per_bucket if kind == PER_BUCKET else self._coalesced
-            self.buffers.extend(read(state, opt_index, where))
-
-    def _dtype_key(self, key, g, where) -> tuple[object, str]:
-        if not (isinstance(key, tuple) and len(key) == 2):
-            raise CkptmapError(f"{where}: buffer {g} is keyed by {key!r}; expected (param dtype, grad dtype)")
-        names = [dtype_name(k) for k in key]
-        if None in names:
-            raise CkptmapError(f"{where}: buffer {g} is keyed by {key!r}, which is neither a pair of torch dtypes nor "
-                               f"of MindSpore dtypes; the file is not a Megatron distrib_optim.pt")
-        return key, names[0]
-
-    def _per_bucket(self, state, opt_index, where):
-        out = []
-        for g, (padded, unpadded) in enumerate(zip(state["per_bucket_numel"], state["per_bucket_numel_unpadded"])):
-            if len(padded) != 1 or padded.keys() != unpadded.keys():
-                raise CkptmapError(f"{where}: buffer {g} has dtype keys {list(padded)}; ckptmap expects one "
-                                   f"(param dtype, grad dtype) pair per buffer, as Megatron writes")
-            key, param_dtype = self._dtype_key(next(iter(padded)), g, where)
-            if g not in state:
-                raise CkptmapError(f"{where}: per_bucket_numel lists buffer {g} but the file has no entry {g}")
-            for st in OPTIM_STATES:
-                tensors = state[g].get(key, {}).get(st)
-                if tensors is None or len(tensors) != len(padded[key]):
-                    raise CkptmapError(f"{where}: buffer {g} lacks {st!r} tensors for its {len(padded[key])} "
-                                       f"bucket(s); the file is incomplete")
-                for j, (ref, n) in enumerate(zip(tensors, padded[key])):
-                    if tuple(ref.shape) != (n,) or ref.dtype != "float32":
-                        raise CkptmapError(f"{where}: buffer {g} {st} bucket {j} is {ref.dtype} "
-                                           f"{list(ref.shape)}, expected float32 [{n}] (per_bucket_numel)")
-            out.append(OptimBuffer(opt_index, g, key, param_dtype, PER_BUCKET, tuple(padded[key]),
-                                   tuple(unpadded[key])))
-        return out
-
-    def _coalesced(self, state, opt_index, where):
-        out = []
-        indices = sorted(k for k in state if isinstance(k, int) and not isinstance(k, bool))
-        if indices != list(range(len(indices))):
-            raise CkptmapError(f"{where}: buffer entries {indices} are not numbered 0, 1, …; the file is damaged")
-        for g in indices:
-            entry = state[g]
-            if not isinstance(entry, dict) or len(entry) != 1:
-                raise CkptmapError(f"{where}: buffer {g} has {len(entry) if isinstance(entry, dict) else 0} dtype "
-                                   f"keys; ckptmap expects one (param dtype, grad dtype) pair per buffer")
-            key, param_dtype = self._dtype_key(next(iter(entry)), g, where)
-            states = entry[key]
-            numel = states.get("numel_unpadded")
-            if isinstance(numel, TensorRef):  # MindSpeed-LLM on MindSpore stores a 0-d int64 tensor
-                if numel.shape != () or numel.dtype != "int64":
-                    raise CkptmapError(f"{where}: buffer {g} numel_unpadded is a {numel.dtype} tensor of shape "
-                                       f"{list(numel.shape)}; expected an int or a 0-d int64 tensor")
-                numel = int(self._zip.array(numel))
-            if type(numel) is not int or numel < 0:
-                raise CkptmapError(f"{where}: buffer {g} has no valid numel_unpadded ({numel!r})")
-            for st in OPTIM_STATES:
-                ref = states.get(st)
-                if not isinstance(ref, TensorRef) or tuple(ref.shape) != (numel,) or ref.dtype != "float32":
-                    found = f"{ref.dtype} {list(ref.shape)}" if isinstance(ref, TensorRef) else repr(ref)
-                    raise CkptmapError(f"{where}: buffer {g} {st!r} is {found}, expected float32 [{numel}] "
-                                       f"(numel_unpadded); the file is damaged")
-            out.append(OptimBuffer(opt_index, g, key, param_dtype, COALESCED, numel_unpadded=numel))
-        return out
+        self.chained, self.absent, self.storage, self.buffers = parse_optim_state(
+            self.root, str(path), lambda ref: int(self._zip.array(ref)))
 
     def state_refs(self, buf: OptimBuffer, state: str) -> list[TensorRef]:
-        node = self.root
-        for part in ([buf.optimizer] if buf.optimizer is not None else []) + [buf.index, buf.dtype_key, state]:
-            node = node[part]
-        return list(node) if buf.storage == PER_BUCKET else [node]
+        return state_refs(self.root, buf, state)
 
-    def covered_storages(self) -> dict:
+    def covered_storages(self, ranges: dict | None = None) -> dict:
         """storage key -> (dtype, numel, [(start, end)]): the element ranges of each state tensor's
-        storage that hold parameters' state (per-bucket tensors: all but the bucket padding)."""
+        storage that hold parameters' state. ``ranges``: {(buffer index in ``buffers``, bucket or None):
+        [(start, end)] in that tensor} from the bucket layout; without it, all but the bucket padding of
+        per-bucket tensors (the whole of a coalesced one)."""
         out = {}
-        for buf in self.buffers:
+        for g, buf in enumerate(self.buffers):
             for st in OPTIM_STATES:
                 for j, ref in enumerate(self.state_refs(buf, st)):
-                    n = buf.unpadded[j] if buf.storage == PER_BUCKET else buf.numel_unpadded
-                    out[ref.storage] = (ref.dtype, ref.storage_numel, [(ref.storage_offset, ref.storage_offset + n)])
+                    bucket = None if buf.storage == COALESCED else j
+                    spans = (ranges or {}).get((g, bucket))
+                    if spans is None:
+                        spans = [(0, buf.unpadded[j] if buf.storage == PER_BUCKET else buf.numel_unpadded)]
+                    out[ref.storage] = (ref.dtype, ref.storage_numel,
+                                        [(ref.storage_offset + a, ref.storage_offset + b) for a, b in spans])
         return out
+
+
+def state_refs(root, buf: OptimBuffer, state: str) -> list:
+    node = root
+    for part in ([buf.optimizer] if buf.optimizer is not None else []) + [buf.index, buf.dtype_key, state]:
+        node = node[part]
+    return list(node) if buf.storage == PER_BUCKET else [node]
+
+
+def parse_optim_state(root, where: str, read_int=None):
+    """``(chained, absent optimizer indices, storage kind, [OptimBuffer])`` of a distrib_optim.pt
+    object graph (tensors as TensorRefs). ``read_int(ref)`` reads a 0-d int tensor (``numel_unpadded``
+    as MindSpeed-LLM on MindSpore stores it); None: such a tensor is refused."""
+    chained = isinstance(root, list)
+    parts = list(enumerate(root)) if chained else [(None, root)]
+    buffers, absent, storage = [], [], None
+    for opt_index, state in parts:
+        if state is None:
+            absent.append(opt_index)
+            continue
+        here = where + (f" (optimizer {opt_index} of the chained list)" if chained else "")
+        if not isinstance(state, dict):
+            raise CkptmapError(f"{here} holds a {type(state).__name__}; expected the dict "
+                               f"DistributedOptimizer.save_parameter_state writes")
+        kind = COALESCED if state.get("buckets_coalesced") is True else \
+            PER_BUCKET if "per_bucket_numel" in state else None
+        if kind is None:
+            raise CkptmapError(f"{here} has neither per_bucket_numel (Megatron core_r0.6) nor buckets_coalesced "
+                               f"(Megatron >= 0.7); top-level keys: {', '.join(map(str, state))}; it is not a "
+                               f"distrib_optim.pt written by DistributedOptimizer.save_parameter_state")
+        if storage not in (None, kind):
+            raise CkptmapError(f"{where} mixes coalesced and per-bucket optimizer states")
+        storage = kind
+        read = _per_bucket if kind == PER_BUCKET else _coalesced
+        buffers.extend(read(state, opt_index, here, read_int))
+    return chained, absent, storage, buffers
+
+
+def _dtype_key(key, g, where) -> tuple[object, str]:
+    if not (isinstance(key, tuple) and len(key) == 2):
+        raise CkptmapError(f"{where}: buffer {g} is keyed by {key!r}; expected (param dtype, grad dtype)")
+    names = [dtype_name(k) for k in key]
+    if None in names:
+        raise CkptmapError(f"{where}: buffer {g} is keyed by {key!r}, which is neither a pair of torch dtypes nor "
+                           f"of MindSpore dtypes; the file is not a Megatron distrib_optim.pt")
+    return key, names[0]
+
+
+def _per_bucket(state, opt_index, where, read_int):
+    out = []
+    for g, (padded, unpadded) in enumerate(zip(state["per_bucket_numel"], state["per_bucket_numel_unpadded"])):
+        if len(padded) != 1 or padded.keys() != unpadded.keys():
+            raise CkptmapError(f"{where}: buffer {g} has dtype keys {list(padded)}; ckptmap expects one "
+                               f"(param dtype, grad dtype) pair per buffer, as Megatron writes")
+        key, param_dtype = _dtype_key(next(iter(padded)), g, where)
+        if g not in state:
+            raise CkptmapError(f"{where}: per_bucket_numel lists buffer {g} but the file has no entry {g}")
+        for st in OPTIM_STATES:
+            tensors = state[g].get(key, {}).get(st)
+            if tensors is None or len(tensors) != len(padded[key]):
+                raise CkptmapError(f"{where}: buffer {g} lacks {st!r} tensors for its {len(padded[key])} "
+                                   f"bucket(s); the file is incomplete")
+            for j, (ref, n) in enumerate(zip(tensors, padded[key])):
+                if tuple(ref.shape) != (n,) or ref.dtype != "float32":
+                    raise CkptmapError(f"{where}: buffer {g} {st} bucket {j} is {ref.dtype} "
+                                       f"{list(ref.shape)}, expected float32 [{n}] (per_bucket_numel)")
+        out.append(OptimBuffer(opt_index, g, key, param_dtype, PER_BUCKET, tuple(padded[key]), tuple(unpadded[key])))
+    return out
+
+
+def _coalesced(state, opt_index, where, read_int):
+    out = []
+    indices = sorted(k for k in state if isinstance(k, int) and not isinstance(k, bool))
+    if indices != list(range(len(indices))):
+        raise CkptmapError(f"{where}: buffer entries {indices} are not numbered 0, 1, …; the file is damaged")
+    for g in indices:
+        entry = state[g]
+        if not isinstance(entry, dict) or len(entry) != 1:
+            raise CkptmapError(f"{where}: buffer {g} has {len(entry) if isinstance(entry, dict) else 0} dtype "
+                               f"keys; ckptmap expects one (param dtype, grad dtype) pair per buffer")
+        key, param_dtype = _dtype_key(next(iter(entry)), g, where)
+        states = entry[key]
+        numel = states.get("numel_unpadded")
+        if isinstance(numel, TensorRef):  # MindSpeed-LLM on MindSpore stores a 0-d int64 tensor
+            if numel.shape != () or numel.dtype != "int64" or read_int is None:
+                raise CkptmapError(f"{where}: buffer {g} numel_unpadded is a {numel.dtype} tensor of shape "
+                                   f"{list(numel.shape)}; expected an int or a 0-d int64 tensor")
+            numel = read_int(numel)
+        if type(numel) is not int or numel < 0:
+            raise CkptmapError(f"{where}: buffer {g} has no valid numel_unpadded ({numel!r})")
+        for st in OPTIM_STATES:
+            ref = states.get(st)
+            if not isinstance(ref, TensorRef) or tuple(ref.shape) != (numel,) or ref.dtype != "float32":
+                found = f"{ref.dtype} {list(ref.shape)}" if isinstance(ref, TensorRef) else repr(ref)
+                raise CkptmapError(f"{where}: buffer {g} {st!r} is {found}, expected float32 [{numel}] "
+                                   f"(numel_unpadded); the file is damaged")
+        out.append(OptimBuffer(opt_index, g, key, param_dtype, COALESCED, numel_unpadded=numel))
+    return out

@@ -96,7 +96,9 @@ def write_pt_meta(model_path, optim_path, keys, extra, path, *, fsync: bool = Fa
     """Write the pt_meta file of one mp_rank: the listed top-level entries of ``model_optim_rng.pt``
     exactly as read (their tensors, e.g. RNG states, copied from it), ``extra``, and under ``ckptmap``
     the skeletons and padding of ``model_optim_rng.pt`` (model chunk tensors replaced) and
-    ``distrib_optim.pt`` (every tensor)."""
+    ``distrib_optim.pt`` (every tensor). ``extra["optim_ranges"]``: [(buffer, bucket or None, start,
+    end)] — where parameters' states lie in distrib_optim.pt's tensors; every other byte (bucket
+    padding, 64-element alignment gaps) is kept as padding."""
     zf = TorchZipFile(model_path)
     root = zf.root
     missing = [k for k in keys if k not in root]
@@ -122,10 +124,13 @@ def write_pt_meta(model_path, optim_path, keys, extra, path, *, fsync: bool = Fa
         optim = OptimFile(optim_path)
         orefs: list = []
         oskeleton = _placeholders(optim.root, orefs)
+        ranges = {}
+        for g, bucket, start, end in extra.get("optim_ranges", ()):
+            ranges.setdefault((g, bucket), []).append((start, end))
         meta.update(distrib_optim=oskeleton, distrib_optim_tensors=orefs,
-                    distrib_optim_padding=_padding(optim._zip, optim.covered_storages()))
+                    distrib_optim_padding=_padding(optim._zip, optim.covered_storages(ranges or None)))
     out = {k: root[k] for k in keys}
-    out.update(extra)
+    out.update({k: v for k, v in extra.items() if k != "optim_ranges"})  # the ranges became the padding
     out[META_KEY] = meta
     # what is left of the model file in `out` (RNG states, ...) is copied from it
     torch_zip_writer.save_streaming(out, path, lambda key: [zf.storage_bytes(key)], fsync=fsync)

@@ -89,6 +89,16 @@ class BufferLayout:
     def per_bucket_numel_unpadded(self) -> list[int]:
         return [b.numel_unpadded for b in self.buckets]
 
+    @property
+    def numel_unpadded(self) -> int:
+        return sum(b.numel_unpadded for b in self.buckets)
+
+    def coalesced_offset(self, slot: ParamSlot) -> int:
+        """Where ``slot`` starts in a coalesced state tensor (Megatron >= 0.7: every bucket's unpadded
+        part, concatenated)."""
+        before = sum(b.numel_unpadded for b in self.buckets[:slot.bucket])
+        return before + slot.start - self.buckets[slot.bucket].start
+
 
 def _round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
@@ -185,6 +195,22 @@ def fit_buffer(rule: BucketLayout, params: list[ParamEntry], env: dict, padded: 
         if layout.per_bucket_numel == padded and layout.per_bucket_numel_unpadded == unpadded:
             return layout
     return None
+
+
+def fit_coalesced(rule: BucketLayout, params: list[ParamEntry], env: dict, numel_unpadded: int,
+                  close_symbol: str = "bucket_size") -> BufferLayout | None:
+    """The rule's layout if its buckets' unpadded parts add up to ``numel_unpadded`` — all that a
+    coalesced ``distrib_optim.pt`` records of a buffer. Weaker than :func:`fit_buffer`: the
+    compiler backs it with the main-param rounding check (bf16 of the fp32 main param must be the
+    model weight) for every parameter."""
+    layout = build_buffer(rule, params, env)
+    return layout if layout.numel_unpadded == numel_unpadded else None
+
+
+def same_slots(a: BufferLayout, b: BufferLayout) -> bool:
+    return [(s.name, s.start, s.end, s.bucket) for s in a.slots] == [(s.name, s.start, s.end, s.bucket)
+                                                                       for s in b.slots] and \
+        a.per_bucket_numel_unpadded == b.per_bucket_numel_unpadded
 
 
 def buffer_from_param_map(entries: dict, padded: list[int], unpadded: list[int], origin: str,

@@ -52,6 +52,8 @@ class Pt2MsOptions:
     layout: str = "v1"
     dtype: str = "float32"
     crc: bool = False
+    megatron_version: str | None = None
+    main_param_check: bool = True
 
 
 def listing(names, limit=MAX_LISTED) -> str:
@@ -249,6 +251,7 @@ def compile_pt2ms(opt: Pt2MsOptions) -> Plan:
     metadata = {"format": "ms"} if opt.format == "safetensors" else {}
     out_files: list[FileTask] = []
     layout_origins = set()
+    blocks, chosen = None, {}   # the bucket blocks of the file's storage kind; the one that fits
     used_maps: set[tuple[int, int, int]] = set()
     derived_maps: list[FileTask] = []
     for (tp, pp), matched in matched_per_rank.items():
@@ -261,9 +264,11 @@ def compile_pt2ms(opt: Pt2MsOptions) -> Plan:
         else:
             optim = megatron_files.OptimFile(ckdir.ranks[(tp, pp)] / megatron_folders.OPTIM_FILE)
             optim.close()
+            if blocks is None:
+                blocks = bucket_blocks(rules, optim, opt.megatron_version)
             buffers = _buffer_layouts(rules, args, matched, optim, maps_of, tp, pp, layout,
                                       explicit_maps=bool(opt.param_map_path), memo=memo, map_entries=map_entries,
-                                      notes=notes)
+                                      notes=notes, blocks=blocks, chosen=chosen)
             for v, g, bl in buffers:
                 layout_origins.add("param_map" if bl.origin != "derived" else "derived")
                 if bl.origin != "derived":
@@ -275,7 +280,9 @@ def compile_pt2ms(opt: Pt2MsOptions) -> Plan:
                         FileTask(mindspeed.pt_meta_path(param_map.param_map_file_name(b, d, tp, pp, v)), "text",
                                  text=text)
                         for d in range(_arg(args, "data_parallel_size", 1)))
-            tasks = _optimizer_tasks(matched, buffers, optim, rules, layout, pp, opt, env, seen, memo)
+            tasks = _optimizer_tasks(matched, buffers, optim, rules, layout, pp, opt, env, seen, memo,
+                                     model_path=model_file.path)
+            spot_check_main_params(tasks)
             scalar_rows = mindspeed.step_scalars(step, opt.layout) + mindspeed.optimizer_scalars(
                 model_file.root.get("optimizer"), model_file.root.get("opt_param_scheduler"), str(model_file.path))
         scalars = [TensorTask(name, dtype, shape, value=value) for name, dtype, shape, value in scalar_rows]
@@ -291,7 +298,9 @@ def compile_pt2ms(opt: Pt2MsOptions) -> Plan:
                                           crc=opt.crc and opt.format == "ckpt"))
             else:
                 out_files.append(FileTask(rel, "copy", source=primary, source_is_output=True))
-        out_files.append(_pt_meta_task(model_file, tp, pp, layout, maps_of, matched, memo, map_entries))
+        out_files.append(_pt_meta_task(model_file, tp, pp, layout, maps_of, matched, memo, map_entries,
+                                       None if opt.convert_param_only else buffers,
+                                       None if opt.convert_param_only else optim))
     for pm in param_maps:  # the way back reads pt_meta: keep only the maps this conversion relied on
         if opt.convert_param_only or (pm.tp, pm.pp, pm.vpp) in used_maps:
             out_files.append(FileTask(mindspeed.pt_meta_path(pm.path.name), "copy", source=str(pm.path)))
@@ -309,6 +318,9 @@ def compile_pt2ms(opt: Pt2MsOptions) -> Plan:
     }
     if layout_origins:
         info["bucket_layout"] = " + ".join(sorted(layout_origins))
+    if chosen.get("block") is not None:
+        info["megatron_layout"] = chosen["block"].label
+        info["main_param_check"] = "on" if opt.main_param_check else "off (--no-main-param-check)"
     if notes:
         info["param_map_ignored"] = notes
     return Plan("pt2ms", str(Path(opt.ms_path)), tuple(out_files), info)
@@ -382,15 +394,79 @@ def _read_map(pm, cache: dict | None) -> dict:
     return entries
 
 
+def bucket_blocks(rules: RuleSet, optim, megatron_version: str | None) -> list:
+    """The rules' ``buckets megatron`` blocks that may describe ``optim``: those storing buckets the way
+    the file does (per bucket: core_r0.6; coalesced: 0.7+), narrowed to ``--megatron-version``."""
+    every = rules.bucket_layouts("megatron")
+    blocks = [b for b in every if b.storage == optim.storage]
+    if megatron_version is not None:
+        blocks = [b for b in blocks if b.covers(megatron_version)]
+        if not blocks:
+            raise CkptmapError(
+                f"--megatron-version {megatron_version}: {optim.path} stores its buckets {optim.storage.replace('_', ' ')}"
+                f", and no `buckets megatron` block of {rules.path} for that version does "
+                f"({', '.join(f'{b.label}: {b.storage}' for b in every)}); check the version")
+    if not blocks:
+        raise CkptmapError(f"{optim.path} stores its buckets {optim.storage.replace('_', ' ')}, which no `buckets "
+                           f"megatron` block of {rules.path} describes; add a block for that Megatron version")
+    return blocks
+
+
+def _layout_values(args, layout, pp, v, expert: bool) -> dict:
+    """What a bucket block may refer to, for model chunk ``v`` of pipeline stage ``pp``."""
+    values = {k: x for k, x in vars(args).items() if isinstance(x, (int, bool))} if args else {}
+    dp_size, cp_size = _arg(args, "data_parallel_size", 1), _arg(args, "context_parallel_size", 1)
+    ep_size = _arg(args, "expert_model_parallel_size", 1)
+    values.update(dp=dp_size, cp=cp_size, ep=ep_size,
+                  dp_group=dp_size * cp_size // ep_size if expert else dp_size * cp_size,
+                  pp=layout.pp, pp_rank=pp, chunk=v, bucket_size=_arg(args, "ddp_bucket_size"),
+                  overlap_grad_reduce=bool(_arg(args, "overlap_grad_reduce", False)),
+                  untie_embeddings_and_output_weights=bool(_arg(args, "untie_embeddings_and_output_weights", False)))
+    return values
+
+
+def _fit(blocks, group, values, buf, chosen: dict):
+    """The first block (the chosen one, once there is one) whose layout reproduces what ``buf``
+    records; None if none does."""
+    if chosen.get("block") is not None:
+        blocks = [chosen["block"]]
+    fits = []
+    for block in blocks:
+        env = buckets.layout_env(block, values)
+        if buf.storage == megatron_files.COALESCED:
+            laid = buckets.fit_coalesced(block, group, env, buf.numel_unpadded)
+        else:
+            laid = buckets.fit_buffer(block, group, env, list(buf.padded), list(buf.unpadded))
+        if laid is not None:
+            fits.append((block, laid))
+    if not fits:
+        return None
+    block, laid = fits[0]
+    if len(fits) > 1 and not all(buckets.same_slots(laid, other) for _, other in fits[1:]):
+        raise CkptmapError(
+            f"{buf.describe}: the bucket layouts of {', '.join(b.label for b, _ in fits)} all fit it but place "
+            f"parameters differently; say which Megatron version wrote the checkpoint with --megatron-version")
+    chosen["block"] = block
+    return block, laid
+
+
 def _buffer_layouts(rules: RuleSet, args, matched, optim, maps_of, tp, pp, layout, explicit_maps, memo=None,
-                    map_entries=None, notes=None):
+                    map_entries=None, notes=None, blocks=None, chosen=None):
     """[(chunk, global buffer index, BufferLayout)] for one (tp, pp) rank: from its param_map files
-    when there are some, else derived from the model and the rules' `buckets megatron` block — and
-    accepted only if it reproduces distrib_optim.pt's bucket sizes exactly."""
+    when there are some, else derived from the model and the rules' `buckets megatron` block of the
+    checkpoint's Megatron version — and accepted only if it reproduces what distrib_optim.pt records
+    (per-bucket files: every bucket's padded and unpadded size; coalesced files: the buffer's unpadded
+    total, backed by the main-param rounding check of every parameter)."""
     out = []
     g = 0
-    bucket_rule = rules.bucket_layout("megatron", "0.6")
+    blocks = blocks or bucket_blocks(rules, optim, None)
+    chosen = {} if chosen is None else chosen
     for v in range(layout.vpp):
+        params: dict[str, list[buckets.ParamEntry]] = {}
+        for m in matched:
+            if m.tensor.chunk == v:
+                params.setdefault(m.tensor.dtype, []).append(buckets.ParamEntry(
+                    ddp_name(m, memo), m.tensor.shape, m.tensor.dtype, m.rule.shared_embedding))
         maps = maps_of.get((tp, pp, v), [])
         if explicit_maps and not maps:
             raise CkptmapError(
@@ -405,10 +481,15 @@ def _buffer_layouts(rules: RuleSet, args, matched, optim, maps_of, tp, pp, layou
                     if g + i >= len(optim.buffers):
                         raise CkptmapError(f"{pm.path}: describes buffer {g + i} but {optim.path} has "
                                            f"{len(optim.buffers)}; the param_map belongs to a different run")
-                    padded, unpadded = list(optim.buffers[g + i].padded), list(optim.buffers[g + i].unpadded)
+                    buf = optim.buffers[g + i]
                     entries = _read_map(pm, map_entries)
-                    chunk_layouts.append((v, g + i, buckets.buffer_from_param_map(entries, padded, unpadded,
-                                                                                  str(pm.path))))
+                    if buf.storage == megatron_files.COALESCED:
+                        laid = _coalesced_from_param_map(entries, buf, blocks, params, args, layout, pp, v, chosen,
+                                                         str(pm.path))
+                    else:
+                        laid = buckets.buffer_from_param_map(entries, list(buf.padded), list(buf.unpadded),
+                                                             str(pm.path))
+                    chunk_layouts.append((v, g + i, laid))
             except CkptmapError as e:
                 if explicit_maps:
                     raise
@@ -419,37 +500,24 @@ def _buffer_layouts(rules: RuleSet, args, matched, optim, maps_of, tp, pp, layou
                 out.extend(chunk_layouts)
                 g += len(chunk_layouts)
                 continue
-        params: dict[str, list[buckets.ParamEntry]] = {}
-        for m in matched:
-            if m.tensor.chunk == v:
-                params.setdefault(m.tensor.dtype, []).append(buckets.ParamEntry(
-                    ddp_name(m, memo), m.tensor.shape, m.tensor.dtype,
-                    m.rule.shared_embedding))
         for dtype, group in params.items():
             if g >= len(optim.buffers):
                 raise CkptmapError(f"{optim.path} has {len(optim.buffers)} buffer(s), but the model needs more "
                                    f"(chunk {v}, {dtype} parameters); pass the training run's param_map")
-            padded, unpadded = list(optim.buffers[g].padded), list(optim.buffers[g].unpadded)
-            values = {k: v_ for k, v_ in vars(args).items() if isinstance(v_, (int, bool))} if args else {}
-            dp_size, cp_size = _arg(args, "data_parallel_size", 1), _arg(args, "context_parallel_size", 1)
-            values.update(dp=dp_size, cp=cp_size, dp_group=dp_size * cp_size,
-                          pp=layout.pp, pp_rank=pp, chunk=v, bucket_size=_arg(args, "ddp_bucket_size"),
-                          overlap_grad_reduce=bool(_arg(args, "overlap_grad_reduce", False)),
-                          untie_embeddings_and_output_weights=bool(
-                              _arg(args, "untie_embeddings_and_output_weights", False)))
-            env = buckets.layout_env(bucket_rule, values)
-            fitted = buckets.fit_buffer(bucket_rule, group, env, padded, unpadded)
-            if fitted is None:
-                tried = buckets.build_buffer(bucket_rule, group, env)
+            buf = optim.buffers[g]
+            values = _layout_values(args, layout, pp, v, expert=False)
+            found = _fit(blocks, group, values, buf, chosen)
+            if found is None:
+                tried = "; ".join(
+                    f"{b.label} gives buckets {t.per_bucket_numel} (unpadded {t.per_bucket_numel_unpadded})"
+                    for b in blocks for t in [buckets.build_buffer(b, group, buckets.layout_env(b, values))])
                 raise CkptmapError(
-                    f"cannot derive the bucket layout of {optim.path} buffer {g} (chunk {v}): the rules' "
-                    f"`buckets megatron` block with this checkpoint's args (dp {env['dp']}, cp {env['cp']}, "
-                    f"overlap_grad_reduce {env['overlap_grad_reduce']}) gives buckets {tried.per_bucket_numel} "
-                    f"(unpadded {tried.per_bucket_numel_unpadded}) but the file has {padded} (unpadded "
-                    f"{unpadded}). A param_map is required: pass --param-map-path with the param_map folder "
-                    f"written by the training run"
+                    f"cannot derive the bucket layout of {optim.path} {buf.describe} (chunk {v}): with this "
+                    f"checkpoint's args (dp {values['dp']}, cp {values['cp']}, overlap_grad_reduce "
+                    f"{values['overlap_grad_reduce']}, ddp_bucket_size {values['bucket_size']}) {tried}. A param_map "
+                    f"is required: pass --param-map-path with the param_map folder written by the training run"
                     + (f" (the one found next to the checkpoint does not fit it either: {stale})" if stale else ""))
-            out.append((v, g, fitted))
+            out.append((v, g, found[1]))
             g += 1
     if g != len(optim.buffers):
         raise CkptmapError(f"{optim.path} has {len(optim.buffers)} buffer(s) but the model chunks account for {g}; "
@@ -457,7 +525,74 @@ def _buffer_layouts(rules: RuleSet, args, matched, optim, maps_of, tp, pp, layou
     return out
 
 
-def _optimizer_tasks(matched, buffer_layouts, optim, rules, layout, pp, opt, env, seen, memo=None) -> list[TensorTask]:
+def _coalesced_from_param_map(entries, buf, blocks, params, args, layout, pp, v, chosen, origin):
+    """A coalesced distrib_optim.pt records only a buffer's unpadded total, so a param_map alone does
+    not say where every bucket's unpadded part ends; the rules' layout supplies the bucket sizes and
+    must place every parameter exactly where the param_map says."""
+    group = params.get(buf.param_dtype, [])
+    found = _fit(blocks, group, _layout_values(args, layout, pp, v, expert=False), buf, chosen)
+    if found is None:
+        raise CkptmapError(f"{origin}: no `buckets megatron` block reproduces {buf.describe}; cannot tell the "
+                           f"bucket sizes the param_map's offsets refer to")
+    laid = found[1]
+    recorded = [(name, start, end, bucket) for name, (_, _, start, end, bucket) in entries.items()]
+    derived = [(s.name, s.start, s.end, s.bucket) for s in laid.slots]
+    if recorded != derived:
+        first = next(i for i, (a, b) in enumerate(zip(recorded + [None], derived + [None])) if a != b)
+        raise CkptmapError(f"{origin}: parameter #{first} is {recorded[first] if first < len(recorded) else 'missing'} "
+                           f"there but the checkpoint's layout ({found[0].label}) puts "
+                           f"{derived[first] if first < len(derived) else 'nothing'} there; the param_map belongs "
+                           f"to a different run")
+    return attrs.evolve(laid, origin=origin)
+
+
+SPOT_CHECK = 64
+
+
+def spot_check_main_params(tasks) -> None:
+    """Before anything is written: the first and last elements of every fp32 main param must round
+    to its model weight (the executor then checks every element). Cheap — a few hundred bytes per
+    parameter — and catches a layout that puts one parameter's state under another's name."""
+    from ckptmap.execute import _Sources   # the executor's reading of plan slices, on a few elements
+
+    sources = _Sources()
+    try:
+        for t in tasks:
+            if t.rounds_to is None:
+                continue
+            src, weight = t.sources[0], t.rounds_to
+            n = src.count
+            for lo in sorted({0, max(0, n - SPOT_CHECK)}):
+                k = min(SPOT_CHECK, n - lo)
+                part = attrs.evolve(t, name=t.name, sources=(attrs.evolve(src, start=src.start + lo, numel=k),),
+                                    rounds_to=_flat_part(weight, lo, k), src_shape=(k,), ops=())
+                sources._check_rounding(part, sources.slice(part.sources[0]))
+    finally:
+        sources.close()
+
+
+def _flat_part(s: SourceSlice, lo: int, k: int) -> SourceSlice:
+    return attrs.evolve(s, start=s.start + lo, numel=k)
+
+
+def state_slice(optim, keys: dict, g: int, bl, slot, state: str) -> SourceSlice:
+    """Where a parameter's fp32 ``state`` lies in distrib_optim.pt: its range of its bucket's tensor
+    (per-bucket files) or of the buffer's coalesced tensor. ``keys`` caches the flat keys."""
+    buf = optim.buffers[g]
+    coalesced = buf.storage == megatron_files.COALESCED
+    key = keys.get((g, state, None if coalesced else slot.bucket))
+    if key is None:
+        key = keys[(g, state, None if coalesced else slot.bucket)] = buf.key(state, slot.bucket)
+    if coalesced:
+        return SourceSlice(str(optim.path), key, "float32", (buf.numel_unpadded,), start=bl.coalesced_offset(slot),
+                           numel=slot.end - slot.start)
+    bucket = bl.buckets[slot.bucket]
+    return SourceSlice(str(optim.path), key, "float32", (bucket.numel,), start=slot.start - bucket.start,
+                       numel=slot.end - slot.start)
+
+
+def _optimizer_tasks(matched, buffer_layouts, optim, rules, layout, pp, opt, env, seen, memo=None,
+                     model_path=None) -> list[TensorTask]:
     slots = {}
     keys: dict[tuple, str] = {}  # (buffer, state, bucket) -> flat key in distrib_optim.pt
     for v, g, bl in buffer_layouts:
@@ -492,13 +627,13 @@ def _optimizer_tasks(matched, buffer_layouts, optim, rules, layout, pp, opt, env
             if state == "param" and opt.dtype not in ("keep", "float32"):
                 op, shape, dtype = tensor_ops.resolve("cast", (opt.dtype,), shape, dtype, env, str(m.rule.loc))
                 concrete.append(op)
-            key = keys.get((g, state, slot.bucket))
-            if key is None:
-                key = keys[(g, state, slot.bucket)] = optim.buffers[g].key(state, slot.bucket)
-            source = SourceSlice(optim_file, key, "float32", (bucket.numel,),
-                                 start=slot.start - bucket.start, numel=slot.end - slot.start)
+            source = state_slice(optim, keys, g, bl, slot, state)
+            rounds_to = None
+            if state == "param" and opt.main_param_check and model_path is not None and m.tensor.dtype != "float32":
+                rounds_to = SourceSlice(str(model_path), m.tensor.key, m.tensor.dtype, m.tensor.shape)
             tasks.append(TensorTask(patterns[state].format({"name": weight_name}), dtype, shape,
-                                    (source,), "float32", m.tensor.shape, tuple(concrete), note=note))
+                                    (source,), "float32", m.tensor.shape, tuple(concrete), note=note,
+                                    rounds_to=rounds_to))
     for v, g, bl in buffer_layouts:
         for slot in bl.slots:
             if (v, slot.name) not in used:
@@ -534,7 +669,8 @@ def _param_maps(opt: Pt2MsOptions, ckdir, notes: list) -> list:
     return []
 
 
-def _pt_meta_task(model_file, tp, pp, layout, maps_of, matched, memo=None, map_entries=None) -> FileTask:
+def _pt_meta_task(model_file, tp, pp, layout, maps_of, matched, memo=None, map_entries=None,
+                  buffer_layouts=None, optim=None) -> FileTask:
     """pt_meta/args_tpTT_ppPPP.pt: every non-model entry as read, plus the per-chunk parameter
     names in buffer order (from the param_map when there is one); the executor adds the skeletons
     of the Megatron files (formats.megatron.build_pt_meta)."""
@@ -554,6 +690,16 @@ def _pt_meta_task(model_file, tp, pp, layout, maps_of, matched, memo=None, map_e
         "param_name_list": names,
         "param_name_list_source": source,
     }
+    if buffer_layouts:
+        # the bucket sizes (a coalesced distrib_optim.pt records only a total) and where the states lie
+        extra["bucket_layouts"] = [
+            {"chunk": v, "buffer": g, "padded": bl.per_bucket_numel, "unpadded": bl.per_bucket_numel_unpadded}
+            for v, g, bl in buffer_layouts]
+        coalesced = optim.storage == megatron_files.COALESCED
+        extra["optim_ranges"] = [
+            (g, None, bl.coalesced_offset(sl), bl.coalesced_offset(sl) + sl.end - sl.start) if coalesced else
+            (g, sl.bucket, sl.start - bl.buckets[sl.bucket].start, sl.end - bl.buckets[sl.bucket].start)
+            for v, g, bl in buffer_layouts for sl in bl.slots]
     optim_path = model_file.path.with_name(megatron_folders.OPTIM_FILE)
     return FileTask(mindspeed.pt_meta_args_path(tp, pp), "torch_meta", source=str(model_file.path),
                     aux_source=str(optim_path) if optim_path.is_file() else None,

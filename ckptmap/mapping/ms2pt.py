@@ -357,6 +357,16 @@ def _whole(new, what) -> int:
     return int(value)
 
 
+def _bind_placeholders(node, refs):
+    if type(node) is tuple and len(node) == 2 and node[0] == pt_meta.PLACEHOLDER:
+        return pt_meta.ref_from_fields(refs[node[1]])
+    if isinstance(node, dict):
+        return {k: _bind_placeholders(v, refs) for k, v in node.items()}
+    if type(node) in (list, tuple):
+        return type(node)(_bind_placeholders(v, refs) for v in node)
+    return node
+
+
 def _optim_file(meta: _MetaRank, rank_dir, matched, layout, pp, tp, rules, ms_file, specs, maps_of,
                 memo=None) -> FileTask:
     m_meta = meta.meta
@@ -365,11 +375,11 @@ def _optim_file(meta: _MetaRank, rank_dir, matched, layout, pp, tp, rules, ms_fi
                            f"distrib_optim.pt); convert the weights alone with --convert-param-only")
     skeleton = m_meta["distrib_optim"]
     refs = m_meta["distrib_optim_tensors"]
-    buffers_meta = []
-    for g, (padded_map, unpadded_map) in enumerate(zip(skeleton["per_bucket_numel"],
-                                                       skeleton["per_bucket_numel_unpadded"])):
-        key = next(iter(padded_map))
-        buffers_meta.append((key, list(padded_map[key]), list(unpadded_map[key])))
+    # the skeleton with its placeholders bound to the TensorRefs they stand for, so that the
+    # distrib_optim.pt parser reads it like the file it came from
+    bound = _bind_placeholders(skeleton, refs)
+    _, _, storage, buffers_meta = megatron_files.parse_optim_state(bound, f"{meta.path} (distrib_optim skeleton)")
+    recorded = {rec["buffer"]: rec for rec in meta.root.get("bucket_layouts") or ()}
     layouts = []
     g = 0
     for v in range(layout.vpp):
@@ -378,16 +388,24 @@ def _optim_file(meta: _MetaRank, rank_dir, matched, layout, pp, tp, rules, ms_fi
             raise CkptmapError(f"{meta.path.parent} has no param_map_buffer*_dp0tp{tp}pp{pp}vpp{v}.json; the pt_meta "
                                f"folder is incomplete — re-run `ckptmap pt2ms`")
         for pm in maps:
-            _, padded, unpadded = buffers_meta[g]
+            buf = buffers_meta[g]
+            if buf.storage == megatron_files.COALESCED:
+                if g not in recorded:
+                    raise CkptmapError(f"{meta.path} lacks the bucket sizes of buffer {g} (a coalesced distrib_optim.pt "
+                                       f"does not record them); re-run `ckptmap pt2ms` with this ckptmap")
+                padded, unpadded = list(recorded[g]["padded"]), list(recorded[g]["unpadded"])
+            else:
+                padded, unpadded = list(buf.padded), list(buf.unpadded)
             layouts.append((v, g, buckets.buffer_from_param_map(param_map.read_param_map(pm.path), padded, unpadded,
-                                                                 str(pm.path))))
+                                                                 str(pm.path),
+                                                                 contiguous=buf.storage != megatron_files.COALESCED)))
             g += 1
     slot_of = {(v, s.name): (gi, bl, s) for v, gi, bl in layouts for s in bl.slots}
     placeholder_of = {}
-    for gi, (key, padded, _) in enumerate(buffers_meta):
+    for gi, buf in enumerate(buffers_meta):
         for state in megatron_files.OPTIM_STATES:
-            for j, ph in enumerate(skeleton[gi][key][state]):
-                placeholder_of[(gi, state, j)] = ph[1]
+            for j, ph in enumerate(megatron_files.state_refs(skeleton, buf, state)):
+                placeholder_of[(gi, state, None if buf.storage == megatron_files.COALESCED else j)] = ph[1]
     pieces_by_ref: dict[int, list] = {}
     for m in matched:
         ddp = ddp_name(m, memo)
@@ -401,9 +419,11 @@ def _optim_file(meta: _MetaRank, rank_dir, matched, layout, pp, tp, rules, ms_fi
             name = rules.state_pattern(state).format({"name": ms_name})
             task = _source_task(f"{state} of {m.tensor.name}", ms_file, specs, name, ms_shape, inverse, "float32",
                                 m.tensor.shape)
-            ref_index = placeholder_of[(gi, state, slot.bucket)]
-            pieces_by_ref.setdefault(ref_index, []).append(
-                (slot.start - bl.buckets[slot.bucket].start, task))
+            if buffers_meta[gi].storage == megatron_files.COALESCED:
+                ref_index, offset = placeholder_of[(gi, state, None)], bl.coalesced_offset(slot)
+            else:
+                ref_index, offset = placeholder_of[(gi, state, slot.bucket)], slot.start - bl.buckets[slot.bucket].start
+            pieces_by_ref.setdefault(ref_index, []).append((offset, task))
     storages = []
     for i, fields in enumerate(refs):
         ref = pt_meta.ref_from_fields(fields)

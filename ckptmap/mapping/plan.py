@@ -77,7 +77,10 @@ class TensorTask:
     tensor is assembled from boxes of several sources (resharding), ``reads`` placed into a zeroed
     array — viewed as ``src_shape`` / ``src_dtype``, then ``ops`` applied; or a constant ``value``.
     ``replicas``: sources that must hold exactly the bytes of the first source (a replicated
-    tensor read from one of several ranks); the executor compares them."""
+    tensor read from one of several ranks); the executor compares them. ``rounds_to``: the model
+    weight a distributed optimizer's fp32 main param (this task's source) must round to — Megatron
+    copies every main param into its bf16 weight after each step, so a mismatch means the layout
+    placed another parameter's state here (checked by the executor for every element)."""
 
     name: str
     dtype: str
@@ -90,6 +93,7 @@ class TensorTask:
     note: str = ""
     reads: tuple[Read, ...] = attrs.field(converter=_tuple, default=())
     replicas: tuple[SourceSlice, ...] = attrs.field(converter=_tuple, default=())
+    rounds_to: SourceSlice | None = None  # fp32 main param: rounded to this weight's dtype it must equal it
 
     @property
     def nbytes(self) -> int:
@@ -172,6 +176,8 @@ def _tensor_task(raw: dict) -> TensorTask:
     t["replicas"] = tuple(SourceSlice(**s) for s in t.get("replicas", ()))
     t["reads"] = tuple(Read(**dict(r, source=SourceSlice(**r["source"]))) for r in t.get("reads", ()))
     t["ops"] = tuple(Op(**o) for o in t.get("ops", ()))
+    if t.get("rounds_to"):
+        t["rounds_to"] = SourceSlice(**t["rounds_to"])
     return TensorTask(**t)
 
 
