@@ -19,6 +19,7 @@ def add_pt2ms_flags(p: argparse.ArgumentParser) -> None:
     d = p.add_argument_group("distributed")
     d.add_argument("--pp-size", type=int, help="Pipeline parallel size (default: from the mp_rank directories).")
     d.add_argument("--tp-size", type=int, help="Tensor parallel size (default: from the mp_rank directories).")
+    d.add_argument("--ep-size", type=int, help="Expert parallel size (default: from the mp_rank directories and args).")
     d.add_argument("--dp-size", type=int, help="Data parallel size of the MindSpore run (default: from args).")
     d.add_argument("--cp-size", type=int, help="Context parallel size (default: from args, else 1).")
     d.add_argument("--parallel-init-order", default="tp-cp-ep-dp-pp",
@@ -136,7 +137,7 @@ def pt2ms_options(ns):
 
     return Pt2MsOptions(
         megatron_path=ns.megatron_path, ms_path=ns.ms_path, param_map_path=ns.param_map_path,
-        tp_size=ns.tp_size, pp_size=ns.pp_size, dp_size=ns.dp_size, cp_size=ns.cp_size,
+        tp_size=ns.tp_size, pp_size=ns.pp_size, ep_size=ns.ep_size, dp_size=ns.dp_size, cp_size=ns.cp_size,
         parallel_init_order=ns.parallel_init_order, vpp_size=ns.vpp_size,
         stage_list=parse_stage_list(ns.stage_list) if ns.stage_list else None,
         num_layers=ns.num_layers, noop=tuple(ns.noop), generate_all_dp_cp=ns.generate_all_dp_cp,

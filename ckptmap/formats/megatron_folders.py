@@ -26,8 +26,26 @@ def iter_dir_name(iteration: int | str) -> str:
     return "release" if iteration == "release" else f"iter_{int(iteration):07d}"
 
 
-def mp_rank_dir_name(tp: int, pp: int, pp_size: int) -> str:
-    return f"mp_rank_{tp:02d}" if pp_size == 1 else f"mp_rank_{tp:02d}_{pp:03d}"
+def mp_rank_dir_name(tp: int, pp: int, pp_size: int, ep: int | None = None) -> str:
+    """Megatron's ``get_checkpoint_name``: ``_PPP`` with pipeline parallelism, ``_EEE`` (``ep`` not
+    None) with expert parallelism."""
+    name = f"mp_rank_{tp:02d}" if pp_size == 1 else f"mp_rank_{tp:02d}_{pp:03d}"
+    return name if ep is None else f"{name}_{ep:03d}"
+
+
+def _sizes_from_args(model_file: Path) -> tuple[int, int]:
+    """(pipeline, expert) parallel sizes from the args pickled in a model_optim_rng.pt."""
+    from ckptmap.formats.torch_zip_reader import read_objects
+
+    if not model_file.is_file():
+        raise CkptmapError(f"{model_file} is missing; it is needed to tell whether mp_rank_TT_XXX folders are "
+                           f"pipeline stages or expert ranks")
+    root = read_objects(model_file)
+    args = root.get("args") if isinstance(root, dict) else None
+    if args is None:
+        raise CkptmapError(f"{model_file} has no args; cannot tell whether mp_rank_TT_XXX folders are pipeline "
+                           f"stages or expert ranks")
+    return (getattr(args, "pipeline_model_parallel_size", 1) or 1, getattr(args, "expert_model_parallel_size", 1) or 1)
 
 
 def parse_mp_rank_dir_name(name: str) -> tuple[int, ...] | None:
@@ -48,17 +66,22 @@ def parse_mp_rank_dir_name(name: str) -> tuple[int, ...] | None:
 class CheckpointDir:
     root: Path             # the iteration directory
     iteration: int | str
-    ranks: dict            # (tp, pp) -> rank directory Path
+    ranks: dict            # (tp, pp, ep) -> rank directory Path
     has_pp_suffix: bool
     save_root: Path | None  # the --save directory, when known
+    has_ep_suffix: bool = False
 
     @property
     def tp_size(self) -> int:
-        return 1 + max(tp for tp, _ in self.ranks)
+        return 1 + max(k[0] for k in self.ranks)
 
     @property
     def pp_size(self) -> int:
-        return 1 + max(pp for _, pp in self.ranks)
+        return 1 + max(k[1] for k in self.ranks)
+
+    @property
+    def ep_size(self) -> int:
+        return 1 + max(k[2] for k in self.ranks)
 
 
 def read_tracker(save_root) -> int | str:
@@ -137,39 +160,54 @@ def open_checkpoint_dir(path) -> CheckpointDir:
                                f"{', …' if len(iters) > 4 else ''}) but no {TRACKER}; pass the one you "
                                f"want, e.g. {path / iters[-1]}")
         iter_dir, iteration = path, None
-    ranks, suffixes = {}, set()
+    named = {}
     for child in sorted(iter_dir.iterdir()):
         if not child.is_dir() or not child.name.startswith("mp_rank_"):
             continue
         parts = parse_mp_rank_dir_name(child.name)
         if parts is None:
-            raise CkptmapError(f"{child}: unexpected directory name; Megatron writes mp_rank_TT or "
-                               f"mp_rank_TT_PPP")
-        if len(parts) == 3:
-            raise CkptmapError(f"{child}: expert-parallel checkpoints (mp_rank_TT_PPP_EEE) are not "
-                               f"supported yet by ckptmap; convert a checkpoint saved without expert "
-                               f"parallelism, or open an issue with your layout")
-        tp = parts[0]
-        pp = parts[1] if len(parts) == 2 else 0
-        suffixes.add(len(parts) == 2)
-        ranks[(tp, pp)] = child
-    if not ranks:
+            raise CkptmapError(f"{child}: unexpected directory name; Megatron writes mp_rank_TT, mp_rank_TT_PPP "
+                               f"or, under expert parallelism, mp_rank_TT[_PPP]_EEE")
+        named[child.name] = (parts, child)
+    if not named:
         raise CkptmapError(f"no mp_rank_* directories in {iter_dir}; this is not a Megatron checkpoint "
                            f"iteration directory (expected mp_rank_TT or mp_rank_TT_PPP inside)")
-    if len(suffixes) > 1:
-        raise CkptmapError(f"{iter_dir} mixes mp_rank_TT and mp_rank_TT_PPP directories; remove the stale ones")
-    tps = {tp for tp, _ in ranks}
-    pps = {pp for _, pp in ranks}
-    missing = [(t, p) for t in range(max(tps) + 1) for p in range(max(pps) + 1) if (t, p) not in ranks]
+    lengths = {len(parts) for parts, _ in named.values()}
+    if len(lengths) > 1:
+        raise CkptmapError(f"{iter_dir} mixes mp_rank directory names of different forms "
+                           f"({', '.join(sorted(named)[:6])}); remove the stale ones")
+    (n,) = lengths
+    has_pp = has_ep = False
+    if n == 3:
+        has_pp = has_ep = True
+    elif n == 2:
+        # mp_rank_TT_XXX: a pipeline stage or an expert rank — only the run's args tell
+        first = next(iter(named.values()))[1] / MODEL_FILE
+        pp_size, ep_size = _sizes_from_args(first)
+        if pp_size > 1 and ep_size > 1:
+            raise CkptmapError(f"{first} says PP {pp_size} and EP {ep_size}, so Megatron names its folders "
+                               f"mp_rank_TT_PPP_EEE, but {iter_dir} holds {sorted(named)[0]}")
+        has_ep = ep_size > 1
+        has_pp = not has_ep
+    ranks = {}
+    for parts, child in named.values():
+        tp = parts[0]
+        pp = parts[1] if has_pp else 0
+        ep = parts[-1] if has_ep else 0
+        ranks[(tp, pp, ep)] = child
+    sizes = [1 + max(k[i] for k in ranks) for i in range(3)]
+    missing = [(t, p, e) for t in range(sizes[0]) for p in range(sizes[1]) for e in range(sizes[2])
+               if (t, p, e) not in ranks]
     if missing:
-        t, p = missing[0]
-        raise CkptmapError(f"{iter_dir} lacks the directory of tp rank {t}, pp rank {p} "
-                           f"({mp_rank_dir_name(t, p, 2 if suffixes == {True} else 1)}); the checkpoint "
-                           f"is incomplete")
+        t, p, e = missing[0]
+        raise CkptmapError(f"{iter_dir} lacks the directory of tp rank {t}, pp rank {p}"
+                           f"{f', ep rank {e}' if has_ep else ''} "
+                           f"({mp_rank_dir_name(t, p, 2 if has_pp else 1, e if has_ep else None)}); the checkpoint "
+                           f"is incomplete" + (" (a missing expert-parallel folder)" if has_ep else ""))
     if iteration is None:
         raise CkptmapError(f"{path}: cannot tell the iteration; pass an iter_NNNNNNN directory or the save "
                            f"root holding {TRACKER}")
-    return CheckpointDir(iter_dir, iteration, ranks, suffixes == {True}, save_root)
+    return CheckpointDir(iter_dir, iteration, ranks, has_pp, save_root, has_ep)
 
 
 def write_tracker(save_root, iteration) -> None:

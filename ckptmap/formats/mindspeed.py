@@ -23,31 +23,33 @@ def v1_path(rank: int, prefix: str, fmt: str) -> str:
     return f"rank_{rank}/{prefix}.{fmt}"
 
 
-def v2_path(iteration, tp: int, pp: int, pp_size: int, fmt: str) -> str:
-    return (f"{megatron_folders.iter_dir_name(iteration)}/{megatron_folders.mp_rank_dir_name(tp, pp, pp_size)}/"
-            f"{V2_FILE_STEM}.{fmt}")
+def v2_path(iteration, tp: int, pp: int, pp_size: int, fmt: str, ep: int | None = None) -> str:
+    return (f"{megatron_folders.iter_dir_name(iteration)}/"
+            f"{megatron_folders.mp_rank_dir_name(tp, pp, pp_size, ep)}/{V2_FILE_STEM}.{fmt}")
 
 
 def v2_tracker_path() -> str:
     return megatron_folders.TRACKER
 
 
-def pt_meta_args_path(tp: int, pp: int) -> str:
-    return f"{PT_META_DIR}/args_tp{tp:02d}_pp{pp:03d}.pt"
+def pt_meta_args_path(tp: int, pp: int, ep: int | None = None) -> str:
+    """``args_tpTT_ppPPP.pt``, ``args_tpTT_ppPPP_epEEE.pt`` under expert parallelism."""
+    return f"{PT_META_DIR}/args_tp{tp:02d}_pp{pp:03d}{'' if ep is None else f'_ep{ep:03d}'}.pt"
 
 
 def pt_meta_path(name: str) -> str:
     return f"{PT_META_DIR}/{name}"
 
 
-def parse_pt_meta_args_name(name: str) -> tuple[int, int] | None:
-    """(tp, pp) from ``args_tpTT_ppPPP.pt``; None if it is not one."""
+def parse_pt_meta_args_name(name: str) -> tuple[int, int, int | None] | None:
+    """(tp, pp, ep or None) from ``args_tpTT_ppPPP[_epEEE].pt``; None if it is not one."""
     if not (name.startswith("args_tp") and name.endswith(".pt")):
         return None
-    tp, sep, pp = name[len("args_tp"):-len(".pt")].partition("_pp")
-    if not (sep and tp.isdigit() and pp.isdigit()):
+    tp, sep, rest = name[len("args_tp"):-len(".pt")].partition("_pp")
+    pp, esep, ep = rest.partition("_ep")
+    if not (sep and tp.isdigit() and pp.isdigit()) or (esep and not ep.isdigit()):
         return None
-    return int(tp), int(pp)
+    return int(tp), int(pp), int(ep) if esep else None
 
 
 def detect_layout(root) -> str:
@@ -89,10 +91,17 @@ def scalar_fields(root: dict) -> list[tuple[list, str, tuple | None]]:
     key); scheduler numbers under their own names; ``lr_decay_style`` / ``wd_incr_style`` as the
     index of the style name in ``styles``."""
     fields = []
-    groups = ((root.get("optimizer") or {}).get("optimizer") or {}).get("param_groups") or []
-    for i, group in enumerate(groups):
+    state = root.get("optimizer")
+    # a ChainedOptimizer (MoE: dense, expert) saves a list of optimizer states; their groups are
+    # numbered on, one after the other
+    parts = [(["optimizer", k], x) for k, x in enumerate(state)] if isinstance(state, list) else [(["optimizer"], state)]
+    groups = []
+    for prefix, part in parts:
+        for j, group in enumerate(((part or {}).get("optimizer") or {}).get("param_groups") or []):
+            groups.append((prefix + ["optimizer", "param_groups", j], group))
+    for i, (where, group) in enumerate(groups):
         for key, value in group.items():
-            path = ["optimizer", "optimizer", "param_groups", i, key]
+            path = where + [key]
             if key == "step":
                 if _is_number(value):
                     fields.append((path, OPTIMIZER_STEP_KEY, None))

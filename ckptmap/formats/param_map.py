@@ -10,6 +10,7 @@ One JSON object per (buffer, dp, tp, pp, model chunk), written by MindSpeed-Core
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import attrs
@@ -17,8 +18,10 @@ import attrs
 from ckptmap import atomic, dtypes
 from ckptmap.errors import CkptmapError
 
-def param_map_file_name(buffer: int, dp: int, tp: int, pp: int, vpp: int) -> str:
-    return f"param_map_buffer{buffer}_dp{dp}tp{tp}pp{pp}vpp{vpp}.json"
+def param_map_file_name(buffer: int, dp: int, tp: int, pp: int, vpp: int, ep: int | None = None) -> str:
+    """The patch's name; under expert parallelism (``ep`` not None) ckptmap adds ``ep{e}`` after the
+    pipeline rank (the patch predates expert folders)."""
+    return f"param_map_buffer{buffer}_dp{dp}tp{tp}pp{pp}{'' if ep is None else f'ep{ep}'}vpp{vpp}.json"
 
 
 @attrs.frozen
@@ -29,23 +32,22 @@ class ParamMapFile:
     tp: int
     pp: int
     vpp: int
+    ep: int | None = None
 
 
-def parse_param_map_name(name: str) -> tuple[int, int, int, int, int] | None:
-    prefix, suffix = "param_map_buffer", ".json"
-    if not (name.startswith(prefix) and name.endswith(suffix)):
+_NAME = re.compile(r"param_map_buffer(\d+)_dp(\d+)tp(\d+)pp(\d+)(?:ep(\d+))?vpp(\d+)\.json")
+
+
+def parse_param_map_name(name: str) -> tuple | None:
+    """(buffer, dp, tp, pp, vpp, ep or None) of a param_map file name; None if it is not one."""
+    m = _NAME.fullmatch(name)
+    if m is None:
         return None
-    rest = name[len(prefix):-len(suffix)]
-    values = []
-    for tag in ("_dp", "tp", "pp", "vpp", None):
-        head, sep, rest = rest.partition(tag) if tag else (rest, "", "")
-        if (tag and not sep) or not head.isdigit():
-            return None
-        values.append(int(head))
-    buffer, dp, tp, pp, vpp = values
-    if param_map_file_name(buffer, dp, tp, pp, vpp) != name:
-        return None
-    return buffer, dp, tp, pp, vpp
+    buffer, dp, tp, pp, ep, vpp = m.groups()
+    values = (int(buffer), int(dp), int(tp), int(pp), int(vpp), None if ep is None else int(ep))
+    if param_map_file_name(values[0], values[1], values[2], values[3], values[4], values[5]) != name:
+        return None  # leading zeros: not a name Megatron or ckptmap writes
+    return values
 
 
 def find_param_maps(directory) -> list[ParamMapFile]:

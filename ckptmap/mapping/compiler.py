@@ -22,7 +22,7 @@ from ckptmap.mapping import buckets
 from ckptmap.mapping import ops as tensor_ops
 from ckptmap.mapping.layout import ParallelLayout
 from ckptmap.mapping.plan import FileTask, Plan, SourceSlice, TensorTask
-from ckptmap.mapping.rules import LAYER, ParamRule, RuleSet, bundled_rules, load_rules, resolve_rules
+from ckptmap.mapping.rules import EXPERT, LAYER, ParamRule, RuleSet, bundled_rules, load_rules, resolve_rules
 
 AUTO_RULES = "auto"
 FLOAT_DTYPES = ("float32", "bfloat16", "float16", "float64")
@@ -36,6 +36,7 @@ class Pt2MsOptions:
     param_map_path: str | None = None
     tp_size: int | None = None
     pp_size: int | None = None
+    ep_size: int | None = None
     dp_size: int | None = None
     cp_size: int | None = None
     parallel_init_order: str = "tp-cp-ep-dp-pp"
@@ -180,27 +181,29 @@ def compile_pt2ms(opt: Pt2MsOptions) -> Plan:
     ckdir = megatron_folders.open_checkpoint_dir(opt.megatron_path)
     check_size("--tp-size", opt.tp_size, ckdir.tp_size, f"{ckdir.root} has mp_rank directories for TP size")
     check_size("--pp-size", opt.pp_size, ckdir.pp_size, f"{ckdir.root} has mp_rank directories for PP size")
-    tp_size, pp_size = ckdir.tp_size, ckdir.pp_size
+    check_size("--ep-size", opt.ep_size, ckdir.ep_size, f"{ckdir.root} has mp_rank directories for EP size")
+    tp_size, pp_size, ep_size = ckdir.tp_size, ckdir.pp_size, ckdir.ep_size
     if pp_size > 1 and not ckdir.has_pp_suffix:
         raise CkptmapError(f"{ckdir.root}: mp_rank directories without a PP suffix but PP {pp_size}")
+    ep_name = (lambda ep: ep) if ckdir.has_ep_suffix else (lambda ep: None)   # ep in file names, or not
 
     files = {}
     for key, d in sorted(ckdir.ranks.items()):
         files[key] = megatron_files.ModelFile(d / megatron_folders.MODEL_FILE)
         files[key].close()  # only the object tree is needed here; a map per rank would exhaust file handles
-    first = files[(0, 0)]
+    first = files[(0, 0, 0)]
     args = first.args
     inventory = {key: f.tensors() for key, f in files.items()}
 
     chunk_counts = {key: len(f.chunks()) for key, f in files.items()}
     if len(set(chunk_counts.values())) != 1:
         raise CkptmapError(f"the mp_rank files disagree on the number of model chunks: "
-                           f"{dict((f'tp{t} pp{p}', n) for (t, p), n in chunk_counts.items())}")
-    chunks_found = chunk_counts[(0, 0)]
+                           f"{dict((f'tp{t} pp{p} ep{e}', n) for (t, p, e), n in chunk_counts.items())}")
+    chunks_found = chunk_counts[(0, 0, 0)]
     vpp = opt.vpp_size or _arg(args, "virtual_pipeline_model_parallel_size") or chunks_found
     check_size("--vpp-size", vpp, chunks_found, f"{first.path} holds model chunks:")
 
-    rules = choose_rules(opt.rules, inventory[(0, 0)], first.path)
+    rules = choose_rules(opt.rules, inventory[(0, 0, 0)], first.path)
     count_arg = rules.layers.count_arg if rules.layers else "num_layers"
     num_layers = opt.num_layers
     if num_layers is None:
@@ -209,7 +212,7 @@ def compile_pt2ms(opt: Pt2MsOptions) -> Plan:
             raise CkptmapError(f"{first.path}: args has no {count_arg}; pass --num-layers")
         num_layers = megatron_layers + len(set(opt.noop))
     layout = ParallelLayout(
-        tp=tp_size, pp=pp_size,
+        tp=tp_size, pp=pp_size, ep=ep_size,
         dp=opt.dp_size or _arg(args, "data_parallel_size", 1),
         cp=opt.cp_size or _arg(args, "context_parallel_size", 1),
         vpp=vpp, num_layers=num_layers,
@@ -222,16 +225,16 @@ def compile_pt2ms(opt: Pt2MsOptions) -> Plan:
 
     rules_used: set = set()
     unmatched_all: dict[str, list[str]] = {}
-    matched_per_rank: dict[tuple[int, int], list[_Matched]] = {}
+    matched_per_rank: dict[tuple[int, int, int], list[_Matched]] = {}
     memo = RankMemo()
-    for (tp, pp), model_file in files.items():
-        matched, unmatched = match_rules(rules, inventory[(tp, pp)], model_file.path, memo)
+    for (tp, pp, ep), model_file in files.items():
+        matched, unmatched = match_rules(rules, inventory[(tp, pp, ep)], model_file.path, memo)
         if unmatched:
             unmatched_all[str(model_file.path)] = unmatched
             continue
         check_layers(layout, matched, model_file.path, tp, pp)
         rules_used.update(m.rule.loc for m in matched)
-        matched_per_rank[(tp, pp)] = matched
+        matched_per_rank[(tp, pp, ep)] = matched
     if unmatched_all:
         path, names = next(iter(unmatched_all.items()))
         raise CkptmapError(
@@ -246,7 +249,7 @@ def compile_pt2ms(opt: Pt2MsOptions) -> Plan:
             f"rules describe (choose other --rules, or mark the rule `optional`)")
 
     notes: list[str] = []   # param_maps found next to the checkpoint and ignored, and why
-    param_maps = _param_maps(opt, ckdir, notes)
+    param_maps = _param_maps(opt, ckdir, notes) if ep_size == 1 else []   # the patch names no expert ranks
     maps_of = maps_by_chunk(param_maps)
     metadata = {"format": "ms"} if opt.format == "safetensors" else {}
     out_files: list[FileTask] = []
@@ -254,44 +257,65 @@ def compile_pt2ms(opt: Pt2MsOptions) -> Plan:
     blocks, chosen = None, {}   # the bucket blocks of the file's storage kind; the one that fits
     used_maps: set[tuple[int, int, int]] = set()
     derived_maps: list[FileTask] = []
-    for (tp, pp), matched in matched_per_rank.items():
-        model_file = files[(tp, pp)]
+    dense_layouts: dict = {}    # (tp, pp) -> dense buffer layouts (they live in the ep-0 folder's file)
+    for (tp, pp, ep), matched in sorted(matched_per_rank.items(), key=lambda kv: (kv[0][2], kv[0][:2])):
+        model_file = files[(tp, pp, ep)]
         seen: dict[str, str] = {}
         map_entries: dict = {}  # param_map files read for this rank, by path (buffer layout, then pt_meta)
+        own_layouts, optim = None, None
         if opt.convert_param_only:
-            tasks = [_weight_task(m, layout, pp, model_file.path, opt.dtype, env, seen) for m in matched]
+            tasks = [_weight_task(m, layout, pp, model_file.path, opt.dtype, env, seen, ep) for m in matched]
             scalar_rows = mindspeed.step_scalars(step, opt.layout)
         else:
-            optim = megatron_files.OptimFile(ckdir.ranks[(tp, pp)] / megatron_folders.OPTIM_FILE)
+            optim = megatron_files.OptimFile(ckdir.ranks[(tp, pp, ep)] / megatron_folders.OPTIM_FILE)
             optim.close()
             if blocks is None:
                 blocks = bucket_blocks(rules, optim, opt.megatron_version)
-            buffers = _buffer_layouts(rules, args, matched, optim, maps_of, tp, pp, layout,
-                                      explicit_maps=bool(opt.param_map_path), memo=memo, map_entries=map_entries,
-                                      notes=notes, blocks=blocks, chosen=chosen)
-            for v, g, bl in buffers:
+            dense = [m for m in matched if EXPERT not in m.bindings]
+            expert = [m for m in matched if EXPERT in m.bindings]
+            dense_idx, expert_idx = _buffer_kinds(optim, bool(expert))
+            own_layouts = []
+            if dense_idx is not None:
+                laid = _buffer_layouts(rules, args, dense, optim, maps_of, tp, pp, layout,
+                                       explicit_maps=bool(opt.param_map_path), memo=memo, map_entries=map_entries,
+                                       notes=notes, blocks=blocks, chosen=chosen, indices=dense_idx)
+                dense_layouts[(tp, pp)] = (optim, laid)
+                own_layouts += laid
+            if expert:
+                own_layouts += _buffer_layouts(rules, args, expert, optim, {}, tp, pp, layout, explicit_maps=False,
+                                               memo=memo, notes=notes, blocks=blocks, chosen=chosen,
+                                               indices=expert_idx, expert=True)
+            if (tp, pp) not in dense_layouts:
+                raise CkptmapError(f"{optim.path} holds no dense optimizer state and neither does the expert rank 0 "
+                                   f"folder of tp rank {tp}, pp rank {pp}; the checkpoint is incomplete")
+            for v, g, bl in own_layouts:
                 layout_origins.add("param_map" if bl.origin != "derived" else "derived")
                 if bl.origin != "derived":
                     used_maps.add((tp, pp, v))
-                else:  # one file per DP rank, as the training run would have written
+            for v, b, g, bl in _numbered(own_layouts):   # one file per DP rank, as the training run would write
+                if bl.origin == "derived":
                     text = param_map.param_map_text(bl.slots)
-                    b = g - min(x[1] for x in buffers if x[0] == v)
                     derived_maps.extend(
-                        FileTask(mindspeed.pt_meta_path(param_map.param_map_file_name(b, d, tp, pp, v)), "text",
-                                 text=text)
+                        FileTask(mindspeed.pt_meta_path(param_map.param_map_file_name(b, d, tp, pp, v, ep_name(ep))),
+                                 "text", text=text)
                         for d in range(_arg(args, "data_parallel_size", 1)))
-            tasks = _optimizer_tasks(matched, buffers, optim, rules, layout, pp, opt, env, seen, memo,
-                                     model_path=model_file.path)
+            dense_optim, dense_laid = dense_layouts[(tp, pp)]
+            tasks = _optimizer_tasks(dense, dense_laid, dense_optim, rules, layout, pp, opt, env, seen, memo,
+                                     model_path=model_file.path, ep=ep)
+            if expert:
+                tasks += _optimizer_tasks(expert, [x for x in own_layouts if x not in dense_laid], optim, rules,
+                                          layout, pp, opt, env, seen, memo, model_path=model_file.path, ep=ep)
             spot_check_main_params(tasks)
             scalar_rows = mindspeed.step_scalars(step, opt.layout) + mindspeed.optimizer_scalars(
-                model_file.root.get("optimizer"), model_file.root.get("opt_param_scheduler"), str(model_file.path))
+                model_file.root.get("optimizer"), model_file.root.get("opt_param_scheduler"),
+                str(model_file.path))
         scalars = [TensorTask(name, dtype, shape, value=value) for name, dtype, shape, value in scalar_rows]
         primary = None
-        targets = (layout.mp_rank_ranks(tp, pp, all_dp_cp=opt.generate_all_dp_cp) if opt.layout == "v1"
+        targets = (layout.mp_rank_ranks(tp, pp, all_dp_cp=opt.generate_all_dp_cp, ep=ep) if opt.layout == "v1"
                    else [None])
         for g in targets:
             rel = (mindspeed.v1_path(g, opt.file_prefix, opt.format) if opt.layout == "v1"
-                   else mindspeed.v2_path(iteration, tp, pp, pp_size, opt.format))
+                   else mindspeed.v2_path(iteration, tp, pp, pp_size, opt.format, ep_name(ep)))
             if primary is None:
                 primary = rel
                 out_files.append(FileTask(rel, opt.format, tuple(tasks) + tuple(scalars), metadata,
@@ -299,8 +323,7 @@ def compile_pt2ms(opt: Pt2MsOptions) -> Plan:
             else:
                 out_files.append(FileTask(rel, "copy", source=primary, source_is_output=True))
         out_files.append(_pt_meta_task(model_file, tp, pp, layout, maps_of, matched, memo, map_entries,
-                                       None if opt.convert_param_only else buffers,
-                                       None if opt.convert_param_only else optim))
+                                       own_layouts, optim, ep_name(ep)))
     for pm in param_maps:  # the way back reads pt_meta: keep only the maps this conversion relied on
         if opt.convert_param_only or (pm.tp, pm.pp, pm.vpp) in used_maps:
             out_files.append(FileTask(mindspeed.pt_meta_path(pm.path.name), "copy", source=str(pm.path)))
@@ -316,6 +339,9 @@ def compile_pt2ms(opt: Pt2MsOptions) -> Plan:
         "param_maps": len(param_maps),
         "mode": "weights only" if opt.convert_param_only else f"optimizer ({' '.join(opt.dist_opt_content)})",
     }
+    if ep_size > 1 or env.get("num_experts"):
+        info["ep"] = ep_size
+        info["experts"] = env.get("num_experts")
     if layout_origins:
         info["bucket_layout"] = " + ".join(sorted(layout_origins))
     if chosen.get("block") is not None:
@@ -324,6 +350,32 @@ def compile_pt2ms(opt: Pt2MsOptions) -> Plan:
     if notes:
         info["param_map_ignored"] = notes
     return Plan("pt2ms", str(Path(opt.ms_path)), tuple(out_files), info)
+
+
+def _buffer_kinds(optim, has_experts: bool) -> tuple[list | None, list]:
+    """Indices into ``optim.buffers`` of the dense and of the expert-parallel buffers. A
+    ChainedOptimizer (MoE) lists the dense optimizer first and the expert one second; the dense one
+    is absent (None) in the folders of expert ranks > 0, whose dense state the expert-rank-0 folder holds."""
+    if not optim.chained:
+        if has_experts:
+            raise CkptmapError(f"{optim.path} holds one optimizer, but the model has expert parameters; Megatron "
+                               f"writes a list (dense, expert) for MoE models — is this the right distrib_optim.pt?")
+        return list(range(len(optim.buffers))), []
+    by_opt: dict = {}
+    for i, buf in enumerate(optim.buffers):
+        by_opt.setdefault(buf.optimizer, []).append(i)
+    if has_experts and set(by_opt) - {0, 1}:
+        raise CkptmapError(f"{optim.path} chains {len(optim.buffers)} optimizers; ckptmap knows (dense, expert)")
+    return by_opt.get(0), by_opt.get(1 if has_experts else 0, []) if has_experts else []
+
+
+def _numbered(own_layouts):
+    """(chunk, buffer number within the chunk, global index, layout): param_map files number a
+    chunk's buffers from 0."""
+    count: dict = {}
+    for v, g, bl in own_layouts:
+        b = count[v] = count.get(v, -1) + 1
+        yield v, b, g, bl
 
 
 def check_layers(layout: ParallelLayout, matched, path, tp, pp) -> None:
@@ -346,17 +398,30 @@ def check_layers(layout: ParallelLayout, matched, path, tp, pp) -> None:
                 f"--num-layers / --stage-list / --noop to match the checkpoint")
 
 
-def _weight_task(m: _Matched, layout, pp, path, dtype_option, env, seen) -> TensorTask:
-    name, dtype, shape, concrete = _weight_parts(m, layout, pp, path, dtype_option, env, seen)
+def _weight_task(m: _Matched, layout, pp, path, dtype_option, env, seen, ep: int = 0) -> TensorTask:
+    name, dtype, shape, concrete = _weight_parts(m, layout, pp, path, dtype_option, env, seen, ep)
     source = SourceSlice(str(path), m.tensor.key, m.tensor.dtype, m.tensor.shape)
     return TensorTask(name, dtype, shape, (source,), m.tensor.dtype, m.tensor.shape, concrete, note=m.tensor.name)
 
 
-def _weight_parts(m: _Matched, layout, pp, path, dtype_option, env, seen) -> tuple:
-    """(MindSpore name, dtype, shape, ops) of a matched Megatron weight."""
+def global_bindings(m: _Matched, layout, pp: int, ep: int, env: dict, where) -> dict:
+    """The rule's bindings with the layer (chunk-local on the Megatron side) and the expert
+    (local to the expert rank) turned into the global ids the MindSpore side uses."""
     bindings = dict(m.bindings)
     if LAYER in bindings:
         bindings[LAYER] = layout.global_layer(pp, m.tensor.chunk, bindings[LAYER])
+    if EXPERT in bindings:
+        num_experts = env.get("num_experts")
+        if not num_experts:
+            raise CkptmapError(f"{where}: {m.tensor.name} matches {m.rule.loc}, which names {{expert}}, but the "
+                               f"checkpoint's args give no num_experts; cannot number the experts globally")
+        bindings[EXPERT] = layout.global_expert(ep, bindings[EXPERT], num_experts)
+    return bindings
+
+
+def _weight_parts(m: _Matched, layout, pp, path, dtype_option, env, seen, ep: int = 0) -> tuple:
+    """(MindSpore name, dtype, shape, ops) of a matched Megatron weight."""
+    bindings = global_bindings(m, layout, pp, ep, env, path)
     name = m.rule.mindspore.format(bindings)
     if name in seen:
         raise CkptmapError(f"{path}: tensors {seen[name]} and {m.tensor.name} would both become {name} "
@@ -373,13 +438,13 @@ def _weight_parts(m: _Matched, layout, pp, path, dtype_option, env, seen) -> tup
     return name, dtype, shape, tuple(concrete)
 
 
-def maps_by_chunk(param_maps) -> dict[tuple[int, int, int], list]:
-    """{(tp, pp, vpp): the dp-0 param_map files of that model chunk, by buffer}: one pass over the
-    list, so that looking up a rank's maps does not scan every rank's."""
-    out: dict[tuple[int, int, int], list] = {}
+def maps_by_chunk(param_maps) -> dict[tuple, list]:
+    """{(tp, pp, vpp, ep or None): the dp-0 param_map files of that model chunk, by buffer}: one pass
+    over the list, so that looking up a rank's maps does not scan every rank's."""
+    out: dict[tuple, list] = {}
     for pm in param_maps:
         if pm.dp == 0:
-            out.setdefault((pm.tp, pm.pp, pm.vpp), []).append(pm)
+            out.setdefault((pm.tp, pm.pp, pm.vpp, pm.ep), []).append(pm)
     for maps in out.values():
         maps.sort(key=lambda pm: pm.buffer)
     return out
@@ -451,23 +516,25 @@ def _fit(blocks, group, values, buf, chosen: dict):
 
 
 def _buffer_layouts(rules: RuleSet, args, matched, optim, maps_of, tp, pp, layout, explicit_maps, memo=None,
-                    map_entries=None, notes=None, blocks=None, chosen=None):
+                    map_entries=None, notes=None, blocks=None, chosen=None, indices=None, expert=False):
     """[(chunk, global buffer index, BufferLayout)] for one (tp, pp) rank: from its param_map files
     when there are some, else derived from the model and the rules' `buckets megatron` block of the
     checkpoint's Megatron version — and accepted only if it reproduces what distrib_optim.pt records
     (per-bucket files: every bucket's padded and unpadded size; coalesced files: the buffer's unpadded
     total, backed by the main-param rounding check of every parameter)."""
     out = []
-    g = 0
+    indices = list(range(len(optim.buffers))) if indices is None else list(indices)
+    at = 0   # next position in indices
     blocks = blocks or bucket_blocks(rules, optim, None)
     chosen = {} if chosen is None else chosen
+    what = "expert-parallel " if expert else ""
     for v in range(layout.vpp):
         params: dict[str, list[buckets.ParamEntry]] = {}
         for m in matched:
             if m.tensor.chunk == v:
                 params.setdefault(m.tensor.dtype, []).append(buckets.ParamEntry(
                     ddp_name(m, memo), m.tensor.shape, m.tensor.dtype, m.rule.shared_embedding))
-        maps = maps_of.get((tp, pp, v), [])
+        maps = maps_of.get((tp, pp, v, None), [])
         if explicit_maps and not maps:
             raise CkptmapError(
                 f"--param-map-path has no param_map_buffer*_dp0tp{tp}pp{pp}vpp{v}.json for tp rank {tp}, pp rank "
@@ -478,10 +545,10 @@ def _buffer_layouts(rules: RuleSet, args, matched, optim, maps_of, tp, pp, layou
             try:
                 chunk_layouts = []
                 for i, pm in enumerate(maps):
-                    if g + i >= len(optim.buffers):
-                        raise CkptmapError(f"{pm.path}: describes buffer {g + i} but {optim.path} has "
-                                           f"{len(optim.buffers)}; the param_map belongs to a different run")
-                    buf = optim.buffers[g + i]
+                    if at + i >= len(indices):
+                        raise CkptmapError(f"{pm.path}: describes one buffer more than {optim.path} has "
+                                           f"({len(optim.buffers)}); the param_map belongs to a different run")
+                    buf = optim.buffers[indices[at + i]]
                     entries = _read_map(pm, map_entries)
                     if buf.storage == megatron_files.COALESCED:
                         laid = _coalesced_from_param_map(entries, buf, blocks, params, args, layout, pp, v, chosen,
@@ -489,7 +556,7 @@ def _buffer_layouts(rules: RuleSet, args, matched, optim, maps_of, tp, pp, layou
                     else:
                         laid = buckets.buffer_from_param_map(entries, list(buf.padded), list(buf.unpadded),
                                                              str(pm.path))
-                    chunk_layouts.append((v, g + i, laid))
+                    chunk_layouts.append((v, indices[at + i], laid))
             except CkptmapError as e:
                 if explicit_maps:
                     raise
@@ -498,14 +565,15 @@ def _buffer_layouts(rules: RuleSet, args, matched, optim, maps_of, tp, pp, layou
                     notes.append(f"param_map for tp {tp} pp {pp} chunk {v} ignored as stale: {stale}")
             else:
                 out.extend(chunk_layouts)
-                g += len(chunk_layouts)
+                at += len(chunk_layouts)
                 continue
         for dtype, group in params.items():
-            if g >= len(optim.buffers):
-                raise CkptmapError(f"{optim.path} has {len(optim.buffers)} buffer(s), but the model needs more "
-                                   f"(chunk {v}, {dtype} parameters); pass the training run's param_map")
+            if at >= len(indices):
+                raise CkptmapError(f"{optim.path} has {len(indices)} {what}buffer(s), but the model needs more "
+                                   f"(chunk {v}, {dtype} {what}parameters); pass the training run's param_map")
+            g = indices[at]
             buf = optim.buffers[g]
-            values = _layout_values(args, layout, pp, v, expert=False)
+            values = _layout_values(args, layout, pp, v, expert=expert)
             found = _fit(blocks, group, values, buf, chosen)
             if found is None:
                 tried = "; ".join(
@@ -518,9 +586,9 @@ def _buffer_layouts(rules: RuleSet, args, matched, optim, maps_of, tp, pp, layou
                     f"is required: pass --param-map-path with the param_map folder written by the training run"
                     + (f" (the one found next to the checkpoint does not fit it either: {stale})" if stale else ""))
             out.append((v, g, found[1]))
-            g += 1
-    if g != len(optim.buffers):
-        raise CkptmapError(f"{optim.path} has {len(optim.buffers)} buffer(s) but the model chunks account for {g}; "
+            at += 1
+    if at != len(indices):
+        raise CkptmapError(f"{optim.path} has {len(indices)} {what}buffer(s) but the model chunks account for {at}; "
                            f"the checkpoint and its distrib_optim.pt disagree")
     return out
 
@@ -592,7 +660,7 @@ def state_slice(optim, keys: dict, g: int, bl, slot, state: str) -> SourceSlice:
 
 
 def _optimizer_tasks(matched, buffer_layouts, optim, rules, layout, pp, opt, env, seen, memo=None,
-                     model_path=None) -> list[TensorTask]:
+                     model_path=None, ep: int = 0) -> list[TensorTask]:
     slots = {}
     keys: dict[tuple, str] = {}  # (buffer, state, bucket) -> flat key in distrib_optim.pt
     for v, g, bl in buffer_layouts:
@@ -619,7 +687,7 @@ def _optimizer_tasks(matched, buffer_layouts, optim, rules, layout, pp, opt, env
                 f"{m.tensor.dtype} {list(m.tensor.shape)} in the checkpoint's model; the param_map belongs to a "
                 f"different run — use the one written with this checkpoint, or leave --param-map-path out")
         bucket = bl.buckets[slot.bucket]
-        weight_name, _, weight_shape, weight_ops = _weight_parts(m, layout, pp, optim_dir, "keep", env, seen)
+        weight_name, _, weight_shape, weight_ops = _weight_parts(m, layout, pp, optim_dir, "keep", env, seen, ep)
         note = (f"{m.tensor.name} · buffer {g} bucket {slot.bucket} [{slot.start - bucket.start}:"
                 f"{slot.end - bucket.start}]")
         for state in opt.dist_opt_content:
@@ -670,14 +738,14 @@ def _param_maps(opt: Pt2MsOptions, ckdir, notes: list) -> list:
 
 
 def _pt_meta_task(model_file, tp, pp, layout, maps_of, matched, memo=None, map_entries=None,
-                  buffer_layouts=None, optim=None) -> FileTask:
+                  buffer_layouts=None, optim=None, ep=None) -> FileTask:
     """pt_meta/args_tpTT_ppPPP.pt: every non-model entry as read, plus the per-chunk parameter
     names in buffer order (from the param_map when there is one); the executor adds the skeletons
     of the Megatron files (formats.megatron.build_pt_meta)."""
     names: list[list[str]] = []
     source = "param_map"
     for v in range(layout.vpp):
-        maps = maps_of.get((tp, pp, v))
+        maps = maps_of.get((tp, pp, v, None))
         if maps:
             chunk_names = []
             for pm in maps:
@@ -696,11 +764,11 @@ def _pt_meta_task(model_file, tp, pp, layout, maps_of, matched, memo=None, map_e
             {"chunk": v, "buffer": g, "padded": bl.per_bucket_numel, "unpadded": bl.per_bucket_numel_unpadded}
             for v, g, bl in buffer_layouts]
         coalesced = optim.storage == megatron_files.COALESCED
-        extra["optim_ranges"] = [
-            (g, None, bl.coalesced_offset(sl), bl.coalesced_offset(sl) + sl.end - sl.start) if coalesced else
-            (g, sl.bucket, sl.start - bl.buckets[sl.bucket].start, sl.end - bl.buckets[sl.bucket].start)
+        extra["optim_ranges"] = [   # lists, not tuples: the plan is JSON
+            [g, None, bl.coalesced_offset(sl), bl.coalesced_offset(sl) + sl.end - sl.start] if coalesced else
+            [g, sl.bucket, sl.start - bl.buckets[sl.bucket].start, sl.end - bl.buckets[sl.bucket].start]
             for v, g, bl in buffer_layouts for sl in bl.slots]
     optim_path = model_file.path.with_name(megatron_folders.OPTIM_FILE)
-    return FileTask(mindspeed.pt_meta_args_path(tp, pp), "torch_meta", source=str(model_file.path),
+    return FileTask(mindspeed.pt_meta_args_path(tp, pp, ep), "torch_meta", source=str(model_file.path),
                     aux_source=str(optim_path) if optim_path.is_file() else None,
                     keys=tuple(model_file.meta_keys()), extra=extra)

@@ -431,17 +431,47 @@ class ParallelLayout:
             object.__setattr__(self, "_replica_offsets", tuple(offsets))
         return self._replica_offsets
 
-    def mp_rank_ranks(self, tp: int, pp: int, *, all_dp_cp: bool) -> list[int]:
-        """The global ranks that hold Megatron's mp_rank (`tp`, `pp`), ascending: all of its
-        data-/context-parallel (and expert) replicas when `all_dp_cp`, otherwise only the
-        zero-redundancy one (dp = cp = 0, the smallest).  Computed directly: O(DP*CP) with
-        `all_dp_cp`, O(1) without, independent of the world size."""
+    def mp_rank_ranks(self, tp: int, pp: int, *, all_dp_cp: bool, ep: int | None = None) -> list[int]:
+        """The global ranks that hold Megatron's mp_rank (`tp`, `pp`) — with `ep`, the expert
+        folder (`tp`, `pp`, `ep`) — ascending: all of its data-/context-parallel (and, without `ep`,
+        expert) replicas when `all_dp_cp`, otherwise only the zero-redundancy one (cp = 0 and the
+        data-parallel rank outside expert parallelism 0, the smallest).  Computed directly:
+        O(DP*CP) with `all_dp_cp`, O(1) without, independent of the world size."""
         self._check_coord("tp", tp, self.tp)
         self._check_coord("pp", pp, self.pp)
         base = tp * self._stride["tp"] + pp * self._stride["pp"]
+        if ep is not None:
+            self._check_coord("ep", ep, self.ep)
+            base += ep * self._stride["ep"]
         if not all_dp_cp:
             return [base]
-        return [base + o for o in self._replicas()]
+        if ep is None:
+            return [base + o for o in self._replicas()]
+        offsets = [0]
+        for token, size in self._radix:   # fastest digit first, so the list stays ascending
+            if token in ("cp", "dp") and size > 1:
+                offsets = [j * self._stride[token] + o for j in range(size) for o in offsets]
+        return [base + o for o in offsets]
+
+    def global_expert(self, ep: int, local: int, num_experts: int) -> int:
+        """Global id of local expert `local` of expert-parallel rank `ep` (Megatron gives each EP rank
+        a contiguous block of num_experts / EP experts)."""
+        self._check_coord("ep", ep, self.ep)
+        if num_experts % self.ep:
+            raise CkptmapError(f"{num_experts} experts cannot be split among {FLAGS['ep']} {self.ep}; check "
+                               f"{FLAGS['ep']} and the model's number of experts")
+        per = num_experts // self.ep
+        if not 0 <= local < per:
+            raise CkptmapError(f"local expert {local} of expert rank {ep} is out of range: with {num_experts} experts "
+                               f"and {FLAGS['ep']} {self.ep} each rank holds {per} (0..{per - 1})")
+        return ep * per + local
+
+    def locate_expert(self, global_id: int, num_experts: int) -> tuple[int, int]:
+        """(expert rank, local id) of global expert `global_id`."""
+        if num_experts % self.ep or not 0 <= global_id < num_experts:
+            raise CkptmapError(f"expert {global_id} does not exist with {num_experts} experts and {FLAGS['ep']} "
+                               f"{self.ep}")
+        return divmod(global_id, num_experts // self.ep)
 
     def ranks(self, *, all_dp_cp: bool) -> list[tuple[int, dict]]:
         """``(global rank, coords)`` ascending by rank: every rank when `all_dp_cp`, otherwise

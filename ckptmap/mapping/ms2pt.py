@@ -22,11 +22,11 @@ from ckptmap.errors import CkptmapError
 from ckptmap.formats import megatron_files, megatron_folders, mindspeed, param_map, pt_meta, registry, torch_zip_reader
 from ckptmap.mapping import buckets
 from ckptmap.mapping import ops as tensor_ops
-from ckptmap.mapping.compiler import (RankMemo, check_layers, check_size, choose_rules, ddp_name, listing,
+from ckptmap.mapping.compiler import (RankMemo, global_bindings, check_layers, check_size, choose_rules, ddp_name, listing,
                                       maps_by_chunk, match_rules, planning)
 from ckptmap.mapping.layout import ParallelLayout
 from ckptmap.mapping.plan import FileTask, Plan, SourceSlice, StoragePiece, StorageTask, TensorTask
-from ckptmap.mapping.rules import LAYER
+from ckptmap.mapping.rules import EXPERT, LAYER
 
 
 @attrs.frozen
@@ -58,8 +58,8 @@ class _MetaRank:
     tensors: list       # Megatron model tensors from the skeleton, as megatron_files.ModelTensor
 
 
-def _read_meta(meta_dir: Path, tp: int, pp: int) -> _MetaRank:
-    path = meta_dir / Path(mindspeed.pt_meta_args_path(tp, pp)).name
+def _read_meta(meta_dir: Path, tp: int, pp: int, ep: int | None = None) -> _MetaRank:
+    path = meta_dir / Path(mindspeed.pt_meta_args_path(tp, pp, ep)).name
     if not path.is_file():
         raise CkptmapError(
             f"{path} is missing: converting back to Megatron needs the pt_meta folder that `ckptmap pt2ms` "
@@ -97,10 +97,11 @@ def _find_ms_root(opt: Ms2PtOptions) -> tuple[Path, str]:
     return root, mindspeed.detect_layout(root) if opt.layout == "auto" else opt.layout
 
 
-def _ms_file(root: Path, layout: str, iteration, tp: int, pp: int, pp_size: int, rank: int, opt) -> Path:
+def _ms_file(root: Path, layout: str, iteration, tp: int, pp: int, pp_size: int, rank: int, opt,
+             ep: int | None = None) -> Path:
     fmts = [opt.src_model_format] if opt.src_model_format else ["ckpt", "safetensors"]
     if layout == "v2":
-        candidates = [root / mindspeed.v2_path(iteration, tp, pp, pp_size, f) for f in fmts]
+        candidates = [root / mindspeed.v2_path(iteration, tp, pp, pp_size, f, ep) for f in fmts]
         found = [c for c in candidates if c.is_file()]
         if not found:
             raise CkptmapError(f"no MindSpore file for tp rank {tp}, pp rank {pp}: expected {candidates[0]}")
@@ -148,11 +149,18 @@ def compile_ms2pt(opt: Ms2PtOptions) -> Plan:
     if not metas:
         raise CkptmapError(f"{meta_dir} holds no args_tpTT_ppPPP.pt files; it is not a pt_meta folder written by "
                            f"`ckptmap pt2ms`")
-    tp_found = 1 + max(tp for tp, _ in metas)
-    pp_found = 1 + max(pp for _, pp in metas)
+    tp_found = 1 + max(m[0] for m in metas)
+    pp_found = 1 + max(m[1] for m in metas)
+    named_ep = {m[2] is not None for m in metas}
+    if len(named_ep) > 1:
+        raise CkptmapError(f"{meta_dir} mixes args files with and without an expert rank (_epEEE); remove the stale "
+                           f"ones and re-run `ckptmap pt2ms`")
+    has_ep = named_ep == {True}
+    ep_found = 1 + max(m[2] for m in metas) if has_ep else 1
     check_size("--tp-size", opt.tp_size, tp_found, f"{meta_dir} has args files for TP size")
     check_size("--pp-size", opt.pp_size, pp_found, f"{meta_dir} has args files for PP size")
-    first = _read_meta(meta_dir, 0, 0)
+    ep_name = (lambda ep: ep) if has_ep else (lambda ep: None)
+    first = _read_meta(meta_dir, 0, 0, ep_name(0))
     args = first.root.get("args")
     chunks = len(megatron_files.model_chunk_keys(first.meta["model_optim_rng"], first.path))
     check_size("--vpp-size", opt.vpp_size if opt.vpp_size and opt.vpp_size > 1 else (1 if opt.vpp_size else None),
@@ -165,7 +173,7 @@ def compile_ms2pt(opt: Ms2PtOptions) -> Plan:
         if n is None:
             raise CkptmapError(f"{first.path}: args has no {count_arg}; pass --num-layers")
         num_layers = n + len(set(opt.noop))
-    layout = ParallelLayout(tp=tp_found, pp=pp_found,
+    layout = ParallelLayout(tp=tp_found, pp=pp_found, ep=ep_found,
                             dp=opt.dp_size or getattr(args, "data_parallel_size", None) or 1,
                             cp=opt.cp_size or getattr(args, "context_parallel_size", None) or 1,
                             vpp=chunks, num_layers=num_layers,
@@ -178,22 +186,25 @@ def compile_ms2pt(opt: Ms2PtOptions) -> Plan:
     plan_files: list[FileTask] = []
     iterations = set()
     out_iteration = None
+    env = {k: v for k, v in vars(args).items() if isinstance(v, int)} if args is not None else {}
     ranks = []
     for tp in range(tp_found):
         for pp in range(pp_found):
-            meta = first if (tp, pp) == (0, 0) else _read_meta(meta_dir, tp, pp)
-            matched, unmatched = match_rules(rules, meta.tensors, meta.path, memo)
-            if unmatched:
-                raise CkptmapError(f"no rule in {rules.path} matches {listing(unmatched)} of {meta.path}; add "
-                                   f"rules for them or pick other rules with --rules")
-            check_layers(layout, matched, meta.path, tp, pp)
-            ranks.append((tp, pp, meta, matched))
+            for ep in range(ep_found):
+                meta = first if (tp, pp, ep) == (0, 0, 0) else _read_meta(meta_dir, tp, pp, ep_name(ep))
+                matched, unmatched = match_rules(rules, meta.tensors, meta.path, memo)
+                if unmatched:
+                    raise CkptmapError(f"no rule in {rules.path} matches {listing(unmatched)} of {meta.path}; add "
+                                       f"rules for them or pick other rules with --rules")
+                check_layers(layout, matched, meta.path, tp, pp)
+                ranks.append((tp, pp, ep, meta, matched))
     # the MindSpore files, and the iteration they are at
     sources = {}
-    for tp, pp, meta, matched in ranks:
+    for tp, pp, ep, meta, matched in ranks:
         it_hint = meta.root.get("iteration")
         ms_file = _ms_file(ms_root, layout_name, megatron_folders.latest_iteration(ms_root) if layout_name == "v2" else it_hint,
-                           tp, pp, pp_found, layout.global_rank(tp=tp, pp=pp), opt)
+                           tp, pp, pp_found, layout.mp_rank_ranks(tp, pp, all_dp_cp=False, ep=ep)[0], opt,
+                           ep_name(ep))
         reader = registry.open_reader(ms_file)
         try:
             specs = {k: reader.spec(k) for k in reader.keys()}
@@ -203,21 +214,22 @@ def compile_ms2pt(opt: Ms2PtOptions) -> Plan:
         finally:
             reader.close()
         iterations.add(int(it) if it is not None else it_hint)
-        sources[(tp, pp)] = (ms_file, specs, scalars)
+        sources[(tp, pp, ep)] = (ms_file, specs, scalars)
     if len(iterations) != 1:
         raise CkptmapError(f"the MindSpore files are at different iterations ({sorted(map(str, iterations))}); "
                            f"convert one consistent checkpoint")
     out_iteration = iterations.pop()
 
-    for tp, pp, meta, matched in ranks:
-        ms_file, specs, scalars = sources[(tp, pp)]
-        rank_dir = f"{megatron_folders.iter_dir_name(out_iteration)}/{megatron_folders.mp_rank_dir_name(tp, pp, pp_found)}"
-        weights = {(m.tensor.chunk, m.tensor.name): _reverse_task(m, layout, pp) for m in matched}
+    for tp, pp, ep, meta, matched in ranks:
+        ms_file, specs, scalars = sources[(tp, pp, ep)]
+        rank_dir = (f"{megatron_folders.iter_dir_name(out_iteration)}/"
+                    f"{megatron_folders.mp_rank_dir_name(tp, pp, pp_found, ep_name(ep))}")
+        weights = {(m.tensor.chunk, m.tensor.name): _reverse_task(m, layout, pp, ep, env) for m in matched}
         plan_files.append(_model_file(meta, rank_dir, weights, ms_file, specs, out_iteration,
                                       opt.convert_param_only, scalars))
         if not opt.convert_param_only:
             plan_files.append(_optim_file(meta, rank_dir, matched, layout, pp, tp, rules, ms_file, specs,
-                                          maps_of, memo))
+                                          maps_of, memo, ep, ep_name(ep), env))
     if not opt.convert_param_only:
         # the checkpoint describes its own bucket layout, as with ckptmap.hooks.megatron
         iter_maps = f"{megatron_folders.iter_dir_name(out_iteration)}/{megatron_folders.PARAM_MAP_DIR}"
@@ -230,12 +242,9 @@ def compile_ms2pt(opt: Ms2PtOptions) -> Plan:
     return Plan("ms2pt", str(Path(opt.megatron_path)), tuple(plan_files), info)
 
 
-def _reverse_task(m, layout, pp) -> tuple:
+def _reverse_task(m, layout, pp, ep, env) -> tuple:
     """(MindSpore name, its shape, inverse ops) of a Megatron tensor."""
-    bindings = dict(m.bindings)
-    if LAYER in bindings:
-        bindings[LAYER] = layout.global_layer(pp, m.tensor.chunk, bindings[LAYER])
-    ms_name = m.rule.mindspore.format(bindings)
+    ms_name = m.rule.mindspore.format(global_bindings(m, layout, pp, ep, env, m.tensor.name))
     shape, dtype, chain, shapes = m.tensor.shape, m.tensor.dtype, [], []
     for spec in m.rule.ops:
         op, shape, dtype = tensor_ops.resolve(spec.name, spec.args, shape, dtype, {}, str(m.rule.loc))
@@ -368,7 +377,7 @@ def _bind_placeholders(node, refs):
 
 
 def _optim_file(meta: _MetaRank, rank_dir, matched, layout, pp, tp, rules, ms_file, specs, maps_of,
-                memo=None) -> FileTask:
+                memo=None, ep=0, ep_name=None, env=None) -> FileTask:
     m_meta = meta.meta
     if "distrib_optim" not in m_meta:
         raise CkptmapError(f"{meta.path} has no distributed-optimizer layout (the Megatron checkpoint had no "
@@ -379,27 +388,36 @@ def _optim_file(meta: _MetaRank, rank_dir, matched, layout, pp, tp, rules, ms_fi
     # distrib_optim.pt parser reads it like the file it came from
     bound = _bind_placeholders(skeleton, refs)
     _, _, storage, buffers_meta = megatron_files.parse_optim_state(bound, f"{meta.path} (distrib_optim skeleton)")
-    recorded = {rec["buffer"]: rec for rec in meta.root.get("bucket_layouts") or ()}
+    recorded = meta.root.get("bucket_layouts")
+    if recorded is None:   # pt_meta of an earlier ckptmap: every buffer of every chunk, in order
+        recorded = []
+        for v in range(layout.vpp):
+            recorded += [{"chunk": v, "buffer": len(recorded) + i, "padded": None, "unpadded": None}
+                         for i in range(len(maps_of.get((tp, pp, v, ep_name), [])))]
+    if len(recorded) != len(buffers_meta):
+        raise CkptmapError(f"{meta.path} describes {len(recorded)} optimizer buffer(s) but its distrib_optim skeleton "
+                           f"holds {len(buffers_meta)}; pt_meta is damaged — re-run `ckptmap pt2ms`")
     layouts = []
-    g = 0
-    for v in range(layout.vpp):
-        maps = maps_of.get((tp, pp, v))
-        if not maps:
-            raise CkptmapError(f"{meta.path.parent} has no param_map_buffer*_dp0tp{tp}pp{pp}vpp{v}.json; the pt_meta "
-                               f"folder is incomplete — re-run `ckptmap pt2ms`")
-        for pm in maps:
-            buf = buffers_meta[g]
-            if buf.storage == megatron_files.COALESCED:
-                if g not in recorded:
-                    raise CkptmapError(f"{meta.path} lacks the bucket sizes of buffer {g} (a coalesced distrib_optim.pt "
-                                       f"does not record them); re-run `ckptmap pt2ms` with this ckptmap")
-                padded, unpadded = list(recorded[g]["padded"]), list(recorded[g]["unpadded"])
-            else:
-                padded, unpadded = list(buf.padded), list(buf.unpadded)
-            layouts.append((v, g, buckets.buffer_from_param_map(param_map.read_param_map(pm.path), padded, unpadded,
-                                                                 str(pm.path),
-                                                                 contiguous=buf.storage != megatron_files.COALESCED)))
-            g += 1
+    number: dict = {}
+    for g, (rec, buf) in enumerate(zip(recorded, buffers_meta)):
+        v = rec["chunk"]
+        b = number[v] = number.get(v, -1) + 1       # param_map files number a chunk's buffers from 0
+        maps = maps_of.get((tp, pp, v, ep_name), [])
+        if b >= len(maps):
+            raise CkptmapError(f"{meta.path.parent} has no param_map_buffer{b}_dp0tp{tp}pp{pp}"
+                               f"{'' if ep_name is None else f'ep{ep_name}'}vpp{v}.json; the pt_meta folder is "
+                               f"incomplete — re-run `ckptmap pt2ms`")
+        pm = maps[b]
+        if buf.storage == megatron_files.COALESCED:
+            if rec["padded"] is None:
+                raise CkptmapError(f"{meta.path} lacks the bucket sizes of buffer {g} (a coalesced distrib_optim.pt "
+                                   f"does not record them); re-run `ckptmap pt2ms` with this ckptmap")
+            padded, unpadded = list(rec["padded"]), list(rec["unpadded"])
+        else:
+            padded, unpadded = list(buf.padded), list(buf.unpadded)
+        layouts.append((v, g, buckets.buffer_from_param_map(param_map.read_param_map(pm.path), padded, unpadded,
+                                                             str(pm.path),
+                                                             contiguous=buf.storage != megatron_files.COALESCED)))
     slot_of = {(v, s.name): (gi, bl, s) for v, gi, bl in layouts for s in bl.slots}
     placeholder_of = {}
     for gi, buf in enumerate(buffers_meta):
@@ -407,14 +425,18 @@ def _optim_file(meta: _MetaRank, rank_dir, matched, layout, pp, tp, rules, ms_fi
             for j, ph in enumerate(megatron_files.state_refs(skeleton, buf, state)):
                 placeholder_of[(gi, state, None if buf.storage == megatron_files.COALESCED else j)] = ph[1]
     pieces_by_ref: dict[int, list] = {}
+    kinds = {buf.optimizer for buf in buffers_meta}
     for m in matched:
         ddp = ddp_name(m, memo)
         found = slot_of.get((m.tensor.chunk, ddp))
         if found is None:
+            # an expert rank > 0 keeps no dense optimizer state (the expert-rank-0 folder does)
+            if EXPERT not in m.bindings and kinds and None not in kinds and 0 not in kinds:
+                continue
             raise CkptmapError(f"{meta.path.parent}: the param_map of chunk {m.tensor.chunk} has no {ddp}; pt_meta "
                                f"is inconsistent — re-run `ckptmap pt2ms`")
         gi, bl, slot = found
-        ms_name, ms_shape, inverse = _reverse_task(m, layout, pp)
+        ms_name, ms_shape, inverse = _reverse_task(m, layout, pp, ep, env)
         for state in megatron_files.OPTIM_STATES:
             name = rules.state_pattern(state).format({"name": ms_name})
             task = _source_task(f"{state} of {m.tensor.name}", ms_file, specs, name, ms_shape, inverse, "float32",
