@@ -464,6 +464,22 @@ def test_every_tensor_equals_live_truth(mcore_standard, version, name, sharding_
                           _iter_dir(run, sharding_type))
 
 
+@pytest.mark.parametrize("version,name", [(v, n) for v in SHARDING_TYPES for n in STANDARD_CASES])
+@pytest.mark.mcore_versions
+@pytest.mark.slow
+def test_every_stored_tensor_equals_torchs_own_reader(mcore_standard, version, name):
+    """Every tensor key of the version's default save, as stored (nd-flattened, bucket padding included),
+    equals what torch's dcp_to_torch_save made of it in that version's launcher."""
+    from mcore_versions.pickles import load as load_pickle
+
+    run = mcore_standard(version, name)
+    flat = load_pickle(run.flat_torch_dist)[0]
+    with td.TorchDistCheckpoint(_iter_dir(run, SHARDING_TYPES[version][0])) as r:
+        assert set(r.keys()) == {k for k, v in flat.items() if hasattr(v, "dtype")}
+        for k in r.keys():
+            assert _eq(r.array(k), _np(flat[k])), k
+
+
 REWRITES = [s for s in SAVES if s[2] != "fully_reshardable"]
 
 
@@ -472,8 +488,8 @@ REWRITES = [s for s in SAVES if s[2] != "fully_reshardable"]
 @pytest.mark.slow
 def test_rewrite_reproduces_the_files(mcore_standard, tmp_path, version, name, sharding_type):
     """A same-layout rewrite re-serializes every item: 0.12.1 / 0.16.1 .distcp files come out
-    byte-identical (their items are exactly torch.save of each chunk); 0.8.0's items pickle the
-    rank's whole parameter buffer behind each chunk view, so its rewrite is value-identical and
+    byte-identical (their items are exactly torch.save of each chunk); 0.8.0's items (on CPU) pickle
+    the rank's whole parameter buffer behind each chunk view, so its rewrite is value-identical and
     smaller."""
     run = mcore_standard(version, name)
     src = _iter_dir(run, sharding_type)

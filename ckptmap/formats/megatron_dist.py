@@ -332,11 +332,15 @@ class MegatronDist:
                 self.optimizer_objects[(opt, int(m["group"]), m["what"])] = key
             else:
                 self.other_objects.append(key)
-        model = {t.name for t in self._tensors if t.state == "weight"}
-        missing = sorted({t.name for t in self._tensors if t.state != "weight"} - model)
+        model = {t.name: t for t in self._tensors if t.state == "weight"}
+        missing = sorted({t.name for t in self._tensors if t.state != "weight"} - set(model))
         if missing:
             raise CkptmapError(f"{self.path}: optimizer state for {len(missing)} parameters without a model weight "
                                f"(first: {missing[0]!r}); the checkpoint is inconsistent")
+        for t in self._tensors:
+            if t.state != "weight" and t.shape != model[t.name].shape:
+                raise CkptmapError(f"{self.path}: {t.key!r} has global shape {list(t.shape)} but its parameter "
+                                   f"{t.name!r} has {list(model[t.name].shape)}; the checkpoint is inconsistent")
 
     def _nd_shape(self, key, t: td.TensorMeta, nd) -> tuple[int, ...]:
         shape = td._ints(nd)
@@ -643,10 +647,8 @@ def _plan_upgrade(md: MegatronDist, dst: Path) -> RewritePlan:
             raise CkptmapError(f"{md.path}: two optimizer tensors ({new_keys[key]!r}, {t.key!r}) become {key!r}")
         new_keys[key] = t.key
         chunks = []
-        stored = meta.tensors[t.key].chunks
-        for box in t.boxes:
-            # the fragment goes to the file of the first stored piece of it
-            first = _first_piece(t, box, stored)
+        for box, first in _fragment_sources(t, meta.tensors[t.key].chunks):
+            # each fragment goes to the file that held its first piece, where that piece was
             chunks.append(td.OutChunk(box, first.file))
             origin[(key, tuple(box.offsets))] = (first.key, tuple(first.box.offsets))
         tensors.append(td.OutTensor(key, t.dtype, t.shape, tuple(chunks)))
@@ -655,7 +657,13 @@ def _plan_upgrade(md: MegatronDist, dst: Path) -> RewritePlan:
     order = [renamed.get(key, key) for key in meta.order]
     objects = [td.OutObject(o.key, o.file) for o in meta.objects.values()]
     mcore = {k: v for k, v in (meta.mcore_data or {}).items() if k not in renamed}
-    edits = [(("content_metadata",), dict(CONTENT_METADATA_0_16, distrib_optim_sharding_type=target.name))]
+    content = md.common.get("content_metadata")
+    if isinstance(content, dict):  # a 0.15+ save: keep what it says, change the type (prefixes are dropped)
+        content = dict(content, distrib_optim_sharding_type=target.name, chained_optim_avoid_prefix=True)
+        content.setdefault("distrib_optim_fully_reshardable_mem_efficient", False)
+    else:
+        content = dict(CONTENT_METADATA_0_16, distrib_optim_sharding_type=target.name)
+    edits = [(("content_metadata",), content)]
     opt = md.common.get("optimizer")
     if isinstance(opt, dict) and "param_state_sharding_type" in opt:
         edits.append((("optimizer", "param_state_sharding_type"), target.name))
@@ -674,15 +682,18 @@ def _plan_upgrade(md: MegatronDist, dst: Path) -> RewritePlan:
                        _positions(md, tensors, objects, origin))
 
 
-def _first_piece(t: GlobalTensor, box: Box, stored) -> td.Chunk:
+def _fragment_sources(t: GlobalTensor, stored) -> list:
+    """``(box, first stored chunk of it)`` for every box of ``t``: a plain tensor's boxes are its chunks;
+    an nd-flattened tensor's fragment ``idx`` is stored as the chunks at ``idx + (start,)``."""
     if not t.nd_flattened:
-        hits = [c for c in stored if c.box.intersect(box) is not None]
-    else:
-        frags = t.stored_shape[:-1]
-        block = tuple(g // f for g, f in zip(t.shape, frags))
-        idx = tuple(o // b for o, b in zip(box.offsets, block))
-        hits = [c for c in stored if tuple(c.box.offsets[:-1]) == idx]
-    return min(hits, key=lambda c: c.box.offsets)
+        return [(c.box, c) for c in stored]
+    first: dict = {}
+    for c in stored:
+        idx = tuple(c.box.offsets[:-1])
+        if idx not in first or c.box.offsets[-1] < first[idx].box.offsets[-1]:
+            first[idx] = c
+    block = tuple(g // f for g, f in zip(t.shape, t.stored_shape[:-1]))
+    return [(box, first[tuple(o // b for o, b in zip(box.offsets, block))]) for box in t.boxes]
 
 
 def _apply_edits(common, edits):

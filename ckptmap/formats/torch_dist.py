@@ -23,12 +23,18 @@ On disk (one ``iter_NNNNNNN`` folder, what megatron-core >= 0.9 writes by defaul
     __R_N.distcp    the items, back to back: rank R's N-th writer file
 
 A *tensor* key is a global tensor; each saved *chunk* is a box of it (``offsets``, ``sizes``),
-stored as one item at ``[offset, offset + length)`` of ``relative_path``. With the
-``torch_save`` serialization format -- the default of ``FileSystemWriter`` and what Megatron's own
-writer passes (``filesystem._write_item``, checked for torch 2.3 - 2.13) -- an item is a complete
-``torch.save(chunk, stream)`` zip archive (records ``archive/data.pkl``, ``archive/data/0``, ...;
-offsets inside it relative to the item's start, storages 64-byte aligned relative to it); the
-chunk is the tensor the archive holds (C-contiguous, shape = the chunk's sizes). A *raw* item
+stored as one item at ``[offset, offset + length)`` of ``relative_path``. torch's
+``filesystem._write_item`` -- which ``FileSystemWriter`` and Megatron's own async writer call --
+``torch.save``s every tensor item in the ``torch_save`` serialization format (torch 2.13: the
+default, and what megatron-core 0.16 passes; the torch 2.3 signature megatron 0.8 calls has no
+other format): an item is a complete ``torch.save(chunk, stream)`` zip archive (records
+``archive/data.pkl``, ``archive/data/0``, ...; offsets inside it relative to the item's start,
+storages 64-byte aligned relative to it) whose tensor is the chunk, shape = the chunk's sizes.
+torch's writer saves a compact copy of each chunk (its ``_SerialCpuLoader`` clones views), so these
+items are byte for byte what :func:`write_checkpoint` writes. megatron-core 0.8.0's writer stages
+tensors with ``.to("cpu")`` and no clone, so on a CPU run (the test harness) each item pickles the
+chunk as a *view* of the whole storage behind it (the rank's parameter buffer) -- read the same way
+(``TensorRef`` offset and strides), rewritten compact. A *raw* item
 (the bytes of the chunk in C order, ``length = numel * itemsize``; what a writer without
 ``torch.save`` produces) is read too; items written through a stream transform (non-empty
 ``transform_descriptors``: compression, ...) are refused. A *byte* key (``BytesStorageMetadata``;
