@@ -1072,6 +1072,8 @@ def write_checkpoint(dst, tensors: list[OutTensor], objects: list[OutObject], *,
     (a rewrite keeps the source's order, so its files come out byte-identical). Everything is checked first; the folder appears at ``dst`` only when complete."""
     dst = Path(dst)
     check_outputs(tensors, objects)
+    if order is not None and sorted(order) != sorted([t.key for t in tensors] + [o.key for o in objects]):
+        raise CkptmapError("internal error: the metadata key order does not list exactly the declared keys")
     files: dict[str, list] = {}
     for o in objects:
         files.setdefault(o.file, []).append(("object", o.key, None))
