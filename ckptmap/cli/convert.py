@@ -3,6 +3,12 @@ between MindSpeed-Core-MS's MSAdapter ``.pt`` dialect and stock PyTorch ``.pt`` 
 distributed-optimizer state, args, scheduler — without torch or MindSpore
 (``formats/dialect_translate.py``). ``ckptmap plan convert … --dry-run`` shows each file's dialect and
 what will happen to it.
+
+`ckptmap convert --from torch_dist --to torch_dist [--sharding-type fully_reshardable]`: rewrite a
+Megatron ``torch_dist`` checkpoint (``formats/megatron_dist.py``): as it is (every item re-written,
+``.metadata`` / ``common.pt`` re-pickled), or with the distributed optimizer's
+``fully_sharded_model_space`` state (megatron-core <= 0.14) stored as ``fully_reshardable``
+(0.15+), the upgrade megatron-core itself only does by loading on GPUs.
 """
 
 from __future__ import annotations
@@ -14,18 +20,25 @@ import time
 from ckptmap.errors import CkptmapError
 
 EXIT_FAILED = 1
-_DIALECT_CHOICES = ("msadapter", "torch")
+_DIALECT_CHOICES = ("msadapter", "torch", "torch_dist")
+_TORCH_DIST = "torch_dist"
 
 
 def _add_flags(p: argparse.ArgumentParser, plan: bool = False) -> None:
     p.add_argument("--from", dest="source", choices=_DIALECT_CHOICES, required=True,
-                   help="Dialect of the source files: msadapter (MindSpeed-Core-MS r0.2+ trained through MSAdapter) "
-                        "or torch (stock PyTorch / Megatron-LM). Every file's dialect is detected and checked.")
+                   help="Dialect of the source files: msadapter (MindSpeed-Core-MS r0.2+ trained through MSAdapter), "
+                        "torch (stock PyTorch / Megatron-LM) or torch_dist (Megatron --ckpt-format torch_dist folders). "
+                        "Every file's dialect is detected and checked.")
     p.add_argument("--to", dest="target", choices=_DIALECT_CHOICES, required=True,
-                   help="Dialect to write (the other one).")
+                   help="Dialect to write (msadapter <-> torch; torch_dist -> torch_dist).")
     p.add_argument("--src", required=True,
                    help="The training run's --save folder (tracker + every iter_*), one iter_* folder, or one .pt file.")
     p.add_argument("--dst", required=True, help="Output folder (or .pt file when --src is a file).")
+    from ckptmap.formats.megatron_dist import SHARDING_TYPES
+    p.add_argument("--sharding-type", choices=tuple(SHARDING_TYPES), default=None,
+                   help="torch_dist only: the distributed optimizer's sharding type to write (default: the source's). "
+                        "fully_reshardable from fully_sharded_model_space is the offline upgrade from megatron-core "
+                        "<= 0.14 to 0.15+.")
     rng = p.add_mutually_exclusive_group()
     rng.add_argument("--drop-rng", action="store_true",
                      help="Leave the RNG states out (MindSpore's and PyTorch's generators are not interchangeable). "
@@ -49,6 +62,10 @@ def _rng(ns) -> str:
 def _plan(ns):
     from ckptmap.formats.dialect_translate import plan_folder
 
+    if _TORCH_DIST in (ns.source, ns.target):
+        raise CkptmapError("internal error: torch_dist is planned by _plan_torch_dist")
+    if ns.sharding_type is not None:
+        raise CkptmapError("--sharding-type applies to torch_dist checkpoints (--from torch_dist --to torch_dist)")
     if ns.source == ns.target:
         raise CkptmapError(f"--from and --to are both {ns.source}; convert translates between msadapter and torch")
     return plan_folder(ns.src, ns.dst, source=ns.source, target=ns.target, rng=_rng(ns))
@@ -84,9 +101,81 @@ def print_conversion_plan(ns, jobs, skipped, out=None) -> None:
               "--no-load-rng (they are kept only so that converting back restores them).", file=out)
 
 
+def _is_torch_dist(ns) -> bool:
+    if _TORCH_DIST not in (ns.source, ns.target):
+        return False
+    if ns.source != ns.target:
+        raise CkptmapError(f"--from {ns.source} --to {ns.target}: torch_dist checkpoints convert to torch_dist (a "
+                           f"rewrite, or another --sharding-type); for Megatron -> MindSpore use `ckptmap pt2ms`")
+    if ns.drop_rng or ns.keep_foreign_rng:
+        raise CkptmapError("--drop-rng / --keep-foreign-rng apply to msadapter <-> torch; a torch_dist rewrite keeps "
+                           "the RNG states (they stay PyTorch's)")
+    return True
+
+
+def _plan_torch_dist(ns):
+    from ckptmap.formats.megatron_dist import plan_folder
+
+    return plan_folder(ns.src, ns.dst, ns.sharding_type)
+
+
+def print_torch_dist_plan(ns, plan, out=None) -> None:
+    from ckptmap.cli.printing import human_bytes
+
+    out = out or sys.stdout
+    print(f"plan convert: {plan.src} (torch_dist) -> {plan.dst} (torch_dist)", file=out)
+    for it in plan.iterations:
+        print(f"  {it.src.name} -> {it.dst}: optimizer sharding {it.source_type or 'none (no optimizer state)'} -> "
+              f"{it.target_type or 'none'}; {len(it.tensors)} tensors ({human_bytes(it.nbytes)}), "
+              f"{len(it.objects)} objects", file=out)
+        for note in it.notes:
+            print(f"    {note}", file=out)
+        for path, value in it.common_edits:
+            print(f"    common.pt[{']['.join(repr(k) for k in path)}] = {value!r}", file=out)
+        rows = [("file", "tensor chunks", "objects", "tensor bytes")]
+        for name, items in sorted(it.files().items()):
+            rows.append((name, str(sum(1 for k, _, _ in items if k == "tensor")),
+                         str(sum(1 for k, _, _ in items if k == "object")), human_bytes(sum(n for _, _, n in items))))
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+        for r in rows:
+            print("    " + "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip(), file=out)
+        if getattr(ns, "debug", False):
+            for t, s in zip(it.tensors, it.sources):
+                how = f"from {s.key}" if s.key != t.key else "copied"
+                if s.global_tensor is not None and s.global_tensor.nd_flattened:
+                    how += f" (un-flattened from {list(s.global_tensor.stored_shape)})"
+                print(f"      {t.key}  {t.dtype} {list(t.shape)}  {len(t.chunks)} chunks  {how}", file=out)
+    if plan.tracker is not None:
+        print(f"  latest_checkpointed_iteration.txt copied ({plan.tracker.strip()!r})", file=out)
+    if plan.skipped:
+        print(f"  not part of a checkpoint, not converted: {', '.join(plan.skipped)}", file=out)
+    total = sum(it.nbytes for it in plan.iterations)
+    print(f"total: {len(plan.iterations)} checkpoint folder(s), {human_bytes(total)} of tensor data", file=out)
+
+
+def cmd_torch_dist_convert(ns) -> int:
+    from ckptmap.formats.megatron_dist import write_folder
+
+    plan = _plan_torch_dist(ns)
+    print_torch_dist_plan(ns, plan)
+    if ns.dry_run:
+        return 0
+    started = time.perf_counter()
+
+    def progress(name, nbytes):
+        if not ns.no_progress:
+            print(f"  wrote {name}", flush=True)
+
+    write_folder(plan, fsync=ns.fsync, progress=progress)
+    print(f"\n{len(plan.iterations)} checkpoint folder(s) written in {time.perf_counter() - started:.2f} s")
+    return 0
+
+
 def cmd_dialect_convert(ns) -> int:
     from ckptmap.formats.dialect_translate import run_jobs
 
+    if _is_torch_dist(ns):
+        return cmd_torch_dist_convert(ns)
     jobs, skipped = _plan(ns)
     print_conversion_plan(ns, jobs, skipped)
     if ns.dry_run:
@@ -108,6 +197,9 @@ def cmd_dialect_convert(ns) -> int:
 
 
 def cmd_plan_dialect_convert(ns) -> int:
+    if _is_torch_dist(ns):
+        print_torch_dist_plan(ns, _plan_torch_dist(ns))
+        return 0
     jobs, skipped = _plan(ns)
     print_conversion_plan(ns, jobs, skipped)
     return 0
@@ -118,14 +210,18 @@ def register(sub, plan_sub) -> None:
     p = sub.add_parser(
         "convert",
         help="Translate a Megatron checkpoint between MSAdapter .pt files (MindSpeed-Core-MS) and stock PyTorch "
-             ".pt files, optimizer state included (--from msadapter --to torch, or back).",
+             ".pt files, optimizer state included (--from msadapter --to torch, or back); rewrite a torch_dist "
+             "checkpoint, e.g. as fully_reshardable (--from torch_dist --to torch_dist --sharding-type ...).",
         description="Translate every file of a Megatron checkpoint folder between the MSAdapter dialect of the "
                     "torch zip format (written by MindSpeed-Core-MS through its PyTorch shim; stock torch.load cannot "
                     "read it) and stock PyTorch files: tensors, dtypes (args.params_dtype, distrib_optim keys), "
                     "Parameters, state-dict metadata. RNG states are refused unless --drop-rng or "
-                    "--keep-foreign-rng. Streaming; every file is written under a temporary name and renamed.")
+                    "--keep-foreign-rng. Streaming; every file is written under a temporary name and renamed. "
+                    "--from torch_dist --to torch_dist rewrites Megatron torch_dist folders (same layout), optionally "
+                    "storing fully_sharded_model_space optimizer state as fully_reshardable (--sharding-type).")
     _add_flags(p)
     p.set_defaults(func=cmd_dialect_convert)
-    pc = plan_sub.add_parser("convert", help="Plan a convert (msadapter <-> torch): each file's dialect and action.")
+    pc = plan_sub.add_parser("convert", help="Plan a convert (msadapter <-> torch, torch_dist -> torch_dist): each "
+                                             "file's dialect and action.")
     _add_flags(pc, plan=True)
     pc.set_defaults(func=cmd_plan_dialect_convert)

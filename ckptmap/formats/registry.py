@@ -24,10 +24,16 @@ def open_writer(fmt: str, path, entries, metadata=None, *, crc: bool = False):
 
 def open_reader(path):
     """A reader (``formats/base.py``: keys, spec, array, byte_range, close) for a source file, chosen by
-    suffix."""
+    suffix, or for a torch_dist checkpoint folder (``formats/torch_dist.py``)."""
     path = Path(path)
     if not path.exists():
         raise CkptmapError(f"source file {path} does not exist")
+    if path.is_dir():
+        from ckptmap.formats.torch_dist import TorchDistCheckpoint, is_torch_dist_dir
+        if is_torch_dist_dir(path):
+            return TorchDistCheckpoint(path)
+        raise CkptmapError(f"{path} is a folder but not a torch_dist checkpoint (no .metadata); ckptmap reads .pt, "
+                           f".ckpt and .safetensors files and torch_dist iter_* folders")
     suffix = path.suffix
     if suffix == ".ckpt":
         from ckptmap.formats.mindspore_ckpt import CkptReader
