@@ -132,7 +132,7 @@ def test_no_mp_rank_dirs(tmp_path, capsys):
 
 def test_sizes_disagree_with_directories(tmp_path, capsys):
     fx = str(fixture_dir("legacy_tp2pp2dp2"))
-    assert_refused(tmp_path, capsys, ["--megatron-path", fx, "--tp-size", "4"], "--tp-size 4", "TP size 2")
+    assert_refused(tmp_path, capsys, ["--megatron-path", fx, "--tp-size", "4"], "--tp-size 4", "folders for TP 2")
     assert_refused(tmp_path, capsys, ["--megatron-path", fx, "--pp-size", "1"], "--pp-size 1", "PP size 2")
 
 
@@ -181,3 +181,23 @@ def test_pickle_that_executes_code(tmp_path, capsys, monkeypatch):
     torch.save(state, path)
     assert_refused(tmp_path, capsys, ["--megatron-path", str(ck)], str(path), "system")
     assert not marker.exists()
+
+
+@pytest.mark.parametrize("extra, flags, words", [
+    ("mp_rank_02", [], ["TP size disagrees", "folders for TP 3", "args of 3 rank(s) say 2"]),
+    (None, ["--tp-size", "4"], ["TP size disagrees", "--tp-size 4 was given"]),
+])
+def test_folders_args_and_flags_must_agree(tmp_path, capsys, extra, flags, words):
+    """A folder copied in from elsewhere (folders say TP 3, every args says TP 2), or a flag that
+    contradicts both, is refused with all three named — never converted."""
+    from ckptmap.demo import DemoModel, build_megatron_checkpoint
+    root = tmp_path / "megatron"
+    build_megatron_checkpoint(root, DemoModel(tp=2, pp=1, dp=1, layers=2, hidden=16, heads=2, groups=2, kv=8, ffn=24,
+                                              vocab=64), iteration=3, keep_truth=False)
+    if extra:
+        shutil.copytree(root / "iter_0000003" / "mp_rank_01", root / "iter_0000003" / extra)
+    assert main(["pt2ms", "--megatron-path", str(root), "--ms-path", str(tmp_path / "ms"), "--no-progress",
+                 *flags]) == 2
+    err = capsys.readouterr().err
+    assert all(w in err for w in words), err
+    assert not (tmp_path / "ms").exists()

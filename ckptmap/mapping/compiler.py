@@ -179,9 +179,6 @@ def compile_pt2ms(opt: Pt2MsOptions) -> Plan:
         raise CkptmapError(f"--dist-opt-content {' '.join(bad_states)}: choose from {' '.join(megatron_files.OPTIM_STATES)}")
 
     ckdir = megatron_folders.open_checkpoint_dir(opt.megatron_path)
-    check_size("--tp-size", opt.tp_size, ckdir.tp_size, f"{ckdir.root} has mp_rank directories for TP size")
-    check_size("--pp-size", opt.pp_size, ckdir.pp_size, f"{ckdir.root} has mp_rank directories for PP size")
-    check_size("--ep-size", opt.ep_size, ckdir.ep_size, f"{ckdir.root} has mp_rank directories for EP size")
     tp_size, pp_size, ep_size = ckdir.tp_size, ckdir.pp_size, ckdir.ep_size
     if pp_size > 1 and not ckdir.has_pp_suffix:
         raise CkptmapError(f"{ckdir.root}: mp_rank directories without a PP suffix but PP {pp_size}")
@@ -193,6 +190,7 @@ def compile_pt2ms(opt: Pt2MsOptions) -> Plan:
         files[key].close()  # only the object tree is needed here; a map per rank would exhaust file handles
     first = files[(0, 0, 0)]
     args = first.args
+    check_sizes_agree(ckdir, files, opt)
     inventory = {key: f.tensors() for key, f in files.items()}
 
     chunk_counts = {key: len(f.chunks()) for key, f in files.items()}
@@ -350,6 +348,39 @@ def compile_pt2ms(opt: Pt2MsOptions) -> Plan:
     if notes:
         info["param_map_ignored"] = notes
     return Plan("pt2ms", str(Path(opt.ms_path)), tuple(out_files), info)
+
+
+_SIZE_ARGS = (("tp", "tensor_model_parallel_size", "--tp-size"), ("pp", "pipeline_model_parallel_size", "--pp-size"),
+              ("ep", "expert_model_parallel_size", "--ep-size"))
+
+
+def check_sizes_agree(ckdir, files: dict, opt) -> None:
+    """The mp_rank folders, every rank's args and the flags given must tell the same TP / PP / EP
+    sizes; a disagreement is named with all three (a checkpoint whose folders were renamed or mixed
+    from two runs would otherwise convert into nonsense)."""
+    found = {"tp": ckdir.tp_size, "pp": ckdir.pp_size, "ep": ckdir.ep_size}
+    for short, name, flag in _SIZE_ARGS:
+        given = getattr(opt, f"{short}_size", None)
+        said = {}
+        for key, f in files.items():
+            value = getattr(f.args, name, None) if f.args is not None else None
+            said.setdefault(1 if value is None and short == "ep" else value, []).append(key)
+        said.pop(None, None)
+        values = set(said) | ({given} if given is not None else set())
+        if values and values != {found[short]}:
+            args_text = "; ".join(f"args of {len(keys)} rank(s) say {v}" for v, keys in sorted(said.items()))
+            missing = ""
+            if len(said) == 1 and next(iter(said)) > found[short]:
+                want = dict(found, **{short: next(iter(said))})
+                names = [megatron_folders.mp_rank_dir_name(t, p, want["pp"], e if want["ep"] > 1 else None)
+                         for t in range(want["tp"]) for p in range(want["pp"]) for e in range(want["ep"])
+                         if (t, p, e) not in ckdir.ranks]
+                missing = f" Missing: {listing(names)}."
+            raise CkptmapError(
+                f"the {short.upper()} size disagrees: {ckdir.root} has mp_rank folders for {short.upper()} "
+                f"{found[short]}, {args_text or 'args do not say'}"
+                f"{f', and {flag} {given} was given' if given is not None else ''}.{missing} A folder may be missing "
+                f"or come from another run; make them agree (the conversion needs every rank of one checkpoint)")
 
 
 def _buffer_kinds(optim, has_experts: bool) -> tuple[list | None, list]:
