@@ -133,7 +133,7 @@ def test_no_mp_rank_dirs(tmp_path, capsys):
 def test_sizes_disagree_with_directories(tmp_path, capsys):
     fx = str(fixture_dir("legacy_tp2pp2dp2"))
     assert_refused(tmp_path, capsys, ["--megatron-path", fx, "--tp-size", "4"], "--tp-size 4", "folders for TP 2")
-    assert_refused(tmp_path, capsys, ["--megatron-path", fx, "--pp-size", "1"], "--pp-size 1", "PP size 2")
+    assert_refused(tmp_path, capsys, ["--megatron-path", fx, "--pp-size", "1"], "--pp-size 1", "folders for PP 2")
 
 
 def test_layers_inconsistent(tmp_path, capsys):
