@@ -18,12 +18,12 @@ import pytest
 
 from ckptmap import execute
 from ckptmap.demo import DemoModel, build_megatron_checkpoint
-from ckptmap.mapping import compiler, layout, ms2pt, plan as plan_module
+from ckptmap.mapping import compiler, layout, megatron_source, ms2pt, plan as plan_module
 from ckptmap.mapping.compiler import Pt2MsOptions, compile_pt2ms
 from ckptmap.mapping.ms2pt import Ms2PtOptions, compile_ms2pt
 from ckptmap.mapping.plan import FileTask, Plan, TensorTask
 
-PLANNING = (compiler, ms2pt, layout)
+PLANNING = (compiler, megatron_source, ms2pt, layout)
 
 
 def tiny(pp: int, dp: int) -> DemoModel:

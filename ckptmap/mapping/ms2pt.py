@@ -22,7 +22,7 @@ from ckptmap.errors import CkptmapError
 from ckptmap.formats import megatron_files, megatron_folders, mindspeed, param_map, pt_meta, registry, torch_zip_reader
 from ckptmap.mapping import buckets
 from ckptmap.mapping import ops as tensor_ops
-from ckptmap.mapping.compiler import (RankMemo, global_bindings, check_layers, check_size, choose_rules, ddp_name, listing,
+from ckptmap.mapping.megatron_source import (RankMemo, global_bindings, check_layers, check_size, choose_rules, ddp_name, listing,
                                       maps_by_chunk, match_rules, planning)
 from ckptmap.mapping.layout import ParallelLayout
 from ckptmap.mapping.plan import FileTask, Plan, SourceSlice, StoragePiece, StorageTask, TensorTask

@@ -1,0 +1,698 @@
+"""Reading a Megatron legacy checkpoint for a conversion: its folders, every rank's model tensors
+matched to the rules, the run's parallel layout, and where every parameter's distributed-optimizer
+state lies (the bucket layout of the checkpoint's Megatron version, from a param_map or derived from
+the rules' `buckets megatron` blocks). Every check that can fail on bad input runs here, before
+anything is written. ``pt2ms`` (compiler.py), ``reshard`` and ``verify`` build on it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import gc
+from collections import defaultdict
+from pathlib import Path
+
+import attrs
+
+from ckptmap.errors import CkptmapError
+from ckptmap.formats import megatron_files, megatron_folders, param_map
+from ckptmap.mapping import buckets
+from ckptmap.mapping.layout import ParallelLayout
+from ckptmap.mapping.plan import SourceSlice
+from ckptmap.mapping.rules import EXPERT, LAYER, ParamRule, RuleSet, bundled_rules, load_rules, resolve_rules
+
+
+AUTO_RULES = "auto"
+
+
+FLOAT_DTYPES = ("float32", "bfloat16", "float16", "float64")
+
+
+MAX_LISTED = 12
+
+
+def listing(names, limit=MAX_LISTED) -> str:
+    names = list(names)
+    shown = ", ".join(names[:limit])
+    return shown + (f", … ({len(names) - limit} more)" if len(names) > limit else "")
+
+
+@attrs.frozen
+class _Matched:
+    tensor: megatron_files.ModelTensor
+    rule: ParamRule
+    bindings: dict
+
+
+class RankMemo:
+    """What is the same on every rank, worked out once per compile: the rules a tensor name
+    matches (and their bindings), and a matched tensor's DDP name. Both depend on the tensor name
+    alone (for one rule set), and the same names recur on every rank -- layer numbers are local
+    to a pipeline chunk -- so with thousands of ranks this turns ranks x tensors x rules pattern
+    matches into (distinct names) x rules."""
+
+    def __init__(self):
+        self.hits: dict[str, list] = {}
+        self.ddp: dict[str, str] = {}
+
+
+def match_rules(rules: RuleSet, tensors, path, memo: RankMemo | None = None) -> tuple[list[_Matched], list[str]]:
+    matched, unmatched = [], []
+    for t in tensors:
+        hits = memo.hits.get(t.name) if memo is not None else None
+        if hits is None:
+            hits = [(r, b) for r in rules.params if (b := r.megatron.match(t.name)) is not None]
+            if memo is not None:
+                memo.hits[t.name] = hits   # bindings are shared between ranks: read them, never change them
+        if not hits:
+            unmatched.append(t.name)
+            continue
+        if len(hits) > 1:
+            raise CkptmapError(
+                f"{path}: tensor {t.name} matches {len(hits)} rules in {rules.path} "
+                f"({'; '.join(f'{r.loc}: {r.megatron}' for r, _ in hits)}); make the patterns disjoint")
+        matched.append(_Matched(t, hits[0][0], hits[0][1]))
+    return matched, unmatched
+
+
+def ddp_name(m: _Matched, memo: RankMemo | None = None) -> str:
+    """The matched tensor's name in Megatron's DDP buffer / param_map."""
+    if memo is None:
+        return m.rule.ddp_pattern().format(m.bindings)
+    name = memo.ddp.get(m.tensor.name)
+    if name is None:
+        name = memo.ddp[m.tensor.name] = m.rule.ddp_pattern().format(m.bindings)
+    return name
+
+
+def choose_rules(option: str, tensors, path) -> RuleSet:
+    if option != AUTO_RULES:
+        return resolve_rules(option)
+    fits = []
+    for name, rules_path in bundled_rules().items():
+        rules = load_rules(rules_path)
+        _, unmatched = match_rules(rules, tensors, path)
+        if not unmatched:
+            fits.append(rules)
+    if len(fits) == 1:
+        return fits[0]
+    if not fits:
+        raise CkptmapError(
+            f"no bundled rules describe the model in {path} (first tensors: "
+            f"{listing([t.name for t in tensors], 5)}); write a .rules file for it and pass --rules PATH "
+            f"(`ckptmap rules list` shows the bundled ones)")
+    raise CkptmapError(f"several bundled rules fit {path} ({', '.join(r.name for r in fits)}); choose one "
+                       f"with --rules")
+
+
+def check_size(flag: str, given, found, what: str):
+    if given is not None and given != found:
+        raise CkptmapError(f"{flag} {given} disagrees with the checkpoint: {what} {found}; pass {flag} "
+                           f"{found} or point --megatron-path at the checkpoint you meant")
+
+
+def _arg(args, name, default=None):
+    value = getattr(args, name, None) if args is not None else None
+    return default if value is None else value
+
+
+@contextlib.contextmanager
+def _few_full_collections():
+    """Planning allocates a few hundred thousand small records per thousand ranks and frees almost
+    none of them, so each full (generation 2) collection of the cyclic GC rescans the whole growing
+    plan: 15 - 30% of the CPU time of a 4,096-rank plan. Full collections are made rare while planning
+    (the thresholds are restored after); the young generations still collect, so the short-lived
+    cycles that reading each rank's files leaves behind do not pile up."""
+    before = gc.get_threshold()
+    gc.set_threshold(before[0], before[1], max(before[2], 1000))
+    try:
+        yield
+    finally:
+        gc.set_threshold(*before)
+
+
+def planning(compile_fn):
+    """Decorator for a plan compiler: see _few_full_collections."""
+    @functools.wraps(compile_fn)
+    def wrapper(*args, **kwargs):
+        with _few_full_collections():
+            return compile_fn(*args, **kwargs)
+    return wrapper
+
+
+_SIZE_ARGS = (("tp", "tensor_model_parallel_size", "--tp-size"), ("pp", "pipeline_model_parallel_size", "--pp-size"),
+              ("ep", "expert_model_parallel_size", "--ep-size"))
+
+
+def check_sizes_agree(ckdir, files: dict, opt) -> None:
+    """The mp_rank folders, every rank's args and the flags given must tell the same TP / PP / EP
+    sizes; a disagreement is named with all three (a checkpoint whose folders were renamed or mixed
+    from two runs would otherwise convert into nonsense)."""
+    found = {"tp": ckdir.tp_size, "pp": ckdir.pp_size, "ep": ckdir.ep_size}
+    for short, name, flag in _SIZE_ARGS:
+        given = getattr(opt, f"{short}_size", None)
+        said = {}
+        for key, f in files.items():
+            value = getattr(f.args, name, None) if f.args is not None else None
+            said.setdefault(1 if value is None and short == "ep" else value, []).append(key)
+        said.pop(None, None)
+        values = set(said) | ({given} if given is not None else set())
+        if values and values != {found[short]}:
+            args_text = "; ".join(f"args of {len(keys)} rank(s) say {v}" for v, keys in sorted(said.items()))
+            missing = ""
+            if len(said) == 1 and next(iter(said)) > found[short]:
+                want = dict(found, **{short: next(iter(said))})
+                names = [megatron_folders.mp_rank_dir_name(t, p, want["pp"], e if want["ep"] > 1 else None)
+                         for t in range(want["tp"]) for p in range(want["pp"]) for e in range(want["ep"])
+                         if (t, p, e) not in ckdir.ranks]
+                missing = f" Missing: {listing(names)}."
+            raise CkptmapError(
+                f"the {short.upper()} size disagrees: {ckdir.root} has mp_rank folders for {short.upper()} "
+                f"{found[short]}, {args_text or 'args do not say'}"
+                f"{f', and {flag} {given} was given' if given is not None else ''}.{missing} A folder may be missing "
+                f"or come from another run; make them agree (the conversion needs every rank of one checkpoint)")
+
+
+def _buffer_kinds(optim, has_experts: bool) -> tuple[list | None, list]:
+    """Indices into ``optim.buffers`` of the dense and of the expert-parallel buffers. A
+    ChainedOptimizer (MoE) lists the dense optimizer first and the expert one second; the dense one
+    is absent (None) in the folders of expert ranks > 0, whose dense state the expert-rank-0 folder holds."""
+    if not optim.chained:
+        if has_experts:
+            raise CkptmapError(f"{optim.path} holds one optimizer, but the model has expert parameters; Megatron "
+                               f"writes a list (dense, expert) for MoE models — is this the right distrib_optim.pt?")
+        return list(range(len(optim.buffers))), []
+    by_opt: dict = {}
+    for i, buf in enumerate(optim.buffers):
+        by_opt.setdefault(buf.optimizer, []).append(i)
+    if has_experts and set(by_opt) - {0, 1}:
+        raise CkptmapError(f"{optim.path} chains {len(optim.buffers)} optimizers; ckptmap knows (dense, expert)")
+    return by_opt.get(0), by_opt.get(1 if has_experts else 0, []) if has_experts else []
+
+
+def _numbered(own_layouts):
+    """(chunk, buffer number within the chunk, global index, layout): param_map files number a
+    chunk's buffers from 0."""
+    count: dict = {}
+    for v, g, bl in own_layouts:
+        b = count[v] = count.get(v, -1) + 1
+        yield v, b, g, bl
+
+
+def check_layers(layout: ParallelLayout, matched, path, tp, pp) -> None:
+    found = defaultdict(set)
+    for m in matched:
+        if LAYER in m.bindings:
+            found[m.tensor.chunk].add(m.bindings[LAYER])
+    for v in range(layout.vpp):
+        expected = len(layout.megatron_layers(pp, v))
+        have = sorted(found.get(v, ()))
+        if have != list(range(expected)):
+            where = f"model chunk {v} of {path}" if layout.vpp > 1 else str(path)
+            got = f"local layers {have[0]}..{have[-1]} ({len(have)} layers)" if have else "no layers"
+            raise CkptmapError(
+                f"{where} holds {got}, but the layout (--num-layers {layout.num_layers}, PP "
+                f"{layout.pp}{f', VPP {layout.vpp}' if layout.vpp > 1 else ''}"
+                f"{', --stage-list ' + ' '.join(map(str, layout.stage_list)) if layout.stage_list else ''}"
+                f"{', --noop ' + ' '.join(map(str, sorted(layout.noop))) if layout.noop else ''}) expects "
+                f"{expected} layers on pp stage {pp}{f' chunk {v}' if layout.vpp > 1 else ''}; fix "
+                f"--num-layers / --stage-list / --noop to match the checkpoint")
+
+
+def global_bindings(m: _Matched, layout, pp: int, ep: int, env: dict, where) -> dict:
+    """The rule's bindings with the layer (chunk-local on the Megatron side) and the expert
+    (local to the expert rank) turned into the global ids the MindSpore side uses."""
+    bindings = dict(m.bindings)
+    if LAYER in bindings:
+        bindings[LAYER] = layout.global_layer(pp, m.tensor.chunk, bindings[LAYER])
+    if EXPERT in bindings:
+        num_experts = env.get("num_experts")
+        if not num_experts:
+            raise CkptmapError(f"{where}: {m.tensor.name} matches {m.rule.loc}, which names {{expert}}, but the "
+                               f"checkpoint's args give no num_experts; cannot number the experts globally")
+        bindings[EXPERT] = layout.global_expert(ep, bindings[EXPERT], num_experts)
+    return bindings
+
+
+def maps_by_chunk(param_maps) -> dict[tuple, list]:
+    """{(tp, pp, vpp, ep or None): the dp-0 param_map files of that model chunk, by buffer}: one pass
+    over the list, so that looking up a rank's maps does not scan every rank's."""
+    out: dict[tuple, list] = {}
+    for pm in param_maps:
+        if pm.dp == 0:
+            out.setdefault((pm.tp, pm.pp, pm.vpp, pm.ep), []).append(pm)
+    for maps in out.values():
+        maps.sort(key=lambda pm: pm.buffer)
+    return out
+
+
+def _read_map(pm, cache: dict | None) -> dict:
+    if cache is None:
+        return param_map.read_param_map(pm.path)
+    entries = cache.get(pm.path)
+    if entries is None:
+        entries = cache[pm.path] = param_map.read_param_map(pm.path)
+    return entries
+
+
+def bucket_blocks(rules: RuleSet, optim, megatron_version: str | None) -> list:
+    """The rules' ``buckets megatron`` blocks that may describe ``optim``: those storing buckets the way
+    the file does (per bucket: core_r0.6; coalesced: 0.7+), narrowed to ``--megatron-version``."""
+    every = rules.bucket_layouts("megatron")
+    blocks = [b for b in every if b.storage == optim.storage]
+    if megatron_version is not None:
+        blocks = [b for b in blocks if b.covers(megatron_version)]
+        if not blocks:
+            raise CkptmapError(
+                f"--megatron-version {megatron_version}: {optim.path} stores its buckets {optim.storage.replace('_', ' ')}"
+                f", and no `buckets megatron` block of {rules.path} for that version does "
+                f"({', '.join(f'{b.label}: {b.storage}' for b in every)}); check the version")
+    if not blocks:
+        raise CkptmapError(f"{optim.path} stores its buckets {optim.storage.replace('_', ' ')}, which no `buckets "
+                           f"megatron` block of {rules.path} describes; add a block for that Megatron version")
+    return blocks
+
+
+def _layout_values(args, layout, pp, v, expert: bool) -> dict:
+    """What a bucket block may refer to, for model chunk ``v`` of pipeline stage ``pp``."""
+    values = {k: x for k, x in vars(args).items() if isinstance(x, (int, bool))} if args else {}
+    dp_size, cp_size = _arg(args, "data_parallel_size", 1), _arg(args, "context_parallel_size", 1)
+    ep_size = _arg(args, "expert_model_parallel_size", 1)
+    values.update(dp=dp_size, cp=cp_size, ep=ep_size,
+                  dp_group=dp_size * cp_size // ep_size if expert else dp_size * cp_size,
+                  pp=layout.pp, pp_rank=pp, chunk=v, bucket_size=_arg(args, "ddp_bucket_size"),
+                  overlap_grad_reduce=bool(_arg(args, "overlap_grad_reduce", False)),
+                  untie_embeddings_and_output_weights=bool(_arg(args, "untie_embeddings_and_output_weights", False)))
+    return values
+
+
+def _fit(blocks, group, values, buf, chosen: dict):
+    """The first block (the chosen one, once there is one) whose layout reproduces what ``buf``
+    records; None if none does."""
+    if chosen.get("block") is not None:
+        blocks = [chosen["block"]]
+    fits = []
+    for block in blocks:
+        env = buckets.layout_env(block, values)
+        if buf.storage == megatron_files.COALESCED:
+            laid = buckets.fit_coalesced(block, group, env, buf.numel_unpadded)
+        else:
+            laid = buckets.fit_buffer(block, group, env, list(buf.padded), list(buf.unpadded))
+        if laid is not None:
+            fits.append((block, laid))
+    if not fits:
+        return None
+    block, laid = fits[0]
+    if len(fits) > 1 and not all(buckets.same_slots(laid, other) for _, other in fits[1:]):
+        raise CkptmapError(
+            f"{buf.describe}: the bucket layouts of {', '.join(b.label for b, _ in fits)} all fit it but place "
+            f"parameters differently; say which Megatron version wrote the checkpoint with --megatron-version")
+    chosen["block"] = block
+    return block, laid
+
+
+def _buffer_layouts(rules: RuleSet, args, matched, optim, maps_of, tp, pp, layout, explicit_maps, memo=None,
+                    map_entries=None, notes=None, blocks=None, chosen=None, indices=None, expert=False):
+    """[(chunk, global buffer index, BufferLayout)] for one (tp, pp) rank: from its param_map files
+    when there are some, else derived from the model and the rules' `buckets megatron` block of the
+    checkpoint's Megatron version — and accepted only if it reproduces what distrib_optim.pt records
+    (per-bucket files: every bucket's padded and unpadded size; coalesced files: the buffer's unpadded
+    total, backed by the main-param rounding check of every parameter)."""
+    out = []
+    indices = list(range(len(optim.buffers))) if indices is None else list(indices)
+    at = 0   # next position in indices
+    blocks = blocks or bucket_blocks(rules, optim, None)
+    chosen = {} if chosen is None else chosen
+    what = "expert-parallel " if expert else ""
+    for v in range(layout.vpp):
+        params: dict[str, list[buckets.ParamEntry]] = {}
+        for m in matched:
+            if m.tensor.chunk == v:
+                params.setdefault(m.tensor.dtype, []).append(buckets.ParamEntry(
+                    ddp_name(m, memo), m.tensor.shape, m.tensor.dtype, m.rule.shared_embedding))
+        maps = maps_of.get((tp, pp, v, None), [])
+        if explicit_maps and not maps:
+            raise CkptmapError(
+                f"--param-map-path has no param_map_buffer*_dp0tp{tp}pp{pp}vpp{v}.json for tp rank {tp}, pp rank "
+                f"{pp}, chunk {v}; pass the folder with every rank's files, or leave --param-map-path out to "
+                f"derive the layout from the checkpoint")
+        stale = None
+        if maps:
+            try:
+                chunk_layouts = []
+                for i, pm in enumerate(maps):
+                    if at + i >= len(indices):
+                        raise CkptmapError(f"{pm.path}: describes one buffer more than {optim.path} has "
+                                           f"({len(optim.buffers)}); the param_map belongs to a different run")
+                    buf = optim.buffers[indices[at + i]]
+                    entries = _read_map(pm, map_entries)
+                    if buf.storage == megatron_files.COALESCED:
+                        laid = _coalesced_from_param_map(entries, buf, blocks, params, args, layout, pp, v, chosen,
+                                                         str(pm.path))
+                    else:
+                        laid = buckets.buffer_from_param_map(entries, list(buf.padded), list(buf.unpadded),
+                                                             str(pm.path))
+                    chunk_layouts.append((v, indices[at + i], laid))
+            except CkptmapError as e:
+                if explicit_maps:
+                    raise
+                stale = str(e)  # a param_map found lying around may be stale: derive instead
+                if notes is not None:
+                    notes.append(f"param_map for tp {tp} pp {pp} chunk {v} ignored as stale: {stale}")
+            else:
+                out.extend(chunk_layouts)
+                at += len(chunk_layouts)
+                continue
+        for dtype, group in params.items():
+            if at >= len(indices):
+                raise CkptmapError(f"{optim.path} has {len(indices)} {what}buffer(s), but the model needs more "
+                                   f"(chunk {v}, {dtype} {what}parameters); pass the training run's param_map")
+            g = indices[at]
+            buf = optim.buffers[g]
+            values = _layout_values(args, layout, pp, v, expert=expert)
+            found = _fit(blocks, group, values, buf, chosen)
+            if found is None:
+                tried = "; ".join(
+                    f"{b.label} gives buckets {t.per_bucket_numel} (unpadded {t.per_bucket_numel_unpadded})"
+                    for b in blocks for t in [buckets.build_buffer(b, group, buckets.layout_env(b, values))])
+                raise CkptmapError(
+                    f"cannot derive the bucket layout of {optim.path} {buf.describe} (chunk {v}): with this "
+                    f"checkpoint's args (dp {values['dp']}, cp {values['cp']}, overlap_grad_reduce "
+                    f"{values['overlap_grad_reduce']}, ddp_bucket_size {values['bucket_size']}) {tried}. A param_map "
+                    f"is required: pass --param-map-path with the param_map folder written by the training run"
+                    + (f" (the one found next to the checkpoint does not fit it either: {stale})" if stale else ""))
+            out.append((v, g, found[1]))
+            at += 1
+    if at != len(indices):
+        raise CkptmapError(f"{optim.path} has {len(indices)} {what}buffer(s) but the model chunks account for {at}; "
+                           f"the checkpoint and its distrib_optim.pt disagree")
+    return out
+
+
+def _coalesced_from_param_map(entries, buf, blocks, params, args, layout, pp, v, chosen, origin):
+    """A coalesced distrib_optim.pt records only a buffer's unpadded total, so a param_map alone does
+    not say where every bucket's unpadded part ends; the rules' layout supplies the bucket sizes and
+    must place every parameter exactly where the param_map says."""
+    group = params.get(buf.param_dtype, [])
+    found = _fit(blocks, group, _layout_values(args, layout, pp, v, expert=False), buf, chosen)
+    if found is None:
+        raise CkptmapError(f"{origin}: no `buckets megatron` block reproduces {buf.describe}; cannot tell the "
+                           f"bucket sizes the param_map's offsets refer to")
+    laid = found[1]
+    recorded = [(name, start, end, bucket) for name, (_, _, start, end, bucket) in entries.items()]
+    derived = [(s.name, s.start, s.end, s.bucket) for s in laid.slots]
+    if recorded != derived:
+        first = next(i for i, (a, b) in enumerate(zip(recorded + [None], derived + [None])) if a != b)
+        raise CkptmapError(f"{origin}: parameter #{first} is {recorded[first] if first < len(recorded) else 'missing'} "
+                           f"there but the checkpoint's layout ({found[0].label}) puts "
+                           f"{derived[first] if first < len(derived) else 'nothing'} there; the param_map belongs "
+                           f"to a different run")
+    return attrs.evolve(laid, origin=origin)
+
+
+SPOT_CHECK = 64
+
+
+def spot_check_main_params(tasks) -> None:
+    """Before anything is written: the first and last elements of every fp32 main param must round
+    to its model weight (the executor then checks every element). Cheap — a few hundred bytes per
+    parameter — and catches a layout that puts one parameter's state under another's name."""
+    from ckptmap.execute import _Sources   # the executor's reading of plan slices, on a few elements
+
+    sources = _Sources()
+    try:
+        for t in tasks:
+            if t.rounds_to is None:
+                continue
+            src, weight = t.sources[0], t.rounds_to
+            n = src.count
+            for lo in sorted({0, max(0, n - SPOT_CHECK)}):
+                k = min(SPOT_CHECK, n - lo)
+                part = attrs.evolve(t, name=t.name, sources=(attrs.evolve(src, start=src.start + lo, numel=k),),
+                                    rounds_to=_flat_part(weight, lo, k), src_shape=(k,), ops=())
+                sources._check_rounding(part, sources.slice(part.sources[0]))
+    finally:
+        sources.close()
+
+
+def _flat_part(s: SourceSlice, lo: int, k: int) -> SourceSlice:
+    return attrs.evolve(s, start=s.start + lo, numel=k)
+
+
+def state_slice(optim, keys: dict, g: int, bl, slot, state: str) -> SourceSlice:
+    """Where a parameter's fp32 ``state`` lies in distrib_optim.pt: its range of its bucket's tensor
+    (per-bucket files) or of the buffer's coalesced tensor. ``keys`` caches the flat keys."""
+    buf = optim.buffers[g]
+    coalesced = buf.storage == megatron_files.COALESCED
+    cache_key = (str(optim.path), g, state, None if coalesced else slot.bucket)
+    key = keys.get(cache_key)
+    if key is None:
+        key = keys[cache_key] = buf.key(state, slot.bucket)
+    if coalesced:
+        return SourceSlice(str(optim.path), key, "float32", (buf.numel_unpadded,), start=bl.coalesced_offset(slot),
+                           numel=slot.end - slot.start)
+    bucket = bl.buckets[slot.bucket]
+    return SourceSlice(str(optim.path), key, "float32", (bucket.numel,), start=slot.start - bucket.start,
+                       numel=slot.end - slot.start)
+
+
+def _param_maps(opt, ckdir, notes: list) -> list:
+    if opt.param_map_path:
+        found = param_map.find_param_maps(opt.param_map_path)
+        if not found:
+            raise CkptmapError(f"--param-map-path {opt.param_map_path} holds no "
+                               f"param_map_buffer*_dp*tp*pp*vpp*.json files")
+        return found
+    for candidate in (ckdir.root / megatron_folders.PARAM_MAP_DIR,
+                      (ckdir.save_root / megatron_folders.PARAM_MAP_DIR) if ckdir.save_root else None):
+        if candidate is not None and candidate.is_dir():
+            found = param_map.find_param_maps(candidate)
+            for pm in found:   # a map found lying around that cannot be read is stale, like one that does not fit
+                if pm.dp != 0:     # only DP rank 0's maps are read (the others are copies of them)
+                    continue
+                try:
+                    param_map.read_param_map(pm.path)
+                except CkptmapError as e:
+                    notes.append(f"{candidate} ignored: {pm.path} is unreadable ({e}); the layout is derived")
+                    found = []
+                    break
+            if found:
+                return found
+    return []
+
+
+# -------------------------------------------------------------------------------------------------
+# The checkpoint as a conversion sees it
+
+
+@attrs.frozen
+class SourceOptions:
+    """What a conversion reading a Megatron checkpoint may say about it (flags of pt2ms / reshard)."""
+
+    megatron_path: str
+    param_map_path: str | None = None
+    tp_size: int | None = None
+    pp_size: int | None = None
+    ep_size: int | None = None
+    dp_size: int | None = None
+    cp_size: int | None = None
+    parallel_init_order: str = "tp-cp-ep-dp-pp"
+    vpp_size: int | None = None
+    stage_list: tuple[int, ...] | None = None
+    num_layers: int | None = None
+    noop: tuple[int, ...] = ()
+    rules: str = AUTO_RULES
+    megatron_version: str | None = None
+    main_param_check: bool = True
+
+
+@attrs.define
+class SourceRank:
+    """One mp_rank folder (tp, pp, ep): its model file's matched tensors and, once ``with_optimizer``
+    ran, where their optimizer states lie. ``own_layouts``: the buffers of this folder's own
+    distrib_optim.pt; ``dense``: (OptimFile, layouts) holding this rank's dense parameters' state
+    (under expert parallelism, the expert-rank-0 folder's file)."""
+
+    key: tuple
+    dir: Path
+    model: object
+    matched: list
+    optim: object = None
+    own_layouts: list | None = None
+    dense: tuple | None = None
+    map_entries: dict = attrs.field(factory=dict)
+
+    @property
+    def tp(self):
+        return self.key[0]
+
+    @property
+    def pp(self):
+        return self.key[1]
+
+    @property
+    def ep(self):
+        return self.key[2]
+
+    @property
+    def expert_layouts(self) -> list:
+        dense = self.dense[1] if self.dense else []
+        return [x for x in (self.own_layouts or ()) if x not in dense]
+
+
+class MegatronSource:
+    """A Megatron legacy checkpoint read for a conversion: ``ranks`` {(tp, pp, ep): SourceRank}, the
+    run's ``layout``, ``args``, ``env`` (its integer args), ``rules``, ``iteration``. Raises on every
+    inconsistency before anything is written. :meth:`with_optimizer` adds the optimizer layouts."""
+
+    def __init__(self, opt: SourceOptions):
+        self.opt = opt
+        ckdir = self.ckdir = megatron_folders.open_checkpoint_dir(opt.megatron_path)
+        if ckdir.pp_size > 1 and not ckdir.has_pp_suffix:
+            raise CkptmapError(f"{ckdir.root}: mp_rank directories without a PP suffix but PP {ckdir.pp_size}")
+        self.ep_name = (lambda ep: ep) if ckdir.has_ep_suffix else (lambda ep: None)   # ep in file names?
+        files = {}
+        for key, d in sorted(ckdir.ranks.items()):
+            files[key] = megatron_files.ModelFile(d / megatron_folders.MODEL_FILE)
+            files[key].close()  # only the object tree is needed here; a map per rank would exhaust file handles
+        first = self.first = files[(0, 0, 0)]
+        args = self.args = first.args
+        check_sizes_agree(ckdir, files, opt)
+        inventory = {key: f.tensors() for key, f in files.items()}
+        chunk_counts = {key: len(f.chunks()) for key, f in files.items()}
+        if len(set(chunk_counts.values())) != 1:
+            raise CkptmapError(f"the mp_rank files disagree on the number of model chunks: "
+                               f"{dict((f'tp{t} pp{p} ep{e}', n) for (t, p, e), n in chunk_counts.items())}")
+        chunks_found = chunk_counts[(0, 0, 0)]
+        vpp = opt.vpp_size or _arg(args, "virtual_pipeline_model_parallel_size") or chunks_found
+        check_size("--vpp-size", vpp, chunks_found, f"{first.path} holds model chunks:")
+        rules = self.rules = choose_rules(opt.rules, inventory[(0, 0, 0)], first.path)
+        count_arg = rules.layers.count_arg if rules.layers else "num_layers"
+        noop = tuple(opt.noop) or self._noop_from_args(rules)
+        num_layers = opt.num_layers
+        if num_layers is None:
+            megatron_layers = _arg(args, count_arg)
+            if megatron_layers is None:
+                raise CkptmapError(f"{first.path}: args has no {count_arg}; pass --num-layers")
+            num_layers = megatron_layers + len(set(noop))
+        self.layout = ParallelLayout(
+            tp=ckdir.tp_size, pp=ckdir.pp_size, ep=ckdir.ep_size,
+            dp=opt.dp_size or _arg(args, "data_parallel_size", 1),
+            cp=opt.cp_size or _arg(args, "context_parallel_size", 1),
+            vpp=vpp, num_layers=num_layers,
+            stage_list=tuple(opt.stage_list) if opt.stage_list else None,
+            noop=frozenset(noop), order=opt.parallel_init_order)
+        self.iteration = ckdir.iteration
+        self.env = {k: v for k, v in vars(args).items() if isinstance(v, int)} if args is not None else {}
+        self.memo = RankMemo()
+        rules_used: set = set()
+        unmatched_all: dict[str, list[str]] = {}
+        self.ranks: dict[tuple, SourceRank] = {}
+        for key, model_file in files.items():
+            matched, unmatched = match_rules(rules, inventory[key], model_file.path, self.memo)
+            if unmatched:
+                unmatched_all[str(model_file.path)] = unmatched
+                continue
+            check_layers(self.layout, matched, model_file.path, key[0], key[1])
+            rules_used.update(m.rule.loc for m in matched)
+            self.ranks[key] = SourceRank(key, ckdir.ranks[key], model_file, matched)
+        if unmatched_all:
+            path, names = next(iter(unmatched_all.items()))
+            raise CkptmapError(
+                f"no rule in {rules.path} matches {len(names)} tensor(s) of {path}: {listing(names)}"
+                f"{f' (and {len(unmatched_all) - 1} more files)' if len(unmatched_all) > 1 else ''}. "
+                f"Add rules for them (or pick other rules with --rules); nothing was written")
+        unused = [r for r in rules.params if not r.optional and r.loc not in rules_used]
+        if unused:
+            raise CkptmapError(
+                f"rule(s) of {rules.path} matched no tensor in {ckdir.root}: "
+                f"{listing(f'{r.loc}: {r.megatron}' for r in unused)}; the checkpoint is not the model these "
+                f"rules describe (choose other --rules, or mark the rule `optional`)")
+        self.notes: list[str] = []   # param_maps found next to the checkpoint and ignored, and why
+        self.param_maps = _param_maps(opt, ckdir, self.notes) if ckdir.ep_size == 1 else []  # the patch names no EP
+        self.maps_of = maps_by_chunk(self.param_maps)
+        self.blocks = None
+        self.chosen: dict = {}       # the bucket block that fits the file
+        self.has_optimizer = False
+
+    def _noop_from_args(self, rules) -> tuple:
+        """``layers: count = N, noop = NAME``: the args attribute NAME lists the noop layer ids."""
+        if not (rules.layers and rules.layers.noop_arg):
+            return ()
+        value = getattr(self.args, rules.layers.noop_arg, None) if self.args is not None else None
+        if value is None:
+            return ()
+        try:
+            return tuple(int(x) for x in value)
+        except (TypeError, ValueError):
+            raise CkptmapError(f"{self.first.path}: args.{rules.layers.noop_arg} = {value!r} is not a list of layer "
+                               f"ids ({rules.path} names it as the noop layers); pass --noop") from None
+
+    @property
+    def sorted_ranks(self) -> list[SourceRank]:
+        """Expert rank 0 first (its folder holds the dense optimizer state the other expert ranks share)."""
+        return [self.ranks[k] for k in sorted(self.ranks, key=lambda k: (k[2], k[0], k[1]))]
+
+    def with_optimizer(self) -> "MegatronSource":
+        """Read every rank's distrib_optim.pt and work out its bucket layouts (see _buffer_layouts)."""
+        if self.has_optimizer:
+            return self
+        opt, layout, args = self.opt, self.layout, self.args
+        dense_layouts: dict = {}
+        for rank in self.sorted_ranks:
+            tp, pp, ep = rank.key
+            optim = megatron_files.OptimFile(rank.dir / megatron_folders.OPTIM_FILE)
+            optim.close()
+            if self.blocks is None:
+                self.blocks = bucket_blocks(self.rules, optim, opt.megatron_version)
+            dense = [m for m in rank.matched if EXPERT not in m.bindings]
+            expert = [m for m in rank.matched if EXPERT in m.bindings]
+            dense_idx, expert_idx = _buffer_kinds(optim, bool(expert))
+            own = []
+            if dense_idx is not None:
+                laid = _buffer_layouts(self.rules, args, dense, optim, self.maps_of, tp, pp, layout,
+                                       explicit_maps=bool(opt.param_map_path), memo=self.memo,
+                                       map_entries=rank.map_entries, notes=self.notes, blocks=self.blocks,
+                                       chosen=self.chosen, indices=dense_idx)
+                dense_layouts[(tp, pp)] = (optim, laid)
+                own += laid
+            if expert:
+                own += _buffer_layouts(self.rules, args, expert, optim, {}, tp, pp, layout, explicit_maps=False,
+                                       memo=self.memo, notes=self.notes, blocks=self.blocks, chosen=self.chosen,
+                                       indices=expert_idx, expert=True)
+            if (tp, pp) not in dense_layouts:
+                raise CkptmapError(f"{optim.path} holds no dense optimizer state and neither does the expert rank 0 "
+                                   f"folder of tp rank {tp}, pp rank {pp}; the checkpoint is incomplete")
+            rank.optim, rank.own_layouts, rank.dense = optim, own, dense_layouts[(tp, pp)]
+        self.has_optimizer = True
+        return self
+
+    def state_slots(self, rank: SourceRank) -> dict:
+        """{(chunk, ddp name): (OptimFile, buffer index, BufferLayout, ParamSlot)} for the rank's
+        parameters: dense ones in ``rank.dense``'s file, expert ones in the rank's own."""
+        out = {}
+        for optim, layouts in ((rank.dense[0], rank.dense[1]), (rank.optim, rank.expert_layouts)):
+            for v, g, bl in layouts:
+                for slot in bl.slots:
+                    out[(v, slot.name)] = (optim, g, bl, slot)
+        return out
+
+    def info(self) -> dict:
+        layout = self.layout
+        out = {"source": str(self.ckdir.root), "iteration": self.iteration, "rules": self.rules.name,
+               "rules_path": self.rules.path, "tp": layout.tp, "pp": layout.pp, "dp": layout.dp, "cp": layout.cp,
+               "vpp": layout.vpp, "num_layers": layout.num_layers, "noop": sorted(layout.noop),
+               "param_maps": len(self.param_maps)}
+        if layout.ep > 1 or self.env.get("num_experts"):
+            out.update(ep=layout.ep, experts=self.env.get("num_experts"))
+        if self.has_optimizer:
+            origins = {"param_map" if bl.origin != "derived" else "derived"
+                       for r in self.ranks.values() for _, _, bl in r.own_layouts}
+            out["bucket_layout"] = " + ".join(sorted(origins))
+            if self.chosen.get("block") is not None:
+                out["megatron_layout"] = self.chosen["block"].label
+                out["main_param_check"] = "on" if self.opt.main_param_check else "off (--no-main-param-check)"
+        if self.notes:
+            out["param_map_ignored"] = self.notes
+        return out
