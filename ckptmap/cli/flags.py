@@ -144,3 +144,56 @@ def pt2ms_options(ns):
         convert_param_only=ns.convert_param_only, file_prefix=ns.file_prefix, format=ns.format,
         dist_opt_content=tuple(ns.dist_opt_content), rules=ns.rules, layout=ns.layout, dtype=ns.dtype,
         crc=ns.crc, megatron_version=ns.megatron_version, main_param_check=ns.main_param_check)
+
+
+def add_target_flags(g) -> None:
+    """--target-*: the layout to reshard to (each defaults to the source's)."""
+    g.add_argument("--target-tp-size", type=int, help="Tensor parallel size to reshard to (default: the source's).")
+    g.add_argument("--target-pp-size", type=int, help="Pipeline parallel size to reshard to (default: the source's).")
+    g.add_argument("--target-vpp-size", type=int,
+                   help="Model chunks per pipeline stage (default: the source's if PP is unchanged, else 1).")
+    g.add_argument("--target-dp-size", type=int,
+                   help="Data parallel size the optimizer state is bucketed for (default: the source's).")
+    g.add_argument("--target-ep-size", type=int, help="Expert parallel size (default: the source's).")
+    g.add_argument("--target-stage-list", nargs="+", help="Layers per pipeline stage of the target.")
+    g.add_argument("--target-megatron-version",
+                   help="Megatron version whose bucket layout and distrib_optim.pt form the target uses (default: the "
+                        "source's).")
+    g.add_argument("--vocab-size", type=int,
+                   help="The true (unpadded) vocabulary size, when the target TP pads it differently and args do not say.")
+
+
+def add_reshard_flags(p) -> None:
+    f = p.add_argument_group("File Path/Location")
+    f.add_argument("--megatron-path", required=True, help="Megatron checkpoint (the --save directory or an iter_* one).")
+    f.add_argument("--output-path", required=True, help="Where to write the resharded Megatron checkpoint.")
+    f.add_argument("--param-map-path", help="The training run's param_map folder (default: found next to the "
+                                            "checkpoint, else derived).")
+    f.add_argument("--convert-param-only", action="store_true", help="Weights only (no distrib_optim.pt).")
+    t = p.add_argument_group("target layout")
+    add_target_flags(t)
+    c = p.add_argument_group("ckptmap")
+    c.add_argument("--rules", default="auto", help="Bundled rules name or a .rules path (default: auto).")
+    c.add_argument("--megatron-version", help="Megatron version that wrote the source (default: detected).")
+    c.add_argument("--no-main-param-check", dest="main_param_check", action="store_false",
+                   help="Do not check that every fp32 main param rounds to its model weight.")
+    c.add_argument("--parallel-init-order", default="tp-cp-ep-dp-pp")
+    c.add_argument("--noop", nargs="+", type=int, default=[])
+    c.add_argument("--dry-run", action="store_true", help="Print the plan and write nothing.")
+    c.add_argument("--debug", action="store_true")
+    add_run_flags(c)
+
+
+def reshard_options(ns):
+    from ckptmap.mapping.layout import parse_stage_list
+    from ckptmap.mapping.reshard import ReshardOptions
+
+    return ReshardOptions(
+        megatron_path=ns.megatron_path, output_path=ns.output_path, target_tp_size=ns.target_tp_size,
+        target_pp_size=ns.target_pp_size, target_vpp_size=ns.target_vpp_size, target_dp_size=ns.target_dp_size,
+        target_ep_size=ns.target_ep_size,
+        target_stage_list=parse_stage_list(ns.target_stage_list) if ns.target_stage_list else None,
+        target_megatron_version=ns.target_megatron_version, vocab_size=ns.vocab_size,
+        convert_param_only=ns.convert_param_only, param_map_path=ns.param_map_path, rules=ns.rules,
+        megatron_version=ns.megatron_version, main_param_check=ns.main_param_check,
+        parallel_init_order=ns.parallel_init_order, noop=tuple(ns.noop))

@@ -19,9 +19,18 @@ def human_bytes(n: int) -> str:
 
 
 def _tensor_row(t, common, prefix=""):
-    src_file = os.path.relpath(t.sources[0].file, common) if t.sources else "-"
+    first = _first_file(t)
+    src_file = os.path.relpath(first, common) if first else "-"
     return (prefix + t.name, t.note or t.source_label, src_file, "x".join(map(str, t.shape)) or "scalar", t.dtype,
             ", ".join(map(str, t.ops)) or "-", str(t.nbytes))
+
+
+def _first_file(task) -> str | None:
+    if task.sources:
+        return task.sources[0].file
+    if task.reads:
+        return task.reads[0].source.file
+    return None
 
 
 def _print_rows(rows, out) -> None:
@@ -34,8 +43,8 @@ def _print_rows(rows, out) -> None:
 def print_plan(plan, out=None, detail: bool = True) -> None:
     out = out or sys.stdout
     info = plan.info
-    files = [t.sources[0].file for f in plan.files for t in f.tensors if t.sources]
-    files += [p.tensor.sources[0].file for f in plan.files for s in f.storages for p in s.pieces if p.tensor]
+    files = [x for f in plan.files for t in f.tensors if (x := _first_file(t))]
+    files += [x for f in plan.files for s in f.storages for p in s.pieces if p.tensor and (x := _first_file(p.tensor))]
     common = os.path.commonpath(files or [plan.output_root])
     print(f"plan {plan.kind}: {info.get('source', '')} -> {plan.output_root}", file=out)
     print("  " + ", ".join(f"{k} {v}" for k, v in info.items() if k not in ("source", "rules_path") + NOTES),

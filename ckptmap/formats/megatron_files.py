@@ -151,6 +151,20 @@ class ModelFile(PtFile):
     def chunks(self) -> list[tuple[str, int]]:
         return model_chunk_keys(self.root, self.path)
 
+    def chunk_leaves(self, chunk_key: str) -> list[tuple[list, object]]:
+        """Every leaf of one model chunk in state-dict order: (key path inside the chunk, value) —
+        tensors as TensorRefs, ``_extra_state`` entries as they were pickled (None, BytesIO, …)."""
+        out = []
+
+        def rec(node, path):
+            for k, v in node.items():
+                if isinstance(v, dict):
+                    rec(v, path + [k])
+                else:
+                    out.append((path + [k], v))
+        rec(self.root[chunk_key], [])
+        return out
+
     def tensors(self) -> list[ModelTensor]:
         out: list[ModelTensor] = []
         for key, v in self.chunks():

@@ -100,6 +100,10 @@ class BufferLayout:
         return before + slot.start - self.buckets[slot.bucket].start
 
 
+class UnfaithfulLayout(CkptmapError):
+    """The version's own DDP would build an inconsistent buffer for these parameters and sizes."""
+
+
 def _round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
@@ -164,8 +168,20 @@ def build_buffer(rule: BucketLayout, params: list[ParamEntry], env: dict) -> Buf
     for p in ordered:
         shared = shared_active and p.shared_embedding
         start = _round_up(start, start_align)  # a new bucket's start is aligned already
+        if shared and rule.shared_prepad is not None and all(c.holds(dict(env, start=start))
+                                                              for c in rule.shared_prepad):
+            start = _round_up(start, pad)       # the padding counts as the previous bucket's content
         if shared and open_params:
-            start = close(start)
+            bucket_start_at = close(start)
+            if rule.shared_start == "bucket_start":
+                start = bucket_start_at
+            elif bucket_start_at != start:
+                raise UnfaithfulLayout(
+                    f"{rule.label}: the shared embedding {p.name} would start at element {start} while its bucket "
+                    f"starts at {bucket_start_at} (the previous bucket padded to a multiple of {pad}); this "
+                    f"Megatron version's DDP asserts here (0.6) or leaves the embedding's first "
+                    f"{bucket_start_at - start} elements outside every optimizer shard (0.7 - 0.12), so no faithful "
+                    f"checkpoint exists for this layout; choose another data-parallel size, or megatron-core >= 0.13")
         end = start + p.numel
         slots.append(ParamSlot(p.name, p.dtype, tuple(p.shape), start, end, len(buckets)))
         open_params += 1

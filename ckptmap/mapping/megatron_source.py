@@ -290,24 +290,32 @@ def _layout_values(args, layout, pp, v, expert: bool) -> dict:
 def _fit(blocks, group, values, buf, chosen: dict):
     """The first block (the chosen one, once there is one) whose layout reproduces what ``buf``
     records; None if none does."""
-    if chosen.get("block") is not None:
-        blocks = [chosen["block"]]
-    fits = []
+    if chosen.get("candidates"):
+        blocks = chosen["candidates"]
+    fits, unfaithful = [], []
     for block in blocks:
         env = buckets.layout_env(block, values)
-        if buf.storage == megatron_files.COALESCED:
-            laid = buckets.fit_coalesced(block, group, env, buf.numel_unpadded)
-        else:
-            laid = buckets.fit_buffer(block, group, env, list(buf.padded), list(buf.unpadded))
+        try:
+            if buf.storage == megatron_files.COALESCED:
+                laid = buckets.fit_coalesced(block, group, env, buf.numel_unpadded)
+            else:
+                laid = buckets.fit_buffer(block, group, env, list(buf.padded), list(buf.unpadded))
+        except buckets.UnfaithfulLayout as e:   # that version cannot have written it faithfully
+            unfaithful.append(e)
+            continue
         if laid is not None:
             fits.append((block, laid))
     if not fits:
+        if unfaithful and len(unfaithful) == len(blocks):
+            raise CkptmapError(f"{buf.describe}: {unfaithful[0]}")
         return None
     block, laid = fits[0]
     if len(fits) > 1 and not all(buckets.same_slots(laid, other) for _, other in fits[1:]):
         raise CkptmapError(
             f"{buf.describe}: the bucket layouts of {', '.join(b.label for b, _ in fits)} all fit it but place "
             f"parameters differently; say which Megatron version wrote the checkpoint with --megatron-version")
+    # every version that fits all buffers so far stays a candidate (a reshard target may need to tell them apart)
+    chosen["candidates"] = [b for b, _ in fits]
     chosen["block"] = block
     return block, laid
 
@@ -373,9 +381,7 @@ def _buffer_layouts(rules: RuleSet, args, matched, optim, maps_of, tp, pp, layou
             values = _layout_values(args, layout, pp, v, expert=expert)
             found = _fit(blocks, group, values, buf, chosen)
             if found is None:
-                tried = "; ".join(
-                    f"{b.label} gives buckets {t.per_bucket_numel} (unpadded {t.per_bucket_numel_unpadded})"
-                    for b in blocks for t in [buckets.build_buffer(b, group, buckets.layout_env(b, values))])
+                tried = "; ".join(_tried(b, group, values) for b in blocks)
                 raise CkptmapError(
                     f"cannot derive the bucket layout of {optim.path} {buf.describe} (chunk {v}): with this "
                     f"checkpoint's args (dp {values['dp']}, cp {values['cp']}, overlap_grad_reduce "
@@ -388,6 +394,14 @@ def _buffer_layouts(rules: RuleSet, args, matched, optim, maps_of, tp, pp, layou
         raise CkptmapError(f"{optim.path} has {len(indices)} {what}buffer(s) but the model chunks account for {at}; "
                            f"the checkpoint and its distrib_optim.pt disagree")
     return out
+
+
+def _tried(block, group, values) -> str:
+    try:
+        t = buckets.build_buffer(block, group, buckets.layout_env(block, values))
+    except buckets.UnfaithfulLayout:
+        return f"{block.label} cannot lay it out"
+    return f"{block.label} gives buckets {t.per_bucket_numel} (unpadded {t.per_bucket_numel_unpadded})"
 
 
 def _coalesced_from_param_map(entries, buf, blocks, params, args, layout, pp, v, chosen, origin):
@@ -646,8 +660,9 @@ class MegatronSource:
             optim.close()
             if self.blocks is None:
                 self.blocks = bucket_blocks(self.rules, optim, opt.megatron_version)
-            dense = [m for m in rank.matched if EXPERT not in m.bindings]
-            expert = [m for m in rank.matched if EXPERT in m.bindings]
+            separate = optim.chained   # expert parameters in optimizer and buffers of their own
+            dense = [m for m in rank.matched if not (separate and EXPERT in m.bindings)]
+            expert = [m for m in rank.matched if separate and EXPERT in m.bindings]
             dense_idx, expert_idx = _buffer_kinds(optim, bool(expert))
             own = []
             if dense_idx is not None:
@@ -691,7 +706,8 @@ class MegatronSource:
                        for r in self.ranks.values() for _, _, bl in r.own_layouts}
             out["bucket_layout"] = " + ".join(sorted(origins))
             if self.chosen.get("block") is not None:
-                out["megatron_layout"] = self.chosen["block"].label
+                out["megatron_layout"] = " / ".join(b.label for b in self.chosen.get("candidates")
+                                                    or [self.chosen["block"]])
                 out["main_param_check"] = "on" if self.opt.main_param_check else "off (--no-main-param-check)"
         if self.notes:
             out["param_map_ignored"] = self.notes

@@ -24,6 +24,10 @@ KNOWN_OPS = {"transpose": 2, "reshape": None, "cast": 1, "chunk_interleave": 2}
 KNOWN_STATES = ("param", "exp_avg", "exp_avg_sq")
 KNOWN_BUCKET_ORDERS = ("reverse_registration", "registration")
 KNOWN_SHARED_EMBEDDING = ("own_bucket", "in_order")
+# Where a shared embedding that opens its own bucket starts: at that bucket's start (the previous
+# bucket's padded end), or where the previous parameters end (Megatron 0.6 - 0.12, consistent only
+# when that is a multiple of the bucket padding already)
+KNOWN_SHARED_START = ("bucket_start", "previous_end")
 KNOWN_BUCKET_STORAGE = ("per_bucket", "coalesced")
 
 
@@ -122,7 +126,7 @@ class Split:
     """How a tensor is cut across tensor-parallel ranks.
 
     ``halves``: each TP shard is itself ``halves`` stacked blocks along ``dim`` (SwiGLU
-    ``[gate; up]``); ``groups``: rows are grouped by the model-config value named here (QKV per
+    ``[gate; up]``), only when the flag ``halves_when`` is set, if one is named; ``groups``: rows are grouped by the model-config value named here (QKV per
     query group) and a TP shard holds whole groups; ``vocab_padded``: the full size is the padded
     vocabulary."""
 
@@ -130,6 +134,7 @@ class Split:
     vocab_padded: bool = False
     halves: int | None = None
     groups: str | None = None
+    halves_when: str | None = None   # halves only when this model-config flag is set (swiglu)
 
     @property
     def replicated(self) -> bool:
@@ -142,7 +147,7 @@ class Split:
         if self.vocab_padded:
             args.append("vocab_padded")
         if self.halves:
-            args.append(f"halves={self.halves}")
+            args.append(f"halves={self.halves}" + (f" when {self.halves_when}" if self.halves_when else ""))
         if self.groups:
             args.append(f"groups={self.groups}")
         return "split(" + ", ".join(args) + ")"
@@ -188,7 +193,7 @@ class StateRule:
 class Expr:
     """A tiny arithmetic expression over named layout/args values (``dp * cp``)."""
 
-    op: str  # const | symbol | mul | add | lcm | max
+    op: str  # const | symbol | mul | add | mod | lcm | max
     value: object = None
     left: "Expr | None" = None
     right: "Expr | None" = None
@@ -207,6 +212,10 @@ class Expr:
             values = [a.evaluate(env) for a in self.args]
             return math.lcm(*values) if self.op == "lcm" else max(values)
         a, b = self.left.evaluate(env), self.right.evaluate(env)
+        if self.op == "mod":
+            if b == 0:
+                raise CkptmapError(f"bucket rule {self}: division by zero")
+            return a % b
         return a * b if self.op == "mul" else a + b
 
     def symbols(self) -> set[str]:
@@ -222,7 +231,7 @@ class Expr:
             return str(self.value)
         if self.op in ("lcm", "max"):
             return f"{self.op}({', '.join(map(str, self.args))})"
-        return f"({self.left} {'*' if self.op == 'mul' else '+'} {self.right})"
+        return f"({self.left} {dict(mul='*', add='+', mod='%')[self.op]} {self.right})"
 
 
 _COMPARE = {"==": operator.eq, "!=": operator.ne, ">": operator.gt, "<": operator.lt,
@@ -231,24 +240,30 @@ _COMPARE = {"==": operator.eq, "!=": operator.ne, ">": operator.gt, "<": operato
 
 @attrs.frozen
 class Condition:
-    """``flag`` / ``not flag`` (truthiness of a value) or ``name <op> expr``."""
+    """``flag`` / ``not flag`` (truthiness of a value) or ``expr <op> expr``."""
 
-    name: str
+    name: str | None = None
     negated: bool = False
     op: str | None = None
     value: Expr | None = None
+    left: Expr | None = None
 
     def holds(self, env: dict) -> bool:
+        if self.op is not None:
+            return _COMPARE[self.op](self.left.evaluate(env), self.value.evaluate(env))
         if self.name not in env:
             raise CkptmapError(f"bucket rule condition uses {self.name!r}, which is not known here; known "
                                f"values: {', '.join(sorted(env))}")
-        if self.op is not None:
-            return _COMPARE[self.op](env[self.name], self.value.evaluate(env))
         return bool(env[self.name]) != self.negated
+
+    def symbols(self) -> set[str]:
+        if self.op is not None:
+            return self.left.symbols() | self.value.symbols()
+        return {self.name}
 
     def __str__(self) -> str:
         if self.op is not None:
-            return f"{self.name} {self.op} {self.value}"
+            return f"{self.left} {self.op} {self.value}"
         return ("not " if self.negated else "") + self.name
 
 
@@ -281,12 +296,22 @@ class BucketLayout:
     bucket_pads: tuple[BucketPad, ...] = ()
     storage: str = "per_bucket"
     versions: tuple[str, str] | None = None
+    expert_params: str = "with_dense"            # or "separate": own buffers and optimizer (MoE, EP > 1)
+    expert_when: tuple[Condition, ...] = ()
     bucket_close: Expr | None = None
     close_when: tuple[Condition, ...] = ()  # all must hold for bucket_close to apply
     shared_embedding: str = "in_order"
     shared_when: tuple[Condition, ...] = ()  # when params marked shared_embedding are shared
+    shared_start: str = "bucket_start"       # KNOWN_SHARED_START
+    # before a shared embedding closes the open bucket, that bucket's content is padded to the bucket
+    # padding when these hold (``start``: where the embedding would start); None = never
+    shared_prepad: tuple[Condition, ...] | None = None
     defaults: tuple[tuple[str, Expr], ...] = ()  # values used when the checkpoint's args lack them
     loc: Loc | None = None
+
+    def separate_experts(self, env: dict) -> bool:
+        """Whether expert parameters live in buffers of their own (and a second, chained optimizer)."""
+        return self.expert_params == "separate" and all(c.holds(env) for c in self.expert_when)
 
     def covers(self, version: str) -> bool:
         """Whether ``version`` ("0.12.1", "0.8") falls in the block's range (to the precision given)."""
@@ -410,6 +435,8 @@ class _Builder(lark.Transformer):
         return ("vocab_padded", True)
 
     def split_halves(self, items):
+        if len(items) > 1:
+            return ("halves", (int(items[0]), str(items[1])))
         return ("halves", int(items[0]))
 
     def split_groups(self, items):
@@ -417,6 +444,8 @@ class _Builder(lark.Transformer):
 
     def split(self, items):
         kwargs = dict(items)
+        if isinstance(kwargs.get("halves"), tuple):
+            kwargs["halves"], kwargs["halves_when"] = kwargs["halves"]
         if "dim" not in kwargs:
             raise _SemanticError("split(...) needs dim=N (the dimension cut across TP ranks)")
         return Split(**kwargs)
@@ -509,6 +538,9 @@ class _Builder(lark.Transformer):
     def storage(self, items):
         return ("storage", str(items[0]))
 
+    def expert_params(self, items):
+        return ("expert_params", (str(items[0]), items[1] if len(items) > 1 else ()))
+
     def version_range(self, items):
         lo = str(items[0])
         return ("versions", (lo, str(items[1]) if len(items) > 1 else lo))
@@ -517,7 +549,16 @@ class _Builder(lark.Transformer):
         return Condition(str(items[-1]), negated=len(items) == 2)
 
     def cond_compare(self, items):
-        return Condition(str(items[0]), op=str(items[1]), value=items[2])
+        return Condition(op=str(items[1]), value=items[2], left=items[0])
+
+    def mod(self, items):
+        return Expr("mod", left=items[0], right=items[1])
+
+    def shared_start(self, items):
+        return ("shared_start", str(items[0]))
+
+    def shared_prepad(self, items):
+        return ("shared_prepad", items[0] if items else ())
 
     def condition(self, items):
         return tuple(items)
@@ -548,6 +589,8 @@ class _Builder(lark.Transformer):
             kwargs["bucket_close"], kwargs["close_when"] = kwargs["bucket_close"]
         if "shared_embedding" in kwargs:
             kwargs["shared_embedding"], kwargs["shared_when"] = kwargs["shared_embedding"]
+        if "expert_params" in kwargs:
+            kwargs["expert_params"], kwargs["expert_when"] = kwargs["expert_params"]
         kwargs["defaults"] = tuple(defaults)
         kwargs["bucket_pads"] = tuple(pads)
         if "param_align" in kwargs and "param_start_align" in kwargs:
@@ -711,6 +754,8 @@ def _validate(rules: RuleSet) -> None:
         others.append(b)
         if b.versions and _version_key(b.versions[0]) > _version_key(b.versions[1]):
             raise CkptmapError(f"{b.loc}: version range {b.versions[0]} - {b.versions[1]} is empty")
+        if b.expert_params not in ("with_dense", "separate"):
+            raise CkptmapError(f"{b.loc}: expert_params: {b.expert_params} is unknown; use separate or with_dense")
         if b.storage not in KNOWN_BUCKET_STORAGE:
             raise CkptmapError(f"{b.loc}: storage: {b.storage} is unknown; use one of {', '.join(KNOWN_BUCKET_STORAGE)}")
         if len(b.bucket_pads) > 1 and any(not p.when for p in b.bucket_pads[:-1]):
@@ -721,6 +766,12 @@ def _validate(rules: RuleSet) -> None:
         if b.shared_embedding not in KNOWN_SHARED_EMBEDDING:
             raise CkptmapError(f"{b.loc}: shared_embedding: {b.shared_embedding} is unknown; use one of "
                                f"{', '.join(KNOWN_SHARED_EMBEDDING)}")
+        if b.shared_start not in KNOWN_SHARED_START:
+            raise CkptmapError(f"{b.loc}: shared_embedding_start: {b.shared_start} is unknown; use one of "
+                               f"{', '.join(KNOWN_SHARED_START)}")
+        if (b.shared_start != "bucket_start" or b.shared_prepad is not None) and b.shared_embedding != "own_bucket":
+            raise CkptmapError(f"{b.loc}: shared_embedding_start / shared_embedding_prepad only apply with "
+                               f"`shared_embedding: own_bucket`")
 
 
 def _ranges_overlap(a, b) -> bool:

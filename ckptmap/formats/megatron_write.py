@@ -1,0 +1,184 @@
+"""Writing Megatron legacy checkpoint files for a layout no source file has (resharding): the object
+graph is built from a *recipe* (plain data in the plan) and a template file, and written with the
+streaming torch writer, each storage's bytes coming from the plan.
+
+``model_optim_rng.pt`` recipe::
+
+    {"template": <a source model_optim_rng.pt: its non-model entries are kept, tensors copied>,
+     "args": {attribute: new value},                      # the new parallel sizes
+     "chunks": [{"key": "model" | "model0", …, "leaves": [
+         {"path": [keys], "tensor": <storage>, "dtype": …, "shape": […]},   # a new tensor
+         {"path": [keys], "from": [<file>, <chunk key>, [keys]]}]}]}      # e.g. _extra_state, as it was
+
+``distrib_optim.pt`` recipe (the form ``DistributedOptimizer.save_parameter_state`` writes)::
+
+    {"chained": bool, "optimizers": [None | {"buffers": [
+        {"param_dtype", "grad_dtype", "storage": "per_bucket" | "coalesced", "padded": […],
+         "unpadded": […], "numel_unpadded": n, "tensors": {state: [storage per bucket] | [storage]}}]}]}
+"""
+
+from __future__ import annotations
+
+import copy
+
+import attrs
+
+from ckptmap.errors import CkptmapError
+from ckptmap.formats import torch_zip_writer
+from ckptmap.formats.megatron_files import COALESCED, OPTIM_STATES, model_chunk_keys
+from ckptmap.formats.safe_unpickler import STORAGE_TYPE_OF, torch_global
+from ckptmap.formats.torch_zip_reader import TensorRef, TorchZipFile
+
+OUT, TEMPLATE, COPIED = "out/", "tpl/", "src"
+
+
+def _contiguous(shape) -> tuple[int, ...]:
+    stride, acc = [], 1
+    for n in reversed(shape):
+        stride.append(acc)
+        acc *= max(n, 1)
+    return tuple(reversed(stride))
+
+
+def _new_tensor(storage: str, dtype: str, shape) -> TensorRef:
+    shape = tuple(shape)
+    numel = 1
+    for n in shape:
+        numel *= n
+    if dtype not in STORAGE_TYPE_OF:
+        raise CkptmapError(f"cannot write a {dtype} tensor into a Megatron checkpoint")
+    return TensorRef(OUT + storage, dtype, 0, shape, _contiguous(shape), numel)
+
+
+def _prefixed(node, prefix: str):
+    """``node`` with every TensorRef's storage key prefixed (so that ``fill`` knows its file)."""
+    if isinstance(node, TensorRef):
+        return attrs.evolve(node, storage=prefix + node.storage)
+    if isinstance(node, dict):
+        out = type(node)()
+        if hasattr(node, "__dict__"):
+            out.__dict__.update(node.__dict__)
+        for k, v in node.items():
+            out[k] = _prefixed(v, prefix)
+        return out
+    if type(node) in (list, tuple):
+        return type(node)(_prefixed(v, prefix) for v in node)
+    return node
+
+
+def _put(root: dict, path, value, cls) -> None:
+    node = root
+    for part in path[:-1]:
+        node = node.setdefault(part, cls())
+    if path[-1] in node:
+        raise CkptmapError(f"internal error: two entries at {'.'.join(map(str, path))}")
+    node[path[-1]] = value
+
+
+def write_model(path, recipe: dict, fill, *, fsync: bool = False) -> None:
+    template = TorchZipFile(recipe["template"])
+    root = template.root
+    sources = {recipe["template"]: (template, TEMPLATE)}
+
+    def source(file):
+        if file not in sources:
+            sources[file] = (TorchZipFile(file), f"{COPIED}{len(sources)}/")
+        return sources[file]
+
+    chunk_keys = {k for k, _ in model_chunk_keys(root, recipe["template"])}
+    cls = type(root[next(iter(chunk_keys))])
+    out = type(root)()
+    for key, value in root.items():
+        if key in chunk_keys:
+            if not any(k in out for k in (c["key"] for c in recipe["chunks"])):
+                for chunk in recipe["chunks"]:
+                    out[chunk["key"]] = _chunk(chunk, cls, source)
+            continue
+        if key == "args" and recipe.get("args"):
+            value = copy.copy(value)
+            for name, new in recipe["args"].items():
+                setattr(value, name, new)
+        if key == "optimizer":
+            value = _optimizer_entry(value, recipe.get("optimizer_entry", "keep"))
+        out[key] = _prefixed(value, TEMPLATE)
+    by_prefix = {prefix: zf for zf, prefix in sources.values()}
+
+    def stream(key):
+        if key.startswith(OUT):
+            yield from fill(key[len(OUT):])
+            return
+        prefix, _, original = key.partition("/")
+        yield by_prefix[prefix + "/"].storage_bytes(original)
+
+    torch_zip_writer.save_streaming(out, path, stream, fsync=fsync)
+
+
+def _optimizer_entry(value, how: str):
+    """The ``optimizer`` entry (hyper-parameters and param groups; the states are in
+    distrib_optim.pt) for a target whose optimizer is chained differently: a ChainedOptimizer
+    ([dense, expert], MoE under expert parallelism) saves a list, a single optimizer a dict."""
+    if how == "keep":
+        return value
+    if how == "dense_only":
+        if not isinstance(value, list):
+            raise CkptmapError("internal error: expected a ChainedOptimizer's list of optimizer states")
+        return value[0]
+    if how == "chain":
+        expert = copy.deepcopy(value)
+        for group in ((expert.get("optimizer") or {}).get("param_groups") or []):
+            if "is_expert_parallel" in group:
+                group["is_expert_parallel"] = True
+        return [value, expert]
+    raise CkptmapError(f"internal error: optimizer entry {how!r}")
+
+
+def _chunk(chunk: dict, cls, source) -> dict:
+    out = cls()
+    for leaf in chunk["leaves"]:
+        if "tensor" in leaf:
+            value = _new_tensor(leaf["tensor"], leaf["dtype"], leaf["shape"])
+        else:
+            file, chunk_key, keys = leaf["from"]
+            zf, prefix = source(file)
+            node = zf.root[chunk_key]
+            for part in keys:
+                node = node[part]
+            value = _prefixed(node, prefix)
+        _put(out, leaf["path"], value, cls)
+    return out
+
+
+def _dtype_key(buf: dict) -> tuple:
+    return (torch_global("torch", buf["param_dtype"]), torch_global("torch", buf["grad_dtype"]))
+
+
+def _optimizer_state(opt: dict) -> dict:
+    bufs = opt["buffers"]
+    coalesced = {b["storage"] for b in bufs} == {COALESCED}
+    if coalesced:
+        state: dict = {"buckets_coalesced": True}
+    else:
+        state = {"per_bucket_numel": [{_dtype_key(b): list(b["padded"])} for b in bufs],
+                 "per_bucket_numel_unpadded": [{_dtype_key(b): list(b["unpadded"])} for b in bufs]}
+    for g, b in enumerate(bufs):
+        entry = {}
+        for st in OPTIM_STATES:
+            names = b["tensors"][st]
+            if coalesced:
+                entry[st] = _new_tensor(names[0], "float32", (b["numel_unpadded"],))
+            else:
+                entry[st] = [_new_tensor(n, "float32", (size,)) for n, size in zip(names, b["padded"])]
+        if coalesced:
+            entry["numel_unpadded"] = b["numel_unpadded"]
+        state[g] = {_dtype_key(b): entry}
+    return state
+
+
+def write_optim(path, recipe: dict, fill, *, fsync: bool = False) -> None:
+    states = [None if o is None else _optimizer_state(o) for o in recipe["optimizers"]]
+    obj = states if recipe["chained"] else states[0]
+
+    def stream(key):
+        yield from fill(key[len(OUT):])
+
+    torch_zip_writer.save_streaming(obj, path, stream, fsync=fsync)
