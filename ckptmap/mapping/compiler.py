@@ -17,7 +17,7 @@ import attrs
 
 from ckptmap import dtypes
 from ckptmap.errors import CkptmapError
-from ckptmap.formats import megatron_files, megatron_folders, mindspeed, param_map
+from ckptmap.formats import dialect_translate, megatron_files, megatron_folders, mindspeed, param_map
 from ckptmap.mapping import buckets
 from ckptmap.mapping import ops as tensor_ops
 from ckptmap.mapping.layout import ParallelLayout
@@ -188,6 +188,7 @@ def compile_pt2ms(opt: Pt2MsOptions) -> Plan:
     for key, d in sorted(ckdir.ranks.items()):
         files[key] = megatron_files.ModelFile(d / megatron_folders.MODEL_FILE)
         files[key].close()  # only the object tree is needed here; a map per rank would exhaust file handles
+        dialect_translate.check_rank_files(files[key], d / megatron_folders.OPTIM_FILE)   # MSAdapter's refusals
     first = files[(0, 0, 0)]
     args = first.args
     check_sizes_agree(ckdir, files, opt)
@@ -256,6 +257,7 @@ def compile_pt2ms(opt: Pt2MsOptions) -> Plan:
     used_maps: set[tuple[int, int, int]] = set()
     derived_maps: list[FileTask] = []
     dense_layouts: dict = {}    # (tp, pp) -> dense buffer layouts (they live in the ep-0 folder's file)
+    dialects = {f.dialect for f in files.values()}   # torch zip dialects of the source files (pt_meta records each)
     for (tp, pp, ep), matched in sorted(matched_per_rank.items(), key=lambda kv: (kv[0][2], kv[0][:2])):
         model_file = files[(tp, pp, ep)]
         seen: dict[str, str] = {}
@@ -267,6 +269,7 @@ def compile_pt2ms(opt: Pt2MsOptions) -> Plan:
         else:
             optim = megatron_files.OptimFile(ckdir.ranks[(tp, pp, ep)] / megatron_folders.OPTIM_FILE)
             optim.close()
+            dialects.add(optim.dialect)
             if blocks is None:
                 blocks = bucket_blocks(rules, optim, opt.megatron_version)
             dense = [m for m in matched if EXPERT not in m.bindings]
@@ -336,6 +339,7 @@ def compile_pt2ms(opt: Pt2MsOptions) -> Plan:
         "dtype": opt.dtype, "all_dp_cp": opt.generate_all_dp_cp,
         "param_maps": len(param_maps),
         "mode": "weights only" if opt.convert_param_only else f"optimizer ({' '.join(opt.dist_opt_content)})",
+        "dialect": " + ".join(sorted(dialects)),
     }
     if ep_size > 1 or env.get("num_experts"):
         info["ep"] = ep_size
