@@ -192,7 +192,8 @@ def write_file(task: FileTask, root: Path, progress=None, fsync: bool = False) -
         sources = _Sources()
         try:
             pt_meta.write_from_skeleton(task.source, task.extra["skeleton"], task.extra.get("set", []), final,
-                                        _storage_bytes(task.storages, sources, progress), fsync=fsync)
+                                        _storage_bytes(task.storages, sources, progress), fsync=fsync,
+                                        dialect=task.extra.get("dialect"), rng=task.extra.get("rng", "refuse"))
         finally:
             sources.close()
         return task.nbytes

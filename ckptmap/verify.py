@@ -1,7 +1,8 @@
 """`ckptmap verify`: compare checkpoints by value — every tensor's bytes and every other object.
 
 * same framework (file vs file, or directory vs directory paired by relative path): every key of
-  ``.pt`` (tensors and the pickled objects around them), ``.ckpt`` and ``.safetensors`` files;
+  ``.pt`` (tensors and the pickled objects around them), ``.ckpt`` and ``.safetensors`` files; ``.pt``
+  files of the two torch zip dialects (stock, MSAdapter) compare tensors by value and dtypes by name;
 * Megatron directory vs MindSpore directory (:func:`compare_across`): an *independent* check of a
   conversion. It shares no conversion code with ``pt2ms`` / ``ms2pt`` (no plan, no executor, no
   ``mapping.ops``, no bucket engine); it uses only the format readers, ``mapping.layout`` (the one
@@ -49,6 +50,9 @@ Megatron value it is (``step_num``/``iteration``: the iteration; ``learning_rate
 ``i``'s ``lr``; ``state_step``: ``step``; ``KEY_group_i``: group ``i``'s ``KEY``; scheduler keys of
 the same name); the others are listed as not compared.
 
+The Megatron side may be in either torch zip dialect (an MSAdapter checkpoint of MindSpeed-Core-MS
+reads like a stock one: MindSpore dtype keys are dtypes); the report says which.
+
 Limits: the rules are trusted for names (a rules file that swaps two names makes verify expect the
 swap); noop layers are known only from the rules' ``layers: … noop = ARG`` in ``args``; the rank
 order is Megatron's ``tp-cp-ep-dp-pp``; the MindSpore side must have Megatron's TP and PP.
@@ -67,7 +71,7 @@ from ckptmap import dtypes
 from ckptmap.errors import CkptmapError
 from ckptmap.formats import megatron_folders, mindspeed, param_map, registry
 from ckptmap.formats.megatron_files import ModelFile, OptimFile
-from ckptmap.formats.safe_unpickler import StandIn
+from ckptmap.formats.safe_unpickler import GlobalMarker, StandIn, dtype_name
 from ckptmap.formats.torch_zip_reader import TensorRef, TorchZipFile, read_objects
 from ckptmap.mapping.layout import ParallelLayout
 from ckptmap.mapping.rules import LAYER, RuleSet, bundled_rules, load_rules, resolve_rules
@@ -138,8 +142,27 @@ def describe_difference(a: np.ndarray, a_dtype: str, b: np.ndarray, b_dtype: str
 # Same framework
 
 
+class _Dtype(str):
+    """A dtype value of either torch zip dialect (a torch dtype global, a MindSpore dtype object) by name,
+    so that a file and its translation to the other dialect compare equal."""
+
+    def __repr__(self):
+        return f"dtype {str(self)}"
+
+
+def _canonical(obj):
+    """``obj`` with dtype values (also inside tuple keys such as distrib_optim's (param, grad) pair) as
+    :class:`_Dtype` names; anything else as it is."""
+    if type(obj) is tuple:
+        items = tuple(_canonical(x) for x in obj)
+        return items if any(type(x) is _Dtype for x in items) else obj
+    name = dtype_name(obj) if isinstance(obj, (StandIn, GlobalMarker)) else None
+    return obj if name is None else _Dtype(name)
+
+
 def _compare_objects(a, b, path, report, tensors_a, tensors_b):
-    """Walk two pickled object graphs; tensors (TensorRefs) are compared by value."""
+    """Walk two pickled object graphs; tensors (TensorRefs) are compared by value, dtypes by name
+    (MindSpore dtype objects of the MSAdapter dialect equal the torch dtypes of the same name)."""
     where = "/".join(map(str, path)) or "(root)"
     if isinstance(a, TensorRef) or isinstance(b, TensorRef):
         if not (isinstance(a, TensorRef) and isinstance(b, TensorRef)):
@@ -150,22 +173,23 @@ def _compare_objects(a, b, path, report, tensors_a, tensors_b):
         if problem:
             report.differing.append((where, problem))
         return
+    a, b = _canonical(a), _canonical(b)
     if type(a) is not type(b):
         report.differing.append((where, f"{type(a).__name__} vs {type(b).__name__}"))
         return
     if isinstance(a, dict):
-        keys_a, keys_b = list(a), list(b)
+        keys_a, keys_b = {_canonical(k): k for k in a}, {_canonical(k): k for k in b}
         for k in keys_a:
-            if k not in b:
+            if k not in keys_b:
                 report.only_left.append("/".join(map(str, path + [k])))
         for k in keys_b:
-            if k not in a:
+            if k not in keys_a:
                 report.only_right.append("/".join(map(str, path + [k])))
-        common = [k for k in keys_a if k in b]
-        if common != [k for k in keys_b if k in a]:
+        common = [k for k in keys_a if k in keys_b]
+        if common != [k for k in keys_b if k in keys_a]:
             report.differing.append((where, "same keys in a different order"))
         for k in common:
-            _compare_objects(a[k], b[k], path + [k], report, tensors_a, tensors_b)
+            _compare_objects(a[keys_a[k]], b[keys_b[k]], path + [k], report, tensors_a, tensors_b)
         return
     if isinstance(a, (list, tuple)):
         if len(a) != len(b):
@@ -195,6 +219,10 @@ def compare_files(left: Path, right: Path) -> FileReport:
     report = FileReport(str(left), str(right))
     if left.suffix == ".pt" and right.suffix == ".pt":
         za, zb = TorchZipFile(left), TorchZipFile(right)
+        if za.dialect != zb.dialect:
+            report.notes.append(f"torch zip dialects {za.dialect} vs {zb.dialect}: tensors compared by value, dtypes "
+                                f"by name; tensor classes, storage sharing and state-dict _metadata are the dialects' "
+                                f"own and not compared")
         _compare_objects(za.root, zb.root, [], report, za.array, zb.array)
         return report
     ra, rb = registry.open_reader(left), registry.open_reader(right)
@@ -721,9 +749,13 @@ def compare_across(megatron_dir: Path, ms_dir: Path, rules: str = "auto") -> lis
     independently of the conversion code (module docstring)."""
     megatron_dir, ms_dir = Path(megatron_dir), Path(ms_dir)
     ck = megatron_folders.open_checkpoint_dir(megatron_dir)
-    first = ModelFile(ck.ranks[(0, 0)] / megatron_folders.MODEL_FILE)
+    if ck.ep_size > 1:
+        raise CkptmapError(f"{ck.root} has expert-parallel mp_rank folders (EP {ck.ep_size}); verify across "
+                           f"frameworks compares dense checkpoints (EP 1) only")
+    ranks = {(tp, pp): d for (tp, pp, _), d in ck.ranks.items()}
+    first = ModelFile(ranks[(0, 0)] / megatron_folders.MODEL_FILE)
     try:
-        args, tensors, chunks = first.args, first.tensors(), len(first.chunks())
+        args, tensors, chunks, dialect = first.args, first.tensors(), len(first.chunks()), first.dialect
     finally:
         first.close()
     rule_set = _pick_rules(rules, tensors, first.path)
@@ -734,7 +766,10 @@ def compare_across(megatron_dir: Path, ms_dir: Path, rules: str = "auto") -> lis
     map_dirs = _param_map_dirs(ck, ms_dir)
 
     reports = []
-    for key, mg_dir in sorted(ck.ranks.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+    if dialect == "msadapter":
+        notes.append("Megatron files in the MSAdapter dialect (MindSpeed-Core-MS): MindSpore dtype objects, one "
+                     "storage per tensor")
+    for key, mg_dir in sorted(ranks.items(), key=lambda kv: (kv[0][1], kv[0][0])):
         for ms_path in pairs.get(key, []):
             report = FileReport(str(mg_dir), str(ms_path))
             report.notes.extend(notes)

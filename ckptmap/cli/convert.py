@@ -39,13 +39,7 @@ def _add_flags(p: argparse.ArgumentParser, plan: bool = False) -> None:
                    help="torch_dist only: the distributed optimizer's sharding type to write (default: the source's). "
                         "fully_reshardable from fully_sharded_model_space is the offline upgrade from megatron-core "
                         "<= 0.14 to 0.15+.")
-    rng = p.add_mutually_exclusive_group()
-    rng.add_argument("--drop-rng", action="store_true",
-                     help="Leave the RNG states out (MindSpore's and PyTorch's generators are not interchangeable). "
-                          "Resume with --no-load-rng.")
-    rng.add_argument("--keep-foreign-rng", action="store_true",
-                     help="Copy the RNG states unchanged although the target framework cannot use them — only so that "
-                          "converting back restores them; the target must still resume with --no-load-rng.")
+    add_rng_flags(p)
     if not plan:
         p.add_argument("--dry-run", action="store_true", help="Check every file and print the plan; write nothing.")
     else:
@@ -55,7 +49,20 @@ def _add_flags(p: argparse.ArgumentParser, plan: bool = False) -> None:
     p.add_argument("--debug", action="store_true", help="Show tracebacks.")
 
 
-def _rng(ns) -> str:
+def add_rng_flags(p) -> None:
+    """--drop-rng / --keep-foreign-rng: what to do with RNG states when a file changes dialect (also
+    `ckptmap ms2pt --dialect torch`); without either, such states are refused (dialect_translate)."""
+    rng = p.add_mutually_exclusive_group()
+    rng.add_argument("--drop-rng", action="store_true",
+                     help="Leave the RNG states out (MindSpore's and PyTorch's generators are not interchangeable). "
+                          "Resume with --no-load-rng.")
+    rng.add_argument("--keep-foreign-rng", action="store_true",
+                     help="Copy the RNG states unchanged although the target framework cannot use them — only so that "
+                          "converting back restores them; the target must still resume with --no-load-rng.")
+
+
+def rng_policy(ns) -> str:
+    """The dialect_translate RNG policy the flags of add_rng_flags chose."""
     return "drop" if ns.drop_rng else "keep" if ns.keep_foreign_rng else "refuse"
 
 
@@ -68,14 +75,14 @@ def _plan(ns):
         raise CkptmapError("--sharding-type applies to torch_dist checkpoints (--from torch_dist --to torch_dist)")
     if ns.source == ns.target:
         raise CkptmapError(f"--from and --to are both {ns.source}; convert translates between msadapter and torch")
-    return plan_folder(ns.src, ns.dst, source=ns.source, target=ns.target, rng=_rng(ns))
+    return plan_folder(ns.src, ns.dst, source=ns.source, target=ns.target, rng=rng_policy(ns))
 
 
 def print_conversion_plan(ns, jobs, skipped, out=None) -> None:
     from ckptmap.cli.printing import human_bytes
 
     out = out or sys.stdout
-    rng = _rng(ns)
+    rng = rng_policy(ns)
     print(f"plan convert: {ns.src} ({ns.source}) -> {ns.dst} ({ns.target}); RNG states: "
           f"{ {'refuse': 'none found', 'drop': 'dropped', 'keep': 'kept unchanged (foreign)'}[rng] }", file=out)
     rows = [("file", "dialect", "action", "tensors", "bytes", "note")]
@@ -186,7 +193,7 @@ def cmd_dialect_convert(ns) -> int:
         if not ns.no_progress:
             print(f"  wrote {job.rel or ns.dst}", flush=True)
 
-    results = run_jobs(jobs, ns.dst, source=ns.source, target=ns.target, rng=_rng(ns), fsync=ns.fsync,
+    results = run_jobs(jobs, ns.dst, source=ns.source, target=ns.target, rng=rng_policy(ns), fsync=ns.fsync,
                        progress=progress)
     failed = [(j, e) for j, e in results if e]
     for j, e in failed:

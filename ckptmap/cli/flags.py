@@ -115,10 +115,17 @@ def add_ms2pt_flags(p: argparse.ArgumentParser) -> None:
     c.add_argument("--layout", choices=("auto", "v1", "v2"), default="auto",
                    help="Layout of the MindSpore checkpoint (default: detect).")
     c.add_argument("--file-prefix", default="network", help="File name prefix in V1 layout (default network).")
+    c.add_argument("--dialect", choices=("source", "torch", "msadapter"), default="source",
+                   help="torch zip dialect of the Megatron files: source (default) writes each file in the dialect "
+                        "pt2ms read it in (stock PyTorch, or MindSpeed-Core-MS's MSAdapter); torch writes stock "
+                        "PyTorch files from an MSAdapter checkpoint (RNG states: see --drop-rng).")
+    from ckptmap.cli.convert import add_rng_flags
+    add_rng_flags(c)
     c.add_argument("--dry-run", action="store_true", help="Print the plan and write nothing.")
 
 
 def ms2pt_options(ns):
+    from ckptmap.cli.convert import rng_policy
     from ckptmap.mapping.layout import parse_stage_list
     from ckptmap.mapping.ms2pt import Ms2PtOptions
 
@@ -128,7 +135,7 @@ def ms2pt_options(ns):
         vpp_size=ns.vpp_size, src_model_format=ns.src_model_format, noop=tuple(ns.noop),
         stage_list=parse_stage_list(ns.stage_list) if ns.stage_list else None,
         parallel_init_order=ns.parallel_init_order, convert_param_only=ns.convert_param_only, rules=ns.rules,
-        layout=ns.layout, file_prefix=ns.file_prefix)
+        layout=ns.layout, file_prefix=ns.file_prefix, dialect=ns.dialect, rng=rng_policy(ns))
 
 
 def pt2ms_options(ns):

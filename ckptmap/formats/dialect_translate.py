@@ -152,11 +152,9 @@ class _Translator:
                 self.fail(path, f"the dict key {k!r} mixes dtypes with other values; Megatron keys its "
                                 f"distributed-optimizer buffers by a (param dtype, grad dtype) pair of dtypes")
             return tuple(as_dtypes)
-        if k and all(isinstance(x, str) for x in k) and any(_is_dtype_word(x) for x in k):
-            self.fail(path, f"the dict key {k!r} is a pair of plain strings, not dtypes — neither MindSpore nor torch "
-                            f"dtype objects. That is what MSAdapter's torch.load makes of a stock (torch.bfloat16, "
-                            f"torch.float32) key; Megatron's load_parameter_state cannot find its buffer under it. "
-                            f"Re-save the file from the original checkpoint (or with the key as dtype objects)")
+        problem = key_problem(k)
+        if problem:
+            self.fail(path, problem)
         return k
 
     # --- values
@@ -266,13 +264,9 @@ class _Translator:
         return out
 
     def tensor(self, ref: TensorRef, path):
-        if ref.dtype not in msadapter.WRITABLE_DTYPES:
-            kind = "IntStorage" if ref.dtype == "int32" else f"{ref.dtype}"
-            self.fail(path, f"{ref.dtype} tensor ({kind}) of shape {list(ref.shape)}: MSAdapter checkpoints hold only "
-                            f"{', '.join(msadapter.WRITABLE_DTYPES)} — the storage kinds both MindSpore-side readers "
-                            f"(MSAdapter's torch.load, MindSpeed-Core-MS load_ms_weights) can read; ckptmap refuses "
-                            f"it in both directions so that every translation can be undone. Store that entry as "
-                            f"int64 / float32 (Megatron itself stores numel_unpadded as a Python int)")
+        problem = tensor_problem(ref)
+        if problem:
+            self.fail(path, problem)
         key = f"t{len(self.sources)}"
         self.sources[key] = ref
         self.nbytes += ref.nbytes
@@ -314,6 +308,80 @@ class _Translator:
 
 class _LayoutMismatch(Exception):
     pass
+
+
+def tensor_problem(ref: TensorRef) -> str | None:
+    """Why ``ref`` cannot be in an MSAdapter checkpoint (a storage kind no MindSpore-side reader knows), or None."""
+    if ref.dtype in msadapter.WRITABLE_DTYPES:
+        return None
+    kind = "IntStorage" if ref.dtype == "int32" else f"{ref.dtype}"
+    return (f"{ref.dtype} tensor ({kind}) of shape {list(ref.shape)}: MSAdapter checkpoints hold only "
+            f"{', '.join(msadapter.WRITABLE_DTYPES)} — the storage kinds both MindSpore-side readers "
+            f"(MSAdapter's torch.load, MindSpeed-Core-MS load_ms_weights) can read; ckptmap refuses "
+            f"it in both directions so that every translation can be undone. Store that entry as "
+            f"int64 / float32 (Megatron itself stores numel_unpadded as a Python int)")
+
+
+def key_problem(k) -> str | None:
+    """Why the dict key ``k`` is not what Megatron keys its distributed-optimizer buffers by, when it
+    looks like a dtype pair of plain strings (what MSAdapter's torch.load makes of a stock key), or None."""
+    if isinstance(k, tuple) and k and all(isinstance(x, str) for x in k) and any(_is_dtype_word(x) for x in k):
+        return (f"the dict key {k!r} is a pair of plain strings, not dtypes — neither MindSpore nor torch "
+                f"dtype objects. That is what MSAdapter's torch.load makes of a stock (torch.bfloat16, "
+                f"torch.float32) key; Megatron's load_parameter_state cannot find its buffer under it. "
+                f"Re-save the file from the original checkpoint (or with the key as dtype objects)")
+    return None
+
+
+def check_rank_files(model_file, optim_path) -> None:
+    """Planning ``pt2ms`` of one mp_rank (``model_file``: a ``megatron_files.ModelFile``): an MSAdapter-dialect
+    checkpoint must be writable back as one (``ms2pt``), so what it cannot be is refused naming the file and
+    the key (:func:`check_convertible`) — in ``distrib_optim.pt`` too, whose skeleton pt_meta keeps even
+    for the weights alone. Stock files: nothing to check."""
+    if model_file.dialect != "msadapter":
+        return
+    check_convertible(model_file.root, str(model_file.path))
+    if Path(optim_path).is_file():
+        with TorchZipFile(optim_path) as zf:
+            check_convertible(zf.root, str(optim_path))
+
+
+def check_convertible(root, where: str) -> None:
+    """Refuse, naming ``where`` (the file) and the key, what an MSAdapter checkpoint converted elsewhere
+    (``pt2ms``) could not be written back as: a tensor of a storage kind no MindSpore-side reader knows
+    (int32 ``IntStorage``, float64, …) or a dtype-pair key of plain strings. The same checks as the
+    translation between dialects, without translating anything."""
+    seen: set[int] = set()
+
+    def fail(path, what):
+        raise CkptmapError(f"{where}: key {'/'.join(path) or '(root)'}: {what}")
+
+    def walk(node, path):
+        if id(node) in seen:
+            return
+        seen.add(id(node))
+        if isinstance(node, TensorRef):
+            problem = tensor_problem(node)
+            if problem:
+                fail(path, problem)
+        elif isinstance(node, dict):
+            for k, v in node.items():
+                problem = key_problem(k)
+                if problem:
+                    fail(path, problem)
+                walk(v, path + [encode_key(k)])
+        elif type(node) in (list, tuple):
+            for i, v in enumerate(node):
+                walk(v, path + [str(i)])
+        elif isinstance(node, (argparse.Namespace, types.SimpleNamespace)):
+            for k, v in vars(node).items():
+                walk(v, path + [k])
+        elif isinstance(node, StandIn):
+            for i, v in enumerate((node.args, node.state if node.built else None, node.listitems)):
+                walk(v, path + ["(args)", "(state)", "(items)"][i:i + 1])
+            for k, v in node.dictitems:
+                walk(v, path + [encode_key(k)])
+    walk(root, [])
 
 
 def _is_dtype_word(s: str) -> bool:

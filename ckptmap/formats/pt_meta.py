@@ -7,6 +7,16 @@ converted tensor covers (bucket padding) are kept as uint8 tensors. ``pt_meta/ar
 holds, per mp_rank, the non-model entries of ``model_optim_rng.pt`` as read plus the skeletons of
 both Megatron files (``build_pt_meta``); ``write_from_skeleton`` binds a skeleton to new storage
 bytes and writes the Megatron file again.
+
+Dialects (``formats/msadapter.py``). A Megatron checkpoint saved through MindSpeed-Core-MS's MSAdapter
+shim is the same object graph in another dialect of the torch zip format. pt_meta records each
+file's dialect (``ckptmap/dialects``) and is itself written in the model file's dialect, so that the
+entries it keeps (RNG states: MindSpore generator states there) stay exactly as read — tensor class
+and recorded stride included; a placeholder's fields carry the same (``parameter``, ``msadapter``).
+The way back writes each file in the dialect it came from, or translates it on the way
+(``dialect="torch"``: ``dialect_translate``, with its RNG policy). Zip timestamps are the one thing an
+MSAdapter file holds that is not kept: the shim writes the wall-clock time of the save, ckptmap writes
+1980-01-01 00:00:00 (``torch_zip_writer.DEFAULT_DATE_TIME``), so the same conversion gives the same bytes.
 """
 
 from __future__ import annotations
@@ -20,23 +30,40 @@ from ckptmap import dtypes
 from ckptmap.errors import CkptmapError
 from ckptmap.formats import torch_zip_writer
 from ckptmap.formats.megatron_files import KEY_SEP, OptimFile, model_chunk_keys
-from ckptmap.formats.torch_zip_reader import HeldTensor, TensorRef, TorchZipFile
+from ckptmap.formats.torch_zip_reader import HeldTensor, MSAdapterTensor, TensorRef, TorchZipFile
 
 PLACEHOLDER = "__ckptmap_tensor__"
 META_KEY = "ckptmap"
 META_VERSION = 1
+DIALECTS_KEY = "dialects"   # meta[DIALECTS_KEY] = {"model_optim_rng": "torch" | "msadapter", "distrib_optim": ...}
 _REF_FIELDS = ("storage", "dtype", "storage_offset", "shape", "stride", "storage_numel", "requires_grad",
                "location")
+# appended only for a Parameter or a tensor of the MSAdapter dialect (older pt_meta files lack them)
+_EXTRA_FIELDS = ("parameter", "msadapter")
 
 
 def _ref_fields(ref: TensorRef) -> list:
-    return [getattr(ref, f) for f in _REF_FIELDS]
+    fields = [getattr(ref, f) for f in _REF_FIELDS]
+    if ref.parameter or ref.msadapter is not None:
+        info = ref.msadapter
+        fields += [ref.parameter, None if info is None else
+                   [list(info.cls), list(info.stride), info.stride_is_list]]
+    return fields
 
 
 def ref_from_fields(fields) -> TensorRef:
-    values = dict(zip(_REF_FIELDS, fields))
+    values = dict(zip(_REF_FIELDS + _EXTRA_FIELDS, fields))
     values["shape"], values["stride"] = tuple(values["shape"]), tuple(values["stride"])
+    info = values.get("msadapter")
+    if info is not None:
+        values["msadapter"] = MSAdapterTensor(tuple(info[0]), tuple(info[1]), bool(info[2]))
     return TensorRef(**values)
+
+
+def source_dialect(meta: dict, which: str) -> str:
+    """The dialect the Megatron file ``which`` was read in (pt_meta written before dialects were
+    recorded: stock torch, the only one pt2ms read then)."""
+    return (meta.get(DIALECTS_KEY) or {}).get(which, "torch")
 
 
 def _placeholders(node, refs: list):
@@ -118,8 +145,8 @@ def write_pt_meta(model_path, optim_path, keys, extra, path, *, fsync: bool = Fa
             raise CkptmapError(f"{model_path}: model tensor views of storage {ref.storage} are not plain "
                                f"contiguous {entry[0]} slices; ckptmap cannot rebuild this file byte for byte")
         entry[2].append((ref.storage_offset, ref.storage_offset + ref.numel))
-    meta = {"version": META_VERSION, "model_optim_rng": skeleton, "model_tensors": refs,
-            "model_padding": _padding(zf, storages)}
+    meta = {"version": META_VERSION, DIALECTS_KEY: {"model_optim_rng": zf.dialect},
+            "model_optim_rng": skeleton, "model_tensors": refs, "model_padding": _padding(zf, storages)}
     if optim_path is not None and Path(optim_path).is_file():
         optim = OptimFile(optim_path)
         orefs: list = []
@@ -127,13 +154,19 @@ def write_pt_meta(model_path, optim_path, keys, extra, path, *, fsync: bool = Fa
         ranges = {}
         for g, bucket, start, end in extra.get("optim_ranges", ()):
             ranges.setdefault((g, bucket), []).append((start, end))
+        covered = optim.covered_storages(ranges or None)
+        for fields in orefs:   # tensors that are no state (numel_unpadded as a 0-d tensor): kept whole
+            ref = ref_from_fields(fields)
+            covered.setdefault(ref.storage, (ref.dtype, ref.storage_numel, []))
+        meta[DIALECTS_KEY]["distrib_optim"] = optim.dialect
         meta.update(distrib_optim=oskeleton, distrib_optim_tensors=orefs,
-                    distrib_optim_padding=_padding(optim._zip, optim.covered_storages(ranges or None)))
+                    distrib_optim_padding=_padding(optim._zip, covered))
     out = {k: root[k] for k in keys}
     out.update({k: v for k, v in extra.items() if k != "optim_ranges"})  # the ranges became the padding
     out[META_KEY] = meta
-    # what is left of the model file in `out` (RNG states, ...) is copied from it
-    torch_zip_writer.save_streaming(out, path, lambda key: [zf.storage_bytes(key)], fsync=fsync)
+    # what is left of the model file in `out` (RNG states, ...) is copied from it, in its own dialect
+    torch_zip_writer.save_streaming(out, path, lambda key: [zf.storage_bytes(key)], fsync=fsync,
+                                    dialect=zf.dialect)
 
 
 _TENSOR_LISTS = {"model_optim_rng": "model_tensors", "distrib_optim": "distrib_optim_tensors"}
@@ -150,15 +183,10 @@ def _set_path(root, path, value) -> None:
         setattr(node, path[-1], value)
 
 
-def write_from_skeleton(meta_path, which: str, sets, path, fill, *, fsync: bool = False) -> None:
-    """Write Megatron's ``model_optim_rng.pt`` / ``distrib_optim.pt`` (``which``) at ``path`` from the
-    skeleton kept in the pt_meta file ``meta_path``: the same object graph (so the same pickle bytes),
-    each placeholder bound to its original storage, whose bytes ``fill(storage_key)`` streams; the
-    pt_meta file's own tensors (RNG states) are copied from it. ``sets``: [(path, value)] updates."""
-    zf = TorchZipFile(meta_path)
-    meta = zf.root.get(META_KEY) if isinstance(zf.root, dict) else None
-    if not isinstance(meta, dict) or which not in meta:
-        raise CkptmapError(f"{meta_path} has no {which} skeleton; re-run `ckptmap pt2ms`")
+def bind_skeleton(meta: dict, which: str):
+    """The skeleton of ``which`` with every placeholder bound to a TensorRef over storage
+    ``out/<original key>`` (the bytes the conversion supplies) and every tensor pt_meta kept itself
+    (RNG states) over ``meta/<its key in the pt_meta file>``; same object graph, shared objects shared."""
     refs = meta[_TENSOR_LISTS[which]]
     memo: dict[int, object] = {}
 
@@ -188,7 +216,70 @@ def write_from_skeleton(meta_path, which: str, sets, path, fill, *, fsync: bool 
         memo[id(node)] = out
         return out
 
-    obj = bind(meta[which])
+    return bind(meta[which])
+
+
+def _meta_of(zf: TorchZipFile, meta_path, which: str) -> dict:
+    meta = zf.root.get(META_KEY) if isinstance(zf.root, dict) else None
+    if not isinstance(meta, dict) or which not in meta:
+        raise CkptmapError(f"{meta_path} has no {which} skeleton; re-run `ckptmap pt2ms`")
+    return meta
+
+
+def translation(obj, source: str, target: str, rng: str, where: str):
+    """The dialect translation of a bound skeleton (``dialect_translate.translate_graph``: its checks,
+    its RNG policy), or None when ``target`` is ``source``. Writing back in another dialect than the
+    source's is supported from MSAdapter to stock torch; the other way, views of Megatron's shared
+    parameter buffer would each need the whole buffer computed — ``ckptmap convert --from torch --to
+    msadapter`` does it from the written files."""
+    if target == source:
+        return None
+    if source != "msadapter":
+        raise CkptmapError(f"{where} came from a stock PyTorch file; ms2pt writes it back as such (--dialect torch "
+                           f"or source). For MSAdapter files run `ckptmap convert --from torch --to msadapter` on "
+                           f"the written checkpoint")
+    from ckptmap.formats import dialect_translate
+    return dialect_translate.translate_graph(obj, source=source, target=target, where=where, rng=rng)
+
+
+def check_write(meta_path, which: str, target: str | None, rng: str, where: str) -> str:
+    """Planning: the dialect ``write_from_skeleton`` will write ``which`` in, after every check the
+    translation to it makes (RNG policy, storage kinds, dtype keys, objects without a counterpart) —
+    so that a refusal comes before anything is written."""
+    with TorchZipFile(meta_path) as zf:
+        meta = _meta_of(zf, meta_path, which)
+        source = source_dialect(meta, which)
+        target = target or source
+        translation(bind_skeleton(meta, which), source, target, rng, where)
+    return target
+
+
+def _sliced(chunks, start: int, n: int):
+    """Bytes [start, start + n) of a stream of byte chunks."""
+    pos = 0
+    for chunk in chunks:
+        view = memoryview(chunk).cast("B")
+        a, b = max(start - pos, 0), min(start + n - pos, len(view))
+        if a < b:
+            yield view[a:b]
+        pos += len(view)
+        if pos >= start + n:
+            return
+
+
+def write_from_skeleton(meta_path, which: str, sets, path, fill, *, fsync: bool = False, dialect: str | None = None,
+                        rng: str = "refuse", where: str | None = None) -> None:
+    """Write Megatron's ``model_optim_rng.pt`` / ``distrib_optim.pt`` (``which``) at ``path`` from the
+    skeleton kept in the pt_meta file ``meta_path``: the same object graph (so the same pickle bytes),
+    each placeholder bound to its original storage, whose bytes ``fill(storage_key)`` streams; the
+    pt_meta file's own tensors (RNG states) are copied from it. ``sets``: [(path, value)] updates.
+    ``dialect``: the torch zip dialect to write (None: the one the file was read in, recorded in
+    pt_meta); another than the source's goes through ``dialect_translate`` with RNG policy ``rng``."""
+    zf = TorchZipFile(meta_path)
+    meta = _meta_of(zf, meta_path, which)
+    source = source_dialect(meta, which)
+    target = dialect or source
+    obj = bind_skeleton(meta, which)
     for set_path, value in sets:
         _set_path(obj, set_path, value)
 
@@ -201,7 +292,30 @@ def write_from_skeleton(meta_path, which: str, sets, path, fill, *, fsync: bool 
         for start in range(0, raw.size, STREAM_CHUNK):
             yield raw[start:start + STREAM_CHUNK]
 
-    torch_zip_writer.save_streaming(obj, path, stream, fsync=fsync)
+    t = translation(obj, source, target, rng, where or f"{path} (from {meta_path})")
+    if t is not None:
+        obj, sources = t.root, t.sources
+
+        def translated(key):   # the translated tensor's elements: a contiguous range of its source storage
+            ref = sources[key]
+            return _sliced(stream(ref.storage), ref.storage_offset * ref.itemsize, ref.nbytes)
+        torch_zip_writer.save_streaming(obj, path, translated, fsync=fsync, dialect=target)
+        return
+    torch_zip_writer.save_streaming(obj, path, stream, fsync=fsync, dialect=target)
+
+
+def kept_array(meta_path, meta: dict, which: str, ref: TensorRef):
+    """The elements of a tensor of ``which`` that pt_meta kept whole as padding bytes (e.g.
+    ``numel_unpadded`` stored as a 0-d int64 tensor), as a numpy array of its dtype."""
+    size = dtypes.itemsize(ref.dtype)
+    table = {"model_optim_rng": "model_padding", "distrib_optim": "distrib_optim_padding"}[which]
+    lo, hi = ref.storage_offset, ref.storage_offset + ref.numel
+    with TorchZipFile(meta_path) as zf:
+        for a, b, kept in meta.get(table, {}).get(ref.storage, []):
+            if a <= lo and hi <= b:
+                raw = np.array(zf.array(kept))[(lo - a) * size:(hi - a) * size]
+                return raw.view(dtypes.storage(ref.dtype)).reshape(ref.shape)
+    raise CkptmapError(f"{meta_path} does not keep tensor {ref.storage!r} of {which}; re-run `ckptmap pt2ms`")
 
 
 def _contiguous_stride(shape) -> tuple[int, ...]:

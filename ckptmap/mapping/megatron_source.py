@@ -16,7 +16,7 @@ from pathlib import Path
 import attrs
 
 from ckptmap.errors import CkptmapError
-from ckptmap.formats import megatron_files, megatron_folders, param_map
+from ckptmap.formats import dialect_translate, megatron_files, megatron_folders, param_map
 from ckptmap.mapping import buckets
 from ckptmap.mapping.layout import ParallelLayout
 from ckptmap.mapping.plan import SourceSlice
@@ -570,6 +570,8 @@ class MegatronSource:
         for key, d in sorted(ckdir.ranks.items()):
             files[key] = megatron_files.ModelFile(d / megatron_folders.MODEL_FILE)
             files[key].close()  # only the object tree is needed here; a map per rank would exhaust file handles
+            dialect_translate.check_rank_files(files[key], d / megatron_folders.OPTIM_FILE)   # MSAdapter's refusals
+        self.dialects = {f.dialect for f in files.values()}   # torch zip dialects of the files (pt_meta records each)
         first = self.first = files[(0, 0, 0)]
         args = self.args = first.args
         check_sizes_agree(ckdir, files, opt)
@@ -658,6 +660,7 @@ class MegatronSource:
             tp, pp, ep = rank.key
             optim = megatron_files.OptimFile(rank.dir / megatron_folders.OPTIM_FILE)
             optim.close()
+            self.dialects.add(optim.dialect)
             if self.blocks is None:
                 self.blocks = bucket_blocks(self.rules, optim, opt.megatron_version)
             separate = optim.chained   # expert parameters in optimizer and buffers of their own
@@ -698,7 +701,7 @@ class MegatronSource:
         out = {"source": str(self.ckdir.root), "iteration": self.iteration, "rules": self.rules.name,
                "rules_path": self.rules.path, "tp": layout.tp, "pp": layout.pp, "dp": layout.dp, "cp": layout.cp,
                "vpp": layout.vpp, "num_layers": layout.num_layers, "noop": sorted(layout.noop),
-               "param_maps": len(self.param_maps)}
+               "param_maps": len(self.param_maps), "dialect": " + ".join(sorted(self.dialects))}
         if layout.ep > 1 or self.env.get("num_experts"):
             out.update(ep=layout.ep, experts=self.env.get("num_experts"))
         if self.has_optimizer:

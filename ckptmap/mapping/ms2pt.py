@@ -7,6 +7,11 @@ same rules (inverse ops, MindSpore global layers → Megatron chunk-local layers
 distributed-optimizer buckets from the param_map files in ``pt_meta``. Each Megatron file is a
 ``torch_stream`` FileTask whose storages are tiled by pieces: tensors read from MindSpore (cast
 back to the storage dtype; bf16 by round-to-nearest-even) and padding bytes from pt_meta.
+
+Each Megatron file is written in the torch zip dialect it was read in (stock ``torch.save``, or
+MindSpeed-Core-MS's MSAdapter shim: ``formats/msadapter.py``), as pt_meta recorded, unless
+``--dialect torch`` asks for stock PyTorch files from an MSAdapter checkpoint: then the files are
+translated on the way (``dialect_translate``, with ``ckptmap convert``'s RNG policy).
 """
 
 from __future__ import annotations
@@ -29,6 +34,10 @@ from ckptmap.mapping.plan import FileTask, Plan, SourceSlice, StoragePiece, Stor
 from ckptmap.mapping.rules import EXPERT, LAYER
 
 
+SOURCE_DIALECT = "source"
+DIALECT_CHOICES = (SOURCE_DIALECT, "torch", "msadapter")
+
+
 @attrs.frozen
 class Ms2PtOptions:
     ms_path: str
@@ -48,6 +57,8 @@ class Ms2PtOptions:
     rules: str = "auto"
     layout: str = "auto"                 # v1 | v2 | auto
     file_prefix: str = mindspeed.DEFAULT_PREFIX
+    dialect: str = SOURCE_DIALECT        # source (as pt_meta recorded) | torch | msadapter
+    rng: str = "refuse"                  # when translating: refuse | drop | keep (dialect_translate.RNG_POLICIES)
 
 
 @attrs.frozen
@@ -220,16 +231,18 @@ def compile_ms2pt(opt: Ms2PtOptions) -> Plan:
                            f"convert one consistent checkpoint")
     out_iteration = iterations.pop()
 
+    dialects = _DialectChoice(opt)
     for tp, pp, ep, meta, matched in ranks:
         ms_file, specs, scalars = sources[(tp, pp, ep)]
         rank_dir = (f"{megatron_folders.iter_dir_name(out_iteration)}/"
                     f"{megatron_folders.mp_rank_dir_name(tp, pp, pp_found, ep_name(ep))}")
         weights = {(m.tensor.chunk, m.tensor.name): _reverse_task(m, layout, pp, ep, env) for m in matched}
-        plan_files.append(_model_file(meta, rank_dir, weights, ms_file, specs, out_iteration,
-                                      opt.convert_param_only, scalars))
+        plan_files.append(dialects.add(_model_file(meta, rank_dir, weights, ms_file, specs, out_iteration,
+                                                   opt.convert_param_only, scalars), meta))
         if not opt.convert_param_only:
-            plan_files.append(_optim_file(meta, rank_dir, matched, layout, pp, tp, rules, ms_file, specs,
-                                          maps_of, memo, ep, ep_name(ep), env))
+            plan_files.append(dialects.add(_optim_file(meta, rank_dir, matched, layout, pp, tp, rules, ms_file, specs,
+                                                       maps_of, memo, ep, ep_name(ep), env), meta))
+    dialects.check()
     if not opt.convert_param_only:
         # the checkpoint describes its own bucket layout, as with ckptmap.hooks.megatron
         iter_maps = f"{megatron_folders.iter_dir_name(out_iteration)}/{megatron_folders.PARAM_MAP_DIR}"
@@ -238,8 +251,49 @@ def compile_ms2pt(opt: Ms2PtOptions) -> Plan:
     info = {"source": str(ms_root), "layout": layout_name, "pt_meta": str(meta_dir), "iteration": out_iteration,
             "rules": rules.name, "tp": tp_found, "pp": pp_found, "vpp": chunks, "num_layers": num_layers,
             "noop": sorted(opt.noop),
-            "mode": "weights only" if opt.convert_param_only else "weights + distributed optimizer"}
+            "mode": "weights only" if opt.convert_param_only else "weights + distributed optimizer",
+            "dialect": dialects.describe()}
     return Plan("ms2pt", str(Path(opt.megatron_path)), tuple(plan_files), info)
+
+
+class _DialectChoice:
+    """Which torch zip dialect each Megatron file is written in (``--dialect``): the one pt_meta recorded
+    for it, or the one asked for. Checked while planning — a translation's refusals (RNG states
+    without --drop-rng / --keep-foreign-rng, storage kinds, …) come before anything is written."""
+
+    def __init__(self, opt: Ms2PtOptions):
+        if opt.dialect not in DIALECT_CHOICES:
+            raise CkptmapError(f"--dialect {opt.dialect}: use one of {', '.join(DIALECT_CHOICES)}")
+        self.wanted, self.rng = opt.dialect, opt.rng
+        self.pairs: set[tuple[str, str]] = set()
+
+    def add(self, task: FileTask, meta: _MetaRank) -> FileTask:
+        which = task.extra["skeleton"]
+        source = pt_meta.source_dialect(meta.meta, which)
+        target = source if self.wanted == SOURCE_DIALECT else self.wanted
+        if target != source:
+            pt_meta.check_write(meta.path, which, target, self.rng, f"{task.path} (from {meta.path})")
+        self.pairs.add((source, target))
+        return attrs.evolve(task, extra={**task.extra, "dialect": target, "rng": self.rng})
+
+    def check(self) -> None:
+        if self.rng != "refuse" and all(s == t for s, t in self.pairs):
+            flag = "--drop-rng" if self.rng == "drop" else "--keep-foreign-rng"
+            raise CkptmapError(f"{flag} applies when ms2pt writes another dialect than the Megatron files were read "
+                               f"in (--dialect torch for an MSAdapter checkpoint); these files are written back as "
+                               f"{' and '.join(sorted({t for _, t in self.pairs}))}, RNG states unchanged — leave "
+                               f"{flag} out")
+
+    def describe(self) -> str:
+        parts = []
+        for source, target in sorted(self.pairs):
+            if source == target:
+                parts.append(f"{target} (as read)")
+            else:
+                rng = {"drop": "RNG states dropped", "keep": "RNG states kept unchanged (foreign)",
+                       "refuse": "no RNG states"}[self.rng]
+                parts.append(f"{target} (from {source}; {rng})")
+        return " + ".join(parts)
 
 
 def _reverse_task(m, layout, pp, ep, env) -> tuple:
@@ -387,7 +441,9 @@ def _optim_file(meta: _MetaRank, rank_dir, matched, layout, pp, tp, rules, ms_fi
     # the skeleton with its placeholders bound to the TensorRefs they stand for, so that the
     # distrib_optim.pt parser reads it like the file it came from
     bound = _bind_placeholders(skeleton, refs)
-    _, _, storage, buffers_meta = megatron_files.parse_optim_state(bound, f"{meta.path} (distrib_optim skeleton)")
+    _, _, storage, buffers_meta = megatron_files.parse_optim_state(   # numel_unpadded as a 0-d tensor: kept bytes
+        bound, f"{meta.path} (distrib_optim skeleton)",
+        lambda ref: int(pt_meta.kept_array(meta.path, m_meta, "distrib_optim", ref)))
     recorded = meta.root.get("bucket_layouts")
     if recorded is None:   # pt_meta of an earlier ckptmap: every buffer of every chunk, in order
         recorded = []

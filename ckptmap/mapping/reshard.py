@@ -375,6 +375,10 @@ def compile_reshard(opt: ReshardOptions) -> Plan:
                                        rules=opt.rules, megatron_version=opt.megatron_version,
                                        main_param_check=opt.main_param_check, noop=tuple(opt.noop),
                                        parallel_init_order=opt.parallel_init_order))
+    if "msadapter" in src.dialects:
+        raise CkptmapError(f"{src.ckdir.root}: the checkpoint is in MSAdapter's torch dialect (MindSpeed-Core-MS); reshard "
+                           f"writes stock Megatron files — convert it first (ckptmap convert --from msadapter --to torch "
+                           f"--src … --dst …), reshard that, and convert back with --to msadapter if needed")
     if not opt.convert_param_only:
         src.with_optimizer()
     model = SourceModel(src)
