@@ -312,7 +312,8 @@ def test_plan_dry_run_shows_the_dialect(tmp_path, converted, capsys):
     assert ", dialect msadapter," in capsys.readouterr().out
     assert main(["plan", "pt2ms", "--megatron-path", str(megatron_fixture_dir("legacy_tp1pp1dp1")), "--ms-path",
                  str(tmp_path / "x"), "--dry-run", "--convert-param-only"]) == 0
-    assert "mode weights only, dialect torch\n" in capsys.readouterr().out
+    header = capsys.readouterr().out.splitlines()[1]
+    assert ", dialect torch," in header and ", mode weights only" in header
     assert main(["plan", "ms2pt", "--ms-path", str(converted[SHARED]), "--megatron-path", str(tmp_path / "x"),
                  "--dry-run"]) == 0
     assert "dialect msadapter (as read)" in capsys.readouterr().out

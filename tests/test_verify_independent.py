@@ -233,7 +233,7 @@ def test_rule_ops_are_applied_by_verify(tmp_path, capsys):
     src = fixture_dir("legacy_tp1pp1dp1")
     text = LEGACY_RULES.read_text()
     dense = "=> language_model.encoder.layers.{layer}.attention.out_proj.weight\n   tp: split(dim=1)"
-    fc1 = "=> language_model.encoder.layers.{layer}.mlp.mapping.{p}\n   tp: split(dim=0, halves=2)"
+    fc1 = "=> language_model.encoder.layers.{layer}.mlp.mapping.{p}\n   tp: split(dim=0, halves=2 when swiglu)"
     assert dense in text and fc1 in text
     text = text.replace(dense, dense + "\n   ops: transpose(0, 1)")
     text = text.replace(fc1, fc1 + "\n   ops: chunk_interleave(0, 2)")
