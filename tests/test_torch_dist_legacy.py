@@ -94,3 +94,27 @@ def test_weights_only_from_bucket_space(mcore_standard, tmp_path):
     out = tmp_path / "w"
     convert(run.dir / "torch_dist_dp_reshardable", out, "--convert-param-only")
     assert not list(out.rglob("distrib_optim.pt")) and len(list(out.rglob("model_optim_rng.pt"))) == 4
+
+
+def test_pt2ms_reads_torch_dist(mcore_standard, tmp_path):
+    """pt2ms of a torch_dist save (composed through legacy files in a temporary folder) gives exactly the
+    MindSpore files pt2ms makes of the same run's own legacy save (every key, dtype and value, read by
+    mindspore.load_checkpoint), and leaves no temporary folder behind."""
+    import mindspore as ms
+    import numpy as np
+
+    run = mcore_standard("0.12.1", "dense")
+    outs = {}
+    for name, src in (("dist", run.dir / "torch_dist_fully_sharded_model_space"), ("legacy", run.dir / "legacy")):
+        outs[name] = tmp_path / name
+        assert main(["pt2ms", "--megatron-path", str(src), "--ms-path", str(outs[name]), "--megatron-version", "0.12.1",
+                     "--no-progress", "--multiprocess-off"]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dist", "legacy"]
+    files = sorted(p.relative_to(outs["legacy"]) for p in outs["legacy"].rglob("*.ckpt"))
+    assert files and files == sorted(p.relative_to(outs["dist"]) for p in outs["dist"].rglob("*.ckpt"))
+    for f in files:
+        a, b = ms.load_checkpoint(str(outs["legacy"] / f)), ms.load_checkpoint(str(outs["dist"] / f))
+        assert list(a) == list(b), f
+        for k in a:
+            assert a[k].dtype == b[k].dtype and np.array_equal(a[k].asnumpy().reshape(-1).view(np.uint8),
+                                                                b[k].asnumpy().reshape(-1).view(np.uint8)), (f, k)

@@ -96,6 +96,15 @@ def iteration_dir(src) -> tuple[Path, str]:
     return it, text
 
 
+def is_torch_dist_source(path) -> bool:
+    """Whether ``path`` is a torch_dist iter folder or a --save folder whose tracker names one."""
+    try:
+        iteration_dir(path)
+        return True
+    except CkptmapError:
+        return False
+
+
 def _arg(args, name, default=None):
     value = getattr(args, name, None)
     return default if value is None else value
