@@ -118,3 +118,35 @@ def test_pt2ms_reads_torch_dist(mcore_standard, tmp_path):
         for k in a:
             assert a[k].dtype == b[k].dtype and np.array_equal(a[k].asnumpy().reshape(-1).view(np.uint8),
                                                                 b[k].asnumpy().reshape(-1).view(np.uint8)), (f, k)
+
+
+def test_bad_input_is_refused_before_writing(mcore_standard, tmp_path, capsys):
+    """A missing .distcp, a .metadata of another checkpoint, an unknown sharding type: exit 2, the file and
+    what to do named, no output folder."""
+    import shutil
+
+    from ckptmap.formats import torch_zip_reader as tzr
+    from ckptmap.formats import torch_zip_writer as tzw
+
+    run = mcore_standard("0.12.1", "dense")
+    src = run.dir / "torch_dist_fully_sharded_model_space" / "iter_0000001"
+
+    def attempt(bad, *want):
+        out = tmp_path / "out"
+        assert main(["convert", "--from", "torch_dist", "--to", "torch", "--src", str(bad), "--dst", str(out),
+                     "--no-progress"]) == 2
+        err = capsys.readouterr().err
+        assert all(w in err for w in want), err
+        assert not out.exists() and not list(tmp_path.glob(".out*"))
+
+    bad = shutil.copytree(src, tmp_path / "missing")
+    (bad / "__1_0.distcp").unlink()
+    attempt(bad, "__1_0.distcp is missing")
+    bad = shutil.copytree(src, tmp_path / "other-metadata")
+    shutil.copy(run.dir / "torch_dist_dp_zero_gather_scatter" / "iter_0000001" / ".metadata", bad / ".metadata")
+    attempt(bad, str(bad))
+    bad = shutil.copytree(src, tmp_path / "unknown-type")
+    common = tzr.TorchZipFile(bad / "common.pt").root
+    common["optimizer"]["param_state_sharding_type"] = "sharded_by_magic"
+    tzw.save(common, bad / "common.pt")
+    attempt(bad, "unknown optimizer sharding type 'sharded_by_magic'")
