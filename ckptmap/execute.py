@@ -73,14 +73,18 @@ class _Sources:
             reader = self._open[path] = registry.open_reader(path)
         return reader
 
-    def slice(self, s) -> np.ndarray:
-        """The elements of a SourceSlice (flat when it is a range, else in the tensor's shape)."""
-        reader = self.reader(s.file)
+    @staticmethod
+    def _check_spec(reader, s) -> None:
         spec = reader.spec(s.key)
         if tuple(spec.shape) != tuple(s.shape) or spec.dtype != s.dtype:
             raise CkptmapError(
                 f"{s.file}: tensor {s.key} is {spec.dtype} {list(spec.shape)} but the plan expects {s.dtype} "
                 f"{list(s.shape)}; the source changed since the plan was made — re-create the plan")
+
+    def slice(self, s) -> np.ndarray:
+        """The elements of a SourceSlice (flat when it is a range, else in the tensor's shape)."""
+        reader = self.reader(s.file)
+        self._check_spec(reader, s)
         t = reader.array(s.key)
         if s.start or s.numel is not None:
             t = t.reshape(-1)[s.start:s.start + s.count]
@@ -105,8 +109,13 @@ class _Sources:
     def _assemble(self, task: TensorTask) -> np.ndarray:
         out = np.zeros(task.src_shape, dtype=dtypes.storage(task.src_dtype))
         for r in task.reads:
-            src = self.slice(r.source).reshape(r.view)
-            box = src[tuple(slice(o, o + n) for o, n in zip(r.offsets, r.lengths))]
+            reader = self.reader(r.source.file)
+            if hasattr(reader, "read_range_box"):   # torch_dist: read the chunks under the box, not the global tensor
+                self._check_spec(reader, r.source)
+                box = reader.read_range_box(r.source.key, r.source.start, r.source.numel, r.view, r.offsets, r.lengths)
+            else:
+                src = self.slice(r.source).reshape(r.view)
+                box = src[tuple(slice(o, o + n) for o, n in zip(r.offsets, r.lengths))]
             lengths = r.dst_lengths or r.lengths
             out[tuple(slice(o, o + n) for o, n in zip(r.dst_offsets, lengths))] = box
         if task.replicas:
@@ -189,6 +198,10 @@ def _storage_bytes(storages, sources: "_Sources", progress):
     return fill
 
 
+_MEGATRON_WRITERS = {"megatron_model": "write_model", "megatron_optim": "write_optim",
+                     "megatron_model_dist": "write_model_from_dist"}
+
+
 def write_file(task: FileTask, root: Path, progress=None, fsync: bool = False) -> int:
     """Write one FileTask atomically; returns the bytes of tensor data written."""
     final = root / task.path
@@ -202,10 +215,10 @@ def write_file(task: FileTask, root: Path, progress=None, fsync: bool = False) -
         finally:
             sources.close()
         return task.nbytes
-    if task.format in ("megatron_model", "megatron_optim"):   # a Megatron file of a new layout (reshard)
+    if task.format in _MEGATRON_WRITERS:   # a Megatron file of a new layout (reshard, torch_dist -> torch)
         sources = _Sources()
         try:
-            write = megatron_write.write_model if task.format == "megatron_model" else megatron_write.write_optim
+            write = getattr(megatron_write, _MEGATRON_WRITERS[task.format])
             write(final, task.extra, _storage_bytes(task.storages, sources, progress), fsync=fsync)
         finally:
             sources.close()

@@ -23,7 +23,43 @@ EXIT_BAD_INPUT = 2
 
 
 def cmd_convert(ns) -> int:
+    if ns.command == "pt2ms":
+        from ckptmap.mapping.torch_dist_legacy import is_torch_dist_source
+        if is_torch_dist_source(ns.megatron_path):
+            return _pt2ms_from_torch_dist(ns)
     return show_or_run(_compile(ns), ns)
+
+
+def _pt2ms_from_torch_dist(ns) -> int:
+    """pt2ms of a torch_dist checkpoint, composed: the checkpoint is first written as legacy Megatron files
+    at its own layout (``convert --from torch_dist --to torch``) into a temporary folder beside --ms-path,
+    which pt2ms then reads and which is removed afterwards. Costs one extra write and read of the
+    checkpoint's bytes (and that much free space beside --ms-path while it runs)."""
+    import shutil
+
+    from ckptmap.mapping.torch_dist_legacy import DistToLegacyOptions, compile_torch_dist_to_legacy
+
+    out = Path(ns.ms_path)
+    tmp = atomic.temp_name(out.parent / f"{out.name}-torch-dist-as-legacy")
+    legacy = compile_torch_dist_to_legacy(DistToLegacyOptions(
+        ns.megatron_path, str(tmp), convert_param_only=ns.convert_param_only,
+        target_megatron_version=ns.megatron_version))
+    print(f"{ns.megatron_path} is a torch_dist checkpoint: written as legacy Megatron files into {tmp} first "
+          f"(removed afterwards), then converted by pt2ms")
+    if ns.dry_run:
+        print_plan(legacy)
+        print(f"\nthen: pt2ms --megatron-path {tmp} --ms-path {out} (planned once the legacy files exist)")
+        return 0
+    overwrite = ns.overwrite
+    try:
+        ns.overwrite = False
+        rc = run(legacy, ns)
+        if rc:
+            return rc
+        ns.megatron_path, ns.overwrite = str(tmp), overwrite
+        return show_or_run(_compile(ns), ns)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _compile(ns):
