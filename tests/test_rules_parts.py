@@ -24,6 +24,7 @@ from ckptmap.errors import CkptmapError
 from ckptmap.formats import torch_zip_reader
 from ckptmap.mapping import ops as tensor_ops
 from ckptmap.mapping.rules import load_rules, parse_rules
+from ckptmap.verify import verify
 from conftest import fixture_dir
 
 HF_RULES = Path(__file__).resolve().parents[1] / "ckptmap" / "rules" / "examples" / "megatron_core_gpt_hf.rules"
@@ -182,6 +183,16 @@ def test_hf_rules_pt2ms_optimizer_values_and_ms2pt_byte_identical(tmp_path):
         for k, v in want.items():   # fp32 main params and both moments, split like the weights
             assert tensors[k].dtype == np.float32 and np.array_equal(tensors[k], v), k
         assert not [k for k in got if ("linear_qkv" in k or "linear_fc1" in k)]
+    # verify (its own numpy slicing of the parts) agrees, and tells gate from up
+    assert main(["verify", str(fixture), str(out), "--rules", str(HF_RULES)]) == 0
+    swapped = tmp_path / "swapped.rules"
+    text = HF_RULES.read_text()
+    fc1 = "   parts: gate_proj = ffn_hidden_size / tp,\n          up_proj = ffn_hidden_size / tp\n"
+    assert text.count(fc1) == 1
+    swapped.write_text(text.replace(fc1, "   parts: up_proj = ffn_hidden_size / tp, gate_proj = ffn_hidden_size / tp\n"))
+    differing = {name for r in verify(fixture, out, rules=str(swapped)) for name, _ in r.differing}
+    assert {"model.layers.0.mlp.gate_proj.weight", "exp_avg.model.layers.3.mlp.up_proj.weight"} <= differing
+    assert differing == {n for n in differing if "gate_proj" in n or "up_proj" in n}
     meta = torch_zip_reader.read_objects(out / "pt_meta" / "args_tp00_pp000.pt")
     assert meta["rules_config"] == {"ffn_hidden_size": 66, "kv_channels": 8, "num_attention_heads": 4,
                                     "num_query_groups": 2, "tp": 2}
