@@ -26,6 +26,7 @@ from ckptmap.mapping import ops as tensor_ops
 from ckptmap.mapping.rules import load_rules, parse_rules
 from ckptmap.verify import verify
 from conftest import fixture_dir
+from mcore_versions.fixtures import mcore_standard  # noqa: F401  (session fixture)
 
 HF_RULES = Path(__file__).resolve().parents[1] / "ckptmap" / "rules" / "examples" / "megatron_core_gpt_hf.rules"
 RUN = ["--no-progress", "--multiprocess-off"]
@@ -299,5 +300,39 @@ def test_hf_rules_on_megatron_core_0_12_with_two_groups_per_shard(tmp_path):
     assert main(["ms2pt", "--ms-path", str(out), "--megatron-path", str(back), "--rules", str(HF_RULES)] + RUN) == 0
     files = megatron_files(src)
     assert len(files) == 4 and megatron_files(back) == files
+    for rel in files:
+        assert filecmp.cmp(src / rel, back / rel, shallow=False), rel
+
+
+@pytest.mark.mcore_versions
+def test_hf_rules_on_megatron_core_0_12_pipeline_interleaved_tied(tmp_path, mcore_standard):
+    """The harness's `dense` case: TP 2 x PP 2 x VPP 2 x DP 2, tied embeddings across the pipeline
+    (the last stage's output_layer is the shared copy), GQA, SwiGLU, biases, several buckets."""
+    run = mcore_standard("0.12.1", "dense")
+    c = run.case
+    cfg = {"query_groups": c.query_groups, "heads": c.heads, "kv_channels": c.hidden // c.heads, "tp": c.tp}
+    src, out, back = run.dir / "legacy", tmp_path / "ms", tmp_path / "back"
+    assert main(["pt2ms", "--megatron-path", str(src), "--ms-path", str(out), "--rules", str(HF_RULES)] + RUN) == 0
+    per_chunk = c.num_layers // (c.pp * c.vpp)
+    for (tp, pp, _), rank in run.truth["ranks"].items():
+        want = {}
+        for ci, chunk in enumerate(rank["chunks"]):
+            for ddp, states in chunk["live"].items():
+                name = ddp[len("module."):]
+                parts = name.split(".")
+                if parts[:2] == ["decoder", "layers"]:   # Megatron's chunk-local layer -> global
+                    parts[2] = str((ci * c.pp + pp) * per_chunk + int(parts[2]))
+                for state in ("param", "exp_avg", "exp_avg_sq"):
+                    prefix = "" if state == "param" else state + "."
+                    want.update({prefix + k: v for k, v in
+                                 expected(".".join(parts), states[state].numpy(), cfg, c.tp).items()})
+        got = load_ms(out / f"rank_{tp + c.tp * c.dp * pp}" / "network.ckpt")
+        assert sorted(k for k in got if k in want) == sorted(want)
+        for k, v in want.items():
+            assert np.array_equal(got[k], v), k
+    assert "lm_head.weight" in got and "model.layers.3.mlp.gate_proj.bias" in got
+    assert main(["ms2pt", "--ms-path", str(out), "--megatron-path", str(back), "--rules", str(HF_RULES)] + RUN) == 0
+    files = megatron_files(src)
+    assert len(files) == 8 and megatron_files(back) == files
     for rel in files:
         assert filecmp.cmp(src / rel, back / rel, shallow=False), rel
