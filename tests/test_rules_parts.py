@@ -273,6 +273,7 @@ def test_optimizer_state_names_come_from_the_rules(tmp_path, capsys):
 # the real megatron-core 0.12.1: 2 query groups per TP shard (the per-group interleaving shows)
 
 @pytest.mark.mcore_versions
+@pytest.mark.slow
 def test_hf_rules_on_megatron_core_0_12_with_two_groups_per_shard(tmp_path):
     from hf_gqa_case import CASE, gqa_run
 
@@ -305,6 +306,7 @@ def test_hf_rules_on_megatron_core_0_12_with_two_groups_per_shard(tmp_path):
 
 
 @pytest.mark.mcore_versions
+@pytest.mark.slow
 def test_hf_rules_on_megatron_core_0_12_pipeline_interleaved_tied(tmp_path, mcore_standard):
     """The harness's `dense` case: TP 2 x PP 2 x VPP 2 x DP 2, tied embeddings across the pipeline
     (the last stage's output_layer is the shared copy), GQA, SwiGLU, biases, several buckets."""
