@@ -144,6 +144,7 @@ class _Out:
     ops: tuple
     src_shape: tuple                 # the Megatron elements viewed so, before ops
     ranges: tuple | None = None      # ((start, numel), ...); None: the whole tensor
+    part: str | None = None
 
 
 def _ranged(source: SourceSlice, ranges) -> tuple[SourceSlice, ...]:
@@ -168,7 +169,7 @@ def rules_config(rules, env: dict) -> dict:
 def _weight_task(m: _Matched, layout, pp, path, dtype_option, env, seen, ep: int = 0) -> list[TensorTask]:
     source = SourceSlice(str(path), m.tensor.key, m.tensor.dtype, m.tensor.shape)
     return [TensorTask(o.name, o.dtype, o.shape, _ranged(source, o.ranges), m.tensor.dtype, o.src_shape, o.ops,
-                       note=m.tensor.name if o.ranges is None else f"{m.tensor.name} · part {o.name}")
+                       note=m.tensor.name if o.ranges is None else f"{m.tensor.name} · part {o.part}")
             for o in _weight_parts(m, layout, pp, path, dtype_option, env, seen, ep)]
 
 
@@ -197,7 +198,7 @@ def _weight_parts(m: _Matched, layout, pp, path, dtype_option, env, seen, ep: in
         if dtype_option != "keep" and dtype in FLOAT_DTYPES and dtype != dtype_option:
             op, shape, dtype = tensor_ops.resolve("cast", (dtype_option,), shape, dtype, renv, where)
             concrete.append(op)
-        out.append(_Out(name, dtype, tuple(shape), tuple(concrete), src_shape, ranges))
+        out.append(_Out(name, dtype, tuple(shape), tuple(concrete), src_shape, ranges, part))
     return out
 
 
@@ -243,7 +244,7 @@ def _optimizer_tasks(rank, src, opt, seen) -> list[TensorTask]:
                         rounds_to = weight
                 tasks.append(TensorTask(patterns[state].format({"name": out.name}), dtype, shape,
                                         sources, "float32", out.src_shape, tuple(concrete),
-                                        note=note if out.ranges is None else f"{note} · part {out.name}",
+                                        note=note if out.ranges is None else f"{note} · part {out.part}",
                                         rounds_to=rounds_to))
     used = {(m.tensor.chunk, ddp_name(m, memo)) for m in rank.matched}
     for (v, name), (_, g, bl, _) in slots.items():
