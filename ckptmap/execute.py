@@ -155,7 +155,12 @@ def expected_array(task: TensorTask, sources: _Sources) -> np.ndarray:
     if not task.sources and not task.reads:
         value = np.array(task.value, dtype=dtypes.storage(task.dtype))
         return np.full(task.shape, value) if value.ndim == 0 else value.reshape(task.shape)
-    value = tensor_ops.apply_all(task.ops, sources.array(task))
+    try:
+        value = tensor_ops.apply_all(task.ops, sources.array(task))
+    except tensor_ops.InexactCast as e:
+        where = task.sources[0] if task.sources else task.reads[0].source
+        raise CkptmapError(f"{task.name} (from {where.file}, {where.key}): {e}; the values cannot be kept in the "
+                           f"dtype the target needs — convert them on the MindSpore side first") from None
     if tuple(value.shape) != tuple(task.shape) or value.dtype != dtypes.storage(task.dtype):
         raise CkptmapError(f"internal error: {task.name} came out {value.dtype} {list(value.shape)}, "
                            f"plan says {task.dtype} {list(task.shape)}")

@@ -121,6 +121,11 @@ def add_ms2pt_flags(p: argparse.ArgumentParser) -> None:
                         "PyTorch files from an MSAdapter checkpoint (RNG states: see --drop-rng).")
     from ckptmap.cli.convert import add_rng_flags
     add_rng_flags(c)
+    c.add_argument("--cast-exact", action="store_true",
+                   help="Accept MindSpore tensors of other dtypes than Megatron's or float32 (e.g. int32, float16 "
+                        "for bfloat16) when every value survives the cast bit for bit; checked element by element.")
+    c.add_argument("--allow-extra", action="store_true",
+                   help="Leave out MindSpore tensors no rule reads back (listed in the plan) instead of refusing.")
     c.add_argument("--dry-run", action="store_true", help="Print the plan and write nothing.")
 
 
@@ -135,7 +140,8 @@ def ms2pt_options(ns):
         vpp_size=ns.vpp_size, src_model_format=ns.src_model_format, noop=tuple(ns.noop),
         stage_list=parse_stage_list(ns.stage_list) if ns.stage_list else None,
         parallel_init_order=ns.parallel_init_order, convert_param_only=ns.convert_param_only, rules=ns.rules,
-        layout=ns.layout, file_prefix=ns.file_prefix, dialect=ns.dialect, rng=rng_policy(ns))
+        layout=ns.layout, file_prefix=ns.file_prefix, dialect=ns.dialect, rng=rng_policy(ns),
+        cast_exact=ns.cast_exact, allow_extra=ns.allow_extra)
 
 
 def pt2ms_options(ns):

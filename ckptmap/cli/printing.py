@@ -7,7 +7,7 @@ import sys
 import textwrap
 
 
-NOTES = ("param_map_ignored",)   # info entries printed one per line
+NOTES = ("param_map_ignored", "left_out")   # info entries printed one per line
 
 
 def human_bytes(n: int) -> str:

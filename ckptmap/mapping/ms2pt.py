@@ -31,7 +31,7 @@ from ckptmap.mapping import ops as tensor_ops
 from ckptmap.mapping.megatron_source import (RankMemo, global_bindings, check_layers, check_size, choose_rules, ddp_name, listing,
                                       maps_by_chunk, match_rules, planning)
 from ckptmap.mapping.layout import ParallelLayout
-from ckptmap.mapping.plan import FileTask, Plan, SourceSlice, StoragePiece, StorageTask, TensorTask
+from ckptmap.mapping.plan import FileTask, Op, Plan, SourceSlice, StoragePiece, StorageTask, TensorTask
 from ckptmap.mapping.rules import EXPERT, LAYER
 
 
@@ -60,6 +60,8 @@ class Ms2PtOptions:
     file_prefix: str = mindspeed.DEFAULT_PREFIX
     dialect: str = SOURCE_DIALECT        # source (as pt_meta recorded) | torch | msadapter
     rng: str = "refuse"                  # when translating: refuse | drop | keep (dialect_translate.RNG_POLICIES)
+    cast_exact: bool = False             # other dtypes than expected: cast if every value survives it
+    allow_extra: bool = False            # MindSpore tensors no rule reads: listed in the plan and left out
 
 
 @attrs.frozen
@@ -237,16 +239,24 @@ def compile_ms2pt(opt: Ms2PtOptions) -> Plan:
     out_iteration = iterations.pop()
 
     dialects = _DialectChoice(opt)
+    left_out: list[str] = []
     for tp, pp, ep, meta, matched in ranks:
         ms_file, specs, scalars = sources[(tp, pp, ep)]
         rank_dir = (f"{megatron_folders.iter_dir_name(out_iteration)}/"
                     f"{megatron_folders.mp_rank_dir_name(tp, pp, pp_found, ep_name(ep))}")
         weights = {(m.tensor.chunk, m.tensor.name): _reverse_task(m, layout, pp, ep, env) for m in matched}
         plan_files.append(dialects.add(_model_file(meta, rank_dir, weights, ms_file, specs, out_iteration,
-                                                   opt.convert_param_only, scalars), meta))
+                                                   opt.convert_param_only, scalars, opt.cast_exact), meta))
         if not opt.convert_param_only:
             plan_files.append(dialects.add(_optim_file(meta, rank_dir, matched, layout, pp, tp, rules, ms_file, specs,
-                                                       maps_of, memo, ep, ep_name(ep), env), meta))
+                                                       maps_of, memo, ep, ep_name(ep), env, opt.cast_exact), meta))
+        extra = _unread_tensors(specs, weights, rules, meta, out_iteration, layout_name)
+        if extra and not opt.allow_extra:
+            raise CkptmapError(f"{ms_file} holds {len(extra)} tensor(s) no rule reads back into Megatron: "
+                               f"{listing(extra)}; they would be lost. Add rules for them (--rules), or pass "
+                               f"--allow-extra to leave them out (the plan lists them)")
+        if extra:
+            left_out.append(f"{ms_file}: {len(extra)} tensor(s) left out (--allow-extra): {listing(extra)}")
     dialects.check()
     if not opt.convert_param_only:
         # the checkpoint describes its own bucket layout, as with ckptmap.hooks.megatron
@@ -258,6 +268,8 @@ def compile_ms2pt(opt: Ms2PtOptions) -> Plan:
             "noop": sorted(opt.noop), **({"config": config_used} if config_used else {}),
             "mode": "weights only" if opt.convert_param_only else "weights + distributed optimizer",
             "dialect": dialects.describe()}
+    if left_out:
+        info["left_out"] = left_out
     return Plan("ms2pt", str(Path(opt.megatron_path)), tuple(plan_files), info)
 
 
@@ -335,13 +347,14 @@ def _reverse_task(m, layout, pp, ep, env) -> list[_Back]:
     return out
 
 
-def _source_pieces(name, ms_file, specs, backs, out_dtype, megatron_shape) -> list[tuple[int, TensorTask]]:
+def _source_pieces(name, ms_file, specs, backs, out_dtype, megatron_shape,
+                   cast_exact: bool = False) -> list[tuple[int, TensorTask]]:
     """[(element offset in the Megatron tensor, task)]: the whole tensor from one MindSpore tensor, or
     each part's rows of every block put back where pt2ms took them from (the parts' inverse)."""
     pieces = []
     for b in backs:
         task = _source_task(name, ms_file, specs, b.ms_name, b.ms_shape, b.inverse, out_dtype,
-                            megatron_shape if b.ranges is None else b.ms_shape)
+                            megatron_shape if b.ranges is None else b.ms_shape, cast_exact)
         if b.ranges is None:
             pieces.append((0, task))
             continue
@@ -355,7 +368,16 @@ def _source_pieces(name, ms_file, specs, backs, out_dtype, megatron_shape) -> li
     return pieces
 
 
-def _source_task(name, ms_file, specs, ms_name, ms_shape, inverse, out_dtype, megatron_shape) -> TensorTask:
+# Casts ms2pt makes without being asked: float32 -> the training dtype undoes pt2ms's default float32
+# output (MindSpeed also trains in float32 master weights; rounded to nearest even, as Megatron does),
+# and widening a float loses nothing.
+_EXPECTED_CASTS = frozenset({("float32", "bfloat16"), ("float32", "float16"), ("bfloat16", "float32"),
+                             ("float16", "float32"), ("bfloat16", "float64"), ("float16", "float64"),
+                             ("float32", "float64")})
+
+
+def _source_task(name, ms_file, specs, ms_name, ms_shape, inverse, out_dtype, megatron_shape,
+                 cast_exact: bool = False) -> TensorTask:
     spec = specs.get(ms_name)
     if spec is None:
         raise CkptmapError(f"{ms_file} has no tensor {ms_name} (needed for Megatron's {name}); the MindSpore "
@@ -367,10 +389,32 @@ def _source_task(name, ms_file, specs, ms_name, ms_shape, inverse, out_dtype, me
                            f"parallel layout than pt_meta describes")
     ops = list(inverse)
     if src_dtype != out_dtype:
-        ops.append(tensor_ops.resolve("cast", (out_dtype,), tuple(megatron_shape), src_dtype, {}, name)[0])
+        if (src_dtype, out_dtype) in _EXPECTED_CASTS:
+            kind = "cast"
+        elif cast_exact:
+            kind = "cast_exact"
+        else:
+            raise CkptmapError(
+                f"{ms_file}: tensor {ms_name} is {src_dtype}, but Megatron's {name} is {out_dtype}; ckptmap expects "
+                f"{out_dtype} or float32 there (what pt2ms writes) and does not cast other dtypes silently. If every "
+                f"value is representable in {out_dtype}, pass --cast-exact (each element is checked while "
+                f"converting; the run fails on the first that would change); otherwise convert the checkpoint "
+                f"MindSpore saved in the expected dtype")
+        ops.append(Op(kind, (src_dtype, out_dtype)))
     return TensorTask(name, out_dtype, tuple(megatron_shape),
                       (SourceSlice(str(ms_file), ms_name, src_dtype, tuple(src_shape)),),
                       src_dtype, tuple(src_shape), tuple(ops), note=ms_name)
+
+
+def _unread_tensors(specs, weights, rules, meta: _MetaRank, iteration, layout_name) -> list[str]:
+    """Tensors of a MindSpore file that ms2pt reads back in neither mode: not a weight a rule maps, not
+    that weight's optimizer state, not a step / optimizer / scheduler scalar pt2ms writes."""
+    known = {b.ms_name for backs in weights.values() for b in backs}
+    known |= {rules.state_pattern(state).format({"name": name})
+              for name in list(known) for state in megatron_files.OPTIM_STATES}
+    known |= {key for _, key, _ in mindspeed.scalar_fields(meta.root)}
+    known |= {row[0] for row in mindspeed.step_scalars(int(iteration or 0), "v2")}
+    return sorted(k for k, (dtype, _) in specs.items() if k not in known and dtype != "str")  # strings: not tensors
 
 
 def _tiled(key, dtype, numel, pieces, padding, meta_path, which) -> StorageTask:
@@ -394,11 +438,13 @@ def _tiled(key, dtype, numel, pieces, padding, meta_path, which) -> StorageTask:
     return StorageTask(key, dtype, numel, tuple(pieces))
 
 
-def _model_file(meta: _MetaRank, rank_dir, weights, ms_file, specs, iteration, param_only, scalars) -> FileTask:
+def _model_file(meta: _MetaRank, rank_dir, weights, ms_file, specs, iteration, param_only, scalars,
+                cast_exact: bool = False) -> FileTask:
     by_ref = {}
     for t in meta.tensors:
         index = int(t.key.split(megatron_files.KEY_SEP)[-1])
-        by_ref[index] = _source_pieces(t.name, ms_file, specs, weights[(t.chunk, t.name)], t.dtype, t.shape)
+        by_ref[index] = _source_pieces(t.name, ms_file, specs, weights[(t.chunk, t.name)], t.dtype, t.shape,
+                                       cast_exact)
     per_storage: dict[str, tuple] = {}
     for i, fields in enumerate(meta.meta["model_tensors"]):
         ref = pt_meta.ref_from_fields(fields)
@@ -477,7 +523,7 @@ def _bind_placeholders(node, refs):
 
 
 def _optim_file(meta: _MetaRank, rank_dir, matched, layout, pp, tp, rules, ms_file, specs, maps_of,
-                memo=None, ep=0, ep_name=None, env=None) -> FileTask:
+                memo=None, ep=0, ep_name=None, env=None, cast_exact: bool = False) -> FileTask:
     m_meta = meta.meta
     if "distrib_optim" not in m_meta:
         raise CkptmapError(f"{meta.path} has no distributed-optimizer layout (the Megatron checkpoint had no "
@@ -547,7 +593,8 @@ def _optim_file(meta: _MetaRank, rank_dir, matched, layout, pp, tp, rules, ms_fi
                 ref_index, offset = placeholder_of[(gi, state, slot.bucket)], slot.start - bl.buckets[slot.bucket].start
             pieces_by_ref.setdefault(ref_index, []).extend(
                 (offset + off, task) for off, task in
-                _source_pieces(f"{state} of {m.tensor.name}", ms_file, specs, named, "float32", m.tensor.shape))
+                _source_pieces(f"{state} of {m.tensor.name}", ms_file, specs, named, "float32", m.tensor.shape,
+                               cast_exact))
     storages = []
     for i, fields in enumerate(refs):
         ref = pt_meta.ref_from_fields(fields)

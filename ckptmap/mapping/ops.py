@@ -4,6 +4,8 @@ exact inverse, so the reverse direction is the forward op list read backwards.
 
 Concrete ops:
   cast(src, dst)                 dtype change (bf16 -> fp32 is exact; its inverse is exact on such values)
+  cast_exact(src, dst)           a dtype change the user asked for (ms2pt --cast-exact): refused, naming an
+                                 element, unless every value survives it bit for bit
   transpose(a, b)                swap two dims; its own inverse
   reshape(in_shape, out_shape)   inverse swaps the shapes
   chunk_interleave(dim, n)       view ``dim`` as (n, size/n), swap, flatten: interleaves n chunks row
@@ -103,10 +105,14 @@ def _dim(d, shape, where) -> int:
     return d % len(shape)
 
 
+class InexactCast(CkptmapError):
+    """A cast_exact that would change a value; the executor adds which tensor and file."""
+
+
 def inverse(op: Op, shape_after: tuple[int, ...]) -> Op:
     """The op that undoes ``op``; ``shape_after`` is the shape ``op`` produced."""
-    if op.kind == "cast":
-        return Op("cast", (op.args[1], op.args[0]))
+    if op.kind in ("cast", "cast_exact"):
+        return Op(op.kind, (op.args[1], op.args[0]))
     if op.kind == "transpose":
         return op
     if op.kind == "reshape":
@@ -142,9 +148,31 @@ def cast(array: np.ndarray, src: str, dst: str) -> np.ndarray:
         return array.astype(dtypes.storage(dst))
 
 
+def cast_exact(array: np.ndarray, src: str, dst: str) -> np.ndarray:
+    """``cast``, refused when any element does not come back bit for bit (an int32 beyond 2**24 in
+    float32, a float16 in bfloat16, a NaN payload)."""
+    out = cast(array, src, dst)
+    back = cast(out, dst, src)
+    flat = np.ascontiguousarray(array).reshape(-1)
+    unsigned = f"u{flat.dtype.itemsize}"
+    changed = np.flatnonzero(flat.view(unsigned) != np.ascontiguousarray(back).reshape(-1).view(unsigned))
+    if changed.size:
+        i = int(changed[0])
+        raise InexactCast(f"the cast {src} -> {dst} is not exact: element {i} is {_shown(flat[i], src)}, which "
+                          f"{dst} holds as {_shown(np.ascontiguousarray(out).reshape(-1)[i], dst)} "
+                          f"({changed.size} of {flat.size} elements change)")
+    return out
+
+
+def _shown(value, dtype: str):
+    return float(bf16_to_f32(np.array([value]))[0]) if dtype == "bfloat16" else value.item()
+
+
 def apply(op: Op, array: np.ndarray) -> np.ndarray:
     if op.kind == "cast":
         return cast(array, *op.args)
+    if op.kind == "cast_exact":
+        return cast_exact(array, *op.args)
     if op.kind == "transpose":
         return np.swapaxes(array, *op.args)
     if op.kind == "reshape":
