@@ -22,7 +22,20 @@ from ckptmap.errors import CkptmapError
 EXIT_BAD_INPUT = 2
 
 
+def _composed(ns):
+    """pt2ms / ms2pt with --target-* sizes: the composition with a reshard (``compose``), else None."""
+    kind = getattr(ns, "plan_command", None) or ns.command
+    if kind in ("pt2ms", "ms2pt"):
+        from ckptmap.cli import compose
+        if compose.wants_reshard(ns):
+            return getattr(compose, kind)
+    return None
+
+
 def cmd_convert(ns) -> int:
+    composed = _composed(ns)
+    if composed is not None:
+        return composed(ns)
     return show_or_run(_compile(ns), ns)
 
 
@@ -38,6 +51,9 @@ def _compile(ns):
 
 
 def cmd_plan(ns) -> int:
+    composed = _composed(ns)
+    if composed is not None:
+        return composed(ns)
     plan = _compile(ns)
     if ns.output:
         out = Path(ns.output)
