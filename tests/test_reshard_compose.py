@@ -297,3 +297,20 @@ def test_target_noop_moves_the_layers_around_the_noop_ones(dense, tmp_path):
                 parts = k.split(".")
                 live = ".".join(parts[:2] + [str(real_of[int(parts[2])])] + parts[3:])
                 assert np.array_equal(v.asnumpy(), truth_of(full["param"], live).numpy()), k
+
+
+def test_a_param_map_source_without_a_version_asks_for_the_target_version(tmp_path, capsys):
+    """A per-bucket (0.6 / 0.7) checkpoint read through its param_map files matches no version's
+    block, so the target's layout needs one named (this used to be a KeyError)."""
+    from ckptmap.demo import DemoModel, build_megatron_checkpoint
+
+    build_megatron_checkpoint(tmp_path / "tp1", DemoModel(tp=1, pp=1, dp=1, layers=2, vocab=4096), keep_truth=False)
+    assert main(["reshard", "--megatron-path", str(tmp_path / "tp1"), "--output-path", str(tmp_path / "tp2"),
+                 "--target-tp-size", "2", "--vocab-size", "4096", "--no-progress", "--multiprocess-off"]) == 0
+    assert any((tmp_path / "tp2").rglob("param_map_*.json"))
+    capsys.readouterr()
+    args = ["reshard", "--megatron-path", str(tmp_path / "tp2"), "--output-path", str(tmp_path / "back"),
+            "--target-tp-size", "1", "--vocab-size", "4096", "--no-progress", "--multiprocess-off"]
+    assert main(args) == 2
+    assert "--target-megatron-version" in capsys.readouterr().err and not (tmp_path / "back").exists()
+    assert main(args + ["--target-megatron-version", "0.6"]) == 0

@@ -448,6 +448,10 @@ def _target_blocks(src: MegatronSource, opt: ReshardOptions) -> list:
         return []
     if opt.target_megatron_version:
         return [src.rules.bucket_layout("megatron", opt.target_megatron_version)]
+    if src.chosen.get("block") is None:   # per-bucket buffers read from param_map files: no version was matched
+        raise CkptmapError(f"{src.ckdir.root}: the source's bucket layout comes from its param_map files, which do not "
+                           f"say which Megatron version laid it out, and the target's buffers must be laid out by one; "
+                           f"name the version that will load the target with --target-megatron-version (e.g. 0.6)")
     return list(src.chosen.get("candidates") or [src.chosen["block"]])
 
 
