@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import heapq
 import json
+import math
 import multiprocessing as mp
 import os
 import queue
@@ -123,17 +124,31 @@ class _Sources:
         return out
 
     def _check_replicas(self, task: TensorTask, first: np.ndarray) -> None:
-        """A replicated tensor is read from one rank; every other rank's copy must be the same bytes."""
-        want = np.ascontiguousarray(first).reshape(-1).view(np.uint8)
+        """A replicated tensor is read from one rank; every other rank's copy must be the same bytes
+        (picking one silently would hide a stale or corrupt rank)."""
+        used = task.reads[0].source if task.reads else task.sources[0]
+        view = tuple(task.reads[0].view) if task.reads else tuple(used.shape)
+        want = np.ascontiguousarray(first).reshape(-1)
         for other in task.replicas:
-            got = np.ascontiguousarray(self.slice(other)).reshape(-1).view(np.uint8)
-            if got.shape != want.shape or not np.array_equal(got, want):
-                differing = int(np.count_nonzero(got != want)) if got.shape == want.shape else "all"
-                raise CkptmapError(
-                    f"{task.name}: the tensor is replicated across tensor-parallel ranks, but {other.file} ({other.key}) "
-                    f"differs from the copy used ({task.reads[0].source.file if task.reads else task.sources[0].file}): "
-                    f"{differing} bytes differ; the source ranks disagree — check the checkpoint (one rank may be "
-                    f"stale or corrupt) before resharding it")
+            got = np.ascontiguousarray(self.slice(other)).reshape(-1)
+            if got.shape == want.shape and np.array_equal(got.view(np.uint8), want.view(np.uint8)):
+                continue
+            if got.shape != want.shape:
+                detail = f"{got.size} elements instead of {want.size}"
+            else:
+                bytes_got = got.view(np.uint8).reshape(got.size, -1)
+                differ = np.flatnonzero((bytes_got != want.view(np.uint8).reshape(want.size, -1)).any(axis=1))
+                i = int(differ[0])
+                at = list(np.unravel_index(i, view)) if math.prod(view) == want.size else [i]
+                a, b = (tensor_ops.cast(x[i:i + 1], used.dtype, "float32")[0] if used.dtype in ("bfloat16", "float16")
+                        else x[i] for x in (want, got))
+                detail = (f"first difference at element {[int(j) for j in at]}: {float(a)!r} in the copy used, {float(b)!r} here; "
+                          f"{differ.size} of {want.size} elements differ")
+            raise CkptmapError(
+                f"{task.name}: the tensor is replicated across tensor-parallel ranks, but the copies differ — "
+                f"{_rank_dir(other.file)} ({other.file}, {other.key}) against {_rank_dir(used.file)} ({used.file}, "
+                f"{used.key}): {detail}. The source ranks disagree (one may be stale or corrupt); check the checkpoint "
+                f"before resharding it — nothing silently picks one copy")
 
     def _check_rounding(self, task: TensorTask, main: np.ndarray) -> None:
         """The fp32 main param, rounded to the model weight's dtype, must be that weight."""
@@ -156,6 +171,11 @@ class _Sources:
         for r in self._open.values():
             r.close()
         self._open.clear()
+
+
+def _rank_dir(file: str) -> str:
+    """The rank folder a source file sits in (``mp_rank_01_000``), which names its ranks."""
+    return Path(file).parent.name
 
 
 def expected_array(task: TensorTask, sources: _Sources) -> np.ndarray:
