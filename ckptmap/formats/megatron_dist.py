@@ -161,6 +161,17 @@ SHARDED_KEY_MAPS: dict[str, tuple[tuple[str, str], ...]] = {
 # ``_extra_state`` entries a legacy state dict has but torch_dist saves leave out: ``GPTModel.sharded_state_dict``
 # pops the output layer's (asserting it holds nothing) -- a legacy file needs it back, empty, for a strict load.
 DROPPED_EXTRA_STATES = ("output_layer._extra_state",)
+# Where a dp_zero_gather_scatter ``param_state`` object (``torch.save([state])``) keeps buffer ``gbuf``'s
+# coalesced state tensor: the legacy distrib_optim.pt dict, ``{gbuf: {(param dtype, grad dtype): {state: …}}}``.
+def DP_ZERO_STATE_PATH(gbuf, dtype_pair, state):
+    return (0, gbuf, dtype_pair, state)
+
+
+# The (param dtype, grad dtype) pair as bucket-space keys spell it (``str`` of the torch dtype tuple).
+def dtype_pair(param_dtype: str, grad_dtype: str) -> str:
+    return f"(torch.{param_dtype}, torch.{grad_dtype})"
+
+
 # Entries of common.pt that only torch_dist saves have (the sharding type, 0.15+ content metadata); a
 # legacy model_optim_rng.pt has neither.
 DIST_ONLY_COMMON_KEYS = ("content_metadata",)
@@ -436,6 +447,33 @@ class MegatronDist:
             raise CkptmapError(f"{self.path}: param_state of DP group {group} is not the coalesced distributed-optimizer "
                                f"dict (buckets_coalesced) megatron-core 0.7+ writes")
         return item, state
+
+    def bucket_tensor(self, optimizer, group, gbuf, dtype_pair: str, bucket, state) -> BucketTensor:
+        """``dp_reshardable``: the tensor of one bucket's state (refused, named, when missing)."""
+        if not hasattr(self, "_bucket_index"):
+            self._bucket_index = {(b.optimizer, b.group, b.gbuf, b.dtypes, b.bucket, b.state): b for b in self._buckets}
+        b = self._bucket_index.get((optimizer, group, gbuf, dtype_pair, bucket, state))
+        if b is None:
+            raise CkptmapError(f"{self.path} has no tensor 'optimizer.distributed.dp_group_idx_{group}.gbuf_idx_{gbuf}."
+                               f"dtype_{dtype_pair}.bucket_idx_{bucket}.{state}'"
+                               + ("" if optimizer is None else f" (chained optimizer {optimizer})")
+                               + "; the checkpoint is incomplete or was saved by another layout than its args say")
+        return b
+
+    def dp_zero_tensor(self, optimizer, group, gbuf, dtype_pair: str, state) -> tuple[str, int]:
+        """``dp_zero_gather_scatter``: (reader key of the coalesced state tensor inside the DP group's
+        ``param_state`` object, its ``numel_unpadded``) of buffer ``gbuf``."""
+        _, st = self.dp_zero_state(optimizer, group)
+        where = f"{self.path}: param_state of DP group {group}"
+        buf = st.get(gbuf)
+        entry = [v for k, v in buf.items() if str(k) == dtype_pair] if isinstance(buf, dict) else []
+        if len(entry) != 1 or not isinstance(entry[0], dict) or state not in entry[0]:
+            raise CkptmapError(f"{where} has no {state!r} for buffer {gbuf} {dtype_pair} (it has buffers "
+                               f"{[k for k in st if k != 'buckets_coalesced']}); the checkpoint was saved by another "
+                               f"layout than its args say, or is incomplete")
+        key = td.object_tensor_key(self.optimizer_objects[(optimizer, group, "param_state")],
+                                   DP_ZERO_STATE_PATH(gbuf, dtype_pair, state))
+        return key, int(entry[0].get("numel_unpadded", -1))
 
     # --- data ---
     def read_box(self, t: GlobalTensor, box: Box) -> np.ndarray:
