@@ -91,6 +91,13 @@ def test_bucket_space_to_legacy_loads_in_megatron_0_16_1(mcore_standard, tmp_pat
             # param groups (from the DP group's optimizer object, 0.16's global order) as Megatron's legacy save
             mine = pickles.load(same / "iter_0000001" / rank / "model_optim_rng.pt")[0]
             assert mine["optimizer"] == pickles.load(legacy / rank / "model_optim_rng.pt")[0]["optimizer"], (st, rank)
+    # 0.8 - 0.14 write dp_zero_gather_scatter too: the same check on 0.12.1's save
+    old = mcore_standard("0.12.1", "dense")
+    out = tmp_path / "0.12.1-dp-zero"
+    convert(old.dir / "torch_dist_dp_zero_gather_scatter", out, "--target-megatron-version", "0.12.1")
+    for rank in sorted(p.name for p in (old.dir / "legacy" / "iter_0000001").iterdir()):
+        assert filecmp.cmp(old.dir / "legacy" / "iter_0000001" / rank / "distrib_optim.pt",
+                           out / "iter_0000001" / rank / "distrib_optim.pt", shallow=False), rank
     for st, name, flags, case in (
             ("dp_reshardable", "tp1", ["--target-tp-size", "1"], dict(tp=1)),
             ("dp_zero_gather_scatter", "pp1-dp4", ["--target-pp-size", "1", "--target-dp-size", "4"],
@@ -137,18 +144,20 @@ def test_weights_only_from_bucket_space(mcore_standard, tmp_path):
     assert not list(out.rglob("distrib_optim.pt")) and len(list(out.rglob("model_optim_rng.pt"))) == 4
 
 
-def test_pt2ms_reads_torch_dist(mcore_standard, tmp_path):
+@pytest.mark.parametrize("version,sharding_type", [("0.12.1", "fully_sharded_model_space"),
+                                                   ("0.16.1", "dp_reshardable")])
+def test_pt2ms_reads_torch_dist(mcore_standard, tmp_path, version, sharding_type):
     """pt2ms of a torch_dist save (composed through legacy files in a temporary folder) gives exactly the
     MindSpore files pt2ms makes of the same run's own legacy save (every key, dtype and value, read by
     mindspore.load_checkpoint), and leaves no temporary folder behind."""
     import mindspore as ms
     import numpy as np
 
-    run = mcore_standard("0.12.1", "dense")
+    run = mcore_standard(version, "dense")
     outs = {}
-    for name, src in (("dist", run.dir / "torch_dist_fully_sharded_model_space"), ("legacy", run.dir / "legacy")):
+    for name, src in (("dist", run.dir / f"torch_dist_{sharding_type}"), ("legacy", run.dir / "legacy")):
         outs[name] = tmp_path / name
-        assert main(["pt2ms", "--megatron-path", str(src), "--ms-path", str(outs[name]), "--megatron-version", "0.12.1",
+        assert main(["pt2ms", "--megatron-path", str(src), "--ms-path", str(outs[name]), "--megatron-version", version,
                      "--no-progress", "--multiprocess-off"]) == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dist", "legacy"]
     files = sorted(p.relative_to(outs["legacy"]) for p in outs["legacy"].rglob("*.ckpt"))
