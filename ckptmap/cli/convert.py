@@ -43,7 +43,7 @@ def _add_flags(p: argparse.ArgumentParser, plan: bool = False) -> None:
     from ckptmap.formats.megatron_dist import SHARDING_TYPES
     p.add_argument("--sharding-type", choices=tuple(SHARDING_TYPES), default=None,
                    help="torch_dist only: the distributed optimizer's sharding type to write (default: the source's). "
-                        "fully_reshardable from fully_sharded_model_space is the offline upgrade from megatron-core "
+                        "fully_reshardable or dp_reshardable from fully_sharded_model_space is the offline upgrade from megatron-core "
                         "<= 0.14 to 0.15+.")
     add_rng_flags(p)
     t = p.add_argument_group("torch_dist -> torch (legacy Megatron files)")

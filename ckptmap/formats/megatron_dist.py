@@ -593,6 +593,35 @@ class TensorSource:
 
     key: str
     global_tensor: GlobalTensor | None = None
+    pieces: tuple = ()   # ShardPiece: a bucket tensor assembled from parameters' TP shards (zeros between)
+
+
+@attrs.frozen
+class ShardPiece:
+    """One parameter's TP shard laid into a 1-D bucket tensor: flattened (C order) at ``offset``; the
+    shard (``shape``) is assembled from ``boxes`` = ``(GlobalTensor, box of it, offsets in the shard)``."""
+
+    offset: int
+    shape: tuple[int, ...]
+    boxes: tuple
+
+
+def assemble_pieces(md: "MegatronDist", pieces, box: Box, dtype: str) -> np.ndarray:
+    """Elements ``box`` of a 1-D tensor made of :class:`ShardPiece` (memory: the box and one shard)."""
+    lo, n = box.offsets[0], box.lengths[0]
+    out = np.zeros(n, dtype=dtypes.storage(dtype))
+    for pc in pieces:
+        numel = math.prod(pc.shape)
+        a, b = max(lo, pc.offset), min(lo + n, pc.offset + numel)
+        if a >= b:
+            continue
+        shard = np.zeros(pc.shape, dtype=out.dtype)
+        for gt, gbox, local in pc.boxes:
+            k = len(gbox.offsets) - len(pc.shape)
+            data = md.read_box(gt, gbox).reshape(gbox.lengths[k:])
+            shard[tuple(slice(o, o + m) for o, m in zip(local, gbox.lengths[k:]))] = data
+        out[a - lo:b - lo] = shard.reshape(-1)[a - pc.offset:b - pc.offset]
+    return out
 
 
 @attrs.frozen
@@ -612,6 +641,7 @@ class RewritePlan:
     backend: dict | None
     notes: tuple[str, ...] = ()
     positions: dict = attrs.field(factory=dict)     # (key, chunk offsets | None) -> order within its file
+    new_objects: dict = attrs.field(factory=dict)   # object key -> the bytes of an object the source has not
 
     @property
     def nbytes(self) -> int:
@@ -662,10 +692,15 @@ def plan_rewrite(src, dst, sharding_type: str | None = None, *, check: bool = Tr
                                f"--sharding-type out to rewrite it")
         if (source, target) == ("fully_sharded_model_space", "fully_reshardable"):
             return _plan_upgrade(md, dst)
+        if (source, target) == ("fully_sharded_model_space", "dp_reshardable"):
+            # bucket space needs the buffer layout (rules, mapping/buckets.py): planned by the mapping layer
+            from ckptmap.mapping.torch_dist_legacy import plan_dp_reshardable
+            return plan_dp_reshardable(md, dst)
         why = ("the optimizer state is stored per gradient-buffer bucket; mapping it to parameters needs the "
                "training run's buffer layout (mapping/buckets.py), which this conversion does not derive yet"
                if SHARDING_TYPES[source].space != "model" else
-               "ckptmap converts fully_sharded_model_space to fully_reshardable (and any type to itself)")
+               "ckptmap converts fully_sharded_model_space to fully_reshardable or dp_reshardable (and any type "
+               "to itself)")
         raise CkptmapError(f"{src}: cannot convert optimizer sharding type {source!r} to {target!r}: {why}. Nothing "
                            f"was written.")
 
@@ -793,14 +828,19 @@ def write_rewrite(plan: RewritePlan, *, fsync: bool = False, progress=None) -> N
         if (md.sharding_type.name if md.sharding_type else None) != plan.source_type:
             raise CkptmapError(f"{plan.src} changed since it was planned; plan again")
         by_key = {t.key: s for t, s in zip(plan.tensors, plan.sources)}
+        dtype_of = {t.key: t.dtype for t in plan.tensors}
 
         def read_box(key, box):
             s = by_key[key]
+            if s.pieces:
+                return assemble_pieces(md, s.pieces, box, dtype_of[key])
             if s.global_tensor is None:
                 return md.reader.read_box(s.key, box)
             return md.read_box(s.global_tensor, box)
 
         def read_object(key):
+            if key in plan.new_objects:
+                return plan.new_objects[key]
             return md.reader.object_bytes(key)
 
         common_file = md.reader.common()

@@ -221,8 +221,8 @@ class DistModel:
         self.args = args
         if _arg(args, "num_experts"):
             raise CkptmapError(f"{md.path}: a mixture-of-experts model ({args.num_experts} experts); torch_dist -> torch "
-                               f"handles dense models so far. Load it in Megatron with the same layout and save with "
-                               f"--ckpt-format torch")
+                               f"and the dp_reshardable upgrade handle dense models so far. Load it in Megatron with "
+                               f"the same layout and save with --ckpt-format torch. Nothing was written.")
         st = md.sharding_type
         if not convert_param_only and st is None:
             raise CkptmapError(f"{md.path} holds no optimizer state; pass --convert-param-only to convert the weights")
@@ -668,3 +668,107 @@ def _optim_task(model: DistModel, tgt, rank_dir, tp, pp, chunks, blocks, iter_di
     recipe = {"chained": False, "optimizers": [{"buffers": bufs}]}
     return FileTask(f"{rank_dir}/{megatron_folders.OPTIM_FILE}", "megatron_optim", storages=tuple(storages),
                     extra=recipe), maps
+
+
+# -------------------------------------------------------------------------------------------------
+# fully_sharded_model_space -> dp_reshardable (convert --from torch_dist --to torch_dist --sharding-type dp_reshardable)
+
+
+def _object_bytes(value) -> bytes:
+    """``torch.save([value])`` as Megatron stores a ShardedObject in a .distcp item."""
+    import tempfile
+
+    from ckptmap.formats import torch_zip_writer as tzw
+    with tempfile.TemporaryDirectory(prefix=".ckptmap-obj-") as tmp:
+        f = Path(tmp) / "archive"   # torch.save to a buffer names the archive's records archive/...
+        tzw.save([value], f)
+        return f.read_bytes()
+
+
+def plan_dp_reshardable(md: M.MegatronDist, dst, rules_name: str = DEFAULT_RULES) -> M.RewritePlan:
+    """The offline upgrade of a ``fully_sharded_model_space`` save (0.8 - 0.14) to ``dp_reshardable`` (the 0.15+
+    default): the same weights; per model-parallel rank (``dp_group_idx_N``), DDP buffer and bucket, the fp32
+    param and Adam moments of the bucket's parameters laid out where the loading megatron-core (0.15+) puts
+    them at the saving run's sizes (the rules' ``buckets megatron`` blocks of 0.15+; zeros in alignment
+    gaps), plus the ``per_bucket_numel[_unpadded]`` and param-group objects that version's load reads."""
+    from ckptmap.formats.safe_unpickler import GlobalMarker
+
+    rules = resolve_rules(rules_name)
+    model = DistModel(md, rules, convert_param_only=False)
+    s, args, meta = model.layout, model.args, md.reader.meta
+    blocks = [b for b in rules.bucket_layouts("megatron") if b.storage == "coalesced" and
+              (b.versions is None or _version(b.versions[1]) >= (0, 15))]
+    if not blocks:
+        raise CkptmapError(f"rules {rules.path} have no `buckets megatron` block for megatron-core 0.15+, whose "
+                           f"dp_reshardable layout this needs")
+    grad = "float32" if getattr(args, "accumulate_allreduce_grads_in_fp32", True) else None
+    common_opt = md.common.get("optimizer")
+    if not isinstance(common_opt, dict) or not isinstance(common_opt.get("optimizer"), dict):
+        raise CkptmapError(f"{md.path}/common.pt has no optimizer param groups (optimizer.optimizer); a "
+                           f"fully_sharded_model_space save of a distributed optimizer keeps them there")
+    output_copy = model.output_copy() if model.tied and s.pp > 1 else None
+    files = sorted({c.file for t in meta.tensors.values() for c in t.chunks})
+    tensors, sources, objects, new_objects = [], [], [], {}
+    for t in md.tensors("weight"):   # the model weights, item for item
+        mt = meta.tensors[t.key]
+        tensors.append(td.OutTensor(t.key, t.dtype, t.shape, tuple(td.OutChunk(c.box, c.file) for c in mt.chunks)))
+        sources.append(M.TensorSource(t.key))
+    for pp in range(s.pp):
+        for tp in range(s.tp):
+            group, gbuf = s.model_parallel_rank(tp, pp), 0
+            file = f"__{s.global_rank(tp=tp, pp=pp)}_0.distcp"
+            file = file if file in files else files[0]
+            padded, unpadded = [], []
+            for v in range(s.vpp):
+                by_dtype: dict = {}
+                for names, _ in _chunk(model, s, pp, v, output_copy):
+                    for name, p in names:
+                        by_dtype.setdefault(p.dtype, []).append((name, p))
+                for dtype, params in by_dtype.items():
+                    entries = [buckets.ParamEntry(_ddp_name(p.rule, [name]), p.sharding.shard_shape(p.shape, s.tp),
+                                                  dtype, p.rule.shared_embedding) for name, p in params]
+                    where = f"{md.path}: rank tp {tp} pp {pp} chunk {v}, {dtype} buffer"
+                    _, bl = _build_target_buffer(blocks, entries, _layout_values(args, s, pp, v), where)
+                    by_ddp = {e.name: p for e, (_, p) in zip(entries, params)}
+                    pair = M.dtype_pair(dtype, grad or dtype)
+                    for b_idx, bucket in enumerate(bl.buckets):
+                        slots = [sl for sl in bl.slots if sl.bucket == b_idx]
+                        for state in STATES:
+                            key = (f"optimizer.distributed.dp_group_idx_{group}.gbuf_idx_{gbuf}.dtype_{pair}."
+                                   f"bucket_idx_{b_idx}.{state}")
+                            pieces = []
+                            for sl in slots:
+                                p = by_ddp[sl.name]
+                                gt, idx = p.sources[state]
+                                frags = p.sharding.fragments(p.shape, s.tp, tp, p.key)
+                                boxes = tuple((gt, Box(idx + tuple(f.global_box.offsets),
+                                                       (1,) * len(idx) + tuple(f.global_box.lengths)),
+                                               tuple(f.local_offsets)) for f in frags)
+                                pieces.append(M.ShardPiece(sl.start - bucket.start, tuple(sl.shape), boxes))
+                            n = bucket.numel_unpadded
+                            tensors.append(td.OutTensor(key, "float32", (n,), (td.OutChunk(Box((0,), (n,)), file),)))
+                            sources.append(M.TensorSource("", pieces=tuple(pieces)))
+                    markers = (GlobalMarker("torch", dtype, dtype), GlobalMarker("torch", grad or dtype, grad or dtype))
+                    padded.append({markers: bl.per_bucket_numel})
+                    unpadded.append({markers: bl.per_bucket_numel_unpadded})
+                    gbuf += 1
+            base = f"optimizer.distributed.dp_group_idx_{group}"
+            for what, value in (("optimizer", common_opt["optimizer"]), ("per_bucket_numel", padded),
+                                ("per_bucket_numel_unpadded", unpadded)):
+                key = f"{base}.{what}/shard_0_1"
+                objects.append(td.OutObject(key, file))
+                new_objects[key] = _object_bytes(value)
+    dropped = {t.key for t in md.tensors() if t.state != "weight"}
+    order = [k for k in meta.order if k not in dropped] + [t.key for t in tensors if t.key not in meta.tensors] + \
+        [o.key for o in objects]
+    objects = [td.OutObject(o.key, o.file) for o in meta.objects.values()] + objects
+    mcore = {k: v for k, v in (meta.mcore_data or {}).items() if k not in dropped}
+    content = md.common.get("content_metadata")
+    content = dict(content if isinstance(content, dict) else M.CONTENT_METADATA_0_16,
+                   distrib_optim_sharding_type="dp_reshardable")
+    edits = ((("content_metadata",), content), (("optimizer",), {"param_state_sharding_type": "dp_reshardable"}))
+    notes = ("optimizer state laid out in the DDP buckets megatron-core 0.15+ builds at the saving sizes "
+             f"({' / '.join(b.label for b in blocks)}); param groups from common.pt in every DP group's object",)
+    return M.RewritePlan(md.path, Path(dst), "fully_sharded_model_space", "dp_reshardable", tuple(tensors),
+                         tuple(sources), tuple(objects), tuple(order), mcore, edits, md.reader.backend, notes,
+                         M._positions(md, tensors, objects, {}), new_objects)
