@@ -193,6 +193,29 @@ def legacy_item_name(item: str, transformer_impl: str | None) -> str:
     return item
 
 
+def sharded_item(name: str, transformer_impl: str | None) -> tuple[str, tuple[int, ...]]:
+    """Inverse of :func:`legacy_item_name` + :data:`STACKED_AXES`: (sharded key, stacked index) of a legacy
+    state-dict name with global layer / expert numbers."""
+    impl = transformer_impl or "transformer_engine"
+    if impl not in SHARDED_KEY_MAPS:
+        raise CkptmapError(f"args.transformer_impl {impl!r}: ckptmap knows the sharded key names of "
+                           f"{', '.join(SHARDED_KEY_MAPS)}")
+    for prefix, axes, template in STACKED_AXES:
+        pattern = re.escape(template)
+        for a in axes:
+            pattern = pattern.replace(re.escape("{" + a + "}"), rf"(?P<{a}>\d+)")
+        m = re.fullmatch(pattern.replace(re.escape("{rest}"), "(?P<rest>.+)"), name)
+        if m is None:
+            continue
+        rest = m["rest"]
+        for legacy, sharded in SHARDED_KEY_MAPS[impl]:
+            if rest.startswith(legacy):
+                rest = sharded + rest[len(legacy):]
+                break
+        return prefix + rest, tuple(int(m[a]) for a in axes)
+    return name, ()
+
+
 def unstack_object(name: str, offsets: tuple[int, ...]) -> str:
     """The legacy name of the item of a stacked ``ShardedObject`` (``…_extra_state/shard_<offsets>_…``)."""
     axes, template = stacked_axes(name)
