@@ -50,3 +50,31 @@ def test_torch_to_torch_dist_refusals(mcore_standard, tmp_path, capsys):
         err = capsys.readouterr().err
         assert want in err, err
         assert not out.exists()
+
+
+def test_legacy_to_fully_sharded_model_space_loads_in_megatron_0_12_1(mcore_standard, tmp_path):
+    """--sharding-type fully_sharded_model_space (the 0.8 - 0.14 default): every tensor key, stored (nd-flattened)
+    shape and value, every object's pickle and the mcore_data equal 0.12.1's own torch_dist save of the same
+    step; 0.12.1's dist_checkpointing.load at the saving layout and at TP 1 gives the live values."""
+    import numpy as np
+
+    from ckptmap.formats import torch_dist as td
+
+    run = mcore_standard("0.12.1", "dense")
+    out = tmp_path / "dist"
+    assert main(["convert", "--from", "torch", "--to", "torch_dist", "--sharding-type", "fully_sharded_model_space",
+                 "--src", str(run.dir / "legacy"), "--dst", str(out), "--no-progress"]) == 0
+    with td.TorchDistCheckpoint(run.dir / "torch_dist_fully_sharded_model_space" / "iter_0000001") as own, \
+            td.TorchDistCheckpoint(out / "iter_0000001") as mine:
+        assert sorted(own.keys()) == sorted(mine.keys()) and sorted(own.objects()) == sorted(mine.objects())
+        for k in own.keys():
+            assert own.spec(k) == mine.spec(k) and np.array_equal(own.array(k).view(np.uint8),
+                                                                  mine.array(k).view(np.uint8)), k
+        for o in own.objects():
+            assert bytes(own.read_object(o)._archive.read_record("data.pkl")) == \
+                bytes(mine.read_object(o)._archive.read_record("data.pkl")), o
+        assert own.meta.mcore_data == mine.meta.mcore_data
+    jobs = [("load", run.case, [(out, "torch_dist", "fully_sharded_model_space")]),
+            ("load", dataclasses.replace(run.case, tp=1), [(out, "torch_dist", "fully_sharded_model_space")])]
+    for got in run_jobs("0.12.1", jobs):
+        same_values(run.truth, got[0] if isinstance(got, list) else got)

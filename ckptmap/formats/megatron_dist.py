@@ -136,7 +136,10 @@ UNSUPPORTED_TYPES = {
 }
 _CHAINED = re.compile(r"chained_(?P<opt>\d+)\.(?P<rest>.*)", re.S)
 _OPTIMIZER_KEY = re.compile(r"(?:chained_\d+\.)?optimizer\.")
-_ND_SHAPE = "nd_reformulated_orig_global_shape"
+_ND_SHAPE = ND_SHAPE = "nd_reformulated_orig_global_shape"
+# Per-rank state a torch_dist save keeps as ShardedObjects over (pp, tp) (``<name>/shard_<pp>.<tp>_<PP>.<TP>``):
+# (object name, path of the value in a legacy model file). The rerun machine's ``sharded`` part: 0.10 - 0.14.
+RANK_OBJECTS = (("rng_state", ("rng_state",)), ("rerun_state_machine_state", ("rerun_state_machine", "sharded")))
 
 # Leading axes of stacked global tensors: (key prefix, axis names, per-item name template). The
 # template gives the name a legacy (non-distributed) state dict uses for one item, with global

@@ -10,9 +10,11 @@ norm renames), saved as the chunks Megatron's own save writes: one per stacked l
 SwiGLU ``linear_fc1`` shard is two), each in the ``__R_0.distcp`` file of the rank that held it; replicated
 tensors (norms) once, from TP rank 0 (the other TP ranks' copies must be the same bytes, checked). The
 optimizer states ``optimizer.state.{param,exp_avg,exp_avg_sq}.<key>`` have the same chunks. Layer
-``_extra_state`` and the RNG states become ShardedObjects (``…/shard_<layer>_<layers>``,
-``rng_state/shard_<pp>.<tp>_<PP>.<TP>``); ``common.pt`` is rank 0's model file without the model chunks and RNG
-state, with ``content_metadata`` and ``optimizer.param_state_sharding_type``. One chunk (one TP shard) in memory
+``_extra_state`` and the RNG / rerun-machine states become ShardedObjects (``…/shard_<layer>_<layers>``,
+``rng_state/shard_<pp>.<tp>_<PP>.<TP>``); ``common.pt`` is rank 0's model file without the model chunks and
+those states, with ``optimizer.param_state_sharding_type`` (and 0.15+'s ``content_metadata``).
+``--sharding-type fully_sharded_model_space`` writes the 0.8 - 0.14 default instead (``fp32_param``,
+nd-flattened: one fragment per chunk above, ``mcore_data`` with the global shapes). One chunk (one TP shard) in memory
 at a time. The tied output layer of the last stage is not saved (Megatron stores one copy, the embedding's).
 """
 
@@ -37,7 +39,7 @@ from ckptmap.mapping.reshard import SourceModel, target_tensor
 from ckptmap.mapping.sharding import Box
 from ckptmap.mapping.torch_dist_legacy import DEFAULT_RULES, STATES
 
-TARGET_TYPES = ("fully_reshardable",)
+TARGET_TYPES = ("fully_reshardable", "fully_sharded_model_space")
 
 
 @attrs.frozen
@@ -53,6 +55,7 @@ class LegacyToDistPlan:
     common: dict
     common_file: str
     notes: tuple = ()
+    mcore_data: dict = attrs.field(factory=dict)
 
     @property
     def nbytes(self) -> int:
@@ -89,8 +92,9 @@ def plan_legacy_to_dist(src, dst, sharding_type: str = "fully_reshardable", rule
                         megatron_version: str | None = None) -> LegacyToDistPlan:
     if sharding_type not in TARGET_TYPES:
         raise CkptmapError(f"--sharding-type {sharding_type}: torch -> torch_dist writes {', '.join(TARGET_TYPES)} "
-                           f"(megatron-core 0.15+); convert that with `--from torch_dist --to torch_dist` if you need "
-                           f"another type. Nothing was written.")
+                           f"(megatron-core 0.15+ / 0.8 - 0.14); upgrade the result with `--from torch_dist --to "
+                           f"torch_dist --sharding-type dp_reshardable` if you need that. Nothing was written.")
+    st = M.SHARDING_TYPES[sharding_type]
     dst = Path(dst)
     if dst.exists():
         raise CkptmapError(f"--dst {dst} already exists; ckptmap never writes into an existing checkpoint folder")
@@ -116,7 +120,7 @@ def plan_legacy_to_dist(src, dst, sharding_type: str = "fully_reshardable", rule
             continue   # the last stage's copy of the tied embedding: Megatron saves the embedding's only
         key, idx = M.sharded_item(name, impl)
         stacked.setdefault(key, {})[idx] = gp
-    tensors, chunk_sources, keys_cache = [], {}, {}
+    tensors, chunk_sources, keys_cache, mcore = [], {}, {}, {}
     for key, items in stacked.items():
         idxs = sorted(items)
         first = items[idxs[0]]
@@ -128,7 +132,7 @@ def plan_legacy_to_dist(src, dst, sharding_type: str = "fully_reshardable", rule
                                    f"{n} layers; the checkpoint is incomplete")
         shape = ((lay.num_layers,) if k else ()) + tuple(first.global_shape)
         for state in ("weight", *STATES):
-            out_key = key if state == "weight" else f"optimizer.state.{state}.{key}"
+            out_key = key if state == "weight" else f"optimizer.state.{st.spelling(state)}.{key}"
             dtype = first.dtype if state == "weight" else "float32"
             chunks = []
             for idx in idxs:
@@ -143,8 +147,15 @@ def plan_legacy_to_dist(src, dst, sharding_type: str = "fully_reshardable", rule
                     for f in gp.sharding.fragments(gp.global_shape, lay.tp, t, gp.key):
                         box = Box(tuple(idx) + tuple(f.global_box.offsets), (1,) * k + tuple(f.global_box.lengths))
                         chunks.append(td.OutChunk(box, file_of(gp.shards[t][0])))
-                        chunk_sources[(out_key, box.offsets)] = (task, tuple(f.local_offsets))
+                        chunk_sources[(out_key, box.offsets)] = (task, tuple(f.local_offsets),
+                                                                 tuple(f.global_box.lengths))
+            if state != "weight" and st.nd_flattened:
+                tensors.append(_nd_flattened(out_key, dtype, shape, chunks, chunk_sources))
+                mcore[out_key] = {M.ND_SHAPE: shape}
+                continue
             tensors.append(td.OutTensor(out_key, dtype, shape, tuple(chunks)))
+            if st.nd_flattened:   # 0.8 - 0.14 record an (empty) entry for every other tensor
+                mcore[out_key] = {}
     # ShardedObjects: layer _extra_state (from TP rank 0), RNG states per (pp, tp)
     objects, object_bytes = [], {}
     for rank in source.sorted_ranks:
@@ -171,16 +182,36 @@ def plan_legacy_to_dist(src, dst, sharding_type: str = "fully_reshardable", rule
                 object_bytes[okey] = _saved(leaf.value)
     for rank in source.sorted_ranks:
         zf = tzr.TorchZipFile(rank.dir / megatron_folders.MODEL_FILE)
-        rng = zf.root.get("rng_state") if isinstance(zf.root, dict) else None
-        if rng is not None:
-            okey = f"rng_state/shard_{rank.pp}.{rank.tp}_{lay.pp}.{lay.tp}"
-            objects.append(td.OutObject(okey, file_of(rank)))
-            object_bytes[okey] = _saved_streaming(rng, zf)
+        for name, path in M.RANK_OBJECTS:   # per-rank state saved as ShardedObjects over (pp, tp)
+            value = zf.root
+            for k in path:
+                value = value.get(k) if isinstance(value, dict) else None
+            if value is not None:
+                okey = f"{name}/shard_{rank.pp}.{rank.tp}_{lay.pp}.{lay.tp}"
+                objects.append(td.OutObject(okey, file_of(rank)))
+                object_bytes[okey] = _saved_streaming(value, zf)
         zf.close()
     common, common_file = _common(source, sharding_type)
-    notes = ("optimizer param groups: rank 0's (megatron-core 0.15+ builds the same order on every rank)",)
+    notes = ("optimizer param groups in common.pt: rank 0's, as Megatron's own torch_dist save keeps them",)
     return LegacyToDistPlan(str(source.ckdir.root), dst, str(source.iteration), sharding_type, tuple(tensors),
-                            chunk_sources, tuple(objects), object_bytes, common, common_file, notes)
+                            chunk_sources, tuple(objects), object_bytes, common, common_file, notes, mcore)
+
+
+def _nd_flattened(key, dtype, shape, chunks, chunk_sources) -> td.OutTensor:
+    """fully_sharded_model_space: the tensor stored as ``(*fragments, fragment numel)``, fragment ``idx`` = the
+    C-order flattening of chunk ``idx`` of the regular grid its chunks form (megatron_dist module docstring)."""
+    block = tuple(chunks[0].box.lengths)
+    if any(tuple(c.box.lengths) != block for c in chunks):
+        raise CkptmapError(f"internal error: the chunks of {key} are not a regular grid")
+    frags = tuple(g // b for g, b in zip(shape, block))
+    numel = int(np.prod(block))
+    out = []
+    for c in chunks:
+        idx = tuple(o // b for o, b in zip(c.box.offsets, block))
+        box = Box(idx + (0,), (1,) * len(idx) + (numel,))
+        out.append(td.OutChunk(box, c.file))
+        chunk_sources[(key, box.offsets)] = chunk_sources.pop((key, c.box.offsets))
+    return td.OutTensor(key, dtype, frags + (numel,), tuple(out))
 
 
 def _common(source: MegatronSource, sharding_type: str) -> tuple[dict, str]:
@@ -196,6 +227,8 @@ def _common(source: MegatronSource, sharding_type: str) -> tuple[dict, str]:
             for name, new in (("ckpt_format", "torch_dist"), ("use_dist_ckpt", True)):
                 if hasattr(value, name):
                     setattr(value, name, new)
+        if key == "rerun_state_machine" and isinstance(value, dict):   # its 'sharded' part is a per-rank object
+            value = {k: v for k, v in value.items() if k != "sharded"}
         if key == "optimizer":
             inner = value.get("optimizer") if isinstance(value, dict) else None
             if not isinstance(inner, dict) or "param_groups" not in inner:
@@ -205,7 +238,8 @@ def _common(source: MegatronSource, sharding_type: str) -> tuple[dict, str]:
         out[key] = value
     if _has_tensor(out):
         raise CkptmapError(f"{path} holds tensors outside the model and RNG state; ckptmap does not copy them")
-    out["content_metadata"] = dict(M.CONTENT_METADATA_0_16, distrib_optim_sharding_type=sharding_type)
+    if sharding_type == "fully_reshardable":   # 0.15+ saves say what they hold; 0.8 - 0.14 ones do not
+        out["content_metadata"] = dict(M.CONTENT_METADATA_0_16, distrib_optim_sharding_type=sharding_type)
     return out, str(path)
 
 
@@ -217,19 +251,18 @@ def write_legacy_to_dist(plan: LegacyToDistPlan, *, fsync: bool = False, progres
     last: dict = {}
 
     def read_box(key, box):
-        task, local = plan.chunk_sources[(key, box.offsets)]
+        task, local, lengths = plan.chunk_sources[(key, box.offsets)]
         if last.get("task") is not task:   # a SwiGLU shard's two chunks come from the same assembled shard
             last.update(task=task, array=sources.array(task))
-        arr = last["array"]
-        k = len(box.lengths) - arr.ndim
-        part = arr[tuple(slice(o, o + n) for o, n in zip(local, box.lengths[k:]))]
+        part = last["array"][tuple(slice(o, o + n) for o, n in zip(local, lengths))]
         return np.ascontiguousarray(part).reshape(box.lengths)
 
     it = "release" if plan.iteration == "release" else megatron_folders.iter_dir_name(int(plan.iteration))
     try:
         td.write_checkpoint(plan.dst / it, list(plan.tensors), list(plan.objects), read_box=read_box,
                             read_object=plan.object_bytes.__getitem__, common=plan.common,
-                            common_fill=lambda key: iter(()), backend=dict(td.BACKEND_JSON), fsync=fsync,
+                            common_fill=lambda key: iter(()), mcore_data=plan.mcore_data or None,
+                            backend=dict(td.BACKEND_JSON), fsync=fsync,
                             progress=progress)
     finally:
         sources.close()
