@@ -258,12 +258,19 @@ def write_legacy_to_dist(plan: LegacyToDistPlan, *, fsync: bool = False, progres
         return np.ascontiguousarray(part).reshape(box.lengths)
 
     it = "release" if plan.iteration == "release" else megatron_folders.iter_dir_name(int(plan.iteration))
+    if plan.dst.exists():
+        raise CkptmapError(f"--dst {plan.dst} already exists; ckptmap never writes into an existing checkpoint folder")
     try:
         td.write_checkpoint(plan.dst / it, list(plan.tensors), list(plan.objects), read_box=read_box,
                             read_object=plan.object_bytes.__getitem__, common=plan.common,
                             common_fill=lambda key: iter(()), mcore_data=plan.mcore_data or None,
                             backend=dict(td.BACKEND_JSON), fsync=fsync,
                             progress=progress)
+    except BaseException:
+        # the iter folder is assembled under a temporary name (removed on failure); leave no empty --dst behind
+        if plan.dst.is_dir() and not any(plan.dst.iterdir()):
+            plan.dst.rmdir()
+        raise
     finally:
         sources.close()
     from ckptmap import atomic
