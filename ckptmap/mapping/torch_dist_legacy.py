@@ -394,6 +394,13 @@ def _param_group_order(common_opt, names_shapes) -> tuple[list | None, str | Non
 
 
 def _same_group_order(md: M.MegatronDist) -> bool:
+    cached = getattr(md, "_same_group_order", None)   # once per checkpoint, not once per target rank
+    if cached is None:
+        cached = md._same_group_order = _group_orders(md)
+    return cached
+
+
+def _group_orders(md: M.MegatronDist) -> bool:
     orders = set()
     for (opt, group, what) in md.optimizer_objects:
         if what == "optimizer" and opt is None:
@@ -499,6 +506,10 @@ def _bucket_sources(md: M.MegatronDist, model: DistModel, blocks: list, iter_dir
                     bl = _source_buffer(md, blocks, entries, _layout_values(model.args, s, pp, v), where, group,
                                         gbuf, pair)
                     by_ddp = {e.name: p for e, (_, p) in zip(entries, params)}
+                    # dp_zero_gather_scatter: the buffer's coalesced tensors, looked up once per buffer
+                    coalesced = {} if dp_reshardable else {state: md.dp_zero_tensor(None, group, gbuf, pair, state)
+                                                           for state in STATES}
+                    specs: dict = {}
                     for slot in bl.slots:
                         p = by_ddp[slot.name]
                         if p is output_copy:   # the last stage's tied head: its state is the embedding's
@@ -513,9 +524,9 @@ def _bucket_sources(md: M.MegatronDist, model: DistModel, blocks: list, iter_dir
                                                        f"{bl.buckets[slot.bucket].numel_unpadded}; it is inconsistent")
                                 key, total, start = b.key, b.numel, slot.start - bl.buckets[slot.bucket].start
                             else:
-                                key, total = md.dp_zero_tensor(None, group, gbuf, pair, state)
+                                key, total = coalesced[state]
                                 start = bl.coalesced_offset(slot)
-                            spec = md.reader.spec(key)
+                            spec = specs.get(key) or specs.setdefault(key, md.reader.spec(key))
                             if tuple(spec.shape) != (total,):
                                 raise CkptmapError(f"{where}: {key} has shape {list(spec.shape)}, expected [{total}]")
                             sl = SourceSlice(iter_dir, key, spec.dtype, (total,), start, n)
