@@ -480,6 +480,35 @@ def _source_buffer(md: M.MegatronDist, blocks: list, entries: list, values: dict
     return fits[0]
 
 
+def _spot_check(md: M.MegatronDist, model: DistModel, s: ParallelLayout, tp: int, found: dict, params: list,
+                where: str) -> None:
+    """The distributed optimizer writes its fp32 main params back into the weights, so the fp32 param read where
+    the rebuilt layout says must round to the saved weight: checked for the buffer's last parameter (a layout
+    that is off anywhere shifts everything after, the last one included)."""
+    from ckptmap.mapping import ops
+
+    for p in params:
+        sl = found.get(p.key, {}).get("param", {}).get(tp)
+        if sl is None or p.dtype not in ("bfloat16", "float16") or sl.dtype != "float32":
+            continue
+        shape = p.sharding.shard_shape(p.shape, s.tp)
+        main = md.reader.read_range_box(sl.key, sl.start, sl.numel, shape, (0,) * len(shape), shape)
+        gt, idx = p.sources["weight"]
+        weight = np.empty(shape, dtype=np.uint16)   # bf16 / fp16 bits
+        for f in p.sharding.fragments(p.shape, s.tp, tp, p.key):
+            box = Box(idx + tuple(f.global_box.offsets), (1,) * len(idx) + tuple(f.global_box.lengths))
+            weight[tuple(slice(o, o + n) for o, n in zip(f.local_offsets, f.global_box.lengths))] = \
+                np.ascontiguousarray(md.read_box(gt, box)).view(np.uint16).reshape(f.global_box.lengths)
+        got = np.ascontiguousarray(ops.cast(np.ascontiguousarray(main), "float32", p.dtype)).view(np.uint16)
+        if not np.array_equal(got, weight):
+            bad = int(np.count_nonzero(got != weight))
+            raise CkptmapError(
+                f"{where}: the fp32 param of {p.key} (TP rank {tp}) read from {sl.key} [{sl.start}:{sl.start + sl.numel}] "
+                f"does not round to its saved weight ({bad} of {weight.size} elements differ): the buffer layout "
+                f"rebuilt from common.pt's args puts another parameter's state there — the args do not describe the "
+                f"run that saved it. Nothing was written.")
+
+
 def _bucket_sources(md: M.MegatronDist, model: DistModel, blocks: list, iter_dir: str, grad: str | None) -> None:
     """Bucket-space optimizer state: rebuild every source rank's DDP buffers at the saving run's sizes
     (its args), check them against the sizes the checkpoint records, and point each parameter's states
@@ -531,6 +560,7 @@ def _bucket_sources(md: M.MegatronDist, model: DistModel, blocks: list, iter_dir
                                 raise CkptmapError(f"{where}: {key} has shape {list(spec.shape)}, expected [{total}]")
                             sl = SourceSlice(iter_dir, key, spec.dtype, (total,), start, n)
                             found.setdefault(p.key, {}).setdefault(state, {})[tp] = sl
+                    _spot_check(md, model, s, tp, found, [by_ddp[sl.name] for sl in bl.slots[-1:]], where)
                     gbuf += 1
     for p in model.params.values():
         for state in STATES:
