@@ -299,6 +299,9 @@ def test_unknown_sharding_type(tmp_path):
 
 def test_unsupported_conversion(synthetic, tmp_path):
     with pytest.raises(CkptmapError, match="cannot convert optimizer sharding type"):
+        M.plan_rewrite(synthetic.dir, tmp_path / "out", "dp_zero_gather_scatter")
+    # the dp_reshardable upgrade lays buckets out from the run's args: a checkpoint without them is refused
+    with pytest.raises(CkptmapError, match="has no Megatron args"):
         M.plan_rewrite(synthetic.dir, tmp_path / "out", "dp_reshardable")
     assert not (tmp_path / "out").exists()
 
@@ -593,3 +596,39 @@ def test_rewritten_nd_flattened_checkpoints_load_in_megatron_0_12_1(mcore_standa
         jobs.append(("load", run.case, [(out, "torch_dist", "fully_sharded_model_space")]))
         truths.append(run.truth)
     _assert_loaded(jobs, truths, run_jobs("0.12.1", jobs))
+
+
+@pytest.mark.mcore_versions
+@pytest.mark.slow
+def test_upgraded_to_dp_reshardable_loads_in_megatron_0_16_1(mcore_standard, tmp_path, capsys):
+    """0.12.1's fully_sharded_model_space save upgraded offline to dp_reshardable (0.15+'s default: the state in
+    the DDP buckets 0.16.1 builds at the saving sizes, per_bucket_numel objects, param groups per DP group),
+    loaded by the real megatron-core 0.16.1 at the saving layout and at DP 1 (dp_reshardable reshards DP):
+    every weight, fp32 param and Adam moment equals the 0.12.1 run's live value. MoE is refused, nothing
+    written."""
+    import dataclasses
+
+    from ckptmap.cli import main
+
+    run = mcore_standard("0.12.1", "dense")
+    out = tmp_path / "up"
+    assert main(["convert", "--from", "torch_dist", "--to", "torch_dist", "--sharding-type", "dp_reshardable",
+                 "--src", str(run.dir / "torch_dist_fully_sharded_model_space"), "--dst", str(out),
+                 "--no-progress"]) == 0
+    with M.MegatronDist(out / "iter_0000001") as md:
+        assert md.sharding_type.name == "dp_reshardable" and md.common["content_metadata"][
+            "distrib_optim_sharding_type"] == "dp_reshardable"
+        # the bucket sizes 0.16.1 lays this model out with (its own save of the same case records the same)
+        own = M.MegatronDist(_iter_dir(mcore_standard("0.16.1", "dense"), "dp_reshardable"))
+        with own:
+            for g in range(4):
+                assert repr(md.per_bucket_numel(None, g)) == repr(own.per_bucket_numel(None, g)), g
+    case = Case(version="0.16.1", **STANDARD_CASES["dense"])
+    jobs = [("load", case, [(out, "torch_dist", "dp_reshardable")]),
+            ("load", dataclasses.replace(case, dp=1), [(out, "torch_dist", "dp_reshardable")])]
+    _assert_loaded(jobs, [run.truth, run.truth], run_jobs("0.16.1", jobs))
+    moe = tmp_path / "moe"
+    assert main(["convert", "--from", "torch_dist", "--to", "torch_dist", "--sharding-type", "dp_reshardable",
+                 "--src", str(mcore_standard("0.12.1", "moe").dir / "torch_dist_fully_sharded_model_space"),
+                 "--dst", str(moe), "--no-progress"]) == 2
+    assert "mixture-of-experts" in capsys.readouterr().err and not moe.exists()

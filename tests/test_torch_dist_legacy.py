@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from ckptmap.cli import main
-from mcore_versions import Case, STANDARD_CASES, assemble, run_jobs
+from mcore_versions import Case, STANDARD_CASES, assemble, pickles, run_jobs
 from mcore_versions.fixtures import mcore_standard  # noqa: F401  (session fixture)
 
 pytestmark = [pytest.mark.mcore_versions, pytest.mark.slow]
@@ -74,14 +74,62 @@ def test_fully_reshardable_to_legacy_loads_in_megatron_0_16_1(mcore_standard, tm
     same_values(run.truth, got[0] if isinstance(got, list) else got)
 
 
-def test_bucket_space_and_bad_targets_are_refused(mcore_standard, tmp_path, capsys):
+def test_bucket_space_to_legacy_loads_in_megatron_0_16_1(mcore_standard, tmp_path):
+    """dp_reshardable (0.16.1's default) and dp_zero_gather_scatter saves: the saving run's buffers rebuilt
+    at its own sizes and checked against the sizes the checkpoint records. At the saving layout
+    distrib_optim.pt is byte-identical to the same run's own legacy save; at TP 1 and at PP 1 x DP 4
+    0.16.1's own loader gets the live values (one launcher for the three loads)."""
     run = mcore_standard("0.16.1", "dense")
+    legacy = run.dir / "legacy" / "iter_0000001"
+    jobs = []
+    for st in ("dp_reshardable", "dp_zero_gather_scatter"):
+        same = tmp_path / f"{st}-same"
+        convert(run.dir / f"torch_dist_{st}", same, "--target-megatron-version", "0.16.1")
+        for rank in sorted(p.name for p in legacy.iterdir()):
+            assert filecmp.cmp(legacy / rank / "distrib_optim.pt", same / "iter_0000001" / rank / "distrib_optim.pt",
+                               shallow=False), (st, rank)
+            # param groups (from the DP group's optimizer object, 0.16's global order) as Megatron's legacy save
+            mine = pickles.load(same / "iter_0000001" / rank / "model_optim_rng.pt")[0]
+            assert mine["optimizer"] == pickles.load(legacy / rank / "model_optim_rng.pt")[0]["optimizer"], (st, rank)
+    # 0.8 - 0.14 write dp_zero_gather_scatter too: the same check on 0.12.1's save
+    old = mcore_standard("0.12.1", "dense")
+    out = tmp_path / "0.12.1-dp-zero"
+    convert(old.dir / "torch_dist_dp_zero_gather_scatter", out, "--target-megatron-version", "0.12.1")
+    for rank in sorted(p.name for p in (old.dir / "legacy" / "iter_0000001").iterdir()):
+        assert filecmp.cmp(old.dir / "legacy" / "iter_0000001" / rank / "distrib_optim.pt",
+                           out / "iter_0000001" / rank / "distrib_optim.pt", shallow=False), rank
+    for st, name, flags, case in (
+            ("dp_reshardable", "tp1", ["--target-tp-size", "1"], dict(tp=1)),
+            ("dp_zero_gather_scatter", "pp1-dp4", ["--target-pp-size", "1", "--target-dp-size", "4"],
+             dict(pp=1, vpp=None, dp=4))):
+        out = tmp_path / f"{st}-{name}"
+        convert(run.dir / f"torch_dist_{st}", out, "--target-megatron-version", "0.16.1", *flags)
+        jobs.append(("load", dataclasses.replace(run.case, **case), [(out, "legacy", None)]))
+    jobs.append(("load", run.case, [(tmp_path / "dp_reshardable-same", "legacy", None)]))
+    for got in run_jobs("0.16.1", jobs):
+        same_values(run.truth, got[0] if isinstance(got, list) else got)
+
+
+def test_bucket_space_of_another_run_and_bad_targets_are_refused(mcore_standard, tmp_path, capsys):
+    """Bucket-space state needs the saving run's buffer layout: args that do not rebuild the recorded
+    bucket sizes (here another ddp_bucket_size) are refused, naming the buffer and both sizes; a TP size
+    that does not divide the heads is refused. Nothing written either time."""
+    import shutil
+
+    from ckptmap.formats import torch_zip_reader as tzr
+    from ckptmap.formats import torch_zip_writer as tzw
+
+    run = mcore_standard("0.16.1", "dense")
+    bad = shutil.copytree(run.dir / "torch_dist_dp_reshardable" / "iter_0000001", tmp_path / "other-args")
+    common = tzr.TorchZipFile(bad / "common.pt").root
+    common["args"].ddp_bucket_size = 900
+    tzw.save(common, bad / "common.pt")
     out = tmp_path / "x"
-    assert main(["convert", "--from", "torch_dist", "--to", "torch", "--src", str(run.dir / "torch_dist_dp_reshardable"),
-                 "--dst", str(out), "--no-progress"]) == 2
+    assert main(["convert", "--from", "torch_dist", "--to", "torch", "--src", str(bad), "--dst", str(out),
+                 "--no-progress"]) == 2
     err = capsys.readouterr().err
-    assert "'dp_reshardable'" in err and "--convert-param-only" in err and "Nothing was written" in err
-    assert not out.exists()
+    assert "dp_group_idx_0" in err and "per-bucket sizes" in err and "[1280, 2304, 1792, 896, 128, 1280]" in err, err
+    assert "Nothing was written" in err and not out.exists()
     src = mcore_standard("0.12.1", "dense").dir / "torch_dist_fully_sharded_model_space"
     assert main(["convert", "--from", "torch_dist", "--to", "torch", "--src", str(src), "--dst", str(out),
                  "--target-tp-size", "3", "--no-progress"]) == 2
@@ -96,18 +144,20 @@ def test_weights_only_from_bucket_space(mcore_standard, tmp_path):
     assert not list(out.rglob("distrib_optim.pt")) and len(list(out.rglob("model_optim_rng.pt"))) == 4
 
 
-def test_pt2ms_reads_torch_dist(mcore_standard, tmp_path):
+@pytest.mark.parametrize("version,sharding_type", [("0.12.1", "fully_sharded_model_space"),
+                                                   ("0.16.1", "dp_reshardable")])
+def test_pt2ms_reads_torch_dist(mcore_standard, tmp_path, version, sharding_type):
     """pt2ms of a torch_dist save (composed through legacy files in a temporary folder) gives exactly the
     MindSpore files pt2ms makes of the same run's own legacy save (every key, dtype and value, read by
     mindspore.load_checkpoint), and leaves no temporary folder behind."""
     import mindspore as ms
     import numpy as np
 
-    run = mcore_standard("0.12.1", "dense")
+    run = mcore_standard(version, "dense")
     outs = {}
-    for name, src in (("dist", run.dir / "torch_dist_fully_sharded_model_space"), ("legacy", run.dir / "legacy")):
+    for name, src in (("dist", run.dir / f"torch_dist_{sharding_type}"), ("legacy", run.dir / "legacy")):
         outs[name] = tmp_path / name
-        assert main(["pt2ms", "--megatron-path", str(src), "--ms-path", str(outs[name]), "--megatron-version", "0.12.1",
+        assert main(["pt2ms", "--megatron-path", str(src), "--ms-path", str(outs[name]), "--megatron-version", version,
                      "--no-progress", "--multiprocess-off"]) == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dist", "legacy"]
     files = sorted(p.relative_to(outs["legacy"]) for p in outs["legacy"].rglob("*.ckpt"))

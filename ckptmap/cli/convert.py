@@ -43,7 +43,7 @@ def _add_flags(p: argparse.ArgumentParser, plan: bool = False) -> None:
     from ckptmap.formats.megatron_dist import SHARDING_TYPES
     p.add_argument("--sharding-type", choices=tuple(SHARDING_TYPES), default=None,
                    help="torch_dist only: the distributed optimizer's sharding type to write (default: the source's). "
-                        "fully_reshardable from fully_sharded_model_space is the offline upgrade from megatron-core "
+                        "fully_reshardable or dp_reshardable from fully_sharded_model_space is the offline upgrade from megatron-core "
                         "<= 0.14 to 0.15+.")
     add_rng_flags(p)
     t = p.add_argument_group("torch_dist -> torch (legacy Megatron files)")
@@ -166,6 +166,25 @@ def _run_ns(ns):
     return ns
 
 
+def _is_to_dist(ns) -> bool:
+    """--from torch --to torch_dist: legacy Megatron files as a torch_dist folder (mapping/legacy_torch_dist.py)."""
+    return (ns.source, ns.target) == ("torch", _TORCH_DIST)
+
+
+def _to_dist_plan(ns):
+    from ckptmap.mapping.legacy_torch_dist import plan_legacy_to_dist
+    from ckptmap.mapping.torch_dist_legacy import DEFAULT_RULES
+
+    if ns.drop_rng or ns.keep_foreign_rng:
+        raise CkptmapError("--drop-rng / --keep-foreign-rng do not apply to torch -> torch_dist (the RNG states stay "
+                           "PyTorch's)")
+    given = [f"--{k.replace('_', '-')}" for k in _TO_LEGACY_ONLY if k not in ("rules",) and getattr(ns, k, None)]
+    if given:
+        raise CkptmapError(f"{', '.join(given)} apply to --from torch_dist --to torch only; torch -> torch_dist keeps "
+                           f"the saving layout (reshard the legacy files first with `ckptmap reshard`)")
+    return plan_legacy_to_dist(ns.src, ns.dst, ns.sharding_type or "fully_reshardable", ns.rules or DEFAULT_RULES)
+
+
 def _is_torch_dist(ns) -> bool:
     if _TORCH_DIST not in (ns.source, ns.target):
         return False
@@ -240,6 +259,14 @@ def cmd_torch_dist_convert(ns) -> int:
 def cmd_dialect_convert(ns) -> int:
     from ckptmap.formats.dialect_translate import run_jobs
 
+    if _is_to_dist(ns):
+        from ckptmap.mapping import legacy_torch_dist as ltd
+        plan = _to_dist_plan(ns)
+        ltd.print_plan(plan, sys.stdout)
+        if ns.dry_run:
+            return 0
+        print(f"\ntorch_dist checkpoint written in {ltd.run(plan, fsync=ns.fsync, no_progress=ns.no_progress):.2f} s")
+        return 0
     if _is_to_legacy(ns):
         from ckptmap.cli.run import show_or_run
         return show_or_run(_legacy_plan(ns), _run_ns(ns))
@@ -266,6 +293,10 @@ def cmd_dialect_convert(ns) -> int:
 
 
 def cmd_plan_dialect_convert(ns) -> int:
+    if _is_to_dist(ns):
+        from ckptmap.mapping import legacy_torch_dist as ltd
+        ltd.print_plan(_to_dist_plan(ns), sys.stdout)
+        return 0
     if _is_to_legacy(ns):
         from ckptmap.cli.printing import print_plan
         from ckptmap.cli.run import print_target

@@ -136,7 +136,10 @@ UNSUPPORTED_TYPES = {
 }
 _CHAINED = re.compile(r"chained_(?P<opt>\d+)\.(?P<rest>.*)", re.S)
 _OPTIMIZER_KEY = re.compile(r"(?:chained_\d+\.)?optimizer\.")
-_ND_SHAPE = "nd_reformulated_orig_global_shape"
+_ND_SHAPE = ND_SHAPE = "nd_reformulated_orig_global_shape"
+# Per-rank state a torch_dist save keeps as ShardedObjects over (pp, tp) (``<name>/shard_<pp>.<tp>_<PP>.<TP>``):
+# (object name, path of the value in a legacy model file). The rerun machine's ``sharded`` part: 0.10 - 0.14.
+RANK_OBJECTS = (("rng_state", ("rng_state",)), ("rerun_state_machine_state", ("rerun_state_machine", "sharded")))
 
 # Leading axes of stacked global tensors: (key prefix, axis names, per-item name template). The
 # template gives the name a legacy (non-distributed) state dict uses for one item, with global
@@ -161,6 +164,17 @@ SHARDED_KEY_MAPS: dict[str, tuple[tuple[str, str], ...]] = {
 # ``_extra_state`` entries a legacy state dict has but torch_dist saves leave out: ``GPTModel.sharded_state_dict``
 # pops the output layer's (asserting it holds nothing) -- a legacy file needs it back, empty, for a strict load.
 DROPPED_EXTRA_STATES = ("output_layer._extra_state",)
+# Where a dp_zero_gather_scatter ``param_state`` object (``torch.save([state])``) keeps buffer ``gbuf``'s
+# coalesced state tensor: the legacy distrib_optim.pt dict, ``{gbuf: {(param dtype, grad dtype): {state: …}}}``.
+def DP_ZERO_STATE_PATH(gbuf, dtype_pair, state):
+    return (0, gbuf, dtype_pair, state)
+
+
+# The (param dtype, grad dtype) pair as bucket-space keys spell it (``str`` of the torch dtype tuple).
+def dtype_pair(param_dtype: str, grad_dtype: str) -> str:
+    return f"(torch.{param_dtype}, torch.{grad_dtype})"
+
+
 # Entries of common.pt that only torch_dist saves have (the sharding type, 0.15+ content metadata); a
 # legacy model_optim_rng.pt has neither.
 DIST_ONLY_COMMON_KEYS = ("content_metadata",)
@@ -180,6 +194,29 @@ def legacy_item_name(item: str, transformer_impl: str | None) -> str:
         if m["rest"].startswith(sharded):
             return m["head"] + legacy + m["rest"][len(sharded):]
     return item
+
+
+def sharded_item(name: str, transformer_impl: str | None) -> tuple[str, tuple[int, ...]]:
+    """Inverse of :func:`legacy_item_name` + :data:`STACKED_AXES`: (sharded key, stacked index) of a legacy
+    state-dict name with global layer / expert numbers."""
+    impl = transformer_impl or "transformer_engine"
+    if impl not in SHARDED_KEY_MAPS:
+        raise CkptmapError(f"args.transformer_impl {impl!r}: ckptmap knows the sharded key names of "
+                           f"{', '.join(SHARDED_KEY_MAPS)}")
+    for prefix, axes, template in STACKED_AXES:
+        pattern = re.escape(template)
+        for a in axes:
+            pattern = pattern.replace(re.escape("{" + a + "}"), rf"(?P<{a}>\d+)")
+        m = re.fullmatch(pattern.replace(re.escape("{rest}"), "(?P<rest>.+)"), name)
+        if m is None:
+            continue
+        rest = m["rest"]
+        for legacy, sharded in SHARDED_KEY_MAPS[impl]:
+            if rest.startswith(legacy):
+                rest = sharded + rest[len(legacy):]
+                break
+        return prefix + rest, tuple(int(m[a]) for a in axes)
+    return name, ()
 
 
 def unstack_object(name: str, offsets: tuple[int, ...]) -> str:
@@ -437,6 +474,33 @@ class MegatronDist:
                                f"dict (buckets_coalesced) megatron-core 0.7+ writes")
         return item, state
 
+    def bucket_tensor(self, optimizer, group, gbuf, dtype_pair: str, bucket, state) -> BucketTensor:
+        """``dp_reshardable``: the tensor of one bucket's state (refused, named, when missing)."""
+        if not hasattr(self, "_bucket_index"):
+            self._bucket_index = {(b.optimizer, b.group, b.gbuf, b.dtypes, b.bucket, b.state): b for b in self._buckets}
+        b = self._bucket_index.get((optimizer, group, gbuf, dtype_pair, bucket, state))
+        if b is None:
+            raise CkptmapError(f"{self.path} has no tensor 'optimizer.distributed.dp_group_idx_{group}.gbuf_idx_{gbuf}."
+                               f"dtype_{dtype_pair}.bucket_idx_{bucket}.{state}'"
+                               + ("" if optimizer is None else f" (chained optimizer {optimizer})")
+                               + "; the checkpoint is incomplete or was saved by another layout than its args say")
+        return b
+
+    def dp_zero_tensor(self, optimizer, group, gbuf, dtype_pair: str, state) -> tuple[str, int]:
+        """``dp_zero_gather_scatter``: (reader key of the coalesced state tensor inside the DP group's
+        ``param_state`` object, its ``numel_unpadded``) of buffer ``gbuf``."""
+        _, st = self.dp_zero_state(optimizer, group)
+        where = f"{self.path}: param_state of DP group {group}"
+        buf = st.get(gbuf)
+        entry = [v for k, v in buf.items() if str(k) == dtype_pair] if isinstance(buf, dict) else []
+        if len(entry) != 1 or not isinstance(entry[0], dict) or state not in entry[0]:
+            raise CkptmapError(f"{where} has no {state!r} for buffer {gbuf} {dtype_pair} (it has buffers "
+                               f"{[k for k in st if k != 'buckets_coalesced']}); the checkpoint was saved by another "
+                               f"layout than its args say, or is incomplete")
+        key = td.object_tensor_key(self.optimizer_objects[(optimizer, group, "param_state")],
+                                   DP_ZERO_STATE_PATH(gbuf, dtype_pair, state))
+        return key, int(entry[0].get("numel_unpadded", -1))
+
     # --- data ---
     def read_box(self, t: GlobalTensor, box: Box) -> np.ndarray:
         """The elements of ``box`` of the global tensor (memory: the box, plus one fragment of an
@@ -555,6 +619,35 @@ class TensorSource:
 
     key: str
     global_tensor: GlobalTensor | None = None
+    pieces: tuple = ()   # ShardPiece: a bucket tensor assembled from parameters' TP shards (zeros between)
+
+
+@attrs.frozen
+class ShardPiece:
+    """One parameter's TP shard laid into a 1-D bucket tensor: flattened (C order) at ``offset``; the
+    shard (``shape``) is assembled from ``boxes`` = ``(GlobalTensor, box of it, offsets in the shard)``."""
+
+    offset: int
+    shape: tuple[int, ...]
+    boxes: tuple
+
+
+def assemble_pieces(md: "MegatronDist", pieces, box: Box, dtype: str) -> np.ndarray:
+    """Elements ``box`` of a 1-D tensor made of :class:`ShardPiece` (memory: the box and one shard)."""
+    lo, n = box.offsets[0], box.lengths[0]
+    out = np.zeros(n, dtype=dtypes.storage(dtype))
+    for pc in pieces:
+        numel = math.prod(pc.shape)
+        a, b = max(lo, pc.offset), min(lo + n, pc.offset + numel)
+        if a >= b:
+            continue
+        shard = np.zeros(pc.shape, dtype=out.dtype)
+        for gt, gbox, local in pc.boxes:
+            k = len(gbox.offsets) - len(pc.shape)
+            data = md.read_box(gt, gbox).reshape(gbox.lengths[k:])
+            shard[tuple(slice(o, o + m) for o, m in zip(local, gbox.lengths[k:]))] = data
+        out[a - lo:b - lo] = shard.reshape(-1)[a - pc.offset:b - pc.offset]
+    return out
 
 
 @attrs.frozen
@@ -574,6 +667,7 @@ class RewritePlan:
     backend: dict | None
     notes: tuple[str, ...] = ()
     positions: dict = attrs.field(factory=dict)     # (key, chunk offsets | None) -> order within its file
+    new_objects: dict = attrs.field(factory=dict)   # object key -> the bytes of an object the source has not
 
     @property
     def nbytes(self) -> int:
@@ -624,10 +718,15 @@ def plan_rewrite(src, dst, sharding_type: str | None = None, *, check: bool = Tr
                                f"--sharding-type out to rewrite it")
         if (source, target) == ("fully_sharded_model_space", "fully_reshardable"):
             return _plan_upgrade(md, dst)
+        if (source, target) == ("fully_sharded_model_space", "dp_reshardable"):
+            # bucket space needs the buffer layout (rules, mapping/buckets.py): planned by the mapping layer
+            from ckptmap.mapping.torch_dist_legacy import plan_dp_reshardable
+            return plan_dp_reshardable(md, dst)
         why = ("the optimizer state is stored per gradient-buffer bucket; mapping it to parameters needs the "
                "training run's buffer layout (mapping/buckets.py), which this conversion does not derive yet"
                if SHARDING_TYPES[source].space != "model" else
-               "ckptmap converts fully_sharded_model_space to fully_reshardable (and any type to itself)")
+               "ckptmap converts fully_sharded_model_space to fully_reshardable or dp_reshardable (and any type "
+               "to itself)")
         raise CkptmapError(f"{src}: cannot convert optimizer sharding type {source!r} to {target!r}: {why}. Nothing "
                            f"was written.")
 
@@ -755,14 +854,19 @@ def write_rewrite(plan: RewritePlan, *, fsync: bool = False, progress=None) -> N
         if (md.sharding_type.name if md.sharding_type else None) != plan.source_type:
             raise CkptmapError(f"{plan.src} changed since it was planned; plan again")
         by_key = {t.key: s for t, s in zip(plan.tensors, plan.sources)}
+        dtype_of = {t.key: t.dtype for t in plan.tensors}
 
         def read_box(key, box):
             s = by_key[key]
+            if s.pieces:
+                return assemble_pieces(md, s.pieces, box, dtype_of[key])
             if s.global_tensor is None:
                 return md.reader.read_box(s.key, box)
             return md.read_box(s.global_tensor, box)
 
         def read_object(key):
+            if key in plan.new_objects:
+                return plan.new_objects[key]
             return md.reader.object_bytes(key)
 
         common_file = md.reader.common()

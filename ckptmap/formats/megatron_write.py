@@ -194,6 +194,7 @@ def write_optim(path, recipe: dict, fill, *, fsync: bool = False) -> None:
 #      "optimizer_drop": [keys of common.pt's optimizer entry a legacy file has not],
 #      "param_groups": [indices into common.pt's optimizer param_groups, in the target rank's order] | None,
 #      "rng_state": <object key> | None, "rerun_state": <object key> | None,   # ShardedObjects of the rank
+#      "optimizer_object": <object key> | None,  # the optimizer's param groups, when not in common.pt
 #      "chunks": [{"key": "model" | "model0", …, "leaves": [
 #          {"path": [keys], "tensor": <storage>, "dtype": …, "shape": […]},
 #          {"path": [keys], "object": <object key>},      # e.g. a layer's _extra_state
@@ -272,6 +273,8 @@ def write_model_from_dist(path, recipe: dict, fill, *, fsync: bool = False) -> N
                     setattr(value, name, new)
             if key == "optimizer" and isinstance(value, dict):   # torch_dist's own entries are not a legacy file's
                 value = {k: v for k, v in value.items() if k not in recipe.get("optimizer_drop", ())}
+            if key == "optimizer" and recipe.get("optimizer_object"):   # bucket-space types: per DP group
+                value = dict(value, optimizer=_dist_object(ckpt, recipe["optimizer_object"], items))
             if key == "optimizer" and recipe.get("param_groups") is not None:
                 value = copy.deepcopy(value)
                 groups = value["optimizer"]["param_groups"]

@@ -587,6 +587,15 @@ class _ChunkIndex:
         return out
 
 
+OBJECT_TENSOR = "#"   # object key + this + a path inside the object's graph: a tensor stored inside a byte object
+
+
+def object_tensor_key(obj_key: str, path) -> str:
+    """The key under which the reader serves a tensor inside byte object ``obj_key`` (``spec``,
+    ``read_range_box``): ``path`` picks list items by index and dict entries by ``str(key)``."""
+    return obj_key + OBJECT_TENSOR + "/".join(str(p) for p in path)
+
+
 def is_torch_dist_dir(path) -> bool:
     path = Path(path)
     return path.is_dir() and (path / DCP_METADATA).is_file()
@@ -621,6 +630,7 @@ class TorchDistCheckpoint:
         self.meta = read_dcp_metadata(path / DCP_METADATA)
         self._maps: dict = {}
         self._index: dict = {}
+        self._objects: dict = {}
         self._common = None
         self._check_files()
 
@@ -679,8 +689,32 @@ class TorchDistCheckpoint:
         return t
 
     def spec(self, key) -> TensorSpec:
+        if key not in self.meta.tensors and OBJECT_TENSOR in key:
+            ref = self._object_tensor(key)[1]
+            return TensorSpec(ref.dtype, tuple(ref.shape))
         t = self.tensor(key)
         return TensorSpec(t.dtype, t.shape)
+
+    def _object_tensor(self, key) -> tuple[ItemFile, tzr.TensorRef]:
+        """``(item, ref)`` of an object tensor key (:func:`object_tensor_key`); the opened item is cached
+        (its arrays are views of the mapped file)."""
+        obj, _, path = key.partition(OBJECT_TENSOR)
+        item = self._objects.get(obj)
+        if item is None:
+            item = self._objects[obj] = self.read_object(obj)
+        node = item.root
+        for part in path.split("/"):
+            if isinstance(node, (list, tuple)) and part.isdigit() and int(part) < len(node):
+                node = node[int(part)]
+                continue
+            hits = [v for k, v in node.items() if str(k) == part] if isinstance(node, dict) else []
+            if len(hits) != 1:
+                raise CkptmapError(f"{self.path}: object {obj!r} has no entry {path!r} (at {part!r}); the checkpoint "
+                                   f"is not the one the plan was made from — re-create the plan")
+            node = hits[0]
+        if not isinstance(node, tzr.TensorRef):
+            raise CkptmapError(f"{self.path}: object {obj!r} entry {path!r} is a {type(node).__name__}, not a tensor")
+        return item, node
 
     def chunks(self, key) -> tuple[Chunk, ...]:
         return self.tensor(key).chunks
@@ -782,9 +816,18 @@ class TorchDistCheckpoint:
         viewed (C order) as ``view`` -- a plan ``Read`` -- reading only the chunks under it, not the
         global tensor: the range must be whole trailing-axis rows of the stored tensor (one stacked
         layer of a ``[L, …]`` tensor, one fragment of an nd-flattened one), which is what plans make."""
+        if key not in self.meta.tensors and OBJECT_TENSOR in key:   # a tensor inside a byte object: a mapped view
+            item, ref = self._object_tensor(key)
+            flat = item.array(ref).reshape(-1)
+            numel = flat.size - start if numel is None else numel
+            rows = flat[start:start + numel].reshape(view)
+            return rows[tuple(slice(o, o + n) for o, n in zip(offsets, lengths))]
         t = self.tensor(key)
         shape, view, offsets, lengths = tuple(t.shape), tuple(view), tuple(offsets), tuple(lengths)
         numel = math.prod(shape) - start if numel is None else numel
+        if len(shape) == 1:   # a range of a 1-D tensor (a dp_reshardable bucket): only the chunks under it
+            rows = self.read_box(key, Box((start,), (numel,))).reshape(view)
+            return rows[tuple(slice(o, o + n) for o, n in zip(offsets, lengths))]
         for j in range(len(shape) + 1):
             tail, lead_shape = shape[len(shape) - j:], shape[:len(shape) - j]
             if math.prod(tail) != numel or (numel and start % numel):
@@ -841,6 +884,7 @@ class TorchDistCheckpoint:
                 except BufferError:  # an array handed out still views it: unmapped when that goes
                     pass
         self._maps = {}
+        self._objects = {}
         if self._common is not None:
             self._common.close()
             self._common = None

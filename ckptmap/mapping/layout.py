@@ -453,6 +453,15 @@ class ParallelLayout:
                 offsets = [j * self._stride[token] + o for j in range(size) for o in offsets]
         return [base + o for o in offsets]
 
+    def model_parallel_rank(self, tp: int, pp: int) -> int:
+        """Rank of (``tp``, ``pp``) in Megatron's model-parallel group (the TP x PP ranks of one
+        data-/context-parallel replica, in global-rank order): the ``data_parallel_group_idx`` of
+        that rank's distributed optimizer (``dp_group_idx_N`` in torch_dist bucket-space keys)."""
+        self._check_coord("tp", tp, self.tp)
+        self._check_coord("pp", pp, self.pp)
+        me = self.global_rank(tp=tp, pp=pp)
+        return sum(1 for t in range(self.tp) for p in range(self.pp) if self.global_rank(tp=t, pp=p) < me)
+
     def global_expert(self, ep: int, local: int, num_experts: int) -> int:
         """Global id of local expert `local` of expert-parallel rank `ep` (Megatron gives each EP rank
         a contiguous block of num_experts / EP experts)."""

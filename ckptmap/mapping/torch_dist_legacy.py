@@ -13,11 +13,13 @@ DDP buffers -- which torch_dist does not record -- is the rules' order (listed i
 registration order). ``common.pt`` gives every non-model entry of the model file; the rank's RNG and
 rerun-machine ShardedObjects come from the source rank at the same (tp, pp) modulo the source sizes.
 
-Supported optimizer sharding types: the model-space ones (``fully_sharded_model_space``,
-``fully_reshardable``). Bucket-space types (``dp_reshardable``, ``dp_zero_gather_scatter``) store the
-state in the *source* run's buckets; reading them needs that run's buffer layout at its own sizes,
-which this module does not derive yet (refused, naming the workaround). MoE (expert parallelism) is
-refused too.
+Supported optimizer sharding types: all four. Model space (``fully_sharded_model_space``,
+``fully_reshardable``): each state is a global tensor, read like the weights. Bucket space
+(``dp_reshardable``: one tensor per bucket; ``dp_zero_gather_scatter``: the legacy coalesced dict per DP
+group, in a byte object): the saving run's DDP buffers are rebuilt at its own sizes (its args) with the
+rules' ``buckets megatron`` blocks, kept only where they reproduce the bucket sizes the checkpoint records,
+and each parameter's state is read as the ranges of its source TP shards (:class:`BucketState`). MoE
+(expert parallelism) is refused.
 """
 
 from __future__ import annotations
@@ -156,9 +158,40 @@ def _reads(iter_dir: str, gt: M.GlobalTensor, idx: tuple, box: Box, dst: tuple) 
     return out
 
 
+@attrs.frozen
+class BucketState:
+    """One optimizer state of a parameter in a bucket-space source (``dp_reshardable``,
+    ``dp_zero_gather_scatter``): per source TP rank, its TP-local shard flattened -- a 1-D element range of
+    a bucket tensor, or of a coalesced buffer inside a byte object -- where the saving run's buffer
+    layout put it."""
+
+    tp: int
+    shards: tuple  # SourceSlice per source TP rank
+
+
+def _bucket_shard_task(p: DistParam, state: str, src: BucketState, tgt_tp: int, tp: int, name: str) -> TensorTask:
+    where = f"{p.key} ({p.rule.loc})"
+    shard_shape = p.sharding.shard_shape(p.shape, tgt_tp, where)
+    dtype = src.shards[0].dtype
+    if dtype != "float32":
+        raise CkptmapError(f"{src.shards[0].key} is {dtype}; legacy distrib_optim.pt holds float32 optimizer state "
+                           f"and ckptmap never casts silently")
+    view = p.sharding.shard_shape(p.shape, src.tp, where)
+    pieces, missing = transfer(p.sharding.fragments(p.shape, tgt_tp, tp, where),
+                               [p.sharding.fragments(p.shape, src.tp, t, where) for t in range(src.tp)])
+    if missing:
+        raise CkptmapError(f"internal error: {where} tp {tp}/{tgt_tp} not covered by the source's TP shards")
+    reads = tuple(Read(src.shards[pc.source], view, pc.src_box.offsets, pc.src_box.lengths, pc.dst_offsets)
+                  for pc in pieces)
+    return TensorTask(name, dtype, shard_shape, (), dtype, shard_shape, (),
+                      note=f"{src.shards[0].key} · tp {tp}/{tgt_tp}", reads=reads)
+
+
 def shard_task(p: DistParam, state: str, tgt_tp: int, tp: int, name: str, iter_dir: str) -> TensorTask:
     """Target TP rank ``tp``'s shard of ``p``'s weight or optimizer ``state``."""
     where = f"{p.key} ({p.rule.loc})"
+    if isinstance(p.sources.get(state), BucketState):
+        return _bucket_shard_task(p, state, p.sources[state], tgt_tp, tp, name)
     shard_shape = p.sharding.shard_shape(p.shape, tgt_tp, where)
     gt, idx = p.sources[state]
     if state != "weight" and gt.dtype != "float32":
@@ -188,16 +221,9 @@ class DistModel:
         self.args = args
         if _arg(args, "num_experts"):
             raise CkptmapError(f"{md.path}: a mixture-of-experts model ({args.num_experts} experts); torch_dist -> torch "
-                               f"handles dense models so far. Load it in Megatron with the same layout and save with "
-                               f"--ckpt-format torch")
+                               f"and the dp_reshardable upgrade handle dense models so far. Load it in Megatron with "
+                               f"the same layout and save with --ckpt-format torch. Nothing was written.")
         st = md.sharding_type
-        if not convert_param_only and st is not None and st.space != "model":
-            raise CkptmapError(
-                f"{md.path}: the optimizer state is stored as {st.name!r} ({st.space} space: per gradient-buffer bucket "
-                f"of the saving run), which torch_dist -> torch does not read yet; it reads fully_sharded_model_space "
-                f"and fully_reshardable. Use --convert-param-only for the weights alone, or load the checkpoint in "
-                f"megatron-core with the same layout and save it again with --dist-ckpt-optim-fully-reshardable "
-                f"(0.15+) or the 0.8 - 0.14 default. Nothing was written.")
         if not convert_param_only and st is None:
             raise CkptmapError(f"{md.path} holds no optimizer state; pass --convert-param-only to convert the weights")
         self.impl = getattr(args, "transformer_impl", None)
@@ -229,7 +255,7 @@ class DistModel:
                     g = states.get((t.name, state))
                     if g is not None:
                         sources[state] = (g, idx)
-                    elif not convert_param_only:
+                    elif not convert_param_only and st.space == "model":   # bucket space: _bucket_sources
                         raise CkptmapError(f"{md.path}: no {state} optimizer state for {t.name!r}; the checkpoint is "
                                            f"incomplete (or pass --convert-param-only)")
                 self.params[name] = DistParam(name, rule, b, resolve_sharding(rule, env, name),
@@ -367,6 +393,22 @@ def _param_group_order(common_opt, names_shapes) -> tuple[list | None, str | Non
     return [wds.index(w) for w in order], None
 
 
+def _same_group_order(md: M.MegatronDist) -> bool:
+    cached = getattr(md, "_same_group_order", None)   # once per checkpoint, not once per target rank
+    if cached is None:
+        cached = md._same_group_order = _group_orders(md)
+    return cached
+
+
+def _group_orders(md: M.MegatronDist) -> bool:
+    orders = set()
+    for (opt, group, what) in md.optimizer_objects:
+        if what == "optimizer" and opt is None:
+            groups = (md.optimizer_object(opt, group, what)[1] or {}).get("param_groups") or []
+            orders.add(tuple(g.get("wd_mult") for g in groups))
+    return len(orders) == 1
+
+
 def _object_for(md: M.MegatronDist, name: str, tp: int, pp: int, src: ParallelLayout) -> str | None:
     """The ``rng_state`` / ``rerun_state_machine_state`` ShardedObject of source rank (tp, pp) mod the source sizes."""
     want = (pp % src.pp, tp % src.tp)
@@ -395,9 +437,147 @@ def compile_torch_dist_to_legacy(opt: DistToLegacyOptions) -> Plan:
         return _compile(md, rules, opt, str(iter_dir), iteration)
 
 
+def _source_buffer(md: M.MegatronDist, blocks: list, entries: list, values: dict, where: str, group: int, gbuf: int,
+                   pair: str) -> buckets.BufferLayout:
+    """The saving run's layout of one of its DDP buffers: the candidate versions' ``buckets megatron``
+    blocks at the source sizes, kept when they reproduce what the checkpoint records (dp_reshardable: every
+    bucket's padded and unpadded size; dp_zero_gather_scatter: the buffer's unpadded size)."""
+    if md.sharding_type.name == "dp_reshardable":
+        padded, unpadded = md.per_bucket_numel(None, group)
+
+        def sizes(per_gbuf):
+            d = per_gbuf[gbuf] if isinstance(per_gbuf, (list, tuple)) and gbuf < len(per_gbuf) else {}
+            hit = [v for k, v in d.items() if str(k) == pair] if isinstance(d, dict) else []
+            return list(hit[0]) if len(hit) == 1 else None
+        want = (sizes(padded), sizes(unpadded))
+        got_of = lambda bl: (bl.per_bucket_numel, bl.per_bucket_numel_unpadded)   # noqa: E731
+        what = "per-bucket sizes (padded, unpadded)"
+    else:
+        want = md.dp_zero_tensor(None, group, gbuf, pair, "param")[1]
+        got_of = lambda bl: bl.numel_unpadded   # noqa: E731
+        what = "unpadded buffer size"
+    fits, seen = [], []
+    for block in blocks:
+        try:
+            bl = buckets.build_buffer(block, entries, buckets.layout_env(block, values))
+        except buckets.UnfaithfulLayout as e:
+            seen.append(f"{block.label}: {e}")
+            continue
+        if got_of(bl) == want:
+            fits.append(bl)
+        else:
+            seen.append(f"{block.label}: {got_of(bl)}")
+    if not fits:
+        raise CkptmapError(
+            f"{where}: the checkpoint records the {what} {want}, but laying out this buffer's {len(entries)} "
+            f"parameters as the saving megatron-core would gives {'; '.join(seen)}; the args in common.pt "
+            f"(sizes, ddp_bucket_size, model) do not describe the run that saved it, or the rules' buckets blocks "
+            f"miss its version. Nothing was written.")
+    if any(not buckets.same_slots(fits[0], bl) for bl in fits[1:]):
+        raise CkptmapError(f"{where}: several megatron-core versions' bucket layouts fit the checkpoint's {what} but "
+                           f"place the parameters differently; ckptmap cannot tell where each parameter's optimizer "
+                           f"state is. Nothing was written.")
+    return fits[0]
+
+
+def _spot_check(md: M.MegatronDist, model: DistModel, s: ParallelLayout, tp: int, found: dict, params: list,
+                where: str) -> None:
+    """The distributed optimizer writes its fp32 main params back into the weights, so the fp32 param read where
+    the rebuilt layout says must round to the saved weight: checked for the buffer's last parameter (a layout
+    that is off anywhere shifts everything after, the last one included)."""
+    from ckptmap.mapping import ops
+
+    for p in params:
+        sl = found.get(p.key, {}).get("param", {}).get(tp)
+        if sl is None or p.dtype not in ("bfloat16", "float16") or sl.dtype != "float32":
+            continue
+        shape = p.sharding.shard_shape(p.shape, s.tp)
+        main = md.reader.read_range_box(sl.key, sl.start, sl.numel, shape, (0,) * len(shape), shape)
+        gt, idx = p.sources["weight"]
+        weight = np.empty(shape, dtype=np.uint16)   # bf16 / fp16 bits
+        for f in p.sharding.fragments(p.shape, s.tp, tp, p.key):
+            box = Box(idx + tuple(f.global_box.offsets), (1,) * len(idx) + tuple(f.global_box.lengths))
+            weight[tuple(slice(o, o + n) for o, n in zip(f.local_offsets, f.global_box.lengths))] = \
+                np.ascontiguousarray(md.read_box(gt, box)).view(np.uint16).reshape(f.global_box.lengths)
+        got = np.ascontiguousarray(ops.cast(np.ascontiguousarray(main), "float32", p.dtype)).view(np.uint16)
+        if not np.array_equal(got, weight):
+            bad = int(np.count_nonzero(got != weight))
+            raise CkptmapError(
+                f"{where}: the fp32 param of {p.key} (TP rank {tp}) read from {sl.key} [{sl.start}:{sl.start + sl.numel}] "
+                f"does not round to its saved weight ({bad} of {weight.size} elements differ): the buffer layout "
+                f"rebuilt from common.pt's args puts another parameter's state there — the args do not describe the "
+                f"run that saved it. Nothing was written.")
+
+
+def _bucket_sources(md: M.MegatronDist, model: DistModel, blocks: list, iter_dir: str, grad: str | None) -> None:
+    """Bucket-space optimizer state: rebuild every source rank's DDP buffers at the saving run's sizes
+    (its args), check them against the sizes the checkpoint records, and point each parameter's states
+    at its ranges (``BucketState``). dp_group_idx_N is the rank's model-parallel rank; gbuf_idx_G counts
+    its buffers over model chunks, as legacy distrib_optim.pt does."""
+    s = model.layout
+    dp_reshardable = md.sharding_type.name == "dp_reshardable"
+    output_copy = model.output_copy() if model.tied and s.pp > 1 else None
+    found: dict = {}
+    for pp in range(s.pp):
+        for tp in range(s.tp):
+            group, gbuf = s.model_parallel_rank(tp, pp), 0
+            for v in range(s.vpp):
+                by_dtype: dict = {}
+                for names, _ in _chunk(model, s, pp, v, output_copy):
+                    for name, p in names:
+                        by_dtype.setdefault(p.dtype, []).append((name, p))
+                for dtype, params in by_dtype.items():
+                    entries = [buckets.ParamEntry(_ddp_name(p.rule, [name]), p.sharding.shard_shape(p.shape, s.tp),
+                                                  dtype, p.rule.shared_embedding) for name, p in params]
+                    pair = M.dtype_pair(dtype, grad or dtype)
+                    where = (f"{md.path}: source rank tp {tp} pp {pp} chunk {v}, {dtype} buffer (dp_group_idx_{group}, "
+                             f"gbuf_idx_{gbuf})")
+                    bl = _source_buffer(md, blocks, entries, _layout_values(model.args, s, pp, v), where, group,
+                                        gbuf, pair)
+                    by_ddp = {e.name: p for e, (_, p) in zip(entries, params)}
+                    # dp_zero_gather_scatter: the buffer's coalesced tensors, looked up once per buffer
+                    coalesced = {} if dp_reshardable else {state: md.dp_zero_tensor(None, group, gbuf, pair, state)
+                                                           for state in STATES}
+                    specs: dict = {}
+                    for slot in bl.slots:
+                        p = by_ddp[slot.name]
+                        if p is output_copy:   # the last stage's tied head: its state is the embedding's
+                            continue
+                        n = slot.end - slot.start
+                        for state in STATES:
+                            if dp_reshardable:
+                                b = md.bucket_tensor(None, group, gbuf, pair, slot.bucket, state)
+                                if b.numel != bl.buckets[slot.bucket].numel_unpadded:
+                                    raise CkptmapError(f"{where}: {b.key} has {b.numel} elements but the checkpoint's "
+                                                       f"per_bucket_numel_unpadded says "
+                                                       f"{bl.buckets[slot.bucket].numel_unpadded}; it is inconsistent")
+                                key, total, start = b.key, b.numel, slot.start - bl.buckets[slot.bucket].start
+                            else:
+                                key, total = coalesced[state]
+                                start = bl.coalesced_offset(slot)
+                            spec = specs.get(key) or specs.setdefault(key, md.reader.spec(key))
+                            if tuple(spec.shape) != (total,):
+                                raise CkptmapError(f"{where}: {key} has shape {list(spec.shape)}, expected [{total}]")
+                            sl = SourceSlice(iter_dir, key, spec.dtype, (total,), start, n)
+                            found.setdefault(p.key, {}).setdefault(state, {})[tp] = sl
+                    _spot_check(md, model, s, tp, found, [by_ddp[sl.name] for sl in bl.slots[-1:]], where)
+                    gbuf += 1
+    for p in model.params.values():
+        for state in STATES:
+            shards = found.get(p.key, {}).get(state, {})
+            if sorted(shards) != list(range(s.tp)):
+                raise CkptmapError(f"{md.path}: no buffer of the saving run holds {state} of {p.key} on every TP rank "
+                                   f"(found TP ranks {sorted(shards)} of {s.tp}); the rules' order or the args do not "
+                                   f"match the checkpoint")
+            p.sources[state] = BucketState(s.tp, tuple(shards[t] for t in range(s.tp)))
+
+
 def _compile(md, rules, opt, iter_dir: str, iteration: str) -> Plan:
     model = DistModel(md, rules, opt.convert_param_only)
     s, args = model.layout, model.args
+    if not opt.convert_param_only and md.sharding_type.space != "model":
+        _bucket_sources(md, model, _blocks(model, None), iter_dir,
+                        "float32" if getattr(args, "accumulate_allreduce_grads_in_fp32", True) else None)
     pp = opt.target_pp_size or s.pp
     tgt = ParallelLayout(tp=opt.target_tp_size or s.tp, pp=pp, dp=opt.target_dp_size or s.dp, cp=s.cp, ep=1,
                          vpp=opt.target_vpp_size or (s.vpp if pp == s.pp else 1), num_layers=s.num_layers)
@@ -474,10 +654,24 @@ def _model_task(md, model: DistModel, tgt, rank_dir, tp, pp, chunks, iter_dir):
                 names_shapes.append((name, w.shape))
             rows += _with_extra(model, part, extras)
         entries.append({"key": key, "leaves": rows})
-    groups, note = _param_group_order(md.common.get("optimizer"), names_shapes)
+    common_opt, opt_object = md.common.get("optimizer"), None
+    st = md.sharding_type
+    if st is not None and not st.param_groups_in_common:   # bucket space: in the source DP group's object
+        s = model.layout
+        opt_object = md.optimizer_objects.get((None, s.model_parallel_rank(tp % s.tp, pp % s.pp), "optimizer"))
+        if opt_object is None:
+            raise CkptmapError(f"{md.path} has no optimizer object (param groups) for source rank tp {tp % s.tp} "
+                               f"pp {pp % s.pp}; the checkpoint is incomplete")
+        common_opt = {"optimizer": md.optimizer_object(None, s.model_parallel_rank(tp % s.tp, pp % s.pp),
+                                                       "optimizer")[1]}
+    if opt_object is not None and _same_group_order(md):
+        # every source rank has the same group order (megatron-core 0.15+ sorts the groups globally): keep it
+        groups, note = None, None
+    else:
+        groups, note = _param_group_order(common_opt, names_shapes)
     recipe = {"common": iter_dir, "args": _args_updates(model.args, tgt), "chunks": entries,
               "drop": list(M.DIST_ONLY_COMMON_KEYS), "optimizer_drop": list(M.DIST_ONLY_OPTIMIZER_KEYS),
-              "param_groups": groups,
+              "param_groups": groups, "optimizer_object": opt_object,
               "rng_state": _object_for(md, "rng_state", tp, pp, model.layout),
               "rerun_state": _object_for(md, "rerun_state_machine_state", tp, pp, model.layout)}
     return FileTask(f"{rank_dir}/{megatron_folders.MODEL_FILE}", "megatron_model_dist", storages=tuple(storages),
@@ -515,3 +709,107 @@ def _optim_task(model: DistModel, tgt, rank_dir, tp, pp, chunks, blocks, iter_di
     recipe = {"chained": False, "optimizers": [{"buffers": bufs}]}
     return FileTask(f"{rank_dir}/{megatron_folders.OPTIM_FILE}", "megatron_optim", storages=tuple(storages),
                     extra=recipe), maps
+
+
+# -------------------------------------------------------------------------------------------------
+# fully_sharded_model_space -> dp_reshardable (convert --from torch_dist --to torch_dist --sharding-type dp_reshardable)
+
+
+def _object_bytes(value) -> bytes:
+    """``torch.save([value])`` as Megatron stores a ShardedObject in a .distcp item."""
+    import tempfile
+
+    from ckptmap.formats import torch_zip_writer as tzw
+    with tempfile.TemporaryDirectory(prefix=".ckptmap-obj-") as tmp:
+        f = Path(tmp) / "archive"   # torch.save to a buffer names the archive's records archive/...
+        tzw.save([value], f)
+        return f.read_bytes()
+
+
+def plan_dp_reshardable(md: M.MegatronDist, dst, rules_name: str = DEFAULT_RULES) -> M.RewritePlan:
+    """The offline upgrade of a ``fully_sharded_model_space`` save (0.8 - 0.14) to ``dp_reshardable`` (the 0.15+
+    default): the same weights; per model-parallel rank (``dp_group_idx_N``), DDP buffer and bucket, the fp32
+    param and Adam moments of the bucket's parameters laid out where the loading megatron-core (0.15+) puts
+    them at the saving run's sizes (the rules' ``buckets megatron`` blocks of 0.15+; zeros in alignment
+    gaps), plus the ``per_bucket_numel[_unpadded]`` and param-group objects that version's load reads."""
+    from ckptmap.formats.safe_unpickler import GlobalMarker
+
+    rules = resolve_rules(rules_name)
+    model = DistModel(md, rules, convert_param_only=False)
+    s, args, meta = model.layout, model.args, md.reader.meta
+    blocks = [b for b in rules.bucket_layouts("megatron") if b.storage == "coalesced" and
+              (b.versions is None or _version(b.versions[1]) >= (0, 15))]
+    if not blocks:
+        raise CkptmapError(f"rules {rules.path} have no `buckets megatron` block for megatron-core 0.15+, whose "
+                           f"dp_reshardable layout this needs")
+    grad = "float32" if getattr(args, "accumulate_allreduce_grads_in_fp32", True) else None
+    common_opt = md.common.get("optimizer")
+    if not isinstance(common_opt, dict) or not isinstance(common_opt.get("optimizer"), dict):
+        raise CkptmapError(f"{md.path}/common.pt has no optimizer param groups (optimizer.optimizer); a "
+                           f"fully_sharded_model_space save of a distributed optimizer keeps them there")
+    output_copy = model.output_copy() if model.tied and s.pp > 1 else None
+    files = sorted({c.file for t in meta.tensors.values() for c in t.chunks})
+    tensors, sources, objects, new_objects = [], [], [], {}
+    for t in md.tensors("weight"):   # the model weights, item for item
+        mt = meta.tensors[t.key]
+        tensors.append(td.OutTensor(t.key, t.dtype, t.shape, tuple(td.OutChunk(c.box, c.file) for c in mt.chunks)))
+        sources.append(M.TensorSource(t.key))
+    for pp in range(s.pp):
+        for tp in range(s.tp):
+            group, gbuf = s.model_parallel_rank(tp, pp), 0
+            file = f"__{s.global_rank(tp=tp, pp=pp)}_0.distcp"
+            file = file if file in files else files[0]
+            padded, unpadded = [], []
+            for v in range(s.vpp):
+                by_dtype: dict = {}
+                for names, _ in _chunk(model, s, pp, v, output_copy):
+                    for name, p in names:
+                        by_dtype.setdefault(p.dtype, []).append((name, p))
+                for dtype, params in by_dtype.items():
+                    entries = [buckets.ParamEntry(_ddp_name(p.rule, [name]), p.sharding.shard_shape(p.shape, s.tp),
+                                                  dtype, p.rule.shared_embedding) for name, p in params]
+                    where = f"{md.path}: rank tp {tp} pp {pp} chunk {v}, {dtype} buffer"
+                    _, bl = _build_target_buffer(blocks, entries, _layout_values(args, s, pp, v), where)
+                    by_ddp = {e.name: p for e, (_, p) in zip(entries, params)}
+                    pair = M.dtype_pair(dtype, grad or dtype)
+                    for b_idx, bucket in enumerate(bl.buckets):
+                        slots = [sl for sl in bl.slots if sl.bucket == b_idx]
+                        for state in STATES:
+                            key = (f"optimizer.distributed.dp_group_idx_{group}.gbuf_idx_{gbuf}.dtype_{pair}."
+                                   f"bucket_idx_{b_idx}.{state}")
+                            pieces = []
+                            for sl in slots:
+                                p = by_ddp[sl.name]
+                                gt, idx = p.sources[state]
+                                frags = p.sharding.fragments(p.shape, s.tp, tp, p.key)
+                                boxes = tuple((gt, Box(idx + tuple(f.global_box.offsets),
+                                                       (1,) * len(idx) + tuple(f.global_box.lengths)),
+                                               tuple(f.local_offsets)) for f in frags)
+                                pieces.append(M.ShardPiece(sl.start - bucket.start, tuple(sl.shape), boxes))
+                            n = bucket.numel_unpadded
+                            tensors.append(td.OutTensor(key, "float32", (n,), (td.OutChunk(Box((0,), (n,)), file),)))
+                            sources.append(M.TensorSource("", pieces=tuple(pieces)))
+                    markers = (GlobalMarker("torch", dtype, dtype), GlobalMarker("torch", grad or dtype, grad or dtype))
+                    padded.append({markers: bl.per_bucket_numel})
+                    unpadded.append({markers: bl.per_bucket_numel_unpadded})
+                    gbuf += 1
+            base = f"optimizer.distributed.dp_group_idx_{group}"
+            for what, value in (("optimizer", common_opt["optimizer"]), ("per_bucket_numel", padded),
+                                ("per_bucket_numel_unpadded", unpadded)):
+                key = f"{base}.{what}/shard_0_1"
+                objects.append(td.OutObject(key, file))
+                new_objects[key] = _object_bytes(value)
+    dropped = {t.key for t in md.tensors() if t.state != "weight"}
+    order = [k for k in meta.order if k not in dropped] + [t.key for t in tensors if t.key not in meta.tensors] + \
+        [o.key for o in objects]
+    objects = [td.OutObject(o.key, o.file) for o in meta.objects.values()] + objects
+    mcore = {k: v for k, v in (meta.mcore_data or {}).items() if k not in dropped}
+    content = md.common.get("content_metadata")
+    content = dict(content if isinstance(content, dict) else M.CONTENT_METADATA_0_16,
+                   distrib_optim_sharding_type="dp_reshardable")
+    edits = ((("content_metadata",), content), (("optimizer",), {"param_state_sharding_type": "dp_reshardable"}))
+    notes = ("optimizer state laid out in the DDP buckets megatron-core 0.15+ builds at the saving sizes "
+             f"({' / '.join(b.label for b in blocks)}); param groups from common.pt in every DP group's object",)
+    return M.RewritePlan(md.path, Path(dst), "fully_sharded_model_space", "dp_reshardable", tuple(tensors),
+                         tuple(sources), tuple(objects), tuple(order), mcore, edits, md.reader.backend, notes,
+                         M._positions(md, tensors, objects, {}), new_objects)

@@ -1,0 +1,298 @@
+"""Legacy Megatron files -> torch_dist (``ckptmap convert --from torch --to torch_dist``): a ``--ckpt-format
+torch`` checkpoint (``iter_*/mp_rank_*/model_optim_rng.pt`` + ``distrib_optim.pt``) written as the
+``torch_dist`` folder megatron-core 0.15+ loads with ``dist_checkpointing.load``, the distributed optimizer's
+state stored ``fully_reshardable`` (model space: one global tensor per parameter and state).
+
+The legacy checkpoint is read as for ``reshard`` (``megatron_source.MegatronSource``: every rank's tensors
+matched to the rules, the bucket layout of every distrib_optim.pt). Each parameter becomes the global tensor
+under its sharded key (``megatron_dist.sharded_item``: layers stacked on a leading axis, the local spec's
+norm renames), saved as the chunks Megatron's own save writes: one per stacked layer and TP fragment (a
+SwiGLU ``linear_fc1`` shard is two), each in the ``__R_0.distcp`` file of the rank that held it; replicated
+tensors (norms) once, from TP rank 0 (the other TP ranks' copies must be the same bytes, checked). The
+optimizer states ``optimizer.state.{param,exp_avg,exp_avg_sq}.<key>`` have the same chunks. Layer
+``_extra_state`` and the RNG / rerun-machine states become ShardedObjects (``…/shard_<layer>_<layers>``,
+``rng_state/shard_<pp>.<tp>_<PP>.<TP>``); ``common.pt`` is rank 0's model file without the model chunks and
+those states, with ``optimizer.param_state_sharding_type`` (and 0.15+'s ``content_metadata``).
+``--sharding-type fully_sharded_model_space`` writes the 0.8 - 0.14 default instead (``fp32_param``,
+nd-flattened: one fragment per chunk above, ``mcore_data`` with the global shapes). One chunk (one TP shard) in memory
+at a time. The tied output layer of the last stage is not saved (Megatron stores one copy, the embedding's).
+"""
+
+from __future__ import annotations
+
+import copy
+import tempfile
+import time
+from pathlib import Path
+
+import attrs
+import numpy as np
+
+from ckptmap.errors import CkptmapError
+from ckptmap.formats import megatron_dist as M
+from ckptmap.formats import megatron_folders
+from ckptmap.formats import torch_dist as td
+from ckptmap.formats import torch_zip_reader as tzr
+from ckptmap.formats import torch_zip_writer as tzw
+from ckptmap.mapping.megatron_source import MegatronSource, SourceOptions
+from ckptmap.mapping.reshard import SourceModel, target_tensor
+from ckptmap.mapping.sharding import Box
+from ckptmap.mapping.torch_dist_legacy import DEFAULT_RULES, STATES
+
+TARGET_TYPES = ("fully_reshardable", "fully_sharded_model_space")
+
+
+@attrs.frozen
+class LegacyToDistPlan:
+    src: str
+    dst: Path
+    iteration: str
+    sharding_type: str
+    tensors: tuple          # td.OutTensor
+    chunk_sources: dict     # (key, chunk offsets) -> (TensorTask of a TP shard, offsets of the chunk in it)
+    objects: tuple          # td.OutObject
+    object_bytes: dict      # object key -> bytes
+    common: dict
+    common_file: str
+    notes: tuple = ()
+    mcore_data: dict = attrs.field(factory=dict)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors)
+
+
+def _saved(value) -> bytes:
+    """``torch.save([value])``, as Megatron stores a ShardedObject's data in a .distcp item."""
+    with tempfile.TemporaryDirectory(prefix=".ckptmap-obj-") as tmp:
+        f = Path(tmp) / "archive"   # torch.save into a buffer names the records archive/...
+        tzw.save([value], f)
+        return f.read_bytes()
+
+
+def _saved_streaming(value, zf: tzr.TorchZipFile) -> bytes:
+    """The same for a value holding tensors of the legacy file ``zf`` (RNG states)."""
+    with tempfile.TemporaryDirectory(prefix=".ckptmap-obj-") as tmp:
+        f = Path(tmp) / "archive"
+        tzw.save_streaming([value], f, lambda key: [zf.storage_bytes(key)])
+        return f.read_bytes()
+
+
+def _has_tensor(node) -> bool:
+    if isinstance(node, tzr.TensorRef):
+        return True
+    if isinstance(node, dict):
+        return any(_has_tensor(v) for v in node.values())
+    if type(node) in (list, tuple):
+        return any(_has_tensor(v) for v in node)
+    return False
+
+
+def plan_legacy_to_dist(src, dst, sharding_type: str = "fully_reshardable", rules: str = DEFAULT_RULES,
+                        megatron_version: str | None = None) -> LegacyToDistPlan:
+    if sharding_type not in TARGET_TYPES:
+        raise CkptmapError(f"--sharding-type {sharding_type}: torch -> torch_dist writes {', '.join(TARGET_TYPES)} "
+                           f"(megatron-core 0.15+ / 0.8 - 0.14); upgrade the result with `--from torch_dist --to "
+                           f"torch_dist --sharding-type dp_reshardable` if you need that. Nothing was written.")
+    st = M.SHARDING_TYPES[sharding_type]
+    dst = Path(dst)
+    if dst.exists():
+        raise CkptmapError(f"--dst {dst} already exists; ckptmap never writes into an existing checkpoint folder")
+    source = MegatronSource(SourceOptions(str(src), rules=rules, megatron_version=megatron_version)).with_optimizer()
+    lay, args = source.layout, source.args
+    if lay.ep > 1 or source.env.get("num_experts"):
+        raise CkptmapError(f"{src}: a mixture-of-experts model; torch -> torch_dist handles dense models so far. "
+                           f"Nothing was written.")
+    if lay.cp > 1:
+        raise CkptmapError(f"{src}: context parallelism {lay.cp}; torch -> torch_dist handles CP 1 so far")
+    impl = getattr(args, "transformer_impl", None)
+    model = SourceModel(source)
+    tied = not getattr(args, "untie_embeddings_and_output_weights", False)
+    files = {}
+
+    def file_of(rank) -> str:
+        return files.setdefault(rank.key, f"__{lay.global_rank(tp=rank.tp, pp=rank.pp)}_0.distcp")
+
+    # group the global parameters by sharded key (layers stacked)
+    stacked: dict = {}
+    for name, gp in model.params.items():
+        if tied and gp.rule.shared_embedding and gp.shards[0][0].pp != 0:
+            continue   # the last stage's copy of the tied embedding: Megatron saves the embedding's only
+        key, idx = M.sharded_item(name, impl)
+        stacked.setdefault(key, {})[idx] = gp
+    tensors, chunk_sources, keys_cache, mcore = [], {}, {}, {}
+    for key, items in stacked.items():
+        idxs = sorted(items)
+        first = items[idxs[0]]
+        k = len(idxs[0])
+        if k:
+            n = lay.num_layers
+            if [i[0] for i in idxs] != list(range(n)) or k != 1:
+                raise CkptmapError(f"{src}: {key} is stored for layers {[i[0] for i in idxs]}, not every one of the "
+                                   f"{n} layers; the checkpoint is incomplete")
+        shape = ((lay.num_layers,) if k else ()) + tuple(first.global_shape)
+        for state in ("weight", *STATES):
+            out_key = key if state == "weight" else f"optimizer.state.{st.spelling(state)}.{key}"
+            dtype = first.dtype if state == "weight" else "float32"
+            chunks = []
+            for idx in idxs:
+                gp = items[idx]
+                if gp.global_shape != first.global_shape or gp.dtype != first.dtype:
+                    raise CkptmapError(f"{src}: {gp.key} is {gp.dtype} {list(gp.global_shape)} but layer "
+                                       f"{idxs[0]} of {key} is {first.dtype} {list(first.global_shape)}")
+                tps = [0] if gp.sharding.kind == "replicated" else range(lay.tp)
+                for t in tps:
+                    task = target_tensor(gp, state, gp.global_shape, lay.tp, t, f"{state} of {gp.key}", source,
+                                         keys_cache)
+                    for f in gp.sharding.fragments(gp.global_shape, lay.tp, t, gp.key):
+                        box = Box(tuple(idx) + tuple(f.global_box.offsets), (1,) * k + tuple(f.global_box.lengths))
+                        chunks.append(td.OutChunk(box, file_of(gp.shards[t][0])))
+                        chunk_sources[(out_key, box.offsets)] = (task, tuple(f.local_offsets),
+                                                                 tuple(f.global_box.lengths))
+            if state != "weight" and st.nd_flattened:
+                tensors.append(_nd_flattened(out_key, dtype, shape, chunks, chunk_sources))
+                mcore[out_key] = {M.ND_SHAPE: shape}
+                continue
+            tensors.append(td.OutTensor(out_key, dtype, shape, tuple(chunks)))
+            if st.nd_flattened:   # 0.8 - 0.14 record an (empty) entry for every other tensor
+                mcore[out_key] = {}
+    # ShardedObjects: layer _extra_state (from TP rank 0), RNG states per (pp, tp)
+    objects, object_bytes = [], {}
+    for rank in source.sorted_ranks:
+        if rank.tp != 0:
+            continue
+        for chunk_key, v in rank.model.chunks():
+            for leaf in model.leaves(rank, v):
+                if not leaf.dotted.endswith("._extra_state"):
+                    continue
+                if leaf.layer is None:
+                    if leaf.dotted in M.DROPPED_EXTRA_STATES:
+                        continue   # Megatron's torch_dist save drops it (it holds nothing)
+                    raise CkptmapError(f"{rank.model.path}: {leaf.dotted} is an _extra_state outside the layers; "
+                                       f"ckptmap does not know its torch_dist object name")
+                if _has_tensor(leaf.value) or leaf.value is not None and not isinstance(leaf.value, (bytes, str)):
+                    raise CkptmapError(f"{rank.model.path}: {leaf.dotted} holds {type(leaf.value).__name__} (e.g. "
+                                       f"TransformerEngine fp8 metadata); torch -> torch_dist copies empty extra states "
+                                       f"only")
+                g = lay.global_layer(rank.pp, v, leaf.layer)
+                global_name = leaf.dotted.replace(f"layers.{leaf.layer}.", f"layers.{g}.", 1)
+                name, idx = M.sharded_item(global_name, impl)
+                okey = f"{name}/shard_{'.'.join(map(str, idx))}_{lay.num_layers}"
+                objects.append(td.OutObject(okey, file_of(rank)))
+                object_bytes[okey] = _saved(leaf.value)
+    for rank in source.sorted_ranks:
+        zf = tzr.TorchZipFile(rank.dir / megatron_folders.MODEL_FILE)
+        for name, path in M.RANK_OBJECTS:   # per-rank state saved as ShardedObjects over (pp, tp)
+            value = zf.root
+            for k in path:
+                value = value.get(k) if isinstance(value, dict) else None
+            if value is not None:
+                okey = f"{name}/shard_{rank.pp}.{rank.tp}_{lay.pp}.{lay.tp}"
+                objects.append(td.OutObject(okey, file_of(rank)))
+                object_bytes[okey] = _saved_streaming(value, zf)
+        zf.close()
+    common, common_file = _common(source, sharding_type)
+    notes = ("optimizer param groups in common.pt: rank 0's, as Megatron's own torch_dist save keeps them",)
+    return LegacyToDistPlan(str(source.ckdir.root), dst, str(source.iteration), sharding_type, tuple(tensors),
+                            chunk_sources, tuple(objects), object_bytes, common, common_file, notes, mcore)
+
+
+def _nd_flattened(key, dtype, shape, chunks, chunk_sources) -> td.OutTensor:
+    """fully_sharded_model_space: the tensor stored as ``(*fragments, fragment numel)``, fragment ``idx`` = the
+    C-order flattening of chunk ``idx`` of the regular grid its chunks form (megatron_dist module docstring)."""
+    block = tuple(chunks[0].box.lengths)
+    if any(tuple(c.box.lengths) != block for c in chunks):
+        raise CkptmapError(f"internal error: the chunks of {key} are not a regular grid")
+    frags = tuple(g // b for g, b in zip(shape, block))
+    numel = int(np.prod(block))
+    out = []
+    for c in chunks:
+        idx = tuple(o // b for o, b in zip(c.box.offsets, block))
+        box = Box(idx + (0,), (1,) * len(idx) + (numel,))
+        out.append(td.OutChunk(box, c.file))
+        chunk_sources[(key, box.offsets)] = chunk_sources.pop((key, c.box.offsets))
+    return td.OutTensor(key, dtype, frags + (numel,), tuple(out))
+
+
+def _common(source: MegatronSource, sharding_type: str) -> tuple[dict, str]:
+    path = source.ranks[(0, 0, 0)].dir / megatron_folders.MODEL_FILE
+    root = tzr.read_objects(path)
+    out = {}
+    for key, value in root.items():
+        if key in ("rng_state",) or (isinstance(key, str) and key.startswith("model") and
+                                     (key == "model" or key[5:].isdigit())):
+            continue
+        if key == "args":
+            value = copy.copy(value)
+            for name, new in (("ckpt_format", "torch_dist"), ("use_dist_ckpt", True)):
+                if hasattr(value, name):
+                    setattr(value, name, new)
+        if key == "rerun_state_machine" and isinstance(value, dict):   # its 'sharded' part is a per-rank object
+            value = {k: v for k, v in value.items() if k != "sharded"}
+        if key == "optimizer":
+            inner = value.get("optimizer") if isinstance(value, dict) else None
+            if not isinstance(inner, dict) or "param_groups" not in inner:
+                raise CkptmapError(f"{path}: 'optimizer' holds no param groups (optimizer.param_groups); torch -> "
+                                   f"torch_dist needs a distributed optimizer's checkpoint")
+            value = {"optimizer": inner, "param_state_sharding_type": sharding_type}
+        out[key] = value
+    if _has_tensor(out):
+        raise CkptmapError(f"{path} holds tensors outside the model and RNG state; ckptmap does not copy them")
+    if sharding_type == "fully_reshardable":   # 0.15+ saves say what they hold; 0.8 - 0.14 ones do not
+        out["content_metadata"] = dict(M.CONTENT_METADATA_0_16, distrib_optim_sharding_type=sharding_type)
+    return out, str(path)
+
+
+def write_legacy_to_dist(plan: LegacyToDistPlan, *, fsync: bool = False, progress=None) -> None:
+    """Write the plan: ``dst/iter_*`` (the torch_dist folder) and the tracker, streaming one TP shard at a time."""
+    from ckptmap.execute import _Sources
+
+    sources = _Sources()
+    last: dict = {}
+
+    def read_box(key, box):
+        task, local, lengths = plan.chunk_sources[(key, box.offsets)]
+        if last.get("task") is not task:   # a SwiGLU shard's two chunks come from the same assembled shard
+            last.update(task=task, array=sources.array(task))
+        part = last["array"][tuple(slice(o, o + n) for o, n in zip(local, lengths))]
+        return np.ascontiguousarray(part).reshape(box.lengths)
+
+    it = "release" if plan.iteration == "release" else megatron_folders.iter_dir_name(int(plan.iteration))
+    if plan.dst.exists():
+        raise CkptmapError(f"--dst {plan.dst} already exists; ckptmap never writes into an existing checkpoint folder")
+    try:
+        td.write_checkpoint(plan.dst / it, list(plan.tensors), list(plan.objects), read_box=read_box,
+                            read_object=plan.object_bytes.__getitem__, common=plan.common,
+                            common_fill=lambda key: iter(()), mcore_data=plan.mcore_data or None,
+                            backend=dict(td.BACKEND_JSON), fsync=fsync,
+                            progress=progress)
+    except BaseException:
+        # the iter folder is assembled under a temporary name (removed on failure); leave no empty --dst behind
+        if plan.dst.is_dir() and not any(plan.dst.iterdir()):
+            plan.dst.rmdir()
+        raise
+    finally:
+        sources.close()
+    from ckptmap import atomic
+    atomic.write_text(plan.dst / M.TRACKER, plan.iteration, fsync=fsync)
+
+
+def print_plan(plan: LegacyToDistPlan, out) -> None:
+    from ckptmap.cli.printing import human_bytes
+
+    print(f"plan convert: {plan.src} (torch, legacy) -> {plan.dst} (torch_dist, {plan.sharding_type})", file=out)
+    print(f"  {len(plan.tensors)} global tensors ({human_bytes(plan.nbytes)}), {len(plan.objects)} objects, "
+          f"iteration {plan.iteration}", file=out)
+    for n in plan.notes:
+        print(f"  note: {n}", file=out)
+
+
+def run(plan: LegacyToDistPlan, *, fsync=False, no_progress=False) -> float:
+    started = time.perf_counter()
+
+    def progress(name, nbytes):
+        if not no_progress:
+            print(f"  wrote {name}", flush=True)
+
+    write_legacy_to_dist(plan, fsync=fsync, progress=progress)
+    return time.perf_counter() - started

@@ -1,0 +1,80 @@
+"""Legacy Megatron files -> torch_dist (``ckptmap convert --from torch --to torch_dist``) against the real
+megatron-core 0.16.1: the legacy save of the harness's standard ``dense`` case (TP 2 x PP 2 x VPP 2 x DP 2,
+SwiGLU, GQA, bias, tied embeddings, several buckets, one real Adam step) written as a fully_reshardable
+torch_dist folder, then loaded by 0.16.1's own ``dist_checkpointing.load`` into a model and optimizer
+poisoned with NaN -- at the saving layout and at TP 1 -- every weight, fp32 main param and Adam moment must
+equal the saving run's live values bit for bit. Converted back to legacy files, distrib_optim.pt is
+byte-identical to Megatron's own legacy save."""
+import dataclasses
+import filecmp
+
+import pytest
+
+from ckptmap.cli import main
+from mcore_versions import run_jobs
+from mcore_versions.fixtures import mcore_standard  # noqa: F401  (session fixture)
+from test_torch_dist_legacy import same_values
+
+pytestmark = [pytest.mark.mcore_versions, pytest.mark.slow]
+
+
+def test_legacy_to_fully_reshardable_loads_in_megatron_0_16_1(mcore_standard, tmp_path):
+    run = mcore_standard("0.16.1", "dense")
+    out = tmp_path / "dist"
+    assert main(["convert", "--from", "torch", "--to", "torch_dist", "--src", str(run.dir / "legacy"),
+                 "--dst", str(out), "--no-progress"]) == 0
+    assert (out / "latest_checkpointed_iteration.txt").read_text() == "1"
+    back = tmp_path / "back"
+    assert main(["convert", "--from", "torch_dist", "--to", "torch", "--src", str(out), "--dst", str(back),
+                 "--target-megatron-version", "0.16.1", "--no-progress", "--multiprocess-off"]) == 0
+    legacy = run.dir / "legacy" / "iter_0000001"
+    for rank in sorted(p.name for p in legacy.iterdir()):
+        assert filecmp.cmp(legacy / rank / "distrib_optim.pt", back / "iter_0000001" / rank / "distrib_optim.pt",
+                           shallow=False), rank
+    jobs = [("load", run.case, [(out, "torch_dist", "fully_reshardable")]),
+            ("load", dataclasses.replace(run.case, tp=1), [(out, "torch_dist", "fully_reshardable")])]
+    for got in run_jobs("0.16.1", jobs):
+        same_values(run.truth, got[0] if isinstance(got, list) else got)
+
+
+def test_torch_to_torch_dist_refusals(mcore_standard, tmp_path, capsys):
+    """MoE, a layout flag, another sharding type: exit 2, the reason named, nothing written."""
+    out = tmp_path / "x"
+    for src, flags, want in ((mcore_standard("0.16.1", "moe").dir / "legacy", [], "mixture-of-experts"),
+                             (mcore_standard("0.16.1", "dense").dir / "legacy", ["--target-tp-size", "1"],
+                              "ckptmap reshard"),
+                             (mcore_standard("0.16.1", "dense").dir / "legacy", ["--sharding-type", "dp_zero_gather_scatter"],
+                              "fully_reshardable")):
+        assert main(["convert", "--from", "torch", "--to", "torch_dist", "--src", str(src), "--dst", str(out),
+                     "--no-progress", *flags]) == 2
+        err = capsys.readouterr().err
+        assert want in err, err
+        assert not out.exists()
+
+
+def test_legacy_to_fully_sharded_model_space_loads_in_megatron_0_12_1(mcore_standard, tmp_path):
+    """--sharding-type fully_sharded_model_space (the 0.8 - 0.14 default): every tensor key, stored (nd-flattened)
+    shape and value, every object's pickle and the mcore_data equal 0.12.1's own torch_dist save of the same
+    step; 0.12.1's dist_checkpointing.load at the saving layout and at TP 1 gives the live values."""
+    import numpy as np
+
+    from ckptmap.formats import torch_dist as td
+
+    run = mcore_standard("0.12.1", "dense")
+    out = tmp_path / "dist"
+    assert main(["convert", "--from", "torch", "--to", "torch_dist", "--sharding-type", "fully_sharded_model_space",
+                 "--src", str(run.dir / "legacy"), "--dst", str(out), "--no-progress"]) == 0
+    with td.TorchDistCheckpoint(run.dir / "torch_dist_fully_sharded_model_space" / "iter_0000001") as own, \
+            td.TorchDistCheckpoint(out / "iter_0000001") as mine:
+        assert sorted(own.keys()) == sorted(mine.keys()) and sorted(own.objects()) == sorted(mine.objects())
+        for k in own.keys():
+            assert own.spec(k) == mine.spec(k) and np.array_equal(own.array(k).view(np.uint8),
+                                                                  mine.array(k).view(np.uint8)), k
+        for o in own.objects():
+            assert bytes(own.read_object(o)._archive.read_record("data.pkl")) == \
+                bytes(mine.read_object(o)._archive.read_record("data.pkl")), o
+        assert own.meta.mcore_data == mine.meta.mcore_data
+    jobs = [("load", run.case, [(out, "torch_dist", "fully_sharded_model_space")]),
+            ("load", dataclasses.replace(run.case, tp=1), [(out, "torch_dist", "fully_sharded_model_space")])]
+    for got in run_jobs("0.12.1", jobs):
+        same_values(run.truth, got[0] if isinstance(got, list) else got)
