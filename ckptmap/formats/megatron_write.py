@@ -8,7 +8,9 @@ streaming torch writer, each storage's bytes coming from the plan.
      "args": {attribute: new value},                      # the new parallel sizes
      "chunks": [{"key": "model" | "model0", …, "leaves": [
          {"path": [keys], "tensor": <storage>, "dtype": …, "shape": […]},   # a new tensor
-         {"path": [keys], "from": [<file>, <chunk key>, [keys]]}]}]}      # e.g. _extra_state, as it was
+         {"path": [keys], "from": [<file>, <chunk key>, [keys]]}]}]},     # e.g. _extra_state, as it was
+     "optimizer_entry": "keep" | "chain" | "dense_only",
+     "param_groups": None | [per optimizer: None | [indices into its saved param_groups, in the new order]]}
 
 ``distrib_optim.pt`` recipe (the form ``DistributedOptimizer.save_parameter_state`` writes)::
 
@@ -100,6 +102,7 @@ def write_model(path, recipe: dict, fill, *, fsync: bool = False) -> None:
                 setattr(value, name, new)
         if key == "optimizer":
             value = _optimizer_entry(value, recipe.get("optimizer_entry", "keep"))
+            value = _reordered_groups(value, recipe.get("param_groups"))
         out[key] = _prefixed(value, TEMPLATE)
     by_prefix = {prefix: zf for zf, prefix in sources.values()}
 
@@ -130,6 +133,25 @@ def _optimizer_entry(value, how: str):
                 group["is_expert_parallel"] = True
         return [value, expert]
     raise CkptmapError(f"internal error: optimizer entry {how!r}")
+
+
+def _reordered_groups(value, orders):
+    """The ``optimizer`` entry with each optimizer's ``param_groups`` picked / reordered by ``orders``
+    (per optimizer: indices into its saved groups, or None to keep them)."""
+    if orders is None:
+        return value
+    entries = value if isinstance(value, list) else [value]
+    if len(entries) != len(orders):
+        raise CkptmapError(f"internal error: {len(orders)} param-group orders for {len(entries)} optimizers")
+    out = []
+    for entry, order in zip(entries, orders):
+        if order is not None:
+            entry = copy.copy(entry)
+            entry["optimizer"] = copy.copy(entry["optimizer"])
+            groups = entry["optimizer"]["param_groups"]
+            entry["optimizer"]["param_groups"] = [groups[i] for i in order]
+        out.append(entry)
+    return out if isinstance(value, list) else out[0]
 
 
 def _chunk(chunk: dict, cls, source) -> dict:

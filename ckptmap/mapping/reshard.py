@@ -30,7 +30,7 @@ import attrs
 
 from ckptmap.errors import CkptmapError
 from ckptmap.formats import megatron_files, megatron_folders, param_map
-from ckptmap.mapping import buckets
+from ckptmap.mapping import buckets, param_groups
 from ckptmap.mapping.layout import ParallelLayout
 from ckptmap.mapping.megatron_source import (AUTO_RULES, MegatronSource, SourceOptions, ddp_name, global_bindings,
                                              listing, planning, state_slice)
@@ -404,6 +404,8 @@ def compile_reshard(opt: ReshardOptions) -> Plan:
         raise CkptmapError("--target-stage-list: Megatron's legacy checkpoints place layers uniformly; give "
                            "--target-pp-size / --target-vpp-size that divide the layers")
     blocks = _target_blocks(src, opt)
+    policies = _group_policies(src, opt, blocks)
+    notes: list = []
     iteration = src.iteration
     iter_dir = megatron_folders.iter_dir_name(iteration)
     files: list[FileTask] = []
@@ -414,7 +416,7 @@ def compile_reshard(opt: ReshardOptions) -> Plan:
             for tp in range(tgt.tp):
                 rank_dir = f"{iter_dir}/{megatron_folders.mp_rank_dir_name(tp, pp, tgt.pp, ep if ep_named else None)}"
                 chunks = [_target_chunk(model, src, tgt, shapes, tp, pp, v, ep, keys) for v in range(tgt.vpp)]
-                files.append(_model_task(src, model, tgt, shapes, rank_dir, tp, pp, ep, chunks))
+                files.append(_model_task(src, model, tgt, shapes, rank_dir, tp, pp, ep, chunks, policies, notes))
                 if not opt.convert_param_only:
                     optim_task, maps = _optim_task(src, model, tgt, shapes, rank_dir, tp, pp, ep, chunks, blocks, keys)
                     files.append(optim_task)
@@ -424,6 +426,8 @@ def compile_reshard(opt: ReshardOptions) -> Plan:
                                  for v, b, bl in maps for d in range(tgt.dp))
     files.append(FileTask(megatron_folders.TRACKER, "text", text=str(iteration)))
     info = src.info()
+    if notes:
+        info["param_groups_note"] = "; ".join(notes)
     if tgt.noop != src.layout.noop and not (src.rules.layers and src.rules.layers.noop_arg):
         info["target_noop_note"] = (f"noop layers {sorted(tgt.noop)} are not recorded in the checkpoint (the rules "
                                     f"name no `noop =` args entry): pass --noop {' '.join(map(str, sorted(tgt.noop)))}"
@@ -605,7 +609,7 @@ def _args_updates(src, tgt, shapes, model) -> dict:
     return {k: v for k, v in out.items() if k in present}
 
 
-def _model_task(src, model, tgt, shapes, rank_dir, tp, pp, ep, chunks) -> FileTask:
+def _model_task(src, model, tgt, shapes, rank_dir, tp, pp, ep, chunks, policies, notes) -> FileTask:
     template = _template_rank(src, tp, pp, ep)
     storages, entries = [], []
     for key, leaves in zip(_chunk_keys(tgt.vpp), chunks):
@@ -620,10 +624,53 @@ def _model_task(src, model, tgt, shapes, rank_dir, tp, pp, ep, chunks) -> FileTa
             storages.append(StorageTask(storage, weight.dtype, math.prod(weight.shape), (StoragePiece(0, weight),)))
             rows.append({"path": list(path), "tensor": storage, "dtype": weight.dtype, "shape": list(weight.shape)})
         entries.append({"key": key, "leaves": rows})
+    how = _optimizer_entry(src, model, tgt, pp)
+    orders, note = _param_group_orders(src, model, tgt, pp, template, chunks, how, policies, rank_dir)
+    if note and note not in notes:
+        notes.append(note)
     recipe = {"template": str(template.model.path), "args": _args_updates(src, tgt, shapes, model),
-              "chunks": entries, "optimizer_entry": _optimizer_entry(src, model, tgt, pp)}
+              "chunks": entries, "optimizer_entry": how, "param_groups": orders}
     return FileTask(f"{rank_dir}/{megatron_folders.MODEL_FILE}", "megatron_model", storages=tuple(storages),
                     extra=recipe)
+
+
+def _param_group_orders(src, model, tgt, pp, template, chunks, how, policies, where):
+    """Per optimizer of the target rank (dense[, expert]), the template's saved param groups in the
+    order this rank's Megatron builds them (``param_groups.group_order``); None: keep them as saved."""
+    entry = template.model.root.get("optimizer")
+    if not isinstance(entry, (dict, list)) or not policies:
+        return None, None
+    entries = entry if isinstance(entry, list) else [entry]
+    chained = how == "chain" or (how == "keep" and isinstance(entry, list))
+    saved = [entries[0], entries[-1]] if chained else [entries[0]]
+    params = [[] for _ in saved]
+    for leaves in chunks:
+        for path, weight, gp in leaves:
+            if weight is None:
+                continue
+            expert = chained and any(seg.kind == EXPERT for seg in gp.rule.megatron.segments)
+            params[int(expert)].append(param_groups.GroupParam(".".join(map(str, path)), tuple(weight.shape),
+                                                               bool(gp.rule.shared_embedding)))
+    orders, notes = [], []
+    for i, (e, ps) in enumerate(zip(saved, params)):
+        groups = ((e or {}).get("optimizer") or {}).get("param_groups") if isinstance(e, dict) else None
+        order, note = param_groups.group_order(policies, groups, ps, f"{where} optimizer {i}")
+        orders.append(order)
+        if note:
+            notes.append(note)
+    return (orders if any(o is not None for o in orders) else None), "; ".join(notes) or None
+
+
+def _group_policies(src, opt, blocks) -> list:
+    """The ``param_groups`` blocks of the versions that may load the target."""
+    if opt.target_megatron_version:
+        return [p for p in src.rules.param_group_policies("megatron") if p.covers(opt.target_megatron_version)]
+    if blocks:
+        out = []
+        for b in blocks:
+            out += [p for p in src.rules.param_group_policies(b.name, b.versions) if p not in out]
+        return out
+    return src.rules.param_group_policies("megatron")
 
 
 def _optimizer_entry(src, model, tgt, pp) -> str:

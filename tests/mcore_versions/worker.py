@@ -405,6 +405,7 @@ def _run(rank, world_size, port, job, tmp_dir: Path):
                 timings[f"save {_save_dir_name(fmt, st)}"] = time.monotonic() - t0 - sum(timings.values())
             results.append(truth_mod.collect(version, c, models, ddps, optimizer, extra={"saved": sorted(files)}))
         else:
+            built = truth_mod.param_groups(ddps, optimizer)   # what the library builds at this layout
             for src in job["sources"]:
                 _poison(models, optimizer)
                 if src["fmt"] == "torch":
@@ -415,7 +416,7 @@ def _run(rank, world_size, port, job, tmp_dir: Path):
                     it = _load_torch_dist(version, c, src["dir"], src["sharding_type"], models, ddps, optimizer,
                                           scheduler, args)
                 results.append(truth_mod.collect(version, c, models, ddps, optimizer,
-                                                 extra={"source": dict(src), "iteration": it}))
+                                                 extra={"source": dict(src), "iteration": it}, built_groups=built))
             timings["load"] = time.monotonic() - t0 - sum(timings.values())
         torch.distributed.barrier()
         if rank == 0:
