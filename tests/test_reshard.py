@@ -2,7 +2,8 @@
 trained at one layout is resharded by ckptmap, then the real library builds DDP + the
 DistributedOptimizer at the *target* layout and loads it (load_checkpoint + load_parameter_state);
 the loaded weights, fp32 main params and both Adam moments, gathered to full tensors with
-megatron's own sharded_state_dict metadata, equal the source's live values gathered the same way."""
+megatron's own sharded_state_dict metadata, equal the source's live values gathered the same way, and
+every rank's optimizer param groups as loaded equal the ones the library built at the target layout."""
 import dataclasses
 
 import pytest
@@ -33,6 +34,15 @@ def same_values(truth, got):
         assert set(a) == set(b), set(a) ^ set(b)
         for k in a:
             assert a[k].shape == b[k].shape and torch.equal(_bits(a[k]), _bits(b[k])), (state, k)
+
+
+def same_groups(got):
+    """Each rank's optimizer param groups after the load — the settings (wd_mult, weight_decay, lr_mult,
+    ...) and which parameters each group optimizes — equal those the real library built at that layout
+    before loading (0.8 - 0.13 apply the saved groups by position: a wrong order swaps weight decay)."""
+    for key, r in got["ranks"].items():
+        assert r["param_groups"] == r["built_param_groups"], (key, [[g["settings"] for g in o]
+                                                                    for o in r["param_groups"]])
 
 
 def reshard(src, out, target_version=None, **target):
@@ -72,8 +82,15 @@ def test_resharded_checkpoints_load_in_real_megatron(source, tmp_path):
         reshard(src if frm == "A" else mid, out, **target)
         jobs.append(("load", dataclasses.replace(SOURCE, **case), [(out, "legacy", None)]))
         names.append(name)
+    later_stage_starts_without_decay = False
     for name, got in zip(names, run_jobs(VERSION, jobs)):
-        same_values(truth, got[0] if isinstance(got, list) else got)
+        got = got[0] if isinstance(got, list) else got
+        same_values(truth, got)
+        same_groups(got)
+        for (tp, pp, ep), r in got["ranks"].items():
+            if name == "pp1-to-3-vpp2" and pp > 0:   # the case a copied stage-0 order got wrong
+                later_stage_starts_without_decay |= r["built_param_groups"][0][0]["settings"]["wd_mult"] == 0.0
+    assert later_stage_starts_without_decay
 
 
 @pytest.mark.parametrize("version", ["0.8.0", "0.12.1", "0.16.1"])
@@ -82,7 +99,9 @@ def test_moe_expert_parallel_2_to_1(mcore_standard, tmp_path, version):
     out = tmp_path / "ep1"
     reshard(run.dir / "legacy", out, ep=1, dp=2)
     (got,) = run_jobs(version, [("load", dataclasses.replace(run.case, ep=1, dp=2), [(out, "legacy", None)])])
-    same_values(run.truth, got[0] if isinstance(got, list) else got)
+    got = got[0] if isinstance(got, list) else got
+    same_values(run.truth, got)
+    same_groups(got)
 
 
 def test_sizes_that_do_not_divide_are_named(source, tmp_path, capsys):
