@@ -122,3 +122,40 @@ def test_sizes_that_do_not_divide_are_named(source, tmp_path, capsys):
                  "--target-tp-size", "1", "--target-pp-size", "3", "--target-dp-size", "3",
                  "--target-megatron-version", "0.8.0", "--no-progress"]) == 2
     assert "no faithful checkpoint exists for this layout" in capsys.readouterr().err
+
+
+def test_uneven_stages_load_in_real_megatron(source, tmp_path):
+    """--target-stage-list 3,5,4 (TP 1, PP 3, 12 layers): megatron-core 0.12.1 built with
+    num_layers_in_first / last_pipeline_stage 3 / 4 (Megatron-LM's --decoder-first/last-pipeline-num-layers)
+    loads it; every weight, main param and moment bit-exact where megatron's own sharded metadata puts
+    each layer, and each rank's param groups as the library built them."""
+    src, truth = source
+    out = tmp_path / "uneven"
+    assert main(["reshard", "--megatron-path", str(src), "--output-path", str(out), "--target-tp-size", "1",
+                 "--target-pp-size", "3", "--target-vpp-size", "1", "--target-stage-list", "3,5,4",
+                 "--no-progress"]) == 0
+    case = dataclasses.replace(SOURCE, tp=1, pp=3, vpp=None, first_stage_layers=3, last_stage_layers=4)
+    (got,) = run_jobs(VERSION, [("load", case, [(out, "legacy", None)])])
+    got = got[0] if isinstance(got, list) else got
+    same_values(truth, got)
+    same_groups(got)
+    layers = {pp: sum(1 for n in r["chunks"][0]["shapes"] if n.endswith("input_layernorm.weight"))
+              for (_, pp, _), r in got["ranks"].items()}
+    assert layers == {0: 3, 1: 5, 2: 4}
+
+
+@pytest.mark.parametrize("flags,words", [
+    (["--target-pp-size", "4", "--target-vpp-size", "1", "--target-stage-list", "2,3,4,3"],
+     ["--decoder-first-pipeline-num-layers", "middle stages here hold 3, 4"]),
+    (["--target-pp-size", "3", "--target-vpp-size", "1", "--target-stage-list", "3,5,4", "--target-megatron-version",
+      "0.8.0"], ["megatron for 0.8", "num_layers / PP layers on every pipeline"]),
+    (["--target-pp-size", "2", "--target-vpp-size", "2", "--target-stage-list", "2,4,2,4"],
+     ["--target-vpp-size 1", "without interleaving"]),
+])
+def test_stage_lists_megatron_cannot_build_are_named(source, tmp_path, capsys, flags, words):
+    src, _ = source
+    assert main(["reshard", "--megatron-path", str(src), "--output-path", str(tmp_path / "x"), "--no-progress",
+                 *flags]) == 2
+    err = capsys.readouterr().err
+    assert all(w in err for w in words), err
+    assert not (tmp_path / "x").exists()

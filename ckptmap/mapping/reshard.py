@@ -8,11 +8,14 @@ one target tensor in memory at a time, never a whole unsharded tensor. Layers mo
 stages by their global number (``layout.py``), experts between expert ranks by their global id. The
 target's distributed-optimizer buffers are laid out by the rules' ``buckets megatron`` block of the
 target version at the target sizes — the layout a run at that layout would build — and written in
-that version's ``distrib_optim.pt`` form. The model file keeps every non-tensor entry of a source
-rank (args updated to the new sizes, scheduler, optimizer hyper-parameters), each layer's
-``_extra_state`` comes from the rank that held the layer, and RNG states from the source rank at the
-same position modulo the source sizes (RNG streams cannot be resharded; resume with
-``--no-load-rng`` if the new layout must draw fresh streams).
+that version's ``distrib_optim.pt`` form. The model file is written as Megatron saves it: its weights
+views of those buffers' storages (``_model_task``), the state dicts' ``_metadata``, every non-tensor entry
+of a source rank (args updated to the new sizes, scheduler, optimizer hyper-parameters with the param
+groups in the order the target rank builds them: ``param_groups.py``); each layer's ``_extra_state``
+comes from the rank that held the layer, and RNG states from the source rank at the same position
+modulo the source sizes (RNG streams cannot be resharded; resume with ``--no-load-rng`` if the new
+layout must draw fresh streams). Uneven stages (``--target-stage-list``) where the target versions
+can build them (``_check_stage_list``).
 
 Vocabulary padding: the padded vocabulary depends on TP (``make_vocab_size_divisible_by`` x TP).
 Rows the target has beyond the source's are filled as Megatron's checkpoint converter does for
@@ -62,6 +65,8 @@ class ReshardOptions:
     main_param_check: bool = True
     parallel_init_order: str = "tp-cp-ep-dp-pp"
     noop: tuple[int, ...] = ()
+    # the target is a step of a composition (pt2ms --target-*) that no Megatron loads
+    intermediate: bool = False
 
 
 # -------------------------------------------------------------------------------------------------
@@ -400,10 +405,8 @@ def compile_reshard(opt: ReshardOptions) -> Plan:
     tgt = target_layout(src, opt)
     shapes = target_vocab(src, model, tgt, opt.vocab_size)
     check_target(model, tgt, shapes)
-    if opt.target_stage_list:
-        raise CkptmapError("--target-stage-list: Megatron's legacy checkpoints place layers uniformly; give "
-                           "--target-pp-size / --target-vpp-size that divide the layers")
     blocks = _target_blocks(src, opt)
+    stage_note = _check_stage_list(src, opt, tgt, blocks)
     policies = _group_policies(src, opt, blocks)
     notes: list = []
     iteration = src.iteration
@@ -429,6 +432,8 @@ def compile_reshard(opt: ReshardOptions) -> Plan:
                                  for v, b, bl in maps for d in range(tgt.dp))
     files.append(FileTask(megatron_folders.TRACKER, "text", text=str(iteration)))
     info = src.info()
+    if stage_note:
+        info["target_stage_note"] = stage_note
     if notes:
         info["param_groups_note"] = "; ".join(notes)
     if tgt.noop != src.layout.noop and not (src.rules.layers and src.rules.layers.noop_arg):
@@ -439,6 +444,9 @@ def compile_reshard(opt: ReshardOptions) -> Plan:
                if getattr(src.layout, k) != getattr(tgt, k)]
     if tgt.noop != src.layout.noop:
         changes.append(f"noop {sorted(src.layout.noop)}->{sorted(tgt.noop)}")
+    if tgt.stage_list != src.layout.stage_list:
+        changes.append(f"stages {','.join(map(str, src.layout.stage_list or ())) or 'even'}->"
+                       f"{','.join(map(str, tgt.stage_list or ())) or 'even'}")
     info.update(layout_change=", ".join(changes) or "none", target_noop=sorted(tgt.noop))
     info.update(target=tgt.describe(), target_layout=" / ".join(b.label for b in blocks) or "-",
                 mode="weights only" if opt.convert_param_only else "weights + distributed optimizer")
@@ -446,6 +454,46 @@ def compile_reshard(opt: ReshardOptions) -> Plan:
         info["vocabulary"] = ", ".join(f"{k} {list(model.params[k].global_shape)} -> {list(v)}"
                                        for k, v in shapes.items() if tuple(v) != model.params[k].global_shape) or "same"
     return Plan("reshard", str(Path(opt.output_path)), tuple(files), info)
+
+
+def _check_stage_list(src: MegatronSource, opt: ReshardOptions, tgt: ParallelLayout, blocks: list) -> str | None:
+    """--target-stage-list: where the Megatron versions that may load the target can build those
+    stages (the rules' ``uneven_stages``), refused naming why where none can; the note says how to
+    load and read the result (the layers per stage are not in the checkpoint's args)."""
+    stages = opt.target_stage_list
+    if not stages:
+        return None
+    listed = ",".join(map(str, stages))
+    if tgt.vpp > 1:
+        raise CkptmapError(f"--target-stage-list {listed} with --target-vpp-size {tgt.vpp}: ckptmap reshards uneven "
+                           f"pipeline stages without interleaving only (Megatron 0.9 - 0.10 cannot interleave them, "
+                           f"later versions split each stage's layers over its chunks in their own way); use "
+                           f"--target-vpp-size 1")
+    read = f"read it with ckptmap --stage-list {listed}"
+    if opt.intermediate:   # MindSpeed's --num-layer-list takes any list
+        return None
+    if not blocks:   # --convert-param-only: the named version's block, else any version's
+        blocks = [b for b in src.rules.bucket_layouts("megatron")
+                  if not opt.target_megatron_version or b.covers(opt.target_megatron_version)]
+    able = [b for b in blocks if b.uneven_stages == "first_last"]
+    if not able:
+        raise CkptmapError(f"--target-stage-list {listed}: the Megatron versions that may load it "
+                           f"({', '.join(b.label for b in blocks)}) build num_layers / PP layers on every pipeline "
+                           f"stage, so none of them loads the target; name a later --target-megatron-version "
+                           f"(0.9+ let the first and last stage differ), or give --target-pp-size alone")
+    middle = stages[1:-1]
+    if len(set(middle)) > 1:
+        raise CkptmapError(f"--target-stage-list {listed}: Megatron gives the first and the last pipeline stage their "
+                           f"own number of layers (--decoder-first-pipeline-num-layers / "
+                           f"--decoder-last-pipeline-num-layers) and splits the rest evenly, but the middle stages "
+                           f"here hold {', '.join(map(str, middle))}; use equal middle stages (MindSpeed's "
+                           f"--num-layer-list takes any list: pt2ms --target-stage-list)")
+    note = (f"load with --decoder-first-pipeline-num-layers {stages[0]} --decoder-last-pipeline-num-layers "
+            f"{stages[-1]} (the checkpoint's args do not record them); {read}")
+    if len(able) < len(blocks):
+        note += (f"; {', '.join(b.label for b in blocks if b not in able)} cannot build uneven stages (pass "
+                 f"--target-megatron-version to say which loads it)")
+    return note
 
 
 def _target_blocks(src: MegatronSource, opt: ReshardOptions) -> list:

@@ -29,6 +29,9 @@ KNOWN_SHARED_EMBEDDING = ("own_bucket", "in_order")
 # when that is a multiple of the bucket padding already)
 KNOWN_SHARED_START = ("bucket_start", "previous_end")
 KNOWN_BUCKET_STORAGE = ("per_bucket", "coalesced")
+# Which pipeline stages may hold a number of layers of their own: none (num_layers / PP each), or the
+# first and the last (the rest split evenly)
+KNOWN_UNEVEN_STAGES = ("none", "first_last")
 
 
 @attrs.frozen
@@ -344,6 +347,7 @@ class BucketLayout:
     # padding when these hold (``start``: where the embedding would start); None = never
     shared_prepad: tuple[Condition, ...] | None = None
     defaults: tuple[tuple[str, Expr], ...] = ()  # values used when the checkpoint's args lack them
+    uneven_stages: str = "none"                  # KNOWN_UNEVEN_STAGES
     loc: Loc | None = None
 
     def separate_experts(self, env: dict) -> bool:
@@ -637,6 +641,9 @@ class _Builder(lark.Transformer):
     def storage(self, items):
         return ("storage", str(items[0]))
 
+    def uneven_stages(self, items):
+        return ("uneven_stages", str(items[0]))
+
     def expert_params(self, items):
         return ("expert_params", (str(items[0]), items[1] if len(items) > 1 else ()))
 
@@ -692,6 +699,9 @@ class _Builder(lark.Transformer):
             kwargs["expert_params"], kwargs["expert_when"] = kwargs["expert_params"]
         kwargs["defaults"] = tuple(defaults)
         kwargs["bucket_pads"] = tuple(pads)
+        if kwargs.get("uneven_stages", "none") not in KNOWN_UNEVEN_STAGES:
+            raise _SemanticError(f"uneven_stages: {kwargs['uneven_stages']!r} is not one of "
+                                 f"{', '.join(KNOWN_UNEVEN_STAGES)}", meta)
         if "param_align" in kwargs and "param_start_align" in kwargs:
             raise _SemanticError("param_align (padding after each parameter) and param_start_align (each "
                                  "parameter starts aligned) exclude each other; keep one", meta)

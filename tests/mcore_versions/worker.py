@@ -106,10 +106,16 @@ def _config(version, c):
                   moe_aux_loss_coeff=1e-2)
     if v >= (0, 12):
         kw.update(expert_tensor_parallel_size=c["tp"])
+    # uneven stages: Megatron-LM's --decoder-first/last-pipeline-num-layers (config names from 0.11)
+    for flag, new, old in (("first_stage_layers", "num_layers_in_first_pipeline_stage", "first_pipeline_num_layers"),
+                           ("last_stage_layers", "num_layers_in_last_pipeline_stage", "last_pipeline_num_layers")):
+        if c.get(flag) is not None:
+            kw[new if v >= (0, 11) else old] = c[flag]
     fields = {f for f in TransformerConfig.__dataclass_fields__}
     missing = set(kw) - fields
     for k in missing:
-        if k in ("expert_tensor_parallel_size",):
+        if k in ("expert_tensor_parallel_size", "num_layers_in_first_pipeline_stage", "first_pipeline_num_layers",
+                 "num_layers_in_last_pipeline_stage", "last_pipeline_num_layers"):
             raise RuntimeError(f"TransformerConfig of {version} has no {k}")
         kw.pop(k)
     return TransformerConfig(**kw)
