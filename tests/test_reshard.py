@@ -2,7 +2,8 @@
 trained at one layout is resharded by ckptmap, then the real library builds DDP + the
 DistributedOptimizer at the *target* layout and loads it (load_checkpoint + load_parameter_state);
 the loaded weights, fp32 main params and both Adam moments, gathered to full tensors with
-megatron's own sharded_state_dict metadata, equal the source's live values gathered the same way."""
+megatron's own sharded_state_dict metadata, equal the source's live values gathered the same way, and
+every rank's optimizer param groups as loaded equal the ones the library built at the target layout."""
 import dataclasses
 
 import pytest
@@ -33,6 +34,15 @@ def same_values(truth, got):
         assert set(a) == set(b), set(a) ^ set(b)
         for k in a:
             assert a[k].shape == b[k].shape and torch.equal(_bits(a[k]), _bits(b[k])), (state, k)
+
+
+def same_groups(got):
+    """Each rank's optimizer param groups after the load — the settings (wd_mult, weight_decay, lr_mult,
+    ...) and which parameters each group optimizes — equal those the real library built at that layout
+    before loading (0.8 - 0.13 apply the saved groups by position: a wrong order swaps weight decay)."""
+    for key, r in got["ranks"].items():
+        assert r["param_groups"] == r["built_param_groups"], (key, [[g["settings"] for g in o]
+                                                                    for o in r["param_groups"]])
 
 
 def reshard(src, out, target_version=None, **target):
@@ -72,8 +82,15 @@ def test_resharded_checkpoints_load_in_real_megatron(source, tmp_path):
         reshard(src if frm == "A" else mid, out, **target)
         jobs.append(("load", dataclasses.replace(SOURCE, **case), [(out, "legacy", None)]))
         names.append(name)
+    later_stage_starts_without_decay = False
     for name, got in zip(names, run_jobs(VERSION, jobs)):
-        same_values(truth, got[0] if isinstance(got, list) else got)
+        got = got[0] if isinstance(got, list) else got
+        same_values(truth, got)
+        same_groups(got)
+        for (tp, pp, ep), r in got["ranks"].items():
+            if name == "pp1-to-3-vpp2" and pp > 0:   # the case a copied stage-0 order got wrong
+                later_stage_starts_without_decay |= r["built_param_groups"][0][0]["settings"]["wd_mult"] == 0.0
+    assert later_stage_starts_without_decay
 
 
 @pytest.mark.parametrize("version", ["0.8.0", "0.12.1", "0.16.1"])
@@ -82,7 +99,9 @@ def test_moe_expert_parallel_2_to_1(mcore_standard, tmp_path, version):
     out = tmp_path / "ep1"
     reshard(run.dir / "legacy", out, ep=1, dp=2)
     (got,) = run_jobs(version, [("load", dataclasses.replace(run.case, ep=1, dp=2), [(out, "legacy", None)])])
-    same_values(run.truth, got[0] if isinstance(got, list) else got)
+    got = got[0] if isinstance(got, list) else got
+    same_values(run.truth, got)
+    same_groups(got)
 
 
 def test_sizes_that_do_not_divide_are_named(source, tmp_path, capsys):
@@ -103,3 +122,40 @@ def test_sizes_that_do_not_divide_are_named(source, tmp_path, capsys):
                  "--target-tp-size", "1", "--target-pp-size", "3", "--target-dp-size", "3",
                  "--target-megatron-version", "0.8.0", "--no-progress"]) == 2
     assert "no faithful checkpoint exists for this layout" in capsys.readouterr().err
+
+
+def test_uneven_stages_load_in_real_megatron(source, tmp_path):
+    """--target-stage-list 3,5,4 (TP 1, PP 3, 12 layers): megatron-core 0.12.1 built with
+    num_layers_in_first / last_pipeline_stage 3 / 4 (Megatron-LM's --decoder-first/last-pipeline-num-layers)
+    loads it; every weight, main param and moment bit-exact where megatron's own sharded metadata puts
+    each layer, and each rank's param groups as the library built them."""
+    src, truth = source
+    out = tmp_path / "uneven"
+    assert main(["reshard", "--megatron-path", str(src), "--output-path", str(out), "--target-tp-size", "1",
+                 "--target-pp-size", "3", "--target-vpp-size", "1", "--target-stage-list", "3,5,4",
+                 "--no-progress"]) == 0
+    case = dataclasses.replace(SOURCE, tp=1, pp=3, vpp=None, first_stage_layers=3, last_stage_layers=4)
+    (got,) = run_jobs(VERSION, [("load", case, [(out, "legacy", None)])])
+    got = got[0] if isinstance(got, list) else got
+    same_values(truth, got)
+    same_groups(got)
+    layers = {pp: sum(1 for n in r["chunks"][0]["shapes"] if n.endswith("input_layernorm.weight"))
+              for (_, pp, _), r in got["ranks"].items()}
+    assert layers == {0: 3, 1: 5, 2: 4}
+
+
+@pytest.mark.parametrize("flags,words", [
+    (["--target-pp-size", "4", "--target-vpp-size", "1", "--target-stage-list", "2,3,4,3"],
+     ["--decoder-first-pipeline-num-layers", "middle stages here hold 3, 4"]),
+    (["--target-pp-size", "3", "--target-vpp-size", "1", "--target-stage-list", "3,5,4", "--target-megatron-version",
+      "0.8.0"], ["megatron for 0.8", "num_layers / PP layers on every pipeline"]),
+    (["--target-pp-size", "2", "--target-vpp-size", "2", "--target-stage-list", "2,4,2,4"],
+     ["--target-vpp-size 1", "without interleaving"]),
+])
+def test_stage_lists_megatron_cannot_build_are_named(source, tmp_path, capsys, flags, words):
+    src, _ = source
+    assert main(["reshard", "--megatron-path", str(src), "--output-path", str(tmp_path / "x"), "--no-progress",
+                 *flags]) == 2
+    err = capsys.readouterr().err
+    assert all(w in err for w in words), err
+    assert not (tmp_path / "x").exists()

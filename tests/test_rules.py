@@ -215,3 +215,26 @@ def test_start_alignment_places_parameters_like_megatron_0_8():
     # reverse order: p2 [0,3), p1 at 64, p0 at 192
     assert [(s.name, s.start, s.end) for s in layout.slots] == [("p2", 0, 3), ("p1", 64, 134), ("p0", 192, 202)]
     assert layout.per_bucket_numel_unpadded == [202] and layout.per_bucket_numel == [256]
+
+
+def test_param_groups_and_uneven_stages_blocks():
+    """The versioned facts resharding needs: how each Megatron orders and loads optimizer param groups
+    (read in megatron/core/optimizer of 0.8.0 - 0.16.1: first use + load by position up to 0.13, key
+    matching from 0.14, sorted groups at 0.16) and which versions build uneven pipeline stages."""
+    from ckptmap.mapping.rules import parse_rules, resolve_rules
+
+    rules = resolve_rules("megatron_core_gpt")
+    order = {v: [(p.order, p.load) for p in rules.param_group_policies("megatron") if p.covers(v)]
+             for v in ("0.8.0", "0.12.1", "0.13.0", "0.14.0", "0.16.1")}
+    assert order == {"0.8.0": [("first_use", "by_index")], "0.12.1": [("first_use", "by_index")],
+                     "0.13.0": [("first_use", "by_index")], "0.14.0": [("first_use_then_gathered", "by_key")],
+                     "0.16.1": [("sorted", "by_key")]}
+    p = rules.param_group_policies("megatron")[0]
+    assert p.no_weight_decay("decoder.layers.0.mlp.linear_fc1.bias", (8,)) and p.no_weight_decay("x.weight", (8,))
+    assert not p.no_weight_decay("decoder.layers.0.mlp.linear_fc1.weight", (8, 4))
+    assert [rules.bucket_layout("megatron", v).uneven_stages for v in ("0.8.0", "0.12.1", "0.16.1")] == \
+        ["none", "first_last", "first_last"]
+    with pytest.raises(CkptmapError, match="param_groups order: 'by_name' is not one of"):
+        parse_rules('rules x\nparam_groups megatron for 0.1 { order: by_name }')
+    with pytest.raises(CkptmapError, match="uneven_stages: 'any' is not one of"):
+        parse_rules('rules x\nbuckets megatron { order: reverse_registration\n uneven_stages: any }')

@@ -111,7 +111,8 @@ def pt2ms(ns) -> int:
     rplan = compile_reshard(ReshardOptions(
         megatron_path=ns.megatron_path, output_path=str(tmp), param_map_path=ns.param_map_path, rules=ns.rules,
         megatron_version=ns.megatron_version, main_param_check=ns.main_param_check, noop=tuple(ns.noop),
-        parallel_init_order=ns.parallel_init_order, convert_param_only=ns.convert_param_only, **_targets(ns)))
+        parallel_init_order=ns.parallel_init_order, convert_param_only=ns.convert_param_only, intermediate=True,
+        **_targets(ns)))
     if rplan.info.get("layout_change") == "none" and ns.target_megatron_version is None:
         print("the --target-* sizes are the source's: plain pt2ms, no reshard")
         from ckptmap.cli.run import show_or_run

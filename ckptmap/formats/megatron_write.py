@@ -7,8 +7,12 @@ streaming torch writer, each storage's bytes coming from the plan.
     {"template": <a source model_optim_rng.pt: its non-model entries are kept, tensors copied>,
      "args": {attribute: new value},                      # the new parallel sizes
      "chunks": [{"key": "model" | "model0", …, "leaves": [
-         {"path": [keys], "tensor": <storage>, "dtype": …, "shape": […]},   # a new tensor
-         {"path": [keys], "from": [<file>, <chunk key>, [keys]]}]}]}      # e.g. _extra_state, as it was
+         {"path": [keys], "tensor": <storage>, "dtype": …, "shape": […]         # a new tensor,
+          [, "offset": n, "storage_numel": m]},                                # or a view of one
+         {"path": [keys], "from": [<file>, <chunk key>, [keys]]}],        # e.g. _extra_state, as it was
+       "metadata": [[module prefix, {"version": …}], …]}],               # optional: the state dict's _metadata
+     "optimizer_entry": "keep" | "chain" | "dense_only",
+     "param_groups": None | [per optimizer: None | [indices into its saved param_groups, in the new order]]}
 
 ``distrib_optim.pt`` recipe (the form ``DistributedOptimizer.save_parameter_state`` writes)::
 
@@ -19,7 +23,9 @@ streaming torch writer, each storage's bytes coming from the plan.
 
 from __future__ import annotations
 
+import collections
 import copy
+import sys
 
 import attrs
 
@@ -40,30 +46,40 @@ def _contiguous(shape) -> tuple[int, ...]:
     return tuple(reversed(stride))
 
 
-def _new_tensor(storage: str, dtype: str, shape) -> TensorRef:
+def _new_tensor(storage: str, dtype: str, shape, offset: int = 0, storage_numel: int | None = None) -> TensorRef:
+    """A contiguous tensor of storage ``storage``: the whole storage, or a view at ``offset`` of one of
+    ``storage_numel`` elements (Megatron's weights: views of their DDP buffer)."""
     shape = tuple(shape)
     numel = 1
     for n in shape:
         numel *= n
     if dtype not in STORAGE_TYPE_OF:
         raise CkptmapError(f"cannot write a {dtype} tensor into a Megatron checkpoint")
-    return TensorRef(OUT + storage, dtype, 0, shape, _contiguous(shape), numel)
+    return TensorRef(OUT + storage, dtype, offset, shape, _contiguous(shape),
+                     numel if storage_numel is None else storage_numel)
 
 
-def _prefixed(node, prefix: str):
-    """``node`` with every TensorRef's storage key prefixed (so that ``fill`` knows its file)."""
+def _prefixed(node, prefix: str, memo: dict | None = None):
+    """``node`` with every TensorRef's storage key prefixed (so that ``fill`` knows its file). An
+    object met twice (e.g. the ``betas`` tuple every optimizer param group shares) gives one copy:
+    the pickle then refers back to it, as torch.save of the live objects does."""
+    memo = {} if memo is None else memo
+    if id(node) in memo:
+        return memo[id(node)][1]
     if isinstance(node, TensorRef):
-        return attrs.evolve(node, storage=prefix + node.storage)
-    if isinstance(node, dict):
+        out = attrs.evolve(node, storage=prefix + node.storage)
+    elif isinstance(node, dict):
         out = type(node)()
         if hasattr(node, "__dict__"):
             out.__dict__.update(node.__dict__)
         for k, v in node.items():
-            out[k] = _prefixed(v, prefix)
-        return out
-    if type(node) in (list, tuple):
-        return type(node)(_prefixed(v, prefix) for v in node)
-    return node
+            out[k] = _prefixed(v, prefix, memo)
+    elif type(node) in (list, tuple):
+        out = type(node)(_prefixed(v, prefix, memo) for v in node)
+    else:
+        return node
+    memo[id(node)] = (node, out)   # the node is kept alive, so its id is not reused
+    return out
 
 
 def _put(root: dict, path, value, cls) -> None:
@@ -100,6 +116,7 @@ def write_model(path, recipe: dict, fill, *, fsync: bool = False) -> None:
                 setattr(value, name, new)
         if key == "optimizer":
             value = _optimizer_entry(value, recipe.get("optimizer_entry", "keep"))
+            value = _reordered_groups(value, recipe.get("param_groups"))
         out[key] = _prefixed(value, TEMPLATE)
     by_prefix = {prefix: zf for zf, prefix in sources.values()}
 
@@ -132,11 +149,44 @@ def _optimizer_entry(value, how: str):
     raise CkptmapError(f"internal error: optimizer entry {how!r}")
 
 
+def _reordered_groups(value, orders):
+    """The ``optimizer`` entry with each optimizer's ``param_groups`` picked / reordered by ``orders``
+    (per optimizer: indices into its saved groups, or None to keep them)."""
+    if orders is None:
+        return value
+    entries = value if isinstance(value, list) else [value]
+    if len(entries) != len(orders):
+        raise CkptmapError(f"internal error: {len(orders)} param-group orders for {len(entries)} optimizers")
+    out = []
+    for entry, order in zip(entries, orders):
+        if order is not None:
+            entry = copy.copy(entry)
+            entry["optimizer"] = copy.copy(entry["optimizer"])
+            groups = entry["optimizer"]["param_groups"]
+            entry["optimizer"]["param_groups"] = [groups[i] for i in order]
+        out.append(entry)
+    return out if isinstance(value, list) else out[0]
+
+
+# The pickle memoizes objects by identity, so equal bytes need the identities a live torch save has:
+# a module prefix is built per module (a new string each), the "version" key is one interned literal.
+def _fresh(text: str) -> str:
+    return text.encode().decode() if text else text
+
+
+def _canonical(value):
+    return {sys.intern(k) if isinstance(k, str) else k: v for k, v in value.items()} if isinstance(value, dict) \
+        else value
+
+
 def _chunk(chunk: dict, cls, source) -> dict:
     out = cls()
+    if chunk.get("metadata") is not None:   # torch's state_dict() attaches the modules' versions
+        out._metadata = collections.OrderedDict((_fresh(k), _canonical(v)) for k, v in chunk["metadata"])
     for leaf in chunk["leaves"]:
         if "tensor" in leaf:
-            value = _new_tensor(leaf["tensor"], leaf["dtype"], leaf["shape"])
+            value = _new_tensor(leaf["tensor"], leaf["dtype"], leaf["shape"], leaf.get("offset", 0),
+                                leaf.get("storage_numel"))
         else:
             file, chunk_key, keys = leaf["from"]
             zf, prefix = source(file)

@@ -8,11 +8,14 @@ one target tensor in memory at a time, never a whole unsharded tensor. Layers mo
 stages by their global number (``layout.py``), experts between expert ranks by their global id. The
 target's distributed-optimizer buffers are laid out by the rules' ``buckets megatron`` block of the
 target version at the target sizes — the layout a run at that layout would build — and written in
-that version's ``distrib_optim.pt`` form. The model file keeps every non-tensor entry of a source
-rank (args updated to the new sizes, scheduler, optimizer hyper-parameters), each layer's
-``_extra_state`` comes from the rank that held the layer, and RNG states from the source rank at the
-same position modulo the source sizes (RNG streams cannot be resharded; resume with
-``--no-load-rng`` if the new layout must draw fresh streams).
+that version's ``distrib_optim.pt`` form. The model file is written as Megatron saves it: its weights
+views of those buffers' storages (``_model_task``), the state dicts' ``_metadata``, every non-tensor entry
+of a source rank (args updated to the new sizes, scheduler, optimizer hyper-parameters with the param
+groups in the order the target rank builds them: ``param_groups.py``); each layer's ``_extra_state``
+comes from the rank that held the layer, and RNG states from the source rank at the same position
+modulo the source sizes (RNG streams cannot be resharded; resume with ``--no-load-rng`` if the new
+layout must draw fresh streams). Uneven stages (``--target-stage-list``) where the target versions
+can build them (``_check_stage_list``).
 
 Vocabulary padding: the padded vocabulary depends on TP (``make_vocab_size_divisible_by`` x TP).
 Rows the target has beyond the source's are filled as Megatron's checkpoint converter does for
@@ -30,7 +33,7 @@ import attrs
 
 from ckptmap.errors import CkptmapError
 from ckptmap.formats import megatron_files, megatron_folders, param_map
-from ckptmap.mapping import buckets
+from ckptmap.mapping import buckets, param_groups
 from ckptmap.mapping.layout import ParallelLayout
 from ckptmap.mapping.megatron_source import (AUTO_RULES, MegatronSource, SourceOptions, ddp_name, global_bindings,
                                              listing, planning, state_slice)
@@ -62,6 +65,8 @@ class ReshardOptions:
     main_param_check: bool = True
     parallel_init_order: str = "tp-cp-ep-dp-pp"
     noop: tuple[int, ...] = ()
+    # the target is a step of a composition (pt2ms --target-*) that no Megatron loads
+    intermediate: bool = False
 
 
 # -------------------------------------------------------------------------------------------------
@@ -400,10 +405,10 @@ def compile_reshard(opt: ReshardOptions) -> Plan:
     tgt = target_layout(src, opt)
     shapes = target_vocab(src, model, tgt, opt.vocab_size)
     check_target(model, tgt, shapes)
-    if opt.target_stage_list:
-        raise CkptmapError("--target-stage-list: Megatron's legacy checkpoints place layers uniformly; give "
-                           "--target-pp-size / --target-vpp-size that divide the layers")
     blocks = _target_blocks(src, opt)
+    stage_note = _check_stage_list(src, opt, tgt, blocks)
+    policies = _group_policies(src, opt, blocks)
+    notes: list = []
     iteration = src.iteration
     iter_dir = megatron_folders.iter_dir_name(iteration)
     files: list[FileTask] = []
@@ -414,9 +419,12 @@ def compile_reshard(opt: ReshardOptions) -> Plan:
             for tp in range(tgt.tp):
                 rank_dir = f"{iter_dir}/{megatron_folders.mp_rank_dir_name(tp, pp, tgt.pp, ep if ep_named else None)}"
                 chunks = [_target_chunk(model, src, tgt, shapes, tp, pp, v, ep, keys) for v in range(tgt.vpp)]
-                files.append(_model_task(src, model, tgt, shapes, rank_dir, tp, pp, ep, chunks))
-                if not opt.convert_param_only:
-                    optim_task, maps = _optim_task(src, model, tgt, shapes, rank_dir, tp, pp, ep, chunks, blocks, keys)
+                optim = None if opt.convert_param_only else \
+                    _optim_task(src, model, tgt, shapes, rank_dir, tp, pp, ep, chunks, blocks, keys)
+                files.append(_model_task(src, model, tgt, shapes, rank_dir, tp, pp, ep, chunks, policies, notes,
+                                         optim[2] if optim else None))
+                if optim is not None:
+                    optim_task, maps, _ = optim
                     files.append(optim_task)
                     files.extend(FileTask(f"{iter_dir}/{megatron_folders.PARAM_MAP_DIR}/"
                                           f"{param_map.param_map_file_name(b, d, tp, pp, v, ep if ep_named else None)}",
@@ -424,6 +432,10 @@ def compile_reshard(opt: ReshardOptions) -> Plan:
                                  for v, b, bl in maps for d in range(tgt.dp))
     files.append(FileTask(megatron_folders.TRACKER, "text", text=str(iteration)))
     info = src.info()
+    if stage_note:
+        info["target_stage_note"] = stage_note
+    if notes:
+        info["param_groups_note"] = "; ".join(notes)
     if tgt.noop != src.layout.noop and not (src.rules.layers and src.rules.layers.noop_arg):
         info["target_noop_note"] = (f"noop layers {sorted(tgt.noop)} are not recorded in the checkpoint (the rules "
                                     f"name no `noop =` args entry): pass --noop {' '.join(map(str, sorted(tgt.noop)))}"
@@ -432,6 +444,9 @@ def compile_reshard(opt: ReshardOptions) -> Plan:
                if getattr(src.layout, k) != getattr(tgt, k)]
     if tgt.noop != src.layout.noop:
         changes.append(f"noop {sorted(src.layout.noop)}->{sorted(tgt.noop)}")
+    if tgt.stage_list != src.layout.stage_list:
+        changes.append(f"stages {','.join(map(str, src.layout.stage_list or ())) or 'even'}->"
+                       f"{','.join(map(str, tgt.stage_list or ())) or 'even'}")
     info.update(layout_change=", ".join(changes) or "none", target_noop=sorted(tgt.noop))
     info.update(target=tgt.describe(), target_layout=" / ".join(b.label for b in blocks) or "-",
                 mode="weights only" if opt.convert_param_only else "weights + distributed optimizer")
@@ -439,6 +454,46 @@ def compile_reshard(opt: ReshardOptions) -> Plan:
         info["vocabulary"] = ", ".join(f"{k} {list(model.params[k].global_shape)} -> {list(v)}"
                                        for k, v in shapes.items() if tuple(v) != model.params[k].global_shape) or "same"
     return Plan("reshard", str(Path(opt.output_path)), tuple(files), info)
+
+
+def _check_stage_list(src: MegatronSource, opt: ReshardOptions, tgt: ParallelLayout, blocks: list) -> str | None:
+    """--target-stage-list: where the Megatron versions that may load the target can build those
+    stages (the rules' ``uneven_stages``), refused naming why where none can; the note says how to
+    load and read the result (the layers per stage are not in the checkpoint's args)."""
+    stages = opt.target_stage_list
+    if not stages:
+        return None
+    listed = ",".join(map(str, stages))
+    if tgt.vpp > 1:
+        raise CkptmapError(f"--target-stage-list {listed} with --target-vpp-size {tgt.vpp}: ckptmap reshards uneven "
+                           f"pipeline stages without interleaving only (Megatron 0.9 - 0.10 cannot interleave them, "
+                           f"later versions split each stage's layers over its chunks in their own way); use "
+                           f"--target-vpp-size 1")
+    read = f"read it with ckptmap --stage-list {listed}"
+    if opt.intermediate:   # MindSpeed's --num-layer-list takes any list
+        return None
+    if not blocks:   # --convert-param-only: the named version's block, else any version's
+        blocks = [b for b in src.rules.bucket_layouts("megatron")
+                  if not opt.target_megatron_version or b.covers(opt.target_megatron_version)]
+    able = [b for b in blocks if b.uneven_stages == "first_last"]
+    if not able:
+        raise CkptmapError(f"--target-stage-list {listed}: the Megatron versions that may load it "
+                           f"({', '.join(b.label for b in blocks)}) build num_layers / PP layers on every pipeline "
+                           f"stage, so none of them loads the target; name a later --target-megatron-version "
+                           f"(0.9+ let the first and last stage differ), or give --target-pp-size alone")
+    middle = stages[1:-1]
+    if len(set(middle)) > 1:
+        raise CkptmapError(f"--target-stage-list {listed}: Megatron gives the first and the last pipeline stage their "
+                           f"own number of layers (--decoder-first-pipeline-num-layers / "
+                           f"--decoder-last-pipeline-num-layers) and splits the rest evenly, but the middle stages "
+                           f"here hold {', '.join(map(str, middle))}; use equal middle stages (MindSpeed's "
+                           f"--num-layer-list takes any list: pt2ms --target-stage-list)")
+    note = (f"load with --decoder-first-pipeline-num-layers {stages[0]} --decoder-last-pipeline-num-layers "
+            f"{stages[-1]} (the checkpoint's args do not record them); {read}")
+    if len(able) < len(blocks):
+        note += (f"; {', '.join(b.label for b in blocks if b not in able)} cannot build uneven stages (pass "
+                 f"--target-megatron-version to say which loads it)")
+    return note
 
 
 def _target_blocks(src: MegatronSource, opt: ReshardOptions) -> list:
@@ -605,10 +660,22 @@ def _args_updates(src, tgt, shapes, model) -> dict:
     return {k: v for k, v in out.items() if k in present}
 
 
-def _model_task(src, model, tgt, shapes, rank_dir, tp, pp, ep, chunks) -> FileTask:
+def _model_task(src, model, tgt, shapes, rank_dir, tp, pp, ep, chunks, policies, notes, layouts=None) -> FileTask:
+    """The target rank's model_optim_rng.pt. With the DDP buffer ``layouts`` of the rank (the
+    distributed optimizer's), every weight is a view of its buffer's storage at the parameter's
+    offset, padding zero — the storages Megatron's save writes (its params live in the DDP param
+    buffer); without (--convert-param-only), one storage per weight."""
     template = _template_rank(src, tp, pp, ep)
     storages, entries = [], []
-    for key, leaves in zip(_chunk_keys(tgt.vpp), chunks):
+    views = {}          # (chunk, ddp name) -> (buffer storage key, offset, buffer numel)
+    pieces: dict = {}   # buffer storage key -> (dtype, numel, [(offset, weight task)])
+    for v, dtype, bl in layouts or ():
+        key = f"b{len(pieces)}"
+        numel = bl.buckets[-1].start + bl.buckets[-1].numel if bl.buckets else 0
+        pieces[key] = (dtype, numel, [])
+        for slot in bl.slots:
+            views[(v, slot.name)] = (key, slot.start, numel)
+    for v, (key, leaves) in enumerate(zip(_chunk_keys(tgt.vpp), chunks)):
         rows = []
         for path, weight, other in leaves:
             if weight is None:
@@ -616,14 +683,135 @@ def _model_task(src, model, tgt, shapes, rank_dir, tp, pp, ep, chunks) -> FileTa
                 rows.append({"path": list(path), "from": [str(leaf.rank.model.path), leaf.chunk_key,
                                                           list(leaf.stored_path)]})
                 continue
-            storage = f"w{len(storages)}"
-            storages.append(StorageTask(storage, weight.dtype, math.prod(weight.shape), (StoragePiece(0, weight),)))
-            rows.append({"path": list(path), "tensor": storage, "dtype": weight.dtype, "shape": list(weight.shape)})
-        entries.append({"key": key, "leaves": rows})
+            row = {"path": list(path), "dtype": weight.dtype, "shape": list(weight.shape)}
+            view = views.get((v, _ddp_name(other.rule, path))) if layouts is not None else None
+            if view is not None:
+                storage, offset, numel = view
+                pieces[storage][2].append((offset, weight))
+                row.update(tensor=storage, offset=offset, storage_numel=numel)
+            else:
+                if layouts is not None:
+                    raise CkptmapError(f"internal error: {rank_dir} chunk {v}: {'.'.join(map(str, path))} is in no "
+                                       f"DDP buffer of the target layout")
+                storage = f"w{len(storages)}"
+                storages.append(StorageTask(storage, weight.dtype, math.prod(weight.shape),
+                                            (StoragePiece(0, weight),)))
+                row.update(tensor=storage)
+            rows.append(row)
+        entry = {"key": key, "leaves": rows}
+        metadata = _chunk_metadata(model, src, tgt, pp, v, ep)
+        if metadata is not None:
+            entry["metadata"] = metadata
+        entries.append(entry)
+    for key, (dtype, numel, parts) in pieces.items():
+        _state_storage(storages, parts, numel, dtype, key)
+    how = _optimizer_entry(src, model, tgt, pp)
+    orders, note = _param_group_orders(src, model, tgt, pp, template, chunks, how, policies, rank_dir)
+    if note and note not in notes:
+        notes.append(note)
     recipe = {"template": str(template.model.path), "args": _args_updates(src, tgt, shapes, model),
-              "chunks": entries, "optimizer_entry": _optimizer_entry(src, model, tgt, pp)}
+              "chunks": entries, "optimizer_entry": how, "param_groups": orders}
     return FileTask(f"{rank_dir}/{megatron_folders.MODEL_FILE}", "megatron_model", storages=tuple(storages),
                     extra=recipe)
+
+
+def _source_metadata(src, rank, chunk):
+    """The ``_metadata`` (module prefix -> {"version": …}, in module order) torch's ``state_dict()``
+    attaches to a source chunk's state dict, as [(prefix, value)], or None."""
+    key = dict((c, k) for k, c in rank.model.chunks())[chunk]
+    md = getattr(rank.model.root[key], "_metadata", None)
+    return list(md.items()) if md is not None else None
+
+
+def _renumbered(names, kind, key: str, new: int) -> str:
+    hit = names.find(kind, key + ".")
+    return key if hit is None else key[:hit[1]] + str(new) + key[hit[2]:]
+
+
+def _chunk_metadata(model, src, tgt, pp, v, ep) -> list | None:
+    """The state dict ``_metadata`` of target chunk (pp, v), so that the file is the one Megatron
+    saves: the source's module prefixes before the layers (without the first stage's own modules,
+    e.g. the embedding, on other chunks), each layer's modules renumbered (an expert layer's experts
+    as many as the target expert rank holds), then the last chunk's modules after the layers."""
+    s = src.layout
+    first_md = _source_metadata(src, src.ranks[(0, 0, 0)], 0)
+    last_md = _source_metadata(src, src.ranks[(0, s.pp - 1, 0)], s.vpp - 1)
+    if first_md is None or last_md is None:
+        return None
+    names = model.names
+
+    def layer(key):
+        hit = names.find(LAYER, key + ".")
+        return hit[0] if hit else None
+
+    def split(md):
+        at = [i for i, (k, _) in enumerate(md) if layer(k) is not None]
+        return (md, []) if not at else (md[:at[0]], md[at[-1] + 1:])
+
+    pre, _ = split(first_md)
+    _, post = split(last_md)
+    first, last = (pp, v) == (0, 0), (pp, v) == (tgt.pp - 1, tgt.vpp - 1)
+    if not first:   # top-level modules that hold the first stage's edge parameters and no layer
+        edge = {leaf.dotted.split(".")[0] for leaf in model.edge_leaves("pre")}
+        layered = {leaf.dotted.split(".")[0] for r in src.ranks.values() for c in range(s.vpp)
+                   for leaf in model.leaves(r, c) if leaf.layer is not None}
+        pre = [(k, x) for k, x in pre if k.split(".")[0] not in edge - layered]
+    out = list(pre)
+    source_layer = dict(zip(tgt.stored_layers(), s.stored_layers()))
+    for local, g in enumerate(tgt.megatron_layers(pp, v)):
+        spp, sv, slocal = s.locate_layer(source_layer[g])
+        md = _source_metadata(src, src.ranks[(0, spp, 0)], sv) or []
+        rows = [(_renumbered(names, LAYER, k, local), x) for k, x in md if layer(k) == slocal]
+        if model.num_experts and tgt.ep != s.ep:   # expert 0's modules, once per local expert of the target
+            experts = [i for i, (k, _) in enumerate(rows) if names.find(EXPERT, k + ".") is not None]
+            if experts:
+                template = [(k, x) for k, x in rows if (names.find(EXPERT, k + ".") or (None,))[0] == 0]
+                copies = [(_renumbered(names, EXPERT, k, j), x) for j in range(model.num_experts // tgt.ep)
+                          for k, x in template]
+                rows = rows[:experts[0]] + copies + rows[experts[-1] + 1:]
+        out += rows
+    if last:
+        out += post
+    return [[k, dict(x) if isinstance(x, dict) else x] for k, x in out]
+
+
+def _param_group_orders(src, model, tgt, pp, template, chunks, how, policies, where):
+    """Per optimizer of the target rank (dense[, expert]), the template's saved param groups in the
+    order this rank's Megatron builds them (``param_groups.group_order``); None: keep them as saved."""
+    entry = template.model.root.get("optimizer")
+    if not isinstance(entry, (dict, list)) or not policies:
+        return None, None
+    entries = entry if isinstance(entry, list) else [entry]
+    chained = how == "chain" or (how == "keep" and isinstance(entry, list))
+    saved = [entries[0], entries[-1]] if chained else [entries[0]]
+    params = [[] for _ in saved]
+    for leaves in chunks:
+        for path, weight, gp in leaves:
+            if weight is None:
+                continue
+            expert = chained and any(seg.kind == EXPERT for seg in gp.rule.megatron.segments)
+            params[int(expert)].append(param_groups.GroupParam(".".join(map(str, path)), tuple(weight.shape),
+                                                               bool(gp.rule.shared_embedding)))
+    orders, notes = [], []
+    for i, (e, ps) in enumerate(zip(saved, params)):
+        groups = ((e or {}).get("optimizer") or {}).get("param_groups") if isinstance(e, dict) else None
+        order, note = param_groups.group_order(policies, groups, ps, f"{where} optimizer {i}")
+        orders.append(order)
+        if note:
+            notes.append(note)
+    return (orders if any(o is not None for o in orders) else None), "; ".join(notes) or None
+
+
+def _group_policies(src, opt, blocks) -> list:
+    """The ``param_groups`` blocks of the versions that may load the target."""
+    if opt.target_megatron_version:
+        return [p for p in src.rules.param_group_policies("megatron") if p.covers(opt.target_megatron_version)]
+    if blocks:
+        out = []
+        for b in blocks:
+            out += [p for p in src.rules.param_group_policies(b.name, b.versions) if p not in out]
+        return out
+    return src.rules.param_group_policies("megatron")
 
 
 def _optimizer_entry(src, model, tgt, pp) -> str:
@@ -658,23 +846,23 @@ def _optim_task(src, model, tgt, shapes, rank_dir, tp, pp, ep, chunks, blocks, k
         for kind in (False, True):
             for dtype, params in groups[kind].items():
                 parts[kind].append((v, dtype, params))
-    buffers = []   # (optimizer index or None, [(chunk, BufferLayout, params)])
+    buffers = []   # (optimizer index or None, [(chunk, dtype, params)], state written here)
     if expert_model:
-        buffers.append((0, parts[False] if ep == 0 else None))
-        buffers.append((1, parts[True]))
+        buffers.append((0, parts[False], ep == 0))   # the dense state is in expert rank 0's folder
+        buffers.append((1, parts[True], True))
     else:
-        buffers.append((None, parts[False]))
-    storages, optimizers, maps = [], [], []
+        buffers.append((None, parts[False], True))
+    storages, optimizers, maps, layouts = [], [], [], []
     grad_key = _grad_dtype_key(src)
-    for opt_index, groups in buffers:
-        if groups is None:
-            optimizers.append(None)
-            continue
+    for opt_index, groups, written in buffers:
         bufs = []
         for v, dtype, params in groups:
             values = _layout_values(src, tgt, pp, v, expert=opt_index == 1)
             entries = [buckets.ParamEntry(ddp, shape, dtype, gp.rule.shared_embedding) for ddp, gp, shape, _ in params]
             block, bl = _build_target_buffer(blocks, entries, values, f"{rank_dir} chunk {v} {dtype} buffer")
+            layouts.append((v, dtype, bl))
+            if not written:
+                continue
             maps.append((v, sum(1 for m in maps if m[0] == v), bl))
             by_name = {ddp: (gp, path) for ddp, gp, _, path in params}
             tensors = {}
@@ -703,11 +891,11 @@ def _optim_task(src, model, tgt, shapes, rank_dir, tp, pp, ep, chunks, blocks, k
             bufs.append({"param_dtype": dtype, "grad_dtype": grad_key, "storage": block.storage,
                          "padded": bl.per_bucket_numel, "unpadded": bl.per_bucket_numel_unpadded,
                          "numel_unpadded": bl.numel_unpadded, "tensors": tensors})
-        optimizers.append({"buffers": bufs})
+        optimizers.append({"buffers": bufs} if written else None)
     recipe = {"chained": expert_model, "optimizers": optimizers}
     task = FileTask(f"{rank_dir}/{megatron_folders.OPTIM_FILE}", "megatron_optim", storages=tuple(storages),
                     extra=recipe)
-    return task, maps
+    return task, maps, layouts
 
 
 def _ddp_name(rule, path) -> str:
@@ -722,18 +910,19 @@ def _ddp_name(rule, path) -> str:
     return rule.ddp.format(bindings)
 
 
-def _state_storage(storages: list, pieces: list, numel: int) -> str:
-    """A fp32 storage of ``numel`` elements: the pieces at their offsets, zeros in between."""
+def _state_storage(storages: list, pieces: list, numel: int, dtype: str = "float32", key: str | None = None) -> str:
+    """A storage of ``numel`` elements: the pieces at their offsets, zeros in between (Megatron's
+    buffers are zero-initialised; padding and alignment gaps are never written)."""
     out, pos = [], 0
     for offset, task in sorted(pieces, key=lambda p: p[0]):
         if offset > pos:
-            out.append(StoragePiece(pos, TensorTask("padding", "float32", (offset - pos,), value=0.0)))
+            out.append(StoragePiece(pos, TensorTask("padding", dtype, (offset - pos,), value=0.0)))
         out.append(StoragePiece(offset, task))
         pos = offset + math.prod(task.shape)
     if pos < numel:
-        out.append(StoragePiece(pos, TensorTask("padding", "float32", (numel - pos,), value=0.0)))
-    key = f"s{len(storages)}"
-    storages.append(StorageTask(key, "float32", numel, tuple(out)))
+        out.append(StoragePiece(pos, TensorTask("padding", dtype, (numel - pos,), value=0.0)))
+    key = key or f"s{len(storages)}"
+    storages.append(StorageTask(key, dtype, numel, tuple(out)))
     return key
 
 

@@ -29,6 +29,9 @@ KNOWN_SHARED_EMBEDDING = ("own_bucket", "in_order")
 # when that is a multiple of the bucket padding already)
 KNOWN_SHARED_START = ("bucket_start", "previous_end")
 KNOWN_BUCKET_STORAGE = ("per_bucket", "coalesced")
+# Which pipeline stages may hold a number of layers of their own: none (num_layers / PP each), or the
+# first and the last (the rest split evenly)
+KNOWN_UNEVEN_STAGES = ("none", "first_last")
 
 
 @attrs.frozen
@@ -344,6 +347,7 @@ class BucketLayout:
     # padding when these hold (``start``: where the embedding would start); None = never
     shared_prepad: tuple[Condition, ...] | None = None
     defaults: tuple[tuple[str, Expr], ...] = ()  # values used when the checkpoint's args lack them
+    uneven_stages: str = "none"                  # KNOWN_UNEVEN_STAGES
     loc: Loc | None = None
 
     def separate_experts(self, env: dict) -> bool:
@@ -364,6 +368,46 @@ class BucketLayout:
                                                           self.versions[0] else "") if self.versions else "")
 
 
+KNOWN_GROUP_ORDERS = ("first_use", "first_use_then_gathered", "sorted")
+KNOWN_GROUP_LOADS = ("by_index", "by_key")
+
+
+@attrs.frozen
+class ParamGroupPolicy:
+    """A ``param_groups NAME [for A - B] { ... }`` block: how a framework version builds a rank's
+    optimizer param groups and how its legacy load applies the saved ones.
+
+    ``order``: ``first_use`` (the order the rank's parameters first need them), ``first_use_then_gathered``
+    (that, then groups only other ranks have), ``sorted`` (the same on every rank, default settings first);
+    ``load``: ``by_index`` (a saved group's settings go to the group at the same position) or ``by_key``
+    (matched by wd_mult / lr_mult / is_expert_parallel / is_decoupled_lr); ``no_wd_suffixes`` /
+    ``no_wd_ndims``: parameters without weight decay (name ending, TP-local dimensionality)."""
+
+    name: str
+    order: str = "first_use"
+    load: str = "by_index"
+    no_wd_suffixes: tuple[str, ...] = ()
+    no_wd_ndims: tuple[int, ...] = ()
+    versions: tuple[str, str] | None = None
+    loc: Loc | None = None
+
+    covers = BucketLayout.covers
+    label = BucketLayout.label
+
+    def overlaps(self, versions: tuple[str, str] | None) -> bool:
+        """Whether some version of the range ``versions`` (None: any) is one of this block's."""
+        if versions is None or self.versions is None:
+            return True
+        lo, hi = (_version_key(v) for v in self.versions)
+        a, b = (_version_key(v) for v in versions)
+        n = max(len(lo), len(hi), len(a), len(b))
+        pad = (lambda v, fill: v + (fill,) * (n - len(v)))
+        return pad(a, 0) <= pad(hi, 1 << 30) and pad(lo, 0) <= pad(b, 1 << 30)
+
+    def no_weight_decay(self, name: str, shape) -> bool:
+        return any(name.endswith(s) for s in self.no_wd_suffixes) or len(tuple(shape)) in self.no_wd_ndims
+
+
 @attrs.frozen
 class LayersSpec:
     count_arg: str
@@ -379,6 +423,7 @@ class RuleSet:
     states: tuple[StateRule, ...]
     buckets: tuple[BucketLayout, ...]
     layers: LayersSpec | None
+    param_groups: tuple[ParamGroupPolicy, ...] = ()
 
     def state_pattern(self, state: str) -> Pattern:
         for s in self.states:
@@ -403,6 +448,10 @@ class RuleSet:
     def bucket_layouts(self, name: str) -> list[BucketLayout]:
         """Every ``buckets name`` block, in file order."""
         return [b for b in self.buckets if b.name == name]
+
+    def param_group_policies(self, name: str, versions: tuple[str, str] | None = None) -> list[ParamGroupPolicy]:
+        """The ``param_groups name`` blocks of any version in ``versions`` (None: all), in file order."""
+        return [p for p in self.param_groups if p.name == name and p.overlaps(versions)]
 
 
 # -------------------------------------------------------------------------------------------------
@@ -592,6 +641,9 @@ class _Builder(lark.Transformer):
     def storage(self, items):
         return ("storage", str(items[0]))
 
+    def uneven_stages(self, items):
+        return ("uneven_stages", str(items[0]))
+
     def expert_params(self, items):
         return ("expert_params", (str(items[0]), items[1] if len(items) > 1 else ()))
 
@@ -647,10 +699,44 @@ class _Builder(lark.Transformer):
             kwargs["expert_params"], kwargs["expert_when"] = kwargs["expert_params"]
         kwargs["defaults"] = tuple(defaults)
         kwargs["bucket_pads"] = tuple(pads)
+        if kwargs.get("uneven_stages", "none") not in KNOWN_UNEVEN_STAGES:
+            raise _SemanticError(f"uneven_stages: {kwargs['uneven_stages']!r} is not one of "
+                                 f"{', '.join(KNOWN_UNEVEN_STAGES)}", meta)
         if "param_align" in kwargs and "param_start_align" in kwargs:
             raise _SemanticError("param_align (padding after each parameter) and param_start_align (each "
                                  "parameter starts aligned) exclude each other; keep one", meta)
         return BucketLayout(name=str(items[0]), loc=self._loc(meta), **kwargs)
+
+    # param groups
+    def pg_order(self, items):
+        return ("order", str(items[0]))
+
+    def pg_load(self, items):
+        return ("load", str(items[0]))
+
+    def nowd_suffix(self, items):
+        return ("suffix", "." + str(items[0]))
+
+    def nowd_ndim(self, items):
+        return ("ndim", int(items[0]))
+
+    def pg_no_wd(self, items):
+        return ("no_wd", tuple(items))
+
+    @lark.v_args(meta=True)
+    def param_groups_block(self, meta, items):
+        kwargs = {}
+        for key, value in items[1:]:
+            if key in kwargs:
+                raise _SemanticError(f"param_groups setting {key!r} given twice", meta)
+            kwargs[key] = value
+        for key, known in (("order", KNOWN_GROUP_ORDERS), ("load", KNOWN_GROUP_LOADS)):
+            if key in kwargs and kwargs[key] not in known:
+                raise _SemanticError(f"param_groups {key}: {kwargs[key]!r} is not one of {', '.join(known)}", meta)
+        no_wd = kwargs.pop("no_wd", ())
+        kwargs["no_wd_suffixes"] = tuple(v for k, v in no_wd if k == "suffix")
+        kwargs["no_wd_ndims"] = tuple(v for k, v in no_wd if k == "ndim")
+        return ParamGroupPolicy(name=str(items[0]), loc=self._loc(meta), **kwargs)
 
     @lark.v_args(meta=True)
     def include_stmt(self, meta, items):
@@ -719,12 +805,13 @@ def _included(name: str, loc: Loc, path: str, chain: tuple) -> RuleSet:
 
 def _assemble(items, path: str, chain: tuple = ()) -> RuleSet:
     _, name, description = items[0]
-    params, states, buckets, layers = [], [], [], None
+    params, states, buckets, layers, groups = [], [], [], None, []
     for item in items[1:]:
         if isinstance(item, tuple) and item[0] == "include":
             inc = _included(item[1], item[2], path, chain)
             params.extend(inc.params)
             buckets.extend(inc.buckets)
+            groups.extend(inc.param_groups)
             if inc.states:
                 if states:
                     raise CkptmapError(f"{item[2]}: include {item[1]} names optimizer states, and so does {path}; keep one")
@@ -740,7 +827,9 @@ def _assemble(items, path: str, chain: tuple = ()) -> RuleSet:
             buckets.append(item)
         elif isinstance(item, LayersSpec):
             layers = item
-    rules = RuleSet(name, description, path, tuple(params), tuple(states), tuple(buckets), layers)
+        elif isinstance(item, ParamGroupPolicy):
+            groups.append(item)
+    rules = RuleSet(name, description, path, tuple(params), tuple(states), tuple(buckets), layers, tuple(groups))
     _validate(rules)
     return rules
 

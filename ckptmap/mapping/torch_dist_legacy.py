@@ -36,7 +36,7 @@ from ckptmap.errors import CkptmapError
 from ckptmap.formats import megatron_dist as M
 from ckptmap.formats import megatron_folders, param_map
 from ckptmap.formats import torch_dist as td
-from ckptmap.mapping import buckets
+from ckptmap.mapping import buckets, param_groups
 from ckptmap.mapping.layout import ParallelLayout
 from ckptmap.mapping.megatron_source import planning
 from ckptmap.mapping.plan import FileTask, Plan, Read, SourceSlice, StoragePiece, StorageTask, TensorTask
@@ -372,41 +372,12 @@ def _version(text: str) -> tuple[int, ...]:
     return tuple(int(x) for x in str(text).split(".") if x.isdigit())
 
 
-def _param_group_order(common_opt, names_shapes) -> tuple[list | None, str | None]:
-    """Megatron builds one optimizer param group per (wd_mult, lr_mult, …) in the order its rank's
-    parameters first need them (``_get_param_groups``: no weight decay for biases and 1-D params), and
-    a legacy load applies the saved groups by position. ``common.pt`` holds rank 0's order; each target
-    rank gets its own. Groups told apart by anything but wd_mult keep common.pt's order (noted)."""
+def _param_group_order(common_opt, names_shapes, policies=()) -> tuple[list | None, str | None]:
+    """common.pt holds rank 0's optimizer param groups; each target rank gets them in the order its
+    Megatron builds them (``param_groups.group_order``, per the target versions' ``policies``)."""
     groups = (common_opt or {}).get("optimizer", {}).get("param_groups") if isinstance(common_opt, dict) else None
-    if not groups:
-        return None, None
-    wds = [g.get("wd_mult") for g in groups]
-    if len(set(wds)) != len(wds):
-        return None, "optimizer param groups differ in more than wd_mult: kept in common.pt's (rank 0's) order"
-    order = []
-    for name, shape in names_shapes:
-        wd = 0.0 if name.endswith(".bias") or len(shape) == 1 else 1.0
-        if wd not in order:
-            order.append(wd)
-    if any(w not in wds for w in order):
-        return None, "optimizer param groups of common.pt do not cover every rank's parameters: kept as saved"
-    return [wds.index(w) for w in order], None
-
-
-def _same_group_order(md: M.MegatronDist) -> bool:
-    cached = getattr(md, "_same_group_order", None)   # once per checkpoint, not once per target rank
-    if cached is None:
-        cached = md._same_group_order = _group_orders(md)
-    return cached
-
-
-def _group_orders(md: M.MegatronDist) -> bool:
-    orders = set()
-    for (opt, group, what) in md.optimizer_objects:
-        if what == "optimizer" and opt is None:
-            groups = (md.optimizer_object(opt, group, what)[1] or {}).get("param_groups") or []
-            orders.add(tuple(g.get("wd_mult") for g in groups))
-    return len(orders) == 1
+    params = [param_groups.GroupParam(n, tuple(shape), emb) for n, shape, emb in names_shapes]
+    return param_groups.group_order(list(policies), groups, params, "common.pt")
 
 
 def _object_for(md: M.MegatronDist, name: str, tp: int, pp: int, src: ParallelLayout) -> str | None:
@@ -599,13 +570,17 @@ def _compile(md, rules, opt, iter_dir: str, iteration: str) -> Plan:
         raise CkptmapError(f"rules {rules.path} have no coalesced `buckets megatron` block for this checkpoint's "
                            f"megatron-core; pass --target-megatron-version")
     grad = "float32" if getattr(args, "accumulate_allreduce_grads_in_fp32", True) else None
+    # the param-group order of the versions that may load the target (any of them without a version)
+    policies = [p for p in rules.param_group_policies("megatron") if p.covers(opt.target_megatron_version)] \
+        if opt.target_megatron_version else [p for b in blocks for p in rules.param_group_policies(b.name, b.versions)] \
+        or rules.param_group_policies("megatron")
     it_name = "release" if iteration == "release" else megatron_folders.iter_dir_name(int(iteration))
     files, notes = [], []
     for p_rank in range(tgt.pp):
         for tp in range(tgt.tp):
             rank_dir = f"{it_name}/{megatron_folders.mp_rank_dir_name(tp, p_rank, tgt.pp)}"
             chunks = [_chunk(model, tgt, p_rank, v, output_copy) for v in range(tgt.vpp)]
-            model_task, order_note = _model_task(md, model, tgt, rank_dir, tp, p_rank, chunks, iter_dir)
+            model_task, order_note = _model_task(md, model, tgt, rank_dir, tp, p_rank, chunks, iter_dir, policies)
             if order_note and order_note not in notes:
                 notes.append(order_note)
             files.append(model_task)
@@ -640,7 +615,7 @@ def _args_updates(args, tgt: ParallelLayout) -> dict:
     return {k: v for k, v in out.items() if k in vars(args)}
 
 
-def _model_task(md, model: DistModel, tgt, rank_dir, tp, pp, chunks, iter_dir):
+def _model_task(md, model: DistModel, tgt, rank_dir, tp, pp, chunks, iter_dir, policies=()):
     storages, entries, names_shapes = [], [], []
     for key, groups in zip(_chunk_keys(tgt.vpp), chunks):
         rows = []
@@ -651,7 +626,7 @@ def _model_task(md, model: DistModel, tgt, rank_dir, tp, pp, chunks, iter_dir):
                 storage = f"w{len(storages)}"
                 storages.append(StorageTask(storage, w.dtype, math.prod(w.shape), (StoragePiece(0, w),)))
                 part.append({"path": [name], "tensor": storage, "dtype": w.dtype, "shape": list(w.shape)})
-                names_shapes.append((name, w.shape))
+                names_shapes.append((name, w.shape, bool(p.rule.shared_embedding)))
             rows += _with_extra(model, part, extras)
         entries.append({"key": key, "leaves": rows})
     common_opt, opt_object = md.common.get("optimizer"), None
@@ -664,11 +639,8 @@ def _model_task(md, model: DistModel, tgt, rank_dir, tp, pp, chunks, iter_dir):
                                f"pp {pp % s.pp}; the checkpoint is incomplete")
         common_opt = {"optimizer": md.optimizer_object(None, s.model_parallel_rank(tp % s.tp, pp % s.pp),
                                                        "optimizer")[1]}
-    if opt_object is not None and _same_group_order(md):
-        # every source rank has the same group order (megatron-core 0.15+ sorts the groups globally): keep it
-        groups, note = None, None
-    else:
-        groups, note = _param_group_order(common_opt, names_shapes)
+    # each target rank's order as its Megatron builds it (param_groups.group_order, per target version)
+    groups, note = _param_group_order(common_opt, names_shapes, policies)
     recipe = {"common": iter_dir, "args": _args_updates(model.args, tgt), "chunks": entries,
               "drop": list(M.DIST_ONLY_COMMON_KEYS), "optimizer_drop": list(M.DIST_ONLY_OPTIMIZER_KEYS),
               "param_groups": groups, "optimizer_object": opt_object,

@@ -67,6 +67,9 @@ class Case:
     tied_embeddings: bool = False
     seed: int = 0
     steps: int = 1
+    # uneven pipeline stages (0.9+, no VPP): layers of the first / last stage, the rest split evenly
+    first_stage_layers: int | None = None
+    last_stage_layers: int | None = None
 
     def __post_init__(self):
         if self.version not in VERSIONS:
@@ -85,7 +88,12 @@ class Case:
             raise ValueError("moe_grouped_gemm: megatron's GroupedMLP calls the CUDA-only grouped_gemm "
                              "package (and TEGroupedMLP needs TransformerEngine); not available on CPU")
         chunks = self.pp * (self.vpp or 1)
-        if self.num_layers % chunks:
+        uneven = [n for n in (self.first_stage_layers, self.last_stage_layers) if n is not None]
+        if uneven:
+            rest, left = self.num_layers - sum(uneven), self.pp - len(uneven)
+            if self.vpp is not None or left < 0 or (rest % left if left else rest):
+                raise ValueError("uneven stages: no vpp, and the layers left must split over the stages left")
+        elif self.num_layers % chunks:
             raise ValueError(f"num_layers must split over pp*vpp = {chunks} chunks")
         if self.vpp is not None and (self.pp < 2 or self.vpp < 2):
             raise ValueError("vpp needs pp >= 2 and vpp >= 2 (or None)")

@@ -82,7 +82,41 @@ def _sharded_view(version, model, chunk, nchunks):
     return out
 
 
-def collect(version, c, models, ddps, optimizer, extra=None):
+GROUP_SETTINGS = ("wd_mult", "lr_mult", "is_expert_parallel", "is_decoupled_lr", "weight_decay", "max_lr", "min_lr")
+
+
+def param_groups(ddps, optimizer):
+    """Per DistributedOptimizer, its param groups as this rank holds them: the settings
+    (GROUP_SETTINGS) and the "chunk:name" of the model params whose shard this DP rank optimizes
+    (model_float16_groups[i] is optimizer.param_groups[i]'s params)."""
+    names = {p: f"{ci}:{n}" for ci, d in enumerate(ddps) for n, p in d.module.named_parameters()}
+    out = []
+    for opt in sub_optimizers(optimizer):
+        groups = []
+        for i, g in enumerate(opt.optimizer.param_groups):
+            members = list(opt.model_float16_groups[i]) + list(opt.model_fp32_groups[i])
+            groups.append({"settings": {k: g[k] for k in GROUP_SETTINGS if k in g},
+                           "params": sorted(names[p] for p in members)})
+        out.append(groups)
+    return out
+
+
+def _merged_groups(per_rank):
+    """A (tp, pp, ep)'s groups: every DP rank's settings must agree; the params are their union."""
+    merged = None
+    for groups in per_rank:
+        if merged is None:
+            merged = [[{"settings": dict(g["settings"]), "params": set(g["params"])} for g in opt] for opt in groups]
+            continue
+        for mo, go in zip(merged, groups):
+            if [m["settings"] for m in mo] != [g["settings"] for g in go]:
+                raise RuntimeError("param group settings differ between the DP ranks of one (tp, pp, ep)")
+            for m, g in zip(mo, go):
+                m["params"] |= set(g["params"])
+    return [[{"settings": g["settings"], "params": sorted(g["params"])} for g in opt] for opt in merged or []]
+
+
+def collect(version, c, models, ddps, optimizer, extra=None, built_groups=None):
     """Gather every rank's live view on global rank 0 and stitch it; None on the other ranks."""
     import torch
     from megatron.core import parallel_state as mpu
@@ -157,7 +191,8 @@ def collect(version, c, models, ddps, optimizer, extra=None):
 
     world = torch.distributed.get_world_size()
     gathered = [None] * world if coords["rank"] == 0 else None
-    torch.distributed.gather_object((coords, chunks, opts, pieces, weights), gathered, dst=0)
+    groups = (param_groups(ddps, optimizer), built_groups)
+    torch.distributed.gather_object((coords, chunks, opts, pieces, weights, groups), gathered, dst=0)
     if coords["rank"] != 0:
         return None
     return _stitch(version, c, gathered, extra or {})
@@ -175,11 +210,19 @@ def _stitch(version, c, gathered, extra):
 
     ranks = {}
     by_coord = {}
+    groups_of = {}
+    for coords, _, _, _, _, groups in gathered:
+        groups_of.setdefault((coords["tp"], coords["pp"], coords["ep"]), []).append(groups)
+    gathered = [g[:5] for g in gathered]
     for coords, chunks, opts, pieces, weights in gathered:
         key = (coords["tp"], coords["pp"], coords["ep"])
         by_coord.setdefault(key, []).append(coords["rank"])
         if coords["edp"] == 0:
             ranks[key] = {"coords": coords, "chunks": chunks, "optimizers": opts, "weights": weights}
+    for key, r in ranks.items():   # optimizer param groups: as loaded / saved, and as built before a load
+        r["param_groups"] = _merged_groups([g[0] for g in groups_of[key]])
+        if all(g[1] is not None for g in groups_of[key]):
+            r["built_param_groups"] = _merged_groups([g[1] for g in groups_of[key]])
     # each (tp, pp, ep) has one expert-data-parallel rank 0: its layout is the reference; every
     # other rank of the same (tp, pp, ep) must agree
     for coords, chunks, opts, _, _ in gathered:

@@ -106,10 +106,16 @@ def _config(version, c):
                   moe_aux_loss_coeff=1e-2)
     if v >= (0, 12):
         kw.update(expert_tensor_parallel_size=c["tp"])
+    # uneven stages: Megatron-LM's --decoder-first/last-pipeline-num-layers (config names from 0.11)
+    for flag, new, old in (("first_stage_layers", "num_layers_in_first_pipeline_stage", "first_pipeline_num_layers"),
+                           ("last_stage_layers", "num_layers_in_last_pipeline_stage", "last_pipeline_num_layers")):
+        if c.get(flag) is not None:
+            kw[new if v >= (0, 11) else old] = c[flag]
     fields = {f for f in TransformerConfig.__dataclass_fields__}
     missing = set(kw) - fields
     for k in missing:
-        if k in ("expert_tensor_parallel_size",):
+        if k in ("expert_tensor_parallel_size", "num_layers_in_first_pipeline_stage", "first_pipeline_num_layers",
+                 "num_layers_in_last_pipeline_stage", "last_pipeline_num_layers"):
             raise RuntimeError(f"TransformerConfig of {version} has no {k}")
         kw.pop(k)
     return TransformerConfig(**kw)
@@ -405,6 +411,7 @@ def _run(rank, world_size, port, job, tmp_dir: Path):
                 timings[f"save {_save_dir_name(fmt, st)}"] = time.monotonic() - t0 - sum(timings.values())
             results.append(truth_mod.collect(version, c, models, ddps, optimizer, extra={"saved": sorted(files)}))
         else:
+            built = truth_mod.param_groups(ddps, optimizer)   # what the library builds at this layout
             for src in job["sources"]:
                 _poison(models, optimizer)
                 if src["fmt"] == "torch":
@@ -415,7 +422,7 @@ def _run(rank, world_size, port, job, tmp_dir: Path):
                     it = _load_torch_dist(version, c, src["dir"], src["sharding_type"], models, ddps, optimizer,
                                           scheduler, args)
                 results.append(truth_mod.collect(version, c, models, ddps, optimizer,
-                                                 extra={"source": dict(src), "iteration": it}))
+                                                 extra={"source": dict(src), "iteration": it}, built_groups=built))
             timings["load"] = time.monotonic() - t0 - sum(timings.values())
         torch.distributed.barrier()
         if rank == 0:
