@@ -55,6 +55,9 @@ class StandardRun:
     resharded: tuple | None = None  # ("dense" only) (sharding type, Case loaded into, truth of that load)
 
 
+STALE_AFTER_SECONDS = 6 * 3600
+
+
 def _key(version, name, case):
     blob = json.dumps([version, name, dataclasses.asdict(case), source_hash()], sort_keys=True)
     return f"{version}-{name}-{hashlib.sha256(blob.encode()).hexdigest()[:16]}"
@@ -96,7 +99,9 @@ class StandardRuns:
                     meta["seconds"], True, _load_resharded(d))
                 continue
             for stale in self.root.glob(f"{version}-{name}-*"):  # other harness versions of this case
-                shutil.rmtree(stale, ignore_errors=True)
+                # but not one another checkout (another harness hash) may be reading right now
+                if time.time() - stale.stat().st_mtime > STALE_AFTER_SECONDS:
+                    shutil.rmtree(stale, ignore_errors=True)
             d.mkdir(parents=True)
             srcs = [(d / "ckpt" / _save_subdir(f, st), f, st) for f, st in LOAD_FORMATS(version)]
             todo.append((name, case, d))
