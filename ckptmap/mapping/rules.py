@@ -801,7 +801,8 @@ def _validate(rules: RuleSet) -> None:
         if lost:
             raise CkptmapError(
                 f"{where}: the MindSpore pattern {rule.mindspore} drops {{{sorted(lost)[0]}}}, so two "
-                f"Megatron tensors would get the same name; use it on the MindSpore side too")
+                f"Megatron tensors would get the same name; use it on the MindSpore side too"
+                + (f" (or add `stack: {EXPERT}` to stack the local experts into one tensor)" if EXPERT in lost else ""))
         for op in rule.ops:
             if op.name not in KNOWN_OPS:
                 raise CkptmapError(f"{where}: unknown op {op.name}(); known ops: {', '.join(KNOWN_OPS)}")
