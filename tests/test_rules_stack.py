@@ -17,6 +17,10 @@ import pytest
 
 from ckptmap.cli import main
 from ckptmap.errors import CkptmapError
+from ckptmap.formats.megatron_files import ModelTensor
+from ckptmap.mapping.compiler import stack_units
+from ckptmap.mapping.layout import ParallelLayout
+from ckptmap.mapping.megatron_source import match_rules
 from ckptmap.mapping.rules import load_rules
 from mcore_versions.fixtures import mcore_standard  # noqa: F401  (session fixture)
 
@@ -73,6 +77,33 @@ def test_misused_stack_is_refused_by_rules_check(text, where, why, tmp_path, cap
     assert f"{tmp_path}/{where}" in str(e.value) and why in str(e.value), str(e.value)
     assert main(["rules", "check", str(path)]) == 2
     assert why in capsys.readouterr().err
+
+
+def _units(names_shapes, num_experts=4, ep=2):
+    rules = load_rules(STACKED_RULES)
+    tensors = [ModelTensor(0, n, n, "bfloat16", shape) for n, shape in names_shapes]
+    matched, unmatched = match_rules(rules, tensors, "ckpt/model_optim_rng.pt")
+    assert not unmatched
+    return stack_units(matched, ParallelLayout(dp=ep, ep=ep, num_layers=1), {"num_experts": num_experts},
+                       "ckpt/model_optim_rng.pt")
+
+
+FC1 = "decoder.layers.0.mlp.experts.local_experts.{}.linear_fc1.weight"
+
+
+def test_planning_refuses_experts_that_do_not_fill_the_stack():
+    units = _units([(FC1.format(1), (24, 40)), (FC1.format(0), (24, 40))])
+    assert len(units) == 1 and [m.tensor.name for m in units[0].members] == [FC1.format(0), FC1.format(1)]
+    with pytest.raises(CkptmapError) as e:        # 4 experts on EP 2: local experts 0, 1 — not 0 alone
+        _units([(FC1.format(0), (24, 40))])
+    assert "ckpt/model_optim_rng.pt" in str(e.value) and "megatron_core_gpt_moe_stacked.rules:" in str(e.value)
+    assert "over the 2 local experts 0 … 1" in str(e.value) and "holds experts [0]" in str(e.value)
+    with pytest.raises(CkptmapError) as e:
+        _units([(FC1.format(0), (24, 40)), (FC1.format(1), (12, 40))])
+    assert "[12, 40]" in str(e.value) and "[24, 40]" in str(e.value) and "one shape and dtype" in str(e.value)
+    with pytest.raises(CkptmapError) as e:
+        _units([(FC1.format(0), (24, 40)), (FC1.format(1), (24, 40))], num_experts=None)
+    assert "give no num_experts" in str(e.value)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -178,3 +209,30 @@ def test_a_stacked_tensor_with_the_wrong_expert_count_is_refused_by_ms2pt(moe_ru
     err = capsys.readouterr().err
     assert name in err and "[1, 24, 40]" in err and "[2, 24, 40]" in err and "2 stacked experts" in err, err
     assert not back.exists()
+
+
+@pytest.mark.mcore_versions
+@pytest.mark.slow
+def test_stacked_at_ep_1_holds_every_expert_in_global_order(moe_run, tmp_path):
+    """pt2ms --target-ep-size 1 (reshard, then stack): one tensor of all 4 experts, global id = ep * E/EP + local;
+    ms2pt --target-ep-size 2 back gives Megatron's distrib_optim.pt byte for byte (model_optim_rng.pt differs
+    only where a reshard may: RNG states, storage layout — README, Resharding)."""
+    run, c = moe_run, moe_run.case
+    src, out, back = run.dir / "legacy", tmp_path / "ms", tmp_path / "back"
+    assert main(["pt2ms", "--megatron-path", str(src), "--ms-path", str(out), "--rules", str(STACKED_RULES),
+                 "--target-ep-size", "1"] + RUN) == 0
+    got = ms.load_checkpoint(str(out / "rank_0" / "network.ckpt"))
+    for state, prefix in STATES:
+        per_rank = [expected(run, key, state) for key in sorted(run.truth["ranks"])]   # EP rank 0, then 1
+        for k in per_rank[0]:
+            if "feed_forward" in k:
+                want = np.concatenate([r[k] for r in per_rank])    # experts 0, 1 of rank 0, then 2, 3 of rank 1
+                assert want.shape[0] == c.num_experts and np.array_equal(got[prefix + k].asnumpy(), want), k
+            else:
+                assert np.array_equal(got[prefix + k].asnumpy(), per_rank[0][k]), k
+    assert main(["ms2pt", "--ms-path", str(out), "--megatron-path", str(back), "--rules", str(STACKED_RULES),
+                 "--target-ep-size", "2"] + RUN) == 0
+    optim = sorted(p.relative_to(src) for p in src.rglob("distrib_optim.pt"))
+    assert len(optim) == 2
+    for rel in optim:
+        assert filecmp.cmp(src / rel, back / rel, shallow=False), rel

@@ -314,7 +314,7 @@ def _optimizer_tasks(rank, src, opt, seen) -> list[TensorTask]:
             bucket = bl.buckets[slot.bucket]
             notes.append(f"{m.tensor.name} · buffer {g} bucket {slot.bucket} [{slot.start - bucket.start}:"
                          f"{slot.end - bucket.start}]")
-        note = notes[0] if len(notes) == 1 else f"{notes[0]} … ({len(notes)} stacked)"
+        note = notes[0] if len(notes) == 1 else f"{notes[0]} + {len(notes) - 1} more expert(s), stacked"
         m, optim = members[0], found_slots[0][0]
         weight = SourceSlice(str(rank.model.path), m.tensor.key, m.tensor.dtype, m.tensor.shape)
         # the fp32 states are laid out like the parameter, so a part is the same ranges of each state
