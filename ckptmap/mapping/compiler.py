@@ -15,6 +15,7 @@ from ckptmap.errors import CkptmapError
 from ckptmap.formats import megatron_files, megatron_folders, mindspeed, param_map
 from ckptmap.mapping import ops as tensor_ops
 from ckptmap.mapping.plan import FileTask, Plan, SourceSlice, TensorTask
+from ckptmap.mapping.rules import STACK_COUNT
 from ckptmap.mapping.megatron_source import (AUTO_RULES, FLOAT_DTYPES, MegatronSource, SourceOptions, _Matched,
                                              _flat_part, _numbered, _read_map, ddp_name, global_bindings, planning,
                                              spot_check_main_params, state_slice)
@@ -87,7 +88,8 @@ def compile_pt2ms(opt: Pt2MsOptions) -> Plan:
         (tp, pp, ep), matched, model_file = rank.key, rank.matched, rank.model
         seen: dict[str, str] = {}
         if opt.convert_param_only:
-            tasks = [t for m in matched for t in _weight_task(m, layout, pp, model_file.path, opt.dtype, env, seen, ep)]
+            tasks = [t for u in stack_units(matched, layout, env, model_file.path)
+                     for t in _weight_task(u, layout, pp, model_file.path, opt.dtype, env, seen, ep)]
             scalar_rows = mindspeed.step_scalars(step, opt.layout)
         else:
             for v, g, bl in rank.own_layouts:
@@ -166,20 +168,99 @@ def rules_config(rules, env: dict) -> dict:
     return {k: int(env[k]) for k in sorted(used) if k in env}
 
 
-def _weight_task(m: _Matched, layout, pp, path, dtype_option, env, seen, ep: int = 0) -> list[TensorTask]:
-    source = SourceSlice(str(path), m.tensor.key, m.tensor.dtype, m.tensor.shape)
-    return [TensorTask(o.name, o.dtype, o.shape, _ranged(source, o.ranges), m.tensor.dtype, o.src_shape, o.ops,
-                       note=m.tensor.name if o.ranges is None else f"{m.tensor.name} · part {o.part}")
+@attrs.frozen
+class _Stack:
+    """The tensors of one ``stack: expert`` rule that become one MindSpore tensor: a rank's local experts
+    of one layer, ``members[i]`` being local expert i (the MindSpore tensor's row i on axis 0)."""
+
+    members: tuple
+
+    @property
+    def rule(self):
+        return self.members[0].rule
+
+    @property
+    def tensor(self):
+        return self.members[0].tensor
+
+    @property
+    def label(self) -> str:
+        first, last = self.members[0].tensor.name, self.members[-1].tensor.name
+        return f"{first} … {last} (stacked)" if len(self.members) > 1 else f"{first} (stacked)"
+
+
+def stacked_count(rule, layout, env, where) -> int:
+    """How many experts a stacked tensor holds: the local experts of one expert-parallel rank."""
+    total = env.get(STACK_COUNT)
+    if not total:
+        raise CkptmapError(f"{where}: rules {rule.stack_loc or rule.loc} stack the experts, but the checkpoint's args "
+                           f"give no {STACK_COUNT}; cannot tell how many experts each stacked tensor holds")
+    if total % layout.ep:
+        raise CkptmapError(f"{where}: {STACK_COUNT} = {total} is not divisible by the expert-parallel size {layout.ep}")
+    return total // layout.ep
+
+
+def stack_units(matched, layout, env, path) -> list:
+    """``matched`` with the tensors of every ``stack:`` rule gathered into _Stack units (one per stacked
+    MindSpore tensor, in the position of its first member), each checked to hold exactly local experts
+    0 .. num_experts/ep - 1 of one shape and dtype."""
+    groups: dict[tuple, list] = {}
+    units: list = []
+    for m in matched:
+        if m.rule.stack is None:
+            units.append(m)
+            continue
+        key = (m.tensor.chunk, m.rule.loc, tuple(sorted((k, v) for k, v in m.bindings.items() if k != m.rule.stack)))
+        if key not in groups:
+            groups[key] = []
+            units.append(key)
+        groups[key].append(m)
+    out = []
+    for u in units:
+        if not isinstance(u, tuple):
+            out.append(u)
+            continue
+        members = sorted(groups[u], key=lambda m: m.bindings[m.rule.stack])
+        rule = members[0].rule
+        want = stacked_count(rule, layout, env, path)
+        found = [m.bindings[rule.stack] for m in members]
+        if found != list(range(want)):
+            raise CkptmapError(
+                f"{path}: rules {rule.stack_loc or rule.loc} stack {rule.megatron} over the {want} local experts "
+                f"0 … {want - 1} ({STACK_COUNT} / ep), but the checkpoint holds experts {found} of "
+                f"{members[0].tensor.name}'s layer; check --ep-size and the model's {STACK_COUNT}, or drop stack: to "
+                f"convert the experts one by one")
+        odd = [m for m in members if (m.tensor.shape, m.tensor.dtype) != (members[0].tensor.shape, members[0].tensor.dtype)]
+        if odd:
+            raise CkptmapError(
+                f"{path}: rules {rule.stack_loc or rule.loc} stack {odd[0].tensor.name} ({odd[0].tensor.dtype} "
+                f"{list(odd[0].tensor.shape)}) with {members[0].tensor.name} ({members[0].tensor.dtype} "
+                f"{list(members[0].tensor.shape)}); stacked experts must have one shape and dtype — drop stack: for it")
+        out.append(_Stack(tuple(members)))
+    return out
+
+
+def _weight_task(m, layout, pp, path, dtype_option, env, seen, ep: int = 0) -> list[TensorTask]:
+    members = m.members if isinstance(m, _Stack) else (m,)
+    sources = tuple(SourceSlice(str(path), x.tensor.key, x.tensor.dtype, x.tensor.shape) for x in members)
+    label = m.label if isinstance(m, _Stack) else m.tensor.name
+    return [TensorTask(o.name, o.dtype, o.shape, sources if isinstance(m, _Stack) else _ranged(sources[0], o.ranges),
+                       m.tensor.dtype, o.src_shape, o.ops,
+                       note=label if o.ranges is None else f"{label} · part {o.part}")
             for o in _weight_parts(m, layout, pp, path, dtype_option, env, seen, ep)]
 
 
-def _weight_parts(m: _Matched, layout, pp, path, dtype_option, env, seen, ep: int = 0) -> list[_Out]:
+def _weight_parts(m, layout, pp, path, dtype_option, env, seen, ep: int = 0) -> list[_Out]:
     """The MindSpore tensors (name, dtype, shape, ops, ranges) of a matched Megatron weight: one, or one
-    per part of a rule with ``parts:``."""
-    bindings = global_bindings(m, layout, pp, ep, env, path)
-    where = f"{m.rule.loc} ({m.tensor.name})"
+    per part of a rule with ``parts:``; or of a _Stack: one, its members on a new leading axis."""
+    first = m.members[0] if isinstance(m, _Stack) else m
+    bindings = global_bindings(first, layout, pp, ep, env, path)
+    label = m.label if isinstance(m, _Stack) else m.tensor.name
+    where = f"{m.rule.loc} ({label})"
     renv = rule_env(env, layout)
-    if m.rule.parts is None:
+    if isinstance(m, _Stack):
+        pieces = [(None, (len(m.members),) + tuple(m.tensor.shape), None)]   # the rule's ops see the stacked shape
+    elif m.rule.parts is None:
         pieces = [(None, m.tensor.shape, None)]
     else:
         divisor = layout.tp if m.rule.tp.dim == 0 else 1
@@ -188,9 +269,9 @@ def _weight_parts(m: _Matched, layout, pp, path, dtype_option, env, seen, ep: in
     for part, shape, ranges in pieces:
         name = m.rule.mindspore.format(dict(bindings, part=part) if part else bindings)
         if name in seen:
-            raise CkptmapError(f"{path}: tensors {seen[name]} and {m.tensor.name} would both become {name} "
+            raise CkptmapError(f"{path}: tensors {seen[name]} and {label} would both become {name} "
                                f"(rules {m.rule.loc}); fix the rules")
-        seen[name] = m.tensor.name
+        seen[name] = label
         src_shape, dtype, concrete = tuple(shape), m.tensor.dtype, []
         for spec in m.rule.ops:
             op, shape, dtype = tensor_ops.resolve(spec.name, spec.args, shape, dtype, renv, where)
@@ -210,32 +291,44 @@ def _optimizer_tasks(rank, src, opt, seen) -> list[TensorTask]:
     keys: dict[tuple, str] = {}  # (file, buffer, state, bucket) -> flat key in distrib_optim.pt
     tasks = []
     patterns = {state: src.rules.state_pattern(state) for state in opt.dist_opt_content}
-    for m in rank.matched:
-        ddp = ddp_name(m, memo)
-        found = slots.get((m.tensor.chunk, ddp))
-        if found is None:
-            raise CkptmapError(
-                f"the bucket layout of {rank.dir} has no parameter {ddp} (tensor {m.tensor.name} of model chunk "
-                f"{m.tensor.chunk}); the param_map describes a different model — use the one written with this "
-                f"checkpoint, or leave --param-map-path out")
-        optim, g, bl, slot = found
-        if tuple(slot.shape) != tuple(m.tensor.shape) or slot.dtype != m.tensor.dtype:
-            raise CkptmapError(
-                f"{bl.origin}: parameter {ddp} is {slot.dtype} {list(slot.shape)} there but "
-                f"{m.tensor.dtype} {list(m.tensor.shape)} in the checkpoint's model; the param_map belongs to a "
-                f"different run — use the one written with this checkpoint, or leave --param-map-path out")
-        bucket = bl.buckets[slot.bucket]
-        note = (f"{m.tensor.name} · buffer {g} bucket {slot.bucket} [{slot.start - bucket.start}:"
-                f"{slot.end - bucket.start}]")
+    for unit in stack_units(rank.matched, layout, env, rank.model.path):
+        members = unit.members if isinstance(unit, _Stack) else (unit,)
+        found_slots = []
+        for m in members:
+            ddp = ddp_name(m, memo)
+            found = slots.get((m.tensor.chunk, ddp))
+            if found is None:
+                raise CkptmapError(
+                    f"the bucket layout of {rank.dir} has no parameter {ddp} (tensor {m.tensor.name} of model chunk "
+                    f"{m.tensor.chunk}); the param_map describes a different model — use the one written with this "
+                    f"checkpoint, or leave --param-map-path out")
+            optim, g, bl, slot = found
+            if tuple(slot.shape) != tuple(m.tensor.shape) or slot.dtype != m.tensor.dtype:
+                raise CkptmapError(
+                    f"{bl.origin}: parameter {ddp} is {slot.dtype} {list(slot.shape)} there but "
+                    f"{m.tensor.dtype} {list(m.tensor.shape)} in the checkpoint's model; the param_map belongs to a "
+                    f"different run — use the one written with this checkpoint, or leave --param-map-path out")
+            found_slots.append(found)
+        notes = []
+        for m, (_, g, bl, slot) in zip(members, found_slots):
+            bucket = bl.buckets[slot.bucket]
+            notes.append(f"{m.tensor.name} · buffer {g} bucket {slot.bucket} [{slot.start - bucket.start}:"
+                         f"{slot.end - bucket.start}]")
+        note = notes[0] if len(notes) == 1 else f"{notes[0]} + {len(notes) - 1} more expert(s), stacked"
+        m, optim = members[0], found_slots[0][0]
         weight = SourceSlice(str(rank.model.path), m.tensor.key, m.tensor.dtype, m.tensor.shape)
         # the fp32 states are laid out like the parameter, so a part is the same ranges of each state
-        for out in _weight_parts(m, layout, rank.pp, optim.path.parent, "keep", env, seen, rank.ep):
+        for out in _weight_parts(unit, layout, rank.pp, optim.path.parent, "keep", env, seen, rank.ep):
             for state in opt.dist_opt_content:
                 concrete, shape, dtype = list(out.ops), out.shape, "float32"
                 if state == "param" and opt.dtype not in ("keep", "float32"):
                     op, shape, dtype = tensor_ops.resolve("cast", (opt.dtype,), shape, dtype, env, str(m.rule.loc))
                     concrete.append(op)
-                sources = _ranged(state_slice(optim, keys, g, bl, slot, state), out.ranges)
+                if isinstance(unit, _Stack):   # each expert's state from its own buffer range, in expert order
+                    sources = tuple(state_slice(o, keys, g, bl, slot, state) for o, g, bl, slot in found_slots)
+                else:
+                    _, g, bl, slot = found_slots[0]
+                    sources = _ranged(state_slice(optim, keys, g, bl, slot, state), out.ranges)
                 rounds_to = None
                 if state == "param" and opt.main_param_check and m.tensor.dtype != "float32":
                     # checked against the first source slice: the weight's elements at the same range

@@ -26,7 +26,7 @@ from ckptmap import dtypes
 from ckptmap.errors import CkptmapError
 from ckptmap.formats import megatron_files, megatron_folders, mindspeed, param_map, pt_meta, registry, torch_zip_reader
 from ckptmap.mapping import buckets
-from ckptmap.mapping.compiler import rules_config
+from ckptmap.mapping.compiler import rules_config, stacked_count
 from ckptmap.mapping import ops as tensor_ops
 from ckptmap.mapping.megatron_source import (RankMemo, global_bindings, check_layers, check_size, choose_rules, ddp_name, listing,
                                       maps_by_chunk, match_rules, planning)
@@ -322,6 +322,7 @@ class _Back:
     ms_shape: tuple
     inverse: tuple
     ranges: tuple | None = None
+    stacked: tuple | None = None     # (index, count): row ``index`` of axis 0 of a stacked tensor of ``count``
 
 
 def _reverse_task(m, layout, pp, ep, env) -> list[_Back]:
@@ -330,6 +331,11 @@ def _reverse_task(m, layout, pp, ep, env) -> list[_Back]:
     as ``reshape(num_query_groups, -1)`` or a part's rows resolve to what they were on the way there."""
     bindings = global_bindings(m, layout, pp, ep, env, m.tensor.name)
     where = f"{m.rule.loc} ({m.tensor.name})"
+    stacked = None
+    if m.rule.stack is not None:
+        # the expert's row of the stacked tensor; ops keep axis 0 (rules check), so each is undone on the
+        # row alone with its dims one lower: transpose(1, 2) of the stack is transpose(0, 1) of a row
+        stacked = (m.bindings[m.rule.stack], stacked_count(m.rule, layout, env, m.tensor.name))
     if m.rule.parts is None:
         pieces = [(None, m.tensor.shape, None)]
     else:
@@ -340,10 +346,11 @@ def _reverse_task(m, layout, pp, ep, env) -> list[_Back]:
         ms_name = m.rule.mindspore.format(dict(bindings, part=part) if part else bindings)
         dtype, chain, shapes = m.tensor.dtype, [], []
         for spec in m.rule.ops:
-            op, shape, dtype = tensor_ops.resolve(spec.name, spec.args, shape, dtype, env, where)
+            args = tuple(a - 1 for a in spec.args) if stacked and spec.name == "transpose" else spec.args
+            op, shape, dtype = tensor_ops.resolve(spec.name, args, shape, dtype, env, where)
             chain.append(op)
             shapes.append(shape)
-        out.append(_Back(ms_name, tuple(shape), tuple(tensor_ops.invert_all(chain, shapes)), ranges))
+        out.append(_Back(ms_name, tuple(shape), tuple(tensor_ops.invert_all(chain, shapes)), ranges, stacked))
     return out
 
 
@@ -354,7 +361,7 @@ def _source_pieces(name, ms_file, specs, backs, out_dtype, megatron_shape,
     pieces = []
     for b in backs:
         task = _source_task(name, ms_file, specs, b.ms_name, b.ms_shape, b.inverse, out_dtype,
-                            megatron_shape if b.ranges is None else b.ms_shape, cast_exact)
+                            megatron_shape if b.ranges is None else b.ms_shape, cast_exact, b.stacked)
         if b.ranges is None:
             pieces.append((0, task))
             continue
@@ -377,16 +384,23 @@ _EXPECTED_CASTS = frozenset({("float32", "bfloat16"), ("float32", "float16"), ("
 
 
 def _source_task(name, ms_file, specs, ms_name, ms_shape, inverse, out_dtype, megatron_shape,
-                 cast_exact: bool = False) -> TensorTask:
+                 cast_exact: bool = False, stacked: tuple | None = None) -> TensorTask:
     spec = specs.get(ms_name)
     if spec is None:
         raise CkptmapError(f"{ms_file} has no tensor {ms_name} (needed for Megatron's {name}); the MindSpore "
                            f"checkpoint does not match pt_meta — convert the matching checkpoint, or check --rules")
     src_dtype, src_shape = spec
-    if tuple(src_shape) != tuple(ms_shape):
+    whole = tuple(ms_shape) if stacked is None else (stacked[1],) + tuple(ms_shape)
+    if tuple(src_shape) != whole:
+        what = "" if stacked is None else f" (its {stacked[1]} stacked experts, row {stacked[0]} for this one)"
         raise CkptmapError(f"{ms_file}: tensor {ms_name} has shape {list(src_shape)}, but Megatron's {name} needs "
-                           f"{list(ms_shape)}; the MindSpore checkpoint was saved with a different model or "
+                           f"{list(whole)}{what}; the MindSpore checkpoint was saved with a different model or "
                            f"parallel layout than pt_meta describes")
+    source = SourceSlice(str(ms_file), ms_name, src_dtype, tuple(src_shape))
+    if stacked is not None:   # the expert's row of axis 0: a contiguous range of the stacked tensor
+        row = math.prod(ms_shape)
+        source = attrs.evolve(source, start=stacked[0] * row, numel=row)
+        src_shape = tuple(ms_shape)
     ops = list(inverse)
     if src_dtype != out_dtype:
         if (src_dtype, out_dtype) in _EXPECTED_CASTS:
@@ -401,9 +415,9 @@ def _source_task(name, ms_file, specs, ms_name, ms_shape, inverse, out_dtype, me
                 f"converting; the run fails on the first that would change); otherwise convert the checkpoint "
                 f"MindSpore saved in the expected dtype")
         ops.append(Op(kind, (src_dtype, out_dtype)))
-    return TensorTask(name, out_dtype, tuple(megatron_shape),
-                      (SourceSlice(str(ms_file), ms_name, src_dtype, tuple(src_shape)),),
-                      src_dtype, tuple(src_shape), tuple(ops), note=ms_name)
+    return TensorTask(name, out_dtype, tuple(megatron_shape), (source,),
+                      src_dtype, tuple(src_shape), tuple(ops),
+                      note=ms_name if stacked is None else f"{ms_name}[{stacked[0]}]")
 
 
 def _unread_tensors(specs, weights, rules, meta: _MetaRank, iteration, layout_name) -> list[str]:

@@ -21,6 +21,8 @@ from ckptmap.errors import CkptmapError
 LAYER = "layer"
 EXPERT = "expert"
 PART = "part"   # in a MindSpore pattern: the name of one of the rule's `parts`
+STACKABLE = (EXPERT,)        # what `stack:` may stack (a placeholder of the Megatron pattern)
+STACK_COUNT = "num_experts"  # the config value the number of stacked experts comes from (/ ep)
 KNOWN_OPS = {"transpose": 2, "reshape": None, "cast": 1, "chunk_interleave": 2}
 KNOWN_BUCKET_ORDERS = ("reverse_registration", "registration")
 KNOWN_SHARED_EMBEDDING = ("own_bucket", "in_order")
@@ -201,11 +203,17 @@ class ParamRule:
     loc: Loc
     shared_embedding: bool = False
     parts: Parts | None = None
+    # ``stack: expert``: the rank's local experts, in order, stacked on a new leading axis of one
+    # MindSpore tensor (the MindSpore pattern leaves {expert} out)
+    stack: str | None = None
+    stack_loc: Loc | None = None
 
     def config_symbols(self) -> set[str]:
         """The model-config values the rule's ops and parts are resolved with (stored with the
         conversion, so that the way back resolves the same values)."""
         out = self.parts.symbols() if self.parts is not None else set()
+        if self.stack is not None:
+            out.add(STACK_COUNT)   # how many experts a stacked tensor holds: num_experts / ep
         for op in self.ops:
             out |= {a for a in op.args if isinstance(a, str)} if op.name == "reshape" else set()
         return out
@@ -561,6 +569,10 @@ class _Builder(lark.Transformer):
         entries = tuple(i for i in items if isinstance(i, tuple))
         return ("parts", Parts(entries, groups, self._loc(meta)))
 
+    @lark.v_args(meta=True)
+    def stack_clause(self, meta, items):
+        return ("stack", (str(items[0]), self._loc(meta)))
+
     def div(self, items):
         return Expr("div", left=items[0], right=items[1])
 
@@ -577,7 +589,7 @@ class _Builder(lark.Transformer):
         if rest and isinstance(rest[0], Pattern) and len([r for r in rest if isinstance(r, Pattern)]) == 2:
             ddp, rest = rest[0], rest[1:]
         mindspore, clauses = rest[0], rest[1:]
-        tp, ops, shared, parts = None, (), False, None
+        tp, ops, shared, parts, stack = None, (), False, None, (None, None)
         for clause in clauses:
             if isinstance(clause, lark.Token):  # SHARED_EMBEDDING
                 shared = True
@@ -591,13 +603,17 @@ class _Builder(lark.Transformer):
                 if parts is not None:
                     raise _SemanticError("two parts: clauses in one rule; list every part in one", meta)
                 parts = value
+            elif key == "stack":
+                if stack[0] is not None:
+                    raise _SemanticError("two stack: clauses in one rule", meta)
+                stack = value
             else:
                 ops = ops + value
         if tp is None:
             raise _SemanticError(
                 f"rule for {megatron} has no tp: clause; say how it is split across tensor-parallel "
                 f"ranks (tp: replicated, or tp: split(dim=0))", meta)
-        return ParamRule(megatron, mindspore, ddp, tp, ops, optional, self._loc(meta), shared, parts)
+        return ParamRule(megatron, mindspore, ddp, tp, ops, optional, self._loc(meta), shared, parts, *stack)
 
     # optimizer state
     @lark.v_args(meta=True)
@@ -854,6 +870,7 @@ def _validate(rules: RuleSet) -> None:
                 f"{{name: a|b}} for a choice, {{name: int}} for a number, or {{layer}} / {{expert}}")
         bound = rule.megatron.bound_names()
         _validate_parts(rule)
+        _validate_stack(rule)
         for pattern in (rule.mindspore,) + ((rule.ddp,) if rule.ddp else ()):
             for seg in pattern.segments:
                 if seg.kind in ("choice", "int"):
@@ -869,11 +886,12 @@ def _validate(rules: RuleSet) -> None:
                 raise CkptmapError(
                     f"{where}: {pattern} uses {{{sorted(missing)[0]}}}, which the Megatron pattern "
                     f"{rule.megatron} does not bind")
-        lost = bound - rule.mindspore.used_names()
+        lost = bound - rule.mindspore.used_names() - ({rule.stack} if rule.stack else set())
         if lost:
             raise CkptmapError(
                 f"{where}: the MindSpore pattern {rule.mindspore} drops {{{sorted(lost)[0]}}}, so two "
-                f"Megatron tensors would get the same name; use it on the MindSpore side too")
+                f"Megatron tensors would get the same name; use it on the MindSpore side too"
+                + (f" (or add `stack: {EXPERT}` to stack the local experts into one tensor)" if EXPERT in lost else ""))
         for op in rule.ops:
             if op.name not in KNOWN_OPS:
                 raise CkptmapError(f"{where}: unknown op {op.name}(); known ops: {', '.join(KNOWN_OPS)}")
@@ -952,6 +970,38 @@ def _validate_parts(rule: ParamRule) -> None:
         raise CkptmapError(f"{where}: a shared_embedding cannot be split into parts")
     if rule.tp.dim not in (None, 0) and rule.tp.halves:
         raise CkptmapError(f"{where}: parts cut dim 0; halves along dim {rule.tp.dim} would interleave with them")
+
+
+def _validate_stack(rule: ParamRule) -> None:
+    """``stack: expert`` needs {expert} bound on the Megatron side and absent on the MindSpore side, and
+    ops that keep the stacking axis 0 where it is (so that ms2pt can undo them one expert at a time)."""
+    if rule.stack is None:
+        return
+    where = rule.stack_loc or rule.loc
+    if rule.stack not in STACKABLE:
+        raise CkptmapError(f"{where}: stack: {rule.stack} — only {', '.join(STACKABLE)} can be stacked (write "
+                           f"stack: expert, with {{expert}} in the Megatron pattern)")
+    if rule.stack not in rule.megatron.bound_names():
+        raise CkptmapError(f"{where}: stack: {rule.stack} stacks the tensors of every {{{rule.stack}}}, but the "
+                           f"Megatron pattern {rule.megatron} has no {{{rule.stack}}}; add it where the expert number "
+                           f"is (….local_experts.{{{rule.stack}}}.…)")
+    if rule.stack in rule.mindspore.used_names():
+        raise CkptmapError(f"{where}: stack: {rule.stack} makes one MindSpore tensor of all local experts (a new "
+                           f"leading axis), but the MindSpore pattern {rule.mindspore} still names {{{rule.stack}}}; "
+                           f"drop it from the MindSpore pattern, or drop stack: to keep one tensor per expert")
+    if rule.parts is not None:
+        raise CkptmapError(f"{where}: stack: and parts: in one rule are not supported; write one rule per fused "
+                           f"tensor or leave the experts unstacked")
+    if rule.shared_embedding:
+        raise CkptmapError(f"{where}: a shared_embedding cannot be stacked")
+    for op in rule.ops:
+        if op.name in ELEMENTWISE_OPS:
+            continue
+        if op.name == "transpose" and all(isinstance(a, int) and a >= 1 for a in op.args):
+            continue
+        raise CkptmapError(f"{where}: op {op} with stack: {rule.stack} — ops act on the stacked tensor (experts on "
+                           f"axis 0) and must leave axis 0 alone: use cast() or transpose(a, b) with a, b >= 1 "
+                           f"(e.g. transpose(1, 2) for [experts, in, out])")
 
 
 def _ranges_overlap(a, b) -> bool:
