@@ -730,14 +730,15 @@ def _compare_rank(report: FileReport, key, mg_dir: Path, ms_path: Path, ms_dir: 
                 for folder in map_dirs:
                     found = _buffers_from_param_map(folder, tp, pp, own, optim, layout.vpp, ep_tag, rules)
                     if isinstance(found, dict):
-                        found = {k: (optim,) + v for k, v in found.items()}
+                        found = {k: (optim, "distrib_optim.pt") + v for k, v in found.items()}
                         if split:
                             dense = _buffers_from_param_map(folder, tp, pp, [p for p in params if not p.expert],
                                                             dense_optim, layout.vpp, 0, rules, dense_only=True)
                             if not isinstance(dense, dict):
                                 tried.append(f"{folder} (dense state in {dense_optim.path}): {dense}")
                                 continue
-                            found.update({k: (dense_optim,) + v for k, v in dense.items()})
+                            label = f"{dense_dir.name}/distrib_optim.pt (expert rank 0's)"
+                            found.update({k: (dense_optim, label) + v for k, v in dense.items()})
                         locate, map_path = found, folder
                         break
                     tried.append(f"{folder}: {found}")
@@ -832,15 +833,15 @@ def _compare_rank(report: FileReport, key, mg_dir: Path, ms_path: Path, ms_dir: 
 
 
 def _state_slice(locate: dict, p: _Param, state: str, env: dict, where: str) -> np.ndarray:
-    optim, g, bucket, offset, numel = locate[(p.tensor.chunk, p.ddp_name)]
+    optim, _label, g, bucket, offset, numel = locate[(p.tensor.chunk, p.ddp_name)]
     flat = optim.array(optim.buffers[g].key(state, bucket))[offset:offset + numel]
     return _apply_rule_ops(flat.reshape(p.tensor.shape), p.rule.ops, env, where)
 
 
 def _slice_label(locate: dict, p: _Param, state: str) -> str:
-    optim, g, bucket, offset, numel = locate[(p.tensor.chunk, p.ddp_name)]
+    _optim, label, g, bucket, offset, numel = locate[(p.tensor.chunk, p.ddp_name)]
     part = "coalesced" if bucket is None else f"bucket {bucket}"
-    return f"{optim.path.parent.name}/distrib_optim.pt buffer {g} {part} {state} [{offset}:{offset + numel}]"
+    return f"{label} buffer {g} {part} {state} [{offset}:{offset + numel}]"
 
 
 def compare_across(megatron_dir: Path, ms_dir: Path, rules: str = "auto") -> list[FileReport]:
