@@ -27,8 +27,13 @@ Nothing else changes: no patch to Megatron, no new flag, the same signatures. Wh
 Ranks come from ``megatron.core.parallel_state``: ``d`` is the data-parallel rank *without*
 context parallelism (as the patch and the MindSpeed converters number it; the context-parallel
 copies of a rank hold the same layout, so only context-parallel rank 0 writes), ``t`` / ``p`` the
-tensor / pipeline rank. ``B`` numbers the dense buffers of one chunk (one per dtype); expert-parallel
-buffers are not described. The ``--save`` directory is ``megatron.training.get_args().save``, or
+tensor / pipeline rank. ``B`` numbers the buffers of one chunk as the rank folder's
+``distrib_optim.pt`` holds them: dense buffers (one per dtype), then expert-parallel buffers. Under
+expert parallelism (EP > 1, Megatron's ``mp_rank_TT[_PPP]_EEE`` folders) the name carries ``ep{e}``
+after the pipeline rank, as ckptmap's conversions name them: only expert rank 0's folder holds
+dense optimizer state, so every rank writes its dense buffers as ``ep0`` (``d`` its data-parallel
+rank) and its expert buffers as ``ep{e}`` — after the dense numbers on expert rank 0, from 0 on the
+others — with ``d`` the expert-data-parallel rank. The ``--save`` directory is ``megatron.training.get_args().save``, or
 what :func:`configure` was given (it takes precedence at construction). Without either, the hook
 warns once and writes nothing.
 
@@ -40,14 +45,18 @@ whole buckets and cuts parameters at bucket-relative offsets, so such a checkpoi
 correctly (tested against the real library); ``configure(load_check="layout")`` allows it by
 comparing offsets relative to each bucket. ``"off"`` skips the check.
 
-Versions: megatron-core 0.6.x is tested (the real library, in CI). Later 0.x versions are used
-through the same attributes (``DistributedDataParallel.module`` / ``buffers[*].param_index_map``,
-``DistributedOptimizer.per_model_buffers`` / ``load_parameter_state(filename, **kw)``), present in
-the 0.7.0, 0.8.0 and 0.10.0 sources (whose DDP takes a ``DistributedDataParallelConfig``; the
-wrapper passes any signature through); the hook checks them on every instance and, if they are
-missing, warns naming the megatron-core version and writes nothing. From 0.8 the distributed
-optimizer starts every parameter at a 64-element boundary: the param_map records those offsets as
-they are. Versions before 0.6 (no ``ParamAndGradBuffer``) are refused with a warning at install.
+Versions: tested against the real megatron-core 0.6.0 (``tests/test_hooks_megatron.py``) and
+0.8.0, 0.12.1, 0.16.1 (``tests/test_hooks_mcore_versions.py``: dense TP/PP/VPP/DP with several
+buckets and tied embeddings, and MoE with EP 2). The hook reads ``DistributedDataParallel.module`` /
+``buffers`` / ``expert_parallel_buffers`` / ``buffers[*].param_index_map``,
+``DistributedOptimizer.per_model_buffers`` / ``load_parameter_state(filename, **kw)`` (and
+``ChainedOptimizer``'s) and ``parallel_state``'s expert ranks (``expert_data_parallel`` from 0.12,
+``data_modulo_expert_parallel`` before); it checks them on every instance and, if they are missing,
+warns naming the megatron-core version and writes nothing. From 0.8 the distributed optimizer
+starts every parameter at a 64-element boundary: the param_map records those offsets as they are.
+With another data-parallel size at load, ``load_check="layout"`` relies on megatron-core re-padding
+buckets on load — tested with 0.6 only. Versions
+before 0.6 (no ``ParamAndGradBuffer``) are refused with a warning at install.
 If a rank's layout differs at load, that rank raises; ranks whose layout agrees go on into
 Megatron's collectives and stop when the launcher ends the job (as with Megatron's own asserts).
 """
@@ -73,7 +82,7 @@ __all__ = ["install", "uninstall", "configure", "installed", "save_param_maps", 
 
 log = logging.getLogger(__name__)
 
-TESTED_VERSIONS = ("0.6",)
+TESTED_VERSIONS = ("0.6", "0.8", "0.12", "0.16")
 MIN_VERSION = (0, 6)
 LOAD_CHECKS = ("layout", "exact", "off")
 _UNSET = object()
@@ -383,8 +392,9 @@ def _expert_ranks() -> tuple[int, int, int, int]:
         return 0, 1, _ranks()[0], _dp_size()
     rank = ps.get_expert_model_parallel_rank()
     edp = _first(ps, ("get_expert_data_parallel_rank", "get_data_modulo_expert_parallel_rank"))
-    edp_size = _first(ps, ("get_expert_data_parallel_world_size", "get_data_modulo_expert_parallel_world_size"))
-    return rank, size, edp, edp_size
+    if hasattr(ps, "get_expert_data_parallel_world_size"):
+        return rank, size, edp, ps.get_expert_data_parallel_world_size()
+    return rank, size, edp, _dp_size() // size   # before 0.12 expert parallelism is carved out of DP
 
 
 def _file_fields(kind: str, index: int, n_dense: int) -> tuple[int, int, int, int | None]:
