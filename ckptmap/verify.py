@@ -32,7 +32,8 @@ Values. What a MindSpore parameter key holds depends on the file:
 * optimizer keys and a param_map (the training run's ``iter_*/param_map`` or ``<save>/param_map``,
   else the MindSpore side's ``pt_meta/``): every parameter's range ``[start, end)`` and bucket are
   read from the JSON, the bucket's offset is the sum of the padded bucket sizes before it
-  (``distrib_optim.pt``'s ``per_bucket_numel``), and the fp32 main param / ``exp_avg`` /
+  (``distrib_optim.pt``'s ``per_bucket_numel``; a 0.7+ file coalesces each buffer's buckets without
+  their end padding and records only the total: see ``_coalesced_offsets``), and the fp32 main param / ``exp_avg`` /
   ``exp_avg_sq`` are cut from the bucket tensors and compared with the MindSpore keys bit for bit;
   the main param is also checked to round (to nearest even) to the Megatron bf16 weight. Report:
   ``weights + optimizer states (param_map: PATH)``. A param_map is used only if it fits the
@@ -52,6 +53,12 @@ the same name); the others are listed as not compared.
 
 The Megatron side may be in either torch zip dialect (an MSAdapter checkpoint of MindSpeed-Core-MS
 reads like a stock one: MindSpore dtype keys are dtypes); the report says which.
+
+Expert parallelism (MoE): every ``mp_rank_TT[_PPP]_EEE`` folder is paired with the MindSpore file
+of (tp, pp, ep); local expert ids become global ones (each expert rank holds a contiguous block);
+param_map files carry ``ep{e}`` (as pt2ms and the Megatron hook name them), and the state of an
+expert rank > 0's dense parameters is read from expert rank 0's ``distrib_optim.pt`` (a
+ChainedOptimizer stores ``[dense, expert]`` there and ``[None, expert]`` elsewhere).
 
 Limits: the rules are trusted for names (a rules file that swaps two names makes verify expect the
 swap); noop layers are known only from the rules' ``layers: … noop = ARG`` in ``args``; the rank
@@ -621,11 +628,18 @@ def _derived_by_ckptmap(ms_dir: Path, tp: int, pp: int, ep: int | None = None) -
 
 
 def _param_groups(root) -> list:
-    try:
-        groups = root["optimizer"]["optimizer"]["param_groups"]
-        return groups if isinstance(groups, list) else []
-    except (KeyError, TypeError):
-        return []
+    """The optimizer's param groups; a ChainedOptimizer (MoE: dense, expert) saves a list of
+    optimizer states, whose groups MindSpeed numbers on, one after the other."""
+    state = root.get("optimizer") if isinstance(root, dict) else None
+    out = []
+    for part in (state if isinstance(state, list) else [state]):
+        try:
+            groups = part["optimizer"]["param_groups"]
+        except (KeyError, TypeError):
+            continue
+        if isinstance(groups, list):
+            out.extend(groups)
+    return out
 
 
 def _number(v) -> bool:
