@@ -32,8 +32,11 @@ $(MCORE_DIR)/%/.installed: tests/mcore_versions/versions.mk | $(VENV)/.installed
 
 mcore-versions: $(foreach v,$(MCORE_VERSIONS),$(MCORE_DIR)/$(v)/.installed)
 
+# Two pytest-xdist workers, one test file per worker at a time (module fixtures convert once); the
+# real megatron-core runs are generated once per version under a lock and shared through their cache.
+TEST_WORKERS ?= 2
 test: env mcore-versions
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 bench: env
 	$(PY) bench/bench_pt2ms.py

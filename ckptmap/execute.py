@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import heapq
 import json
+import math
 import multiprocessing as mp
 import os
 import queue
@@ -73,14 +74,18 @@ class _Sources:
             reader = self._open[path] = registry.open_reader(path)
         return reader
 
-    def slice(self, s) -> np.ndarray:
-        """The elements of a SourceSlice (flat when it is a range, else in the tensor's shape)."""
-        reader = self.reader(s.file)
+    @staticmethod
+    def _check_spec(reader, s) -> None:
         spec = reader.spec(s.key)
         if tuple(spec.shape) != tuple(s.shape) or spec.dtype != s.dtype:
             raise CkptmapError(
                 f"{s.file}: tensor {s.key} is {spec.dtype} {list(spec.shape)} but the plan expects {s.dtype} "
                 f"{list(s.shape)}; the source changed since the plan was made — re-create the plan")
+
+    def slice(self, s) -> np.ndarray:
+        """The elements of a SourceSlice (flat when it is a range, else in the tensor's shape)."""
+        reader = self.reader(s.file)
+        self._check_spec(reader, s)
         t = reader.array(s.key)
         if s.start or s.numel is not None:
             t = t.reshape(-1)[s.start:s.start + s.count]
@@ -105,8 +110,13 @@ class _Sources:
     def _assemble(self, task: TensorTask) -> np.ndarray:
         out = np.zeros(task.src_shape, dtype=dtypes.storage(task.src_dtype))
         for r in task.reads:
-            src = self.slice(r.source).reshape(r.view)
-            box = src[tuple(slice(o, o + n) for o, n in zip(r.offsets, r.lengths))]
+            reader = self.reader(r.source.file)
+            if hasattr(reader, "read_range_box"):   # torch_dist: read the chunks under the box, not the global tensor
+                self._check_spec(reader, r.source)
+                box = reader.read_range_box(r.source.key, r.source.start, r.source.numel, r.view, r.offsets, r.lengths)
+            else:
+                src = self.slice(r.source).reshape(r.view)
+                box = src[tuple(slice(o, o + n) for o, n in zip(r.offsets, r.lengths))]
             lengths = r.dst_lengths or r.lengths
             out[tuple(slice(o, o + n) for o, n in zip(r.dst_offsets, lengths))] = box
         if task.replicas:
@@ -114,17 +124,31 @@ class _Sources:
         return out
 
     def _check_replicas(self, task: TensorTask, first: np.ndarray) -> None:
-        """A replicated tensor is read from one rank; every other rank's copy must be the same bytes."""
-        want = np.ascontiguousarray(first).reshape(-1).view(np.uint8)
+        """A replicated tensor is read from one rank; every other rank's copy must be the same bytes
+        (picking one silently would hide a stale or corrupt rank)."""
+        used = task.reads[0].source if task.reads else task.sources[0]
+        view = tuple(task.reads[0].view) if task.reads else tuple(used.shape)
+        want = np.ascontiguousarray(first).reshape(-1)
         for other in task.replicas:
-            got = np.ascontiguousarray(self.slice(other)).reshape(-1).view(np.uint8)
-            if got.shape != want.shape or not np.array_equal(got, want):
-                differing = int(np.count_nonzero(got != want)) if got.shape == want.shape else "all"
-                raise CkptmapError(
-                    f"{task.name}: the tensor is replicated across tensor-parallel ranks, but {other.file} ({other.key}) "
-                    f"differs from the copy used ({task.reads[0].source.file if task.reads else task.sources[0].file}): "
-                    f"{differing} bytes differ; the source ranks disagree — check the checkpoint (one rank may be "
-                    f"stale or corrupt) before resharding it")
+            got = np.ascontiguousarray(self.slice(other)).reshape(-1)
+            if got.shape == want.shape and np.array_equal(got.view(np.uint8), want.view(np.uint8)):
+                continue
+            if got.shape != want.shape:
+                detail = f"{got.size} elements instead of {want.size}"
+            else:
+                bytes_got = got.view(np.uint8).reshape(got.size, -1)
+                differ = np.flatnonzero((bytes_got != want.view(np.uint8).reshape(want.size, -1)).any(axis=1))
+                i = int(differ[0])
+                at = list(np.unravel_index(i, view)) if math.prod(view) == want.size else [i]
+                a, b = (tensor_ops.cast(x[i:i + 1], used.dtype, "float32")[0] if used.dtype in ("bfloat16", "float16")
+                        else x[i] for x in (want, got))
+                detail = (f"first difference at element {[int(j) for j in at]}: {float(a)!r} in the copy used, {float(b)!r} here; "
+                          f"{differ.size} of {want.size} elements differ")
+            raise CkptmapError(
+                f"{task.name}: the tensor is replicated across tensor-parallel ranks, but the copies differ — "
+                f"{_rank_dir(other.file)} ({other.file}, {other.key}) against {_rank_dir(used.file)} ({used.file}, "
+                f"{used.key}): {detail}. The source ranks disagree (one may be stale or corrupt); check the checkpoint "
+                f"before resharding it — nothing silently picks one copy")
 
     def _check_rounding(self, task: TensorTask, main: np.ndarray) -> None:
         """The fp32 main param, rounded to the model weight's dtype, must be that weight."""
@@ -147,6 +171,11 @@ class _Sources:
         for r in self._open.values():
             r.close()
         self._open.clear()
+
+
+def _rank_dir(file: str) -> str:
+    """The rank folder a source file sits in (``mp_rank_01_000``), which names its ranks."""
+    return Path(file).parent.name
 
 
 def expected_array(task: TensorTask, sources: _Sources) -> np.ndarray:
@@ -189,6 +218,10 @@ def _storage_bytes(storages, sources: "_Sources", progress):
     return fill
 
 
+_MEGATRON_WRITERS = {"megatron_model": "write_model", "megatron_optim": "write_optim",
+                     "megatron_model_dist": "write_model_from_dist"}
+
+
 def write_file(task: FileTask, root: Path, progress=None, fsync: bool = False) -> int:
     """Write one FileTask atomically; returns the bytes of tensor data written."""
     final = root / task.path
@@ -202,10 +235,10 @@ def write_file(task: FileTask, root: Path, progress=None, fsync: bool = False) -
         finally:
             sources.close()
         return task.nbytes
-    if task.format in ("megatron_model", "megatron_optim"):   # a Megatron file of a new layout (reshard)
+    if task.format in _MEGATRON_WRITERS:   # a Megatron file of a new layout (reshard, torch_dist -> torch)
         sources = _Sources()
         try:
-            write = megatron_write.write_model if task.format == "megatron_model" else megatron_write.write_optim
+            write = getattr(megatron_write, _MEGATRON_WRITERS[task.format])
             write(final, task.extra, _storage_bytes(task.storages, sources, progress), fsync=fsync)
         finally:
             sources.close()

@@ -46,7 +46,9 @@ Values. What a MindSpore parameter key holds depends on the file:
   Report: ``weights + main-param rounding check``.
 
 Rule ``ops`` (transpose, reshape, chunk_interleave) are applied to the Megatron side with verify's
-own numpy lines and named in the report. Scalars are compared where the MindSpore name says which
+own numpy lines and named in the report; a rule's ``parts`` (fused QKV -> q/k/v, fc1 -> gate/up) are
+cut from the Megatron tensor (and its optimizer states) by viewing dim 0 as (blocks, rows per block)
+and slicing each part's rows — numpy here, not the conversion's element ranges. Scalars are compared where the MindSpore name says which
 Megatron value it is (``step_num``/``iteration``: the iteration; ``learning_rate_group_i``: group
 ``i``'s ``lr``; ``state_step``: ``step``; ``KEY_group_i``: group ``i``'s ``KEY``; scheduler keys of
 the same name); the others are listed as not compared.
@@ -374,7 +376,23 @@ class _Param:
     rule: object        # rules.ParamRule
     ms_name: str
     ddp_name: str
+    part: str | None = None   # the part of a rule with parts: this MindSpore tensor is
     expert: bool = False   # names an expert ({expert} in the rule): its state is in the expert optimizer's buffers
+
+
+def _take_part(array: np.ndarray, p: _Param, env: dict, tp_size: int, where: str) -> np.ndarray:
+    """The rows of part ``p.part`` of every block of a TP-local Megatron tensor (rule ``parts``)."""
+    if p.part is None:
+        return array
+    parts = p.rule.parts
+    sizes = {name: e.evaluate(env) for name, e in parts.entries}
+    blocks = parts.groups.evaluate(env) // (tp_size if p.rule.tp.dim == 0 else 1) if parts.groups else 1
+    per_block = sum(sizes.values())
+    if array.shape[0] != blocks * per_block:
+        raise CkptmapError(f"{where}: parts cover {blocks} x {per_block} rows, the tensor has {array.shape[0]}")
+    first = sum(sizes[n] for n in parts.names[:parts.names.index(p.part)])
+    view = array.reshape(blocks, per_block, *array.shape[1:])
+    return view[:, first:first + sizes[p.part]].reshape(-1, *array.shape[1:])
 
 
 def _arg(args, name, default=None):
@@ -705,12 +723,13 @@ def _compare_rank(report: FileReport, key, mg_dir: Path, ms_path: Path, ms_dir: 
                 except (CkptmapError, ZeroDivisionError) as e:
                     report.differing.append((t.name, f"{e} (args num_experts {env.get('num_experts')})"))
                     continue
-            name = rule.mindspore.format(ms_bindings)
-            if name in seen:
-                report.differing.append((name, f"both {seen[name]} and {t.name} are named {name} by the rules"))
-                continue
-            seen[name] = t.name
-            params.append(_Param(t, rule, name, rule.ddp_pattern().format(bindings), EXPERT in bindings))
+            for part in rule.parts.names if rule.parts else (None,):
+                name = rule.mindspore.format(dict(ms_bindings, part=part))
+                if name in seen:
+                    report.differing.append((name, f"both {seen[name]} and {t.name} are named {name} by the rules"))
+                    continue
+                seen[name] = t.name
+                params.append(_Param(t, rule, name, rule.ddp_pattern().format(bindings), part, EXPERT in bindings))
 
         have = reader.keys()
         have_set = set(have)
@@ -786,7 +805,12 @@ def _compare_rank(report: FileReport, key, mg_dir: Path, ms_path: Path, ms_dir: 
         for p in params:
             t = p.tensor
             where = f"{p.rule.loc} ({t.name})"
-            weight = _apply_rule_ops(model.array(t.key), p.rule.ops, env, where)
+            try:
+                weight = _apply_rule_ops(_take_part(model.array(t.key), p, env, layout.tp, where), p.rule.ops, env,
+                                         where)
+            except CkptmapError as e:
+                report.differing.append((p.ms_name, str(e)))
+                continue
             expected_keys.add(p.ms_name)
             if p.ms_name not in have_set:
                 if expect_weights:
@@ -798,7 +822,8 @@ def _compare_rank(report: FileReport, key, mg_dir: Path, ms_path: Path, ms_dir: 
                     check(p.ms_name, weight, t.dtype, "rounds_to",
                           f"main param does not round to the Megatron weight {t.name}")
                     if locate is not None:
-                        check(p.ms_name, _state_slice(locate, p, "param", env, where), "float32", "exact",
+                        check(p.ms_name, _state_slice(locate, p, "param", env, where, layout.tp), "float32",
+                              "exact",
                               f"vs {_slice_label(locate, p, 'param')}")
                 else:
                     check(p.ms_name, weight, t.dtype, "exact", f"vs Megatron {t.name} ({t.dtype})")
@@ -812,7 +837,7 @@ def _compare_rank(report: FileReport, key, mg_dir: Path, ms_path: Path, ms_dir: 
                 else:
                     report.compared += 1
                     report.values += weight.size
-                    check(k, _state_slice(locate, p, s, env, where), "float32", "exact",
+                    check(k, _state_slice(locate, p, s, env, where, layout.tp), "float32", "exact",
                           f"vs {_slice_label(locate, p, s)}")
         if not_compared_states:
             report.not_compared.append((f"{not_compared_states} optimizer state tensors "
@@ -846,10 +871,10 @@ def _compare_rank(report: FileReport, key, mg_dir: Path, ms_path: Path, ms_dir: 
                 f.close()
 
 
-def _state_slice(locate: dict, p: _Param, state: str, env: dict, where: str) -> np.ndarray:
+def _state_slice(locate: dict, p: _Param, state: str, env: dict, where: str, tp_size: int = 1) -> np.ndarray:
     optim, _label, g, bucket, offset, numel = locate[(p.tensor.chunk, p.ddp_name)]
     flat = optim.array(optim.buffers[g].key(state, bucket))[offset:offset + numel]
-    return _apply_rule_ops(flat.reshape(p.tensor.shape), p.rule.ops, env, where)
+    return _apply_rule_ops(_take_part(flat.reshape(p.tensor.shape), p, env, tp_size, where), p.rule.ops, env, where)
 
 
 def _slice_label(locate: dict, p: _Param, state: str) -> str:
@@ -873,6 +898,7 @@ def compare_across(megatron_dir: Path, ms_dir: Path, rules: str = "auto") -> lis
     layout, notes = _layout_from_args(args, ck, chunks, rule_set, first.path)
     env = {k: v for k, v in vars(args).items() if isinstance(v, int)} if args is not None and hasattr(
         args, "__dict__") else {}
+    env = {**env, "tp": layout.tp}   # rules' parts sizes may be per TP shard (ffn_hidden_size / tp)
     pairs, extra, missing, ms_layout = _ms_files(ms_dir, layout, ck.pp_size)
     map_dirs = _param_map_dirs(ck, ms_dir)
 

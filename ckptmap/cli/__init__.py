@@ -22,8 +22,69 @@ from ckptmap.errors import CkptmapError
 EXIT_BAD_INPUT = 2
 
 
+def _composed(ns):
+    """pt2ms / ms2pt with --target-* sizes: the composition with a reshard (``compose``), else None."""
+    kind = getattr(ns, "plan_command", None) or ns.command
+    if kind in ("pt2ms", "ms2pt"):
+        from ckptmap.cli import compose
+        if compose.wants_reshard(ns):
+            return getattr(compose, kind)
+    return None
+
+
 def cmd_convert(ns) -> int:
+    if ns.command == "pt2ms":
+        from ckptmap.mapping.torch_dist_legacy import is_torch_dist_source
+        if is_torch_dist_source(ns.megatron_path):
+            return _pt2ms_from_torch_dist(ns)
+    composed = _composed(ns)
+    if composed is not None:
+        return composed(ns)
     return show_or_run(_compile(ns), ns)
+
+
+def _pt2ms_from_torch_dist(ns) -> int:
+    """pt2ms of a torch_dist checkpoint, composed: the checkpoint is first written as legacy Megatron files
+    at its own layout (``convert --from torch_dist --to torch``) into a temporary folder beside --ms-path,
+    which pt2ms then reads and which is removed afterwards. Costs one extra write and read of the
+    checkpoint's bytes (and that much free space beside --ms-path while it runs)."""
+    import shutil
+
+    from ckptmap.mapping.torch_dist_legacy import DistToLegacyOptions, compile_torch_dist_to_legacy
+
+    out = Path(ns.ms_path)
+    tmp = atomic.temp_name(out.parent / f"{out.name}-torch-dist-as-legacy")
+    # --target-* sizes are the legacy step's (it writes any layout); EP, noop layers and stage lists are not
+    unsupported = [f"--{d.replace('_', '-')}" for d in ("target_ep_size", "target_stage_list", "target_noop")
+                   if getattr(ns, d, None) is not None]
+    if unsupported:
+        raise CkptmapError(f"{', '.join(unsupported)} cannot be used with a torch_dist source ({ns.megatron_path}); "
+                           f"convert it with `ckptmap convert --from torch_dist --to torch` first, then `ckptmap "
+                           f"reshard` / pt2ms the legacy files")
+    legacy = compile_torch_dist_to_legacy(DistToLegacyOptions(
+        ns.megatron_path, str(tmp), target_tp_size=getattr(ns, "target_tp_size", None),
+        target_pp_size=getattr(ns, "target_pp_size", None), target_vpp_size=getattr(ns, "target_vpp_size", None),
+        target_dp_size=getattr(ns, "target_dp_size", None), convert_param_only=ns.convert_param_only,
+        target_megatron_version=getattr(ns, "target_megatron_version", None) or ns.megatron_version))
+    print(f"{ns.megatron_path} is a torch_dist checkpoint: written as legacy Megatron files into {tmp} first "
+          f"(removed afterwards), then converted by pt2ms")
+    if ns.dry_run:
+        print_plan(legacy)
+        print(f"\nthen: pt2ms --megatron-path {tmp} --ms-path {out} (planned once the legacy files exist)")
+        return 0
+    overwrite = ns.overwrite
+    try:
+        ns.overwrite = False
+        rc = run(legacy, ns)
+        if rc:
+            return rc
+        ns.megatron_path, ns.overwrite = str(tmp), overwrite
+        for d in ("tp", "pp", "vpp", "dp"):   # the legacy files are at the target sizes now
+            if getattr(ns, f"target_{d}_size", None) is not None:
+                setattr(ns, f"{d}_size", None)
+        return show_or_run(_compile(ns), ns)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _compile(ns):
@@ -38,6 +99,9 @@ def _compile(ns):
 
 
 def cmd_plan(ns) -> int:
+    composed = _composed(ns)
+    if composed is not None:
+        return composed(ns)
     plan = _compile(ns)
     if ns.output:
         out = Path(ns.output)

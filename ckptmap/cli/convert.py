@@ -4,6 +4,10 @@ distributed-optimizer state, args, scheduler — without torch or MindSpore
 (``formats/dialect_translate.py``). ``ckptmap plan convert … --dry-run`` shows each file's dialect and
 what will happen to it.
 
+`ckptmap convert --from torch_dist --to torch [--target-tp-size …]`: a Megatron ``torch_dist`` checkpoint as legacy
+``model_optim_rng.pt`` + ``distrib_optim.pt`` files (``mapping/torch_dist_legacy.py``), through the executor like
+``reshard`` (``--overwrite``, ``--process-limit``; ``plan convert`` shows every file).
+
 `ckptmap convert --from torch_dist --to torch_dist [--sharding-type fully_reshardable]`: rewrite a
 Megatron ``torch_dist`` checkpoint (``formats/megatron_dist.py``): as it is (every item re-written,
 ``.metadata`` / ``common.pt`` re-pickled), or with the distributed optimizer's
@@ -14,6 +18,7 @@ Megatron ``torch_dist`` checkpoint (``formats/megatron_dist.py``): as it is (eve
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
@@ -30,7 +35,8 @@ def _add_flags(p: argparse.ArgumentParser, plan: bool = False) -> None:
                         "torch (stock PyTorch / Megatron-LM) or torch_dist (Megatron --ckpt-format torch_dist folders). "
                         "Every file's dialect is detected and checked.")
     p.add_argument("--to", dest="target", choices=_DIALECT_CHOICES, required=True,
-                   help="Dialect to write (msadapter <-> torch; torch_dist -> torch_dist).")
+                   help="Dialect to write (msadapter <-> torch; torch_dist -> torch_dist; torch_dist -> torch: legacy "
+                        "Megatron files with the distributed optimizer's state, at any --target-* layout).")
     p.add_argument("--src", required=True,
                    help="The training run's --save folder (tracker + every iter_*), one iter_* folder, or one .pt file.")
     p.add_argument("--dst", required=True, help="Output folder (or .pt file when --src is a file).")
@@ -40,6 +46,23 @@ def _add_flags(p: argparse.ArgumentParser, plan: bool = False) -> None:
                         "fully_reshardable from fully_sharded_model_space is the offline upgrade from megatron-core "
                         "<= 0.14 to 0.15+.")
     add_rng_flags(p)
+    t = p.add_argument_group("torch_dist -> torch (legacy Megatron files)")
+    t.add_argument("--target-tp-size", type=int, help="Tensor parallel size of the legacy files (default: the saving "
+                                                      "run's, from common.pt's args).")
+    t.add_argument("--target-pp-size", type=int, help="Pipeline parallel size (default: the saving run's).")
+    t.add_argument("--target-vpp-size", type=int,
+                   help="Model chunks per pipeline stage (default: the saving run's if PP is unchanged, else 1).")
+    t.add_argument("--target-dp-size", type=int,
+                   help="Data parallel size the distrib_optim.pt buckets are laid out for (default: the saving run's).")
+    t.add_argument("--target-megatron-version",
+                   help="megatron-core version that will load the files: its bucket layout and distrib_optim.pt form "
+                        "(asked for when the candidate versions lay the target out differently).")
+    t.add_argument("--convert-param-only", action="store_true", help="Weights only (no distrib_optim.pt).")
+    t.add_argument("--rules", default=None, help="Bundled rules name or a .rules path (default: megatron_core_gpt).")
+    t.add_argument("--overwrite", action="store_true",
+                   help="Replace the output folder's content (default: a non-empty output folder is refused).")
+    t.add_argument("--process-limit", type=int, default=min(4, os.cpu_count() or 1), help="Worker processes.")
+    t.add_argument("--multiprocess-off", action="store_true", help="Run in this process only.")
     if not plan:
         p.add_argument("--dry-run", action="store_true", help="Check every file and print the plan; write nothing.")
     else:
@@ -108,12 +131,48 @@ def print_conversion_plan(ns, jobs, skipped, out=None) -> None:
               "--no-load-rng (they are kept only so that converting back restores them).", file=out)
 
 
+_TO_LEGACY_ONLY = ("target_tp_size", "target_pp_size", "target_vpp_size", "target_dp_size", "target_megatron_version",
+                   "convert_param_only", "rules")
+
+
+def _is_to_legacy(ns) -> bool:
+    """--from torch_dist --to torch: legacy Megatron files (mapping/torch_dist_legacy.py)."""
+    if (ns.source, ns.target) == (_TORCH_DIST, "torch"):
+        if ns.drop_rng or ns.keep_foreign_rng or ns.sharding_type:
+            raise CkptmapError("--drop-rng / --keep-foreign-rng / --sharding-type do not apply to torch_dist -> torch "
+                               "(the RNG states stay PyTorch's; legacy files have no sharding type)")
+        return True
+    given = [f"--{k.replace('_', '-')}" for k in _TO_LEGACY_ONLY if getattr(ns, k, None)]
+    if given:
+        raise CkptmapError(f"{', '.join(given)} apply to --from torch_dist --to torch only")
+    return False
+
+
+def _legacy_plan(ns):
+    from ckptmap.mapping.torch_dist_legacy import DEFAULT_RULES, DistToLegacyOptions, compile_torch_dist_to_legacy
+
+    return compile_torch_dist_to_legacy(DistToLegacyOptions(
+        ns.src, ns.dst, target_tp_size=ns.target_tp_size, target_pp_size=ns.target_pp_size,
+        target_vpp_size=ns.target_vpp_size, target_dp_size=ns.target_dp_size,
+        target_megatron_version=ns.target_megatron_version, convert_param_only=ns.convert_param_only,
+        rules=ns.rules or DEFAULT_RULES))
+
+
+def _run_ns(ns):
+    """What cli.run expects of a converting command's flags (one machine)."""
+    for k, v in (("process_timeout", None), ("world_size", 1), ("rank", 0), ("wait_timeout", 600.0)):
+        if not hasattr(ns, k):
+            setattr(ns, k, v)
+    return ns
+
+
 def _is_torch_dist(ns) -> bool:
     if _TORCH_DIST not in (ns.source, ns.target):
         return False
     if ns.source != ns.target:
         raise CkptmapError(f"--from {ns.source} --to {ns.target}: torch_dist checkpoints convert to torch_dist (a "
-                           f"rewrite, or another --sharding-type); for Megatron -> MindSpore use `ckptmap pt2ms`")
+                           f"rewrite, or another --sharding-type) or to torch (legacy Megatron files: --from torch_dist "
+                           f"--to torch); for Megatron -> MindSpore use `ckptmap pt2ms`")
     if ns.drop_rng or ns.keep_foreign_rng:
         raise CkptmapError("--drop-rng / --keep-foreign-rng apply to msadapter <-> torch; a torch_dist rewrite keeps "
                            "the RNG states (they stay PyTorch's)")
@@ -181,6 +240,9 @@ def cmd_torch_dist_convert(ns) -> int:
 def cmd_dialect_convert(ns) -> int:
     from ckptmap.formats.dialect_translate import run_jobs
 
+    if _is_to_legacy(ns):
+        from ckptmap.cli.run import show_or_run
+        return show_or_run(_legacy_plan(ns), _run_ns(ns))
     if _is_torch_dist(ns):
         return cmd_torch_dist_convert(ns)
     jobs, skipped = _plan(ns)
@@ -204,6 +266,13 @@ def cmd_dialect_convert(ns) -> int:
 
 
 def cmd_plan_dialect_convert(ns) -> int:
+    if _is_to_legacy(ns):
+        from ckptmap.cli.printing import print_plan
+        from ckptmap.cli.run import print_target
+        plan = _legacy_plan(ns)
+        print_plan(plan)
+        print_target(plan)
+        return 0
     if _is_torch_dist(ns):
         print_torch_dist_plan(ns, _plan_torch_dist(ns))
         return 0

@@ -42,6 +42,8 @@ def add_pt2ms_flags(p: argparse.ArgumentParser) -> None:
                    help="Optimizer states to write (optimizer mode).")
     a.add_argument("--debug", action="store_true", help="Show tracebacks and per-tensor detail.")
     add_run_flags(a)
+    t = p.add_argument_group("target layout (reshard on the way; costs one extra write + read of the checkpoint)")
+    add_target_flags(t)
     c = p.add_argument_group("ckptmap")
     c.add_argument("--rules", default="auto",
                    help="Bundled rules name or a .rules path (default: the bundled rules that fit the model).")
@@ -110,6 +112,8 @@ def add_ms2pt_flags(p: argparse.ArgumentParser) -> None:
                    help="Write model_optim_rng.pt only (weights in the training dtype), no distrib_optim.pt.")
     f.add_argument("--debug", action="store_true")
     add_run_flags(f)
+    t = p.add_argument_group("target layout (reshard on the way; costs one extra write + read of the checkpoint)")
+    add_target_flags(t)
     c = p.add_argument_group("ckptmap")
     c.add_argument("--rules", default="auto", help="Bundled rules name or a .rules path (default: auto).")
     c.add_argument("--layout", choices=("auto", "v1", "v2"), default="auto",
@@ -169,6 +173,9 @@ def add_target_flags(g) -> None:
                    help="Data parallel size the optimizer state is bucketed for (default: the source's).")
     g.add_argument("--target-ep-size", type=int, help="Expert parallel size (default: the source's).")
     g.add_argument("--target-stage-list", nargs="+", help="Layers per pipeline stage of the target.")
+    g.add_argument("--target-noop", nargs="*", type=int, default=None, metavar="LAYER",
+                   help="Global ids of the target's noop layers (layers without weights; the real layers keep "
+                        "their order around them). Default: the source's; give it with no ids for none.")
     g.add_argument("--target-megatron-version",
                    help="Megatron version whose bucket layout and distrib_optim.pt form the target uses (default: the "
                         "source's).")
@@ -209,4 +216,5 @@ def reshard_options(ns):
         target_megatron_version=ns.target_megatron_version, vocab_size=ns.vocab_size,
         convert_param_only=ns.convert_param_only, param_map_path=ns.param_map_path, rules=ns.rules,
         megatron_version=ns.megatron_version, main_param_check=ns.main_param_check,
-        parallel_init_order=ns.parallel_init_order, noop=tuple(ns.noop))
+        parallel_init_order=ns.parallel_init_order, noop=tuple(ns.noop),
+        target_noop=None if ns.target_noop is None else tuple(ns.target_noop))

@@ -149,6 +149,50 @@ STACKED_AXES: tuple[tuple[str, tuple[str, ...], str], ...] = (
     ("mtp.layers.", ("layer",), "mtp.layers.{layer}.{rest}"),
 )
 
+# Sharded keys that differ from the legacy state-dict names, per ``args.transformer_impl``: megatron.core's
+# local layer spec stores its norms under the TransformerEngine names (``TransformerLayer``'s
+# ``sharded_state_dict_keys_map``), so a torch_dist save reads the same with either spec. Pairs of
+# (legacy name part, sharded key part) inside one layer (after ``…layers.{layer}.``).
+SHARDED_KEY_MAPS: dict[str, tuple[tuple[str, str], ...]] = {
+    "local": (("input_layernorm.", "self_attention.linear_qkv.layer_norm_"),
+              ("pre_mlp_layernorm.", "mlp.linear_fc1.layer_norm_")),
+    "transformer_engine": (),
+}
+# ``_extra_state`` entries a legacy state dict has but torch_dist saves leave out: ``GPTModel.sharded_state_dict``
+# pops the output layer's (asserting it holds nothing) -- a legacy file needs it back, empty, for a strict load.
+DROPPED_EXTRA_STATES = ("output_layer._extra_state",)
+# Entries of common.pt that only torch_dist saves have (the sharding type, 0.15+ content metadata); a
+# legacy model_optim_rng.pt has neither.
+DIST_ONLY_COMMON_KEYS = ("content_metadata",)
+DIST_ONLY_OPTIMIZER_KEYS = ("param_state_sharding_type",)
+
+
+def legacy_item_name(item: str, transformer_impl: str | None) -> str:
+    """The legacy state-dict name (global layer numbers) of one unstacked item of a sharded key."""
+    impl = transformer_impl or "transformer_engine"
+    if impl not in SHARDED_KEY_MAPS:
+        raise CkptmapError(f"args.transformer_impl {impl!r}: ckptmap knows the sharded key names of "
+                           f"{', '.join(SHARDED_KEY_MAPS)}")
+    m = re.fullmatch(r"(?P<head>(?:.*\.)?layers\.\d+\.)(?P<rest>.*)", item)
+    if not m:
+        return item
+    for legacy, sharded in SHARDED_KEY_MAPS[impl]:
+        if m["rest"].startswith(sharded):
+            return m["head"] + legacy + m["rest"][len(sharded):]
+    return item
+
+
+def unstack_object(name: str, offsets: tuple[int, ...]) -> str:
+    """The legacy name of the item of a stacked ``ShardedObject`` (``…_extra_state/shard_<offsets>_…``)."""
+    axes, template = stacked_axes(name)
+    if not axes:
+        return name
+    if len(offsets) < len(axes):
+        raise CkptmapError(f"object {name!r} has {len(offsets)} shard offsets, fewer than its stacked axes {axes}")
+    rest = name[len(next(p for p, a, _ in STACKED_AXES if name.startswith(p))):]
+    return template.format(rest=rest, **dict(zip(axes, offsets)))
+
+
 FULLY_RESHARDABLE_BUG = (
     "megatron-core 0.15 / 0.16 (before Megatron-LM PR 5077, 'Fix bugs in re-sharding DistributedOptimizer "
     "state in torch_dist checkpoint') saves fully_reshardable optimizer state from the wrong offsets when a "

@@ -182,3 +182,114 @@ def write_optim(path, recipe: dict, fill, *, fsync: bool = False) -> None:
         yield from fill(key[len(OUT):])
 
     torch_zip_writer.save_streaming(obj, path, stream, fsync=fsync)
+
+
+# -------------------------------------------------------------------------------------------------
+# A legacy model_optim_rng.pt from a torch_dist checkpoint (no legacy file to take as a template)
+#
+# recipe::
+#
+#     {"common": <torch_dist iter dir>,        # common.pt: args, iteration, optimizer groups, scheduler, …
+#      "args": {attribute: new value}, "drop": [top-level keys of common.pt a legacy file has not],
+#      "optimizer_drop": [keys of common.pt's optimizer entry a legacy file has not],
+#      "param_groups": [indices into common.pt's optimizer param_groups, in the target rank's order] | None,
+#      "rng_state": <object key> | None, "rerun_state": <object key> | None,   # ShardedObjects of the rank
+#      "chunks": [{"key": "model" | "model0", …, "leaves": [
+#          {"path": [keys], "tensor": <storage>, "dtype": …, "shape": […]},
+#          {"path": [keys], "object": <object key>},      # e.g. a layer's _extra_state
+#          {"path": [keys], "none": true}]}]}             # an _extra_state torch_dist left out (empty)
+
+
+def _dist_object(ckpt, key, items: dict):
+    """A ShardedObject's value (Megatron saves ``torch.save([value])`` per object); its tensors (RNG
+    states) stream from the object's item, registered in ``items`` under a storage prefix."""
+    item = ckpt.read_object(key)
+    root = item.root
+    if not isinstance(root, list) or len(root) != 1:
+        raise CkptmapError(f"{ckpt.path}: object {key!r} holds {type(root).__name__}, not Megatron's one-item list")
+    if not _has_tensor(root[0]):
+        return root[0]
+    prefix = f"obj{len(items)}/"
+    items[prefix] = item
+    return _prefixed(root[0], prefix)
+
+
+def _has_tensor(node) -> bool:
+    if isinstance(node, TensorRef):
+        return True
+    if isinstance(node, dict):
+        return any(_has_tensor(v) for v in node.values())
+    if type(node) in (list, tuple):
+        return any(_has_tensor(v) for v in node)
+    return False
+
+
+def write_model_from_dist(path, recipe: dict, fill, *, fsync: bool = False) -> None:
+    import collections
+
+    from ckptmap.formats.torch_dist import TorchDistCheckpoint
+
+    with TorchDistCheckpoint(recipe["common"]) as ckpt:
+        common = ckpt.common()
+        root = common.root
+        if _has_tensor({k: v for k, v in root.items() if k not in recipe.get("drop", ())}):
+            raise CkptmapError(f"{common.path} holds tensors outside the model; ckptmap does not copy them")
+        chunks, items = {}, {}
+        for chunk in recipe["chunks"]:
+            out = collections.OrderedDict()
+            for leaf in chunk["leaves"]:
+                if "tensor" in leaf:
+                    value = _new_tensor(leaf["tensor"], leaf["dtype"], leaf["shape"])
+                elif "object" in leaf:
+                    value = _dist_object(ckpt, leaf["object"], items)
+                else:
+                    value = None
+                _put(out, leaf["path"], value, collections.OrderedDict)
+            chunks[chunk["key"]] = out
+        rng = _dist_object(ckpt, recipe["rng_state"], items) if recipe.get("rng_state") else None
+        rerun = _dist_object(ckpt, recipe["rerun_state"], items) if recipe.get("rerun_state") else None
+        legacy: dict = {}
+
+        def put_rng():
+            if rng is not None and "rng_state" not in legacy:
+                legacy["rng_state"] = rng
+
+        # Megatron's generate_state_dict order: args, checkpoint_version, iteration, model chunks,
+        # optimizer, opt_param_scheduler, rerun_state_machine, rng_state, then the FLOPs counter
+        for key, value in root.items():
+            if key in recipe.get("drop", ()):
+                continue
+            if key == "optimizer" or (key in ("opt_param_scheduler", "rerun_state_machine", "rng_state",
+                                               "num_floating_point_operations_so_far") and not
+                                      any(k in legacy for k in chunks)):
+                for k, v in chunks.items():
+                    legacy.setdefault(k, v)
+            if key == "num_floating_point_operations_so_far":
+                put_rng()
+            if key == "args" and recipe.get("args"):
+                value = copy.copy(value)
+                for name, new in recipe["args"].items():
+                    setattr(value, name, new)
+            if key == "optimizer" and isinstance(value, dict):   # torch_dist's own entries are not a legacy file's
+                value = {k: v for k, v in value.items() if k not in recipe.get("optimizer_drop", ())}
+            if key == "optimizer" and recipe.get("param_groups") is not None:
+                value = copy.deepcopy(value)
+                groups = value["optimizer"]["param_groups"]
+                value["optimizer"]["param_groups"] = [groups[i] for i in recipe["param_groups"]]
+            if key == "rerun_state_machine" and rerun is not None and isinstance(value, dict):
+                value = dict(value, sharded=rerun)
+            legacy[key] = value
+            if key == "rerun_state_machine":
+                put_rng()
+        for k, v in chunks.items():
+            legacy.setdefault(k, v)
+        put_rng()
+
+        def stream(key):
+            if key.startswith(OUT):
+                yield from fill(key[len(OUT):])
+                return
+            prefix, _, original = key.partition("/")
+            yield items[prefix + "/"].storage_bytes(original)
+
+        torch_zip_writer.save_streaming(legacy, path, stream, fsync=fsync)

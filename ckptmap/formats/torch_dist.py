@@ -777,6 +777,26 @@ class TorchDistCheckpoint:
             raise CkptmapError(f"internal error: box {box} of {key!r} covered {covered} of {box.numel} elements")
         return out
 
+    def read_range_box(self, key, start: int, numel: int | None, view, offsets, lengths) -> np.ndarray:
+        """Box ``offsets``/``lengths`` of the flat element range ``[start, start + numel)`` of ``key``
+        viewed (C order) as ``view`` -- a plan ``Read`` -- reading only the chunks under it, not the
+        global tensor: the range must be whole trailing-axis rows of the stored tensor (one stacked
+        layer of a ``[L, …]`` tensor, one fragment of an nd-flattened one), which is what plans make."""
+        t = self.tensor(key)
+        shape, view, offsets, lengths = tuple(t.shape), tuple(view), tuple(offsets), tuple(lengths)
+        numel = math.prod(shape) - start if numel is None else numel
+        for j in range(len(shape) + 1):
+            tail, lead_shape = shape[len(shape) - j:], shape[:len(shape) - j]
+            if math.prod(tail) != numel or (numel and start % numel):
+                continue
+            lead = tuple(int(i) for i in np.unravel_index(start // numel, lead_shape)) if lead_shape else ()
+            if view == tail:   # the box itself, straight from the chunks
+                return self.read_box(key, Box(lead + offsets, (1,) * len(lead) + lengths)).reshape(lengths)
+            rows = self.read_box(key, Box(lead + (0,) * j, (1,) * len(lead) + tail)).reshape(view)
+            return rows[tuple(slice(o, o + n) for o, n in zip(offsets, lengths))]
+        flat = self.array(key).reshape(-1)[start:start + numel].reshape(view)
+        return flat[tuple(slice(o, o + n) for o, n in zip(offsets, lengths))]
+
     def array(self, key) -> np.ndarray:
         """The whole global tensor (in memory; prefer :meth:`read_box` for large tensors)."""
         t = self.tensor(key)

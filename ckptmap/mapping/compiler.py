@@ -16,8 +16,8 @@ from ckptmap.formats import megatron_files, megatron_folders, mindspeed, param_m
 from ckptmap.mapping import ops as tensor_ops
 from ckptmap.mapping.plan import FileTask, Plan, SourceSlice, TensorTask
 from ckptmap.mapping.megatron_source import (AUTO_RULES, FLOAT_DTYPES, MegatronSource, SourceOptions, _Matched,
-                                             _numbered, _read_map, ddp_name, global_bindings, planning, spot_check_main_params,
-                                             state_slice)
+                                             _flat_part, _numbered, _read_map, ddp_name, global_bindings, planning,
+                                             spot_check_main_params, state_slice)
 
 
 @attrs.frozen
@@ -61,11 +61,20 @@ def compile_pt2ms(opt: Pt2MsOptions) -> Plan:
         raise CkptmapError(f"--layout {opt.layout}: use v1 or v2")
     if opt.dtype != "keep" and opt.dtype not in FLOAT_DTYPES:
         raise CkptmapError(f"--dtype {opt.dtype}: use keep or one of {', '.join(FLOAT_DTYPES)}")
-    bad_states = [x for x in opt.dist_opt_content if x not in megatron_files.OPTIM_STATES]
-    if bad_states:
-        raise CkptmapError(f"--dist-opt-content {' '.join(bad_states)}: choose from {' '.join(megatron_files.OPTIM_STATES)}")
-
     src = MegatronSource(source_options(opt))
+    # the states are the rules' (optimizer_state { … }); the Megatron file format says which it holds
+    declared = [s.state for s in src.rules.states]
+    bad_states = [x for x in opt.dist_opt_content if x not in declared]
+    if bad_states and not opt.convert_param_only:
+        raise CkptmapError(f"--dist-opt-content {' '.join(bad_states)}: the rules {src.rules.path} name the optimizer "
+                           f"states {' '.join(declared) or '(none)'}; choose from those, or add the state to their "
+                           f"optimizer_state block")
+    foreign = [s for s in src.rules.states if s.state in opt.dist_opt_content and s.state not in megatron_files.OPTIM_STATES]
+    if foreign and not opt.convert_param_only:
+        raise CkptmapError(f"{foreign[0].loc}: optimizer state {foreign[0].state!r} is not one Megatron's "
+                           f"distrib_optim.pt holds ({', '.join(megatron_files.OPTIM_STATES)}); leave it out with "
+                           f"--dist-opt-content, or fix the rules")
+    config = rules_config(src.rules, rule_env(src.env, src.layout))
     if not opt.convert_param_only:
         src.with_optimizer()
     layout, env, memo, ep_name, iteration = src.layout, src.env, src.memo, src.ep_name, src.iteration
@@ -78,7 +87,7 @@ def compile_pt2ms(opt: Pt2MsOptions) -> Plan:
         (tp, pp, ep), matched, model_file = rank.key, rank.matched, rank.model
         seen: dict[str, str] = {}
         if opt.convert_param_only:
-            tasks = [_weight_task(m, layout, pp, model_file.path, opt.dtype, env, seen, ep) for m in matched]
+            tasks = [t for m in matched for t in _weight_task(m, layout, pp, model_file.path, opt.dtype, env, seen, ep)]
             scalar_rows = mindspeed.step_scalars(step, opt.layout)
         else:
             for v, g, bl in rank.own_layouts:
@@ -109,7 +118,7 @@ def compile_pt2ms(opt: Pt2MsOptions) -> Plan:
             else:
                 out_files.append(FileTask(rel, "copy", source=primary, source_is_output=True))
         out_files.append(_pt_meta_task(model_file, tp, pp, layout, src.maps_of, matched, memo, rank.map_entries,
-                                       rank.own_layouts, rank.optim, ep_name(ep)))
+                                       rank.own_layouts, rank.optim, ep_name(ep), config))
     for pm in src.param_maps:  # the way back reads pt_meta: keep only the maps this conversion relied on
         if opt.convert_param_only or (pm.tp, pm.pp, pm.vpp) in used_maps:
             out_files.append(FileTask(mindspeed.pt_meta_path(pm.path.name), "copy", source=str(pm.path)))
@@ -119,32 +128,78 @@ def compile_pt2ms(opt: Pt2MsOptions) -> Plan:
     info = src.info()
     info.update(layout=opt.layout, format=opt.format, dtype=opt.dtype, all_dp_cp=opt.generate_all_dp_cp,
                 mode="weights only" if opt.convert_param_only else f"optimizer ({' '.join(opt.dist_opt_content)})")
+    if config:
+        info["config"] = config
     return Plan("pt2ms", str(Path(opt.ms_path)), tuple(out_files), info)
 
 
-def _weight_task(m: _Matched, layout, pp, path, dtype_option, env, seen, ep: int = 0) -> TensorTask:
-    name, dtype, shape, concrete = _weight_parts(m, layout, pp, path, dtype_option, env, seen, ep)
+@attrs.frozen
+class _Out:
+    """One MindSpore tensor made of a matched Megatron tensor: the whole of it, or (rules with
+    ``parts:``) the flat element ``ranges`` of its TP-local tensor that form one part."""
+
+    name: str
+    dtype: str
+    shape: tuple
+    ops: tuple
+    src_shape: tuple                 # the Megatron elements viewed so, before ops
+    ranges: tuple | None = None      # ((start, numel), ...); None: the whole tensor
+    part: str | None = None
+
+
+def _ranged(source: SourceSlice, ranges) -> tuple[SourceSlice, ...]:
+    """The source's elements at ``ranges`` (relative to the source's own start), one slice each."""
+    if ranges is None:
+        return (source,)
+    return tuple(_flat_part(source, lo, n) for lo, n in ranges)
+
+
+def rule_env(env: dict, layout) -> dict:
+    """The values rule ops and parts are resolved with: the checkpoint's integer args and the TP size."""
+    return {**env, "tp": layout.tp}
+
+
+def rules_config(rules, env: dict) -> dict:
+    """{symbol: value} of every config value the rules' ops and parts use that ``env`` holds: stored
+    in pt_meta and the plan, so that ms2pt resolves the same sizes (whatever its own args say)."""
+    used = set().union(*(r.config_symbols() for r in rules.params)) if rules.params else set()
+    return {k: int(env[k]) for k in sorted(used) if k in env}
+
+
+def _weight_task(m: _Matched, layout, pp, path, dtype_option, env, seen, ep: int = 0) -> list[TensorTask]:
     source = SourceSlice(str(path), m.tensor.key, m.tensor.dtype, m.tensor.shape)
-    return TensorTask(name, dtype, shape, (source,), m.tensor.dtype, m.tensor.shape, concrete, note=m.tensor.name)
+    return [TensorTask(o.name, o.dtype, o.shape, _ranged(source, o.ranges), m.tensor.dtype, o.src_shape, o.ops,
+                       note=m.tensor.name if o.ranges is None else f"{m.tensor.name} · part {o.part}")
+            for o in _weight_parts(m, layout, pp, path, dtype_option, env, seen, ep)]
 
 
-def _weight_parts(m: _Matched, layout, pp, path, dtype_option, env, seen, ep: int = 0) -> tuple:
-    """(MindSpore name, dtype, shape, ops) of a matched Megatron weight."""
+def _weight_parts(m: _Matched, layout, pp, path, dtype_option, env, seen, ep: int = 0) -> list[_Out]:
+    """The MindSpore tensors (name, dtype, shape, ops, ranges) of a matched Megatron weight: one, or one
+    per part of a rule with ``parts:``."""
     bindings = global_bindings(m, layout, pp, ep, env, path)
-    name = m.rule.mindspore.format(bindings)
-    if name in seen:
-        raise CkptmapError(f"{path}: tensors {seen[name]} and {m.tensor.name} would both become {name} "
-                           f"(rules {m.rule.loc}); fix the rules")
-    seen[name] = m.tensor.name
-    shape, dtype, concrete = m.tensor.shape, m.tensor.dtype, []
     where = f"{m.rule.loc} ({m.tensor.name})"
-    for spec in m.rule.ops:
-        op, shape, dtype = tensor_ops.resolve(spec.name, spec.args, shape, dtype, env, where)
-        concrete.append(op)
-    if dtype_option != "keep" and dtype in FLOAT_DTYPES and dtype != dtype_option:
-        op, shape, dtype = tensor_ops.resolve("cast", (dtype_option,), shape, dtype, env, where)
-        concrete.append(op)
-    return name, dtype, shape, tuple(concrete)
+    renv = rule_env(env, layout)
+    if m.rule.parts is None:
+        pieces = [(None, m.tensor.shape, None)]
+    else:
+        divisor = layout.tp if m.rule.tp.dim == 0 else 1
+        pieces = tensor_ops.resolve_parts(m.rule.parts, m.tensor.shape, renv, divisor, where)
+    out = []
+    for part, shape, ranges in pieces:
+        name = m.rule.mindspore.format(dict(bindings, part=part) if part else bindings)
+        if name in seen:
+            raise CkptmapError(f"{path}: tensors {seen[name]} and {m.tensor.name} would both become {name} "
+                               f"(rules {m.rule.loc}); fix the rules")
+        seen[name] = m.tensor.name
+        src_shape, dtype, concrete = tuple(shape), m.tensor.dtype, []
+        for spec in m.rule.ops:
+            op, shape, dtype = tensor_ops.resolve(spec.name, spec.args, shape, dtype, renv, where)
+            concrete.append(op)
+        if dtype_option != "keep" and dtype in FLOAT_DTYPES and dtype != dtype_option:
+            op, shape, dtype = tensor_ops.resolve("cast", (dtype_option,), shape, dtype, renv, where)
+            concrete.append(op)
+        out.append(_Out(name, dtype, tuple(shape), tuple(concrete), src_shape, ranges, part))
+    return out
 
 
 def _optimizer_tasks(rank, src, opt, seen) -> list[TensorTask]:
@@ -170,22 +225,27 @@ def _optimizer_tasks(rank, src, opt, seen) -> list[TensorTask]:
                 f"{m.tensor.dtype} {list(m.tensor.shape)} in the checkpoint's model; the param_map belongs to a "
                 f"different run — use the one written with this checkpoint, or leave --param-map-path out")
         bucket = bl.buckets[slot.bucket]
-        weight_name, _, weight_shape, weight_ops = _weight_parts(m, layout, rank.pp, optim.path.parent, "keep", env,
-                                                                 seen, rank.ep)
         note = (f"{m.tensor.name} · buffer {g} bucket {slot.bucket} [{slot.start - bucket.start}:"
                 f"{slot.end - bucket.start}]")
-        for state in opt.dist_opt_content:
-            concrete, shape, dtype = list(weight_ops), weight_shape, "float32"
-            if state == "param" and opt.dtype not in ("keep", "float32"):
-                op, shape, dtype = tensor_ops.resolve("cast", (opt.dtype,), shape, dtype, env, str(m.rule.loc))
-                concrete.append(op)
-            source = state_slice(optim, keys, g, bl, slot, state)
-            rounds_to = None
-            if state == "param" and opt.main_param_check and m.tensor.dtype != "float32":
-                rounds_to = SourceSlice(str(rank.model.path), m.tensor.key, m.tensor.dtype, m.tensor.shape)
-            tasks.append(TensorTask(patterns[state].format({"name": weight_name}), dtype, shape,
-                                    (source,), "float32", m.tensor.shape, tuple(concrete), note=note,
-                                    rounds_to=rounds_to))
+        weight = SourceSlice(str(rank.model.path), m.tensor.key, m.tensor.dtype, m.tensor.shape)
+        # the fp32 states are laid out like the parameter, so a part is the same ranges of each state
+        for out in _weight_parts(m, layout, rank.pp, optim.path.parent, "keep", env, seen, rank.ep):
+            for state in opt.dist_opt_content:
+                concrete, shape, dtype = list(out.ops), out.shape, "float32"
+                if state == "param" and opt.dtype not in ("keep", "float32"):
+                    op, shape, dtype = tensor_ops.resolve("cast", (opt.dtype,), shape, dtype, env, str(m.rule.loc))
+                    concrete.append(op)
+                sources = _ranged(state_slice(optim, keys, g, bl, slot, state), out.ranges)
+                rounds_to = None
+                if state == "param" and opt.main_param_check and m.tensor.dtype != "float32":
+                    # checked against the first source slice: the weight's elements at the same range
+                    rounds_to = _ranged(weight, out.ranges)[0]
+                    if out.ranges is None:
+                        rounds_to = weight
+                tasks.append(TensorTask(patterns[state].format({"name": out.name}), dtype, shape,
+                                        sources, "float32", out.src_shape, tuple(concrete),
+                                        note=note if out.ranges is None else f"{note} · part {out.part}",
+                                        rounds_to=rounds_to))
     used = {(m.tensor.chunk, ddp_name(m, memo)) for m in rank.matched}
     for (v, name), (_, g, bl, _) in slots.items():
         if (v, name) not in used:
@@ -197,7 +257,7 @@ def _optimizer_tasks(rank, src, opt, seen) -> list[TensorTask]:
 
 
 def _pt_meta_task(model_file, tp, pp, layout, maps_of, matched, memo=None, map_entries=None,
-                  buffer_layouts=None, optim=None, ep=None) -> FileTask:
+                  buffer_layouts=None, optim=None, ep=None, config=None) -> FileTask:
     """pt_meta/args_tpTT_ppPPP.pt: every non-model entry as read, plus the per-chunk parameter
     names in buffer order (from the param_map when there is one); the executor adds the skeletons
     of the Megatron files (formats.megatron.build_pt_meta)."""
@@ -217,6 +277,8 @@ def _pt_meta_task(model_file, tp, pp, layout, maps_of, matched, memo=None, map_e
         "param_name_list": names,
         "param_name_list_source": source,
     }
+    if config:
+        extra["rules_config"] = dict(config)   # the values the rules' ops and parts were resolved with
     if buffer_layouts:
         # the bucket sizes (a coalesced distrib_optim.pt records only a total) and where the states lie
         extra["bucket_layouts"] = [

@@ -529,6 +529,13 @@ class ParallelLayout:
         self._check_chunk(pp, v)
         return self._megatron_table[(pp, v)]
 
+    def stored_layers(self) -> tuple[int, ...]:
+        """Global ids of the layers that hold weights (noop layers excluded), ascending: the k-th is
+        the model's k-th real layer, whatever the noop layers around it (how layers move between two
+        layouts with different noop sets)."""
+        self._require_layers()
+        return tuple(g for g in range(self.num_layers) if g not in self.noop)
+
     def global_layer(self, pp: int, v: int, local: int) -> int:
         """MindSpeed global id of Megatron local layer `local` of chunk (pp, v)."""
         if type(pp) is int and type(v) is int and type(local) is int:  # called per tensor: a plain lookup

@@ -26,6 +26,7 @@ from ckptmap import dtypes
 from ckptmap.errors import CkptmapError
 from ckptmap.formats import megatron_files, megatron_folders, mindspeed, param_map, pt_meta, registry, torch_zip_reader
 from ckptmap.mapping import buckets
+from ckptmap.mapping.compiler import rules_config
 from ckptmap.mapping import ops as tensor_ops
 from ckptmap.mapping.megatron_source import (RankMemo, global_bindings, check_layers, check_size, choose_rules, ddp_name, listing,
                                       maps_by_chunk, match_rules, planning)
@@ -200,6 +201,10 @@ def compile_ms2pt(opt: Ms2PtOptions) -> Plan:
     iterations = set()
     out_iteration = None
     env = {k: v for k, v in vars(args).items() if isinstance(v, int)} if args is not None else {}
+    # the values pt2ms resolved the rules' ops and parts with win over the args (pt_meta of an older
+    # ckptmap has none: then the args, as pt2ms read them)
+    env = {**env, "tp": tp_found, **(first.root.get("rules_config") or {})}
+    config_used = rules_config(rules, env)
     ranks = []
     for tp in range(tp_found):
         for pp in range(pp_found):
@@ -260,7 +265,7 @@ def compile_ms2pt(opt: Ms2PtOptions) -> Plan:
     plan_files.append(FileTask(megatron_folders.TRACKER, "text", text=str(out_iteration)))
     info = {"source": str(ms_root), "layout": layout_name, "pt_meta": str(meta_dir), "iteration": out_iteration,
             "rules": rules.name, "tp": tp_found, "pp": pp_found, "vpp": chunks, "num_layers": num_layers,
-            "noop": sorted(opt.noop),
+            "noop": sorted(opt.noop), **({"config": config_used} if config_used else {}),
             "mode": "weights only" if opt.convert_param_only else "weights + distributed optimizer",
             "dialect": dialects.describe()}
     if left_out:
@@ -308,15 +313,59 @@ class _DialectChoice:
         return " + ".join(parts)
 
 
-def _reverse_task(m, layout, pp, ep, env) -> tuple:
-    """(MindSpore name, its shape, inverse ops) of a Megatron tensor."""
-    ms_name = m.rule.mindspore.format(global_bindings(m, layout, pp, ep, env, m.tensor.name))
-    shape, dtype, chain, shapes = m.tensor.shape, m.tensor.dtype, [], []
-    for spec in m.rule.ops:
-        op, shape, dtype = tensor_ops.resolve(spec.name, spec.args, shape, dtype, {}, str(m.rule.loc))
-        chain.append(op)
-        shapes.append(shape)
-    return ms_name, tuple(shape), tensor_ops.invert_all(chain, shapes)
+@attrs.frozen
+class _Back:
+    """Where a MindSpore tensor goes in a Megatron tensor: all of it, or (a part of a rule with ``parts:``)
+    at the flat element ``ranges`` of the TP-local Megatron tensor that pt2ms read it from."""
+
+    ms_name: str
+    ms_shape: tuple
+    inverse: tuple
+    ranges: tuple | None = None
+
+
+def _reverse_task(m, layout, pp, ep, env) -> list[_Back]:
+    """The MindSpore tensors a Megatron tensor is made of, with the inverse of the rule's ops; ``env``
+    holds the config values pt2ms resolved the rules with (pt_meta's ``rules_config``), so a size such
+    as ``reshape(num_query_groups, -1)`` or a part's rows resolve to what they were on the way there."""
+    bindings = global_bindings(m, layout, pp, ep, env, m.tensor.name)
+    where = f"{m.rule.loc} ({m.tensor.name})"
+    if m.rule.parts is None:
+        pieces = [(None, m.tensor.shape, None)]
+    else:
+        pieces = tensor_ops.resolve_parts(m.rule.parts, m.tensor.shape, env, layout.tp if m.rule.tp.dim == 0 else 1,
+                                          where)
+    out = []
+    for part, shape, ranges in pieces:
+        ms_name = m.rule.mindspore.format(dict(bindings, part=part) if part else bindings)
+        dtype, chain, shapes = m.tensor.dtype, [], []
+        for spec in m.rule.ops:
+            op, shape, dtype = tensor_ops.resolve(spec.name, spec.args, shape, dtype, env, where)
+            chain.append(op)
+            shapes.append(shape)
+        out.append(_Back(ms_name, tuple(shape), tuple(tensor_ops.invert_all(chain, shapes)), ranges))
+    return out
+
+
+def _source_pieces(name, ms_file, specs, backs, out_dtype, megatron_shape,
+                   cast_exact: bool = False) -> list[tuple[int, TensorTask]]:
+    """[(element offset in the Megatron tensor, task)]: the whole tensor from one MindSpore tensor, or
+    each part's rows of every block put back where pt2ms took them from (the parts' inverse)."""
+    pieces = []
+    for b in backs:
+        task = _source_task(name, ms_file, specs, b.ms_name, b.ms_shape, b.inverse, out_dtype,
+                            megatron_shape if b.ranges is None else b.ms_shape, cast_exact)
+        if b.ranges is None:
+            pieces.append((0, task))
+            continue
+        # the part's tensor is its ranges concatenated; only elementwise ops (rules check) so its
+        # elements stay in that order and each range is a contiguous slice of it
+        src, at = task.sources[0], 0
+        for start, n in b.ranges:
+            pieces.append((start, attrs.evolve(task, shape=(n,), src_shape=(n,),
+                                               sources=(attrs.evolve(src, start=at, numel=n),))))
+            at += n
+    return pieces
 
 
 # Casts ms2pt makes without being asked: float32 -> the training dtype undoes pt2ms's default float32
@@ -360,7 +409,7 @@ def _source_task(name, ms_file, specs, ms_name, ms_shape, inverse, out_dtype, me
 def _unread_tensors(specs, weights, rules, meta: _MetaRank, iteration, layout_name) -> list[str]:
     """Tensors of a MindSpore file that ms2pt reads back in neither mode: not a weight a rule maps, not
     that weight's optimizer state, not a step / optimizer / scheduler scalar pt2ms writes."""
-    known = {name for name, _, _ in weights.values()}
+    known = {b.ms_name for backs in weights.values() for b in backs}
     known |= {rules.state_pattern(state).format({"name": name})
               for name in list(known) for state in megatron_files.OPTIM_STATES}
     known |= {key for _, key, _ in mindspeed.scalar_fields(meta.root)}
@@ -394,14 +443,13 @@ def _model_file(meta: _MetaRank, rank_dir, weights, ms_file, specs, iteration, p
     by_ref = {}
     for t in meta.tensors:
         index = int(t.key.split(megatron_files.KEY_SEP)[-1])
-        ms_name, ms_shape, inverse = weights[(t.chunk, t.name)]
-        by_ref[index] = _source_task(t.name, ms_file, specs, ms_name, ms_shape, inverse, t.dtype, t.shape, cast_exact)
+        by_ref[index] = _source_pieces(t.name, ms_file, specs, weights[(t.chunk, t.name)], t.dtype, t.shape,
+                                       cast_exact)
     per_storage: dict[str, tuple] = {}
     for i, fields in enumerate(meta.meta["model_tensors"]):
         ref = pt_meta.ref_from_fields(fields)
         entry = per_storage.setdefault(ref.storage, (ref.dtype, ref.storage_numel, []))
-        if i in by_ref:
-            entry[2].append(StoragePiece(ref.storage_offset, tensor=by_ref[i]))
+        entry[2].extend(StoragePiece(ref.storage_offset + off, tensor=task) for off, task in by_ref.get(i, ()))
     storages = [_tiled(key, dtype, numel, pieces, meta.meta["model_padding"], meta.path, "model_optim_rng")
                 for key, (dtype, numel, pieces) in per_storage.items()]
     updates = _follow_iteration(meta.root, iteration, None if param_only else scalars, ms_file)
@@ -536,16 +584,17 @@ def _optim_file(meta: _MetaRank, rank_dir, matched, layout, pp, tp, rules, ms_fi
             raise CkptmapError(f"{meta.path.parent}: the param_map of chunk {m.tensor.chunk} has no {ddp}; pt_meta "
                                f"is inconsistent — re-run `ckptmap pt2ms`")
         gi, bl, slot = found
-        ms_name, ms_shape, inverse = _reverse_task(m, layout, pp, ep, env)
-        for state in megatron_files.OPTIM_STATES:
-            name = rules.state_pattern(state).format({"name": ms_name})
-            task = _source_task(f"{state} of {m.tensor.name}", ms_file, specs, name, ms_shape, inverse, "float32",
-                                m.tensor.shape, cast_exact)
+        backs = _reverse_task(m, layout, pp, ep, env)
+        for state in megatron_files.OPTIM_STATES:   # what Megatron's distrib_optim.pt holds; named by the rules
+            named = [attrs.evolve(b, ms_name=rules.state_pattern(state).format({"name": b.ms_name})) for b in backs]
             if buffers_meta[gi].storage == megatron_files.COALESCED:
                 ref_index, offset = placeholder_of[(gi, state, None)], bl.coalesced_offset(slot)
             else:
                 ref_index, offset = placeholder_of[(gi, state, slot.bucket)], slot.start - bl.buckets[slot.bucket].start
-            pieces_by_ref.setdefault(ref_index, []).append((offset, task))
+            pieces_by_ref.setdefault(ref_index, []).extend(
+                (offset + off, task) for off, task in
+                _source_pieces(f"{state} of {m.tensor.name}", ms_file, specs, named, "float32", m.tensor.shape,
+                               cast_exact))
     storages = []
     for i, fields in enumerate(refs):
         ref = pt_meta.ref_from_fields(fields)

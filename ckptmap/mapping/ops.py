@@ -11,6 +11,12 @@ Concrete ops:
   chunk_interleave(dim, n)       view ``dim`` as (n, size/n), swap, flatten: interleaves n chunks row
                                  by row; inverse is chunk_interleave(dim, size/n)
 
+Parts (rules ``parts:``, one Megatron tensor <-> several MindSpore tensors) are not array ops but
+element ranges: ``resolve_parts`` turns a rule's parts into, per part, the flat (C-order) element
+ranges of the TP-local Megatron tensor it is made of. pt2ms reads a part as those ranges
+concatenated; ms2pt writes the part's elements back to the same ranges — one resolution, read in
+both directions, so the inverse (interleaving the parts into the fused rows) is never written twice.
+
 Ops run on numpy arrays of the dtypes' storage types (``ckptmap.dtypes``); casts follow torch's
 ``Tensor.to`` bit for bit: bfloat16 -> float32 is a 16-bit shift, float32 -> bfloat16 rounds to
 nearest even (NaN -> 0x7FC0, as c10::BFloat16), other float casts are IEEE round-to-nearest-even.
@@ -62,6 +68,35 @@ def resolve(spec_name: str, spec_args: tuple, shape: tuple[int, ...], dtype: str
             raise CkptmapError(f"{where}: chunk_interleave: dim {dim} of size {shape[dim]} is not divisible by {n}")
         return Op("chunk_interleave", (dim, n)), shape, dtype
     raise CkptmapError(f"{where}: unknown op {spec_name}()")
+
+
+def resolve_parts(parts, shape: tuple[int, ...], env: dict, local_groups_divisor: int, where: str) -> list:
+    """[(part name, part shape, ((start, numel), ...))] of a TP-local tensor of ``shape``: dim 0 holds
+    ``groups / local_groups_divisor`` blocks (the TP size when the rule cuts dim 0 across ranks, else 1),
+    each block the parts' rows in order. Refuses sizes that do not tile dim 0 exactly."""
+    try:
+        groups = parts.groups.evaluate(env) if parts.groups is not None else local_groups_divisor
+        sizes = [(name, e.evaluate(env)) for name, e in parts.entries]
+    except CkptmapError as e:
+        raise CkptmapError(f"{where}: parts: {e}; the checkpoint's args must give every value the sizes use") from None
+    if groups <= 0 or groups % local_groups_divisor:
+        raise CkptmapError(f"{where}: parts(groups={parts.groups}) is {groups}, which does not divide into "
+                           f"{local_groups_divisor} tensor-parallel shards; check the groups expression")
+    local = groups // local_groups_divisor
+    block = sum(n for _, n in sizes)
+    if not shape or any(n <= 0 for _, n in sizes) or local * block != shape[0]:
+        listed = ", ".join(f"{name} = {e} = {n}" for (name, e), (_, n) in zip(parts.entries, sizes))
+        raise CkptmapError(
+            f"{where}: the parts ({listed} rows, {local} block{'s' if local != 1 else ''} per TP shard) cover "
+            f"{local * block} rows, but the tensor has shape {list(shape)}; the parts must tile dim 0 exactly — fix "
+            f"the sizes in the rules (or the groups), or use rules written for this model")
+    row = math.prod(shape[1:])
+    out, offset = [], 0
+    for name, n in sizes:
+        ranges = tuple(((g * block + offset) * row, n * row) for g in range(local))
+        out.append((name, (local * n,) + tuple(shape[1:]), ranges))
+        offset += n
+    return out
 
 
 def _dim(d, shape, where) -> int:

@@ -51,6 +51,7 @@ class ReshardOptions:
     target_dp_size: int | None = None
     target_ep_size: int | None = None
     target_stage_list: tuple[int, ...] | None = None
+    target_noop: tuple[int, ...] | None = None   # None: the source's noop layers (global ids of the target)
     target_megatron_version: str | None = None
     vocab_size: int | None = None
     convert_param_only: bool = False
@@ -324,8 +325,14 @@ def target_layout(src: MegatronSource, opt: ReshardOptions) -> ParallelLayout:
     vpp = opt.target_vpp_size or (s.vpp if pp == s.pp else 1)
     ep = opt.target_ep_size or s.ep
     dp = opt.target_dp_size or s.dp
-    return ParallelLayout(tp=tp, pp=pp, dp=dp, cp=s.cp, ep=ep, vpp=vpp, num_layers=s.num_layers,
-                          stage_list=opt.target_stage_list, noop=s.noop, order=opt.parallel_init_order)
+    noop = s.noop if opt.target_noop is None else frozenset(opt.target_noop)
+    real = len(s.stored_layers())   # the model's layers with weights; noop layers are added around them
+    try:
+        return ParallelLayout(tp=tp, pp=pp, dp=dp, cp=s.cp, ep=ep, vpp=vpp, num_layers=real + len(noop),
+                              stage_list=opt.target_stage_list, noop=noop, order=opt.parallel_init_order)
+    except CkptmapError as e:   # the layout names its flags without "target": say which layout it is
+        raise CkptmapError(f"the target layout (--target-* flags; {real} layers with weights"
+                           f"{f' + {len(noop)} noop' if noop else ''}): {e}") from None
 
 
 def target_vocab(src: MegatronSource, model: SourceModel, tgt: ParallelLayout, vocab_size: int | None) -> dict:
@@ -359,14 +366,22 @@ def target_vocab(src: MegatronSource, model: SourceModel, tgt: ParallelLayout, v
 
 
 def check_target(model: SourceModel, tgt: ParallelLayout, shapes: dict) -> None:
-    """Every target size must divide what it cuts: named dimension, never a silent guess."""
+    """Every target size must divide what it cuts: named dimension, never a silent guess. The model's
+    counts (query groups, heads, experts) first — they say why — then every tensor's cut dimension."""
+    env = model.env
+    groups = env.get("num_query_groups") if env.get("group_query_attention") else None
+    if groups and groups % tgt.tp:
+        raise CkptmapError(f"--target-tp-size {tgt.tp} does not divide the {groups} query groups (args.num_query_groups); "
+                           f"tensor parallelism splits attention by query group — choose a divisor of {groups}")
+    heads = env.get("num_attention_heads")
+    if heads and heads % tgt.tp:
+        raise CkptmapError(f"--target-tp-size {tgt.tp} does not divide the {heads} attention heads "
+                           f"(args.num_attention_heads); choose a divisor of {heads}")
+    if model.num_experts and model.num_experts % tgt.ep:
+        raise CkptmapError(f"--target-ep-size {tgt.ep} does not divide the {model.num_experts} experts "
+                           f"(args.num_experts); choose a divisor of {model.num_experts}")
     for gp in model.params.values():
         gp.sharding.check(shapes.get(gp.key, gp.global_shape), tgt.tp, f"{gp.key} ({gp.rule.loc}), --target-tp-size")
-    if model.num_experts and model.num_experts % tgt.ep:
-        raise CkptmapError(f"--target-ep-size {tgt.ep} does not divide the {model.num_experts} experts")
-    heads = model.env.get("num_attention_heads")
-    if heads and heads % tgt.tp:
-        raise CkptmapError(f"--target-tp-size {tgt.tp} does not divide the {heads} attention heads")
 
 
 @planning
@@ -409,6 +424,15 @@ def compile_reshard(opt: ReshardOptions) -> Plan:
                                  for v, b, bl in maps for d in range(tgt.dp))
     files.append(FileTask(megatron_folders.TRACKER, "text", text=str(iteration)))
     info = src.info()
+    if tgt.noop != src.layout.noop and not (src.rules.layers and src.rules.layers.noop_arg):
+        info["target_noop_note"] = (f"noop layers {sorted(tgt.noop)} are not recorded in the checkpoint (the rules "
+                                    f"name no `noop =` args entry): pass --noop {' '.join(map(str, sorted(tgt.noop)))}"
+                                    f" when reading it")
+    changes = [f"{k} {getattr(src.layout, k)}->{getattr(tgt, k)}" for k in ("tp", "pp", "vpp", "dp", "ep")
+               if getattr(src.layout, k) != getattr(tgt, k)]
+    if tgt.noop != src.layout.noop:
+        changes.append(f"noop {sorted(src.layout.noop)}->{sorted(tgt.noop)}")
+    info.update(layout_change=", ".join(changes) or "none", target_noop=sorted(tgt.noop))
     info.update(target=tgt.describe(), target_layout=" / ".join(b.label for b in blocks) or "-",
                 mode="weights only" if opt.convert_param_only else "weights + distributed optimizer")
     if shapes:
@@ -424,6 +448,10 @@ def _target_blocks(src: MegatronSource, opt: ReshardOptions) -> list:
         return []
     if opt.target_megatron_version:
         return [src.rules.bucket_layout("megatron", opt.target_megatron_version)]
+    if src.chosen.get("block") is None:   # per-bucket buffers read from param_map files: no version was matched
+        raise CkptmapError(f"{src.ckdir.root}: the source's bucket layout comes from its param_map files, which do not "
+                           f"say which Megatron version laid it out, and the target's buffers must be laid out by one; "
+                           f"name the version that will load the target with --target-megatron-version (e.g. 0.6)")
     return list(src.chosen.get("candidates") or [src.chosen["block"]])
 
 
@@ -455,8 +483,10 @@ def _target_chunk(model, src, tgt, shapes, tp, pp, v, ep, keys) -> list[tuple]:
     first, last = (pp, v) == (0, 0), (pp, v) == (tgt.pp - 1, tgt.vpp - 1)
     if first:
         out += _entries(model, src, tgt, shapes, tp, model.edge_leaves("pre"), keys)
+    source_layer = dict(zip(tgt.stored_layers(), s.stored_layers()))   # the k-th real layer stays the k-th
     for local, g in enumerate(tgt.megatron_layers(pp, v)):
-        leaves = [leaf.renamed(model.names, LAYER, local) for leaf in _layer_leaves_for(model, g, ep, tgt)]
+        leaves = [leaf.renamed(model.names, LAYER, local)
+                  for leaf in _layer_leaves_for(model, source_layer[g], ep, tgt)]
         out += _entries(model, src, tgt, shapes, tp, leaves, keys)
     if last:
         post = model.edge_leaves("post")
@@ -567,6 +597,10 @@ def _args_updates(src, tgt, shapes, model) -> dict:
     for key, shape in shapes.items():
         gp = model.params[key]
         out["padded_vocab_size"] = shape[gp.sharding.dim]
+    layers = src.rules.layers
+    if layers and layers.noop_arg and tgt.noop != src.layout.noop:   # the rules say where args list noop layers
+        old = getattr(src.args, layers.noop_arg, None)
+        out[layers.noop_arg] = (type(old) if isinstance(old, (list, tuple, set)) else list)(sorted(tgt.noop))
     present = vars(src.args) if src.args is not None else {}
     return {k: v for k, v in out.items() if k in present}
 

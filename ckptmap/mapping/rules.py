@@ -20,8 +20,8 @@ from ckptmap.errors import CkptmapError
 
 LAYER = "layer"
 EXPERT = "expert"
+PART = "part"   # in a MindSpore pattern: the name of one of the rule's `parts`
 KNOWN_OPS = {"transpose": 2, "reshape": None, "cast": 1, "chunk_interleave": 2}
-KNOWN_STATES = ("param", "exp_avg", "exp_avg_sq")
 KNOWN_BUCKET_ORDERS = ("reverse_registration", "registration")
 KNOWN_SHARED_EMBEDDING = ("own_bucket", "in_order")
 # Where a shared embedding that opens its own bucket starts: at that bucket's start (the previous
@@ -163,6 +163,31 @@ class OpSpec:
 
 
 @attrs.frozen
+class Parts:
+    """``parts(groups=G): a = E1, b = E2``: the TP-local tensor's dim 0 is G / tp blocks (one block
+    when no groups are named), each block the parts' rows in order (E1 rows of ``a``, then E2 of
+    ``b``); part ``a`` of every block, concatenated, is the MindSpore tensor with ``{part}`` = a."""
+
+    entries: tuple[tuple[str, "Expr"], ...]
+    groups: "Expr | None" = None
+    loc: Loc | None = None
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(n for n, _ in self.entries)
+
+    def symbols(self) -> set[str]:
+        out = set(self.groups.symbols()) if self.groups is not None else set()
+        for _, e in self.entries:
+            out |= e.symbols()
+        return out
+
+    def __str__(self) -> str:
+        head = f"parts(groups={self.groups})" if self.groups is not None else "parts"
+        return head + ": " + ", ".join(f"{n} = {e}" for n, e in self.entries)
+
+
+@attrs.frozen
 class ParamRule:
     megatron: Pattern
     mindspore: Pattern
@@ -172,6 +197,15 @@ class ParamRule:
     optional: bool
     loc: Loc
     shared_embedding: bool = False
+    parts: Parts | None = None
+
+    def config_symbols(self) -> set[str]:
+        """The model-config values the rule's ops and parts are resolved with (stored with the
+        conversion, so that the way back resolves the same values)."""
+        out = self.parts.symbols() if self.parts is not None else set()
+        for op in self.ops:
+            out |= {a for a in op.args if isinstance(a, str)} if op.name == "reshape" else set()
+        return out
 
     def ddp_pattern(self, prefix: str = "module.") -> Pattern:
         """The name in Megatron's DDP buffer / param_map: declared, or the DDP wrapper prefix
@@ -193,7 +227,7 @@ class StateRule:
 class Expr:
     """A tiny arithmetic expression over named layout/args values (``dp * cp``)."""
 
-    op: str  # const | symbol | mul | add | mod | lcm | max
+    op: str  # const | symbol | mul | add | mod | div | lcm | max
     value: object = None
     left: "Expr | None" = None
     right: "Expr | None" = None
@@ -205,17 +239,20 @@ class Expr:
         if self.op == "symbol":
             if self.value not in env:
                 raise CkptmapError(
-                    f"bucket rule uses {self.value!r}, which is not known here; known values: "
+                    f"rule expression uses {self.value!r}, which is not known here; known values: "
                     f"{', '.join(sorted(env))}")
             return int(env[self.value])
         if self.op in ("lcm", "max"):
             values = [a.evaluate(env) for a in self.args]
             return math.lcm(*values) if self.op == "lcm" else max(values)
         a, b = self.left.evaluate(env), self.right.evaluate(env)
-        if self.op == "mod":
+        if self.op in ("mod", "div"):
             if b == 0:
-                raise CkptmapError(f"bucket rule {self}: division by zero")
-            return a % b
+                raise CkptmapError(f"rule expression {self}: division by zero")
+            if self.op == "div" and a % b:
+                # sizes are whole rows: an inexact quotient means the config is not what the rule assumes
+                raise CkptmapError(f"rule expression {self}: {a} / {b} is not a whole number")
+            return a % b if self.op == "mod" else a // b
         return a * b if self.op == "mul" else a + b
 
     def symbols(self) -> set[str]:
@@ -231,7 +268,7 @@ class Expr:
             return str(self.value)
         if self.op in ("lcm", "max"):
             return f"{self.op}({', '.join(map(str, self.args))})"
-        return f"({self.left} {dict(mul='*', add='+', mod='%')[self.op]} {self.right})"
+        return f"({self.left} {dict(mul='*', add='+', mod='%', div='/')[self.op]} {self.right})"
 
 
 _COMPARE = {"==": operator.eq, "!=": operator.ne, ">": operator.gt, "<": operator.lt,
@@ -465,6 +502,19 @@ class _Builder(lark.Transformer):
     def ops_clause(self, items):
         return ("ops", tuple(items))
 
+    @lark.v_args(meta=True)
+    def part_entry(self, meta, items):
+        return (str(items[0]), items[1])
+
+    @lark.v_args(meta=True)
+    def parts_clause(self, meta, items):
+        groups = items[0] if isinstance(items[0], Expr) else None
+        entries = tuple(i for i in items if isinstance(i, tuple))
+        return ("parts", Parts(entries, groups, self._loc(meta)))
+
+    def div(self, items):
+        return Expr("div", left=items[0], right=items[1])
+
     def ddp_clause(self, items):
         return items[0]
 
@@ -478,7 +528,7 @@ class _Builder(lark.Transformer):
         if rest and isinstance(rest[0], Pattern) and len([r for r in rest if isinstance(r, Pattern)]) == 2:
             ddp, rest = rest[0], rest[1:]
         mindspore, clauses = rest[0], rest[1:]
-        tp, ops, shared = None, (), False
+        tp, ops, shared, parts = None, (), False, None
         for clause in clauses:
             if isinstance(clause, lark.Token):  # SHARED_EMBEDDING
                 shared = True
@@ -488,13 +538,17 @@ class _Builder(lark.Transformer):
                 if tp is not None:
                     raise _SemanticError("two tp: clauses in one rule", meta)
                 tp = value
+            elif key == "parts":
+                if parts is not None:
+                    raise _SemanticError("two parts: clauses in one rule; list every part in one", meta)
+                parts = value
             else:
                 ops = ops + value
         if tp is None:
             raise _SemanticError(
                 f"rule for {megatron} has no tp: clause; say how it is split across tensor-parallel "
                 f"ranks (tp: replicated, or tp: split(dim=0))", meta)
-        return ParamRule(megatron, mindspore, ddp, tp, ops, optional, self._loc(meta), shared)
+        return ParamRule(megatron, mindspore, ddp, tp, ops, optional, self._loc(meta), shared, parts)
 
     # optimizer state
     @lark.v_args(meta=True)
@@ -710,13 +764,18 @@ def _validate(rules: RuleSet) -> None:
                 f"{where}: placeholder {bad[0]} in the Megatron pattern is not defined; write "
                 f"{{name: a|b}} for a choice, {{name: int}} for a number, or {{layer}} / {{expert}}")
         bound = rule.megatron.bound_names()
+        _validate_parts(rule)
         for pattern in (rule.mindspore,) + ((rule.ddp,) if rule.ddp else ()):
             for seg in pattern.segments:
                 if seg.kind in ("choice", "int"):
                     raise CkptmapError(
                         f"{where}: {seg} may only be declared in the Megatron pattern; refer to it "
                         f"as {{{seg.name}}} on this side")
-            missing = pattern.used_names() - bound
+            missing = pattern.used_names() - bound - ({PART} if pattern is rule.mindspore and rule.parts else set())
+            if PART in missing:
+                raise CkptmapError(
+                    f"{where}: {pattern} uses {{{PART}}}, the name of a part, but the rule has no parts: clause "
+                    f"(parts: a = ROWS, b = ROWS); add one, or write the name out")
             if missing:
                 raise CkptmapError(
                     f"{where}: {pattern} uses {{{sorted(missing)[0]}}}, which the Megatron pattern "
@@ -735,9 +794,7 @@ def _validate(rules: RuleSet) -> None:
         if rule.tp.halves is not None and rule.tp.halves < 2:
             raise CkptmapError(f"{where}: halves={rule.tp.halves} must be at least 2")
     names = [s.state for s in rules.states]
-    for s in rules.states:
-        if s.state not in KNOWN_STATES:
-            raise CkptmapError(f"{s.loc}: unknown optimizer state {s.state!r}; known: {', '.join(KNOWN_STATES)}")
+    for s in rules.states:   # which states a checkpoint holds is checked against its files when planning
         if names.count(s.state) > 1:
             raise CkptmapError(f"{s.loc}: optimizer state {s.state!r} named twice")
         if s.pattern.used_names() - {"name"} or not any(
@@ -772,6 +829,40 @@ def _validate(rules: RuleSet) -> None:
         if (b.shared_start != "bucket_start" or b.shared_prepad is not None) and b.shared_embedding != "own_bucket":
             raise CkptmapError(f"{b.loc}: shared_embedding_start / shared_embedding_prepad only apply with "
                                f"`shared_embedding: own_bucket`")
+
+
+# ops that only change the dtype keep every element where it is, so a part's rows stay contiguous ranges
+# of the MindSpore tensor and the way back can put them into the fused tensor's rows directly
+ELEMENTWISE_OPS = ("cast",)
+
+
+def _validate_parts(rule: ParamRule) -> None:
+    where, parts = rule.loc, rule.parts
+    if parts is None:
+        return
+    names = parts.names
+    if len(names) < 2:
+        raise CkptmapError(f"{where}: parts: lists one part ({names[0]}); a tensor that maps to one tensor needs "
+                           f"no parts: clause — drop it and write the name in the MindSpore pattern")
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise CkptmapError(f"{where}: part {dup[0]} is listed twice; each part names one MindSpore tensor")
+    if PART in rule.megatron.bound_names():
+        raise CkptmapError(f"{where}: the Megatron pattern {rule.megatron} binds {{{PART}}}, which names the rule's "
+                           f"parts on the MindSpore side; rename the placeholder")
+    uses = [s for s in rule.mindspore.segments if s.kind == "ref" and s.name == PART]
+    if len(uses) != 1:
+        raise CkptmapError(f"{where}: the MindSpore pattern {rule.mindspore} must name each part with {{{PART}}} "
+                           f"exactly once (found {len(uses)}), e.g. ….self_attn.{{{PART}}}.weight")
+    moving = [str(op) for op in rule.ops if op.name not in ELEMENTWISE_OPS]
+    if moving:
+        raise CkptmapError(f"{where}: ops {', '.join(moving)} move elements, which rules with parts: do not support "
+                           f"(each part must stay a set of whole rows); only {', '.join(ELEMENTWISE_OPS)} may be "
+                           f"combined with parts")
+    if rule.shared_embedding:
+        raise CkptmapError(f"{where}: a shared_embedding cannot be split into parts")
+    if rule.tp.dim not in (None, 0) and rule.tp.halves:
+        raise CkptmapError(f"{where}: parts cut dim 0; halves along dim {rule.tp.dim} would interleave with them")
 
 
 def _ranges_overlap(a, b) -> bool:

@@ -16,6 +16,7 @@ pytest temp dir, i.e. no reuse across sessions). A cache entry is used only if c
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import hashlib
 import json
 import os
@@ -71,7 +72,13 @@ class StandardRuns:
 
     def __call__(self, version: str, name: str) -> StandardRun:
         if (version, name) not in self._runs:
-            self._make_version(version)
+            # pytest-xdist workers share the cache: one generates a version, the others wait and read it
+            with open(self.root / f".lock-{version}", "w") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                try:
+                    self._make_version(version)
+                finally:
+                    fcntl.flock(lock, fcntl.LOCK_UN)
         return self._runs[(version, name)]
 
     def _make_version(self, version):

@@ -1,0 +1,185 @@
+"""``pt2ms`` / ``ms2pt`` with ``--target-*`` sizes: a reshard composed with the conversion.
+
+* ``pt2ms --target-…``: reshard the Megatron checkpoint into a temporary folder beside the output
+  (in the output's parent), then pt2ms of that folder into the output.
+* ``ms2pt --target-…``: ms2pt into a temporary folder beside the output, then reshard that folder
+  into the output.
+
+Why two steps and not one plan: pt2ms keeps the Megatron files' skeletons in ``pt_meta`` and both
+pt2ms and reshard plan from what the files say (metadata, bucket layouts); planning the second step
+from the first step's plan instead of its files would be a second planner for each. The price is
+one extra write + read of the resharded checkpoint's bytes (said in ``--dry-run``).
+
+The temporary folder is named like every ckptmap temporary (``.<output>.ckptmap-tmp-<host>-<pid>-<n>``)
+and removed whatever happens — success, refusal, a failed file, Ctrl-C, SIGTERM. Only SIGKILL can
+leave it; the next composed run into the same parent folder removes it (``atomic.remove_stale_temps``,
+which touches only temporaries of dead ckptmap processes of this host).
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import attrs
+
+from ckptmap import atomic
+from ckptmap.errors import CkptmapError
+
+TARGET_DESTS = ("target_tp_size", "target_pp_size", "target_vpp_size", "target_dp_size", "target_ep_size",
+                "target_stage_list", "target_noop", "target_megatron_version")
+COST = ("one extra write + read of the resharded checkpoint ({size}) compared with a conversion at the source's "
+        "layout: the reshard is written to a temporary folder ({tmp}) and read back, which is removed at the end "
+        "(also on failure and on Ctrl-C / SIGTERM)")
+
+
+def wants_reshard(ns) -> bool:
+    """Whether any --target-* flag was given (each defaults to the source's)."""
+    return any(getattr(ns, d, None) is not None for d in TARGET_DESTS)
+
+
+def _targets(ns) -> dict:
+    from ckptmap.mapping.layout import parse_stage_list
+
+    return dict(target_tp_size=ns.target_tp_size, target_pp_size=ns.target_pp_size,
+                target_vpp_size=ns.target_vpp_size, target_dp_size=ns.target_dp_size,
+                target_ep_size=ns.target_ep_size,
+                target_stage_list=parse_stage_list(ns.target_stage_list) if ns.target_stage_list else None,
+                target_noop=None if ns.target_noop is None else tuple(ns.target_noop),
+                target_megatron_version=ns.target_megatron_version, vocab_size=ns.vocab_size)
+
+
+def _refuse_composed_plan_file(ns, kind: str) -> None:
+    if getattr(ns, "output", None):
+        raise CkptmapError(f"plan {kind} -o: a plan file holds one conversion, and --target-* makes this two (a reshard "
+                           f"and a {kind}); save the reshard's plan with `ckptmap plan reshard … -o FILE`, or drop -o "
+                           f"to see both steps")
+    if getattr(ns, "world_size", 1) > 1:
+        raise CkptmapError(f"{kind} --target-* with --world-size {ns.world_size}: the composed conversion goes through "
+                           f"a temporary folder of this machine; run `ckptmap reshard` and then `ckptmap {kind}` as two "
+                           f"commands across machines")
+
+
+def _check_final(final: Path, overwrite: bool) -> None:
+    """Refuse an output that the last step would refuse, before the first step spends its time."""
+    from ckptmap import target
+    from ckptmap.mapping.plan import Plan
+
+    t = target.inspect(Plan("check", str(final), (), {}))
+    if t.impossible or (not t.empty and not overwrite):
+        raise CkptmapError(target.refusal(t) if not t.impossible else f"{final}: refused even with --overwrite")
+
+
+def _temp_folder(final: Path) -> Path:
+    parent = final.resolve().parent
+    atomic.remove_stale_temps(parent, recursive=False)   # a SIGKILLed composed run's folder (none if no parent)
+    return atomic.temp_name(parent / final.name)
+
+
+def _header(step1: str, step2: str, plan, tmp: Path) -> list[str]:
+    from ckptmap.cli.printing import human_bytes
+
+    return [f"composed conversion: step 1 {step1}, step 2 {step2}",
+            "  cost: " + COST.format(size=human_bytes(plan.nbytes), tmp=tmp)]
+
+
+def _print_composition(lines, plan1, second: str, final: Path) -> None:
+    from ckptmap import target
+    from ckptmap.cli.printing import print_plan
+    from ckptmap.mapping.plan import Plan
+
+    for line in lines:
+        print(line)
+    print()
+    print_plan(plan1)
+    print(f"\nstep 2: {second} — planned once step 1 is written (it plans from the files' metadata)")
+    for line in target.describe(target.inspect(Plan("check", str(final), (), {}))):
+        print(line)
+
+
+def pt2ms(ns) -> int:
+    """pt2ms with --target-*: reshard into a temporary folder, then pt2ms of it."""
+    from ckptmap.cli.flags import pt2ms_options
+    from ckptmap.cli.printing import print_plan
+    from ckptmap.cli.run import run
+    from ckptmap.mapping.compiler import compile_pt2ms
+    from ckptmap.mapping.reshard import ReshardOptions, compile_reshard
+
+    _refuse_composed_plan_file(ns, "pt2ms")
+    final = Path(ns.ms_path)
+    tmp = _temp_folder(final)
+    rplan = compile_reshard(ReshardOptions(
+        megatron_path=ns.megatron_path, output_path=str(tmp), param_map_path=ns.param_map_path, rules=ns.rules,
+        megatron_version=ns.megatron_version, main_param_check=ns.main_param_check, noop=tuple(ns.noop),
+        parallel_init_order=ns.parallel_init_order, convert_param_only=ns.convert_param_only, **_targets(ns)))
+    if rplan.info.get("layout_change") == "none" and ns.target_megatron_version is None:
+        print("the --target-* sizes are the source's: plain pt2ms, no reshard")
+        from ckptmap.cli.run import show_or_run
+        return show_or_run(compile_pt2ms(pt2ms_options(ns)), ns)
+    second = f"pt2ms {tmp} -> {final}"
+    lines = _header(f"reshard {rplan.info.get('source')} -> {tmp} ({rplan.info.get('layout_change')})", second, rplan,
+                    tmp)
+    if ns.dry_run or getattr(ns, "plan_command", None):
+        _print_composition(lines, rplan, second, final)
+        return 0
+    _check_final(final, ns.overwrite)
+    tmp.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        for line in lines:
+            print(line)
+        print_plan(rplan, detail=ns.debug)
+        rc = run(rplan, ns)
+        if rc:
+            return rc
+        opt = attrs.evolve(pt2ms_options(ns), megatron_path=str(tmp), param_map_path=None, tp_size=None,
+                           pp_size=None, ep_size=None, vpp_size=None, stage_list=_targets(ns)["target_stage_list"],
+                           num_layers=None if ns.target_noop is not None else ns.num_layers,
+                           noop=tuple(rplan.info["target_noop"]),
+                           dp_size=ns.target_dp_size or ns.dp_size,
+                           megatron_version=ns.target_megatron_version or ns.megatron_version)
+        plan2 = compile_pt2ms(opt)
+        print()
+        print_plan(plan2, detail=ns.debug)
+        return run(plan2, ns)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def ms2pt(ns) -> int:
+    """ms2pt with --target-*: ms2pt into a temporary folder, then reshard it."""
+    from ckptmap.cli.flags import ms2pt_options
+    from ckptmap.cli.printing import print_plan
+    from ckptmap.cli.run import run
+    from ckptmap.mapping.ms2pt import compile_ms2pt
+    from ckptmap.mapping.reshard import ReshardOptions, compile_reshard
+
+    _refuse_composed_plan_file(ns, "ms2pt")
+    final = Path(ns.megatron_path)
+    tmp = _temp_folder(final)
+    plan1 = compile_ms2pt(attrs.evolve(ms2pt_options(ns), megatron_path=str(tmp)))
+    if "msadapter" in str(plan1.info.get("dialect", "")):
+        raise CkptmapError(f"{ns.ms_path}: ms2pt would write MSAdapter-dialect files, which reshard does not read; add "
+                           f"--dialect torch (stock PyTorch files; see --drop-rng), and convert the result back with "
+                           f"`ckptmap convert --to msadapter` if needed")
+    second = f"reshard {tmp} -> {final}"
+    lines = _header(f"ms2pt {ns.ms_path} -> {tmp}", second, plan1, tmp)
+    if ns.dry_run or getattr(ns, "plan_command", None):
+        _print_composition(lines, plan1, second, final)
+        return 0
+    _check_final(final, ns.overwrite)
+    tmp.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        for line in lines:
+            print(line)
+        print_plan(plan1, detail=ns.debug)
+        rc = run(plan1, ns)
+        if rc:
+            return rc
+        plan2 = compile_reshard(ReshardOptions(
+            megatron_path=str(tmp), output_path=str(final), rules=ns.rules, noop=tuple(ns.noop),
+            parallel_init_order=ns.parallel_init_order, convert_param_only=ns.convert_param_only, **_targets(ns)))
+        print()
+        print_plan(plan2, detail=ns.debug)
+        return run(plan2, ns)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
