@@ -32,7 +32,8 @@ Values. What a MindSpore parameter key holds depends on the file:
 * optimizer keys and a param_map (the training run's ``iter_*/param_map`` or ``<save>/param_map``,
   else the MindSpore side's ``pt_meta/``): every parameter's range ``[start, end)`` and bucket are
   read from the JSON, the bucket's offset is the sum of the padded bucket sizes before it
-  (``distrib_optim.pt``'s ``per_bucket_numel``), and the fp32 main param / ``exp_avg`` /
+  (``distrib_optim.pt``'s ``per_bucket_numel``; a 0.7+ file coalesces each buffer's buckets without
+  their end padding and records only the total: see ``_coalesced_offsets``), and the fp32 main param / ``exp_avg`` /
   ``exp_avg_sq`` are cut from the bucket tensors and compared with the MindSpore keys bit for bit;
   the main param is also checked to round (to nearest even) to the Megatron bf16 weight. Report:
   ``weights + optimizer states (param_map: PATH)``. A param_map is used only if it fits the
@@ -55,6 +56,12 @@ the same name); the others are listed as not compared.
 The Megatron side may be in either torch zip dialect (an MSAdapter checkpoint of MindSpeed-Core-MS
 reads like a stock one: MindSpore dtype keys are dtypes); the report says which.
 
+Expert parallelism (MoE): every ``mp_rank_TT[_PPP]_EEE`` folder is paired with the MindSpore file
+of (tp, pp, ep); local expert ids become global ones (each expert rank holds a contiguous block);
+param_map files carry ``ep{e}`` (as pt2ms and the Megatron hook name them), and the state of an
+expert rank > 0's dense parameters is read from expert rank 0's ``distrib_optim.pt`` (a
+ChainedOptimizer stores ``[dense, expert]`` there and ``[None, expert]`` elsewhere).
+
 Limits: the rules are trusted for names (a rules file that swaps two names makes verify expect the
 swap); noop layers are known only from the rules' ``layers: … noop = ARG`` in ``args``; the rank
 order is Megatron's ``tp-cp-ep-dp-pp``; the MindSpore side must have Megatron's TP and PP.
@@ -76,7 +83,7 @@ from ckptmap.formats.megatron_files import ModelFile, OptimFile
 from ckptmap.formats.safe_unpickler import GlobalMarker, StandIn, dtype_name
 from ckptmap.formats.torch_zip_reader import TensorRef, TorchZipFile, read_objects
 from ckptmap.mapping.layout import ParallelLayout
-from ckptmap.mapping.rules import LAYER, RuleSet, bundled_rules, load_rules, resolve_rules
+from ckptmap.mapping.rules import EXPERT, LAYER, RuleSet, bundled_rules, load_rules, resolve_rules
 
 TENSOR_SUFFIXES = (".pt", ".ckpt", ".safetensors")
 MS_SUFFIXES = (".ckpt", ".safetensors")
@@ -370,6 +377,7 @@ class _Param:
     ms_name: str
     ddp_name: str
     part: str | None = None   # the part of a rule with parts: this MindSpore tensor is
+    expert: bool = False   # names an expert ({expert} in the rule): its state is in the expert optimizer's buffers
 
 
 def _take_part(array: np.ndarray, p: _Param, env: dict, tp_size: int, where: str) -> np.ndarray:
@@ -428,7 +436,7 @@ def _layout_from_args(args, ck, chunks: int, rules: RuleSet, where) -> tuple[Par
     dp, cp = _arg(args, "data_parallel_size", 1), _arg(args, "context_parallel_size", 1)
     if _arg(args, "data_parallel_size") is None:
         notes.append("args have no data_parallel_size; assumed 1")
-    layout = ParallelLayout(tp=tp, pp=pp, dp=dp, cp=cp, vpp=vpp, num_layers=layers + len(set(noop)),
+    layout = ParallelLayout(tp=tp, pp=pp, dp=dp, cp=cp, vpp=vpp, ep=ck.ep_size, num_layers=layers + len(set(noop)),
                             noop=frozenset(noop))
     return layout, notes
 
@@ -444,14 +452,24 @@ def _ms_tensor_file(folder: Path, want_stem: str | None) -> tuple[Path | None, l
 
 
 def _ms_files(ms_dir: Path, layout: ParallelLayout, pp_size: int):
-    """({(tp, pp): [MindSpore file, …]}, files no mp_rank owns, (tp, pp) whose file is missing, layout name)."""
+    """({(tp, pp, ep): [MindSpore file, …]}, files no mp_rank owns, (tp, pp, ep) whose file is missing,
+    layout name). ``ep`` is 0 without expert parallelism."""
     v1 = sorted(p for p in ms_dir.glob("rank_*") if p.is_dir())
     v2 = sorted(p for p in ms_dir.glob("iter_*/mp_rank_*") if p.is_dir())
     if v1 and v2:
         raise CkptmapError(f"{ms_dir} holds both rank_* (V1) and iter_*/mp_rank_* (V2) folders; verify one layout")
     pairs: dict = {}
     extra: list[str] = []
+    keys = [(t, p, e) for p in range(layout.pp) for e in range(layout.ep) for t in range(layout.tp)]
     if v1:
+        # the rank each (tp, pp, ep) needs: context-parallel rank 0 and the lowest data-parallel rank
+        # of that expert rank (expert-data-parallel rank 0)
+        primary = {}
+        for g in range(layout.world_size):
+            c = layout.coords(g)
+            k = (c["tp"], c["pp"], c["ep"])
+            if c["cp"] == 0 and (k not in primary or c["dp"] < primary[k][1]):
+                primary[k] = (g, c["dp"])
         for folder in v1:
             suffix = folder.name[len("rank_"):]
             if not suffix.isdigit() or int(suffix) >= layout.world_size:
@@ -461,10 +479,9 @@ def _ms_files(ms_dir: Path, layout: ParallelLayout, pp_size: int):
             path, others = _ms_tensor_file(folder, None)
             extra.extend(f"{p.relative_to(ms_dir)} (another tensor file in {folder.name})" for p in others)
             if path is not None:
-                pairs.setdefault((coords["tp"], coords["pp"]), []).append((path, coords))
-        missing = [(t, p) for p in range(layout.pp) for t in range(layout.tp)
-                   if not any(c["dp"] == 0 and c["cp"] == 0 for _, c in pairs.get((t, p), []))]
-        missing = [(t, p, f"rank_{layout.global_rank(tp=t, pp=p)}/*.ckpt|safetensors") for t, p in missing]
+                pairs.setdefault((coords["tp"], coords["pp"], coords["ep"]), []).append((path, int(suffix)))
+        missing = [(k, f"rank_{primary[k][0]}/*.ckpt|safetensors") for k in keys
+                   if not any(g == primary[k][0] for _, g in pairs.get(k, []))]
         return {k: [p for p, _ in v] for k, v in pairs.items()}, extra, missing, "v1"
     if v2:
         iters = sorted({p.parent for p in v2})
@@ -476,21 +493,20 @@ def _ms_files(ms_dir: Path, layout: ParallelLayout, pp_size: int):
             if chosen not in iters:
                 raise CkptmapError(f"{ms_dir} holds {len(iters)} iter_* folders and no tracker naming one of them")
             v2 = [p for p in v2 if p.parent == chosen]
+        # folder names as Megatron gives them (with EP, mp_rank_TT_EEE reads like mp_rank_TT_PPP: look up)
+        named = {megatron_folders.mp_rank_dir_name(t, p, pp_size, e if layout.ep > 1 else None): (t, p, e)
+                 for t, p, e in keys}
         for folder in v2:
-            parsed = megatron_folders.parse_mp_rank_dir_name(folder.name)
-            if parsed is None or len(parsed) > 2 or (len(parsed) == 2) != (pp_size > 1):
-                extra.append(f"{folder.relative_to(ms_dir)} (not an mp_rank folder of TP{layout.tp} PP{layout.pp})")
+            key = named.get(folder.name)
+            if key is None:
+                extra.append(f"{folder.relative_to(ms_dir)} (not an mp_rank folder of {layout.describe()})")
                 continue
-            tp, pp = parsed[0], parsed[1] if len(parsed) == 2 else 0
             path, others = _ms_tensor_file(folder, mindspeed.V2_FILE_STEM)
             extra.extend(f"{p.relative_to(ms_dir)} (another tensor file)" for p in others)
-            if tp >= layout.tp or pp >= layout.pp:
-                extra.append(f"{folder.relative_to(ms_dir)} (no such mp_rank in {layout.describe()})")
-            elif path is not None:
-                pairs.setdefault((tp, pp), []).append(path)
+            if path is not None:
+                pairs.setdefault(key, []).append(path)
         iter_dir = v2[0].parent.name if v2 else "iter_*"
-        missing = [(t, p, f"{iter_dir}/{megatron_folders.mp_rank_dir_name(t, p, pp_size)}/model_optim_rng.*")
-                   for p in range(layout.pp) for t in range(layout.tp) if (t, p) not in pairs]
+        missing = [(k, f"{iter_dir}/{name}/model_optim_rng.*") for name, k in named.items() if k not in pairs]
         return pairs, extra, missing, "v2"
     raise CkptmapError(f"{ms_dir} has neither rank_*/ (V1) nor iter_*/mp_rank_*/ (V2) folders of MindSpore files")
 
@@ -503,59 +519,125 @@ def _param_map_dirs(ck, ms_dir: Path) -> list[Path]:
     return [d for d in out if d.is_dir()]
 
 
-def _buffers_from_param_map(folder: Path, tp: int, pp: int, params: list[_Param], optim: OptimFile, vpp: int):
+def _is_expert_name(rules: RuleSet, ddp_name: str) -> bool:
+    return any((b := r.ddp_pattern().match(ddp_name)) is not None and EXPERT in b for r in rules.params)
+
+
+def _buffers_from_param_map(folder: Path, tp: int, pp: int, params: list[_Param], optim: OptimFile, vpp: int,
+                            ep: int | None = None, rules: RuleSet | None = None, dense_only: bool = False):
     """Where each parameter's fp32 state lies in ``distrib_optim.pt``, from the param_map JSONs of
-    ``folder``: {ddp name of chunk v: (global buffer, bucket, offset in bucket, numel)} — or a string
-    saying why the folder's maps do not describe this checkpoint."""
-    files = [pm for pm in param_map.find_param_maps(folder) if (pm.tp, pm.pp, pm.dp) == (tp, pp, 0)]
+    ``folder``: {ddp name of chunk v: (global buffer, bucket or None if coalesced, offset, numel)} —
+    or a string saying why the folder's maps do not describe this checkpoint.
+
+    Files are numbered per chunk in the order the rank folder's file holds the buffers: dense ones,
+    then expert ones (``ep`` in the name under expert parallelism). A ChainedOptimizer's file
+    (MoE) lists the dense optimizer's buffers (chunk by chunk), then the expert optimizer's, so the
+    files are matched to the buffers per kind; ``dense_only``: only the dense files are read (an
+    expert rank > 0 keeps its dense state in expert rank 0's folder)."""
+    files = [pm for pm in param_map.find_param_maps(folder) if (pm.tp, pm.pp, pm.dp, pm.ep) == (tp, pp, 0, ep)]
     by_chunk = {v: sorted((pm for pm in files if pm.vpp == v), key=lambda pm: pm.buffer) for v in range(vpp)}
+    tag = "" if ep is None else f"ep{ep}"
     if not all(by_chunk.values()):
-        return f"no param_map_buffer*_dp0tp{tp}pp{pp}vpp*.json for every model chunk"
-    tensors = {(p.tensor.chunk, p.ddp_name): p.tensor for p in params}
-    where: dict = {}
-    g = 0
+        return f"no param_map_buffer*_dp0tp{tp}pp{pp}{tag}vpp*.json for every model chunk"
     for v in range(vpp):
         if [pm.buffer for pm in by_chunk[v]] != list(range(len(by_chunk[v]))):
             return f"the param_map files of chunk {v} are not numbered buffer0, buffer1, …"
+    kind_of = {}
+    for v in range(vpp):
         for pm in by_chunk[v]:
-            if g >= len(optim.buffers):
-                return f"{pm.path.name} is buffer {g} but {optim.path.name} has {len(optim.buffers)}"
-            buf = optim.buffers[g]
-            if buf.storage != "per_bucket":
-                return (f"{optim.path.name} stores buffer {g} coalesced (Megatron >= 0.7), where a param_map alone "
-                        f"does not tell every bucket's unpadded size")
-            padded, unpadded = list(buf.padded), list(buf.unpadded)
-            bases = [sum(padded[:j]) for j in range(len(padded))]
-            filled = [0] * len(padded)
-            for name, (dtype, shape, start, end, bucket) in param_map.read_param_map(pm.path).items():
-                t = tensors.get((v, name))
-                if t is None:
-                    return f"{pm.path.name} names {name}, which chunk {v} of the checkpoint does not hold"
-                if (dtype, tuple(shape)) != (t.dtype, tuple(t.shape)):
-                    return (f"{pm.path.name}: {name} is {dtype} {list(shape)} there, {t.dtype} {list(t.shape)} "
-                            f"in the checkpoint")
-                if not 0 <= bucket < len(padded) or end - start != math.prod(shape) or not (
-                        bases[bucket] <= start and end <= bases[bucket] + unpadded[bucket]):
-                    return (f"{pm.path.name}: {name} [{start}, {end}) bucket {bucket} lies outside the buckets of "
-                            f"{optim.path.name} (padded {padded}, unpadded {unpadded})")
-                filled[bucket] += end - start
-                where[(v, name)] = (g, bucket, start - bases[bucket], end - start)
-            if filled != unpadded:
-                return (f"{pm.path.name} fills its buckets with {filled} elements, {optim.path.name} says "
-                        f"{unpadded}")
-            g += 1
-    if g != len(optim.buffers):
-        return f"the param_maps describe {g} buffer(s), {optim.path.name} has {len(optim.buffers)}"
+            names = list(param_map.read_param_map(pm.path))
+            kinds = {_is_expert_name(rules, n) for n in names} if rules is not None else {False}
+            if len(kinds) > 1:
+                return f"{pm.path.name} mixes expert and dense parameters"
+            kind_of[pm.path] = kinds.pop() if kinds else False
+    if optim.chained:
+        order = [(v, pm) for expert in (False, True) for v in range(vpp) for pm in by_chunk[v]
+                 if kind_of[pm.path] == expert and not (dense_only and expert)]
+        buffers = [g for g, buf in enumerate(optim.buffers) if buf.optimizer == 0] + (
+            [] if dense_only else [g for g, buf in enumerate(optim.buffers) if buf.optimizer == 1])
+    else:
+        order = [(v, pm) for v in range(vpp) for pm in by_chunk[v]]
+        buffers = list(range(len(optim.buffers)))
+    tensors = {(p.tensor.chunk, p.ddp_name): p.tensor for p in params}
+    where: dict = {}
+    if len(order) != len(buffers):
+        return (f"the param_maps describe {len(order)} buffer(s), {optim.path.name} has {len(buffers)}"
+                f"{' dense' if dense_only else ''}")
+    for (v, pm), g in zip(order, buffers):
+        buf = optim.buffers[g]
+        entries = param_map.read_param_map(pm.path)
+        for name, (dtype, shape, start, end, bucket) in entries.items():
+            t = tensors.get((v, name))
+            if t is None:
+                return f"{pm.path.name} names {name}, which chunk {v} of the checkpoint does not hold"
+            if (dtype, tuple(shape)) != (t.dtype, tuple(t.shape)):
+                return (f"{pm.path.name}: {name} is {dtype} {list(shape)} there, {t.dtype} {list(t.shape)} "
+                        f"in the checkpoint")
+            if end - start != math.prod(shape):
+                return f"{pm.path.name}: {name} [{start}, {end}) is not {math.prod(shape)} elements long"
+        if buf.storage != "per_bucket":
+            placed = _coalesced_offsets(entries, buf.numel_unpadded,
+                                        {p.ddp_name for p in params if p.tensor.chunk == v and p.rule.shared_embedding})
+            if isinstance(placed, str):
+                return f"{pm.path.name} vs {optim.path.name} buffer {g}: {placed}"
+            for name, offset in placed.items():
+                where[(v, name)] = (g, None, offset, entries[name][3] - entries[name][2])
+            continue
+        padded, unpadded = list(buf.padded), list(buf.unpadded)
+        bases = [sum(padded[:j]) for j in range(len(padded))]
+        filled = [0] * len(padded)
+        for name, (dtype, shape, start, end, bucket) in entries.items():
+            if not 0 <= bucket < len(padded) or not (
+                    bases[bucket] <= start and end <= bases[bucket] + unpadded[bucket]):
+                return (f"{pm.path.name}: {name} [{start}, {end}) bucket {bucket} lies outside the buckets of "
+                        f"{optim.path.name} (padded {padded}, unpadded {unpadded})")
+            filled[bucket] += end - start
+            where[(v, name)] = (g, bucket, start - bases[bucket], end - start)
+        if filled != unpadded:
+            return (f"{pm.path.name} fills its buckets with {filled} elements, {optim.path.name} says "
+                    f"{unpadded}")
     lost = [p.tensor.name for p in params if (p.tensor.chunk, p.ddp_name) not in where]
     if lost:
         return f"no entry for {lost[0]}" + (f" and {len(lost) - 1} more" if len(lost) > 1 else "")
     return where
 
 
-def _derived_by_ckptmap(ms_dir: Path, tp: int, pp: int) -> bool:
+def _coalesced_offsets(entries: dict, numel_unpadded: int, shared: set):
+    """{name: offset in the coalesced state tensor} for one buffer of a 0.7+ ``distrib_optim.pt``,
+    which concatenates the buckets without their end padding (gaps between 64-aligned parameters
+    kept) and records only the total. A bucket starts at its first parameter and its unpadded part
+    ends at its last parameter's end — except the bucket closed by a tied embedding opening a bucket
+    of its own (``shared``: such parameters' names): 0.8-0.12 count the alignment / padding before
+    the embedding's start as that bucket's content. The recorded total says how much; anything
+    else that does not add up is returned as a string (the param_map is then not used)."""
+    buckets: dict[int, list[int]] = {}
+    opened_by_shared = set()
+    for name, (_dtype, _shape, start, end, bucket) in entries.items():
+        lo_hi = buckets.setdefault(bucket, [start, end])
+        lo_hi[0], lo_hi[1] = min(lo_hi[0], start), max(lo_hi[1], end)
+        if name in shared:
+            opened_by_shared.add(bucket)
+    order = sorted(buckets)
+    if order != list(range(len(order))):
+        return f"bucket ids {order} are not 0..{len(order) - 1}"
+    sizes = [buckets[b][1] - buckets[b][0] for b in order]
+    delta = numel_unpadded - sum(sizes)
+    if delta:
+        fits = [b for b in order[:-1] if b + 1 in opened_by_shared and buckets[b][1] + delta <= buckets[b + 1][0]]
+        if delta < 0 or len(fits) != 1:
+            return (f"the param_map's buckets hold {sum(sizes)} elements from their first to their last "
+                    f"parameter, the file {numel_unpadded}, and no bucket closed by a tied embedding accounts for "
+                    f"the difference")
+        sizes[fits[0]] += delta
+    bases = [sum(sizes[:b]) for b in order]
+    return {name: bases[bucket] + start - buckets[bucket][0]
+            for name, (_dtype, _shape, start, _end, bucket) in entries.items()}
+
+
+def _derived_by_ckptmap(ms_dir: Path, tp: int, pp: int, ep: int | None = None) -> bool:
     """pt2ms records in pt_meta where its parameter order came from; ``state_dict_reversed`` means
     it found no param_map and wrote the JSONs in pt_meta from its own bucket derivation."""
-    path = ms_dir / mindspeed.pt_meta_args_path(tp, pp)
+    path = ms_dir / mindspeed.pt_meta_args_path(tp, pp, ep)
     try:
         root = read_objects(path)
     except Exception:
@@ -564,11 +646,18 @@ def _derived_by_ckptmap(ms_dir: Path, tp: int, pp: int) -> bool:
 
 
 def _param_groups(root) -> list:
-    try:
-        groups = root["optimizer"]["optimizer"]["param_groups"]
-        return groups if isinstance(groups, list) else []
-    except (KeyError, TypeError):
-        return []
+    """The optimizer's param groups; a ChainedOptimizer (MoE: dense, expert) saves a list of
+    optimizer states, whose groups MindSpeed numbers on, one after the other."""
+    state = root.get("optimizer") if isinstance(root, dict) else None
+    out = []
+    for part in (state if isinstance(state, list) else [state]):
+        try:
+            groups = part["optimizer"]["param_groups"]
+        except (KeyError, TypeError):
+            continue
+        if isinstance(groups, list):
+            out.extend(groups)
+    return out
 
 
 def _number(v) -> bool:
@@ -606,11 +695,11 @@ def _compare_scalar(value, dtype: str, ms: np.ndarray) -> str | None:
 
 
 def _compare_rank(report: FileReport, key, mg_dir: Path, ms_path: Path, ms_dir: Path, rules: RuleSet,
-                  layout: ParallelLayout, env: dict, map_dirs: list[Path]) -> None:
-    tp, pp = key
+                  layout: ParallelLayout, env: dict, map_dirs: list[Path], dense_dir: Path | None = None) -> None:
+    tp, pp, ep = key
     model = ModelFile(mg_dir / megatron_folders.MODEL_FILE)
     reader = registry.open_reader(ms_path)
-    optim = None
+    optim = dense_optim = None
     try:
         params: list[_Param] = []
         seen: dict[str, str] = {}
@@ -634,13 +723,19 @@ def _compare_rank(report: FileReport, key, mg_dir: Path, ms_path: Path, ms_dir: 
                 except CkptmapError as e:
                     report.differing.append((t.name, str(e)))
                     continue
+            if EXPERT in bindings:   # local expert of this expert rank -> MindSpeed's global expert id
+                try:
+                    ms_bindings[EXPERT] = layout.global_expert(ep, bindings[EXPERT], env.get("num_experts") or 0)
+                except (CkptmapError, ZeroDivisionError) as e:
+                    report.differing.append((t.name, f"{e} (args num_experts {env.get('num_experts')})"))
+                    continue
             for part in rule.parts.names if rule.parts else (None,):
                 name = rule.mindspore.format(dict(ms_bindings, part=part))
                 if name in seen:
                     report.differing.append((name, f"both {seen[name]} and {t.name} are named {name} by the rules"))
                     continue
                 seen[name] = t.name
-                params.append(_Param(t, rule, name, rule.ddp_pattern().format(bindings), part))
+                params.append(_Param(t, rule, name, rule.ddp_pattern().format(bindings), part, EXPERT in bindings))
 
         have = reader.keys()
         have_set = set(have)
@@ -664,9 +759,25 @@ def _compare_rank(report: FileReport, key, mg_dir: Path, ms_path: Path, ms_dir: 
                 tried.append(f"{optim_path} is missing")
             else:
                 optim = OptimFile(optim_path)
+                ep_tag = ep if layout.ep > 1 else None
+                # an expert rank > 0 keeps only its experts' state; its dense state is in expert rank 0's
+                # folder (ChainedOptimizer: [dense, expert] there, [None, expert] here)
+                split = optim.chained and ep > 0 and not any(b.optimizer == 0 for b in optim.buffers)
+                if split:
+                    dense_optim = OptimFile(dense_dir / megatron_folders.OPTIM_FILE)
+                own = [p for p in params if p.expert] if split else params
                 for folder in map_dirs:
-                    found = _buffers_from_param_map(folder, tp, pp, params, optim, layout.vpp)
+                    found = _buffers_from_param_map(folder, tp, pp, own, optim, layout.vpp, ep_tag, rules)
                     if isinstance(found, dict):
+                        found = {k: (optim, "distrib_optim.pt") + v for k, v in found.items()}
+                        if split:
+                            dense = _buffers_from_param_map(folder, tp, pp, [p for p in params if not p.expert],
+                                                            dense_optim, layout.vpp, 0, rules, dense_only=True)
+                            if not isinstance(dense, dict):
+                                tried.append(f"{folder} (dense state in {dense_optim.path}): {dense}")
+                                continue
+                            label = f"{dense_dir.name}/distrib_optim.pt (expert rank 0's)"
+                            found.update({k: (dense_optim, label) + v for k, v in dense.items()})
                         locate, map_path = found, folder
                         break
                     tried.append(f"{folder}: {found}")
@@ -678,7 +789,8 @@ def _compare_rank(report: FileReport, key, mg_dir: Path, ms_path: Path, ms_dir: 
             else:
                 report.what = (f"{WEIGHTS_AND_STATES if expect_weights else 'optimizer states'} "
                                f"(param_map: {map_path})")
-                if map_path == ms_dir / mindspeed.PT_META_DIR and _derived_by_ckptmap(ms_dir, tp, pp):
+                if map_path == ms_dir / mindspeed.PT_META_DIR and _derived_by_ckptmap(ms_dir, tp, pp,
+                                                                                      ep if layout.ep > 1 else None):
                     report.notes.append(f"the param_map in {map_path} was derived by ckptmap's pt2ms (the "
                                         f"training run's was not found); the rounding check is independent of it")
         else:
@@ -716,7 +828,7 @@ def _compare_rank(report: FileReport, key, mg_dir: Path, ms_path: Path, ms_dir: 
                     check(p.ms_name, weight, t.dtype, "rounds_to",
                           f"main param does not round to the Megatron weight {t.name}")
                     if locate is not None:
-                        check(p.ms_name, _state_slice(optim, locate, p, "param", env, where, layout.tp), "float32",
+                        check(p.ms_name, _state_slice(locate, p, "param", env, where, layout.tp), "float32",
                               "exact",
                               f"vs {_slice_label(locate, p, 'param')}")
                 else:
@@ -731,7 +843,7 @@ def _compare_rank(report: FileReport, key, mg_dir: Path, ms_path: Path, ms_dir: 
                 else:
                     report.compared += 1
                     report.values += weight.size
-                    check(k, _state_slice(optim, locate, p, s, env, where, layout.tp), "float32", "exact",
+                    check(k, _state_slice(locate, p, s, env, where, layout.tp), "float32", "exact",
                           f"vs {_slice_label(locate, p, s)}")
         if not_compared_states:
             report.not_compared.append((f"{not_compared_states} optimizer state tensors "
@@ -760,20 +872,21 @@ def _compare_rank(report: FileReport, key, mg_dir: Path, ms_path: Path, ms_dir: 
     finally:
         reader.close()
         model.close()
-        if optim is not None:
-            optim.close()
+        for f in (optim, dense_optim):
+            if f is not None:
+                f.close()
 
 
-def _state_slice(optim: OptimFile, locate: dict, p: _Param, state: str, env: dict, where: str,
-                 tp_size: int = 1) -> np.ndarray:
-    g, bucket, offset, numel = locate[(p.tensor.chunk, p.ddp_name)]
+def _state_slice(locate: dict, p: _Param, state: str, env: dict, where: str, tp_size: int = 1) -> np.ndarray:
+    optim, _label, g, bucket, offset, numel = locate[(p.tensor.chunk, p.ddp_name)]
     flat = optim.array(optim.buffers[g].key(state, bucket))[offset:offset + numel]
     return _apply_rule_ops(_take_part(flat.reshape(p.tensor.shape), p, env, tp_size, where), p.rule.ops, env, where)
 
 
 def _slice_label(locate: dict, p: _Param, state: str) -> str:
-    g, bucket, offset, numel = locate[(p.tensor.chunk, p.ddp_name)]
-    return f"distrib_optim.pt buffer {g} bucket {bucket} {state} [{offset}:{offset + numel}]"
+    _optim, label, g, bucket, offset, numel = locate[(p.tensor.chunk, p.ddp_name)]
+    part = "coalesced" if bucket is None else f"bucket {bucket}"
+    return f"{label} buffer {g} {part} {state} [{offset}:{offset + numel}]"
 
 
 def compare_across(megatron_dir: Path, ms_dir: Path, rules: str = "auto") -> list[FileReport]:
@@ -781,11 +894,8 @@ def compare_across(megatron_dir: Path, ms_dir: Path, rules: str = "auto") -> lis
     independently of the conversion code (module docstring)."""
     megatron_dir, ms_dir = Path(megatron_dir), Path(ms_dir)
     ck = megatron_folders.open_checkpoint_dir(megatron_dir)
-    if ck.ep_size > 1:
-        raise CkptmapError(f"{ck.root} has expert-parallel mp_rank folders (EP {ck.ep_size}); verify across "
-                           f"frameworks compares dense checkpoints (EP 1) only")
-    ranks = {(tp, pp): d for (tp, pp, _), d in ck.ranks.items()}
-    first = ModelFile(ranks[(0, 0)] / megatron_folders.MODEL_FILE)
+    ranks = dict(ck.ranks)   # {(tp, pp, ep): folder}
+    first = ModelFile(ranks[(0, 0, 0)] / megatron_folders.MODEL_FILE)
     try:
         args, tensors, chunks, dialect = first.args, first.tensors(), len(first.chunks()), first.dialect
     finally:
@@ -802,15 +912,17 @@ def compare_across(megatron_dir: Path, ms_dir: Path, rules: str = "auto") -> lis
     if dialect == "msadapter":
         notes.append("Megatron files in the MSAdapter dialect (MindSpeed-Core-MS): MindSpore dtype objects, one "
                      "storage per tensor")
-    for key, mg_dir in sorted(ranks.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+    for key, mg_dir in sorted(ranks.items(), key=lambda kv: (kv[0][1], kv[0][2], kv[0][0])):
         for ms_path in pairs.get(key, []):
             report = FileReport(str(mg_dir), str(ms_path))
             report.notes.extend(notes)
-            _compare_rank(report, key, mg_dir, ms_path, ms_dir, rule_set, layout, env, map_dirs)
+            _compare_rank(report, key, mg_dir, ms_path, ms_dir, rule_set, layout, env, map_dirs,
+                          dense_dir=ranks.get((key[0], key[1], 0)))
             reports.append(report)
     if missing or extra:
         report = FileReport(str(ck.root), str(ms_dir))
-        report.only_left = [f"(MindSpore file for tp {t} pp {p}: {where})" for t, p, where in missing]
+        report.only_left = [f"(MindSpore file for tp {t} pp {p}{f' ep {e}' if layout.ep > 1 else ''}: {where})"
+                            for (t, p, e), where in missing]
         report.only_right = [f"(file {e})" for e in extra]
         reports.append(report)
     for r in reports:

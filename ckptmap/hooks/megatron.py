@@ -27,8 +27,13 @@ Nothing else changes: no patch to Megatron, no new flag, the same signatures. Wh
 Ranks come from ``megatron.core.parallel_state``: ``d`` is the data-parallel rank *without*
 context parallelism (as the patch and the MindSpeed converters number it; the context-parallel
 copies of a rank hold the same layout, so only context-parallel rank 0 writes), ``t`` / ``p`` the
-tensor / pipeline rank. ``B`` numbers the dense buffers of one chunk (one per dtype); expert-parallel
-buffers are not described. The ``--save`` directory is ``megatron.training.get_args().save``, or
+tensor / pipeline rank. ``B`` numbers the buffers of one chunk as the rank folder's
+``distrib_optim.pt`` holds them: dense buffers (one per dtype), then expert-parallel buffers. Under
+expert parallelism (EP > 1, Megatron's ``mp_rank_TT[_PPP]_EEE`` folders) the name carries ``ep{e}``
+after the pipeline rank, as ckptmap's conversions name them: only expert rank 0's folder holds
+dense optimizer state, so every rank writes its dense buffers as ``ep0`` (``d`` its data-parallel
+rank) and its expert buffers as ``ep{e}`` — after the dense numbers on expert rank 0, from 0 on the
+others — with ``d`` the expert-data-parallel rank. The ``--save`` directory is ``megatron.training.get_args().save``, or
 what :func:`configure` was given (it takes precedence at construction). Without either, the hook
 warns once and writes nothing.
 
@@ -40,14 +45,18 @@ whole buckets and cuts parameters at bucket-relative offsets, so such a checkpoi
 correctly (tested against the real library); ``configure(load_check="layout")`` allows it by
 comparing offsets relative to each bucket. ``"off"`` skips the check.
 
-Versions: megatron-core 0.6.x is tested (the real library, in CI). Later 0.x versions are used
-through the same attributes (``DistributedDataParallel.module`` / ``buffers[*].param_index_map``,
-``DistributedOptimizer.per_model_buffers`` / ``load_parameter_state(filename, **kw)``), present in
-the 0.7.0, 0.8.0 and 0.10.0 sources (whose DDP takes a ``DistributedDataParallelConfig``; the
-wrapper passes any signature through); the hook checks them on every instance and, if they are
-missing, warns naming the megatron-core version and writes nothing. From 0.8 the distributed
-optimizer starts every parameter at a 64-element boundary: the param_map records those offsets as
-they are. Versions before 0.6 (no ``ParamAndGradBuffer``) are refused with a warning at install.
+Versions: tested against the real megatron-core 0.6.0 (``tests/test_hooks_megatron.py``) and
+0.8.0, 0.12.1, 0.16.1 (``tests/test_hooks_mcore_versions.py``: dense TP/PP/VPP/DP with several
+buckets and tied embeddings, and MoE with EP 2). The hook reads ``DistributedDataParallel.module`` /
+``buffers`` / ``expert_parallel_buffers`` / ``buffers[*].param_index_map``,
+``DistributedOptimizer.per_model_buffers`` / ``load_parameter_state(filename, **kw)`` (and
+``ChainedOptimizer``'s) and ``parallel_state``'s expert ranks (``expert_data_parallel`` from 0.12,
+``data_modulo_expert_parallel`` before); it checks them on every instance and, if they are missing,
+warns naming the megatron-core version and writes nothing. From 0.8 the distributed optimizer
+starts every parameter at a 64-element boundary: the param_map records those offsets as they are.
+With another data-parallel size at load, ``load_check="layout"`` relies on megatron-core re-padding
+buckets on load — tested with 0.6 only. Versions
+before 0.6 (no ``ParamAndGradBuffer``) are refused with a warning at install.
 If a rank's layout differs at load, that rank raises; ranks whose layout agrees go on into
 Megatron's collectives and stop when the launcher ends the job (as with Megatron's own asserts).
 """
@@ -73,7 +82,7 @@ __all__ = ["install", "uninstall", "configure", "installed", "save_param_maps", 
 
 log = logging.getLogger(__name__)
 
-TESTED_VERSIONS = ("0.6",)
+TESTED_VERSIONS = ("0.6", "0.8", "0.12", "0.16")
 MIN_VERSION = (0, 6)
 LOAD_CHECKS = ("layout", "exact", "off")
 _UNSET = object()
@@ -365,6 +374,48 @@ def _dp_size() -> int:
         return ps.get_data_parallel_world_size()
 
 
+def _first(ps, names):
+    for name in names:
+        fn = getattr(ps, name, None)
+        if fn is not None:
+            return fn()
+    raise _Unsupported(f"megatron.core.parallel_state has none of {', '.join(names)}")
+
+
+def _expert_ranks() -> tuple[int, int, int, int]:
+    """(expert-parallel rank, its size, expert-data-parallel rank, its size). The expert-data-parallel
+    group is the data-parallel group of the expert buffers (data-parallel / EP): 0.12+ name it
+    ``expert_data_parallel``, 0.6-0.11 ``data_modulo_expert_parallel``."""
+    ps = _parallel_state()
+    size = getattr(ps, "get_expert_model_parallel_world_size", lambda: 1)() or 1
+    if size == 1:
+        return 0, 1, _ranks()[0], _dp_size()
+    rank = ps.get_expert_model_parallel_rank()
+    edp = _first(ps, ("get_expert_data_parallel_rank", "get_data_modulo_expert_parallel_rank"))
+    if hasattr(ps, "get_expert_data_parallel_world_size"):
+        return rank, size, edp, ps.get_expert_data_parallel_world_size()
+    return rank, size, edp, _dp_size() // size   # before 0.12 expert parallelism is carved out of DP
+
+
+def _file_fields(kind: str, index: int, n_dense: int) -> tuple[int, int, int, int | None]:
+    """(buffer number, dp, data-parallel size, ep or None) in the name of the param_map file of
+    buffer ``index`` of ``kind`` ("dense" / "expert") of a chunk with ``n_dense`` dense buffers,
+    on this rank. The names ckptmap's conversions write (pt2ms's pt_meta, reshard): buffers are
+    numbered as the rank folder's distrib_optim.pt holds them, per chunk — dense buffers first,
+    then expert buffers; under expert parallelism (EP > 1, when Megatron's folders get the
+    ``_{ep:03d}`` suffix) the name carries ``ep{e}``, only expert rank 0's folder holds dense state
+    (ChainedOptimizer saves ``[dense, expert]`` there and ``[None, expert]`` elsewhere), so dense
+    buffers are named ``ep0`` by every rank (same layout on every expert rank, ``dp`` the
+    data-parallel rank) and expert buffers ``ep{e}`` numbered from 0 on e > 0, ``dp`` the
+    expert-data-parallel rank (the rank within that buffer's data-parallel group)."""
+    dp, _tp, _pp, _cp = _ranks()
+    ep, ep_size, edp, edp_size = _expert_ranks()
+    ep_name = (lambda e: e) if ep_size > 1 else (lambda e: None)
+    if kind == "dense":
+        return index, dp, _dp_size(), ep_name(0)
+    return index + (n_dense if ep == 0 else 0), edp, edp_size, ep_name(ep)
+
+
 def _vpp_size() -> int:
     try:
         from megatron.core import parallel_state
@@ -386,33 +437,40 @@ def _find_ddp(model):
     return None
 
 
-def _layout(ddp) -> list[list[ParamSlot]]:
-    """Per dense buffer of ``ddp``, its parameters in buffer order, as the param_map records them:
-    the name inside ``ddp.module`` (``module.`` + model name under Megatron's Float16Module), dtype,
-    TP-local shape, start/end in the whole buffer, bucket id."""
+def _layout(ddp) -> list[tuple[str, int, list[ParamSlot]]]:
+    """Per buffer of ``ddp`` — its dense buffers (``buffers``), then its expert-parallel ones
+    (``expert_parallel_buffers``, 0.6+) — ``(kind, index within the kind, parameters in buffer
+    order)``, as the param_map records them: the name inside ``ddp.module`` (``module.`` + model
+    name under Megatron's Float16Module), dtype, TP-local shape, start/end in the whole buffer (from
+    0.8 every start is 64-aligned and the gaps stay visible as jumps), bucket id."""
     buffers = getattr(ddp, "buffers", None)
     module = getattr(ddp, "module", None)
     if not isinstance(buffers, (list, tuple)) or module is None:
         raise _Unsupported("DistributedDataParallel has no `buffers` list / `module`")
+    expert = getattr(ddp, "expert_parallel_buffers", None) or []
+    if not isinstance(expert, (list, tuple)):
+        raise _Unsupported("DistributedDataParallel.expert_parallel_buffers is not a list")
     names = {}
     for name, param in module.named_parameters():
         names.setdefault(param, name)
     out = []
-    for b, buf in enumerate(buffers):
-        index_map = getattr(buf, "param_index_map", None)
-        if not isinstance(index_map, dict):
-            raise _Unsupported(f"buffer {b} ({type(buf).__name__}) has no param_index_map")
-        slots = []
-        for param, index in index_map.items():
-            if len(index) != 3:
-                raise _Unsupported(f"param_index_map entries are {index!r}, not (start, end, bucket_id)")
-            if param not in names:
-                raise _Unsupported(f"a parameter of buffer {b} (shape {list(param.shape)}) is not a parameter "
-                                   f"of DistributedDataParallel.module")
-            start, end, bucket = (int(x) for x in index)
-            slots.append(ParamSlot(names[param], dtypes.name_of(param.dtype), tuple(param.shape), start, end, bucket))
-        slots.sort(key=lambda s: s.start)   # buffer order (param_index_map's insertion order in 0.6)
-        out.append(slots)
+    for kind, group in (("dense", buffers), ("expert", expert)):
+        for b, buf in enumerate(group):
+            index_map = getattr(buf, "param_index_map", None)
+            if not isinstance(index_map, dict):
+                raise _Unsupported(f"{kind} buffer {b} ({type(buf).__name__}) has no param_index_map")
+            slots = []
+            for param, index in index_map.items():
+                if len(index) != 3:
+                    raise _Unsupported(f"param_index_map entries are {index!r}, not (start, end, bucket_id)")
+                if param not in names:
+                    raise _Unsupported(f"a parameter of {kind} buffer {b} (shape {list(param.shape)}) is not a "
+                                       f"parameter of DistributedDataParallel.module")
+                start, end, bucket = (int(x) for x in index)
+                slots.append(ParamSlot(names[param], dtypes.name_of(param.dtype), tuple(param.shape), start, end,
+                                       bucket))
+            slots.sort(key=lambda s: s.start)   # buffer order, whatever the dict's insertion order
+            out.append((kind, b, slots))
     return out
 
 
@@ -423,12 +481,17 @@ def _unsupported_warning(reason) -> None:
           f"checked at load")
 
 
-def _write(layout: list[list[ParamSlot]], chunk: int, directory: Path) -> list[Path]:
-    dp, tp, pp, cp = _ranks()
+def _write(layout, chunk: int, directory: Path) -> list[Path]:
+    _dp, tp, pp, cp = _ranks()
     if cp != 0:
         return []   # the context-parallel copies of this rank have the same layout and file name
-    return [param_map.write_param_map(directory / param_map.param_map_file_name(b, dp, tp, pp, chunk), slots)
-            for b, slots in enumerate(layout)]
+    n_dense = sum(1 for kind, _, _ in layout if kind == "dense")
+    paths = []
+    for kind, index, slots in layout:
+        b, d, _size, ep = _file_fields(kind, index, n_dense)
+        paths.append(param_map.write_param_map(directory / param_map.param_map_file_name(b, d, tp, pp, chunk, ep),
+                                               slots))
+    return paths
 
 
 def _register(ddp, chunk: int) -> None:
@@ -456,8 +519,6 @@ def _on_ddp_built(ddp) -> None:
         return
     chunk = index % _vpp_size()
     _register(ddp, chunk)
-    if getattr(ddp, "expert_parallel_buffers", None):
-        _warn("expert", "ckptmap: this model has expert-parallel buffers; param_map describes the dense buffers only")
     save_dir = _save_dir_at_construction()
     if not save_dir:
         _warn("no-save", "ckptmap: no --save directory is known (megatron.training.get_args().save is unset and "
@@ -527,8 +588,7 @@ def check_checkpoint(optimizer, filename) -> None:
         return
     mode = _config["load_check"]
     try:
-        dp, tp, pp, _cp = _ranks()
-        live_dp = _dp_size()
+        _dp, tp, pp, _cp = _ranks()
     except _NotReady as e:
         _warn("not-ready", str(e))
         return
@@ -545,16 +605,19 @@ def check_checkpoint(optimizer, filename) -> None:
                                             "imported; the checkpoint's param_map is not checked (import the hook "
                                             "at the top of the training script)")
                     return
-                ref, b, kind = owner
+                ref, index, kind = owner
                 ddp = ref()
-                if kind != "dense" or ddp is None:
+                if ddp is None:
                     continue
                 try:
-                    live_slots = _layout(ddp)[b]
+                    layout = _layout(ddp)
+                    n_dense = sum(1 for k, _, _ in layout if k == "dense")
+                    live_slots = next(slots for k, i, slots in layout if (k, i) == (kind, index))
+                    b, _d, live_dp, ep = _file_fields(kind, index, n_dense)
                 except _Unsupported as e:
                     _unsupported_warning(e)
                     return
-                _check_buffer(filename, directory, files, live_slots, b, chunk, dp, tp, pp, live_dp, mode)
+                _check_buffer(filename, directory, files, live_slots, b, chunk, tp, pp, ep, kind, live_dp, mode)
 
 
 def _bucket_sizes(entries: dict) -> list[int]:
@@ -577,25 +640,30 @@ def _dp_change_message(filename, directory, saved_dp, live_dp, first_moved) -> s
             f"data-parallel size {saved_dp}.")
 
 
-def _check_buffer(filename, directory, files, live_slots, b, chunk, dp, tp, pp, live_dp, mode) -> None:
+def _check_buffer(filename, directory, files, live_slots, b, chunk, tp, pp, ep, kind, live_dp, mode) -> None:
     todo = ("Resume with the model, DDP bucket size (--overlap-grad-reduce) and parallel sizes the checkpoint was "
             "saved with, or convert the checkpoint (ckptmap); ckptmap.hooks.megatron.configure(load_check='off') "
             "skips this check")
-    mine = [f for f in files if (f.buffer, f.tp, f.pp, f.vpp) == (b, tp, pp, chunk)]
+    mine = [f for f in files if (f.buffer, f.tp, f.pp, f.vpp, f.ep) == (b, tp, pp, chunk, ep)]
+    ep_text = "" if ep is None else f"ep{ep}"
     if not mine:
-        have = sorted({(f.tp, f.pp, f.vpp, f.buffer) for f in files})
+        have = sorted({(f.tp, f.pp, f.vpp, f.buffer) + (() if f.ep is None else (f"ep{f.ep}",)) for f in files},
+                      key=str)
         raise CkptmapError(
             f"ckptmap: cannot load {filename}: its param_map folder {directory} has no "
-            f"param_map_buffer{b}_dp*tp{tp}pp{pp}vpp{chunk}.json for this rank's model chunk {chunk}, buffer {b} "
-            f"(tensor-parallel rank {tp}, pipeline rank {pp}); it describes (tp, pp, chunk, buffer) = "
+            f"param_map_buffer{b}_dp*tp{tp}pp{pp}{ep_text}vpp{chunk}.json for this rank's model chunk {chunk}, "
+            f"{kind} buffer {b} (tensor-parallel rank {tp}, pipeline rank {pp}"
+            f"{'' if ep is None else f', expert-parallel folder {ep}'}); it describes (tp, pp, chunk, buffer"
+            f"{', ep' if any(f.ep is not None for f in files) else ''}) = "
             f"{', '.join(map(str, have[:8]))}{' …' if len(have) > 8 else ''}, so the checkpoint was saved with a "
-            f"different tensor / pipeline / virtual-pipeline layout or model. {todo}.")
+            f"different tensor / pipeline / virtual-pipeline / expert-parallel layout or model. {todo}.")
     saved_file = min(mine, key=lambda f: f.dp)
     saved = param_map.read_param_map(saved_file.path)
     live = {s.name: (s.dtype, s.shape, s.start, s.end, s.bucket) for s in live_slots}
     diff = param_map.param_map_difference(saved, live, relative=(mode != "exact"))
-    saved_dp = 1 + max(f.dp for f in files if (f.tp, f.pp) == (tp, pp))
-    where = f"model chunk {chunk}, buffer {b}, tensor-parallel rank {tp}, pipeline rank {pp}"
+    saved_dp = 1 + max(f.dp for f in mine)   # of this buffer's data-parallel group (expert-DP for experts)
+    where = (f"model chunk {chunk}, {kind} buffer (param_map buffer {b}), tensor-parallel rank {tp}, pipeline "
+             f"rank {pp}{'' if ep is None else f', expert-parallel folder {ep}'}")
     if diff is not None and mode == "exact" and saved_dp != live_dp \
             and param_map.param_map_difference(saved, live, relative=True) is None:
         first = diff.saved[0] if diff.saved is not None else diff.live[0]
@@ -611,7 +679,12 @@ def _check_buffer(filename, directory, files, live_slots, b, chunk, dp, tp, pp, 
             want = f"the live model has {diff.live[0]}: {param_map.describe_param_map_entry(diff.live[1])}"
         first = diff.saved[0] if diff.saved is not None else diff.live[0]
         saved_sizes, live_sizes = _bucket_sizes(saved), _bucket_sizes(live)
-        if saved_sizes == live_sizes:
+        if (_version_tuple(megatron_core_version()) or MIN_VERSION) >= (0, 7):
+            # 0.7+ store buckets coalesced and compare only a buffer's total numel_unpadded
+            consequence = ("megatron-core checks only the buffer's total unpadded size: where that agrees it "
+                           "loads the fp32 main parameters and Adam moments of one parameter into another without "
+                           "an error, otherwise it stops at its assertion without naming a parameter.")
+        elif saved_sizes == live_sizes:
             consequence = ("megatron-core's own check compares only the per-bucket sizes, which agree here "
                            f"({saved_sizes}), so it would load the fp32 main parameters and Adam moments of one "
                            "parameter into another without an error.")
