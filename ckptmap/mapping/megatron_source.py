@@ -626,7 +626,19 @@ class MegatronSource:
                 f"{listing(f'{r.loc}: {r.megatron}' for r in unused)}; the checkpoint is not the model these "
                 f"rules describe (choose other --rules, or mark the rule `optional`)")
         self.notes: list[str] = []   # param_maps found next to the checkpoint and ignored, and why
-        self.param_maps = _param_maps(opt, ckdir, self.notes) if ckdir.ep_size == 1 else []  # the patch names no EP
+        if ckdir.ep_size == 1:
+            self.param_maps = _param_maps(opt, ckdir, self.notes)
+        else:
+            # expert-parallel param_maps (the hook's ep{e} files) are not read yet: the layout is derived and
+            # every main param is still checked to round to its weight
+            if opt.param_map_path:
+                raise CkptmapError(f"--param-map-path {opt.param_map_path}: param_map files of an expert-parallel "
+                                   f"checkpoint (EP {ckdir.ep_size}) are not read yet; drop the flag — ckptmap derives "
+                                   f"the bucket layout and checks every fp32 main param against its weight")
+            if _param_maps(opt, ckdir, []):
+                self.notes.append(f"param_map files next to {ckdir.root} are not read under EP {ckdir.ep_size}; the "
+                                  f"bucket layout is derived (and checked against every weight)")
+            self.param_maps = []
         self.maps_of = maps_by_chunk(self.param_maps)
         self.blocks = None
         self.chosen: dict = {}       # the bucket block that fits the file
