@@ -152,3 +152,16 @@ def test_a_missing_expert_folder_is_named(converted, tmp_path, capsys):
     assert main(["pt2ms", "--megatron-path", str(broken), "--ms-path", str(tmp_path / "x"), "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert "EP size disagrees" in err and "Missing: mp_rank_00_001" in err and not (tmp_path / "x").exists()
+
+
+def test_expert_parallel_param_maps_are_not_silently_ignored(converted, tmp_path, capsys):
+    """pt2ms derives the bucket layout of an EP > 1 checkpoint: a --param-map-path would not be read, so
+    it is refused rather than ignored."""
+    _, src, _ = converted[("0.12.1", "moe")]
+    maps = tmp_path / "maps"
+    maps.mkdir()
+    (maps / "param_map_buffer0_dp0tp0pp0vpp0.json").write_text("{}")
+    assert main(["pt2ms", "--megatron-path", str(src), "--ms-path", str(tmp_path / "x"), "--param-map-path",
+                 str(maps), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "expert-parallel" in err and "--param-map-path" in err and not (tmp_path / "x").exists()
