@@ -90,9 +90,10 @@ def iteration_dir(src) -> tuple[Path, str]:
     if not tracker.is_file():
         raise CkptmapError(f"--src {src} is neither a torch_dist checkpoint folder (no .metadata) nor a --save folder "
                            f"with {megatron_folders.TRACKER}")
-    text = tracker.read_text().strip()
-    it = src / ("release" if text == "release" else megatron_folders.iter_dir_name(int(text)) if text.isdigit() else "")
-    if not text or not td.is_torch_dist_dir(it):
+    iteration = megatron_folders.read_tracker(src)   # damaged trackers are named there
+    text = str(iteration)
+    it = src / ("release" if iteration == "release" else megatron_folders.iter_dir_name(iteration))
+    if not td.is_torch_dist_dir(it):
         raise CkptmapError(f"{tracker} names iteration {text!r}, but {it} is not a torch_dist checkpoint folder "
                            f"(no .metadata); point --src at the iter_* folder you mean")
     return it, text
