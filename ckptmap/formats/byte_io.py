@@ -28,9 +28,10 @@ def _advise_sequential(fd: int, offset: int, n: int) -> None:
             pass   # advice only
 
 
-def copy_range(src: FileRange, out_fd: int) -> None:
-    """Append the bytes of ``src`` to ``out_fd`` at its current position (which advances by
-    ``src.nbytes``). A source shorter than the range is an OSError (the file changed under us)."""
+def copy_range(src: FileRange, out_fd: int, out_offset: int | None = None) -> None:
+    """Write the bytes of ``src`` to ``out_fd`` at ``out_offset``, or (None) at its current position,
+    which then advances by ``src.nbytes``. A source shorter than the range is an OSError (the file
+    changed under us)."""
     global _KERNEL_COPY
     fd = os.open(src.path, os.O_RDONLY)
     try:
@@ -38,7 +39,8 @@ def copy_range(src: FileRange, out_fd: int) -> None:
         pos, end = src.offset, src.offset + src.nbytes
         while pos < end and _KERNEL_COPY:
             try:
-                n = os.copy_file_range(fd, out_fd, min(end - pos, 1 << 30), pos)
+                at = None if out_offset is None else out_offset + pos - src.offset
+                n = os.copy_file_range(fd, out_fd, min(end - pos, 1 << 30), pos, at)
             except OSError as e:
                 if e.errno not in _NO_KERNEL_COPY or pos != src.offset:
                     raise
@@ -48,10 +50,22 @@ def copy_range(src: FileRange, out_fd: int) -> None:
                 raise OSError(errno.EIO, f"{src.path} ends before byte {end} (at {pos}); the file changed")
             pos += n
         if pos < end:
+            at = None if out_offset is None else out_offset + pos - src.offset
             for chunk in _pread_chunks(fd, src.path, pos, end - pos):
-                _write_all(out_fd, chunk)
+                if at is None:
+                    _write_all(out_fd, chunk)
+                else:
+                    pwrite_all(out_fd, chunk, at)
+                    at += len(chunk)
     finally:
         os.close(fd)
+
+
+def pwrite_all(fd: int, data, offset: int) -> None:
+    view = memoryview(data).cast("B")
+    while view:
+        n = os.pwrite(fd, view, offset)
+        view, offset = view[n:], offset + n
 
 
 def _write_all(fd: int, data) -> None:
