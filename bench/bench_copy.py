@@ -17,7 +17,7 @@ summed over processes, sampled every 20 ms: what the tool allocates; forked page
 apart, the peak RSS (which also counts mapped file pages), with ratios to ``cp -r`` of the same input.
 
     PYTHONPATH=. .venv/bin/python bench/bench_copy.py [--workdir DIR] [--sizes 2g 4g] [--repeat 5]
-        [--src OTHER_CHECKOUT] [--only pt2ms-full ...]
+        [--src OTHER_CHECKOUT] [--before OTHER_CHECKOUT] [--only pt2ms-full ...]
 
 ``--src`` runs another checkout's ckptmap (e.g. ``git archive COMMIT ckptmap | tar -x -C /tmp/old``)
 on the same checkpoints: the "before" of a change. Checkpoints are cached in the work dir. Results
@@ -131,13 +131,17 @@ def main():
     ap.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES))
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--src", help="checkout whose ckptmap package to run (default: this one)")
+    ap.add_argument("--before", help="another checkout (e.g. the commit before a change) whose conversions run in "
+                                     "the same interleaved series, labelled before:…")
     ap.add_argument("--process-limit", type=int, default=2)
     ap.add_argument("--only", nargs="+", help="labels to run (cp, cp-ms, pt2ms-full, pt2ms-param, ms2pt)")
     ns = ap.parse_args()
     work = Path(ns.workdir)
     work.mkdir(parents=True, exist_ok=True)
     code = Path(ns.src).resolve() if ns.src else REPO
-    env = dict(os.environ, PYTHONPATH=str(code))
+    # a user's install has its bytecode compiled: measure with __pycache__ written and used
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+    env["PYTHONPATH"] = str(code)
     cli = [sys.executable, "-c", "import sys; from ckptmap.cli import main; sys.exit(main())"]
     run_flags = ["--no-progress", "--process-limit", str(ns.process_limit)]
     print(f"code: {code}; python {sys.version.split()[0]}; {os.cpu_count()} cores; load {load()}", flush=True)
@@ -158,9 +162,19 @@ def main():
                                   "--convert-param-only"] + run_flags,
             "ms2pt": cli + ["ms2pt", "--ms-path", str(ms), "--megatron-path", str(out)] + run_flags,
         }
+        tiny = REPO.parent / "shared" / "fixtures" / "megatron-r0.6.0" / "legacy_tp1pp1dp1"
+        if tiny.is_dir():   # start-up and fixed costs: a 3 MB checkpoint, one output file
+            commands["pt2ms-tiny"] = cli + ["pt2ms", "--megatron-path", str(tiny), "--ms-path", str(out)] + run_flags
         if ns.only:
             commands = {k: v for k, v in commands.items() if k in ns.only}
+        envs = {k: env for k in commands}
+        if ns.before:
+            before_env = dict(env, PYTHONPATH=str(Path(ns.before).resolve()))
+            for k in [k for k in commands if not k.startswith("cp")]:
+                commands["before:" + k] = commands[k]
+                envs["before:" + k] = before_env
         baseline = {"pt2ms-full": "cp", "pt2ms-param": "cp", "ms2pt": "cp-ms"}
+        baseline.update({"before:" + k: v for k, v in baseline.items()})
         # warm the page cache with the inputs, as for every cp -r after the first
         for d in (src, ms):
             for p in d.rglob("*"):
@@ -173,22 +187,24 @@ def main():
         for _ in range(ns.repeat):
             for label, cmd in commands.items():
                 shutil.rmtree(out, ignore_errors=True)
-                r = run_measured(cmd, env)
+                r = run_measured(cmd, envs[label])
                 series[label].append(r)
-                sizes[label] = (du(src if label != "ms2pt" and label != "cp-ms" else ms), du(out))
+                kind = label.split(":")[-1]
+                source = ms if kind in ("ms2pt", "cp-ms") else tiny if kind == "pt2ms-tiny" else src
+                sizes[label] = (du(source), du(out))
         shutil.rmtree(out, ignore_errors=True)
         med = {k: {m: statistics.median(r[m] for r in v) for m in ("wall", "cpu", "user", "sys")}
                for k, v in series.items()}
         peak = {k: {m: max(r[m] for r in v) for m in ("anon", "rss")} for k, v in series.items()}
         print(f"\n{size}: source {du(src) / 1e9:.2f} GB (Megatron), {du(ms) / 1e9:.2f} GB (MindSpore); "
               f"{ns.repeat} rounds; load {load()}")
-        print(f"{'command':12s} {'in GB':>6s} {'out GB':>6s} {'wall s':>7s} {'CPU s':>6s} {'user':>5s} {'sys':>5s} "
+        print(f"{'command':19s} {'in GB':>6s} {'out GB':>6s} {'wall s':>7s} {'CPU s':>6s} {'user':>5s} {'sys':>5s} "
               f"{'x cp wall':>9s} {'anon MiB':>8s} {'RSS MiB':>8s}")
         for label in commands:
             m, p = med[label], peak[label]
             base = baseline.get(label)
             ratio = f"{m['wall'] / med[base]['wall']:9.2f}" if base in med else f"{'':9s}"
-            print(f"{label:12s} {sizes[label][0] / 1e9:6.2f} {sizes[label][1] / 1e9:6.2f} {m['wall']:7.2f} "
+            print(f"{label:19s} {sizes[label][0] / 1e9:6.2f} {sizes[label][1] / 1e9:6.2f} {m['wall']:7.2f} "
                   f"{m['cpu']:6.2f} {m['user']:5.2f} {m['sys']:5.2f} {ratio} {p['anon'] / 1024:8.0f} "
                   f"{p['rss'] / 1024:8.0f}", flush=True)
 

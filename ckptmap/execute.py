@@ -279,8 +279,8 @@ def _storage_bytes(storages, sources: "_Sources", progress):
                 if how is None:
                     value = expected_array(t, sources)
                     yield np.ascontiguousarray(value).reshape(-1).view(np.uint8)
-                elif how[0] == "range":   # read into one reused buffer: the zip record needs its CRC
-                    yield from byte_io.read_chunks(how[1])
+                elif how[0] == "range":   # copied by the kernel; the CRC read through a map of the source
+                    yield how[1]
                 else:
                     yield from how[1]
                 if progress:

@@ -11,6 +11,8 @@ import sys
 from pathlib import Path
 
 
+import pytest
+
 from conftest import fixture_dir
 
 REPO = Path(__file__).resolve().parent.parent
@@ -67,3 +69,39 @@ def test_pt2ms_and_ms2pt_never_import_torch(tmp_path):
     assert len(pts) == 8
     for rel in pts:
         assert filecmp.cmp(src / rel, back / rel, shallow=False), rel
+
+
+def test_crc32_is_zlibs():
+    """Whichever CRC-32 implementation byte_io picked (zlib-ng when installed), it is zlib's function."""
+    import zlib
+
+    from ckptmap.formats import byte_io
+
+    data = bytes(range(256)) * 4099
+    assert byte_io.crc32(data) == zlib.crc32(data)
+    assert byte_io.crc32(data[1000:], byte_io.crc32(data[:1000])) == zlib.crc32(data)
+
+
+@pytest.mark.parametrize("window", [4096, 10000, 64 << 20])
+def test_crc32_range_and_copy_range_of_odd_ranges(tmp_path, monkeypatch, window):
+    """The CRC of a file range read through maps (windows aligned to pages, ranges not) and the
+    kernel copy of the range: both against the bytes read plainly."""
+    import zlib
+
+    from ckptmap.formats import byte_io
+    from ckptmap.formats.base import FileRange
+
+    monkeypatch.setattr(byte_io, "_MAP_WINDOW", window)
+    data = bytes((i * 7919) % 251 for i in range(300_001))
+    src = tmp_path / "src.bin"
+    src.write_bytes(data)
+    for offset, n in [(0, 300_001), (1, 4095), (4097, 123_457), (299_000, 1001), (5, 0)]:
+        rng = FileRange(str(src), offset, n)
+        assert byte_io.crc32_range(rng, 7) == zlib.crc32(data[offset:offset + n], 7)
+        out = tmp_path / "out.bin"
+        with open(out, "wb") as f:
+            f.write(b"head")
+            f.flush()
+            byte_io.copy_range(rng, f.fileno())
+            f.write(b"tail")
+        assert out.read_bytes() == b"head" + data[offset:offset + n] + b"tail"

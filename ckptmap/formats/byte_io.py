@@ -11,7 +11,13 @@ a CRC): fewer page faults and no page-table growth compared with touching an ``m
 from __future__ import annotations
 
 import errno
+import mmap
 import os
+
+try:   # zlib-ng's CRC-32 (carry-less multiply): the same values, 2-3x zlib's speed; optional
+    from zlib_ng.zlib_ng import crc32
+except ImportError:
+    from zlib import crc32
 
 from ckptmap.formats.base import FileRange
 
@@ -100,3 +106,27 @@ def read_chunks(src: FileRange, chunk: int = CHUNK):
         yield from _pread_chunks(fd, src.path, src.offset, src.nbytes, chunk)
     finally:
         os.close(fd)
+
+
+_MAP_WINDOW = 64 * 1024 * 1024
+
+
+def crc32_range(src: FileRange, crc: int = 0) -> int:
+    """CRC-32 (zlib's) of the bytes of ``src``, continuing ``crc``: read through a read-only map of the
+    file, 64 MiB at a time, pre-faulted (MAP_POPULATE), so no byte is copied to compute it."""
+    if not src.nbytes:
+        return crc
+    fd = os.open(src.path, os.O_RDONLY)
+    try:
+        flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
+        pos, end = src.offset, src.offset + src.nbytes
+        while pos < end:
+            base = pos - pos % mmap.ALLOCATIONGRANULARITY
+            length = min(end, base + _MAP_WINDOW) - base
+            with mmap.mmap(fd, length, flags=flags, prot=mmap.PROT_READ, offset=base) as mm:
+                with memoryview(mm) as view:
+                    crc = crc32(view[pos - base:], crc)
+            pos = base + length
+    finally:
+        os.close(fd)
+    return crc

@@ -63,7 +63,6 @@ from __future__ import annotations
 import math
 import mmap
 import os
-import zlib
 
 import numpy as np
 
@@ -131,7 +130,7 @@ class CkptWriter:
     def _emit(self, data) -> None:
         self._f.write(data)
         if self._crc is not None:
-            self._crc = zlib.crc32(data, self._crc)
+            self._crc = byte_io.crc32(data, self._crc)
 
     def _record(self, tag: bytes, dims, ms_type: bytes, content) -> None:
         """One record = one serialised ``Checkpoint``; the header is built, the content streamed."""
@@ -448,7 +447,7 @@ class CkptReader:
         with memoryview(self._mm) as whole:
             for start in range(0, end, _CRC_CHUNK):
                 with whole[start:min(end, start + _CRC_CHUNK)] as chunk:
-                    crc = zlib.crc32(chunk, crc)
+                    crc = byte_io.crc32(chunk, crc)
         stored = int.from_bytes(self._mm[end + len(_CRC_MAGIC):end + _TRAILER_LEN], "big")
         if crc != stored:
             raise CkptmapError(f"{self.path}: CRC-32 mismatch: the trailer at byte offset {end} says {stored:#010x}, "
