@@ -72,11 +72,12 @@ def _build_stage(job) -> None:
     from ckptmap.mapping import buckets
     from ckptmap.mapping.rules import bundled_rules, load_rules
 
-    rule = load_rules(bundled_rules()["megatron_legacy_gpt"]).bucket_layout("megatron")
+    rule = load_rules(bundled_rules()["megatron_legacy_gpt"]).bucket_layout("megatron", "0.6")
     entries = model.stage_tensors(pp)
     names = [".".join(path) for path, _ in entries]
     params = [buckets.ParamEntry("module." + n, shape, "bfloat16") for n, (_, shape) in zip(names, entries)]
-    env = buckets.layout_env(rule, {"dp": model.dp, "cp": 1, "pp": model.pp, "pp_rank": pp, "chunk": 0,
+    env = buckets.layout_env(rule, {"dp": model.dp, "cp": 1, "dp_group": model.dp, "pp": model.pp, "pp_rank": pp,
+                                    "chunk": 0,
                                     "overlap_grad_reduce": False, "untie_embeddings_and_output_weights": True})
     layout = buckets.build_buffer(rule, params, env)
     slots = [layout.slot("module." + n) for n in names]
