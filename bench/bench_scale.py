@@ -49,7 +49,7 @@ import torch
 
 from bench_pt2ms import run_measured
 from ckptmap.demo import DemoModel
-from ckptmap.formats import megatron
+from ckptmap.formats import megatron_files, megatron_folders
 
 REPO = Path(__file__).resolve().parent.parent
 CLI = [sys.executable, "-c", "import sys; from ckptmap.cli import main; sys.exit(main())"]
@@ -72,11 +72,12 @@ def _build_stage(job) -> None:
     from ckptmap.mapping import buckets
     from ckptmap.mapping.rules import bundled_rules, load_rules
 
-    rule = load_rules(bundled_rules()["megatron_legacy_gpt"]).bucket_layout("megatron")
+    rule = load_rules(bundled_rules()["megatron_legacy_gpt"]).bucket_layout("megatron", "0.6")
     entries = model.stage_tensors(pp)
     names = [".".join(path) for path, _ in entries]
     params = [buckets.ParamEntry("module." + n, shape, "bfloat16") for n, (_, shape) in zip(names, entries)]
-    env = buckets.layout_env(rule, {"dp": model.dp, "cp": 1, "pp": model.pp, "pp_rank": pp, "chunk": 0,
+    env = buckets.layout_env(rule, {"dp": model.dp, "cp": 1, "dp_group": model.dp, "pp": model.pp, "pp_rank": pp,
+                                    "chunk": 0,
                                     "overlap_grad_reduce": False, "untie_embeddings_and_output_weights": True})
     layout = buckets.build_buffer(rule, params, env)
     slots = [layout.slot("module." + n) for n in names]
@@ -95,7 +96,7 @@ def _build_stage(job) -> None:
                 node = node.setdefault(k, {})
             node[path[-1]] = buffer[slot.start:slot.end].view(shape)
         state = {
-            "args": args, "checkpoint_version": megatron.CHECKPOINT_VERSION, "iteration": iteration,
+            "args": args, "checkpoint_version": megatron_files.CHECKPOINT_VERSION, "iteration": iteration,
             "model": tree,
             "optimizer": {"optimizer": {"param_groups": [
                 {"lr": 9.5e-5, "weight_decay": 0.01, "betas": (0.9, 0.95), "eps": 1e-8, "step": iteration},
@@ -107,15 +108,15 @@ def _build_stage(job) -> None:
             "rng_state": [{"random_rng_state": (3, tuple(range(5)), None), "torch_rng_state": gen.get_state()}],
             "num_floating_point_operations_so_far": 0,
         }
-        rank_dir = iter_dir / megatron.mp_rank_dir_name(tp, pp, model.pp)
+        rank_dir = iter_dir / megatron_folders.mp_rank_dir_name(tp, pp, model.pp)
         rank_dir.mkdir(parents=True, exist_ok=True)
-        torch.save(state, rank_dir / megatron.MODEL_FILE)
+        torch.save(state, rank_dir / megatron_folders.MODEL_FILE)
         key = (torch.bfloat16, torch.float32)
         torch.save({"per_bucket_numel": [{key: layout.per_bucket_numel}],
                     "per_bucket_numel_unpadded": [{key: layout.per_bucket_numel_unpadded}],
                     0: {key: {k: [v[b.start:b.start + b.numel].clone() for b in layout.buckets]
                               for k, v in states.items()}}},
-                   rank_dir / megatron.OPTIM_FILE)
+                   rank_dir / megatron_folders.OPTIM_FILE)
 
 
 def build_checkpoint(save_root: Path, model: DemoModel, iteration: int = 100, processes: int = 2) -> float:
@@ -123,13 +124,13 @@ def build_checkpoint(save_root: Path, model: DemoModel, iteration: int = 100, pr
     t0 = time.perf_counter()
     partial = save_root.with_name(save_root.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
-    iter_dir = partial / megatron.iter_dir_name(iteration)
+    iter_dir = partial / megatron_folders.iter_dir_name(iteration)
     iter_dir.mkdir(parents=True)
     jobs = [(iter_dir, model, pp, iteration) for pp in range(model.pp)]
     with mp.get_context("fork").Pool(processes) as pool:
         for _ in pool.imap_unordered(_build_stage, jobs, chunksize=4):
             pass
-    megatron.write_tracker(partial, iteration)
+    megatron_folders.write_tracker(partial, iteration)
     os.replace(partial, save_root)
     return time.perf_counter() - t0
 
@@ -169,18 +170,21 @@ import os, sys, time
 t = [time.perf_counter()]; c = [time.process_time()]
 def mark():
     t.append(time.perf_counter()); c.append(time.process_time())
-import torch; mark()
+mark()   # torch is no longer imported by a plan (issue 14): this phase is empty
 from ckptmap.cli import print_plan
 from ckptmap.mapping.compiler import Pt2MsOptions, compile_pt2ms; mark()
 plan = compile_pt2ms(Pt2MsOptions(megatron_path=sys.argv[1], ms_path=sys.argv[2], generate_all_dp_cp=sys.argv[3] == "1"))
 mark()
 with open(os.devnull, "w") as f:
-    print_plan(plan, out=f)
+    try:
+        print_plan(plan, out=f, detail=False, summary=True)   # what --dry-run prints by default
+    except TypeError:   # ckptmap before the summary: the full listing
+        print_plan(plan, out=f)
 mark()
 with open(os.devnull, "w") as f:
     plan.write_json(f) if hasattr(plan, "write_json") else f.write(plan.to_json())  # older ckptmap: one string
 mark()
-names = ["import torch", "import ckptmap", "compile_pt2ms", "print_plan (--dry-run)", "write_json (-o)"]
+names = ["(torch)", "import ckptmap", "compile_pt2ms", "print_plan (--dry-run)", "write_json (-o)"]
 print("; ".join(f"{n} {c[i + 1] - c[i]:.2f} s CPU / {t[i + 1] - t[i]:.2f} s wall" for i, n in enumerate(names)))
 """
 

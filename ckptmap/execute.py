@@ -32,7 +32,8 @@ import numpy as np
 
 from ckptmap import atomic, coordinate, dtypes, signals, target
 from ckptmap.errors import CkptmapError
-from ckptmap.formats import megatron_write, pt_meta, registry
+from ckptmap.formats import byte_io, megatron_write, pt_meta, registry
+from ckptmap.formats.base import FileRange
 from ckptmap.mapping import ops as tensor_ops
 from ckptmap.mapping.plan import FileTask, Plan, TensorTask
 
@@ -150,19 +151,61 @@ class _Sources:
                 f"{used.key}): {detail}. The source ranks disagree (one may be stale or corrupt); check the checkpoint "
                 f"before resharding it — nothing silently picks one copy")
 
-    def _check_rounding(self, task: TensorTask, main: np.ndarray) -> None:
-        """The fp32 main param, rounded to the model weight's dtype, must be that weight."""
+    def _rounding_mismatches(self, task: TensorTask, main: np.ndarray | None):
+        """Elements of the fp32 main param that do not round to the model weight ("all" when the
+        sizes differ). Both are read in chunks — into reused buffers when they lie contiguous in
+        their files, the usual case — so the check costs a few passes over a chunk in the CPU cache,
+        not arrays the size of the parameter."""
         weight = task.rounds_to
-        want = np.ascontiguousarray(self.slice(weight)).reshape(-1)
-        got = tensor_ops.cast(np.ascontiguousarray(main).reshape(-1), "float32", weight.dtype)
-        if got.shape != want.shape or not np.array_equal(got.view(np.uint8), want.view(np.uint8)):
-            bad = int(np.count_nonzero(got != want)) if got.shape == want.shape else "all"
+        src = task.sources[0]
+        if main is None:
+            ranges = (self.byte_range(src), self.byte_range(weight))
+            if None not in ranges and weight.count == src.count and src.dtype == "float32":
+                n = 1 << 18   # elements per chunk
+                mains = byte_io.read_chunks(ranges[0], n * dtypes.itemsize(src.dtype))
+                weights = byte_io.read_chunks(ranges[1], n * dtypes.itemsize(weight.dtype))
+                bad = 0
+                for m, w in zip(mains, weights):
+                    got = tensor_ops.cast(np.frombuffer(m, dtype=np.float32), "float32", weight.dtype)
+                    bits = f"u{got.itemsize}"   # bit patterns: a NaN weight equals its NaN rounding
+                    bad += int(np.count_nonzero(got.view(bits) != np.frombuffer(w, dtype=bits)))
+                return bad
+            main = self.slice(src)
+        want = self.slice(weight).reshape(-1)
+        main = main.reshape(-1)
+        if main.size != want.size:
+            return "all"
+        bad = 0
+        for lo in range(0, main.size, 1 << 18):
+            got = tensor_ops.cast(np.ascontiguousarray(main[lo:lo + (1 << 18)]), "float32", weight.dtype)
+            bits = f"u{got.itemsize}"
+            bad += int(np.count_nonzero(got.view(bits) != np.ascontiguousarray(want[lo:lo + (1 << 18)]).view(bits)))
+        return bad
+
+    def _check_rounding(self, task: TensorTask, main: np.ndarray | None) -> None:
+        """The fp32 main param, rounded to the model weight's dtype, must be that weight (``main``:
+        its values when already in hand, else read here)."""
+        weight = task.rounds_to
+        bad = self._rounding_mismatches(task, main)
+        if bad:
             raise CkptmapError(
                 f"{task.name}: the fp32 main param read from {task.sources[0].file} ({task.sources[0].key} "
                 f"[{task.sources[0].start}:{task.sources[0].start + task.sources[0].count}]) does not round to the model "
-                f"weight {weight.key} of {weight.file} ({bad} of {want.size} elements differ): the bucket layout puts "
+                f"weight {weight.key} of {weight.file} ({bad} of {weight.count} elements differ): the bucket layout puts "
                 f"another parameter's optimizer state here. Pass the training run's param_map (--param-map-path), or "
                 f"the right --megatron-version; --no-main-param-check skips this check")
+
+    def byte_range(self, s) -> FileRange | None:
+        """Where the elements of SourceSlice ``s`` lie contiguous in its file (C order), else None."""
+        reader = self.reader(s.file)
+        spec = reader.spec(s.key)
+        if tuple(spec.shape) != tuple(s.shape) or spec.dtype != s.dtype:
+            self.slice(s)   # raises the changed-source error
+        whole = reader.byte_range(s.key)
+        if whole is None:
+            return None
+        size = dtypes.itemsize(s.dtype)
+        return FileRange(whole.path, whole.offset + s.start * size, s.count * size)
 
     def raw(self, s) -> np.ndarray:
         return self.reader(s.file).array(s.key)
@@ -196,6 +239,63 @@ def expected_array(task: TensorTask, sources: _Sources) -> np.ndarray:
     return value
 
 
+def _elementwise(task: TensorTask):
+    """(source dtype, target dtype) when the task's value is its one source's elements in file order
+    through at most a cast (reshapes do not move C-order bytes), else None."""
+    if task.reads or len(task.sources) != 1 or task.value is not None:
+        return None
+    src = task.src_dtype or task.sources[0].dtype
+    if src != task.sources[0].dtype:
+        return None
+    dst = src
+    for op in task.ops:
+        if op.kind == "cast" and op.args[0] == dst:
+            dst = op.args[1]
+        elif op.kind != "reshape":
+            return None
+    return (src, dst) if dst == task.dtype else None
+
+
+def byte_copy(task: TensorTask) -> bool:
+    """The task's bytes are a run of its source's bytes: the executor copies them kernel-side
+    (when the source's format stores them contiguously)."""
+    kinds = _elementwise(task)
+    return kinds is not None and kinds[0] == kinds[1]
+
+
+def _checks(task: TensorTask, sources: "_Sources") -> None:
+    if task.replicas:
+        sources._check_replicas(task, sources.slice(task.sources[0]))
+    if task.rounds_to is not None:
+        sources._check_rounding(task, None)
+
+
+def _cast_chunks(rng: FileRange, src: str, dst: str):
+    """The bytes of ``rng`` (elements of ``src``) cast to ``dst`` (``ops.cast``, the one definition
+    of every cast), chunk by chunk: the source read into one reused buffer, a chunk-sized result."""
+    size = dtypes.itemsize(src)
+    chunk = byte_io.CHUNK // 2 // size * size
+    for raw in byte_io.read_chunks(rng, chunk):
+        values = np.frombuffer(raw, dtype=dtypes.storage(src))
+        yield np.ascontiguousarray(tensor_ops.cast(values, src, dst)).view(np.uint8)
+
+
+def streamed(task: TensorTask, sources: "_Sources"):
+    """("range", FileRange) when the task's bytes are a contiguous run of its source file,
+    ("chunks", iterator) when they are such a run cast element by element, else None (the task
+    needs its whole array: expected_array). The task's checks run first."""
+    kinds = _elementwise(task)
+    if kinds is None:
+        return None
+    rng = sources.byte_range(task.sources[0])
+    if rng is None:
+        return None
+    _checks(task, sources)
+    if kinds[0] == kinds[1]:
+        return "range", rng
+    return "chunks", _cast_chunks(rng, *kinds)
+
+
 def _storage_bytes(storages, sources: "_Sources", progress):
     """fill(key) for a streamed torch file: each storage's pieces in order, as raw bytes."""
     by_key = {s.key: s for s in storages}
@@ -209,8 +309,14 @@ def _storage_bytes(storages, sources: "_Sources", progress):
                 t = piece.tensor
                 if t.dtype != st.dtype:
                     raise CkptmapError(f"internal error: {t.name} is {t.dtype}, storage {key} holds {st.dtype}")
-                value = expected_array(t, sources)
-                yield np.ascontiguousarray(value).reshape(-1).view(np.uint8)
+                how = streamed(t, sources)
+                if how is None:
+                    value = expected_array(t, sources)
+                    yield np.ascontiguousarray(value).reshape(-1).view(np.uint8)
+                elif how[0] == "range":   # copied by the kernel; the CRC read through a map of the source
+                    yield how[1]
+                else:
+                    yield from how[1]
                 if progress:
                     progress(t.nbytes)
             else:
@@ -254,7 +360,13 @@ def write_file(task: FileTask, root: Path, progress=None, fsync: bool = False) -
             try:
                 with registry.open_writer(task.format, tmp, entries, task.metadata, crc=task.crc) as writer:
                     for t in task.tensors:
-                        writer.write(t.name, expected_array(t, sources), t.dtype)
+                        how = streamed(t, sources) if hasattr(writer, "write_range") else None
+                        if how is None:
+                            writer.write(t.name, expected_array(t, sources), t.dtype)
+                        elif how[0] == "range":
+                            writer.write_range(t.name, t.dtype, t.shape, how[1])
+                        else:
+                            writer.write_chunks(t.name, t.dtype, t.shape, how[1])
                         written += t.nbytes
                         if progress:
                             progress(t.nbytes)
@@ -528,7 +640,9 @@ def _run_pool(plan: Plan, phase: list[int], root: Path, n: int, timeout, bar: _P
               done: dict) -> dict:
     ctx = mp.get_context("fork")
     tasks, results_q = ctx.Queue(), ctx.Queue()
-    for i in phase:
+    # largest first: workers pulling from one queue then end within about one small file of each
+    # other (balanced by bytes, not by the number of files)
+    for i in sorted(phase, key=lambda i: (-plan.files[i].nbytes, i)):
         tasks.put(i)
     parent = os.getpid()
 

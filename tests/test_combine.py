@@ -373,7 +373,7 @@ def test_step_selection_latest_common_then_asked(tmp_path, capsys):
 def test_dry_run_shows_slices_and_writes_nothing(tmp_path, capsys):
     src, out = tmp_path / "run", tmp_path / "merged"
     build_run(src, tp_size=1, pp_size=1, dp=4)
-    assert combine(src, out, "--dry-run") == 0
+    assert combine(src, out, "--dry-run", "--full") == 0
     printed = capsys.readouterr().out
     assert not out.exists()
     assert "rank_0/network_rank_0-0_1_dp_merged.ckpt" in printed

@@ -32,7 +32,7 @@ def test_dry_run_lists_every_tensor_and_writes_nothing(source, tmp_path, capsys)
     root, truth = source
     out = tmp_path / "ms"
     assert main(["plan", "pt2ms", "--megatron-path", str(root), "--ms-path", str(out),
-                 "--convert-param-only", "--dry-run"]) == 0
+                 "--convert-param-only", "--dry-run", "--full"]) == 0
     text = capsys.readouterr().out
     assert not out.exists()
     for line in ["rank_0/network.ckpt", "rank_1/network.ckpt", "rank_2/network.ckpt", "rank_3/network.ckpt"]:
@@ -43,6 +43,33 @@ def test_dry_run_lists_every_tensor_and_writes_nothing(source, tmp_path, capsys)
     assert "64x64" in row and "float32" in row and "cast(bfloat16, float32)" in row and str(64 * 64 * 4) in row
     n_weights = sum(len(t) for t in truth.values())
     assert f"{n_weights + 2 * 4} tensors" in text  # + step_num, epoch_num per file
+
+
+def test_dry_run_summary_by_pattern(source, tmp_path, capsys):
+    """Without --full a dry run prints one row per pattern (numbers as N) with counts, bytes and how
+    the executor makes the bytes, plus one full example row per pattern; its length does not grow
+    with the ranks."""
+    root, truth = source
+    out = tmp_path / "ms"
+    assert main(["plan", "pt2ms", "--megatron-path", str(root), "--ms-path", str(out), "--dry-run"]) == 0
+    text = capsys.readouterr().out
+    assert not out.exists()
+    lines = text.splitlines()
+    files = next(l for l in lines if l.strip().startswith("rank_N/network.ckpt"))
+    assert files.split()[1:3] == ["ckpt", "4"]
+    # every (rank, layer) qkv weight has its exp_avg: one pattern row counts them all
+    n_qkv = sum(1 for (tp, pp), names in truth.items() for n in names if "query_key_value" in n)
+    row = next(l for l in lines if l.strip().startswith("exp_avg.language_model.encoder.layers.N.attention.qkv_proj.weight "))
+    assert row.split()[1:4] == ["byte", "copy", str(n_qkv)]
+    # one full example row of that pattern: a real name, its source tensor and file
+    example = next(l for l in lines if l.strip().startswith("exp_avg.language_model.encoder.layers.0.attention.qkv_proj.weight "))
+    assert "distrib_optim.pt" in example and "query_key_value" in example
+    # no second example of a pattern
+    assert not any(l.strip().startswith("exp_avg.language_model.encoder.layers.1.attention.qkv_proj.weight ")
+                   for l in lines)
+    n_weights = sum(len(t) for t in truth.values())
+    assert f"byte copy {3 * n_weights} tensors" in text  # params, exp_avg, exp_avg_sq: all contiguous fp32 runs
+    assert "--full" in text
 
 
 def test_plan_json_apply_round_trip(source, tmp_path, capsys):
@@ -79,14 +106,27 @@ def test_pool_and_inline_give_identical_files(source, tmp_path):
     assert outputs["pool"] == outputs["inline"] and len(outputs["pool"]) == 4
 
 
-def _failing_reader(monkeypatch, fail_key_part):
-    real = execute._Sources.array
+def _patch_reads(monkeypatch, before):
+    """Run ``before(task)`` ahead of every tensor read, on both of the executor's read paths: whole
+    arrays (``_Sources.array``) and streamed byte runs (``execute.streamed``)."""
+    real_array, real_streamed = execute._Sources.array, execute.streamed
 
-    def tensor(self, task):
+    def array(self, task):
+        before(task)
+        return real_array(self, task)
+
+    def streamed(task, sources):
+        before(task)
+        return real_streamed(task, sources)
+    monkeypatch.setattr(execute._Sources, "array", array)
+    monkeypatch.setattr(execute, "streamed", streamed)
+
+
+def _failing_reader(monkeypatch, fail_key_part):
+    def fail(task):
         if fail_key_part in task.name:
             raise OSError(5, "Input/output error (injected)")
-        return real(self, task)
-    monkeypatch.setattr(execute._Sources, "array", tensor)
+    _patch_reads(monkeypatch, fail)
 
 
 @pytest.mark.parametrize("processes", [1, 2])
@@ -108,13 +148,10 @@ def test_failed_file_leaves_nothing_partial(source, tmp_path, monkeypatch, capsy
 
 def test_timeout_kills_the_worker(source, tmp_path, monkeypatch):
     root, _ = source
-    real = execute._Sources.array
-
-    def slow(self, task):
+    def slow(task):
         if "layers.2." in task.name:
             time.sleep(30)
-        return real(self, task)
-    monkeypatch.setattr(execute._Sources, "array", slow)
+    _patch_reads(monkeypatch, slow)
     out = tmp_path / "ms"
     plan = compile_pt2ms(Pt2MsOptions(str(root), str(out), convert_param_only=True))
     t0 = time.monotonic()
@@ -200,3 +237,46 @@ def test_many_ranks_with_few_file_handles(tmp_path):
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
     assert len(list((tmp_path / "ms").glob("rank_*/network.ckpt"))) == 32
+
+
+def test_every_main_param_element_is_checked(source, tmp_path, capsys):
+    """The executor compares every element of a main param with its weight, not only the ends the
+    planner spot-checks: one fp32 value changed in the middle of the largest main param (found with
+    torch.load of the real file, not with ckptmap's reader) fails that file and only that one."""
+    import shutil
+
+    import numpy as np
+
+    root, _ = source
+    src = tmp_path / "megatron"
+    shutil.copytree(root, src)
+    optim = next(src.rglob("mp_rank_00_000/distrib_optim.pt"))
+    state = torch.load(optim, map_location="cpu", weights_only=False)
+    params = next(t for k, t in _tensors(state) if "param" in k)
+    data = optim.read_bytes()
+    # the bytes of that storage in the file: its values as fp32, found by content
+    raw = params.detach().float().numpy().tobytes()
+    at = data.find(raw)
+    assert at > 0 and data.find(raw, at + 1) == -1
+    middle = at + (len(raw) // 8) * 4   # an element far from both ends of every parameter at this size
+    value = np.frombuffer(data, dtype=np.float32, count=1, offset=middle)[0]
+    optim.write_bytes(data[:middle] + np.float32(value + 3.0).tobytes() + data[middle + 4:])
+    out = tmp_path / "ms"
+    assert main(["pt2ms", "--megatron-path", str(src), "--ms-path", str(out), "--no-progress",
+                 "--multiprocess-off"]) == 1
+    text = capsys.readouterr().out
+    assert "FAILED rank_0/network.ckpt" in text and "1 of " in text and "does not round to the model weight" in text
+    # exit code 1, not 2: the planner's spot check of both ends passed, the executor's full check failed
+    assert "11 of 12 files written successfully" in text
+    assert not (out / "rank_0" / "network.ckpt").exists()
+
+
+def _tensors(obj, path=""):
+    if isinstance(obj, torch.Tensor):
+        yield path, obj
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from _tensors(v, f"{path}.{k}")
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            yield from _tensors(v, f"{path}.{i}")

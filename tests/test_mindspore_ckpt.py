@@ -250,3 +250,52 @@ def test_writer_follows_announced_entries(tmp_path):
         with CkptWriter(path) as w:
             w.write("a", torch.ones(1))
             w.write("a", torch.ones(1))
+
+
+@pytest.mark.parametrize("crc", [False, True])
+@pytest.mark.parametrize("kernel_copy", [True, False])
+def test_range_and_chunk_writes_identical_to_mindspore(tmp_path, monkeypatch, crc, kernel_copy):
+    """write_range (bytes copied from another file, by the kernel or through a buffer when it cannot)
+    and write_chunks (bytes streamed in odd-sized pieces) give MindSpore's own file, also when the
+    content is cut into several records and with a CRC trailer."""
+    from ckptmap.formats import byte_io
+    from ckptmap.formats.base import FileRange
+
+    monkeypatch.setattr(byte_io, "_KERNEL_COPY", kernel_copy)
+    tensors = {k: t.contiguous() for k, t in sample_tensors().items()}
+    # the source: every tensor's raw bytes at a known offset of one file, behind some junk
+    blob, where = bytearray(b"junk" * 3), {}
+    for name, t in tensors.items():
+        where[name] = (len(blob), len(raw(t)))
+        blob += raw(t)
+    src = tmp_path / "source.bin"
+    src.write_bytes(bytes(blob))
+    ms_obj = {name: to_ms(t) for name, t in tensors.items()}
+    monkeypatch.setattr(ms_serialization, "SLICE_SIZE", 1)  # MindSpore slices at 1 KiB: "big" spans records
+    theirs = str(tmp_path / "theirs.ckpt")
+    ms.save_checkpoint(ms_obj, theirs, crc_check=crc)
+    for mode in ("range", "chunks"):
+        ours = tmp_path / f"ours_{mode}.ckpt"
+        with CkptWriter(ours, crc=crc, slice_bytes=1024) as w:
+            for name, t in tensors.items():
+                dtype, shape = str(t.dtype).removeprefix("torch."), tuple(t.shape)
+                offset, n = where[name]
+                if mode == "range":
+                    w.write_range(name, dtype, shape, FileRange(str(src), offset, n))
+                else:   # 7-byte pieces: record and element boundaries fall inside pieces
+                    data = bytes(blob[offset:offset + n])
+                    w.write_chunks(name, dtype, shape, (data[i:i + 7] for i in range(0, n, 7)))
+        assert filecmp.cmp(ours, theirs, shallow=False), mode
+
+
+def test_range_write_refuses_a_range_of_the_wrong_size(tmp_path):
+    from ckptmap.formats.base import FileRange
+
+    src = tmp_path / "source.bin"
+    src.write_bytes(bytes(64))
+    with pytest.raises(CkptmapError, match="needs 48 bytes"):
+        with CkptWriter(tmp_path / "x.ckpt") as w:
+            w.write_range("a", "float32", (3, 4), FileRange(str(src), 0, 64))
+    with pytest.raises(CkptmapError, match="needs 48 bytes but its data ended after 40"):
+        with CkptWriter(tmp_path / "y.ckpt") as w:
+            w.write_chunks("a", "float32", (3, 4), [bytes(40)])

@@ -107,7 +107,7 @@ def test_dist_opt_content_selects_states(tmp_path):
 def test_dry_run_shows_bucket_ranges(tmp_path, capsys):
     fixture = fixture_dir("mcore_tp2pp1dp2_buckets")
     assert main(["plan", "pt2ms", "--megatron-path", str(fixture), "--ms-path", str(tmp_path / "o"),
-                 "--dry-run"]) == 0
+                 "--dry-run", "--full"]) == 0
     text = capsys.readouterr().out
     # param_map: layers.2.pre_mlp_layernorm.bias is [10396, 10429) in bucket 1, which starts at 10396 (padded)
     row = next(l for l in text.splitlines() if l.lstrip().startswith("exp_avg.decoder.layers.2.pre_mlp_layernorm.bias "))

@@ -178,3 +178,33 @@ def test_writer_contract(tmp_path):
         SafetensorsWriter(path, entries + entries[:1])
     with pytest.raises(CkptmapError, match="str to str"):
         SafetensorsWriter(path, entries, {"format": 1})
+
+
+@pytest.mark.parametrize("kernel_copy", [True, False])
+def test_range_and_chunk_writes_identical_to_library(tmp_path, monkeypatch, kernel_copy):
+    """write_range (bytes copied from another file, by the kernel or through a buffer) and
+    write_chunks (odd-sized pieces) give the library's own file."""
+    from ckptmap.formats import byte_io
+    from ckptmap.formats.base import FileRange
+
+    monkeypatch.setattr(byte_io, "_KERNEL_COPY", kernel_copy)
+    tensors = {n: t.contiguous() for n, t in sample_tensors().items()}
+    blob, where = bytearray(b"junk!"), {}
+    for name, t in tensors.items():
+        where[name] = (len(blob), len(raw(t)))
+        blob += raw(t)
+    src = tmp_path / "source.bin"
+    src.write_bytes(bytes(blob))
+    theirs = str(tmp_path / "theirs.safetensors")
+    save_file(tensors, theirs)
+    for mode in ("range", "chunks"):
+        ours = tmp_path / f"ours_{mode}.safetensors"
+        with SafetensorsWriter(ours, entries_of(tensors)) as w:
+            for (name, dtype, shape) in entries_of(tensors):
+                offset, n = where[name]
+                if mode == "range":
+                    w.write_range(name, dtype, shape, FileRange(str(src), offset, n))
+                else:
+                    data = bytes(blob[offset:offset + n])
+                    w.write_chunks(name, dtype, shape, (data[i:i + 5] for i in range(0, n, 5)))
+        assert filecmp.cmp(ours, theirs, shallow=False), mode

@@ -109,7 +109,7 @@ def cmd_plan(ns) -> int:
             plan.write_json(f)   # streamed, record by record: a 4,096-rank plan never sits in memory as text
         print(f"plan written to {out} ({len(plan.files)} files); run it with `ckptmap apply {out}`")
     if ns.dry_run or not ns.output:
-        print_plan(plan)
+        print_plan(plan, detail=getattr(ns, "full", False), summary=True)
         print_target(plan)
     return 0
 

@@ -47,7 +47,9 @@ def _add_combine_flags(p: argparse.ArgumentParser) -> None:
     c.add_argument("--crc", action="store_true",
                    help="Append MindSpore's CRC-32 trailer to merged .ckpt files.")
     c.add_argument("--dry-run", action="store_true",
-                   help="Print the plan (which shard slices make which tensor) and write nothing.")
+                   help="Print the plan (a summary by pattern of which shard slices make which tensor) and "
+                        "write nothing.")
+    c.add_argument("--full", action="store_true", help="With --dry-run: list every file and tensor of the plan.")
     c.add_argument("--debug", action="store_true", help="Show tracebacks.")
     from ckptmap.cli.flags import add_run_flags
     add_run_flags(p.add_argument_group("execution"))

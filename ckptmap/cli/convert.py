@@ -40,8 +40,9 @@ def _add_flags(p: argparse.ArgumentParser, plan: bool = False) -> None:
     p.add_argument("--src", required=True,
                    help="The training run's --save folder (tracker + every iter_*), one iter_* folder, or one .pt file.")
     p.add_argument("--dst", required=True, help="Output folder (or .pt file when --src is a file).")
-    from ckptmap.formats.megatron_dist import SHARDING_TYPES
-    p.add_argument("--sharding-type", choices=tuple(SHARDING_TYPES), default=None,
+    # no argparse choices: they would import formats.megatron_dist (0.3 s) for every command's start-up;
+    # megatron_dist refuses an unknown name, listing the known ones
+    p.add_argument("--sharding-type", default=None, metavar="TYPE",
                    help="torch_dist only: the distributed optimizer's sharding type to write (default: the source's). "
                         "fully_reshardable or dp_reshardable from fully_sharded_model_space is the offline upgrade from megatron-core "
                         "<= 0.14 to 0.15+.")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import sys
 import textwrap
 
@@ -40,18 +41,114 @@ def _print_rows(rows, out) -> None:
         print("  " + "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip(), file=out)
 
 
-def print_plan(plan, out=None, detail: bool = True) -> None:
+_DIGITS = re.compile(r"\d+")
+
+
+def _pattern(text: str) -> str:
+    """A name with its numbers (layers, ranks, buckets) as N: rows that differ only there are one pattern."""
+    return _DIGITS.sub("N", text)
+
+
+def _how(t) -> str:
+    """How the executor makes a tensor's bytes: a kernel-side byte copy, a cast streamed in chunks, or
+    the whole tensor computed (ops that move elements, several sources, boxes), or a constant."""
+    from ckptmap.execute import _elementwise
+
+    if not t.sources and not t.reads:
+        return "constant"
+    kinds = _elementwise(t)
+    if kinds is None:
+        return "computed"
+    return "byte copy" if kinds[0] == kinds[1] else f"cast {kinds[0]}->{kinds[1]}"
+
+
+def _all_tensors(f):
+    """(tensor task or None, storage key, piece) of a file: its tensors, or its storages' pieces."""
+    for t in f.tensors:
+        yield t, None, None
+    for s in f.storages:
+        for p in s.pieces:
+            yield p.tensor, s.key, p
+
+
+def print_summary(plan, common: str, out) -> None:
+    """The plan by pattern: files and tensors grouped by their names with numbers as N, with counts,
+    bytes and one full example row each — a size that does not grow with the ranks."""
+    files: dict = {}
+    tensors: dict = {}
+    how_total: dict = {}
+    n_tensors = 0
+    for f in plan.files:
+        key = (_pattern(f.path), f.format)
+        entry = files.setdefault(key, [0, 0, f])
+        entry[0] += 1
+        entry[1] += f.nbytes
+        for t, storage, piece in _all_tensors(f):
+            if t is None:
+                how, name, nbytes = "padding", f"[{storage}] padding", piece.padding.shape[0]
+            else:
+                how, name, nbytes = _how(t), t.name, t.nbytes
+                n_tensors += 1
+            k = (_pattern(name), how)
+            e = tensors.get(k)
+            if e is None:
+                e = tensors[k] = [0, 0, f, t, storage, piece]
+            e[0] += 1
+            e[1] += nbytes
+            h = how_total.setdefault(how, [0, 0])
+            h[0] += 1
+            h[1] += nbytes
+    print(f"\nfiles by pattern ({len(plan.files)} files):", file=out)
+    rows = [("pattern", "format", "files", "bytes", "example")]
+    for (pattern, fmt), (count, nbytes, f) in files.items():
+        rows.append((pattern, fmt, str(count), human_bytes(nbytes), f.path))
+    _print_table(rows, out)
+    print(f"\ntensors by pattern ({n_tensors} tensors):", file=out)
+    rows = [("pattern", "how", "count", "bytes")]
+    examples = []
+    for (pattern, how), (count, nbytes, f, t, storage, piece) in tensors.items():
+        rows.append((pattern, how, str(count), human_bytes(nbytes)))
+        if t is None:
+            examples.append((f"[{storage}@{piece.offset}] padding", piece.padding.key,
+                             os.path.relpath(piece.padding.file, common), "-", "bytes", "-",
+                             str(piece.padding.shape[0])))
+        else:
+            examples.append(_tensor_row(t, common, f"[{storage}@{piece.offset}] " if storage else ""))
+    _print_table(rows, out)
+    print("\none example per tensor pattern (file: the example's output file):", file=out)
+    rows = [("tensor", "from", "file", "shape", "dtype", "ops", "bytes")] + examples
+    _print_table(rows, out)
+    print("\nhow the bytes are made: " + "; ".join(
+        f"{how} {count} tensors, {human_bytes(nbytes)}" for how, (count, nbytes) in sorted(how_total.items()))
+        + "\n(--full lists every file and tensor)", file=out)
+
+
+def _print_table(rows, out) -> None:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        print("  " + "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip(), file=out)
+
+
+def print_plan(plan, out=None, detail: bool = True, summary: bool = False) -> None:
+    """The plan's header, then (``detail``) every file with a row per tensor, or (``summary``) the
+    plan by pattern (:func:`print_summary`), or one line per file."""
     out = out or sys.stdout
     info = plan.info
-    files = [x for f in plan.files for t in f.tensors if (x := _first_file(t))]
-    files += [x for f in plan.files for s in f.storages for p in s.pieces if p.tensor and (x := _first_file(p.tensor))]
-    common = os.path.commonpath(files or [plan.output_root])
+    files = {x for f in plan.files for t in f.tensors if (x := _first_file(t))}
+    files |= {x for f in plan.files for s in f.storages for p in s.pieces if p.tensor and (x := _first_file(p.tensor))}
+    common = os.path.commonpath(sorted(files) or [plan.output_root])
     print(f"plan {plan.kind}: {info.get('source', '')} -> {plan.output_root}", file=out)
     print("  " + ", ".join(f"{k} {v}" for k, v in info.items() if k not in ("source", "rules_path") + NOTES),
           file=out)
     for key in NOTES:
         for line in info.get(key, ()):
             print(f"  note: {line}", file=out)
+    if summary and not detail:
+        print_summary(plan, common, out)
+        n_tensors = sum(1 for f in plan.files for t, _, _ in _all_tensors(f) if t is not None)
+        print(f"\ntotal: {len(plan.files)} files, {n_tensors} tensors, {human_bytes(plan.nbytes)} of tensor data "
+              f"(source root {common})", file=out)
+        return
     n_tensors = 0
     for f in plan.files:
         if f.format in ("ckpt", "safetensors"):

@@ -28,10 +28,10 @@ def print_target(plan, out=None) -> None:
 
 
 def show_or_run(plan, ns) -> int:
-    """--dry-run: print the whole plan and the state of its output folder; else a summary (every
-    tensor with --debug), then run it."""
+    """--dry-run: print the plan by pattern (every tensor with --full) and the state of its output
+    folder; else one line per file (every tensor with --debug), then run it."""
     if ns.dry_run:
-        print_plan(plan)
+        print_plan(plan, detail=getattr(ns, "full", False), summary=True)
         print_target(plan)
         return 0
     print_plan(plan, detail=ns.debug)

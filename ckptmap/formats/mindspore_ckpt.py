@@ -63,12 +63,12 @@ from __future__ import annotations
 import math
 import mmap
 import os
-import zlib
 
 import numpy as np
 
 from ckptmap import dtypes
 from ckptmap.errors import CkptmapError
+from ckptmap.formats import byte_io
 from ckptmap.formats.base import FileRange, TensorSpec
 
 DEFAULT_SLICE_BYTES = 512 * 1024 * 1024
@@ -130,16 +130,19 @@ class CkptWriter:
     def _emit(self, data) -> None:
         self._f.write(data)
         if self._crc is not None:
-            self._crc = zlib.crc32(data, self._crc)
+            self._crc = byte_io.crc32(data, self._crc)
 
     def _record(self, tag: bytes, dims, ms_type: bytes, content) -> None:
         """One record = one serialised ``Checkpoint``; the header is built, the content streamed."""
+        self._header(tag, dims, ms_type, len(content))
+        self._emit(content)
+
+    def _header(self, tag: bytes, dims, ms_type: bytes, content_len: int) -> None:
         tensor_head = b"".join(b"\x08" + _varint(d) for d in dims)
-        tensor_head += _len_field(2, len(ms_type)) + ms_type + _len_field(3, len(content))
-        tensor_len = len(tensor_head) + len(content)
+        tensor_head += _len_field(2, len(ms_type)) + ms_type + _len_field(3, content_len)
+        tensor_len = len(tensor_head) + content_len
         value_head = _len_field(1, len(tag)) + tag + _len_field(2, tensor_len)
         self._emit(_len_field(1, len(value_head) + tensor_len) + value_head + tensor_head)
-        self._emit(content)
 
     def _admit(self, name, dtype, shape) -> None:
         if self._f is None:
@@ -180,14 +183,75 @@ class CkptWriter:
         self._admit(name, dtype, shape)
         flat = np.ascontiguousarray(array).reshape(-1).view(np.uint8)
         content = memoryview(flat)  # the array's own bytes, no copy when it is contiguous
+        step = self._step(name, dtype)
+        tag, ms_type = name.encode("utf-8"), _MS_TYPES[dtype].encode()
+        for start in range(0, max(len(content), 1), step):  # an empty tensor still gets one record
+            self._record(tag, shape, ms_type, content[start:start + step])
+
+    def _step(self, name, dtype) -> int:
         size = dtypes.itemsize(dtype)
         step = self._slice_bytes // size * size
         if step == 0:
             raise CkptmapError(f"{self.path}: slice_bytes={self._slice_bytes} is smaller than one element of "
                                f"tensor {name!r} ({dtype}); use a slice size of at least 8 bytes")
+        return step
+
+    def _admit_streamed(self, name, dtype, shape) -> tuple[int, int]:
+        """Checks of write() for content that is not an array: (content bytes, record step)."""
+        shape = tuple(int(d) for d in shape)
+        if dtype not in _MS_TYPES or dtype == "str":
+            raise CkptmapError(f"{self.path}: tensor {name!r} has dtype {dtype!r}, which a MindSpore .ckpt "
+                               f"cannot hold as a tensor")
+        if shape == (0,):
+            raise CkptmapError(f"{self.path}: tensor {name!r} has shape (0,), which a MindSpore .ckpt cannot hold")
+        step = self._step(name, dtype)
+        self._admit(name, dtype, shape)
+        return math.prod(shape) * dtypes.itemsize(dtype), step
+
+    def write_range(self, name: str, dtype: str, shape, source: FileRange) -> None:
+        """Write tensor ``name`` whose content is the bytes ``source`` of another file (C order,
+        little-endian, exactly ``dtype`` x ``shape``): copied by the kernel, never read by Python —
+        unless this file gets a CRC trailer, whose CRC needs the bytes (then read in chunks)."""
+        nbytes, step = self._admit_streamed(name, dtype, shape)
+        if source.nbytes != nbytes:
+            raise CkptmapError(f"{self.path}: tensor {name!r} ({dtype} {list(shape)}) needs {nbytes} bytes but the "
+                               f"source range of {source.path} holds {source.nbytes}")
         tag, ms_type = name.encode("utf-8"), _MS_TYPES[dtype].encode()
-        for start in range(0, max(len(content), 1), step):  # an empty tensor still gets one record
-            self._record(tag, shape, ms_type, content[start:start + step])
+        for start in range(0, max(nbytes, 1), step):
+            part = FileRange(source.path, source.offset + start, min(step, nbytes - start))
+            self._header(tag, shape, ms_type, part.nbytes)
+            if self._crc is not None:
+                for chunk in byte_io.read_chunks(part):
+                    self._emit(chunk)
+            elif part.nbytes:
+                self._f.flush()   # the kernel appends at the descriptor's position, after what is buffered
+                byte_io.copy_range(part, self._f.fileno())
+
+    def write_chunks(self, name: str, dtype: str, shape, chunks) -> None:
+        """Write tensor ``name`` from ``chunks``, bytes-like pieces whose concatenation is its content
+        (C order, little-endian ``dtype`` x ``shape``), each written before the next is asked for:
+        a converted tensor streams through one reused buffer instead of a whole array."""
+        nbytes, step = self._admit_streamed(name, dtype, shape)
+        tag, ms_type = name.encode("utf-8"), _MS_TYPES[dtype].encode()
+        it = iter(chunks)
+        pending = memoryview(b"")
+        done = 0
+        for start in range(0, max(nbytes, 1), step):
+            n = min(step, nbytes - start)
+            self._header(tag, shape, ms_type, n)
+            while n:
+                if not pending:
+                    try:
+                        pending = memoryview(next(it)).cast("B")
+                    except StopIteration:
+                        raise CkptmapError(f"{self.path}: tensor {name!r} ({dtype} {list(shape)}) needs {nbytes} "
+                                           f"bytes but its data ended after {done}") from None
+                take = pending[:n]
+                self._emit(take)
+                pending, n, done = pending[len(take):], n - len(take), done + len(take)
+        if pending or next(it, None) is not None:
+            raise CkptmapError(f"{self.path}: tensor {name!r} ({dtype} {list(shape)}) needs {nbytes} bytes but its "
+                               f"data holds more")
 
     def write_string(self, name: str, value: str) -> None:
         if not isinstance(value, str):
@@ -383,7 +447,7 @@ class CkptReader:
         with memoryview(self._mm) as whole:
             for start in range(0, end, _CRC_CHUNK):
                 with whole[start:min(end, start + _CRC_CHUNK)] as chunk:
-                    crc = zlib.crc32(chunk, crc)
+                    crc = byte_io.crc32(chunk, crc)
         stored = int.from_bytes(self._mm[end + len(_CRC_MAGIC):end + _TRAILER_LEN], "big")
         if crc != stored:
             raise CkptmapError(f"{self.path}: CRC-32 mismatch: the trailer at byte offset {end} says {stored:#010x}, "

@@ -29,6 +29,7 @@ import numpy as np
 from ckptmap import dtypes
 from ckptmap.errors import CkptmapError
 from ckptmap.formats import torch_zip_writer
+from ckptmap.formats.base import FileRange
 from ckptmap.formats.megatron_files import KEY_SEP, OptimFile, model_chunk_keys
 from ckptmap.formats.torch_zip_reader import HeldTensor, MSAdapterTensor, TensorRef, TorchZipFile
 
@@ -258,6 +259,15 @@ def _sliced(chunks, start: int, n: int):
     """Bytes [start, start + n) of a stream of byte chunks."""
     pos = 0
     for chunk in chunks:
+        if isinstance(chunk, FileRange):   # bytes of a file range (copied kernel-side): a sub-range
+            size = chunk.nbytes
+            a, b = max(start - pos, 0), min(start + n - pos, size)
+            if a < b:
+                yield FileRange(chunk.path, chunk.offset + a, b - a)
+            pos += size
+            if pos >= start + n:
+                return
+            continue
         view = memoryview(chunk).cast("B")
         a, b = max(start - pos, 0), min(start + n - pos, len(view))
         if a < b:

@@ -40,6 +40,7 @@ import numpy as np
 
 from ckptmap import dtypes
 from ckptmap.errors import CkptmapError
+from ckptmap.formats import byte_io
 from ckptmap.formats.base import FileRange, TensorSpec
 
 _ST_TYPES = {
@@ -131,6 +132,49 @@ class SafetensorsWriter:
                                "dtype and shape")
         flat = np.ascontiguousarray(array).reshape(-1).view(np.uint8)
         self._pwrite(flat, self._data_start + self._offsets[name])  # the array's own bytes
+        self._count += 1
+
+    def _admit_streamed(self, name, dtype, shape) -> int:
+        """write()'s checks for content that is not an array; returns the content's byte count."""
+        if self._fd is None:
+            raise CkptmapError(f"{self.path}: cannot write tensor {name!r}, the writer is already closed")
+        if self._count >= len(self._order):
+            raise CkptmapError(f"{self.path}: tensor {name!r} was not announced; all {len(self._order)} announced "
+                               "tensors are written already")
+        expected = self._order[self._count]
+        found = (name, dtype, tuple(int(d) for d in shape))
+        if found != expected:
+            raise CkptmapError(f"{self.path}: write #{self._count} does not follow the announced entries: expected "
+                               f"{expected}, got {found}; write tensors in the announced order with the announced "
+                               "dtype and shape")
+        return math.prod(expected[2]) * dtypes.itemsize(dtype)
+
+    def write_range(self, name: str, dtype: str, shape, source) -> None:
+        """Tensor ``name`` whose content is the bytes ``source`` (a FileRange) of another file:
+        copied by the kernel to the tensor's place, never read by Python."""
+        nbytes = self._admit_streamed(name, dtype, shape)
+        if source.nbytes != nbytes:
+            raise CkptmapError(f"{self.path}: tensor {name!r} ({dtype} {list(shape)}) needs {nbytes} bytes but the "
+                               f"source range of {source.path} holds {source.nbytes}")
+        if nbytes:
+            byte_io.copy_range(source, self._fd, self._data_start + self._offsets[name])
+        self._count += 1
+
+    def write_chunks(self, name: str, dtype: str, shape, chunks) -> None:
+        """Tensor ``name`` from bytes-like ``chunks`` whose concatenation is its content, each
+        written to its place before the next is asked for."""
+        nbytes = self._admit_streamed(name, dtype, shape)
+        at, end = self._data_start + self._offsets[name], self._data_start + self._offsets[name] + nbytes
+        for chunk in chunks:
+            n = memoryview(chunk).nbytes
+            if at + n > end:
+                raise CkptmapError(f"{self.path}: tensor {name!r} ({dtype} {list(shape)}) needs {nbytes} bytes but its "
+                                   f"data holds more")
+            byte_io.pwrite_all(self._fd, chunk, at)
+            at += n
+        if at != end:
+            raise CkptmapError(f"{self.path}: tensor {name!r} ({dtype} {list(shape)}) needs {nbytes} bytes but its "
+                               f"data ended after {nbytes - (end - at)}")
         self._count += 1
 
     def close(self) -> None:

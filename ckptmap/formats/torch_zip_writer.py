@@ -31,14 +31,14 @@ import os
 import pickle
 import struct
 import sys
-import zlib
 from pathlib import Path
 
 import attrs
 
 from ckptmap import atomic, dtypes
 from ckptmap.errors import CkptmapError
-from ckptmap.formats import msadapter
+from ckptmap.formats import byte_io, msadapter
+from ckptmap.formats.base import FileRange
 from ckptmap.formats.safe_unpickler import (STORAGE_TYPE_OF, TENSOR_TYPE_MARKERS, GlobalMarker, StandInClass,
                                             torch_global)
 from ckptmap.formats.torch_serialization_id import hash_combine, name_hash_digits
@@ -239,7 +239,7 @@ class _StreamZipWriter:
     def record(self, name: str, data: bytes) -> None:
         offset = self.begin(name, len(data))
         self._write(data)
-        self.end(name, len(data), zlib.crc32(data) if self.compute_crc32 else 0, offset)
+        self.end(name, len(data), byte_io.crc32(data) if self.compute_crc32 else 0, offset)
 
     def finish(self) -> None:
         self.record("version", _FILE_FORMAT_VERSION)
@@ -413,6 +413,9 @@ def _stream_chunks(writer: _StreamZipWriter, st: _RefStorage, iterator, path) ->
         except OSError as e:
             raise CkptmapError(f"cannot save {path}: reading the data of storage {st.key!r} failed "
                                f"({e.strerror or e}) — check the source files") from None
+        if isinstance(chunk, FileRange):
+            done, crc = _stream_range(writer, st, chunk, path, done, crc)
+            continue
         try:
             view = memoryview(chunk)
         except TypeError:
@@ -430,13 +433,39 @@ def _stream_chunks(writer: _StreamZipWriter, st: _RefStorage, iterator, path) ->
                 view = view.cast("B")
             writer._write(view)
             if writer.compute_crc32:
-                crc = zlib.crc32(view, crc)
+                crc = byte_io.crc32(view, crc)
             done += n
     if done != expected:
         raise CkptmapError(f"cannot save {path}: storage {st.key!r} ({st.numel} x {st.dtype}) must be "
                            f"{expected} bytes but fill yielded only {done} — the storage's data source "
                            f"does not match its tensors")
     return crc
+
+
+def _stream_range(writer, st, rng: FileRange, path, done: int, crc: int) -> tuple[int, int]:
+    """A chunk given as a FileRange: the bytes of another file, copied by the kernel (the CRC read
+    through a map of the source, no byte copied to user space). The MSAdapter writer, which seeks to
+    patch its headers, gets them through a buffer instead."""
+    expected = st.nbytes
+    if done + rng.nbytes > expected:
+        raise CkptmapError(f"cannot save {path}: storage {st.key!r} ({st.numel} x {st.dtype}) must be "
+                           f"{expected} bytes but fill yielded at least {done + rng.nbytes} — the storage's data "
+                           f"source does not match its tensors")
+    try:
+        if type(writer) is not _StreamZipWriter:
+            for chunk in byte_io.read_chunks(rng):
+                writer._write(chunk)
+                crc = byte_io.crc32(chunk, crc)
+            return done + rng.nbytes, crc
+        writer.f.flush()   # the kernel appends at the descriptor's position, after what is buffered
+        byte_io.copy_range(rng, writer.f.fileno())
+        writer.pos += rng.nbytes
+        if writer.compute_crc32:
+            crc = byte_io.crc32_range(rng, crc)
+    except OSError as e:
+        raise CkptmapError(f"cannot save {path}: copying the data of storage {st.key!r} from {rng.path} failed "
+                           f"({e.strerror or e}) — check the source files") from None
+    return done + rng.nbytes, crc
 
 
 def _write_real_storage(writer: _StreamZipWriter, name: str, storage) -> None:
@@ -448,7 +477,7 @@ def _write_real_storage(writer: _StreamZipWriter, name: str, storage) -> None:
     data = (torch.empty(0, dtype=torch.uint8).set_(storage).numpy() if n else b"")
     offset = writer.begin(name, n)
     writer._write(data)
-    writer.end(name, n, zlib.crc32(data) if writer.compute_crc32 else 0, offset)
+    writer.end(name, n, byte_io.crc32(data) if writer.compute_crc32 else 0, offset)
 
 
 def save_streaming(obj, path, fill, *, fsync: bool = False, dialect: str = "torch", date_time=None) -> None:
@@ -459,6 +488,7 @@ def save_streaming(obj, path, fill, *, fsync: bool = False, dialect: str = "torc
     memory: ``fill(key)`` (key = the TensorRef.storage key as found in ``obj``) returns an iterable of
     bytes-like chunks whose concatenation is that storage's bytes (numel * itemsize, little-endian);
     chunks are written as they come (one chunk in memory at a time), CRC32 computed incrementally.
+    A chunk may also be a ``FileRange``: those bytes of another file, copied by the kernel.
     A wrong total length is a :class:`CkptmapError` naming the storage and path, and no file is left
     at ``path``. Stand-ins re-pickle as in :func:`save`; real tensors may appear too (written from
     memory, as torch.save does). The archive prefix is the file stem, as torch.save derives it: the
@@ -597,7 +627,7 @@ class _PyZipWriter:
             self.entries[-1] = (full, crc, size, offset, version)
 
     def record(self, name: str, data: bytes) -> None:
-        self.begin(name, len(data), zlib.crc32(data))
+        self.begin(name, len(data), byte_io.crc32(data))
         self._write(data)
 
     def finish(self) -> None:

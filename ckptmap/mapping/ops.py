@@ -124,7 +124,9 @@ def inverse(op: Op, shape_after: tuple[int, ...]) -> Op:
 
 
 def bf16_to_f32(bits: np.ndarray) -> np.ndarray:
-    return (bits.astype(np.uint32) << 16).view(np.float32)
+    out = bits.astype(np.uint32)
+    out <<= 16   # in place: one array allocated, not two
+    return out.view(np.float32)
 
 
 def f32_to_bf16(values: np.ndarray) -> np.ndarray:

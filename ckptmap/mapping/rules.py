@@ -10,6 +10,8 @@ from __future__ import annotations
 import functools
 import math
 import operator
+import os
+import sys
 from importlib import resources
 from pathlib import Path
 
@@ -476,7 +478,21 @@ _TERMINAL_NAMES = {
 @functools.cache
 def _parser() -> lark.Lark:
     grammar = resources.files("ckptmap.mapping").joinpath("grammar.lark").read_text()
-    return lark.Lark(grammar, parser="lalr", propagate_positions=True, maybe_placeholders=False)
+    return lark.Lark(grammar, parser="lalr", propagate_positions=True, maybe_placeholders=False,
+                     cache=_grammar_cache())
+
+
+def _grammar_cache() -> str | bool:
+    """Where lark keeps the analysed grammar (its parse tables: a quarter of a second of every start-up
+    to build). Lark checks the grammar's hash on load and rebuilds a stale or unreadable cache; the
+    file lives in the user's own cache folder, never a shared temporary one (it is a pickle)."""
+    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    folder = os.path.join(root, "ckptmap")
+    try:
+        os.makedirs(folder, mode=0o700, exist_ok=True)
+    except OSError:
+        return False
+    return os.path.join(folder, f"grammar-lark{lark.__version__}-py{sys.version_info[0]}{sys.version_info[1]}.cache")
 
 
 def _describe_expected(expected) -> str:

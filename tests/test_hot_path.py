@@ -1,0 +1,107 @@
+"""Issue 14: the conversions that only move and convert bytes never import torch (nor MindSpore or
+Megatron) — in the main process or in any worker — and their outputs stay byte-identical to the
+independent truth (the real Megatron-LM fixture files for the way back)."""
+
+from __future__ import annotations
+
+import filecmp
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+
+import pytest
+
+from conftest import fixture_dir
+
+REPO = Path(__file__).resolve().parent.parent
+
+# Records every import of a watched package, in this process and in forked workers (they inherit
+# sys.meta_path), into the file $IMPORT_LOG; then runs the ckptmap command line.
+RUNNER = r"""
+import os, sys
+WATCHED = ("torch", "mindspore", "megatron")
+class Watch:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in WATCHED:
+            with open(os.environ["IMPORT_LOG"], "a") as f:
+                f.write(f"{os.getpid()} {name}\n")
+        return None
+sys.meta_path.insert(0, Watch())
+from ckptmap.cli import main
+rc = main(sys.argv[1:])
+loaded = sorted(m for m in sys.modules if m.split(".")[0] in WATCHED)
+if loaded:
+    with open(os.environ["IMPORT_LOG"], "a") as f:
+        f.write(f"{os.getpid()} loaded {loaded}\n")
+sys.exit(rc)
+"""
+
+
+def run_watched(tmp_path, *argv) -> str:
+    log = tmp_path / "imports.log"
+    env = dict(os.environ, IMPORT_LOG=str(log), PYTHONPATH=str(REPO))
+    done = subprocess.run([sys.executable, "-c", RUNNER, *map(str, argv), "--no-progress", "--process-limit", "2"],
+                          env=env, capture_output=True, text=True, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    return log.read_text() if log.exists() else ""
+
+
+def test_the_watch_sees_an_import(tmp_path):
+    """The watch itself works: a command that needs torch (the demo builds tensors) is caught."""
+    log = tmp_path / "imports.log"
+    env = dict(os.environ, IMPORT_LOG=str(log), PYTHONPATH=str(REPO))
+    code = RUNNER.replace("from ckptmap.cli import main", "import torch\nfrom ckptmap.cli import main")
+    subprocess.run([sys.executable, "-c", code, "rules", "list"], env=env, capture_output=True, cwd=tmp_path)
+    assert "torch" in log.read_text()
+
+
+def test_pt2ms_and_ms2pt_never_import_torch(tmp_path):
+    src = fixture_dir("legacy_tp2pp2dp2")
+    ms, param_only, back = tmp_path / "ms", tmp_path / "ms_param", tmp_path / "back"
+    assert run_watched(tmp_path, "pt2ms", "--megatron-path", src, "--ms-path", ms) == ""
+    assert run_watched(tmp_path, "pt2ms", "--megatron-path", src, "--ms-path", param_only,
+                       "--convert-param-only") == ""
+    assert run_watched(tmp_path, "ms2pt", "--ms-path", ms, "--megatron-path", back) == ""
+    # the way back is the real Megatron-LM files, byte for byte (fp32 state copied, bf16 weights rounded)
+    pts = sorted(p.relative_to(src) for p in src.rglob("*.pt"))
+    assert len(pts) == 8
+    for rel in pts:
+        assert filecmp.cmp(src / rel, back / rel, shallow=False), rel
+
+
+def test_crc32_is_zlibs():
+    """Whichever CRC-32 implementation byte_io picked (zlib-ng when installed), it is zlib's function."""
+    import zlib
+
+    from ckptmap.formats import byte_io
+
+    data = bytes(range(256)) * 4099
+    assert byte_io.crc32(data) == zlib.crc32(data)
+    assert byte_io.crc32(data[1000:], byte_io.crc32(data[:1000])) == zlib.crc32(data)
+
+
+@pytest.mark.parametrize("window", [4096, 10000, 64 << 20])
+def test_crc32_range_and_copy_range_of_odd_ranges(tmp_path, monkeypatch, window):
+    """The CRC of a file range read through maps (windows aligned to pages, ranges not) and the
+    kernel copy of the range: both against the bytes read plainly."""
+    import zlib
+
+    from ckptmap.formats import byte_io
+    from ckptmap.formats.base import FileRange
+
+    monkeypatch.setattr(byte_io, "_MAP_WINDOW", window)
+    data = bytes((i * 7919) % 251 for i in range(300_001))
+    src = tmp_path / "src.bin"
+    src.write_bytes(data)
+    for offset, n in [(0, 300_001), (1, 4095), (4097, 123_457), (299_000, 1001), (5, 0)]:
+        rng = FileRange(str(src), offset, n)
+        assert byte_io.crc32_range(rng, 7) == zlib.crc32(data[offset:offset + n], 7)
+        out = tmp_path / "out.bin"
+        with open(out, "wb") as f:
+            f.write(b"head")
+            f.flush()
+            byte_io.copy_range(rng, f.fileno())
+            f.write(b"tail")
+        assert out.read_bytes() == b"head" + data[offset:offset + n] + b"tail"
