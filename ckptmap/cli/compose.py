@@ -100,8 +100,6 @@ def _print_composition(lines, plan1, second: str, final: Path) -> None:
 def pt2ms(ns) -> int:
     """pt2ms with --target-*: reshard into a temporary folder, then pt2ms of it."""
     from ckptmap.cli.flags import pt2ms_options
-    from ckptmap.cli.printing import print_plan
-    from ckptmap.cli.run import run
     from ckptmap.mapping.compiler import compile_pt2ms
     from ckptmap.mapping.reshard import ReshardOptions, compile_reshard
 
@@ -124,24 +122,36 @@ def pt2ms(ns) -> int:
         _print_composition(lines, rplan, second, final)
         return 0
     _check_final(final, ns.overwrite)
+
+    def then_pt2ms():
+        return compile_pt2ms(attrs.evolve(
+            pt2ms_options(ns), megatron_path=str(tmp), param_map_path=None, tp_size=None, pp_size=None, ep_size=None,
+            vpp_size=None, stage_list=_targets(ns)["target_stage_list"],
+            num_layers=None if ns.target_noop is not None else ns.num_layers, noop=tuple(rplan.info["target_noop"]),
+            dp_size=ns.target_dp_size or ns.dp_size,
+            megatron_version=ns.target_megatron_version or ns.megatron_version))
+
+    return _run_two_steps(ns, tmp, lines, rplan, then_pt2ms)
+
+
+def _run_two_steps(ns, tmp: Path, lines, first, compile_second) -> int:
+    """Run ``first`` into the temporary folder ``tmp``, then the plan ``compile_second()`` makes of what
+    it wrote; ``tmp`` is removed whatever happens (errors and signals included)."""
+    from ckptmap.cli.printing import print_plan
+    from ckptmap.cli.run import run
+
     tmp.parent.mkdir(parents=True, exist_ok=True)
     try:
         for line in lines:
             print(line)
-        print_plan(rplan, detail=ns.debug)
-        rc = run(rplan, ns)
+        print_plan(first, detail=ns.debug)
+        rc = run(first, ns)
         if rc:
             return rc
-        opt = attrs.evolve(pt2ms_options(ns), megatron_path=str(tmp), param_map_path=None, tp_size=None,
-                           pp_size=None, ep_size=None, vpp_size=None, stage_list=_targets(ns)["target_stage_list"],
-                           num_layers=None if ns.target_noop is not None else ns.num_layers,
-                           noop=tuple(rplan.info["target_noop"]),
-                           dp_size=ns.target_dp_size or ns.dp_size,
-                           megatron_version=ns.target_megatron_version or ns.megatron_version)
-        plan2 = compile_pt2ms(opt)
+        second = compile_second()
         print()
-        print_plan(plan2, detail=ns.debug)
-        return run(plan2, ns)
+        print_plan(second, detail=ns.debug)
+        return run(second, ns)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -149,8 +159,6 @@ def pt2ms(ns) -> int:
 def ms2pt(ns) -> int:
     """ms2pt with --target-*: ms2pt into a temporary folder, then reshard it."""
     from ckptmap.cli.flags import ms2pt_options
-    from ckptmap.cli.printing import print_plan
-    from ckptmap.cli.run import run
     from ckptmap.mapping.ms2pt import compile_ms2pt
     from ckptmap.mapping.reshard import ReshardOptions, compile_reshard
 
@@ -168,19 +176,10 @@ def ms2pt(ns) -> int:
         _print_composition(lines, plan1, second, final)
         return 0
     _check_final(final, ns.overwrite)
-    tmp.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        for line in lines:
-            print(line)
-        print_plan(plan1, detail=ns.debug)
-        rc = run(plan1, ns)
-        if rc:
-            return rc
-        plan2 = compile_reshard(ReshardOptions(
+
+    def then_reshard():
+        return compile_reshard(ReshardOptions(
             megatron_path=str(tmp), output_path=str(final), rules=ns.rules, noop=tuple(ns.noop),
             parallel_init_order=ns.parallel_init_order, convert_param_only=ns.convert_param_only, **_targets(ns)))
-        print()
-        print_plan(plan2, detail=ns.debug)
-        return run(plan2, ns)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+
+    return _run_two_steps(ns, tmp, lines, plan1, then_reshard)

@@ -258,20 +258,21 @@ def _dist_object(ckpt, key, items: dict):
     root = item.root
     if not isinstance(root, list) or len(root) != 1:
         raise CkptmapError(f"{ckpt.path}: object {key!r} holds {type(root).__name__}, not Megatron's one-item list")
-    if not _has_tensor(root[0]):
+    if not has_tensor(root[0]):
         return root[0]
     prefix = f"obj{len(items)}/"
     items[prefix] = item
     return _prefixed(root[0], prefix)
 
 
-def _has_tensor(node) -> bool:
+def has_tensor(node) -> bool:
+    """Whether an object tree holds a tensor anywhere."""
     if isinstance(node, TensorRef):
         return True
     if isinstance(node, dict):
-        return any(_has_tensor(v) for v in node.values())
+        return any(has_tensor(v) for v in node.values())
     if type(node) in (list, tuple):
-        return any(_has_tensor(v) for v in node)
+        return any(has_tensor(v) for v in node)
     return False
 
 
@@ -283,7 +284,7 @@ def write_model_from_dist(path, recipe: dict, fill, *, fsync: bool = False) -> N
     with TorchDistCheckpoint(recipe["common"]) as ckpt:
         common = ckpt.common()
         root = common.root
-        if _has_tensor({k: v for k, v in root.items() if k not in recipe.get("drop", ())}):
+        if has_tensor({k: v for k, v in root.items() if k not in recipe.get("drop", ())}):
             raise CkptmapError(f"{common.path} holds tensors outside the model; ckptmap does not copy them")
         chunks, items = {}, {}
         for chunk in recipe["chunks"]:

@@ -34,6 +34,7 @@ from ckptmap.formats import megatron_folders
 from ckptmap.formats import torch_dist as td
 from ckptmap.formats import torch_zip_reader as tzr
 from ckptmap.formats import torch_zip_writer as tzw
+from ckptmap.formats.megatron_write import has_tensor
 from ckptmap.mapping.megatron_source import MegatronSource, SourceOptions
 from ckptmap.mapping.reshard import SourceModel, target_tensor
 from ckptmap.mapping.sharding import Box
@@ -76,16 +77,6 @@ def _saved_streaming(value, zf: tzr.TorchZipFile) -> bytes:
         f = Path(tmp) / "archive"
         tzw.save_streaming([value], f, lambda key: [zf.storage_bytes(key)])
         return f.read_bytes()
-
-
-def _has_tensor(node) -> bool:
-    if isinstance(node, tzr.TensorRef):
-        return True
-    if isinstance(node, dict):
-        return any(_has_tensor(v) for v in node.values())
-    if type(node) in (list, tuple):
-        return any(_has_tensor(v) for v in node)
-    return False
 
 
 def plan_legacy_to_dist(src, dst, sharding_type: str = "fully_reshardable", rules: str = DEFAULT_RULES,
@@ -170,7 +161,7 @@ def plan_legacy_to_dist(src, dst, sharding_type: str = "fully_reshardable", rule
                         continue   # Megatron's torch_dist save drops it (it holds nothing)
                     raise CkptmapError(f"{rank.model.path}: {leaf.dotted} is an _extra_state outside the layers; "
                                        f"ckptmap does not know its torch_dist object name")
-                if _has_tensor(leaf.value) or leaf.value is not None and not isinstance(leaf.value, (bytes, str)):
+                if has_tensor(leaf.value) or leaf.value is not None and not isinstance(leaf.value, (bytes, str)):
                     raise CkptmapError(f"{rank.model.path}: {leaf.dotted} holds {type(leaf.value).__name__} (e.g. "
                                        f"TransformerEngine fp8 metadata); torch -> torch_dist copies empty extra states "
                                        f"only")
@@ -236,7 +227,7 @@ def _common(source: MegatronSource, sharding_type: str) -> tuple[dict, str]:
                                    f"torch_dist needs a distributed optimizer's checkpoint")
             value = {"optimizer": inner, "param_state_sharding_type": sharding_type}
         out[key] = value
-    if _has_tensor(out):
+    if has_tensor(out):
         raise CkptmapError(f"{path} holds tensors outside the model and RNG state; ckptmap does not copy them")
     if sharding_type == "fully_reshardable":   # 0.15+ saves say what they hold; 0.8 - 0.14 ones do not
         out["content_metadata"] = dict(M.CONTENT_METADATA_0_16, distrib_optim_sharding_type=sharding_type)

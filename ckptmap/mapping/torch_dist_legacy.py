@@ -452,6 +452,18 @@ def _source_buffer(md: M.MegatronDist, blocks: list, entries: list, values: dict
     return fits[0]
 
 
+def _chunk_buffers(model, s: ParallelLayout, pp: int, v: int, output_copy):
+    """The DDP buffers of one source stage's chunk ``v``, one per dtype: (dtype, [(name, param)], their
+    ParamEntry records in buffer order)."""
+    by_dtype: dict = {}
+    for names, _ in _chunk(model, s, pp, v, output_copy):
+        for name, p in names:
+            by_dtype.setdefault(p.dtype, []).append((name, p))
+    for dtype, params in by_dtype.items():
+        yield dtype, params, [buckets.ParamEntry(_ddp_name(p.rule, [name]), p.sharding.shard_shape(p.shape, s.tp),
+                                                 dtype, p.rule.shared_embedding) for name, p in params]
+
+
 def _spot_check(md: M.MegatronDist, model: DistModel, s: ParallelLayout, tp: int, found: dict, params: list,
                 where: str) -> None:
     """The distributed optimizer writes its fp32 main params back into the weights, so the fp32 param read where
@@ -494,13 +506,7 @@ def _bucket_sources(md: M.MegatronDist, model: DistModel, blocks: list, iter_dir
         for tp in range(s.tp):
             group, gbuf = s.model_parallel_rank(tp, pp), 0
             for v in range(s.vpp):
-                by_dtype: dict = {}
-                for names, _ in _chunk(model, s, pp, v, output_copy):
-                    for name, p in names:
-                        by_dtype.setdefault(p.dtype, []).append((name, p))
-                for dtype, params in by_dtype.items():
-                    entries = [buckets.ParamEntry(_ddp_name(p.rule, [name]), p.sharding.shard_shape(p.shape, s.tp),
-                                                  dtype, p.rule.shared_embedding) for name, p in params]
+                for dtype, params, entries in _chunk_buffers(model, s, pp, v, output_copy):
                     pair = M.dtype_pair(dtype, grad or dtype)
                     where = (f"{md.path}: source rank tp {tp} pp {pp} chunk {v}, {dtype} buffer (dp_group_idx_{group}, "
                              f"gbuf_idx_{gbuf})")
@@ -734,13 +740,7 @@ def plan_dp_reshardable(md: M.MegatronDist, dst, rules_name: str = DEFAULT_RULES
             file = file if file in files else files[0]
             padded, unpadded = [], []
             for v in range(s.vpp):
-                by_dtype: dict = {}
-                for names, _ in _chunk(model, s, pp, v, output_copy):
-                    for name, p in names:
-                        by_dtype.setdefault(p.dtype, []).append((name, p))
-                for dtype, params in by_dtype.items():
-                    entries = [buckets.ParamEntry(_ddp_name(p.rule, [name]), p.sharding.shard_shape(p.shape, s.tp),
-                                                  dtype, p.rule.shared_embedding) for name, p in params]
+                for dtype, params, entries in _chunk_buffers(model, s, pp, v, output_copy):
                     where = f"{md.path}: rank tp {tp} pp {pp} chunk {v}, {dtype} buffer"
                     _, bl = _build_target_buffer(blocks, entries, _layout_values(args, s, pp, v), where)
                     by_ddp = {e.name: p for e, (_, p) in zip(entries, params)}
