@@ -34,11 +34,18 @@ def _first_file(task) -> str | None:
     return None
 
 
-def _print_rows(rows, out) -> None:
+def _box(offsets, lengths) -> str:
+    return "[" + ", ".join(f"{o}:{o + n}" for o, n in zip(offsets, lengths)) + "]"
+
+
+def _print_rows(rows, out, after=None) -> None:
+    """A table of tensor rows; ``after[i]``: lines printed under row i."""
     rows = [("tensor", "from", "file", "shape", "dtype", "ops", "bytes")] + rows
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    for r in rows:
+    for i, r in enumerate(rows):
         print("  " + "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip(), file=out)
+        for line in (after[i - 1] if after and i else ()):
+            print(line, file=out)
 
 
 _DIGITS = re.compile(r"\d+")
@@ -177,6 +184,16 @@ def print_plan(plan, out=None, detail: bool = True, summary: bool = False) -> No
         elif f.format == "torch_meta":
             print(f"\n{f.path}  (entries {', '.join(f.keys)} of {os.path.relpath(f.source, common)}"
                   f" + {', '.join(f.extra)} + layout skeletons)", file=out)
+        elif f.storages:   # Megatron files a reshard / torch_dist conversion assembles
+            tensors = [p.tensor for st in f.storages for p in st.pieces if p.tensor]
+            n_tensors += len(tensors)
+            print(f"\n{f.path}  ({f.format}: {len(f.storages)} storages, {len(tensors)} tensors, "
+                  f"{human_bytes(f.nbytes)})", file=out)
+            if detail:   # each tensor, then which box of which source lands where (DCP ReadItem-like)
+                boxes = [[f"    <- {os.path.relpath(r.source.file, common)} {r.source.key} "
+                          f"{_box(r.offsets, r.lengths)} of {list(r.view)} -> "
+                          f"{_box(r.dst_offsets, r.dst_lengths or r.lengths)}" for r in t.reads] for t in tensors]
+                _print_rows([_tensor_row(t, common) for t in tensors], out, boxes)
         else:
             print(f"\n{f.path}  ({f.format})", file=out)
     print(f"\ntotal: {len(plan.files)} files, {n_tensors} tensors, {human_bytes(plan.nbytes)} of tensor data "
