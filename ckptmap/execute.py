@@ -63,16 +63,55 @@ class RunReport:
         return sum(r.nbytes for r in self.results if r.ok)
 
 
-class _Sources:
-    """Source files opened lazily and kept open for the life of one worker task."""
+class _Mapped:
+    """A source file that planning already read and closed (``megatron_files.PtFile``): specs from its
+    object tree, element ranges read at the byte ranges it kept — no second parse of the file."""
 
-    def __init__(self):
+    def __init__(self, pt_file):
+        self.file = pt_file
+        self._reopened = None
+        self._fd = None
+
+    def spec(self, key):
+        return self.file.spec(key)
+
+    def read_range(self, key, start: int, count: int):
+        """Elements [start, start + count) of a contiguous tensor, or None if its place was not kept."""
+        where = self.file.kept_range(key)
+        if where is None:
+            return None
+        dtype = np.dtype(dtypes.storage(self.file.spec(key).dtype))
+        if self._fd is None:
+            self._fd = os.open(self.file.path, os.O_RDONLY)
+        data = os.pread(self._fd, count * dtype.itemsize, where[0] + start * dtype.itemsize)
+        return np.frombuffer(data, dtype=dtype) if len(data) == count * dtype.itemsize else None
+
+    def array(self, key):
+        if self._reopened is None:
+            self._reopened = registry.open_reader(self.file.path)
+        return self._reopened.array(key)
+
+    def close(self):
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+        if self._reopened is not None:
+            self._reopened.close()
+
+
+class _Sources:
+    """Source files opened lazily and kept open for the life of one worker task. ``closed_files``:
+    {path: PtFile} already read (and closed) by planning, used instead of opening them again."""
+
+    def __init__(self, closed_files=None):
         self._open = {}
+        self._closed = closed_files or {}
 
     def reader(self, path):
         reader = self._open.get(path)
         if reader is None:
-            reader = self._open[path] = registry.open_reader(path)
+            known = self._closed.get(path)
+            reader = self._open[path] = _Mapped(known) if known is not None else registry.open_reader(path)
         return reader
 
     @staticmethod
@@ -87,6 +126,10 @@ class _Sources:
         """The elements of a SourceSlice (flat when it is a range, else in the tensor's shape)."""
         reader = self.reader(s.file)
         self._check_spec(reader, s)
+        if (s.start or s.numel is not None) and hasattr(reader, "read_range"):
+            part = reader.read_range(s.key, s.start, s.count)
+            if part is not None:
+                return part
         t = reader.array(s.key)
         if s.start or s.numel is not None:
             t = t.reshape(-1)[s.start:s.start + s.count]

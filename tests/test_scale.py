@@ -22,6 +22,8 @@ from ckptmap.mapping import compiler, layout, megatron_source, ms2pt, plan as pl
 from ckptmap.mapping.compiler import Pt2MsOptions, compile_pt2ms
 from ckptmap.mapping.ms2pt import Ms2PtOptions, compile_ms2pt
 from ckptmap.mapping.plan import FileTask, Plan, TensorTask
+from ckptmap.cli import main
+from conftest import fixture_dir
 
 PLANNING = (compiler, megatron_source, ms2pt, layout)
 
@@ -173,3 +175,25 @@ def test_many_machines_finish_with_one_manifest(tmp_path):
     assert not (tmp_path / "out" / ".ckptmap-done").exists()
     for i, f in enumerate(files):
         assert (tmp_path / "out" / f.path).read_text() == f.text
+
+
+def test_planning_parses_each_source_file_once(monkeypatch, capsys, tmp_path):
+    """Planning reads each rank's object trees once: the main-param spot check reads its few elements
+    at the byte ranges the first read kept, instead of parsing all files again (issue 16: at 4,096
+    ranks that second parse was half of a dry run)."""
+    from ckptmap.formats import torch_zip_reader as tzr
+
+    opened = []
+    original = tzr.TorchZipFile.__init__
+
+    def counting(self, path):
+        opened.append(str(path))
+        original(self, path)
+
+    monkeypatch.setattr(tzr.TorchZipFile, "__init__", counting)
+    src = fixture_dir("legacy_tp2pp2dp2")
+    assert main(["plan", "pt2ms", "--megatron-path", str(src), "--ms-path", str(tmp_path / "out"), "--dry-run"]) == 0
+    sources = sorted(str(p) for p in src.glob("iter_*/mp_rank_*/*.pt"))
+    assert len(sources) == 8 and sorted(set(opened)) == sources
+    # one extra read of the first rank's model file (its args) at most; no file is parsed per check
+    assert len(opened) <= len(sources) + 1, sorted(opened)

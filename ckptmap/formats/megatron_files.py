@@ -83,6 +83,7 @@ class PtFile:
         self._zip = TorchZipFile(self.path)
         self.root = self._zip.root
         self._entries: dict | None = None
+        self._ranges: dict | None = None   # kept by close(): key -> (file offset, nbytes) of contiguous tensors
 
     @property
     def dialect(self) -> str:
@@ -133,7 +134,19 @@ class PtFile:
         return None if where is None else FileRange(str(self.path), *where)
 
     def close(self):
+        # Planning closes every file after reading its object tree (a mapping per rank adds up at
+        # thousands of ranks); where each contiguous tensor lies is kept, so a few of its elements can
+        # still be read (kept_range) without parsing the file again.
+        if self._ranges is None and self.dialect == "torch":
+            try:
+                self._ranges = {k: file_offset(self._zip, ref) for k, ref in self.entries()}
+            except CkptmapError:
+                self._ranges = {}
         self._zip.close()
+
+    def kept_range(self, key: str) -> tuple[int, int] | None:
+        """After close(): (file offset, nbytes) of a contiguous tensor, as close() kept it, or None."""
+        return (self._ranges or {}).get(key)
 
 
 class ModelFile(PtFile):

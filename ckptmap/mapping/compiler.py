@@ -103,7 +103,7 @@ def compile_pt2ms(opt: Pt2MsOptions) -> Plan:
                                  "text", text=text)
                         for d in range(layout.dp))
             tasks = _optimizer_tasks(rank, src, opt, seen)
-            spot_check_main_params(tasks)
+            spot_check_main_params(tasks, (rank.model, rank.optim, rank.dense[0] if rank.dense else None))
             scalar_rows = mindspeed.step_scalars(step, opt.layout) + mindspeed.optimizer_scalars(
                 model_file.root.get("optimizer"), model_file.root.get("opt_param_scheduler"), str(model_file.path))
         scalars = [TensorTask(name, dtype, shape, value=value) for name, dtype, shape, value in scalar_rows]

@@ -428,13 +428,14 @@ def _coalesced_from_param_map(entries, buf, blocks, params, args, layout, pp, v,
 SPOT_CHECK = 64
 
 
-def spot_check_main_params(tasks) -> None:
+def spot_check_main_params(tasks, read_files=()) -> None:
     """Before anything is written: the first and last elements of every fp32 main param must round
     to its model weight (the executor then checks every element). Cheap — a few hundred bytes per
-    parameter — and catches a layout that puts one parameter's state under another's name."""
+    parameter — and catches a layout that puts one parameter's state under another's name.
+    ``read_files``: the rank's files planning already read (PtFile), so they are not parsed again."""
     from ckptmap.execute import _Sources   # the executor's reading of plan slices, on a few elements
 
-    sources = _Sources()
+    sources = _Sources({str(f.path): f for f in read_files if f is not None})
     try:
         for t in tasks:
             if t.rounds_to is None:
