@@ -119,15 +119,19 @@ def write_model(path, recipe: dict, fill, *, fsync: bool = False) -> None:
             value = _reordered_groups(value, recipe.get("param_groups"))
         out[key] = _prefixed(value, TEMPLATE)
     by_prefix = {prefix: zf for zf, prefix in sources.values()}
+    torch_zip_writer.save_streaming(out, path, _storage_stream(fill, by_prefix), fsync=fsync)
 
+
+def _storage_stream(fill, sources_by_prefix: dict):
+    """Storage bytes for save_streaming: the plan's new storages (OUT…) from ``fill``, every other
+    storage copied from the source file its prefix names."""
     def stream(key):
         if key.startswith(OUT):
             yield from fill(key[len(OUT):])
             return
         prefix, _, original = key.partition("/")
-        yield by_prefix[prefix + "/"].storage_bytes(original)
-
-    torch_zip_writer.save_streaming(out, path, stream, fsync=fsync)
+        yield sources_by_prefix[prefix + "/"].storage_bytes(original)
+    return stream
 
 
 def _optimizer_entry(value, how: str):
@@ -339,11 +343,4 @@ def write_model_from_dist(path, recipe: dict, fill, *, fsync: bool = False) -> N
             legacy.setdefault(k, v)
         put_rng()
 
-        def stream(key):
-            if key.startswith(OUT):
-                yield from fill(key[len(OUT):])
-                return
-            prefix, _, original = key.partition("/")
-            yield items[prefix + "/"].storage_bytes(original)
-
-        torch_zip_writer.save_streaming(legacy, path, stream, fsync=fsync)
+        torch_zip_writer.save_streaming(legacy, path, _storage_stream(fill, items), fsync=fsync)

@@ -111,12 +111,7 @@ class SafetensorsWriter:
     def write(self, name, data, dtype: str | None = None) -> None:
         """``data``: a numpy array of the announced dtype's storage type (bfloat16 as uint16), or a
         torch tensor."""
-        if self._fd is None:
-            raise CkptmapError(f"{self.path}: cannot write tensor {name!r}, the writer is already closed")
-        if self._count >= len(self._order):
-            raise CkptmapError(f"{self.path}: tensor {name!r} was not announced; all {len(self._order)} announced "
-                               "tensors are written already")
-        expected = self._order[self._count]
+        expected = self._next_announced(name)
         if name != expected[0]:
             raise CkptmapError(f"{self.path}: write #{self._count} is {name!r} but the announced entries say "
                                f"{expected[0]!r} comes next; write tensors in the announced order")
@@ -134,14 +129,18 @@ class SafetensorsWriter:
         self._pwrite(flat, self._data_start + self._offsets[name])  # the array's own bytes
         self._count += 1
 
-    def _admit_streamed(self, name, dtype, shape) -> int:
-        """write()'s checks for content that is not an array; returns the content's byte count."""
+    def _next_announced(self, name) -> tuple:
+        """The announced entry the next write must match (the writer open, entries left)."""
         if self._fd is None:
             raise CkptmapError(f"{self.path}: cannot write tensor {name!r}, the writer is already closed")
         if self._count >= len(self._order):
             raise CkptmapError(f"{self.path}: tensor {name!r} was not announced; all {len(self._order)} announced "
                                "tensors are written already")
-        expected = self._order[self._count]
+        return self._order[self._count]
+
+    def _admit_streamed(self, name, dtype, shape) -> int:
+        """write()'s checks for content that is not an array; returns the content's byte count."""
+        expected = self._next_announced(name)
         found = (name, dtype, tuple(int(d) for d in shape))
         if found != expected:
             raise CkptmapError(f"{self.path}: write #{self._count} does not follow the announced entries: expected "
