@@ -1,7 +1,7 @@
 """Ground truth from the real megatron-core 0.6.0, run in-process on CPU.
 
-``run_case(Case(dp=2, ...), out_dir)`` starts ``dp * cp`` rank processes (torch.multiprocessing,
-spawn, gloo). Each builds megatron.core's ``GPTModel`` with the local layer spec, wraps it like
+``run_case(Case(dp=2, ...), out_dir)`` starts ``dp * cp`` rank processes (forked from a
+multiprocessing fork server that imported megatron.core once, gloo). Each builds megatron.core's ``GPTModel`` with the local layer spec, wraps it like
 Megatron's training does (``Float16Module`` for bf16, then
 ``megatron.core.distributed.DistributedDataParallel`` with its ``ParamAndGradBuffer``), builds the
 real ``DistributedOptimizer`` through ``get_megatron_optimizer`` over a pure-torch apex-FusedAdam
@@ -30,6 +30,7 @@ Megatron-core 0.6.0 facts that shape the cases:
 from __future__ import annotations
 
 import dataclasses
+import os
 import pathlib
 import socket
 import tempfile
@@ -130,7 +131,6 @@ def run_case(case: Case, out_dir: pathlib.Path, *, save: bool = True, timeout: f
     model, and save through its ``training.save_checkpoint_and_time`` →
     ``checkpointing.save_checkpoint`` (the same files as without it).
     """
-    import torch.multiprocessing as mp
     import torch
 
     from . import worker
@@ -143,7 +143,10 @@ def run_case(case: Case, out_dir: pathlib.Path, *, save: bool = True, timeout: f
     if load_from is not None:
         case_dict["load_from"] = str(load_from)
         save = False
-    ctx = mp.get_context("spawn")
+    ctx = _context()
+    options = {"rank_setup": rank_setup, "megatron_training": megatron_training,
+               # read here: the fork server's environment is the one it started with
+               "fault": os.environ.get(worker.FAULT_ENV, "")}
     last_error = None
     for _attempt in range(3):  # a fresh port if another process grabbed ours in between
         tmp = pathlib.Path(tempfile.mkdtemp(prefix="mcore_harness_"))
@@ -151,8 +154,7 @@ def run_case(case: Case, out_dir: pathlib.Path, *, save: bool = True, timeout: f
         try:
             port = _free_port()
             procs = [ctx.Process(target=worker.entry, daemon=True,
-                                 args=(r, world, port, case_dict, str(out_dir), save, str(tmp),
-                                       {"rank_setup": rank_setup, "megatron_training": megatron_training}))
+                                 args=(r, world, port, case_dict, str(out_dir), save, str(tmp), options))
                      for r in range(world)]
             for p in procs:
                 p.start()
@@ -170,6 +172,29 @@ def run_case(case: Case, out_dir: pathlib.Path, *, save: bool = True, timeout: f
                 p.join(5)
             shutil.rmtree(tmp, ignore_errors=True)
     raise HarnessError(last_error)
+
+
+def _context():
+    """Ranks start from a fork server that imported torch, the stand-ins and megatron.core once
+    (``preload.py``): each rank is a fork of it, never of the test process, and skips that import."""
+    import multiprocessing
+    from multiprocessing import forkserver
+
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(["mcore_harness.preload"])
+    # The server ignores the sys.path it is handed when it imports the preload (and swallows the
+    # ImportError): it finds this package through PYTHONPATH, given to it alone.
+    before = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = os.pathsep.join([str(pathlib.Path(__file__).resolve().parent.parent)]
+                                               + ([before] if before else []))
+    try:
+        forkserver.ensure_running()
+    finally:
+        if before is None:
+            del os.environ["PYTHONPATH"]
+        else:
+            os.environ["PYTHONPATH"] = before
+    return ctx
 
 
 def _wait(procs, tmp: pathlib.Path, timeout: float, case: Case, grace: float = 5.0):

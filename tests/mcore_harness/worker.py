@@ -40,6 +40,8 @@ def entry(rank: int, world_size: int, port: int, case: dict, out_dir: str, save:
     ``megatron_training`` (use the test-only ``megatron.training`` of ``tests/fake_megatron_training``)."""
     code = 0
     try:
+        if "mcore_harness.preload" not in sys.modules:
+            raise RuntimeError("the fork server did not import mcore_harness.preload (see _context)")
         _main(rank, world_size, port, case, Path(out_dir), save, Path(tmp_dir), options or {})
         (Path(tmp_dir) / f"rank{rank}.ok").write_text("ok")
     except BaseException:  # noqa: BLE001 - reported to the parent, which raises
@@ -221,10 +223,9 @@ def _forward_step(cp_size, data_iterator, model):
 
 # ------------------------------------------------------------------------------------ the rank
 
-def _injected_fault(rank):
+def _injected_fault(rank, spec):
     """Test hook: ``MCORE_HARNESS_FAULT=<rank>:raise`` or ``<rank>:hang`` makes that rank fail or
     block forever right after joining the process group (the peers then block in collectives)."""
-    spec = os.environ.get(FAULT_ENV, "")
     if spec.partition(":")[0] != str(rank):
         return
     if spec.partition(":")[2] == "hang":
@@ -282,7 +283,7 @@ def _run_rank(rank, world_size, port, case, out_dir: Path, save: bool, tmp_dir: 
             # version; the chunk bookkeeping itself is just this setting.
             parallel_state.set_virtual_pipeline_model_parallel_world_size(chunks)
         assert parallel_state.get_data_parallel_world_size() == dp
-        _injected_fault(rank)
+        _injected_fault(rank, options.get("fault", ""))
 
         # megatron.training.initialize._set_random_seed (pp rank 0, no data-parallel random init)
         seed = case["seed"]
