@@ -8,12 +8,13 @@ truth read from the live objects. See ``README.md``.
     back = load(case, out_dir / "torch_dist_fully_sharded_model_space", fmt="torch_dist",
                 sharding_type="fully_sharded_model_space")
 
-Every call starts one launcher process for the version (``python -m mcore_versions.run`` with that
-version's target dir first on ``PYTHONPATH``), which imports megatron.core once and forks the
-ranks; :func:`run_jobs` runs several generate / load jobs of one version in one launcher.
+Each version has one launcher process per test process (``python -m mcore_versions.run --serve``
+with that version's target dir first on ``PYTHONPATH``, started on first use, kept for the next
+calls): it imports megatron.core once and forks the ranks of every job it is sent.
 """
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import hashlib
 import json
@@ -165,11 +166,11 @@ def run_jobs(version: str, jobs: list, *, timeout: float = 300.0, raise_errors: 
     """Run ``jobs`` in one launcher process of ``version`` (one import of megatron.core for all).
     Each job is ``("generate", case, out_dir)``, ``("load", case, sources)`` with ``sources`` a list
     of ``(dir, fmt, sharding_type)``, or ``("flatten", case, torch_dist_iter_dir, out_file)``
-    (``dcp_to_torch_save`` in the launcher: put these last). Generate / load jobs take an optional
+    (``dcp_to_torch_save``, in a child of the launcher). Generate / load jobs take an optional
     4th element ``{"fault": "<rank>:raise|hang"}`` (the harness's own failure tests).
     Returns one result per job: the truth dict (generate), the list of truths, one per source
     (load), or the flat file's path (flatten); with ``raise_errors=False`` a failed job's result
-    is its :class:`HarnessError`. ``timeout`` is per job; the launcher's import gets 300 s more."""
+    is its :class:`HarnessError`. ``timeout`` is per job; a launcher's start gets 300 s more."""
     target = target_dir(version)
     tmp_root = pathlib.Path(tempfile.mkdtemp(prefix=f"mcore_versions_{version}_"))
     try:
@@ -205,17 +206,9 @@ def run_jobs(version: str, jobs: list, *, timeout: float = 300.0, raise_errors: 
                 spec_jobs[-1]["fault"] = job[3]["fault"]
         spec = tmp_root / "jobs.json"
         spec.write_text(json.dumps({"version": version, "jobs": spec_jobs}))
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join([str(target), str(TESTS)])
-        env.setdefault("OMP_NUM_THREADS", "1")
-        env["PYTHONWARNINGS"] = "ignore"
-        total = 300.0 + timeout * len(jobs)
-        try:
-            proc = subprocess.run([sys.executable, "-m", "mcore_versions.run", str(spec)], env=env,
-                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=total + 30)
-            launcher_out, code = proc.stdout.decode(errors="replace"), proc.returncode
-        except subprocess.TimeoutExpired as e:
-            launcher_out, code = (e.stdout or b"").decode(errors="replace"), None
+        launcher_out, code = run_in_launcher("mcore_versions.run", version, [target, TESTS], spec,
+                                             [pathlib.Path(j["tmp"]) / "status.json" for j in spec_jobs],
+                                             timeout * len(jobs))
         results = []
         import torch
         for i, job in enumerate(spec_jobs):
@@ -246,6 +239,79 @@ def run_jobs(version: str, jobs: list, *, timeout: float = 300.0, raise_errors: 
         return results
     finally:
         shutil.rmtree(tmp_root, ignore_errors=True)
+
+
+class _Launcher:
+    """A launcher process (``python -m <module> --serve <version>``) and where its output goes."""
+
+    def __init__(self, module, version, paths):
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(str(p) for p in paths)
+        env.setdefault("OMP_NUM_THREADS", "1")
+        env["PYTHONWARNINGS"] = "ignore"
+        self.log = tempfile.NamedTemporaryFile(prefix=f"mcore_launcher_{version}_", suffix=".log")
+        # its own session: a timeout kills the launcher and every rank it forked in one signal
+        self.proc = subprocess.Popen([sys.executable, "-m", module, "--serve", version], env=env,
+                                     stdin=subprocess.PIPE, stdout=self.log, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+        self.started = True     # the next call's wait includes the import
+
+    def output(self, since=0):
+        with open(self.log.name, "rb") as f:
+            f.seek(since)
+            return f.read().decode(errors="replace")
+
+    def kill(self):
+        import signal
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except OSError:
+            pass
+        self.proc.wait()
+
+
+_LAUNCHERS: dict = {}
+
+
+def _close_launchers():
+    for launcher in _LAUNCHERS.values():
+        try:
+            launcher.proc.stdin.close()      # EOF: the launcher returns
+            launcher.proc.wait(10)
+        except Exception:  # noqa: BLE001
+            launcher.kill()
+    _LAUNCHERS.clear()
+
+
+atexit.register(_close_launchers)
+
+
+def run_in_launcher(module, version, paths, spec, status_files, timeout):
+    """Send ``spec`` (a jobs.json) to the ``module`` launcher of ``version`` (started with ``paths``
+    on ``PYTHONPATH`` if none runs) and wait until every status file exists. Returns (the
+    launcher's output during the call, None) on success, or (output, exit code or None if it timed
+    out and was killed) when it stopped first; a dead or killed launcher is started anew next time."""
+    key = (module, version)
+    launcher = _LAUNCHERS.get(key)
+    if launcher is None or launcher.proc.poll() is not None:
+        launcher = _LAUNCHERS[key] = _Launcher(module, version, paths)
+    since = os.path.getsize(launcher.log.name)
+    deadline = time.monotonic() + timeout + 30 + (300 if launcher.started else 0)
+    launcher.started = False
+    try:
+        launcher.proc.stdin.write(f"{spec}\n".encode())
+        launcher.proc.stdin.flush()
+    except OSError:
+        pass    # it died: reported below
+    while not all(f.exists() for f in status_files):
+        code = launcher.proc.poll()
+        if code is not None or time.monotonic() > deadline:
+            if code is None:
+                launcher.kill()
+            del _LAUNCHERS[key]
+            return launcher.output(since), code
+        time.sleep(0.05)
+    return launcher.output(since), None
 
 
 def generate(case: Case, out_dir, *, timeout: float = 300.0) -> dict:

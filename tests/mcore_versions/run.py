@@ -1,11 +1,14 @@
-"""``python -m mcore_versions.run JOBS.json``: the per-version launcher process.
+"""``python -m mcore_versions.run --serve VERSION``: the per-version launcher process.
 
 It is started by :func:`mcore_versions.run_jobs` with ``PYTHONPATH=<target dir of the version>:
 <repo>/tests``, so ``import megatron.core`` is that version. It installs the stand-ins, imports
-megatron.core once, then for each job forks ``world`` rank processes (gloo on 127.0.0.1) and waits
-for them with a timeout. Forking after the import saves each rank the 5-15 s import of torch +
-megatron.core. Per job it writes ``status.json`` (ok / error text with every rank's traceback /
-seconds) and, on success, rank 0's ``result.pt`` into the job's ``tmp`` directory.
+megatron.core once, then serves: each line on stdin names a ``jobs.json``; for each job it forks
+``world`` rank processes (gloo on 127.0.0.1) and waits for them with a timeout. Forking after the
+import saves each rank the 5-15 s import of torch + megatron.core, and serving saves it each call
+of ``run_jobs`` (one launcher per version per test process). The launcher itself never runs a
+torch op, so it stays safe to fork. Per job it writes ``status.json`` (ok / error text with every
+rank's traceback / seconds; written whole, then renamed) and, on success, rank 0's ``result.pt``
+into the job's ``tmp`` directory. ``python -m mcore_versions.run JOBS.json`` runs one file and exits.
 """
 from __future__ import annotations
 
@@ -103,17 +106,28 @@ def _run_job(job, tmp: Path, timeout: float, grace: float = 5.0):
     return last
 
 
-def _flatten(job):
-    """A torch_dist checkpoint as one flat torch file, read in this process (no ranks): the
-    ``.metadata`` pickles megatron.core classes of the version that wrote it. Run after the rank
-    jobs (it runs torch ops here, and ranks are forked from this process)."""
-    import traceback
-    try:
-        from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-        dcp_to_torch_save(job["src"], job["out"])
+def _flatten(job, tmp: Path):
+    """A torch_dist checkpoint as one flat torch file, read in a forked child (no ranks): the
+    ``.metadata`` pickles megatron.core classes of the version that wrote it, and torch ops run
+    there, not in the launcher that later forks more ranks."""
+    err = tmp / "flatten.err"
+    pid = os.fork()
+    if pid == 0:
+        code = 0
+        try:
+            from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+            dcp_to_torch_save(job["src"], job["out"])
+        except BaseException:  # noqa: BLE001 - reported to the launcher
+            import traceback
+            err.write_text(traceback.format_exc())
+            code = 1
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    if status == 0:
         return None
-    except Exception:  # noqa: BLE001
-        return f"mcore_versions flatten {job['src']} failed:\n{traceback.format_exc()}"
+    detail = err.read_text() if err.exists() else f"exit status {status}"
+    return f"mcore_versions flatten {job['src']} failed:\n{detail}"
 
 
 def _kill_tree(procs):
@@ -140,21 +154,34 @@ def _children(pid):
     return pids + [g for c in pids for g in _children(c)]
 
 
-def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
-    spec = json.loads(Path(argv[0]).read_text())
-    version = spec["version"]
-    import_s = _import_megatron(version)
+def _run_spec(spec_path, import_s):
+    spec = json.loads(Path(spec_path).read_text())
     for job in spec["jobs"]:
         tmp = Path(job["tmp"])
         tmp.mkdir(parents=True, exist_ok=True)
         t0 = time.monotonic()
         if job["kind"] == "flatten":
-            error = _flatten(job)
+            error = _flatten(job, tmp)
         else:
             error = _run_job(job, tmp, job.get("timeout", 300.0))
         status = {"ok": error is None, "error": error, "seconds": time.monotonic() - t0, "import_seconds": import_s}
-        (tmp / "status.json").write_text(json.dumps(status))
+        part = tmp / "status.json.part"
+        part.write_text(json.dumps(status))
+        part.rename(tmp / "status.json")
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[0] == "--serve":
+        import_s = _import_megatron(argv[1])
+        print("mcore_versions launcher ready", flush=True)
+        for line in sys.stdin:      # EOF: the test process is gone or done
+            if line.strip():
+                _run_spec(line.strip(), import_s)
+        return 0
+    spec_path = argv[0]
+    import_s = _import_megatron(json.loads(Path(spec_path).read_text())["version"])
+    _run_spec(spec_path, import_s)
     return 0
 
 

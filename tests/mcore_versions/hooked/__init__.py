@@ -5,7 +5,7 @@
     truths = run_hooked("0.16.1", [("generate", case, save_dir),                     # legacy save only
                                    ("load", case, save_dir, {"load_check": "exact"})])
 
-A launcher of its own (``python -m mcore_versions.hooked.run``) runs ``mcore_versions.run`` after
+A launcher of its own (``python -m mcore_versions.hooked.run --serve``, kept like the plain one) runs ``mcore_versions.run`` after
 importing ``ckptmap.hooks.megatron`` right after megatron.core, so the hook wraps that version's
 ``DistributedDataParallel.__init__`` and ``load_parameter_state`` before any rank is forked. Per
 job it calls ``configure(save_dir=<save_dir>)`` (the wheel has no ``megatron.training``, so the
@@ -28,7 +28,7 @@ import subprocess
 import sys
 import tempfile
 
-from .. import TESTS, Case, HarnessError, _job_dict, target_dir
+from .. import TESTS, Case, HarnessError, _job_dict, run_in_launcher, target_dir
 
 REPO = TESTS.parent
 
@@ -64,20 +64,16 @@ def run_hooked(version: str, jobs: list, *, timeout: float = 300.0, raise_errors
                 raise ValueError(f"unknown job kind {kind!r}")
         spec = tmp_root / "jobs.json"
         spec.write_text(json.dumps({"version": version, "jobs": spec_jobs}))
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join([str(target_dir(version)), str(TESTS), str(REPO)])
-        env.setdefault("OMP_NUM_THREADS", "1")
-        env["PYTHONWARNINGS"] = "ignore"
-        proc = subprocess.run([sys.executable, "-m", "mcore_versions.hooked.run", str(spec)], env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              timeout=330.0 + timeout * len(jobs))
-        out_text = proc.stdout.decode(errors="replace")
+        out_text, code = run_in_launcher("mcore_versions.hooked.run", version, [target_dir(version), TESTS, REPO],
+                                         spec, [pathlib.Path(j["tmp"]) / "status.json" for j in spec_jobs],
+                                         timeout * len(jobs))
         import torch
         results = []
         for i, job in enumerate(spec_jobs):
             status_file = pathlib.Path(job["tmp"]) / "status.json"
             if not status_file.exists():
-                raise HarnessError(f"mcore_versions.hooked {version} launcher exited {proc.returncode} before job "
+                raise HarnessError(f"mcore_versions.hooked {version} launcher "
+                                   f"{'timed out' if code is None else f'exited {code}'} before job "
                                    f"{i} ({job['kind']}) finished; its output:\n{out_text[-20000:]}")
             status = json.loads(status_file.read_text())
             if not status["ok"]:
