@@ -691,7 +691,8 @@ def _run_pool(plan: Plan, phase: list[int], root: Path, n: int, timeout, bar: _P
 
     def spawn():
         p = ctx.Process(target=_worker, args=(tasks, results_q, root, plan.files, fsync, parent), daemon=True)
-        p.start()
+        with signals.held():
+            p.start()
         return p
 
     workers = {}

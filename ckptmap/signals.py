@@ -82,11 +82,25 @@ def set_parent_death_signal(signum: int = signal.SIGTERM) -> bool:
         return False
 
 
+@contextlib.contextmanager
+def held():
+    """SIGINT/SIGTERM wait while inside (delivered on the way out). Around a worker's fork: a Ctrl-C
+    to the process group landing in the child before it reached :func:`worker_setup` would raise
+    inside Python's after-fork code, which prints an "Exception ignored" traceback."""
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, before)
+
+
 def worker_setup(parent_pid: int) -> None:
-    """First thing in a forked worker: SIGINT/SIGTERM raise Interrupted, the parent's death sends
-    SIGTERM; if the parent died before that was set up, stop at once."""
+    """First thing in a forked worker (started under :func:`held`): SIGINT/SIGTERM raise
+    Interrupted -- one that arrived during the fork right here --, the parent's death sends SIGTERM;
+    if the parent died before that was set up, stop at once."""
     for s in HANDLED:
         signal.signal(s, _raise)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED)
     set_parent_death_signal(signal.SIGTERM)
     if os.getppid() != parent_pid:
         raise Interrupted(signal.SIGTERM)

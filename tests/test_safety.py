@@ -257,6 +257,44 @@ def test_a_signal_mid_run_removes_unfinished_files_and_exits_non_zero(big, tmp_p
         assert data == expected[name], name
 
 
+FORK_WINDOW_SCRIPT = r"""
+import multiprocessing, multiprocessing.util, os, signal, sys, time
+from pathlib import Path
+from ckptmap import execute, signals
+
+marker, root = Path(sys.argv[1]), Path(sys.argv[2])
+
+
+class Slow:   # widens the moment between fork and worker_setup to one second
+    pass
+
+
+slow = Slow()
+multiprocessing.util.register_after_fork(slow, lambda _: (marker.touch(), time.sleep(1.0)))
+ctx = multiprocessing.get_context("fork")
+tasks, results = ctx.Queue(), ctx.Queue()
+with signals.interruptible():
+    with signals.held():
+        p = ctx.Process(target=execute._worker, args=(tasks, results, root, [], False, os.getpid()), daemon=True)
+        p.start()
+    while not marker.exists():
+        time.sleep(0.01)
+    os.kill(p.pid, signal.SIGINT)     # Ctrl-C reaching the worker before it set up its handlers
+    p.join(20)
+print(p.exitcode)
+"""
+
+
+def test_a_signal_between_fork_and_worker_setup_is_handled_by_the_worker(tmp_path):
+    # ckptmap's executor forks workers while SIGINT/SIGTERM would raise; a signal arriving in the
+    # child before worker_setup used to raise inside multiprocessing's after-fork code (traceback)
+    proc = subprocess.run([sys.executable, "-c", FORK_WINDOW_SCRIPT, str(tmp_path / "forked"), str(tmp_path)],
+                          env=env(), capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["130"], proc.stdout   # the worker's own Interrupted exit (128 + SIGINT)
+    assert "Traceback" not in proc.stderr, proc.stderr
+
+
 def test_workers_exit_when_the_main_process_is_killed(big, tmp_path):
     out = tmp_path / "ms"
     proc = _start_when_writing(pt2ms(big, out, "--process-limit", "2"), out)
