@@ -23,10 +23,13 @@ EXIT_BAD_INPUT = 2
 
 
 def _composed(ns):
-    """pt2ms / ms2pt with --target-* sizes: the composition with a reshard (``compose``), else None."""
+    """pt2ms / ms2pt with --target-* sizes (a reshard) or ms2pt --ckpt-format torch_dist: the composed
+    command (``compose``), else None."""
     kind = getattr(ns, "plan_command", None) or ns.command
     if kind in ("pt2ms", "ms2pt"):
         from ckptmap.cli import compose
+        if kind == "ms2pt" and (ns.ckpt_format == "torch_dist" or ns.sharding_type is not None):
+            return compose.ms2pt_torch_dist
         if compose.wants_reshard(ns):
             return getattr(compose, kind)
     return None

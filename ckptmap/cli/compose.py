@@ -4,6 +4,8 @@
   (in the output's parent), then pt2ms of that folder into the output.
 * ``ms2pt --target-…``: ms2pt into a temporary folder beside the output, then reshard that folder
   into the output.
+* ``ms2pt --ckpt-format torch_dist``: ms2pt (with its reshard, if ``--target-…``) into a temporary folder
+  beside the output, then ``convert --from torch --to torch_dist`` of that folder into the output.
 
 Why two steps and not one plan: pt2ms keeps the Megatron files' skeletons in ``pt_meta`` and both
 pt2ms and reshard plan from what the files say (metadata, bucket layouts); planning the second step
@@ -183,3 +185,77 @@ def ms2pt(ns) -> int:
             parallel_init_order=ns.parallel_init_order, convert_param_only=ns.convert_param_only, **_targets(ns)))
 
     return _run_two_steps(ns, tmp, lines, plan1, then_reshard)
+
+
+def _legacy_step(ns, legacy_ns):
+    from ckptmap.cli.flags import ms2pt_options
+    from ckptmap.mapping.ms2pt import compile_ms2pt
+
+    plan = compile_ms2pt(ms2pt_options(legacy_ns))
+    if "msadapter" in str(plan.info.get("dialect", "")):
+        raise CkptmapError(f"{ns.ms_path}: ms2pt would write MSAdapter-dialect files, and torch_dist is written from "
+                           f"stock PyTorch ones; add --dialect torch (see --drop-rng)")
+    return plan
+
+
+def ms2pt_torch_dist(ns) -> int:
+    """ms2pt --ckpt-format torch_dist: legacy files (resharded if --target-*) into a temporary folder, then
+    torch -> torch_dist of them (``mapping/legacy_torch_dist.py``) into --megatron-path."""
+    import argparse
+    import sys
+
+    from ckptmap.cli.printing import print_plan
+    from ckptmap.cli.run import run
+    from ckptmap.mapping import legacy_torch_dist as ltd
+
+    if ns.ckpt_format != "torch_dist":
+        raise CkptmapError(f"--sharding-type {ns.sharding_type} applies to --ckpt-format torch_dist; add it, or drop "
+                           f"--sharding-type for legacy files")
+    sharding = ns.sharding_type or "fully_reshardable"
+    if sharding not in ltd.TARGET_TYPES:
+        raise CkptmapError(f"--sharding-type {sharding}: ms2pt writes torch_dist as {' or '.join(ltd.TARGET_TYPES)} "
+                           f"(megatron-core 0.15+ / 0.8 - 0.14); for dp_reshardable, upgrade the result with `ckptmap "
+                           f"convert --from torch_dist --to torch_dist --sharding-type dp_reshardable`")
+    if getattr(ns, "output", None):
+        raise CkptmapError("plan ms2pt -o with --ckpt-format torch_dist: a plan file holds one conversion, and this is "
+                           "two (ms2pt to legacy files, then torch -> torch_dist); drop -o to see the steps")
+    if getattr(ns, "world_size", 1) > 1:
+        raise CkptmapError(f"ms2pt --ckpt-format torch_dist with --world-size {ns.world_size}: the conversion goes "
+                           f"through a temporary folder of this machine; run ms2pt (legacy files) across machines, "
+                           f"then `ckptmap convert --from torch --to torch_dist` on one")
+    final = Path(ns.megatron_path)
+    if final.exists() and not ns.dry_run and not getattr(ns, "plan_command", None):
+        raise CkptmapError(f"--megatron-path {final} already exists; a torch_dist checkpoint is never written into an "
+                           f"existing folder (also not with --overwrite): remove it or choose another path")
+    tmp = _temp_folder(final)
+    legacy_ns = argparse.Namespace(**{**vars(ns), "megatron_path": str(tmp), "overwrite": False})
+    second = f"convert --from torch --to torch_dist {tmp} -> {final} ({sharding})"
+    if ns.dry_run or getattr(ns, "plan_command", None):
+        print(f"composed conversion: step 1 ms2pt {ns.ms_path} -> {tmp} (legacy files), step 2 {second}")
+        print("  cost: one extra write + read of the checkpoint's bytes (the legacy files in the temporary folder, "
+              "removed at the end, also on failure and on Ctrl-C / SIGTERM)\n")
+        if wants_reshard(ns):
+            legacy_ns.dry_run = True
+            ms2pt(legacy_ns)
+        else:
+            print_plan(_legacy_step(ns, legacy_ns), detail=getattr(ns, "full", False), summary=True)
+            print(f"\nstep 2: {second} — planned once step 1 is written (it plans from the legacy files)")
+        return 0
+    tmp.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        if wants_reshard(ns):
+            rc = ms2pt(legacy_ns)
+        else:
+            plan1 = _legacy_step(ns, legacy_ns)
+            print(f"composed conversion: step 1 ms2pt {ns.ms_path} -> {tmp}, step 2 {second}")
+            print_plan(plan1, detail=ns.debug)
+            rc = run(plan1, legacy_ns)
+        if rc:
+            return rc
+        print()
+        plan2 = ltd.plan_legacy_to_dist(tmp, final, sharding, ns.rules)
+        ltd.print_plan(plan2, sys.stdout)
+        print(f"\ntorch_dist checkpoint written in {ltd.run(plan2, fsync=ns.fsync, no_progress=ns.no_progress):.2f} s")
+        return 0
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

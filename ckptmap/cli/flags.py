@@ -115,6 +115,14 @@ def add_ms2pt_flags(p: argparse.ArgumentParser) -> None:
     add_run_flags(f)
     t = p.add_argument_group("target layout (reshard on the way; costs one extra write + read of the checkpoint)")
     add_target_flags(t)
+    k = p.add_argument_group("Megatron checkpoint format (torch_dist: written through legacy files in a temporary "
+                             "folder; costs one extra write + read of the checkpoint)")
+    k.add_argument("--ckpt-format", choices=("torch", "torch_dist"), default="torch",
+                   help="torch (default): legacy model_optim_rng.pt + distrib_optim.pt files; torch_dist: a Megatron "
+                        "--ckpt-format torch_dist folder (what megatron-core 0.9+ saves by default).")
+    k.add_argument("--sharding-type", default=None, metavar="TYPE",
+                   help="torch_dist only: the distributed optimizer's sharding type, fully_reshardable (default; "
+                        "megatron-core 0.15+) or fully_sharded_model_space (megatron-core 0.8 - 0.14).")
     c = p.add_argument_group("ckptmap")
     c.add_argument("--rules", default="auto", help="Bundled rules name or a .rules path (default: auto).")
     c.add_argument("--layout", choices=("auto", "v1", "v2"), default="auto",
