@@ -155,14 +155,19 @@ class _Sources:
         out = np.zeros(task.src_shape, dtype=dtypes.storage(task.src_dtype))
         for r in task.reads:
             reader = self.reader(r.source.file)
+            lengths = r.dst_lengths or r.lengths
+            dst = out[tuple(slice(o, o + n) for o, n in zip(r.dst_offsets, lengths))]
             if hasattr(reader, "read_range_box"):   # torch_dist: read the chunks under the box, not the global tensor
                 self._check_spec(reader, r.source)
+                if tuple(lengths) == tuple(r.lengths):   # straight into place, no intermediate array
+                    reader.read_range_box(r.source.key, r.source.start, r.source.numel, r.view, r.offsets, r.lengths,
+                                          out=dst)
+                    continue
                 box = reader.read_range_box(r.source.key, r.source.start, r.source.numel, r.view, r.offsets, r.lengths)
             else:
                 src = self.slice(r.source).reshape(r.view)
                 box = src[tuple(slice(o, o + n) for o, n in zip(r.offsets, r.lengths))]
-            lengths = r.dst_lengths or r.lengths
-            out[tuple(slice(o, o + n) for o, n in zip(r.dst_offsets, lengths))] = box
+            dst[...] = box
         if task.replicas:
             self._check_replicas(task, self.slice(task.reads[0].source))
         return out

@@ -629,6 +629,8 @@ class TorchDistCheckpoint:
         self.backend = self._read_backend()
         self.meta = read_dcp_metadata(path / DCP_METADATA)
         self._maps: dict = {}
+        self._fds: dict = {}
+        self._ranges: dict = {}
         self._index: dict = {}
         self._objects: dict = {}
         self._common = None
@@ -771,11 +773,19 @@ class TorchDistCheckpoint:
         mm = self._map(chunk.file)
         if not self._is_archive(mm, chunk.offset, chunk.length):
             return FileRange(str(self.path / chunk.file), chunk.offset, nbytes) if chunk.length == nbytes else None
-        item = ItemFile(str(self.path / chunk.file), mm, chunk.offset, chunk.length)
+        label = f"{self.path / chunk.file} (item of {chunk.key!r} at byte {chunk.offset})"
+        item = ItemFile(label, mm, chunk.offset, chunk.length)
         ref = item.root
+        if isinstance(ref, tzr.TensorRef) and (ref.dtype != t.dtype or ref.numel != chunk.box.numel):
+            # what chunk_array refuses: the bytes of another item must not be copied as this one's
+            raise CkptmapError(f"{label} holds a {ref.dtype} tensor of shape {list(ref.shape)} but .metadata "
+                               f"says {t.dtype} {list(chunk.box.lengths)}; the checkpoint is corrupt")
         if not isinstance(ref, tzr.TensorRef) or ref.stride != tzr._contiguous_stride(ref.shape) and ref.numel > 1:
             return None
         rec = item.storage_record(ref.storage)
+        if rec is None or (ref.storage_offset + ref.numel) * dtypes.itemsize(ref.dtype) > rec.size:
+            raise CkptmapError(f"{label}: its tensor's storage record is missing or shorter than the tensor; the "
+                               f"checkpoint is corrupt — save it again")
         return FileRange(str(self.path / chunk.file), rec.offset + ref.storage_offset * dtypes.itemsize(ref.dtype),
                          nbytes)
 
@@ -802,16 +812,74 @@ class TorchDistCheckpoint:
             hit = c.box.intersect(box) if box.numel else None
             if hit is None:
                 continue
+            dst_idx = tuple(slice(h - o, h - o + n) for h, o, n in zip(hit.offsets, box.offsets, hit.lengths))
+            if hit == c.box and self._read_into(c, out[dst_idx]):
+                covered += hit.numel
+                continue
             src = self.chunk_array(c)
             src_idx = tuple(slice(h - o, h - o + n) for h, o, n in zip(hit.offsets, c.box.offsets, hit.lengths))
-            dst_idx = tuple(slice(h - o, h - o + n) for h, o, n in zip(hit.offsets, box.offsets, hit.lengths))
             out[dst_idx] = src[src_idx]
             covered += hit.numel
         if covered != box.numel:  # chunks tile the tensor (checked on open), so this is an internal error
             raise CkptmapError(f"internal error: box {box} of {key!r} covered {covered} of {box.numel} elements")
         return out
 
-    def read_range_box(self, key, start: int, numel: int | None, view, offsets, lengths) -> np.ndarray:
+    def _read_into(self, chunk: Chunk, dst: np.ndarray) -> bool:
+        """A whole chunk read with pread straight into ``dst`` when that is one contiguous block: one
+        kernel copy, no page faults of a mapping and no intermediate array. False where it is not
+        (``dst`` strided, the chunk not one plain byte range); the caller then copies from the map."""
+        if not dst.flags.c_contiguous or not dst.flags.writeable or dst.size == 0 \
+                or dst.dtype != dtypes.storage(self.tensor(chunk.key).dtype):
+            return False
+        rng = self._ranges.get((chunk.file, chunk.offset), False)
+        if rng is False:
+            rng = self._ranges[(chunk.file, chunk.offset)] = self.chunk_range(chunk)
+        if rng is None or rng.nbytes != dst.nbytes:
+            return False
+        fd = self._fds.get(chunk.file)
+        if fd is None:
+            fd = self._fds[chunk.file] = os.open(self.path / chunk.file, os.O_RDONLY)
+        view = memoryview(dst.reshape(-1).view(np.uint8))
+        done = 0
+        while done < rng.nbytes:
+            n = os.preadv(fd, [view[done:]], rng.offset + done)
+            if n <= 0:
+                raise CkptmapError(f"{self.path / chunk.file}: ends inside the item of {chunk.key!r} at byte "
+                                   f"{rng.offset + done} ({rng.nbytes - done} bytes missing); the file is truncated "
+                                   f"— the checkpoint is incomplete, copy or save it again")
+            done += n
+        return True
+
+    def read_range_box(self, key, start: int, numel: int | None, view, offsets, lengths,
+                       out: np.ndarray | None = None) -> np.ndarray:
+        """See :meth:`_read_range_box`; with ``out`` (shape ``lengths``, e.g. the place in an assembled
+        shard) the box is written there and ``out`` returned, skipping an intermediate copy."""
+        t = self.tensor(key) if key in self.meta.tensors else None
+        if out is not None and t is not None and len(t.shape) > 1:
+            shape, v = tuple(t.shape), tuple(view)
+            n = math.prod(shape) - start if numel is None else numel
+            for j in range(len(shape) + 1):
+                tail, lead_shape = shape[len(shape) - j:], shape[:len(shape) - j]
+                if math.prod(tail) != n or (n and start % n):
+                    continue
+                lead = tuple(int(i) for i in np.unravel_index(start // n, lead_shape)) if lead_shape else ()
+                if v == tail:   # the box itself, straight from the chunks into out
+                    self.read_box(key, Box(lead + tuple(offsets), (1,) * len(lead) + tuple(lengths)),
+                                  out=out[(np.newaxis,) * len(lead)])
+                    return out
+                if tuple(lengths) == v and not any(offsets) and out.flags.c_contiguous:
+                    # all of a row block viewed in another shape (an nd-flattened fragment): the same bytes
+                    self.read_box(key, Box(lead + (0,) * j, (1,) * len(lead) + tail),
+                                  out=out.reshape((1,) * len(lead) + tail))
+                    return out
+                break
+        got = self._read_range_box(key, start, numel, view, offsets, lengths)
+        if out is None:
+            return got
+        out[...] = got
+        return out
+
+    def _read_range_box(self, key, start: int, numel: int | None, view, offsets, lengths) -> np.ndarray:
         """Box ``offsets``/``lengths`` of the flat element range ``[start, start + numel)`` of ``key``
         viewed (C order) as ``view`` -- a plan ``Read`` -- reading only the chunks under it, not the
         global tensor: the range must be whole trailing-axis rows of the stored tensor (one stacked
@@ -884,6 +952,9 @@ class TorchDistCheckpoint:
                 except BufferError:  # an array handed out still views it: unmapped when that goes
                     pass
         self._maps = {}
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds = {}
         self._objects = {}
         if self._common is not None:
             self._common.close()
