@@ -502,17 +502,18 @@ class MegatronDist:
         return key, int(entry[0].get("numel_unpadded", -1))
 
     # --- data ---
-    def read_box(self, t: GlobalTensor, box: Box) -> np.ndarray:
+    def read_box(self, t: GlobalTensor, box: Box, out: np.ndarray | None = None) -> np.ndarray:
         """The elements of ``box`` of the global tensor (memory: the box, plus one fragment of an
-        nd-flattened tensor)."""
+        nd-flattened tensor), in a new array or written into ``out`` (shape ``box.lengths``)."""
         if not t.nd_flattened:
-            return self.reader.read_box(t.key, box)
+            return self.reader.read_box(t.key, box, out=out)
         if len(box.offsets) != len(t.shape) or any(o < 0 or o + n > s for o, n, s in
                                                    zip(box.offsets, box.lengths, t.shape)):
             raise CkptmapError(f"box {box} is not inside {t.key!r} of global shape {list(t.shape)}")
         frags = t.stored_shape[:-1]
         block = tuple(g // f for g, f in zip(t.shape, frags))
-        out = np.empty(box.lengths, dtype=dtypes.storage(t.dtype))
+        if out is None:
+            out = np.empty(box.lengths, dtype=dtypes.storage(t.dtype))
         lo = [o // b for o, b in zip(box.offsets, block)]
         hi = [-(-(o + n) // b) for o, n, b in zip(box.offsets, box.lengths, block)]
         for idx in itertools.product(*(range(a, b) for a, b in zip(lo, hi))):
@@ -520,11 +521,13 @@ class MegatronDist:
             hit = frag.intersect(box)
             if hit is None:
                 continue
-            flat = self.reader.read_box(t.key, Box(idx + (0,), (1,) * len(idx) + (t.stored_shape[-1],)))
-            data = flat.reshape(block)
-            src = tuple(slice(h - f, h - f + n) for h, f, n in zip(hit.offsets, frag.offsets, hit.lengths))
-            dst = tuple(slice(h - o, h - o + n) for h, o, n in zip(hit.offsets, box.offsets, hit.lengths))
-            out[dst] = data[src]
+            stored = Box(idx + (0,), (1,) * len(idx) + (t.stored_shape[-1],))
+            dst = out[tuple(slice(h - o, h - o + n) for h, o, n in zip(hit.offsets, box.offsets, hit.lengths))]
+            if hit == frag and dst.flags.c_contiguous:   # the whole fragment: its bytes straight into place
+                self.reader.read_box(t.key, stored, out=dst.reshape(stored.lengths))
+                continue
+            data = self.reader.read_box(t.key, stored).reshape(block)
+            dst[...] = data[tuple(slice(h - f, h - f + n) for h, f, n in zip(hit.offsets, frag.offsets, hit.lengths))]
         return out
 
     def array(self, t: GlobalTensor) -> np.ndarray:
@@ -641,12 +644,17 @@ def assemble_pieces(md: "MegatronDist", pieces, box: Box, dtype: str) -> np.ndar
         a, b = max(lo, pc.offset), min(lo + n, pc.offset + numel)
         if a >= b:
             continue
-        shard = np.zeros(pc.shape, dtype=out.dtype)
+        whole = a == pc.offset and b == pc.offset + numel    # assembled in place, not copied in after
+        shard = out[a - lo:b - lo].reshape(pc.shape) if whole else np.zeros(pc.shape, dtype=out.dtype)
         for gt, gbox, local in pc.boxes:
             k = len(gbox.offsets) - len(pc.shape)
-            data = md.read_box(gt, gbox).reshape(gbox.lengths[k:])
-            shard[tuple(slice(o, o + m) for o, m in zip(local, gbox.lengths[k:]))] = data
-        out[a - lo:b - lo] = shard.reshape(-1)[a - pc.offset:b - pc.offset]
+            dst = shard[tuple(slice(o, o + m) for o, m in zip(local, gbox.lengths[k:]))]
+            if all(m == 1 for m in gbox.lengths[:k]):
+                md.read_box(gt, gbox, out=dst[(np.newaxis,) * k])
+            else:
+                dst[...] = md.read_box(gt, gbox).reshape(gbox.lengths[k:])
+        if not whole:
+            out[a - lo:b - lo] = shard.reshape(-1)[a - pc.offset:b - pc.offset]
     return out
 
 
