@@ -78,3 +78,26 @@ def test_legacy_to_fully_sharded_model_space_loads_in_megatron_0_12_1(mcore_stan
             ("load", dataclasses.replace(run.case, tp=1), [(out, "torch_dist", "fully_sharded_model_space")])]
     for got in run_jobs("0.12.1", jobs):
         same_values(run.truth, got[0] if isinstance(got, list) else got)
+
+
+def test_legacy_to_dp_reshardable_loads_in_megatron_0_16_1(mcore_standard, tmp_path, capsys):
+    """--sharding-type dp_reshardable (0.15+'s default) is composed: fully_sharded_model_space into a temporary
+    folder, then the offline upgrade. 0.16.1's own dist_checkpointing.load gives the live values, and the
+    bucket sizes recorded equal those 0.16.1's own dp_reshardable save of the same step records."""
+    from ckptmap.formats import megatron_dist as M
+
+    run = mcore_standard("0.16.1", "dense")
+    out = tmp_path / "dist"
+    assert main(["convert", "--from", "torch", "--to", "torch_dist", "--sharding-type", "dp_reshardable",
+                 "--src", str(run.dir / "legacy"), "--dst", str(out), "--no-progress"]) == 0
+    assert "offline upgrade to dp_reshardable" in capsys.readouterr().out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dist"]      # the temporary folder is gone
+    with M.MegatronDist(out / "iter_0000001") as mine, \
+            M.MegatronDist(run.dir / "torch_dist_dp_reshardable" / "iter_0000001") as own:
+        assert mine.sharding_type.name == own.sharding_type.name == "dp_reshardable"
+        numel = sorted(o for o in own.reader.objects() if "per_bucket_numel" in o)
+        assert numel and numel == sorted(o for o in mine.reader.objects() if "per_bucket_numel" in o)
+        for o in numel:
+            assert own.reader.read_object(o).root == mine.reader.read_object(o).root, o
+    (got,) = run_jobs("0.16.1", [("load", run.case, [(out, "torch_dist", "dp_reshardable")])])
+    same_values(run.truth, got[0])

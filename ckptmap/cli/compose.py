@@ -6,6 +6,9 @@
   into the output.
 * ``ms2pt --ckpt-format torch_dist``: ms2pt (with its reshard, if ``--target-…``) into a temporary folder
   beside the output, then ``convert --from torch --to torch_dist`` of that folder into the output.
+* ``convert --from torch --to torch_dist --sharding-type dp_reshardable`` (megatron-core 0.15+'s default):
+  ``fully_sharded_model_space`` into a temporary folder, then the offline upgrade of that folder
+  (``formats/megatron_dist.py``) into the output.
 
 Why two steps and not one plan: pt2ms keeps the Megatron files' skeletons in ``pt_meta`` and both
 pt2ms and reshard plan from what the files say (metadata, bucket layouts); planning the second step
@@ -21,6 +24,7 @@ which touches only temporaries of dead ckptmap processes of this host).
 from __future__ import annotations
 
 import shutil
+import time
 from pathlib import Path
 
 import attrs
@@ -212,10 +216,9 @@ def ms2pt_torch_dist(ns) -> int:
         raise CkptmapError(f"--sharding-type {ns.sharding_type} applies to --ckpt-format torch_dist; add it, or drop "
                            f"--sharding-type for legacy files")
     sharding = ns.sharding_type or "fully_reshardable"
-    if sharding not in ltd.TARGET_TYPES:
-        raise CkptmapError(f"--sharding-type {sharding}: ms2pt writes torch_dist as {' or '.join(ltd.TARGET_TYPES)} "
-                           f"(megatron-core 0.15+ / 0.8 - 0.14); for dp_reshardable, upgrade the result with `ckptmap "
-                           f"convert --from torch_dist --to torch_dist --sharding-type dp_reshardable`")
+    if sharding not in ltd.TARGET_TYPES + ("dp_reshardable",):
+        raise CkptmapError(f"--sharding-type {sharding}: ms2pt writes torch_dist as fully_reshardable, dp_reshardable "
+                           f"(megatron-core 0.15+) or fully_sharded_model_space (0.8 - 0.14)")
     if getattr(ns, "output", None):
         raise CkptmapError("plan ms2pt -o with --ckpt-format torch_dist: a plan file holds one conversion, and this is "
                            "two (ms2pt to legacy files, then torch -> torch_dist); drop -o to see the steps")
@@ -253,9 +256,48 @@ def ms2pt_torch_dist(ns) -> int:
         if rc:
             return rc
         print()
-        plan2 = ltd.plan_legacy_to_dist(tmp, final, sharding, ns.rules)
-        ltd.print_plan(plan2, sys.stdout)
-        print(f"\ntorch_dist checkpoint written in {ltd.run(plan2, fsync=ns.fsync, no_progress=ns.no_progress):.2f} s")
+        return legacy_to_torch_dist(ns, tmp, final, sharding, ns.rules)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def legacy_to_torch_dist(ns, src, final: Path, sharding: str, rules: str) -> int:
+    """torch -> torch_dist: the model-space types directly (``mapping/legacy_torch_dist.py``); dp_reshardable
+    as fully_sharded_model_space into a temporary folder, then the offline upgrade of it into ``final``."""
+    import sys
+
+    from ckptmap.cli.convert import print_torch_dist_plan
+    from ckptmap.formats import megatron_dist as M
+    from ckptmap.mapping import legacy_torch_dist as ltd
+
+    dry = getattr(ns, "dry_run", False) or getattr(ns, "plan_command", None)
+    if sharding != "dp_reshardable":
+        plan = ltd.plan_legacy_to_dist(src, final, sharding, rules)
+        ltd.print_plan(plan, sys.stdout)
+        if not dry:
+            print(f"\ntorch_dist checkpoint written in {ltd.run(plan, fsync=ns.fsync, no_progress=ns.no_progress):.2f} s")
+        return 0
+    if final.exists():
+        raise CkptmapError(f"--dst {final} already exists; ckptmap never writes into an existing checkpoint folder")
+    tmp = _temp_folder(final)
+    try:
+        plan = ltd.plan_legacy_to_dist(src, tmp, "fully_sharded_model_space", rules)
+        print(f"composed conversion: step 1 torch -> torch_dist (fully_sharded_model_space) {src} -> {tmp}, step 2 "
+              f"the offline upgrade to dp_reshardable {tmp} -> {final}")
+        print("  cost: one extra write + read of the checkpoint's bytes (the temporary folder, removed at the end, "
+              "also on failure and on Ctrl-C / SIGTERM)")
+        ltd.print_plan(plan, sys.stdout)
+        if dry:
+            print(f"\nstep 2: convert --from torch_dist --to torch_dist --sharding-type dp_reshardable {tmp} -> {final} "
+                  f"— planned once step 1 is written")
+            return 0
+        print(f"  written in {ltd.run(plan, fsync=ns.fsync, no_progress=ns.no_progress):.2f} s\n")
+        upgrade = M.plan_folder(tmp, final, "dp_reshardable")
+        print_torch_dist_plan(ns, upgrade)
+        started = time.perf_counter()
+        M.write_folder(upgrade, fsync=ns.fsync, progress=None if ns.no_progress else
+                       (lambda name, nbytes: print(f"  wrote {name}", flush=True)))
+        print(f"\ntorch_dist checkpoint written in {time.perf_counter() - started:.2f} s")
         return 0
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

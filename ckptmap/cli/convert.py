@@ -172,8 +172,10 @@ def _is_to_dist(ns) -> bool:
     return (ns.source, ns.target) == ("torch", _TORCH_DIST)
 
 
-def _to_dist_plan(ns):
-    from ckptmap.mapping.legacy_torch_dist import plan_legacy_to_dist
+def _to_dist(ns) -> int:
+    from pathlib import Path
+
+    from ckptmap.cli.compose import legacy_to_torch_dist
     from ckptmap.mapping.torch_dist_legacy import DEFAULT_RULES
 
     if ns.drop_rng or ns.keep_foreign_rng:
@@ -183,7 +185,8 @@ def _to_dist_plan(ns):
     if given:
         raise CkptmapError(f"{', '.join(given)} apply to --from torch_dist --to torch only; torch -> torch_dist keeps "
                            f"the saving layout (reshard the legacy files first with `ckptmap reshard`)")
-    return plan_legacy_to_dist(ns.src, ns.dst, ns.sharding_type or "fully_reshardable", ns.rules or DEFAULT_RULES)
+    return legacy_to_torch_dist(ns, ns.src, Path(ns.dst), ns.sharding_type or "fully_reshardable",
+                                ns.rules or DEFAULT_RULES)
 
 
 def _is_torch_dist(ns) -> bool:
@@ -261,13 +264,7 @@ def cmd_dialect_convert(ns) -> int:
     from ckptmap.formats.dialect_translate import run_jobs
 
     if _is_to_dist(ns):
-        from ckptmap.mapping import legacy_torch_dist as ltd
-        plan = _to_dist_plan(ns)
-        ltd.print_plan(plan, sys.stdout)
-        if ns.dry_run:
-            return 0
-        print(f"\ntorch_dist checkpoint written in {ltd.run(plan, fsync=ns.fsync, no_progress=ns.no_progress):.2f} s")
-        return 0
+        return _to_dist(ns)
     if _is_to_legacy(ns):
         from ckptmap.cli.run import show_or_run
         return show_or_run(_legacy_plan(ns), _run_ns(ns))
@@ -295,9 +292,7 @@ def cmd_dialect_convert(ns) -> int:
 
 def cmd_plan_dialect_convert(ns) -> int:
     if _is_to_dist(ns):
-        from ckptmap.mapping import legacy_torch_dist as ltd
-        ltd.print_plan(_to_dist_plan(ns), sys.stdout)
-        return 0
+        return _to_dist(ns)
     if _is_to_legacy(ns):
         from ckptmap.cli.printing import print_plan
         from ckptmap.cli.run import print_target

@@ -83,8 +83,8 @@ def plan_legacy_to_dist(src, dst, sharding_type: str = "fully_reshardable", rule
                         megatron_version: str | None = None) -> LegacyToDistPlan:
     if sharding_type not in TARGET_TYPES:
         raise CkptmapError(f"--sharding-type {sharding_type}: torch -> torch_dist writes {', '.join(TARGET_TYPES)} "
-                           f"(megatron-core 0.15+ / 0.8 - 0.14); upgrade the result with `--from torch_dist --to "
-                           f"torch_dist --sharding-type dp_reshardable` if you need that. Nothing was written.")
+                           f"(megatron-core 0.15+ / 0.8 - 0.14), and dp_reshardable through the first (the command "
+                           f"line composes it). Nothing was written.")
     st = M.SHARDING_TYPES[sharding_type]
     dst = Path(dst)
     if dst.exists():
