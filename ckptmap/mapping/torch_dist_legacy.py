@@ -40,8 +40,9 @@ from ckptmap.mapping import buckets, param_groups
 from ckptmap.mapping.layout import ParallelLayout
 from ckptmap.mapping.megatron_source import planning
 from ckptmap.mapping.plan import FileTask, Plan, Read, SourceSlice, StoragePiece, StorageTask, TensorTask
-from ckptmap.mapping.reshard import _build_target_buffer, _chunk_keys, _ddp_name, _state_storage, resolve_sharding
-from ckptmap.mapping.rules import LAYER, resolve_rules
+from ckptmap.mapping.reshard import (IndexNames, _build_target_buffer, _chunk_keys, _ddp_name, _state_storage,
+                                     resolve_sharding)
+from ckptmap.mapping.rules import EXPERT, LAYER, resolve_rules
 from ckptmap.mapping.sharding import Box, Fragment, Sharding, padded_vocab_size, transfer, whole
 
 STATES = ("param", "exp_avg", "exp_avg_sq")
@@ -76,6 +77,7 @@ class DistParam:
     order: tuple
     sources: dict
     layer: int | None
+    expert: int | None = None   # global expert id
 
 
 def iteration_dir(src) -> tuple[Path, str]:
@@ -118,6 +120,17 @@ def _source_layout(args) -> ParallelLayout:
                           dp=_arg(args, "data_parallel_size", 1), cp=_arg(args, "context_parallel_size", 1),
                           ep=_arg(args, "expert_model_parallel_size", 1),
                           vpp=_arg(args, "virtual_pipeline_model_parallel_size", 1), num_layers=args.num_layers)
+
+
+def _check_moe(md, args) -> None:
+    """MoE layouts this conversion writes: SequentialMLP experts, expert TP = TP."""
+    if getattr(args, "moe_grouped_gemm", False):
+        raise CkptmapError(f"{md.path}: args.moe_grouped_gemm is set (GroupedMLP experts); torch_dist -> torch handles "
+                           f"SequentialMLP experts (local_experts.N) only. Nothing was written.")
+    tp, etp = _arg(args, "tensor_model_parallel_size", 1), _arg(args, "expert_tensor_parallel_size", None)
+    if etp is not None and etp != tp:
+        raise CkptmapError(f"{md.path}: args.expert_tensor_parallel_size is {etp} but tensor_model_parallel_size is "
+                           f"{tp}; torch_dist -> torch handles MoE with expert TP = TP only. Nothing was written.")
 
 
 def _choice_order(rule, bindings) -> tuple:
@@ -220,10 +233,22 @@ class DistModel:
             raise CkptmapError(f"{md.path}/common.pt has no Megatron args (num_layers, sizes); ckptmap needs them to "
                                f"lay the legacy files out")
         self.args = args
-        if _arg(args, "num_experts"):
-            raise CkptmapError(f"{md.path}: a mixture-of-experts model ({args.num_experts} experts); torch_dist -> torch "
-                               f"and the dp_reshardable upgrade handle dense models so far. Load it in Megatron with "
-                               f"the same layout and save with --ckpt-format torch. Nothing was written.")
+        self.num_experts = int(_arg(args, "num_experts", 0))
+        if self.num_experts:
+            _check_moe(md, args)
+        common_opt = md.common.get("optimizer")
+        # a ChainedOptimizer's state in common.pt: {0: dense, 1: expert}
+        self.chained = isinstance(common_opt, dict) and any(isinstance(k, int) for k in common_opt)
+        if md.sharding_type is not None and self.chained != bool(self.num_experts):
+            found = f"a ChainedOptimizer (keys {list(common_opt)})" if self.chained else "a single optimizer"
+            raise CkptmapError(
+                f"{md.path}/common.pt: the optimizer is {found} but the model has {self.num_experts or 'no'} experts; "
+                f"torch_dist -> torch handles a dense model with one optimizer and an MoE model with [dense, expert] "
+                f"chained optimizers. Nothing was written.")
+        if self.chained and sorted(common_opt, key=str) != [0, 1]:
+            raise CkptmapError(f"{md.path}/common.pt: a ChainedOptimizer of {len(common_opt)} optimizers (keys "
+                               f"{list(common_opt)}); torch_dist -> torch handles [dense, expert] (keys 0, 1). "
+                               f"Nothing was written.")
         st = md.sharding_type
         if not convert_param_only and st is None:
             raise CkptmapError(f"{md.path} holds no optimizer state; pass --convert-param-only to convert the weights")
@@ -235,6 +260,10 @@ class DistModel:
         self.layout = _source_layout(args)
         first_layer = next((i for i, r in enumerate(rules.params)
                             if any(s.kind == LAYER for s in r.megatron.segments)), len(rules.params))
+        # Megatron registers each local expert's modules together (expert 0's fc1, fc2, then expert 1's)
+        first_expert = next((i for i, r in enumerate(rules.params)
+                             if any(s.kind == EXPERT for s in r.megatron.segments)), len(rules.params))
+        self.names = IndexNames(rules)
         states = {(t.name, t.state): t for t in md.tensors() if t.state != "weight"}
         self.params: dict[str, DistParam] = {}
         unmatched = []
@@ -249,8 +278,9 @@ class DistModel:
                     raise CkptmapError(f"{md.path}: {name} matches {len(hits)} rules of {rules.path}; make them disjoint")
                 i, rule, b = hits[0]
                 idx = tuple(box.offsets[:len(where)])
-                layer = b.get(LAYER)
+                layer, expert = b.get(LAYER), b.get(EXPERT)
                 section = 1 if layer is not None else (0 if i < first_layer else 2)
+                order = (i, 0) if expert is None else (first_expert, int(expert))
                 sources = {"weight": (t, idx)}
                 for state in STATES:
                     g = states.get((t.name, state))
@@ -261,7 +291,8 @@ class DistModel:
                                            f"incomplete (or pass --convert-param-only)")
                 self.params[name] = DistParam(name, rule, b, resolve_sharding(rule, env, name),
                                               tuple(t.shape[len(where):]), t.dtype,
-                                              (section, layer or 0, i, _choice_order(rule, b)), sources, layer)
+                                              (section, layer or 0, *order, i, _choice_order(rule, b)), sources,
+                                              layer, None if expert is None else int(expert))
         if unmatched:
             raise CkptmapError(f"{md.path}: no rule of {rules.path} describes {len(unmatched)} tensors (first: "
                                f"{', '.join(unmatched[:5])}); pass --rules with a .rules file for this model")
@@ -293,12 +324,17 @@ class DistModel:
                                f"`shared_embedding`")
         rule = rules[0]
         i = self.rules.params.index(rule)
-        return DistParam(str(rule.megatron), rule, {}, emb.sharding, emb.shape, emb.dtype, (2, 0, i, ()),
+        return DistParam(str(rule.megatron), rule, {}, emb.sharding, emb.shape, emb.dtype, (2, 0, i, 0, i, ()),
                          emb.sources, None)
 
 
-def _local_name(p: DistParam, local: int | None) -> str:
-    return p.rule.megatron.format(dict(p.bindings, layer=local) if local is not None else p.bindings)
+def _local_name(p: DistParam, local: int | None, local_expert: int | None = None) -> str:
+    b = dict(p.bindings)
+    if local is not None:
+        b[LAYER] = local
+    if local_expert is not None:
+        b[EXPERT] = local_expert
+    return p.rule.megatron.format(b)
 
 
 def _extra_local(name: str, global_layer: int | None, local: int | None) -> str:
@@ -316,12 +352,19 @@ def _with_extra(model: DistModel, rows: list, extras: list) -> list:
     return rows
 
 
-def _chunk(model: DistModel, tgt: ParallelLayout, pp: int, v: int, output_copy) -> list[tuple]:
-    """[(legacy local name, DistParam, [(extra-state local name, leaf)])] of target chunk (pp, v), in
-    registration order, grouped by layer / edge section."""
+def _chunk(model: DistModel, tgt: ParallelLayout, pp: int, v: int, output_copy, ep: int = 0) -> list[tuple]:
+    """[(legacy local name, DistParam, [(extra-state local name, leaf)])] of target chunk (pp, v) of expert
+    rank ``ep``, in registration order, grouped by layer / edge section (experts renumbered local)."""
     first, last = (pp, v) == (0, 0), (pp, v) == (tgt.pp - 1, tgt.vpp - 1)
+
+    def local_expert(e):   # None: not this expert rank's
+        where, local = tgt.locate_expert(e, model.num_experts)
+        return local if where == ep else None
+
     by_section: dict = {}
     for p in model.params.values():
+        if p.expert is not None and local_expert(p.expert) is None:
+            continue
         by_section.setdefault((p.order[0], p.layer), []).append(p)
     groups = []
     if first:
@@ -335,10 +378,19 @@ def _chunk(model: DistModel, tgt: ParallelLayout, pp: int, v: int, output_copy) 
         groups.append((sorted(post, key=lambda p: p.order), None, None))
     out = []
     for params, g, local in groups:
-        names = [(_local_name(p, local), p) for p in params]
-        extras = [(_extra_local(n, g, local), {"object": key}) for n, key in model.extra.items()
-                  if (g is not None and re.search(rf"(^|\.)layers\.{g}\.", n)) or
-                  (g is None and any(n.startswith(p.key.rsplit(".", 1)[0] + ".") for p in params))]
+        names = [(_local_name(p, local, None if p.expert is None else local_expert(p.expert)), p) for p in params]
+        extras = []
+        for n, key in model.extra.items():
+            if not ((g is not None and re.search(rf"(^|\.)layers\.{g}\.", n)) or
+                    (g is None and any(n.startswith(p.key.rsplit(".", 1)[0] + ".") for p in params))):
+                continue
+            hit = model.names.find(EXPERT, n)
+            if hit is not None:
+                le = local_expert(hit[0])
+                if le is None:
+                    continue
+                n = model.names.renumber([n], EXPERT, le)[0]
+            extras.append((_extra_local(n, g, local), {"object": key}))
         if model.extra:   # Megatron drops these from torch_dist saves; empty in the legacy file
             extras += [(n, {"none": True}) for n in M.DROPPED_EXTRA_STATES if n not in model.extra
                        and any(name.startswith(n[:-len("_extra_state")]) for name, _ in names)]
@@ -346,9 +398,11 @@ def _chunk(model: DistModel, tgt: ParallelLayout, pp: int, v: int, output_copy) 
     return out
 
 
-def _layout_values(args, tgt: ParallelLayout, pp: int, v: int) -> dict:
+def _layout_values(args, tgt: ParallelLayout, pp: int, v: int, expert: bool = False) -> dict:
     values = {k: x for k, x in vars(args).items() if isinstance(x, (int, bool))}
-    values.update(dp=tgt.dp, cp=tgt.cp, ep=tgt.ep, dp_group=tgt.dp * tgt.cp, pp=tgt.pp, pp_rank=pp, chunk=v,
+    # expert buffers are sharded over the expert-data-parallel group (DP x CP / EP)
+    dp_group = tgt.dp * tgt.cp // (tgt.ep if expert else 1)
+    values.update(dp=tgt.dp, cp=tgt.cp, ep=tgt.ep, dp_group=dp_group, pp=tgt.pp, pp_rank=pp, chunk=v,
                   bucket_size=getattr(args, "ddp_bucket_size", None),
                   overlap_grad_reduce=bool(getattr(args, "overlap_grad_reduce", False)),
                   untie_embeddings_and_output_weights=bool(getattr(args, "untie_embeddings_and_output_weights", False)))
@@ -410,12 +464,12 @@ def compile_torch_dist_to_legacy(opt: DistToLegacyOptions) -> Plan:
 
 
 def _source_buffer(md: M.MegatronDist, blocks: list, entries: list, values: dict, where: str, group: int, gbuf: int,
-                   pair: str) -> buckets.BufferLayout:
+                   pair: str, optimizer: int | None = None) -> buckets.BufferLayout:
     """The saving run's layout of one of its DDP buffers: the candidate versions' ``buckets megatron``
     blocks at the source sizes, kept when they reproduce what the checkpoint records (dp_reshardable: every
     bucket's padded and unpadded size; dp_zero_gather_scatter: the buffer's unpadded size)."""
     if md.sharding_type.name == "dp_reshardable":
-        padded, unpadded = md.per_bucket_numel(None, group)
+        padded, unpadded = md.per_bucket_numel(optimizer, group)
 
         def sizes(per_gbuf):
             d = per_gbuf[gbuf] if isinstance(per_gbuf, (list, tuple)) and gbuf < len(per_gbuf) else {}
@@ -425,7 +479,7 @@ def _source_buffer(md: M.MegatronDist, blocks: list, entries: list, values: dict
         got_of = lambda bl: (bl.per_bucket_numel, bl.per_bucket_numel_unpadded)   # noqa: E731
         what = "per-bucket sizes (padded, unpadded)"
     else:
-        want = md.dp_zero_tensor(None, group, gbuf, pair, "param")[1]
+        want = md.dp_zero_tensor(optimizer, group, gbuf, pair, "param")[1]
         got_of = lambda bl: bl.numel_unpadded   # noqa: E731
         what = "unpadded buffer size"
     fits, seen = [], []
@@ -452,13 +506,15 @@ def _source_buffer(md: M.MegatronDist, blocks: list, entries: list, values: dict
     return fits[0]
 
 
-def _chunk_buffers(model, s: ParallelLayout, pp: int, v: int, output_copy):
-    """The DDP buffers of one source stage's chunk ``v``, one per dtype: (dtype, [(name, param)], their
-    ParamEntry records in buffer order)."""
+def _chunk_buffers(model, s: ParallelLayout, pp: int, v: int, output_copy, ep: int = 0, expert: bool | None = None):
+    """The DDP buffers of one source stage's chunk ``v`` (of expert rank ``ep``; ``expert``: only the expert /
+    only the dense parameters, None: all), one per dtype: (dtype, [(name, param)], their ParamEntry records in
+    buffer order)."""
     by_dtype: dict = {}
-    for names, _ in _chunk(model, s, pp, v, output_copy):
+    for names, _ in _chunk(model, s, pp, v, output_copy, ep):
         for name, p in names:
-            by_dtype.setdefault(p.dtype, []).append((name, p))
+            if expert is None or (p.expert is not None) == expert:
+                by_dtype.setdefault(p.dtype, []).append((name, p))
     for dtype, params in by_dtype.items():
         yield dtype, params, [buckets.ParamEntry(_ddp_name(p.rule, [name]), p.sharding.shard_shape(p.shape, s.tp),
                                                  dtype, p.rule.shared_embedding) for name, p in params]
@@ -496,50 +552,55 @@ def _spot_check(md: M.MegatronDist, model: DistModel, s: ParallelLayout, tp: int
 def _bucket_sources(md: M.MegatronDist, model: DistModel, blocks: list, iter_dir: str, grad: str | None) -> None:
     """Bucket-space optimizer state: rebuild every source rank's DDP buffers at the saving run's sizes
     (its args), check them against the sizes the checkpoint records, and point each parameter's states
-    at its ranges (``BucketState``). dp_group_idx_N is the rank's model-parallel rank; gbuf_idx_G counts
-    its buffers over model chunks, as legacy distrib_optim.pt does."""
+    at its ranges (``BucketState``). dp_group_idx_N is the rank's model-parallel rank (a chained expert
+    optimizer's: its expert-model-parallel rank); gbuf_idx_G counts its buffers over model chunks, as legacy
+    distrib_optim.pt does."""
     s = model.layout
     dp_reshardable = md.sharding_type.name == "dp_reshardable"
     output_copy = model.output_copy() if model.tied and s.pp > 1 else None
     found: dict = {}
-    for pp in range(s.pp):
-        for tp in range(s.tp):
-            group, gbuf = s.model_parallel_rank(tp, pp), 0
-            for v in range(s.vpp):
-                for dtype, params, entries in _chunk_buffers(model, s, pp, v, output_copy):
-                    pair = M.dtype_pair(dtype, grad or dtype)
-                    where = (f"{md.path}: source rank tp {tp} pp {pp} chunk {v}, {dtype} buffer (dp_group_idx_{group}, "
-                             f"gbuf_idx_{gbuf})")
-                    bl = _source_buffer(md, blocks, entries, _layout_values(model.args, s, pp, v), where, group,
-                                        gbuf, pair)
-                    by_ddp = {e.name: p for e, (_, p) in zip(entries, params)}
-                    # dp_zero_gather_scatter: the buffer's coalesced tensors, looked up once per buffer
-                    coalesced = {} if dp_reshardable else {state: md.dp_zero_tensor(None, group, gbuf, pair, state)
-                                                           for state in STATES}
-                    specs: dict = {}
-                    for slot in bl.slots:
-                        p = by_ddp[slot.name]
-                        if p is output_copy:   # the last stage's tied head: its state is the embedding's
-                            continue
-                        n = slot.end - slot.start
-                        for state in STATES:
-                            if dp_reshardable:
-                                b = md.bucket_tensor(None, group, gbuf, pair, slot.bucket, state)
-                                if b.numel != bl.buckets[slot.bucket].numel_unpadded:
-                                    raise CkptmapError(f"{where}: {b.key} has {b.numel} elements but the checkpoint's "
-                                                       f"per_bucket_numel_unpadded says "
-                                                       f"{bl.buckets[slot.bucket].numel_unpadded}; it is inconsistent")
-                                key, total, start = b.key, b.numel, slot.start - bl.buckets[slot.bucket].start
-                            else:
-                                key, total = coalesced[state]
-                                start = bl.coalesced_offset(slot)
-                            spec = specs.get(key) or specs.setdefault(key, md.reader.spec(key))
-                            if tuple(spec.shape) != (total,):
-                                raise CkptmapError(f"{where}: {key} has shape {list(spec.shape)}, expected [{total}]")
-                            sl = SourceSlice(iter_dir, key, spec.dtype, (total,), start, n)
-                            found.setdefault(p.key, {}).setdefault(state, {})[tp] = sl
-                    _spot_check(md, model, s, tp, found, [by_ddp[sl.name] for sl in bl.slots[-1:]], where)
-                    gbuf += 1
+    # (optimizer index, expert rank, expert?) per source DP group: one optimizer, or a ChainedOptimizer's
+    # dense one (the same on every expert rank) and its expert one per expert rank
+    optimizers = [(0, 0, False)] + [(1, e, True) for e in range(s.ep)] if model.chained else [(None, 0, None)]
+    for pp, tp, (opt_index, ep, expert) in itertools.product(range(s.pp), range(s.tp), optimizers):
+        group = s.expert_model_parallel_rank(tp, pp, ep) if expert else s.model_parallel_rank(tp, pp)
+        gbuf = 0
+        chained = "" if opt_index is None else f"chained_{opt_index}, ep {ep}, "
+        for v in range(s.vpp):
+            for dtype, params, entries in _chunk_buffers(model, s, pp, v, output_copy, ep, expert):
+                pair = M.dtype_pair(dtype, grad or dtype)
+                where = (f"{md.path}: source rank tp {tp} pp {pp} chunk {v}, {dtype} buffer ({chained}"
+                         f"dp_group_idx_{group}, gbuf_idx_{gbuf})")
+                bl = _source_buffer(md, blocks, entries, _layout_values(model.args, s, pp, v, bool(expert)), where,
+                                    group, gbuf, pair, opt_index)
+                by_ddp = {e.name: p for e, (_, p) in zip(entries, params)}
+                # dp_zero_gather_scatter: the buffer's coalesced tensors, looked up once per buffer
+                coalesced = {} if dp_reshardable else {state: md.dp_zero_tensor(opt_index, group, gbuf, pair, state)
+                                                       for state in STATES}
+                specs: dict = {}
+                for slot in bl.slots:
+                    p = by_ddp[slot.name]
+                    if p is output_copy:   # the last stage's tied head: its state is the embedding's
+                        continue
+                    n = slot.end - slot.start
+                    for state in STATES:
+                        if dp_reshardable:
+                            b = md.bucket_tensor(opt_index, group, gbuf, pair, slot.bucket, state)
+                            if b.numel != bl.buckets[slot.bucket].numel_unpadded:
+                                raise CkptmapError(f"{where}: {b.key} has {b.numel} elements but the checkpoint's "
+                                                   f"per_bucket_numel_unpadded says "
+                                                   f"{bl.buckets[slot.bucket].numel_unpadded}; it is inconsistent")
+                            key, total, start = b.key, b.numel, slot.start - bl.buckets[slot.bucket].start
+                        else:
+                            key, total = coalesced[state]
+                            start = bl.coalesced_offset(slot)
+                        spec = specs.get(key) or specs.setdefault(key, md.reader.spec(key))
+                        if tuple(spec.shape) != (total,):
+                            raise CkptmapError(f"{where}: {key} has shape {list(spec.shape)}, expected [{total}]")
+                        sl = SourceSlice(iter_dir, key, spec.dtype, (total,), start, n)
+                        found.setdefault(p.key, {}).setdefault(state, {})[tp] = sl
+                _spot_check(md, model, s, tp, found, [by_ddp[sl.name] for sl in bl.slots[-1:]], where)
+                gbuf += 1
     for p in model.params.values():
         for state in STATES:
             shards = found.get(p.key, {}).get(state, {})
@@ -553,11 +614,21 @@ def _bucket_sources(md: M.MegatronDist, model: DistModel, blocks: list, iter_dir
 def _compile(md, rules, opt, iter_dir: str, iteration: str) -> Plan:
     model = DistModel(md, rules, opt.convert_param_only)
     s, args = model.layout, model.args
+    if model.num_experts:
+        changed = [f"--target-{k}-size {v}" for k, v in (("tp", opt.target_tp_size), ("pp", opt.target_pp_size),
+                                                          ("vpp", opt.target_vpp_size), ("dp", opt.target_dp_size))
+                   if v is not None and v != getattr(s, k)]
+        if changed:
+            raise CkptmapError(
+                f"{md.path}: a mixture-of-experts model ({model.num_experts} experts, saved at {s.describe()}); "
+                f"torch_dist -> torch writes MoE checkpoints at the saving layout only, not {', '.join(changed)}. "
+                f"Convert without --target-* sizes, then reshard the legacy files with `ckptmap reshard` (it "
+                f"reshards experts). Nothing was written.")
     if not opt.convert_param_only and md.sharding_type.space != "model":
         _bucket_sources(md, model, _blocks(model, None), iter_dir,
                         "float32" if getattr(args, "accumulate_allreduce_grads_in_fp32", True) else None)
     pp = opt.target_pp_size or s.pp
-    tgt = ParallelLayout(tp=opt.target_tp_size or s.tp, pp=pp, dp=opt.target_dp_size or s.dp, cp=s.cp, ep=1,
+    tgt = ParallelLayout(tp=opt.target_tp_size or s.tp, pp=pp, dp=opt.target_dp_size or s.dp, cp=s.cp, ep=s.ep,
                          vpp=opt.target_vpp_size or (s.vpp if pp == s.pp else 1), num_layers=s.num_layers)
     heads = model.env.get("num_attention_heads")
     if heads and heads % tgt.tp:
@@ -583,21 +654,25 @@ def _compile(md, rules, opt, iter_dir: str, iteration: str) -> Plan:
         or rules.param_group_policies("megatron")
     it_name = "release" if iteration == "release" else megatron_folders.iter_dir_name(int(iteration))
     files, notes = [], []
+    ep_named = tgt.ep > 1
     for p_rank in range(tgt.pp):
-        for tp in range(tgt.tp):
-            rank_dir = f"{it_name}/{megatron_folders.mp_rank_dir_name(tp, p_rank, tgt.pp)}"
-            chunks = [_chunk(model, tgt, p_rank, v, output_copy) for v in range(tgt.vpp)]
-            model_task, order_note = _model_task(md, model, tgt, rank_dir, tp, p_rank, chunks, iter_dir, policies)
-            if order_note and order_note not in notes:
-                notes.append(order_note)
-            files.append(model_task)
-            if not opt.convert_param_only:
-                task, maps = _optim_task(model, tgt, rank_dir, tp, p_rank, chunks, blocks, iter_dir, grad)
-                files.append(task)
-                files.extend(FileTask(f"{it_name}/{megatron_folders.PARAM_MAP_DIR}/"
-                                      f"{param_map.param_map_file_name(b, d, tp, p_rank, v)}",
-                                      "text", text=param_map.param_map_text(bl.slots))
-                             for v, b, bl in maps for d in range(tgt.dp))
+        for ep in range(tgt.ep):
+            for tp in range(tgt.tp):
+                e = ep if ep_named else None
+                rank_dir = f"{it_name}/{megatron_folders.mp_rank_dir_name(tp, p_rank, tgt.pp, e)}"
+                chunks = [_chunk(model, tgt, p_rank, v, output_copy, ep) for v in range(tgt.vpp)]
+                model_task, order_note = _model_task(md, model, tgt, rank_dir, tp, p_rank, chunks, iter_dir, policies,
+                                                     ep)
+                if order_note and order_note not in notes:
+                    notes.append(order_note)
+                files.append(model_task)
+                if not opt.convert_param_only:
+                    task, maps = _optim_task(model, tgt, rank_dir, tp, p_rank, ep, chunks, blocks, iter_dir, grad)
+                    files.append(task)
+                    files.extend(FileTask(f"{it_name}/{megatron_folders.PARAM_MAP_DIR}/"
+                                          f"{param_map.param_map_file_name(b, d, tp, p_rank, v, e)}",
+                                          "text", text=param_map.param_map_text(bl.slots))
+                                 for v, b, bl in maps for d in range(tgt.dp))
     files.append(FileTask(megatron_folders.TRACKER, "text", text=iteration))
     if (tgt.tp, tgt.pp) != (s.tp, s.pp):
         notes.append("RNG states: each target rank takes the source rank's at the same (tp, pp) modulo the source "
@@ -622,7 +697,7 @@ def _args_updates(args, tgt: ParallelLayout) -> dict:
     return {k: v for k, v in out.items() if k in vars(args)}
 
 
-def _model_task(md, model: DistModel, tgt, rank_dir, tp, pp, chunks, iter_dir, policies=()):
+def _model_task(md, model: DistModel, tgt, rank_dir, tp, pp, chunks, iter_dir, policies=(), ep=0):
     storages, entries, names_shapes = [], [], []
     for key, groups in zip(_chunk_keys(tgt.vpp), chunks):
         rows = []
@@ -633,45 +708,80 @@ def _model_task(md, model: DistModel, tgt, rank_dir, tp, pp, chunks, iter_dir, p
                 storage = f"w{len(storages)}"
                 storages.append(StorageTask(storage, w.dtype, math.prod(w.shape), (StoragePiece(0, w),)))
                 part.append({"path": [name], "tensor": storage, "dtype": w.dtype, "shape": list(w.shape)})
-                names_shapes.append((name, w.shape, bool(p.rule.shared_embedding)))
+                names_shapes.append((name, w.shape, bool(p.rule.shared_embedding), p.expert is not None))
             rows += _with_extra(model, part, extras)
         entries.append({"key": key, "leaves": rows})
-    common_opt, opt_object = md.common.get("optimizer"), None
-    st = md.sharding_type
-    if st is not None and not st.param_groups_in_common:   # bucket space: in the source DP group's object
-        s = model.layout
-        opt_object = md.optimizer_objects.get((None, s.model_parallel_rank(tp % s.tp, pp % s.pp), "optimizer"))
-        if opt_object is None:
-            raise CkptmapError(f"{md.path} has no optimizer object (param groups) for source rank tp {tp % s.tp} "
-                               f"pp {pp % s.pp}; the checkpoint is incomplete")
-        common_opt = {"optimizer": md.optimizer_object(None, s.model_parallel_rank(tp % s.tp, pp % s.pp),
-                                                       "optimizer")[1]}
-    # each target rank's order as its Megatron builds it (param_groups.group_order, per target version)
-    groups, note = _param_group_order(common_opt, names_shapes, policies)
+    st, s = md.sharding_type, model.layout
+    specs, notes = [], []
+    # ChainedOptimizer (MoE): [dense, expert], each with its own param groups and DP groups
+    for opt_index in ((0, 1) if model.chained else (None,)):
+        common_opt, opt_object = md.common.get("optimizer"), None
+        if opt_index is not None and isinstance(common_opt, dict):
+            common_opt = common_opt.get(opt_index)
+        if st is not None and not st.param_groups_in_common:   # bucket space: in the source DP group's object
+            group = s.expert_model_parallel_rank(tp % s.tp, pp % s.pp, ep % s.ep) if opt_index == 1 else \
+                s.model_parallel_rank(tp % s.tp, pp % s.pp)
+            opt_object = md.optimizer_objects.get((opt_index, group, "optimizer"))
+            if opt_object is None:
+                raise CkptmapError(f"{md.path} has no optimizer object (param groups) for source rank tp {tp % s.tp} "
+                                   f"pp {pp % s.pp}" + ("" if opt_index is None else f" ep {ep % s.ep}, chained "
+                                                        f"optimizer {opt_index} (dp_group_idx_{group})")
+                                   + "; the checkpoint is incomplete")
+            common_opt = {"optimizer": md.optimizer_object(opt_index, group, "optimizer")[1]}
+        mine = [(n, shape, emb) for n, shape, emb, is_expert in names_shapes
+                if opt_index is None or is_expert == (opt_index == 1)]
+        # each target rank's order as its Megatron builds them (param_groups.group_order, per target version)
+        groups, note = _param_group_order(common_opt, mine, policies)
+        specs.append({"param_groups": groups, "optimizer_object": opt_object})
+        if note and note not in notes:
+            notes.append(note)
+    note = "; ".join(notes) or None
     recipe = {"common": iter_dir, "args": _args_updates(model.args, tgt), "chunks": entries,
               "drop": list(M.DIST_ONLY_COMMON_KEYS), "optimizer_drop": list(M.DIST_ONLY_OPTIMIZER_KEYS),
-              "param_groups": groups, "optimizer_object": opt_object,
+              **(specs[0] if not model.chained else {"chained": specs}),
               "rng_state": _object_for(md, "rng_state", tp, pp, model.layout),
               "rerun_state": _object_for(md, "rerun_state_machine_state", tp, pp, model.layout)}
     return FileTask(f"{rank_dir}/{megatron_folders.MODEL_FILE}", "megatron_model_dist", storages=tuple(storages),
                     extra=recipe), note
 
 
-def _optim_task(model: DistModel, tgt, rank_dir, tp, pp, chunks, blocks, iter_dir, grad):
-    """distrib_optim.pt of target rank (tp, pp): per chunk and param dtype a DDP buffer laid out by the
+def _optim_task(model: DistModel, tgt, rank_dir, tp, pp, ep, chunks, blocks, iter_dir, grad):
+    """distrib_optim.pt of target rank (tp, pp, ep): per chunk and param dtype a DDP buffer laid out by the
     target version's ``buckets megatron`` block at the target sizes, each state assembled from the
-    parameters' shards (zeros in alignment gaps)."""
-    storages, bufs, maps = [], [], []
+    parameters' shards (zeros in alignment gaps). MoE: a ChainedOptimizer [dense, expert], dense buffers
+    (only in expert rank 0's folder, as Megatron saves them) then expert buffers over the expert-data-parallel
+    group."""
+    if model.chained and not all(b.separate_experts(_layout_values(model.args, tgt, pp, 0)) for b in blocks):
+        raise CkptmapError(f"{rank_dir}: the source has a ChainedOptimizer [dense, expert], but the target version's "
+                           f"buckets block ({' / '.join(b.label for b in blocks)}) keeps expert parameters in the dense "
+                           f"buffers; pass the --target-megatron-version that saved it. Nothing was written.")
+    storages, maps, optimizers = [], [], []
+    for opt_index in ((0, 1) if model.chained else (None,)):
+        expert = opt_index == 1
+        if opt_index == 0 and ep != 0:
+            optimizers.append(None)
+            continue
+        bufs = _optim_buffers(model, tgt, rank_dir, tp, pp, chunks, blocks, iter_dir, grad, expert, storages, maps)
+        optimizers.append({"buffers": bufs})
+    recipe = {"chained": model.chained, "optimizers": optimizers}
+    return FileTask(f"{rank_dir}/{megatron_folders.OPTIM_FILE}", "megatron_optim", storages=tuple(storages),
+                    extra=recipe), maps
+
+
+def _optim_buffers(model, tgt, rank_dir, tp, pp, chunks, blocks, iter_dir, grad, expert, storages, maps) -> list:
+    bufs = []
     for v, groups in enumerate(chunks):
         by_dtype: dict = {}
         for names, _ in groups:
             for name, p in names:
+                if model.chained and (p.expert is not None) != expert:
+                    continue
                 shape = p.sharding.shard_shape(p.shape, tgt.tp)
                 by_dtype.setdefault(p.dtype, []).append((_ddp_name(p.rule, [name]), p, shape, name))
         for dtype, params in by_dtype.items():
             entries = [buckets.ParamEntry(ddp, shape, dtype, p.rule.shared_embedding) for ddp, p, shape, _ in params]
-            block, bl = _build_target_buffer(blocks, entries, _layout_values(model.args, tgt, pp, v),
-                                             f"{rank_dir} chunk {v} {dtype} buffer")
+            block, bl = _build_target_buffer(blocks, entries, _layout_values(model.args, tgt, pp, v, expert),
+                                             f"{rank_dir} chunk {v} {dtype} {'expert ' if expert else ''}buffer")
             maps.append((v, sum(1 for m in maps if m[0] == v), bl))
             by_name = {ddp: (p, name) for ddp, p, _, name in params}
             tensors = {}
@@ -685,9 +795,7 @@ def _optim_task(model: DistModel, tgt, rank_dir, tp, pp, chunks, blocks, iter_di
             bufs.append({"param_dtype": dtype, "grad_dtype": grad or dtype, "storage": block.storage,
                          "padded": bl.per_bucket_numel, "unpadded": bl.per_bucket_numel_unpadded,
                          "numel_unpadded": bl.numel_unpadded, "tensors": tensors})
-    recipe = {"chained": False, "optimizers": [{"buffers": bufs}]}
-    return FileTask(f"{rank_dir}/{megatron_folders.OPTIM_FILE}", "megatron_optim", storages=tuple(storages),
-                    extra=recipe), maps
+    return bufs
 
 
 # -------------------------------------------------------------------------------------------------
@@ -715,6 +823,10 @@ def plan_dp_reshardable(md: M.MegatronDist, dst, rules_name: str = DEFAULT_RULES
 
     rules = resolve_rules(rules_name)
     model = DistModel(md, rules, convert_param_only=False)
+    if model.num_experts:
+        raise CkptmapError(f"{md.path}: a mixture-of-experts model ({model.num_experts} experts); the offline "
+                           f"dp_reshardable upgrade handles dense models only. Convert it to legacy files with "
+                           f"`ckptmap convert --from torch_dist --to torch` instead. Nothing was written.")
     s, args, meta = model.layout, model.args, md.reader.meta
     blocks = [b for b in rules.bucket_layouts("megatron") if b.storage == "coalesced" and
               (b.versions is None or _version(b.versions[1]) >= (0, 15))]
