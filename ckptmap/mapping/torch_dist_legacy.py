@@ -435,15 +435,20 @@ def _param_group_order(common_opt, names_shapes, policies=()) -> tuple[list | No
     return param_groups.group_order(list(policies), groups, params, "common.pt")
 
 
-def _object_for(md: M.MegatronDist, name: str, tp: int, pp: int, src: ParallelLayout) -> str | None:
-    """The ``rng_state`` / ``rerun_state_machine_state`` ShardedObject of source rank (tp, pp) mod the source sizes."""
+def _object_for(md: M.MegatronDist, name: str, tp: int, pp: int, src: ParallelLayout, ep: int = 0) -> str | None:
+    """The ``rng_state`` / ``rerun_state_machine_state`` ShardedObject of source rank (tp, pp[, ep]) mod the source
+    sizes. Objects sharded over DP too (``shard_<pp>.<tp>.<dp>``, megatron-core with expert parallelism): the
+    one of the rank that writes the legacy folder (expert-data-parallel rank 0 of that expert rank)."""
     want = (pp % src.pp, tp % src.tp)
+    writer = src.mp_rank_ranks(want[1], want[0], all_dp_cp=False, ep=ep % src.ep)[0]
+    dp = src.coords(writer)["dp"]
     for key in md.other_objects:
         base, _, shard = key.rpartition("/shard_")
         if base != name:
             continue
         offsets = tuple(int(x) for x in shard.split("_")[0].split("."))
-        if offsets[:2] == want and not any(offsets[2:]):
+        rest = offsets[2:]
+        if offsets[:2] == want and (not any(rest) if dp == 0 else rest == (dp,) + (0,) * (len(rest) - 1)):
             return key
     return None
 
@@ -739,8 +744,8 @@ def _model_task(md, model: DistModel, tgt, rank_dir, tp, pp, chunks, iter_dir, p
     recipe = {"common": iter_dir, "args": _args_updates(model.args, tgt), "chunks": entries,
               "drop": list(M.DIST_ONLY_COMMON_KEYS), "optimizer_drop": list(M.DIST_ONLY_OPTIMIZER_KEYS),
               **(specs[0] if not model.chained else {"chained": specs}),
-              "rng_state": _object_for(md, "rng_state", tp, pp, model.layout),
-              "rerun_state": _object_for(md, "rerun_state_machine_state", tp, pp, model.layout)}
+              "rng_state": _object_for(md, "rng_state", tp, pp, model.layout, ep),
+              "rerun_state": _object_for(md, "rerun_state_machine_state", tp, pp, model.layout, ep)}
     return FileTask(f"{rank_dir}/{megatron_folders.MODEL_FILE}", "megatron_model_dist", storages=tuple(storages),
                     extra=recipe), note
 
