@@ -144,16 +144,18 @@ def test_weights_only_from_bucket_space(mcore_standard, tmp_path):
     assert not list(out.rglob("distrib_optim.pt")) and len(list(out.rglob("model_optim_rng.pt"))) == 4
 
 
-@pytest.mark.parametrize("version,sharding_type", [("0.12.1", "fully_sharded_model_space"),
-                                                   ("0.16.1", "dp_reshardable")])
-def test_pt2ms_reads_torch_dist(mcore_standard, tmp_path, version, sharding_type):
+@pytest.mark.parametrize("version,sharding_type,case", [("0.12.1", "fully_sharded_model_space", "dense"),
+                                                        ("0.16.1", "dp_reshardable", "dense"),
+                                                        ("0.16.1", "dp_reshardable", "moe")])
+def test_pt2ms_reads_torch_dist(mcore_standard, tmp_path, version, sharding_type, case):
     """pt2ms of a torch_dist save (composed through legacy files in a temporary folder) gives exactly the
     MindSpore files pt2ms makes of the same run's own legacy save (every key, dtype and value, read by
-    mindspore.load_checkpoint), and leaves no temporary folder behind."""
+    mindspore.load_checkpoint), and leaves no temporary folder behind. MoE too (EP 2: one rank_N per
+    expert rank, ChainedOptimizer state)."""
     import mindspore as ms
     import numpy as np
 
-    run = mcore_standard(version, "dense")
+    run = mcore_standard(version, case)
     outs = {}
     for name, src in (("dist", run.dir / f"torch_dist_{sharding_type}"), ("legacy", run.dir / "legacy")):
         outs[name] = tmp_path / name
@@ -168,6 +170,73 @@ def test_pt2ms_reads_torch_dist(mcore_standard, tmp_path, version, sharding_type
         for k in a:
             assert a[k].dtype == b[k].dtype and np.array_equal(a[k].asnumpy().reshape(-1).view(np.uint8),
                                                                 b[k].asnumpy().reshape(-1).view(np.uint8)), (f, k)
+
+
+def _deep_equal(a, b):
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and list(a) == list(b) and all(_deep_equal(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return type(a) is type(b) and len(a) == len(b) and all(_deep_equal(x, y) for x, y in zip(a, b))
+    return repr(a) == repr(b)
+
+
+MOE_SAVES = {"0.12.1": ("fully_sharded_model_space", "dp_zero_gather_scatter"),
+             "0.16.1": ("dp_reshardable", "dp_zero_gather_scatter")}
+
+
+@pytest.mark.parametrize("version", sorted(MOE_SAVES))
+def test_moe_torch_dist_to_legacy_loads_in_megatron(mcore_standard, tmp_path, version):
+    """The ``moe`` case (TP 1, DP 4, EP 2, 4 experts; ChainedOptimizer [dense, expert]) at the saving layout,
+    from each sharding type the version writes for it: one folder per expert rank (``mp_rank_00_00E``, its
+    experts renumbered local). distrib_optim.pt is byte-identical to Megatron's own legacy save of the same
+    step (dense state in expert rank 0's file, expert state in each); the model files hold the same entries
+    (weights, extra states, the chained optimizer's param groups as a list, RNG states) -- except the
+    0.12.1 RNG state of expert rank 1, which that version's torch_dist save does not keep (one ShardedObject
+    per (pp, tp), data-parallel rank 0's); and the version's own loader gets the live values."""
+    run = mcore_standard(version, "moe")
+    legacy = run.dir / "legacy" / "iter_0000001"
+    ranks = sorted(p.name for p in legacy.iterdir())
+    assert ranks == ["mp_rank_00_000", "mp_rank_00_001"]
+    jobs = []
+    for st in MOE_SAVES[version]:
+        out = tmp_path / st
+        convert(run.dir / f"torch_dist_{st}", out, "--target-megatron-version", version)
+        assert sorted(p.name for p in (out / "iter_0000001").glob("mp_rank_*")) == ranks
+        for rank in ranks:
+            assert filecmp.cmp(legacy / rank / "distrib_optim.pt", out / "iter_0000001" / rank / "distrib_optim.pt",
+                               shallow=False), (st, rank)
+            theirs = pickles.load(legacy / rank / "model_optim_rng.pt")[0]
+            mine = pickles.load(out / "iter_0000001" / rank / "model_optim_rng.pt")[0]
+            assert list(mine) == list(theirs), (st, rank)
+            assert isinstance(mine["optimizer"], list) and len(mine["optimizer"]) == 2
+            skip = {"args"} | ({"rng_state"} if version == "0.12.1" and rank != ranks[0] else set())
+            for key in theirs:
+                if key not in skip:
+                    assert _deep_equal(mine[key], theirs[key]), (st, rank, key)
+        jobs.append(("load", run.case, [(out, "legacy", None)]))
+    for got in run_jobs(version, jobs):
+        same_values(run.truth, got[0] if isinstance(got, list) else got)
+
+
+def test_moe_unsupported_is_refused_before_writing(mcore_standard, tmp_path, capsys):
+    """MoE: another layout (--target-*), the offline dp_reshardable upgrade and torch -> torch_dist are
+    refused, naming the checkpoint, what was found and what to do; nothing written."""
+    run = mcore_standard("0.12.1", "moe")
+    src = run.dir / "torch_dist_fully_sharded_model_space"
+    out = tmp_path / "out"
+    for argv, want in (
+            (["--from", "torch_dist", "--to", "torch", "--target-dp-size", "2"],
+             ("4 experts", "EP2", "saving layout only", "--target-dp-size 2", "ckptmap reshard")),
+            (["--from", "torch_dist", "--to", "torch_dist", "--sharding-type", "dp_reshardable"],
+             ("4 experts", "dense models only", "--to torch")),
+            (["--from", "torch", "--to", "torch_dist"], ("4 experts", "expert-parallel size 2", "--ckpt-format"))):
+        s = run.dir / "legacy" if argv[1] == "torch" else src
+        assert main(["convert", *argv, "--src", str(s), "--dst", str(out), "--no-progress"]) == 2
+        err = capsys.readouterr().err
+        assert str(s) in err and all(w in err for w in want) and "Nothing was written" in err, err
+        assert not out.exists() and not list(tmp_path.glob(".out*"))
 
 
 def test_bad_input_is_refused_before_writing(mcore_standard, tmp_path, capsys):

@@ -448,7 +448,8 @@ def _object_for(md: M.MegatronDist, name: str, tp: int, pp: int, src: ParallelLa
             continue
         offsets = tuple(int(x) for x in shard.split("_")[0].split("."))
         rest = offsets[2:]
-        if offsets[:2] == want and (not any(rest) if dp == 0 else rest == (dp,) + (0,) * (len(rest) - 1)):
+        # not sharded over DP (0.12, or no EP): the (pp, tp) object, data-parallel rank 0's
+        if offsets[:2] == want and (not any(rest) if dp == 0 or not rest else rest == (dp,) + (0,) * (len(rest) - 1)):
             return key
     return None
 
@@ -679,6 +680,10 @@ def _compile(md, rules, opt, iter_dir: str, iteration: str) -> Plan:
                                           "text", text=param_map.param_map_text(bl.slots))
                                  for v, b, bl in maps for d in range(tgt.dp))
     files.append(FileTask(megatron_folders.TRACKER, "text", text=iteration))
+    if tgt.ep > 1 and any(k.startswith("rng_state/shard_") and k.rpartition("/shard_")[2].split("_")[0].count(".") < 2
+                          for k in md.other_objects):
+        notes.append("RNG states: this save keeps one per (pp, tp), data-parallel rank 0's; every expert rank's "
+                     "folder gets it (resume with --no-load-rng for fresh ones)")
     if (tgt.tp, tgt.pp) != (s.tp, s.pp):
         notes.append("RNG states: each target rank takes the source rank's at the same (tp, pp) modulo the source "
                      "sizes (RNG streams cannot be resharded; resume with --no-load-rng for fresh ones)")
