@@ -1,6 +1,7 @@
 """torch_dist -> legacy Megatron files (``ckptmap convert --from torch_dist --to torch``) against the real
 megatron-core: saves of the harness's standard ``dense`` case (TP 2 x PP 2 x VPP 2 x DP 2, one real Adam
-step, SwiGLU, GQA, tied embeddings, several buckets) are converted, then loaded by the real library
+step, SwiGLU, GQA, tied embeddings, several buckets) and of the ``moe`` case (EP 2, ChainedOptimizer, at
+the saving layout) are converted, then loaded by the real library
 (``load_checkpoint``'s model ``load_state_dict`` + ``optimizer.load_parameter_state``) into a model and
 optimizer poisoned with NaN; every weight, fp32 main param and Adam moment, gathered with megatron's own
 sharded metadata, must equal the saving run's live values (bit for bit). At the saving layout the files
@@ -189,7 +190,7 @@ MOE_SAVES = {"0.12.1": ("fully_sharded_model_space", "dp_zero_gather_scatter"),
 @pytest.mark.parametrize("version", sorted(MOE_SAVES))
 def test_moe_torch_dist_to_legacy_loads_in_megatron(mcore_standard, tmp_path, version):
     """The ``moe`` case (TP 1, DP 4, EP 2, 4 experts; ChainedOptimizer [dense, expert]) at the saving layout,
-    from each sharding type the version writes for it: one folder per expert rank (``mp_rank_00_00E``, its
+    from each sharding type the version writes for it (and 0.12.1's upgraded to fully_reshardable): one folder per expert rank (``mp_rank_00_00E``, its
     experts renumbered local). distrib_optim.pt is byte-identical to Megatron's own legacy save of the same
     step (dense state in expert rank 0's file, expert state in each); the model files hold the same entries
     (weights, extra states, the chained optimizer's param groups as a list, RNG states) -- except the
@@ -216,6 +217,15 @@ def test_moe_torch_dist_to_legacy_loads_in_megatron(mcore_standard, tmp_path, ve
                 if key not in skip:
                     assert _deep_equal(mine[key], theirs[key]), (st, rank, key)
         jobs.append(("load", run.case, [(out, "legacy", None)]))
+    if version == "0.12.1":   # fully_reshardable (0.16.1's own MoE save is shifted): 0.12.1's, upgraded offline
+        up = tmp_path / "fully_reshardable"
+        assert main(["convert", "--from", "torch_dist", "--to", "torch_dist", "--sharding-type", "fully_reshardable",
+                     "--src", str(run.dir / "torch_dist_fully_sharded_model_space"), "--dst", str(up),
+                     "--no-progress"]) == 0
+        convert(up, tmp_path / "fr-legacy", "--target-megatron-version", version)
+        for rank in ranks:
+            assert filecmp.cmp(legacy / rank / "distrib_optim.pt",
+                               tmp_path / "fr-legacy" / "iter_0000001" / rank / "distrib_optim.pt", shallow=False), rank
     for got in run_jobs(version, jobs):
         same_values(run.truth, got[0] if isinstance(got, list) else got)
 

@@ -18,8 +18,15 @@ Supported optimizer sharding types: all four. Model space (``fully_sharded_model
 (``dp_reshardable``: one tensor per bucket; ``dp_zero_gather_scatter``: the legacy coalesced dict per DP
 group, in a byte object): the saving run's DDP buffers are rebuilt at its own sizes (its args) with the
 rules' ``buckets megatron`` blocks, kept only where they reproduce the bucket sizes the checkpoint records,
-and each parameter's state is read as the ranges of its source TP shards (:class:`BucketState`). MoE
-(expert parallelism) is refused.
+and each parameter's state is read as the ranges of its source TP shards (:class:`BucketState`).
+
+MoE (expert parallelism; SequentialMLP experts, expert TP = TP), every sharding type, at the saving layout
+only (``--target-*`` size changes are refused: reshard the legacy result): each expert rank's folder gets the
+dense parameters and its experts from the global expert axis, renumbered local; the ChainedOptimizer
+``[dense, expert]`` as Megatron's legacy save writes it (dense buffers in expert rank 0's distrib_optim.pt
+only, expert buffers over the expert-data-parallel group in each; the model file's ``optimizer`` a list).
+Bucket space: the expert optimizer's objects and tensors are ``chained_1.…dp_group_idx_N``, N the rank's
+expert-model-parallel rank. The offline ``dp_reshardable`` upgrade refuses MoE.
 """
 
 from __future__ import annotations
