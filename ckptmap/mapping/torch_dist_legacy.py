@@ -20,9 +20,10 @@ group, in a byte object): the saving run's DDP buffers are rebuilt at its own si
 rules' ``buckets megatron`` blocks, kept only where they reproduce the bucket sizes the checkpoint records,
 and each parameter's state is read as the ranges of its source TP shards (:class:`BucketState`).
 
-MoE (expert parallelism; SequentialMLP experts, expert TP = TP), every sharding type, at the saving layout
-only (``--target-*`` size changes are refused: reshard the legacy result): each expert rank's folder gets the
-dense parameters and its experts from the global expert axis, renumbered local; the ChainedOptimizer
+MoE (expert parallelism; SequentialMLP experts, expert TP = TP), every sharding type, at the saving TP and EP
+(PP / VPP / DP may change, DP a multiple of EP; ``--target-tp-size`` is refused -- megatron-core needs sequence
+parallelism for TP > 1 with EP, which the real-library tests cannot run: reshard the legacy result): each
+expert rank's folder gets the dense parameters and its experts from the global expert axis, renumbered local; the ChainedOptimizer
 ``[dense, expert]`` as Megatron's legacy save writes it (dense buffers in expert rank 0's distrib_optim.pt
 only, expert buffers over the expert-data-parallel group in each; the model file's ``optimizer`` a list).
 Bucket space: the expert optimizer's objects and tensors are ``chained_1.…dp_group_idx_N``, N the rank's
@@ -628,15 +629,20 @@ def _compile(md, rules, opt, iter_dir: str, iteration: str) -> Plan:
     model = DistModel(md, rules, opt.convert_param_only)
     s, args = model.layout, model.args
     if model.num_experts:
-        changed = [f"--target-{k}-size {v}" for k, v in (("tp", opt.target_tp_size), ("pp", opt.target_pp_size),
-                                                          ("vpp", opt.target_vpp_size), ("dp", opt.target_dp_size))
-                   if v is not None and v != getattr(s, k)]
-        if changed:
+        # TP changes of MoE stay refused: megatron-core needs sequence parallelism for TP > 1 with EP, which
+        # the real-library tests cannot run, so ckptmap has no check of that layout
+        if opt.target_tp_size is not None and opt.target_tp_size != s.tp:
             raise CkptmapError(
                 f"{md.path}: a mixture-of-experts model ({model.num_experts} experts, saved at {s.describe()}); "
-                f"torch_dist -> torch writes MoE checkpoints at the saving layout only, not {', '.join(changed)}. "
-                f"Convert without --target-* sizes, then reshard the legacy files with `ckptmap reshard` (it "
-                f"reshards experts). Nothing was written.")
+                f"torch_dist -> torch keeps the TP size of MoE checkpoints, not --target-tp-size "
+                f"{opt.target_tp_size}. Convert at TP {s.tp} (PP / VPP / DP may change), then reshard the legacy "
+                f"files with `ckptmap reshard --target-tp-size {opt.target_tp_size}`. Nothing was written.")
+        dp = opt.target_dp_size or s.dp
+        if dp % s.ep:
+            raise CkptmapError(
+                f"{md.path}: a mixture-of-experts model with expert-parallel size {s.ep}; --target-dp-size {dp} is "
+                f"not a multiple of it (experts are spread over the data-parallel ranks). Choose a multiple of "
+                f"{s.ep}. Nothing was written.")
     if not opt.convert_param_only and md.sharding_type.space != "model":
         _bucket_sources(md, model, _blocks(model, None), iter_dir,
                         "float32" if getattr(args, "accumulate_allreduce_grads_in_fp32", True) else None)
@@ -709,8 +715,11 @@ def _args_updates(args, tgt: ParallelLayout) -> dict:
            "virtual_pipeline_model_parallel_size": tgt.vpp if tgt.vpp > 1 else None,
            "num_layers_per_virtual_pipeline_stage": per_chunk if tgt.vpp > 1 else None,
            "data_parallel_size": tgt.dp, "world_size": tgt.tp * tgt.pp * tgt.dp * tgt.cp,
+           "expert_model_parallel_size": tgt.ep,
            # the files are legacy ones now: a resume must not look for a torch_dist checkpoint
            "ckpt_format": "torch", "use_dist_ckpt": False}
+    if getattr(args, "expert_tensor_parallel_size", None) == getattr(args, "tensor_model_parallel_size", None):
+        out["expert_tensor_parallel_size"] = tgt.tp   # expert TP follows TP (checked in _check_moe)
     return {k: v for k, v in out.items() if k in vars(args)}
 
 
