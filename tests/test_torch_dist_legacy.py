@@ -193,13 +193,14 @@ MOE_LAYOUTS = (("pp2-dp2", ["--target-pp-size", "2", "--target-dp-size", "2"], d
 @pytest.mark.parametrize("version", sorted(MOE_SAVES))
 def test_moe_torch_dist_to_legacy_loads_in_megatron(mcore_standard, tmp_path, version):
     """The ``moe`` case (TP 1, DP 4, EP 2, 4 experts; ChainedOptimizer [dense, expert]) at the saving layout,
-    from each sharding type the version writes for it (and 0.12.1's upgraded to fully_reshardable): one folder per expert rank (``mp_rank_00_00E``, its
-    experts renumbered local). distrib_optim.pt is byte-identical to Megatron's own legacy save of the same
-    step (dense state in expert rank 0's file, expert state in each); the model files hold the same entries
-    (weights, extra states, the chained optimizer's param groups as a list, RNG states) -- except the
-    0.12.1 RNG state of expert rank 1, which that version's torch_dist save does not keep (one ShardedObject
-    per (pp, tp), data-parallel rank 0's); and the version's own loader gets the live values, also at PP 2 x DP 2
-    (one sharding type) and DP 2 (the other)."""
+    from each sharding type the version writes for it (and 0.12.1's upgraded to fully_reshardable): one
+    folder per expert rank (``mp_rank_00_00E``, its experts renumbered local). distrib_optim.pt is
+    byte-identical to Megatron's own legacy save of the same step (dense state in expert rank 0's file,
+    expert state in each); the model files hold the same entries (weights, extra states, the chained
+    optimizer's param groups as a list, RNG states) -- except the 0.12.1 RNG state of expert rank 1, which
+    that version's torch_dist save does not keep (one ShardedObject per (pp, tp), data-parallel rank 0's);
+    and the version's own loader gets the live values, also at PP 2 x DP 2 (one sharding type), DP 2 (the
+    other) and, for 0.16.1, from 0.12.1's save written as 0.16.1 files."""
     run = mcore_standard(version, "moe")
     legacy = run.dir / "legacy" / "iter_0000001"
     ranks = sorted(p.name for p in legacy.iterdir())

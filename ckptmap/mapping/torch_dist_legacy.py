@@ -23,8 +23,8 @@ and each parameter's state is read as the ranges of its source TP shards (:class
 MoE (expert parallelism; SequentialMLP experts, expert TP = TP), every sharding type, at the saving TP and EP
 (PP / VPP / DP may change, DP a multiple of EP; ``--target-tp-size`` is refused -- megatron-core needs sequence
 parallelism for TP > 1 with EP, which the real-library tests cannot run: reshard the legacy result): each
-expert rank's folder gets the dense parameters and its experts from the global expert axis, renumbered local; the ChainedOptimizer
-``[dense, expert]`` as Megatron's legacy save writes it (dense buffers in expert rank 0's distrib_optim.pt
+expert rank's folder gets the dense parameters and its experts from the global expert axis, renumbered
+local; the ChainedOptimizer ``[dense, expert]`` as Megatron's legacy save writes it (dense buffers in expert rank 0's distrib_optim.pt
 only, expert buffers over the expert-data-parallel group in each; the model file's ``optimizer`` a list).
 Bucket space: the expert optimizer's objects and tensors are ``chained_1.…dp_group_idx_N``, N the rank's
 expert-model-parallel rank. The offline ``dp_reshardable`` upgrade refuses MoE.
