@@ -20,9 +20,10 @@ group, in a byte object): the saving run's DDP buffers are rebuilt at its own si
 rules' ``buckets megatron`` blocks, kept only where they reproduce the bucket sizes the checkpoint records,
 and each parameter's state is read as the ranges of its source TP shards (:class:`BucketState`).
 
-MoE (expert parallelism; SequentialMLP experts, expert TP = TP), every sharding type, at the saving TP and EP
-(PP / VPP / DP may change, DP a multiple of EP; ``--target-tp-size`` is refused -- megatron-core needs sequence
-parallelism for TP > 1 with EP, which the real-library tests cannot run: reshard the legacy result): each
+MoE (expert parallelism; SequentialMLP experts, expert TP = TP), every sharding type, at the saving TP (PP /
+VPP / DP / EP may change: DP a multiple of EP, EP a divisor of the experts and > 1 where the target version
+chains [dense, expert] only then; ``--target-tp-size`` is refused -- megatron-core needs sequence parallelism
+for TP > 1 with EP, which the real-library tests cannot run: reshard the legacy result): each
 expert rank's folder gets the dense parameters and its experts from the global expert axis, renumbered
 local; the ChainedOptimizer ``[dense, expert]`` as Megatron's legacy save writes it (dense buffers in expert rank 0's distrib_optim.pt
 only, expert buffers over the expert-data-parallel group in each; the model file's ``optimizer`` a list).
@@ -65,6 +66,7 @@ class DistToLegacyOptions:
     target_pp_size: int | None = None
     target_vpp_size: int | None = None
     target_dp_size: int | None = None
+    target_ep_size: int | None = None
     target_megatron_version: str | None = None
     convert_param_only: bool = False
     rules: str = DEFAULT_RULES
@@ -637,17 +639,24 @@ def _compile(md, rules, opt, iter_dir: str, iteration: str) -> Plan:
                 f"torch_dist -> torch keeps the TP size of MoE checkpoints, not --target-tp-size "
                 f"{opt.target_tp_size}. Convert at TP {s.tp} (PP / VPP / DP may change), then reshard the legacy "
                 f"files with `ckptmap reshard --target-tp-size {opt.target_tp_size}`. Nothing was written.")
-        dp = opt.target_dp_size or s.dp
-        if dp % s.ep:
+        dp, ep = opt.target_dp_size or s.dp, opt.target_ep_size or s.ep
+        if model.num_experts % ep:
+            raise CkptmapError(f"{md.path}: --target-ep-size {ep} does not divide the {model.num_experts} experts "
+                               f"(args.num_experts); choose a divisor of {model.num_experts}. Nothing was written.")
+        if dp % ep:
             raise CkptmapError(
-                f"{md.path}: a mixture-of-experts model with expert-parallel size {s.ep}; --target-dp-size {dp} is "
+                f"{md.path}: a mixture-of-experts model at expert-parallel size {ep}; --target-dp-size {dp} is "
                 f"not a multiple of it (experts are spread over the data-parallel ranks). Choose a multiple of "
-                f"{s.ep}. Nothing was written.")
+                f"{ep}. Nothing was written.")
+    elif opt.target_ep_size not in (None, 1):
+        raise CkptmapError(f"{md.path}: --target-ep-size {opt.target_ep_size} applies to mixture-of-experts models; "
+                           f"this one has no experts (args.num_experts). Nothing was written.")
     if not opt.convert_param_only and md.sharding_type.space != "model":
         _bucket_sources(md, model, _blocks(model, None), iter_dir,
                         "float32" if getattr(args, "accumulate_allreduce_grads_in_fp32", True) else None)
     pp = opt.target_pp_size or s.pp
-    tgt = ParallelLayout(tp=opt.target_tp_size or s.tp, pp=pp, dp=opt.target_dp_size or s.dp, cp=s.cp, ep=s.ep,
+    tgt = ParallelLayout(tp=opt.target_tp_size or s.tp, pp=pp, dp=opt.target_dp_size or s.dp, cp=s.cp,
+                         ep=opt.target_ep_size or s.ep,
                          vpp=opt.target_vpp_size or (s.vpp if pp == s.pp else 1), num_layers=s.num_layers)
     heads = model.env.get("num_attention_heads")
     if heads and heads % tgt.tp:
@@ -778,9 +787,12 @@ def _optim_task(model: DistModel, tgt, rank_dir, tp, pp, ep, chunks, blocks, ite
     (only in expert rank 0's folder, as Megatron saves them) then expert buffers over the expert-data-parallel
     group."""
     if model.chained and not all(b.separate_experts(_layout_values(model.args, tgt, pp, 0)) for b in blocks):
-        raise CkptmapError(f"{rank_dir}: the source has a ChainedOptimizer [dense, expert], but the target version's "
-                           f"buckets block ({' / '.join(b.label for b in blocks)}) keeps expert parameters in the dense "
-                           f"buffers; pass the --target-megatron-version that saved it. Nothing was written.")
+        raise CkptmapError(
+            f"{model.md.path}: the source has a ChainedOptimizer [dense, expert], but at the target layout "
+            f"({tgt.describe()}; {rank_dir}) "
+            f"the target version's buckets block ({' / '.join(b.label for b in blocks)}) keeps the expert parameters "
+            f"in the dense optimizer; torch_dist -> torch does not merge optimizers. Convert at --target-ep-size "
+            f"{model.layout.ep}, then `ckptmap reshard --target-ep-size {tgt.ep}` the legacy files. Nothing was written.")
     storages, maps, optimizers = [], [], []
     for opt_index in ((0, 1) if model.chained else (None,)):
         expert = opt_index == 1
