@@ -706,8 +706,8 @@ def _compile(md, rules, opt, iter_dir: str, iteration: str) -> Plan:
                           for k in md.other_objects):
         notes.append("RNG states: this save keeps one per (pp, tp), data-parallel rank 0's; every expert rank's "
                      "folder gets it (resume with --no-load-rng for fresh ones)")
-    if (tgt.tp, tgt.pp) != (s.tp, s.pp):
-        notes.append("RNG states: each target rank takes the source rank's at the same (tp, pp) modulo the source "
+    if (tgt.tp, tgt.pp, tgt.ep) != (s.tp, s.pp, s.ep):
+        notes.append("RNG states: each target rank takes the source rank's at the same (tp, pp, ep) modulo the source "
                      "sizes (RNG streams cannot be resharded; resume with --no-load-rng for fresh ones)")
     info = {"source": iter_dir, "format": f"torch_dist ({md.sharding_type.name if md.sharding_type else 'no optimizer'})"
             " -> torch (legacy)", "source_layout": s.describe(), "target": tgt.describe(),
