@@ -145,14 +145,14 @@ def test_weights_only_from_bucket_space(mcore_standard, tmp_path):
     assert not list(out.rglob("distrib_optim.pt")) and len(list(out.rglob("model_optim_rng.pt"))) == 4
 
 
-@pytest.mark.parametrize("version,sharding_type,case", [("0.12.1", "fully_sharded_model_space", "dense"),
-                                                        ("0.16.1", "dp_reshardable", "dense"),
-                                                        ("0.16.1", "dp_reshardable", "moe")])
-def test_pt2ms_reads_torch_dist(mcore_standard, tmp_path, version, sharding_type, case):
+@pytest.mark.parametrize("version,sharding_type,case,flags", [
+    ("0.12.1", "fully_sharded_model_space", "dense", []), ("0.16.1", "dp_reshardable", "dense", []),
+    ("0.16.1", "dp_reshardable", "moe", []), ("0.16.1", "dp_reshardable", "moe", ["--target-ep-size", "4"])])
+def test_pt2ms_reads_torch_dist(mcore_standard, tmp_path, version, sharding_type, case, flags):
     """pt2ms of a torch_dist save (composed through legacy files in a temporary folder) gives exactly the
     MindSpore files pt2ms makes of the same run's own legacy save (every key, dtype and value, read by
     mindspore.load_checkpoint), and leaves no temporary folder behind. MoE too (EP 2: one rank_N per
-    expert rank, ChainedOptimizer state)."""
+    expert rank, ChainedOptimizer state), also at --target-ep-size 4 (the legacy save resharded by pt2ms)."""
     import mindspore as ms
     import numpy as np
 
@@ -161,7 +161,7 @@ def test_pt2ms_reads_torch_dist(mcore_standard, tmp_path, version, sharding_type
     for name, src in (("dist", run.dir / f"torch_dist_{sharding_type}"), ("legacy", run.dir / "legacy")):
         outs[name] = tmp_path / name
         assert main(["pt2ms", "--megatron-path", str(src), "--ms-path", str(outs[name]), "--megatron-version", version,
-                     "--no-progress", "--multiprocess-off"]) == 0
+                     "--no-progress", "--multiprocess-off", *flags]) == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dist", "legacy"]
     files = sorted(p.relative_to(outs["legacy"]) for p in outs["legacy"].rglob("*.ckpt"))
     assert files and files == sorted(p.relative_to(outs["dist"]) for p in outs["dist"].rglob("*.ckpt"))
