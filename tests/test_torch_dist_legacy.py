@@ -189,6 +189,7 @@ MOE_SAVES = {"0.12.1": ("fully_sharded_model_space", "dp_zero_gather_scatter"),
 MOE_LAYOUTS = (("pp2-dp2", ["--target-pp-size", "2", "--target-dp-size", "2"], dict(pp=2, dp=2)),
                ("dp2", ["--target-dp-size", "2"], dict(dp=2)))
 MOE_EP4 = ("ep4-pp2", ["--target-ep-size", "4", "--target-pp-size", "2"], dict(ep=4, pp=2))   # 1 expert per rank
+MOE_EP1 = ("ep1", ["--target-ep-size", "1"], dict(ep=1))   # no expert optimizer: one optimizer, every parameter
 
 
 @pytest.mark.parametrize("version", sorted(MOE_SAVES))
@@ -201,7 +202,8 @@ def test_moe_torch_dist_to_legacy_loads_in_megatron(mcore_standard, tmp_path, ve
     optimizer's param groups as a list, RNG states) -- except the 0.12.1 RNG state of expert rank 1, which
     that version's torch_dist save does not keep (one ShardedObject per (pp, tp), data-parallel rank 0's);
     and the version's own loader gets the live values, also at PP 2 x DP 2 (one sharding type), DP 2 (the
-    other), EP 4 x PP 2 and, for 0.16.1, from 0.12.1's save written as 0.16.1 files."""
+    other), EP 4 x PP 2, EP 1 (the [dense, expert] state merged into one optimizer, as megatron-core builds
+    it there) and, for 0.16.1, from 0.12.1's save written as 0.16.1 files."""
     run = mcore_standard(version, "moe")
     legacy = run.dir / "legacy" / "iter_0000001"
     ranks = sorted(p.name for p in legacy.iterdir())
@@ -223,7 +225,8 @@ def test_moe_torch_dist_to_legacy_loads_in_megatron(mcore_standard, tmp_path, ve
                 if key not in skip:
                     assert _deep_equal(mine[key], theirs[key]), (st, rank, key)
         jobs.append(("load", run.case, [(out, "legacy", None)]))
-    for st, (name, flags, case) in [*zip(MOE_SAVES[version], MOE_LAYOUTS), (MOE_SAVES[version][0], MOE_EP4)]:
+    for st, (name, flags, case) in [*zip(MOE_SAVES[version], MOE_LAYOUTS), (MOE_SAVES[version][0], MOE_EP4),
+                                    (MOE_SAVES[version][1], MOE_EP1)]:
         out = tmp_path / f"{st}-{name}"
         convert(run.dir / f"torch_dist_{st}", out, "--target-megatron-version", version, *flags)
         jobs.append(("load", dataclasses.replace(run.case, **case), [(out, "legacy", None)]))
@@ -236,6 +239,16 @@ def test_moe_torch_dist_to_legacy_loads_in_megatron(mcore_standard, tmp_path, ve
         for rank in ranks:
             assert filecmp.cmp(legacy / rank / "distrib_optim.pt",
                                tmp_path / "fr-legacy" / "iter_0000001" / rank / "distrib_optim.pt", shallow=False), rank
+    # EP 1 as `ckptmap reshard` writes it from Megatron's own legacy save (optimizer merged the same way)
+    ep1 = tmp_path / "reshard-ep1"
+    assert main(["reshard", "--megatron-path", str(run.dir / "legacy"), "--output-path", str(ep1),
+                 "--target-ep-size", "1", "--target-megatron-version", version, "--no-progress",
+                 "--multiprocess-off"]) == 0
+    mine = tmp_path / f"{MOE_SAVES[version][1]}-ep1" / "iter_0000001" / "mp_rank_00"
+    assert filecmp.cmp(ep1 / "iter_0000001" / "mp_rank_00" / "distrib_optim.pt", mine / "distrib_optim.pt",
+                       shallow=False)
+    assert pickles.load(mine / "model_optim_rng.pt")[0]["optimizer"] == \
+        pickles.load(ep1 / "iter_0000001" / "mp_rank_00" / "model_optim_rng.pt")[0]["optimizer"]
     truths = [run.truth] * len(jobs)
     if version == "0.16.1":   # another version's save written as this version's files (its bucket layout)
         old = mcore_standard("0.12.1", "moe")
@@ -249,9 +262,8 @@ def test_moe_torch_dist_to_legacy_loads_in_megatron(mcore_standard, tmp_path, ve
 
 
 def test_moe_unsupported_is_refused_before_writing(mcore_standard, tmp_path, capsys):
-    """MoE: another TP size, a DP size that EP does not divide, an EP that does not divide the experts, EP 1
-    (where megatron-core keeps the experts in the dense optimizer), the offline dp_reshardable upgrade and
-    torch -> torch_dist are refused, naming the checkpoint, what was found and what to do; nothing written."""
+    """MoE: another TP size, a DP size that EP does not divide, an EP that does not divide the experts, the
+    offline dp_reshardable upgrade and torch -> torch_dist are refused, naming the checkpoint, what was found and what to do; nothing written."""
     run = mcore_standard("0.12.1", "moe")
     src = run.dir / "torch_dist_fully_sharded_model_space"
     out = tmp_path / "out"
@@ -262,8 +274,6 @@ def test_moe_unsupported_is_refused_before_writing(mcore_standard, tmp_path, cap
              ("expert-parallel size 2", "--target-dp-size 3", "multiple of 2")),
             (["--from", "torch_dist", "--to", "torch", "--target-ep-size", "3"],
              ("--target-ep-size 3", "4 experts", "divisor of 4")),
-            (["--from", "torch_dist", "--to", "torch", "--target-ep-size", "1"],
-             ("ChainedOptimizer", "EP1", "dense optimizer", "ckptmap reshard --target-ep-size 1")),
             (["--from", "torch_dist", "--to", "torch_dist", "--sharding-type", "dp_reshardable"],
              ("4 experts", "dense models only", "--to torch")),
             (["--from", "torch", "--to", "torch_dist"], ("4 experts", "expert-parallel size 2", "--ckpt-format"))):

@@ -251,6 +251,7 @@ def write_optim(path, recipe: dict, fill, *, fsync: bool = False) -> None:
 #      "optimizer_object": <object key> | None,  # the optimizer's param groups, when not in common.pt
 #      "chained": None | [per optimizer i: {"optimizer_object": …, "param_groups": …}],   # ChainedOptimizer
 #                 (MoE): common.pt's optimizer {i: state} becomes the legacy list [state 0, state 1, …]
+#      "chained_merge": bool,   # instead: optimizer 0's state alone (a target without the expert optimizer)
 #      "chunks": [{"key": "model" | "model0", …, "leaves": [
 #          {"path": [keys], "tensor": <storage>, "dtype": …, "shape": […]},
 #          {"path": [keys], "object": <object key>},      # e.g. a layer's _extra_state
@@ -343,11 +344,14 @@ def write_model_from_dist(path, recipe: dict, fill, *, fsync: bool = False) -> N
                 for name, new in recipe["args"].items():
                     setattr(value, name, new)
             if key == "optimizer" and recipe.get("chained") is not None:
-                if not isinstance(value, dict) or sorted(value, key=str) != list(range(len(recipe["chained"]))):
+                n = 2 if recipe.get("chained_merge") else len(recipe["chained"])
+                if not isinstance(value, dict) or sorted(value, key=str) != list(range(n)):
                     raise CkptmapError(f"{common.path}: optimizer is not a ChainedOptimizer's {{0: …, "
-                                       f"{len(recipe['chained']) - 1}: …}} state (keys {list(value)[:5]})")
+                                       f"{n - 1}: …}} state (keys {list(value)[:5]})")
                 value = [_optimizer_from_dist(ckpt, value[i], dict(recipe, **spec), items)
                          for i, spec in enumerate(recipe["chained"])]
+                if recipe.get("chained_merge"):
+                    value = value[0]
             elif key == "optimizer":
                 value = _optimizer_from_dist(ckpt, value, recipe, items)
             if key == "rerun_state_machine" and rerun is not None and isinstance(value, dict):

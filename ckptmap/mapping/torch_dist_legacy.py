@@ -21,14 +21,15 @@ rules' ``buckets megatron`` blocks, kept only where they reproduce the bucket si
 and each parameter's state is read as the ranges of its source TP shards (:class:`BucketState`).
 
 MoE (expert parallelism; SequentialMLP experts, expert TP = TP), every sharding type, at the saving TP (PP /
-VPP / DP / EP may change: DP a multiple of EP, EP a divisor of the experts and > 1 where the target version
-chains [dense, expert] only then; ``--target-tp-size`` is refused -- megatron-core needs sequence parallelism
-for TP > 1 with EP, which the real-library tests cannot run: reshard the legacy result): each
-expert rank's folder gets the dense parameters and its experts from the global expert axis, renumbered
-local; the ChainedOptimizer ``[dense, expert]`` as Megatron's legacy save writes it (dense buffers in expert rank 0's distrib_optim.pt
-only, expert buffers over the expert-data-parallel group in each; the model file's ``optimizer`` a list).
-Bucket space: the expert optimizer's objects and tensors are ``chained_1.…dp_group_idx_N``, N the rank's
-expert-model-parallel rank. The offline ``dp_reshardable`` upgrade refuses MoE.
+VPP / DP / EP may change: DP a multiple of EP, EP a divisor of the experts; ``--target-tp-size`` is refused --
+megatron-core needs sequence parallelism for TP > 1 with EP, which the real-library tests cannot run: reshard
+the legacy result). Each expert rank's folder gets the dense parameters and its experts from the global
+expert axis, renumbered local; the ChainedOptimizer ``[dense, expert]`` as Megatron's legacy save writes it
+(dense buffers in expert rank 0's distrib_optim.pt only, expert buffers over the expert-data-parallel group
+in each; the model file's ``optimizer`` a list). Where the target version keeps experts in the dense
+optimizer (EP 1, per the rules' buckets blocks) both optimizers' state is written as one, with the dense
+one's param groups. Bucket space: the expert optimizer's objects and tensors are ``chained_1.…dp_group_idx_N``,
+N the rank's expert-model-parallel rank. The offline ``dp_reshardable`` upgrade refuses MoE.
 """
 
 from __future__ import annotations
@@ -433,6 +434,17 @@ def _blocks(model: DistModel, version: str | None) -> list:
             (b.versions is None or _version(b.versions[1]) >= since)]
 
 
+def _merges_experts(model: DistModel, tgt: ParallelLayout, blocks: list) -> bool:
+    """Whether the target keeps the experts in the dense optimizer (no ChainedOptimizer: megatron-core at EP 1,
+    whose experts all-reduce like dense parameters), per the rules' buckets blocks of the target versions."""
+    separate = {b.separate_experts(_layout_values(model.args, tgt, 0, 0)) for b in blocks}
+    if len(separate) > 1:
+        raise CkptmapError(f"{model.md.path}: at {tgt.describe()} the candidate megatron-core versions "
+                           f"({' / '.join(b.label for b in blocks)}) differ in whether experts get an optimizer of their "
+                           f"own; pass --target-megatron-version. Nothing was written.")
+    return separate == {False}
+
+
 def _version(text: str) -> tuple[int, ...]:
     return tuple(int(x) for x in str(text).split(".") if x.isdigit())
 
@@ -682,6 +694,7 @@ def _compile(md, rules, opt, iter_dir: str, iteration: str) -> Plan:
         or rules.param_group_policies("megatron")
     it_name = "release" if iteration == "release" else megatron_folders.iter_dir_name(int(iteration))
     files, notes = [], []
+    merge = model.chained and _merges_experts(model, tgt, blocks or _blocks(model, opt.target_megatron_version))
     ep_named = tgt.ep > 1
     for p_rank in range(tgt.pp):
         for ep in range(tgt.ep):
@@ -690,12 +703,13 @@ def _compile(md, rules, opt, iter_dir: str, iteration: str) -> Plan:
                 rank_dir = f"{it_name}/{megatron_folders.mp_rank_dir_name(tp, p_rank, tgt.pp, e)}"
                 chunks = [_chunk(model, tgt, p_rank, v, output_copy, ep) for v in range(tgt.vpp)]
                 model_task, order_note = _model_task(md, model, tgt, rank_dir, tp, p_rank, chunks, iter_dir, policies,
-                                                     ep)
+                                                     ep, merge)
                 if order_note and order_note not in notes:
                     notes.append(order_note)
                 files.append(model_task)
                 if not opt.convert_param_only:
-                    task, maps = _optim_task(model, tgt, rank_dir, tp, p_rank, ep, chunks, blocks, iter_dir, grad)
+                    task, maps = _optim_task(model, tgt, rank_dir, tp, p_rank, ep, chunks, blocks, iter_dir, grad,
+                                             merge)
                     files.append(task)
                     files.extend(FileTask(f"{it_name}/{megatron_folders.PARAM_MAP_DIR}/"
                                           f"{param_map.param_map_file_name(b, d, tp, p_rank, v, e)}",
@@ -732,7 +746,7 @@ def _args_updates(args, tgt: ParallelLayout) -> dict:
     return {k: v for k, v in out.items() if k in vars(args)}
 
 
-def _model_task(md, model: DistModel, tgt, rank_dir, tp, pp, chunks, iter_dir, policies=(), ep=0):
+def _model_task(md, model: DistModel, tgt, rank_dir, tp, pp, chunks, iter_dir, policies=(), ep=0, merge=False):
     storages, entries, names_shapes = [], [], []
     for key, groups in zip(_chunk_keys(tgt.vpp), chunks):
         rows = []
@@ -748,8 +762,9 @@ def _model_task(md, model: DistModel, tgt, rank_dir, tp, pp, chunks, iter_dir, p
         entries.append({"key": key, "leaves": rows})
     st, s = md.sharding_type, model.layout
     specs, notes = [], []
-    # ChainedOptimizer (MoE): [dense, expert], each with its own param groups and DP groups
-    for opt_index in ((0, 1) if model.chained else (None,)):
+    # ChainedOptimizer (MoE): [dense, expert], each with its own param groups and DP groups; merged (a target
+    # that keeps experts in the dense optimizer, EP 1): the dense one's groups for every parameter
+    for opt_index in ((0,) if merge else (0, 1) if model.chained else (None,)):
         common_opt, opt_object = md.common.get("optimizer"), None
         if opt_index is not None and isinstance(common_opt, dict):
             common_opt = common_opt.get(opt_index)
@@ -764,7 +779,7 @@ def _model_task(md, model: DistModel, tgt, rank_dir, tp, pp, chunks, iter_dir, p
                                    + "; the checkpoint is incomplete")
             common_opt = {"optimizer": md.optimizer_object(opt_index, group, "optimizer")[1]}
         mine = [(n, shape, emb) for n, shape, emb, is_expert in names_shapes
-                if opt_index is None or is_expert == (opt_index == 1)]
+                if opt_index is None or merge or is_expert == (opt_index == 1)]
         # each target rank's order as its Megatron builds them (param_groups.group_order, per target version)
         groups, note = _param_group_order(common_opt, mine, policies)
         specs.append({"param_groups": groups, "optimizer_object": opt_object})
@@ -773,35 +788,29 @@ def _model_task(md, model: DistModel, tgt, rank_dir, tp, pp, chunks, iter_dir, p
     note = "; ".join(notes) or None
     recipe = {"common": iter_dir, "args": _args_updates(model.args, tgt), "chunks": entries,
               "drop": list(M.DIST_ONLY_COMMON_KEYS), "optimizer_drop": list(M.DIST_ONLY_OPTIMIZER_KEYS),
-              **(specs[0] if not model.chained else {"chained": specs}),
+              **(specs[0] if not model.chained else {"chained": specs, "chained_merge": merge}),
               "rng_state": _object_for(md, "rng_state", tp, pp, model.layout, ep),
               "rerun_state": _object_for(md, "rerun_state_machine_state", tp, pp, model.layout, ep)}
     return FileTask(f"{rank_dir}/{megatron_folders.MODEL_FILE}", "megatron_model_dist", storages=tuple(storages),
                     extra=recipe), note
 
 
-def _optim_task(model: DistModel, tgt, rank_dir, tp, pp, ep, chunks, blocks, iter_dir, grad):
+def _optim_task(model: DistModel, tgt, rank_dir, tp, pp, ep, chunks, blocks, iter_dir, grad, merge=False):
     """distrib_optim.pt of target rank (tp, pp, ep): per chunk and param dtype a DDP buffer laid out by the
     target version's ``buckets megatron`` block at the target sizes, each state assembled from the
     parameters' shards (zeros in alignment gaps). MoE: a ChainedOptimizer [dense, expert], dense buffers
     (only in expert rank 0's folder, as Megatron saves them) then expert buffers over the expert-data-parallel
-    group."""
-    if model.chained and not all(b.separate_experts(_layout_values(model.args, tgt, pp, 0)) for b in blocks):
-        raise CkptmapError(
-            f"{model.md.path}: the source has a ChainedOptimizer [dense, expert], but at the target layout "
-            f"({tgt.describe()}; {rank_dir}) "
-            f"the target version's buckets block ({' / '.join(b.label for b in blocks)}) keeps the expert parameters "
-            f"in the dense optimizer; torch_dist -> torch does not merge optimizers. Convert at --target-ep-size "
-            f"{model.layout.ep}, then `ckptmap reshard --target-ep-size {tgt.ep}` the legacy files. Nothing was written.")
+    group. ``merge``: one optimizer over every parameter (a target that keeps experts in the dense buffers)."""
     storages, maps, optimizers = [], [], []
-    for opt_index in ((0, 1) if model.chained else (None,)):
-        expert = opt_index == 1
+    chained = model.chained and not merge
+    for opt_index in ((0, 1) if chained else (None,)):
+        expert = (opt_index == 1) if chained else None
         if opt_index == 0 and ep != 0:
             optimizers.append(None)
             continue
         bufs = _optim_buffers(model, tgt, rank_dir, tp, pp, chunks, blocks, iter_dir, grad, expert, storages, maps)
         optimizers.append({"buffers": bufs})
-    recipe = {"chained": model.chained, "optimizers": optimizers}
+    recipe = {"chained": chained, "optimizers": optimizers}
     return FileTask(f"{rank_dir}/{megatron_folders.OPTIM_FILE}", "megatron_optim", storages=tuple(storages),
                     extra=recipe), maps
 
@@ -812,13 +821,13 @@ def _optim_buffers(model, tgt, rank_dir, tp, pp, chunks, blocks, iter_dir, grad,
         by_dtype: dict = {}
         for names, _ in groups:
             for name, p in names:
-                if model.chained and (p.expert is not None) != expert:
+                if expert is not None and (p.expert is not None) != expert:
                     continue
                 shape = p.sharding.shard_shape(p.shape, tgt.tp)
                 by_dtype.setdefault(p.dtype, []).append((_ddp_name(p.rule, [name]), p, shape, name))
         for dtype, params in by_dtype.items():
             entries = [buckets.ParamEntry(ddp, shape, dtype, p.rule.shared_embedding) for ddp, p, shape, _ in params]
-            block, bl = _build_target_buffer(blocks, entries, _layout_values(model.args, tgt, pp, v, expert),
+            block, bl = _build_target_buffer(blocks, entries, _layout_values(model.args, tgt, pp, v, bool(expert)),
                                              f"{rank_dir} chunk {v} {dtype} {'expert ' if expert else ''}buffer")
             maps.append((v, sum(1 for m in maps if m[0] == v), bl))
             by_name = {ddp: (p, name) for ddp, p, _, name in params}
