@@ -440,8 +440,8 @@ def _merges_experts(model: DistModel, tgt: ParallelLayout, blocks: list) -> bool
     separate = {b.separate_experts(_layout_values(model.args, tgt, 0, 0)) for b in blocks}
     if len(separate) > 1:
         raise CkptmapError(f"{model.md.path}: at {tgt.describe()} the candidate megatron-core versions "
-                           f"({' / '.join(b.label for b in blocks)}) differ in whether experts get an optimizer of their "
-                           f"own; pass --target-megatron-version. Nothing was written.")
+                           f"({' / '.join(b.label for b in blocks)}) differ in whether experts get an optimizer of "
+                           f"their own; pass --target-megatron-version. Nothing was written.")
     return separate == {False}
 
 
