@@ -109,6 +109,23 @@ def test_expert_digit_is_carved_out_of_dp():
     assert [lay.coords(g)["dp"] for g in range(6)] == [0, 1, 2, 3, 4, 5]
 
 
+def test_model_parallel_ranks_of_dense_and_expert_optimizers():
+    """dp_group_idx_N of torch_dist bucket-space keys: the dense optimizer's N is the rank in the TP x PP
+    group, the expert optimizer's the rank in the TP x EP x PP group (global-rank order), as the real
+    0.16.1 MoE save (TP 1, DP 4, EP 2) writes chained_1.…dp_group_idx_0 / _1."""
+    moe = ParallelLayout(tp=1, pp=1, dp=4, ep=2)
+    assert [moe.expert_model_parallel_rank(0, 0, e) for e in range(2)] == [0, 1]
+    assert moe.model_parallel_rank(0, 0) == 0
+    lay = ParallelLayout(tp=2, pp=2, dp=4, ep=2)
+    got = {(t, p, e): lay.expert_model_parallel_rank(t, p, e) for t in range(2) for p in range(2) for e in range(2)}
+    assert sorted(got.values()) == list(range(8))
+    assert got == {(t, p, e): t + 2 * e + 4 * p for t, p, e in got}   # tp fastest, then ep, then pp
+    assert {(t, p): lay.model_parallel_rank(t, p) for t in range(2) for p in range(2)} == \
+        {(t, p): t + 2 * p for t in range(2) for p in range(2)}
+    with pytest.raises(CkptmapError):
+        lay.expert_model_parallel_rank(0, 0, 2)
+
+
 def test_order_tokens_of_size_one_may_be_omitted_and_case_is_ignored():
     a = ParallelLayout(tp=2, pp=3, dp=2)
     b = ParallelLayout(tp=2, pp=3, dp=2, order=" TP-DP-PP ")

@@ -1,6 +1,7 @@
 """torch_dist -> legacy Megatron files (``ckptmap convert --from torch_dist --to torch``) against the real
 megatron-core: saves of the harness's standard ``dense`` case (TP 2 x PP 2 x VPP 2 x DP 2, one real Adam
-step, SwiGLU, GQA, tied embeddings, several buckets) are converted, then loaded by the real library
+step, SwiGLU, GQA, tied embeddings, several buckets) and of the ``moe`` case (EP 2, ChainedOptimizer, at
+the saving layout) are converted, then loaded by the real library
 (``load_checkpoint``'s model ``load_state_dict`` + ``optimizer.load_parameter_state``) into a model and
 optimizer poisoned with NaN; every weight, fp32 main param and Adam moment, gathered with megatron's own
 sharded metadata, must equal the saving run's live values (bit for bit). At the saving layout the files
@@ -144,21 +145,23 @@ def test_weights_only_from_bucket_space(mcore_standard, tmp_path):
     assert not list(out.rglob("distrib_optim.pt")) and len(list(out.rglob("model_optim_rng.pt"))) == 4
 
 
-@pytest.mark.parametrize("version,sharding_type", [("0.12.1", "fully_sharded_model_space"),
-                                                   ("0.16.1", "dp_reshardable")])
-def test_pt2ms_reads_torch_dist(mcore_standard, tmp_path, version, sharding_type):
+@pytest.mark.parametrize("version,sharding_type,case,flags", [
+    ("0.12.1", "fully_sharded_model_space", "dense", []), ("0.16.1", "dp_reshardable", "dense", []),
+    ("0.16.1", "dp_reshardable", "moe", []), ("0.16.1", "dp_reshardable", "moe", ["--target-ep-size", "4"])])
+def test_pt2ms_reads_torch_dist(mcore_standard, tmp_path, version, sharding_type, case, flags):
     """pt2ms of a torch_dist save (composed through legacy files in a temporary folder) gives exactly the
     MindSpore files pt2ms makes of the same run's own legacy save (every key, dtype and value, read by
-    mindspore.load_checkpoint), and leaves no temporary folder behind."""
+    mindspore.load_checkpoint), and leaves no temporary folder behind. MoE too (EP 2: one rank_N per
+    expert rank, ChainedOptimizer state), also at --target-ep-size 4 (the legacy save resharded by pt2ms)."""
     import mindspore as ms
     import numpy as np
 
-    run = mcore_standard(version, "dense")
+    run = mcore_standard(version, case)
     outs = {}
     for name, src in (("dist", run.dir / f"torch_dist_{sharding_type}"), ("legacy", run.dir / "legacy")):
         outs[name] = tmp_path / name
         assert main(["pt2ms", "--megatron-path", str(src), "--ms-path", str(outs[name]), "--megatron-version", version,
-                     "--no-progress", "--multiprocess-off"]) == 0
+                     "--no-progress", "--multiprocess-off", *flags]) == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dist", "legacy"]
     files = sorted(p.relative_to(outs["legacy"]) for p in outs["legacy"].rglob("*.ckpt"))
     assert files and files == sorted(p.relative_to(outs["dist"]) for p in outs["dist"].rglob("*.ckpt"))
@@ -168,6 +171,117 @@ def test_pt2ms_reads_torch_dist(mcore_standard, tmp_path, version, sharding_type
         for k in a:
             assert a[k].dtype == b[k].dtype and np.array_equal(a[k].asnumpy().reshape(-1).view(np.uint8),
                                                                 b[k].asnumpy().reshape(-1).view(np.uint8)), (f, k)
+
+
+def _deep_equal(a, b):
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and list(a) == list(b) and all(_deep_equal(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return type(a) is type(b) and len(a) == len(b) and all(_deep_equal(x, y) for x, y in zip(a, b))
+    return repr(a) == repr(b)
+
+
+MOE_SAVES = {"0.12.1": ("fully_sharded_model_space", "dp_zero_gather_scatter"),
+             "0.16.1": ("dp_reshardable", "dp_zero_gather_scatter")}
+# another layout per sharding type (TP stays: megatron-core needs sequence parallelism for TP > 1 with EP)
+MOE_LAYOUTS = (("pp2-dp2", ["--target-pp-size", "2", "--target-dp-size", "2"], dict(pp=2, dp=2)),
+               ("dp2", ["--target-dp-size", "2"], dict(dp=2)))
+MOE_EP4 = ("ep4-pp2", ["--target-ep-size", "4", "--target-pp-size", "2"], dict(ep=4, pp=2))   # 1 expert per rank
+MOE_EP1 = ("ep1", ["--target-ep-size", "1"], dict(ep=1))   # no expert optimizer: one optimizer, every parameter
+
+
+@pytest.mark.parametrize("version", sorted(MOE_SAVES))
+def test_moe_torch_dist_to_legacy_loads_in_megatron(mcore_standard, tmp_path, version):
+    """The ``moe`` case (TP 1, DP 4, EP 2, 4 experts; ChainedOptimizer [dense, expert]) at the saving layout,
+    from each sharding type the version writes for it (and 0.12.1's upgraded to fully_reshardable): one
+    folder per expert rank (``mp_rank_00_00E``, its experts renumbered local). distrib_optim.pt is
+    byte-identical to Megatron's own legacy save of the same step (dense state in expert rank 0's file,
+    expert state in each); the model files hold the same entries (weights, extra states, the chained
+    optimizer's param groups as a list, RNG states) -- except the 0.12.1 RNG state of expert rank 1, which
+    that version's torch_dist save does not keep (one ShardedObject per (pp, tp), data-parallel rank 0's);
+    and the version's own loader gets the live values, also at PP 2 x DP 2 (one sharding type), DP 2 (the
+    other), EP 4 x PP 2, EP 1 (the [dense, expert] state merged into one optimizer, as megatron-core builds
+    it there) and, for 0.16.1, from 0.12.1's save written as 0.16.1 files."""
+    run = mcore_standard(version, "moe")
+    legacy = run.dir / "legacy" / "iter_0000001"
+    ranks = sorted(p.name for p in legacy.iterdir())
+    assert ranks == ["mp_rank_00_000", "mp_rank_00_001"]
+    jobs = []
+    for st in MOE_SAVES[version]:
+        out = tmp_path / st
+        convert(run.dir / f"torch_dist_{st}", out, "--target-megatron-version", version)
+        assert sorted(p.name for p in (out / "iter_0000001").glob("mp_rank_*")) == ranks
+        for rank in ranks:
+            assert filecmp.cmp(legacy / rank / "distrib_optim.pt", out / "iter_0000001" / rank / "distrib_optim.pt",
+                               shallow=False), (st, rank)
+            theirs = pickles.load(legacy / rank / "model_optim_rng.pt")[0]
+            mine = pickles.load(out / "iter_0000001" / rank / "model_optim_rng.pt")[0]
+            assert list(mine) == list(theirs), (st, rank)
+            assert isinstance(mine["optimizer"], list) and len(mine["optimizer"]) == 2
+            skip = {"args"} | ({"rng_state"} if version == "0.12.1" and rank != ranks[0] else set())
+            for key in theirs:
+                if key not in skip:
+                    assert _deep_equal(mine[key], theirs[key]), (st, rank, key)
+        jobs.append(("load", run.case, [(out, "legacy", None)]))
+    for st, (name, flags, case) in [*zip(MOE_SAVES[version], MOE_LAYOUTS), (MOE_SAVES[version][0], MOE_EP4),
+                                    (MOE_SAVES[version][1], MOE_EP1)]:
+        out = tmp_path / f"{st}-{name}"
+        convert(run.dir / f"torch_dist_{st}", out, "--target-megatron-version", version, *flags)
+        jobs.append(("load", dataclasses.replace(run.case, **case), [(out, "legacy", None)]))
+    if version == "0.12.1":   # fully_reshardable (0.16.1's own MoE save is shifted): 0.12.1's, upgraded offline
+        up = tmp_path / "fully_reshardable"
+        assert main(["convert", "--from", "torch_dist", "--to", "torch_dist", "--sharding-type", "fully_reshardable",
+                     "--src", str(run.dir / "torch_dist_fully_sharded_model_space"), "--dst", str(up),
+                     "--no-progress"]) == 0
+        convert(up, tmp_path / "fr-legacy", "--target-megatron-version", version)
+        for rank in ranks:
+            assert filecmp.cmp(legacy / rank / "distrib_optim.pt",
+                               tmp_path / "fr-legacy" / "iter_0000001" / rank / "distrib_optim.pt", shallow=False), rank
+    # EP 1 as `ckptmap reshard` writes it from Megatron's own legacy save (optimizer merged the same way)
+    ep1 = tmp_path / "reshard-ep1"
+    assert main(["reshard", "--megatron-path", str(run.dir / "legacy"), "--output-path", str(ep1),
+                 "--target-ep-size", "1", "--target-megatron-version", version, "--no-progress",
+                 "--multiprocess-off"]) == 0
+    mine = tmp_path / f"{MOE_SAVES[version][1]}-ep1" / "iter_0000001" / "mp_rank_00"
+    assert filecmp.cmp(ep1 / "iter_0000001" / "mp_rank_00" / "distrib_optim.pt", mine / "distrib_optim.pt",
+                       shallow=False)
+    assert pickles.load(mine / "model_optim_rng.pt")[0]["optimizer"] == \
+        pickles.load(ep1 / "iter_0000001" / "mp_rank_00" / "model_optim_rng.pt")[0]["optimizer"]
+    truths = [run.truth] * len(jobs)
+    if version == "0.16.1":   # another version's save written as this version's files (its bucket layout)
+        old = mcore_standard("0.12.1", "moe")
+        out = tmp_path / "0.12.1-as-0.16.1"
+        convert(old.dir / "torch_dist_fully_sharded_model_space", out, "--target-megatron-version", version,
+                "--target-dp-size", "2")
+        jobs.append(("load", dataclasses.replace(run.case, dp=2), [(out, "legacy", None)]))
+        truths.append(old.truth)
+    for truth, got in zip(truths, run_jobs(version, jobs)):
+        same_values(truth, got[0] if isinstance(got, list) else got)
+
+
+def test_moe_unsupported_is_refused_before_writing(mcore_standard, tmp_path, capsys):
+    """MoE: another TP size, a DP size that EP does not divide, an EP that does not divide the experts, the
+    offline dp_reshardable upgrade and torch -> torch_dist are refused, naming the checkpoint, what was found and what to do; nothing written."""
+    run = mcore_standard("0.12.1", "moe")
+    src = run.dir / "torch_dist_fully_sharded_model_space"
+    out = tmp_path / "out"
+    for argv, want in (
+            (["--from", "torch_dist", "--to", "torch", "--target-tp-size", "2"],
+             ("4 experts", "EP2", "--target-tp-size 2", "Convert at TP 1", "ckptmap reshard --target-tp-size 2")),
+            (["--from", "torch_dist", "--to", "torch", "--target-dp-size", "3"],
+             ("expert-parallel size 2", "--target-dp-size 3", "multiple of 2")),
+            (["--from", "torch_dist", "--to", "torch", "--target-ep-size", "3"],
+             ("--target-ep-size 3", "4 experts", "divisor of 4")),
+            (["--from", "torch_dist", "--to", "torch_dist", "--sharding-type", "dp_reshardable"],
+             ("4 experts", "dense models only", "--to torch")),
+            (["--from", "torch", "--to", "torch_dist"], ("4 experts", "expert-parallel size 2", "--ckpt-format"))):
+        s = run.dir / "legacy" if argv[1] == "torch" else src
+        assert main(["convert", *argv, "--src", str(s), "--dst", str(out), "--no-progress"]) == 2
+        err = capsys.readouterr().err
+        assert str(s) in err and all(w in err for w in want) and "Nothing was written" in err, err
+        assert not out.exists() and not list(tmp_path.glob(".out*"))
 
 
 def test_bad_input_is_refused_before_writing(mcore_standard, tmp_path, capsys):

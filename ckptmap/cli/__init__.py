@@ -57,8 +57,8 @@ def _pt2ms_from_torch_dist(ns) -> int:
 
     out = Path(ns.ms_path)
     tmp = atomic.temp_name(out.parent / f"{out.name}-torch-dist-as-legacy")
-    # --target-* sizes are the legacy step's (it writes any layout); EP, noop layers and stage lists are not
-    unsupported = [f"--{d.replace('_', '-')}" for d in ("target_ep_size", "target_stage_list", "target_noop")
+    # --target-* sizes are the legacy step's (it writes any layout, EP for MoE); noop layers and stage lists are not
+    unsupported = [f"--{d.replace('_', '-')}" for d in ("target_stage_list", "target_noop")
                    if getattr(ns, d, None) is not None]
     if unsupported:
         raise CkptmapError(f"{', '.join(unsupported)} cannot be used with a torch_dist source ({ns.megatron_path}); "
@@ -67,7 +67,8 @@ def _pt2ms_from_torch_dist(ns) -> int:
     legacy = compile_torch_dist_to_legacy(DistToLegacyOptions(
         ns.megatron_path, str(tmp), target_tp_size=getattr(ns, "target_tp_size", None),
         target_pp_size=getattr(ns, "target_pp_size", None), target_vpp_size=getattr(ns, "target_vpp_size", None),
-        target_dp_size=getattr(ns, "target_dp_size", None), convert_param_only=ns.convert_param_only,
+        target_dp_size=getattr(ns, "target_dp_size", None), target_ep_size=getattr(ns, "target_ep_size", None),
+        convert_param_only=ns.convert_param_only,
         target_megatron_version=getattr(ns, "target_megatron_version", None) or ns.megatron_version))
     print(f"{ns.megatron_path} is a torch_dist checkpoint: written as legacy Megatron files into {tmp} first "
           f"(removed afterwards), then converted by pt2ms")

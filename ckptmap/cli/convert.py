@@ -55,6 +55,8 @@ def _add_flags(p: argparse.ArgumentParser, plan: bool = False) -> None:
                    help="Model chunks per pipeline stage (default: the saving run's if PP is unchanged, else 1).")
     t.add_argument("--target-dp-size", type=int,
                    help="Data parallel size the distrib_optim.pt buckets are laid out for (default: the saving run's).")
+    t.add_argument("--target-ep-size", type=int,
+                   help="MoE: expert parallel size (one folder per expert rank; default: the saving run's).")
     t.add_argument("--target-megatron-version",
                    help="megatron-core version that will load the files: its bucket layout and distrib_optim.pt form "
                         "(asked for when the candidate versions lay the target out differently).")
@@ -132,7 +134,8 @@ def print_conversion_plan(ns, jobs, skipped, out=None) -> None:
               "--no-load-rng (they are kept only so that converting back restores them).", file=out)
 
 
-_TO_LEGACY_ONLY = ("target_tp_size", "target_pp_size", "target_vpp_size", "target_dp_size", "target_megatron_version",
+_TO_LEGACY_ONLY = ("target_tp_size", "target_pp_size", "target_vpp_size", "target_dp_size", "target_ep_size",
+                   "target_megatron_version",
                    "convert_param_only", "rules")
 
 
@@ -154,7 +157,7 @@ def _legacy_plan(ns):
 
     return compile_torch_dist_to_legacy(DistToLegacyOptions(
         ns.src, ns.dst, target_tp_size=ns.target_tp_size, target_pp_size=ns.target_pp_size,
-        target_vpp_size=ns.target_vpp_size, target_dp_size=ns.target_dp_size,
+        target_vpp_size=ns.target_vpp_size, target_dp_size=ns.target_dp_size, target_ep_size=ns.target_ep_size,
         target_megatron_version=ns.target_megatron_version, convert_param_only=ns.convert_param_only,
         rules=ns.rules or DEFAULT_RULES))
 

@@ -249,6 +249,9 @@ def write_optim(path, recipe: dict, fill, *, fsync: bool = False) -> None:
 #      "param_groups": [indices into common.pt's optimizer param_groups, in the target rank's order] | None,
 #      "rng_state": <object key> | None, "rerun_state": <object key> | None,   # ShardedObjects of the rank
 #      "optimizer_object": <object key> | None,  # the optimizer's param groups, when not in common.pt
+#      "chained": None | [per optimizer i: {"optimizer_object": …, "param_groups": …}],   # ChainedOptimizer
+#                 (MoE): common.pt's optimizer {i: state} becomes the legacy list [state 0, state 1, …]
+#      "chained_merge": bool,   # instead: optimizer 0's state alone (a target without the expert optimizer)
 #      "chunks": [{"key": "model" | "model0", …, "leaves": [
 #          {"path": [keys], "tensor": <storage>, "dtype": …, "shape": […]},
 #          {"path": [keys], "object": <object key>},      # e.g. a layer's _extra_state
@@ -278,6 +281,20 @@ def has_tensor(node) -> bool:
     if type(node) in (list, tuple):
         return any(has_tensor(v) for v in node)
     return False
+
+
+def _optimizer_from_dist(ckpt, value, recipe: dict, items: dict):
+    """One optimizer's legacy ``optimizer`` entry from common.pt's: torch_dist-only keys dropped, the param
+    groups from the DP group's object (bucket-space types), reordered as the target rank builds them."""
+    if isinstance(value, dict):   # torch_dist's own entries are not a legacy file's
+        value = {k: v for k, v in value.items() if k not in recipe.get("optimizer_drop", ())}
+    if recipe.get("optimizer_object"):   # bucket-space types: per DP group
+        value = dict(value, optimizer=_dist_object(ckpt, recipe["optimizer_object"], items))
+    if recipe.get("param_groups") is not None:
+        value = copy.deepcopy(value)
+        groups = value["optimizer"]["param_groups"]
+        value["optimizer"]["param_groups"] = [groups[i] for i in recipe["param_groups"]]
+    return value
 
 
 def write_model_from_dist(path, recipe: dict, fill, *, fsync: bool = False) -> None:
@@ -326,14 +343,17 @@ def write_model_from_dist(path, recipe: dict, fill, *, fsync: bool = False) -> N
                 value = copy.copy(value)
                 for name, new in recipe["args"].items():
                     setattr(value, name, new)
-            if key == "optimizer" and isinstance(value, dict):   # torch_dist's own entries are not a legacy file's
-                value = {k: v for k, v in value.items() if k not in recipe.get("optimizer_drop", ())}
-            if key == "optimizer" and recipe.get("optimizer_object"):   # bucket-space types: per DP group
-                value = dict(value, optimizer=_dist_object(ckpt, recipe["optimizer_object"], items))
-            if key == "optimizer" and recipe.get("param_groups") is not None:
-                value = copy.deepcopy(value)
-                groups = value["optimizer"]["param_groups"]
-                value["optimizer"]["param_groups"] = [groups[i] for i in recipe["param_groups"]]
+            if key == "optimizer" and recipe.get("chained") is not None:
+                n = 2 if recipe.get("chained_merge") else len(recipe["chained"])
+                if not isinstance(value, dict) or sorted(value, key=str) != list(range(n)):
+                    raise CkptmapError(f"{common.path}: optimizer is not a ChainedOptimizer's {{0: …, "
+                                       f"{n - 1}: …}} state (keys {list(value)[:5]})")
+                value = [_optimizer_from_dist(ckpt, value[i], dict(recipe, **spec), items)
+                         for i, spec in enumerate(recipe["chained"])]
+                if recipe.get("chained_merge"):
+                    value = value[0]
+            elif key == "optimizer":
+                value = _optimizer_from_dist(ckpt, value, recipe, items)
             if key == "rerun_state_machine" and rerun is not None and isinstance(value, dict):
                 value = dict(value, sharded=rerun)
             legacy[key] = value

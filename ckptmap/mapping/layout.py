@@ -462,6 +462,17 @@ class ParallelLayout:
         me = self.global_rank(tp=tp, pp=pp)
         return sum(1 for t in range(self.tp) for p in range(self.pp) if self.global_rank(tp=t, pp=p) < me)
 
+    def expert_model_parallel_rank(self, tp: int, pp: int, ep: int) -> int:
+        """Rank of (``tp``, ``pp``, ``ep``) in Megatron's expert-model-parallel group (the TP x EP x PP
+        ranks of one expert-data-parallel replica, in global-rank order): the ``data_parallel_group_idx``
+        of that rank's expert optimizer (``chained_1.…dp_group_idx_N`` in torch_dist bucket-space keys)."""
+        self._check_coord("tp", tp, self.tp)
+        self._check_coord("pp", pp, self.pp)
+        self._check_coord("ep", ep, self.ep)
+        me = self.mp_rank_ranks(tp, pp, all_dp_cp=False, ep=ep)[0]
+        return sum(1 for t in range(self.tp) for p in range(self.pp) for e in range(self.ep)
+                   if self.mp_rank_ranks(t, p, all_dp_cp=False, ep=e)[0] < me)
+
     def global_expert(self, ep: int, local: int, num_experts: int) -> int:
         """Global id of local expert `local` of expert-parallel rank `ep` (Megatron gives each EP rank
         a contiguous block of num_experts / EP experts)."""

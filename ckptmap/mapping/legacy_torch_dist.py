@@ -92,7 +92,10 @@ def plan_legacy_to_dist(src, dst, sharding_type: str = "fully_reshardable", rule
     source = MegatronSource(SourceOptions(str(src), rules=rules, megatron_version=megatron_version)).with_optimizer()
     lay, args = source.layout, source.args
     if lay.ep > 1 or source.env.get("num_experts"):
-        raise CkptmapError(f"{src}: a mixture-of-experts model; torch -> torch_dist handles dense models so far. "
+        raise CkptmapError(f"{src}: a mixture-of-experts model ({source.env.get('num_experts') or '?'} experts, "
+                           f"expert-parallel size {lay.ep}); torch -> torch_dist handles dense models only (MoE "
+                           f"converts the other way, torch_dist -> torch). For a torch_dist checkpoint, load these "
+                           f"files in Megatron (--ckpt-format torch) and save with --ckpt-format torch_dist. "
                            f"Nothing was written.")
     if lay.cp > 1:
         raise CkptmapError(f"{src}: context parallelism {lay.cp}; torch -> torch_dist handles CP 1 so far")

@@ -18,8 +18,18 @@ Supported optimizer sharding types: all four. Model space (``fully_sharded_model
 (``dp_reshardable``: one tensor per bucket; ``dp_zero_gather_scatter``: the legacy coalesced dict per DP
 group, in a byte object): the saving run's DDP buffers are rebuilt at its own sizes (its args) with the
 rules' ``buckets megatron`` blocks, kept only where they reproduce the bucket sizes the checkpoint records,
-and each parameter's state is read as the ranges of its source TP shards (:class:`BucketState`). MoE
-(expert parallelism) is refused.
+and each parameter's state is read as the ranges of its source TP shards (:class:`BucketState`).
+
+MoE (expert parallelism; SequentialMLP experts, expert TP = TP), every sharding type, at the saving TP (PP /
+VPP / DP / EP may change: DP a multiple of EP, EP a divisor of the experts; ``--target-tp-size`` is refused --
+megatron-core needs sequence parallelism for TP > 1 with EP, which the real-library tests cannot run: reshard
+the legacy result). Each expert rank's folder gets the dense parameters and its experts from the global
+expert axis, renumbered local; the ChainedOptimizer ``[dense, expert]`` as Megatron's legacy save writes it
+(dense buffers in expert rank 0's distrib_optim.pt only, expert buffers over the expert-data-parallel group
+in each; the model file's ``optimizer`` a list). Where the target version keeps experts in the dense
+optimizer (EP 1, per the rules' buckets blocks) both optimizers' state is written as one, with the dense
+one's param groups. Bucket space: the expert optimizer's objects and tensors are ``chained_1.…dp_group_idx_N``,
+N the rank's expert-model-parallel rank. The offline ``dp_reshardable`` upgrade refuses MoE.
 """
 
 from __future__ import annotations
@@ -40,8 +50,9 @@ from ckptmap.mapping import buckets, param_groups
 from ckptmap.mapping.layout import ParallelLayout
 from ckptmap.mapping.megatron_source import planning
 from ckptmap.mapping.plan import FileTask, Plan, Read, SourceSlice, StoragePiece, StorageTask, TensorTask
-from ckptmap.mapping.reshard import _build_target_buffer, _chunk_keys, _ddp_name, _state_storage, resolve_sharding
-from ckptmap.mapping.rules import LAYER, resolve_rules
+from ckptmap.mapping.reshard import (IndexNames, _build_target_buffer, _chunk_keys, _ddp_name, _state_storage,
+                                     resolve_sharding)
+from ckptmap.mapping.rules import EXPERT, LAYER, resolve_rules
 from ckptmap.mapping.sharding import Box, Fragment, Sharding, padded_vocab_size, transfer, whole
 
 STATES = ("param", "exp_avg", "exp_avg_sq")
@@ -56,6 +67,7 @@ class DistToLegacyOptions:
     target_pp_size: int | None = None
     target_vpp_size: int | None = None
     target_dp_size: int | None = None
+    target_ep_size: int | None = None
     target_megatron_version: str | None = None
     convert_param_only: bool = False
     rules: str = DEFAULT_RULES
@@ -76,6 +88,7 @@ class DistParam:
     order: tuple
     sources: dict
     layer: int | None
+    expert: int | None = None   # global expert id
 
 
 def iteration_dir(src) -> tuple[Path, str]:
@@ -118,6 +131,17 @@ def _source_layout(args) -> ParallelLayout:
                           dp=_arg(args, "data_parallel_size", 1), cp=_arg(args, "context_parallel_size", 1),
                           ep=_arg(args, "expert_model_parallel_size", 1),
                           vpp=_arg(args, "virtual_pipeline_model_parallel_size", 1), num_layers=args.num_layers)
+
+
+def _check_moe(md, args) -> None:
+    """MoE layouts this conversion writes: SequentialMLP experts, expert TP = TP."""
+    if getattr(args, "moe_grouped_gemm", False):
+        raise CkptmapError(f"{md.path}: args.moe_grouped_gemm is set (GroupedMLP experts); torch_dist -> torch handles "
+                           f"SequentialMLP experts (local_experts.N) only. Nothing was written.")
+    tp, etp = _arg(args, "tensor_model_parallel_size", 1), _arg(args, "expert_tensor_parallel_size", None)
+    if etp is not None and etp != tp:
+        raise CkptmapError(f"{md.path}: args.expert_tensor_parallel_size is {etp} but tensor_model_parallel_size is "
+                           f"{tp}; torch_dist -> torch handles MoE with expert TP = TP only. Nothing was written.")
 
 
 def _choice_order(rule, bindings) -> tuple:
@@ -220,10 +244,22 @@ class DistModel:
             raise CkptmapError(f"{md.path}/common.pt has no Megatron args (num_layers, sizes); ckptmap needs them to "
                                f"lay the legacy files out")
         self.args = args
-        if _arg(args, "num_experts"):
-            raise CkptmapError(f"{md.path}: a mixture-of-experts model ({args.num_experts} experts); torch_dist -> torch "
-                               f"and the dp_reshardable upgrade handle dense models so far. Load it in Megatron with "
-                               f"the same layout and save with --ckpt-format torch. Nothing was written.")
+        self.num_experts = int(_arg(args, "num_experts", 0))
+        if self.num_experts:
+            _check_moe(md, args)
+        common_opt = md.common.get("optimizer")
+        # a ChainedOptimizer's state in common.pt: {0: dense, 1: expert}
+        self.chained = isinstance(common_opt, dict) and any(isinstance(k, int) for k in common_opt)
+        if md.sharding_type is not None and self.chained != bool(self.num_experts):
+            found = f"a ChainedOptimizer (keys {list(common_opt)})" if self.chained else "a single optimizer"
+            raise CkptmapError(
+                f"{md.path}/common.pt: the optimizer is {found} but the model has {self.num_experts or 'no'} experts; "
+                f"torch_dist -> torch handles a dense model with one optimizer and an MoE model with [dense, expert] "
+                f"chained optimizers. Nothing was written.")
+        if self.chained and sorted(common_opt, key=str) != [0, 1]:
+            raise CkptmapError(f"{md.path}/common.pt: a ChainedOptimizer of {len(common_opt)} optimizers (keys "
+                               f"{list(common_opt)}); torch_dist -> torch handles [dense, expert] (keys 0, 1). "
+                               f"Nothing was written.")
         st = md.sharding_type
         if not convert_param_only and st is None:
             raise CkptmapError(f"{md.path} holds no optimizer state; pass --convert-param-only to convert the weights")
@@ -235,6 +271,10 @@ class DistModel:
         self.layout = _source_layout(args)
         first_layer = next((i for i, r in enumerate(rules.params)
                             if any(s.kind == LAYER for s in r.megatron.segments)), len(rules.params))
+        # Megatron registers each local expert's modules together (expert 0's fc1, fc2, then expert 1's)
+        first_expert = next((i for i, r in enumerate(rules.params)
+                             if any(s.kind == EXPERT for s in r.megatron.segments)), len(rules.params))
+        self.names = IndexNames(rules)
         states = {(t.name, t.state): t for t in md.tensors() if t.state != "weight"}
         self.params: dict[str, DistParam] = {}
         unmatched = []
@@ -249,8 +289,9 @@ class DistModel:
                     raise CkptmapError(f"{md.path}: {name} matches {len(hits)} rules of {rules.path}; make them disjoint")
                 i, rule, b = hits[0]
                 idx = tuple(box.offsets[:len(where)])
-                layer = b.get(LAYER)
+                layer, expert = b.get(LAYER), b.get(EXPERT)
                 section = 1 if layer is not None else (0 if i < first_layer else 2)
+                order = (i, 0) if expert is None else (first_expert, int(expert))
                 sources = {"weight": (t, idx)}
                 for state in STATES:
                     g = states.get((t.name, state))
@@ -261,7 +302,8 @@ class DistModel:
                                            f"incomplete (or pass --convert-param-only)")
                 self.params[name] = DistParam(name, rule, b, resolve_sharding(rule, env, name),
                                               tuple(t.shape[len(where):]), t.dtype,
-                                              (section, layer or 0, i, _choice_order(rule, b)), sources, layer)
+                                              (section, layer or 0, *order, i, _choice_order(rule, b)), sources,
+                                              layer, None if expert is None else int(expert))
         if unmatched:
             raise CkptmapError(f"{md.path}: no rule of {rules.path} describes {len(unmatched)} tensors (first: "
                                f"{', '.join(unmatched[:5])}); pass --rules with a .rules file for this model")
@@ -293,12 +335,17 @@ class DistModel:
                                f"`shared_embedding`")
         rule = rules[0]
         i = self.rules.params.index(rule)
-        return DistParam(str(rule.megatron), rule, {}, emb.sharding, emb.shape, emb.dtype, (2, 0, i, ()),
+        return DistParam(str(rule.megatron), rule, {}, emb.sharding, emb.shape, emb.dtype, (2, 0, i, 0, i, ()),
                          emb.sources, None)
 
 
-def _local_name(p: DistParam, local: int | None) -> str:
-    return p.rule.megatron.format(dict(p.bindings, layer=local) if local is not None else p.bindings)
+def _local_name(p: DistParam, local: int | None, local_expert: int | None = None) -> str:
+    b = dict(p.bindings)
+    if local is not None:
+        b[LAYER] = local
+    if local_expert is not None:
+        b[EXPERT] = local_expert
+    return p.rule.megatron.format(b)
 
 
 def _extra_local(name: str, global_layer: int | None, local: int | None) -> str:
@@ -316,12 +363,19 @@ def _with_extra(model: DistModel, rows: list, extras: list) -> list:
     return rows
 
 
-def _chunk(model: DistModel, tgt: ParallelLayout, pp: int, v: int, output_copy) -> list[tuple]:
-    """[(legacy local name, DistParam, [(extra-state local name, leaf)])] of target chunk (pp, v), in
-    registration order, grouped by layer / edge section."""
+def _chunk(model: DistModel, tgt: ParallelLayout, pp: int, v: int, output_copy, ep: int = 0) -> list[tuple]:
+    """[(legacy local name, DistParam, [(extra-state local name, leaf)])] of target chunk (pp, v) of expert
+    rank ``ep``, in registration order, grouped by layer / edge section (experts renumbered local)."""
     first, last = (pp, v) == (0, 0), (pp, v) == (tgt.pp - 1, tgt.vpp - 1)
+
+    def local_expert(e):   # None: not this expert rank's
+        where, local = tgt.locate_expert(e, model.num_experts)
+        return local if where == ep else None
+
     by_section: dict = {}
     for p in model.params.values():
+        if p.expert is not None and local_expert(p.expert) is None:
+            continue
         by_section.setdefault((p.order[0], p.layer), []).append(p)
     groups = []
     if first:
@@ -335,10 +389,19 @@ def _chunk(model: DistModel, tgt: ParallelLayout, pp: int, v: int, output_copy) 
         groups.append((sorted(post, key=lambda p: p.order), None, None))
     out = []
     for params, g, local in groups:
-        names = [(_local_name(p, local), p) for p in params]
-        extras = [(_extra_local(n, g, local), {"object": key}) for n, key in model.extra.items()
-                  if (g is not None and re.search(rf"(^|\.)layers\.{g}\.", n)) or
-                  (g is None and any(n.startswith(p.key.rsplit(".", 1)[0] + ".") for p in params))]
+        names = [(_local_name(p, local, None if p.expert is None else local_expert(p.expert)), p) for p in params]
+        extras = []
+        for n, key in model.extra.items():
+            if not ((g is not None and re.search(rf"(^|\.)layers\.{g}\.", n)) or
+                    (g is None and any(n.startswith(p.key.rsplit(".", 1)[0] + ".") for p in params))):
+                continue
+            hit = model.names.find(EXPERT, n)
+            if hit is not None:
+                le = local_expert(hit[0])
+                if le is None:
+                    continue
+                n = model.names.renumber([n], EXPERT, le)[0]
+            extras.append((_extra_local(n, g, local), {"object": key}))
         if model.extra:   # Megatron drops these from torch_dist saves; empty in the legacy file
             extras += [(n, {"none": True}) for n in M.DROPPED_EXTRA_STATES if n not in model.extra
                        and any(name.startswith(n[:-len("_extra_state")]) for name, _ in names)]
@@ -346,9 +409,11 @@ def _chunk(model: DistModel, tgt: ParallelLayout, pp: int, v: int, output_copy) 
     return out
 
 
-def _layout_values(args, tgt: ParallelLayout, pp: int, v: int) -> dict:
+def _layout_values(args, tgt: ParallelLayout, pp: int, v: int, expert: bool = False) -> dict:
     values = {k: x for k, x in vars(args).items() if isinstance(x, (int, bool))}
-    values.update(dp=tgt.dp, cp=tgt.cp, ep=tgt.ep, dp_group=tgt.dp * tgt.cp, pp=tgt.pp, pp_rank=pp, chunk=v,
+    # expert buffers are sharded over the expert-data-parallel group (DP x CP / EP)
+    dp_group = tgt.dp * tgt.cp // (tgt.ep if expert else 1)
+    values.update(dp=tgt.dp, cp=tgt.cp, ep=tgt.ep, dp_group=dp_group, pp=tgt.pp, pp_rank=pp, chunk=v,
                   bucket_size=getattr(args, "ddp_bucket_size", None),
                   overlap_grad_reduce=bool(getattr(args, "overlap_grad_reduce", False)),
                   untie_embeddings_and_output_weights=bool(getattr(args, "untie_embeddings_and_output_weights", False)))
@@ -369,6 +434,17 @@ def _blocks(model: DistModel, version: str | None) -> list:
             (b.versions is None or _version(b.versions[1]) >= since)]
 
 
+def _merges_experts(model: DistModel, tgt: ParallelLayout, blocks: list) -> bool:
+    """Whether the target keeps the experts in the dense optimizer (no ChainedOptimizer: megatron-core at EP 1,
+    whose experts all-reduce like dense parameters), per the rules' buckets blocks of the target versions."""
+    separate = {b.separate_experts(_layout_values(model.args, tgt, 0, 0)) for b in blocks}
+    if len(separate) > 1:
+        raise CkptmapError(f"{model.md.path}: at {tgt.describe()} the candidate megatron-core versions "
+                           f"({' / '.join(b.label for b in blocks)}) differ in whether experts get an optimizer of "
+                           f"their own; pass --target-megatron-version. Nothing was written.")
+    return separate == {False}
+
+
 def _version(text: str) -> tuple[int, ...]:
     return tuple(int(x) for x in str(text).split(".") if x.isdigit())
 
@@ -381,15 +457,21 @@ def _param_group_order(common_opt, names_shapes, policies=()) -> tuple[list | No
     return param_groups.group_order(list(policies), groups, params, "common.pt")
 
 
-def _object_for(md: M.MegatronDist, name: str, tp: int, pp: int, src: ParallelLayout) -> str | None:
-    """The ``rng_state`` / ``rerun_state_machine_state`` ShardedObject of source rank (tp, pp) mod the source sizes."""
+def _object_for(md: M.MegatronDist, name: str, tp: int, pp: int, src: ParallelLayout, ep: int = 0) -> str | None:
+    """The ``rng_state`` / ``rerun_state_machine_state`` ShardedObject of source rank (tp, pp[, ep]) mod the source
+    sizes. Objects sharded over DP too (``shard_<pp>.<tp>.<dp>``, megatron-core with expert parallelism): the
+    one of the rank that writes the legacy folder (expert-data-parallel rank 0 of that expert rank)."""
     want = (pp % src.pp, tp % src.tp)
+    writer = src.mp_rank_ranks(want[1], want[0], all_dp_cp=False, ep=ep % src.ep)[0]
+    dp = src.coords(writer)["dp"]
     for key in md.other_objects:
         base, _, shard = key.rpartition("/shard_")
         if base != name:
             continue
         offsets = tuple(int(x) for x in shard.split("_")[0].split("."))
-        if offsets[:2] == want and not any(offsets[2:]):
+        rest = offsets[2:]
+        # not sharded over DP (0.12, or no EP): the (pp, tp) object, data-parallel rank 0's
+        if offsets[:2] == want and (not any(rest) if dp == 0 or not rest else rest == (dp,) + (0,) * (len(rest) - 1)):
             return key
     return None
 
@@ -410,12 +492,12 @@ def compile_torch_dist_to_legacy(opt: DistToLegacyOptions) -> Plan:
 
 
 def _source_buffer(md: M.MegatronDist, blocks: list, entries: list, values: dict, where: str, group: int, gbuf: int,
-                   pair: str) -> buckets.BufferLayout:
+                   pair: str, optimizer: int | None = None) -> buckets.BufferLayout:
     """The saving run's layout of one of its DDP buffers: the candidate versions' ``buckets megatron``
     blocks at the source sizes, kept when they reproduce what the checkpoint records (dp_reshardable: every
     bucket's padded and unpadded size; dp_zero_gather_scatter: the buffer's unpadded size)."""
     if md.sharding_type.name == "dp_reshardable":
-        padded, unpadded = md.per_bucket_numel(None, group)
+        padded, unpadded = md.per_bucket_numel(optimizer, group)
 
         def sizes(per_gbuf):
             d = per_gbuf[gbuf] if isinstance(per_gbuf, (list, tuple)) and gbuf < len(per_gbuf) else {}
@@ -425,7 +507,7 @@ def _source_buffer(md: M.MegatronDist, blocks: list, entries: list, values: dict
         got_of = lambda bl: (bl.per_bucket_numel, bl.per_bucket_numel_unpadded)   # noqa: E731
         what = "per-bucket sizes (padded, unpadded)"
     else:
-        want = md.dp_zero_tensor(None, group, gbuf, pair, "param")[1]
+        want = md.dp_zero_tensor(optimizer, group, gbuf, pair, "param")[1]
         got_of = lambda bl: bl.numel_unpadded   # noqa: E731
         what = "unpadded buffer size"
     fits, seen = [], []
@@ -452,13 +534,15 @@ def _source_buffer(md: M.MegatronDist, blocks: list, entries: list, values: dict
     return fits[0]
 
 
-def _chunk_buffers(model, s: ParallelLayout, pp: int, v: int, output_copy):
-    """The DDP buffers of one source stage's chunk ``v``, one per dtype: (dtype, [(name, param)], their
-    ParamEntry records in buffer order)."""
+def _chunk_buffers(model, s: ParallelLayout, pp: int, v: int, output_copy, ep: int = 0, expert: bool | None = None):
+    """The DDP buffers of one source stage's chunk ``v`` (of expert rank ``ep``; ``expert``: only the expert /
+    only the dense parameters, None: all), one per dtype: (dtype, [(name, param)], their ParamEntry records in
+    buffer order)."""
     by_dtype: dict = {}
-    for names, _ in _chunk(model, s, pp, v, output_copy):
+    for names, _ in _chunk(model, s, pp, v, output_copy, ep):
         for name, p in names:
-            by_dtype.setdefault(p.dtype, []).append((name, p))
+            if expert is None or (p.expert is not None) == expert:
+                by_dtype.setdefault(p.dtype, []).append((name, p))
     for dtype, params in by_dtype.items():
         yield dtype, params, [buckets.ParamEntry(_ddp_name(p.rule, [name]), p.sharding.shard_shape(p.shape, s.tp),
                                                  dtype, p.rule.shared_embedding) for name, p in params]
@@ -496,50 +580,55 @@ def _spot_check(md: M.MegatronDist, model: DistModel, s: ParallelLayout, tp: int
 def _bucket_sources(md: M.MegatronDist, model: DistModel, blocks: list, iter_dir: str, grad: str | None) -> None:
     """Bucket-space optimizer state: rebuild every source rank's DDP buffers at the saving run's sizes
     (its args), check them against the sizes the checkpoint records, and point each parameter's states
-    at its ranges (``BucketState``). dp_group_idx_N is the rank's model-parallel rank; gbuf_idx_G counts
-    its buffers over model chunks, as legacy distrib_optim.pt does."""
+    at its ranges (``BucketState``). dp_group_idx_N is the rank's model-parallel rank (a chained expert
+    optimizer's: its expert-model-parallel rank); gbuf_idx_G counts its buffers over model chunks, as legacy
+    distrib_optim.pt does."""
     s = model.layout
     dp_reshardable = md.sharding_type.name == "dp_reshardable"
     output_copy = model.output_copy() if model.tied and s.pp > 1 else None
     found: dict = {}
-    for pp in range(s.pp):
-        for tp in range(s.tp):
-            group, gbuf = s.model_parallel_rank(tp, pp), 0
-            for v in range(s.vpp):
-                for dtype, params, entries in _chunk_buffers(model, s, pp, v, output_copy):
-                    pair = M.dtype_pair(dtype, grad or dtype)
-                    where = (f"{md.path}: source rank tp {tp} pp {pp} chunk {v}, {dtype} buffer (dp_group_idx_{group}, "
-                             f"gbuf_idx_{gbuf})")
-                    bl = _source_buffer(md, blocks, entries, _layout_values(model.args, s, pp, v), where, group,
-                                        gbuf, pair)
-                    by_ddp = {e.name: p for e, (_, p) in zip(entries, params)}
-                    # dp_zero_gather_scatter: the buffer's coalesced tensors, looked up once per buffer
-                    coalesced = {} if dp_reshardable else {state: md.dp_zero_tensor(None, group, gbuf, pair, state)
-                                                           for state in STATES}
-                    specs: dict = {}
-                    for slot in bl.slots:
-                        p = by_ddp[slot.name]
-                        if p is output_copy:   # the last stage's tied head: its state is the embedding's
-                            continue
-                        n = slot.end - slot.start
-                        for state in STATES:
-                            if dp_reshardable:
-                                b = md.bucket_tensor(None, group, gbuf, pair, slot.bucket, state)
-                                if b.numel != bl.buckets[slot.bucket].numel_unpadded:
-                                    raise CkptmapError(f"{where}: {b.key} has {b.numel} elements but the checkpoint's "
-                                                       f"per_bucket_numel_unpadded says "
-                                                       f"{bl.buckets[slot.bucket].numel_unpadded}; it is inconsistent")
-                                key, total, start = b.key, b.numel, slot.start - bl.buckets[slot.bucket].start
-                            else:
-                                key, total = coalesced[state]
-                                start = bl.coalesced_offset(slot)
-                            spec = specs.get(key) or specs.setdefault(key, md.reader.spec(key))
-                            if tuple(spec.shape) != (total,):
-                                raise CkptmapError(f"{where}: {key} has shape {list(spec.shape)}, expected [{total}]")
-                            sl = SourceSlice(iter_dir, key, spec.dtype, (total,), start, n)
-                            found.setdefault(p.key, {}).setdefault(state, {})[tp] = sl
-                    _spot_check(md, model, s, tp, found, [by_ddp[sl.name] for sl in bl.slots[-1:]], where)
-                    gbuf += 1
+    # (optimizer index, expert rank, expert?) per source DP group: one optimizer, or a ChainedOptimizer's
+    # dense one (the same on every expert rank) and its expert one per expert rank
+    optimizers = [(0, 0, False)] + [(1, e, True) for e in range(s.ep)] if model.chained else [(None, 0, None)]
+    for pp, tp, (opt_index, ep, expert) in itertools.product(range(s.pp), range(s.tp), optimizers):
+        group = s.expert_model_parallel_rank(tp, pp, ep) if expert else s.model_parallel_rank(tp, pp)
+        gbuf = 0
+        chained = "" if opt_index is None else f"chained_{opt_index}, ep {ep}, "
+        for v in range(s.vpp):
+            for dtype, params, entries in _chunk_buffers(model, s, pp, v, output_copy, ep, expert):
+                pair = M.dtype_pair(dtype, grad or dtype)
+                where = (f"{md.path}: source rank tp {tp} pp {pp} chunk {v}, {dtype} buffer ({chained}"
+                         f"dp_group_idx_{group}, gbuf_idx_{gbuf})")
+                bl = _source_buffer(md, blocks, entries, _layout_values(model.args, s, pp, v, bool(expert)), where,
+                                    group, gbuf, pair, opt_index)
+                by_ddp = {e.name: p for e, (_, p) in zip(entries, params)}
+                # dp_zero_gather_scatter: the buffer's coalesced tensors, looked up once per buffer
+                coalesced = {} if dp_reshardable else {state: md.dp_zero_tensor(opt_index, group, gbuf, pair, state)
+                                                       for state in STATES}
+                specs: dict = {}
+                for slot in bl.slots:
+                    p = by_ddp[slot.name]
+                    if p is output_copy:   # the last stage's tied head: its state is the embedding's
+                        continue
+                    n = slot.end - slot.start
+                    for state in STATES:
+                        if dp_reshardable:
+                            b = md.bucket_tensor(opt_index, group, gbuf, pair, slot.bucket, state)
+                            if b.numel != bl.buckets[slot.bucket].numel_unpadded:
+                                raise CkptmapError(f"{where}: {b.key} has {b.numel} elements but the checkpoint's "
+                                                   f"per_bucket_numel_unpadded says "
+                                                   f"{bl.buckets[slot.bucket].numel_unpadded}; it is inconsistent")
+                            key, total, start = b.key, b.numel, slot.start - bl.buckets[slot.bucket].start
+                        else:
+                            key, total = coalesced[state]
+                            start = bl.coalesced_offset(slot)
+                        spec = specs.get(key) or specs.setdefault(key, md.reader.spec(key))
+                        if tuple(spec.shape) != (total,):
+                            raise CkptmapError(f"{where}: {key} has shape {list(spec.shape)}, expected [{total}]")
+                        sl = SourceSlice(iter_dir, key, spec.dtype, (total,), start, n)
+                        found.setdefault(p.key, {}).setdefault(state, {})[tp] = sl
+                _spot_check(md, model, s, tp, found, [by_ddp[sl.name] for sl in bl.slots[-1:]], where)
+                gbuf += 1
     for p in model.params.values():
         for state in STATES:
             shards = found.get(p.key, {}).get(state, {})
@@ -553,11 +642,33 @@ def _bucket_sources(md: M.MegatronDist, model: DistModel, blocks: list, iter_dir
 def _compile(md, rules, opt, iter_dir: str, iteration: str) -> Plan:
     model = DistModel(md, rules, opt.convert_param_only)
     s, args = model.layout, model.args
+    if model.num_experts:
+        # TP changes of MoE stay refused: megatron-core needs sequence parallelism for TP > 1 with EP, which
+        # the real-library tests cannot run, so ckptmap has no check of that layout
+        if opt.target_tp_size is not None and opt.target_tp_size != s.tp:
+            raise CkptmapError(
+                f"{md.path}: a mixture-of-experts model ({model.num_experts} experts, saved at {s.describe()}); "
+                f"torch_dist -> torch keeps the TP size of MoE checkpoints, not --target-tp-size "
+                f"{opt.target_tp_size}. Convert at TP {s.tp} (PP / VPP / DP may change), then reshard the legacy "
+                f"files with `ckptmap reshard --target-tp-size {opt.target_tp_size}`. Nothing was written.")
+        dp, ep = opt.target_dp_size or s.dp, opt.target_ep_size or s.ep
+        if model.num_experts % ep:
+            raise CkptmapError(f"{md.path}: --target-ep-size {ep} does not divide the {model.num_experts} experts "
+                               f"(args.num_experts); choose a divisor of {model.num_experts}. Nothing was written.")
+        if dp % ep:
+            raise CkptmapError(
+                f"{md.path}: a mixture-of-experts model at expert-parallel size {ep}; --target-dp-size {dp} is "
+                f"not a multiple of it (experts are spread over the data-parallel ranks). Choose a multiple of "
+                f"{ep}. Nothing was written.")
+    elif opt.target_ep_size not in (None, 1):
+        raise CkptmapError(f"{md.path}: --target-ep-size {opt.target_ep_size} applies to mixture-of-experts models; "
+                           f"this one has no experts (args.num_experts). Nothing was written.")
     if not opt.convert_param_only and md.sharding_type.space != "model":
         _bucket_sources(md, model, _blocks(model, None), iter_dir,
                         "float32" if getattr(args, "accumulate_allreduce_grads_in_fp32", True) else None)
     pp = opt.target_pp_size or s.pp
-    tgt = ParallelLayout(tp=opt.target_tp_size or s.tp, pp=pp, dp=opt.target_dp_size or s.dp, cp=s.cp, ep=1,
+    tgt = ParallelLayout(tp=opt.target_tp_size or s.tp, pp=pp, dp=opt.target_dp_size or s.dp, cp=s.cp,
+                         ep=opt.target_ep_size or s.ep,
                          vpp=opt.target_vpp_size or (s.vpp if pp == s.pp else 1), num_layers=s.num_layers)
     heads = model.env.get("num_attention_heads")
     if heads and heads % tgt.tp:
@@ -583,24 +694,34 @@ def _compile(md, rules, opt, iter_dir: str, iteration: str) -> Plan:
         or rules.param_group_policies("megatron")
     it_name = "release" if iteration == "release" else megatron_folders.iter_dir_name(int(iteration))
     files, notes = [], []
+    merge = model.chained and _merges_experts(model, tgt, blocks or _blocks(model, opt.target_megatron_version))
+    ep_named = tgt.ep > 1
     for p_rank in range(tgt.pp):
-        for tp in range(tgt.tp):
-            rank_dir = f"{it_name}/{megatron_folders.mp_rank_dir_name(tp, p_rank, tgt.pp)}"
-            chunks = [_chunk(model, tgt, p_rank, v, output_copy) for v in range(tgt.vpp)]
-            model_task, order_note = _model_task(md, model, tgt, rank_dir, tp, p_rank, chunks, iter_dir, policies)
-            if order_note and order_note not in notes:
-                notes.append(order_note)
-            files.append(model_task)
-            if not opt.convert_param_only:
-                task, maps = _optim_task(model, tgt, rank_dir, tp, p_rank, chunks, blocks, iter_dir, grad)
-                files.append(task)
-                files.extend(FileTask(f"{it_name}/{megatron_folders.PARAM_MAP_DIR}/"
-                                      f"{param_map.param_map_file_name(b, d, tp, p_rank, v)}",
-                                      "text", text=param_map.param_map_text(bl.slots))
-                             for v, b, bl in maps for d in range(tgt.dp))
+        for ep in range(tgt.ep):
+            for tp in range(tgt.tp):
+                e = ep if ep_named else None
+                rank_dir = f"{it_name}/{megatron_folders.mp_rank_dir_name(tp, p_rank, tgt.pp, e)}"
+                chunks = [_chunk(model, tgt, p_rank, v, output_copy, ep) for v in range(tgt.vpp)]
+                model_task, order_note = _model_task(md, model, tgt, rank_dir, tp, p_rank, chunks, iter_dir, policies,
+                                                     ep, merge)
+                if order_note and order_note not in notes:
+                    notes.append(order_note)
+                files.append(model_task)
+                if not opt.convert_param_only:
+                    task, maps = _optim_task(model, tgt, rank_dir, tp, p_rank, ep, chunks, blocks, iter_dir, grad,
+                                             merge)
+                    files.append(task)
+                    files.extend(FileTask(f"{it_name}/{megatron_folders.PARAM_MAP_DIR}/"
+                                          f"{param_map.param_map_file_name(b, d, tp, p_rank, v, e)}",
+                                          "text", text=param_map.param_map_text(bl.slots))
+                                 for v, b, bl in maps for d in range(tgt.dp))
     files.append(FileTask(megatron_folders.TRACKER, "text", text=iteration))
-    if (tgt.tp, tgt.pp) != (s.tp, s.pp):
-        notes.append("RNG states: each target rank takes the source rank's at the same (tp, pp) modulo the source "
+    if tgt.ep > 1 and any(k.startswith("rng_state/shard_") and k.rpartition("/shard_")[2].split("_")[0].count(".") < 2
+                          for k in md.other_objects):
+        notes.append("RNG states: this save keeps one per (pp, tp), data-parallel rank 0's; every expert rank's "
+                     "folder gets it (resume with --no-load-rng for fresh ones)")
+    if (tgt.tp, tgt.pp, tgt.ep) != (s.tp, s.pp, s.ep):
+        notes.append("RNG states: each target rank takes the source rank's at the same (tp, pp, ep) modulo the source "
                      "sizes (RNG streams cannot be resharded; resume with --no-load-rng for fresh ones)")
     info = {"source": iter_dir, "format": f"torch_dist ({md.sharding_type.name if md.sharding_type else 'no optimizer'})"
             " -> torch (legacy)", "source_layout": s.describe(), "target": tgt.describe(),
@@ -617,12 +738,15 @@ def _args_updates(args, tgt: ParallelLayout) -> dict:
            "virtual_pipeline_model_parallel_size": tgt.vpp if tgt.vpp > 1 else None,
            "num_layers_per_virtual_pipeline_stage": per_chunk if tgt.vpp > 1 else None,
            "data_parallel_size": tgt.dp, "world_size": tgt.tp * tgt.pp * tgt.dp * tgt.cp,
+           "expert_model_parallel_size": tgt.ep,
            # the files are legacy ones now: a resume must not look for a torch_dist checkpoint
            "ckpt_format": "torch", "use_dist_ckpt": False}
+    if getattr(args, "expert_tensor_parallel_size", None) == getattr(args, "tensor_model_parallel_size", None):
+        out["expert_tensor_parallel_size"] = tgt.tp   # expert TP follows TP (checked in _check_moe)
     return {k: v for k, v in out.items() if k in vars(args)}
 
 
-def _model_task(md, model: DistModel, tgt, rank_dir, tp, pp, chunks, iter_dir, policies=()):
+def _model_task(md, model: DistModel, tgt, rank_dir, tp, pp, chunks, iter_dir, policies=(), ep=0, merge=False):
     storages, entries, names_shapes = [], [], []
     for key, groups in zip(_chunk_keys(tgt.vpp), chunks):
         rows = []
@@ -633,45 +757,78 @@ def _model_task(md, model: DistModel, tgt, rank_dir, tp, pp, chunks, iter_dir, p
                 storage = f"w{len(storages)}"
                 storages.append(StorageTask(storage, w.dtype, math.prod(w.shape), (StoragePiece(0, w),)))
                 part.append({"path": [name], "tensor": storage, "dtype": w.dtype, "shape": list(w.shape)})
-                names_shapes.append((name, w.shape, bool(p.rule.shared_embedding)))
+                names_shapes.append((name, w.shape, bool(p.rule.shared_embedding), p.expert is not None))
             rows += _with_extra(model, part, extras)
         entries.append({"key": key, "leaves": rows})
-    common_opt, opt_object = md.common.get("optimizer"), None
-    st = md.sharding_type
-    if st is not None and not st.param_groups_in_common:   # bucket space: in the source DP group's object
-        s = model.layout
-        opt_object = md.optimizer_objects.get((None, s.model_parallel_rank(tp % s.tp, pp % s.pp), "optimizer"))
-        if opt_object is None:
-            raise CkptmapError(f"{md.path} has no optimizer object (param groups) for source rank tp {tp % s.tp} "
-                               f"pp {pp % s.pp}; the checkpoint is incomplete")
-        common_opt = {"optimizer": md.optimizer_object(None, s.model_parallel_rank(tp % s.tp, pp % s.pp),
-                                                       "optimizer")[1]}
-    # each target rank's order as its Megatron builds it (param_groups.group_order, per target version)
-    groups, note = _param_group_order(common_opt, names_shapes, policies)
+    st, s = md.sharding_type, model.layout
+    specs, notes = [], []
+    # ChainedOptimizer (MoE): [dense, expert], each with its own param groups and DP groups; merged (a target
+    # that keeps experts in the dense optimizer, EP 1): the dense one's groups for every parameter
+    for opt_index in ((0,) if merge else (0, 1) if model.chained else (None,)):
+        common_opt, opt_object = md.common.get("optimizer"), None
+        if opt_index is not None and isinstance(common_opt, dict):
+            common_opt = common_opt.get(opt_index)
+        if st is not None and not st.param_groups_in_common:   # bucket space: in the source DP group's object
+            group = s.expert_model_parallel_rank(tp % s.tp, pp % s.pp, ep % s.ep) if opt_index == 1 else \
+                s.model_parallel_rank(tp % s.tp, pp % s.pp)
+            opt_object = md.optimizer_objects.get((opt_index, group, "optimizer"))
+            if opt_object is None:
+                raise CkptmapError(f"{md.path} has no optimizer object (param groups) for source rank tp {tp % s.tp} "
+                                   f"pp {pp % s.pp}" + ("" if opt_index is None else f" ep {ep % s.ep}, chained "
+                                                        f"optimizer {opt_index} (dp_group_idx_{group})")
+                                   + "; the checkpoint is incomplete")
+            common_opt = {"optimizer": md.optimizer_object(opt_index, group, "optimizer")[1]}
+        mine = [(n, shape, emb) for n, shape, emb, is_expert in names_shapes
+                if opt_index is None or merge or is_expert == (opt_index == 1)]
+        # each target rank's order as its Megatron builds them (param_groups.group_order, per target version)
+        groups, note = _param_group_order(common_opt, mine, policies)
+        specs.append({"param_groups": groups, "optimizer_object": opt_object})
+        if note and note not in notes:
+            notes.append(note)
+    note = "; ".join(notes) or None
     recipe = {"common": iter_dir, "args": _args_updates(model.args, tgt), "chunks": entries,
               "drop": list(M.DIST_ONLY_COMMON_KEYS), "optimizer_drop": list(M.DIST_ONLY_OPTIMIZER_KEYS),
-              "param_groups": groups, "optimizer_object": opt_object,
-              "rng_state": _object_for(md, "rng_state", tp, pp, model.layout),
-              "rerun_state": _object_for(md, "rerun_state_machine_state", tp, pp, model.layout)}
+              **(specs[0] if not model.chained else {"chained": specs, "chained_merge": merge}),
+              "rng_state": _object_for(md, "rng_state", tp, pp, model.layout, ep),
+              "rerun_state": _object_for(md, "rerun_state_machine_state", tp, pp, model.layout, ep)}
     return FileTask(f"{rank_dir}/{megatron_folders.MODEL_FILE}", "megatron_model_dist", storages=tuple(storages),
                     extra=recipe), note
 
 
-def _optim_task(model: DistModel, tgt, rank_dir, tp, pp, chunks, blocks, iter_dir, grad):
-    """distrib_optim.pt of target rank (tp, pp): per chunk and param dtype a DDP buffer laid out by the
+def _optim_task(model: DistModel, tgt, rank_dir, tp, pp, ep, chunks, blocks, iter_dir, grad, merge=False):
+    """distrib_optim.pt of target rank (tp, pp, ep): per chunk and param dtype a DDP buffer laid out by the
     target version's ``buckets megatron`` block at the target sizes, each state assembled from the
-    parameters' shards (zeros in alignment gaps)."""
-    storages, bufs, maps = [], [], []
+    parameters' shards (zeros in alignment gaps). MoE: a ChainedOptimizer [dense, expert], dense buffers
+    (only in expert rank 0's folder, as Megatron saves them) then expert buffers over the expert-data-parallel
+    group. ``merge``: one optimizer over every parameter (a target that keeps experts in the dense buffers)."""
+    storages, maps, optimizers = [], [], []
+    chained = model.chained and not merge
+    for opt_index in ((0, 1) if chained else (None,)):
+        expert = (opt_index == 1) if chained else None
+        if opt_index == 0 and ep != 0:
+            optimizers.append(None)
+            continue
+        bufs = _optim_buffers(model, tgt, rank_dir, tp, pp, chunks, blocks, iter_dir, grad, expert, storages, maps)
+        optimizers.append({"buffers": bufs})
+    recipe = {"chained": chained, "optimizers": optimizers}
+    return FileTask(f"{rank_dir}/{megatron_folders.OPTIM_FILE}", "megatron_optim", storages=tuple(storages),
+                    extra=recipe), maps
+
+
+def _optim_buffers(model, tgt, rank_dir, tp, pp, chunks, blocks, iter_dir, grad, expert, storages, maps) -> list:
+    bufs = []
     for v, groups in enumerate(chunks):
         by_dtype: dict = {}
         for names, _ in groups:
             for name, p in names:
+                if expert is not None and (p.expert is not None) != expert:
+                    continue
                 shape = p.sharding.shard_shape(p.shape, tgt.tp)
                 by_dtype.setdefault(p.dtype, []).append((_ddp_name(p.rule, [name]), p, shape, name))
         for dtype, params in by_dtype.items():
             entries = [buckets.ParamEntry(ddp, shape, dtype, p.rule.shared_embedding) for ddp, p, shape, _ in params]
-            block, bl = _build_target_buffer(blocks, entries, _layout_values(model.args, tgt, pp, v),
-                                             f"{rank_dir} chunk {v} {dtype} buffer")
+            block, bl = _build_target_buffer(blocks, entries, _layout_values(model.args, tgt, pp, v, bool(expert)),
+                                             f"{rank_dir} chunk {v} {dtype} {'expert ' if expert else ''}buffer")
             maps.append((v, sum(1 for m in maps if m[0] == v), bl))
             by_name = {ddp: (p, name) for ddp, p, _, name in params}
             tensors = {}
@@ -685,9 +842,7 @@ def _optim_task(model: DistModel, tgt, rank_dir, tp, pp, chunks, blocks, iter_di
             bufs.append({"param_dtype": dtype, "grad_dtype": grad or dtype, "storage": block.storage,
                          "padded": bl.per_bucket_numel, "unpadded": bl.per_bucket_numel_unpadded,
                          "numel_unpadded": bl.numel_unpadded, "tensors": tensors})
-    recipe = {"chained": False, "optimizers": [{"buffers": bufs}]}
-    return FileTask(f"{rank_dir}/{megatron_folders.OPTIM_FILE}", "megatron_optim", storages=tuple(storages),
-                    extra=recipe), maps
+    return bufs
 
 
 # -------------------------------------------------------------------------------------------------
@@ -715,6 +870,10 @@ def plan_dp_reshardable(md: M.MegatronDist, dst, rules_name: str = DEFAULT_RULES
 
     rules = resolve_rules(rules_name)
     model = DistModel(md, rules, convert_param_only=False)
+    if model.num_experts:
+        raise CkptmapError(f"{md.path}: a mixture-of-experts model ({model.num_experts} experts); the offline "
+                           f"dp_reshardable upgrade handles dense models only. Convert it to legacy files with "
+                           f"`ckptmap convert --from torch_dist --to torch` instead. Nothing was written.")
     s, args, meta = model.layout, model.args, md.reader.meta
     blocks = [b for b in rules.bucket_layouts("megatron") if b.storage == "coalesced" and
               (b.versions is None or _version(b.versions[1]) >= (0, 15))]
