@@ -32,8 +32,18 @@ def _composed(ns):
     return None
 
 
+def _may_be_torch_dist(path) -> bool:
+    """Necessary for ``is_torch_dist_source``: a ``.metadata`` in the folder or one level down. Saves
+    legacy sources importing the torch_dist modules (a third of pt2ms's start-up)."""
+    try:
+        root = Path(path)
+        return (root / ".metadata").is_file() or any((c / ".metadata").is_file() for c in root.iterdir())
+    except OSError:
+        return False
+
+
 def cmd_convert(ns) -> int:
-    if ns.command == "pt2ms":
+    if ns.command == "pt2ms" and _may_be_torch_dist(ns.megatron_path):
         from ckptmap.mapping.torch_dist_legacy import is_torch_dist_source
         if is_torch_dist_source(ns.megatron_path):
             return _pt2ms_from_torch_dist(ns)
