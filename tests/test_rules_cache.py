@@ -158,3 +158,14 @@ def test_bundled_rules_load_without_lark_once_cached(tmp_path):
     assert first.split()[0] == second.split()[0]
     assert first.split()[1] == "True" and second.split()[1] == "False"
     assert len(list((tmp_path / "ckptmap").glob("rules-*.pickle"))) == len(bundled_rules()) + 1   # + common/
+
+
+def test_entries_are_bounded(cache, tmp_path, monkeypatch):
+    monkeypatch.setattr(rules_cache, "MAX_ENTRIES", 3)
+    for i in range(6):
+        f = tmp_path / f"r{i}.rules"
+        f.write_text(RULES)
+        load_rules(f)
+        assert len(_entries(cache)) == min(i + 1, 3)
+    assert rules_cache.load(RULES, str(tmp_path / "r5.rules")) is not None   # the newest stays
+    assert rules_cache.load(RULES, str(tmp_path / "r0.rules")) is None

@@ -24,6 +24,7 @@ import pickle
 import sys
 
 MAGIC = b"ckptmap-rules-cache 1\n"
+MAX_ENTRIES = 64   # one per rules path ever loaded: the oldest go when a new one is written
 _DIGEST = hashlib.sha256().digest_size
 
 
@@ -127,3 +128,17 @@ def store(text: str, path: str, items) -> None:
             os.unlink(tmp)
         except OSError:
             pass
+        return
+    _prune(os.path.dirname(entry), keep=entry)
+
+
+def _prune(folder: str, keep: str) -> None:
+    try:
+        names = [os.path.join(folder, n) for n in os.listdir(folder) if n.startswith("rules-") and n.endswith(".pickle")]
+        if len(names) <= MAX_ENTRIES:
+            return
+        aged = sorted((os.stat(n).st_mtime_ns, n) for n in names if n != keep)
+        for _, name in aged[:len(names) - MAX_ENTRIES]:
+            os.unlink(name)
+    except OSError:   # another run pruning at the same time
+        pass
