@@ -142,4 +142,9 @@ def test_torch_dist_sources_are_still_recognised(tmp_path):
     assert not _may_be_torch_dist(tmp_path / "save") and not _may_be_torch_dist(it)
     assert not _may_be_torch_dist(tmp_path / "missing") and not _may_be_torch_dist(tmp_path / "save" / "x.txt")
     (it / ".metadata").write_bytes(b"")
-    assert _may_be_torch_dist(tmp_path / "save") and _may_be_torch_dist(it)
+    assert _may_be_torch_dist(it) and not _may_be_torch_dist(tmp_path / "save")   # no tracker: not one
+    (tmp_path / "save" / "latest_checkpointed_iteration.txt").write_text("5")
+    assert _may_be_torch_dist(tmp_path / "save")
+    from ckptmap.mapping.torch_dist_legacy import is_torch_dist_source
+    for p in (tmp_path / "save", it, tmp_path / "missing"):   # never False where the real check says True
+        assert _may_be_torch_dist(p) or not is_torch_dist_source(p)

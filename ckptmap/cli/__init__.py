@@ -34,11 +34,14 @@ def _composed(ns):
 
 
 def _may_be_torch_dist(path) -> bool:
-    """Necessary for ``is_torch_dist_source``: a ``.metadata`` in the folder or one level down. Saves
-    legacy sources importing the torch_dist modules (a third of pt2ms's start-up)."""
+    """Necessary for ``is_torch_dist_source``: a ``.metadata`` in the folder, or a tracker file and a
+    ``.metadata`` one level down. Saves legacy sources importing the torch_dist modules (~0.1 s)."""
+    from ckptmap.formats.megatron_folders import TRACKER
+
     try:
         root = Path(path)
-        return (root / ".metadata").is_file() or any((c / ".metadata").is_file() for c in root.iterdir())
+        return (root / ".metadata").is_file() or ((root / TRACKER).is_file() and any(
+            (c / ".metadata").is_file() for c in root.iterdir()))
     except OSError:
         return False
 
