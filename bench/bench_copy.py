@@ -75,10 +75,10 @@ def tree(pid: int) -> list[int]:
     return out
 
 
-def run_measured(cmd, env=None) -> dict:
+def run_measured(cmd, env=None, cwd=None) -> dict:
     peak = {"anon": 0, "rss": 0}
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, cwd=cwd)
     done = threading.Event()
 
     def sample():
@@ -136,7 +136,7 @@ def main():
     ap.add_argument("--process-limit", type=int, default=2)
     ap.add_argument("--only", nargs="+", help="labels to run (cp, cp-ms, pt2ms-full, pt2ms-param, ms2pt)")
     ns = ap.parse_args()
-    work = Path(ns.workdir)
+    work = Path(ns.workdir).resolve()
     work.mkdir(parents=True, exist_ok=True)
     code = Path(ns.src).resolve() if ns.src else REPO
     # a user's install has its bytecode compiled: measure with __pycache__ written and used
@@ -187,7 +187,9 @@ def main():
         for _ in range(ns.repeat):
             for label, cmd in commands.items():
                 shutil.rmtree(out, ignore_errors=True)
-                r = run_measured(cmd, envs[label])
+                # cwd outside any checkout: `python -c` puts the cwd first on sys.path, which would shadow
+                # PYTHONPATH (--src / --before) with the ckptmap of the folder the script was started in
+                r = run_measured(cmd, envs[label], cwd=work)
                 series[label].append(r)
                 kind = label.split(":")[-1]
                 source = ms if kind in ("ms2pt", "cp-ms") else tiny if kind == "pt2ms-tiny" else src

@@ -32,12 +32,12 @@ import os
 import shutil
 import threading
 import time
-import uuid
 from pathlib import Path
 
 from ckptmap import atomic
 from ckptmap.errors import CkptmapError
-from ckptmap.target import RUN_DIR
+
+RUN_DIR = ".ckptmap-run"   # rank 0 owns it; here, not in target.py, so that the CLI's flags need no attrs
 
 BEAT = 1.0          # seconds between heartbeats
 POLL = 0.2
@@ -102,6 +102,8 @@ class Rank0:
     def __init__(self, root: Path, plan, world_size: int):
         self.root, self.world_size = root, world_size
         self.dir = root / RUN_DIR
+        import uuid   # imports platform (a dozen regexes): only multi-machine runs need it
+
         self.nonce = uuid.uuid4().hex
         self.digest = plan_digest(plan)
         self.beat = None

@@ -28,9 +28,9 @@ from pathlib import Path
 import attrs
 
 from ckptmap import atomic
+from ckptmap.coordinate import RUN_DIR   # multi-machine coordination; rank 0 owns it
 from ckptmap.errors import CkptmapError
 
-RUN_DIR = ".ckptmap-run"             # multi-machine coordination (ckptmap.coordinate); rank 0 owns it
 OWN_LEFTOVERS = (RUN_DIR, ".ckptmap-done")
 LISTED = 8
 

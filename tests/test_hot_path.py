@@ -105,3 +105,46 @@ def test_crc32_range_and_copy_range_of_odd_ranges(tmp_path, monkeypatch, window)
             byte_io.copy_range(rng, f.fileno())
             f.write(b"tail")
         assert out.read_bytes() == b"head" + data[offset:offset + n] + b"tail"
+
+
+START_UP = r"""
+import sys
+from ckptmap.cli import main
+rc = main(sys.argv[1:])
+print(" ".join(sorted(m for m in sys.modules if m.split(".")[0] == "lark" or m in (
+    "ckptmap.mapping.torch_dist_legacy", "ckptmap.formats.torch_dist", "ckptmap.formats.megatron_dist",
+    "ckptmap.mapping.reshard", "uuid"))), file=sys.stderr)
+sys.exit(rc)
+"""
+
+
+def test_pt2ms_start_up_skips_what_a_legacy_source_does_not_need(tmp_path):
+    """Start-up (issue 14): once the rules' parse is cached, a legacy pt2ms imports no lark, no torch_dist
+    modules (no .metadata in sight) and no uuid (single machine)."""
+    env = dict(os.environ, PYTHONPATH=str(REPO), XDG_CACHE_HOME=str(tmp_path / "cache"))
+    env.pop("CKPTMAP_NO_CACHE", None)
+    argv = ["pt2ms", "--megatron-path", fixture_dir("legacy_tp1pp1dp1"), "--ms-path", tmp_path / "out", "--dry-run"]
+    seen = []
+    for _ in range(2):
+        done = subprocess.run([sys.executable, "-c", START_UP, *map(str, argv)], env=env, capture_output=True,
+                              text=True, cwd=tmp_path)
+        assert done.returncode == 0, done.stderr
+        seen.append(done.stderr.split())
+    assert "lark" in seen[0]   # the first run parses (and fills the cache)
+    assert seen[1] == []
+
+
+def test_torch_dist_sources_are_still_recognised(tmp_path):
+    from ckptmap.cli import _may_be_torch_dist
+
+    it = tmp_path / "save" / "iter_0000005"
+    it.mkdir(parents=True)
+    assert not _may_be_torch_dist(tmp_path / "save") and not _may_be_torch_dist(it)
+    assert not _may_be_torch_dist(tmp_path / "missing") and not _may_be_torch_dist(tmp_path / "save" / "x.txt")
+    (it / ".metadata").write_bytes(b"")
+    assert _may_be_torch_dist(it) and not _may_be_torch_dist(tmp_path / "save")   # no tracker: not one
+    (tmp_path / "save" / "latest_checkpointed_iteration.txt").write_text("5")
+    assert _may_be_torch_dist(tmp_path / "save")
+    from ckptmap.mapping.torch_dist_legacy import is_torch_dist_source
+    for p in (tmp_path / "save", it, tmp_path / "missing"):   # never False where the real check says True
+        assert _may_be_torch_dist(p) or not is_torch_dist_source(p)
