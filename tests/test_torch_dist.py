@@ -604,8 +604,7 @@ def test_upgraded_to_dp_reshardable_loads_in_megatron_0_16_1(mcore_standard, tmp
     """0.12.1's fully_sharded_model_space save upgraded offline to dp_reshardable (0.15+'s default: the state in
     the DDP buckets 0.16.1 builds at the saving sizes, per_bucket_numel objects, param groups per DP group),
     loaded by the real megatron-core 0.16.1 at the saving layout and at DP 1 (dp_reshardable reshards DP):
-    every weight, fp32 param and Adam moment equals the 0.12.1 run's live value. MoE is refused, nothing
-    written."""
+    every weight, fp32 param and Adam moment equals the 0.12.1 run's live value."""
     import dataclasses
 
     from ckptmap.cli import main
@@ -627,8 +626,34 @@ def test_upgraded_to_dp_reshardable_loads_in_megatron_0_16_1(mcore_standard, tmp
     jobs = [("load", case, [(out, "torch_dist", "dp_reshardable")]),
             ("load", dataclasses.replace(case, dp=1), [(out, "torch_dist", "dp_reshardable")])]
     _assert_loaded(jobs, [run.truth, run.truth], run_jobs("0.16.1", jobs))
-    moe = tmp_path / "moe"
+
+
+@pytest.mark.mcore_versions
+@pytest.mark.slow
+def test_upgraded_moe_to_dp_reshardable_loads_in_megatron_0_16_1(mcore_standard, tmp_path):
+    """The same upgrade of 0.12.1's MoE save (EP 2, ChainedOptimizer: dense state per model-parallel rank
+    under chained_0, expert state per expert-model-parallel rank under chained_1): the keys, objects and
+    bucket sizes are those 0.16.1's own dp_reshardable save of the same case has, and 0.16.1 loads it to the
+    0.12.1 run's live values."""
+    from ckptmap.cli import main
+
+    run = mcore_standard("0.12.1", "moe")
+    out = tmp_path / "up"
     assert main(["convert", "--from", "torch_dist", "--to", "torch_dist", "--sharding-type", "dp_reshardable",
-                 "--src", str(mcore_standard("0.12.1", "moe").dir / "torch_dist_fully_sharded_model_space"),
-                 "--dst", str(moe), "--no-progress"]) == 2
-    assert "mixture-of-experts" in capsys.readouterr().err and not moe.exists()
+                 "--src", str(run.dir / "torch_dist_fully_sharded_model_space"), "--dst", str(out),
+                 "--no-progress"]) == 0
+    with M.MegatronDist(out / "iter_0000001") as md, \
+            M.MegatronDist(_iter_dir(mcore_standard("0.16.1", "moe"), "dp_reshardable")) as own:
+        assert md.common["optimizer"] == own.common["optimizer"]
+        mine_keys = sorted(k for k in md.reader.keys() if "optimizer" in k)
+        assert mine_keys == sorted(k for k in own.reader.keys() if "optimizer" in k)
+        for k in mine_keys:
+            assert md.reader.spec(k).shape == own.reader.spec(k).shape, k
+        assert sorted(o for o in md.reader.objects() if "optimizer" in o) == \
+            sorted(o for o in own.reader.objects() if "optimizer" in o)
+        for opt, groups in ((0, [0]), (1, [0, 1])):
+            for g in groups:
+                assert repr(md.per_bucket_numel(opt, g)) == repr(own.per_bucket_numel(opt, g)), (opt, g)
+    case = Case(version="0.16.1", **STANDARD_CASES["moe"])
+    jobs = [("load", case, [(out, "torch_dist", "dp_reshardable")])]
+    _assert_loaded(jobs, [run.truth], run_jobs("0.16.1", jobs))

@@ -870,10 +870,6 @@ def plan_dp_reshardable(md: M.MegatronDist, dst, rules_name: str = DEFAULT_RULES
 
     rules = resolve_rules(rules_name)
     model = DistModel(md, rules, convert_param_only=False)
-    if model.num_experts:
-        raise CkptmapError(f"{md.path}: a mixture-of-experts model ({model.num_experts} experts); the offline "
-                           f"dp_reshardable upgrade handles dense models only. Convert it to legacy files with "
-                           f"`ckptmap convert --from torch_dist --to torch` instead. Nothing was written.")
     s, args, meta = model.layout, model.args, md.reader.meta
     blocks = [b for b in rules.bucket_layouts("megatron") if b.storage == "coalesced" and
               (b.versions is None or _version(b.versions[1]) >= (0, 15))]
@@ -882,9 +878,13 @@ def plan_dp_reshardable(md: M.MegatronDist, dst, rules_name: str = DEFAULT_RULES
                            f"dp_reshardable layout this needs")
     grad = "float32" if getattr(args, "accumulate_allreduce_grads_in_fp32", True) else None
     common_opt = md.common.get("optimizer")
-    if not isinstance(common_opt, dict) or not isinstance(common_opt.get("optimizer"), dict):
-        raise CkptmapError(f"{md.path}/common.pt has no optimizer param groups (optimizer.optimizer); a "
-                           f"fully_sharded_model_space save of a distributed optimizer keeps them there")
+    # one optimizer, or a ChainedOptimizer's (MoE): dense (index 0) and expert (index 1), each with its groups
+    per_opt = {i: common_opt.get(i) for i in (0, 1)} if model.chained else {None: common_opt}
+    for i, o in per_opt.items():
+        if not isinstance(o, dict) or not isinstance(o.get("optimizer"), dict):
+            raise CkptmapError(f"{md.path}/common.pt has no optimizer param groups (optimizer"
+                               f"{'' if i is None else f'[{i}]'}.optimizer); a fully_sharded_model_space save of a "
+                               f"distributed optimizer keeps them there")
     output_copy = model.output_copy() if model.tied and s.pp > 1 else None
     files = sorted({c.file for t in meta.tensors.values() for c in t.chunks})
     tensors, sources, objects, new_objects = [], [], [], {}
@@ -892,45 +892,49 @@ def plan_dp_reshardable(md: M.MegatronDist, dst, rules_name: str = DEFAULT_RULES
         mt = meta.tensors[t.key]
         tensors.append(td.OutTensor(t.key, t.dtype, t.shape, tuple(td.OutChunk(c.box, c.file) for c in mt.chunks)))
         sources.append(M.TensorSource(t.key))
-    for pp in range(s.pp):
-        for tp in range(s.tp):
-            group, gbuf = s.model_parallel_rank(tp, pp), 0
-            file = f"__{s.global_rank(tp=tp, pp=pp)}_0.distcp"
-            file = file if file in files else files[0]
-            padded, unpadded = [], []
-            for v in range(s.vpp):
-                for dtype, params, entries in _chunk_buffers(model, s, pp, v, output_copy):
-                    where = f"{md.path}: rank tp {tp} pp {pp} chunk {v}, {dtype} buffer"
-                    _, bl = _build_target_buffer(blocks, entries, _layout_values(args, s, pp, v), where)
-                    by_ddp = {e.name: p for e, (_, p) in zip(entries, params)}
-                    pair = M.dtype_pair(dtype, grad or dtype)
-                    for b_idx, bucket in enumerate(bl.buckets):
-                        slots = [sl for sl in bl.slots if sl.bucket == b_idx]
-                        for state in STATES:
-                            key = (f"optimizer.distributed.dp_group_idx_{group}.gbuf_idx_{gbuf}.dtype_{pair}."
-                                   f"bucket_idx_{b_idx}.{state}")
-                            pieces = []
-                            for sl in slots:
-                                p = by_ddp[sl.name]
-                                gt, idx = p.sources[state]
-                                frags = p.sharding.fragments(p.shape, s.tp, tp, p.key)
-                                boxes = tuple((gt, Box(idx + tuple(f.global_box.offsets),
-                                                       (1,) * len(idx) + tuple(f.global_box.lengths)),
-                                               tuple(f.local_offsets)) for f in frags)
-                                pieces.append(M.ShardPiece(sl.start - bucket.start, tuple(sl.shape), boxes))
-                            n = bucket.numel_unpadded
-                            tensors.append(td.OutTensor(key, "float32", (n,), (td.OutChunk(Box((0,), (n,)), file),)))
-                            sources.append(M.TensorSource("", pieces=tuple(pieces)))
-                    markers = (GlobalMarker("torch", dtype, dtype), GlobalMarker("torch", grad or dtype, grad or dtype))
-                    padded.append({markers: bl.per_bucket_numel})
-                    unpadded.append({markers: bl.per_bucket_numel_unpadded})
-                    gbuf += 1
-            base = f"optimizer.distributed.dp_group_idx_{group}"
-            for what, value in (("optimizer", common_opt["optimizer"]), ("per_bucket_numel", padded),
-                                ("per_bucket_numel_unpadded", unpadded)):
-                key = f"{base}.{what}/shard_0_1"
-                objects.append(td.OutObject(key, file))
-                new_objects[key] = _object_bytes(value)
+    # per DP group: (optimizer index, expert rank, expert?) as megatron-core numbers them (dp_group_idx_N: the
+    # model-parallel rank; an expert optimizer's: the expert-model-parallel rank)
+    optimizers = [(0, 0, False)] + [(1, e, True) for e in range(s.ep)] if model.chained else [(None, 0, None)]
+    for pp, tp, (opt_index, ep, expert) in itertools.product(range(s.pp), range(s.tp), optimizers):
+        group = s.expert_model_parallel_rank(tp, pp, ep) if expert else s.model_parallel_rank(tp, pp)
+        prefix = "" if opt_index is None else f"chained_{opt_index}."
+        file = f"__{s.global_rank(tp=tp, pp=pp)}_0.distcp"
+        file = file if file in files else files[0]
+        padded, unpadded, gbuf = [], [], 0
+        for v in range(s.vpp):
+            for dtype, params, entries in _chunk_buffers(model, s, pp, v, output_copy, ep, expert):
+                where = (f"{md.path}: rank tp {tp} pp {pp} chunk {v}, {dtype} buffer"
+                         + ("" if opt_index is None else f" (chained optimizer {opt_index}, ep {ep})"))
+                _, bl = _build_target_buffer(blocks, entries, _layout_values(args, s, pp, v, bool(expert)), where)
+                by_ddp = {e.name: p for e, (_, p) in zip(entries, params)}
+                pair = M.dtype_pair(dtype, grad or dtype)
+                for b_idx, bucket in enumerate(bl.buckets):
+                    slots = [sl for sl in bl.slots if sl.bucket == b_idx]
+                    for state in STATES:
+                        key = (f"{prefix}optimizer.distributed.dp_group_idx_{group}.gbuf_idx_{gbuf}.dtype_{pair}."
+                               f"bucket_idx_{b_idx}.{state}")
+                        pieces = []
+                        for sl in slots:
+                            p = by_ddp[sl.name]
+                            gt, idx = p.sources[state]
+                            frags = p.sharding.fragments(p.shape, s.tp, tp, p.key)
+                            boxes = tuple((gt, Box(idx + tuple(f.global_box.offsets),
+                                                   (1,) * len(idx) + tuple(f.global_box.lengths)),
+                                           tuple(f.local_offsets)) for f in frags)
+                            pieces.append(M.ShardPiece(sl.start - bucket.start, tuple(sl.shape), boxes))
+                        n = bucket.numel_unpadded
+                        tensors.append(td.OutTensor(key, "float32", (n,), (td.OutChunk(Box((0,), (n,)), file),)))
+                        sources.append(M.TensorSource("", pieces=tuple(pieces)))
+                markers = (GlobalMarker("torch", dtype, dtype), GlobalMarker("torch", grad or dtype, grad or dtype))
+                padded.append({markers: bl.per_bucket_numel})
+                unpadded.append({markers: bl.per_bucket_numel_unpadded})
+                gbuf += 1
+        base = f"{prefix}optimizer.distributed.dp_group_idx_{group}"
+        for what, value in (("optimizer", per_opt[opt_index]["optimizer"]), ("per_bucket_numel", padded),
+                            ("per_bucket_numel_unpadded", unpadded)):
+            key = f"{base}.{what}/shard_0_1"
+            objects.append(td.OutObject(key, file))
+            new_objects[key] = _object_bytes(value)
     dropped = {t.key for t in md.tensors() if t.state != "weight"}
     order = [k for k in meta.order if k not in dropped] + [t.key for t in tensors if t.key not in meta.tensors] + \
         [o.key for o in objects]
@@ -939,7 +943,9 @@ def plan_dp_reshardable(md: M.MegatronDist, dst, rules_name: str = DEFAULT_RULES
     content = md.common.get("content_metadata")
     content = dict(content if isinstance(content, dict) else M.CONTENT_METADATA_0_16,
                    distrib_optim_sharding_type="dp_reshardable")
-    edits = ((("content_metadata",), content), (("optimizer",), {"param_state_sharding_type": "dp_reshardable"}))
+    state_type = {"param_state_sharding_type": "dp_reshardable"}
+    edits = ((("content_metadata",), content), (("optimizer",), {0: state_type, 1: dict(state_type)} if model.chained
+                                                 else state_type))
     notes = ("optimizer state laid out in the DDP buckets megatron-core 0.15+ builds at the saving sizes "
              f"({' / '.join(b.label for b in blocks)}); param groups from common.pt in every DP group's object",)
     return M.RewritePlan(md.path, Path(dst), "fully_sharded_model_space", "dp_reshardable", tuple(tensors),
