@@ -282,6 +282,11 @@ def legacy_to_torch_dist(ns, src, final: Path, sharding: str, rules: str) -> int
     tmp = _temp_folder(final)
     try:
         plan = ltd.plan_legacy_to_dist(src, tmp, "fully_sharded_model_space", rules)
+        if plan.num_experts:   # the offline upgrade (step 2) handles dense models only
+            raise CkptmapError(f"{src}: a mixture-of-experts model ({plan.num_experts} experts); --sharding-type "
+                               f"dp_reshardable is composed through the offline upgrade, which handles dense models "
+                               f"only. Write --sharding-type fully_reshardable (megatron-core 0.15+ loads it) or "
+                               f"fully_sharded_model_space. Nothing was written.")
         print(f"composed conversion: step 1 torch -> torch_dist (fully_sharded_model_space) {src} -> {tmp}, step 2 "
               f"the offline upgrade to dp_reshardable {tmp} -> {final}")
         print("  cost: one extra write + read of the checkpoint's bytes (the temporary folder, removed at the end, "
