@@ -38,9 +38,11 @@ def test_legacy_to_fully_reshardable_loads_in_megatron_0_16_1(mcore_standard, tm
 
 
 def test_torch_to_torch_dist_refusals(mcore_standard, tmp_path, capsys):
-    """MoE, a layout flag, another sharding type: exit 2, the reason named, nothing written."""
+    """A layout flag, another sharding type, MoE through the composed dp_reshardable (its offline upgrade handles
+    dense models only): exit 2, the reason named, nothing written."""
     out = tmp_path / "x"
-    for src, flags, want in ((mcore_standard("0.16.1", "moe").dir / "legacy", [], "mixture-of-experts"),
+    for src, flags, want in ((mcore_standard("0.16.1", "moe").dir / "legacy", ["--sharding-type", "dp_reshardable"],
+                              "mixture-of-experts model (4 experts); --sharding-type dp_reshardable"),
                              (mcore_standard("0.16.1", "dense").dir / "legacy", ["--target-tp-size", "1"],
                               "ckptmap reshard"),
                              (mcore_standard("0.16.1", "dense").dir / "legacy", ["--sharding-type", "dp_zero_gather_scatter"],
@@ -49,7 +51,36 @@ def test_torch_to_torch_dist_refusals(mcore_standard, tmp_path, capsys):
                      "--no-progress", *flags]) == 2
         err = capsys.readouterr().err
         assert want in err, err
-        assert not out.exists()
+        assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("args, want", [
+    (dict(moe_grouped_gemm=True), "args.moe_grouped_gemm set (GroupedMLP experts)"),
+    (dict(expert_tensor_parallel_size=2), "args.expert_tensor_parallel_size 2 but tensor_model_parallel_size 1"),
+])
+def test_moe_torch_to_torch_dist_refuses_unsupported_layouts(mcore_standard, tmp_path, capsys, monkeypatch, args,
+                                                             want):
+    """MoE layouts the conversion does not write (GroupedMLP experts, expert TP != TP; the args are patched as
+    the real library cannot save them on CPU): refused before writing, the file and what to do named."""
+    import copy
+
+    from ckptmap.mapping import legacy_torch_dist as ltd
+
+    class Patched(ltd.MegatronSource):
+        def __init__(self, *a, **kw):
+            super().__init__(*a, **kw)
+            self.args = copy.copy(self.args)
+            for k, v in args.items():
+                setattr(self.args, k, v)
+
+    monkeypatch.setattr(ltd, "MegatronSource", Patched)
+    out = tmp_path / "x"
+    src = mcore_standard("0.16.1", "moe").dir / "legacy"
+    assert main(["convert", "--from", "torch", "--to", "torch_dist", "--src", str(src), "--dst", str(out),
+                 "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert want in err and "model_optim_rng.pt" in err and "--ckpt-format torch_dist" in err, err
+    assert not out.exists()
 
 
 def test_legacy_to_fully_sharded_model_space_loads_in_megatron_0_12_1(mcore_standard, tmp_path):

@@ -16,6 +16,16 @@ those states, with ``optimizer.param_state_sharding_type`` (and 0.15+'s ``conten
 ``--sharding-type fully_sharded_model_space`` writes the 0.8 - 0.14 default instead (``fp32_param``,
 nd-flattened: one fragment per chunk above, ``mcore_data`` with the global shapes). One chunk (one TP shard) in memory
 at a time. The tied output layer of the last stage is not saved (Megatron stores one copy, the embedding's).
+
+MoE (expert parallelism, ``mp_rank_TT_PPP_EEE`` folders; SequentialMLP experts, expert TP = TP, the optimizer a
+``[dense, expert]`` ChainedOptimizer): dense parameters from expert rank 0's folders, each expert rank's local
+experts on the global expert axis (``decoder.layers.mlp.experts.experts.…``: ``[L, E, …]``), their extra states
+``…/shard_<layer>.<expert>_<L>.<E>``; the optimizers' states ``chained_<i>.optimizer.state.…`` in
+``fully_sharded_model_space`` (as 0.8 - 0.14 save them) and unprefixed in ``fully_reshardable`` (0.15+'s
+``chained_optim_avoid_prefix``), whose RNG objects are sharded over DP as 0.16 saves them under EP
+(``rng_state/shard_<pp>.<tp>.<dp>_…``: each DP rank gets the one its expert rank's folder holds); ``common.pt``'s
+``optimizer`` is ``{0: dense, 1: expert}``. GroupedMLP experts, expert TP != TP, MoE with one optimizer (experts
+in the dense buffers, EP 1) and the composed ``dp_reshardable`` are refused before anything is written.
 """
 
 from __future__ import annotations
