@@ -263,7 +263,8 @@ def test_moe_torch_dist_to_legacy_loads_in_megatron(mcore_standard, tmp_path, ve
 
 def test_moe_unsupported_is_refused_before_writing(mcore_standard, tmp_path, capsys):
     """MoE: another TP size, a DP size that EP does not divide, an EP that does not divide the experts, the
-    offline dp_reshardable upgrade and torch -> torch_dist dp_reshardable (composed through it) are refused, naming the checkpoint, what was found and what to do; nothing written."""
+    offline dp_reshardable upgrade and torch -> torch_dist dp_reshardable (composed through it) are refused,
+    naming the checkpoint, what was found and what to do; nothing written."""
     run = mcore_standard("0.12.1", "moe")
     src = run.dir / "torch_dist_fully_sharded_model_space"
     out = tmp_path / "out"

@@ -105,7 +105,9 @@ def plan_legacy_to_dist(src, dst, sharding_type: str = "fully_reshardable", rule
     source = MegatronSource(SourceOptions(str(src), rules=rules, megatron_version=megatron_version)).with_optimizer()
     lay, args = source.layout, source.args
     num_experts = int(source.env.get("num_experts") or 0)
-    chained = _check_moe(source, num_experts, sharding_type) if (lay.ep > 1 or num_experts) else False
+    chained = bool(lay.ep > 1 or num_experts)   # MoE: a [dense, expert] ChainedOptimizer (checked)
+    if chained:
+        _check_moe(source, num_experts)
     if lay.cp > 1:
         raise CkptmapError(f"{src}: context parallelism {lay.cp}; torch -> torch_dist handles CP 1 so far")
     impl = getattr(args, "transformer_impl", None)
@@ -229,9 +231,9 @@ def plan_legacy_to_dist(src, dst, sharding_type: str = "fully_reshardable", rule
                             chunk_sources, tuple(objects), object_bytes, common, common_file, notes, mcore, num_experts)
 
 
-def _check_moe(source: MegatronSource, num_experts: int, sharding_type: str) -> bool:
+def _check_moe(source: MegatronSource, num_experts: int) -> None:
     """MoE layouts this conversion writes (SequentialMLP experts, expert TP = TP, the [dense, expert]
-    ChainedOptimizer); refused before anything is written otherwise. Returns whether the optimizer is chained."""
+    ChainedOptimizer); refused before anything is written otherwise."""
     args, lay = source.args, source.layout
     path = source.ranks[(0, 0, 0)].dir / megatron_folders.MODEL_FILE
     what = f"a mixture-of-experts model ({num_experts or '?'} experts, expert-parallel size {lay.ep})"
@@ -241,21 +243,21 @@ def _check_moe(source: MegatronSource, num_experts: int, sharding_type: str) -> 
                            f"(--ckpt-format torch) and save with --ckpt-format torch_dist. Nothing was written.")
     etp = getattr(args, "expert_tensor_parallel_size", None)
     if etp is not None and etp != lay.tp:
-        raise CkptmapError(f"{path}: {what} with args.expert_tensor_parallel_size {etp} but tensor_model_parallel_size "
-                           f"{lay.tp}; torch -> torch_dist handles MoE with expert TP = TP only. Load these files in "
-                           f"Megatron (--ckpt-format torch) and save with --ckpt-format torch_dist. Nothing was written.")
+        raise CkptmapError(f"{path}: {what} with args.expert_tensor_parallel_size {etp} but "
+                           f"tensor_model_parallel_size {lay.tp}; torch -> torch_dist handles MoE with expert TP = TP "
+                           f"only. Load these files in Megatron (--ckpt-format torch) and save with --ckpt-format "
+                           f"torch_dist. Nothing was written.")
     if not num_experts:
         raise CkptmapError(f"{path}: expert-parallel folders (EP {lay.ep}) but args.num_experts is not set; the "
                            f"checkpoint's args do not describe its model. Nothing was written.")
     chained = {rank.key: bool(rank.optim.chained) for rank in source.sorted_ranks}
     if not all(chained.values()):
         flat = sorted(k for k, c in chained.items() if not c)
-        raise CkptmapError(f"{path}: {what} whose optimizer is not a [dense, expert] ChainedOptimizer (folders (tp, pp, "
-                           f"ep) {flat}: one optimizer, experts in the dense buffers, as megatron-core keeps them at "
-                           f"EP 1); torch -> torch_dist writes MoE with separate expert optimizers only. Reshard to "
-                           f"EP > 1 first (`ckptmap reshard --target-ep-size`), or save from Megatron with "
-                           f"--ckpt-format torch_dist. Nothing was written.")
-    return True
+        raise CkptmapError(f"{path}: {what} whose optimizer is not a [dense, expert] ChainedOptimizer (folders "
+                           f"(tp, pp, ep) {flat}: one optimizer, experts in the dense buffers, as megatron-core keeps "
+                           f"them at EP 1); torch -> torch_dist writes MoE with separate expert optimizers only. Load "
+                           f"these files in Megatron (--ckpt-format torch) and save with --ckpt-format torch_dist. "
+                           f"Nothing was written.")
 
 
 def _nd_flattened(key, dtype, shape, chunks, chunk_sources) -> td.OutTensor:
