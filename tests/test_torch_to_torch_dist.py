@@ -164,7 +164,8 @@ def test_moe_legacy_to_fully_sharded_model_space_equals_megatron_0_12_1(mcore_st
     """MoE (EP 2 x DP 4, 4 experts, [dense, expert] ChainedOptimizer), --sharding-type fully_sharded_model_space:
     every tensor (the experts on their global axis, the optimizers' ``chained_0.`` / ``chained_1.`` states), every
     object (expert extra states, RNG), the mcore_data and common.pt equal 0.12.1's own torch_dist save of the same
-    step; 0.12.1's dist_checkpointing.load gives the live values. Converted back, distrib_optim.pt is Megatron's."""
+    step; 0.12.1's dist_checkpointing.load at the saving layout and at DP 2 (EP 2) gives the live values.
+    Converted back, distrib_optim.pt is Megatron's."""
     run = mcore_standard("0.12.1", "moe")
     out = tmp_path / "dist"
     assert main(["convert", "--from", "torch", "--to", "torch_dist", "--sharding-type", "fully_sharded_model_space",
@@ -179,13 +180,16 @@ def test_moe_legacy_to_fully_sharded_model_space_equals_megatron_0_12_1(mcore_st
     for rank in ranks:
         assert filecmp.cmp(legacy / rank / "distrib_optim.pt", back / "iter_0000001" / rank / "distrib_optim.pt",
                            shallow=False), rank
-    (got,) = run_jobs("0.12.1", [("load", run.case, [(out, "torch_dist", "fully_sharded_model_space")])])
-    same_values(run.truth, got[0])
+    jobs = [("load", run.case, [(out, "torch_dist", "fully_sharded_model_space")]),
+            ("load", dataclasses.replace(run.case, dp=2), [(out, "torch_dist", "fully_sharded_model_space")])]
+    for got in run_jobs("0.12.1", jobs):
+        same_values(run.truth, got[0] if isinstance(got, list) else got)
 
 
 def test_moe_legacy_to_fully_reshardable_loads_in_megatron_0_16_1(mcore_standard, tmp_path):
     """MoE, fully_reshardable (no chained prefixes; the RNG sharded over DP, as 0.16 saves it under EP): 0.16.1's
-    dist_checkpointing.load gives the live values, and converted back to legacy files distrib_optim.pt is
+    dist_checkpointing.load at the saving layout, at DP 2 (EP 2) and at EP 4 (one expert per rank) gives the live
+    values, and converted back to legacy files distrib_optim.pt is
     byte-identical to Megatron's own legacy save. Against 0.16.1's own fully_reshardable save of the step: the
     same keys, shapes, weights, objects and common.pt; its optimizer values are not compared (0.16.1 saves them
     shifted when a buffer has several buckets -- megatron_dist.FULLY_RESHARDABLE_BUG -- as in this case)."""
@@ -201,5 +205,8 @@ def test_moe_legacy_to_fully_reshardable_loads_in_megatron_0_16_1(mcore_standard
     for rank in sorted(p.name for p in legacy.iterdir()):
         assert filecmp.cmp(legacy / rank / "distrib_optim.pt", back / "iter_0000001" / rank / "distrib_optim.pt",
                            shallow=False), rank
-    (got,) = run_jobs("0.16.1", [("load", run.case, [(out, "torch_dist", "fully_reshardable")])])
-    same_values(run.truth, got[0])
+    jobs = [("load", run.case, [(out, "torch_dist", "fully_reshardable")]),
+            ("load", dataclasses.replace(run.case, dp=2), [(out, "torch_dist", "fully_reshardable")]),
+            ("load", dataclasses.replace(run.case, ep=4), [(out, "torch_dist", "fully_reshardable")])]
+    for got in run_jobs("0.16.1", jobs):
+        same_values(run.truth, got[0] if isinstance(got, list) else got)
