@@ -4,7 +4,9 @@ SwiGLU, GQA, bias, tied embeddings, several buckets, one real Adam step) written
 torch_dist folder, then loaded by 0.16.1's own ``dist_checkpointing.load`` into a model and optimizer
 poisoned with NaN -- at the saving layout and at TP 1 -- every weight, fp32 main param and Adam moment must
 equal the saving run's live values bit for bit. Converted back to legacy files, distrib_optim.pt is
-byte-identical to Megatron's own legacy save."""
+byte-identical to Megatron's own legacy save. The ``moe`` case (EP 2 x DP 4, 4 experts, [dense, expert]
+ChainedOptimizer) the same way in 0.12.1 (fully_sharded_model_space, equal to its own save) and 0.16.1
+(fully_reshardable, loaded)."""
 import dataclasses
 import filecmp
 
