@@ -262,8 +262,8 @@ def test_moe_torch_dist_to_legacy_loads_in_megatron(mcore_standard, tmp_path, ve
 
 
 def test_moe_unsupported_is_refused_before_writing(mcore_standard, tmp_path, capsys):
-    """MoE: another TP size, a DP size that EP does not divide, an EP that does not divide the experts, the
-    offline dp_reshardable upgrade and torch -> torch_dist are refused, naming the checkpoint, what was found and what to do; nothing written."""
+    """MoE: another TP size, a DP size that EP does not divide, an EP that does not divide the experts are
+    refused, naming the checkpoint, what was found and what to do; nothing written."""
     run = mcore_standard("0.12.1", "moe")
     src = run.dir / "torch_dist_fully_sharded_model_space"
     out = tmp_path / "out"
@@ -273,10 +273,7 @@ def test_moe_unsupported_is_refused_before_writing(mcore_standard, tmp_path, cap
             (["--from", "torch_dist", "--to", "torch", "--target-dp-size", "3"],
              ("expert-parallel size 2", "--target-dp-size 3", "multiple of 2")),
             (["--from", "torch_dist", "--to", "torch", "--target-ep-size", "3"],
-             ("--target-ep-size 3", "4 experts", "divisor of 4")),
-            (["--from", "torch_dist", "--to", "torch_dist", "--sharding-type", "dp_reshardable"],
-             ("4 experts", "dense models only", "--to torch")),
-            (["--from", "torch", "--to", "torch_dist"], ("4 experts", "expert-parallel size 2", "--ckpt-format"))):
+             ("--target-ep-size 3", "4 experts", "divisor of 4"))):
         s = run.dir / "legacy" if argv[1] == "torch" else src
         assert main(["convert", *argv, "--src", str(s), "--dst", str(out), "--no-progress"]) == 2
         err = capsys.readouterr().err

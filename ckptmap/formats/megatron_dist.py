@@ -141,6 +141,11 @@ _ND_SHAPE = ND_SHAPE = "nd_reformulated_orig_global_shape"
 # (object name, path of the value in a legacy model file). The rerun machine's ``sharded`` part: 0.10 - 0.14.
 RANK_OBJECTS = (("rng_state", ("rng_state",)), ("rerun_state_machine_state", ("rerun_state_machine", "sharded")))
 
+# megatron-core 0.16+ with expert parallelism shards these over DP as well, one per data-parallel rank
+# (``<name>/shard_<pp>.<tp>.<dp>_<PP>.<TP>.<DP>``); the sharding types below are the ones only 0.15+ writes.
+DP_SHARDED_RANK_OBJECTS = ("rng_state",)
+DP_SHARDED_RANK_OBJECTS_TYPES = ("fully_reshardable", "dp_reshardable")
+
 # Leading axes of stacked global tensors: (key prefix, axis names, per-item name template). The
 # template gives the name a legacy (non-distributed) state dict uses for one item, with global
 # layer / expert numbers. First match wins.

@@ -16,11 +16,22 @@ those states, with ``optimizer.param_state_sharding_type`` (and 0.15+'s ``conten
 ``--sharding-type fully_sharded_model_space`` writes the 0.8 - 0.14 default instead (``fp32_param``,
 nd-flattened: one fragment per chunk above, ``mcore_data`` with the global shapes). One chunk (one TP shard) in memory
 at a time. The tied output layer of the last stage is not saved (Megatron stores one copy, the embedding's).
+
+MoE (expert parallelism, ``mp_rank_TT_PPP_EEE`` folders; SequentialMLP experts, expert TP = TP, the optimizer a
+``[dense, expert]`` ChainedOptimizer): dense parameters from expert rank 0's folders, each expert rank's local
+experts on the global expert axis (``decoder.layers.mlp.experts.experts.…``: ``[L, E, …]``), their extra states
+``…/shard_<layer>.<expert>_<L>.<E>``; the optimizers' states ``chained_<i>.optimizer.state.…`` in
+``fully_sharded_model_space`` (as 0.8 - 0.14 save them) and unprefixed in ``fully_reshardable`` (0.15+'s
+``chained_optim_avoid_prefix``), whose RNG objects are sharded over DP as 0.16 saves them under EP
+(``rng_state/shard_<pp>.<tp>.<dp>_…``: each DP rank gets the one its expert rank's folder holds); ``common.pt``'s
+``optimizer`` is ``{0: dense, 1: expert}``. GroupedMLP experts, expert TP != TP, MoE with one optimizer (experts
+in the dense buffers, EP 1) and the composed ``dp_reshardable`` are refused before anything is written.
 """
 
 from __future__ import annotations
 
 import copy
+import itertools
 import tempfile
 import time
 from pathlib import Path
@@ -37,6 +48,7 @@ from ckptmap.formats import torch_zip_writer as tzw
 from ckptmap.formats.megatron_write import has_tensor
 from ckptmap.mapping.megatron_source import MegatronSource, SourceOptions
 from ckptmap.mapping.reshard import SourceModel, target_tensor
+from ckptmap.mapping.rules import EXPERT
 from ckptmap.mapping.sharding import Box
 from ckptmap.mapping.torch_dist_legacy import DEFAULT_RULES, STATES
 
@@ -57,6 +69,7 @@ class LegacyToDistPlan:
     common_file: str
     notes: tuple = ()
     mcore_data: dict = attrs.field(factory=dict)
+    num_experts: int = 0
 
     @property
     def nbytes(self) -> int:
@@ -91,12 +104,10 @@ def plan_legacy_to_dist(src, dst, sharding_type: str = "fully_reshardable", rule
         raise CkptmapError(f"--dst {dst} already exists; ckptmap never writes into an existing checkpoint folder")
     source = MegatronSource(SourceOptions(str(src), rules=rules, megatron_version=megatron_version)).with_optimizer()
     lay, args = source.layout, source.args
-    if lay.ep > 1 or source.env.get("num_experts"):
-        raise CkptmapError(f"{src}: a mixture-of-experts model ({source.env.get('num_experts') or '?'} experts, "
-                           f"expert-parallel size {lay.ep}); torch -> torch_dist handles dense models only (MoE "
-                           f"converts the other way, torch_dist -> torch). For a torch_dist checkpoint, load these "
-                           f"files in Megatron (--ckpt-format torch) and save with --ckpt-format torch_dist. "
-                           f"Nothing was written.")
+    num_experts = int(source.env.get("num_experts") or 0)
+    chained = bool(lay.ep > 1 or num_experts)   # MoE: a [dense, expert] ChainedOptimizer (checked)
+    if chained:
+        _check_moe(source, num_experts)
     if lay.cp > 1:
         raise CkptmapError(f"{src}: context parallelism {lay.cp}; torch -> torch_dist handles CP 1 so far")
     impl = getattr(args, "transformer_impl", None)
@@ -105,7 +116,14 @@ def plan_legacy_to_dist(src, dst, sharding_type: str = "fully_reshardable", rule
     files = {}
 
     def file_of(rank) -> str:
-        return files.setdefault(rank.key, f"__{lay.global_rank(tp=rank.tp, pp=rank.pp)}_0.distcp")
+        writer = lay.mp_rank_ranks(rank.tp, rank.pp, all_dp_cp=False, ep=rank.ep)[0]
+        return files.setdefault(rank.key, f"__{writer}_0.distcp")
+
+    def state_key(state, key, expert) -> str:
+        # a ChainedOptimizer [dense, expert]: 0.8 - 0.14 prefix its keys; 0.15+ fully_reshardable does not
+        # (content_metadata chained_optim_avoid_prefix)
+        prefix = f"chained_{int(expert)}." if chained and st.nd_flattened else ""
+        return f"{prefix}optimizer.state.{st.spelling(state)}.{key}"
 
     # group the global parameters by sharded key (layers stacked)
     stacked: dict = {}
@@ -119,14 +137,14 @@ def plan_legacy_to_dist(src, dst, sharding_type: str = "fully_reshardable", rule
         idxs = sorted(items)
         first = items[idxs[0]]
         k = len(idxs[0])
-        if k:
-            n = lay.num_layers
-            if [i[0] for i in idxs] != list(range(n)) or k != 1:
-                raise CkptmapError(f"{src}: {key} is stored for layers {[i[0] for i in idxs]}, not every one of the "
-                                   f"{n} layers; the checkpoint is incomplete")
-        shape = ((lay.num_layers,) if k else ()) + tuple(first.global_shape)
+        stack = (lay.num_layers, num_experts)[:k]
+        if k and idxs != sorted(itertools.product(*map(range, stack))):
+            raise CkptmapError(f"{src}: {key} is stored for (layer[, expert]) {idxs}, not every one of the "
+                               f"{' x '.join(map(str, stack))} (layers[ x experts]); the checkpoint is incomplete")
+        expert = any(seg.kind == EXPERT for seg in first.rule.megatron.segments)
+        shape = stack + tuple(first.global_shape)
         for state in ("weight", *STATES):
-            out_key = key if state == "weight" else f"optimizer.state.{st.spelling(state)}.{key}"
+            out_key = key if state == "weight" else state_key(state, key, expert)
             dtype = first.dtype if state == "weight" else "float32"
             chunks = []
             for idx in idxs:
@@ -168,27 +186,78 @@ def plan_legacy_to_dist(src, dst, sharding_type: str = "fully_reshardable", rule
                     raise CkptmapError(f"{rank.model.path}: {leaf.dotted} holds {type(leaf.value).__name__} (e.g. "
                                        f"TransformerEngine fp8 metadata); torch -> torch_dist copies empty extra states "
                                        f"only")
+                if leaf.expert is None and rank.ep != 0:
+                    continue   # dense modules are the same in every expert folder: expert rank 0's
                 g = lay.global_layer(rank.pp, v, leaf.layer)
                 global_name = leaf.dotted.replace(f"layers.{leaf.layer}.", f"layers.{g}.", 1)
+                stack = (lay.num_layers,)
+                if leaf.expert is not None:
+                    e = lay.global_expert(rank.ep, leaf.expert, num_experts)
+                    global_name = ".".join(model.names.renumber(global_name.split("."), EXPERT, e))
+                    stack += (num_experts,)
                 name, idx = M.sharded_item(global_name, impl)
-                okey = f"{name}/shard_{'.'.join(map(str, idx))}_{lay.num_layers}"
+                if len(idx) != len(stack):
+                    raise CkptmapError(f"{rank.model.path}: {leaf.dotted} ({global_name}) has no torch_dist object "
+                                       f"name ckptmap knows (megatron_dist.STACKED_AXES)")
+                okey = f"{name}/shard_{'.'.join(map(str, idx))}_{'.'.join(map(str, stack))}"
                 objects.append(td.OutObject(okey, file_of(rank)))
                 object_bytes[okey] = _saved(leaf.value)
+    # per-rank state (RNG, rerun machine) as ShardedObjects over (pp, tp), replicated over DP; 0.16+ with expert
+    # parallelism shards the RNG over DP too: DP rank d takes the folder of its expert rank (that folder holds its
+    # expert-data-parallel rank 0's, as the legacy save keeps no other)
+    over_dp = set(M.DP_SHARDED_RANK_OBJECTS) if lay.ep > 1 and sharding_type in M.DP_SHARDED_RANK_OBJECTS_TYPES \
+        else set()
     for rank in source.sorted_ranks:
         zf = tzr.TorchZipFile(rank.dir / megatron_folders.MODEL_FILE)
-        for name, path in M.RANK_OBJECTS:   # per-rank state saved as ShardedObjects over (pp, tp)
+        for name, path in M.RANK_OBJECTS:
             value = zf.root
             for k in path:
                 value = value.get(k) if isinstance(value, dict) else None
-            if value is not None:
-                okey = f"{name}/shard_{rank.pp}.{rank.tp}_{lay.pp}.{lay.tp}"
+            if value is None:
+                continue
+            if name not in over_dp:
+                shards = [(f"{rank.pp}.{rank.tp}", f"{lay.pp}.{lay.tp}")] if rank.ep == 0 else []
+            else:
+                shards = [(f"{rank.pp}.{rank.tp}.{d}", f"{lay.pp}.{lay.tp}.{lay.dp}") for d in range(lay.dp)
+                          if lay.coords(lay.global_rank(tp=rank.tp, pp=rank.pp, dp=d))["ep"] == rank.ep]
+            for at, of in shards:
+                okey = f"{name}/shard_{at}_{of}"
                 objects.append(td.OutObject(okey, file_of(rank)))
                 object_bytes[okey] = _saved_streaming(value, zf)
         zf.close()
     common, common_file = _common(source, sharding_type)
     notes = ("optimizer param groups in common.pt: rank 0's, as Megatron's own torch_dist save keeps them",)
     return LegacyToDistPlan(str(source.ckdir.root), dst, str(source.iteration), sharding_type, tuple(tensors),
-                            chunk_sources, tuple(objects), object_bytes, common, common_file, notes, mcore)
+                            chunk_sources, tuple(objects), object_bytes, common, common_file, notes, mcore, num_experts)
+
+
+def _check_moe(source: MegatronSource, num_experts: int) -> None:
+    """MoE layouts this conversion writes (SequentialMLP experts, expert TP = TP, the [dense, expert]
+    ChainedOptimizer); refused before anything is written otherwise."""
+    args, lay = source.args, source.layout
+    path = source.ranks[(0, 0, 0)].dir / megatron_folders.MODEL_FILE
+    what = f"a mixture-of-experts model ({num_experts or '?'} experts, expert-parallel size {lay.ep})"
+    if getattr(args, "moe_grouped_gemm", False):
+        raise CkptmapError(f"{path}: {what} with args.moe_grouped_gemm set (GroupedMLP experts); torch -> torch_dist "
+                           f"handles SequentialMLP experts (local_experts.N) only. Load these files in Megatron "
+                           f"(--ckpt-format torch) and save with --ckpt-format torch_dist. Nothing was written.")
+    etp = getattr(args, "expert_tensor_parallel_size", None)
+    if etp is not None and etp != lay.tp:
+        raise CkptmapError(f"{path}: {what} with args.expert_tensor_parallel_size {etp} but "
+                           f"tensor_model_parallel_size {lay.tp}; torch -> torch_dist handles MoE with expert TP = TP "
+                           f"only. Load these files in Megatron (--ckpt-format torch) and save with --ckpt-format "
+                           f"torch_dist. Nothing was written.")
+    if not num_experts:
+        raise CkptmapError(f"{path}: expert-parallel folders (EP {lay.ep}) but args.num_experts is not set; the "
+                           f"checkpoint's args do not describe its model. Nothing was written.")
+    chained = {rank.key: bool(rank.optim.chained) for rank in source.sorted_ranks}
+    if not all(chained.values()):
+        flat = sorted(k for k, c in chained.items() if not c)
+        raise CkptmapError(f"{path}: {what} whose optimizer is not a [dense, expert] ChainedOptimizer (folders "
+                           f"(tp, pp, ep) {flat}: one optimizer, experts in the dense buffers, as megatron-core keeps "
+                           f"them at EP 1); torch -> torch_dist writes MoE with separate expert optimizers only. Load "
+                           f"these files in Megatron (--ckpt-format torch) and save with --ckpt-format torch_dist. "
+                           f"Nothing was written.")
 
 
 def _nd_flattened(key, dtype, shape, chunks, chunk_sources) -> td.OutTensor:
@@ -218,23 +287,29 @@ def _common(source: MegatronSource, sharding_type: str) -> tuple[dict, str]:
             continue
         if key == "args":
             value = copy.copy(value)
-            for name, new in (("ckpt_format", "torch_dist"), ("use_dist_ckpt", True)):
+            for name, new in (("ckpt_format", "torch_dist"), ("use_dist_ckpt", True),
+                              ("dist_ckpt_optim_fully_reshardable", sharding_type == "fully_reshardable")):
                 if hasattr(value, name):
                     setattr(value, name, new)
         if key == "rerun_state_machine" and isinstance(value, dict):   # its 'sharded' part is a per-rank object
             value = {k: v for k, v in value.items() if k != "sharded"}
         if key == "optimizer":
-            inner = value.get("optimizer") if isinstance(value, dict) else None
-            if not isinstance(inner, dict) or "param_groups" not in inner:
-                raise CkptmapError(f"{path}: 'optimizer' holds no param groups (optimizer.param_groups); torch -> "
-                                   f"torch_dist needs a distributed optimizer's checkpoint")
-            value = {"optimizer": inner, "param_state_sharding_type": sharding_type}
+            value = {i: _common_optimizer(path, v, sharding_type) for i, v in enumerate(value)} \
+                if isinstance(value, list) else _common_optimizer(path, value, sharding_type)
         out[key] = value
     if has_tensor(out):
         raise CkptmapError(f"{path} holds tensors outside the model and RNG state; ckptmap does not copy them")
     if sharding_type == "fully_reshardable":   # 0.15+ saves say what they hold; 0.8 - 0.14 ones do not
         out["content_metadata"] = dict(M.CONTENT_METADATA_0_16, distrib_optim_sharding_type=sharding_type)
     return out, str(path)
+
+
+def _common_optimizer(path, value, sharding_type: str) -> dict:
+    inner = value.get("optimizer") if isinstance(value, dict) else None
+    if not isinstance(inner, dict) or "param_groups" not in inner:
+        raise CkptmapError(f"{path}: 'optimizer' holds no param groups (optimizer.param_groups); torch -> "
+                           f"torch_dist needs a distributed optimizer's checkpoint")
+    return {"optimizer": inner, "param_state_sharding_type": sharding_type}
 
 
 def write_legacy_to_dist(plan: LegacyToDistPlan, *, fsync: bool = False, progress=None) -> None:

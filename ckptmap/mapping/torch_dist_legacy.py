@@ -29,7 +29,7 @@ expert axis, renumbered local; the ChainedOptimizer ``[dense, expert]`` as Megat
 in each; the model file's ``optimizer`` a list). Where the target version keeps experts in the dense
 optimizer (EP 1, per the rules' buckets blocks) both optimizers' state is written as one, with the dense
 one's param groups. Bucket space: the expert optimizer's objects and tensors are ``chained_1.…dp_group_idx_N``,
-N the rank's expert-model-parallel rank. The offline ``dp_reshardable`` upgrade refuses MoE.
+N the rank's expert-model-parallel rank; the offline ``dp_reshardable`` upgrade writes them the same way.
 """
 
 from __future__ import annotations
