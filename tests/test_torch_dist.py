@@ -649,8 +649,10 @@ def test_upgraded_moe_to_dp_reshardable_loads_in_megatron_0_16_1(mcore_standard,
         assert mine_keys == sorted(k for k in own.reader.keys() if "optimizer" in k)
         for k in mine_keys:
             assert md.reader.spec(k).shape == own.reader.spec(k).shape, k
-        assert sorted(o for o in md.reader.objects() if "optimizer" in o) == \
-            sorted(o for o in own.reader.objects() if "optimizer" in o)
+        # the RNG over DP as 0.16.1 keeps it with EP (0.12.1's one per (pp, tp) on every DP rank); the rerun
+        # machine's state, which 0.10 - 0.14 save and 0.16 does not, stays as saved
+        assert sorted(o for o in md.reader.objects() if not o.startswith("rerun_state_machine")) == \
+            sorted(own.reader.objects())
         for opt, groups in ((0, [0]), (1, [0, 1])):
             for g in groups:
                 assert repr(md.per_bucket_numel(opt, g)) == repr(own.per_bucket_numel(opt, g)), (opt, g)

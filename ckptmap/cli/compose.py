@@ -281,7 +281,7 @@ def legacy_to_torch_dist(ns, src, final: Path, sharding: str, rules: str) -> int
         raise CkptmapError(f"--dst {final} already exists; ckptmap never writes into an existing checkpoint folder")
     tmp = _temp_folder(final)
     try:
-        plan = ltd.plan_legacy_to_dist(src, tmp, "fully_sharded_model_space", rules)
+        plan = ltd.plan_legacy_to_dist(src, tmp, "fully_sharded_model_space", rules, rank_objects_as="dp_reshardable")
         print(f"composed conversion: step 1 torch -> torch_dist (fully_sharded_model_space) {src} -> {tmp}, step 2 "
               f"the offline upgrade to dp_reshardable {tmp} -> {final}")
         print("  cost: one extra write + read of the checkpoint's bytes (the temporary folder, removed at the end, "

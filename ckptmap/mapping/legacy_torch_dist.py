@@ -93,7 +93,9 @@ def _saved_streaming(value, zf: tzr.TorchZipFile) -> bytes:
 
 
 def plan_legacy_to_dist(src, dst, sharding_type: str = "fully_reshardable", rules: str = DEFAULT_RULES,
-                        megatron_version: str | None = None) -> LegacyToDistPlan:
+                        megatron_version: str | None = None, rank_objects_as: str | None = None) -> LegacyToDistPlan:
+    """``rank_objects_as``: lay the per-rank objects (RNG) out as that sharding type's version saves them (the
+    first step of a composed conversion to it); default: ``sharding_type``."""
     if sharding_type not in TARGET_TYPES:
         raise CkptmapError(f"--sharding-type {sharding_type}: torch -> torch_dist writes {', '.join(TARGET_TYPES)} "
                            f"(megatron-core 0.15+ / 0.8 - 0.14), and dp_reshardable through the first (the command "
@@ -205,8 +207,8 @@ def plan_legacy_to_dist(src, dst, sharding_type: str = "fully_reshardable", rule
     # per-rank state (RNG, rerun machine) as ShardedObjects over (pp, tp), replicated over DP; 0.16+ with expert
     # parallelism shards the RNG over DP too: DP rank d takes the folder of its expert rank (that folder holds its
     # expert-data-parallel rank 0's, as the legacy save keeps no other)
-    over_dp = set(M.DP_SHARDED_RANK_OBJECTS) if lay.ep > 1 and sharding_type in M.DP_SHARDED_RANK_OBJECTS_TYPES \
-        else set()
+    over_dp = set(M.DP_SHARDED_RANK_OBJECTS) if lay.ep > 1 and (rank_objects_as or sharding_type) in \
+        M.DP_SHARDED_RANK_OBJECTS_TYPES else set()
     for rank in source.sorted_ranks:
         zf = tzr.TorchZipFile(rank.dir / megatron_folders.MODEL_FILE)
         for name, path in M.RANK_OBJECTS:

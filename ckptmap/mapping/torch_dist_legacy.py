@@ -860,6 +860,27 @@ def _object_bytes(value) -> bytes:
         return f.read_bytes()
 
 
+def _rank_objects_over_dp(md: M.MegatronDist, s: ParallelLayout, objects: list, new_objects: dict) -> set:
+    """megatron-core 0.15+ with expert parallelism shards the RNG state over DP as well
+    (``M.DP_SHARDED_RANK_OBJECTS``): a save that keeps one per (pp, tp) (0.8 - 0.14) gets it copied to every
+    DP rank of that (pp, tp) -- the only one it has. Appends to ``objects`` / ``new_objects``; returns the
+    keys replaced."""
+    replaced = set()
+    for o in md.reader.meta.objects.values():
+        name, _, shard = o.key.partition("/shard_")
+        m = re.fullmatch(r"(\d+)\.(\d+)_(\d+)\.(\d+)", shard)
+        if name not in M.DP_SHARDED_RANK_OBJECTS or m is None:
+            continue
+        pp, tp, n_pp, n_tp = m.groups()
+        data = bytes(md.reader.object_bytes(o.key))
+        for d in range(s.dp):
+            key = f"{name}/shard_{pp}.{tp}.{d}_{n_pp}.{n_tp}.{s.dp}"
+            objects.append(td.OutObject(key, o.file))
+            new_objects[key] = data
+        replaced.add(o.key)
+    return replaced
+
+
 def plan_dp_reshardable(md: M.MegatronDist, dst, rules_name: str = DEFAULT_RULES) -> M.RewritePlan:
     """The offline upgrade of a ``fully_sharded_model_space`` save (0.8 - 0.14) to ``dp_reshardable`` (the 0.15+
     default): the same weights; per model-parallel rank (``dp_group_idx_N``), DDP buffer and bucket, the fp32
@@ -935,10 +956,11 @@ def plan_dp_reshardable(md: M.MegatronDist, dst, rules_name: str = DEFAULT_RULES
             key = f"{base}.{what}/shard_0_1"
             objects.append(td.OutObject(key, file))
             new_objects[key] = _object_bytes(value)
+    replaced = _rank_objects_over_dp(md, s, objects, new_objects) if s.ep > 1 else set()
     dropped = {t.key for t in md.tensors() if t.state != "weight"}
-    order = [k for k in meta.order if k not in dropped] + [t.key for t in tensors if t.key not in meta.tensors] + \
-        [o.key for o in objects]
-    objects = [td.OutObject(o.key, o.file) for o in meta.objects.values()] + objects
+    order = [k for k in meta.order if k not in dropped and k not in replaced] + \
+        [t.key for t in tensors if t.key not in meta.tensors] + [o.key for o in objects]
+    objects = [td.OutObject(o.key, o.file) for o in meta.objects.values() if o.key not in replaced] + objects
     mcore = {k: v for k, v in (meta.mcore_data or {}).items() if k not in dropped}
     content = md.common.get("content_metadata")
     content = dict(content if isinstance(content, dict) else M.CONTENT_METADATA_0_16,
