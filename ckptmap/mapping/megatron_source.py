@@ -10,14 +10,18 @@ from __future__ import annotations
 import contextlib
 import functools
 import gc
+import os
 from collections import defaultdict
 from pathlib import Path
 
 import attrs
+import numpy as np
 
+from ckptmap import dtypes
 from ckptmap.errors import CkptmapError
 from ckptmap.formats import dialect_translate, megatron_files, megatron_folders, param_map
 from ckptmap.mapping import buckets
+from ckptmap.mapping import ops as tensor_ops
 from ckptmap.mapping.layout import ParallelLayout
 from ckptmap.mapping.plan import SourceSlice
 from ckptmap.mapping.rules import EXPERT, LAYER, ParamRule, RuleSet, bundled_rules, load_rules, resolve_rules
@@ -433,6 +437,8 @@ def spot_check_main_params(tasks, read_files=()) -> None:
     to its model weight (the executor then checks every element). Cheap — a few hundred bytes per
     parameter — and catches a layout that puts one parameter's state under another's name.
     ``read_files``: the rank's files planning already read (PtFile), so they are not parsed again."""
+    if _spot_check_in_one_pass(tasks, read_files):
+        return
     from ckptmap.execute import _Sources   # the executor's reading of plan slices, on a few elements
 
     sources = _Sources({str(f.path): f for f in read_files if f is not None})
@@ -728,3 +734,70 @@ class MegatronSource:
         if self.notes:
             out["param_map_ignored"] = self.notes
         return out
+
+
+_SPAN_READ = 1 << 22   # bytes: a file's spot-checked elements within this span are read with one pread
+
+
+def _spot_check_in_one_pass(tasks, read_files) -> bool:
+    """The spot check of a rank's tasks in one cast and compare (the per-task check costs ~150 us a
+    task; a 4,096-rank plan has 41,000): every element range read with ``pread`` at the byte ranges
+    planning kept. True when all of them round to their weights; False when a range was not kept or
+    anything differs -- the caller then checks task by task, which names the task, file and tensor."""
+    files = {str(f.path): f for f in read_files if f is not None}
+    pieces: dict[str, list] = {}   # file -> [(byte offset, nbytes)]
+    order = []                     # (main piece, weight piece): indices into pieces[file]
+    weight_dtype = None
+    for t in tasks:
+        if t.rounds_to is None:
+            continue
+        src, weight = t.sources[0], t.rounds_to
+        n = src.count
+        if src.dtype != "float32" or weight.count != n or weight.dtype not in ("bfloat16", "float16"):
+            return False
+        if weight_dtype not in (None, weight.dtype):
+            return False
+        weight_dtype = weight.dtype
+        found = []
+        for s in (src, weight):
+            f = files.get(s.file)
+            where = f.kept_range(s.key) if f is not None else None
+            if where is None or s.key not in f:
+                return False
+            spec = f.spec(s.key)
+            size = dtypes.itemsize(s.dtype)
+            if tuple(spec.shape) != tuple(s.shape) or spec.dtype != s.dtype or (s.start + n) * size > where[1]:
+                return False
+            found.append((s.file, where[0] + s.start * size, size))
+        for lo in sorted({0, max(0, n - SPOT_CHECK)}):
+            k = min(SPOT_CHECK, n - lo)
+            pair = []
+            for path, base, size in found:
+                lst = pieces.setdefault(path, [])
+                lst.append((base + lo * size, k * size))
+                pair.append((path, len(lst) - 1))
+            order.append(pair)
+    if not order:
+        return True
+    data: dict = {}
+    for path, lst in pieces.items():
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            lo = min(o for o, _ in lst)
+            hi = max(o + n for o, n in lst)
+            if hi - lo <= _SPAN_READ:
+                span = os.pread(fd, hi - lo, lo)
+                if len(span) != hi - lo:
+                    return False
+                got = [span[o - lo: o - lo + n] for o, n in lst]
+            else:
+                got = [os.pread(fd, n, o) for o, n in lst]
+                if any(len(b) != n for b, (_, n) in zip(got, lst)):
+                    return False
+        finally:
+            os.close(fd)
+        data[path] = got
+    mains = np.frombuffer(b"".join(data[p][i] for (p, i), _ in order), dtype=np.float32)
+    weights = np.frombuffer(b"".join(data[p][i] for _, (p, i) in order), dtype=np.uint16)
+    rounded = tensor_ops.cast(mains, "float32", weight_dtype).view(np.uint16)   # bit patterns: NaN == NaN
+    return mains.size == weights.size and bool(np.array_equal(rounded, weights))
