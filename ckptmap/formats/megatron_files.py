@@ -92,31 +92,36 @@ class PtFile:
 
     def entries(self) -> list[tuple[str, TensorRef]]:
         """(key, TensorRef) of every tensor in the object graph, in pickle order."""
+        return list(self._entry_map().items())
+
+    def _entry_map(self) -> dict:
         if self._entries is None:
             out = []
 
-            def rec(node, path):
+            def rec(node, prefix):   # prefix: the parent's key + "/", "" at the root
                 items = node.items() if isinstance(node, dict) else enumerate(node) \
                     if isinstance(node, (list, tuple)) else ()
                 for k, v in items:
                     if isinstance(v, TensorRef):
-                        out.append((KEY_SEP.join(path + [encode_key(k)]), v))
+                        out.append((prefix + (k if type(k) is str else encode_key(k)), v))
                     elif isinstance(v, (dict, list, tuple)):
-                        rec(v, path + [encode_key(k)])
-            rec(self.root, [])
+                        rec(v, prefix + (k if type(k) is str else encode_key(k)) + KEY_SEP)
+            rec(self.root, "")
             self._entries = dict(out)
-        return list(self._entries.items())
+        return self._entries
 
     def keys(self) -> list[str]:
         return [k for k, _ in self.entries()]
 
     def __contains__(self, key) -> bool:
-        self.entries()
-        return key in self._entries
+        return key in self._entry_map()
+
+    def entry(self, key: str) -> TensorRef | None:
+        """The TensorRef of ``key``, or None."""
+        return self._entry_map().get(key)
 
     def ref(self, key: str) -> TensorRef:
-        self.entries()
-        ref = self._entries.get(key)
+        ref = self._entry_map().get(key)
         if ref is None:
             raise CkptmapError(f"{self.path} has no tensor {key!r}; the plan was made for a different "
                                f"checkpoint — re-create it")
@@ -139,14 +144,14 @@ class PtFile:
         # still be read (kept_range) without parsing the file again.
         if self._ranges is None and self.dialect == "torch":
             try:
-                self._ranges = {k: file_offset(self._zip, ref) for k, ref in self.entries()}
+                self._ranges = {k: file_offset(self._zip, ref) for k, ref in self._entry_map().items()}
             except CkptmapError:
                 self._ranges = {}
         self._zip.close()
 
     def kept_range(self, key: str) -> tuple[int, int] | None:
         """After close(): (file offset, nbytes) of a contiguous tensor, as close() kept it, or None."""
-        return (self._ranges or {}).get(key)
+        return self._ranges.get(key) if self._ranges else None
 
 
 class ModelFile(PtFile):

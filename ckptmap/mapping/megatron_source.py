@@ -17,7 +17,6 @@ from pathlib import Path
 import attrs
 import numpy as np
 
-from ckptmap import dtypes
 from ckptmap.errors import CkptmapError
 from ckptmap.formats import dialect_translate, megatron_files, megatron_folders, param_map
 from ckptmap.mapping import buckets
@@ -59,6 +58,7 @@ class RankMemo:
     def __init__(self):
         self.hits: dict[str, list] = {}
         self.ddp: dict[str, str] = {}
+        self.state_names: dict[tuple, str] = {}   # (optimizer state, MindSpore name) -> the state's key
 
 
 def match_rules(rules: RuleSet, tensors, path, memo: RankMemo | None = None) -> tuple[list[_Matched], list[str]]:
@@ -762,11 +762,11 @@ def _spot_check_in_one_pass(tasks, read_files) -> bool:
         for s in (src, weight):
             f = files.get(s.file)
             where = f.kept_range(s.key) if f is not None else None
-            if where is None or s.key not in f:
+            ref = f.entry(s.key) if where is not None else None
+            if ref is None:
                 return False
-            spec = f.spec(s.key)
-            size = dtypes.itemsize(s.dtype)
-            if tuple(spec.shape) != tuple(s.shape) or spec.dtype != s.dtype or (s.start + n) * size > where[1]:
+            size = 4 if s.dtype == "float32" else 2
+            if ref.shape != tuple(s.shape) or ref.dtype != s.dtype or (s.start + n) * size > where[1]:
                 return False
             found.append((s.file, where[0] + s.start * size, size))
         for lo in sorted({0, max(0, n - SPOT_CHECK)}):
