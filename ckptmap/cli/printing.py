@@ -204,13 +204,18 @@ def _source_root(plan) -> str:
                 if p.tensor and (x := _first_file(p.tensor)):
                     files.add(x)
     files.discard("")
-    if len(files) > 1:
-        # commonpath of the folders holding the files: the same path for a fraction of the splitting
-        # (unless a file's path is also another's folder, or is not in normal form)
-        dirs = {os.path.dirname(x) for x in files}
-        if not files & dirs and not any(x.endswith("/") or "/./" in x or "//" in x for x in files):
-            return os.path.commonpath(sorted(dirs))
+    if len(files) > 1 and all(x[0] == "/" and x[1:2] != "/" and "\0" not in x and x == os.path.normpath(x)
+                              for x in files):
+        # commonpath compares the split paths' min and max only: found without splitting every path (a
+        # separator sorts below every other character, so whole-string order is component order)
+        lo = min(files, key=_component_order)
+        hi = max(files, key=_component_order)
+        return os.path.commonpath([lo, hi])
     return os.path.commonpath(sorted(files) or [plan.output_root])
+
+
+def _component_order(path: str) -> str:
+    return path.replace("/", "\0")
 
 
 def print_plan(plan, out=None, detail: bool = True, summary: bool = False) -> None:

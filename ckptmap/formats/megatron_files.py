@@ -76,9 +76,9 @@ class PtFile:
     """A lazily opened torch checkpoint: the object tree is read, tensor bytes are not. Tensors are
     addressed by slash-joined paths (``model0/language_model/…``)."""
 
-    def __init__(self, path):
+    def __init__(self, path, _checked: bool = False):
         self.path = Path(path)
-        if not self.path.is_file():
+        if not _checked and not self.path.is_file():   # _checked: a subclass said why it is missing
             raise CkptmapError(f"{self.path} is missing")
         self._zip = TorchZipFile(self.path)
         self.root = self._zip.root
@@ -162,7 +162,7 @@ class ModelFile(PtFile):
         if not path.is_file():
             raise CkptmapError(f"{path} is missing; every mp_rank directory of a Megatron checkpoint "
                                f"holds {MODEL_FILE}")
-        super().__init__(path)
+        super().__init__(path, _checked=True)
         if not isinstance(self.root, dict):
             raise CkptmapError(f"{self.path} holds a {type(self.root).__name__}, not the dict Megatron saves")
 
@@ -263,7 +263,7 @@ class OptimFile(PtFile):
             raise CkptmapError(f"{path} is missing: converting the optimizer state needs the distributed "
                                f"optimizer's file, written by Megatron with --use-distributed-optimizer; "
                                f"convert the weights alone with --convert-param-only")
-        super().__init__(path)
+        super().__init__(path, _checked=True)
         self.chained, self.absent, self.storage, self.buffers = parse_optim_state(
             self.root, str(path), lambda ref: int(self._zip.array(ref)))
 

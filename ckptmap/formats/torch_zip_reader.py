@@ -213,12 +213,7 @@ class _Archive:
     def __init__(self, path):
         self.path = os.fspath(path)
         p = self.path
-        if not os.path.exists(p):
-            raise CkptmapError(f"{p} does not exist; expected a torch checkpoint file (.pt) — check the path")
-        if os.path.isdir(p):
-            raise CkptmapError(f"{p} is a directory, not a torch checkpoint file; pass the .pt file inside "
-                               f"it (e.g. model_optim_rng.pt)")
-        try:
+        try:   # open first, diagnose after: two stat calls fewer per file (thousands of rank files)
             with open(p, "rb") as f:
                 self.size = os.fstat(f.fileno()).st_size
                 if self.size == 0:
@@ -239,6 +234,12 @@ class _Archive:
         except CkptmapError:
             raise
         except OSError as e:
+            if not os.path.exists(p):
+                raise CkptmapError(f"{p} does not exist; expected a torch checkpoint file (.pt) — check the path") \
+                    from None
+            if os.path.isdir(p):
+                raise CkptmapError(f"{p} is a directory, not a torch checkpoint file; pass the .pt file inside "
+                                   f"it (e.g. model_optim_rng.pt)") from None
             raise CkptmapError(f"cannot read {p}: {e.strerror or e}; expected a readable torch checkpoint "
                                f"file — check the path and its permissions") from None
         self.records: dict[str, _Record] = {}

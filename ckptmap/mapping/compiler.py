@@ -310,6 +310,7 @@ def _optimizer_tasks(rank, src, opt, seen) -> list[TensorTask]:
     tasks = []
     patterns = {state: src.rules.state_pattern(state) for state in opt.dist_opt_content}
     state_names = memo.state_names   # TP ranks repeat the names
+    model_path, folders = str(rank.model.path), {}
     for unit in stack_units(rank.matched, layout, env, rank.model.path):
         members = unit.members if isinstance(unit, _Stack) else (unit,)
         found_slots = []
@@ -335,9 +336,12 @@ def _optimizer_tasks(rank, src, opt, seen) -> list[TensorTask]:
                          f"{slot.end - bucket.start}]")
         note = notes[0] if len(notes) == 1 else f"{notes[0]} + {len(notes) - 1} more expert(s), stacked"
         m, optim = members[0], found_slots[0][0]
-        weight = SourceSlice(str(rank.model.path), m.tensor.key, m.tensor.dtype, m.tensor.shape)
+        weight = SourceSlice(model_path, m.tensor.key, m.tensor.dtype, m.tensor.shape)
+        folder = folders.get(optim)
+        if folder is None:
+            folder = folders[optim] = optim.path.parent
         # the fp32 states are laid out like the parameter, so a part is the same ranges of each state
-        for out in _weight_parts(unit, layout, rank.pp, optim.path.parent, "keep", env, seen, rank.ep):
+        for out in _weight_parts(unit, layout, rank.pp, folder, "keep", env, seen, rank.ep):
             for state in opt.dist_opt_content:
                 concrete, shape, dtype = list(out.ops), out.shape, "float32"
                 if state == "param" and opt.dtype not in ("keep", "float32"):

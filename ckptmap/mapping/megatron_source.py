@@ -466,15 +466,16 @@ def state_slice(optim, keys: dict, g: int, bl, slot, state: str) -> SourceSlice:
     (per-bucket files) or of the buffer's coalesced tensor. ``keys`` caches the flat keys."""
     buf = optim.buffers[g]
     coalesced = buf.storage == megatron_files.COALESCED
-    cache_key = (str(optim.path), g, state, None if coalesced else slot.bucket)
+    file = str(optim.path)
+    cache_key = (file, g, state, None if coalesced else slot.bucket)
     key = keys.get(cache_key)
     if key is None:
         key = keys[cache_key] = buf.key(state, slot.bucket)
     if coalesced:
-        return SourceSlice(str(optim.path), key, "float32", (buf.numel_unpadded,), start=bl.coalesced_offset(slot),
+        return SourceSlice(file, key, "float32", (buf.numel_unpadded,), start=bl.coalesced_offset(slot),
                            numel=slot.end - slot.start)
     bucket = bl.buckets[slot.bucket]
-    return SourceSlice(str(optim.path), key, "float32", (bucket.numel,), start=slot.start - bucket.start,
+    return SourceSlice(file, key, "float32", (bucket.numel,), start=slot.start - bucket.start,
                        numel=slot.end - slot.start)
 
 
