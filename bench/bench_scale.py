@@ -52,7 +52,8 @@ from ckptmap.demo import DemoModel
 from ckptmap.formats import megatron_files, megatron_folders
 
 REPO = Path(__file__).resolve().parent.parent
-CLI = [sys.executable, "-c", "import sys; from ckptmap.cli import main; sys.exit(main())"]
+# -P: the checkout named by PYTHONPATH (--src), not one in the current directory
+CLI = [sys.executable, "-P", "-c", "import sys; from ckptmap.cli import main; sys.exit(main())"]
 
 
 def tiny_model(tp: int, pp: int, dp: int = 1) -> DemoModel:
@@ -191,7 +192,7 @@ print("; ".join(f"{n} {c[i + 1] - c[i]:.2f} s CPU / {t[i + 1] - t[i]:.2f} s wall
 
 def phases(src: Path, out: Path, extra: dict) -> str:
     """Where the time of a plan goes, in a fresh process: imports, compile, printing, JSON."""
-    done = subprocess.run([sys.executable, "-c", PHASES, str(src), str(out),
+    done = subprocess.run([sys.executable, "-P", "-c", PHASES, str(src), str(out),
                            "1" if extra.get("generate_all_dp_cp") else "0"], check=True, capture_output=True, text=True)
     return done.stdout.strip()
 
