@@ -231,9 +231,11 @@ def main():
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [ns.src, os.environ.get("PYTHONPATH")]))
     os.chdir(work)  # `python -c` puts the working directory first on sys.path: keep checkouts out of it
 
-    def measured(cmd):
+    def measured(cmd, out=None):
         best = None
         for _ in range(ns.repeat):
+            if out is not None:   # each run starts from an empty output folder (pt2ms never overwrites)
+                shutil.rmtree(out, ignore_errors=True)
             before = resource.getrusage(resource.RUSAGE_CHILDREN)
             r = run_measured(cmd)
             after = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -274,7 +276,7 @@ def main():
                                                                          "--process-limit", "2"], out))
         for step, cmd, written in steps:
             shutil.rmtree(out, ignore_errors=True)
-            r = measured(cmd)
+            r = measured(cmd, out)
             n, size = (du(written) if written.is_dir() else (1, written.stat().st_size)) if written else (0, 0)
             rows.append(f"{label:58s} {step:20s} {r['seconds']:7.2f} {r['cpu']:7.2f} {n:6d} {size / 1e6:7.1f} "
                         f"{r['rss'] / 1024:13.0f} {r['anon'] / 1024:14.0f}")
