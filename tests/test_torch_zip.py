@@ -765,36 +765,3 @@ def test_zip_directory_fast_path_matches_zipfile(tmp_path):
     prepended.write_bytes(b"\0" * 100 + saved.read_bytes())
     assert both(prepended)[0] is None
     assert sorted(tzr.TorchZipFile(prepended).root) == ["a", "b"]   # zipfile reads it
-
-
-def test_identical_rank_files_share_one_unpickling_not_one_tree(tmp_path, monkeypatch):
-    """Files whose data.pkl and records match (TP ranks' distrib_optim.pt) are unpickled once: later
-    ones get a fresh copy of the tree (changing one file's tree leaves the others alone); a file with
-    other record sizes, or a tree holding more than plain containers, is unpickled again."""
-    from ckptmap.formats import torch_zip_reader as tzr
-
-    monkeypatch.setattr(tzr, "_TREES", {})
-    runs = []
-    original = tzr._unpickle
-    monkeypatch.setattr(tzr, "_unpickle", lambda *a, **k: runs.append(1) or original(*a, **k))
-    state = {"args": argparse.Namespace(lr=0.1, name="x"), "w": [torch.ones(4), torch.zeros(2)], "n": (1, 2.0)}
-    for name in "abcde":   # rank folders: the same file name, so the same record prefix
-        (tmp_path / name).mkdir()
-    for name in ("a", "b"):
-        torch.save(state, tmp_path / name / "optim.pt")
-    torch.save({**state, "w": [torch.ones(5), torch.zeros(2)]}, tmp_path / "c" / "optim.pt")
-    a, b, c = (tzr.TorchZipFile(tmp_path / n / "optim.pt") for n in "abc")
-    assert len(runs) == 2   # b is a's copy; c's first storage is larger
-    assert a.root == b.root and a.root is not b.root and a.root["w"] is not b.root["w"]
-    assert vars(a.root["args"]) == vars(b.root["args"]) and a.root["args"] is not b.root["args"]
-    b.root["w"].append(0)
-    b.root["args"].lr = 1.0
-    assert len(tzr.TorchZipFile(tmp_path / "a" / "optim.pt").root["w"]) == 2 and a.root["args"].lr == 0.1
-    assert tzr.TorchZipFile(tmp_path / "b" / "optim.pt").root["args"].lr == 0.1
-    assert np.array_equal(b.array(b.root["w"][0]), np.ones(4, dtype=np.float32))
-    odd = {"x": torch.ones(2), "e": np.arange(3)}   # a numpy array is not a plain container: no copies
-    for name in ("d", "e"):
-        torch.save(odd, tmp_path / name / "optim.pt")
-    before = len(runs)
-    tzr.TorchZipFile(tmp_path / "d" / "optim.pt"), tzr.TorchZipFile(tmp_path / "e" / "optim.pt")
-    assert len(runs) == before + 2

@@ -29,14 +29,11 @@ arguments -> TensorRef, tensor class -> TensorRef); the unpickler asks them per 
 
 from __future__ import annotations
 
-import argparse
-import collections
 import math
 import mmap
 import os
 import pickle
 import struct
-import threading
 import zipfile
 
 import attrs
@@ -622,70 +619,6 @@ def _unpickle(archive: _Archive, materialize: bool, bases: dict, dialect_out: li
     return root
 
 
-# Rank files often repeat one another's pickle byte for byte (the distributed optimizer's file of every
-# TP rank of a pipeline stage; at 4,096 ranks, unpickling was ~40% of reading a file). The object tree
-# and dialect are a function of data.pkl's bytes, the records' names and sizes (persistent ids are
-# checked against them) and the version record (dialect), so a file equal in all of these gets a fresh
-# copy of the tree already read -- only for trees of plain containers and immutable values, copied
-# with their sharing kept; anything else is unpickled every time.
-_TREES: dict = {}
-_TREES_KEPT = 8
-_TREES_LOCK = threading.Lock()
-_LEAVES = frozenset({str, int, float, bool, type(None), bytes, TensorRef, GlobalMarker, StandInClass})
-
-
-class _NotPlain(Exception):
-    pass
-
-
-def _fresh(node, memo: dict):
-    """A copy of an object tree's containers (dict, OrderedDict, list, tuple, argparse.Namespace),
-    sharing what the original shares; leaves are immutable and kept. _NotPlain for anything else."""
-    t = type(node)
-    if t in _LEAVES:
-        return node
-    got = memo.get(id(node), memo)
-    if got is not memo:
-        return got
-    if t is dict or t is collections.OrderedDict:
-        out = memo[id(node)] = t()
-        for k, v in node.items():
-            out[_fresh(k, memo)] = _fresh(v, memo)
-    elif t is list:
-        out = memo[id(node)] = []
-        out.extend([_fresh(v, memo) for v in node])
-    elif t is tuple:
-        out = memo[id(node)] = tuple([_fresh(v, memo) for v in node])
-    elif t is argparse.Namespace:
-        out = memo[id(node)] = argparse.Namespace()
-        for k, v in vars(node).items():
-            out.__dict__[k] = _fresh(v, memo)
-    else:
-        raise _NotPlain(t)
-    return out
-
-
-def _object_tree(archive: _Archive) -> tuple[object, str]:
-    data = archive.read_record("data.pkl")
-    key = (archive.prefix, data, tuple((n, r.size) for n, r in archive.records.items()),
-           archive.read_record("version", missing_ok=True))
-    with _TREES_LOCK:
-        kept = _TREES.get(key)
-    if kept is not None:
-        return _fresh(kept[0], {}), kept[1]
-    found: list = []
-    root = _unpickle(archive, materialize=False, bases={}, dialect_out=found)
-    try:
-        kept = (_fresh(root, {}), found[0])   # a private copy: the caller may change its tree
-    except (_NotPlain, RecursionError):
-        return root, found[0]
-    with _TREES_LOCK:
-        while len(_TREES) >= _TREES_KEPT:
-            _TREES.pop(next(iter(_TREES)))
-        _TREES[key] = kept
-    return root, found[0]
-
-
 def _dialect(archive: _Archive, seen: set, mindspore_globals: bool) -> str:
     """``torch`` or ``msadapter``, from the file: the storages' persistent ids and the tensor classes
     decide; a file without tensors is MSAdapter's if it names MindSpore globals or has MSAdapter's
@@ -793,7 +726,9 @@ class TorchZipFile:
         self.path = self._archive.path
         self.prefix = self._archive.prefix
         self._bases: dict = {}
-        self.root, self.dialect = _object_tree(self._archive)   # dialect: "torch" or "msadapter", from the file
+        found: list = []
+        self.root = _unpickle(self._archive, materialize=False, bases=self._bases, dialect_out=found)
+        self.dialect: str = found[0]  # "torch" or "msadapter", detected from the file (never a flag)
 
     def storage_keys(self) -> list[str]:
         n = len(self.prefix) + len("data/")
