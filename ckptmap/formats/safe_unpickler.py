@@ -450,9 +450,6 @@ class _LoadingNamespaceBase(argparse.Namespace):
         self.__class__ = argparse.Namespace
 
 
-_NAMESPACE_POOL: list = []
-
-
 class RestrictedUnpickler(pickle.Unpickler):
     """The policy above as a ``pickle.Unpickler``. A format subclasses it to add its own globals
     (``extra_globals``: tensor rebuild functions) and ``persistent_load``; :meth:`run` loads and
@@ -473,13 +470,11 @@ class RestrictedUnpickler(pickle.Unpickler):
 
     @property
     def namespace_cls(self):
-        """This load's argparse.Namespace stand-in class (made on first use: creating a class costs
-        ~70 us, and a finished load hands its class to the next, see run)."""
+        """This load's argparse.Namespace stand-in class, made on first use (a class costs ~70 us, and
+        most rank files hold no Namespace). One per load, never reused: instances of one class share
+        their attribute-name strings, and a re-save must see this pickle's own."""
         if self._ns_cls is None:
-            try:
-                self._ns_cls = _NAMESPACE_POOL.pop()
-            except IndexError:
-                self._ns_cls = type("Namespace", (_LoadingNamespaceBase,), {"_created": []})
+            self._ns_cls = type("Namespace", (_LoadingNamespaceBase,), {"_created": []})
         return self._ns_cls
 
     # --- globals ---
@@ -547,8 +542,6 @@ class RestrictedUnpickler(pickle.Unpickler):
                 if type(ns) is cls:
                     ns.__class__ = argparse.Namespace
             cls._created.clear()
-            _NAMESPACE_POOL.append(cls)   # no object of it is left: the next load may use it
-            self._ns_cls = None
         return root
 
 
