@@ -52,7 +52,8 @@ from ckptmap.demo import DemoModel
 from ckptmap.formats import megatron_files, megatron_folders
 
 REPO = Path(__file__).resolve().parent.parent
-CLI = [sys.executable, "-c", "import sys; from ckptmap.cli import main; sys.exit(main())"]
+# -P: the checkout named by PYTHONPATH (--src), not one in the current directory
+CLI = [sys.executable, "-P", "-c", "import sys; from ckptmap.cli import main; sys.exit(main())"]
 
 
 def tiny_model(tp: int, pp: int, dp: int = 1) -> DemoModel:
@@ -191,7 +192,7 @@ print("; ".join(f"{n} {c[i + 1] - c[i]:.2f} s CPU / {t[i + 1] - t[i]:.2f} s wall
 
 def phases(src: Path, out: Path, extra: dict) -> str:
     """Where the time of a plan goes, in a fresh process: imports, compile, printing, JSON."""
-    done = subprocess.run([sys.executable, "-c", PHASES, str(src), str(out),
+    done = subprocess.run([sys.executable, "-P", "-c", PHASES, str(src), str(out),
                            "1" if extra.get("generate_all_dp_cp") else "0"], check=True, capture_output=True, text=True)
     return done.stdout.strip()
 
@@ -230,9 +231,11 @@ def main():
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [ns.src, os.environ.get("PYTHONPATH")]))
     os.chdir(work)  # `python -c` puts the working directory first on sys.path: keep checkouts out of it
 
-    def measured(cmd):
+    def measured(cmd, out=None):
         best = None
         for _ in range(ns.repeat):
+            if out is not None:   # each run starts from an empty output folder (pt2ms never overwrites)
+                shutil.rmtree(out, ignore_errors=True)
             before = resource.getrusage(resource.RUSAGE_CHILDREN)
             r = run_measured(cmd)
             after = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -273,7 +276,7 @@ def main():
                                                                          "--process-limit", "2"], out))
         for step, cmd, written in steps:
             shutil.rmtree(out, ignore_errors=True)
-            r = measured(cmd)
+            r = measured(cmd, out)
             n, size = (du(written) if written.is_dir() else (1, written.stat().st_size)) if written else (0, 0)
             rows.append(f"{label:58s} {step:20s} {r['seconds']:7.2f} {r['cpu']:7.2f} {n:6d} {size / 1e6:7.1f} "
                         f"{r['rss'] / 1024:13.0f} {r['anon'] / 1024:14.0f}")

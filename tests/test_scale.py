@@ -197,3 +197,50 @@ def test_planning_parses_each_source_file_once(monkeypatch, capsys, tmp_path):
     assert len(sources) == 8 and sorted(set(opened)) == sources
     # one extra read of the first rank's model file (its args) at most; no file is parsed per check
     assert len(opened) <= len(sources) + 1, sorted(opened)
+
+
+def test_main_param_spot_check_is_one_cast_per_rank(monkeypatch, tmp_path):
+    """The planner's spot check of the fp32 main params casts once per rank (all of its parameters'
+    first and last elements together), not once per parameter (issue 16: 41,000 casts at 4,096 ranks);
+    and a main param whose first element does not round to its weight is still named, with its file
+    and tensor, by the per-task check the batch falls back to."""
+    import shutil
+    from pathlib import Path
+
+    import numpy as np
+
+    from ckptmap.errors import CkptmapError
+    from ckptmap.formats.megatron_files import OptimFile
+    from ckptmap.mapping import ops
+
+    casts = []
+    original = ops.cast
+
+    def counting(array, src, dst):
+        casts.append(np.size(array))
+        return original(array, src, dst)
+
+    monkeypatch.setattr(ops, "cast", counting)
+    src = fixture_dir("legacy_tp2pp2dp2")
+    plan = compile_pt2ms(Pt2MsOptions(str(src), str(tmp_path / "out")))
+    checked = [t for f in plan.files for t in f.tensors if t.rounds_to is not None]
+    ranks = len(list(src.glob("iter_*/mp_rank_*")))
+    assert len(checked) > 2 * ranks and len(casts) == ranks, (len(checked), casts)
+
+    # the first element of one main param changed: the batch sees a mismatch, the per-task check names it
+    copy = tmp_path / "megatron"
+    shutil.copytree(src, copy)
+    task = next(t for t in checked if t.sources[0].start == 0)
+    rel = Path(task.sources[0].file).relative_to(src)
+    optim = OptimFile(copy / rel)
+    where = optim.byte_range(task.sources[0].key)
+    optim.close()
+    data = bytearray((copy / rel).read_bytes())
+    value = np.frombuffer(bytes(data[where.offset:where.offset + 4]), dtype=np.float32)[0]
+    data[where.offset:where.offset + 4] = np.float32(value * 3 + 1).tobytes()
+    (copy / rel).write_bytes(bytes(data))
+    with pytest.raises(CkptmapError) as err:
+        compile_pt2ms(Pt2MsOptions(str(copy), str(tmp_path / "out2")))
+    text = str(err.value)
+    assert task.name in text and str(copy / rel) in text and task.sources[0].key in text
+    assert "does not round to the model weight" in text and task.rounds_to.key in text

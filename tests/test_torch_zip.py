@@ -730,3 +730,38 @@ def test_tensor_bytes_are_not_read(tmp_path):
     elapsed = time.perf_counter() - t0
     grown_mib = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) / 1024
     assert elapsed < 2 and grown_mib < 256, (elapsed, grown_mib)
+
+
+def test_zip_directory_fast_path_matches_zipfile(tmp_path):
+    """The zip directory read straight from the mapping (thousands of rank files) gives exactly what
+    zipfile gives for torch.save's archives and Python zipfile's; anything unusual (a comment, data
+    before the archive) is left to zipfile, which still reads it."""
+    import mmap
+
+    from ckptmap.formats import torch_zip_reader as tzr
+
+    def both(path):
+        with open(path, "rb") as f:
+            mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        fast = tzr._central_directory(mm, os.path.getsize(path))
+        slow = [(zi.filename, zi.flag_bits, zi.compress_type, zi.compress_size, zi.file_size, zi.header_offset)
+                for zi in zipfile.ZipFile(path).infolist()]
+        return fast, slow
+
+    saved = tmp_path / "model.pt"
+    torch.save({"a": torch.arange(10, dtype=torch.bfloat16), "b": [torch.ones(3)]}, saved)
+    fast, slow = both(saved)
+    assert fast == slow and len(fast) > 3
+    plain = tmp_path / "plain.zip"
+    with zipfile.ZipFile(plain, "w") as z:
+        z.writestr("archive/data.pkl", b"x" * 10)
+        z.writestr("archive/data/0", b"y" * 100)
+    fast, slow = both(plain)
+    assert fast == slow
+    with zipfile.ZipFile(plain, "a") as z:
+        z.comment = b"a comment"
+    assert both(plain)[0] is None
+    prepended = tmp_path / "prepended.pt"
+    prepended.write_bytes(b"\0" * 100 + saved.read_bytes())
+    assert both(prepended)[0] is None
+    assert sorted(tzr.TorchZipFile(prepended).root) == ["a", "b"]   # zipfile reads it

@@ -78,33 +78,87 @@ def _all_tensors(f):
             yield p.tensor, s.key, p
 
 
-def print_summary(plan, common: str, out) -> None:
+class _Tally:
+    """One pass over a plan's tensors for the summary: the names' patterns, how each is made and its
+    bytes. A 4,096-rank plan has ~150,000 tensors but few distinct names (ranks repeat them) and few
+    distinct op lists, so those are worked out once each."""
+
+    def __init__(self):
+        from ckptmap import dtypes
+        from ckptmap.execute import _elementwise
+
+        self._elementwise, self._itemsize = _elementwise, dtypes.itemsize
+        self.patterns: dict = {}
+        self.hows: dict = {}
+        self.sizes: dict = {}
+
+    def pattern(self, text: str) -> str:
+        p = self.patterns.get(text)
+        if p is None:
+            p = self.patterns[text] = _pattern(text)
+        return p
+
+    def nbytes(self, t) -> int:   # TensorTask.nbytes
+        size = self.sizes.get(t.dtype)
+        if size is None:
+            size = self.sizes[t.dtype] = self._itemsize(t.dtype)
+        n = size
+        for d in t.shape:
+            n *= d
+        return n
+
+    def how(self, t) -> str:
+        if not t.sources and not t.reads:
+            return "constant"
+        if t.reads or len(t.sources) != 1 or t.value is not None:
+            return "computed"
+        key = (t.src_dtype, t.sources[0].dtype, t.dtype, t.ops)
+        try:
+            how = self.hows.get(key)
+        except TypeError:   # an op argument that cannot be hashed
+            return _how(t)
+        if how is None:
+            how = self.hows[key] = _how(t)
+        return how
+
+
+def print_summary(plan, common: str, out, tally: _Tally | None = None) -> None:
     """The plan by pattern: files and tensors grouped by their names with numbers as N, with counts,
     bytes and one full example row each — a size that does not grow with the ranks."""
+    tally = tally or _Tally()
     files: dict = {}
     tensors: dict = {}
     how_total: dict = {}
     n_tensors = 0
     for f in plan.files:
-        key = (_pattern(f.path), f.format)
-        entry = files.setdefault(key, [0, 0, f])
+        key = (tally.pattern(f.path), f.format)
+        entry = files.get(key)
+        if entry is None:
+            entry = files[key] = [0, 0, f]
         entry[0] += 1
-        entry[1] += f.nbytes
-        for t, storage, piece in _all_tensors(f):
+        file_bytes = sum(s.nbytes for s in f.storages) if f.storages else 0
+        for t, storage, piece in _all_tensors(f) if f.storages else ((t, None, None) for t in f.tensors):
             if t is None:
                 how, name, nbytes = "padding", f"[{storage}] padding", piece.padding.shape[0]
             else:
-                how, name, nbytes = _how(t), t.name, t.nbytes
+                how, name, nbytes = tally.how(t), t.name, tally.nbytes(t)
                 n_tensors += 1
-            k = (_pattern(name), how)
+                if storage is None:
+                    file_bytes += nbytes
+            k = (tally.pattern(name), how)
             e = tensors.get(k)
             if e is None:
                 e = tensors[k] = [0, 0, f, t, storage, piece]
             e[0] += 1
             e[1] += nbytes
-            h = how_total.setdefault(how, [0, 0])
+            h = how_total.get(how)
+            if h is None:
+                h = how_total[how] = [0, 0]
             h[0] += 1
             h[1] += nbytes
+        entry[1] += file_bytes
+    tally.n_tensors = n_tensors
+    tally.nbytes_total = sum(e[1] for e in files.values())
     print(f"\nfiles by pattern ({len(plan.files)} files):", file=out)
     rows = [("pattern", "format", "files", "bytes", "example")]
     for (pattern, fmt), (count, nbytes, f) in files.items():
@@ -136,14 +190,40 @@ def _print_table(rows, out) -> None:
         print("  " + "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip(), file=out)
 
 
+def _source_root(plan) -> str:
+    """The common path of every tensor's first source file (the plan's output root if none)."""
+    files = set()
+    for f in plan.files:
+        for t in f.tensors:
+            if t.sources:
+                files.add(t.sources[0].file)
+            elif t.reads:
+                files.add(t.reads[0].source.file)
+        for s in f.storages:
+            for p in s.pieces:
+                if p.tensor and (x := _first_file(p.tensor)):
+                    files.add(x)
+    files.discard("")
+    if len(files) > 1 and all(x[0] == "/" and x[1:2] != "/" and "\0" not in x and x == os.path.normpath(x)
+                              for x in files):
+        # commonpath compares the split paths' min and max only: found without splitting every path (a
+        # separator sorts below every other character, so whole-string order is component order)
+        lo = min(files, key=_component_order)
+        hi = max(files, key=_component_order)
+        return os.path.commonpath([lo, hi])
+    return os.path.commonpath(sorted(files) or [plan.output_root])
+
+
+def _component_order(path: str) -> str:
+    return path.replace("/", "\0")
+
+
 def print_plan(plan, out=None, detail: bool = True, summary: bool = False) -> None:
     """The plan's header, then (``detail``) every file with a row per tensor, or (``summary``) the
     plan by pattern (:func:`print_summary`), or one line per file."""
     out = out or sys.stdout
     info = plan.info
-    files = {x for f in plan.files for t in f.tensors if (x := _first_file(t))}
-    files |= {x for f in plan.files for s in f.storages for p in s.pieces if p.tensor and (x := _first_file(p.tensor))}
-    common = os.path.commonpath(sorted(files) or [plan.output_root])
+    common = _source_root(plan)
     print(f"plan {plan.kind}: {info.get('source', '')} -> {plan.output_root}", file=out)
     print("  " + ", ".join(f"{k} {v}" for k, v in info.items() if k not in ("source", "rules_path") + NOTES),
           file=out)
@@ -151,10 +231,10 @@ def print_plan(plan, out=None, detail: bool = True, summary: bool = False) -> No
         for line in info.get(key, ()):
             print(f"  note: {line}", file=out)
     if summary and not detail:
-        print_summary(plan, common, out)
-        n_tensors = sum(1 for f in plan.files for t, _, _ in _all_tensors(f) if t is not None)
-        print(f"\ntotal: {len(plan.files)} files, {n_tensors} tensors, {human_bytes(plan.nbytes)} of tensor data "
-              f"(source root {common})", file=out)
+        tally = _Tally()
+        print_summary(plan, common, out, tally)
+        print(f"\ntotal: {len(plan.files)} files, {tally.n_tensors} tensors, {human_bytes(tally.nbytes_total)} of "
+              f"tensor data (source root {common})", file=out)
         return
     n_tensors = 0
     for f in plan.files:

@@ -76,9 +76,9 @@ class PtFile:
     """A lazily opened torch checkpoint: the object tree is read, tensor bytes are not. Tensors are
     addressed by slash-joined paths (``model0/language_model/…``)."""
 
-    def __init__(self, path):
+    def __init__(self, path, _checked: bool = False):
         self.path = Path(path)
-        if not self.path.is_file():
+        if not _checked and not self.path.is_file():   # _checked: a subclass said why it is missing
             raise CkptmapError(f"{self.path} is missing")
         self._zip = TorchZipFile(self.path)
         self.root = self._zip.root
@@ -92,31 +92,36 @@ class PtFile:
 
     def entries(self) -> list[tuple[str, TensorRef]]:
         """(key, TensorRef) of every tensor in the object graph, in pickle order."""
+        return list(self._entry_map().items())
+
+    def _entry_map(self) -> dict:
         if self._entries is None:
             out = []
 
-            def rec(node, path):
+            def rec(node, prefix):   # prefix: the parent's key + "/", "" at the root
                 items = node.items() if isinstance(node, dict) else enumerate(node) \
                     if isinstance(node, (list, tuple)) else ()
                 for k, v in items:
                     if isinstance(v, TensorRef):
-                        out.append((KEY_SEP.join(path + [encode_key(k)]), v))
+                        out.append((prefix + (k if type(k) is str else encode_key(k)), v))
                     elif isinstance(v, (dict, list, tuple)):
-                        rec(v, path + [encode_key(k)])
-            rec(self.root, [])
+                        rec(v, prefix + (k if type(k) is str else encode_key(k)) + KEY_SEP)
+            rec(self.root, "")
             self._entries = dict(out)
-        return list(self._entries.items())
+        return self._entries
 
     def keys(self) -> list[str]:
         return [k for k, _ in self.entries()]
 
     def __contains__(self, key) -> bool:
-        self.entries()
-        return key in self._entries
+        return key in self._entry_map()
+
+    def entry(self, key: str) -> TensorRef | None:
+        """The TensorRef of ``key``, or None."""
+        return self._entry_map().get(key)
 
     def ref(self, key: str) -> TensorRef:
-        self.entries()
-        ref = self._entries.get(key)
+        ref = self._entry_map().get(key)
         if ref is None:
             raise CkptmapError(f"{self.path} has no tensor {key!r}; the plan was made for a different "
                                f"checkpoint — re-create it")
@@ -139,14 +144,14 @@ class PtFile:
         # still be read (kept_range) without parsing the file again.
         if self._ranges is None and self.dialect == "torch":
             try:
-                self._ranges = {k: file_offset(self._zip, ref) for k, ref in self.entries()}
+                self._ranges = {k: file_offset(self._zip, ref) for k, ref in self._entry_map().items()}
             except CkptmapError:
                 self._ranges = {}
         self._zip.close()
 
     def kept_range(self, key: str) -> tuple[int, int] | None:
         """After close(): (file offset, nbytes) of a contiguous tensor, as close() kept it, or None."""
-        return (self._ranges or {}).get(key)
+        return self._ranges.get(key) if self._ranges else None
 
 
 class ModelFile(PtFile):
@@ -157,7 +162,7 @@ class ModelFile(PtFile):
         if not path.is_file():
             raise CkptmapError(f"{path} is missing; every mp_rank directory of a Megatron checkpoint "
                                f"holds {MODEL_FILE}")
-        super().__init__(path)
+        super().__init__(path, _checked=True)
         if not isinstance(self.root, dict):
             raise CkptmapError(f"{self.path} holds a {type(self.root).__name__}, not the dict Megatron saves")
 
@@ -258,7 +263,7 @@ class OptimFile(PtFile):
             raise CkptmapError(f"{path} is missing: converting the optimizer state needs the distributed "
                                f"optimizer's file, written by Megatron with --use-distributed-optimizer; "
                                f"convert the weights alone with --convert-param-only")
-        super().__init__(path)
+        super().__init__(path, _checked=True)
         self.chained, self.absent, self.storage, self.buffers = parse_optim_state(
             self.root, str(path), lambda ref: int(self._zip.array(ref)))
 

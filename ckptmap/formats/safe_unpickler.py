@@ -455,19 +455,27 @@ class RestrictedUnpickler(pickle.Unpickler):
     (``extra_globals``: tensor rebuild functions) and ``persistent_load``; :meth:`run` loads and
     finishes the namespaces; :func:`unpickle` wraps it with readable errors."""
 
+    # globals resolved to this unpickler's own methods / namespace class (after the format's own
+    # globals, before ALLOWED_OBJECTS): looked up per name rather than merged into a table per file,
+    # which cost ~60 us a file at thousands of rank files
+    _SPECIAL = {("argparse", "Namespace"): "namespace_cls", ("copyreg", "_reconstructor"): "_reconstructor",
+                ("copyreg", "__newobj__"): "_newobj", ("copyreg", "__newobj_ex__"): "_newobj_ex",
+                ("builtins", "getattr"): "_getattr"}
+
     def __init__(self, data: bytes, path, extra_globals: dict | None = None):
         super().__init__(io.BytesIO(data), encoding="utf-8")
         self.path = path
-        self.namespace_cls = type("Namespace", (_LoadingNamespaceBase,), {"_created": []})
-        self.table = {
-            **ALLOWED_OBJECTS,
-            ("argparse", "Namespace"): self.namespace_cls,
-            ("copyreg", "_reconstructor"): self._reconstructor,
-            ("copyreg", "__newobj__"): self._newobj,
-            ("copyreg", "__newobj_ex__"): self._newobj_ex,
-            ("builtins", "getattr"): self._getattr,
-            **(extra_globals or {}),
-        }
+        self._ns_cls = None
+        self.extra_globals = extra_globals or {}
+
+    @property
+    def namespace_cls(self):
+        """This load's argparse.Namespace stand-in class, made on first use (a class costs ~70 us, and
+        most rank files hold no Namespace). One per load, never reused: instances of one class share
+        their attribute-name strings, and a re-save must see this pickle's own."""
+        if self._ns_cls is None:
+            self._ns_cls = type("Namespace", (_LoadingNamespaceBase,), {"_created": []})
+        return self._ns_cls
 
     # --- globals ---
     def find_class(self, module, name):
@@ -477,7 +485,11 @@ class RestrictedUnpickler(pickle.Unpickler):
             module, name = _compat_pickle.NAME_MAPPING[(module, name)]
         elif module in _compat_pickle.IMPORT_MAPPING:
             module = _compat_pickle.IMPORT_MAPPING[module]
-        obj = self.table.get((module, name))
+        key = (module, name)
+        obj = self.extra_globals.get(key)
+        if obj is None:
+            special = self._SPECIAL.get(key)
+            obj = getattr(self, special) if special is not None else ALLOWED_OBJECTS.get(key)
         if obj is not None:
             return obj
         if module.split(".", 1)[0] in DENIED_ROOTS or not module or not name:
@@ -491,7 +503,7 @@ class RestrictedUnpickler(pickle.Unpickler):
         raise Refused(denied_message(self.path, "builtins", "getattr"))
 
     def _vet_class(self, cls, via):
-        if isinstance(cls, StandInClass) or cls in _SAFE_NEW_CLASSES or cls is self.namespace_cls \
+        if isinstance(cls, StandInClass) or cls in _SAFE_NEW_CLASSES or (cls is not None and cls is self._ns_cls) \
                 or cls is np.ndarray or cls is np.dtype:
             return
         raise pickle.UnpicklingError(f"{via} with {cls!r}, which is not a class ckptmap may instantiate")
@@ -524,10 +536,12 @@ class RestrictedUnpickler(pickle.Unpickler):
 
     def run(self):
         root = self.load()
-        for ns in self.namespace_cls._created:  # never BUILT (empty namespaces)
-            if type(ns) is self.namespace_cls:
-                ns.__class__ = argparse.Namespace
-        self.namespace_cls._created.clear()
+        cls = self._ns_cls
+        if cls is not None:
+            for ns in cls._created:  # never BUILT (empty namespaces)
+                if type(ns) is cls:
+                    ns.__class__ = argparse.Namespace
+            cls._created.clear()
         return root
 
 

@@ -84,6 +84,7 @@ def compile_pt2ms(opt: Pt2MsOptions) -> Plan:
     out_files: list[FileTask] = []
     used_maps: set[tuple[int, int, int]] = set()
     derived_maps: list[FileTask] = []
+    scalar_tasks: dict = {}
     for rank in src.sorted_ranks:
         (tp, pp, ep), matched, model_file = rank.key, rank.matched, rank.model
         seen: dict[str, str] = {}
@@ -106,7 +107,7 @@ def compile_pt2ms(opt: Pt2MsOptions) -> Plan:
             spot_check_main_params(tasks, (rank.model, rank.optim, rank.dense[0] if rank.dense else None))
             scalar_rows = mindspeed.step_scalars(step, opt.layout) + mindspeed.optimizer_scalars(
                 model_file.root.get("optimizer"), model_file.root.get("opt_param_scheduler"), str(model_file.path))
-        scalars = [TensorTask(name, dtype, shape, value=value) for name, dtype, shape, value in scalar_rows]
+        scalars = [_scalar_task(row, scalar_tasks) for row in scalar_rows]
         primary = None
         targets = (layout.mp_rank_ranks(tp, pp, all_dp_cp=opt.generate_all_dp_cp, ep=ep) if opt.layout == "v1"
                    else [None])
@@ -133,6 +134,23 @@ def compile_pt2ms(opt: Pt2MsOptions) -> Plan:
     if config:
         info["config"] = config
     return Plan("pt2ms", str(Path(opt.ms_path)), tuple(out_files), info)
+
+
+_PLAIN = (int, float, bool, str)
+
+
+def _scalar_task(row, cache: dict) -> TensorTask:
+    """The constant task of a scalar row; every rank has the same step and optimizer scalars, so equal
+    rows share one (immutable) task. Keyed by the value's repr: 1, 1.0 and True stay apart."""
+    name, dtype, shape, value = row
+    plain = type(value) in _PLAIN or (type(value) is list and all(type(x) in _PLAIN for x in value))
+    if not plain:
+        return TensorTask(name, dtype, shape, value=value)
+    key = (name, dtype, tuple(shape), repr(value))
+    task = cache.get(key)
+    if task is None:
+        task = cache[key] = TensorTask(name, dtype, shape, value=value)
+    return task
 
 
 @attrs.frozen
@@ -291,6 +309,8 @@ def _optimizer_tasks(rank, src, opt, seen) -> list[TensorTask]:
     keys: dict[tuple, str] = {}  # (file, buffer, state, bucket) -> flat key in distrib_optim.pt
     tasks = []
     patterns = {state: src.rules.state_pattern(state) for state in opt.dist_opt_content}
+    state_names = memo.state_names   # TP ranks repeat the names
+    model_path, folders = str(rank.model.path), {}
     for unit in stack_units(rank.matched, layout, env, rank.model.path):
         members = unit.members if isinstance(unit, _Stack) else (unit,)
         found_slots = []
@@ -316,9 +336,12 @@ def _optimizer_tasks(rank, src, opt, seen) -> list[TensorTask]:
                          f"{slot.end - bucket.start}]")
         note = notes[0] if len(notes) == 1 else f"{notes[0]} + {len(notes) - 1} more expert(s), stacked"
         m, optim = members[0], found_slots[0][0]
-        weight = SourceSlice(str(rank.model.path), m.tensor.key, m.tensor.dtype, m.tensor.shape)
+        weight = SourceSlice(model_path, m.tensor.key, m.tensor.dtype, m.tensor.shape)
+        folder = folders.get(optim)
+        if folder is None:
+            folder = folders[optim] = optim.path.parent
         # the fp32 states are laid out like the parameter, so a part is the same ranges of each state
-        for out in _weight_parts(unit, layout, rank.pp, optim.path.parent, "keep", env, seen, rank.ep):
+        for out in _weight_parts(unit, layout, rank.pp, folder, "keep", env, seen, rank.ep):
             for state in opt.dist_opt_content:
                 concrete, shape, dtype = list(out.ops), out.shape, "float32"
                 if state == "param" and opt.dtype not in ("keep", "float32"):
@@ -335,7 +358,10 @@ def _optimizer_tasks(rank, src, opt, seen) -> list[TensorTask]:
                     rounds_to = _ranged(weight, out.ranges)[0]
                     if out.ranges is None:
                         rounds_to = weight
-                tasks.append(TensorTask(patterns[state].format({"name": out.name}), dtype, shape,
+                state_name = state_names.get((state, out.name))
+                if state_name is None:
+                    state_name = state_names[(state, out.name)] = patterns[state].format({"name": out.name})
+                tasks.append(TensorTask(state_name, dtype, shape,
                                         sources, "float32", out.src_shape, tuple(concrete),
                                         note=note if out.ranges is None else f"{note} · part {out.part}",
                                         rounds_to=rounds_to))
