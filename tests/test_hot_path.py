@@ -135,7 +135,7 @@ def test_pt2ms_start_up_skips_what_a_legacy_source_does_not_need(tmp_path):
 
 
 def test_torch_dist_sources_are_still_recognised(tmp_path):
-    from ckptmap.cli import _may_be_torch_dist
+    from ckptmap.formats.megatron_folders import may_hold_torch_dist as _may_be_torch_dist
 
     it = tmp_path / "save" / "iter_0000005"
     it.mkdir(parents=True)

@@ -126,6 +126,18 @@ def test_model_parallel_ranks_of_dense_and_expert_optimizers():
         lay.expert_model_parallel_rank(0, 0, 2)
 
 
+@pytest.mark.parametrize("order", ["tp-cp-ep-dp-pp", "tp-pp-ep-dp-cp", "pp-ep-dp-tp-cp", "cp-ep-dp-pp-tp"])
+def test_model_parallel_ranks_equal_brute_force_enumeration(order):
+    """The group ranks are computed from the rank order's digits; brute force sorts the group's global ranks."""
+    for tp, pp, dp, ep, cp in itertools.product([1, 2, 3], [1, 3], [2, 6], [1, 2], [1, 2]):
+        lay = ParallelLayout(tp=tp, pp=pp, dp=dp, ep=ep, cp=cp, order=order)
+        dense = sorted((lay.global_rank(tp=t, pp=p), (t, p)) for t in range(tp) for p in range(pp))
+        assert [lay.model_parallel_rank(t, p) for _, (t, p) in dense] == list(range(tp * pp))
+        expert = sorted((lay.mp_rank_ranks(t, p, all_dp_cp=False, ep=e)[0], (t, p, e))
+                        for t in range(tp) for p in range(pp) for e in range(ep))
+        assert [lay.expert_model_parallel_rank(*c) for _, c in expert] == list(range(tp * pp * ep))
+
+
 def test_order_tokens_of_size_one_may_be_omitted_and_case_is_ignored():
     a = ParallelLayout(tp=2, pp=3, dp=2)
     b = ParallelLayout(tp=2, pp=3, dp=2, order=" TP-DP-PP ")

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import os
 import signal
 import sys
 from pathlib import Path
@@ -36,21 +35,10 @@ def _composed(ns):
     return None
 
 
-def _may_be_torch_dist(path) -> bool:
-    """Necessary for ``is_torch_dist_source``: a ``.metadata`` in the folder, or a tracker file and a
-    ``.metadata`` one level down. Saves legacy sources importing the torch_dist modules (~0.1 s)."""
-    from ckptmap.formats.megatron_folders import TRACKER
-
-    try:
-        root = Path(path)
-        return (root / ".metadata").is_file() or ((root / TRACKER).is_file() and any(
-            (c / ".metadata").is_file() for c in root.iterdir()))
-    except OSError:
-        return False
-
-
 def cmd_convert(ns) -> int:
-    if ns.command == "pt2ms" and _may_be_torch_dist(ns.megatron_path):
+    from ckptmap.formats.megatron_folders import may_hold_torch_dist
+
+    if ns.command == "pt2ms" and may_hold_torch_dist(ns.megatron_path):
         from ckptmap.mapping.torch_dist_legacy import is_torch_dist_source
         if is_torch_dist_source(ns.megatron_path):
             return _pt2ms_from_torch_dist(ns)

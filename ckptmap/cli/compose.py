@@ -24,7 +24,6 @@ which touches only temporaries of dead ckptmap processes of this host).
 from __future__ import annotations
 
 import shutil
-import time
 from pathlib import Path
 
 import attrs
@@ -206,7 +205,6 @@ def ms2pt_torch_dist(ns) -> int:
     """ms2pt --ckpt-format torch_dist: legacy files (resharded if --target-*) into a temporary folder, then
     torch -> torch_dist of them (``mapping/legacy_torch_dist.py``) into --megatron-path."""
     import argparse
-    import sys
 
     from ckptmap.cli.printing import print_plan
     from ckptmap.cli.run import run
@@ -266,7 +264,7 @@ def legacy_to_torch_dist(ns, src, final: Path, sharding: str, rules: str) -> int
     as fully_sharded_model_space into a temporary folder, then the offline upgrade of it into ``final``."""
     import sys
 
-    from ckptmap.cli.convert import print_torch_dist_plan
+    from ckptmap.cli.convert import run_torch_dist_plan
     from ckptmap.formats import megatron_dist as M
     from ckptmap.mapping import legacy_torch_dist as ltd
 
@@ -292,12 +290,6 @@ def legacy_to_torch_dist(ns, src, final: Path, sharding: str, rules: str) -> int
                   f"— planned once step 1 is written")
             return 0
         print(f"  written in {ltd.run(plan, fsync=ns.fsync, no_progress=ns.no_progress):.2f} s\n")
-        upgrade = M.plan_folder(tmp, final, "dp_reshardable")
-        print_torch_dist_plan(ns, upgrade)
-        started = time.perf_counter()
-        M.write_folder(upgrade, fsync=ns.fsync, progress=None if ns.no_progress else
-                       (lambda name, nbytes: print(f"  wrote {name}", flush=True)))
-        print(f"\ntorch_dist checkpoint written in {time.perf_counter() - started:.2f} s")
-        return 0
+        return run_torch_dist_plan(ns, M.plan_folder(tmp, final, "dp_reshardable"))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -246,9 +246,13 @@ def print_torch_dist_plan(ns, plan, out=None) -> None:
 
 
 def cmd_torch_dist_convert(ns) -> int:
+    return run_torch_dist_plan(ns, _plan_torch_dist(ns))
+
+
+def run_torch_dist_plan(ns, plan) -> int:
+    """Print a torch_dist -> torch_dist plan and (unless --dry-run) write it."""
     from ckptmap.formats.megatron_dist import write_folder
 
-    plan = _plan_torch_dist(ns)
     print_torch_dist_plan(ns, plan)
     if ns.dry_run:
         return 0

@@ -141,10 +141,37 @@ _ND_SHAPE = ND_SHAPE = "nd_reformulated_orig_global_shape"
 # (object name, path of the value in a legacy model file). The rerun machine's ``sharded`` part: 0.10 - 0.14.
 RANK_OBJECTS = (("rng_state", ("rng_state",)), ("rerun_state_machine_state", ("rerun_state_machine", "sharded")))
 
+def chained_prefix(optimizer: int | None) -> str:
+    """The key prefix of optimizer ``optimizer`` of a ChainedOptimizer (None: a single optimizer)."""
+    return "" if optimizer is None else f"chained_{optimizer}."
+
+
+def bucket_key(optimizer: int | None, group: int, gbuf: int, dtype_pair: str, bucket: int, state: str) -> str:
+    """``dp_reshardable``: the tensor key of one bucket's state of DP group ``group`` (``dp_group_idx_N``)."""
+    return (f"{chained_prefix(optimizer)}optimizer.distributed.dp_group_idx_{group}.gbuf_idx_{gbuf}."
+            f"dtype_{dtype_pair}.bucket_idx_{bucket}.{state}")
+
+
+def group_object_key(optimizer: int | None, group: int, what: str) -> str:
+    """Bucket-space types: the key of DP group ``group``'s object ``what`` (``optimizer``, ``per_bucket_numel``…)."""
+    return f"{chained_prefix(optimizer)}optimizer.distributed.dp_group_idx_{group}.{what}/shard_0_1"
+
+
 # megatron-core 0.16+ with expert parallelism shards these over DP as well, one per data-parallel rank
 # (``<name>/shard_<pp>.<tp>.<dp>_<PP>.<TP>.<DP>``); the sharding types below are the ones only 0.15+ writes.
 DP_SHARDED_RANK_OBJECTS = ("rng_state",)
 DP_SHARDED_RANK_OBJECTS_TYPES = ("fully_reshardable", "dp_reshardable")
+
+
+def rank_object_over_dp(key: str, dp: int) -> list[str] | None:
+    """The keys of object ``key`` (``<name>/shard_<pp>.<tp>_<PP>.<TP>``, one of DP_SHARDED_RANK_OBJECTS) when
+    sharded over ``dp`` data-parallel ranks as well; None for any other object."""
+    name, _, shard = key.partition("/shard_")
+    m = re.fullmatch(r"(\d+)\.(\d+)_(\d+)\.(\d+)", shard)
+    if name not in DP_SHARDED_RANK_OBJECTS or m is None:
+        return None
+    pp, tp, n_pp, n_tp = m.groups()
+    return [f"{name}/shard_{pp}.{tp}.{d}_{n_pp}.{n_tp}.{dp}" for d in range(dp)]
 
 # Leading axes of stacked global tensors: (key prefix, axis names, per-item name template). The
 # template gives the name a legacy (non-distributed) state dict uses for one item, with global
@@ -485,10 +512,8 @@ class MegatronDist:
             self._bucket_index = {(b.optimizer, b.group, b.gbuf, b.dtypes, b.bucket, b.state): b for b in self._buckets}
         b = self._bucket_index.get((optimizer, group, gbuf, dtype_pair, bucket, state))
         if b is None:
-            raise CkptmapError(f"{self.path} has no tensor 'optimizer.distributed.dp_group_idx_{group}.gbuf_idx_{gbuf}."
-                               f"dtype_{dtype_pair}.bucket_idx_{bucket}.{state}'"
-                               + ("" if optimizer is None else f" (chained optimizer {optimizer})")
-                               + "; the checkpoint is incomplete or was saved by another layout than its args say")
+            raise CkptmapError(f"{self.path} has no tensor {bucket_key(optimizer, group, gbuf, dtype_pair, bucket, state)!r}"
+                               "; the checkpoint is incomplete or was saved by another layout than its args say")
         return b
 
     def dp_zero_tensor(self, optimizer, group, gbuf, dtype_pair: str, state) -> tuple[str, int]:

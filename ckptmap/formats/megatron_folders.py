@@ -20,6 +20,8 @@ TRACKER = "latest_checkpointed_iteration.txt"
 MODEL_FILE = "model_optim_rng.pt"
 OPTIM_FILE = "distrib_optim.pt"
 PARAM_MAP_DIR = "param_map"
+# what marks a --ckpt-format torch_dist iter folder (torch.distributed.checkpoint's metadata file)
+DCP_METADATA = ".metadata"
 
 
 def iter_dir_name(iteration: int | str) -> str:
@@ -212,3 +214,14 @@ def open_checkpoint_dir(path) -> CheckpointDir:
 
 def write_tracker(save_root, iteration) -> None:
     atomic.write_text(Path(save_root) / TRACKER, str(iteration))
+
+
+def may_hold_torch_dist(path) -> bool:
+    """Necessary for a torch_dist source: a ``.metadata`` in the folder, or a tracker and a ``.metadata``
+    one level down. Cheap (stats only), so legacy sources skip importing the torch_dist modules."""
+    try:
+        root = Path(path)
+        return (root / DCP_METADATA).is_file() or ((root / TRACKER).is_file() and any(
+            (c / DCP_METADATA).is_file() for c in root.iterdir()))
+    except OSError:
+        return False

@@ -81,6 +81,7 @@ import numpy as np
 
 from ckptmap import atomic, dtypes
 from ckptmap.errors import CkptmapError
+from ckptmap.formats import megatron_folders
 from ckptmap.formats import torch_zip_reader as tzr
 from ckptmap.formats import torch_zip_writer as tzw
 from ckptmap.formats.base import FileRange, TensorSpec
@@ -93,7 +94,7 @@ __all__ = ["Chunk", "TensorMeta", "ObjectMeta", "DcpMetadata", "TorchDistCheckpo
            "METADATA_JSON", "DCP_METADATA", "COMMON_PT"]
 
 METADATA_JSON = "metadata.json"
-DCP_METADATA = ".metadata"
+DCP_METADATA = megatron_folders.DCP_METADATA
 COMMON_PT = "common.pt"
 DISTCP_SUFFIX = ".distcp"
 BACKEND_JSON = {"sharded_backend": "torch_dist", "sharded_backend_version": 1, "common_backend": "torch",
@@ -852,61 +853,49 @@ class TorchDistCheckpoint:
 
     def read_range_box(self, key, start: int, numel: int | None, view, offsets, lengths,
                        out: np.ndarray | None = None) -> np.ndarray:
-        """See :meth:`_read_range_box`; with ``out`` (shape ``lengths``, e.g. the place in an assembled
-        shard) the box is written there and ``out`` returned, skipping an intermediate copy."""
-        t = self.tensor(key) if key in self.meta.tensors else None
-        if out is not None and t is not None and len(t.shape) > 1:
-            shape, v = tuple(t.shape), tuple(view)
-            n = math.prod(shape) - start if numel is None else numel
-            for j in range(len(shape) + 1):
-                tail, lead_shape = shape[len(shape) - j:], shape[:len(shape) - j]
-                if math.prod(tail) != n or (n and start % n):
-                    continue
-                lead = tuple(int(i) for i in np.unravel_index(start // n, lead_shape)) if lead_shape else ()
-                if v == tail:   # the box itself, straight from the chunks into out
-                    self.read_box(key, Box(lead + tuple(offsets), (1,) * len(lead) + tuple(lengths)),
-                                  out=out[(np.newaxis,) * len(lead)])
-                    return out
-                if tuple(lengths) == v and not any(offsets) and out.flags.c_contiguous:
-                    # all of a row block viewed in another shape (an nd-flattened fragment): the same bytes
-                    self.read_box(key, Box(lead + (0,) * j, (1,) * len(lead) + tail),
-                                  out=out.reshape((1,) * len(lead) + tail))
-                    return out
-                break
-        got = self._read_range_box(key, start, numel, view, offsets, lengths)
-        if out is None:
-            return got
-        out[...] = got
-        return out
-
-    def _read_range_box(self, key, start: int, numel: int | None, view, offsets, lengths) -> np.ndarray:
         """Box ``offsets``/``lengths`` of the flat element range ``[start, start + numel)`` of ``key``
         viewed (C order) as ``view`` -- a plan ``Read`` -- reading only the chunks under it, not the
         global tensor: the range must be whole trailing-axis rows of the stored tensor (one stacked
-        layer of a ``[L, …]`` tensor, one fragment of an nd-flattened one), which is what plans make."""
+        layer of a ``[L, …]`` tensor, one fragment of an nd-flattened one), which is what plans make.
+        With ``out`` (shape ``lengths``, e.g. its place in an assembled shard) the box is written there
+        and ``out`` returned; whole chunks then go straight into it, without an intermediate array."""
+        def place(box):
+            if out is None:
+                return box
+            out[...] = box
+            return out
+
+        def cut(rows):
+            return place(rows[tuple(slice(o, o + n) for o, n in zip(offsets, lengths))])
+
         if key not in self.meta.tensors and OBJECT_TENSOR in key:   # a tensor inside a byte object: a mapped view
             item, ref = self._object_tensor(key)
             flat = item.array(ref).reshape(-1)
             numel = flat.size - start if numel is None else numel
-            rows = flat[start:start + numel].reshape(view)
-            return rows[tuple(slice(o, o + n) for o, n in zip(offsets, lengths))]
+            return cut(flat[start:start + numel].reshape(view))
         t = self.tensor(key)
         shape, view, offsets, lengths = tuple(t.shape), tuple(view), tuple(offsets), tuple(lengths)
         numel = math.prod(shape) - start if numel is None else numel
         if len(shape) == 1:   # a range of a 1-D tensor (a dp_reshardable bucket): only the chunks under it
-            rows = self.read_box(key, Box((start,), (numel,))).reshape(view)
-            return rows[tuple(slice(o, o + n) for o, n in zip(offsets, lengths))]
+            return cut(self.read_box(key, Box((start,), (numel,))).reshape(view))
         for j in range(len(shape) + 1):
             tail, lead_shape = shape[len(shape) - j:], shape[:len(shape) - j]
             if math.prod(tail) != numel or (numel and start % numel):
                 continue
             lead = tuple(int(i) for i in np.unravel_index(start // numel, lead_shape)) if lead_shape else ()
+            rows = Box(lead + (0,) * j, (1,) * len(lead) + tail)
             if view == tail:   # the box itself, straight from the chunks
-                return self.read_box(key, Box(lead + offsets, (1,) * len(lead) + lengths)).reshape(lengths)
-            rows = self.read_box(key, Box(lead + (0,) * j, (1,) * len(lead) + tail)).reshape(view)
-            return rows[tuple(slice(o, o + n) for o, n in zip(offsets, lengths))]
-        flat = self.array(key).reshape(-1)[start:start + numel].reshape(view)
-        return flat[tuple(slice(o, o + n) for o, n in zip(offsets, lengths))]
+                box = Box(lead + offsets, (1,) * len(lead) + lengths)
+                if out is not None:
+                    self.read_box(key, box, out=out[(np.newaxis,) * len(lead)])
+                    return out
+                return self.read_box(key, box).reshape(lengths)
+            if out is not None and lengths == view and not any(offsets) and out.flags.c_contiguous:
+                # all of a row block viewed in another shape (an nd-flattened fragment): the same bytes
+                self.read_box(key, rows, out=out.reshape(rows.lengths))
+                return out
+            return cut(self.read_box(key, rows).reshape(view))
+        return cut(self.array(key).reshape(-1)[start:start + numel].reshape(view))
 
     def array(self, key) -> np.ndarray:
         """The whole global tensor (in memory; prefer :meth:`read_box` for large tensors)."""

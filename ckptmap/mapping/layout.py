@@ -459,8 +459,7 @@ class ParallelLayout:
         that rank's distributed optimizer (``dp_group_idx_N`` in torch_dist bucket-space keys)."""
         self._check_coord("tp", tp, self.tp)
         self._check_coord("pp", pp, self.pp)
-        me = self.global_rank(tp=tp, pp=pp)
-        return sum(1 for t in range(self.tp) for p in range(self.pp) if self.global_rank(tp=t, pp=p) < me)
+        return self._rank_in_group(tp=tp, pp=pp)
 
     def expert_model_parallel_rank(self, tp: int, pp: int, ep: int) -> int:
         """Rank of (``tp``, ``pp``, ``ep``) in Megatron's expert-model-parallel group (the TP x EP x PP
@@ -469,9 +468,17 @@ class ParallelLayout:
         self._check_coord("tp", tp, self.tp)
         self._check_coord("pp", pp, self.pp)
         self._check_coord("ep", ep, self.ep)
-        me = self.mp_rank_ranks(tp, pp, all_dp_cp=False, ep=ep)[0]
-        return sum(1 for t in range(self.tp) for p in range(self.pp) for e in range(self.ep)
-                   if self.mp_rank_ranks(t, p, all_dp_cp=False, ep=e)[0] < me)
+        return self._rank_in_group(tp=tp, pp=pp, ep=ep)
+
+    def _rank_in_group(self, **coords) -> int:
+        """Rank of ``coords`` among the ranks that vary only those axes (the others 0), in global-rank
+        order: global ranks are mixed-radix numbers, so the group's order is the same digits alone."""
+        rank, scale = 0, 1
+        for token, size in self._radix:   # fastest digit first
+            if token in coords:
+                rank += coords[token] * scale
+                scale *= size
+        return rank
 
     def global_expert(self, ep: int, local: int, num_experts: int) -> int:
         """Global id of local expert `local` of expert-parallel rank `ep` (Megatron gives each EP rank

@@ -124,7 +124,7 @@ def plan_legacy_to_dist(src, dst, sharding_type: str = "fully_reshardable", rule
     def state_key(state, key, expert) -> str:
         # a ChainedOptimizer [dense, expert]: 0.8 - 0.14 prefix its keys; 0.15+ fully_reshardable does not
         # (content_metadata chained_optim_avoid_prefix)
-        prefix = f"chained_{int(expert)}." if chained and st.nd_flattened else ""
+        prefix = M.chained_prefix(int(expert) if chained and st.nd_flattened else None)
         return f"{prefix}optimizer.state.{st.spelling(state)}.{key}"
 
     # group the global parameters by sharded key (layers stacked)

@@ -867,14 +867,11 @@ def _rank_objects_over_dp(md: M.MegatronDist, s: ParallelLayout, objects: list, 
     keys replaced."""
     replaced = set()
     for o in md.reader.meta.objects.values():
-        name, _, shard = o.key.partition("/shard_")
-        m = re.fullmatch(r"(\d+)\.(\d+)_(\d+)\.(\d+)", shard)
-        if name not in M.DP_SHARDED_RANK_OBJECTS or m is None:
+        keys = M.rank_object_over_dp(o.key, s.dp)
+        if keys is None:
             continue
-        pp, tp, n_pp, n_tp = m.groups()
         data = bytes(md.reader.object_bytes(o.key))
-        for d in range(s.dp):
-            key = f"{name}/shard_{pp}.{tp}.{d}_{n_pp}.{n_tp}.{s.dp}"
+        for key in keys:
             objects.append(td.OutObject(key, o.file))
             new_objects[key] = data
         replaced.add(o.key)
@@ -918,7 +915,6 @@ def plan_dp_reshardable(md: M.MegatronDist, dst, rules_name: str = DEFAULT_RULES
     optimizers = [(0, 0, False)] + [(1, e, True) for e in range(s.ep)] if model.chained else [(None, 0, None)]
     for pp, tp, (opt_index, ep, expert) in itertools.product(range(s.pp), range(s.tp), optimizers):
         group = s.expert_model_parallel_rank(tp, pp, ep) if expert else s.model_parallel_rank(tp, pp)
-        prefix = "" if opt_index is None else f"chained_{opt_index}."
         file = f"__{s.global_rank(tp=tp, pp=pp)}_0.distcp"
         file = file if file in files else files[0]
         padded, unpadded, gbuf = [], [], 0
@@ -932,8 +928,7 @@ def plan_dp_reshardable(md: M.MegatronDist, dst, rules_name: str = DEFAULT_RULES
                 for b_idx, bucket in enumerate(bl.buckets):
                     slots = [sl for sl in bl.slots if sl.bucket == b_idx]
                     for state in STATES:
-                        key = (f"{prefix}optimizer.distributed.dp_group_idx_{group}.gbuf_idx_{gbuf}.dtype_{pair}."
-                               f"bucket_idx_{b_idx}.{state}")
+                        key = M.bucket_key(opt_index, group, gbuf, pair, b_idx, state)
                         pieces = []
                         for sl in slots:
                             p = by_ddp[sl.name]
@@ -950,10 +945,9 @@ def plan_dp_reshardable(md: M.MegatronDist, dst, rules_name: str = DEFAULT_RULES
                 padded.append({markers: bl.per_bucket_numel})
                 unpadded.append({markers: bl.per_bucket_numel_unpadded})
                 gbuf += 1
-        base = f"{prefix}optimizer.distributed.dp_group_idx_{group}"
         for what, value in (("optimizer", per_opt[opt_index]["optimizer"]), ("per_bucket_numel", padded),
                             ("per_bucket_numel_unpadded", unpadded)):
-            key = f"{base}.{what}/shard_0_1"
+            key = M.group_object_key(opt_index, group, what)
             objects.append(td.OutObject(key, file))
             new_objects[key] = _object_bytes(value)
     replaced = _rank_objects_over_dp(md, s, objects, new_objects) if s.ep > 1 else set()

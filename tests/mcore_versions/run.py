@@ -15,10 +15,8 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
-import shutil
 import socket
 import sys
-import tempfile
 import time
 from pathlib import Path
 
