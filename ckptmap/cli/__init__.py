@@ -167,7 +167,9 @@ def cmd_rules(ns) -> int:
     rules = load_rules(ns.file)
     print(f"{ns.file}: ok — rules {rules.name}, {len(rules.params)} param rules, "
           f"{len(rules.states)} optimizer states, bucket layouts: "
-          f"{', '.join(b.label for b in rules.buckets) or 'none'}")
+          f"{', '.join(b.label for b in rules.buckets) or 'none'}"
+          + "".join(f"; torch_dist {t.name}: sharding types {', '.join(t.sharding_types)}, {len(t.stacked)} stacked keys"
+                    for t in rules.torch_dist))
     return 0
 
 

@@ -1,5 +1,9 @@
 """What Megatron's ``torch_dist`` checkpoints mean: sharding types, global tensors, optimizer state.
 
+Every key spelling below is declared in the rules' ``torch_dist megatron`` block
+(``rules/common/megatron_layouts.rules``, parsed by ``mapping/torch_dist_rules.py``); this module reads
+and writes keys only through that :class:`TorchDistLayout`, and holds what the keys mean.
+
 ``formats/torch_dist.py`` reads the DCP container (keys, global shapes, chunks, byte objects).
 This module interprets it as megatron-core 0.8 - 0.16 writes it (``dist_checkpointing`` +
 ``DistributedOptimizer.sharded_state_dict``), as data:
@@ -8,12 +12,12 @@ This module interprets it as megatron-core 0.8 - 0.16 writes it (``dist_checkpoi
   are stacked on a leading axis (``decoder.layers.mlp.linear_fc2.weight``: ``[L, …]``, L = all
   layers of all pipeline stages and virtual chunks, global layer order); MoE experts add a global
   expert axis (``decoder.layers.mlp.experts.experts.linear_fc1.weight``: ``[L, E, …]``); see
-  :data:`STACKED_AXES`. TP-sharded tensors are global (a SwiGLU ``linear_fc1`` is
+  the rules' ``stacked`` lines. TP-sharded tensors are global (a SwiGLU ``linear_fc1`` is
   ``[gate of every TP rank; up of every TP rank]``, QKV grouped per query group). The
   TransformerEngine-style names hold the norms (``linear_qkv.layer_norm_weight`` is the input
   norm, ``linear_fc1.layer_norm_weight`` the pre-MLP norm) also with the local spec.
 
-* **Optimizer state**, by the distributed optimizer's *sharding type* (:data:`SHARDING_TYPES`; the
+* **Optimizer state**, by the distributed optimizer's *sharding type* (the rules' ``sharding`` blocks; the
   type is declared in ``common.pt`` -- ``content_metadata['distrib_optim_sharding_type']`` since
   0.15, ``optimizer['param_state_sharding_type']`` always -- and the keys must agree with it).
   A ``ChainedOptimizer`` (MoE: dense + expert optimizers) prefixes its optimizers' keys with
@@ -65,9 +69,11 @@ and saving with >= 0.15), streaming one chunk at a time.
 from __future__ import annotations
 
 import copy
+import functools
 import itertools
 import math
 import re
+from importlib import resources
 from pathlib import Path
 
 import attrs
@@ -78,124 +84,49 @@ from ckptmap.errors import CkptmapError
 from ckptmap.formats import torch_dist as td
 from ckptmap.mapping import ops
 from ckptmap.mapping.sharding import Box
+from ckptmap.mapping.torch_dist_rules import ShardingSpec, TorchDistLayout
 
-__all__ = ["ShardingType", "SHARDING_TYPES", "STACKED_AXES", "GlobalTensor", "BucketTensor", "MegatronDist",
+__all__ = ["ShardingType", "default_layout", "GlobalTensor", "BucketTensor", "MegatronDist",
            "RewritePlan", "plan_rewrite", "write_rewrite", "plan_folder", "FULLY_RESHARDABLE_BUG"]
 
 # -------------------------------------------------------------------------------------------------
-# Declared data
+# Declared data: the key spelling is the rules' ``torch_dist megatron`` block (mapping/torch_dist_rules.py)
+
+ShardingType = ShardingSpec
+# ``.metadata``'s mcore_data entry of an nd-flattened tensor: its global shape (dist_checkpointing's own field)
+ND_SHAPE = "nd_reformulated_orig_global_shape"
 
 
-@attrs.frozen
-class ShardingType:
-    """One ``DistributedOptimizer`` sharding type: the regular expressions its optimizer tensor keys
-    and optimizer object names match (after an optional ``chained_<i>.`` prefix), how its state
-    names are spelled in the file, the space its tensors live in (``model``: one tensor per
-    parameter and state; ``bucket``: one per gradient-buffer bucket; ``coalesced``: objects holding
-    whole buffers), whether model-space tensors are nd-flattened, and whether the optimizer's param
-    groups are in ``common.pt`` (else per-DP-group ``…optimizer`` objects)."""
+@functools.cache
+def default_layout() -> TorchDistLayout:
+    """The bundled rules' ``torch_dist megatron`` block (common/megatron_layouts.rules)."""
+    from ckptmap.mapping.rules import parse_rules
 
-    name: str
-    written_by: str
-    tensor_keys: str | None
-    object_keys: str | None
-    state_names: tuple[tuple[str, str], ...]
-    space: str
-    nd_flattened: bool = False
-    param_groups_in_common: bool = False
-
-    def state(self, spelled: str) -> str:
-        return dict(self.state_names)[spelled]
-
-    def spelling(self, state: str) -> str:
-        return {v: k for k, v in self.state_names}[state]
+    path = resources.files("ckptmap.rules").joinpath("common", "megatron_layouts.rules")
+    return parse_rules(path.read_text(), str(path)).torch_dist_layout("megatron")
 
 
-_STATES = (("param", "param"), ("exp_avg", "exp_avg"), ("exp_avg_sq", "exp_avg_sq"))
-_DP = r"optimizer\.distributed\.dp_group_idx_(?P<group>\d+)\."
-
-SHARDING_TYPES: dict[str, ShardingType] = {t.name: t for t in (
-    ShardingType("fully_sharded_model_space", "megatron-core 0.8 - 0.14 (default), 0.15 - 0.16 (deprecated)",
-                 r"optimizer\.state\.(?P<state>fp32_param|exp_avg|exp_avg_sq)\.(?P<name>.+)", None,
-                 (("fp32_param", "param"), ("exp_avg", "exp_avg"), ("exp_avg_sq", "exp_avg_sq")), "model",
-                 nd_flattened=True, param_groups_in_common=True),
-    ShardingType("fully_reshardable", "megatron-core 0.15+ (--dist-ckpt-optim-fully-reshardable)",
-                 r"optimizer\.state\.(?P<state>param|exp_avg|exp_avg_sq)\.(?P<name>.+)", None, _STATES, "model",
-                 param_groups_in_common=True),
-    ShardingType("dp_reshardable", "megatron-core 0.15+ (default)",
-                 _DP + r"gbuf_idx_(?P<gbuf>\d+)\.dtype_(?P<dtype>\(.+\))\.bucket_idx_(?P<bucket>\d+)\."
-                       r"(?P<state>param|exp_avg|exp_avg_sq)",
-                 _DP + r"(?P<what>optimizer|per_bucket_numel|per_bucket_numel_unpadded)", _STATES, "bucket"),
-    ShardingType("dp_zero_gather_scatter", "megatron-core 0.8+ (--no-ckpt-fully-parallel-save; deprecated in 0.15)",
-                 None, _DP + r"(?P<what>optimizer|param_state)", _STATES, "coalesced"),
-)}
-# sharding types Megatron knows and ckptmap does not read, with the reason
-UNSUPPORTED_TYPES = {
-    "fully_sharded_bucket_space": "the deprecated bucket-space format of megatron-core 0.7 - 0.14",
-    "fsdp_dtensor": "Megatron FSDP's DTensor format",
-}
-_CHAINED = re.compile(r"chained_(?P<opt>\d+)\.(?P<rest>.*)", re.S)
-_OPTIMIZER_KEY = re.compile(r"(?:chained_\d+\.)?optimizer\.")
-_ND_SHAPE = ND_SHAPE = "nd_reformulated_orig_global_shape"
-# Per-rank state a torch_dist save keeps as ShardedObjects over (pp, tp) (``<name>/shard_<pp>.<tp>_<PP>.<TP>``):
-# (object name, path of the value in a legacy model file). The rerun machine's ``sharded`` part: 0.10 - 0.14.
-RANK_OBJECTS = (("rng_state", ("rng_state",)), ("rerun_state_machine_state", ("rerun_state_machine", "sharded")))
-
-def chained_prefix(optimizer: int | None) -> str:
-    """The key prefix of optimizer ``optimizer`` of a ChainedOptimizer (None: a single optimizer)."""
-    return "" if optimizer is None else f"chained_{optimizer}."
+def object_key(name: str, offsets=(0,), global_shape=(1,)) -> str:
+    """dist_checkpointing's key of one shard of ShardedObject ``name`` (``ShardedObject.unique_key``)."""
+    return f"{name}/shard_{'.'.join(map(str, offsets))}_{'.'.join(map(str, global_shape))}"
 
 
-def bucket_key(optimizer: int | None, group: int, gbuf: int, dtype_pair: str, bucket: int, state: str) -> str:
-    """``dp_reshardable``: the tensor key of one bucket's state of DP group ``group`` (``dp_group_idx_N``)."""
-    return (f"{chained_prefix(optimizer)}optimizer.distributed.dp_group_idx_{group}.gbuf_idx_{gbuf}."
-            f"dtype_{dtype_pair}.bucket_idx_{bucket}.{state}")
-
-
-def group_object_key(optimizer: int | None, group: int, what: str) -> str:
+def group_object_key(layout: TorchDistLayout, st: ShardingSpec, optimizer: int | None, group: int, what: str) -> str:
     """Bucket-space types: the key of DP group ``group``'s object ``what`` (``optimizer``, ``per_bucket_numel``…)."""
-    return f"{chained_prefix(optimizer)}optimizer.distributed.dp_group_idx_{group}.{what}/shard_0_1"
+    return object_key(layout.chained_prefix(optimizer) + st.object_name(group=group, what=what))
 
 
-# megatron-core 0.16+ with expert parallelism shards these over DP as well, one per data-parallel rank
-# (``<name>/shard_<pp>.<tp>.<dp>_<PP>.<TP>.<DP>``); the sharding types below are the ones only 0.15+ writes.
-DP_SHARDED_RANK_OBJECTS = ("rng_state",)
-DP_SHARDED_RANK_OBJECTS_TYPES = ("fully_reshardable", "dp_reshardable")
-
-
-def rank_object_over_dp(key: str, dp: int) -> list[str] | None:
-    """The keys of object ``key`` (``<name>/shard_<pp>.<tp>_<PP>.<TP>``, one of DP_SHARDED_RANK_OBJECTS) when
-    sharded over ``dp`` data-parallel ranks as well; None for any other object."""
+def rank_object_over_dp(layout: TorchDistLayout, key: str, dp: int) -> list[str] | None:
+    """The keys of object ``key`` (``<name>/shard_<pp>.<tp>_<PP>.<TP>``, a rank object the rules shard over DP
+    for some sharding type) when sharded over ``dp`` data-parallel ranks as well; None for any other object."""
     name, _, shard = key.partition("/shard_")
     m = re.fullmatch(r"(\d+)\.(\d+)_(\d+)\.(\d+)", shard)
-    if name not in DP_SHARDED_RANK_OBJECTS or m is None:
+    if m is None or not any(o.name == name and o.over_dp_for for o in layout.rank_objects):
         return None
-    pp, tp, n_pp, n_tp = m.groups()
-    return [f"{name}/shard_{pp}.{tp}.{d}_{n_pp}.{n_tp}.{dp}" for d in range(dp)]
+    pp, tp, n_pp, n_tp = map(int, m.groups())
+    return [object_key(name, (pp, tp, d), (n_pp, n_tp, dp)) for d in range(dp)]
 
-# Leading axes of stacked global tensors: (key prefix, axis names, per-item name template). The
-# template gives the name a legacy (non-distributed) state dict uses for one item, with global
-# layer / expert numbers. First match wins.
-STACKED_AXES: tuple[tuple[str, tuple[str, ...], str], ...] = (
-    ("decoder.layers.mlp.experts.experts.", ("layer", "expert"),
-     "decoder.layers.{layer}.mlp.experts.local_experts.{expert}.{rest}"),
-    ("decoder.layers.", ("layer",), "decoder.layers.{layer}.{rest}"),
-    ("encoder.layers.", ("layer",), "encoder.layers.{layer}.{rest}"),
-    ("mtp.layers.", ("layer",), "mtp.layers.{layer}.{rest}"),
-)
 
-# Sharded keys that differ from the legacy state-dict names, per ``args.transformer_impl``: megatron.core's
-# local layer spec stores its norms under the TransformerEngine names (``TransformerLayer``'s
-# ``sharded_state_dict_keys_map``), so a torch_dist save reads the same with either spec. Pairs of
-# (legacy name part, sharded key part) inside one layer (after ``…layers.{layer}.``).
-SHARDED_KEY_MAPS: dict[str, tuple[tuple[str, str], ...]] = {
-    "local": (("input_layernorm.", "self_attention.linear_qkv.layer_norm_"),
-              ("pre_mlp_layernorm.", "mlp.linear_fc1.layer_norm_")),
-    "transformer_engine": (),
-}
-# ``_extra_state`` entries a legacy state dict has but torch_dist saves leave out: ``GPTModel.sharded_state_dict``
-# pops the output layer's (asserting it holds nothing) -- a legacy file needs it back, empty, for a strict load.
-DROPPED_EXTRA_STATES = ("output_layer._extra_state",)
 # Where a dp_zero_gather_scatter ``param_state`` object (``torch.save([state])``) keeps buffer ``gbuf``'s
 # coalesced state tensor: the legacy distrib_optim.pt dict, ``{gbuf: {(param dtype, grad dtype): {state: …}}}``.
 def DP_ZERO_STATE_PATH(gbuf, dtype_pair, state):
@@ -207,59 +138,14 @@ def dtype_pair(param_dtype: str, grad_dtype: str) -> str:
     return f"(torch.{param_dtype}, torch.{grad_dtype})"
 
 
-# Entries of common.pt that only torch_dist saves have (the sharding type, 0.15+ content metadata); a
-# legacy model_optim_rng.pt has neither.
-DIST_ONLY_COMMON_KEYS = ("content_metadata",)
-DIST_ONLY_OPTIMIZER_KEYS = ("param_state_sharding_type",)
-
-
-def legacy_item_name(item: str, transformer_impl: str | None) -> str:
-    """The legacy state-dict name (global layer numbers) of one unstacked item of a sharded key."""
-    impl = transformer_impl or "transformer_engine"
-    if impl not in SHARDED_KEY_MAPS:
-        raise CkptmapError(f"args.transformer_impl {impl!r}: ckptmap knows the sharded key names of "
-                           f"{', '.join(SHARDED_KEY_MAPS)}")
-    m = re.fullmatch(r"(?P<head>(?:.*\.)?layers\.\d+\.)(?P<rest>.*)", item)
-    if not m:
-        return item
-    for legacy, sharded in SHARDED_KEY_MAPS[impl]:
-        if m["rest"].startswith(sharded):
-            return m["head"] + legacy + m["rest"][len(sharded):]
-    return item
-
-
-def sharded_item(name: str, transformer_impl: str | None) -> tuple[str, tuple[int, ...]]:
-    """Inverse of :func:`legacy_item_name` + :data:`STACKED_AXES`: (sharded key, stacked index) of a legacy
-    state-dict name with global layer / expert numbers."""
-    impl = transformer_impl or "transformer_engine"
-    if impl not in SHARDED_KEY_MAPS:
-        raise CkptmapError(f"args.transformer_impl {impl!r}: ckptmap knows the sharded key names of "
-                           f"{', '.join(SHARDED_KEY_MAPS)}")
-    for prefix, axes, template in STACKED_AXES:
-        pattern = re.escape(template)
-        for a in axes:
-            pattern = pattern.replace(re.escape("{" + a + "}"), rf"(?P<{a}>\d+)")
-        m = re.fullmatch(pattern.replace(re.escape("{rest}"), "(?P<rest>.+)"), name)
-        if m is None:
-            continue
-        rest = m["rest"]
-        for legacy, sharded in SHARDED_KEY_MAPS[impl]:
-            if rest.startswith(legacy):
-                rest = sharded + rest[len(legacy):]
-                break
-        return prefix + rest, tuple(int(m[a]) for a in axes)
-    return name, ()
-
-
-def unstack_object(name: str, offsets: tuple[int, ...]) -> str:
+def unstack_object(layout: TorchDistLayout, name: str, offsets: tuple[int, ...]) -> str:
     """The legacy name of the item of a stacked ``ShardedObject`` (``…_extra_state/shard_<offsets>_…``)."""
-    axes, template = stacked_axes(name)
-    if not axes:
+    s = layout.stacked_key(name)
+    if s is None:
         return name
-    if len(offsets) < len(axes):
-        raise CkptmapError(f"object {name!r} has {len(offsets)} shard offsets, fewer than its stacked axes {axes}")
-    rest = name[len(next(p for p, a, _ in STACKED_AXES if name.startswith(p))):]
-    return template.format(rest=rest, **dict(zip(axes, offsets)))
+    if len(offsets) < len(s.axes):
+        raise CkptmapError(f"object {name!r} has {len(offsets)} shard offsets, fewer than its stacked axes {s.axes}")
+    return layout.item_name(name, dict(zip(s.axes, offsets)))
 
 
 FULLY_RESHARDABLE_BUG = (
@@ -319,11 +205,6 @@ class BucketTensor:
 # Interpretation
 
 
-def _split_chained(key: str) -> tuple[int | None, str]:
-    m = _CHAINED.fullmatch(key)
-    return (int(m["opt"]), m["rest"]) if m else (None, key)
-
-
 def _declared_types(common) -> list[str]:
     out = []
     cm = common.get("content_metadata") if isinstance(common, dict) else None
@@ -348,7 +229,8 @@ class MegatronDist:
     metadata and ``common.pt`` only; :attr:`sharding_type` is None for a checkpoint without
     optimizer state."""
 
-    def __init__(self, path, reader: td.TorchDistCheckpoint | None = None):
+    def __init__(self, path, reader: td.TorchDistCheckpoint | None = None, layout: TorchDistLayout | None = None):
+        self.layout = layout or default_layout()
         self.reader = reader or td.TorchDistCheckpoint(path)
         self.path = self.reader.path
         try:
@@ -365,7 +247,9 @@ class MegatronDist:
     # --- sharding type ---
     def _detect(self) -> ShardingType | None:
         meta = self.reader.meta
-        optim_keys = [k for k in meta.order if _OPTIMIZER_KEY.match(k)]
+        lay = self.layout
+        known = lay.sharding_types
+        optim_keys = [k for k in meta.order if lay.is_optimizer_key(k)]
         declared = sorted(set(_declared_types(self.common)))
         where = f"{self.path}"
         if len(declared) > 1:
@@ -373,15 +257,16 @@ class MegatronDist:
                                f"has one — it is corrupt or assembled from several saves")
         if declared:
             name = declared[0]
-            if name in UNSUPPORTED_TYPES:
+            unsupported = dict(lay.unsupported)
+            if name in unsupported:
                 raise CkptmapError(f"{where}: the distributed optimizer state is stored with sharding type {name!r} "
-                                   f"({UNSUPPORTED_TYPES[name]}); ckptmap reads {', '.join(SHARDING_TYPES)} — "
+                                   f"({unsupported[name]}); ckptmap reads {', '.join(known)} — "
                                    f"re-save with one of those (megatron-core --dist-ckpt-optim-fully-reshardable, or "
                                    f"the default)")
-            st = SHARDING_TYPES.get(name)
+            st = known.get(name)
             if st is None:
                 raise CkptmapError(f"{where}: common.pt declares the unknown optimizer sharding type {name!r}; ckptmap "
-                                   f"reads {', '.join(SHARDING_TYPES)} — nothing was converted")
+                                   f"reads {', '.join(known)} (the torch_dist rules, {lay.loc}) — nothing was converted")
             bad = [k for k in optim_keys if not self._matches(st, k)]
             if bad:
                 raise CkptmapError(f"{where}: common.pt says the optimizer state is {name!r} but {len(bad)} optimizer "
@@ -393,19 +278,19 @@ class MegatronDist:
             return st
         if not optim_keys:
             return None
-        fits = [st for st in SHARDING_TYPES.values() if all(self._matches(st, k) for k in optim_keys)]
+        fits = [st for st in known.values() if all(self._matches(st, k) for k in optim_keys)]
         if len(fits) != 1:
             raise CkptmapError(f"{where}: common.pt does not say how the optimizer state is sharded and its keys "
                                f"(e.g. {optim_keys[0]!r}) fit {'no' if not fits else 'more than one'} sharding type "
-                               f"ckptmap knows ({', '.join(SHARDING_TYPES)}); nothing was converted")
+                               f"ckptmap knows ({', '.join(known)}); nothing was converted")
         return fits[0]
 
     def _matches(self, st: ShardingType, key: str) -> bool:
-        _, rest = _split_chained(key)
+        _, rest = self.layout.split_chained(key)
         if key in self.reader.meta.tensors:
-            return st.tensor_keys is not None and re.fullmatch(st.tensor_keys, rest) is not None
+            return st.tensors is not None and st.tensors.match(rest) is not None
         name = self.reader.meta.objects[key].name
-        return st.object_keys is not None and re.fullmatch(st.object_keys, _split_chained(name)[1]) is not None
+        return st.objects is not None and st.objects.match(self.layout.split_chained(name)[1]) is not None
 
     # --- keys ---
     def _classify(self) -> None:
@@ -417,16 +302,16 @@ class MegatronDist:
         self.other_objects: list[str] = []
         mcore = meta.mcore_data or {}
         for key, t in meta.tensors.items():
-            if not _OPTIMIZER_KEY.match(key):
+            if not self.layout.is_optimizer_key(key):
                 self._tensors.append(GlobalTensor(key, "weight", None, key, t.dtype, t.shape,
                                                   tuple(c.box for c in t.chunks), t.shape))
                 continue
-            opt, rest = _split_chained(key)
-            m = re.fullmatch(st.tensor_keys, rest)
+            opt, rest = self.layout.split_chained(key)
+            m = st.tensors.match(rest)
             if st.space == "model":
                 state = st.state(m["state"])
                 shape = t.shape
-                nd = mcore.get(key, {}).get(_ND_SHAPE) if isinstance(mcore.get(key), dict) else None
+                nd = mcore.get(key, {}).get(ND_SHAPE) if isinstance(mcore.get(key), dict) else None
                 if nd is not None and st.nd_flattened:
                     shape = self._nd_shape(key, t, nd)
                     boxes = _fragments(shape, t.shape)
@@ -436,13 +321,13 @@ class MegatronDist:
             else:  # bucket space
                 if len(t.shape) != 1:
                     raise CkptmapError(f"{self.path}: bucket tensor {key!r} has shape {list(t.shape)}, not 1-D")
-                self._buckets.append(BucketTensor(opt, int(m["group"]), int(m["gbuf"]), m["dtype"], int(m["bucket"]),
+                self._buckets.append(BucketTensor(opt, m["group"], m["gbuf"], m["dtypes"], m["bucket"],
                                                   st.state(m["state"]), key, t.shape[0]))
         for key, o in meta.objects.items():
-            if _OPTIMIZER_KEY.match(key):
-                opt, rest = _split_chained(o.name)
-                m = re.fullmatch(st.object_keys, rest)
-                self.optimizer_objects[(opt, int(m["group"]), m["what"])] = key
+            if self.layout.is_optimizer_key(key):
+                opt, rest = self.layout.split_chained(o.name)
+                m = st.objects.match(rest)
+                self.optimizer_objects[(opt, m["group"], m["what"])] = key
             else:
                 self.other_objects.append(key)
         model = {t.name: t for t in self._tensors if t.state == "weight"}
@@ -512,7 +397,9 @@ class MegatronDist:
             self._bucket_index = {(b.optimizer, b.group, b.gbuf, b.dtypes, b.bucket, b.state): b for b in self._buckets}
         b = self._bucket_index.get((optimizer, group, gbuf, dtype_pair, bucket, state))
         if b is None:
-            raise CkptmapError(f"{self.path} has no tensor {bucket_key(optimizer, group, gbuf, dtype_pair, bucket, state)!r}"
+            key = self.layout.chained_prefix(optimizer) + self.sharding_type.tensor_key(
+                group=group, gbuf=gbuf, dtypes=dtype_pair, bucket=bucket, state=state)
+            raise CkptmapError(f"{self.path} has no tensor {key!r}"
                                "; the checkpoint is incomplete or was saved by another layout than its args say")
         return b
 
@@ -615,29 +502,20 @@ def _fragments(shape, stored_shape) -> tuple[Box, ...]:
                  for idx in itertools.product(*(range(f) for f in frags)))
 
 
-def stacked_axes(name: str) -> tuple[tuple[str, ...], str | None]:
-    """The leading stacked axes of global tensor ``name`` (``("layer",)``, ``("layer", "expert")`` or
-    ``()``) and the template of one item's name (:data:`STACKED_AXES`)."""
-    for prefix, axes, template in STACKED_AXES:
-        if name.startswith(prefix):
-            return axes, template
-    return (), None
-
-
-def unstack(t: GlobalTensor) -> list[tuple[str, dict, Box]]:
+def unstack(layout: TorchDistLayout, t: GlobalTensor) -> list[tuple[str, dict, Box]]:
     """One ``(item name, {axis: index}, box)`` per stacked item of ``t`` (one per layer, or per layer and
     expert), the box covering that item in the global tensor; ``[(name, {}, whole)]`` if unstacked."""
-    axes, template = stacked_axes(t.name)
-    if not axes:
+    s = layout.stacked_key(t.name)
+    if s is None:
         return [(t.name, {}, Box((0,) * len(t.shape), t.shape))]
+    axes = s.axes
     if len(t.shape) < len(axes):
         raise CkptmapError(f"{t.name}: shape {list(t.shape)} has fewer dimensions than its stacked axes {axes}")
-    rest = t.name[len(next(p for p, a, _ in STACKED_AXES if t.name.startswith(p))):]
     out = []
     for idx in itertools.product(*(range(n) for n in t.shape[:len(axes)])):
         where = dict(zip(axes, idx))
         box = Box(idx + (0,) * (len(t.shape) - len(axes)), (1,) * len(axes) + t.shape[len(axes):])
-        out.append((template.format(rest=rest, **where), where, box))
+        out.append((layout.item_name(t.name, where), where, box))
     return out
 
 
@@ -745,8 +623,9 @@ def plan_rewrite(src, dst, sharding_type: str | None = None, *, check: bool = Tr
     with MegatronDist(src, reader) as md:
         source = md.sharding_type.name if md.sharding_type else None
         target = source if sharding_type is None else sharding_type
-        if target not in SHARDING_TYPES and target is not None:
-            raise CkptmapError(f"unknown target sharding type {target!r}; choose one of {', '.join(SHARDING_TYPES)}")
+        known = md.layout.sharding_types
+        if target not in known and target is not None:
+            raise CkptmapError(f"unknown target sharding type {target!r}; choose one of {', '.join(known)}")
         if check:
             md.check_fully_reshardable()
         if target == source:
@@ -762,7 +641,7 @@ def plan_rewrite(src, dst, sharding_type: str | None = None, *, check: bool = Tr
             return plan_dp_reshardable(md, dst)
         why = ("the optimizer state is stored per gradient-buffer bucket; mapping it to parameters needs the "
                "training run's buffer layout (mapping/buckets.py), which this conversion does not derive yet"
-               if SHARDING_TYPES[source].space != "model" else
+               if known[source].space != "model" else
                "ckptmap converts fully_sharded_model_space to fully_reshardable or dp_reshardable (and any type "
                "to itself)")
         raise CkptmapError(f"{src}: cannot convert optimizer sharding type {source!r} to {target!r}: {why}. Nothing "
@@ -814,7 +693,7 @@ def _positions(md, tensors, objects, origin) -> dict:
 
 def _plan_upgrade(md: MegatronDist, dst: Path) -> RewritePlan:
     meta = md.reader.meta
-    target = SHARDING_TYPES["fully_reshardable"]
+    target = md.layout.sharding("fully_reshardable")
     tensors, sources, origin, notes = [], [], {}, []
     new_keys = {}
     for t in md.tensors():
@@ -823,7 +702,7 @@ def _plan_upgrade(md: MegatronDist, dst: Path) -> RewritePlan:
             tensors.append(td.OutTensor(t.key, t.dtype, t.shape, tuple(td.OutChunk(c.box, c.file) for c in mt.chunks)))
             sources.append(TensorSource(t.key))
             continue
-        key = f"optimizer.state.{target.spelling(t.state)}.{t.name}"
+        key = target.tensor_key(state=t.state, name=t.name)
         if key in new_keys:
             raise CkptmapError(f"{md.path}: two optimizer tensors ({new_keys[key]!r}, {t.key!r}) become {key!r}")
         new_keys[key] = t.key
@@ -834,7 +713,7 @@ def _plan_upgrade(md: MegatronDist, dst: Path) -> RewritePlan:
             origin[(key, tuple(box.offsets))] = (first.key, tuple(first.box.offsets))
         tensors.append(td.OutTensor(key, t.dtype, t.shape, tuple(chunks)))
         sources.append(TensorSource(t.key, t))
-    renamed = {gt.key: f"optimizer.state.{target.spelling(gt.state)}.{gt.name}" for gt in md.tensors() if gt.state != "weight"}
+    renamed = {gt.key: target.tensor_key(state=gt.state, name=gt.name) for gt in md.tensors() if gt.state != "weight"}
     order = [renamed.get(key, key) for key in meta.order]
     objects = [td.OutObject(o.key, o.file) for o in meta.objects.values()]
     mcore = {k: v for k, v in (meta.mcore_data or {}).items() if k not in renamed}
@@ -854,7 +733,7 @@ def _plan_upgrade(md: MegatronDist, dst: Path) -> RewritePlan:
         edits += [(("optimizer", i, "param_state_sharding_type"), target.name) for i in range(len(opt))]
     chained = sorted({gt.optimizer for gt in md.tensors() if gt.optimizer is not None})
     if chained:
-        notes.append(f"chained optimizer prefixes {', '.join(f'chained_{i}.' for i in chained)} dropped "
+        notes.append(f"chained optimizer prefixes {', '.join(md.layout.chained_prefix(i) for i in chained)} dropped "
                      f"(content_metadata chained_optim_avoid_prefix, as megatron-core 0.15+ saves fully_reshardable)")
     notes.append("fp32_param -> param, nd-flattened optimizer tensors stored at their parameters' global shapes "
                  "(one chunk per fragment)")

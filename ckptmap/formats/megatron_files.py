@@ -204,6 +204,9 @@ class ModelFile(PtFile):
 
 
 OPTIM_STATES = ("param", "exp_avg", "exp_avg_sq")
+# Where a legacy model_optim_rng.pt keeps the per-rank state a torch_dist save stores as ShardedObjects (the
+# rules' torch_dist ``rank_object`` lines name these paths): the RNG states, the rerun machine's sharded part
+LEGACY_RANK_STATE_PATHS = ("rng_state", "rerun_state_machine.sharded")
 PER_BUCKET, COALESCED = "per_bucket", "coalesced"
 
 

@@ -31,7 +31,7 @@ import attrs
 
 from ckptmap.errors import CkptmapError
 from ckptmap.formats import torch_zip_writer
-from ckptmap.formats.megatron_files import COALESCED, OPTIM_STATES, model_chunk_keys
+from ckptmap.formats.megatron_files import COALESCED, LEGACY_RANK_STATE_PATHS, OPTIM_STATES, model_chunk_keys
 from ckptmap.formats.safe_unpickler import STORAGE_TYPE_OF, torch_global
 from ckptmap.formats.torch_zip_reader import TensorRef, TorchZipFile
 
@@ -247,7 +247,8 @@ def write_optim(path, recipe: dict, fill, *, fsync: bool = False) -> None:
 #      "args": {attribute: new value}, "drop": [top-level keys of common.pt a legacy file has not],
 #      "optimizer_drop": [keys of common.pt's optimizer entry a legacy file has not],
 #      "param_groups": [indices into common.pt's optimizer param_groups, in the target rank's order] | None,
-#      "rng_state": <object key> | None, "rerun_state": <object key> | None,   # ShardedObjects of the rank
+#      "rank_objects": {dotted path in the legacy file: <object key> | None},   # ShardedObjects of the rank
+#                 (LEGACY_RANK_STATE_PATHS: rng_state, rerun_state_machine.sharded)
 #      "optimizer_object": <object key> | None,  # the optimizer's param groups, when not in common.pt
 #      "chained": None | [per optimizer i: {"optimizer_object": …, "param_groups": …}],   # ChainedOptimizer
 #                 (MoE): common.pt's optimizer {i: state} becomes the legacy list [state 0, state 1, …]
@@ -319,8 +320,12 @@ def write_model_from_dist(path, recipe: dict, fill, *, fsync: bool = False) -> N
                     value = None
                 _put(out, leaf["path"], value, collections.OrderedDict)
             chunks[chunk["key"]] = out
-        rng = _dist_object(ckpt, recipe["rng_state"], items) if recipe.get("rng_state") else None
-        rerun = _dist_object(ckpt, recipe["rerun_state"], items) if recipe.get("rerun_state") else None
+        objs = recipe.get("rank_objects", {})
+        unknown = sorted(set(objs) - set(LEGACY_RANK_STATE_PATHS))
+        if unknown:
+            raise CkptmapError(f"a rank object at {unknown[0]!r}: a legacy model file keeps per-rank state at "
+                               f"{', '.join(LEGACY_RANK_STATE_PATHS)} only")
+        rng, rerun = (_dist_object(ckpt, objs[p], items) if objs.get(p) else None for p in LEGACY_RANK_STATE_PATHS)
         legacy: dict = {}
 
         def put_rng():

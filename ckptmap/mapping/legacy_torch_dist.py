@@ -100,12 +100,13 @@ def plan_legacy_to_dist(src, dst, sharding_type: str = "fully_reshardable", rule
         raise CkptmapError(f"--sharding-type {sharding_type}: torch -> torch_dist writes {', '.join(TARGET_TYPES)} "
                            f"(megatron-core 0.15+ / 0.8 - 0.14), and dp_reshardable through the first (the command "
                            f"line composes it). Nothing was written.")
-    st = M.SHARDING_TYPES[sharding_type]
     dst = Path(dst)
     if dst.exists():
         raise CkptmapError(f"--dst {dst} already exists; ckptmap never writes into an existing checkpoint folder")
     source = MegatronSource(SourceOptions(str(src), rules=rules, megatron_version=megatron_version)).with_optimizer()
     lay, args = source.layout, source.args
+    names = source.rules.torch_dist_layout()
+    st = names.sharding(sharding_type)
     num_experts = int(source.env.get("num_experts") or 0)
     chained = bool(lay.ep > 1 or num_experts)   # MoE: a [dense, expert] ChainedOptimizer (checked)
     if chained:
@@ -124,15 +125,15 @@ def plan_legacy_to_dist(src, dst, sharding_type: str = "fully_reshardable", rule
     def state_key(state, key, expert) -> str:
         # a ChainedOptimizer [dense, expert]: 0.8 - 0.14 prefix its keys; 0.15+ fully_reshardable does not
         # (content_metadata chained_optim_avoid_prefix)
-        prefix = M.chained_prefix(int(expert) if chained and st.nd_flattened else None)
-        return f"{prefix}optimizer.state.{st.spelling(state)}.{key}"
+        prefix = names.chained_prefix(int(expert) if chained and st.nd_flattened else None)
+        return prefix + st.tensor_key(state=state, name=key)
 
     # group the global parameters by sharded key (layers stacked)
     stacked: dict = {}
     for name, gp in model.params.items():
         if tied and gp.rule.shared_embedding and gp.shards[0][0].pp != 0:
             continue   # the last stage's copy of the tied embedding: Megatron saves the embedding's only
-        key, idx = M.sharded_item(name, impl)
+        key, idx = names.sharded_item(name, impl)
         stacked.setdefault(key, {})[idx] = gp
     tensors, chunk_sources, keys_cache, mcore = [], {}, {}, {}
     for key, items in stacked.items():
@@ -180,7 +181,7 @@ def plan_legacy_to_dist(src, dst, sharding_type: str = "fully_reshardable", rule
                 if not leaf.dotted.endswith("._extra_state"):
                     continue
                 if leaf.layer is None:
-                    if leaf.dotted in M.DROPPED_EXTRA_STATES:
+                    if leaf.dotted in names.dropped_extra_states:
                         continue   # Megatron's torch_dist save drops it (it holds nothing)
                     raise CkptmapError(f"{rank.model.path}: {leaf.dotted} is an _extra_state outside the layers; "
                                        f"ckptmap does not know its torch_dist object name")
@@ -197,37 +198,37 @@ def plan_legacy_to_dist(src, dst, sharding_type: str = "fully_reshardable", rule
                     e = lay.global_expert(rank.ep, leaf.expert, num_experts)
                     global_name = ".".join(model.names.renumber(global_name.split("."), EXPERT, e))
                     stack += (num_experts,)
-                name, idx = M.sharded_item(global_name, impl)
+                name, idx = names.sharded_item(global_name, impl)
                 if len(idx) != len(stack):
                     raise CkptmapError(f"{rank.model.path}: {leaf.dotted} ({global_name}) has no torch_dist object "
-                                       f"name ckptmap knows (megatron_dist.STACKED_AXES)")
-                okey = f"{name}/shard_{'.'.join(map(str, idx))}_{'.'.join(map(str, stack))}"
+                                       f"name in the rules' torch_dist block ({names.loc}): add a `stacked` line")
+                okey = M.object_key(name, idx, stack)
                 objects.append(td.OutObject(okey, file_of(rank)))
                 object_bytes[okey] = _saved(leaf.value)
     # per-rank state (RNG, rerun machine) as ShardedObjects over (pp, tp), replicated over DP; 0.16+ with expert
     # parallelism shards the RNG over DP too: DP rank d takes the folder of its expert rank (that folder holds its
     # expert-data-parallel rank 0's, as the legacy save keeps no other)
-    over_dp = set(M.DP_SHARDED_RANK_OBJECTS) if lay.ep > 1 and (rank_objects_as or sharding_type) in \
-        M.DP_SHARDED_RANK_OBJECTS_TYPES else set()
+    over_dp = names.rank_objects_over_dp(rank_objects_as or sharding_type) if lay.ep > 1 else set()
     for rank in source.sorted_ranks:
         zf = tzr.TorchZipFile(rank.dir / megatron_folders.MODEL_FILE)
-        for name, path in M.RANK_OBJECTS:
+        for obj in names.rank_objects:
+            name, path = obj.name, obj.path
             value = zf.root
             for k in path:
                 value = value.get(k) if isinstance(value, dict) else None
             if value is None:
                 continue
             if name not in over_dp:
-                shards = [(f"{rank.pp}.{rank.tp}", f"{lay.pp}.{lay.tp}")] if rank.ep == 0 else []
+                shards = [((rank.pp, rank.tp), (lay.pp, lay.tp))] if rank.ep == 0 else []
             else:
-                shards = [(f"{rank.pp}.{rank.tp}.{d}", f"{lay.pp}.{lay.tp}.{lay.dp}") for d in range(lay.dp)
+                shards = [((rank.pp, rank.tp, d), (lay.pp, lay.tp, lay.dp)) for d in range(lay.dp)
                           if lay.coords(lay.global_rank(tp=rank.tp, pp=rank.pp, dp=d))["ep"] == rank.ep]
             for at, of in shards:
-                okey = f"{name}/shard_{at}_{of}"
+                okey = M.object_key(name, at, of)
                 objects.append(td.OutObject(okey, file_of(rank)))
                 object_bytes[okey] = _saved_streaming(value, zf)
         zf.close()
-    common, common_file = _common(source, sharding_type)
+    common, common_file = _common(source, sharding_type, names)
     notes = ("optimizer param groups in common.pt: rank 0's, as Megatron's own torch_dist save keeps them",)
     return LegacyToDistPlan(str(source.ckdir.root), dst, str(source.iteration), sharding_type, tuple(tensors),
                             chunk_sources, tuple(objects), object_bytes, common, common_file, notes, mcore, num_experts)
@@ -279,12 +280,13 @@ def _nd_flattened(key, dtype, shape, chunks, chunk_sources) -> td.OutTensor:
     return td.OutTensor(key, dtype, frags + (numel,), tuple(out))
 
 
-def _common(source: MegatronSource, sharding_type: str) -> tuple[dict, str]:
+def _common(source: MegatronSource, sharding_type: str, names) -> tuple[dict, str]:
     path = source.ranks[(0, 0, 0)].dir / megatron_folders.MODEL_FILE
     root = tzr.read_objects(path)
     out = {}
+    per_rank = {o.path[0] for o in names.rank_objects if len(o.path) == 1}   # saved as ShardedObjects instead
     for key, value in root.items():
-        if key in ("rng_state",) or (isinstance(key, str) and key.startswith("model") and
+        if key in per_rank or (isinstance(key, str) and key.startswith("model") and
                                      (key == "model" or key[5:].isdigit())):
             continue
         if key == "args":

@@ -430,6 +430,15 @@ class RuleSet:
     buckets: tuple[BucketLayout, ...]
     layers: LayersSpec | None
     param_groups: tuple[ParamGroupPolicy, ...] = ()
+    torch_dist: tuple = ()   # torch_dist_rules.TorchDistLayout blocks
+
+    def torch_dist_layout(self, name: str = "megatron"):
+        """The ``torch_dist name { … }`` block: how that framework's distributed checkpoints spell keys."""
+        for t in self.torch_dist:
+            if t.name == name:
+                return t
+        raise CkptmapError(f"rules {self.path} have no `torch_dist {name} {{...}}` block (the bundled "
+                           f"megatron_layouts rules have one: add `include megatron_layouts`)")
 
     def state_pattern(self, state: str) -> Pattern:
         for s in self.states:
@@ -492,13 +501,16 @@ def _included(name: str, loc: Loc, path: str, chain: tuple) -> RuleSet:
 
 def _assemble(items, path: str, chain: tuple = ()) -> RuleSet:
     _, name, description = items[0]
-    params, states, buckets, layers, groups = [], [], [], None, []
+    from ckptmap.mapping.torch_dist_rules import TorchDistLayout
+
+    params, states, buckets, layers, groups, dist = [], [], [], None, [], []
     for item in items[1:]:
         if isinstance(item, tuple) and item[0] == "include":
             inc = _included(item[1], item[2], path, chain)
             params.extend(inc.params)
             buckets.extend(inc.buckets)
             groups.extend(inc.param_groups)
+            dist.extend(inc.torch_dist)
             if inc.states:
                 if states:
                     raise CkptmapError(f"{item[2]}: include {item[1]} names optimizer states, and so does {path}; keep one")
@@ -516,12 +528,23 @@ def _assemble(items, path: str, chain: tuple = ()) -> RuleSet:
             layers = item
         elif isinstance(item, ParamGroupPolicy):
             groups.append(item)
-    rules = RuleSet(name, description, path, tuple(params), tuple(states), tuple(buckets), layers, tuple(groups))
+        elif isinstance(item, TorchDistLayout):
+            dist.append(item)
+    rules = RuleSet(name, description, path, tuple(params), tuple(states), tuple(buckets), layers, tuple(groups),
+                    tuple(dist))
     _validate(rules)
     return rules
 
 
 def _validate(rules: RuleSet) -> None:
+    from ckptmap.mapping import torch_dist_rules
+
+    seen_dist: dict[str, object] = {}
+    for t in rules.torch_dist:
+        if t.name in seen_dist:
+            raise CkptmapError(f"{t.loc}: a second `torch_dist {t.name}` block (the first: {seen_dist[t.name]}); keep one")
+        seen_dist[t.name] = t.loc
+        torch_dist_rules.validate(t)
     seen_left: dict[str, Loc] = {}
     for rule in rules.params:
         where = rule.loc

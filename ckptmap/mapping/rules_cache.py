@@ -8,7 +8,7 @@ a SHA-256 of the text, the path, the grammar, the code that builds and defines t
 and the entry is rewritten.
 
 An entry is never trusted: a digest of the payload must match, the payload is unpickled with an
-unpickler that only resolves the attrs classes of ``ckptmap.mapping.rules`` (no other global, so a
+unpickler that only resolves the attrs classes of ``ckptmap.mapping.rules`` and ``torch_dist_rules`` (no other global, so a
 tampered file cannot run code), and the result must look like a parse. Anything else is a miss.
 Writes go through a temporary file and ``os.replace``, so concurrent runs never read half an entry.
 ``CKPTMAP_NO_CACHE=1`` turns the cache off.
@@ -48,7 +48,8 @@ def _code_key() -> bytes | None:
     here = os.path.dirname(os.path.abspath(__file__))
     h = hashlib.sha256(f"{sys.version}\0".encode())
     try:
-        for name in [os.path.join(here, n) for n in ("rules.py", "rules_grammar.py", "grammar.lark")] + [
+        for name in [os.path.join(here, n) for n in ("rules.py", "rules_grammar.py", "torch_dist_rules.py",
+                                                             "grammar.lark")] + [
                 attr._make.__file__]:
             with open(name, "rb") as f:
                 h.update(f.read())
@@ -76,12 +77,12 @@ def _entry_path(path: str) -> str | None:
 
 class _RulesUnpickler(pickle.Unpickler):
     def find_class(self, module, name):
-        if module == "ckptmap.mapping.rules":
+        if module in ("ckptmap.mapping.rules", "ckptmap.mapping.torch_dist_rules"):
+            import importlib
+
             import attrs
 
-            from ckptmap.mapping import rules
-
-            cls = getattr(rules, name, None)
+            cls = getattr(importlib.import_module(module), name, None)
             if isinstance(cls, type) and attrs.has(cls):
                 return cls
         raise pickle.UnpicklingError(f"{module}.{name} is not allowed in a rules cache entry")

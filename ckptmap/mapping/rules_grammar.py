@@ -17,6 +17,7 @@ from ckptmap.mapping.rules import (EXPERT, KNOWN_GROUP_LOADS, KNOWN_GROUP_ORDERS
                                    BucketLayout, BucketPad, Condition, Expr, LayersSpec, Loc, OpSpec, ParamGroupPolicy,
                                    ParamRule, Parts, Pattern, Segment, Split, StateRule)
 from ckptmap.mapping.rules_cache import cache_dir
+from ckptmap.mapping.torch_dist_rules import KeyTemplate, RankObject, ShardingSpec, StackedKey, TorchDistLayout
 
 _TERMINAL_NAMES = {
     "NAME": "a name", "INT": "a number", "SIGNED_INT": "a number", "STRING": "a \"string\"",
@@ -318,6 +319,98 @@ class _Builder(lark.Transformer):
         kwargs["no_wd_ndims"] = tuple(v for k, v in no_wd if k == "ndim")
         return ParamGroupPolicy(name=str(items[0]), loc=self._loc(meta), **kwargs)
 
+    # torch_dist layouts
+    @lark.v_args(meta=True)
+    def td_stacked(self, meta, items):
+        loc = self._loc(meta)
+        return ("stacked", StackedKey(KeyTemplate.parse(_text(items[0]), loc), KeyTemplate.parse(_text(items[1]), loc),
+                                      loc))
+
+    def td_rename(self, items):
+        return (_text(items[0]), _text(items[1]))
+
+    def td_layer_names(self, items):
+        return ("layer_names", (str(items[0]), tuple(items[1:])))
+
+    def td_dropped(self, items):
+        return ("dropped", _text(items[0]))
+
+    def td_over_dp(self, items):
+        return tuple(str(i) for i in items)
+
+    @lark.v_args(meta=True)
+    def td_rank_object(self, meta, items):
+        path = _text(items[1])
+        if not path or any(not p for p in path.split(".")):
+            raise _SemanticError(f"rank_object {items[0]}: \"{path}\" is not a dotted path of a legacy model file", meta)
+        return ("rank_object", RankObject(str(items[0]), tuple(path.split(".")), items[2] if len(items) > 2 else (),
+                                          self._loc(meta)))
+
+    def td_dist_only(self, items):
+        return ("dist_only", tuple((str(items[0]), _text(i)) for i in items[1:]))
+
+    @lark.v_args(meta=True)
+    def td_chained(self, meta, items):
+        return ("chained", KeyTemplate.parse(_text(items[0]), self._loc(meta)))
+
+    @lark.v_args(meta=True)
+    def td_unsupported(self, meta, items):
+        return ("unsupported", (str(items[0]), _text(items[1])))
+
+    def sh_space(self, items):
+        return ("space", str(items[0]))
+
+    @lark.v_args(meta=True)
+    def sh_tensors(self, meta, items):
+        return ("tensors", KeyTemplate.parse(_text(items[0]), self._loc(meta)))
+
+    @lark.v_args(meta=True)
+    def sh_objects(self, meta, items):
+        return ("objects", KeyTemplate.parse(_text(items[0]), self._loc(meta)))
+
+    def sh_state(self, items):
+        return (str(items[0]), str(items[1]))
+
+    def sh_states(self, items):
+        return ("state_names", tuple(items))
+
+    def sh_nd_flattened(self, _items):
+        return ("nd_flattened", True)
+
+    def sh_param_groups(self, items):
+        return ("param_groups", str(items[0]))
+
+    @lark.v_args(meta=True)
+    def td_sharding(self, meta, items):
+        name, rest = str(items[0]), list(items[1:])
+        written_by = _text(rest.pop(0)) if rest and isinstance(rest[0], lark.Token) else ""
+        kwargs = {}
+        for key, value in rest:
+            if key in kwargs:
+                raise _SemanticError(f"sharding {name}: {key} given twice", meta)
+            kwargs[key] = value
+        if "space" not in kwargs:
+            raise _SemanticError(f"sharding {name} has no `space:` (model, bucket or coalesced)", meta)
+        return ("sharding", ShardingSpec(name, written_by, loc=self._loc(meta), **kwargs))
+
+    @lark.v_args(meta=True)
+    def torch_dist_block(self, meta, items):
+        fields = {"stacked": [], "layer_names": [], "dropped": [], "rank_object": [], "dist_only": [],
+                  "sharding": [], "unsupported": []}
+        chained = None
+        for key, value in items[1:]:
+            if key == "chained":
+                if chained is not None:
+                    raise _SemanticError("chained: given twice", meta)
+                chained = value
+            elif key == "dist_only":
+                fields[key].extend(value)
+            else:
+                fields[key].append(value)
+        return TorchDistLayout(str(items[0]), tuple(fields["stacked"]), tuple(fields["layer_names"]),
+                               tuple(fields["dropped"]), tuple(fields["rank_object"]), tuple(fields["dist_only"]),
+                               chained, tuple(fields["sharding"]), tuple(fields["unsupported"]), self._loc(meta))
+
     @lark.v_args(meta=True)
     def include_stmt(self, meta, items):
         return ("include", str(items[0]), self._loc(meta))
@@ -333,6 +426,10 @@ class _Builder(lark.Transformer):
 
     def start(self, items):
         return items
+
+
+def _text(token) -> str:
+    return str(token)[1:-1]
 
 
 class _SemanticError(Exception):
@@ -366,5 +463,7 @@ def parse_items(text: str, path: str) -> list:
             meta = err.meta or getattr(e.obj, "meta", None)
             where = f"{path}:{meta.line}:{meta.column}" if meta is not None and hasattr(meta, "line") else path
             raise CkptmapError(f"{where}: {err.message}") from None
+        if isinstance(err, CkptmapError):   # located by the code that raised it
+            raise err from None
         raise
     return items

@@ -279,8 +279,8 @@ class DistModel:
         self.params: dict[str, DistParam] = {}
         unmatched = []
         for t in md.tensors("weight"):
-            for item, where, box in M.unstack(t):
-                name = M.legacy_item_name(item, self.impl)
+            for item, where, box in M.unstack(md.layout, t):
+                name = md.layout.legacy_item_name(item, self.impl)
                 hits = [(i, r, b) for i, r in enumerate(rules.params) if (b := r.megatron.match(name)) is not None]
                 if not hits:
                     unmatched.append(name)
@@ -320,7 +320,8 @@ class DistModel:
             if not name.endswith("._extra_state"):
                 continue
             offsets = tuple(int(x) for x in shard.split("_")[0].split(".") if x != "")
-            out[M.legacy_item_name(M.unstack_object(o.name if o.name else name, offsets), self.impl)] = key
+            lay = self.md.layout
+            out[lay.legacy_item_name(M.unstack_object(lay, o.name if o.name else name, offsets), self.impl)] = key
         return out
 
     def output_copy(self) -> DistParam | None:
@@ -403,7 +404,7 @@ def _chunk(model: DistModel, tgt: ParallelLayout, pp: int, v: int, output_copy, 
                 n = model.names.renumber([n], EXPERT, le)[0]
             extras.append((_extra_local(n, g, local), {"object": key}))
         if model.extra:   # Megatron drops these from torch_dist saves; empty in the legacy file
-            extras += [(n, {"none": True}) for n in M.DROPPED_EXTRA_STATES if n not in model.extra
+            extras += [(n, {"none": True}) for n in model.md.layout.dropped_extra_states if n not in model.extra
                        and any(name.startswith(n[:-len("_extra_state")]) for name, _ in names)]
         out.append((names, extras))
     return out
@@ -486,7 +487,7 @@ def compile_torch_dist_to_legacy(opt: DistToLegacyOptions) -> Plan:
     except BaseException:
         reader.close()
         raise
-    with M.MegatronDist(iter_dir, reader) as md:
+    with M.MegatronDist(iter_dir, reader, rules.torch_dist_layout()) as md:
         md.check_fully_reshardable()
         return _compile(md, rules, opt, str(iter_dir), iteration)
 
@@ -716,7 +717,8 @@ def _compile(md, rules, opt, iter_dir: str, iteration: str) -> Plan:
                                           "text", text=param_map.param_map_text(bl.slots))
                                  for v, b, bl in maps for d in range(tgt.dp))
     files.append(FileTask(megatron_folders.TRACKER, "text", text=iteration))
-    if tgt.ep > 1 and any(k.startswith("rng_state/shard_") and k.rpartition("/shard_")[2].split("_")[0].count(".") < 2
+    over_dp = {o.name for o in md.layout.rank_objects if o.over_dp_for}
+    if tgt.ep > 1 and any(k.rpartition("/shard_")[0] in over_dp and k.rpartition("/shard_")[2].split("_")[0].count(".") < 2
                           for k in md.other_objects):
         notes.append("RNG states: this save keeps one per (pp, tp), data-parallel rank 0's; every expert rank's "
                      "folder gets it (resume with --no-load-rng for fresh ones)")
@@ -787,10 +789,11 @@ def _model_task(md, model: DistModel, tgt, rank_dir, tp, pp, chunks, iter_dir, p
             notes.append(note)
     note = "; ".join(notes) or None
     recipe = {"common": iter_dir, "args": _args_updates(model.args, tgt), "chunks": entries,
-              "drop": list(M.DIST_ONLY_COMMON_KEYS), "optimizer_drop": list(M.DIST_ONLY_OPTIMIZER_KEYS),
+              "drop": list(md.layout.dist_only_keys("common")),
+              "optimizer_drop": list(md.layout.dist_only_keys("optimizer")),
               **(specs[0] if not model.chained else {"chained": specs, "chained_merge": merge}),
-              "rng_state": _object_for(md, "rng_state", tp, pp, model.layout, ep),
-              "rerun_state": _object_for(md, "rerun_state_machine_state", tp, pp, model.layout, ep)}
+              "rank_objects": {".".join(o.path): _object_for(md, o.name, tp, pp, model.layout, ep)
+                               for o in md.layout.rank_objects}}
     return FileTask(f"{rank_dir}/{megatron_folders.MODEL_FILE}", "megatron_model_dist", storages=tuple(storages),
                     extra=recipe), note
 
@@ -862,12 +865,12 @@ def _object_bytes(value) -> bytes:
 
 def _rank_objects_over_dp(md: M.MegatronDist, s: ParallelLayout, objects: list, new_objects: dict) -> set:
     """megatron-core 0.15+ with expert parallelism shards the RNG state over DP as well
-    (``M.DP_SHARDED_RANK_OBJECTS``): a save that keeps one per (pp, tp) (0.8 - 0.14) gets it copied to every
+    (the rules' ``rank_object … over_dp``): a save that keeps one per (pp, tp) (0.8 - 0.14) gets it copied to every
     DP rank of that (pp, tp) -- the only one it has. Appends to ``objects`` / ``new_objects``; returns the
     keys replaced."""
     replaced = set()
     for o in md.reader.meta.objects.values():
-        keys = M.rank_object_over_dp(o.key, s.dp)
+        keys = M.rank_object_over_dp(md.layout, o.key, s.dp)
         if keys is None:
             continue
         data = bytes(md.reader.object_bytes(o.key))
@@ -888,6 +891,7 @@ def plan_dp_reshardable(md: M.MegatronDist, dst, rules_name: str = DEFAULT_RULES
 
     rules = resolve_rules(rules_name)
     model = DistModel(md, rules, convert_param_only=False)
+    target_type = md.layout.sharding("dp_reshardable")
     s, args, meta = model.layout, model.args, md.reader.meta
     blocks = [b for b in rules.bucket_layouts("megatron") if b.storage == "coalesced" and
               (b.versions is None or _version(b.versions[1]) >= (0, 15))]
@@ -928,7 +932,8 @@ def plan_dp_reshardable(md: M.MegatronDist, dst, rules_name: str = DEFAULT_RULES
                 for b_idx, bucket in enumerate(bl.buckets):
                     slots = [sl for sl in bl.slots if sl.bucket == b_idx]
                     for state in STATES:
-                        key = M.bucket_key(opt_index, group, gbuf, pair, b_idx, state)
+                        key = md.layout.chained_prefix(opt_index) + target_type.tensor_key(
+                            group=group, gbuf=gbuf, dtypes=pair, bucket=b_idx, state=state)
                         pieces = []
                         for sl in slots:
                             p = by_ddp[sl.name]
@@ -947,7 +952,7 @@ def plan_dp_reshardable(md: M.MegatronDist, dst, rules_name: str = DEFAULT_RULES
                 gbuf += 1
         for what, value in (("optimizer", per_opt[opt_index]["optimizer"]), ("per_bucket_numel", padded),
                             ("per_bucket_numel_unpadded", unpadded)):
-            key = M.group_object_key(opt_index, group, what)
+            key = M.group_object_key(md.layout, target_type, opt_index, group, what)
             objects.append(td.OutObject(key, file))
             new_objects[key] = _object_bytes(value)
     replaced = _rank_objects_over_dp(md, s, objects, new_objects) if s.ep > 1 else set()
