@@ -116,12 +116,27 @@ def test_assign_files_balances_bytes_and_keeps_copies_with_their_original():
         return FileTask(name, "ckpt", (TensorTask("t", "float32", (n,), value=0.0),))
 
     plan = Plan("t", "/o", tuple(sized(f"f{i}", n) for i, n in enumerate([5, 3, 3, 2, 2, 1, 1, 1])))
-    # largest first, each to the least-loaded machine (lowest rank on a tie); a file weighs bytes + 1
-    assert execute.assign_files(plan, 3) == [0, 1, 2, 1, 2, 0, 1, 2]   # loads 26, 27, 27
+    # largest first, each to the least-loaded machine (lowest rank on a tie); a file weighs its bytes plus
+    # FILE_OVERHEAD_BYTES, so these tiny files spread by count (3, 3, 2; bytes 24, 20, 20)
+    assert execute.assign_files(plan, 3) == [0, 1, 2, 1, 2, 0, 1, 2]
     files = [sized("a", 2), sized("b", 4), FileTask("a2", "copy", source="a", source_is_output=True),
              FileTask("a3", "copy", source="a", source_is_output=True), sized("c", 3)]
-    # "a" is written three times (two copies follow it): it weighs 3 x 9 and goes first
+    # "a" is written three times (two copies follow it): it weighs 3 x (8 + overhead) and goes first
     assert execute.assign_files(Plan("t", "/o", tuple(files)), 2) == [0, 1, 0, 0, 1]
+
+
+def test_assign_files_spreads_small_files_after_unequal_large_ones():
+    """Thousands of tiny files (pt_meta, param maps) after large files of unequal size: each file costs
+    more than its bytes (FILE_OVERHEAD_BYTES), so they spread over the machines instead of all going to
+    the one the large files left least loaded (bench/bench_multi.py measured 298 / 43 / 43 files before)."""
+    mib = 1 << 18   # float32 elements in one MiB
+    big = [FileTask(f"big{i}", "ckpt", (TensorTask("t", "float32", (n * mib,), value=0.0),))
+           for i, n in enumerate([3, 2])]
+    tiny = [FileTask(f"t{i}.json", "text", text="{}") for i in range(40)]
+    owner = execute.assign_files(Plan("t", "/o", tuple(big + tiny)), 2)
+    assert owner[:2] == [0, 1]
+    counts = [owner[2:].count(r) for r in (0, 1)]
+    assert abs(counts[0] - counts[1]) <= 2 and sum(counts) == 40, counts
 
 
 def test_written_plan_json_is_streamed_and_unchanged(checkpoints):
@@ -172,6 +187,8 @@ def test_many_machines_finish_with_one_manifest(tmp_path):
         assert len(reports[rank].results) == (300 if rank == 0 else owner.count(rank))
     manifest = json.loads((tmp_path / "out" / execute.MANIFEST).read_text())
     assert manifest["complete"] and manifest["world_size"] == 64 and len(manifest["files"]) == 300
+    # which machine wrote each file (to find the one to look at when a file is bad)
+    assert [manifest["files"][f.path]["rank"] for f in files] == owner
     assert not (tmp_path / "out" / ".ckptmap-done").exists()
     for i, f in enumerate(files):
         assert (tmp_path / "out" / f.path).read_text() == f.text
