@@ -104,8 +104,12 @@ class KeyTemplate:
     def literal_prefix(self) -> str:
         return self.pieces[0] if self.pieces and isinstance(self.pieces[0], str) else ""
 
+    @functools.cached_property
+    def _compiled(self) -> re.Pattern:
+        return _regex(self)
+
     def match(self, key: str) -> dict | None:
-        m = _regex(self).fullmatch(key)
+        m = self._compiled.fullmatch(key)
         if m is None:
             return None
         return {k: int(v) if PLACEHOLDERS[k] == "int" else v for k, v in m.groupdict().items()}
@@ -230,15 +234,20 @@ class TorchDistLayout:
                                f"they declare {', '.join(self.sharding_types)}")
         return st
 
-    @property
+    @functools.cached_property
     def optimizer_prefix(self) -> str:
         """The literal text every optimizer key starts with (after a chained prefix)."""
         return _common_prefix([t.literal_prefix for s in self.shardings for t in (s.tensors, s.objects) if t])
 
+    @functools.cached_property
+    def _chained_regex(self) -> re.Pattern | None:
+        return None if self.chained is None else _regex(self.chained)
+
     def split_chained(self, key: str) -> tuple[int | None, str]:
         """(chained optimizer index or None, the key without the prefix)."""
-        if self.chained is not None:
-            m = _regex(self.chained).match(key)
+        rx = self._chained_regex
+        if rx is not None:
+            m = rx.match(key)
             if m is not None:
                 return int(m["optimizer"]), key[m.end():]
         return None, key
