@@ -64,8 +64,10 @@ def test_refusals_name_the_reason_and_write_nothing(mcore_standard, tmp_path, ca
     out = tmp_path / "dist"
     base = ["ms2pt", "--ms-path", str(ms), "--megatron-path", str(out), "--no-progress"]
     for flags, want in ((["--sharding-type", "fully_reshardable"], "--ckpt-format torch_dist"),
+                        (["--ckpt-format", "torch_dist", "--sharding-type", "fully_sharded_bucket_space"],
+                         "fully_sharded_model_space"),
                         (["--ckpt-format", "torch_dist", "--sharding-type", "dp_zero_gather_scatter"],
-                         "fully_sharded_model_space")):
+                         "--target-megatron-version")):
         assert main(base + flags) == 2
         err = capsys.readouterr().err
         assert want in err, err

@@ -48,7 +48,7 @@ def test_torch_to_torch_dist_refusals(mcore_standard, tmp_path, capsys):
     out = tmp_path / "x"
     for src, flags, want in ((mcore_standard("0.16.1", "dense").dir / "legacy", ["--target-tp-size", "1"],
                               "ckptmap reshard"),
-                             (mcore_standard("0.16.1", "dense").dir / "legacy", ["--sharding-type", "dp_zero_gather_scatter"],
+                             (mcore_standard("0.16.1", "dense").dir / "legacy", ["--sharding-type", "fully_sharded_bucket_space"],
                               "fully_reshardable")):
         assert main(["convert", "--from", "torch", "--to", "torch_dist", "--src", str(src), "--dst", str(out),
                      "--no-progress", *flags]) == 2
@@ -99,6 +99,32 @@ def test_legacy_to_fully_sharded_model_space_loads_in_megatron_0_12_1(mcore_stan
             ("load", dataclasses.replace(run.case, tp=1), [(out, "torch_dist", "fully_sharded_model_space")])]
     for got in run_jobs("0.12.1", jobs):
         same_values(run.truth, got[0] if isinstance(got, list) else got)
+
+
+def test_legacy_to_dp_zero_gather_scatter_equals_megatron_0_12_1_and_loads_in_0_16_1(mcore_standard, tmp_path):
+    """--sharding-type dp_zero_gather_scatter (--no-ckpt-fully-parallel-save; the per-DP-group objects holding the
+    legacy coalesced state), which 0.8 - 0.14 and 0.15+ save differently (--target-megatron-version): every tensor,
+    every object's pickle, the mcore_data and common.pt equal 0.12.1's / 0.16.1's own dp_zero_gather_scatter save
+    of the same step, and each loads it to the live values; back to legacy files, distrib_optim.pt is Megatron's."""
+    run = mcore_standard("0.12.1", "dense")
+    out = tmp_path / "dist"
+    flags = ["convert", "--from", "torch", "--to", "torch_dist", "--sharding-type", "dp_zero_gather_scatter",
+             "--src", str(run.dir / "legacy"), "--no-progress"]
+    assert main(flags + ["--dst", str(out)]) == 2   # the two version ranges save it differently: say which
+    assert not out.exists()
+    assert main(flags + ["--dst", str(out), "--target-megatron-version", "0.12.1"]) == 0
+    _same_files(run.dir / "torch_dist_dp_zero_gather_scatter" / "iter_0000001", out / "iter_0000001")
+    (got,) = run_jobs("0.12.1", [("load", run.case, [(out, "torch_dist", "dp_zero_gather_scatter")])])
+    same_values(run.truth, got[0])
+    run = mcore_standard("0.16.1", "dense")
+    out16 = tmp_path / "dist16"
+    flags[flags.index("--src") + 1] = str(run.dir / "legacy")
+    assert main(flags + ["--dst", str(out16), "--target-megatron-version", "0.16.1"]) == 0
+    _same_files(run.dir / "torch_dist_dp_zero_gather_scatter" / "iter_0000001", out16 / "iter_0000001")
+    (got,) = run_jobs("0.16.1", [("load", run.case, [(out16, "torch_dist", "dp_zero_gather_scatter")])])
+    same_values(run.truth, got[0])
+    back = tmp_path / "back"   # and back to legacy files: distrib_optim.pt byte-identical to Megatron's own
+    _back_to_megatrons_own_distrib_optim(run, out16, back, "0.16.1")
 
 
 def test_legacy_to_dp_reshardable_loads_in_megatron_0_16_1(mcore_standard, tmp_path, capsys):

@@ -216,7 +216,11 @@ def ms2pt_torch_dist(ns) -> int:
     sharding = ns.sharding_type or "fully_reshardable"
     if sharding not in ltd.TARGET_TYPES + ("dp_reshardable",):
         raise CkptmapError(f"--sharding-type {sharding}: ms2pt writes torch_dist as fully_reshardable, dp_reshardable "
-                           f"(megatron-core 0.15+) or fully_sharded_model_space (0.8 - 0.14)")
+                           f"(megatron-core 0.15+), fully_sharded_model_space (0.8 - 0.14) or dp_zero_gather_scatter")
+    target_version = getattr(ns, "target_megatron_version", None)
+    if sharding == "dp_zero_gather_scatter" and target_version is None:   # refused before step 1, not after
+        raise CkptmapError("--sharding-type dp_zero_gather_scatter: megatron-core 0.8 - 0.14 and 0.15+ save it "
+                           "differently; say which will load it with --target-megatron-version (e.g. 0.12.1 or 0.16.1)")
     if getattr(ns, "output", None):
         raise CkptmapError("plan ms2pt -o with --ckpt-format torch_dist: a plan file holds one conversion, and this is "
                            "two (ms2pt to legacy files, then torch -> torch_dist); drop -o to see the steps")
@@ -254,12 +258,12 @@ def ms2pt_torch_dist(ns) -> int:
         if rc:
             return rc
         print()
-        return legacy_to_torch_dist(ns, tmp, final, sharding, ns.rules)
+        return legacy_to_torch_dist(ns, tmp, final, sharding, ns.rules, target_version)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def legacy_to_torch_dist(ns, src, final: Path, sharding: str, rules: str) -> int:
+def legacy_to_torch_dist(ns, src, final: Path, sharding: str, rules: str, target_version: str | None = None) -> int:
     """torch -> torch_dist: the model-space types directly (``mapping/legacy_torch_dist.py``); dp_reshardable
     as fully_sharded_model_space into a temporary folder, then the offline upgrade of it into ``final``."""
     import sys
@@ -270,7 +274,7 @@ def legacy_to_torch_dist(ns, src, final: Path, sharding: str, rules: str) -> int
 
     dry = getattr(ns, "dry_run", False) or getattr(ns, "plan_command", None)
     if sharding != "dp_reshardable":
-        plan = ltd.plan_legacy_to_dist(src, final, sharding, rules)
+        plan = ltd.plan_legacy_to_dist(src, final, sharding, rules, target_version=target_version)
         ltd.print_plan(plan, sys.stdout)
         if not dry:
             print(f"\ntorch_dist checkpoint written in {ltd.run(plan, fsync=ns.fsync, no_progress=ns.no_progress):.2f} s")

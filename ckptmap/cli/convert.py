@@ -59,7 +59,8 @@ def _add_flags(p: argparse.ArgumentParser, plan: bool = False) -> None:
                    help="MoE: expert parallel size (one folder per expert rank; default: the saving run's).")
     t.add_argument("--target-megatron-version",
                    help="megatron-core version that will load the files: its bucket layout and distrib_optim.pt form "
-                        "(asked for when the candidate versions lay the target out differently).")
+                        "(asked for when the candidate versions lay the target out differently); torch -> torch_dist "
+                        "with --sharding-type dp_zero_gather_scatter: 0.8 - 0.14 or 0.15+ form.")
     t.add_argument("--convert-param-only", action="store_true", help="Weights only (no distrib_optim.pt).")
     t.add_argument("--rules", default=None, help="Bundled rules name or a .rules path (default: megatron_core_gpt).")
     t.add_argument("--overwrite", action="store_true",
@@ -184,12 +185,13 @@ def _to_dist(ns) -> int:
     if ns.drop_rng or ns.keep_foreign_rng:
         raise CkptmapError("--drop-rng / --keep-foreign-rng do not apply to torch -> torch_dist (the RNG states stay "
                            "PyTorch's)")
-    given = [f"--{k.replace('_', '-')}" for k in _TO_LEGACY_ONLY if k not in ("rules",) and getattr(ns, k, None)]
+    given = [f"--{k.replace('_', '-')}" for k in _TO_LEGACY_ONLY
+             if k not in ("rules", "target_megatron_version") and getattr(ns, k, None)]
     if given:
         raise CkptmapError(f"{', '.join(given)} apply to --from torch_dist --to torch only; torch -> torch_dist keeps "
                            f"the saving layout (reshard the legacy files first with `ckptmap reshard`)")
     return legacy_to_torch_dist(ns, ns.src, Path(ns.dst), ns.sharding_type or "fully_reshardable",
-                                ns.rules or DEFAULT_RULES)
+                                ns.rules or DEFAULT_RULES, ns.target_megatron_version)
 
 
 def _is_torch_dist(ns) -> bool:

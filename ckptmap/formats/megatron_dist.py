@@ -578,7 +578,7 @@ class RewritePlan:
     sources: tuple[TensorSource, ...]          # one per output tensor
     objects: tuple[td.OutObject, ...]
     order: tuple[str, ...]
-    mcore_data: dict
+    mcore_data: dict | None   # None: the source has no mcore_data attribute (0.15+ saves without one)
     common_edits: tuple[tuple[tuple, object], ...]  # (path in common.pt, new value)
     backend: dict | None
     notes: tuple[str, ...] = ()
@@ -668,7 +668,7 @@ def _plan_same(md: MegatronDist, dst: Path) -> RewritePlan:
         sources.append(TensorSource(key))
     objects = [td.OutObject(o.key, o.file) for o in meta.objects.values()]
     return RewritePlan(md.path, dst, _name(md), _name(md), tuple(tensors), tuple(sources), tuple(objects), meta.order,
-                       dict(meta.mcore_data or {}), (), md.reader.backend,
+                       None if meta.mcore_data is None else dict(meta.mcore_data), (), md.reader.backend,
                        ("same sharding type: every item copied as it is",), _positions(md, tensors, objects, {}))
 
 

@@ -1130,7 +1130,9 @@ def metadata_object(tensors: list[OutTensor], objects: list[OutObject], location
     storage_meta = _newobj(_MD, "StorageMeta", {"checkpoint_id": checkpoint_id, "save_id": str(uuid.uuid4()),
                                                "load_id": None, "modules": []})
     state = {"state_dict_metadata": sdm, "planner_data": None, "storage_data": storage, "storage_meta": storage_meta,
-             "version": version, "mcore_data": dict(mcore_data or {})}
+             "version": version}
+    if mcore_data is not None:   # megatron-core 0.15+ saves without the attribute when it has nothing to record
+        state["mcore_data"] = dict(mcore_data)
     return _newobj(_MD, "Metadata", state)
 
 

@@ -16,6 +16,9 @@ those states, with ``optimizer.param_state_sharding_type`` (and 0.15+'s ``conten
 ``--sharding-type fully_sharded_model_space`` writes the 0.8 - 0.14 default instead (``fp32_param``,
 nd-flattened: one fragment per chunk above, ``mcore_data`` with the global shapes). One chunk (one TP shard) in memory
 at a time. The tied output layer of the last stage is not saved (Megatron stores one copy, the embedding's).
+``--sharding-type dp_zero_gather_scatter`` (dense): no optimizer tensors; per DP group (model-parallel rank) the
+objects ``param_state`` (the folder's distrib_optim.pt dict, re-saved streaming) and ``optimizer`` (its param
+groups), in the 0.8 - 0.14 or the 0.15+ form (``target_version``: content_metadata, mcore_data, args).
 
 MoE (expert parallelism, ``mp_rank_TT_PPP_EEE`` folders; SequentialMLP experts, expert TP = TP, the optimizer a
 ``[dense, expert]`` ChainedOptimizer): dense parameters from expert rank 0's folders, each expert rank's local
@@ -52,7 +55,7 @@ from ckptmap.mapping.rules import EXPERT
 from ckptmap.mapping.sharding import Box
 from ckptmap.mapping.torch_dist_legacy import DEFAULT_RULES, STATES
 
-TARGET_TYPES = ("fully_reshardable", "fully_sharded_model_space")
+TARGET_TYPES = ("fully_reshardable", "fully_sharded_model_space", "dp_zero_gather_scatter")
 
 
 @attrs.frozen
@@ -93,13 +96,15 @@ def _saved_streaming(value, zf: tzr.TorchZipFile) -> bytes:
 
 
 def plan_legacy_to_dist(src, dst, sharding_type: str = "fully_reshardable", rules: str = DEFAULT_RULES,
-                        megatron_version: str | None = None, rank_objects_as: str | None = None) -> LegacyToDistPlan:
+                        megatron_version: str | None = None, rank_objects_as: str | None = None,
+                        target_version: str | None = None) -> LegacyToDistPlan:
     """``rank_objects_as``: lay the per-rank objects (RNG) out as that sharding type's version saves them (the
-    first step of a composed conversion to it); default: ``sharding_type``."""
+    first step of a composed conversion to it); default: ``sharding_type``. ``target_version``: the megatron-core
+    that will load it, for the types two version ranges save differently (dp_zero_gather_scatter)."""
     if sharding_type not in TARGET_TYPES:
         raise CkptmapError(f"--sharding-type {sharding_type}: torch -> torch_dist writes {', '.join(TARGET_TYPES)} "
-                           f"(megatron-core 0.15+ / 0.8 - 0.14), and dp_reshardable through the first (the command "
-                           f"line composes it). Nothing was written.")
+                           f"(megatron-core 0.15+ / 0.8 - 0.14 / 0.8+), and dp_reshardable through the first (the "
+                           f"command line composes it). Nothing was written.")
     dst = Path(dst)
     if dst.exists():
         raise CkptmapError(f"--dst {dst} already exists; ckptmap never writes into an existing checkpoint folder")
@@ -111,6 +116,21 @@ def plan_legacy_to_dist(src, dst, sharding_type: str = "fully_reshardable", rule
     chained = bool(lay.ep > 1 or num_experts)   # MoE: a [dense, expert] ChainedOptimizer (checked)
     if chained:
         _check_moe(source, num_experts)
+    coalesced = st.space == "coalesced"   # dp_zero_gather_scatter: per DP group, the legacy distrib_optim dict
+    # 0.15+ say what a torch_dist save holds (common.pt content_metadata, which their load needs to read
+    # dp_zero_gather_scatter) and record no empty mcore_data entries; 0.8 - 0.14 the reverse
+    modern = sharding_type == "fully_reshardable"
+    if coalesced:
+        if target_version is None:
+            raise CkptmapError(f"--sharding-type {sharding_type}: megatron-core 0.8 - 0.14 and 0.15+ save it differently "
+                               f"(0.15+ load it only with common.pt's content_metadata, which 0.8 - 0.14 do not "
+                               f"write); say which will load it with --target-megatron-version (e.g. 0.12.1 or "
+                               f"0.16.1). Nothing was written.")
+        modern = _version_tuple(target_version) >= (0, 15)
+    if coalesced and chained:
+        raise CkptmapError(f"{src}: --sharding-type {sharding_type} of a mixture-of-experts model (a [dense, expert] "
+                           f"ChainedOptimizer) is not written yet; use fully_sharded_model_space or "
+                           f"fully_reshardable. Nothing was written.")
     if lay.cp > 1:
         raise CkptmapError(f"{src}: context parallelism {lay.cp}; torch -> torch_dist handles CP 1 so far")
     impl = getattr(args, "transformer_impl", None)
@@ -146,7 +166,7 @@ def plan_legacy_to_dist(src, dst, sharding_type: str = "fully_reshardable", rule
                                f"{' x '.join(map(str, stack))} (layers[ x experts]); the checkpoint is incomplete")
         expert = any(seg.kind == EXPERT for seg in first.rule.megatron.segments)
         shape = stack + tuple(first.global_shape)
-        for state in ("weight", *STATES):
+        for state in ("weight",) if coalesced else ("weight", *STATES):
             out_key = key if state == "weight" else state_key(state, key, expert)
             dtype = first.dtype if state == "weight" else "float32"
             chunks = []
@@ -169,7 +189,7 @@ def plan_legacy_to_dist(src, dst, sharding_type: str = "fully_reshardable", rule
                 mcore[out_key] = {M.ND_SHAPE: shape}
                 continue
             tensors.append(td.OutTensor(out_key, dtype, shape, tuple(chunks)))
-            if st.nd_flattened:   # 0.8 - 0.14 record an (empty) entry for every other tensor
+            if st.nd_flattened or coalesced and not modern:   # 0.8 - 0.14 record an empty entry for every other tensor
                 mcore[out_key] = {}
     # ShardedObjects: layer _extra_state (from TP rank 0), RNG states per (pp, tp)
     objects, object_bytes = [], {}
@@ -228,7 +248,9 @@ def plan_legacy_to_dist(src, dst, sharding_type: str = "fully_reshardable", rule
                 objects.append(td.OutObject(okey, file_of(rank)))
                 object_bytes[okey] = _saved_streaming(value, zf)
         zf.close()
-    common, common_file = _common(source, sharding_type, names)
+    if coalesced:
+        _dp_group_objects(source, names, st, file_of, objects, object_bytes)
+    common, common_file = _common(source, sharding_type, names, modern)
     notes = ("optimizer param groups in common.pt: rank 0's, as Megatron's own torch_dist save keeps them",)
     return LegacyToDistPlan(str(source.ckdir.root), dst, str(source.iteration), sharding_type, tuple(tensors),
                             chunk_sources, tuple(objects), object_bytes, common, common_file, notes, mcore, num_experts)
@@ -280,7 +302,14 @@ def _nd_flattened(key, dtype, shape, chunks, chunk_sources) -> td.OutTensor:
     return td.OutTensor(key, dtype, frags + (numel,), tuple(out))
 
 
-def _common(source: MegatronSource, sharding_type: str, names) -> tuple[dict, str]:
+def _version_tuple(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(p) for p in text.split("."))
+    except ValueError:
+        raise CkptmapError(f"--target-megatron-version {text!r} is not a version number like 0.12.1") from None
+
+
+def _common(source: MegatronSource, sharding_type: str, names, modern: bool) -> tuple[dict, str]:
     path = source.ranks[(0, 0, 0)].dir / megatron_folders.MODEL_FILE
     root = tzr.read_objects(path)
     out = {}
@@ -295,25 +324,62 @@ def _common(source: MegatronSource, sharding_type: str, names) -> tuple[dict, st
                               ("dist_ckpt_optim_fully_reshardable", sharding_type == "fully_reshardable")):
                 if hasattr(value, name):
                     setattr(value, name, new)
+            if sharding_type == "dp_zero_gather_scatter" and not modern and hasattr(value, "ckpt_fully_parallel_save"):
+                value.ckpt_fully_parallel_save = False   # how 0.8 - 0.14 choose it (--no-ckpt-fully-parallel-save)
         if key == "rerun_state_machine" and isinstance(value, dict):   # its 'sharded' part is a per-rank object
             value = {k: v for k, v in value.items() if k != "sharded"}
         if key == "optimizer":
-            value = {i: _common_optimizer(path, v, sharding_type) for i, v in enumerate(value)} \
-                if isinstance(value, list) else _common_optimizer(path, value, sharding_type)
+            in_common = names.sharding(sharding_type).param_groups_in_common
+            value = {i: _common_optimizer(path, v, sharding_type, in_common) for i, v in enumerate(value)} \
+                if isinstance(value, list) else _common_optimizer(path, value, sharding_type, in_common)
         out[key] = value
     if has_tensor(out):
         raise CkptmapError(f"{path} holds tensors outside the model and RNG state; ckptmap does not copy them")
-    if sharding_type == "fully_reshardable":   # 0.15+ saves say what they hold; 0.8 - 0.14 ones do not
+    if modern:   # 0.15+ saves say what they hold; 0.8 - 0.14 ones do not
         out["content_metadata"] = dict(M.CONTENT_METADATA_0_16, distrib_optim_sharding_type=sharding_type)
+        if sharding_type != "fully_reshardable":   # as 0.16 writes it: the flag of that type only with it
+            del out["content_metadata"]["distrib_optim_fully_reshardable_mem_efficient"]
     return out, str(path)
 
 
-def _common_optimizer(path, value, sharding_type: str) -> dict:
+def _common_optimizer(path, value, sharding_type: str, in_common: bool = True) -> dict:
     inner = value.get("optimizer") if isinstance(value, dict) else None
     if not isinstance(inner, dict) or "param_groups" not in inner:
         raise CkptmapError(f"{path}: 'optimizer' holds no param groups (optimizer.param_groups); torch -> "
                            f"torch_dist needs a distributed optimizer's checkpoint")
+    if not in_common:   # the param groups are in each DP group's `optimizer` object
+        return {"param_state_sharding_type": sharding_type}
     return {"optimizer": inner, "param_state_sharding_type": sharding_type}
+
+
+def _dp_group_objects(source: MegatronSource, names, st, file_of, objects: list, object_bytes: dict) -> None:
+    """dp_zero_gather_scatter: per model-parallel rank (``dp_group_idx_N``) the objects Megatron's
+    ``sharded_param_state_dp_zero`` saves -- ``param_state``, the legacy distrib_optim.pt dict (whole buffers,
+    ``buckets_coalesced``, gathered on DP rank 0: what the folder's distrib_optim.pt holds), and
+    ``optimizer``, the param groups of the folder's model file. Streamed from the legacy files' storages."""
+    lay = source.layout
+    for rank in source.sorted_ranks:
+        group = lay.model_parallel_rank(rank.tp, rank.pp)
+        optim = tzr.TorchZipFile(rank.dir / megatron_folders.OPTIM_FILE)
+        try:
+            if not isinstance(optim.root, dict) or optim.root.get("buckets_coalesced") is not True:
+                raise CkptmapError(f"{rank.dir / megatron_folders.OPTIM_FILE}: not the coalesced distributed-optimizer state (buckets_coalesced) "
+                                   f"megatron-core 0.7+ saves, which a dp_zero_gather_scatter param_state holds; "
+                                   f"reshard it with --target-megatron-version 0.8 (or newer) first. Nothing was "
+                                   f"written.")
+            key = M.group_object_key(names, st, None, group, "param_state")
+            objects.append(td.OutObject(key, file_of(rank)))
+            object_bytes[key] = _saved_streaming(optim.root, optim)
+        finally:
+            optim.close()
+        model_root = tzr.read_objects(rank.dir / megatron_folders.MODEL_FILE)
+        inner = (model_root.get("optimizer") or {}).get("optimizer") if isinstance(model_root, dict) else None
+        if not isinstance(inner, dict) or "param_groups" not in inner:
+            raise CkptmapError(f"{rank.dir / megatron_folders.MODEL_FILE}: 'optimizer' holds no param groups "
+                               f"(optimizer.optimizer.param_groups); a dp_zero_gather_scatter save needs them")
+        key = M.group_object_key(names, st, None, group, "optimizer")
+        objects.append(td.OutObject(key, file_of(rank)))
+        object_bytes[key] = _saved(inner)
 
 
 def write_legacy_to_dist(plan: LegacyToDistPlan, *, fsync: bool = False, progress=None) -> None:
