@@ -16,15 +16,15 @@ torch_dist megatron {
    layer_names local { "input_layernorm." => "self_attention.linear_qkv.layer_norm_" }
    layer_names transformer_engine { }
    dropped_extra_state "output_layer._extra_state"
-   rank_object rng_state => "rng_state" over_dp for dp_reshardable
+   rank_object rng_state => "rng_state" over_dp for 0.15 - 0.16
    dist_only common: "content_metadata"
    chained: "chained_{optimizer}."
-   sharding fully_reshardable "0.15+" {
+   sharding fully_reshardable for 0.15 - 0.16 "0.15+" {
       space: model
       param_groups: common
       tensors: "optimizer.state.{state: param|exp_avg|exp_avg_sq}.{name}"
    }
-   sharding dp_reshardable {
+   sharding dp_reshardable for 0.15 {
       space: bucket
       tensors: "optimizer.distributed.dp_group_idx_{group}.gbuf_idx_{gbuf}.dtype_{dtypes}.bucket_idx_{bucket}.{state: param|exp_avg|exp_avg_sq}"
       objects: "optimizer.distributed.dp_group_idx_{group}.{what: optimizer|per_bucket_numel|per_bucket_numel_unpadded}"
@@ -57,8 +57,9 @@ def test_a_minimal_block_parses_and_spells_keys():
         "decoder.layers.2.input_layernorm.weight"
     assert lay.legacy_item_name("decoder.layers.2.self_attention.linear_qkv.layer_norm_weight", None) == \
         "decoder.layers.2.self_attention.linear_qkv.layer_norm_weight"
-    assert lay.rank_objects_over_dp("dp_reshardable") == {"rng_state"}
-    assert lay.rank_objects_over_dp("fully_reshardable") == set()
+    assert lay.rank_objects_over_dp("0.16.1") == {"rng_state"} == lay.rank_objects_over_dp("0.15")
+    assert lay.rank_objects_over_dp("0.14.0") == set() == lay.rank_objects_over_dp("0.12")
+    assert lay.sharding("dp_reshardable").covers("0.15.2") and not lay.sharding("dp_reshardable").covers("0.16")
     with pytest.raises(CkptmapError, match="transformer_impl 'fancy'.*layer_names fancy"):
         lay.sharded_item("decoder.layers.2.input_layernorm.weight", "fancy")
 
@@ -72,7 +73,10 @@ def test_a_minimal_block_parses_and_spells_keys():
     ('   stacked "decoder.layers.{layer}.mlp', '   stacked "decoder.layers.{layer}.{rest}" => "decoder.layers.{rest}"\n'
      '   stacked "decoder.layers.{layer}.mlp', "is never used"),
     ('"chained_{optimizer}."', '"chained_{group}."', "needs `chained:"),
-    ("over_dp for dp_reshardable", "over_dp for dp_reshardible", "not a sharding type declared here"),
+    ("over_dp for 0.15 - 0.16", "over_dp for 0.16 - 0.15", "version range 0.16 - 0.15 is empty"),
+    ("over_dp for 0.15 - 0.16", "over_dp for dp_reshardable", "expected"),
+    ("sharding dp_reshardable for 0.15 {", "sharding dp_reshardable {", "expected"),
+    ("sharding fully_reshardable for 0.15 - 0.16", "sharding fully_reshardable for 0.16 - 0.15", "is empty"),
     ('rank_object rng_state => "rng_state"', 'rank_object rng_state => "rng"', "keeps per-rank state at"),
     ("dist_only common:", "dist_only model:", "dist_only model"),
     ("      space: model\n", "      space: tensor\n", "space tensor is unknown"),

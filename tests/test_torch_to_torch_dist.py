@@ -127,6 +127,21 @@ def test_legacy_to_dp_zero_gather_scatter_equals_megatron_0_12_1_and_loads_in_0_
     _back_to_megatrons_own_distrib_optim(run, out16, back, "0.16.1")
 
 
+@pytest.mark.parametrize("version", ["0.12.1", "0.16.1"])
+def test_moe_legacy_to_dp_zero_gather_scatter_equals_megatrons_own(mcore_standard, tmp_path, version):
+    """MoE (EP 2, [dense, expert] ChainedOptimizer) as dp_zero_gather_scatter: ``chained_0.`` objects per model-parallel
+    rank, ``chained_1.`` per expert-model-parallel rank (0.16: the RNG sharded over DP); every tensor, object pickle,
+    the mcore_data and common.pt equal the version's own save of the same step, and it loads to the live values."""
+    run = mcore_standard(version, "moe")
+    out = tmp_path / "dist"
+    assert main(["convert", "--from", "torch", "--to", "torch_dist", "--sharding-type", "dp_zero_gather_scatter",
+                 "--target-megatron-version", version, "--src", str(run.dir / "legacy"), "--dst", str(out),
+                 "--no-progress"]) == 0
+    _same_files(run.dir / "torch_dist_dp_zero_gather_scatter" / "iter_0000001", out / "iter_0000001")
+    (got,) = run_jobs(version, [("load", run.case, [(out, "torch_dist", "dp_zero_gather_scatter")])])
+    same_values(run.truth, got[0])
+
+
 def test_legacy_to_dp_reshardable_loads_in_megatron_0_16_1(mcore_standard, tmp_path, capsys):
     """--sharding-type dp_reshardable (0.15+'s default) is composed: fully_sharded_model_space into a temporary
     folder, then the offline upgrade. 0.16.1's own dist_checkpointing.load gives the live values, and the

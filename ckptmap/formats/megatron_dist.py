@@ -116,12 +116,12 @@ def group_object_key(layout: TorchDistLayout, st: ShardingSpec, optimizer: int |
     return object_key(layout.chained_prefix(optimizer) + st.object_name(group=group, what=what))
 
 
-def rank_object_over_dp(layout: TorchDistLayout, key: str, dp: int) -> list[str] | None:
-    """The keys of object ``key`` (``<name>/shard_<pp>.<tp>_<PP>.<TP>``, a rank object the rules shard over DP
-    for some sharding type) when sharded over ``dp`` data-parallel ranks as well; None for any other object."""
+def rank_object_over_dp(layout: TorchDistLayout, key: str, dp: int, version: str) -> list[str] | None:
+    """The keys of object ``key`` (``<name>/shard_<pp>.<tp>_<PP>.<TP>``, a rank object the rules say megatron-core
+    ``version`` shards over DP) when sharded over ``dp`` data-parallel ranks as well; None for any other object."""
     name, _, shard = key.partition("/shard_")
     m = re.fullmatch(r"(\d+)\.(\d+)_(\d+)\.(\d+)", shard)
-    if m is None or not any(o.name == name and o.over_dp_for for o in layout.rank_objects):
+    if m is None or name not in layout.rank_objects_over_dp(version):
         return None
     pp, tp, n_pp, n_tp = map(int, m.groups())
     return [object_key(name, (pp, tp, d), (n_pp, n_tp, dp)) for d in range(dp)]
@@ -600,6 +600,7 @@ class RewritePlan:
         return out
 
 
+CONTENT_METADATA_SINCE = "0.15"   # the first megatron-core to write common.pt's content_metadata (and need it)
 CONTENT_METADATA_0_16 = {  # what megatron-core 0.16's save writes (checkpointing._build_sharded_state_dict_metadata)
     "distrib_optim_sharding_type": None,
     "distrib_optim_fully_reshardable_mem_efficient": False,

@@ -28,7 +28,7 @@ experts on the global expert axis (``decoder.layers.mlp.experts.experts.…``: `
 ``chained_optim_avoid_prefix``), whose RNG objects are sharded over DP as 0.16 saves them under EP
 (``rng_state/shard_<pp>.<tp>.<dp>_…``: each DP rank gets the one its expert rank's folder holds); ``common.pt``'s
 ``optimizer`` is ``{0: dense, 1: expert}``. GroupedMLP experts, expert TP != TP, MoE with one optimizer (experts
-in the dense buffers, EP 1) and the composed ``dp_reshardable`` are refused before anything is written.
+in the dense buffers, EP 1) are refused before anything is written.
 """
 
 from __future__ import annotations
@@ -52,6 +52,7 @@ from ckptmap.formats.megatron_write import has_tensor
 from ckptmap.mapping.megatron_source import MegatronSource, SourceOptions
 from ckptmap.mapping.reshard import SourceModel, target_tensor
 from ckptmap.mapping.rules import EXPERT
+from ckptmap.mapping.torch_dist_rules import version_key
 from ckptmap.mapping.sharding import Box
 from ckptmap.mapping.torch_dist_legacy import DEFAULT_RULES, STATES
 
@@ -117,20 +118,12 @@ def plan_legacy_to_dist(src, dst, sharding_type: str = "fully_reshardable", rule
     if chained:
         _check_moe(source, num_experts)
     coalesced = st.space == "coalesced"   # dp_zero_gather_scatter: per DP group, the legacy distrib_optim dict
+    version = _target_version(st, target_version)
     # 0.15+ say what a torch_dist save holds (common.pt content_metadata, which their load needs to read
     # dp_zero_gather_scatter) and record no empty mcore_data entries; 0.8 - 0.14 the reverse
-    modern = sharding_type == "fully_reshardable"
-    if coalesced:
-        if target_version is None:
-            raise CkptmapError(f"--sharding-type {sharding_type}: megatron-core 0.8 - 0.14 and 0.15+ save it differently "
-                               f"(0.15+ load it only with common.pt's content_metadata, which 0.8 - 0.14 do not "
-                               f"write); say which will load it with --target-megatron-version (e.g. 0.12.1 or "
-                               f"0.16.1). Nothing was written.")
-        modern = _version_tuple(target_version) >= (0, 15)
-    if coalesced and chained:
-        raise CkptmapError(f"{src}: --sharding-type {sharding_type} of a mixture-of-experts model (a [dense, expert] "
-                           f"ChainedOptimizer) is not written yet; use fully_sharded_model_space or "
-                           f"fully_reshardable. Nothing was written.")
+    modern = version_key(version) >= version_key(M.CONTENT_METADATA_SINCE)
+    # the per-rank objects as the version the (composed) conversion ends at saves them
+    objects_version = version if rank_objects_as is None else names.sharding(rank_objects_as).versions[0]
     if lay.cp > 1:
         raise CkptmapError(f"{src}: context parallelism {lay.cp}; torch -> torch_dist handles CP 1 so far")
     impl = getattr(args, "transformer_impl", None)
@@ -228,7 +221,7 @@ def plan_legacy_to_dist(src, dst, sharding_type: str = "fully_reshardable", rule
     # per-rank state (RNG, rerun machine) as ShardedObjects over (pp, tp), replicated over DP; 0.16+ with expert
     # parallelism shards the RNG over DP too: DP rank d takes the folder of its expert rank (that folder holds its
     # expert-data-parallel rank 0's, as the legacy save keeps no other)
-    over_dp = names.rank_objects_over_dp(rank_objects_as or sharding_type) if lay.ep > 1 else set()
+    over_dp = names.rank_objects_over_dp(objects_version) if lay.ep > 1 else set()
     for rank in source.sorted_ranks:
         zf = tzr.TorchZipFile(rank.dir / megatron_folders.MODEL_FILE)
         for obj in names.rank_objects:
@@ -249,9 +242,11 @@ def plan_legacy_to_dist(src, dst, sharding_type: str = "fully_reshardable", rule
                 object_bytes[okey] = _saved_streaming(value, zf)
         zf.close()
     if coalesced:
-        _dp_group_objects(source, names, st, file_of, objects, object_bytes)
+        _dp_group_objects(source, names, st, file_of, objects, object_bytes, chained)
     common, common_file = _common(source, sharding_type, names, modern)
-    notes = ("optimizer param groups in common.pt: rank 0's, as Megatron's own torch_dist save keeps them",)
+    notes = ("optimizer param groups in common.pt: rank 0's, as Megatron's own torch_dist save keeps them"
+             if st.param_groups_in_common else "optimizer param groups in each DP group's optimizer object",
+             f"saved as megatron-core {version} saves {sharding_type}")
     return LegacyToDistPlan(str(source.ckdir.root), dst, str(source.iteration), sharding_type, tuple(tensors),
                             chunk_sources, tuple(objects), object_bytes, common, common_file, notes, mcore, num_experts)
 
@@ -302,11 +297,28 @@ def _nd_flattened(key, dtype, shape, chunks, chunk_sources) -> td.OutTensor:
     return td.OutTensor(key, dtype, frags + (numel,), tuple(out))
 
 
-def _version_tuple(text: str) -> tuple[int, ...]:
+def _target_version(st, given: str | None) -> str:
+    """The megatron-core version whose form of sharding type ``st`` to write: ``given``
+    (--target-megatron-version), else the first the rules declare for the type -- refused when the type's
+    versions save it in two forms (both sides of content_metadata) and none was given."""
+    lo, hi = st.versions or ("0.8", "0.8")
+    since = M.CONTENT_METADATA_SINCE
+    if given is None:
+        if version_key(lo) < version_key(since) <= version_key(hi):
+            raise CkptmapError(f"--sharding-type {st.name}: megatron-core {lo} - {hi} save it, and {since}+ differently "
+                               f"(their load needs common.pt's content_metadata, which earlier versions do not write); "
+                               f"say which will load it with --target-megatron-version (e.g. 0.12.1 or 0.16.1). Nothing "
+                               f"was written.")
+        return lo
     try:
-        return tuple(int(p) for p in text.split("."))
+        version_key(given)
     except ValueError:
-        raise CkptmapError(f"--target-megatron-version {text!r} is not a version number like 0.12.1") from None
+        raise CkptmapError(f"--target-megatron-version {given!r} is not a version number like 0.12.1") from None
+    if not st.covers(given):
+        raise CkptmapError(f"--target-megatron-version {given} with --sharding-type {st.name}: ckptmap writes that type "
+                           f"as megatron-core {lo} - {hi} save it (the rules' torch_dist block, {st.loc}); choose another "
+                           f"--sharding-type for {given}. Nothing was written.")
+    return given
 
 
 def _common(source: MegatronSource, sharding_type: str, names, modern: bool) -> tuple[dict, str]:
@@ -352,34 +364,56 @@ def _common_optimizer(path, value, sharding_type: str, in_common: bool = True) -
     return {"optimizer": inner, "param_state_sharding_type": sharding_type}
 
 
-def _dp_group_objects(source: MegatronSource, names, st, file_of, objects: list, object_bytes: dict) -> None:
-    """dp_zero_gather_scatter: per model-parallel rank (``dp_group_idx_N``) the objects Megatron's
-    ``sharded_param_state_dp_zero`` saves -- ``param_state``, the legacy distrib_optim.pt dict (whole buffers,
-    ``buckets_coalesced``, gathered on DP rank 0: what the folder's distrib_optim.pt holds), and
-    ``optimizer``, the param groups of the folder's model file. Streamed from the legacy files' storages."""
+def _dp_group_objects(source: MegatronSource, names, st, file_of, objects: list, object_bytes: dict,
+                      chained: bool) -> None:
+    """dp_zero_gather_scatter: per DP group the objects Megatron's ``sharded_param_state_dp_zero`` saves --
+    ``param_state``, the legacy distrib_optim.pt dict (whole buffers, ``buckets_coalesced``, gathered on DP
+    rank 0: what the folder's distrib_optim.pt holds), and ``optimizer``, the param groups of the folder's
+    model file. A single optimizer's group N is the model-parallel rank; a [dense, expert] ChainedOptimizer's
+    (MoE) are ``chained_0.…`` per model-parallel rank (from expert rank 0's folder: the dense state is the
+    same in every expert folder) and ``chained_1.…`` per expert-model-parallel rank. Streamed from the
+    legacy files' storages."""
     lay = source.layout
     for rank in source.sorted_ranks:
-        group = lay.model_parallel_rank(rank.tp, rank.pp)
-        optim = tzr.TorchZipFile(rank.dir / megatron_folders.OPTIM_FILE)
+        optim_path, model_path = rank.dir / megatron_folders.OPTIM_FILE, rank.dir / megatron_folders.MODEL_FILE
+        model_opt = tzr.read_objects(model_path).get("optimizer")
+        # (optimizer index or None, DP group, index into the files' lists or None)
+        if chained:
+            groups = [(1, lay.expert_model_parallel_rank(rank.tp, rank.pp, rank.ep), 1)]
+            if rank.ep == 0:
+                groups.insert(0, (0, lay.model_parallel_rank(rank.tp, rank.pp), 0))
+        else:
+            groups = [(None, lay.model_parallel_rank(rank.tp, rank.pp), None)]
+        optim = tzr.TorchZipFile(optim_path)
         try:
-            if not isinstance(optim.root, dict) or optim.root.get("buckets_coalesced") is not True:
-                raise CkptmapError(f"{rank.dir / megatron_folders.OPTIM_FILE}: not the coalesced distributed-optimizer state (buckets_coalesced) "
-                                   f"megatron-core 0.7+ saves, which a dp_zero_gather_scatter param_state holds; "
-                                   f"reshard it with --target-megatron-version 0.8 (or newer) first. Nothing was "
-                                   f"written.")
-            key = M.group_object_key(names, st, None, group, "param_state")
-            objects.append(td.OutObject(key, file_of(rank)))
-            object_bytes[key] = _saved_streaming(optim.root, optim)
+            for opt_index, group, i in groups:
+                state = optim.root if i is None else _item(optim.root, i, optim_path, "distrib_optim.pt")
+                if not isinstance(state, dict) or state.get("buckets_coalesced") is not True:
+                    raise CkptmapError(f"{optim_path}: not the coalesced distributed-optimizer state (buckets_coalesced) "
+                                       f"megatron-core 0.7+ saves, which a dp_zero_gather_scatter param_state holds; "
+                                       f"reshard it with --target-megatron-version 0.8 (or newer) first. Nothing was "
+                                       f"written.")
+                inner = _item(model_opt, i, model_path, "optimizer") if i is not None else model_opt
+                inner = inner.get("optimizer") if isinstance(inner, dict) else None
+                if not isinstance(inner, dict) or "param_groups" not in inner:
+                    raise CkptmapError(f"{model_path}: 'optimizer' holds no param groups (optimizer"
+                                       f"{'' if i is None else f'[{i}]'}.optimizer.param_groups); a "
+                                       f"dp_zero_gather_scatter save needs them")
+                for what, data in (("param_state", lambda: _saved_streaming(state, optim)),
+                                   ("optimizer", lambda: _saved(inner))):
+                    key = M.group_object_key(names, st, opt_index, group, what)
+                    objects.append(td.OutObject(key, file_of(rank)))
+                    object_bytes[key] = data()
         finally:
             optim.close()
-        model_root = tzr.read_objects(rank.dir / megatron_folders.MODEL_FILE)
-        inner = (model_root.get("optimizer") or {}).get("optimizer") if isinstance(model_root, dict) else None
-        if not isinstance(inner, dict) or "param_groups" not in inner:
-            raise CkptmapError(f"{rank.dir / megatron_folders.MODEL_FILE}: 'optimizer' holds no param groups "
-                               f"(optimizer.optimizer.param_groups); a dp_zero_gather_scatter save needs them")
-        key = M.group_object_key(names, st, None, group, "optimizer")
-        objects.append(td.OutObject(key, file_of(rank)))
-        object_bytes[key] = _saved(inner)
+
+
+def _item(value, i: int, path, what: str):
+    """Item ``i`` of a ChainedOptimizer's list (legacy MoE files keep [dense, expert])."""
+    if not isinstance(value, list) or len(value) <= i:
+        raise CkptmapError(f"{path}: {what} is not a ChainedOptimizer's [dense, expert] list; the folder does not hold "
+                           f"the MoE optimizer state its args describe")
+    return value[i]
 
 
 def write_legacy_to_dist(plan: LegacyToDistPlan, *, fsync: bool = False, progress=None) -> None:

@@ -336,14 +336,14 @@ class _Builder(lark.Transformer):
         return ("dropped", _text(items[0]))
 
     def td_over_dp(self, items):
-        return tuple(str(i) for i in items)
+        return items[0][1]   # the version range
 
     @lark.v_args(meta=True)
     def td_rank_object(self, meta, items):
         path = _text(items[1])
         if not path or any(not p for p in path.split(".")):
             raise _SemanticError(f"rank_object {items[0]}: \"{path}\" is not a dotted path of a legacy model file", meta)
-        return ("rank_object", RankObject(str(items[0]), tuple(path.split(".")), items[2] if len(items) > 2 else (),
+        return ("rank_object", RankObject(str(items[0]), tuple(path.split(".")), items[2] if len(items) > 2 else None,
                                           self._loc(meta)))
 
     def td_dist_only(self, items):
@@ -382,7 +382,7 @@ class _Builder(lark.Transformer):
 
     @lark.v_args(meta=True)
     def td_sharding(self, meta, items):
-        name, rest = str(items[0]), list(items[1:])
+        name, versions, rest = str(items[0]), items[1][1], list(items[2:])
         written_by = _text(rest.pop(0)) if rest and isinstance(rest[0], lark.Token) else ""
         kwargs = {}
         for key, value in rest:
@@ -391,7 +391,7 @@ class _Builder(lark.Transformer):
             kwargs[key] = value
         if "space" not in kwargs:
             raise _SemanticError(f"sharding {name} has no `space:` (model, bucket or coalesced)", meta)
-        return ("sharding", ShardingSpec(name, written_by, loc=self._loc(meta), **kwargs))
+        return ("sharding", ShardingSpec(name, written_by, versions=versions, loc=self._loc(meta), **kwargs))
 
     @lark.v_args(meta=True)
     def torch_dist_block(self, meta, items):

@@ -717,7 +717,7 @@ def _compile(md, rules, opt, iter_dir: str, iteration: str) -> Plan:
                                           "text", text=param_map.param_map_text(bl.slots))
                                  for v, b, bl in maps for d in range(tgt.dp))
     files.append(FileTask(megatron_folders.TRACKER, "text", text=iteration))
-    over_dp = {o.name for o in md.layout.rank_objects if o.over_dp_for}
+    over_dp = {o.name for o in md.layout.rank_objects if o.over_dp_versions}
     if tgt.ep > 1 and any(k.rpartition("/shard_")[0] in over_dp and k.rpartition("/shard_")[2].split("_")[0].count(".") < 2
                           for k in md.other_objects):
         notes.append("RNG states: this save keeps one per (pp, tp), data-parallel rank 0's; every expert rank's "
@@ -870,7 +870,7 @@ def _rank_objects_over_dp(md: M.MegatronDist, s: ParallelLayout, objects: list, 
     keys replaced."""
     replaced = set()
     for o in md.reader.meta.objects.values():
-        keys = M.rank_object_over_dp(md.layout, o.key, s.dp)
+        keys = M.rank_object_over_dp(md.layout, o.key, s.dp, md.layout.sharding("dp_reshardable").versions[0])
         if keys is None:
             continue
         data = bytes(md.reader.object_bytes(o.key))
@@ -894,7 +894,7 @@ def plan_dp_reshardable(md: M.MegatronDist, dst, rules_name: str = DEFAULT_RULES
     target_type = md.layout.sharding("dp_reshardable")
     s, args, meta = model.layout, model.args, md.reader.meta
     blocks = [b for b in rules.bucket_layouts("megatron") if b.storage == "coalesced" and
-              (b.versions is None or _version(b.versions[1]) >= (0, 15))]
+              (b.versions is None or _version(b.versions[1]) >= _version(target_type.versions[0]))]
     if not blocks:
         raise CkptmapError(f"rules {rules.path} have no `buckets megatron` block for megatron-core 0.15+, whose "
                            f"dp_reshardable layout this needs")

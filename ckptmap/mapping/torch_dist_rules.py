@@ -175,7 +175,11 @@ class ShardingSpec:
     state_names: tuple[tuple[str, str], ...] = ()   # (as spelled in keys, canonical)
     nd_flattened: bool = False
     param_groups: str = "per_group"
+    versions: tuple[str, str] | None = None   # the framework versions whose save of this type ckptmap writes
     loc: object = None
+
+    def covers(self, version: str) -> bool:
+        return _in_range(version, self.versions)
 
     @property
     def param_groups_in_common(self) -> bool:
@@ -199,14 +203,17 @@ class ShardingSpec:
 
 @attrs.frozen
 class RankObject:
-    """``rank_object rng_state => "rng_state" over_dp for dp_reshardable``: per-rank state saved as a ShardedObject
-    over (pp, tp) -- and over DP as well, with expert parallelism, by the listed sharding types' versions --
-    whose value is at the dotted path of a legacy model file."""
+    """``rank_object rng_state => "rng_state" over_dp for 0.15 - 0.16``: per-rank state saved as a ShardedObject
+    over (pp, tp) -- and over DP as well, with expert parallelism, by the versions in the range -- whose value is
+    at the dotted path of a legacy model file."""
 
     name: str
     path: tuple[str, ...]
-    over_dp_for: tuple[str, ...] = ()
+    over_dp_versions: tuple[str, str] | None = None
     loc: object = None
+
+    def over_dp(self, version: str) -> bool:
+        return self.over_dp_versions is not None and _in_range(version, self.over_dp_versions)
 
 
 @attrs.frozen
@@ -302,11 +309,25 @@ class TorchDistLayout:
         return s.item.format(rest=name[len(s.prefix):], **index)
 
     # --- per-rank objects ---
-    def rank_objects_over_dp(self, sharding_type: str | None) -> set[str]:
-        return {o.name for o in self.rank_objects if sharding_type in o.over_dp_for}
+    def rank_objects_over_dp(self, version: str) -> set[str]:
+        """The rank objects megatron-core ``version`` shards over DP as well (with expert parallelism)."""
+        return {o.name for o in self.rank_objects if o.over_dp(version)}
 
     def dist_only_keys(self, where: str) -> tuple[str, ...]:
         return tuple(k for w, k in self.dist_only if w == where)
+
+
+def version_key(text: str) -> tuple[int, ...]:
+    return tuple(int(p) for p in text.split("."))
+
+
+def _in_range(version: str, versions: tuple[str, str] | None) -> bool:
+    """Whether ``version`` ("0.12.1") falls in ``versions`` (("0.8", "0.14")), to the precision the range gives."""
+    if versions is None:
+        return True
+    lo, hi = (version_key(v) for v in versions)
+    v = version_key(version)
+    return lo <= v[:len(lo)] and v[:len(hi)] <= hi
 
 
 def _common_prefix(texts: list[str]) -> str:
@@ -362,10 +383,8 @@ def validate(layout: TorchDistLayout) -> None:
         raise CkptmapError(f"{where}: the sharding types' keys share no leading text (e.g. \"optimizer.\"), so "
                            f"optimizer keys cannot be told from model weights")
     for o in layout.rank_objects:
-        unknown = [t for t in o.over_dp_for if t not in layout.sharding_types]
-        if unknown:
-            raise CkptmapError(f"{o.loc}: rank_object {o.name} over_dp for {unknown[0]}: not a sharding type declared "
-                               f"here ({', '.join(layout.sharding_types)})")
+        if o.over_dp_versions and version_key(o.over_dp_versions[0]) > version_key(o.over_dp_versions[1]):
+            raise CkptmapError(f"{o.loc}: rank_object {o.name}: version range {' - '.join(o.over_dp_versions)} is empty")
     from ckptmap.formats.megatron_files import LEGACY_RANK_STATE_PATHS
 
     for o in layout.rank_objects:
@@ -382,6 +401,8 @@ def validate(layout: TorchDistLayout) -> None:
 
 def _validate_sharding(s: ShardingSpec) -> None:
     where = s.loc
+    if s.versions and version_key(s.versions[0]) > version_key(s.versions[1]):
+        raise CkptmapError(f"{where}: sharding {s.name}: version range {' - '.join(s.versions)} is empty")
     if s.space not in SPACES:
         raise CkptmapError(f"{where}: sharding {s.name}: space {s.space} is unknown; use one of {', '.join(SPACES)}")
     if s.param_groups not in PARAM_GROUPS:
