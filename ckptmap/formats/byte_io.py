@@ -116,7 +116,7 @@ def copy_range_crc(src: FileRange, out_fd: int, crc: int = 0) -> int:
     if not src.nbytes:
         return crc
     buf = getattr(_local, "copy_buf", None)
-    if buf is None:
+    if buf is None or len(buf) != CRC_COPY_CHUNK:
         buf = _local.copy_buf = bytearray(CRC_COPY_CHUNK)
     fd = os.open(src.path, os.O_RDONLY)
     try:
@@ -250,9 +250,13 @@ def _choose():
     return _chosen
 
 
-def crc32(data, crc: int = 0) -> int:   # replaced by the chosen implementation at the first call
-    """zlib.crc32(data, crc), by the fastest implementation available (see the module docstring)."""
+def _first_crc32(data, crc: int = 0) -> int:
+    """zlib.crc32(data, crc), by the fastest implementation available (see the module docstring);
+    chosen at the first call (no ctypes import or library search for a run that needs no CRC)."""
     return _choose()[1](data, crc)
+
+
+crc32 = _first_crc32   # rebound to the chosen implementation by _choose
 
 
 def crc32_implementation() -> str:
