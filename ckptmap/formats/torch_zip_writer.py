@@ -454,7 +454,7 @@ def _stream_range(writer, st, rng: FileRange, path, done: int, crc: int) -> tupl
                            f"source does not match its tensors")
     try:
         if type(writer) is not _StreamZipWriter:
-            for chunk in byte_io.read_chunks(rng, byte_io.CRC_COPY_CHUNK):
+            for chunk in byte_io.read_chunks(rng):   # chunks larger than f's buffer: written straight through
                 writer._write(chunk)
                 crc = byte_io.crc32(chunk, crc)
             return done + rng.nbytes, crc
