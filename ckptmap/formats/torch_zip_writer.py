@@ -443,9 +443,10 @@ def _stream_chunks(writer: _StreamZipWriter, st: _RefStorage, iterator, path) ->
 
 
 def _stream_range(writer, st, rng: FileRange, path, done: int, crc: int) -> tuple[int, int]:
-    """A chunk given as a FileRange: the bytes of another file, copied by the kernel (the CRC read
-    through a map of the source, no byte copied to user space). The MSAdapter writer, which seeks to
-    patch its headers, gets them through a buffer instead."""
+    """A chunk given as a FileRange: the bytes of another file, copied by the kernel when no CRC is
+    wanted, else read once into a small reused buffer, CRC'd there and written from it (cheaper than
+    a kernel copy plus a second read for the CRC). The MSAdapter writer, which seeks to patch its
+    headers, gets them through its file object."""
     expected = st.nbytes
     if done + rng.nbytes > expected:
         raise CkptmapError(f"cannot save {path}: storage {st.key!r} ({st.numel} x {st.dtype}) must be "
@@ -453,15 +454,16 @@ def _stream_range(writer, st, rng: FileRange, path, done: int, crc: int) -> tupl
                            f"source does not match its tensors")
     try:
         if type(writer) is not _StreamZipWriter:
-            for chunk in byte_io.read_chunks(rng):
+            for chunk in byte_io.read_chunks(rng):   # chunks larger than f's buffer: written straight through
                 writer._write(chunk)
                 crc = byte_io.crc32(chunk, crc)
             return done + rng.nbytes, crc
-        writer.f.flush()   # the kernel appends at the descriptor's position, after what is buffered
-        byte_io.copy_range(rng, writer.f.fileno())
-        writer.pos += rng.nbytes
+        writer.f.flush()   # written at the descriptor's position, after what is buffered
         if writer.compute_crc32:
-            crc = byte_io.crc32_range(rng, crc)
+            crc = byte_io.copy_range_crc(rng, writer.f.fileno(), crc)
+        else:
+            byte_io.copy_range(rng, writer.f.fileno())
+        writer.pos += rng.nbytes
     except OSError as e:
         raise CkptmapError(f"cannot save {path}: copying the data of storage {st.key!r} from {rng.path} failed "
                            f"({e.strerror or e}) — check the source files") from None
