@@ -142,6 +142,28 @@ def test_moe_legacy_to_dp_zero_gather_scatter_equals_megatrons_own(mcore_standar
     same_values(run.truth, got[0])
 
 
+@pytest.mark.parametrize("version,sharding_type", [("0.12.1", "fully_sharded_model_space"),
+                                                   ("0.16.1", "fully_reshardable")])
+def test_moe_at_ep_1_to_torch_dist_loads_in_megatron(mcore_standard, tmp_path, version, sharding_type):
+    """MoE at EP 1: one optimizer with the experts in the dense buffers (megatron-core's layout there). The real
+    EP 2 legacy save resharded to EP 1 (ckptmap reshard), then written as torch_dist: the states unprefixed, no
+    expert optimizer; the real library loads it at EP 1 to the saving run's live values. (Loading it at EP 2 fails in
+    Megatron itself, as for its own EP 1 saves: common.pt holds one optimizer's state where a ChainedOptimizer
+    expects two.)"""
+    run = mcore_standard(version, "moe")
+    ep1, out = tmp_path / "ep1", tmp_path / "dist"
+    assert main(["reshard", "--megatron-path", str(run.dir / "legacy"), "--output-path", str(ep1),
+                 "--target-ep-size", "1", "--target-megatron-version", version, "--no-progress"]) == 0
+    assert main(["convert", "--from", "torch", "--to", "torch_dist", "--sharding-type", sharding_type,
+                 "--src", str(ep1), "--dst", str(out), "--no-progress"]) == 0
+    from ckptmap.formats import torch_dist as td
+    with td.TorchDistCheckpoint(out / "iter_0000001") as r:
+        assert not [k for k in r.keys() if k.startswith("chained_")]
+        assert any(k.startswith("decoder.layers.mlp.experts.experts.") for k in r.keys())
+    (got,) = run_jobs(version, [("load", dataclasses.replace(run.case, ep=1), [(out, "torch_dist", sharding_type)])])
+    same_values(run.truth, got[0])
+
+
 def test_legacy_to_dp_reshardable_loads_in_megatron_0_16_1(mcore_standard, tmp_path, capsys):
     """--sharding-type dp_reshardable (0.15+'s default) is composed: fully_sharded_model_space into a temporary
     folder, then the offline upgrade. 0.16.1's own dist_checkpointing.load gives the live values, and the

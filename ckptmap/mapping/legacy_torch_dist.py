@@ -27,8 +27,9 @@ experts on the global expert axis (``decoder.layers.mlp.experts.experts.…``: `
 ``fully_sharded_model_space`` (as 0.8 - 0.14 save them) and unprefixed in ``fully_reshardable`` (0.15+'s
 ``chained_optim_avoid_prefix``), whose RNG objects are sharded over DP as 0.16 saves them under EP
 (``rng_state/shard_<pp>.<tp>.<dp>_…``: each DP rank gets the one its expert rank's folder holds); ``common.pt``'s
-``optimizer`` is ``{0: dense, 1: expert}``. GroupedMLP experts, expert TP != TP, MoE with one optimizer (experts
-in the dense buffers, EP 1) are refused before anything is written.
+``optimizer`` is ``{0: dense, 1: expert}``; at EP 1 (one optimizer, the experts in the dense buffers) the states
+are unprefixed and ``optimizer`` is that optimizer's. GroupedMLP experts and expert TP != TP are refused before
+anything is written.
 """
 
 from __future__ import annotations
@@ -114,9 +115,8 @@ def plan_legacy_to_dist(src, dst, sharding_type: str = "fully_reshardable", rule
     names = source.rules.torch_dist_layout()
     st = names.sharding(sharding_type)
     num_experts = int(source.env.get("num_experts") or 0)
-    chained = bool(lay.ep > 1 or num_experts)   # MoE: a [dense, expert] ChainedOptimizer (checked)
-    if chained:
-        _check_moe(source, num_experts)
+    # MoE: a [dense, expert] ChainedOptimizer, or at EP 1 one optimizer with the experts in the dense buffers
+    chained = _check_moe(source, num_experts) if lay.ep > 1 or num_experts else False
     coalesced = st.space == "coalesced"   # dp_zero_gather_scatter: per DP group, the legacy distrib_optim dict
     version = _target_version(st, target_version)
     # 0.15+ say what a torch_dist save holds (common.pt content_metadata, which their load needs to read
@@ -251,9 +251,10 @@ def plan_legacy_to_dist(src, dst, sharding_type: str = "fully_reshardable", rule
                             chunk_sources, tuple(objects), object_bytes, common, common_file, notes, mcore, num_experts)
 
 
-def _check_moe(source: MegatronSource, num_experts: int) -> None:
-    """MoE layouts this conversion writes (SequentialMLP experts, expert TP = TP, the [dense, expert]
-    ChainedOptimizer); refused before anything is written otherwise."""
+def _check_moe(source: MegatronSource, num_experts: int) -> bool:
+    """MoE layouts this conversion writes (SequentialMLP experts, expert TP = TP; the optimizer a [dense, expert]
+    ChainedOptimizer, or one optimizer at EP 1); refused before anything is written otherwise. Returns whether
+    the optimizer is chained."""
     args, lay = source.args, source.layout
     path = source.ranks[(0, 0, 0)].dir / megatron_folders.MODEL_FILE
     what = f"a mixture-of-experts model ({num_experts or '?'} experts, expert-parallel size {lay.ep})"
@@ -271,13 +272,14 @@ def _check_moe(source: MegatronSource, num_experts: int) -> None:
         raise CkptmapError(f"{path}: expert-parallel folders (EP {lay.ep}) but args.num_experts is not set; the "
                            f"checkpoint's args do not describe its model. Nothing was written.")
     chained = {rank.key: bool(rank.optim.chained) for rank in source.sorted_ranks}
+    if lay.ep == 1 and not any(chained.values()):
+        return False   # experts in the dense buffers, one optimizer: megatron-core's layout at EP 1
     if not all(chained.values()):
         flat = sorted(k for k, c in chained.items() if not c)
-        raise CkptmapError(f"{path}: {what} whose optimizer is not a [dense, expert] ChainedOptimizer (folders "
-                           f"(tp, pp, ep) {flat}: one optimizer, experts in the dense buffers, as megatron-core keeps "
-                           f"them at EP 1); torch -> torch_dist writes MoE with separate expert optimizers only. Load "
-                           f"these files in Megatron (--ckpt-format torch) and save with --ckpt-format torch_dist. "
+        raise CkptmapError(f"{path}: {what} whose optimizer is a [dense, expert] ChainedOptimizer in some folders and "
+                           f"one optimizer in others (folders (tp, pp, ep) {flat}); the checkpoint is inconsistent. "
                            f"Nothing was written.")
+    return True
 
 
 def _nd_flattened(key, dtype, shape, chunks, chunk_sources) -> td.OutTensor:
