@@ -405,7 +405,13 @@ _MEGATRON_WRITERS = {"megatron_model": "write_model", "megatron_optim": "write_o
 
 
 def write_file(task: FileTask, root: Path, progress=None, fsync: bool = False) -> int:
-    """Write one FileTask atomically; returns the bytes of tensor data written."""
+    """Write one FileTask atomically; returns the size of the file written (what the per-file listing and the
+    summary report: a pickle, a param map or a copy is not 0 bytes because it holds no tensor data)."""
+    _write_file(task, root, progress, fsync)
+    return os.stat(root / task.path).st_size
+
+
+def _write_file(task: FileTask, root: Path, progress, fsync: bool) -> None:
     final = root / task.path
     final.parent.mkdir(parents=True, exist_ok=True)
     if task.format == "torch_stream":
@@ -416,7 +422,7 @@ def write_file(task: FileTask, root: Path, progress=None, fsync: bool = False) -
                                         dialect=task.extra.get("dialect"), rng=task.extra.get("rng", "refuse"))
         finally:
             sources.close()
-        return task.nbytes
+        return
     if task.format in _MEGATRON_WRITERS:   # a Megatron file of a new layout (reshard, torch_dist -> torch)
         sources = _Sources()
         try:
@@ -424,11 +430,10 @@ def write_file(task: FileTask, root: Path, progress=None, fsync: bool = False) -
             write(final, task.extra, _storage_bytes(task.storages, sources, progress), fsync=fsync)
         finally:
             sources.close()
-        return task.nbytes
+        return
     if task.format == "torch_meta":
         pt_meta.write_pt_meta(task.source, task.aux_source, task.keys, task.extra, final, fsync=fsync)
-        return 0
-    written = 0
+        return
     with atomic.atomic_output(final, fsync=fsync) as tmp:
         if task.format in registry.TENSOR_FORMATS:
             entries = [(t.name, t.dtype, t.shape) for t in task.tensors]
@@ -443,7 +448,6 @@ def write_file(task: FileTask, root: Path, progress=None, fsync: bool = False) -
                             writer.write_range(t.name, t.dtype, t.shape, how[1])
                         else:
                             writer.write_chunks(t.name, t.dtype, t.shape, how[1])
-                        written += t.nbytes
                         if progress:
                             progress(t.nbytes)
             finally:
@@ -455,7 +459,7 @@ def write_file(task: FileTask, root: Path, progress=None, fsync: bool = False) -
             tmp.write_text(task.text)
         else:
             raise CkptmapError(f"plan has a file of unknown format {task.format!r} ({task.path})")
-    return written
+
 
 
 def _describe(exc: BaseException) -> str:
