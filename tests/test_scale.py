@@ -261,3 +261,28 @@ def test_main_param_spot_check_is_one_cast_per_rank(monkeypatch, tmp_path):
     text = str(err.value)
     assert task.name in text and str(copy / rel) in text and task.sources[0].key in text
     assert "does not round to the model weight" in text and task.rounds_to.key in text
+
+
+def test_run_report_of_many_files_is_one_line_per_folder_pattern():
+    """A 4,096-rank run writes 12,288 files: the report groups them by folder pattern (numbers as N), names the
+    failed file in full, and --full restores the per-file listing."""
+    import io
+
+    from ckptmap.cli.printing import print_report
+    from ckptmap.execute import FileResult, RunReport
+
+    results = [FileResult(f"rank_{r}/network.ckpt", True, 1000, 0.01) for r in range(200)]
+    results += [FileResult(f"pt_meta/args_tp{t:02d}_pp{p:03d}.pt", True, 10, 0.001) for t in range(2) for p in range(50)]
+    results[7] = FileResult("rank_7/network.ckpt", False, 0, 0.5, "disk full")
+    out = io.StringIO()
+    print_report(RunReport(results, 3.0), out)
+    text = out.getvalue()
+    lines = text.splitlines()
+    assert lines[0].split() == ["rank_N/", "200", "folders", "200", "files", "194.3", "KiB", "1", "FAILED"]
+    assert lines[1].split() == ["pt_meta/", "1", "folder", "100", "files", "1000", "B", "ok"]
+    assert "slowest: rank_7/network.ckpt 0.50 s" in lines[2]
+    assert "FAILED rank_7/network.ckpt:\n  disk full" in text
+    assert "299 of 300 files written successfully" in text
+    full = io.StringIO()
+    print_report(RunReport(results, 3.0), full, full=True)
+    assert len([line for line in full.getvalue().splitlines() if line.endswith((" ok", "FAILED"))]) == 300

@@ -61,7 +61,8 @@ def add_pt2ms_flags(p: argparse.ArgumentParser) -> None:
                    help="Do not check that every fp32 main param rounds to its model weight (the check that catches "
                         "optimizer state laid out under the wrong parameter).")
     c.add_argument("--dry-run", action="store_true", help="Print the plan (a summary by pattern) and write nothing.")
-    c.add_argument("--full", action="store_true", help="With --dry-run: list every file and tensor of the plan.")
+    c.add_argument("--full", action="store_true", help="With --dry-run: list every file and tensor of the plan; when converting: list every file "
+                        "written (default: by folder beyond 64 files).")
 
 
 def add_run_flags(g) -> None:
@@ -140,7 +141,8 @@ def add_ms2pt_flags(p: argparse.ArgumentParser) -> None:
     c.add_argument("--allow-extra", action="store_true",
                    help="Leave out MindSpore tensors no rule reads back (listed in the plan) instead of refusing.")
     c.add_argument("--dry-run", action="store_true", help="Print the plan (a summary by pattern) and write nothing.")
-    c.add_argument("--full", action="store_true", help="With --dry-run: list every file and tensor of the plan.")
+    c.add_argument("--full", action="store_true", help="With --dry-run: list every file and tensor of the plan; when converting: list every file "
+                        "written (default: by folder beyond 64 files).")
 
 
 def ms2pt_options(ns):
@@ -210,7 +212,8 @@ def add_reshard_flags(p) -> None:
     c.add_argument("--parallel-init-order", default="tp-cp-ep-dp-pp")
     c.add_argument("--noop", nargs="+", type=int, default=[])
     c.add_argument("--dry-run", action="store_true", help="Print the plan (a summary by pattern) and write nothing.")
-    c.add_argument("--full", action="store_true", help="With --dry-run: list every file and tensor of the plan.")
+    c.add_argument("--full", action="store_true", help="With --dry-run: list every file and tensor of the plan; when converting: list every file "
+                        "written (default: by folder beyond 64 files).")
     c.add_argument("--debug", action="store_true")
     add_run_flags(c)
 

@@ -280,12 +280,34 @@ def print_plan(plan, out=None, detail: bool = True, summary: bool = False) -> No
           f"(source root {common})", file=out)
 
 
-def print_report(report, out=None) -> None:
+LISTED_FILES = 64   # a run writing more files prints them by folder (--full: every file)
+
+
+def print_report(report, out=None, full: bool = False) -> None:
     out = out or sys.stdout
-    width = max((len(r.path) for r in report.results), default=4)
-    for r in report.results:
-        status = "ok" if r.ok else "FAILED"
-        print(f"  {r.path.ljust(width)}  {human_bytes(r.nbytes):>10}  {r.seconds:7.2f} s  {status}", file=out)
+    results = report.results
+    if len(results) > LISTED_FILES and not full:
+        # thousands of ranks: one line per folder pattern (numbers as N), not a line per file
+        groups: dict = {}
+        for r in results:
+            folder = os.path.dirname(r.path) or "."
+            g = groups.setdefault(re.sub(r"\d+", "N", folder), [set(), 0, 0, 0])
+            g[0].add(folder)
+            g[1] += 1
+            g[2] += r.nbytes
+            g[3] += not r.ok
+        width = max(len(k) for k in groups) + 1
+        for pattern, (folders, n, b, bad) in sorted(groups.items(), key=lambda kv: (-kv[1][3], -kv[1][2], kv[0])):
+            print(f"  {(pattern + '/').ljust(width)}  {len(folders):6d} folder{'s' if len(folders) > 1 else ' '}  "
+                  f"{n:7d} files  {human_bytes(b):>10}  {'ok' if not bad else f'{bad} FAILED'}", file=out)
+        slow = sorted(results, key=lambda r: -r.seconds)[:3]
+        print("  slowest: " + ", ".join(f"{r.path} {r.seconds:.2f} s" for r in slow)
+              + "  (--full lists every file)", file=out)
+    else:
+        width = max((len(r.path) for r in results), default=4)
+        for r in results:
+            status = "ok" if r.ok else "FAILED"
+            print(f"  {r.path.ljust(width)}  {human_bytes(r.nbytes):>10}  {r.seconds:7.2f} s  {status}", file=out)
     for r in report.failed:
         print(f"\nFAILED {r.path}:\n" + textwrap.indent(r.error, "  "), file=out)
     rate = report.nbytes / report.seconds / 2**20 if report.seconds else 0

@@ -14,7 +14,7 @@ def run(plan, ns) -> int:
                       timeout=ns.process_timeout, progress=not ns.no_progress, fsync=ns.fsync,
                       world_size=ns.world_size, rank=ns.rank, wait_timeout=ns.wait_timeout,
                       overwrite=ns.overwrite, notify=print)
-    print_report(report)
+    print_report(report, full=getattr(ns, "full", False))
     return EXIT_FAILED if report.failed else 0
 
 
