@@ -132,3 +132,76 @@ def test_moe_builder_converts_bit_exactly_and_back(tmp_path):
     assert len(originals) == 16
     for rel in originals:
         assert filecmp.cmp(src / rel, back / rel, shallow=False), rel
+
+
+@pytest.fixture(scope="module")
+def moe_checkpoint(tmp_path_factory):
+    """TP 2 x PP 4 x EP 2 (DP 2): 16 mp_rank folders; the two middle stages' pickles repeat over TP and EP."""
+    root = tmp_path_factory.mktemp("moe") / "megatron"
+    build_megatron_checkpoint(root, DemoMoEModel(tp=2, pp=4, dp=2, ep=2, experts=4, layers=4, hidden=16, heads=4,
+                                                 groups=2, kv=4, ffn=16, vocab=64, swiglu=True, norm_bias=False),
+                              iteration=3, keep_truth=False)
+    return root
+
+
+def test_planning_unpickles_each_distinct_pickle_once_and_plans_the_same(moe_checkpoint, tmp_path, monkeypatch):
+    """Planning shares the object tree of files whose pickles and records are byte-identical (issue 16:
+    at 16,384 ranks most of the 32,768 files repeat a few dozen pickles): it unpickles once per distinct
+    data.pkl, and the plan is the one planning without sharing makes, JSON text for JSON text."""
+    import contextlib
+    import hashlib
+
+    from ckptmap.formats import torch_zip_reader as tzr
+
+    pickles = {}
+    for f in sorted(moe_checkpoint.rglob("*.pt")):
+        with tzr.TorchZipFile(f) as zf:
+            pickles[f] = hashlib.sha256(zf._archive.read_record("data.pkl")).hexdigest()
+    unpickled = []
+    original = tzr._unpickle
+
+    def counting(archive, *a, **kw):
+        unpickled.append(archive.path)
+        return original(archive, *a, **kw)
+
+    monkeypatch.setattr(tzr, "_unpickle", counting)
+    shared = compile_pt2ms(Pt2MsOptions(str(moe_checkpoint), str(tmp_path / "out")))
+    assert len(pickles) == 32 and len(unpickled) == len(set(pickles.values())) < 16, (len(unpickled), len(pickles))
+
+    monkeypatch.setattr(tzr, "shared_trees", contextlib.nullcontext)
+    unpickled.clear()
+    alone = compile_pt2ms(Pt2MsOptions(str(moe_checkpoint), str(tmp_path / "out")))
+    assert len(unpickled) == len(pickles)
+    assert shared.to_json() == alone.to_json()
+
+
+def test_shared_trees_never_hide_a_damaged_file(moe_checkpoint, tmp_path):
+    """A file whose pickle equals another's but whose storage record is cut short is read on its own
+    (the record sizes are part of what must be equal) and refused, naming it."""
+    import shutil
+
+    from ckptmap.errors import CkptmapError
+    from ckptmap.formats import torch_zip_reader as tzr
+
+    first, second = sorted(moe_checkpoint.rglob("mp_rank_0*_001_001/distrib_optim.pt"))[:2]
+    with tzr.TorchZipFile(first) as a, tzr.TorchZipFile(second) as b:
+        assert a._archive.read_record("data.pkl") == b._archive.read_record("data.pkl")
+    damaged = tmp_path / "damaged.pt"
+    shutil.copy(second, damaged)
+    # shrink the largest storage record's declared size in both zip headers: a short record, same pickle
+    import struct
+    import zipfile
+    with zipfile.ZipFile(damaged) as zf:
+        info = max((i for i in zf.infolist() if "/data/" in i.filename), key=lambda i: i.file_size)
+    data = bytearray(damaged.read_bytes())
+    local = info.header_offset
+    struct.pack_into("<LL", data, local + 18, info.compress_size - 4, info.file_size - 4)
+    central = data.rfind(b"PK\x01\x02" + data[local + 4:local + 6])  # any central entry; find ours by name
+    name = info.filename.encode()
+    central = data.find(name, data.find(b"PK\x01\x02")) - 46
+    struct.pack_into("<LL", data, central + 20, info.compress_size - 4, info.file_size - 4)
+    damaged.write_bytes(bytes(data))
+    with tzr.shared_trees():
+        tzr.TorchZipFile(first)
+        with pytest.raises(CkptmapError, match="damaged.pt"):
+            tzr.TorchZipFile(damaged)
