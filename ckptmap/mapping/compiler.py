@@ -448,6 +448,8 @@ def _pt_meta_task(model_file, tp, pp, layout, maps_of, matched, memo=None, map_e
             [g, sl.bucket, sl.start - bl.buckets[sl.bucket].start, sl.end - bl.buckets[sl.bucket].start]
             for v, g, bl in buffer_layouts for sl in bl.slots]
     optim_path = model_file.path.with_name(megatron_folders.OPTIM_FILE)
+    # an optimizer file planning read is there (one stat per rank fewer); otherwise look
+    has_optim = optim is not None and str(optim.path) == str(optim_path) or optim_path.is_file()
     return FileTask(mindspeed.pt_meta_args_path(tp, pp, ep), "torch_meta", source=str(model_file.path),
-                    aux_source=str(optim_path) if optim_path.is_file() else None,
+                    aux_source=str(optim_path) if has_optim else None,
                     keys=tuple(model_file.meta_keys()), extra=extra)
