@@ -21,7 +21,10 @@ JSON in a fresh process, and times the rank arithmetic of a 16,384-rank layout
         [--workdir DIR] [--keep] [--repeat N] [--no-convert] [--profile] [--src OTHER_CHECKOUT]
 
 ``--all-dp 32`` also builds a TP 8 x PP 64 checkpoint saved with DP 32 and plans it with
-``--generate-all-dp-cp`` (16,384 MindSpore rank files). ``--profile`` prints a cProfile of the
+``--generate-all-dp-cp`` (16,384 MindSpore rank files). ``--moe --ep 32`` builds mixture-of-experts
+checkpoints instead (megatron-core 0.12 layout, ``ckptmap.demo.DemoMoEModel``: a router and
+``--experts-per-rank`` SequentialMLP experts per layer and EP rank, dense and expert buffers, DP = EP):
+``--ranks 16384 --moe --ep 32`` is TP 8 x PP 64 x EP 32, 16,384 ``mp_rank_TT_PPP_EEE`` folders. ``--profile`` prints a cProfile of the
 in-process compile of the two last checkpoints. ``--src`` measures another checkout's CLI, e.g.
 the commit before a change (``git archive COMMIT ckptmap | tar -x -C /tmp/old``); the checkpoints
 are still built by this one. Checkpoints are cached in the work dir (keyed by their shape), so
@@ -48,7 +51,7 @@ from pathlib import Path
 import torch
 
 from bench_pt2ms import run_measured
-from ckptmap.demo import DemoModel
+from ckptmap.demo import DemoModel, DemoMoEModel, moe_stage_files
 from ckptmap.formats import megatron_files, megatron_folders
 
 REPO = Path(__file__).resolve().parent.parent
@@ -59,6 +62,19 @@ CLI = [sys.executable, "-P", "-c", "import sys; from ckptmap.cli import main; sy
 def tiny_model(tp: int, pp: int, dp: int = 1) -> DemoModel:
     """One transformer layer per pipeline stage, hidden 64: ~70 KB per rank, 19 tensors."""
     return DemoModel(tp=tp, pp=pp, dp=dp, layers=pp, hidden=64, heads=8, groups=2, kv=8, ffn=128, vocab=256)
+
+
+def tiny_moe_model(tp: int, pp: int, ep: int, experts_per_rank: int = 1) -> DemoMoEModel:
+    """One MoE layer per pipeline stage, hidden 64, ``experts_per_rank`` local experts; DP = EP (the
+    smallest data-parallel size expert parallelism allows: expert-data-parallel size 1)."""
+    return DemoMoEModel(tp=tp, pp=pp, dp=ep, ep=ep, experts=ep * experts_per_rank, layers=pp, hidden=64, heads=8,
+                        groups=2, kv=8, ffn=128, vocab=256, swiglu=True, norm_bias=False)
+
+
+def checkpoint_name(model) -> str:
+    if isinstance(model, DemoMoEModel):
+        return f"megatron_moe_tp{model.tp}_pp{model.pp}_ep{model.ep}_x{model.experts // model.ep}"
+    return f"megatron_tp{model.tp}_pp{model.pp}_dp{model.dp}"
 
 
 # ------------------------------------------------------------------------------------------ builder
@@ -120,7 +136,19 @@ def _build_stage(job) -> None:
                    rank_dir / megatron_folders.OPTIM_FILE)
 
 
-def build_checkpoint(save_root: Path, model: DemoModel, iteration: int = 100, processes: int = 2) -> float:
+def _build_moe_stage(job) -> None:
+    """Every (tp, ep) rank of one pipeline stage of an MoE checkpoint: ckptmap.demo.moe_stage_files'
+    objects, saved with torch.save."""
+    iter_dir, model, pp, iteration = job
+    gen = torch.Generator().manual_seed(pp)
+    for _, name, state, optim, _ in moe_stage_files(model, pp, iteration, gen, keep_truth=False):
+        rank_dir = iter_dir / name
+        rank_dir.mkdir(parents=True, exist_ok=True)
+        torch.save(state, rank_dir / megatron_folders.MODEL_FILE)
+        torch.save(optim, rank_dir / megatron_folders.OPTIM_FILE)
+
+
+def build_checkpoint(save_root: Path, model, iteration: int = 100, processes: int = 2) -> float:
     """Write the checkpoint (stages split over `processes`); returns the seconds it took."""
     t0 = time.perf_counter()
     partial = save_root.with_name(save_root.name + ".partial")
@@ -128,8 +156,9 @@ def build_checkpoint(save_root: Path, model: DemoModel, iteration: int = 100, pr
     iter_dir = partial / megatron_folders.iter_dir_name(iteration)
     iter_dir.mkdir(parents=True)
     jobs = [(iter_dir, model, pp, iteration) for pp in range(model.pp)]
+    build = _build_moe_stage if isinstance(model, DemoMoEModel) else _build_stage
     with mp.get_context("fork").Pool(processes) as pool:
-        for _ in pool.imap_unordered(_build_stage, jobs, chunksize=4):
+        for _ in pool.imap_unordered(build, jobs, chunksize=4):
             pass
     megatron_folders.write_tracker(partial, iteration)
     os.replace(partial, save_root)
@@ -217,6 +246,10 @@ def main():
                     help="world sizes to build and measure (TP 8, PP = ranks / 8, DP 1)")
     ap.add_argument("--all-dp", type=int, default=0,
                     help="also plan a TP 8 x PP 64 checkpoint saved with this DP, with --generate-all-dp-cp")
+    ap.add_argument("--moe", action="store_true",
+                    help="mixture-of-experts checkpoints: TP 8 x PP (ranks / 8 / EP) x EP, DP = EP")
+    ap.add_argument("--ep", type=int, default=32, help="expert-parallel size with --moe")
+    ap.add_argument("--experts-per-rank", type=int, default=1, help="local experts per EP rank with --moe")
     ap.add_argument("--repeat", type=int, default=1, help="runs per measurement (the fastest is shown)")
     ap.add_argument("--no-convert", action="store_true", help="plan only; skip the full conversion")
     ap.add_argument("--profile", action="store_true", help="cProfile the compile of the largest checkpoint")
@@ -246,7 +279,11 @@ def main():
                 best = r
         return best
 
-    cases = [(f"{r} ranks (TP 8 x PP {r // 8})", tiny_model(8, r // 8), {}) for r in ns.ranks]
+    if ns.moe:
+        cases = [(f"{r} ranks (TP 8 x PP {r // 8 // ns.ep} x EP {ns.ep}, MoE)",
+                  tiny_moe_model(8, r // 8 // ns.ep, ns.ep, ns.experts_per_rank), {}) for r in ns.ranks]
+    else:
+        cases = [(f"{r} ranks (TP 8 x PP {r // 8})", tiny_model(8, r // 8), {}) for r in ns.ranks]
     if ns.all_dp:
         cases.append((f"{512 * ns.all_dp} ranks (TP 8 x PP 64 x DP {ns.all_dp}, --generate-all-dp-cp)",
                       tiny_model(8, 64, ns.all_dp), {"generate_all_dp_cp": True}))
@@ -261,7 +298,7 @@ def main():
               f"{'peak RSS MiB':>13s} {'peak anon MiB':>14s}")
     rows = []
     for label, model, extra in cases:
-        src = work / f"megatron_tp{model.tp}_pp{model.pp}_dp{model.dp}"
+        src = work / checkpoint_name(model)
         if not src.exists():
             seconds = build_checkpoint(src, model)
             n, size = du(src)
@@ -286,11 +323,11 @@ def main():
         shutil.rmtree(out, ignore_errors=True)
     print()
     for label, model, extra in cases:
-        src = work / f"megatron_tp{model.tp}_pp{model.pp}_dp{model.dp}"
+        src = work / checkpoint_name(model)
         print(f"{label}: {phases(src, work / 'out', extra)}")
     if ns.profile:
         for label, model, extra in cases[-2:]:
-            src = work / f"megatron_tp{model.tp}_pp{model.pp}_dp{model.dp}"
+            src = work / checkpoint_name(model)
             print("\n" + profile_compile(src, work / "out", extra))
     (work / "plan.json").unlink(missing_ok=True)
     if not ns.keep and not ns.workdir:

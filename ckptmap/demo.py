@@ -73,17 +73,29 @@ class DemoModel:
 
 def build_megatron_checkpoint(save_root: Path, model: DemoModel = DemoModel(), iteration: int = 100,
                               seed: int = 0, keep_truth: bool = True, optimizer: bool = True) -> dict:
-    """Write the checkpoint as Megatron core_r0.6.0 with the distributed optimizer would: per chunk
+    """Write the checkpoint as Megatron core_r0.6.0 with the distributed optimizer would (a
+    DemoMoEModel: as megatron-core 0.8+ would, see moe_stage_files; keyed by (tp, pp, ep)): per chunk
     one bf16 parameter buffer laid out by the rules' `buckets megatron` block (tensors are views of
     it), fp32 main params and Adam moments in ``distrib_optim.pt``, bf16 weights = main params
     rounded. Returns {(tp, pp): {dotted name: {"weight", "param", "exp_avg", "exp_avg_sq"}}}."""
     from ckptmap.mapping import buckets
     from ckptmap.mapping.rules import bundled_rules, load_rules
 
-    rule = load_rules(bundled_rules()["megatron_legacy_gpt"]).bucket_layout("megatron", "0.6")
     gen = torch.Generator().manual_seed(seed)
     truth = {}
     iter_dir = save_root / megatron_folders.iter_dir_name(iteration)
+    if isinstance(model, DemoMoEModel):   # {(tp, pp, ep): ...}
+        for pp in range(model.pp):
+            for key, name, state, optim, rank_truth in moe_stage_files(model, pp, iteration, gen, keep_truth):
+                rank_dir = iter_dir / name
+                rank_dir.mkdir(parents=True, exist_ok=True)
+                torch_zip_writer.save(state, rank_dir / megatron_folders.MODEL_FILE)
+                if optimizer:
+                    torch_zip_writer.save(optim, rank_dir / megatron_folders.OPTIM_FILE)
+                truth[key] = rank_truth
+        megatron_folders.write_tracker(save_root, iteration)
+        return truth
+    rule = load_rules(bundled_rules()["megatron_legacy_gpt"]).bucket_layout("megatron", "0.6")
     for tp in range(model.tp):
         for pp in range(model.pp):
             entries = model.stage_tensors(pp)
@@ -134,6 +146,190 @@ def build_megatron_checkpoint(save_root: Path, model: DemoModel = DemoModel(), i
             truth[(tp, pp)] = rank_truth if keep_truth else None
     megatron_folders.write_tracker(save_root, iteration)
     return truth
+
+
+@attrs.frozen
+class DemoMoEModel:
+    """Shape of a megatron.core GPTModel with mixture-of-experts layers (local spec: SequentialMLP
+    experts, a router per layer, untied embeddings, no linear biases) and its parallel layout, as
+    megatron-core 0.8 - 0.16 saves it in the legacy format: one ``mp_rank_TT[_PPP]_EEE`` folder per
+    (tp, pp, ep) rank, the model file written by expert-data-parallel rank 0, the dense optimizer
+    state by data-parallel rank 0 only (so ``[None, expert]`` in expert ranks > 0's distrib_optim.pt).
+    Experts are split over TP like the dense MLP (expert_tensor_parallel_size = tp)."""
+
+    tp: int = 1
+    pp: int = 1
+    dp: int = 4                  # data-parallel size; expert parallelism is carved out of it
+    ep: int = 2
+    experts: int = 4             # num_experts, all layers; ep must divide it
+    layers: int = 2
+    hidden: int = 40
+    heads: int = 4
+    groups: int = 4
+    kv: int = 10
+    ffn: int = 24                # of each expert
+    vocab: int = 64
+    swiglu: bool = False
+    norm_bias: bool = True       # LayerNorm (weight + bias); False: RMSNorm (weight only)
+    overlap_grad_reduce: bool = False
+    bucket_size: int | None = None
+    version: str = "0.12"        # the rules' `buckets megatron` block the buffers are laid out by
+
+    def __attrs_post_init__(self):
+        if self.dp % self.ep or self.experts % self.ep or self.layers % self.pp:
+            raise ValueError(f"{self}: ep must divide dp and experts, pp must divide layers")
+
+    def norm(self, name: str) -> list[tuple[str, tuple[int, ...]]]:
+        return [(f"{name}.weight", (self.hidden,))] + ([(f"{name}.bias", (self.hidden,))] if self.norm_bias else [])
+
+    def layer_tensors(self, n: int) -> list[tuple[str, tuple[int, ...] | None]]:
+        """(name, shape) of one layer in state-dict order (= registration order); shape None: an
+        ``_extra_state`` entry (None in the local spec's checkpoints)."""
+        p = f"decoder.layers.{n}."
+        qkv_rows = (self.heads + 2 * self.groups) * self.kv // self.tp
+        fc1_rows = (2 if self.swiglu else 1) * self.ffn // self.tp
+        out = self.norm(p + "input_layernorm") + [
+            (p + "self_attention.linear_proj.weight", (self.hidden, self.heads * self.kv // self.tp)),
+            (p + "self_attention.linear_proj._extra_state", None),
+            (p + "self_attention.linear_qkv.weight", (qkv_rows, self.hidden)),
+            (p + "self_attention.linear_qkv._extra_state", None),
+        ] + self.norm(p + "pre_mlp_layernorm") + [(p + "mlp.router.weight", (self.experts, self.hidden))]
+        for e in range(self.experts // self.ep):
+            q = f"{p}mlp.experts.local_experts.{e}."
+            out += [(q + "linear_fc1.weight", (fc1_rows, self.hidden)), (q + "linear_fc1._extra_state", None),
+                    (q + "linear_fc2.weight", (self.hidden, self.ffn // self.tp)), (q + "linear_fc2._extra_state", None)]
+        return out
+
+    def stage_tensors(self, pp: int) -> list[tuple[str, tuple[int, ...] | None]]:
+        out = [("embedding.word_embeddings.weight", (self.vocab // self.tp, self.hidden))] if pp == 0 else []
+        per_stage = self.layers // self.pp
+        for n in range(per_stage):
+            out += self.layer_tensors(n)
+        if pp == self.pp - 1:
+            out += self.norm("decoder.final_layernorm") + [("output_layer.weight", (self.vocab // self.tp, self.hidden)),
+                                                           ("output_layer._extra_state", None)]
+        return out
+
+    @staticmethod
+    def is_expert(name: str) -> bool:
+        return ".mlp.experts." in name
+
+    def args(self, iteration: int) -> argparse.Namespace:
+        return argparse.Namespace(
+            num_layers=self.layers, encoder_num_layers=self.layers, hidden_size=self.hidden,
+            num_attention_heads=self.heads, num_query_groups=self.groups, group_query_attention=self.groups != self.heads,
+            kv_channels=self.kv, ffn_hidden_size=self.ffn, padded_vocab_size=self.vocab, vocab_size=self.vocab,
+            swiglu=self.swiglu, add_qkv_bias=False, add_bias_linear=False,
+            normalization="LayerNorm" if self.norm_bias else "RMSNorm",
+            num_experts=self.experts, moe_router_topk=2, moe_grouped_gemm=False, moe_token_dispatcher_type="allgather",
+            tensor_model_parallel_size=self.tp, pipeline_model_parallel_size=self.pp,
+            expert_model_parallel_size=self.ep, expert_tensor_parallel_size=self.tp,
+            data_parallel_size=self.dp, context_parallel_size=1, virtual_pipeline_model_parallel_size=None,
+            world_size=self.tp * self.pp * self.dp, params_dtype=torch.bfloat16, bf16=True,
+            main_params_dtype=torch.float32, exp_avg_dtype=torch.float32, exp_avg_sq_dtype=torch.float32,
+            untie_embeddings_and_output_weights=True, overlap_grad_reduce=self.overlap_grad_reduce,
+            ddp_bucket_size=self.bucket_size, use_distributed_optimizer=True, iteration=iteration,
+            consumed_train_samples=iteration * 64, save="checkpoints/demo_moe")
+
+
+def _param_groups(params, expert: bool, iteration: int) -> list[dict]:
+    """megatron-core 0.8 - 0.13's saved param groups of one optimizer: a group per wd_mult (biases and
+    1-D parameters 0, the rest 1) in the order the rank's ``params`` (state-dict order) first need them."""
+    def group(wd_mult):
+        return {"wd_mult": wd_mult, "lr_mult": 1.0, "is_expert_parallel": expert, "is_decoupled_lr": False,
+                "max_lr": 1e-4, "min_lr": 1e-5, "lr": 9.5e-5, "bias_correction": True, "betas": (0.9, 0.95),
+                "eps": 1e-8, "weight_decay": 0.01 * wd_mult, "step": iteration}
+    order = []
+    for name, shape in params:
+        wd_mult = 0.0 if name.endswith(".bias") or len(shape) == 1 else 1.0
+        if wd_mult not in order:
+            order.append(wd_mult)
+    return [group(w) for w in order]
+
+
+def _coalesced(layout, states: dict) -> dict:
+    """A buffer's entry of a coalesced distrib_optim.pt (megatron-core >= 0.7): per state, every
+    bucket's unpadded part concatenated; then numel_unpadded."""
+    entry = {k: torch.cat([v[b.start:b.start + b.numel_unpadded] for b in layout.buckets]) for k, v in states.items()}
+    entry["numel_unpadded"] = layout.numel_unpadded
+    return entry
+
+
+def moe_stage_files(model: DemoMoEModel, pp: int, iteration: int, gen: torch.Generator, keep_truth: bool = True):
+    """Every (tp, ep) rank of pipeline stage ``pp``: yields ((tp, pp, ep), folder name, model_optim_rng state,
+    distrib_optim state, truth {name: {"weight", "param", "exp_avg", "exp_avg_sq"}} or None), laid out
+    as megatron-core's DDP does (buffers per the rules' ``buckets megatron`` block of
+    ``model.version``: dense and expert parameters in buffers of their own, 64-element aligned
+    parameter starts whose gaps hold zeros, bucket ends padded for the buffer's DP group), model
+    tensors views of those bf16 buffers, fp32 main params that round to them."""
+    from collections import OrderedDict
+
+    from ckptmap.mapping import buckets
+    from ckptmap.mapping.rules import bundled_rules, load_rules
+
+    rule = load_rules(bundled_rules()["megatron_core_gpt"]).bucket_layout("megatron", model.version)
+    entries = model.stage_tensors(pp)
+    weights = [(n, s) for n, s in entries if s is not None]
+    groups = {"dense": [(n, s) for n, s in weights if not model.is_expert(n)],
+              "expert": [(n, s) for n, s in weights if model.is_expert(n)]}
+    layouts = {}
+    for kind, params in groups.items():
+        env = buckets.layout_env(rule, {
+            "dp": model.dp, "cp": 1, "ep": model.ep, "dp_group": model.dp // model.ep if kind == "expert" else model.dp,
+            "pp": model.pp, "pp_rank": pp, "chunk": 0, "bucket_size": model.bucket_size,
+            "overlap_grad_reduce": model.overlap_grad_reduce, "untie_embeddings_and_output_weights": True})
+        layouts[kind] = buckets.build_buffer(rule, [buckets.ParamEntry("module." + n, s, "bfloat16") for n, s in params],
+                                             env)
+
+    def random_states(layout):
+        total = sum(b.numel for b in layout.buckets)
+        states = {"param": torch.randn(total, generator=gen) * 0.02,
+                  "exp_avg": torch.randn(total, generator=gen) * 1e-3,
+                  "exp_avg_sq": torch.rand(total, generator=gen) * 1e-6}
+        used = torch.zeros(total, dtype=torch.bool)
+        for slot in layout.slots:
+            used[slot.start:slot.end] = True
+        for v in states.values():   # alignment gaps and bucket padding: zeros, as in Megatron's buffers
+            v[~used] = 0
+        return states
+
+    key = (torch.bfloat16, torch.float32)
+    scheduler = {"max_lr": 1e-4, "lr_warmup_steps": 10, "num_steps": iteration * 64, "lr_decay_style": "cosine",
+                 "lr_decay_steps": 10000, "min_lr": 1e-5, "start_wd": 0.01, "end_wd": 0.01,
+                 "wd_incr_style": "constant", "wd_incr_steps": 10000}
+    for tp in range(model.tp):
+        dense_states = random_states(layouts["dense"])   # replicated over data (and expert) parallel ranks
+        for ep in range(model.ep):
+            states = {"dense": dense_states, "expert": random_states(layouts["expert"])}
+            views = {}
+            for kind, layout in layouts.items():
+                buffer = states[kind]["param"].to(torch.bfloat16)   # the DDP parameter buffer, padding included
+                slots = {slot.name: slot for slot in layout.slots}   # buffer order: reverse registration
+                for name, shape in groups[kind]:
+                    slot = slots["module." + name]
+                    views[name] = (buffer[slot.start:slot.end].view(shape), kind, slot)
+            tree = OrderedDict()
+            tree._metadata = OrderedDict([("", {"version": 1})])
+            for name, shape in entries:
+                tree[name] = views[name][0] if shape is not None else None
+            state = {
+                "args": model.args(iteration), "checkpoint_version": megatron_files.CHECKPOINT_VERSION,
+                "iteration": iteration, "model": tree,
+                "optimizer": [{"optimizer": {"param_groups": _param_groups(groups[kind], kind == "expert", iteration)}}
+                              for kind in ("dense", "expert")],
+                "opt_param_scheduler": scheduler,
+                "rng_state": [{"random_rng_state": (3, tuple(range(5)), None), "torch_rng_state": gen.get_state()}],
+                "num_floating_point_operations_so_far": 0,
+            }
+            optim = [{"buckets_coalesced": True, 0: {key: _coalesced(layouts[kind], states[kind])}}
+                     for kind in ("dense", "expert")]
+            if ep > 0:   # the dense optimizer's DP rank 0 is in expert rank 0's folder
+                optim[0] = None
+            truth = None
+            if keep_truth:
+                truth = {name: {"weight": t, **{k: v[slot.start:slot.end].view(t.shape) for k, v in states[kind].items()}}
+                         for name, (t, kind, slot) in views.items()}
+            yield (tp, pp, ep), megatron_folders.mp_rank_dir_name(tp, pp, model.pp, ep), state, optim, truth
 
 
 def run_demo(workdir: Path | None = None) -> int:

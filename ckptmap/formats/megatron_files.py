@@ -95,6 +95,8 @@ class PtFile:
         return list(self._entry_map().items())
 
     def _entry_map(self) -> dict:
+        if self._entries is None and self._zip.shared is not None:   # a file of the same structure's (read-only)
+            self._entries = self._zip.shared.get("entries")
         if self._entries is None:
             out = []
 
@@ -108,6 +110,8 @@ class PtFile:
                         rec(v, prefix + (k if type(k) is str else encode_key(k)) + KEY_SEP)
             rec(self.root, "")
             self._entries = dict(out)
+            if self._zip.shared is not None:
+                self._zip.shared["entries"] = self._entries
         return self._entries
 
     def keys(self) -> list[str]:
@@ -143,10 +147,15 @@ class PtFile:
         # thousands of ranks); where each contiguous tensor lies is kept, so a few of its elements can
         # still be read (kept_range) without parsing the file again.
         if self._ranges is None and self.dialect == "torch":
-            try:
-                self._ranges = {k: file_offset(self._zip, ref) for k, ref in self._entry_map().items()}
-            except CkptmapError:
-                self._ranges = {}
+            shared = self._zip.shared   # same records at the same offsets: the same ranges
+            self._ranges = shared.get("ranges") if shared is not None else None
+            if self._ranges is None:
+                try:
+                    self._ranges = {k: file_offset(self._zip, ref) for k, ref in self._entry_map().items()}
+                except CkptmapError:
+                    self._ranges = {}
+                if shared is not None:
+                    shared["ranges"] = self._ranges
         self._zip.close()
 
     def kept_range(self, key: str) -> tuple[int, int] | None:
@@ -267,8 +276,18 @@ class OptimFile(PtFile):
                                f"optimizer's file, written by Megatron with --use-distributed-optimizer; "
                                f"convert the weights alone with --convert-param-only")
         super().__init__(path, _checked=True)
-        self.chained, self.absent, self.storage, self.buffers = parse_optim_state(
-            self.root, str(path), lambda ref: int(self._zip.array(ref)))
+        shared = self._zip.shared   # a file of the same structure parsed it (unless it read a 0-d tensor's value)
+        parsed = shared.get("optim_state") if shared is not None else None
+        if parsed is None:
+            values_read = []
+
+            def read_int(ref):
+                values_read.append(ref)
+                return int(self._zip.array(ref))
+            parsed = parse_optim_state(self.root, str(path), read_int)
+            if shared is not None and not values_read:   # a value read from the records is this file's alone
+                shared["optim_state"] = parsed
+        self.chained, self.absent, self.storage, self.buffers = parsed
 
     def state_refs(self, buf: OptimBuffer, state: str) -> list[TensorRef]:
         return state_refs(self.root, buf, state)

@@ -29,6 +29,7 @@ arguments -> TensorRef, tensor class -> TensorRef); the unpickler asks them per 
 
 from __future__ import annotations
 
+import contextlib
 import math
 import mmap
 import os
@@ -710,6 +711,40 @@ def file_offset(zf: "TorchZipFile", ref: TensorRef) -> tuple[int, int] | None:
 
 
 # -------------------------------------------------------------------------------------------------
+# Object trees shared between files of the same structure
+
+
+_shared_trees: dict | None = None   # structure key -> (root, dialect), inside shared_trees() only
+
+
+@contextlib.contextmanager
+def shared_trees():
+    """Inside this context, a :class:`TorchZipFile` whose structure equals one already read (same
+    ``data.pkl`` bytes, same records with the same names, offsets and sizes, same ``version`` record)
+    gets that file's object tree instead of unpickling its own. What the unpickler makes of a file
+    depends on exactly those (its TensorRefs name storage keys and element offsets, never the file),
+    so the trees are equal; they are the *same* objects, so callers must only read them. Planning
+    thousands of ranks uses this: TP, EP and middle pipeline ranks write byte-identical pickles (tensor
+    values live in the records, layer numbers are stage-local). Reading to re-write (pt_meta, ms2pt)
+    stays outside, so what a writer memoizes is exactly what a fresh read gives."""
+    global _shared_trees
+    outer = _shared_trees
+    if outer is None:
+        _shared_trees = {}
+    try:
+        yield
+    finally:
+        if outer is None:
+            _shared_trees = None
+
+
+def _structure_key(archive: _Archive):
+    """Everything the unpickler and the dialect detection read from a file, as a hashable value."""
+    records = tuple((r.name, r.offset, r.size) for r in archive.records.values())
+    return (archive.prefix, archive.read_record("data.pkl"), archive.read_record("version", missing_ok=True), records)
+
+
+# -------------------------------------------------------------------------------------------------
 # Public reading API
 
 
@@ -726,9 +761,21 @@ class TorchZipFile:
         self.path = self._archive.path
         self.prefix = self._archive.prefix
         self._bases: dict = {}
+        # inside shared_trees(): a dict shared by the files of this structure, for what readers derive
+        # from the tree and the records alone (PtFile's entry list and byte ranges); None outside
+        self.shared: dict | None = None
+        trees = _shared_trees
+        key = _structure_key(self._archive) if trees is not None else None
+        hit = trees.get(key) if key is not None else None
+        if hit is not None:
+            self.root, self.dialect, self.shared = hit
+            return
         found: list = []
         self.root = _unpickle(self._archive, materialize=False, bases=self._bases, dialect_out=found)
         self.dialect: str = found[0]  # "torch" or "msadapter", detected from the file (never a flag)
+        if key is not None:
+            self.shared = {}
+            trees[key] = (self.root, self.dialect, self.shared)
 
     def storage_keys(self) -> list[str]:
         n = len(self.prefix) + len("data/")

@@ -105,9 +105,8 @@ def compile_pt2ms(opt: Pt2MsOptions) -> Plan:
                         for d in range(layout.dp))
             tasks = _optimizer_tasks(rank, src, opt, seen)
             spot_check_main_params(tasks, (rank.model, rank.optim, rank.dense[0] if rank.dense else None))
-            scalar_rows = mindspeed.step_scalars(step, opt.layout) + mindspeed.optimizer_scalars(
-                model_file.root.get("optimizer"), model_file.root.get("opt_param_scheduler"), str(model_file.path))
-        scalars = [_scalar_task(row, scalar_tasks) for row in scalar_rows]
+            scalar_rows = None
+        scalars = _rank_scalars(model_file, scalar_rows, step, opt.layout, scalar_tasks)
         primary = None
         targets = (layout.mp_rank_ranks(tp, pp, all_dp_cp=opt.generate_all_dp_cp, ep=ep) if opt.layout == "v1"
                    else [None])
@@ -137,6 +136,25 @@ def compile_pt2ms(opt: Pt2MsOptions) -> Plan:
 
 
 _PLAIN = (int, float, bool, str)
+
+
+def _rank_scalars(model_file, rows, step, layout_version, cache: dict) -> list[TensorTask]:
+    """The scalar tasks of one rank: ``rows`` as given, else the step scalars plus the rank's optimizer
+    and scheduler scalars. Ranks whose files share one object tree (torch_zip_reader.shared_trees: equal
+    pickles) share the list, worked out once from those (read-only) objects; the file is named only in
+    an error, which the first rank with those objects raises."""
+    if rows is not None:
+        return [_scalar_task(row, cache) for row in rows]
+    optimizer, scheduler = model_file.root.get("optimizer"), model_file.root.get("opt_param_scheduler")
+    key = ("rank scalars", id(optimizer), id(scheduler))
+    hit = cache.get(key)
+    if hit is not None and hit[0] is optimizer and hit[1] is scheduler:
+        return hit[2]
+    rows = mindspeed.step_scalars(step, layout_version) + mindspeed.optimizer_scalars(
+        optimizer, scheduler, str(model_file.path))
+    tasks = [_scalar_task(row, cache) for row in rows]
+    cache[key] = (optimizer, scheduler, tasks)   # the objects are kept: their ids stay theirs
+    return tasks
 
 
 def _scalar_task(row, cache: dict) -> TensorTask:
@@ -268,12 +286,33 @@ def _weight_task(m, layout, pp, path, dtype_option, env, seen, ep: int = 0) -> l
             for o in _weight_parts(m, layout, pp, path, dtype_option, env, seen, ep)]
 
 
-def _weight_parts(m, layout, pp, path, dtype_option, env, seen, ep: int = 0) -> list[_Out]:
+def _weight_parts(m, layout, pp, path, dtype_option, env, seen, ep: int = 0, cache: dict | None = None) -> list[_Out]:
     """The MindSpore tensors (name, dtype, shape, ops, ranges) of a matched Megatron weight: one, or one
-    per part of a rule with ``parts:``; or of a _Stack: one, its members on a new leading axis."""
+    per part of a rule with ``parts:``; or of a _Stack: one, its members on a new leading axis.
+    ``cache``: one compile's; the parts depend on the rule, the tensor(s), the stage and the expert rank
+    (TP ranks repeat them), not on the file."""
+    label = m.label if isinstance(m, _Stack) else m.tensor.name
+    key = None
+    if cache is not None:
+        key = (id(m.rule), tuple(x.tensor for x in m.members) if isinstance(m, _Stack) else m.tensor, pp, ep,
+               dtype_option)
+        hit = cache.get(key)
+        if hit is not None and hit[0] is m.rule:
+            for o in hit[1]:
+                if o.name in seen:
+                    raise CkptmapError(f"{path}: tensors {seen[o.name]} and {label} would both become {o.name} "
+                                       f"(rules {m.rule.loc}); fix the rules")
+                seen[o.name] = label
+            return hit[1]
+    out = _weight_parts_of(m, layout, pp, path, dtype_option, env, seen, ep, label)
+    if key is not None:
+        cache[key] = (m.rule, out)   # the rule is kept: its id stays its own
+    return out
+
+
+def _weight_parts_of(m, layout, pp, path, dtype_option, env, seen, ep, label) -> list[_Out]:
     first = m.members[0] if isinstance(m, _Stack) else m
     bindings = global_bindings(first, layout, pp, ep, env, path)
-    label = m.label if isinstance(m, _Stack) else m.tensor.name
     where = f"{m.rule.loc} ({label})"
     renv = rule_env(env, layout)
     if isinstance(m, _Stack):
@@ -306,7 +345,7 @@ def _optimizer_tasks(rank, src, opt, seen) -> list[TensorTask]:
     (fp32), shaped and named like the parameter; the ``param`` state checked to round to the weight."""
     layout, env, memo = src.layout, src.env, src.memo
     slots = src.state_slots(rank)
-    keys: dict[tuple, str] = {}  # (file, buffer, state, bucket) -> flat key in distrib_optim.pt
+    keys = memo.state_keys   # (buffer, state, bucket) -> flat key in distrib_optim.pt; equal on every rank
     tasks = []
     patterns = {state: src.rules.state_pattern(state) for state in opt.dist_opt_content}
     state_names = memo.state_names   # TP ranks repeat the names
@@ -341,7 +380,7 @@ def _optimizer_tasks(rank, src, opt, seen) -> list[TensorTask]:
         if folder is None:
             folder = folders[optim] = optim.path.parent
         # the fp32 states are laid out like the parameter, so a part is the same ranges of each state
-        for out in _weight_parts(unit, layout, rank.pp, folder, "keep", env, seen, rank.ep):
+        for out in _weight_parts(unit, layout, rank.pp, folder, "keep", env, seen, rank.ep, memo.weight_parts):
             for state in opt.dist_opt_content:
                 concrete, shape, dtype = list(out.ops), out.shape, "float32"
                 if state == "param" and opt.dtype not in ("keep", "float32"):
@@ -409,6 +448,8 @@ def _pt_meta_task(model_file, tp, pp, layout, maps_of, matched, memo=None, map_e
             [g, sl.bucket, sl.start - bl.buckets[sl.bucket].start, sl.end - bl.buckets[sl.bucket].start]
             for v, g, bl in buffer_layouts for sl in bl.slots]
     optim_path = model_file.path.with_name(megatron_folders.OPTIM_FILE)
+    # an optimizer file planning read is there (one stat per rank fewer); otherwise look
+    has_optim = optim is not None and str(optim.path) == str(optim_path) or optim_path.is_file()
     return FileTask(mindspeed.pt_meta_args_path(tp, pp, ep), "torch_meta", source=str(model_file.path),
-                    aux_source=str(optim_path) if optim_path.is_file() else None,
+                    aux_source=str(optim_path) if has_optim else None,
                     keys=tuple(model_file.meta_keys()), extra=extra)

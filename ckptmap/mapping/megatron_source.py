@@ -18,7 +18,7 @@ import attrs
 import numpy as np
 
 from ckptmap.errors import CkptmapError
-from ckptmap.formats import dialect_translate, megatron_files, megatron_folders, param_map
+from ckptmap.formats import dialect_translate, megatron_files, megatron_folders, param_map, torch_zip_reader
 from ckptmap.mapping import buckets
 from ckptmap.mapping import ops as tensor_ops
 from ckptmap.mapping.layout import ParallelLayout
@@ -59,6 +59,8 @@ class RankMemo:
         self.hits: dict[str, list] = {}
         self.ddp: dict[str, str] = {}
         self.state_names: dict[tuple, str] = {}   # (optimizer state, MindSpore name) -> the state's key
+        self.state_keys: dict[tuple, tuple] = {}  # (id(OptimBuffer), state, bucket) -> (buffer, its flat key)
+        self.weight_parts: dict[tuple, list] = {}  # see compiler._weight_parts
 
 
 def match_rules(rules: RuleSet, tensors, path, memo: RankMemo | None = None) -> tuple[list[_Matched], list[str]]:
@@ -296,19 +298,28 @@ def _fit(blocks, group, values, buf, chosen: dict):
     records; None if none does."""
     if chosen.get("candidates"):
         blocks = chosen["candidates"]
-    fits, unfaithful = [], []
-    for block in blocks:
-        env = buckets.layout_env(block, values)
-        try:
-            if buf.storage == megatron_files.COALESCED:
-                laid = buckets.fit_coalesced(block, group, env, buf.numel_unpadded)
-            else:
-                laid = buckets.fit_buffer(block, group, env, list(buf.padded), list(buf.unpadded))
-        except buckets.UnfaithfulLayout as e:   # that version cannot have written it faithfully
-            unfaithful.append(e)
-            continue
-        if laid is not None:
-            fits.append((block, laid))
+    # a pure function of the blocks, the parameters, the values and what the file records: TP and EP
+    # ranks of one stage ask it the same question, so it is answered once per compile (layouts are frozen)
+    memo = chosen.setdefault("fit_memo", {})
+    key = (tuple(map(id, blocks)), tuple(group), tuple(sorted(values.items())), buf.storage, buf.numel_unpadded,
+           buf.padded, buf.unpadded)
+    found = memo.get(key)
+    if found is None:
+        fits, unfaithful = [], []
+        for block in blocks:
+            env = buckets.layout_env(block, values)
+            try:
+                if buf.storage == megatron_files.COALESCED:
+                    laid = buckets.fit_coalesced(block, group, env, buf.numel_unpadded)
+                else:
+                    laid = buckets.fit_buffer(block, group, env, list(buf.padded), list(buf.unpadded))
+            except buckets.UnfaithfulLayout as e:   # that version cannot have written it faithfully
+                unfaithful.append(e)
+                continue
+            if laid is not None:
+                fits.append((block, laid))
+        found = memo[key] = (blocks, fits, unfaithful)   # blocks kept: their ids stay theirs
+    _, fits, unfaithful = found
     if not fits:
         if unfaithful and len(unfaithful) == len(blocks):
             raise CkptmapError(f"{buf.describe}: {unfaithful[0]}")
@@ -467,13 +478,20 @@ def state_slice(optim, keys: dict, g: int, bl, slot, state: str) -> SourceSlice:
     buf = optim.buffers[g]
     coalesced = buf.storage == megatron_files.COALESCED
     file = str(optim.path)
-    cache_key = (file, g, state, None if coalesced else slot.bucket)
-    key = keys.get(cache_key)
-    if key is None:
-        key = keys[cache_key] = buf.key(state, slot.bucket)
-    if coalesced:
-        return SourceSlice(file, key, "float32", (buf.numel_unpadded,), start=bl.coalesced_offset(slot),
-                           numel=slot.end - slot.start)
+    # the key depends on the buffer record alone (shared by files of one structure); the buffer is kept
+    # in the cache, so its id stays its own
+    cache_key = (id(buf), state, None if coalesced else slot.bucket)
+    hit = keys.get(cache_key)
+    if hit is None or hit[0] is not buf:
+        hit = keys[cache_key] = (buf, buf.key(state, slot.bucket))
+    key = hit[1]
+    if coalesced:   # bl.coalesced_offset(slot), with the sum over the buckets before worked out once per layout
+        before = keys.get(("before", id(bl), slot.bucket))
+        if before is None or before[0] is not bl:
+            before = keys[("before", id(bl), slot.bucket)] = (bl, bl.coalesced_offset(slot) - slot.start
+                                                               + bl.buckets[slot.bucket].start)
+        return SourceSlice(file, key, "float32", (buf.numel_unpadded,), start=before[1] + slot.start
+                           - bl.buckets[slot.bucket].start, numel=slot.end - slot.start)
     bucket = bl.buckets[slot.bucket]
     return SourceSlice(file, key, "float32", (bucket.numel,), start=slot.start - bucket.start,
                        numel=slot.end - slot.start)
@@ -575,15 +593,22 @@ class MegatronSource:
             raise CkptmapError(f"{ckdir.root}: mp_rank directories without a PP suffix but PP {ckdir.pp_size}")
         self.ep_name = (lambda ep: ep) if ckdir.has_ep_suffix else (lambda ep: None)   # ep in file names?
         files = {}
-        for key, d in sorted(ckdir.ranks.items()):
-            files[key] = megatron_files.ModelFile(d / megatron_folders.MODEL_FILE)
-            files[key].close()  # only the object tree is needed here; a map per rank would exhaust file handles
-            dialect_translate.check_rank_files(files[key], d / megatron_folders.OPTIM_FILE)   # MSAdapter's refusals
+        with torch_zip_reader.shared_trees():   # ranks with byte-identical pickles share one (read-only) tree
+            for key, d in sorted(ckdir.ranks.items()):
+                files[key] = megatron_files.ModelFile(d / megatron_folders.MODEL_FILE)
+                files[key].close()  # only the object tree is needed here; a map per rank would exhaust file handles
+                dialect_translate.check_rank_files(files[key], d / megatron_folders.OPTIM_FILE)   # MSAdapter's refusals
         self.dialects = {f.dialect for f in files.values()}   # torch zip dialects of the files (pt_meta records each)
         first = self.first = files[(0, 0, 0)]
         args = self.args = first.args
         check_sizes_agree(ckdir, files, opt)
-        inventory = {key: f.tensors() for key, f in files.items()}
+        by_tree: dict = {}   # id(root) -> (root, tensors): files sharing a tree share its (frozen) inventory
+        inventory = {}
+        for key, f in files.items():
+            hit = by_tree.get(id(f.root))
+            if hit is None:
+                hit = by_tree[id(f.root)] = (f.root, f.tensors())
+            inventory[key] = hit[1]
         chunk_counts = {key: len(f.chunks()) for key, f in files.items()}
         if len(set(chunk_counts.values())) != 1:
             raise CkptmapError(f"the mp_rank files disagree on the number of model chunks: "
@@ -613,13 +638,18 @@ class MegatronSource:
         rules_used: set = set()
         unmatched_all: dict[str, list[str]] = {}
         self.ranks: dict[tuple, SourceRank] = {}
+        matched_of: dict = {}   # id(inventory) -> (inventory, matched, unmatched): shared inventories match alike
         for key, model_file in files.items():
-            matched, unmatched = match_rules(rules, inventory[key], model_file.path, self.memo)
+            hit = matched_of.get(id(inventory[key]))
+            if hit is None:
+                hit = matched_of[id(inventory[key])] = (inventory[key],) + match_rules(
+                    rules, inventory[key], model_file.path, self.memo)
+                rules_used.update(m.rule.loc for m in hit[1])
+            _, matched, unmatched = hit
             if unmatched:
                 unmatched_all[str(model_file.path)] = unmatched
                 continue
             check_layers(self.layout, matched, model_file.path, key[0], key[1])
-            rules_used.update(m.rule.loc for m in matched)
             self.ranks[key] = SourceRank(key, ckdir.ranks[key], model_file, matched)
         if unmatched_all:
             path, names = next(iter(unmatched_all.items()))
@@ -676,33 +706,34 @@ class MegatronSource:
             return self
         opt, layout, args = self.opt, self.layout, self.args
         dense_layouts: dict = {}
-        for rank in self.sorted_ranks:
-            tp, pp, ep = rank.key
-            optim = megatron_files.OptimFile(rank.dir / megatron_folders.OPTIM_FILE)
-            optim.close()
-            self.dialects.add(optim.dialect)
-            if self.blocks is None:
-                self.blocks = bucket_blocks(self.rules, optim, opt.megatron_version)
-            separate = optim.chained   # expert parameters in optimizer and buffers of their own
-            dense = [m for m in rank.matched if not (separate and EXPERT in m.bindings)]
-            expert = [m for m in rank.matched if separate and EXPERT in m.bindings]
-            dense_idx, expert_idx = _buffer_kinds(optim, bool(expert))
-            own = []
-            if dense_idx is not None:
-                laid = _buffer_layouts(self.rules, args, dense, optim, self.maps_of, tp, pp, layout,
-                                       explicit_maps=bool(opt.param_map_path), memo=self.memo,
-                                       map_entries=rank.map_entries, notes=self.notes, blocks=self.blocks,
-                                       chosen=self.chosen, indices=dense_idx)
-                dense_layouts[(tp, pp)] = (optim, laid)
-                own += laid
-            if expert:
-                own += _buffer_layouts(self.rules, args, expert, optim, {}, tp, pp, layout, explicit_maps=False,
-                                       memo=self.memo, notes=self.notes, blocks=self.blocks, chosen=self.chosen,
-                                       indices=expert_idx, expert=True)
-            if (tp, pp) not in dense_layouts:
-                raise CkptmapError(f"{optim.path} holds no dense optimizer state and neither does the expert rank 0 "
-                                   f"folder of tp rank {tp}, pp rank {pp}; the checkpoint is incomplete")
-            rank.optim, rank.own_layouts, rank.dense = optim, own, dense_layouts[(tp, pp)]
+        with torch_zip_reader.shared_trees():   # see MegatronSource.__init__
+            for rank in self.sorted_ranks:
+                tp, pp, ep = rank.key
+                optim = megatron_files.OptimFile(rank.dir / megatron_folders.OPTIM_FILE)
+                optim.close()
+                self.dialects.add(optim.dialect)
+                if self.blocks is None:
+                    self.blocks = bucket_blocks(self.rules, optim, opt.megatron_version)
+                separate = optim.chained   # expert parameters in optimizer and buffers of their own
+                dense = [m for m in rank.matched if not (separate and EXPERT in m.bindings)]
+                expert = [m for m in rank.matched if separate and EXPERT in m.bindings]
+                dense_idx, expert_idx = _buffer_kinds(optim, bool(expert))
+                own = []
+                if dense_idx is not None:
+                    laid = _buffer_layouts(self.rules, args, dense, optim, self.maps_of, tp, pp, layout,
+                                           explicit_maps=bool(opt.param_map_path), memo=self.memo,
+                                           map_entries=rank.map_entries, notes=self.notes, blocks=self.blocks,
+                                           chosen=self.chosen, indices=dense_idx)
+                    dense_layouts[(tp, pp)] = (optim, laid)
+                    own += laid
+                if expert:
+                    own += _buffer_layouts(self.rules, args, expert, optim, {}, tp, pp, layout, explicit_maps=False,
+                                           memo=self.memo, notes=self.notes, blocks=self.blocks, chosen=self.chosen,
+                                           indices=expert_idx, expert=True)
+                if (tp, pp) not in dense_layouts:
+                    raise CkptmapError(f"{optim.path} holds no dense optimizer state and neither does the expert rank 0 "
+                                       f"folder of tp rank {tp}, pp rank {pp}; the checkpoint is incomplete")
+                rank.optim, rank.own_layouts, rank.dense = optim, own, dense_layouts[(tp, pp)]
         self.has_optimizer = True
         return self
 
