@@ -9,9 +9,7 @@ not conversion knowledge: the conversion itself only uses the bundled `.rules`.
 from __future__ import annotations
 
 import argparse
-import math
 import tempfile
-import time
 from pathlib import Path
 
 import attrs

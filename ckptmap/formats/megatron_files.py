@@ -13,9 +13,8 @@ from pathlib import Path
 
 import attrs
 
-from ckptmap import dtypes
 from ckptmap.errors import CkptmapError
-from ckptmap.formats.megatron_folders import MODEL_FILE, OPTIM_FILE
+from ckptmap.formats.megatron_folders import MODEL_FILE
 from ckptmap.formats.safe_unpickler import dtype_name
 from ckptmap.formats.base import FileRange, TensorSpec
 from ckptmap.formats.torch_zip_reader import TensorRef, TorchZipFile, file_offset

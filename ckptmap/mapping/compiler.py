@@ -16,7 +16,7 @@ from ckptmap.formats import megatron_files, megatron_folders, mindspeed, param_m
 from ckptmap.mapping import ops as tensor_ops
 from ckptmap.mapping.plan import FileTask, Plan, SourceSlice, TensorTask
 from ckptmap.mapping.rules import STACK_COUNT
-from ckptmap.mapping.megatron_source import (AUTO_RULES, FLOAT_DTYPES, MegatronSource, SourceOptions, _Matched,
+from ckptmap.mapping.megatron_source import (AUTO_RULES, FLOAT_DTYPES, MegatronSource, SourceOptions,
                                              _flat_part, _numbered, _read_map, ddp_name, global_bindings, planning,
                                              spot_check_main_params, state_slice)
 

@@ -32,7 +32,7 @@ from ckptmap.mapping.megatron_source import (RankMemo, global_bindings, check_la
                                       maps_by_chunk, match_rules, planning)
 from ckptmap.mapping.layout import ParallelLayout
 from ckptmap.mapping.plan import FileTask, Op, Plan, SourceSlice, StoragePiece, StorageTask, TensorTask
-from ckptmap.mapping.rules import EXPERT, LAYER
+from ckptmap.mapping.rules import EXPERT
 
 
 SOURCE_DIALECT = "source"

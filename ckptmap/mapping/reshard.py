@@ -36,10 +36,10 @@ from ckptmap.formats import megatron_files, megatron_folders, param_map
 from ckptmap.mapping import buckets, param_groups
 from ckptmap.mapping.layout import ParallelLayout
 from ckptmap.mapping.megatron_source import (AUTO_RULES, MegatronSource, SourceOptions, ddp_name, global_bindings,
-                                             listing, planning, state_slice)
+                                             planning, state_slice)
 from ckptmap.mapping.plan import FileTask, Plan, Read, SourceSlice, StoragePiece, StorageTask, TensorTask
 from ckptmap.mapping.rules import EXPERT, LAYER, RuleSet
-from ckptmap.mapping.sharding import Box, Sharding, padded_vocab_size, transfer, whole
+from ckptmap.mapping.sharding import Sharding, padded_vocab_size, transfer
 
 STATES = megatron_files.OPTIM_STATES
 
