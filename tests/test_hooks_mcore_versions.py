@@ -115,6 +115,9 @@ def test_pt2ms_with_the_hooks_param_maps(hooked, key, tmp_path):
     for src, out in ((save, tmp_path / "with_map"), (bare, tmp_path / "derived")):
         assert main(["pt2ms", "--megatron-path", str(src), "--ms-path", str(out), "--no-progress"]) == 0
     hook_maps = save / ITER / "param_map"
+    for out in ("with_map", "derived"):   # the training run's files, no more (an expert buffer: one per expert-DP rank)
+        assert sorted(p.name for p in (tmp_path / out / "pt_meta").glob("param_map_*.json")) == \
+            sorted(p.name for p in hook_maps.iterdir()), out
     for pm in (tmp_path / "with_map" / "pt_meta").glob("param_map_*.json"):
         if case.ep == 1:   # pt2ms used (and copied) the training run's files
             assert pm.read_bytes() == (hook_maps / pm.name).read_bytes(), pm.name

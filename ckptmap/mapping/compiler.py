@@ -96,13 +96,15 @@ def compile_pt2ms(opt: Pt2MsOptions) -> Plan:
             for v, g, bl in rank.own_layouts:
                 if bl.origin != "derived":
                     used_maps.add((tp, pp, v))
+            experts = {id(x[2]) for x in rank.expert_layouts}
             for v, b, g, bl in _numbered(rank.own_layouts):   # one file per DP rank, as the training run writes
                 if bl.origin == "derived":
                     text = param_map.param_map_text(bl.slots)
+                    # an expert buffer's DP group is the expert-data-parallel group
                     derived_maps.extend(
                         FileTask(mindspeed.pt_meta_path(param_map.param_map_file_name(b, d, tp, pp, v, ep_name(ep))),
                                  "text", text=text)
-                        for d in range(layout.dp))
+                        for d in range(layout.expert_dp if id(bl) in experts else layout.dp))
             tasks = _optimizer_tasks(rank, src, opt, seen)
             spot_check_main_params(tasks, (rank.model, rank.optim, rank.dense[0] if rank.dense else None))
             scalar_rows = None

@@ -377,6 +377,12 @@ class ParallelLayout:
     def world_size(self) -> int:
         return self.tp * self.cp * self.dp * self.pp
 
+    @property
+    def expert_dp(self) -> int:
+        """The expert-data-parallel size: the data-parallel ranks that hold one expert rank's experts (EP is
+        carved out of DP). A buffer of expert parameters is sharded over that many ranks, not over DP."""
+        return self.dp // self.ep
+
     def _check_coord(self, name: str, value: int, size: int) -> None:
         if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < size:
             raise CkptmapError(

@@ -429,7 +429,7 @@ def compile_reshard(opt: ReshardOptions) -> Plan:
                     files.extend(FileTask(f"{iter_dir}/{megatron_folders.PARAM_MAP_DIR}/"
                                           f"{param_map.param_map_file_name(b, d, tp, pp, v, ep if ep_named else None)}",
                                           "text", text=param_map.param_map_text(bl.slots))
-                                 for v, b, bl in maps for d in range(tgt.dp))
+                                 for v, b, bl, expert in maps for d in range(tgt.expert_dp if expert else tgt.dp))
     files.append(FileTask(megatron_folders.TRACKER, "text", text=str(iteration)))
     info = src.info()
     if stage_note:
@@ -863,7 +863,7 @@ def _optim_task(src, model, tgt, shapes, rank_dir, tp, pp, ep, chunks, blocks, k
             layouts.append((v, dtype, bl))
             if not written:
                 continue
-            maps.append((v, sum(1 for m in maps if m[0] == v), bl))
+            maps.append((v, sum(1 for m in maps if m[0] == v), bl, opt_index == 1))
             by_name = {ddp: (gp, path) for ddp, gp, _, path in params}
             tensors = {}
             for state in STATES:

@@ -715,7 +715,7 @@ def _compile(md, rules, opt, iter_dir: str, iteration: str) -> Plan:
                     files.extend(FileTask(f"{it_name}/{megatron_folders.PARAM_MAP_DIR}/"
                                           f"{param_map.param_map_file_name(b, d, tp, p_rank, v, e)}",
                                           "text", text=param_map.param_map_text(bl.slots))
-                                 for v, b, bl in maps for d in range(tgt.dp))
+                                 for v, b, bl, expert in maps for d in range(tgt.expert_dp if expert else tgt.dp))
     files.append(FileTask(megatron_folders.TRACKER, "text", text=iteration))
     over_dp = {o.name for o in md.layout.rank_objects if o.over_dp_versions}
     if tgt.ep > 1 and any(k.rpartition("/shard_")[0] in over_dp and k.rpartition("/shard_")[2].split("_")[0].count(".") < 2
@@ -832,7 +832,7 @@ def _optim_buffers(model, tgt, rank_dir, tp, pp, chunks, blocks, iter_dir, grad,
             entries = [buckets.ParamEntry(ddp, shape, dtype, p.rule.shared_embedding) for ddp, p, shape, _ in params]
             block, bl = _build_target_buffer(blocks, entries, _layout_values(model.args, tgt, pp, v, bool(expert)),
                                              f"{rank_dir} chunk {v} {dtype} {'expert ' if expert else ''}buffer")
-            maps.append((v, sum(1 for m in maps if m[0] == v), bl))
+            maps.append((v, sum(1 for m in maps if m[0] == v), bl, bool(expert)))
             by_name = {ddp: (p, name) for ddp, p, _, name in params}
             tensors = {}
             for state in STATES:
