@@ -51,7 +51,7 @@ from ckptmap.mapping.layout import ParallelLayout
 from ckptmap.mapping.megatron_source import planning
 from ckptmap.mapping.plan import FileTask, Plan, Read, SourceSlice, StoragePiece, StorageTask, TensorTask
 from ckptmap.mapping.reshard import (IndexNames, _build_target_buffer, _chunk_keys, _ddp_name, _state_storage,
-                                     resolve_sharding)
+                                     byte_copy_pieces, resolve_sharding)
 from ckptmap.mapping.rules import EXPERT, LAYER, resolve_rules
 from ckptmap.mapping.sharding import Box, Fragment, Sharding, padded_vocab_size, transfer, whole
 
@@ -194,55 +194,23 @@ class BucketState:
     shards: tuple  # SourceSlice per source TP rank
 
 
-def _run_start(offsets, lengths, shape) -> int | None:
-    """The flat C-order index where box ``offsets``/``lengths`` of an array of ``shape`` starts, when its
-    elements are consecutive there (length 1 on leading axes, any range on one, whole after it); else None."""
-    k = 0
-    while k < len(shape) and lengths[k] == 1:
-        k += 1
-    if any(lengths[j] != shape[j] for j in range(k + 1, len(shape))):
-        return None
-    return int(np.ravel_multi_index(tuple(offsets), tuple(shape))) if shape else 0
-
-
 def chunk_copies(task: TensorTask, reader) -> list[tuple[int, TensorTask]]:
-    """``task`` as pieces ``(element offset, task)`` of the storage it fills: byte copies of saved chunks
-    where every read of the task is runs of consecutive elements of saved chunks, landing on a run of the
-    target (a stacked layer's TP fragment, the DP ranges of an nd-flattened fragment, a parameter's range of
-    a bucket, the gate and up halves of a SwiGLU shard). Such a piece has one source and no reads, so the executor copies
-    it kernel-side (``copy_file_range``, as pt2ms copies ``distrib_optim.pt`` runs) and ``plan --dry-run``
-    shows it as a byte copy. Otherwise ``[(0, task)]``, assembled from its reads as before."""
-    if reader is None or not task.reads or task.replicas or task.rounds_to is not None:
+    """``task`` as storage pieces: byte copies of saved chunks (``reshard.byte_copy_pieces``) where every
+    read of the task is runs of consecutive elements of saved chunks (``TorchDistCheckpoint.chunk_runs``: a
+    stacked layer's TP fragment, the DP ranges of an nd-flattened fragment, a parameter's range of a bucket,
+    each half of a SwiGLU shard), served by the reader under chunk keys; otherwise ``[(0, task)]``."""
+    if reader is None:
         return [(0, task)]
-    shape, pieces = tuple(task.shape), []
-    for r in task.reads:
-        start = None if r.dst_lengths is not None else _run_start(r.dst_offsets, r.lengths, shape)
-        runs = None if start is None else reader.chunk_runs(r.source.key, r.source.start, r.source.numel, r.view,
-                                                            r.offsets, r.lengths)
+
+    def runs_of(r: Read):
+        runs = reader.chunk_runs(r.source.key, r.source.start, r.source.numel, r.view, r.offsets, r.lengths)
         if runs is None:
-            return [(0, task)]
-        for run in runs:
-            pieces.append((start, run))
-            start += run[3]
-    pieces.sort(key=lambda p: p[0])
-    pos = 0
-    for start, (_, _, _, count) in pieces:   # the runs must tile the target exactly, in order
-        if start != pos:
-            return [(0, task)]
-        pos += count
-    if pos != math.prod(shape):
-        return [(0, task)]
-    file, dtype = task.reads[0].source.file, task.dtype
-    out = []
-    for start, (key, chunk_shape, first, count) in pieces:
-        whole = first == 0 and count == math.prod(chunk_shape)
-        source = SourceSlice(file, key, dtype, chunk_shape, first, None if whole else count)
-        if len(pieces) == 1:
-            out.append((0, attrs.evolve(task, sources=(source,), reads=())))
-        else:
-            out.append((start, TensorTask(f"{task.name} [{start}:{start + count}]", dtype, (count,), (source,), dtype,
-                                          (count,), (), note=task.note)))
-    return out
+            return None
+        return [SourceSlice(r.source.file, key, r.source.dtype, shape, first,
+                            None if first == 0 and count == math.prod(shape) else count)
+                for key, shape, first, count in runs]
+
+    return byte_copy_pieces(task, runs_of)
 
 
 def _bucket_shard_task(p: DistParam, state: str, src: BucketState, tgt_tp: int, tp: int, name: str) -> TensorTask:
