@@ -33,8 +33,9 @@ cp-shards, combine, cp-msa, msa2pt, cp-td, td2pt, td2ms, cp-mc, pt2td, pt2ms-tin
 The Megatron source is built at TP 1 and resharded to TP 2 by ckptmap (the demo builder draws every
 rank independently, so its TP ranks would disagree on replicated tensors, which reshard and torch ->
 torch_dist refuse). Every input is read once before each measured command (page cache warm for ``cp``
-and conversions alike). ``--sizes 2g 4g --repeat 3`` takes about 35 minutes on 2 loaded cores
-(building the inputs included; about 20 minutes once they are cached in the work dir).
+and conversions alike). ``--sizes 2g 4g --repeat 3`` took 38 minutes on 2 cores shared with other
+jobs (load average 4 - 12), about 5 of them building the inputs (cached in the work dir for the next run),
+and needs ~45 GB free in the work dir (inputs of both sizes and one output at a time).
 
 ``--src`` runs another checkout's ckptmap (e.g. ``git archive COMMIT ckptmap | tar -x -C /tmp/old``)
 on the same checkpoints: the "before" of a change. Checkpoints are cached in the work dir. Results
