@@ -159,3 +159,28 @@ def test_stage_lists_megatron_cannot_build_are_named(source, tmp_path, capsys, f
     err = capsys.readouterr().err
     assert all(w in err for w in words), err
     assert not (tmp_path / "x").exists()
+
+
+def test_runs_of_source_tensors_are_copied_by_the_kernel(source, tmp_path, monkeypatch):
+    """A PP change moves whole tensors and whole parameter ranges of the buckets: the plan makes every such run
+    of a source tensor a byte copy (one source, no reads) and the executor copies exactly those bytes with
+    copy_file_range; the real library loads the result to the live values."""
+    from ckptmap.formats import byte_io
+    from ckptmap.mapping.reshard import ReshardOptions, compile_reshard
+
+    src, truth = source
+    plan = compile_reshard(ReshardOptions(megatron_path=str(src), output_path=str(tmp_path / "plan"),
+                                          target_pp_size=1, target_vpp_size=1))
+    tensors = [pc.tensor for f in plan.files for st in f.storages for pc in st.pieces
+               if pc.tensor is not None and (pc.tensor.sources or pc.tensor.reads)]
+    copied = sum(t.nbytes for t in tensors if not t.reads)
+    assert copied > 0.9 * sum(t.nbytes for t in tensors), [t.name for t in tensors if t.reads][:10]
+    kernel = []
+    real = byte_io.copy_range
+    monkeypatch.setattr(byte_io, "copy_range", lambda rng, fd, *a: (kernel.append(rng.nbytes), real(rng, fd, *a))[1])
+    out = tmp_path / "pp1"
+    assert main(["reshard", "--megatron-path", str(src), "--output-path", str(out), "--no-progress",
+                 "--multiprocess-off", "--target-pp-size", "1", "--target-vpp-size", "1"]) == 0
+    assert sum(kernel) == copied
+    (got,) = run_jobs(VERSION, [("load", dataclasses.replace(SOURCE, pp=1, vpp=None), [(out, "legacy", None)])])
+    same_values(truth, got[0] if isinstance(got, list) else got)

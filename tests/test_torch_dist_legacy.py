@@ -60,6 +60,60 @@ def test_0_12_1_torch_dist_to_legacy_loads_in_megatron(mcore_standard, tmp_path)
         same_values(run.truth, got[0] if isinstance(got, list) else got)
 
 
+def _model_tensors(obj, prefix=""):
+    """{dotted path: tensor} of a legacy model file's model chunks (``model``, ``model0``, …)."""
+    out = {}
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            if prefix or str(k).startswith("model"):
+                out.update(_model_tensors(v, f"{prefix}{k}."))
+    elif isinstance(obj, torch.Tensor):
+        out[prefix[:-1]] = obj
+    return out
+
+
+@pytest.mark.parametrize("version,sharding_type", [("0.12.1", "fully_sharded_model_space"),
+                                                   ("0.16.1", "dp_reshardable")])
+def test_runs_of_saved_chunks_are_copied_by_the_kernel(mcore_standard, tmp_path, monkeypatch, version, sharding_type):
+    """At the saving layout most bytes of the legacy files are runs of one saved chunk (a stacked layer's TP
+    fragment, an nd-flattened fragment, a parameter's range of a bucket, each half of a SwiGLU shard): the
+    plan makes them byte copies of that chunk (one source, a chunk key, no reads) and the executor copies
+    them with copy_file_range. The files stay what Megatron's own legacy save of the same step wrote:
+    distrib_optim.pt byte for byte, every model weight bit for bit."""
+    from ckptmap.formats import byte_io
+    from ckptmap.formats import torch_dist as td
+    from ckptmap.mapping import torch_dist_legacy as ltd
+
+    run = mcore_standard(version, "dense")
+    src = run.dir / f"torch_dist_{sharding_type}"
+    plan = ltd.compile_torch_dist_to_legacy(ltd.DistToLegacyOptions(str(src), str(tmp_path / "plan"),
+                                                                    target_megatron_version=version))
+    tensors = [pc.tensor for f in plan.files for st in f.storages for pc in st.pieces
+               if pc.tensor is not None and (pc.tensor.sources or pc.tensor.reads)]
+    copies = [t for t in tensors if not t.reads]
+    assert copies and all(len(t.sources) == 1 and td.CHUNK_AT in t.sources[0].key for t in copies)
+    copied, total = sum(t.nbytes for t in copies), sum(t.nbytes for t in tensors)
+    assert copied > 0.9 * total, (copied, total, [t.name for t in tensors if t.reads][:10])
+
+    kernel = []
+    real = byte_io.copy_range
+    monkeypatch.setattr(byte_io, "copy_range", lambda rng, fd, *a: (kernel.append(rng.nbytes), real(rng, fd, *a))[1])
+    out = tmp_path / "out"
+    convert(src, out, "--target-megatron-version", version)
+    assert sum(kernel) == copied
+
+    legacy = run.dir / "legacy" / "iter_0000001"
+    for rank in sorted(p.name for p in legacy.iterdir()):
+        assert filecmp.cmp(legacy / rank / "distrib_optim.pt", out / "iter_0000001" / rank / "distrib_optim.pt",
+                           shallow=False), rank
+        want = _model_tensors(pickles.load(legacy / rank / "model_optim_rng.pt")[0])
+        got = _model_tensors(pickles.load(out / "iter_0000001" / rank / "model_optim_rng.pt")[0])
+        assert set(want) == set(got), (rank, set(want) ^ set(got))
+        for k in want:
+            assert want[k].dtype == got[k].dtype and want[k].shape == got[k].shape and \
+                torch.equal(_bits(want[k]), _bits(got[k])), (rank, k)
+
+
 def test_fully_reshardable_to_legacy_loads_in_megatron_0_16_1(mcore_standard, tmp_path):
     """A fully_reshardable checkpoint (0.12.1's save upgraded offline by ckptmap: 0.16.1's own
     fully_reshardable saves are refused, see test_torch_dist.py) written as 0.16.1 legacy files."""

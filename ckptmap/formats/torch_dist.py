@@ -597,6 +597,24 @@ def object_tensor_key(obj_key: str, path) -> str:
     return obj_key + OBJECT_TENSOR + "/".join(str(p) for p in path)
 
 
+CHUNK_AT = "@"   # tensor key + this + the chunk's offsets: one saved chunk served as a tensor of its own
+
+
+def chunk_tensor_key(key: str, chunk: Chunk) -> str:
+    """The key under which the reader serves one saved chunk of ``key`` as a tensor of the chunk's shape
+    (``spec``, ``array``, ``byte_range``): a plan source whose bytes the executor can copy kernel-side."""
+    return key + CHUNK_AT + ",".join(str(o) for o in chunk.box.offsets)
+
+
+def _run_in(box: Box, shape) -> bool:
+    """The box's elements are consecutive in a C-order array of ``shape``: length 1 on the leading axes,
+    any range on one axis, whole on every later one."""
+    k = 0
+    while k < len(shape) and box.lengths[k] == 1:
+        k += 1
+    return all(box.lengths[j] == shape[j] for j in range(k + 1, len(shape)))
+
+
 def is_torch_dist_dir(path) -> bool:
     path = Path(path)
     return path.is_dir() and (path / DCP_METADATA).is_file()
@@ -692,6 +710,9 @@ class TorchDistCheckpoint:
         return t
 
     def spec(self, key) -> TensorSpec:
+        if key not in self.meta.tensors and CHUNK_AT in key:
+            c = self._chunk_at(key)
+            return TensorSpec(self.tensor(c.key).dtype, tuple(c.box.lengths))
         if key not in self.meta.tensors and OBJECT_TENSOR in key:
             ref = self._object_tensor(key)[1]
             return TensorSpec(ref.dtype, tuple(ref.shape))
@@ -721,6 +742,87 @@ class TorchDistCheckpoint:
 
     def chunks(self, key) -> tuple[Chunk, ...]:
         return self.tensor(key).chunks
+
+    def _chunk_at(self, key) -> Chunk:
+        """The chunk a :func:`chunk_tensor_key` names."""
+        base, _, at = key.rpartition(CHUNK_AT)
+        try:
+            offsets = tuple(int(o) for o in at.split(",")) if at else ()
+        except ValueError:
+            offsets = None
+        hit = next((c for c in self.tensor(base).chunks if c.box.offsets == offsets), None)
+        if hit is None:
+            raise CkptmapError(f"{self.path}: tensor {base!r} has no saved chunk at offsets {at!r} (plan source "
+                               f"{key!r}); the checkpoint is not the one the plan was made from — re-create the plan")
+        return hit
+
+    def chunk_runs(self, key, start: int, numel: int | None, view, offsets, lengths) -> list[tuple] | None:
+        """For a plan ``Read`` (the arguments of :meth:`read_range_box`): its elements, in order, as runs of
+        consecutive elements of saved chunks, ``[(chunk key, chunk shape, first element, count)]`` — the
+        executor can copy each run's bytes kernel-side (:meth:`byte_range` of the chunk key) — or None when
+        they are not. Planning only: reads the metadata, not the items."""
+        if key not in self.meta.tensors:
+            return None   # tensors inside byte objects: read through the object
+        t = self.tensor(key)
+        shape, view, offsets, lengths = tuple(t.shape), tuple(view), tuple(offsets), tuple(lengths)
+        numel = math.prod(shape) - start if numel is None else numel
+        if not numel or not math.prod(lengths) or not shape:
+            return None
+        index = self._index.get(key)
+        if index is None:
+            index = self._index[key] = _ChunkIndex(t.chunks)
+        if _run_in(Box(offsets, lengths), view):
+            # consecutive elements of the tensor (a whole nd-flattened fragment, a parameter's range of a
+            # bucket, a TP shard of dim 0): walk the chunks that hold them (DP ranges of a fragment, …)
+            a = start + int(np.ravel_multi_index(offsets, view))
+            return self._flat_runs(key, index, shape, a, math.prod(lengths))
+        # a box whose rows are not consecutive (a TP shard of dim 1): one chunk must hold it as a run, which
+        # it does when the chunk is that TP fragment; the view is then the stored tensor's trailing axes
+        for j in range(len(shape) + 1):
+            tail, lead_shape = shape[len(shape) - j:], shape[:len(shape) - j]
+            if math.prod(tail) != numel or start % numel:
+                continue
+            if view != tail:
+                return None
+            lead = tuple(int(i) for i in np.unravel_index(start // numel, lead_shape)) if lead_shape else ()
+            box = Box(lead + offsets, (1,) * len(lead) + lengths)
+            hits = index.find(box)
+            if len(hits) != 1 or hits[0].box.intersect(box) != box:
+                return None
+            c = hits[0]
+            local = Box(tuple(o - co for o, co in zip(box.offsets, c.box.offsets)), box.lengths)
+            if not _run_in(local, c.box.lengths):
+                return None
+            first = int(np.ravel_multi_index(local.offsets, c.box.lengths))
+            return [(chunk_tensor_key(key, c), tuple(c.box.lengths), first, box.numel)]
+        return None
+
+    @staticmethod
+    def _flat_runs(key, index, shape, a: int, n: int) -> list[tuple] | None:
+        """Elements ``[a, a + n)`` of a C-order tensor of ``shape`` as runs of consecutive elements of its
+        chunks (see chunk_runs), or None where a chunk does not hold its part as one run."""
+        out = []
+        while n:
+            at = tuple(int(i) for i in np.unravel_index(a, shape))
+            hits = index.find(Box(at, (1,) * len(shape)))
+            if len(hits) != 1:
+                return None
+            c = hits[0]
+            o, ln = c.box.offsets, c.box.lengths
+            m = 0   # the chunk's elements come in runs over axes m.. (whole after m): the run holding `at`
+            for k in range(len(shape)):
+                if ln[k] != shape[k]:
+                    m = k
+            inner = math.prod(shape[m + 1:])
+            run = ln[m] * inner
+            local = tuple(x - y for x, y in zip(at, o))
+            pos = local[m] * inner + (int(np.ravel_multi_index(local[m + 1:], shape[m + 1:])) if m + 1 < len(shape)
+                                      else 0)
+            runs_before = int(np.ravel_multi_index(local[:m], ln[:m])) if m else 0
+            take = min(n, run - pos)
+            out.append((chunk_tensor_key(key, c), tuple(ln), runs_before * run + pos, take))
+            a, n = a + take, n - take
+        return out
 
     def chunk_array(self, chunk: Chunk) -> np.ndarray:
         """The chunk's elements, shape ``chunk.box.lengths``: a read-only view of the mapped file."""
@@ -791,6 +893,8 @@ class TorchDistCheckpoint:
                          nbytes)
 
     def byte_range(self, key) -> FileRange | None:
+        if key not in self.meta.tensors and CHUNK_AT in key:
+            return self.chunk_range(self._chunk_at(key))
         t = self.tensor(key)
         if len(t.chunks) != 1:
             return None
@@ -899,6 +1003,8 @@ class TorchDistCheckpoint:
 
     def array(self, key) -> np.ndarray:
         """The whole global tensor (in memory; prefer :meth:`read_box` for large tensors)."""
+        if key not in self.meta.tensors and CHUNK_AT in key:
+            return self.chunk_array(self._chunk_at(key))
         t = self.tensor(key)
         if len(t.chunks) == 1 and t.chunks[0].box.lengths == t.shape:
             return self.chunk_array(t.chunks[0])

@@ -301,6 +301,64 @@ def target_tensor(gp: GlobalParam, state: str, tgt_global: tuple, tgt_tp: int, t
                       replicas=replicas)
 
 
+def run_start(offsets, lengths, shape) -> int | None:
+    """The flat C-order index where box ``offsets``/``lengths`` of an array of ``shape`` starts when its
+    elements are consecutive there (length 1 on the leading axes, any range on one, whole after it), else None."""
+    k = 0
+    while k < len(shape) and lengths[k] == 1:
+        k += 1
+    if any(lengths[j] != shape[j] for j in range(k + 1, len(shape))):
+        return None
+    flat = 0
+    for o, n in zip(offsets, shape):
+        flat = flat * n + o
+    return flat
+
+
+def source_runs(r: Read) -> list[SourceSlice] | None:
+    """A read of a legacy source whose box is consecutive elements of its source range: that run, as one
+    SourceSlice (the executor finds its bytes with the reader's ``byte_range``), else None."""
+    first = run_start(r.offsets, r.lengths, r.view)
+    if first is None:
+        return None
+    s = r.source
+    n, start = math.prod(r.lengths), s.start + first
+    whole = start == 0 and n == math.prod(s.shape)
+    return [SourceSlice(s.file, s.key, s.dtype, s.shape, start, None if whole else n)]
+
+
+def byte_copy_pieces(task: TensorTask, runs_of=source_runs) -> list[tuple[int, TensorTask]]:
+    """``task`` as pieces ``(element offset, task)`` of the storage it fills: when every read of the task
+    is runs of consecutive source elements (``runs_of(read)``: SourceSlices in order, or None) landing on a
+    run of the target — a whole tensor moved to another PP stage, a TP shard of dim 0, a parameter's range
+    of a bucket, each half of a SwiGLU shard — one piece per run with that one source and no reads, which
+    the executor copies kernel-side (``copy_file_range``, as pt2ms copies ``distrib_optim.pt`` runs) and
+    ``plan --dry-run`` counts as a byte copy. Otherwise ``[(0, task)]``, assembled from its reads."""
+    if not task.reads or task.replicas or task.rounds_to is not None or task.ops:
+        return [(0, task)]
+    shape, pieces = tuple(task.shape), []
+    for r in task.reads:
+        start = None if r.dst_lengths is not None else run_start(r.dst_offsets, r.lengths, shape)
+        runs = None if start is None else runs_of(r)
+        if runs is None or any(sl.dtype != task.dtype for sl in runs):
+            return [(0, task)]
+        for sl in runs:
+            pieces.append((start, sl))
+            start += sl.count
+    pieces.sort(key=lambda p: p[0])
+    pos = 0
+    for start, sl in pieces:   # the runs must tile the target exactly
+        if start != pos:
+            return [(0, task)]
+        pos += sl.count
+    if pos != math.prod(shape):
+        return [(0, task)]
+    if len(pieces) == 1:
+        return [(0, attrs.evolve(task, sources=(pieces[0][1],), reads=()))]
+    return [(start, TensorTask(f"{task.name} [{start}:{start + sl.count}]", task.dtype, (sl.count,), (sl,), task.dtype,
+                               (sl.count,), (), note=task.note)) for start, sl in pieces]
+
+
 def _last_row_reads(gp, missing, tps, sources, views) -> list:
     dim = gp.sharding.dim
     last = gp.global_shape[dim] - 1
@@ -687,7 +745,7 @@ def _model_task(src, model, tgt, shapes, rank_dir, tp, pp, ep, chunks, policies,
             view = views.get((v, _ddp_name(other.rule, path))) if layouts is not None else None
             if view is not None:
                 storage, offset, numel = view
-                pieces[storage][2].append((offset, weight))
+                pieces[storage][2].extend((offset + o, t) for o, t in byte_copy_pieces(weight))
                 row.update(tensor=storage, offset=offset, storage_numel=numel)
             else:
                 if layouts is not None:
@@ -695,7 +753,7 @@ def _model_task(src, model, tgt, shapes, rank_dir, tp, pp, ep, chunks, policies,
                                        f"DDP buffer of the target layout")
                 storage = f"w{len(storages)}"
                 storages.append(StorageTask(storage, weight.dtype, math.prod(weight.shape),
-                                            (StoragePiece(0, weight),)))
+                                            tuple(StoragePiece(o, t) for o, t in byte_copy_pieces(weight))))
                 row.update(tensor=storage)
             rows.append(row)
         entry = {"key": key, "leaves": rows}
@@ -874,7 +932,7 @@ def _optim_task(src, model, tgt, shapes, rank_dir, tp, pp, ep, chunks, blocks, k
                         gp, path = by_name[slot.name]
                         task = target_tensor(gp, state, shapes.get(gp.key, gp.global_shape), tgt.tp, tp,
                                              f"{state} of {'.'.join(map(str, path))}", src, keys, "float32")
-                        pieces.append((bl.coalesced_offset(slot), task))
+                        pieces += [(bl.coalesced_offset(slot) + o, t) for o, t in byte_copy_pieces(task)]
                     names.append(_state_storage(storages, pieces, bl.numel_unpadded))
                 else:
                     for j, bucket in enumerate(bl.buckets):
@@ -885,7 +943,7 @@ def _optim_task(src, model, tgt, shapes, rank_dir, tp, pp, ep, chunks, blocks, k
                             gp, path = by_name[slot.name]
                             task = target_tensor(gp, state, shapes.get(gp.key, gp.global_shape), tgt.tp, tp,
                                                  f"{state} of {'.'.join(map(str, path))}", src, keys, "float32")
-                            pieces.append((slot.start - bucket.start, task))
+                            pieces += [(slot.start - bucket.start + o, t) for o, t in byte_copy_pieces(task)]
                         names.append(_state_storage(storages, pieces, bucket.numel))
                 tensors[state] = names
             bufs.append({"param_dtype": dtype, "grad_dtype": grad_key, "storage": block.storage,

@@ -51,7 +51,7 @@ from ckptmap.mapping.layout import ParallelLayout
 from ckptmap.mapping.megatron_source import planning
 from ckptmap.mapping.plan import FileTask, Plan, Read, SourceSlice, StoragePiece, StorageTask, TensorTask
 from ckptmap.mapping.reshard import (IndexNames, _build_target_buffer, _chunk_keys, _ddp_name, _state_storage,
-                                     resolve_sharding)
+                                     byte_copy_pieces, resolve_sharding)
 from ckptmap.mapping.rules import EXPERT, LAYER, resolve_rules
 from ckptmap.mapping.sharding import Box, Fragment, Sharding, padded_vocab_size, transfer, whole
 
@@ -192,6 +192,25 @@ class BucketState:
 
     tp: int
     shards: tuple  # SourceSlice per source TP rank
+
+
+def chunk_copies(task: TensorTask, reader) -> list[tuple[int, TensorTask]]:
+    """``task`` as storage pieces: byte copies of saved chunks (``reshard.byte_copy_pieces``) where every
+    read of the task is runs of consecutive elements of saved chunks (``TorchDistCheckpoint.chunk_runs``: a
+    stacked layer's TP fragment, the DP ranges of an nd-flattened fragment, a parameter's range of a bucket,
+    each half of a SwiGLU shard), served by the reader under chunk keys; otherwise ``[(0, task)]``."""
+    if reader is None:
+        return [(0, task)]
+
+    def runs_of(r: Read):
+        runs = reader.chunk_runs(r.source.key, r.source.start, r.source.numel, r.view, r.offsets, r.lengths)
+        if runs is None:
+            return None
+        return [SourceSlice(r.source.file, key, r.source.dtype, shape, first,
+                            None if first == 0 and count == math.prod(shape) else count)
+                for key, shape, first, count in runs]
+
+    return byte_copy_pieces(task, runs_of)
 
 
 def _bucket_shard_task(p: DistParam, state: str, src: BucketState, tgt_tp: int, tp: int, name: str) -> TensorTask:
@@ -757,7 +776,8 @@ def _model_task(md, model: DistModel, tgt, rank_dir, tp, pp, chunks, iter_dir, p
             for name, p in names:
                 w = shard_task(p, "weight", tgt.tp, tp, name, iter_dir)
                 storage = f"w{len(storages)}"
-                storages.append(StorageTask(storage, w.dtype, math.prod(w.shape), (StoragePiece(0, w),)))
+                storages.append(StorageTask(storage, w.dtype, math.prod(w.shape),
+                                            tuple(StoragePiece(o, t) for o, t in chunk_copies(w, md.reader))))
                 part.append({"path": [name], "tensor": storage, "dtype": w.dtype, "shape": list(w.shape)})
                 names_shapes.append((name, w.shape, bool(p.rule.shared_embedding), p.expert is not None))
             rows += _with_extra(model, part, extras)
@@ -840,7 +860,7 @@ def _optim_buffers(model, tgt, rank_dir, tp, pp, chunks, blocks, iter_dir, grad,
                 for slot in bl.slots:
                     p, name = by_name[slot.name]
                     task = shard_task(p, state, tgt.tp, tp, f"{state} of {name}", iter_dir)
-                    pieces.append((bl.coalesced_offset(slot), task))
+                    pieces += [(bl.coalesced_offset(slot) + o, t) for o, t in chunk_copies(task, model.md.reader)]
                 tensors[state] = [_state_storage(storages, pieces, bl.numel_unpadded)]
             bufs.append({"param_dtype": dtype, "grad_dtype": grad or dtype, "storage": block.storage,
                          "padded": bl.per_bucket_numel, "unpadded": bl.per_bucket_numel_unpadded,
