@@ -606,7 +606,7 @@ def chunk_tensor_key(key: str, chunk: Chunk) -> str:
     return key + CHUNK_AT + ",".join(str(o) for o in chunk.box.offsets)
 
 
-def _run_in(box: Box, shape) -> bool:
+def is_run(box: Box, shape) -> bool:
     """The box's elements are consecutive in a C-order array of ``shape``: length 1 on the leading axes,
     any range on one axis, whole on every later one."""
     k = 0
@@ -771,7 +771,7 @@ class TorchDistCheckpoint:
         index = self._index.get(key)
         if index is None:
             index = self._index[key] = _ChunkIndex(t.chunks)
-        if _run_in(Box(offsets, lengths), view):
+        if is_run(Box(offsets, lengths), view):
             # consecutive elements of the tensor (a whole nd-flattened fragment, a parameter's range of a
             # bucket, a TP shard of dim 0): walk the chunks that hold them (DP ranges of a fragment, …)
             a = start + int(np.ravel_multi_index(offsets, view))
@@ -791,7 +791,7 @@ class TorchDistCheckpoint:
                 return None
             c = hits[0]
             local = Box(tuple(o - co for o, co in zip(box.offsets, c.box.offsets)), box.lengths)
-            if not _run_in(local, c.box.lengths):
+            if not is_run(local, c.box.lengths):
                 return None
             first = int(np.ravel_multi_index(local.offsets, c.box.lengths))
             return [(chunk_tensor_key(key, c), tuple(c.box.lengths), first, box.numel)]
@@ -1135,9 +1135,19 @@ class _ListSink:
         self.parts.append(bytes(b))
 
 
-def _write_tensor_item(f, data: np.ndarray, dtype: str) -> int:
-    """Write ``torch.save(tensor)`` of ``data`` to ``f`` at its position; returns the bytes written."""
-    data = np.ascontiguousarray(data)
+def _write_tensor_item(f, data: "np.ndarray | tuple[FileRange, ...]", dtype: str, shape=None) -> int:
+    """Write ``torch.save(tensor)`` of ``data`` to ``f`` at its position; returns the bytes written. ``data``
+    may be FileRanges holding the tensor's bytes in order (of ``shape``): streamed from those files as they are."""
+    if isinstance(data, tuple):
+        rng = data
+        if sum(r.nbytes for r in rng) != math.prod(shape) * dtypes.itemsize(dtype):
+            raise CkptmapError(f"internal error: {sum(r.nbytes for r in rng)} bytes of {rng[0].path} given for a "
+                               f"{dtype} {list(shape)} item")
+        # np.empty reserves address space only: the pickle needs the shape and dtype, the bytes come from rng
+        data = np.empty(shape, dtype=dtypes.storage(dtype))
+    else:
+        rng = None
+        data = np.ascontiguousarray(data)
     if data.dtype != dtypes.storage(dtype):
         raise CkptmapError(f"internal error: {dtype} data given as {data.dtype}")
     held = tzr.HeldTensor(dtype, data)
@@ -1150,7 +1160,8 @@ def _write_tensor_item(f, data: np.ndarray, dtype: str) -> int:
     writer.record(".storage_alignment", str(tzw.DEFAULT_ALIGNMENT).encode("ascii"))
     writer.record("byteorder", b"little")
     for key, st in pickler.storages.items():
-        tzw._stream_storage(writer, f"data/{key}", st, lambda _k, st=st: tzw._held_bytes(st), "item")
+        fill = (lambda _k: iter(rng)) if rng is not None else (lambda _k, st=st: tzw._held_bytes(st))
+        tzw._stream_storage(writer, f"data/{key}", st, fill, "item")
     writer.finish()
     return writer.pos
 
@@ -1295,7 +1306,8 @@ def write_checkpoint(dst, tensors: list[OutTensor], objects: list[OutObject], *,
 
     ``tensors`` / ``objects`` declare every key, its chunks and the ``.distcp`` file of each item;
     ``read_box(key, box)`` returns one chunk's data (C order, the dtype's storage type; one chunk in
-    memory at a time), ``read_object(key)`` an object item's bytes (Megatron: a ``torch.save`` of a
+    memory at a time) or a tuple of FileRanges holding exactly its bytes in order (copied as byte runs),
+    ``read_object(key)`` an object item's bytes (Megatron: a ``torch.save`` of a
     list). ``common`` is the object graph of ``common.pt`` (``common_fill(storage key)``: the bytes
     of any ``TensorRef`` in it, as ``torch_zip_writer.save_streaming``); ``order`` the key order of
     the metadata; ``mcore_data`` Megatron's per-key metadata; ``backend`` ``metadata.json``.
@@ -1332,10 +1344,10 @@ def write_checkpoint(dst, tensors: list[OutTensor], objects: list[OutObject], *,
                                 n = memoryview(data).nbytes
                                 locations[(key, None)] = (name, pos, n)
                             else:
-                                arr = read_box(key, c.box)
-                                if tuple(arr.shape) != tuple(c.box.lengths):
+                                arr = read_box(key, c.box)   # an array, or FileRanges of the chunk's bytes
+                                if not isinstance(arr, tuple) and tuple(arr.shape) != tuple(c.box.lengths):
                                     raise CkptmapError(f"internal error: {key} box {c.box} read as {arr.shape}")
-                                n = _write_tensor_item(f, arr, dtype_of[key])
+                                n = _write_tensor_item(f, arr, dtype_of[key], tuple(c.box.lengths))
                                 locations[(key, tuple(c.box.offsets))] = (name, pos, n)
                                 del arr
                             pos += n

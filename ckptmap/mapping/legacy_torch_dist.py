@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import math
 import tempfile
 import time
 from pathlib import Path
@@ -43,6 +44,7 @@ from pathlib import Path
 import attrs
 import numpy as np
 
+from ckptmap import dtypes
 from ckptmap.errors import CkptmapError
 from ckptmap.formats import megatron_dist as M
 from ckptmap.formats import megatron_folders
@@ -51,7 +53,7 @@ from ckptmap.formats import torch_zip_reader as tzr
 from ckptmap.formats import torch_zip_writer as tzw
 from ckptmap.formats.megatron_write import has_tensor
 from ckptmap.mapping.megatron_source import MegatronSource, SourceOptions
-from ckptmap.mapping.reshard import SourceModel, target_tensor
+from ckptmap.mapping.reshard import SourceModel, byte_copy_pieces, target_tensor
 from ckptmap.mapping.rules import EXPERT
 from ckptmap.mapping.torch_dist_rules import version_key
 from ckptmap.mapping.sharding import Box
@@ -424,11 +426,21 @@ def write_legacy_to_dist(plan: LegacyToDistPlan, *, fsync: bool = False, progres
 
     sources = _Sources()
     last: dict = {}
+    dtype_of = {t.key: t.dtype for t in plan.tensors}
 
     def read_box(key, box):
         task, local, lengths = plan.chunk_sources[(key, box.offsets)]
-        if last.get("task") is not task:   # a SwiGLU shard's two chunks come from the same assembled shard
-            last.update(task=task, array=sources.array(task))
+        if last.get("task") is not task:   # a SwiGLU shard's two chunks come from the same TP shard
+            last.update(task=task, runs=_byte_runs(task, sources), array=None)
+        runs = last["runs"]
+        if runs is not None and task.dtype == dtype_of[key] and td.is_run(Box(tuple(local), tuple(lengths)),
+                                                                           task.shape):
+            # the chunk is consecutive elements of the shard, which are runs of source bytes (a whole shard, a
+            # SwiGLU half, parameters' ranges of a DP-sharded bucket): copied as bytes, never held in memory
+            first = int(np.ravel_multi_index(tuple(local), task.shape)) if task.shape else 0
+            return _sub_ranges(runs, first, math.prod(lengths), dtypes.itemsize(task.dtype))
+        if last["array"] is None:
+            last["array"] = sources.array(task)
         part = last["array"][tuple(slice(o, o + n) for o, n in zip(local, lengths))]
         return np.ascontiguousarray(part).reshape(box.lengths)
 
@@ -450,6 +462,36 @@ def write_legacy_to_dist(plan: LegacyToDistPlan, *, fsync: bool = False, progres
         sources.close()
     from ckptmap import atomic
     atomic.write_text(plan.dst / M.TRACKER, plan.iteration, fsync=fsync)
+
+
+def _byte_runs(task, sources) -> list | None:
+    """``[(first element, count, FileRange)]`` tiling the TP shard ``task`` when its elements are runs of source
+    bytes (reshard.byte_copy_pieces, each run's checks done here), else None."""
+    from ckptmap.execute import streamed
+
+    runs = []
+    for start, piece in byte_copy_pieces(task):
+        if piece.reads:
+            return None
+        how = streamed(piece, sources)
+        if how is None or how[0] != "range":
+            return None
+        runs.append((start, math.prod(piece.shape), how[1]))
+    return runs
+
+
+def _sub_ranges(runs, first: int, count: int, itemsize: int) -> tuple:
+    """The FileRanges holding elements ``[first, first + count)`` of a shard tiled by ``runs``."""
+    from ckptmap.formats.base import FileRange
+
+    out = []
+    for start, n, rng in runs:
+        lo, hi = max(first, start), min(first + count, start + n)
+        if lo < hi:
+            out.append(FileRange(rng.path, rng.offset + (lo - start) * itemsize, (hi - lo) * itemsize))
+    if sum(r.nbytes for r in out) != count * itemsize:
+        raise CkptmapError(f"internal error: elements {first} + {count} are not covered by the shard's byte runs")
+    return tuple(out)
 
 
 def print_plan(plan: LegacyToDistPlan, out) -> None:
