@@ -14,3 +14,17 @@ def fixture_dir(name: str) -> Path:
     if not path.is_dir():  # fail, never skip: a missing fixture must not turn the suite green
         pytest.fail(f"fixture {path} is missing; set CKPTMAP_FIXTURES to shared/fixtures/megatron-r0.6.0")
     return path
+
+
+@pytest.fixture
+def byte_runs(monkeypatch) -> list:
+    """The sizes of the byte runs the executor copies, in order: ``copy_file_range`` (byte_io.copy_range) or, for
+    the CRC'd records of a .pt file, one read into a reused buffer with the CRC taken there
+    (byte_io.copy_range_crc) -- bytes moved as they are, never assembled element by element."""
+    from ckptmap.formats import byte_io
+
+    sizes: list = []
+    for name in ("copy_range", "copy_range_crc"):
+        real = getattr(byte_io, name)
+        monkeypatch.setattr(byte_io, name, lambda rng, fd, *a, real=real: (sizes.append(rng.nbytes), real(rng, fd, *a))[1])
+    return sizes

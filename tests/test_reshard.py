@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from ckptmap.cli import main
-from mcore_versions import STANDARD_CASES, Case, assemble, run_jobs
+from mcore_versions import Case, assemble, run_jobs
 from mcore_versions.fixtures import mcore_standard  # noqa: F401  (session fixture)
 
 pytestmark = [pytest.mark.mcore_versions, pytest.mark.slow]
@@ -161,11 +161,11 @@ def test_stage_lists_megatron_cannot_build_are_named(source, tmp_path, capsys, f
     assert not (tmp_path / "x").exists()
 
 
-def test_runs_of_source_tensors_are_copied_as_byte_runs(source, tmp_path, monkeypatch):
+def test_runs_of_source_tensors_are_copied_as_byte_runs(source, tmp_path, byte_runs):
     """A PP change moves whole tensors and whole parameter ranges of the buckets: the plan makes every such run
     of a source tensor a byte copy (one source, no reads) and the executor copies exactly those bytes with
-    copy_file_range (or one buffered read with the CRC, for .pt records); the real library loads the result to the live values."""
-    from ckptmap.formats import byte_io
+    copy_file_range (or one buffered read with the CRC, for .pt records); the real library loads the result to
+    the live values."""
     from ckptmap.mapping.reshard import ReshardOptions, compile_reshard
 
     src, truth = source
@@ -175,16 +175,9 @@ def test_runs_of_source_tensors_are_copied_as_byte_runs(source, tmp_path, monkey
                if pc.tensor is not None and (pc.tensor.sources or pc.tensor.reads)]
     copied = sum(t.nbytes for t in tensors if not t.reads)
     assert copied > 0.9 * sum(t.nbytes for t in tensors), [t.name for t in tensors if t.reads][:10]
-    # byte runs: copy_file_range, or -- for the CRC'd records of a .pt file -- one read into a reused buffer with
-    # the CRC taken there (byte_io.copy_range_crc); never assembled element by element
-    kernel = []
-    real, real_crc = byte_io.copy_range, byte_io.copy_range_crc
-    monkeypatch.setattr(byte_io, "copy_range", lambda rng, fd, *a: (kernel.append(rng.nbytes), real(rng, fd, *a))[1])
-    monkeypatch.setattr(byte_io, "copy_range_crc",
-                        lambda rng, fd, *a: (kernel.append(rng.nbytes), real_crc(rng, fd, *a))[1])
     out = tmp_path / "pp1"
     assert main(["reshard", "--megatron-path", str(src), "--output-path", str(out), "--no-progress",
                  "--multiprocess-off", "--target-pp-size", "1", "--target-vpp-size", "1"]) == 0
-    assert sum(kernel) == copied
+    assert sum(byte_runs) == copied
     (got,) = run_jobs(VERSION, [("load", dataclasses.replace(SOURCE, pp=1, vpp=None), [(out, "legacy", None)])])
     same_values(truth, got[0] if isinstance(got, list) else got)

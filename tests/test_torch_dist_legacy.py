@@ -74,14 +74,14 @@ def _model_tensors(obj, prefix=""):
 
 @pytest.mark.parametrize("version,sharding_type", [("0.12.1", "fully_sharded_model_space"),
                                                    ("0.16.1", "dp_reshardable")])
-def test_runs_of_saved_chunks_are_copied_as_byte_runs(mcore_standard, tmp_path, monkeypatch, version, sharding_type):
+def test_runs_of_saved_chunks_are_copied_as_byte_runs(mcore_standard, tmp_path, byte_runs, version,
+                                                       sharding_type):
     """At the saving layout most bytes of the legacy files are runs of one saved chunk (a stacked layer's TP
     fragment, an nd-flattened fragment, a parameter's range of a bucket, each half of a SwiGLU shard): the
     plan makes them byte copies of that chunk (one source, a chunk key, no reads) and the executor copies
     them as byte runs (copy_file_range, or one buffered read with the CRC for .pt records). The files stay what
     Megatron's own legacy save of the same step wrote: distrib_optim.pt byte for byte, every model weight bit for
     bit."""
-    from ckptmap.formats import byte_io
     from ckptmap.formats import torch_dist as td
     from ckptmap.mapping import torch_dist_legacy as ltd
 
@@ -96,16 +96,9 @@ def test_runs_of_saved_chunks_are_copied_as_byte_runs(mcore_standard, tmp_path, 
     copied, total = sum(t.nbytes for t in copies), sum(t.nbytes for t in tensors)
     assert copied > 0.9 * total, (copied, total, [t.name for t in tensors if t.reads][:10])
 
-    # byte runs: copy_file_range, or -- for the CRC'd records of a .pt file -- one read into a reused buffer with
-    # the CRC taken there (byte_io.copy_range_crc); never assembled element by element
-    kernel = []
-    real, real_crc = byte_io.copy_range, byte_io.copy_range_crc
-    monkeypatch.setattr(byte_io, "copy_range", lambda rng, fd, *a: (kernel.append(rng.nbytes), real(rng, fd, *a))[1])
-    monkeypatch.setattr(byte_io, "copy_range_crc",
-                        lambda rng, fd, *a: (kernel.append(rng.nbytes), real_crc(rng, fd, *a))[1])
     out = tmp_path / "out"
     convert(src, out, "--target-megatron-version", version)
-    assert sum(kernel) == copied
+    assert sum(byte_runs) == copied
 
     legacy = run.dir / "legacy" / "iter_0000001"
     for rank in sorted(p.name for p in legacy.iterdir()):
