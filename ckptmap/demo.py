@@ -230,16 +230,17 @@ class DemoMoEModel:
             consumed_train_samples=iteration * 64, save="checkpoints/demo_moe")
 
 
-def _param_groups(params, expert: bool, iteration: int) -> list[dict]:
-    """megatron-core 0.8 - 0.13's saved param groups of one optimizer: a group per wd_mult (biases and
-    1-D parameters 0, the rest 1) in the order the rank's ``params`` (state-dict order) first need them."""
+def _param_groups(params, expert: bool, iteration: int, policy) -> list[dict]:
+    """megatron-core 0.8 - 0.13's saved param groups of one optimizer: a group per wd_mult (0 for the
+    parameters the rules' ``param_groups`` block exempts from weight decay, else 1) in the order the rank's
+    ``params`` (state-dict order) first need them."""
     def group(wd_mult):
         return {"wd_mult": wd_mult, "lr_mult": 1.0, "is_expert_parallel": expert, "is_decoupled_lr": False,
                 "max_lr": 1e-4, "min_lr": 1e-5, "lr": 9.5e-5, "bias_correction": True, "betas": (0.9, 0.95),
                 "eps": 1e-8, "weight_decay": 0.01 * wd_mult, "step": iteration}
     order = []
     for name, shape in params:
-        wd_mult = 0.0 if name.endswith(".bias") or len(shape) == 1 else 1.0
+        wd_mult = 0.0 if policy.no_weight_decay(name, shape) else 1.0
         if wd_mult not in order:
             order.append(wd_mult)
     return [group(w) for w in order]
@@ -263,9 +264,13 @@ def moe_stage_files(model: DemoMoEModel, pp: int, iteration: int, gen: torch.Gen
     from collections import OrderedDict
 
     from ckptmap.mapping import buckets
+    from ckptmap.mapping.layout import ParallelLayout
     from ckptmap.mapping.rules import bundled_rules, load_rules
 
-    rule = load_rules(bundled_rules()["megatron_core_gpt"]).bucket_layout("megatron", model.version)
+    rules = load_rules(bundled_rules()["megatron_core_gpt"])
+    rule = rules.bucket_layout("megatron", model.version)
+    policy = rules.param_group_policies("megatron", (model.version, model.version))[0]
+    sizes = ParallelLayout(tp=model.tp, pp=model.pp, dp=model.dp, ep=model.ep)
     entries = model.stage_tensors(pp)
     weights = [(n, s) for n, s in entries if s is not None]
     groups = {"dense": [(n, s) for n, s in weights if not model.is_expert(n)],
@@ -273,7 +278,7 @@ def moe_stage_files(model: DemoMoEModel, pp: int, iteration: int, gen: torch.Gen
     layouts = {}
     for kind, params in groups.items():
         env = buckets.layout_env(rule, {
-            "dp": model.dp, "cp": 1, "ep": model.ep, "dp_group": model.dp // model.ep if kind == "expert" else model.dp,
+            "dp": model.dp, "cp": 1, "ep": model.ep, "dp_group": sizes.expert_dp if kind == "expert" else sizes.dp,
             "pp": model.pp, "pp_rank": pp, "chunk": 0, "bucket_size": model.bucket_size,
             "overlap_grad_reduce": model.overlap_grad_reduce, "untie_embeddings_and_output_weights": True})
         layouts[kind] = buckets.build_buffer(rule, [buckets.ParamEntry("module." + n, s, "bfloat16") for n, s in params],
@@ -313,7 +318,7 @@ def moe_stage_files(model: DemoMoEModel, pp: int, iteration: int, gen: torch.Gen
             state = {
                 "args": model.args(iteration), "checkpoint_version": megatron_files.CHECKPOINT_VERSION,
                 "iteration": iteration, "model": tree,
-                "optimizer": [{"optimizer": {"param_groups": _param_groups(groups[kind], kind == "expert", iteration)}}
+                "optimizer": [{"optimizer": {"param_groups": _param_groups(groups[kind], kind == "expert", iteration, policy)}}
                               for kind in ("dense", "expert")],
                 "opt_param_scheduler": scheduler,
                 "rng_state": [{"random_rng_state": (3, tuple(range(5)), None), "torch_rng_state": gen.get_state()}],

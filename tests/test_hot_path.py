@@ -83,21 +83,24 @@ def test_crc32_is_zlibs():
 
 
 @pytest.mark.parametrize("window", [4096, 10000, 64 << 20])
-def test_crc32_range_and_copy_range_of_odd_ranges(tmp_path, monkeypatch, window):
-    """The CRC of a file range read through maps (windows aligned to pages, ranges not) and the
-    kernel copy of the range: both against the bytes read plainly."""
+def test_copy_range_crc_and_copy_range_of_odd_ranges(tmp_path, monkeypatch, window):
+    """The CRC of a file range copied through a reused buffer of ``window`` bytes (chunks not aligned to the
+    range) and the kernel copy of the range: both against the bytes read plainly."""
     import zlib
 
     from ckptmap.formats import byte_io
     from ckptmap.formats.base import FileRange
 
-    monkeypatch.setattr(byte_io, "_MAP_WINDOW", window)
+    monkeypatch.setattr(byte_io, "CRC_COPY_CHUNK", window)
     data = bytes((i * 7919) % 251 for i in range(300_001))
     src = tmp_path / "src.bin"
     src.write_bytes(data)
     for offset, n in [(0, 300_001), (1, 4095), (4097, 123_457), (299_000, 1001), (5, 0)]:
         rng = FileRange(str(src), offset, n)
-        assert byte_io.crc32_range(rng, 7) == zlib.crc32(data[offset:offset + n], 7)
+        crc_copy = tmp_path / "crc.bin"
+        with open(crc_copy, "wb") as f:
+            assert byte_io.copy_range_crc(rng, f.fileno(), 7) == zlib.crc32(data[offset:offset + n], 7)
+        assert crc_copy.read_bytes() == data[offset:offset + n]
         out = tmp_path / "out.bin"
         with open(out, "wb") as f:
             f.write(b"head")

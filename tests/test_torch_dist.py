@@ -186,7 +186,7 @@ def test_megatron_view_unflattens(synthetic):
                 assert _eq(md.array(md.tensor(name, state)), synthetic.weights[name][s]), (name, state)
             assert _eq(md.array(md.tensor(name)), synthetic.weights[name][0])
         assert _eq(md.read_box(fc1, Box((0, 1, 2), (2, 5, 3))), synthetic.weights[fc1.name][1][:, 1:6, 2:5])
-        items = M.unstack(md.layout, md.tensor("decoder.layers.mlp.linear_fc1.weight"))
+        items = M.unstack(md.layout, md.tensor("decoder.layers.mlp.linear_fc1.weight"), None)
         assert [n for n, _, _ in items] == ["decoder.layers.0.mlp.linear_fc1.weight",
                                             "decoder.layers.1.mlp.linear_fc1.weight"]
 

@@ -53,9 +53,9 @@ def test_a_minimal_block_parses_and_spells_keys():
         ("decoder.layers.mlp.experts.experts.linear_fc1.weight", (3, 5))
     assert lay.sharded_item("decoder.layers.2.input_layernorm.weight", "local") == \
         ("decoder.layers.self_attention.linear_qkv.layer_norm_weight", (2,))
-    assert lay.legacy_item_name("decoder.layers.2.self_attention.linear_qkv.layer_norm_weight", "local") == \
+    assert lay.item_name("decoder.layers.self_attention.linear_qkv.layer_norm_weight", {"layer": 2}, "local") == \
         "decoder.layers.2.input_layernorm.weight"
-    assert lay.legacy_item_name("decoder.layers.2.self_attention.linear_qkv.layer_norm_weight", None) == \
+    assert lay.item_name("decoder.layers.self_attention.linear_qkv.layer_norm_weight", {"layer": 2}, None) == \
         "decoder.layers.2.self_attention.linear_qkv.layer_norm_weight"
     assert lay.rank_objects_over_dp("0.16.1") == {"rng_state"} == lay.rank_objects_over_dp("0.15")
     assert lay.rank_objects_over_dp("0.14.0") == set() == lay.rank_objects_over_dp("0.12")
@@ -168,5 +168,5 @@ def test_every_key_of_a_real_save_is_spelled_by_the_rules(mcore_standard, versio
             if s is None:
                 continue
             shape = meta.tensors[key].shape
-            item = lay.item_name(key, {a: n - 1 for a, n in zip(s.axes, shape)})
+            item = lay.item_name(key, {a: n - 1 for a, n in zip(s.axes, shape)}, None)
             assert lay.sharded_item(item, None) == (key, tuple(n - 1 for n in shape[:len(s.axes)]))

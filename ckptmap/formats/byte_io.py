@@ -19,7 +19,6 @@ which is in use.
 from __future__ import annotations
 
 import errno
-import mmap
 import os
 import sys
 import threading
@@ -141,30 +140,6 @@ def read_chunks(src: FileRange, chunk: int = CHUNK):
         yield from _pread_chunks(fd, src.path, src.offset, src.nbytes, chunk)
     finally:
         os.close(fd)
-
-
-_MAP_WINDOW = 64 * 1024 * 1024
-
-
-def crc32_range(src: FileRange, crc: int = 0) -> int:
-    """CRC-32 (zlib's) of the bytes of ``src``, continuing ``crc``: read through a read-only map of the
-    file, 64 MiB at a time, pre-faulted (MAP_POPULATE), so no byte is copied to compute it."""
-    if not src.nbytes:
-        return crc
-    fd = os.open(src.path, os.O_RDONLY)
-    try:
-        flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
-        pos, end = src.offset, src.offset + src.nbytes
-        while pos < end:
-            base = pos - pos % mmap.ALLOCATIONGRANULARITY
-            length = min(end, base + _MAP_WINDOW) - base
-            with mmap.mmap(fd, length, flags=flags, prot=mmap.PROT_READ, offset=base) as mm:
-                with memoryview(mm) as view:
-                    crc = crc32(view[pos - base:], crc)
-            pos = base + length
-    finally:
-        os.close(fd)
-    return crc
 
 
 # -------------------------------------------------------------------------------------------------

@@ -138,14 +138,14 @@ def dtype_pair(param_dtype: str, grad_dtype: str) -> str:
     return f"(torch.{param_dtype}, torch.{grad_dtype})"
 
 
-def unstack_object(layout: TorchDistLayout, name: str, offsets: tuple[int, ...]) -> str:
+def unstack_object(layout: TorchDistLayout, name: str, offsets: tuple[int, ...], transformer_impl: str | None) -> str:
     """The legacy name of the item of a stacked ``ShardedObject`` (``…_extra_state/shard_<offsets>_…``)."""
     s = layout.stacked_key(name)
     if s is None:
         return name
     if len(offsets) < len(s.axes):
         raise CkptmapError(f"object {name!r} has {len(offsets)} shard offsets, fewer than its stacked axes {s.axes}")
-    return layout.item_name(name, dict(zip(s.axes, offsets)))
+    return layout.item_name(name, dict(zip(s.axes, offsets)), transformer_impl)
 
 
 FULLY_RESHARDABLE_BUG = (
@@ -502,7 +502,7 @@ def _fragments(shape, stored_shape) -> tuple[Box, ...]:
                  for idx in itertools.product(*(range(f) for f in frags)))
 
 
-def unstack(layout: TorchDistLayout, t: GlobalTensor) -> list[tuple[str, dict, Box]]:
+def unstack(layout: TorchDistLayout, t: GlobalTensor, transformer_impl: str | None) -> list[tuple[str, dict, Box]]:
     """One ``(item name, {axis: index}, box)`` per stacked item of ``t`` (one per layer, or per layer and
     expert), the box covering that item in the global tensor; ``[(name, {}, whole)]`` if unstacked."""
     s = layout.stacked_key(t.name)
@@ -515,7 +515,7 @@ def unstack(layout: TorchDistLayout, t: GlobalTensor) -> list[tuple[str, dict, B
     for idx in itertools.product(*(range(n) for n in t.shape[:len(axes)])):
         where = dict(zip(axes, idx))
         box = Box(idx + (0,) * (len(t.shape) - len(axes)), (1,) * len(axes) + t.shape[len(axes):])
-        out.append((layout.item_name(t.name, where), where, box))
+        out.append((layout.item_name(t.name, where, transformer_impl), where, box))
     return out
 
 

@@ -606,15 +606,6 @@ def chunk_tensor_key(key: str, chunk: Chunk) -> str:
     return key + CHUNK_AT + ",".join(str(o) for o in chunk.box.offsets)
 
 
-def is_run(box: Box, shape) -> bool:
-    """The box's elements are consecutive in a C-order array of ``shape``: length 1 on the leading axes,
-    any range on one axis, whole on every later one."""
-    k = 0
-    while k < len(shape) and box.lengths[k] == 1:
-        k += 1
-    return all(box.lengths[j] == shape[j] for j in range(k + 1, len(shape)))
-
-
 def is_torch_dist_dir(path) -> bool:
     path = Path(path)
     return path.is_dir() and (path / DCP_METADATA).is_file()
@@ -771,10 +762,11 @@ class TorchDistCheckpoint:
         index = self._index.get(key)
         if index is None:
             index = self._index[key] = _ChunkIndex(t.chunks)
-        if is_run(Box(offsets, lengths), view):
+        first = Box(offsets, lengths).run_start(view)
+        if first is not None:
             # consecutive elements of the tensor (a whole nd-flattened fragment, a parameter's range of a
             # bucket, a TP shard of dim 0): walk the chunks that hold them (DP ranges of a fragment, …)
-            a = start + int(np.ravel_multi_index(offsets, view))
+            a = start + first
             return self._flat_runs(key, index, shape, a, math.prod(lengths))
         # a box whose rows are not consecutive (a TP shard of dim 1): one chunk must hold it as a run, which
         # it does when the chunk is that TP fragment; the view is then the stored tensor's trailing axes
@@ -791,9 +783,9 @@ class TorchDistCheckpoint:
                 return None
             c = hits[0]
             local = Box(tuple(o - co for o, co in zip(box.offsets, c.box.offsets)), box.lengths)
-            if not is_run(local, c.box.lengths):
+            first = local.run_start(c.box.lengths)
+            if first is None:
                 return None
-            first = int(np.ravel_multi_index(local.offsets, c.box.lengths))
             return [(chunk_tensor_key(key, c), tuple(c.box.lengths), first, box.numel)]
         return None
 

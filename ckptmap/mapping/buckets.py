@@ -28,6 +28,8 @@ not with a start-only alignment in fp32 elements.
 
 from __future__ import annotations
 
+import itertools
+import functools
 import math
 
 import attrs
@@ -93,11 +95,15 @@ class BufferLayout:
     def numel_unpadded(self) -> int:
         return sum(b.numel_unpadded for b in self.buckets)
 
+    @functools.cached_property
+    def _unpadded_before(self) -> tuple[int, ...]:
+        """Per bucket, the unpadded elements of the buckets before it (planning asks for every slot)."""
+        return tuple(itertools.accumulate((b.numel_unpadded for b in self.buckets[:-1]), initial=0))
+
     def coalesced_offset(self, slot: ParamSlot) -> int:
         """Where ``slot`` starts in a coalesced state tensor (Megatron >= 0.7: every bucket's unpadded
         part, concatenated)."""
-        before = sum(b.numel_unpadded for b in self.buckets[:slot.bucket])
-        return before + slot.start - self.buckets[slot.bucket].start
+        return self._unpadded_before[slot.bucket] + slot.start - self.buckets[slot.bucket].start
 
 
 class UnfaithfulLayout(CkptmapError):

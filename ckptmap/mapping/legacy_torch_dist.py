@@ -54,8 +54,7 @@ from ckptmap.formats import torch_zip_writer as tzw
 from ckptmap.formats.megatron_write import has_tensor
 from ckptmap.mapping.megatron_source import MegatronSource, SourceOptions
 from ckptmap.mapping.reshard import SourceModel, byte_copy_pieces, target_tensor
-from ckptmap.mapping.rules import EXPERT
-from ckptmap.mapping.torch_dist_rules import version_key
+from ckptmap.mapping.rules import EXPERT, version_key
 from ckptmap.mapping.sharding import Box
 from ckptmap.mapping.torch_dist_legacy import DEFAULT_RULES, STATES
 
@@ -305,7 +304,7 @@ def _target_version(st, given: str | None) -> str:
     """The megatron-core version whose form of sharding type ``st`` to write: ``given``
     (--target-megatron-version), else the first the rules declare for the type -- refused when the type's
     versions save it in two forms (both sides of content_metadata) and none was given."""
-    lo, hi = st.versions or ("0.8", "0.8")
+    lo, hi = st.versions
     since = M.CONTENT_METADATA_SINCE
     if given is None:
         if version_key(lo) < version_key(since) <= version_key(hi):
@@ -433,11 +432,10 @@ def write_legacy_to_dist(plan: LegacyToDistPlan, *, fsync: bool = False, progres
         if last.get("task") is not task:   # a SwiGLU shard's two chunks come from the same TP shard
             last.update(task=task, runs=_byte_runs(task, sources), array=None)
         runs = last["runs"]
-        if runs is not None and task.dtype == dtype_of[key] and td.is_run(Box(tuple(local), tuple(lengths)),
-                                                                           task.shape):
+        first = Box(local, lengths).run_start(task.shape) if runs is not None and task.dtype == dtype_of[key] else None
+        if first is not None:
             # the chunk is consecutive elements of the shard, which are runs of source bytes (a whole shard, a
             # SwiGLU half, parameters' ranges of a DP-sharded bucket): copied as bytes, never held in memory
-            first = int(np.ravel_multi_index(tuple(local), task.shape)) if task.shape else 0
             return _sub_ranges(runs, first, math.prod(lengths), dtypes.itemsize(task.dtype))
         if last["array"] is None:
             last["array"] = sources.array(task)

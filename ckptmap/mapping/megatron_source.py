@@ -485,13 +485,9 @@ def state_slice(optim, keys: dict, g: int, bl, slot, state: str) -> SourceSlice:
     if hit is None or hit[0] is not buf:
         hit = keys[cache_key] = (buf, buf.key(state, slot.bucket))
     key = hit[1]
-    if coalesced:   # bl.coalesced_offset(slot), with the sum over the buckets before worked out once per layout
-        before = keys.get(("before", id(bl), slot.bucket))
-        if before is None or before[0] is not bl:
-            before = keys[("before", id(bl), slot.bucket)] = (bl, bl.coalesced_offset(slot) - slot.start
-                                                               + bl.buckets[slot.bucket].start)
-        return SourceSlice(file, key, "float32", (buf.numel_unpadded,), start=before[1] + slot.start
-                           - bl.buckets[slot.bucket].start, numel=slot.end - slot.start)
+    if coalesced:
+        return SourceSlice(file, key, "float32", (buf.numel_unpadded,), start=bl.coalesced_offset(slot),
+                           numel=slot.end - slot.start)
     bucket = bl.buckets[slot.bucket]
     return SourceSlice(file, key, "float32", (bucket.numel,), start=slot.start - bucket.start,
                        numel=slot.end - slot.start)

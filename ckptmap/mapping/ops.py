@@ -129,13 +129,23 @@ def bf16_to_f32(bits: np.ndarray) -> np.ndarray:
     return out.view(np.float32)
 
 
-def f32_to_bf16(values: np.ndarray) -> np.ndarray:
-    """Round-to-nearest-even float32 -> bfloat16 bit patterns, as c10::BFloat16."""
-    u = np.asarray(values, dtype=np.float32, order="C").view(np.uint32)
-    out = ((u + (((u >> 16) & 1) + np.uint32(0x7FFF))) >> 16).astype(np.uint16)
-    nan = np.isnan(values)
-    if nan.any():
-        out[nan] = 0x7FC0
+def f32_to_bf16(values: np.ndarray, out: np.ndarray | None = None, scratch: np.ndarray | None = None) -> np.ndarray:
+    """Round-to-nearest-even float32 -> bfloat16 bit patterns, as c10::BFloat16: (u + ((u >> 16) & 1) +
+    0x7FFF) >> 16 in wrapping uint32, NaN -> 0x7FC0. ``out`` (uint16) and ``scratch`` (uint32), of the
+    values' shape, are filled in place when given: a streamed cast reuses them chunk after chunk."""
+    f = np.asarray(values, dtype=np.float32, order="C")
+    u = f.view(np.uint32)
+    t = np.right_shift(u, 16, out=scratch)
+    np.bitwise_and(t, 1, out=t)
+    np.add(t, 0x7FFF, out=t)
+    np.add(t, u, out=t)
+    np.right_shift(t, 16, out=t)
+    if out is None:
+        out = t.astype(np.uint16)
+    else:
+        np.copyto(out, t, casting="unsafe")
+    if f.size and np.isnan(f.max()):   # max propagates a NaN: one pass and no mask on NaN-free data
+        out[np.isnan(f)] = 0x7FC0
     return out
 
 

@@ -39,7 +39,7 @@ from ckptmap.mapping.megatron_source import (AUTO_RULES, MegatronSource, SourceO
                                              planning, state_slice)
 from ckptmap.mapping.plan import FileTask, Plan, Read, SourceSlice, StoragePiece, StorageTask, TensorTask
 from ckptmap.mapping.rules import EXPERT, LAYER, RuleSet
-from ckptmap.mapping.sharding import Sharding, padded_vocab_size, transfer
+from ckptmap.mapping.sharding import Box, Sharding, padded_vocab_size, transfer
 
 STATES = megatron_files.OPTIM_STATES
 
@@ -301,24 +301,10 @@ def target_tensor(gp: GlobalParam, state: str, tgt_global: tuple, tgt_tp: int, t
                       replicas=replicas)
 
 
-def run_start(offsets, lengths, shape) -> int | None:
-    """The flat C-order index where box ``offsets``/``lengths`` of an array of ``shape`` starts when its
-    elements are consecutive there (length 1 on the leading axes, any range on one, whole after it), else None."""
-    k = 0
-    while k < len(shape) and lengths[k] == 1:
-        k += 1
-    if any(lengths[j] != shape[j] for j in range(k + 1, len(shape))):
-        return None
-    flat = 0
-    for o, n in zip(offsets, shape):
-        flat = flat * n + o
-    return flat
-
-
 def source_runs(r: Read) -> list[SourceSlice] | None:
     """A read of a legacy source whose box is consecutive elements of its source range: that run, as one
     SourceSlice (the executor finds its bytes with the reader's ``byte_range``), else None."""
-    first = run_start(r.offsets, r.lengths, r.view)
+    first = Box(r.offsets, r.lengths).run_start(r.view)
     if first is None:
         return None
     s = r.source
@@ -338,7 +324,7 @@ def byte_copy_pieces(task: TensorTask, runs_of=source_runs) -> list[tuple[int, T
         return [(0, task)]
     shape, pieces = tuple(task.shape), []
     for r in task.reads:
-        start = None if r.dst_lengths is not None else run_start(r.dst_offsets, r.lengths, shape)
+        start = None if r.dst_lengths is not None else Box(r.dst_offsets, r.lengths).run_start(shape)
         runs = None if start is None else runs_of(r)
         if runs is None or any(sl.dtype != task.dtype for sl in runs):
             return [(0, task)]

@@ -320,8 +320,17 @@ class BucketPad:
     when: tuple[Condition, ...] = ()       # all must hold; the first pad whose conditions hold applies
 
 
-def _version_key(text: str) -> tuple[int, ...]:
+def version_key(text: str) -> tuple[int, ...]:
     return tuple(int(p) for p in text.split("."))
+
+
+def version_in_range(version: str, versions: tuple[str, str] | None) -> bool:
+    """Whether ``version`` ("0.12.1", "0.8") falls in ``versions`` (None: any), to the precision the range gives."""
+    if versions is None:
+        return True
+    lo, hi = (version_key(v) for v in versions)
+    v = version_key(version)
+    return lo <= v[:len(lo)] and v[:len(hi)] <= hi
 
 
 @attrs.frozen
@@ -362,11 +371,7 @@ class BucketLayout:
 
     def covers(self, version: str) -> bool:
         """Whether ``version`` ("0.12.1", "0.8") falls in the block's range (to the precision given)."""
-        if self.versions is None:
-            return True
-        lo, hi = self.versions
-        v = _version_key(version)
-        return _version_key(lo) <= v[:len(_version_key(lo))] and v[:len(_version_key(hi))] <= _version_key(hi)
+        return version_in_range(version, self.versions)
 
     @property
     def label(self) -> str:
@@ -404,8 +409,8 @@ class ParamGroupPolicy:
         """Whether some version of the range ``versions`` (None: any) is one of this block's."""
         if versions is None or self.versions is None:
             return True
-        lo, hi = (_version_key(v) for v in self.versions)
-        a, b = (_version_key(v) for v in versions)
+        lo, hi = (version_key(v) for v in self.versions)
+        a, b = (version_key(v) for v in versions)
         n = max(len(lo), len(hi), len(a), len(b))
         pad = (lambda v, fill: v + (fill,) * (n - len(v)))
         return pad(a, 0) <= pad(hi, 1 << 30) and pad(lo, 0) <= pad(b, 1 << 30)
@@ -610,7 +615,7 @@ def _validate(rules: RuleSet) -> None:
                 raise CkptmapError(f"{b.loc}: a second `buckets {b.name}` block for the same versions as {o.loc}; "
                                    f"give each block its own version range (`buckets {b.name} for 0.8 - 0.16`)")
         others.append(b)
-        if b.versions and _version_key(b.versions[0]) > _version_key(b.versions[1]):
+        if b.versions and version_key(b.versions[0]) > version_key(b.versions[1]):
             raise CkptmapError(f"{b.loc}: version range {b.versions[0]} - {b.versions[1]} is empty")
         if b.expert_params not in ("with_dense", "separate"):
             raise CkptmapError(f"{b.loc}: expert_params: {b.expert_params} is unknown; use separate or with_dense")
@@ -699,7 +704,7 @@ def _validate_stack(rule: ParamRule) -> None:
 
 
 def _ranges_overlap(a, b) -> bool:
-    return not (_version_key(a[1]) < _version_key(b[0]) or _version_key(b[1]) < _version_key(a[0]))
+    return not (version_key(a[1]) < version_key(b[0]) or version_key(b[1]) < version_key(a[0]))
 
 
 def load_rules(path: str | Path) -> RuleSet:

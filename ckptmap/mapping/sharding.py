@@ -41,6 +41,19 @@ class Box:
     def shifted(self, delta) -> "Box":
         return Box(tuple(o + d for o, d in zip(self.offsets, delta)), self.lengths)
 
+    def run_start(self, shape) -> int | None:
+        """The flat C-order index where the box starts in an array of ``shape`` when its elements are
+        consecutive there (length 1 on the leading axes, any range on one, whole after it), else None."""
+        k = 0
+        while k < len(shape) and self.lengths[k] == 1:
+            k += 1
+        if any(self.lengths[j] != shape[j] for j in range(k + 1, len(shape))):
+            return None
+        flat = 0
+        for o, n in zip(self.offsets, shape):
+            flat = flat * n + o
+        return flat
+
 
 def whole(shape) -> Box:
     return Box((0,) * len(shape), tuple(shape))

@@ -52,7 +52,7 @@ from ckptmap.mapping.megatron_source import planning
 from ckptmap.mapping.plan import FileTask, Plan, Read, SourceSlice, StoragePiece, StorageTask, TensorTask
 from ckptmap.mapping.reshard import (IndexNames, _build_target_buffer, _chunk_keys, _ddp_name, _state_storage,
                                      byte_copy_pieces, resolve_sharding)
-from ckptmap.mapping.rules import EXPERT, LAYER, resolve_rules
+from ckptmap.mapping.rules import EXPERT, LAYER, resolve_rules, version_key
 from ckptmap.mapping.sharding import Box, Fragment, Sharding, padded_vocab_size, transfer, whole
 
 STATES = ("param", "exp_avg", "exp_avg_sq")
@@ -298,8 +298,7 @@ class DistModel:
         self.params: dict[str, DistParam] = {}
         unmatched = []
         for t in md.tensors("weight"):
-            for item, where, box in M.unstack(md.layout, t):
-                name = md.layout.legacy_item_name(item, self.impl)
+            for name, where, box in M.unstack(md.layout, t, self.impl):
                 hits = [(i, r, b) for i, r in enumerate(rules.params) if (b := r.megatron.match(name)) is not None]
                 if not hits:
                     unmatched.append(name)
@@ -339,8 +338,7 @@ class DistModel:
             if not name.endswith("._extra_state"):
                 continue
             offsets = tuple(int(x) for x in shard.split("_")[0].split(".") if x != "")
-            lay = self.md.layout
-            out[lay.legacy_item_name(M.unstack_object(lay, o.name if o.name else name, offsets), self.impl)] = key
+            out[M.unstack_object(self.md.layout, o.name if o.name else name, offsets, self.impl)] = key
         return out
 
     def output_copy(self) -> DistParam | None:
@@ -449,9 +447,10 @@ def _blocks(model: DistModel, version: str | None) -> list:
         return [block]
     # which megatron-core saved it: 0.15+ writes content_metadata, 0.8 - 0.14 does not; every version
     # from there on is a candidate (they must agree on the target's layout, else the version is asked for)
-    since = (0, 15) if isinstance(model.md.common.get("content_metadata"), dict) else (0, 8)
+    since = version_key(M.CONTENT_METADATA_SINCE if isinstance(model.md.common.get("content_metadata"), dict)
+                        else "0.8")
     return [b for b in model.rules.bucket_layouts("megatron") if b.storage == "coalesced" and
-            (b.versions is None or _version(b.versions[1]) >= since)]
+            (b.versions is None or version_key(b.versions[1]) >= since)]
 
 
 def _merges_experts(model: DistModel, tgt: ParallelLayout, blocks: list) -> bool:
@@ -463,10 +462,6 @@ def _merges_experts(model: DistModel, tgt: ParallelLayout, blocks: list) -> bool
                            f"({' / '.join(b.label for b in blocks)}) differ in whether experts get an optimizer of "
                            f"their own; pass --target-megatron-version. Nothing was written.")
     return separate == {False}
-
-
-def _version(text: str) -> tuple[int, ...]:
-    return tuple(int(x) for x in str(text).split(".") if x.isdigit())
 
 
 def _param_group_order(common_opt, names_shapes, policies=()) -> tuple[list | None, str | None]:
@@ -914,7 +909,7 @@ def plan_dp_reshardable(md: M.MegatronDist, dst, rules_name: str = DEFAULT_RULES
     target_type = md.layout.sharding("dp_reshardable")
     s, args, meta = model.layout, model.args, md.reader.meta
     blocks = [b for b in rules.bucket_layouts("megatron") if b.storage == "coalesced" and
-              (b.versions is None or _version(b.versions[1]) >= _version(target_type.versions[0]))]
+              (b.versions is None or version_key(b.versions[1]) >= version_key(target_type.versions[0]))]
     if not blocks:
         raise CkptmapError(f"rules {rules.path} have no `buckets megatron` block for megatron-core 0.15+, whose "
                            f"dp_reshardable layout this needs")

@@ -19,6 +19,7 @@ import re
 import attrs
 
 from ckptmap.errors import CkptmapError
+from ckptmap.mapping.rules import version_in_range, version_key
 
 # placeholder -> what it matches: "int" (a decimal number), "text" (one or more characters)
 PLACEHOLDERS = {
@@ -131,7 +132,6 @@ class KeyTemplate:
         return f'"{self.text}"'
 
 
-@functools.lru_cache(maxsize=None)
 def _regex(t: KeyTemplate) -> re.Pattern:
     parts = []
     for p in t.pieces:
@@ -179,7 +179,7 @@ class ShardingSpec:
     loc: object = None
 
     def covers(self, version: str) -> bool:
-        return _in_range(version, self.versions)
+        return version_in_range(version, self.versions)
 
     @property
     def param_groups_in_common(self) -> bool:
@@ -213,7 +213,7 @@ class RankObject:
     loc: object = None
 
     def over_dp(self, version: str) -> bool:
-        return self.over_dp_versions is not None and _in_range(version, self.over_dp_versions)
+        return self.over_dp_versions is not None and version_in_range(version, self.over_dp_versions)
 
 
 @attrs.frozen
@@ -277,36 +277,21 @@ class TorchDistLayout:
                                f"sharded key names of {', '.join(impls)}; add a `layer_names {impl} {{ … }}` block")
         return impls[impl]
 
-    def legacy_item_name(self, item: str, transformer_impl: str | None) -> str:
-        """The legacy state-dict name (global layer numbers) of one unstacked item of a sharded key."""
-        renames = self.renames(transformer_impl)
-        m = re.fullmatch(r"(?P<head>(?:.*\.)?layers\.\d+\.)(?P<rest>.*)", item)
-        if not m:
-            return item
-        for legacy, sharded in renames:
-            if m["rest"].startswith(sharded):
-                return m["head"] + legacy + m["rest"][len(sharded):]
-        return item
-
     def sharded_item(self, name: str, transformer_impl: str | None) -> tuple[str, tuple[int, ...]]:
         """(sharded key, stacked index) of a legacy state-dict name with global layer / expert numbers."""
         renames = self.renames(transformer_impl)
         for s in self.stacked:
             b = s.item.match(name)
-            if b is None:
-                continue
-            rest = b["rest"]
-            for legacy, sharded in renames:
-                if rest.startswith(legacy):
-                    rest = sharded + rest[len(legacy):]
-                    break
-            return s.sharded.format(rest=rest), tuple(b[a] for a in s.axes)
+            if b is not None:
+                return s.sharded.format(rest=_renamed(b["rest"], renames)), tuple(b[a] for a in s.axes)
         return name, ()
 
-    def item_name(self, name: str, index: dict) -> str:
-        """The name of one item (``index``: axis -> number) of stacked key ``name`` (before renames)."""
+    def item_name(self, name: str, index: dict, transformer_impl: str | None) -> str:
+        """The legacy state-dict name of one item (``index``: axis -> global number) of stacked key ``name``:
+        the inverse of :meth:`sharded_item`."""
         s = self.stacked_key(name)
-        return s.item.format(rest=name[len(s.prefix):], **index)
+        flipped = tuple((sharded, legacy) for legacy, sharded in self.renames(transformer_impl))
+        return s.item.format(rest=_renamed(name[len(s.prefix):], flipped), **index)
 
     # --- per-rank objects ---
     def rank_objects_over_dp(self, version: str) -> set[str]:
@@ -317,17 +302,12 @@ class TorchDistLayout:
         return tuple(k for w, k in self.dist_only if w == where)
 
 
-def version_key(text: str) -> tuple[int, ...]:
-    return tuple(int(p) for p in text.split("."))
-
-
-def _in_range(version: str, versions: tuple[str, str] | None) -> bool:
-    """Whether ``version`` ("0.12.1") falls in ``versions`` (("0.8", "0.14")), to the precision the range gives."""
-    if versions is None:
-        return True
-    lo, hi = (version_key(v) for v in versions)
-    v = version_key(version)
-    return lo <= v[:len(lo)] and v[:len(hi)] <= hi
+def _renamed(rest: str, renames) -> str:
+    """``rest`` with the first matching ``(from, to)`` name part at its start replaced."""
+    for old, new in renames:
+        if rest.startswith(old):
+            return new + rest[len(old):]
+    return rest
 
 
 def _common_prefix(texts: list[str]) -> str:
