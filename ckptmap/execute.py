@@ -402,6 +402,7 @@ def write_file(task: FileTask, root: Path, progress=None, fsync: bool = False) -
 
 
 def _write_file(task: FileTask, root: Path, progress, fsync: bool) -> None:
+    task = task.bound()   # its tensors may read their rank's files through inputs shared with other ranks
     final = root / task.path
     final.parent.mkdir(parents=True, exist_ok=True)
     if task.format == "torch_stream":

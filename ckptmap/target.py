@@ -30,6 +30,7 @@ import attrs
 from ckptmap import atomic
 from ckptmap.coordinate import RUN_DIR   # multi-machine coordination; rank 0 owns it
 from ckptmap.errors import CkptmapError
+from ckptmap.mapping.plan import INPUT_PREFIX
 
 OWN_LEFTOVERS = (RUN_DIR, ".ckptmap-done")
 LISTED = 8
@@ -60,27 +61,23 @@ class Target:
 
 
 def _plan_sources(plan) -> set[str]:
-    found = set()
-
-    def add(path):
-        if path:
-            found.add(os.path.realpath(path))
-
+    files = set()
+    seen_tensors: set = set()   # ranks of one structure share their tensors tuple (FileTask.inputs)
     for f in plan.files:
-        for t in f.tensors:
-            for s in t.sources:
-                add(s.file)
+        if id(f.tensors) not in seen_tensors:
+            seen_tensors.add(id(f.tensors))
+            files.update(s.file for t in f.tensors for s in t.sources)
+        files.update(f.inputs.values())
         for st in f.storages:
             for p in st.pieces:
                 if p.tensor is not None:
-                    for s in p.tensor.sources:
-                        add(s.file)
+                    files.update(s.file for s in p.tensor.sources)
                 if p.padding is not None:
-                    add(p.padding.file)
+                    files.add(p.padding.file)
         if not f.source_is_output:
-            add(f.source)
-        add(f.aux_source)
-    return found
+            files.add(f.source)
+        files.add(f.aux_source)
+    return {os.path.realpath(x) for x in files if x and not x.startswith(INPUT_PREFIX)}
 
 
 def _count_files(path: Path) -> int:

@@ -176,6 +176,63 @@ def test_planning_unpickles_each_distinct_pickle_once_and_plans_the_same(moe_che
     assert shared.to_json() == alone.to_json()
 
 
+def test_ranks_of_one_structure_share_one_tensor_list(moe_checkpoint, tmp_path, monkeypatch):
+    """Issue 16: the plan holds one tensor list per distinct rank structure, not one per rank. The two
+    TP ranks of each (stage, expert rank) read equal pickles with equal bucket layouts, so their
+    rank_N/network.ckpt tasks share one tuple and name their files through FileTask.inputs; bound, each
+    reads its own folder (the dense state from the expert-rank-0 folder of its TP rank and stage), and
+    equals what planning without shared object trees makes (where nothing is shared). The plan JSON
+    keeps the inputs; a slice naming an input the file does not have is refused, naming both."""
+    import contextlib
+    import json
+    import os
+
+    from ckptmap.errors import CkptmapError
+    from ckptmap.formats import torch_zip_reader as tzr
+    from ckptmap.mapping.plan import Plan
+
+    import hashlib
+    import zipfile
+
+    def pickle_digest(path):
+        with zipfile.ZipFile(path) as zf:
+            return hashlib.sha256(zf.read(next(n for n in zf.namelist() if n.endswith("/data.pkl")))).hexdigest()
+
+    tp_size, dp_size = 2, 2
+    # the structures, found independently: ranks of one stage and expert rank whose files' pickles are equal
+    # (the builder's first-stage pickles differ between TP ranks; its other stages' do not)
+    structures = {(d.name[-7:], pickle_digest(d / "model_optim_rng.pt"), pickle_digest(d / "distrib_optim.pt"))
+                  for d in moe_checkpoint.glob("iter_*/mp_rank_*")}
+    plan = compile_pt2ms(Pt2MsOptions(str(moe_checkpoint), str(tmp_path / "out")))
+    ckpts = [f for f in plan.files if f.format == "ckpt"]
+    assert len(ckpts) == 16
+    assert len({id(f.tensors) for f in ckpts}) == len(structures) < 16, len(structures)
+    for f in ckpts:
+        g = int(f.path.split("/")[0].split("_")[1])
+        # MindSpeed's rank g, order tp-cp-ep-dp-pp: expert rank ep is data-parallel rank ep
+        tp, ep, pp = g % tp_size, g // tp_size % dp_size, g // (tp_size * dp_size)
+        folder = lambda e: f"mp_rank_{tp:02d}_{pp:03d}_{e:03d}"   # noqa: E731
+        assert {k: os.path.basename(os.path.dirname(v)) for k, v in f.inputs.items()} == \
+            {"@model": folder(ep), "@optim": folder(ep), "@dense": folder(0)}, f.path
+        files = {s.file for t in f.bound().tensors for s in t.sources + ((t.rounds_to,) if t.rounds_to else ())}
+        assert files and all(os.path.basename(os.path.dirname(x)) in (folder(ep), folder(0)) for x in files)
+        assert any(folder(ep) in x and x.endswith("distrib_optim.pt") for x in files) or ep == 0
+
+    monkeypatch.setattr(tzr, "shared_trees", contextlib.nullcontext)
+    alone = compile_pt2ms(Pt2MsOptions(str(moe_checkpoint), str(tmp_path / "out")))
+    assert len({id(f.tensors) for f in alone.files if f.format == "ckpt"}) == 16
+    assert [f.bound() for f in plan.files] == [f.bound() for f in alone.files]
+
+    again = Plan.from_json(plan.to_json())
+    assert [f.bound() for f in again.files] == [f.bound() for f in plan.files]
+    raw = json.loads(plan.to_json())
+    damaged = next(f for f in raw["files"] if f["format"] == "ckpt")
+    del damaged["inputs"]["@dense"]
+    with pytest.raises(CkptmapError) as err:
+        [f.bound() for f in Plan.from_json(json.dumps(raw)).files]
+    assert "@dense" in str(err.value) and damaged["path"] in str(err.value)
+
+
 def test_shared_trees_never_hide_a_damaged_file(moe_checkpoint, tmp_path):
     """A file whose pickle equals another's but whose storage record is cut short is read on its own
     (the record sizes are part of what must be equal) and refused, naming it."""

@@ -109,6 +109,9 @@ def cmd_plan(ns) -> int:
     if composed is not None:
         return composed(ns)
     plan = _compile(ns)
+    from ckptmap.cli.run import keep_out_of_collections
+
+    keep_out_of_collections()
     if ns.output:
         out = Path(ns.output)
         with atomic.atomic_output(out) as tmp, open(tmp, "w") as f:

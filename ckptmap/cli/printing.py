@@ -19,8 +19,11 @@ def human_bytes(n: int) -> str:
     return str(n)
 
 
-def _tensor_row(t, common, prefix=""):
+def _tensor_row(t, common, prefix="", f=None):
+    """``f``: the FileTask of ``t`` (its slices may name the file's inputs)."""
     first = _first_file(t)
+    if first and f is not None:
+        first = f.source_path(first)
     src_file = os.path.relpath(first, common) if first else "-"
     return (prefix + t.name, t.note or t.source_label, src_file, "x".join(map(str, t.shape)) or "scalar", t.dtype,
             ", ".join(map(str, t.ops)) or "-", str(t.nbytes))
@@ -130,33 +133,35 @@ def print_summary(plan, common: str, out, tally: _Tally | None = None) -> None:
     tensors: dict = {}
     how_total: dict = {}
     n_tensors = 0
+    of_tuple: dict = {}   # id(tensors tuple) -> (the tuple, its tally): ranks of one structure share one
     for f in plan.files:
         key = (tally.pattern(f.path), f.format)
         entry = files.get(key)
         if entry is None:
             entry = files[key] = [0, 0, f]
         entry[0] += 1
-        file_bytes = sum(s.nbytes for s in f.storages) if f.storages else 0
-        for t, storage, piece in _all_tensors(f) if f.storages else ((t, None, None) for t in f.tensors):
-            if t is None:
-                how, name, nbytes = "padding", f"[{storage}] padding", piece.padding.shape[0]
-            else:
-                how, name, nbytes = tally.how(t), t.name, tally.nbytes(t)
-                n_tensors += 1
-                if storage is None:
-                    file_bytes += nbytes
-            k = (tally.pattern(name), how)
+        if f.storages:
+            rows = _tally_rows(_all_tensors(f), tally)
+            entry[1] += sum(s.nbytes for s in f.storages)
+        else:
+            hit = of_tuple.get(id(f.tensors))
+            if hit is None or hit[0] is not f.tensors:
+                hit = of_tuple[id(f.tensors)] = (f.tensors, _tally_rows(((t, None, None) for t in f.tensors), tally))
+            rows = hit[1]
+            entry[1] += sum(row[1] for row in rows.values())
+        for k, (count, nbytes, t, storage, piece) in rows.items():
             e = tensors.get(k)
             if e is None:
                 e = tensors[k] = [0, 0, f, t, storage, piece]
-            e[0] += 1
+            e[0] += count
             e[1] += nbytes
-            h = how_total.get(how)
+            h = how_total.get(k[1])
             if h is None:
-                h = how_total[how] = [0, 0]
-            h[0] += 1
+                h = how_total[k[1]] = [0, 0]
+            h[0] += count
             h[1] += nbytes
-        entry[1] += file_bytes
+            if t is not None:
+                n_tensors += count
     tally.n_tensors = n_tensors
     tally.nbytes_total = sum(e[1] for e in files.values())
     print(f"\nfiles by pattern ({len(plan.files)} files):", file=out)
@@ -174,7 +179,7 @@ def print_summary(plan, common: str, out, tally: _Tally | None = None) -> None:
                              os.path.relpath(piece.padding.file, common), "-", "bytes", "-",
                              str(piece.padding.shape[0])))
         else:
-            examples.append(_tensor_row(t, common, f"[{storage}@{piece.offset}] " if storage else ""))
+            examples.append(_tensor_row(t, common, f"[{storage}@{piece.offset}] " if storage else "", f))
     _print_table(rows, out)
     print("\none example per tensor pattern (file: the example's output file):", file=out)
     rows = [("tensor", "from", "file", "shape", "dtype", "ops", "bytes")] + examples
@@ -182,6 +187,23 @@ def print_summary(plan, common: str, out, tally: _Tally | None = None) -> None:
     print("\nhow the bytes are made: " + "; ".join(
         f"{how} {count} tensors, {human_bytes(nbytes)}" for how, (count, nbytes) in sorted(how_total.items()))
         + "\n(--full lists every file and tensor)", file=out)
+
+
+def _tally_rows(items, tally: _Tally) -> dict:
+    """{(name pattern, how): [count, bytes, first tensor, its storage, its piece]} of a file's (tensor,
+    storage, piece) items (_all_tensors), in their order; a padding piece has no tensor."""
+    out: dict = {}
+    for t, storage, piece in items:
+        if t is None:
+            k, nbytes = (tally.pattern(f"[{storage}] padding"), "padding"), piece.padding.shape[0]
+        else:
+            k, nbytes = (tally.pattern(t.name), tally.how(t)), tally.nbytes(t)
+        e = out.get(k)
+        if e is None:
+            e = out[k] = [0, 0, t, storage, piece]
+        e[0] += 1
+        e[1] += nbytes
+    return out
 
 
 def _print_table(rows, out) -> None:
@@ -192,18 +214,25 @@ def _print_table(rows, out) -> None:
 
 def _source_root(plan) -> str:
     """The common path of every tensor's first source file (the plan's output root if none)."""
+    from ckptmap.mapping.plan import INPUT_PREFIX   # not at import: --help stays without attrs
+
     files = set()
+    seen_tensors: set = set()   # ranks of one structure share their tensors tuple
     for f in plan.files:
-        for t in f.tensors:
-            if t.sources:
-                files.add(t.sources[0].file)
-            elif t.reads:
-                files.add(t.reads[0].source.file)
+        if f.inputs:
+            files.update(f.inputs.values())
+        if id(f.tensors) not in seen_tensors:
+            seen_tensors.add(id(f.tensors))
+            for t in f.tensors:
+                if t.sources:
+                    files.add(t.sources[0].file)
+                elif t.reads:
+                    files.add(t.reads[0].source.file)
         for s in f.storages:
             for p in s.pieces:
                 if p.tensor and (x := _first_file(p.tensor)):
                     files.add(x)
-    files.discard("")
+    files = {x for x in files if x and not x.startswith(INPUT_PREFIX)}
     if len(files) > 1 and all(x[0] == "/" and x[1:2] != "/" and "\0" not in x and x == os.path.normpath(x)
                               for x in files):
         # commonpath compares the split paths' min and max only: found without splitting every path (a
@@ -242,7 +271,7 @@ def print_plan(plan, out=None, detail: bool = True, summary: bool = False) -> No
             print(f"\n{f.path}  ({f.format}, {len(f.tensors)} tensors, {human_bytes(f.nbytes)})", file=out)
             n_tensors += len(f.tensors)
             if detail:
-                _print_rows([_tensor_row(t, common) for t in f.tensors], out)
+                _print_rows([_tensor_row(t, common, f=f) for t in f.tensors], out)
         elif f.format == "torch_stream":
             pieces = [p for s in f.storages for p in s.pieces]
             n_tensors += sum(1 for p in pieces if p.tensor)

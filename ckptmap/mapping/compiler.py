@@ -18,7 +18,7 @@ from ckptmap.mapping.plan import FileTask, Plan, SourceSlice, TensorTask
 from ckptmap.mapping.rules import STACK_COUNT
 from ckptmap.mapping.megatron_source import (AUTO_RULES, FLOAT_DTYPES, MegatronSource, SourceOptions,
                                              _flat_part, _numbered, _read_map, ddp_name, global_bindings, planning,
-                                             spot_check_main_params, state_slice)
+                                             SpotChecks, state_slice)
 
 
 @attrs.frozen
@@ -85,9 +85,12 @@ def compile_pt2ms(opt: Pt2MsOptions) -> Plan:
     used_maps: set[tuple[int, int, int]] = set()
     derived_maps: list[FileTask] = []
     scalar_tasks: dict = {}
+    shared: dict = {}   # what ranks of one structure share (_shared_optimizer_tasks, _joined, the spot check)
+    spot_checks = SpotChecks(shared)
     for rank in src.sorted_ranks:
         (tp, pp, ep), matched, model_file = rank.key, rank.matched, rank.model
         seen: dict[str, str] = {}
+        inputs: dict = {}
         if opt.convert_param_only:
             tasks = [t for u in stack_units(matched, layout, env, model_file.path)
                      for t in _weight_task(u, layout, pp, model_file.path, opt.dtype, env, seen, ep)]
@@ -99,16 +102,18 @@ def compile_pt2ms(opt: Pt2MsOptions) -> Plan:
             experts = {id(x[2]) for x in rank.expert_layouts}
             for v, b, g, bl in _numbered(rank.own_layouts):   # one file per DP rank, as the training run writes
                 if bl.origin == "derived":
-                    text = param_map.param_map_text(bl.slots)
+                    text = _map_text(bl, shared)
                     # an expert buffer's DP group is the expert-data-parallel group
                     derived_maps.extend(
                         FileTask(mindspeed.pt_meta_path(param_map.param_map_file_name(b, d, tp, pp, v, ep_name(ep))),
                                  "text", text=text)
                         for d in range(layout.expert_dp if id(bl) in experts else layout.dp))
-            tasks = _optimizer_tasks(rank, src, opt, seen)
-            spot_check_main_params(tasks, (rank.model, rank.optim, rank.dense[0] if rank.dense else None))
+            inputs, read = _rank_inputs(rank)
+            tasks = _shared_optimizer_tasks(rank, src, opt, shared)
+            spot_checks.add(tasks, read)
             scalar_rows = None
         scalars = _rank_scalars(model_file, scalar_rows, step, opt.layout, scalar_tasks)
+        tensors = _joined(tasks, scalars, shared)
         primary = None
         targets = (layout.mp_rank_ranks(tp, pp, all_dp_cp=opt.generate_all_dp_cp, ep=ep) if opt.layout == "v1"
                    else [None])
@@ -117,12 +122,13 @@ def compile_pt2ms(opt: Pt2MsOptions) -> Plan:
                    else mindspeed.v2_path(iteration, tp, pp, layout.pp, opt.format, ep_name(ep)))
             if primary is None:
                 primary = rel
-                out_files.append(FileTask(rel, opt.format, tuple(tasks) + tuple(scalars), metadata,
-                                          crc=opt.crc and opt.format == "ckpt"))
+                out_files.append(FileTask(rel, opt.format, tensors, metadata, crc=opt.crc and opt.format == "ckpt",
+                                          inputs=inputs))
             else:
                 out_files.append(FileTask(rel, "copy", source=primary, source_is_output=True))
         out_files.append(_pt_meta_task(model_file, tp, pp, layout, src.maps_of, matched, memo, rank.map_entries,
                                        rank.own_layouts, rank.optim, ep_name(ep), config))
+    spot_checks.finish()
     for pm in src.param_maps:  # the way back reads pt_meta: keep only the maps this conversion relied on
         if opt.convert_param_only or (pm.tp, pm.pp, pm.vpp) in used_maps:
             out_files.append(FileTask(mindspeed.pt_meta_path(pm.path.name), "copy", source=str(pm.path)))
@@ -342,16 +348,82 @@ def _weight_parts_of(m, layout, pp, path, dtype_option, env, seen, ep, label) ->
     return out
 
 
-def _optimizer_tasks(rank, src, opt, seen) -> list[TensorTask]:
+MODEL_INPUT, OPTIM_INPUT, DENSE_INPUT = "@model", "@optim", "@dense"
+
+
+def _rank_inputs(rank) -> tuple[dict, dict]:
+    """The rank's files as its tasks name them: {input: path} for the FileTask, {input: PtFile} for the
+    spot check. ``@dense``: the distrib_optim.pt holding the dense parameters' state (under expert
+    parallelism the expert-rank-0 folder's; else the rank's own, like ``@optim``)."""
+    read = {MODEL_INPUT: rank.model, OPTIM_INPUT: rank.optim}
+    if rank.dense:
+        read[DENSE_INPUT] = rank.dense[0]
+    return {k: str(f.path) for k, f in read.items()}, read
+
+
+def _map_text(bl, shared: dict) -> str:
+    """The param_map text of a derived bucket layout: once per BufferLayout (TP ranks share one)."""
+    hit = shared.get(("map text", id(bl)))
+    if hit is None or hit[0] is not bl:
+        hit = shared[("map text", id(bl))] = (bl, param_map.param_map_text(bl.slots))
+    return hit[1]
+
+
+def _joined(tasks, scalars, shared: dict) -> tuple:
+    """``tasks + scalars`` as one tuple, the same tuple object for ranks that share both (so a plan of
+    thousands of ranks holds each distinct tensor list once, and the printer tallies it once)."""
+    key = ("joined", id(tasks), id(scalars))
+    hit = shared.get(key)
+    if hit is not None and hit[0] is tasks and hit[1] is scalars:
+        return hit[2]
+    joined = tuple(tasks) + tuple(scalars)
+    shared[key] = (tasks, scalars, joined)   # kept: their ids stay theirs
+    return joined
+
+
+def _shared_optimizer_tasks(rank, src, opt, shared: dict) -> tuple[TensorTask, ...]:
+    """_optimizer_tasks of the rank, naming its files by input (``@model`` …), so that ranks of one
+    structure get one tuple: a TP group's ranks read equal pickles (one object tree, one match list:
+    torch_zip_reader.shared_trees) with equal bucket layouts (one fitted BufferLayout) and differ only in
+    their files. The key is everything the tasks are made of besides the files — the matched tensors,
+    each (chunk, buffer, BufferLayout, OptimBuffer) the states are read through, the stage and the
+    expert rank (global names) — by identity, with the objects kept so that an id is never reused; then
+    with the BufferLayouts by value."""
+    dense_optim, dense_layouts = rank.dense if rank.dense else (None, [])
+    used = [(DENSE_INPUT, dense_optim, v, g, bl) for v, g, bl in dense_layouts] + \
+           [(OPTIM_INPUT, rank.optim, v, g, bl) for v, g, bl in rank.expert_layouts]
+    objects = (rank.matched,) + tuple(x for _, optim, _, g, bl in used for x in (bl, optim.buffers[g]))
+    key = ("optimizer tasks", rank.pp, rank.ep, dense_optim is rank.optim,
+           tuple((name, v, g) for name, _, v, g, _ in used), tuple(map(id, objects)))
+    hit = shared.get(key)
+    if hit is not None and all(a is b for a, b in zip(hit[0], objects)):
+        return hit[1]
+    # equal layouts fitted apart (another object, the same slots and buckets) make the same tasks: looked
+    # up by value only when the identities miss, so the hash of a layout is paid by few ranks
+    same = (rank.matched,) + tuple(optim.buffers[g] for _, optim, _, g, _ in used)
+    by_value = ("by value",) + key[1:5] + (tuple(map(id, same)), tuple(bl for *_, bl in used))
+    hit = shared.get(by_value)
+    if hit is not None and all(a is b for a, b in zip(hit[0], same)):
+        tasks = hit[1]
+    else:
+        tasks = tuple(_optimizer_tasks(rank, src, opt, {}, {id(rank.optim): OPTIM_INPUT,
+                                                            id(dense_optim): DENSE_INPUT}))
+        shared[by_value] = (same, tasks)
+    shared[key] = (objects, tasks)
+    return tasks
+
+
+def _optimizer_tasks(rank, src, opt, seen, inputs: dict) -> list[TensorTask]:
     """The MindSpore tensors of the rank's optimizer states: each a range of its buffer's state tensor
-    (fp32), shaped and named like the parameter; the ``param`` state checked to round to the weight."""
+    (fp32), shaped and named like the parameter; the ``param`` state checked to round to the weight.
+    ``inputs``: {id(OptimFile): input name} — the slices name the rank's files by input (FileTask.inputs)."""
     layout, env, memo = src.layout, src.env, src.memo
     slots = src.state_slots(rank)
     keys = memo.state_keys   # (buffer, state, bucket) -> flat key in distrib_optim.pt; equal on every rank
     tasks = []
     patterns = {state: src.rules.state_pattern(state) for state in opt.dist_opt_content}
     state_names = memo.state_names   # TP ranks repeat the names
-    model_path, folders = str(rank.model.path), {}
+    folders = {}
     for unit in stack_units(rank.matched, layout, env, rank.model.path):
         members = unit.members if isinstance(unit, _Stack) else (unit,)
         found_slots = []
@@ -377,7 +449,7 @@ def _optimizer_tasks(rank, src, opt, seen) -> list[TensorTask]:
                          f"{slot.end - bucket.start}]")
         note = notes[0] if len(notes) == 1 else f"{notes[0]} + {len(notes) - 1} more expert(s), stacked"
         m, optim = members[0], found_slots[0][0]
-        weight = SourceSlice(model_path, m.tensor.key, m.tensor.dtype, m.tensor.shape)
+        weight = SourceSlice(MODEL_INPUT, m.tensor.key, m.tensor.dtype, m.tensor.shape)
         folder = folders.get(optim)
         if folder is None:
             folder = folders[optim] = optim.path.parent
@@ -389,10 +461,11 @@ def _optimizer_tasks(rank, src, opt, seen) -> list[TensorTask]:
                     op, shape, dtype = tensor_ops.resolve("cast", (opt.dtype,), shape, dtype, env, str(m.rule.loc))
                     concrete.append(op)
                 if isinstance(unit, _Stack):   # each expert's state from its own buffer range, in expert order
-                    sources = tuple(state_slice(o, keys, g, bl, slot, state) for o, g, bl, slot in found_slots)
+                    sources = tuple(state_slice(o, keys, g, bl, slot, state, inputs[id(o)])
+                                    for o, g, bl, slot in found_slots)
                 else:
                     _, g, bl, slot = found_slots[0]
-                    sources = _ranged(state_slice(optim, keys, g, bl, slot, state), out.ranges)
+                    sources = _ranged(state_slice(optim, keys, g, bl, slot, state, inputs[id(optim)]), out.ranges)
                 rounds_to = None
                 if state == "param" and opt.main_param_check and m.tensor.dtype != "float32":
                     # checked against the first source slice: the weight's elements at the same range

@@ -22,7 +22,7 @@ from ckptmap.formats import dialect_translate, megatron_files, megatron_folders,
 from ckptmap.mapping import buckets
 from ckptmap.mapping import ops as tensor_ops
 from ckptmap.mapping.layout import ParallelLayout
-from ckptmap.mapping.plan import SourceSlice
+from ckptmap.mapping.plan import INPUT_PREFIX, FileTask, SourceSlice
 from ckptmap.mapping.rules import EXPERT, LAYER, ParamRule, RuleSet, bundled_rules, load_rules, resolve_rules
 
 
@@ -124,25 +124,28 @@ def _arg(args, name, default=None):
 
 
 @contextlib.contextmanager
-def _few_full_collections():
+def _no_collections():
     """Planning allocates a few hundred thousand small records per thousand ranks and frees almost
-    none of them, so each full (generation 2) collection of the cyclic GC rescans the whole growing
-    plan: 15 - 30% of the CPU time of a 4,096-rank plan. Full collections are made rare while planning
-    (the thresholds are restored after); the young generations still collect, so the short-lived
-    cycles that reading each rank's files leaves behind do not pile up."""
-    before = gc.get_threshold()
-    gc.set_threshold(before[0], before[1], max(before[2], 1000))
+    none of them, so every collection of the cyclic GC rescans the growing plan: even with full
+    collections made rare, the young-generation passes over the survivors and the one full pass cost
+    1.8 of the 14.5 CPU s of a 16,384-rank dry run. Planning leaves (almost) no cycles behind — the
+    records are plain attrs data and the files it reads are closed — so the cyclic GC is off while
+    planning (reference counting still frees everything else) and on again after; the peak RSS of
+    the 16,384-rank dry run is the same with and without it (bench/RESULTS.md)."""
+    was_enabled = gc.isenabled()
+    gc.disable()
     try:
         yield
     finally:
-        gc.set_threshold(*before)
+        if was_enabled:
+            gc.enable()
 
 
 def planning(compile_fn):
-    """Decorator for a plan compiler: see _few_full_collections."""
+    """Decorator for a plan compiler: see _no_collections."""
     @functools.wraps(compile_fn)
     def wrapper(*args, **kwargs):
-        with _few_full_collections():
+        with _no_collections():
             return compile_fn(*args, **kwargs)
     return wrapper
 
@@ -443,18 +446,22 @@ def _coalesced_from_param_map(entries, buf, blocks, params, args, layout, pp, v,
 SPOT_CHECK = 64
 
 
-def spot_check_main_params(tasks, read_files=()) -> None:
+def spot_check_main_params(tasks, files: dict, cache: dict | None = None) -> None:
     """Before anything is written: the first and last elements of every fp32 main param must round
     to its model weight (the executor then checks every element). Cheap — a few hundred bytes per
     parameter — and catches a layout that puts one parameter's state under another's name.
-    ``read_files``: the rank's files planning already read (PtFile), so they are not parsed again."""
-    if _spot_check_in_one_pass(tasks, read_files):
+    ``files``: {a slice's file — a path or an ``@input`` name: the PtFile planning read}, so the files
+    are not parsed again; ``cache``: one compile's (ranks of one structure share where to read)."""
+    if _spot_check_in_one_pass(tasks, files, cache):
         return
     from ckptmap.execute import _Sources   # the executor's reading of plan slices, on a few elements
 
-    sources = _Sources({str(f.path): f for f in read_files if f is not None})
+    readable = {name: f for name, f in files.items() if f is not None}
+    named = FileTask("spot check", "ckpt", tasks, inputs={n: str(f.path) for n, f in readable.items()
+                                                          if n.startswith(INPUT_PREFIX)})
+    sources = _Sources({str(f.path): f for f in readable.values()})
     try:
-        for t in tasks:
+        for t in named.bound().tensors:   # errors name the files, not the inputs
             if t.rounds_to is None:
                 continue
             src, weight = t.sources[0], t.rounds_to
@@ -472,12 +479,13 @@ def _flat_part(s: SourceSlice, lo: int, k: int) -> SourceSlice:
     return attrs.evolve(s, start=s.start + lo, numel=k)
 
 
-def state_slice(optim, keys: dict, g: int, bl, slot, state: str) -> SourceSlice:
+def state_slice(optim, keys: dict, g: int, bl, slot, state: str, file: str | None = None) -> SourceSlice:
     """Where a parameter's fp32 ``state`` lies in distrib_optim.pt: its range of its bucket's tensor
-    (per-bucket files) or of the buffer's coalesced tensor. ``keys`` caches the flat keys."""
+    (per-bucket files) or of the buffer's coalesced tensor. ``keys`` caches the flat keys. ``file``:
+    how the slice names the file (default: its path; an ``@input`` name in plans shared by ranks)."""
     buf = optim.buffers[g]
     coalesced = buf.storage == megatron_files.COALESCED
-    file = str(optim.path)
+    file = str(optim.path) if file is None else file
     # the key depends on the buffer record alone (shared by files of one structure); the buffer is kept
     # in the cache, so its id stays its own
     cache_key = (id(buf), state, None if coalesced else slot.bucket)
@@ -767,65 +775,140 @@ class MegatronSource:
 _SPAN_READ = 1 << 22   # bytes: a file's spot-checked elements within this span are read with one pread
 
 
-def _spot_check_in_one_pass(tasks, read_files) -> bool:
-    """The spot check of a rank's tasks in one cast and compare (the per-task check costs ~150 us a
-    task; a 4,096-rank plan has 41,000): every element range read with ``pread`` at the byte ranges
-    planning kept. True when all of them round to their weights; False when a range was not kept or
-    anything differs -- the caller then checks task by task, which names the task, file and tensor."""
-    files = {str(f.path): f for f in read_files if f is not None}
-    pieces: dict[str, list] = {}   # file -> [(byte offset, nbytes)]
+def _spot_check_ranges(tasks, files: dict, cache: dict | None):
+    """Where _spot_check_in_one_pass reads: ({file name: [(byte offset, nbytes)]}, [(main piece, weight
+    piece)], weight dtype), or None when a range was not kept. The same for ranks whose tasks are one
+    tuple and whose files have one placement (shared trees), so worked out once per structure."""
+    key = None
+    if cache is not None:
+        placements = tuple((name, f.placement) for name, f in sorted(files.items()) if f is not None)
+        key = ("spot check", id(tasks), tuple((name, tuple(map(id, p))) for name, p in placements))
+        hit = cache.get(key)
+        if hit is not None and hit[0] is tasks and all(a is b for (_, p), (_, q) in zip(hit[1], placements)
+                                                       for a, b in zip(p, q)):
+            return hit[2]
+    pieces: dict[str, list] = {}   # file name -> [(byte offset, nbytes)]
     order = []                     # (main piece, weight piece): indices into pieces[file]
     weight_dtype = None
+    found_all = True
     for t in tasks:
         if t.rounds_to is None:
             continue
         src, weight = t.sources[0], t.rounds_to
         n = src.count
-        if src.dtype != "float32" or weight.count != n or weight.dtype not in ("bfloat16", "float16"):
-            return False
-        if weight_dtype not in (None, weight.dtype):
-            return False
+        if src.dtype != "float32" or weight.count != n or weight.dtype not in ("bfloat16", "float16") \
+                or weight_dtype not in (None, weight.dtype):
+            found_all = False
+            break
         weight_dtype = weight.dtype
         found = []
         for s in (src, weight):
             f = files.get(s.file)
-            where = f.kept_range(s.key) if f is not None else None
-            ref = f.entry(s.key) if where is not None else None
-            if ref is None:
-                return False
+            kept = f.kept_range(s.key) if f is not None else None
+            ref = f.entry(s.key) if kept is not None else None
             size = 4 if s.dtype == "float32" else 2
-            if ref.shape != tuple(s.shape) or ref.dtype != s.dtype or (s.start + n) * size > where[1]:
-                return False
-            found.append((s.file, where[0] + s.start * size, size))
+            if ref is None or ref.shape != tuple(s.shape) or ref.dtype != s.dtype or (s.start + n) * size > kept[1]:
+                found_all = False
+                break
+            found.append((s.file, kept[0] + s.start * size, size))
+        if not found_all:
+            break
         for lo in sorted({0, max(0, n - SPOT_CHECK)}):
             k = min(SPOT_CHECK, n - lo)
             pair = []
-            for path, base, size in found:
-                lst = pieces.setdefault(path, [])
+            for name, base, size in found:
+                lst = pieces.setdefault(name, [])
                 lst.append((base + lo * size, k * size))
-                pair.append((path, len(lst) - 1))
+                pair.append((name, len(lst) - 1))
             order.append(pair)
+    result = None
+    if found_all:
+        reads = {}   # file name -> (first byte, nbytes) of one pread of all its pieces, or None: one pread each
+        for name, lst in pieces.items():
+            lo, hi = min(o for o, _ in lst), max(o + n for o, n in lst)
+            reads[name] = (lo, hi - lo) if hi - lo <= _SPAN_READ else None
+        result = (pieces, reads, order, weight_dtype)
+    if key is not None:
+        cache[key] = (tasks, placements, result)   # kept: their ids stay theirs
+    return result
+
+
+def _spot_check_in_one_pass(tasks, files: dict, cache: dict | None = None) -> bool:
+    """The spot check of a rank's tasks in one cast and compare (the per-task check costs ~150 us a
+    task; a 4,096-rank plan has 41,000): every element range read with ``pread`` at the byte ranges
+    planning kept. True when all of them round to their weights; False when a range was not kept or
+    anything differs -- the caller then checks task by task, which names the task, file and tensor."""
+    read = _spot_check_read(tasks, files, cache)
+    return read is not None and _round_to(*read)
+
+
+def _spot_check_read(tasks, files: dict, cache: dict | None):
+    """(fp32 main bytes, weight bytes, weight dtype) of a rank's spot check, or None when it cannot be
+    read so (a range not kept, a file shorter than planned)."""
+    where = _spot_check_ranges(tasks, files, cache)
+    if where is None:
+        return None
+    pieces, reads, order, weight_dtype = where
     if not order:
-        return True
+        return b"", b"", None
     data: dict = {}
-    for path, lst in pieces.items():
-        fd = os.open(path, os.O_RDONLY)
+    for name, lst in pieces.items():
+        fd = os.open(files[name].path, os.O_RDONLY)
         try:
-            lo = min(o for o, _ in lst)
-            hi = max(o + n for o, n in lst)
-            if hi - lo <= _SPAN_READ:
-                span = os.pread(fd, hi - lo, lo)
-                if len(span) != hi - lo:
-                    return False
-                got = [span[o - lo: o - lo + n] for o, n in lst]
+            span = reads[name]
+            if span is not None:
+                lo, size = span
+                got = os.pread(fd, size, lo)
+                if len(got) != size:
+                    return None
+                got = [got[o - lo: o - lo + n] for o, n in lst]
             else:
                 got = [os.pread(fd, n, o) for o, n in lst]
                 if any(len(b) != n for b, (_, n) in zip(got, lst)):
-                    return False
+                    return None
         finally:
             os.close(fd)
-        data[path] = got
-    mains = np.frombuffer(b"".join(data[p][i] for (p, i), _ in order), dtype=np.float32)
-    weights = np.frombuffer(b"".join(data[p][i] for _, (p, i) in order), dtype=np.uint16)
-    rounded = tensor_ops.cast(mains, "float32", weight_dtype).view(np.uint16)   # bit patterns: NaN == NaN
-    return mains.size == weights.size and bool(np.array_equal(rounded, weights))
+        data[name] = got
+    return (b"".join(data[p][i] for (p, i), _ in order), b"".join(data[p][i] for _, (p, i) in order), weight_dtype)
+
+
+def _round_to(mains: bytes, weights: bytes, weight_dtype) -> bool:
+    """Whether the fp32 values ``mains`` round to the ``weight_dtype`` bit patterns ``weights``."""
+    if not mains:
+        return not weights
+    main = np.frombuffer(mains, dtype=np.float32)
+    weight = np.frombuffer(weights, dtype=np.uint16)
+    rounded = tensor_ops.cast(main, "float32", weight_dtype).view(np.uint16)   # bit patterns: NaN == NaN
+    return main.size == weight.size and bool(np.array_equal(rounded, weight))
+
+
+class SpotChecks:
+    """spot_check_main_params of many ranks, compared in batches: each rank's few hundred bytes are
+    read as it is planned, and one cast and compare covers ``BATCH`` ranks (per rank, numpy's call
+    overhead was most of the check's cost at 16,384 ranks). A batch that differs is checked again rank
+    by rank, which raises for the first bad one with its task, file and tensor; ``finish()`` checks
+    the last batch: call it before the plan is used."""
+
+    BATCH = 512
+
+    def __init__(self, cache: dict):
+        self.cache = cache
+        self.pending: list = []   # (tasks, files, main bytes, weight bytes)
+        self.dtype = None
+
+    def add(self, tasks, files: dict) -> None:
+        read = _spot_check_read(tasks, files, self.cache)
+        if read is None or (read[2] is not None and self.dtype not in (None, read[2])):
+            spot_check_main_params(tasks, files, self.cache)   # checked on its own (raises if it differs)
+            return
+        if read[2] is not None:
+            self.dtype = read[2]
+        self.pending.append((tasks, files) + read[:2])
+        if len(self.pending) >= self.BATCH:
+            self.finish()
+
+    def finish(self) -> None:
+        pending, self.pending = self.pending, []
+        if pending and not _round_to(b"".join(p[2] for p in pending), b"".join(p[3] for p in pending), self.dtype):
+            for tasks, files, _, _ in pending:
+                spot_check_main_params(tasks, files, self.cache)

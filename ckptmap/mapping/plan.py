@@ -16,7 +16,10 @@ import attrs
 from ckptmap import dtypes
 from ckptmap.errors import CkptmapError
 
-PLAN_VERSION = 2
+PLAN_VERSION = 3
+READABLE_VERSIONS = (2, 3)   # 3 added FileTask.inputs; a version 2 plan has none and reads as before
+
+INPUT_PREFIX = "@"   # SourceSlice.file naming one of its FileTask's inputs instead of a path
 
 
 def _tuple(value) -> tuple:
@@ -37,7 +40,8 @@ class Op:
 @attrs.frozen
 class SourceSlice:
     """Elements ``[start, start + numel)`` of the flattened tensor ``key`` in ``file``
-    (``numel`` None = the whole tensor). ``key`` is the file format's own flat key."""
+    (``numel`` None = the whole tensor). ``key`` is the file format's own flat key. ``file`` is a path,
+    or ``@name``: the input ``name`` of the FileTask the slice belongs to (FileTask.inputs)."""
 
     file: str
     key: str
@@ -144,7 +148,13 @@ class FileTask:
     ``source`` plus ``extra``, re-pickled safely), ``torch_stream`` (the skeleton ``extra["skeleton"]``
     of the pt_meta file ``source`` with its placeholders bound to ``storages``, written like
     torch.save), ``copy`` (bytes of ``source``; an output-relative path when ``source_is_output``),
-    ``text`` (``text``)."""
+    ``text`` (``text``).
+
+    ``inputs``: {``@name``: path} for the slices whose file is ``@name``. Ranks of one structure (the
+    TP ranks of a pipeline stage and expert rank: equal pickles, equal bucket layouts) plan the same
+    tensors from other files; naming the files through ``inputs`` lets their FileTasks share one
+    ``tensors`` tuple, so a 16,384-rank plan holds one record per distinct rank, not per rank.
+    ``bound()`` gives the task with paths in place (what the executor writes)."""
 
     path: str
     format: str
@@ -158,10 +168,39 @@ class FileTask:
     text: str | None = None
     crc: bool = False  # .ckpt: append MindSpore's CRC-32 trailer (load_checkpoint(crc_check=True))
     storages: tuple[StorageTask, ...] = attrs.field(converter=_tuple, default=())
+    inputs: dict = attrs.field(factory=dict)
 
     @property
     def nbytes(self) -> int:
         return sum(t.nbytes for t in self.tensors) + sum(s.nbytes for s in self.storages)
+
+    def source_path(self, file: str) -> str:
+        """The path a slice's ``file`` names in this task (an input's, or ``file`` itself)."""
+        if file.startswith(INPUT_PREFIX):
+            path = self.inputs.get(file)
+            if path is None:
+                raise CkptmapError(f"plan file {self.path}: a tensor reads {file}, which is not one of this file's "
+                                   f"inputs ({', '.join(sorted(self.inputs)) or 'none'}); the plan is damaged — "
+                                   f"re-create it with `ckptmap plan`")
+            return path
+        return file
+
+    def bound(self) -> "FileTask":
+        """This task with every ``@name`` slice naming its input's path (itself when it has no inputs)."""
+        if not self.inputs:
+            return self
+        def bind(s: SourceSlice | None):
+            if s is None or not s.file.startswith(INPUT_PREFIX):
+                return s
+            return attrs.evolve(s, file=self.source_path(s.file))
+        def task(t: TensorTask) -> TensorTask:
+            return attrs.evolve(t, sources=tuple(bind(s) for s in t.sources),
+                                replicas=tuple(bind(s) for s in t.replicas), rounds_to=bind(t.rounds_to),
+                                reads=tuple(attrs.evolve(r, source=bind(r.source)) for r in t.reads))
+        return attrs.evolve(self, tensors=tuple(task(t) for t in self.tensors), inputs={}, storages=tuple(
+            attrs.evolve(st, pieces=tuple(attrs.evolve(p, tensor=task(p.tensor) if p.tensor else None,
+                                                       padding=bind(p.padding)) for p in st.pieces))
+            for st in self.storages))
 
 
 def _nested_json(value, depth: int) -> str:
@@ -227,9 +266,9 @@ class Plan:
     def from_json(cls, text: str, origin: str = "plan") -> "Plan":
         try:
             raw = json.loads(text)
-            if raw.get("version") != PLAN_VERSION:
+            if raw.get("version") not in READABLE_VERSIONS:
                 raise CkptmapError(f"{origin}: plan version {raw.get('version')!r}; this ckptmap reads "
-                                   f"version {PLAN_VERSION}; re-create the plan with `ckptmap plan`")
+                                   f"versions {' and '.join(map(str, READABLE_VERSIONS))}; re-create the plan with `ckptmap plan`")
             files = []
             for f in raw["files"]:
                 f = dict(f)
@@ -242,7 +281,7 @@ class Plan:
                     for st in f.get("storages", ()))
                 files.append(FileTask(**f))
             return cls(kind=raw["kind"], output_root=raw["output_root"], files=tuple(files),
-                       info=raw.get("info", {}), version=raw["version"],
+                       info=raw.get("info", {}), version=PLAN_VERSION,
                        output_shared=bool(raw.get("output_shared", False)))
         except (KeyError, TypeError, ValueError) as e:
             raise CkptmapError(f"{origin} is not a valid ckptmap plan ({type(e).__name__}: {e}); "
