@@ -288,12 +288,12 @@ def expected_array(task: TensorTask, sources: _Sources) -> np.ndarray:
 
 
 def _elementwise(task: TensorTask):
-    """(source dtype, target dtype) when the task's value is its one source's elements in file order
-    through at most a cast (reshapes do not move C-order bytes), else None."""
-    if task.reads or len(task.sources) != 1 or task.value is not None:
+    """(source dtype, target dtype) when the task's value is its sources' elements in file order,
+    concatenated, through at most a cast (reshapes do not move C-order bytes), else None."""
+    if task.reads or not task.sources or task.value is not None:
         return None
     src = task.src_dtype or task.sources[0].dtype
-    if src != task.sources[0].dtype:
+    if any(s.dtype != src for s in task.sources):
         return None
     dst = src
     for op in task.ops:
@@ -305,8 +305,8 @@ def _elementwise(task: TensorTask):
 
 
 def byte_copy(task: TensorTask) -> bool:
-    """The task's bytes are a run of its source's bytes: the executor copies them kernel-side
-    (when the source's format stores them contiguously)."""
+    """The task's bytes are runs of its sources' bytes: the executor copies them kernel-side
+    (when the sources' format stores them contiguously)."""
     kinds = _elementwise(task)
     return kinds is not None and kinds[0] == kinds[1]
 
@@ -348,18 +348,24 @@ def _f32_to_bf16_chunks(rng: FileRange):
 
 def streamed(task: TensorTask, sources: "_Sources"):
     """("range", FileRange) when the task's bytes are a contiguous run of its source file,
-    ("chunks", iterator) when they are such a run cast element by element, else None (the task
-    needs its whole array: expected_array). The task's checks run first."""
+    ("ranges", (FileRange, ...)) when they are several such runs in order (a parameter merged from
+    DP shards, ZeRO-3 dim-0 slices), ("chunks", iterator) when they are such runs cast element by
+    element, else None (the task needs its whole array: expected_array). The task's checks run first."""
     kinds = _elementwise(task)
     if kinds is None:
         return None
-    rng = sources.byte_range(task.sources[0])
-    if rng is None:
-        return None
+    runs = []
+    for s in task.sources:
+        rng = sources.byte_range(s)
+        if rng is None:
+            return None
+        runs.append(rng)
     _checks(task, sources)
-    if kinds[0] == kinds[1]:
-        return "range", rng
-    return "chunks", _cast_chunks(rng, *kinds)
+    if kinds[0] != kinds[1]:
+        return "chunks", (chunk for rng in runs for chunk in _cast_chunks(rng, *kinds))
+    if len(runs) == 1:
+        return "range", runs[0]
+    return "ranges", tuple(r for r in runs if r.nbytes)
 
 
 def _storage_bytes(storages, sources: "_Sources", progress):
@@ -379,8 +385,10 @@ def _storage_bytes(storages, sources: "_Sources", progress):
                 if how is None:
                     value = expected_array(t, sources)
                     yield np.ascontiguousarray(value).reshape(-1).view(np.uint8)
-                elif how[0] == "range":   # copied by the kernel; the CRC read through a map of the source
+                elif how[0] == "range":   # copied by the kernel (or through a small buffer for the CRC)
                     yield how[1]
+                elif how[0] == "ranges":
+                    yield from how[1]
                 else:
                     yield from how[1]
                 if progress:
@@ -434,7 +442,7 @@ def _write_file(task: FileTask, root: Path, progress, fsync: bool) -> None:
                         how = streamed(t, sources) if hasattr(writer, "write_range") else None
                         if how is None:
                             writer.write(t.name, expected_array(t, sources), t.dtype)
-                        elif how[0] == "range":
+                        elif how[0] in ("range", "ranges"):
                             writer.write_range(t.name, t.dtype, t.shape, how[1])
                         else:
                             writer.write_chunks(t.name, t.dtype, t.shape, how[1])
