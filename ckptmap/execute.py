@@ -295,6 +295,11 @@ def _elementwise(task: TensorTask):
     src = task.src_dtype or task.sources[0].dtype
     if any(s.dtype != src for s in task.sources):
         return None
+    return _cast_only(task, src)
+
+
+def _cast_only(task: TensorTask, src: str):
+    """(src, target dtype) when the task's ops are reshapes and casts from ``src`` only, else None."""
     dst = src
     for op in task.ops:
         if op.kind == "cast" and op.args[0] == dst:
@@ -313,7 +318,7 @@ def byte_copy(task: TensorTask) -> bool:
 
 def _checks(task: TensorTask, sources: "_Sources") -> None:
     if task.replicas:
-        sources._check_replicas(task, sources.slice(task.sources[0]))
+        sources._check_replicas(task, sources.slice(task.reads[0].source if task.reads else task.sources[0]))
     if task.rounds_to is not None:
         sources._check_rounding(task, None)
 
@@ -351,6 +356,8 @@ def streamed(task: TensorTask, sources: "_Sources"):
     ("ranges", (FileRange, ...)) when they are several such runs in order (a parameter merged from
     DP shards, ZeRO-3 dim-0 slices), ("chunks", iterator) when they are such runs cast element by
     element, else None (the task needs its whole array: expected_array). The task's checks run first."""
+    if task.reads:
+        return _slabs(task, sources)
     kinds = _elementwise(task)
     if kinds is None:
         return None
@@ -366,6 +373,56 @@ def streamed(task: TensorTask, sources: "_Sources"):
     if len(runs) == 1:
         return "range", runs[0]
     return "ranges", tuple(r for r in runs if r.nbytes)
+
+
+def _slabs(task: TensorTask, sources: "_Sources"):
+    """("chunks", iterator) of a task assembled from reads (a TP merge along dim 1, …) whose ops are at
+    most a cast: its ``src_shape`` assembled a slab of leading rows at a time (about byte_io.CHUNK bytes)
+    into one reused buffer, as ``_Sources._assemble`` assembles the whole — or None when its sources are
+    not plain views of mapped files (torch_dist reads whole chunks per box: per slab it would re-read them)."""
+    shape = tuple(task.src_shape)
+    kinds = _cast_only(task, task.src_dtype or task.dtype)
+    if kinds is None or not shape or task.value is not None:
+        return None
+    views = []
+    for r in task.reads:
+        reader = sources.reader(r.source.file)
+        if hasattr(reader, "read_range_box") or hasattr(reader, "read_range"):
+            return None
+        views.append(sources.slice(r.source).reshape(r.view))
+    _checks(task, sources)
+    chunks = _slab_chunks(task, views)
+    if kinds[0] != kinds[1]:
+        chunks = (np.ascontiguousarray(tensor_ops.cast(c.view(dtypes.storage(kinds[0])), *kinds)).view(np.uint8)
+                  for c in chunks)
+    return "chunks", chunks
+
+
+def _slab_chunks(task: TensorTask, views):
+    """The bytes of ``task``'s assembly from ``views`` (its reads' sources, viewed), slab by slab: views
+    of one reused buffer, each valid until the next is asked for. Places no read covers are zeros."""
+    shape = tuple(task.src_shape)
+    dtype = np.dtype(dtypes.storage(task.src_dtype or task.dtype))
+    rows = max(1, byte_io.CHUNK // max(1, math.prod(shape[1:]) * dtype.itemsize))
+    buf = np.empty((min(rows, shape[0]),) + shape[1:], dtype=dtype)
+    for a in range(0, shape[0], rows):
+        b = min(a + rows, shape[0])
+        slab, boxes = buf[:b - a], []
+        for r, src in zip(task.reads, views):
+            lengths = r.dst_lengths or r.lengths
+            lo, hi = max(a, r.dst_offsets[0]), min(b, r.dst_offsets[0] + lengths[0])
+            if lo >= hi:
+                continue
+            # a read repeating its one row (dst_lengths > lengths) keeps that row; else the rows under the slab
+            first, n = (r.offsets[0], 1) if r.lengths[0] != lengths[0] else (r.offsets[0] + lo - r.dst_offsets[0], hi - lo)
+            box = src[(slice(first, first + n),) + tuple(slice(o, o + k) for o, k in zip(r.offsets[1:], r.lengths[1:]))]
+            place = (slice(lo - a, hi - a),) + tuple(slice(o, o + k) for o, k in zip(r.dst_offsets[1:], lengths[1:]))
+            boxes.append((place, box))
+        if sum(math.prod(slab[p].shape) for p, _ in boxes) != slab.size:
+            slab[...] = 0   # some places are not read (reads never overlap: covering all is summing to all)
+        for place, box in boxes:
+            slab[place] = box
+        yield slab.reshape(-1).view(np.uint8)
 
 
 def _storage_bytes(storages, sources: "_Sources", progress):
