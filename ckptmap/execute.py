@@ -355,7 +355,8 @@ def streamed(task: TensorTask, sources: "_Sources"):
     """("range", FileRange) when the task's bytes are a contiguous run of its source file,
     ("ranges", (FileRange, ...)) when they are several such runs in order (a parameter merged from
     DP shards, ZeRO-3 dim-0 slices), ("chunks", iterator) when they are such runs cast element by
-    element, else None (the task needs its whole array: expected_array). The task's checks run first."""
+    element or a task assembled from reads (``_slabs``), else None (the task needs its whole array:
+    expected_array). The task's checks run first."""
     if task.reads:
         return _slabs(task, sources)
     kinds = _elementwise(task)
@@ -444,9 +445,7 @@ def _storage_bytes(storages, sources: "_Sources", progress):
                     yield np.ascontiguousarray(value).reshape(-1).view(np.uint8)
                 elif how[0] == "range":   # copied by the kernel (or through a small buffer for the CRC)
                     yield how[1]
-                elif how[0] == "ranges":
-                    yield from how[1]
-                else:
+                else:                     # runs of files ("ranges"), likewise; or chunks
                     yield from how[1]
                 if progress:
                     progress(t.nbytes)
