@@ -415,7 +415,10 @@ def _slab_chunks(task: TensorTask, views):
             if lo >= hi:
                 continue
             # a read repeating its one row (dst_lengths > lengths) keeps that row; else the rows under the slab
-            first, n = (r.offsets[0], 1) if r.lengths[0] != lengths[0] else (r.offsets[0] + lo - r.dst_offsets[0], hi - lo)
+            if r.lengths[0] != lengths[0]:
+                first, n = r.offsets[0], 1
+            else:
+                first, n = r.offsets[0] + lo - r.dst_offsets[0], hi - lo
             box = src[(slice(first, first + n),) + tuple(slice(o, o + k) for o, k in zip(r.offsets[1:], r.lengths[1:]))]
             place = (slice(lo - a, hi - a),) + tuple(slice(o, o + k) for o, k in zip(r.dst_offsets[1:], lengths[1:]))
             boxes.append((place, box))
