@@ -288,13 +288,18 @@ def expected_array(task: TensorTask, sources: _Sources) -> np.ndarray:
 
 
 def _elementwise(task: TensorTask):
-    """(source dtype, target dtype) when the task's value is its one source's elements in file order
-    through at most a cast (reshapes do not move C-order bytes), else None."""
-    if task.reads or len(task.sources) != 1 or task.value is not None:
+    """(source dtype, target dtype) when the task's value is its sources' elements in file order,
+    concatenated, through at most a cast (reshapes do not move C-order bytes), else None."""
+    if task.reads or not task.sources or task.value is not None:
         return None
     src = task.src_dtype or task.sources[0].dtype
-    if src != task.sources[0].dtype:
+    if any(s.dtype != src for s in task.sources):
         return None
+    return _cast_only(task, src)
+
+
+def _cast_only(task: TensorTask, src: str):
+    """(src, target dtype) when the task's ops are reshapes and casts from ``src`` only, else None."""
     dst = src
     for op in task.ops:
         if op.kind == "cast" and op.args[0] == dst:
@@ -305,15 +310,15 @@ def _elementwise(task: TensorTask):
 
 
 def byte_copy(task: TensorTask) -> bool:
-    """The task's bytes are a run of its source's bytes: the executor copies them kernel-side
-    (when the source's format stores them contiguously)."""
+    """The task's bytes are runs of its sources' bytes: the executor copies them kernel-side
+    (when the sources' format stores them contiguously)."""
     kinds = _elementwise(task)
     return kinds is not None and kinds[0] == kinds[1]
 
 
 def _checks(task: TensorTask, sources: "_Sources") -> None:
     if task.replicas:
-        sources._check_replicas(task, sources.slice(task.sources[0]))
+        sources._check_replicas(task, sources.slice(task.reads[0].source if task.reads else task.sources[0]))
     if task.rounds_to is not None:
         sources._check_rounding(task, None)
 
@@ -348,18 +353,80 @@ def _f32_to_bf16_chunks(rng: FileRange):
 
 def streamed(task: TensorTask, sources: "_Sources"):
     """("range", FileRange) when the task's bytes are a contiguous run of its source file,
-    ("chunks", iterator) when they are such a run cast element by element, else None (the task
-    needs its whole array: expected_array). The task's checks run first."""
+    ("ranges", (FileRange, ...)) when they are several such runs in order (a parameter merged from
+    DP shards, ZeRO-3 dim-0 slices), ("chunks", iterator) when they are such runs cast element by
+    element or a task assembled from reads (``_slabs``), else None (the task needs its whole array:
+    expected_array). The task's checks run first."""
+    if task.reads:
+        return _slabs(task, sources)
     kinds = _elementwise(task)
     if kinds is None:
         return None
-    rng = sources.byte_range(task.sources[0])
-    if rng is None:
-        return None
+    runs = []
+    for s in task.sources:
+        rng = sources.byte_range(s)
+        if rng is None:
+            return None
+        runs.append(rng)
     _checks(task, sources)
-    if kinds[0] == kinds[1]:
-        return "range", rng
-    return "chunks", _cast_chunks(rng, *kinds)
+    if kinds[0] != kinds[1]:
+        return "chunks", (chunk for rng in runs for chunk in _cast_chunks(rng, *kinds))
+    if len(runs) == 1:
+        return "range", runs[0]
+    return "ranges", tuple(r for r in runs if r.nbytes)
+
+
+def _slabs(task: TensorTask, sources: "_Sources"):
+    """("chunks", iterator) of a task assembled from reads (a TP merge along dim 1, …) whose ops are at
+    most a cast: its ``src_shape`` assembled a slab of leading rows at a time (about byte_io.CHUNK bytes)
+    into one reused buffer, as ``_Sources._assemble`` assembles the whole — or None when its sources are
+    not plain views of mapped files (torch_dist reads whole chunks per box: per slab it would re-read them)."""
+    shape = tuple(task.src_shape)
+    kinds = _cast_only(task, task.src_dtype or task.dtype)
+    if kinds is None or not shape or task.value is not None:
+        return None
+    views = []
+    for r in task.reads:
+        reader = sources.reader(r.source.file)
+        if hasattr(reader, "read_range_box") or hasattr(reader, "read_range"):
+            return None
+        views.append(sources.slice(r.source).reshape(r.view))
+    _checks(task, sources)
+    chunks = _slab_chunks(task, views)
+    if kinds[0] != kinds[1]:
+        chunks = (np.ascontiguousarray(tensor_ops.cast(c.view(dtypes.storage(kinds[0])), *kinds)).view(np.uint8)
+                  for c in chunks)
+    return "chunks", chunks
+
+
+def _slab_chunks(task: TensorTask, views):
+    """The bytes of ``task``'s assembly from ``views`` (its reads' sources, viewed), slab by slab: views
+    of one reused buffer, each valid until the next is asked for. Places no read covers are zeros."""
+    shape = tuple(task.src_shape)
+    dtype = np.dtype(dtypes.storage(task.src_dtype or task.dtype))
+    rows = max(1, byte_io.CHUNK // max(1, math.prod(shape[1:]) * dtype.itemsize))
+    buf = np.empty((min(rows, shape[0]),) + shape[1:], dtype=dtype)
+    for a in range(0, shape[0], rows):
+        b = min(a + rows, shape[0])
+        slab, boxes = buf[:b - a], []
+        for r, src in zip(task.reads, views):
+            lengths = r.dst_lengths or r.lengths
+            lo, hi = max(a, r.dst_offsets[0]), min(b, r.dst_offsets[0] + lengths[0])
+            if lo >= hi:
+                continue
+            # a read repeating its one row (dst_lengths > lengths) keeps that row; else the rows under the slab
+            if r.lengths[0] != lengths[0]:
+                first, n = r.offsets[0], 1
+            else:
+                first, n = r.offsets[0] + lo - r.dst_offsets[0], hi - lo
+            box = src[(slice(first, first + n),) + tuple(slice(o, o + k) for o, k in zip(r.offsets[1:], r.lengths[1:]))]
+            place = (slice(lo - a, hi - a),) + tuple(slice(o, o + k) for o, k in zip(r.dst_offsets[1:], lengths[1:]))
+            boxes.append((place, box))
+        if sum(math.prod(slab[p].shape) for p, _ in boxes) != slab.size:
+            slab[...] = 0   # some places are not read (reads never overlap: covering all is summing to all)
+        for place, box in boxes:
+            slab[place] = box
+        yield slab.reshape(-1).view(np.uint8)
 
 
 def _storage_bytes(storages, sources: "_Sources", progress):
@@ -379,9 +446,9 @@ def _storage_bytes(storages, sources: "_Sources", progress):
                 if how is None:
                     value = expected_array(t, sources)
                     yield np.ascontiguousarray(value).reshape(-1).view(np.uint8)
-                elif how[0] == "range":   # copied by the kernel; the CRC read through a map of the source
+                elif how[0] == "range":   # copied by the kernel (or through a small buffer for the CRC)
                     yield how[1]
-                else:
+                else:                     # runs of files ("ranges"), likewise; or chunks
                     yield from how[1]
                 if progress:
                     progress(t.nbytes)
@@ -435,7 +502,7 @@ def _write_file(task: FileTask, root: Path, progress, fsync: bool) -> None:
                         how = streamed(t, sources) if hasattr(writer, "write_range") else None
                         if how is None:
                             writer.write(t.name, expected_array(t, sources), t.dtype)
-                        elif how[0] == "range":
+                        elif how[0] in ("range", "ranges"):
                             writer.write_range(t.name, t.dtype, t.shape, how[1])
                         else:
                             writer.write_chunks(t.name, t.dtype, t.shape, how[1])

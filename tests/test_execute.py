@@ -3,6 +3,7 @@
 import json
 import time
 
+import numpy as np
 import pytest
 import torch
 
@@ -280,3 +281,40 @@ def _tensors(obj, path=""):
     elif isinstance(obj, (list, tuple)):
         for i, v in enumerate(obj):
             yield from _tensors(v, f"{path}.{i}")
+
+
+@pytest.mark.parametrize("cast", [False, True])
+def test_tensor_assembled_from_boxes_streams_in_slabs(tmp_path, monkeypatch, cast):
+    """A tensor assembled from boxes of several sources — a dim-1 merge of two shards, the last row
+    repeated into padding rows (``dst_lengths``), one row no read covers (zeros) — is assembled one
+    slab of rows at a time (slabs of one row here: byte_io.CHUNK patched to a row's bytes), never whole,
+    optionally cast on the way; the file the safetensors library reads back equals the tensor numpy
+    builds from the same shards."""
+    from safetensors.numpy import load_file, save_file
+
+    from ckptmap.formats import byte_io
+    from ckptmap.mapping.plan import FileTask, Read, SourceSlice, TensorTask
+    from ckptmap.mapping.ops import resolve
+
+    rng = np.random.default_rng(5)
+    a, b = (rng.standard_normal((4, 6)).astype(np.float32) for _ in range(2))
+    src = tmp_path / "shards.safetensors"
+    save_file({"a": a, "b": b}, str(src))
+    sa, sb = (SourceSlice(str(src), k, "float32", (4, 6)) for k in "ab")
+    reads = (Read(sa, (4, 6), (0, 0), (4, 6), (0, 0)), Read(sb, (4, 6), (0, 0), (4, 6), (0, 6)),
+             Read(sa, (4, 6), (3, 0), (1, 6), (4, 0), (2, 6)), Read(sb, (4, 6), (3, 0), (1, 6), (4, 6), (2, 6)))
+    merged = np.hstack([a, b])
+    want = np.vstack([merged, merged[3:4], merged[3:4], np.zeros((1, 12), np.float32)])
+    ops, dtype = (), "float32"
+    if cast:
+        op, _, dtype = resolve("cast", ("float16",), (7, 12), "float32", {}, "test")
+        ops, want = (op,), want.astype(np.float16)
+    task = TensorTask("t", dtype, (7, 12), (), "float32", (7, 12), ops, reads=reads)
+    monkeypatch.setattr(byte_io, "CHUNK", 12 * 4)
+    monkeypatch.setattr(execute._Sources, "_assemble", lambda self, t: pytest.fail("assembled whole"))
+    slabs, real = [], execute._slab_chunks
+    monkeypatch.setattr(execute, "_slab_chunks", lambda t, views: (slabs.append(c.nbytes) or c for c in real(t, views)))
+    execute.write_file(FileTask("out.safetensors", "safetensors", (task,)), tmp_path)
+    got = load_file(str(tmp_path / "out.safetensors"))["t"]
+    assert slabs == [48] * 7
+    assert got.dtype == want.dtype and np.array_equal(got, want)

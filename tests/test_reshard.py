@@ -181,3 +181,35 @@ def test_runs_of_source_tensors_are_copied_as_byte_runs(source, tmp_path, byte_r
     assert sum(byte_runs) == copied
     (got,) = run_jobs(VERSION, [("load", dataclasses.replace(SOURCE, pp=1, vpp=None), [(out, "legacy", None)])])
     same_values(truth, got[0] if isinstance(got, list) else got)
+
+
+def test_assembled_shards_stream_in_slabs(source, tmp_path, monkeypatch):
+    """A target shard assembled from boxes of several sources (TP merges and splits along dim 1, vocabulary
+    padding rows) is assembled a slab of rows at a time into one reused buffer, never whole: with slabs of
+    one row (byte_io.CHUNK patched to 64 bytes), every such shard spans many slabs, and the real library loads
+    the results of TP 2 -> 1 and TP 2 -> 4 to the live values."""
+    from ckptmap import execute
+    from ckptmap.formats import byte_io
+
+    src, truth = source
+    monkeypatch.setattr(byte_io, "CHUNK", 64)
+    spans, real = [], execute._slab_chunks
+
+    def counted(task, views):
+        n = 0
+        for chunk in real(task, views):
+            n += 1
+            yield chunk
+        spans.append((n, any(r.dst_lengths for r in task.reads)))
+    monkeypatch.setattr(execute, "_slab_chunks", counted)
+    monkeypatch.setattr(execute._Sources, "_assemble", lambda self, task: pytest.fail(f"{task.name} assembled whole"))
+    jobs = []
+    for name, target in (("tp1", dict(tp=1, pp=1)), ("tp4", dict(tp=4, pp=1))):
+        out = tmp_path / name
+        flags = [x for k, v in target.items() for x in (f"--target-{k}-size", str(v))]
+        assert main(["reshard", "--megatron-path", str(src), "--output-path", str(out), "--no-progress",
+                     "--multiprocess-off", *flags]) == 0
+        jobs.append(("load", dataclasses.replace(SOURCE, tp=target["tp"], pp=1, vpp=None), [(out, "legacy", None)]))
+    assert spans and min(n for n, _ in spans) > 1, spans[:5]
+    for got in run_jobs(VERSION, jobs):
+        same_values(truth, got[0] if isinstance(got, list) else got)

@@ -142,6 +142,41 @@ def read_chunks(src: FileRange, chunk: int = CHUNK):
         os.close(fd)
 
 
+def file_runs(source, nbytes: int, what: str) -> tuple:
+    """``source`` — a FileRange, or a sequence of them whose concatenation is the bytes wanted — as a
+    tuple of FileRanges holding exactly ``nbytes`` bytes (``what``: the file and tensor, for the error)."""
+    runs = (source,) if isinstance(source, FileRange) else tuple(source)
+    found = sum(r.nbytes for r in runs)
+    if found != nbytes:
+        where = ", ".join(dict.fromkeys(r.path for r in runs)) or "no file"
+        raise CkptmapError(f"{what} needs {nbytes} bytes but the source range{'s' if len(runs) != 1 else ''} "
+                           f"of {where} hold{'s' if len(runs) == 1 else ''} {found}")
+    return runs
+
+
+def sliced(chunks, start: int, n: int):
+    """Bytes [start, start + n) of a stream of chunks: bytes-like ones as memoryviews of them,
+    ``FileRange`` ones (bytes of another file) as the FileRanges of the part inside."""
+    pos = 0
+    for chunk in chunks:
+        if isinstance(chunk, FileRange):   # bytes of a file range (copied kernel-side): a sub-range
+            size = chunk.nbytes
+            a, b = max(start - pos, 0), min(start + n - pos, size)
+            if a < b:
+                yield FileRange(chunk.path, chunk.offset + a, b - a)
+            pos += size
+            if pos >= start + n:
+                return
+            continue
+        view = memoryview(chunk).cast("B")
+        a, b = max(start - pos, 0), min(start + n - pos, len(view))
+        if a < b:
+            yield view[a:b]
+        pos += len(view)
+        if pos >= start + n:
+            return
+
+
 # -------------------------------------------------------------------------------------------------
 # CRC-32
 

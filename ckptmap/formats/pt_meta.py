@@ -28,8 +28,7 @@ import numpy as np
 
 from ckptmap import dtypes
 from ckptmap.errors import CkptmapError
-from ckptmap.formats import torch_zip_writer
-from ckptmap.formats.base import FileRange
+from ckptmap.formats import byte_io, torch_zip_writer
 from ckptmap.formats.megatron_files import KEY_SEP, OptimFile, model_chunk_keys
 from ckptmap.formats.torch_zip_reader import HeldTensor, MSAdapterTensor, TensorRef, TorchZipFile
 
@@ -255,28 +254,6 @@ def check_write(meta_path, which: str, target: str | None, rng: str, where: str)
     return target
 
 
-def _sliced(chunks, start: int, n: int):
-    """Bytes [start, start + n) of a stream of byte chunks."""
-    pos = 0
-    for chunk in chunks:
-        if isinstance(chunk, FileRange):   # bytes of a file range (copied kernel-side): a sub-range
-            size = chunk.nbytes
-            a, b = max(start - pos, 0), min(start + n - pos, size)
-            if a < b:
-                yield FileRange(chunk.path, chunk.offset + a, b - a)
-            pos += size
-            if pos >= start + n:
-                return
-            continue
-        view = memoryview(chunk).cast("B")
-        a, b = max(start - pos, 0), min(start + n - pos, len(view))
-        if a < b:
-            yield view[a:b]
-        pos += len(view)
-        if pos >= start + n:
-            return
-
-
 def write_from_skeleton(meta_path, which: str, sets, path, fill, *, fsync: bool = False, dialect: str | None = None,
                         rng: str = "refuse", where: str | None = None) -> None:
     """Write Megatron's ``model_optim_rng.pt`` / ``distrib_optim.pt`` (``which``) at ``path`` from the
@@ -308,7 +285,7 @@ def write_from_skeleton(meta_path, which: str, sets, path, fill, *, fsync: bool 
 
         def translated(key):   # the translated tensor's elements: a contiguous range of its source storage
             ref = sources[key]
-            return _sliced(stream(ref.storage), ref.storage_offset * ref.itemsize, ref.nbytes)
+            return byte_io.sliced(stream(ref.storage), ref.storage_offset * ref.itemsize, ref.nbytes)
         torch_zip_writer.save_streaming(obj, path, translated, fsync=fsync, dialect=target)
         return
     torch_zip_writer.save_streaming(obj, path, stream, fsync=fsync, dialect=target)

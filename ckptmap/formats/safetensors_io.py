@@ -149,14 +149,16 @@ class SafetensorsWriter:
         return math.prod(expected[2]) * dtypes.itemsize(dtype)
 
     def write_range(self, name: str, dtype: str, shape, source) -> None:
-        """Tensor ``name`` whose content is the bytes ``source`` (a FileRange) of another file:
-        copied by the kernel to the tensor's place, never read by Python."""
+        """Tensor ``name`` whose content is the bytes ``source`` (a FileRange) of another file, or the
+        concatenation of several such runs (a sequence of FileRanges, in order): copied by the kernel
+        to the tensor's place, never read by Python."""
         nbytes = self._admit_streamed(name, dtype, shape)
-        if source.nbytes != nbytes:
-            raise CkptmapError(f"{self.path}: tensor {name!r} ({dtype} {list(shape)}) needs {nbytes} bytes but the "
-                               f"source range of {source.path} holds {source.nbytes}")
-        if nbytes:
-            byte_io.copy_range(source, self._fd, self._data_start + self._offsets[name])
+        runs = byte_io.file_runs(source, nbytes, f"{self.path}: tensor {name!r} ({dtype} {list(shape)})")
+        at = self._data_start + self._offsets[name]
+        for run in runs:
+            if run.nbytes:
+                byte_io.copy_range(run, self._fd, at)
+                at += run.nbytes
         self._count += 1
 
     def write_chunks(self, name: str, dtype: str, shape, chunks) -> None:
