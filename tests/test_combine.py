@@ -273,6 +273,16 @@ def test_merged_tensor_streams_in_bounded_memory(tmp_path, dst, extra):
     assert_merged(out / f"rank_0/network_rank_0-0_1_dp_merged.{dst}", expected)
 
 
+def test_dry_run_says_merged_tensors_are_byte_copies(tmp_path, capsys):
+    """--dry-run says how the executor makes the bytes: a parameter merged from several DP shards of one
+    dtype is byte copies (the run-by-run streaming above), not computed."""
+    src = tmp_path / "run"
+    build_big_run(src)
+    assert combine(src, tmp_path / "merged", "--dry-run") == 0
+    how = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("how the bytes are made"))
+    assert "byte copy" in how and "computed" not in how, how
+
+
 @pytest.mark.parametrize("dp,tp_size,pp_size", [(2, 2, 2), (4, 1, 1)])
 def test_combine_v2(dp, tp_size, pp_size, tmp_path):
     src, out = tmp_path / "run", tmp_path / "merged"

@@ -60,8 +60,9 @@ def _pattern(text: str) -> str:
 
 
 def _how(t) -> str:
-    """How the executor makes a tensor's bytes: a kernel-side byte copy, a cast streamed in chunks, or
-    the whole tensor computed (ops that move elements, several sources, boxes), or a constant."""
+    """How the executor makes a tensor's bytes: kernel-side byte copies (of one or several source runs), a
+    cast streamed in chunks, or the tensor computed (ops that move elements, sources of several dtypes,
+    boxes assembled), or a constant."""
     from ckptmap.execute import _elementwise
 
     if not t.sources and not t.reads:
@@ -113,9 +114,9 @@ class _Tally:
     def how(self, t) -> str:
         if not t.sources and not t.reads:
             return "constant"
-        if t.reads or len(t.sources) != 1 or t.value is not None:
-            return "computed"
-        key = (t.src_dtype, t.sources[0].dtype, t.dtype, t.ops)
+        if t.reads or t.value is not None:
+            return _how(t)
+        key = (t.src_dtype, frozenset(s.dtype for s in t.sources), t.dtype, t.ops)
         try:
             how = self.hows.get(key)
         except TypeError:   # an op argument that cannot be hashed
