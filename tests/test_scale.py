@@ -140,11 +140,14 @@ def test_assign_files_spreads_small_files_after_unequal_large_ones():
 
 
 def test_written_plan_json_is_streamed_and_unchanged(checkpoints):
-    """write_json writes the plan record by record; the text is json.dumps of the whole plan."""
+    """write_json writes the plan record by record; the text is json.dumps of the whole plan (also where
+    ranks share one tensors tuple, whose text is made once)."""
     root = checkpoints[4]
     plans = [compile_pt2ms(Pt2MsOptions(str(root / "megatron"), str(root / "out"), generate_all_dp_cp=True)),
              compile_ms2pt(Ms2PtOptions(str(root / "ms"), str(root / "back"))),
              Plan("pt2ms", "/o", (), {"note": "no files"})]
+    with_tensors = [f for f in plans[0].files if f.tensors]
+    assert len({id(f.tensors) for f in with_tensors}) < len(with_tensors)   # shared tuples: written once each
     for p in plans:
         writes = []
 

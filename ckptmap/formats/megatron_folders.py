@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import attrs
@@ -163,9 +164,12 @@ def open_checkpoint_dir(path) -> CheckpointDir:
                                f"want, e.g. {path / iters[-1]}")
         iter_dir, iteration = path, None
     named = {}
-    for child in sorted(iter_dir.iterdir()):
-        if not child.is_dir() or not child.name.startswith("mp_rank_"):
+    with os.scandir(iter_dir) as listing:   # the entries' types come with the listing: no stat per folder
+        entries = sorted((e.name, e.is_dir()) for e in listing)
+    for name, is_dir in entries:
+        if not is_dir or not name.startswith("mp_rank_"):
             continue
+        child = iter_dir / name
         parts = parse_mp_rank_dir_name(child.name)
         if parts is None:
             raise CkptmapError(f"{child}: unexpected directory name; Megatron writes mp_rank_TT, mp_rank_TT_PPP "

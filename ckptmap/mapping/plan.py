@@ -209,6 +209,21 @@ def _nested_json(value, depth: int) -> str:
     return json.dumps(value, indent=1).replace("\n", "\n" + " " * depth)
 
 
+_TENSORS_MARK = "\0tensors\0"   # no record holds a NUL: stands for the tensors list until it is put in
+
+
+def _file_json(f: FileTask, tensors_text: dict) -> str:
+    """``_nested_json(attrs.asdict(f), 2)``, with the text of ``f.tensors`` made once per tuple."""
+    if not f.tensors:
+        return _nested_json(attrs.asdict(f, recurse=True), 2)
+    hit = tensors_text.get(id(f.tensors))
+    if hit is None or hit[0] is not f.tensors:
+        hit = tensors_text[id(f.tensors)] = (f.tensors, _nested_json([attrs.asdict(t) for t in f.tensors], 3))
+    fields = attrs.asdict(f, recurse=True, filter=lambda a, _: a.name != "tensors")
+    fields = {a.name: _TENSORS_MARK if a.name == "tensors" else fields[a.name] for a in attrs.fields(FileTask)}
+    return _nested_json(fields, 2).replace(json.dumps(_TENSORS_MARK), hit[1], 1)
+
+
 def _tensor_task(raw: dict) -> TensorTask:
     t = dict(raw)
     t["sources"] = tuple(SourceSlice(**s) for s in t.get("sources", ()))
@@ -257,8 +272,9 @@ class Plan:
                 fp.write("[]")
                 continue
             fp.write("[")
+            tensors_text: dict = {}   # id(tensors tuple) -> (tuple, its JSON): ranks of one structure share one
             for i, f in enumerate(self.files):
-                fp.write(("\n  " if i == 0 else ",\n  ") + _nested_json(attrs.asdict(f, recurse=True), 2))
+                fp.write(("\n  " if i == 0 else ",\n  ") + _file_json(f, tensors_text))
             fp.write("\n ]")
         fp.write("\n}")
 
