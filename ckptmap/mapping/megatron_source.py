@@ -776,9 +776,10 @@ _SPAN_READ = 1 << 22   # bytes: a file's spot-checked elements within this span 
 
 
 def _spot_check_ranges(tasks, files: dict, cache: dict | None):
-    """Where _spot_check_in_one_pass reads: ({file name: [(byte offset, nbytes)]}, [(main piece, weight
-    piece)], weight dtype), or None when a range was not kept. The same for ranks whose tasks are one
-    tuple and whose files have one placement (shared trees), so worked out once per structure."""
+    """Where a rank's spot check reads: ({file name: [(byte offset, nbytes)]}, {file name: (first byte,
+    nbytes) of one pread of all its pieces, or None: a pread each}, [(main piece, weight piece)], weight
+    dtype), or None when a range was not kept. The same for ranks whose tasks are one tuple and whose
+    files have one placement (shared trees), so worked out once per structure."""
     key = None
     if cache is not None:
         placements = tuple((name, f.placement) for name, f in sorted(files.items()) if f is not None)
