@@ -420,6 +420,6 @@ def _load_back(path: Path) -> dict:
 
 
 def _rank_of(file_task, plan) -> tuple[int, int]:
-    source = Path(next(t.sources[0].file for t in file_task.tensors if t.sources)).parent.name
+    source = Path(file_task.source_path(next(t.sources[0].file for t in file_task.tensors if t.sources))).parent.name
     parts = megatron_folders.parse_mp_rank_dir_name(source)
     return parts[0], parts[1] if len(parts) > 1 else 0
