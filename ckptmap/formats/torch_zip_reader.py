@@ -718,7 +718,7 @@ _shared_trees: dict | None = None   # structure key -> (root, dialect), inside s
 
 
 @contextlib.contextmanager
-def shared_trees():
+def shared_trees(trees: dict | None = None):
     """Inside this context, a :class:`TorchZipFile` whose structure equals one already read (same
     ``data.pkl`` bytes, same records with the same names, offsets and sizes, same ``version`` record)
     gets that file's object tree instead of unpickling its own. What the unpickler makes of a file
@@ -726,16 +726,19 @@ def shared_trees():
     so the trees are equal; they are the *same* objects, so callers must only read them. Planning
     thousands of ranks uses this: TP, EP and middle pipeline ranks write byte-identical pickles (tensor
     values live in the records, layer numbers are stage-local). Reading to re-write (pt_meta, ms2pt)
-    stays outside, so what a writer memoizes is exactly what a fresh read gives."""
+    stays outside, so what a writer memoizes is exactly what a fresh read gives. ``trees``: the dict
+    to keep them in, which outlives the context (its owner bounds it); default: the enclosing
+    context's, else a new one for this context."""
     global _shared_trees
     outer = _shared_trees
-    if outer is None:
+    if trees is not None:
+        _shared_trees = trees
+    elif outer is None:
         _shared_trees = {}
     try:
         yield
     finally:
-        if outer is None:
-            _shared_trees = None
+        _shared_trees = outer
 
 
 def _structure_key(archive: _Archive):
