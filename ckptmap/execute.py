@@ -106,6 +106,11 @@ _READ_TREES: dict = {}
 _READ_TREES_KEPT = 16
 
 
+def _trim_read_trees() -> None:
+    while len(_READ_TREES) > _READ_TREES_KEPT:
+        del _READ_TREES[next(iter(_READ_TREES))]   # the oldest first
+
+
 class _Sources:
     """Source files opened lazily and kept open for the life of one worker task. ``closed_files``:
     {path: PtFile} already read (and closed) by planning, used instead of opening them again."""
@@ -123,8 +128,7 @@ class _Sources:
             else:   # only read here (specs, byte ranges), so ranks with byte-identical pickles share a tree
                 with torch_zip_reader.shared_trees(_READ_TREES):
                     reader = registry.open_reader(path)
-                while len(_READ_TREES) > _READ_TREES_KEPT:
-                    del _READ_TREES[next(iter(_READ_TREES))]   # the oldest first
+                _trim_read_trees()
             self._open[path] = reader
         return reader
 
@@ -436,7 +440,12 @@ def _write_file(task: FileTask, root: Path, progress, fsync: bool) -> None:
             sources.close()
         return
     if task.format == "torch_meta":
-        pt_meta.write_pt_meta(task.source, task.aux_source, task.keys, task.extra, final, fsync=fsync)
+        # pt_meta copies the containers of both files' trees and pickles them with their leaves, never
+        # changing them: a shared tree (the objects a fresh read of the same pickle bytes makes) gives
+        # the same memo, so the same bytes (diff -r of full conversions, tests/test_pickler_c.py)
+        with torch_zip_reader.shared_trees(_READ_TREES):
+            pt_meta.write_pt_meta(task.source, task.aux_source, task.keys, task.extra, final, fsync=fsync)
+        _trim_read_trees()
         return
     with atomic.atomic_output(final, fsync=fsync) as tmp:
         if task.format in registry.TENSOR_FORMATS:

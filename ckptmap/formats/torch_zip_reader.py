@@ -725,10 +725,12 @@ def shared_trees(trees: dict | None = None):
     depends on exactly those (its TensorRefs name storage keys and element offsets, never the file),
     so the trees are equal; they are the *same* objects, so callers must only read them. Planning
     thousands of ranks uses this: TP, EP and middle pipeline ranks write byte-identical pickles (tensor
-    values live in the records, layer numbers are stage-local). Reading to re-write (pt_meta, ms2pt)
-    stays outside, so what a writer memoizes is exactly what a fresh read gives. ``trees``: the dict
-    to keep them in, which outlives the context (its owner bounds it); default: the enclosing
-    context's, else a new one for this context."""
+    values live in the records, layer numbers are stage-local). A writer may read inside when it never
+    changes the trees and never puts two files of one structure into one pickle (they would share
+    objects a fresh read keeps apart): pt_meta does (``execute``: its model_optim_rng.pt and
+    distrib_optim.pt differ in name, so in structure) and writes the same bytes; ms2pt's re-reading
+    of pt_meta stays outside. ``trees``: the dict to keep them in, which outlives the context (its
+    owner bounds it); default: the enclosing context's, else a new one for this context."""
     global _shared_trees
     outer = _shared_trees
     if trees is not None:
