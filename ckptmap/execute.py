@@ -415,7 +415,8 @@ _MEGATRON_WRITERS = {"megatron_model": "write_model", "megatron_optim": "write_o
 def write_file(task: FileTask, root: Path, progress=None, fsync: bool = False) -> int:
     """Write one FileTask atomically; returns the size of the file written (what the per-file listing and the
     summary report: a pickle, a param map or a copy is not 0 bytes because it holds no tensor data)."""
-    _write_file(task, root, progress, fsync)
+    with byte_io.source_fds():   # each source file opened once while this file is written, not per tensor
+        _write_file(task, root, progress, fsync)
     return os.stat(root / task.path).st_size
 
 
