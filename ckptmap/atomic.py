@@ -15,6 +15,7 @@ import os
 import shutil
 import socket
 import stat
+import threading
 from pathlib import Path
 
 TMP_MARK = ".ckptmap-tmp-"
@@ -38,9 +39,26 @@ def current_umask() -> int:
     return mask
 
 
+_run = threading.local()
+
+
+@contextlib.contextmanager
+def umask_of_run():
+    """Within the block, in this thread, :func:`file_mode` uses the umask in effect when the block
+    began: a run writing thousands of files reads /proc/self/status once, not per file (~0.15 ms a
+    read in a process with many mappings)."""
+    previous = getattr(_run, "umask", None)
+    _run.umask = current_umask()
+    try:
+        yield
+    finally:
+        _run.umask = previous
+
+
 def file_mode() -> int:
     """What open() gives a new plain file: 0666 minus the umask (0644 under the usual 022)."""
-    return 0o666 & ~current_umask()
+    mask = getattr(_run, "umask", None)
+    return 0o666 & ~(current_umask() if mask is None else mask)
 
 
 def temp_name(final: Path) -> Path:

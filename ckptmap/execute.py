@@ -32,7 +32,7 @@ import numpy as np
 
 from ckptmap import atomic, coordinate, dtypes, signals, target
 from ckptmap.errors import CkptmapError
-from ckptmap.formats import byte_io, megatron_write, pt_meta, registry
+from ckptmap.formats import byte_io, megatron_write, pt_meta, registry, torch_zip_reader
 from ckptmap.formats.base import FileRange
 from ckptmap.mapping import ops as tensor_ops
 from ckptmap.mapping.plan import FileTask, Plan, TensorTask
@@ -99,6 +99,18 @@ class _Mapped:
             self._reopened.close()
 
 
+# Object trees of source files read by this process's _Sources (torch_zip_reader.shared_trees): a
+# worker writing the files of thousands of ranks unpickles each distinct pickle once (TP ranks, and
+# pipeline ranks in the middle, save byte-identical ones), keeping the last few.
+_READ_TREES: dict = {}
+_READ_TREES_KEPT = 16
+
+
+def _trim_read_trees() -> None:
+    while len(_READ_TREES) > _READ_TREES_KEPT:
+        del _READ_TREES[next(iter(_READ_TREES))]   # the oldest first
+
+
 class _Sources:
     """Source files opened lazily and kept open for the life of one worker task. ``closed_files``:
     {path: PtFile} already read (and closed) by planning, used instead of opening them again."""
@@ -111,7 +123,13 @@ class _Sources:
         reader = self._open.get(path)
         if reader is None:
             known = self._closed.get(path)
-            reader = self._open[path] = _Mapped(known) if known is not None else registry.open_reader(path)
+            if known is not None:
+                reader = _Mapped(known)
+            else:   # only read here (specs, byte ranges), so ranks with byte-identical pickles share a tree
+                with torch_zip_reader.shared_trees(_READ_TREES):
+                    reader = registry.open_reader(path)
+                _trim_read_trees()
+            self._open[path] = reader
         return reader
 
     @staticmethod
@@ -464,7 +482,8 @@ _MEGATRON_WRITERS = {"megatron_model": "write_model", "megatron_optim": "write_o
 def write_file(task: FileTask, root: Path, progress=None, fsync: bool = False) -> int:
     """Write one FileTask atomically; returns the size of the file written (what the per-file listing and the
     summary report: a pickle, a param map or a copy is not 0 bytes because it holds no tensor data)."""
-    _write_file(task, root, progress, fsync)
+    with byte_io.source_fds():   # each source file opened once while this file is written, not per tensor
+        _write_file(task, root, progress, fsync)
     return os.stat(root / task.path).st_size
 
 
@@ -490,7 +509,12 @@ def _write_file(task: FileTask, root: Path, progress, fsync: bool) -> None:
             sources.close()
         return
     if task.format == "torch_meta":
-        pt_meta.write_pt_meta(task.source, task.aux_source, task.keys, task.extra, final, fsync=fsync)
+        # pt_meta copies the containers of both files' trees and pickles them with their leaves, never
+        # changing them: a shared tree (the objects a fresh read of the same pickle bytes makes) gives
+        # the same memo, so the same bytes (diff -r of full conversions, tests/test_pickler_c.py)
+        with torch_zip_reader.shared_trees(_READ_TREES):
+            pt_meta.write_pt_meta(task.source, task.aux_source, task.keys, task.extra, final, fsync=fsync)
+        _trim_read_trees()
         return
     with atomic.atomic_output(final, fsync=fsync) as tmp:
         if task.format in registry.TENSOR_FORMATS:
@@ -528,34 +552,64 @@ def _describe(exc: BaseException) -> str:
     return "".join(traceback.format_exception_only(type(exc), exc)).strip()
 
 
-def _worker(tasks, results, root, plan_files, fsync, parent_pid):
+class _WorkerProgress:
+    """A worker's progress messages: bytes written, sent at most every PROGRESS_INTERVAL seconds and
+    once before the file's "done" (a message per tensor cost more CPU than writing a small file)."""
+
+    PROGRESS_INTERVAL = 0.2
+
+    def __init__(self, results, index):
+        self.results, self.index = results, index
+        self.pending, self.sent = 0, time.monotonic()
+
+    def __call__(self, nbytes):
+        self.pending += nbytes
+        now = time.monotonic()
+        if now - self.sent >= self.PROGRESS_INTERVAL:
+            self.flush()
+            self.sent = now
+
+    def flush(self):
+        if self.pending:
+            self.results.put(("bytes", self.index, self.pending))
+            self.pending = 0
+
+
+def _worker(tasks, results, root, plan_files, fsync, parent_pid, progress=True):
     try:
         signals.worker_setup(parent_pid)
-        while True:
-            try:
-                item = tasks.get(timeout=1.0)
-            except queue.Empty:
-                if os.getppid() != parent_pid:   # the main process is gone (no PDEATHSIG off Linux)
-                    raise signals.Interrupted(signal.SIGTERM)
-                continue
-            if item is None:
-                return
-            index = item
-            results.put(("start", index, os.getpid()))
-            started = time.perf_counter()
-            try:
-                n = write_file(plan_files[index], root, progress=lambda b: results.put(("bytes", index, b)),
-                               fsync=fsync)
-                results.put(("done", index, FileResult(plan_files[index].path, True, n,
-                                                       time.perf_counter() - started)))
-            except signals.Interrupted:
-                raise
-            except BaseException as e:  # reported, never raised out of the worker
-                results.put(("done", index, FileResult(plan_files[index].path, False, 0,
-                                                       time.perf_counter() - started, _describe(e))))
+        with atomic.umask_of_run():
+            _worker_loop(tasks, results, root, plan_files, fsync, parent_pid, progress)
     except signals.Interrupted as e:   # the temporary file being written is gone already
         results.cancel_join_thread()
         os._exit(e.exit_code)
+
+
+def _worker_loop(tasks, results, root, plan_files, fsync, parent_pid, progress):
+    while True:
+        try:
+            item = tasks.get(timeout=1.0)
+        except queue.Empty:
+            if os.getppid() != parent_pid:   # the main process is gone (no PDEATHSIG off Linux)
+                raise signals.Interrupted(signal.SIGTERM)
+            continue
+        if item is None:
+            return
+        index = item
+        results.put(("start", index, os.getpid()))
+        started = time.perf_counter()
+        told = _WorkerProgress(results, index) if progress else None
+        try:
+            n = write_file(plan_files[index], root, progress=told, fsync=fsync)
+            if told is not None:
+                told.flush()
+            results.put(("done", index, FileResult(plan_files[index].path, True, n,
+                                                   time.perf_counter() - started)))
+        except signals.Interrupted:
+            raise
+        except BaseException as e:  # reported, never raised out of the worker
+            results.put(("done", index, FileResult(plan_files[index].path, False, 0,
+                                                   time.perf_counter() - started, _describe(e))))
 
 
 class _Progress:
@@ -565,6 +619,10 @@ class _Progress:
             from tqdm import tqdm
             self.bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="writing",
                             file=sys.stderr, disable=None, leave=True)
+
+    @property
+    def enabled(self) -> bool:
+        return self.bar is not None
 
     def update(self, n):
         if self.bar is not None:
@@ -576,9 +634,10 @@ class _Progress:
 
 
 # What writing one file costs beyond its bytes (open, pickle the object tree, rename, the manifest entry),
-# in bytes copied in the same time: ~3.7 ms of CPU per file measured at 4,096 ranks, the time of copying
-# ~1 - 4 MiB here. Without it, thousands of small files (pt_meta, param maps: weight ~0) all land on
-# whichever machine is least loaded after the large ones.
+# in bytes copied in the same time: ~1.7 ms of user CPU per file at 4,096 ranks (2.5 ms before the C
+# pickler), plus the filesystem's share of creating and renaming it: the time of copying ~1 - 4 MiB here.
+# Without it, thousands of small files (pt_meta, param maps: weight ~0) all land on whichever machine is
+# least loaded after the large ones.
 FILE_OVERHEAD_BYTES = 1 << 20
 
 
@@ -675,14 +734,15 @@ def _write_part(plan, root, indices, results, processes, multiprocess, timeout, 
     phases = [[i for i in indices if not plan.files[i].source_is_output],
               [i for i in indices if plan.files[i].source_is_output]]
     try:
-        for phase in phases:
-            if not phase:
-                continue
-            if multiprocess and processes > 1 and len(phase) > 1:
-                _run_pool(plan, phase, root, min(processes, len(phase)), timeout, bar, fsync, results)
-            else:
-                for i in phase:
-                    results[i] = _run_inline(plan.files[i], root, bar, fsync)
+        with atomic.umask_of_run():   # one read of the umask for the run, not one per file
+            for phase in phases:
+                if not phase:
+                    continue
+                if multiprocess and processes > 1 and len(phase) > 1:
+                    _run_pool(plan, phase, root, min(processes, len(phase)), timeout, bar, fsync, results)
+                else:
+                    for i in phase:
+                        results[i] = _run_inline(plan.files[i], root, bar, fsync)
     finally:
         bar.close()
 
@@ -795,7 +855,8 @@ def _run_pool(plan: Plan, phase: list[int], root: Path, n: int, timeout, bar: _P
     parent = os.getpid()
 
     def spawn():
-        p = ctx.Process(target=_worker, args=(tasks, results_q, root, plan.files, fsync, parent), daemon=True)
+        p = ctx.Process(target=_worker, args=(tasks, results_q, root, plan.files, fsync, parent, bar.enabled),
+                        daemon=True)
         with signals.held():
             p.start()
         return p

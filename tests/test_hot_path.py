@@ -110,6 +110,40 @@ def test_copy_range_crc_and_copy_range_of_odd_ranges(tmp_path, monkeypatch, wind
         assert out.read_bytes() == b"head" + data[offset:offset + n] + b"tail"
 
 
+
+def test_source_fds_open_each_source_once_and_close_them(tmp_path, monkeypatch):
+    """Inside byte_io.source_fds() (the executor's scope for one output file) the copies and reads of many
+    ranges of one source open it once, give the same bytes as outside, and close it when the block ends."""
+    import zlib
+
+    from ckptmap.formats import byte_io
+    from ckptmap.formats.base import FileRange
+
+    data = bytes((i * 7919) % 251 for i in range(300_001))
+    src = tmp_path / "src.bin"
+    src.write_bytes(data)
+    opened = []
+    real_open = os.open
+    monkeypatch.setattr(os, "open", lambda path, *a, **k: (opened.append(str(path)), real_open(path, *a, **k))[1])
+    ranges = [(0, 1000), (10, 5), (299_000, 1001), (4097, 123_457)]
+    out = tmp_path / "out.bin"
+    with open(out, "wb") as f:
+        with byte_io.source_fds():
+            with byte_io.source_fds():   # nested: the outer block's descriptors
+                for offset, n in ranges:
+                    byte_io.copy_range(FileRange(str(src), offset, n), f.fileno())
+            crc = byte_io.copy_range_crc(FileRange(str(src), 7, 300), f.fileno())
+            read = b"".join(bytes(c) for c in byte_io.read_chunks(FileRange(str(src), 3, 70_000), 4096))
+            fds = list(byte_io._open_sources.fds.values())
+    assert opened == [str(src)] and len(fds) == 1
+    with pytest.raises(OSError):
+        os.fstat(fds[0])   # closed with the block
+    assert out.read_bytes() == b"".join(data[o:o + n] for o, n in ranges) + data[7:307]
+    assert crc == zlib.crc32(data[7:307]) and read == data[3:70_003]
+    with open(tmp_path / "x.bin", "wb") as g:
+        byte_io.copy_range(FileRange(str(src), 0, 10), g.fileno())
+    assert opened.count(str(src)) == 2   # outside the block: opened per call again
+
 START_UP = r"""
 import sys
 from ckptmap.cli import main

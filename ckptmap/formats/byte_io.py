@@ -8,6 +8,8 @@ into one reused buffer with sequential ``preadv`` calls, for bytes that must be 
 a CRC): fewer page faults and no page-table growth compared with touching an ``mmap`` of the file.
 :func:`copy_range_crc` copies a run that needs a CRC (torch zip records) through one small reused
 buffer: each byte is read from the page cache once and its CRC computed while it is in the CPU cache.
+Inside :func:`source_fds` (the executor's scope for one output file) each source path is opened once,
+not once per range.
 
 CRC-32 (zlib's function; zip records, ``.ckpt`` trailers): zlib-ng's when installed
 (``ckptmap[fast]``), else libdeflate's when the system has ``libdeflate.so.0`` (PCLMULQDQ: about 2.5x
@@ -18,6 +20,7 @@ which is in use.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import sys
@@ -35,6 +38,48 @@ _KERNEL_COPY = hasattr(os, "copy_file_range")
 _NO_KERNEL_COPY = {errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL, errno.EBADF, errno.ETXTBSY}
 
 
+_open_sources = threading.local()   # inside source_fds(): {path: fd} of this thread
+
+
+@contextlib.contextmanager
+def source_fds():
+    """Within the block, in this thread, the functions below open each source path once and keep it
+    open until the block ends (a .ckpt of many small tensors took an open, an fadvise and a close
+    per tensor and per rounding check). Scope it to one file's writing: the descriptors then never
+    outlive the files they were opened for."""
+    outer = getattr(_open_sources, "fds", None)
+    if outer is not None:
+        yield
+        return
+    _open_sources.fds = {}
+    try:
+        yield
+    finally:
+        fds, _open_sources.fds = _open_sources.fds, None
+        for fd in fds.values():
+            os.close(fd)
+
+
+@contextlib.contextmanager
+def _source(path: str, offset: int, n: int):
+    """A read descriptor of ``path`` (advised sequential for ``n`` bytes from ``offset``)."""
+    fds = getattr(_open_sources, "fds", None)
+    if fds is None:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            _advise_sequential(fd, offset, n)
+            yield fd
+        finally:
+            os.close(fd)
+        return
+    fd = fds.get(path)
+    if fd is None:
+        fd = fds[path] = os.open(path, os.O_RDONLY)
+    if n > CRC_COPY_CHUNK:   # advice for a run worth reading ahead, not for every small tensor
+        _advise_sequential(fd, offset, n)
+    yield fd
+
+
 def _advise_sequential(fd: int, offset: int, n: int) -> None:
     if hasattr(os, "posix_fadvise"):
         try:
@@ -48,9 +93,7 @@ def copy_range(src: FileRange, out_fd: int, out_offset: int | None = None) -> No
     which then advances by ``src.nbytes``. A source shorter than the range is an OSError (the file
     changed under us)."""
     global _KERNEL_COPY
-    fd = os.open(src.path, os.O_RDONLY)
-    try:
-        _advise_sequential(fd, src.offset, src.nbytes)
+    with _source(src.path, src.offset, src.nbytes) as fd:
         pos, end = src.offset, src.offset + src.nbytes
         while pos < end and _KERNEL_COPY:
             try:
@@ -72,8 +115,6 @@ def copy_range(src: FileRange, out_fd: int, out_offset: int | None = None) -> No
                 else:
                     pwrite_all(out_fd, chunk, at)
                     at += len(chunk)
-    finally:
-        os.close(fd)
 
 
 def pwrite_all(fd: int, data, offset: int) -> None:
@@ -117,14 +158,10 @@ def copy_range_crc(src: FileRange, out_fd: int, crc: int = 0) -> int:
     buf = getattr(_local, "copy_buf", None)
     if buf is None or len(buf) != CRC_COPY_CHUNK:
         buf = _local.copy_buf = bytearray(CRC_COPY_CHUNK)
-    fd = os.open(src.path, os.O_RDONLY)
-    try:
-        _advise_sequential(fd, src.offset, src.nbytes)
+    with _source(src.path, src.offset, src.nbytes) as fd:
         for chunk in _pread_chunks(fd, src.path, src.offset, src.nbytes, buf=buf):
             crc = crc32(chunk, crc)
             _write_all(out_fd, chunk)
-    finally:
-        os.close(fd)
     return crc
 
 
@@ -134,12 +171,8 @@ _local = threading.local()   # per thread: copy_range_crc's buffer
 def read_chunks(src: FileRange, chunk: int = CHUNK):
     """The bytes of ``src`` as memoryviews of one reused buffer (each valid until the next is asked
     for), read sequentially: every chunk ``chunk`` bytes long but the last."""
-    fd = os.open(src.path, os.O_RDONLY)
-    try:
-        _advise_sequential(fd, src.offset, src.nbytes)
+    with _source(src.path, src.offset, src.nbytes) as fd:
         yield from _pread_chunks(fd, src.path, src.offset, src.nbytes, chunk)
-    finally:
-        os.close(fd)
 
 
 def file_runs(source, nbytes: int, what: str) -> tuple:

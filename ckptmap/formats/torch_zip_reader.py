@@ -718,24 +718,29 @@ _shared_trees: dict | None = None   # structure key -> (root, dialect), inside s
 
 
 @contextlib.contextmanager
-def shared_trees():
+def shared_trees(trees: dict | None = None):
     """Inside this context, a :class:`TorchZipFile` whose structure equals one already read (same
     ``data.pkl`` bytes, same records with the same names, offsets and sizes, same ``version`` record)
     gets that file's object tree instead of unpickling its own. What the unpickler makes of a file
     depends on exactly those (its TensorRefs name storage keys and element offsets, never the file),
     so the trees are equal; they are the *same* objects, so callers must only read them. Planning
     thousands of ranks uses this: TP, EP and middle pipeline ranks write byte-identical pickles (tensor
-    values live in the records, layer numbers are stage-local). Reading to re-write (pt_meta, ms2pt)
-    stays outside, so what a writer memoizes is exactly what a fresh read gives."""
+    values live in the records, layer numbers are stage-local). A writer may read inside when it never
+    changes the trees and never puts two files of one structure into one pickle (they would share
+    objects a fresh read keeps apart): pt_meta does (``execute``: its model_optim_rng.pt and
+    distrib_optim.pt differ in name, so in structure) and writes the same bytes; ms2pt's re-reading
+    of pt_meta stays outside. ``trees``: the dict to keep them in, which outlives the context (its
+    owner bounds it); default: the enclosing context's, else a new one for this context."""
     global _shared_trees
     outer = _shared_trees
-    if outer is None:
+    if trees is not None:
+        _shared_trees = trees
+    elif outer is None:
         _shared_trees = {}
     try:
         yield
     finally:
-        if outer is None:
-            _shared_trees = None
+        _shared_trees = outer
 
 
 def _structure_key(archive: _Archive):

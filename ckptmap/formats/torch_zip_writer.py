@@ -25,12 +25,15 @@ from __future__ import annotations
 
 import _compat_pickle
 import collections
+import copyreg
 import io
+import itertools
 import operator
 import os
 import pickle
 import struct
 import sys
+import threading
 from pathlib import Path
 
 import attrs
@@ -76,11 +79,17 @@ def _torch_options() -> tuple[int, bool]:
 
 
 class _Pickler(pickle._Pickler):
-    """Pure-Python pickler that writes stand-in classes as their original GLOBAL without importing."""
+    """Pure-Python pickler that writes stand-in classes as their original GLOBAL without importing.
+    The reference implementation of ckptmap's pickling; :class:`_CPickler` writes the same bytes
+    faster for the graphs it can take. A format adds its own reductions in ``_reduce_special``."""
 
     def reducer_override(self, obj):
-        if isinstance(obj, _Storage):
+        rv = self._reduce_special(obj)
+        if rv is NotImplemented and isinstance(obj, _Storage):
             raise CkptmapError("cannot save an internal storage reference; save tensors instead")
+        return rv
+
+    def _reduce_special(self, obj):
         return NotImplemented
 
     def save_global(self, obj, name=None):
@@ -103,10 +112,7 @@ class _Pickler(pickle._Pickler):
             self.save_reduce(getattr, (StandInClass.make(module, parent), last))
         else:
             if self.proto < 3 and self.fix_imports:
-                if (module, qualname) in _compat_pickle.REVERSE_NAME_MAPPING:
-                    module, qualname = _compat_pickle.REVERSE_NAME_MAPPING[(module, qualname)]
-                elif module in _compat_pickle.REVERSE_IMPORT_MAPPING:
-                    module = _compat_pickle.REVERSE_IMPORT_MAPPING[module]
+                module, qualname = _protocol2_name(module, qualname)
             enc = "utf-8" if self.proto >= 3 else "ascii"
             try:
                 line = (pickle.GLOBAL + bytes(module, enc) + b"\n" + bytes(qualname, enc) + b"\n")
@@ -115,6 +121,120 @@ class _Pickler(pickle._Pickler):
                                            f"{self.proto}") from None
             self.write(line)
         self.memoize(obj)
+
+
+def _protocol2_name(module: str, qualname: str) -> tuple[str, str]:
+    """The (module, name) pickle writes below protocol 3 with fix_imports (Python 2 names)."""
+    if (module, qualname) in _compat_pickle.REVERSE_NAME_MAPPING:
+        return _compat_pickle.REVERSE_NAME_MAPPING[(module, qualname)]
+    return _compat_pickle.REVERSE_IMPORT_MAPPING.get(module, module), qualname
+
+
+# The C pickler (pickle.Pickler) writes the same opcodes as the pure-Python one, ~50x faster, but its
+# save_global imports the module named by an object's __module__ and requires the object itself
+# there: it cannot write ckptmap's stand-ins (their modules, e.g. megatron.core.enums, are never
+# imported) nor the GlobalMarkers of torch's globals. Aliases get around that without touching
+# sys.modules: each (module, qualname) gets an importable alias name in a ckptmap module, and
+# _compat_pickle.REVERSE_NAME_MAPPING[(that module, alias)] = (module, qualname) makes protocol 2
+# write the original GLOBAL (the C pickler applies that table to every global it writes below
+# protocol 3). A GlobalMarker is its own alias (an attribute of the module its __module__ names), so
+# the memo is keyed by the marker as in the pure-Python pickler; a stand-in class maps 1:1 onto an
+# alias class, which takes its place in the stand-ins' reductions (so it is memoized where the
+# stand-in class would be). The mapping only ever renames these private names. Graphs the aliases
+# cannot express byte for byte -- a stand-in class as a plain value, a nested class (getattr
+# reduction), NEWOBJ of a stand-in (the C pickler checks obj.__class__), non-ASCII or multi-line
+# names -- raise _NeedsPurePython and are pickled again by the pure-Python pickler.
+
+class _NeedsPurePython(Exception):
+    """The C pickler cannot write this graph as the pure-Python one does; pickle it with that."""
+
+
+_ALIAS_LOCK = threading.Lock()
+_ALIAS_NUMBERS = itertools.count()
+_CLASS_ALIASES: dict = {}   # StandInClass -> alias class (a plain class, attribute of this module)
+_MARKER_ALIASES: dict = {}  # GlobalMarker -> its alias name (the marker is that attribute of its module)
+
+
+def _marker_alias(marker: GlobalMarker) -> str:
+    alias = _MARKER_ALIASES.get(marker)
+    if alias is None:
+        with _ALIAS_LOCK:
+            alias = _MARKER_ALIASES.get(marker)
+            if alias is None:
+                alias = _new_alias(sys.modules[type(marker).__module__], lambda name: marker, marker.module,
+                                   marker.qualname)
+                _MARKER_ALIASES[marker] = alias
+    return alias
+
+
+def _class_alias(cls: StandInClass) -> type:
+    alias_cls = _CLASS_ALIASES.get(cls)
+    if alias_cls is None:
+        with _ALIAS_LOCK:
+            alias_cls = _CLASS_ALIASES.get(cls)
+            if alias_cls is None:
+                name = _new_alias(sys.modules[__name__], lambda name: type(name, (), {
+                    "__module__": __name__, "__qualname__": name, "__slots__": ()}), cls.__module__, cls.__qualname__)
+                alias_cls = _CLASS_ALIASES[cls] = getattr(sys.modules[__name__], name)
+    return alias_cls
+
+
+def _new_alias(holder, make, module: str, qualname: str) -> str:
+    """A new attribute ``holder.<alias>`` = ``make(alias)`` that protocol 2 writes as the GLOBAL
+    module.qualname (called under _ALIAS_LOCK)."""
+    target = _protocol2_name(module, qualname)
+    if "." in qualname or qualname in ("__newobj__", "__newobj_ex__") \
+            or any("\n" in n or not n.isascii() for n in target):
+        raise _NeedsPurePython  # a getattr / NEWOBJ reduction, or the pure-Python pickler's own error
+    alias = f"_ckptmap_alias_{next(_ALIAS_NUMBERS)}"
+    setattr(holder, alias, make(alias))
+    _compat_pickle.REVERSE_NAME_MAPPING[(holder.__name__, alias)] = target
+    return alias
+
+
+class _CPickler(pickle.Pickler):
+    """The C pickler with ckptmap's globals written through aliases (notes above); a format adds
+    its own reductions in ``_reduce_special``, as for :class:`_Pickler`."""
+
+    def reducer_override(self, obj):
+        rv = self._reduce_special(obj)
+        if rv is not NotImplemented:
+            return rv
+        t = type(obj)
+        if t is GlobalMarker:
+            return _marker_alias(obj)   # a string: save_global(obj, alias), memoized as obj
+        if type(t) is StandInClass:     # a stand-in instance: StandIn.__reduce_ex__ with the alias class
+            kind = obj._kind
+            if kind == "reduce" and not obj._kwargs:
+                func, args = _class_alias(t), obj._args
+            elif kind == "reconstructor":
+                func, args = copyreg._reconstructor, (_class_alias(t),) + obj._args
+            else:   # NEWOBJ checks obj.__class__ is args[0]; keyword arguments: the pure pickler's error
+                raise _NeedsPurePython
+            return (func, args, obj.state, iter(obj._listitems) if obj._listitems else None,
+                    iter(obj._dictitems) if obj._dictitems else None)
+        if t is StandInClass:   # a stand-in class as a value: memoized as itself, not as an alias
+            raise _NeedsPurePython
+        if t is _Storage:
+            raise CkptmapError("cannot save an internal storage reference; save tensors instead")
+        return NotImplemented
+
+    def _reduce_special(self, obj):
+        return NotImplemented
+
+
+def _pickled(fast, slow, obj, path, *args):
+    """(data.pkl bytes, the pickler that wrote them): the C pickler ``fast`` when it can write ``obj``
+    (the same bytes), else the pure-Python ``slow``."""
+    buf = io.BytesIO()
+    pickler = fast(buf, path, *args)
+    try:
+        _dump(pickler, obj, path)
+    except _NeedsPurePython:
+        buf = io.BytesIO()
+        pickler = slow(buf, path, *args)
+        _dump(pickler, obj, path)
+    return buf.getvalue(), pickler
 
 
 # -------------------------------------------------------------------------------------------------
@@ -277,10 +397,14 @@ class _RefStorage:
         return self.numel * dtypes.itemsize(self.dtype)
 
 
-class _StreamPickler(_Pickler):
-    """``_Pickler`` plus torch.save's persistent ids, pickling a TensorRef as torch pickles the
-    equivalent CPU tensor (``Tensor._reduce_ex_internal``): ``_rebuild_tensor_v2(TypedStorage,
-    offset, size, stride, requires_grad, OrderedDict())``."""
+# types persistent_id can pass at once (it sees every object the C pickler writes)
+_PLAIN_TYPES = frozenset({type(None), bool, int, float, str, bytes, tuple, list, dict, collections.OrderedDict})
+
+
+class _StreamRules:
+    """torch.save's persistent ids, pickling a TensorRef as torch pickles the equivalent CPU tensor
+    (``Tensor._reduce_ex_internal``): ``_rebuild_tensor_v2(TypedStorage, offset, size, stride,
+    requires_grad, OrderedDict())``; on either pickler (``_StreamPickler``, ``_StreamPicklerC``)."""
 
     def __init__(self, file, path):
         super().__init__(file, protocol=DEFAULT_PROTOCOL)
@@ -291,12 +415,12 @@ class _StreamPickler(_Pickler):
         self.storage_dtypes: dict[int, object] = {}
         self.locations: dict[str, str] = {}
 
-    def reducer_override(self, obj):
+    def _reduce_special(self, obj):
         if isinstance(obj, TensorRef):
             return self._reduce_ref(obj)
         if isinstance(obj, HeldTensor):
             return self._reduce_held(obj)
-        return super().reducer_override(obj)
+        return NotImplemented
 
     def _reduce_held(self, held: HeldTensor):
         data = held.data
@@ -338,7 +462,10 @@ class _StreamPickler(_Pickler):
         return _global("torch._utils", "_rebuild_tensor_v2"), args
 
     def persistent_id(self, obj):
-        if type(obj) is _RefStorage:
+        t = type(obj)
+        if t in _PLAIN_TYPES:
+            return None
+        if t is _RefStorage:
             key = self.id_map.setdefault(("ref", obj.key), str(len(self.id_map)))
             self.storages[key] = obj
             loc = obj.location
@@ -372,6 +499,14 @@ class _StreamPickler(_Pickler):
             self.storages[key] = storage
             return (_STORAGE_PID, storage_type, key, location, storage_numel)
         return None
+
+
+class _StreamPickler(_StreamRules, _Pickler):
+    pass
+
+
+class _StreamPicklerC(_StreamRules, _CPickler):
+    pass
 
 
 def _dump(pickler, obj, path) -> None:
@@ -524,11 +659,7 @@ def save_streaming(obj, path, fill, *, fsync: bool = False, dialect: str = "torc
     if not archive:
         raise CkptmapError(f"cannot save {path}: torch.save cannot write a file whose name has no stem "
                            f"(the zip records are named after it) — choose a name like model_optim_rng.pt")
-    buf = io.BytesIO()
-    pickler = _StreamPickler(buf, path)
-    _dump(pickler, obj, path)
-    data_pkl = buf.getvalue()
-    del buf
+    data_pkl, pickler = _pickled(_StreamPicklerC, _StreamPickler, obj, path)
     alignment, compute_crc32 = _torch_options()
     if not path.parent.is_dir():
         raise CkptmapError(f"cannot save {path}: the directory {path.parent} does not exist — create it first")
@@ -677,10 +808,11 @@ def _class_global(cls: tuple[str, str]):
     return TENSOR_TYPE_MARKERS[cls] if cls in TENSOR_TYPE_MARKERS else StandInClass.make(*cls)
 
 
-class _MSAdapterPickler(_Pickler):
+class _MSAdapterRules:
     """Pickles like the MSAdapter shim: TensorRefs (and HeldTensors) as
     ``_rebuild_from_type_v2(_rebuild_tensor_v2, <class>, (pid, 0, size, stride list, False, None, None),
-    None)`` over one storage each, persistent ids with string storage types."""
+    None)`` over one storage each, persistent ids with string storage types; on either pickler
+    (``_MSAdapterPickler``, ``_MSAdapterPicklerC``)."""
 
     def __init__(self, file, path):
         super().__init__(file, protocol=DEFAULT_PROTOCOL)
@@ -688,7 +820,7 @@ class _MSAdapterPickler(_Pickler):
         self.storages: dict[str, _MSStorage] = {}       # output key -> storage
         self.by_source: dict[str, tuple[TensorRef, _MSStorage]] = {}
 
-    def reducer_override(self, obj):
+    def _reduce_special(self, obj):
         if isinstance(obj, TensorRef):
             return self._reduce(obj, self._ref_storage(obj), obj.shape)
         if isinstance(obj, HeldTensor):
@@ -704,7 +836,7 @@ class _MSAdapterPickler(_Pickler):
         if type(obj).__module__.startswith("torch"):
             raise CkptmapError(f"a real {type(obj).__module__}.{type(obj).__name__} cannot be written in the "
                                f"MSAdapter dialect; give TensorRef or HeldTensor values")
-        return super().reducer_override(obj)
+        return NotImplemented
 
     def _ref_storage(self, ref: TensorRef) -> _MSStorage:
         problem = _ref_problem(ref)
@@ -753,12 +885,16 @@ class _MSAdapterPickler(_Pickler):
         return None
 
 
+class _MSAdapterPickler(_MSAdapterRules, _Pickler):
+    pass
+
+
+class _MSAdapterPicklerC(_MSAdapterRules, _CPickler):
+    pass
+
+
 def _save_msadapter(obj, path: Path, fill, fsync: bool, date_time) -> None:
-    buf = io.BytesIO()
-    pickler = _MSAdapterPickler(buf, path)
-    _dump(pickler, obj, path)
-    data_pkl = buf.getvalue()
-    del buf
+    data_pkl, pickler = _pickled(_MSAdapterPicklerC, _MSAdapterPickler, obj, path)
     if not path.parent.is_dir():
         raise CkptmapError(f"cannot save {path}: the directory {path.parent} does not exist — create it first")
     with atomic.atomic_output(path, fsync=fsync) as tmp:
