@@ -113,13 +113,21 @@ def _trim_read_trees() -> None:
 
 class _Sources:
     """Source files opened lazily and kept open for the life of one worker task. ``closed_files``:
-    {path: PtFile} already read (and closed) by planning, used instead of opening them again."""
+    {path: PtFile} already read (and closed) by planning, used instead of opening them again.
+    ``inputs``: the FileTask's {``@name``: path} — its slices may name their files so (ranks of one
+    structure share their tasks); resolved here, per read, instead of copying the tasks per file."""
 
-    def __init__(self, closed_files=None):
+    def __init__(self, closed_files=None, inputs=None):
         self._open = {}
         self._closed = closed_files or {}
+        self._inputs = inputs or {}
+
+    def path(self, file: str) -> str:
+        """The path a slice's ``file`` names."""
+        return self._inputs.get(file, file)
 
     def reader(self, path):
+        path = self._inputs.get(path, path)
         reader = self._open.get(path)
         if reader is None:
             known = self._closed.get(path)
@@ -132,13 +140,12 @@ class _Sources:
             self._open[path] = reader
         return reader
 
-    @staticmethod
-    def _check_spec(reader, s) -> None:
+    def _check_spec(self, reader, s) -> None:
         spec = reader.spec(s.key)
         if tuple(spec.shape) != tuple(s.shape) or spec.dtype != s.dtype:
             raise CkptmapError(
-                f"{s.file}: tensor {s.key} is {spec.dtype} {list(spec.shape)} but the plan expects {s.dtype} "
-                f"{list(s.shape)}; the source changed since the plan was made — re-create the plan")
+                f"{self.path(s.file)}: tensor {s.key} is {spec.dtype} {list(spec.shape)} but the plan expects "
+                f"{s.dtype} {list(s.shape)}; the source changed since the plan was made — re-create the plan")
 
     def slice(self, s) -> np.ndarray:
         """The elements of a SourceSlice (flat when it is a range, else in the tensor's shape)."""
@@ -213,7 +220,8 @@ class _Sources:
                           f"{differ.size} of {want.size} elements differ")
             raise CkptmapError(
                 f"{task.name}: the tensor is replicated across tensor-parallel ranks, but the copies differ — "
-                f"{_rank_dir(other.file)} ({other.file}, {other.key}) against {_rank_dir(used.file)} ({used.file}, "
+                f"{_rank_dir(self.path(other.file))} ({self.path(other.file)}, {other.key}) against "
+                f"{_rank_dir(self.path(used.file))} ({self.path(used.file)}, "
                 f"{used.key}): {detail}. The source ranks disagree (one may be stale or corrupt); check the checkpoint "
                 f"before resharding it — nothing silently picks one copy")
 
@@ -255,9 +263,10 @@ class _Sources:
         bad = self._rounding_mismatches(task, main)
         if bad:
             raise CkptmapError(
-                f"{task.name}: the fp32 main param read from {task.sources[0].file} ({task.sources[0].key} "
-                f"[{task.sources[0].start}:{task.sources[0].start + task.sources[0].count}]) does not round to the model "
-                f"weight {weight.key} of {weight.file} ({bad} of {weight.count} elements differ): the bucket layout puts "
+                f"{task.name}: the fp32 main param read from {self.path(task.sources[0].file)} "
+                f"({task.sources[0].key} [{task.sources[0].start}:{task.sources[0].start + task.sources[0].count}]) does "
+                f"not round to the model weight {weight.key} of {self.path(weight.file)} ({bad} of {weight.count} "
+                f"elements differ): the bucket layout puts "
                 f"another parameter's optimizer state here. Pass the training run's param_map (--param-map-path), or "
                 f"the right --megatron-version; --no-main-param-check skips this check")
 
@@ -297,8 +306,8 @@ def expected_array(task: TensorTask, sources: _Sources) -> np.ndarray:
         value = tensor_ops.apply_all(task.ops, sources.array(task))
     except tensor_ops.InexactCast as e:
         where = task.sources[0] if task.sources else task.reads[0].source
-        raise CkptmapError(f"{task.name} (from {where.file}, {where.key}): {e}; the values cannot be kept in the "
-                           f"dtype the target needs — convert them on the MindSpore side first") from None
+        raise CkptmapError(f"{task.name} (from {sources.path(where.file)}, {where.key}): {e}; the values cannot be "
+                           f"kept in the dtype the target needs — convert them on the MindSpore side first") from None
     if tuple(value.shape) != tuple(task.shape) or value.dtype != dtypes.storage(task.dtype):
         raise CkptmapError(f"internal error: {task.name} came out {value.dtype} {list(value.shape)}, "
                            f"plan says {task.dtype} {list(task.shape)}")
@@ -488,11 +497,10 @@ def write_file(task: FileTask, root: Path, progress=None, fsync: bool = False) -
 
 
 def _write_file(task: FileTask, root: Path, progress, fsync: bool) -> None:
-    task = task.bound()   # its tensors may read their rank's files through inputs shared with other ranks
     final = root / task.path
     final.parent.mkdir(parents=True, exist_ok=True)
     if task.format == "torch_stream":
-        sources = _Sources()
+        sources = _Sources(inputs=task.inputs)
         try:
             pt_meta.write_from_skeleton(task.source, task.extra["skeleton"], task.extra.get("set", []), final,
                                         _storage_bytes(task.storages, sources, progress), fsync=fsync,
@@ -501,7 +509,7 @@ def _write_file(task: FileTask, root: Path, progress, fsync: bool) -> None:
             sources.close()
         return
     if task.format in _MEGATRON_WRITERS:   # a Megatron file of a new layout (reshard, torch_dist -> torch)
-        sources = _Sources()
+        sources = _Sources(inputs=task.inputs)
         try:
             write = getattr(megatron_write, _MEGATRON_WRITERS[task.format])
             write(final, task.extra, _storage_bytes(task.storages, sources, progress), fsync=fsync)
@@ -519,7 +527,7 @@ def _write_file(task: FileTask, root: Path, progress, fsync: bool) -> None:
     with atomic.atomic_output(final, fsync=fsync) as tmp:
         if task.format in registry.TENSOR_FORMATS:
             entries = [(t.name, t.dtype, t.shape) for t in task.tensors]
-            sources = _Sources()
+            sources = _Sources(inputs=task.inputs)
             try:
                 with registry.open_writer(task.format, tmp, entries, task.metadata, crc=task.crc) as writer:
                     for t in task.tensors:

@@ -269,6 +269,42 @@ def test_main_param_spot_check_is_one_cast_per_rank(monkeypatch, tmp_path):
     assert "does not round to the model weight" in text and task.rounds_to.key in text
 
 
+def test_executor_names_the_rank_file_of_a_shared_task(tmp_path):
+    """Ranks of one structure share their tasks, which name the files as @-inputs; a main param that
+    does not round to its weight in the middle (past the plan's spot check of the first and last 64
+    elements) is found by the executor's check of every element, naming the rank's real file."""
+    import shutil
+    from pathlib import Path
+
+    import numpy as np
+
+    from ckptmap import execute
+    from ckptmap.formats.megatron_files import OptimFile
+
+    src = fixture_dir("legacy_tp2pp2dp2")
+    plan = compile_pt2ms(Pt2MsOptions(str(src), str(tmp_path / "plan")))
+    f, task = max(((f, t) for f in plan.files for t in f.tensors if t.rounds_to is not None),
+                  key=lambda ft: ft[1].sources[0].count)
+    assert task.sources[0].file.startswith("@") and task.sources[0].count > 1000
+    rel = Path(f.source_path(task.sources[0].file)).relative_to(src)
+    copy = tmp_path / "megatron"
+    shutil.copytree(src, copy)
+    optim = OptimFile(copy / rel)
+    where = optim.byte_range(task.sources[0].key)
+    optim.close()
+    at = where.offset + (task.sources[0].start + task.sources[0].count // 2) * 4
+    data = bytearray((copy / rel).read_bytes())
+    data[at:at + 4] = np.float32(np.frombuffer(bytes(data[at:at + 4]), np.float32)[0] * 3 + 1).tobytes()
+    (copy / rel).write_bytes(bytes(data))
+    plan = compile_pt2ms(Pt2MsOptions(str(copy), str(tmp_path / "out")))   # the spot check does not see it
+    report = execute.run_plan(plan, processes=1, multiprocess=False, progress=False)
+    failed = {r.path: r.error for r in report.failed}
+    assert list(failed) == [f.path], list(failed)
+    assert str(copy / rel) in failed[f.path] and task.name in failed[f.path]
+    assert "does not round to the model weight" in failed[f.path] and "@model" not in failed[f.path] \
+        and "@optim" not in failed[f.path] and "@dense" not in failed[f.path]
+
+
 def test_run_report_of_many_files_is_one_line_per_folder_pattern():
     """A 4,096-rank run writes 12,288 files: the report groups them by folder pattern (numbers as N), names the
     failed file in full, and --full restores the per-file listing."""
