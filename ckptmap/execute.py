@@ -498,7 +498,8 @@ def write_file(task: FileTask, root: Path, progress=None, fsync: bool = False) -
 
 def _write_file(task: FileTask, root: Path, progress, fsync: bool) -> None:
     final = root / task.path
-    final.parent.mkdir(parents=True, exist_ok=True)
+    if not os.path.isdir(final.parent):   # one stat; mkdir of an existing folder raises and catches, per file
+        final.parent.mkdir(parents=True, exist_ok=True)
     if task.format == "torch_stream":
         sources = _Sources(inputs=task.inputs)
         try:
