@@ -33,9 +33,9 @@ import numpy as np
 from ckptmap import atomic, coordinate, dtypes, signals, target
 from ckptmap.errors import CkptmapError
 from ckptmap.formats import byte_io, megatron_write, pt_meta, registry
-from ckptmap.formats.base import FileRange
+from ckptmap.formats.base import FileRange, Hole
 from ckptmap.mapping import ops as tensor_ops
-from ckptmap.mapping.plan import FileTask, Plan, TensorTask
+from ckptmap.mapping.plan import FileTask, Plan, SourceSlice, TensorTask, concat_range
 
 
 
@@ -144,7 +144,7 @@ class _Sources:
         if task.replicas:
             self._check_replicas(task, parts[0])
         if task.rounds_to is not None:
-            self._check_rounding(task, parts[0])
+            self._check_rounding(task, parts[0] if len(parts) == 1 else None)
         first = task.sources[0]
         if len(parts) == 1 and first.start == 0 and first.numel is None:
             out = parts[0]  # whole tensor: stay a zero-copy view
@@ -203,29 +203,34 @@ class _Sources:
         """Elements of the fp32 main param that do not round to the model weight ("all" when the
         sizes differ). Both are read in chunks — into reused buffers when they lie contiguous in
         their files, the usual case — so the check costs a few passes over a chunk in the CPU cache,
-        not arrays the size of the parameter."""
-        weight = task.rounds_to
-        src = task.sources[0]
+        not arrays the size of the parameter. The main param: the first elements of the task's
+        sources, as many as the weight (``rounds_to``) has, possibly in several runs; so the weight."""
+        weights = task.rounds_to_slices
+        count = sum(w.count for w in weights)
+        srcs = concat_range(task.sources, 0, count)
+        wdtype = weights[0].dtype
         if main is None:
-            ranges = (self.byte_range(src), self.byte_range(weight))
-            if None not in ranges and weight.count == src.count and src.dtype == "float32":
+            ranges = [self.byte_range(x) for x in srcs + weights]
+            if None not in ranges and sum(x.count for x in srcs) == count and all(x.dtype == "float32" for x in srcs) \
+                    and all(w.dtype == wdtype for w in weights):
                 n = 1 << 18   # elements per chunk
-                mains = byte_io.read_chunks(ranges[0], n * dtypes.itemsize(src.dtype))
-                weights = byte_io.read_chunks(ranges[1], n * dtypes.itemsize(weight.dtype))
+                mains = byte_io.read_windows(ranges[:len(srcs)], n * 4)
+                weights_bytes = byte_io.read_windows(ranges[len(srcs):], n * dtypes.itemsize(wdtype))
                 bad = 0
-                for m, w in zip(mains, weights):
-                    got = tensor_ops.cast(np.frombuffer(m, dtype=np.float32), "float32", weight.dtype)
+                for m, w in zip(mains, weights_bytes):
+                    got = tensor_ops.cast(np.frombuffer(m, dtype=np.float32), "float32", wdtype)
                     bits = f"u{got.itemsize}"   # bit patterns: a NaN weight equals its NaN rounding
                     bad += int(np.count_nonzero(got.view(bits) != np.frombuffer(w, dtype=bits)))
                 return bad
-            main = self.slice(src)
-        want = self.slice(weight).reshape(-1)
+            main = np.concatenate([self.slice(x).reshape(-1) for x in srcs]) if len(srcs) != 1 else self.slice(srcs[0])
+        want = np.concatenate([self.slice(w).reshape(-1) for w in weights]) if len(weights) > 1 else \
+            self.slice(weights[0]).reshape(-1)
         main = main.reshape(-1)
         if main.size != want.size:
             return "all"
         bad = 0
         for lo in range(0, main.size, 1 << 18):
-            got = tensor_ops.cast(np.ascontiguousarray(main[lo:lo + (1 << 18)]), "float32", weight.dtype)
+            got = tensor_ops.cast(np.ascontiguousarray(main[lo:lo + (1 << 18)]), "float32", wdtype)
             bits = f"u{got.itemsize}"
             bad += int(np.count_nonzero(got.view(bits) != np.ascontiguousarray(want[lo:lo + (1 << 18)]).view(bits)))
         return bad
@@ -233,13 +238,16 @@ class _Sources:
     def _check_rounding(self, task: TensorTask, main: np.ndarray | None) -> None:
         """The fp32 main param, rounded to the model weight's dtype, must be that weight (``main``:
         its values when already in hand, else read here)."""
-        weight = task.rounds_to
+        weights = task.rounds_to_slices
         bad = self._rounding_mismatches(task, main)
         if bad:
+            weight, runs = weights[0], "" if len(weights) == 1 else f" + {len(weights) - 1} more runs"
+            count = sum(w.count for w in weights)
             raise CkptmapError(
                 f"{task.name}: the fp32 main param read from {task.sources[0].file} ({task.sources[0].key} "
-                f"[{task.sources[0].start}:{task.sources[0].start + task.sources[0].count}]) does not round to the model "
-                f"weight {weight.key} of {weight.file} ({bad} of {weight.count} elements differ): the bucket layout puts "
+                f"[{task.sources[0].start}:{task.sources[0].start + task.sources[0].count}]"
+                f"{'' if len(task.sources) == 1 else f' + {len(task.sources) - 1} more runs'}) does not round to the "
+                f"model weight {weight.key}{runs} of {weight.file} ({bad} of {count} elements differ): the bucket layout puts "
                 f"another parameter's optimizer state here. Pass the training run's param_map (--param-map-path), or "
                 f"the right --megatron-version; --no-main-param-check skips this check")
 
@@ -288,12 +296,12 @@ def expected_array(task: TensorTask, sources: _Sources) -> np.ndarray:
 
 
 def _elementwise(task: TensorTask):
-    """(source dtype, target dtype) when the task's value is its one source's elements in file order
-    through at most a cast (reshapes do not move C-order bytes), else None."""
-    if task.reads or len(task.sources) != 1 or task.value is not None:
+    """(source dtype, target dtype) when the task's value is its sources' elements in file order (one
+    after the other) through at most a cast (reshapes do not move C-order bytes), else None."""
+    if task.reads or not task.sources or task.value is not None:
         return None
     src = task.src_dtype or task.sources[0].dtype
-    if src != task.sources[0].dtype:
+    if any(s.dtype != src for s in task.sources):
         return None
     dst = src
     for op in task.ops:
@@ -305,8 +313,8 @@ def _elementwise(task: TensorTask):
 
 
 def byte_copy(task: TensorTask) -> bool:
-    """The task's bytes are a run of its source's bytes: the executor copies them kernel-side
-    (when the source's format stores them contiguously)."""
+    """The task's bytes are runs of its sources' bytes: the executor copies them kernel-side
+    (when the sources' format stores them contiguously)."""
     kinds = _elementwise(task)
     return kinds is not None and kinds[0] == kinds[1]
 
@@ -318,7 +326,7 @@ def _checks(task: TensorTask, sources: "_Sources") -> None:
         sources._check_rounding(task, None)
 
 
-def _cast_chunks(rng: FileRange, src: str, dst: str):
+def _cast_chunks(rng, src: str, dst: str):
     """The bytes of ``rng`` (elements of ``src``) cast to ``dst`` (``ops.cast``, the one definition
     of every cast), chunk by chunk: the source read into one reused buffer, a chunk-sized result."""
     if (src, dst) == ("float32", "bfloat16"):
@@ -326,7 +334,7 @@ def _cast_chunks(rng: FileRange, src: str, dst: str):
         return
     size = dtypes.itemsize(src)
     chunk = byte_io.CHUNK // 2 // size * size
-    for raw in byte_io.read_chunks(rng, chunk):
+    for raw in (c for r in byte_io.ranges_of(rng) for c in byte_io.read_chunks(r, chunk)):
         values = np.frombuffer(raw, dtype=dtypes.storage(src))
         yield np.ascontiguousarray(tensor_ops.cast(values, src, dst)).view(np.uint8)
 
@@ -334,36 +342,51 @@ def _cast_chunks(rng: FileRange, src: str, dst: str):
 _BF16_CHUNK = 1 << 17   # elements: source, scratch and result (1.25 MiB) stay in the L2 cache
 
 
-def _f32_to_bf16_chunks(rng: FileRange):
+def _f32_to_bf16_chunks(rng):
     """``ops.f32_to_bf16`` of the float32 bytes of ``rng`` (ms2pt's fp32 -> bf16 weights), chunk by
     chunk into reused buffers that stay in the CPU cache (about half the time of the general cast),
     yielding views of one result buffer (each valid until the next is asked for)."""
     scratch = np.empty(_BF16_CHUNK, dtype=np.uint32)
     result = np.empty(_BF16_CHUNK, dtype=np.uint16)
-    for raw in byte_io.read_chunks(rng, _BF16_CHUNK * 4):
+    for raw in (c for r in byte_io.ranges_of(rng) for c in byte_io.read_chunks(r, _BF16_CHUNK * 4)):
         values = np.frombuffer(raw, dtype=np.float32)
         n = values.size
         yield tensor_ops.f32_to_bf16(values, out=result[:n], scratch=scratch[:n]).view(np.uint8)
 
 
 def streamed(task: TensorTask, sources: "_Sources"):
-    """("range", FileRange) when the task's bytes are a contiguous run of its source file,
-    ("chunks", iterator) when they are such a run cast element by element, else None (the task
+    """("range", FileRange or a tuple of them) when the task's bytes are contiguous runs of its source
+    files, ("chunks", iterator) when they are such runs cast element by element, else None (the task
     needs its whole array: expected_array). The task's checks run first."""
     kinds = _elementwise(task)
     if kinds is None:
         return None
-    rng = sources.byte_range(task.sources[0])
-    if rng is None:
+    ranges = tuple(sources.byte_range(s) for s in task.sources)
+    if None in ranges:
         return None
+    rng = ranges[0] if len(ranges) == 1 else ranges
     _checks(task, sources)
     if kinds[0] == kinds[1]:
         return "range", rng
     return "chunks", _cast_chunks(rng, *kinds)
 
 
-def _storage_bytes(storages, sources: "_Sources", progress):
-    """fill(key) for a streamed torch file: each storage's pieces in order, as raw bytes."""
+def hole_source(task: TensorTask) -> SourceSlice | None:
+    """The one slice a storage piece is a byte copy of (``reshard.byte_copy_pieces``), else None."""
+    return task.sources[0] if len(task.sources) == 1 and byte_copy(task) else None
+
+
+def zero_constant(task: TensorTask) -> bool:
+    """A constant piece whose bytes are all zero (buffer padding and alignment gaps)."""
+    if task.sources or task.reads or task.value is None or np.ndim(task.value):
+        return False
+    return not np.array(task.value, dtype=dtypes.storage(task.dtype)).reshape(1).view(np.uint8).any()
+
+
+def _storage_bytes(storages, sources: "_Sources", progress, holes: bool = False):
+    """fill(key) for a streamed torch file: each storage's pieces in order, as raw bytes. ``holes``
+    (an intermediate file whose byte copies are read from their sources instead): byte-copied and
+    zero pieces become Holes, neither read nor written."""
     by_key = {s.key: s for s in storages}
 
     def fill(key):
@@ -375,12 +398,15 @@ def _storage_bytes(storages, sources: "_Sources", progress):
                 t = piece.tensor
                 if t.dtype != st.dtype:
                     raise CkptmapError(f"internal error: {t.name} is {t.dtype}, storage {key} holds {st.dtype}")
+                if holes and (hole_source(t) is not None or zero_constant(t)):
+                    yield Hole(t.nbytes)
+                    continue
                 how = streamed(t, sources)
                 if how is None:
                     value = expected_array(t, sources)
                     yield np.ascontiguousarray(value).reshape(-1).view(np.uint8)
                 elif how[0] == "range":   # copied by the kernel; the CRC read through a map of the source
-                    yield how[1]
+                    yield from byte_io.ranges_of(how[1])
                 else:
                     yield from how[1]
                 if progress:
@@ -392,6 +418,22 @@ def _storage_bytes(storages, sources: "_Sources", progress):
 
 _MEGATRON_WRITERS = {"megatron_model": "write_model", "megatron_optim": "write_optim",
                      "megatron_model_dist": "write_model_from_dist"}
+
+
+def write_intermediate(task: FileTask, root: Path) -> dict:
+    """Write a Megatron file of a plan as an intermediate: its byte-copied and zero pieces left as holes
+    (``_storage_bytes``). Returns {plan storage key: the file's record key}, which tells a reader of the
+    file's tensors which plan storage (and so which pieces) each one views."""
+    final = root / task.path
+    final.parent.mkdir(parents=True, exist_ok=True)
+    records: dict = {}
+    sources = _Sources()
+    try:
+        write = getattr(megatron_write, _MEGATRON_WRITERS[task.format])
+        write(final, task.extra, _storage_bytes(task.storages, sources, None, holes=True), records=records)
+    finally:
+        sources.close()
+    return records
 
 
 def write_file(task: FileTask, root: Path, progress=None, fsync: bool = False) -> int:

@@ -58,7 +58,7 @@ def _pattern(text: str) -> str:
 
 def _how(t) -> str:
     """How the executor makes a tensor's bytes: a kernel-side byte copy, a cast streamed in chunks, or
-    the whole tensor computed (ops that move elements, several sources, boxes), or a constant."""
+    the whole tensor computed (ops that move elements, boxes), or a constant."""
     from ckptmap.execute import _elementwise
 
     if not t.sources and not t.reads:
@@ -110,9 +110,10 @@ class _Tally:
     def how(self, t) -> str:
         if not t.sources and not t.reads:
             return "constant"
-        if t.reads or len(t.sources) != 1 or t.value is not None:
+        if t.reads or t.value is not None:
             return "computed"
-        key = (t.src_dtype, t.sources[0].dtype, t.dtype, t.ops)
+        dtypes_of = t.sources[0].dtype if len(t.sources) == 1 else tuple(s.dtype for s in t.sources)
+        key = (t.src_dtype, dtypes_of, t.dtype, t.ops)
         try:
             how = self.hows.get(key)
         except TypeError:   # an op argument that cannot be hashed

@@ -76,6 +76,39 @@ def copy_range(src: FileRange, out_fd: int, out_offset: int | None = None) -> No
         os.close(fd)
 
 
+def ranges_of(source) -> tuple:
+    """A FileRange or a sequence of them (a tensor's bytes as consecutive runs of other files) as a tuple."""
+    return (source,) if isinstance(source, FileRange) else tuple(source)
+
+
+def ranges_nbytes(source) -> int:
+    return sum(r.nbytes for r in ranges_of(source))
+
+
+def sub_ranges(source, start: int, nbytes: int) -> list[FileRange]:
+    """Bytes ``[start, start + nbytes)`` of the concatenation of ``source``'s runs, as runs."""
+    out, pos = [], 0
+    for r in ranges_of(source):
+        lo, hi = max(start, pos), min(start + nbytes, pos + r.nbytes)
+        if lo < hi:
+            out.append(FileRange(r.path, r.offset + lo - pos, hi - lo))
+        pos += r.nbytes
+    return out
+
+
+def read_windows(source, size: int):
+    """The bytes of ``source`` (a FileRange or consecutive runs) in windows of ``size`` bytes (the last
+    shorter), across run boundaries: two such streams of equally many elements pair window by window."""
+    runs = ranges_of(source)
+    if len(runs) == 1:
+        yield from read_chunks(runs[0], size)
+        return
+    total = sum(r.nbytes for r in runs)
+    for lo in range(0, total, size):
+        parts = [bytes(c) for r in sub_ranges(runs, lo, min(size, total - lo)) for c in read_chunks(r, size)]
+        yield parts[0] if len(parts) == 1 else b"".join(parts)
+
+
 def pwrite_all(fd: int, data, offset: int) -> None:
     view = memoryview(data).cast("B")
     while view:

@@ -208,24 +208,27 @@ class CkptWriter:
         self._admit(name, dtype, shape)
         return math.prod(shape) * dtypes.itemsize(dtype), step
 
-    def write_range(self, name: str, dtype: str, shape, source: FileRange) -> None:
-        """Write tensor ``name`` whose content is the bytes ``source`` of another file (C order,
-        little-endian, exactly ``dtype`` x ``shape``): copied by the kernel, never read by Python —
-        unless this file gets a CRC trailer, whose CRC needs the bytes (then read in chunks)."""
+    def write_range(self, name: str, dtype: str, shape, source) -> None:
+        """Write tensor ``name`` whose content is the bytes ``source`` of other files (a FileRange or
+        consecutive runs; C order, little-endian, exactly ``dtype`` x ``shape``): copied by the kernel,
+        never read by Python — unless this file gets a CRC trailer, whose CRC needs the bytes (then read
+        in chunks)."""
         nbytes, step = self._admit_streamed(name, dtype, shape)
-        if source.nbytes != nbytes:
+        found = byte_io.ranges_nbytes(source)
+        if found != nbytes:
             raise CkptmapError(f"{self.path}: tensor {name!r} ({dtype} {list(shape)}) needs {nbytes} bytes but the "
-                               f"source range of {source.path} holds {source.nbytes}")
+                               f"source range of {byte_io.ranges_of(source)[0].path} holds {found}")
         tag, ms_type = name.encode("utf-8"), _MS_TYPES[dtype].encode()
         for start in range(0, max(nbytes, 1), step):
-            part = FileRange(source.path, source.offset + start, min(step, nbytes - start))
-            self._header(tag, shape, ms_type, part.nbytes)
-            if self._crc is not None:
-                for chunk in byte_io.read_chunks(part):
-                    self._emit(chunk)
-            elif part.nbytes:
-                self._f.flush()   # the kernel appends at the descriptor's position, after what is buffered
-                byte_io.copy_range(part, self._f.fileno())
+            n = min(step, nbytes - start)
+            self._header(tag, shape, ms_type, n)
+            for part in byte_io.sub_ranges(source, start, n):
+                if self._crc is not None:
+                    for chunk in byte_io.read_chunks(part):
+                        self._emit(chunk)
+                elif part.nbytes:
+                    self._f.flush()   # the kernel appends at the descriptor's position, after what is buffered
+                    byte_io.copy_range(part, self._f.fileno())
 
     def write_chunks(self, name: str, dtype: str, shape, chunks) -> None:
         """Write tensor ``name`` from ``chunks``, bytes-like pieces whose concatenation is its content

@@ -149,14 +149,18 @@ class SafetensorsWriter:
         return math.prod(expected[2]) * dtypes.itemsize(dtype)
 
     def write_range(self, name: str, dtype: str, shape, source) -> None:
-        """Tensor ``name`` whose content is the bytes ``source`` (a FileRange) of another file:
+        """Tensor ``name`` whose content is the bytes ``source`` (a FileRange, or consecutive runs) of other files:
         copied by the kernel to the tensor's place, never read by Python."""
         nbytes = self._admit_streamed(name, dtype, shape)
-        if source.nbytes != nbytes:
+        found = byte_io.ranges_nbytes(source)
+        if found != nbytes:
             raise CkptmapError(f"{self.path}: tensor {name!r} ({dtype} {list(shape)}) needs {nbytes} bytes but the "
-                               f"source range of {source.path} holds {source.nbytes}")
-        if nbytes:
-            byte_io.copy_range(source, self._fd, self._data_start + self._offsets[name])
+                               f"source range of {byte_io.ranges_of(source)[0].path} holds {found}")
+        at = self._data_start + self._offsets[name]
+        for part in byte_io.ranges_of(source):   # one run, or consecutive runs of several files
+            if part.nbytes:
+                byte_io.copy_range(part, self._fd, at)
+            at += part.nbytes
         self._count += 1
 
     def write_chunks(self, name: str, dtype: str, shape, chunks) -> None:

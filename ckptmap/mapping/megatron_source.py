@@ -22,7 +22,7 @@ from ckptmap.formats import dialect_translate, megatron_files, megatron_folders,
 from ckptmap.mapping import buckets
 from ckptmap.mapping import ops as tensor_ops
 from ckptmap.mapping.layout import ParallelLayout
-from ckptmap.mapping.plan import SourceSlice
+from ckptmap.mapping.plan import SourceSlice, concat_range
 from ckptmap.mapping.rules import EXPERT, LAYER, ParamRule, RuleSet, bundled_rules, load_rules, resolve_rules
 
 
@@ -457,13 +457,14 @@ def spot_check_main_params(tasks, read_files=()) -> None:
         for t in tasks:
             if t.rounds_to is None:
                 continue
-            src, weight = t.sources[0], t.rounds_to
-            n = src.count
+            weights = t.rounds_to_slices   # the weight, and the main param, may be several runs
+            n = sum(w.count for w in weights)
             for lo in sorted({0, max(0, n - SPOT_CHECK)}):
                 k = min(SPOT_CHECK, n - lo)
-                part = attrs.evolve(t, name=t.name, sources=(attrs.evolve(src, start=src.start + lo, numel=k),),
-                                    rounds_to=_flat_part(weight, lo, k), src_shape=(k,), ops=())
-                sources._check_rounding(part, sources.slice(part.sources[0]))
+                main, weight = concat_range(t.sources, lo, k), concat_range(weights, lo, k)
+                part = attrs.evolve(t, name=t.name, sources=main, rounds_to=weight[0] if len(weight) == 1 else weight,
+                                    src_shape=(k,), ops=())
+                sources._check_rounding(part, sources.slice(main[0]) if len(main) == 1 else None)
     finally:
         sources.close()
 
@@ -779,6 +780,8 @@ def _spot_check_in_one_pass(tasks, read_files) -> bool:
     for t in tasks:
         if t.rounds_to is None:
             continue
+        if not isinstance(t.rounds_to, SourceSlice):
+            return False   # a weight in several runs: checked task by task
         src, weight = t.sources[0], t.rounds_to
         n = src.count
         if src.dtype != "float32" or weight.count != n or weight.dtype not in ("bfloat16", "float16"):
