@@ -372,8 +372,11 @@ def streamed(task: TensorTask, sources: "_Sources"):
 
 
 def hole_source(task: TensorTask) -> SourceSlice | None:
-    """The one slice a storage piece is a byte copy of (``reshard.byte_copy_pieces``), else None."""
-    return task.sources[0] if len(task.sources) == 1 and byte_copy(task) else None
+    """The one slice a storage piece is a byte copy of (``reshard.byte_copy_pieces``), else None; a piece
+    with checks (replicas, main param) is none: its bytes are read and checked."""
+    if len(task.sources) != 1 or task.replicas or task.rounds_to is not None:
+        return None
+    return task.sources[0] if byte_copy(task) else None
 
 
 def zero_constant(task: TensorTask) -> bool:

@@ -68,6 +68,7 @@ def _pt2ms_from_torch_dist(ns) -> int:
     from ckptmap.mapping.torch_dist_legacy import DistToLegacyOptions, compile_torch_dist_to_legacy
 
     out, source = Path(ns.ms_path), ns.megatron_path
+    atomic.remove_stale_temps(out.parent, recursive=False)   # a SIGKILLed run's folder (see cli/compose.py)
     tmp = atomic.temp_name(out.parent / f"{out.name}-torch-dist-as-legacy")
     # --target-* sizes are the legacy step's (it writes any layout, EP for MoE); noop layers and stage lists are not
     unsupported = [f"--{d.replace('_', '-')}" for d in ("target_stage_list", "target_noop")

@@ -93,7 +93,8 @@ class _Rewriter:
         while i < len(st.pieces) and st.pieces[i].offset < first + count:
             piece = st.pieces[i]
             i += 1
-            n = math.prod(piece.tensor.shape) if piece.tensor is not None else piece.padding.count
+            n = math.prod(piece.tensor.shape) if piece.tensor is not None else \
+                piece.padding.count // dtypes.itemsize(st.dtype)   # raw bytes
             lo, hi = max(first, piece.offset), min(first + count, piece.offset + n)
             if lo >= hi:
                 continue
