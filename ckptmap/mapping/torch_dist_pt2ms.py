@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import bisect
 import math
+import os
 from pathlib import Path
 
 import attrs
@@ -49,7 +50,7 @@ def write_intermediates(legacy: Plan) -> Intermediate:
         if f.format in execute._MEGATRON_WRITERS:
             records = execute.write_intermediate(f, root)
             by_key = {st.key: st for st in f.storages}
-            storages[str(root / f.path)] = {record: by_key[key] for key, record in records.items()}
+            storages[os.path.realpath(root / f.path)] = {record: by_key[key] for key, record in records.items()}
         else:
             execute.write_file(f, root)
     return Intermediate(root, storages)
@@ -61,6 +62,8 @@ class _Rewriter:
 
         self.inter = inter
         self.files: dict = {}
+        self.real: dict = {}
+        self.root = os.path.realpath(inter.root)
         self.offsets: dict = {}   # id(StorageTask) -> piece offsets (sorted: pieces tile the storage in order)
         self._open = PtFile
 
@@ -75,8 +78,14 @@ class _Rewriter:
         they copy, the rest (assembled pieces, zeros) as before, in the intermediate."""
         from ckptmap.execute import hole_source
 
-        table = self.inter.storages.get(s.file)
+        real = self.real.get(s.file)
+        if real is None:   # pt2ms names the files as it found them; the intermediates are keyed by real path
+            real = self.real[s.file] = os.path.realpath(s.file)
+        table = self.inter.storages.get(real)
         if table is None:
+            if real.startswith(self.root + os.sep):   # never read an intermediate's holes as data
+                raise CkptmapError(f"internal error: {s.file} (tensor {s.key}) is in the intermediate folder but was "
+                                   f"not written as an intermediate file")
             return (s,)
         ref = self._file(s.file).entry(s.key)
         st = table.get(ref.storage) if ref is not None else None
@@ -174,7 +183,7 @@ def direct(plan: Plan, inter: Intermediate, source: str, main_param_check: bool 
                 else:
                     written += p.tensor.nbytes if p.tensor is not None else p.padding.count
     direct_bytes = sum(s.count * dtypes.itemsize(s.dtype) for f in files for t in f.tensors for s in t.sources
-                       if s.file not in inter.storages)
+                       if rw.real.get(s.file, s.file) not in inter.storages)
     info = dict(plan.info, source=source, source_format="torch_dist",
                 intermediate=f"legacy object trees in {inter.root}, {holes} byte-copied / zero storage pieces left as "
                              f"holes, {written} tensor bytes written there (assembled pieces)",
