@@ -388,8 +388,9 @@ def zero_constant(task: TensorTask) -> bool:
 
 def _storage_bytes(storages, sources: "_Sources", progress, holes: bool = False):
     """fill(key) for a streamed torch file: each storage's pieces in order, as raw bytes. ``holes``
-    (an intermediate file whose byte copies are read from their sources instead): byte-copied and
-    zero pieces become Holes, neither read nor written."""
+    (an intermediate file whose byte copies are read from their sources instead): every tensor piece
+    becomes a Hole, neither read nor written (zeros read back as such; an assembled piece is written
+    later if something reads it: ``fill_hole``)."""
     by_key = {s.key: s for s in storages}
 
     def fill(key):
@@ -401,7 +402,7 @@ def _storage_bytes(storages, sources: "_Sources", progress, holes: bool = False)
                 t = piece.tensor
                 if t.dtype != st.dtype:
                     raise CkptmapError(f"internal error: {t.name} is {t.dtype}, storage {key} holds {st.dtype}")
-                if holes and (hole_source(t) is not None or zero_constant(t)):
+                if holes:
                     yield Hole(t.nbytes)
                     continue
                 how = streamed(t, sources)
@@ -424,7 +425,7 @@ _MEGATRON_WRITERS = {"megatron_model": "write_model", "megatron_optim": "write_o
 
 
 def write_intermediate(task: FileTask, root: Path) -> dict:
-    """Write a Megatron file of a plan as an intermediate: its byte-copied and zero pieces left as holes
+    """Write a Megatron file of a plan as an intermediate: its tensor pieces left as holes
     (``_storage_bytes``). Returns {plan storage key: the file's record key}, which tells a reader of the
     file's tensors which plan storage (and so which pieces) each one views."""
     final = root / task.path
@@ -437,6 +438,21 @@ def write_intermediate(task: FileTask, root: Path) -> dict:
     finally:
         sources.close()
     return records
+
+
+def fill_hole(path, offset: int, task: TensorTask) -> None:
+    """Write the bytes of ``task`` (a storage piece an intermediate left as a hole) at byte ``offset`` of
+    the intermediate file ``path``; one piece in memory."""
+    sources = _Sources()
+    try:
+        data = np.ascontiguousarray(expected_array(task, sources)).reshape(-1).view(np.uint8)
+    finally:
+        sources.close()
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        byte_io.pwrite_all(fd, data, offset)
+    finally:
+        os.close(fd)
 
 
 def write_file(task: FileTask, root: Path, progress=None, fsync: bool = False) -> int:

@@ -4,13 +4,14 @@ pt2ms plans from legacy Megatron files (their object trees and bucket layouts: `
 torch_dist -> torch (``torch_dist_legacy``) plans such files piece by piece: most pieces of their storages
 are byte copies of torch_dist chunks (``reshard.byte_copy_pieces``), the rest buffer padding (zeros) and,
 at a new TP size, boxes assembled from several chunks. So the legacy files are written into a temporary
-folder as *intermediates* (``execute.write_intermediate``): pickles, zip records and the assembled pieces
-for real, the byte copies and the zeros left as holes of sparse files -- neither read nor written. pt2ms
-plans from them as from any legacy folder; then every slice of its plan that lies in a byte-copied piece
-is replaced by the same elements of the chunk that piece copies (:func:`direct`), so the executor reads
-the torch_dist files once and writes the MindSpore files once. What still reads the intermediates reads
-real bytes: the pt_meta entries (object trees, RNG states, zero padding -- a hole reads as zeros) and
-pieces that were assembled.
+folder as *intermediates* (``execute.write_intermediate``): pickles and zip records, every tensor piece left
+as a hole of a sparse file -- neither read nor written. pt2ms plans from them as from any legacy folder;
+then every slice of its plan that lies in a byte-copied piece is replaced by the same elements of the chunk
+that piece copies (:func:`direct`), so the executor reads the torch_dist files once and writes the
+MindSpore files once. What still reads the intermediates reads real bytes: the pt_meta entries (object
+trees, RNG states, zero padding -- a hole reads as zeros) and the assembled pieces the plan reads there,
+which are written into their holes first (``execute.fill_hole``; pt2ms's default fp32 weights come from the
+main params, so an assembled bf16 weight is written only for the main-param check).
 
 pt2ms's checks are pt2ms's: the layout checks while planning, and the main-param spot check on the
 rewritten plan (``megatron_source.spot_check_main_params``; while planning it saw the holes' zeros, which
@@ -63,6 +64,7 @@ class _Rewriter:
         self.inter = inter
         self.files: dict = {}
         self.real: dict = {}
+        self.fills: dict = {}   # (file, id(piece)) -> (file, byte offset, piece task): assembled pieces read there
         self.root = os.path.realpath(inter.root)
         self.offsets: dict = {}   # id(StorageTask) -> piece offsets (sorted: pieces tile the storage in order)
         self._open = PtFile
@@ -73,10 +75,20 @@ class _Rewriter:
             f = self.files[path] = self._open(path)
         return f
 
+    def _needs(self, s: SourceSlice, ref, st, piece) -> None:
+        key = (s.file, id(piece))
+        if key in self.fills:
+            return
+        rng = self._file(s.file).byte_range(s.key)
+        if rng is None:
+            raise CkptmapError(f"internal error: {s.file}: tensor {s.key} is not stored contiguously")
+        size = dtypes.itemsize(st.dtype)
+        self.fills[key] = (s.file, rng.offset + (piece.offset - ref.storage_offset) * size, piece.tensor)
+
     def slices(self, s: SourceSlice) -> tuple[SourceSlice, ...]:
         """``s`` as the slices its elements come from: those of byte-copied pieces as slices of the chunks
         they copy, the rest (assembled pieces, zeros) as before, in the intermediate."""
-        from ckptmap.execute import hole_source
+        from ckptmap.execute import hole_source, zero_constant
 
         real = self.real.get(s.file)
         if real is None:   # pt2ms names the files as it found them; the intermediates are keyed by real path
@@ -108,6 +120,8 @@ class _Rewriter:
             if lo >= hi:
                 continue
             src = hole_source(piece.tensor) if piece.tensor is not None else None
+            if src is None and piece.tensor is not None and not zero_constant(piece.tensor):
+                self._needs(s, ref, st, piece)   # assembled: written into the intermediate, as it is read there
             if src is not None:
                 start = src.start + lo - piece.offset
                 whole = start == 0 and hi - lo == math.prod(src.shape)
@@ -172,27 +186,19 @@ def direct(plan: Plan, inter: Intermediate, source: str, main_param_check: bool 
     finally:
         for pt in rw.files.values():
             pt.close()
+    from ckptmap.execute import fill_hole
+    written = 0
+    for path, offset, task in rw.fills.values():   # what the plan reads of the intermediates, before the checks
+        fill_hole(path, offset, task)
+        written += task.nbytes
     if main_param_check:
         spot_check_main_params([t for f in files for t in f.tensors if t.rounds_to is not None])
-    holes = written = 0
-    for table in inter.storages.values():
-        for st in table.values():
-            for p in st.pieces:
-                if p.tensor is not None and _is_hole(p.tensor):
-                    holes += 1
-                else:
-                    written += p.tensor.nbytes if p.tensor is not None else p.padding.count
+    holes = sum(1 for table in inter.storages.values() for st in table.values() for p in st.pieces
+                if p.tensor is not None) - len(rw.fills)
     direct_bytes = sum(s.count * dtypes.itemsize(s.dtype) for f in files for t in f.tensors for s in t.sources
                        if rw.real.get(s.file, s.file) not in inter.storages)
     info = dict(plan.info, source=source, source_format="torch_dist",
-                intermediate=f"legacy object trees in {inter.root}, {holes} byte-copied / zero storage pieces left as "
-                             f"holes, {written} tensor bytes written there (assembled pieces)",
+                intermediate=f"legacy object trees in {inter.root}, {holes} storage pieces left as holes, {written} "
+                             f"tensor bytes written there (assembled pieces the plan reads there)",
                 read_from_torch_dist=f"{direct_bytes} bytes")
     return attrs.evolve(plan, files=tuple(files), info=info)
-
-
-def _is_hole(t: TensorTask) -> bool:
-    from ckptmap.execute import hole_source, zero_constant
-
-    return hole_source(t) is not None or zero_constant(t)
-
