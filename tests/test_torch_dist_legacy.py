@@ -199,13 +199,16 @@ def test_weights_only_from_bucket_space(mcore_standard, tmp_path):
 
 @pytest.mark.parametrize("version,sharding_type,case,flags", [
     ("0.12.1", "fully_sharded_model_space", "dense", []), ("0.16.1", "dp_reshardable", "dense", []),
-    ("0.16.1", "dp_reshardable", "moe", []), ("0.16.1", "dp_reshardable", "moe", ["--target-ep-size", "4"])])
+    ("0.16.1", "dp_reshardable", "moe", []), ("0.16.1", "dp_reshardable", "moe", ["--target-ep-size", "4"]),
+    ("0.12.1", "fully_sharded_model_space", "dense", ["--target-tp-size", "1"])])
 def test_pt2ms_reads_torch_dist(mcore_standard, tmp_path, monkeypatch, version, sharding_type, case, flags):
     """pt2ms of a torch_dist save (planned from legacy files' object trees in a temporary folder, the tensors
     read from the torch_dist files) gives exactly the MindSpore files pt2ms makes of the same run's own legacy
     save (every key, dtype and value, read by mindspore.load_checkpoint), writes no tensor bytes into the
     temporary folder at the saving layout, and leaves no temporary folder behind. MoE too (EP 2: one rank_N
-    per expert rank, ChainedOptimizer state), also at --target-ep-size 4 (the legacy save resharded by pt2ms)."""
+    per expert rank, ChainedOptimizer state), also at --target-ep-size 4 and, dense, at --target-tp-size 1 (the
+    legacy save resharded by pt2ms): there the dim-1 TP shards are assembled and written into the temporary folder,
+    their states and the weights the main-param check reads (every fp32 main param must round to them)."""
     import mindspore as ms
     import numpy as np
 
@@ -234,8 +237,11 @@ def test_pt2ms_reads_torch_dist(mcore_standard, tmp_path, monkeypatch, version, 
     if not flags:   # the saving layout: every tensor is a byte copy of chunks
         assert slices and not from_legacy, from_legacy[:3]
         assert ", 0 tensor bytes written there" in seen["plan"].info["intermediate"]
-    else:           # a new EP size: only pieces assembled from several chunks are written there
+    else:           # a new layout: only pieces assembled from several chunks are written there, if read there
         assert len(from_legacy) < len(slices) / 4, (len(from_legacy), len(slices))
+    if flags[:1] == ["--target-tp-size"]:
+        written = int(seen["plan"].info["intermediate"].split(" tensor bytes written there")[0].rpartition(" ")[2])
+        assert 0 < written < sum(s.count * 4 for s in slices)   # the dim-1 shards: states, and weights to check
     files = sorted(p.relative_to(outs["legacy"]) for p in outs["legacy"].rglob("*.ckpt"))
     assert files and files == sorted(p.relative_to(outs["dist"]) for p in outs["dist"].rglob("*.ckpt"))
     for f in files:
