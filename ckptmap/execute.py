@@ -33,9 +33,9 @@ import numpy as np
 from ckptmap import atomic, coordinate, dtypes, signals, target
 from ckptmap.errors import CkptmapError
 from ckptmap.formats import byte_io, megatron_write, pt_meta, registry, torch_zip_reader
-from ckptmap.formats.base import FileRange
+from ckptmap.formats.base import FileRange, Hole
 from ckptmap.mapping import ops as tensor_ops
-from ckptmap.mapping.plan import FileTask, Plan, TensorTask
+from ckptmap.mapping.plan import FileTask, Plan, SourceSlice, TensorTask, concat_range
 
 
 
@@ -169,7 +169,7 @@ class _Sources:
         if task.replicas:
             self._check_replicas(task, parts[0])
         if task.rounds_to is not None:
-            self._check_rounding(task, parts[0])
+            self._check_rounding(task, parts[0] if len(parts) == 1 else None)
         first = task.sources[0]
         if len(parts) == 1 and first.start == 0 and first.numel is None:
             out = parts[0]  # whole tensor: stay a zero-copy view
@@ -229,29 +229,34 @@ class _Sources:
         """Elements of the fp32 main param that do not round to the model weight ("all" when the
         sizes differ). Both are read in chunks — into reused buffers when they lie contiguous in
         their files, the usual case — so the check costs a few passes over a chunk in the CPU cache,
-        not arrays the size of the parameter."""
-        weight = task.rounds_to
-        src = task.sources[0]
+        not arrays the size of the parameter. The main param: the first elements of the task's
+        sources, as many as the weight (``rounds_to``) has, possibly in several runs; so the weight."""
+        weights = task.rounds_to_slices
+        count = sum(w.count for w in weights)
+        srcs = concat_range(task.sources, 0, count)
+        wdtype = weights[0].dtype
         if main is None:
-            ranges = (self.byte_range(src), self.byte_range(weight))
-            if None not in ranges and weight.count == src.count and src.dtype == "float32":
+            ranges = [self.byte_range(x) for x in srcs + weights]
+            if None not in ranges and sum(x.count for x in srcs) == count and all(x.dtype == "float32" for x in srcs) \
+                    and all(w.dtype == wdtype for w in weights):
                 n = 1 << 18   # elements per chunk
-                mains = byte_io.read_chunks(ranges[0], n * dtypes.itemsize(src.dtype))
-                weights = byte_io.read_chunks(ranges[1], n * dtypes.itemsize(weight.dtype))
+                mains = byte_io.read_windows(ranges[:len(srcs)], n * 4)
+                weights_bytes = byte_io.read_windows(ranges[len(srcs):], n * dtypes.itemsize(wdtype))
                 bad = 0
-                for m, w in zip(mains, weights):
-                    got = tensor_ops.cast(np.frombuffer(m, dtype=np.float32), "float32", weight.dtype)
+                for m, w in zip(mains, weights_bytes):
+                    got = tensor_ops.cast(np.frombuffer(m, dtype=np.float32), "float32", wdtype)
                     bits = f"u{got.itemsize}"   # bit patterns: a NaN weight equals its NaN rounding
                     bad += int(np.count_nonzero(got.view(bits) != np.frombuffer(w, dtype=bits)))
                 return bad
-            main = self.slice(src)
-        want = self.slice(weight).reshape(-1)
+            main = np.concatenate([self.slice(x).reshape(-1) for x in srcs]) if len(srcs) != 1 else self.slice(srcs[0])
+        want = np.concatenate([self.slice(w).reshape(-1) for w in weights]) if len(weights) > 1 else \
+            self.slice(weights[0]).reshape(-1)
         main = main.reshape(-1)
         if main.size != want.size:
             return "all"
         bad = 0
         for lo in range(0, main.size, 1 << 18):
-            got = tensor_ops.cast(np.ascontiguousarray(main[lo:lo + (1 << 18)]), "float32", weight.dtype)
+            got = tensor_ops.cast(np.ascontiguousarray(main[lo:lo + (1 << 18)]), "float32", wdtype)
             bits = f"u{got.itemsize}"
             bad += int(np.count_nonzero(got.view(bits) != np.ascontiguousarray(want[lo:lo + (1 << 18)]).view(bits)))
         return bad
@@ -259,14 +264,17 @@ class _Sources:
     def _check_rounding(self, task: TensorTask, main: np.ndarray | None) -> None:
         """The fp32 main param, rounded to the model weight's dtype, must be that weight (``main``:
         its values when already in hand, else read here)."""
-        weight = task.rounds_to
+        weights = task.rounds_to_slices
         bad = self._rounding_mismatches(task, main)
         if bad:
+            weight, runs = weights[0], "" if len(weights) == 1 else f" + {len(weights) - 1} more runs"
+            count = sum(w.count for w in weights)
             raise CkptmapError(
-                f"{task.name}: the fp32 main param read from {self.path(task.sources[0].file)} "
-                f"({task.sources[0].key} [{task.sources[0].start}:{task.sources[0].start + task.sources[0].count}]) does "
-                f"not round to the model weight {weight.key} of {self.path(weight.file)} ({bad} of {weight.count} "
-                f"elements differ): the bucket layout puts "
+                f"{task.name}: the fp32 main param read from {self.path(task.sources[0].file)} ({task.sources[0].key} "
+                f"[{task.sources[0].start}:{task.sources[0].start + task.sources[0].count}]"
+                f"{'' if len(task.sources) == 1 else f' + {len(task.sources) - 1} more runs'}) does not round to the "
+                f"model weight {weight.key}{runs} of {self.path(weight.file)} ({bad} of {count} elements differ): the "
+                f"bucket layout puts "
                 f"another parameter's optimizer state here. Pass the training run's param_map (--param-map-path), or "
                 f"the right --megatron-version; --no-main-param-check skips this check")
 
@@ -350,7 +358,7 @@ def _checks(task: TensorTask, sources: "_Sources") -> None:
         sources._check_rounding(task, None)
 
 
-def _cast_chunks(rng: FileRange, src: str, dst: str):
+def _cast_chunks(rng, src: str, dst: str):
     """The bytes of ``rng`` (elements of ``src``) cast to ``dst`` (``ops.cast``, the one definition
     of every cast), chunk by chunk: the source read into one reused buffer, a chunk-sized result."""
     if (src, dst) == ("float32", "bfloat16"):
@@ -358,7 +366,7 @@ def _cast_chunks(rng: FileRange, src: str, dst: str):
         return
     size = dtypes.itemsize(src)
     chunk = byte_io.CHUNK // 2 // size * size
-    for raw in byte_io.read_chunks(rng, chunk):
+    for raw in (c for r in byte_io.ranges_of(rng) for c in byte_io.read_chunks(r, chunk)):
         values = np.frombuffer(raw, dtype=dtypes.storage(src))
         yield np.ascontiguousarray(tensor_ops.cast(values, src, dst)).view(np.uint8)
 
@@ -366,13 +374,13 @@ def _cast_chunks(rng: FileRange, src: str, dst: str):
 _BF16_CHUNK = 1 << 17   # elements: source, scratch and result (1.25 MiB) stay in the L2 cache
 
 
-def _f32_to_bf16_chunks(rng: FileRange):
+def _f32_to_bf16_chunks(rng):
     """``ops.f32_to_bf16`` of the float32 bytes of ``rng`` (ms2pt's fp32 -> bf16 weights), chunk by
     chunk into reused buffers that stay in the CPU cache (about half the time of the general cast),
     yielding views of one result buffer (each valid until the next is asked for)."""
     scratch = np.empty(_BF16_CHUNK, dtype=np.uint32)
     result = np.empty(_BF16_CHUNK, dtype=np.uint16)
-    for raw in byte_io.read_chunks(rng, _BF16_CHUNK * 4):
+    for raw in (c for r in byte_io.ranges_of(rng) for c in byte_io.read_chunks(r, _BF16_CHUNK * 4)):
         values = np.frombuffer(raw, dtype=np.float32)
         n = values.size
         yield tensor_ops.f32_to_bf16(values, out=result[:n], scratch=scratch[:n]).view(np.uint8)
@@ -456,8 +464,26 @@ def _slab_chunks(task: TensorTask, views):
         yield slab.reshape(-1).view(np.uint8)
 
 
-def _storage_bytes(storages, sources: "_Sources", progress):
-    """fill(key) for a streamed torch file: each storage's pieces in order, as raw bytes."""
+def hole_source(task: TensorTask) -> SourceSlice | None:
+    """The one slice a storage piece is a byte copy of (``reshard.byte_copy_pieces``), else None; a piece
+    with checks (replicas, main param) is none: its bytes are read and checked."""
+    if len(task.sources) != 1 or task.replicas or task.rounds_to is not None:
+        return None
+    return task.sources[0] if byte_copy(task) else None
+
+
+def zero_constant(task: TensorTask) -> bool:
+    """A constant piece whose bytes are all zero (buffer padding and alignment gaps)."""
+    if task.sources or task.reads or task.value is None or np.ndim(task.value):
+        return False
+    return not np.array(task.value, dtype=dtypes.storage(task.dtype)).reshape(1).view(np.uint8).any()
+
+
+def _storage_bytes(storages, sources: "_Sources", progress, holes: bool = False):
+    """fill(key) for a streamed torch file: each storage's pieces in order, as raw bytes. ``holes``
+    (an intermediate file whose byte copies are read from their sources instead): every tensor piece
+    becomes a Hole, neither read nor written (zeros read back as such; an assembled piece is written
+    later if something reads it: ``fill_hole``)."""
     by_key = {s.key: s for s in storages}
 
     def fill(key):
@@ -469,6 +495,9 @@ def _storage_bytes(storages, sources: "_Sources", progress):
                 t = piece.tensor
                 if t.dtype != st.dtype:
                     raise CkptmapError(f"internal error: {t.name} is {t.dtype}, storage {key} holds {st.dtype}")
+                if holes:
+                    yield Hole(t.nbytes)
+                    continue
                 how = streamed(t, sources)
                 if how is None:
                     value = expected_array(t, sources)
@@ -486,6 +515,37 @@ def _storage_bytes(storages, sources: "_Sources", progress):
 
 _MEGATRON_WRITERS = {"megatron_model": "write_model", "megatron_optim": "write_optim",
                      "megatron_model_dist": "write_model_from_dist"}
+
+
+def write_intermediate(task: FileTask, root: Path) -> dict:
+    """Write a Megatron file of a plan as an intermediate: its tensor pieces left as holes
+    (``_storage_bytes``). Returns {plan storage key: the file's record key}, which tells a reader of the
+    file's tensors which plan storage (and so which pieces) each one views."""
+    final = root / task.path
+    final.parent.mkdir(parents=True, exist_ok=True)
+    records: dict = {}
+    sources = _Sources()
+    try:
+        write = getattr(megatron_write, _MEGATRON_WRITERS[task.format])
+        write(final, task.extra, _storage_bytes(task.storages, sources, None, holes=True), records=records)
+    finally:
+        sources.close()
+    return records
+
+
+def fill_hole(path, offset: int, task: TensorTask) -> None:
+    """Write the bytes of ``task`` (a storage piece an intermediate left as a hole) at byte ``offset`` of
+    the intermediate file ``path``; one piece in memory."""
+    sources = _Sources()
+    try:
+        data = np.ascontiguousarray(expected_array(task, sources)).reshape(-1).view(np.uint8)
+    finally:
+        sources.close()
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        byte_io.pwrite_all(fd, data, offset)
+    finally:
+        os.close(fd)
 
 
 def write_file(task: FileTask, root: Path, progress=None, fsync: bool = False) -> int:

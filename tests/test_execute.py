@@ -318,3 +318,53 @@ def test_tensor_assembled_from_boxes_streams_in_slabs(tmp_path, monkeypatch, cas
     got = load_file(str(tmp_path / "out.safetensors"))["t"]
     assert slabs == [48] * 7
     assert got.dtype == want.dtype and np.array_equal(got, want)
+
+
+def test_a_tensor_of_runs_of_several_files_streams_and_is_checked_whole(tmp_path):
+    """A tensor made of runs of several files (pt2ms of torch_dist: ranges of the torch_dist chunks) is
+    streamed run after run -- kernel copies, or a cast chunk by chunk -- giving the concatenation's values
+    (written by torch through safetensors, read back by MindSpore); its main-param check covers every run, the
+    weight being runs at other boundaries: an element changed in the second run, or at the end (the
+    planner's spot check), is found."""
+    import mindspore as ms
+    from safetensors.torch import save_file
+
+    from ckptmap.errors import CkptmapError
+    from ckptmap.mapping.megatron_source import spot_check_main_params
+    from ckptmap.mapping.plan import FileTask, Op, SourceSlice, TensorTask
+
+    main_param = torch.randn(1000)
+    weight = main_param.bfloat16()
+
+    def write_sources(second_run):
+        save_file({"a": main_param[:300].clone(), "w": weight[:700].clone()}, str(tmp_path / "x.safetensors"))
+        save_file({"b": torch.cat([torch.zeros(5), second_run]), "v": weight[700:].clone()},
+                  str(tmp_path / "y.safetensors"))
+
+    write_sources(main_param[300:])
+    x, y = str(tmp_path / "x.safetensors"), str(tmp_path / "y.safetensors")
+    runs = (SourceSlice(x, "a", "float32", (300,)), SourceSlice(y, "b", "float32", (705,), 5, 700))
+    weight_runs = (SourceSlice(x, "w", "bfloat16", (700,)), SourceSlice(y, "v", "bfloat16", (300,)))
+    param = TensorTask("param", "float32", (10, 100), runs, "float32", (10, 100), rounds_to=weight_runs)
+    cast = TensorTask("weight", "float32", (1000,), weight_runs, "bfloat16", (1000,),
+                      (Op("cast", ("bfloat16", "float32")),))
+    sources = execute._Sources()
+    try:
+        assert execute.streamed(param, sources)[0] == "ranges" and execute.streamed(cast, sources)[0] == "chunks"
+    finally:
+        sources.close()
+    execute.write_file(FileTask("o.ckpt", "ckpt", (param, cast)), tmp_path)
+    got = ms.load_checkpoint(str(tmp_path / "o.ckpt"))
+    assert np.array_equal(got["param"].asnumpy(), main_param.numpy().reshape(10, 100))
+    assert np.array_equal(got["weight"].asnumpy(), weight.float().numpy())
+    spot_check_main_params([param])
+    for at in (310, 999):   # the second run's middle (the executor's check), its last element (the spot check too)
+        changed = main_param[300:].clone()
+        changed[at - 300] += 1.0
+        write_sources(changed)
+        with pytest.raises(CkptmapError, match="does not round to the model weight w \\+ 1 more runs"):
+            execute.write_file(FileTask("p.ckpt", "ckpt", (param,)), tmp_path)
+        if at == 999:
+            with pytest.raises(CkptmapError, match="1 of 1000 elements differ|1 of 64 elements differ"):
+                spot_check_main_params([param])
+        assert not (tmp_path / "p.ckpt").exists()

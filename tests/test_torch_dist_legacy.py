@@ -199,22 +199,49 @@ def test_weights_only_from_bucket_space(mcore_standard, tmp_path):
 
 @pytest.mark.parametrize("version,sharding_type,case,flags", [
     ("0.12.1", "fully_sharded_model_space", "dense", []), ("0.16.1", "dp_reshardable", "dense", []),
-    ("0.16.1", "dp_reshardable", "moe", []), ("0.16.1", "dp_reshardable", "moe", ["--target-ep-size", "4"])])
-def test_pt2ms_reads_torch_dist(mcore_standard, tmp_path, version, sharding_type, case, flags):
-    """pt2ms of a torch_dist save (composed through legacy files in a temporary folder) gives exactly the
-    MindSpore files pt2ms makes of the same run's own legacy save (every key, dtype and value, read by
-    mindspore.load_checkpoint), and leaves no temporary folder behind. MoE too (EP 2: one rank_N per
-    expert rank, ChainedOptimizer state), also at --target-ep-size 4 (the legacy save resharded by pt2ms)."""
+    ("0.16.1", "dp_reshardable", "moe", []), ("0.16.1", "dp_reshardable", "moe", ["--target-ep-size", "4"]),
+    ("0.12.1", "fully_sharded_model_space", "dense", ["--target-tp-size", "1"])])
+def test_pt2ms_reads_torch_dist(mcore_standard, tmp_path, monkeypatch, version, sharding_type, case, flags):
+    """pt2ms of a torch_dist save (planned from legacy files' object trees in a temporary folder, the tensors
+    read from the torch_dist files) gives exactly the MindSpore files pt2ms makes of the same run's own legacy
+    save (every key, dtype and value, read by mindspore.load_checkpoint), writes no tensor bytes into the
+    temporary folder at the saving layout, and leaves no temporary folder behind. MoE too (EP 2: one rank_N
+    per expert rank, ChainedOptimizer state), also at --target-ep-size 4 and, dense, at --target-tp-size 1 (the
+    legacy save resharded by pt2ms): there the dim-1 TP shards are assembled and written into the temporary folder,
+    their states and the weights the main-param check reads (every fp32 main param must round to them)."""
     import mindspore as ms
     import numpy as np
 
+    from ckptmap.mapping import torch_dist_pt2ms
+
     run = mcore_standard(version, case)
+    seen = {}
+    real_direct = torch_dist_pt2ms.direct
+
+    def direct(plan, inter, *args, **kwargs):   # the plan that is run
+        seen["plan"] = out = real_direct(plan, inter, *args, **kwargs)
+        seen["root"] = str(inter.root)
+        return out
+
+    monkeypatch.setattr(torch_dist_pt2ms, "direct", direct)
     outs = {}
     for name, src in (("dist", run.dir / f"torch_dist_{sharding_type}"), ("legacy", run.dir / "legacy")):
         outs[name] = tmp_path / name
         assert main(["pt2ms", "--megatron-path", str(src), "--ms-path", str(outs[name]), "--megatron-version", version,
                      "--no-progress", "--multiprocess-off", *flags]) == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dist", "legacy"]
+    # every byte written once: the tensors are read from the torch_dist files, not from legacy files written first
+    # (those are object trees whose byte-copied tensors are holes)
+    slices = [s for f in seen["plan"].files for t in f.tensors for s in t.sources]
+    from_legacy = [s for s in slices if s.file.startswith(seen["root"])]
+    if not flags:   # the saving layout: every tensor is a byte copy of chunks
+        assert slices and not from_legacy, from_legacy[:3]
+        assert ", 0 tensor bytes written there" in seen["plan"].info["intermediate"]
+    else:           # a new layout: only pieces assembled from several chunks are written there, if read there
+        assert len(from_legacy) < len(slices) / 4, (len(from_legacy), len(slices))
+    if flags[:1] == ["--target-tp-size"]:
+        written = int(seen["plan"].info["intermediate"].split(" tensor bytes written there")[0].rpartition(" ")[2])
+        assert 0 < written < sum(s.count * 4 for s in slices)   # the dim-1 shards: states, and weights to check
     files = sorted(p.relative_to(outs["legacy"]) for p in outs["legacy"].rglob("*.ckpt"))
     assert files and files == sorted(p.relative_to(outs["dist"]) for p in outs["dist"].rglob("*.ckpt"))
     for f in files:
@@ -223,6 +250,25 @@ def test_pt2ms_reads_torch_dist(mcore_standard, tmp_path, version, sharding_type
         for k in a:
             assert a[k].dtype == b[k].dtype and np.array_equal(a[k].asnumpy().reshape(-1).view(np.uint8),
                                                                 b[k].asnumpy().reshape(-1).view(np.uint8)), (f, k)
+
+
+def test_plan_pt2ms_of_torch_dist_shows_the_byte_copies(mcore_standard, tmp_path, capsys):
+    """`plan pt2ms --dry-run` of a torch_dist save plans the whole conversion: the tensors read from the
+    torch_dist folder as byte copies (fp32 weights and states) or streamed casts, no tensor bytes written into
+    the temporary folder, which is gone afterwards, and nothing written at --ms-path; -o is refused."""
+    run = mcore_standard("0.12.1", "dense")
+    src = run.dir / "torch_dist_fully_sharded_model_space"
+    out = tmp_path / "ms"
+    assert main(["plan", "pt2ms", "--megatron-path", str(src), "--ms-path", str(out), "--megatron-version", "0.12.1",
+                 "--dry-run"]) == 0
+    text = capsys.readouterr().out
+    assert f"plan pt2ms: {src / 'iter_0000001'} -> {out}" in text, text[:600]
+    assert "0 tensor bytes written there" in text and "source_format torch_dist" in text
+    rows = [line.split() for line in text.splitlines() if line.startswith("  exp_avg.decoder.layers.N.")]
+    assert rows and all(r[1:3] == ["byte", "copy"] for r in rows), rows
+    assert list(tmp_path.iterdir()) == []
+    assert main(["plan", "pt2ms", "--megatron-path", str(src), "--ms-path", str(out), "-o", str(tmp_path / "p.json")]) == 2
+    assert "plan pt2ms -o" in capsys.readouterr().err and list(tmp_path.iterdir()) == []
 
 
 def _deep_equal(a, b):

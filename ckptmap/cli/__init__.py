@@ -35,13 +35,18 @@ def _composed(ns):
     return None
 
 
-def cmd_convert(ns) -> int:
+def _is_torch_dist(path) -> bool:
     from ckptmap.formats.megatron_folders import may_hold_torch_dist
 
-    if ns.command == "pt2ms" and may_hold_torch_dist(ns.megatron_path):
-        from ckptmap.mapping.torch_dist_legacy import is_torch_dist_source
-        if is_torch_dist_source(ns.megatron_path):
-            return _pt2ms_from_torch_dist(ns)
+    if not may_hold_torch_dist(path):
+        return False
+    from ckptmap.mapping.torch_dist_legacy import is_torch_dist_source
+    return is_torch_dist_source(path)
+
+
+def cmd_convert(ns) -> int:
+    if ns.command == "pt2ms" and _is_torch_dist(ns.megatron_path):
+        return _pt2ms_from_torch_dist(ns)
     composed = _composed(ns)
     if composed is not None:
         return composed(ns)
@@ -49,15 +54,21 @@ def cmd_convert(ns) -> int:
 
 
 def _pt2ms_from_torch_dist(ns) -> int:
-    """pt2ms of a torch_dist checkpoint, composed: the checkpoint is first written as legacy Megatron files
-    at its own layout (``convert --from torch_dist --to torch``) into a temporary folder beside --ms-path,
-    which pt2ms then reads and which is removed afterwards. Costs one extra write and read of the
-    checkpoint's bytes (and that much free space beside --ms-path while it runs)."""
+    """pt2ms of a torch_dist checkpoint (``mapping/torch_dist_pt2ms.py``): the checkpoint's legacy Megatron
+    files at its own layout (or the --target-* sizes) are written into a temporary folder beside --ms-path
+    as intermediates -- object trees, with the tensors that are byte copies of torch_dist chunks left as
+    holes --, pt2ms plans from them, and its plan reads those tensors from the chunks: every byte is read
+    and written once. The folder is removed afterwards (also on failure and on Ctrl-C / SIGTERM)."""
     import shutil
 
+    import attrs
+
+    from ckptmap.mapping import torch_dist_pt2ms
+    from ckptmap.mapping.compiler import compile_pt2ms
     from ckptmap.mapping.torch_dist_legacy import DistToLegacyOptions, compile_torch_dist_to_legacy
 
-    out = Path(ns.ms_path)
+    out, source = Path(ns.ms_path), ns.megatron_path
+    atomic.remove_stale_temps(out.parent, recursive=False)   # a SIGKILLed run's folder (see cli/compose.py)
     tmp = atomic.temp_name(out.parent / f"{out.name}-torch-dist-as-legacy")
     # --target-* sizes are the legacy step's (it writes any layout, EP for MoE); noop layers and stage lists are not
     unsupported = [f"--{d.replace('_', '-')}" for d in ("target_stage_list", "target_noop")
@@ -66,29 +77,32 @@ def _pt2ms_from_torch_dist(ns) -> int:
         raise CkptmapError(f"{', '.join(unsupported)} cannot be used with a torch_dist source ({ns.megatron_path}); "
                            f"convert it with `ckptmap convert --from torch_dist --to torch` first, then `ckptmap "
                            f"reshard` / pt2ms the legacy files")
+    if getattr(ns, "output", None):
+        raise CkptmapError(f"plan pt2ms -o of a torch_dist source ({ns.megatron_path}): the plan reads object trees "
+                           f"from a temporary folder that is gone once the command ends; run pt2ms directly, or save "
+                           f"`ckptmap plan convert --from torch_dist --to torch … -o FILE` and pt2ms its result")
     legacy = compile_torch_dist_to_legacy(DistToLegacyOptions(
         ns.megatron_path, str(tmp), target_tp_size=getattr(ns, "target_tp_size", None),
         target_pp_size=getattr(ns, "target_pp_size", None), target_vpp_size=getattr(ns, "target_vpp_size", None),
         target_dp_size=getattr(ns, "target_dp_size", None), target_ep_size=getattr(ns, "target_ep_size", None),
         convert_param_only=ns.convert_param_only,
         target_megatron_version=getattr(ns, "target_megatron_version", None) or ns.megatron_version))
-    print(f"{ns.megatron_path} is a torch_dist checkpoint: written as legacy Megatron files into {tmp} first "
-          f"(removed afterwards), then converted by pt2ms")
-    if ns.dry_run:
-        print_plan(legacy)
-        print(f"\nthen: pt2ms --megatron-path {tmp} --ms-path {out} (planned once the legacy files exist)")
-        return 0
-    overwrite = ns.overwrite
+    print(f"{ns.megatron_path} is a torch_dist checkpoint: its legacy Megatron files' object trees are written into "
+          f"{tmp} (tensors that are byte copies of torch_dist chunks left as holes; removed afterwards), pt2ms plans "
+          f"from them and reads those tensors from the chunks")
+    if getattr(ns, "plan_command", None):
+        ns.dry_run = True
     try:
-        ns.overwrite = False
-        rc = run(legacy, ns)
-        if rc:
-            return rc
-        ns.megatron_path, ns.overwrite = str(tmp), overwrite
+        tmp.mkdir(parents=True)
+        inter = torch_dist_pt2ms.write_intermediates(legacy)
+        ns.megatron_path = str(tmp)
         for d in ("tp", "pp", "vpp", "dp"):   # the legacy files are at the target sizes now
             if getattr(ns, f"target_{d}_size", None) is not None:
                 setattr(ns, f"{d}_size", None)
-        return show_or_run(_compile(ns), ns)
+        # planning would spot-check the holes' zeros: the direct plan is checked instead
+        planned = compile_pt2ms(attrs.evolve(pt2ms_options(ns), defer_spot_check=True))
+        return show_or_run(torch_dist_pt2ms.direct(planned, inter, str(legacy.info.get("source", source)),
+                                                   main_param_check=ns.main_param_check), ns)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -105,6 +119,8 @@ def _compile(ns):
 
 
 def cmd_plan(ns) -> int:
+    if ns.plan_command == "pt2ms" and _is_torch_dist(ns.megatron_path):
+        return _pt2ms_from_torch_dist(ns)
     composed = _composed(ns)
     if composed is not None:
         return composed(ns)

@@ -34,3 +34,12 @@ class FileRange:
     path: str
     offset: int
     nbytes: int
+
+
+@attrs.frozen
+class Hole:
+    """A chunk of storage bytes a writer leaves unwritten (a hole of a sparse file, read back as zeros):
+    for an intermediate file whose bytes are served from elsewhere, never for an output (``torch_zip_writer``
+    records no CRC-32 for a record with a hole; see ``mapping/torch_dist_pt2ms.py``)."""
+
+    nbytes: int

@@ -117,6 +117,24 @@ def copy_range(src: FileRange, out_fd: int, out_offset: int | None = None) -> No
                     at += len(chunk)
 
 
+def ranges_of(source) -> tuple:
+    """A FileRange or a sequence of them (a tensor's bytes as consecutive runs of other files) as a tuple."""
+    return (source,) if isinstance(source, FileRange) else tuple(source)
+
+
+def read_windows(source, size: int):
+    """The bytes of ``source`` (a FileRange or consecutive runs) in windows of ``size`` bytes (the last
+    shorter), across run boundaries: two such streams of equally many elements pair window by window."""
+    runs = ranges_of(source)
+    if len(runs) == 1:
+        yield from read_chunks(runs[0], size)
+        return
+    total = sum(r.nbytes for r in runs)
+    for lo in range(0, total, size):
+        parts = [bytes(c) for r in sliced(runs, lo, min(size, total - lo)) for c in read_chunks(r, size)]
+        yield parts[0] if len(parts) == 1 else b"".join(parts)
+
+
 def pwrite_all(fd: int, data, offset: int) -> None:
     view = memoryview(data).cast("B")
     while view:
@@ -178,7 +196,7 @@ def read_chunks(src: FileRange, chunk: int = CHUNK):
 def file_runs(source, nbytes: int, what: str) -> tuple:
     """``source`` — a FileRange, or a sequence of them whose concatenation is the bytes wanted — as a
     tuple of FileRanges holding exactly ``nbytes`` bytes (``what``: the file and tensor, for the error)."""
-    runs = (source,) if isinstance(source, FileRange) else tuple(source)
+    runs = ranges_of(source)
     found = sum(r.nbytes for r in runs)
     if found != nbytes:
         where = ", ".join(dict.fromkeys(r.path for r in runs)) or "no file"

@@ -91,7 +91,7 @@ def _put(root: dict, path, value, cls) -> None:
     node[path[-1]] = value
 
 
-def write_model(path, recipe: dict, fill, *, fsync: bool = False) -> None:
+def write_model(path, recipe: dict, fill, *, fsync: bool = False, records: dict | None = None) -> None:
     template = TorchZipFile(recipe["template"])
     root = template.root
     sources = {recipe["template"]: (template, TEMPLATE)}
@@ -119,7 +119,16 @@ def write_model(path, recipe: dict, fill, *, fsync: bool = False) -> None:
             value = _reordered_groups(value, recipe.get("param_groups"))
         out[key] = _prefixed(value, TEMPLATE)
     by_prefix = {prefix: zf for zf, prefix in sources.values()}
-    torch_zip_writer.save_streaming(out, path, _storage_stream(fill, by_prefix), fsync=fsync)
+    _save(out, path, _storage_stream(fill, by_prefix), fsync, records)
+
+
+def _save(obj, path, stream, fsync: bool, records: dict | None) -> None:
+    """save_streaming; ``records`` (a dict) gets {plan storage key: the file's record key} of the
+    plan's storages (what a reader of the file sees as a tensor's storage)."""
+    written: dict | None = None if records is None else {}
+    torch_zip_writer.save_streaming(obj, path, stream, fsync=fsync, records=written)
+    if records is not None:
+        records.update({key[len(OUT):]: record for key, record in written.items() if key.startswith(OUT)})
 
 
 def _storage_stream(fill, sources_by_prefix: dict):
@@ -228,14 +237,14 @@ def _optimizer_state(opt: dict) -> dict:
     return state
 
 
-def write_optim(path, recipe: dict, fill, *, fsync: bool = False) -> None:
+def write_optim(path, recipe: dict, fill, *, fsync: bool = False, records: dict | None = None) -> None:
     states = [None if o is None else _optimizer_state(o) for o in recipe["optimizers"]]
     obj = states if recipe["chained"] else states[0]
 
     def stream(key):
         yield from fill(key[len(OUT):])
 
-    torch_zip_writer.save_streaming(obj, path, stream, fsync=fsync)
+    _save(obj, path, stream, fsync, records)
 
 
 # -------------------------------------------------------------------------------------------------
@@ -298,7 +307,7 @@ def _optimizer_from_dist(ckpt, value, recipe: dict, items: dict):
     return value
 
 
-def write_model_from_dist(path, recipe: dict, fill, *, fsync: bool = False) -> None:
+def write_model_from_dist(path, recipe: dict, fill, *, fsync: bool = False, records: dict | None = None) -> None:
     import collections
 
     from ckptmap.formats.torch_dist import TorchDistCheckpoint
@@ -368,4 +377,4 @@ def write_model_from_dist(path, recipe: dict, fill, *, fsync: bool = False) -> N
             legacy.setdefault(k, v)
         put_rng()
 
-        torch_zip_writer.save_streaming(legacy, path, _storage_stream(fill, items), fsync=fsync)
+        _save(legacy, path, _storage_stream(fill, items), fsync, records)

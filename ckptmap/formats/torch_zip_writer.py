@@ -41,7 +41,7 @@ import attrs
 from ckptmap import atomic, dtypes
 from ckptmap.errors import CkptmapError
 from ckptmap.formats import byte_io, msadapter
-from ckptmap.formats.base import FileRange
+from ckptmap.formats.base import FileRange, Hole
 from ckptmap.formats.safe_unpickler import (STORAGE_TYPE_OF, TENSOR_TYPE_MARKERS, GlobalMarker, StandInClass,
                                             torch_global)
 from ckptmap.formats.torch_serialization_id import hash_combine, name_hash_digits
@@ -318,6 +318,7 @@ class _StreamZipWriter:
         self.names: list[str] = []
         self.central: list[bytes] = []
         self.combined_crc = 0
+        self.holes = False   # the record being written has a Hole (its CRC-32 is not known)
 
     def _write(self, data) -> None:
         n = memoryview(data).nbytes
@@ -535,6 +536,7 @@ def _stream_storage(writer: _StreamZipWriter, name: str, st: _RefStorage, fill, 
         if close is not None:
             close()
     writer.end(name, expected, crc, offset)
+    writer.holes = False
 
 
 def _stream_chunks(writer: _StreamZipWriter, st: _RefStorage, iterator, path) -> int:
@@ -550,6 +552,16 @@ def _stream_chunks(writer: _StreamZipWriter, st: _RefStorage, iterator, path) ->
                                f"({e.strerror or e}) — check the source files") from None
         if isinstance(chunk, FileRange):
             done, crc = _stream_range(writer, st, chunk, path, done, crc)
+            continue
+        if isinstance(chunk, Hole):   # an intermediate file's bytes served from elsewhere: no CRC-32 (0)
+            if type(writer) is not _StreamZipWriter or done + chunk.nbytes > expected:
+                raise CkptmapError(f"cannot save {path}: storage {st.key!r}: a hole of {chunk.nbytes} bytes "
+                                   f"does not fit (stock torch files only, within the storage's {expected} bytes)")
+            writer.f.flush()
+            writer.f.seek(chunk.nbytes, os.SEEK_CUR)
+            writer.pos += chunk.nbytes
+            writer.holes = True
+            done += chunk.nbytes
             continue
         try:
             view = memoryview(chunk)
@@ -574,7 +586,7 @@ def _stream_chunks(writer: _StreamZipWriter, st: _RefStorage, iterator, path) ->
         raise CkptmapError(f"cannot save {path}: storage {st.key!r} ({st.numel} x {st.dtype}) must be "
                            f"{expected} bytes but fill yielded only {done} — the storage's data source "
                            f"does not match its tensors")
-    return crc
+    return 0 if getattr(writer, "holes", False) else crc
 
 
 def _stream_range(writer, st, rng: FileRange, path, done: int, crc: int) -> tuple[int, int]:
@@ -617,7 +629,8 @@ def _write_real_storage(writer: _StreamZipWriter, name: str, storage) -> None:
     writer.end(name, n, byte_io.crc32(data) if writer.compute_crc32 else 0, offset)
 
 
-def save_streaming(obj, path, fill, *, fsync: bool = False, dialect: str = "torch", date_time=None) -> None:
+def save_streaming(obj, path, fill, *, fsync: bool = False, dialect: str = "torch", date_time=None,
+                   records: dict | None = None) -> None:
     """Write ``obj`` exactly as torch.save would write it (same bytes) if every TensorRef in it were a
     real CPU tensor: a view (TensorRef.storage_offset, shape, stride, requires_grad) of a storage of
     TensorRef.storage_numel elements of TensorRef.dtype, TensorRefs with the same ``storage`` key
@@ -634,7 +647,9 @@ def save_streaming(obj, path, fill, *, fsync: bool = False, dialect: str = "torc
     pickling (first-encounter) order exactly as torch.save numbers them; ``fill`` is called once per
     storage, in the order the records are written (that same order). Honours torch's save options
     (``torch.serialization.set_crc32_options``, ``torch.utils.serialization.config.save.storage_alignment``)
-    as torch.save does. ``fsync``: make the file durable before it is renamed into place.
+    as torch.save does. ``fsync``: make the file durable before it is renamed into place. A chunk may
+    also be a ``Hole``: bytes left unwritten (read back as zeros; the record gets no CRC-32) -- for an
+    intermediate file only. ``records``: a dict, filled with {storage key as in ``obj``: its record key}.
 
     ``dialect="msadapter"`` writes the bytes MindSpeed-Core-MS's MSAdapter shim writes (notes above
     ``_PyZipWriter``; ``formats/msadapter.py``) instead: every TensorRef must then be a whole,
@@ -672,6 +687,8 @@ def save_streaming(obj, path, fill, *, fsync: bool = False, dialect: str = "torc
                 writer.record(".storage_alignment", str(alignment).encode("ascii"))
                 writer.record("byteorder", b"little")
                 for key, st in pickler.storages.items():
+                    if records is not None and type(st) is _RefStorage:
+                        records[st.key] = key
                     if type(st) is _RefStorage:
                         _stream_storage(writer, f"data/{key}", st,
                                         fill if st.held is None else (lambda _key, st=st: _held_bytes(st)), path)

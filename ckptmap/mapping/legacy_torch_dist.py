@@ -472,7 +472,7 @@ def _byte_runs(task, sources) -> list | None:
         if piece.reads:
             return None
         how = streamed(piece, sources)
-        if how is None or how[0] != "range":
+        if how is None or how[0] != "range":   # one run per piece ("ranges": several)
             return None
         runs.append((start, math.prod(piece.shape), how[1]))
     return runs

@@ -22,7 +22,7 @@ from ckptmap.formats import dialect_translate, megatron_files, megatron_folders,
 from ckptmap.mapping import buckets
 from ckptmap.mapping import ops as tensor_ops
 from ckptmap.mapping.layout import ParallelLayout
-from ckptmap.mapping.plan import INPUT_PREFIX, FileTask, SourceSlice
+from ckptmap.mapping.plan import INPUT_PREFIX, FileTask, SourceSlice, concat_range
 from ckptmap.mapping.rules import EXPERT, LAYER, ParamRule, RuleSet, bundled_rules, load_rules, resolve_rules
 
 
@@ -446,12 +446,13 @@ def _coalesced_from_param_map(entries, buf, blocks, params, args, layout, pp, v,
 SPOT_CHECK = 64
 
 
-def spot_check_main_params(tasks, files: dict, cache: dict | None = None) -> None:
+def spot_check_main_params(tasks, files: dict | None = None, cache: dict | None = None) -> None:
     """Before anything is written: the first and last elements of every fp32 main param must round
     to its model weight (the executor then checks every element). Cheap — a few hundred bytes per
     parameter — and catches a layout that puts one parameter's state under another's name.
     ``files``: {a slice's file — a path or an ``@input`` name: the PtFile planning read}, so the files
     are not parsed again; ``cache``: one compile's (ranks of one structure share where to read)."""
+    files = files or {}
     if _spot_check_in_one_pass(tasks, files, cache):
         return
     from ckptmap.execute import _Sources   # the executor's reading of plan slices, on a few elements
@@ -464,13 +465,14 @@ def spot_check_main_params(tasks, files: dict, cache: dict | None = None) -> Non
         for t in named.bound().tensors:   # errors name the files, not the inputs
             if t.rounds_to is None:
                 continue
-            src, weight = t.sources[0], t.rounds_to
-            n = src.count
+            weights = t.rounds_to_slices   # the weight, and the main param, may be several runs
+            n = sum(w.count for w in weights)
             for lo in sorted({0, max(0, n - SPOT_CHECK)}):
                 k = min(SPOT_CHECK, n - lo)
-                part = attrs.evolve(t, name=t.name, sources=(attrs.evolve(src, start=src.start + lo, numel=k),),
-                                    rounds_to=_flat_part(weight, lo, k), src_shape=(k,), ops=())
-                sources._check_rounding(part, sources.slice(part.sources[0]))
+                main, weight = concat_range(t.sources, lo, k), concat_range(weights, lo, k)
+                part = attrs.evolve(t, name=t.name, sources=main, rounds_to=weight[0] if len(weight) == 1 else weight,
+                                    src_shape=(k,), ops=())
+                sources._check_rounding(part, sources.slice(main[0]) if len(main) == 1 else None)
     finally:
         sources.close()
 
@@ -796,6 +798,9 @@ def _spot_check_ranges(tasks, files: dict, cache: dict | None):
         if t.rounds_to is None:
             continue
         src, weight = t.sources[0], t.rounds_to
+        if not isinstance(weight, SourceSlice):   # a weight of several runs: checked by the general path
+            found_all = False
+            break
         n = src.count
         if src.dtype != "float32" or weight.count != n or weight.dtype not in ("bfloat16", "float16") \
                 or weight_dtype not in (None, weight.dtype):

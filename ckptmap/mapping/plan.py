@@ -55,6 +55,18 @@ class SourceSlice:
         return math.prod(self.shape) - self.start if self.numel is None else self.numel
 
 
+def concat_range(slices, start: int, count: int) -> tuple[SourceSlice, ...]:
+    """Elements ``[start, start + count)`` of the concatenation of ``slices``, as slices."""
+    out, pos = [], 0
+    for s in slices:
+        n = s.count
+        lo, hi = max(start, pos), min(start + count, pos + n)
+        if lo < hi:
+            out.append(attrs.evolve(s, start=s.start + lo - pos, numel=hi - lo))
+        pos += n
+    return tuple(out)
+
+
 @attrs.frozen
 class Read:
     """Copy a box from a source to the assembly of a TensorTask (PyTorch DCP's ``ReadItem``): the
@@ -97,7 +109,15 @@ class TensorTask:
     note: str = ""
     reads: tuple[Read, ...] = attrs.field(converter=_tuple, default=())
     replicas: tuple[SourceSlice, ...] = attrs.field(converter=_tuple, default=())
-    rounds_to: SourceSlice | None = None  # fp32 main param: rounded to this weight's dtype it must equal it
+    # fp32 main param: rounded to this weight's dtype it must equal it (a tuple: the weight as consecutive runs)
+    rounds_to: SourceSlice | tuple[SourceSlice, ...] | None = None
+
+    @property
+    def rounds_to_slices(self) -> tuple[SourceSlice, ...]:
+        """The weight ``rounds_to`` names, as runs; the main param is the first that many elements of
+        ``sources`` (a stacked tensor's first member)."""
+        r = self.rounds_to
+        return () if r is None else r if isinstance(r, tuple) else (r,)
 
     @property
     def nbytes(self) -> int:
@@ -194,8 +214,11 @@ class FileTask:
                 return s
             return attrs.evolve(s, file=self.source_path(s.file))
         def task(t: TensorTask) -> TensorTask:
+            rounds_to = t.rounds_to if t.rounds_to is None or isinstance(t.rounds_to, SourceSlice) else \
+                tuple(bind(s) for s in t.rounds_to)   # several runs
             return attrs.evolve(t, sources=tuple(bind(s) for s in t.sources),
-                                replicas=tuple(bind(s) for s in t.replicas), rounds_to=bind(t.rounds_to),
+                                replicas=tuple(bind(s) for s in t.replicas),
+                                rounds_to=bind(rounds_to) if isinstance(rounds_to, SourceSlice) else rounds_to,
                                 reads=tuple(attrs.evolve(r, source=bind(r.source)) for r in t.reads))
         return attrs.evolve(self, tensors=tuple(task(t) for t in self.tensors), inputs={}, storages=tuple(
             attrs.evolve(st, pieces=tuple(attrs.evolve(p, tensor=task(p.tensor) if p.tensor else None,
@@ -231,7 +254,8 @@ def _tensor_task(raw: dict) -> TensorTask:
     t["reads"] = tuple(Read(**dict(r, source=SourceSlice(**r["source"]))) for r in t.get("reads", ()))
     t["ops"] = tuple(Op(**o) for o in t.get("ops", ()))
     if t.get("rounds_to"):
-        t["rounds_to"] = SourceSlice(**t["rounds_to"])
+        r = t["rounds_to"]
+        t["rounds_to"] = SourceSlice(**r) if isinstance(r, dict) else tuple(SourceSlice(**x) for x in r)
     return TensorTask(**t)
 
 
