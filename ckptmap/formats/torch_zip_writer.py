@@ -155,28 +155,28 @@ _CLASS_ALIASES: dict = {}   # StandInClass -> alias class (a plain class, attrib
 _MARKER_ALIASES: dict = {}  # GlobalMarker -> its alias name (the marker is that attribute of its module)
 
 
-def _marker_alias(marker: GlobalMarker) -> str:
-    alias = _MARKER_ALIASES.get(marker)
-    if alias is None:
+def _made_once(cache: dict, key, make):
+    """``cache[key]``, made by ``make()`` the first time, under the lock (threads may pickle at once)."""
+    value = cache.get(key)
+    if value is None:
         with _ALIAS_LOCK:
-            alias = _MARKER_ALIASES.get(marker)
-            if alias is None:
-                alias = _new_alias(sys.modules[type(marker).__module__], lambda name: marker, marker.module,
-                                   marker.qualname)
-                _MARKER_ALIASES[marker] = alias
-    return alias
+            value = cache.get(key)
+            if value is None:
+                value = cache[key] = make()
+    return value
+
+
+def _marker_alias(marker: GlobalMarker) -> str:
+    return _made_once(_MARKER_ALIASES, marker, lambda: _new_alias(
+        sys.modules[type(marker).__module__], lambda name: marker, marker.module, marker.qualname))
 
 
 def _class_alias(cls: StandInClass) -> type:
-    alias_cls = _CLASS_ALIASES.get(cls)
-    if alias_cls is None:
-        with _ALIAS_LOCK:
-            alias_cls = _CLASS_ALIASES.get(cls)
-            if alias_cls is None:
-                name = _new_alias(sys.modules[__name__], lambda name: type(name, (), {
-                    "__module__": __name__, "__qualname__": name, "__slots__": ()}), cls.__module__, cls.__qualname__)
-                alias_cls = _CLASS_ALIASES[cls] = getattr(sys.modules[__name__], name)
-    return alias_cls
+    def make():
+        name = _new_alias(sys.modules[__name__], lambda name: type(name, (), {
+            "__module__": __name__, "__qualname__": name, "__slots__": ()}), cls.__module__, cls.__qualname__)
+        return getattr(sys.modules[__name__], name)
+    return _made_once(_CLASS_ALIASES, cls, make)
 
 
 def _new_alias(holder, make, module: str, qualname: str) -> str:
