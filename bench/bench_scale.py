@@ -262,6 +262,9 @@ def main():
     work.mkdir(parents=True, exist_ok=True)
     # the CLI runs in fresh processes: make them import this checkout of ckptmap
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [ns.src, os.environ.get("PYTHONPATH")]))
+    # with bytecode caching, as an installed ckptmap runs (some shells set PYTHONDONTWRITEBYTECODE: every run
+    # would compile ckptmap again, 1 - 2 s of a 16,384-rank dry run; bench_copy and bench_startup do the same)
+    os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
     os.chdir(work)  # `python -c` puts the working directory first on sys.path: keep checkouts out of it
 
     def measured(cmd, out=None):
