@@ -61,7 +61,8 @@ from ckptmap.formats import msadapter
 from ckptmap.formats.megatron_folders import TRACKER
 from ckptmap.formats.megatron_files import encode_key
 from ckptmap.formats.safe_unpickler import GlobalMarker, StandIn, StandInClass, dtype_name, torch_global
-from ckptmap.formats.torch_zip_reader import HeldTensor, TensorRef, TorchZipFile
+from ckptmap.formats.base import FileRange
+from ckptmap.formats.torch_zip_reader import HeldTensor, TensorRef, TorchZipFile, file_offset
 from ckptmap.formats.torch_zip_writer import save_streaming
 
 __all__ = ["DIALECTS", "RNG_POLICIES", "translate_graph", "Translation", "FileJob", "plan_folder", "write_job",
@@ -72,7 +73,6 @@ RNG_POLICIES = ("refuse", "drop", "keep")
 RNG_KEYS = ("rng_state", "random_rng_state", "np_rng_state", "torch_rng_state", "cuda_rng_state",
             "rng_tracker_states")
 _VERSION_KEY = "version"  # one object, like torch's interned 'version' in every _metadata entry
-_CHUNK = 64 << 20
 
 
 # -------------------------------------------------------------------------------------------------
@@ -428,17 +428,16 @@ def target_name(dialect: str, training: bool = False) -> str:
 
 
 def _fill(zf: TorchZipFile, sources: dict):
-    """fill(key): the source tensor's elements in C order — slices of the mapped source file (chunks of
-    at most 64 MiB, zero-copy) for a contiguous tensor, one C-contiguous copy for a strided view."""
+    """fill(key): the source tensor's elements in C order — for a contiguous tensor the FileRange of its
+    bytes in the source file (the writer copies it through one small buffer while taking the record's
+    CRC-32: no page of the source is mapped), one C-contiguous copy for a strided view."""
     def fill(key):
         ref = sources[key]
         if ref.numel > 1 and ref.stride != _contiguous(ref.shape):
             yield np.ascontiguousarray(zf.array(ref)).reshape(-1).view(np.uint8)
             return
-        base = zf.storage_bytes(ref.storage)
-        start, n = ref.storage_offset * ref.itemsize, ref.nbytes
-        for pos in range(0, n, _CHUNK):
-            yield base[start + pos: start + min(n, pos + _CHUNK)]
+        where = file_offset(zf, ref)
+        yield FileRange(str(zf.path), where[0], ref.nbytes)
     return fill
 
 
