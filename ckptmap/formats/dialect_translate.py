@@ -63,6 +63,7 @@ from ckptmap.formats.megatron_files import encode_key
 from ckptmap.formats.safe_unpickler import GlobalMarker, StandIn, StandInClass, dtype_name, torch_global
 from ckptmap.formats.base import FileRange
 from ckptmap.formats.torch_zip_reader import HeldTensor, TensorRef, TorchZipFile, file_offset
+from ckptmap.formats.torch_zip_reader import contiguous_stride as _contiguous
 from ckptmap.formats.torch_zip_writer import save_streaming
 
 __all__ = ["DIALECTS", "RNG_POLICIES", "translate_graph", "Translation", "FileJob", "plan_folder", "write_job",
@@ -387,14 +388,6 @@ def check_convertible(root, where: str) -> None:
 def _is_dtype_word(s: str) -> bool:
     return s in ("bfloat16", "float16", "float32", "float64", "half", "float", "double", "int64", "int32", "int16",
                  "int8", "uint8", "bool", "long", "int")
-
-
-def _contiguous(shape) -> tuple[int, ...]:
-    stride, acc = [], 1
-    for n in reversed(shape):
-        stride.append(acc)
-        acc *= max(n, 1)
-    return tuple(reversed(stride))
 
 
 def translate_graph(root, *, source: str, target: str, where: str, rng: str = "refuse",

@@ -34,16 +34,9 @@ from ckptmap.formats import torch_zip_writer
 from ckptmap.formats.megatron_files import COALESCED, LEGACY_RANK_STATE_PATHS, OPTIM_STATES, model_chunk_keys
 from ckptmap.formats.safe_unpickler import STORAGE_TYPE_OF, torch_global
 from ckptmap.formats.torch_zip_reader import TensorRef, TorchZipFile
+from ckptmap.formats.torch_zip_reader import contiguous_stride as _contiguous
 
 OUT, TEMPLATE, COPIED = "out/", "tpl/", "src"
-
-
-def _contiguous(shape) -> tuple[int, ...]:
-    stride, acc = [], 1
-    for n in reversed(shape):
-        stride.append(acc)
-        acc *= max(n, 1)
-    return tuple(reversed(stride))
 
 
 def _new_tensor(storage: str, dtype: str, shape, offset: int = 0, storage_numel: int | None = None) -> TensorRef:

@@ -141,7 +141,7 @@ def write_pt_meta(model_path, optim_path, keys, extra, path, *, fsync: bool = Fa
     for fields in refs:
         ref = ref_from_fields(fields)
         entry = storages.setdefault(ref.storage, (ref.dtype, ref.storage_numel, []))
-        if entry[0] != ref.dtype or ref.numel and ref.stride != _contiguous_stride(ref.shape):
+        if entry[0] != ref.dtype or ref.numel and ref.stride != contiguous_stride(ref.shape):
             raise CkptmapError(f"{model_path}: model tensor views of storage {ref.storage} are not plain "
                                f"contiguous {entry[0]} slices; ckptmap cannot rebuild this file byte for byte")
         entry[2].append((ref.storage_offset, ref.storage_offset + ref.numel))
@@ -305,7 +305,7 @@ def kept_array(meta_path, meta: dict, which: str, ref: TensorRef):
     raise CkptmapError(f"{meta_path} does not keep tensor {ref.storage!r} of {which}; re-run `ckptmap pt2ms`")
 
 
-def _contiguous_stride(shape) -> tuple[int, ...]:
+def contiguous_stride(shape) -> tuple[int, ...]:
     stride, acc = [], 1
     for n in reversed(shape):
         stride.append(acc)

@@ -886,7 +886,7 @@ class TorchDistCheckpoint:
             # what chunk_array refuses: the bytes of another item must not be copied as this one's
             raise CkptmapError(f"{label} holds a {ref.dtype} tensor of shape {list(ref.shape)} but .metadata "
                                f"says {t.dtype} {list(chunk.box.lengths)}; the checkpoint is corrupt")
-        if not isinstance(ref, tzr.TensorRef) or ref.stride != tzr._contiguous_stride(ref.shape) and ref.numel > 1:
+        if not isinstance(ref, tzr.TensorRef) or ref.stride != tzr.contiguous_stride(ref.shape) and ref.numel > 1:
             return None
         rec = item.storage_record(ref.storage)
         if rec is None or (ref.storage_offset + ref.numel) * dtypes.itemsize(ref.dtype) > rec.size:

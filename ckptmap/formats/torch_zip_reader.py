@@ -398,7 +398,7 @@ class _MSAdapterRead(ReadDialect):
         up.storages_used.add(id(storage))
         shape = tuple(size)
         ref = TensorRef(storage=storage.key, dtype=storage.dtype, storage_offset=offset, shape=shape,
-                        stride=_contiguous_stride(shape), storage_numel=storage.numel, requires_grad=requires_grad,
+                        stride=contiguous_stride(shape), storage_numel=storage.numel, requires_grad=requires_grad,
                         location=storage.location,
                         msadapter=MSAdapterTensor(msadapter.TENSOR_CLASS, tuple(stride), type(stride) is list))
         problem = _ref_problem(ref)
@@ -669,7 +669,7 @@ def _numpy_view(archive: _Archive, bases: dict, ref: TensorRef) -> np.ndarray:
     typed = base[: ref.storage_numel * st.itemsize].view(st)
     if ref.numel == 0:
         return np.empty(ref.shape, dtype=st)
-    if ref.stride == _contiguous_stride(ref.shape):
+    if ref.stride == contiguous_stride(ref.shape):
         return typed[ref.storage_offset: ref.storage_offset + ref.numel].reshape(ref.shape)
     return np.lib.stride_tricks.as_strided(typed[ref.storage_offset:], ref.shape,
                                            tuple(s * st.itemsize for s in ref.stride), writeable=False)
@@ -692,7 +692,8 @@ def _torch_view(archive: _Archive, bases: dict, ref: TensorRef):
     return t
 
 
-def _contiguous_stride(shape) -> tuple[int, ...]:
+def contiguous_stride(shape) -> tuple[int, ...]:
+    """The strides of a C-contiguous tensor of ``shape`` (dims of size 0 count as 1)."""
     stride, acc = [], 1
     for n in reversed(shape):
         stride.append(acc)
@@ -703,7 +704,7 @@ def _contiguous_stride(shape) -> tuple[int, ...]:
 def file_offset(zf: "TorchZipFile", ref: TensorRef) -> tuple[int, int] | None:
     """``(offset in the file, nbytes)`` of ``ref``'s elements when they lie contiguous in C order,
     else None — what a byte-range copy needs."""
-    if ref.stride != _contiguous_stride(ref.shape) and ref.numel > 1:
+    if ref.stride != contiguous_stride(ref.shape) and ref.numel > 1:
         return None
     rec = zf._live().record(f"data/{ref.storage}")
     size = dtypes.itemsize(ref.dtype)

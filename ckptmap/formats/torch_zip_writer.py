@@ -46,6 +46,7 @@ from ckptmap.formats.safe_unpickler import (STORAGE_TYPE_OF, TENSOR_TYPE_MARKERS
                                             torch_global)
 from ckptmap.formats.torch_serialization_id import hash_combine, name_hash_digits
 from ckptmap.formats.torch_zip_reader import HeldTensor, TensorRef, _ref_problem, _Storage
+from ckptmap.formats.torch_zip_reader import contiguous_stride as _contiguous
 
 __all__ = ["save", "save_streaming", "archive_name", "DEFAULT_DATE_TIME"]
 
@@ -942,14 +943,6 @@ def _save_msadapter(obj, path: Path, fill, fsync: bool, date_time) -> None:
         except OSError as e:
             raise CkptmapError(f"cannot save {path}: writing failed ({e.strerror or e}) — check free space "
                                f"and permissions") from None
-
-
-def _contiguous(shape) -> tuple[int, ...]:
-    stride, acc = [], 1
-    for n in reversed(shape):
-        stride.append(acc)
-        acc *= max(n, 1)
-    return tuple(reversed(stride))
 
 
 def _held_bytes(st: "_RefStorage"):

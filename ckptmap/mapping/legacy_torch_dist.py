@@ -479,17 +479,13 @@ def _byte_runs(task, sources) -> list | None:
 
 
 def _sub_ranges(runs, first: int, count: int, itemsize: int) -> tuple:
-    """The FileRanges holding elements ``[first, first + count)`` of a shard tiled by ``runs``."""
-    from ckptmap.formats.base import FileRange
+    """The FileRanges holding elements ``[first, first + count)`` of a shard tiled, in order, by ``runs``."""
+    from ckptmap.formats import byte_io
 
-    out = []
-    for start, n, rng in runs:
-        lo, hi = max(first, start), min(first + count, start + n)
-        if lo < hi:
-            out.append(FileRange(rng.path, rng.offset + (lo - start) * itemsize, (hi - lo) * itemsize))
+    out = tuple(byte_io.sliced((rng for _, _, rng in runs), first * itemsize, count * itemsize))
     if sum(r.nbytes for r in out) != count * itemsize:
         raise CkptmapError(f"internal error: elements {first} + {count} are not covered by the shard's byte runs")
-    return tuple(out)
+    return out
 
 
 def print_plan(plan: LegacyToDistPlan, out) -> None:

@@ -29,6 +29,7 @@ import attrs
 
 from ckptmap import dtypes
 from ckptmap.errors import CkptmapError
+from ckptmap.formats.torch_zip_reader import contiguous_stride
 from ckptmap.mapping.plan import Plan, SourceSlice, TensorTask
 
 
@@ -103,7 +104,7 @@ class _Rewriter:
         st = table.get(ref.storage) if ref is not None else None
         if st is None:
             return (s,)
-        if ref.numel and tuple(ref.stride) != _contiguous(ref.shape):
+        if ref.numel and tuple(ref.stride) != contiguous_stride(ref.shape):
             raise CkptmapError(f"internal error: {s.file}: tensor {s.key} is not a contiguous view of its storage")
         first, count = ref.storage_offset + s.start, s.count
         offsets = self.offsets.get(id(st))
@@ -153,14 +154,6 @@ class _Rewriter:
         if sources == t.sources and rounds_to == t.rounds_to:
             return t
         return attrs.evolve(t, sources=sources, rounds_to=rounds_to)
-
-
-def _contiguous(shape) -> tuple:
-    stride, acc = [], 1
-    for n in reversed(tuple(shape)):
-        stride.append(acc)
-        acc *= max(n, 1)
-    return tuple(reversed(stride))
 
 
 def direct(plan: Plan, inter: Intermediate, source: str, main_param_check: bool = True) -> Plan:
