@@ -121,6 +121,7 @@ class _Sources:
         self._open = {}
         self._closed = closed_files or {}
         self._inputs = inputs or {}
+        self._whole_ranges = {}   # (file, key, dtype, shape) -> where the tensor lies, its spec checked
 
     def path(self, file: str) -> str:
         """The path a slice's ``file`` names."""
@@ -240,8 +241,11 @@ class _Sources:
             if None not in ranges and sum(x.count for x in srcs) == count and all(x.dtype == "float32" for x in srcs) \
                     and all(w.dtype == wdtype for w in weights):
                 n = 1 << 18   # elements per chunk
-                mains = byte_io.read_windows(ranges[:len(srcs)], n * 4)
-                weights_bytes = byte_io.read_windows(ranges[len(srcs):], n * dtypes.itemsize(wdtype))
+                if count <= n and len(ranges) == 2:   # one window each: one pread each
+                    mains, weights_bytes = [byte_io.read_small(ranges[0])], [byte_io.read_small(ranges[1])]
+                else:
+                    mains = byte_io.read_windows(ranges[:len(srcs)], n * 4)
+                    weights_bytes = byte_io.read_windows(ranges[len(srcs):], n * dtypes.itemsize(wdtype))
                 bad = 0
                 for m, w in zip(mains, weights_bytes):
                     got = tensor_ops.cast(np.frombuffer(m, dtype=np.float32), "float32", wdtype)
@@ -280,11 +284,14 @@ class _Sources:
 
     def byte_range(self, s) -> FileRange | None:
         """Where the elements of SourceSlice ``s`` lie contiguous in its file (C order), else None."""
-        reader = self.reader(s.file)
-        spec = reader.spec(s.key)
-        if tuple(spec.shape) != tuple(s.shape) or spec.dtype != s.dtype:
-            self.slice(s)   # raises the changed-source error
-        whole = reader.byte_range(s.key)
+        known = (s.file, s.key, s.dtype, s.shape)   # a file's tensors slice a few optimizer buffers many times
+        whole = self._whole_ranges.get(known, known)
+        if whole is known:
+            reader = self.reader(s.file)
+            spec = reader.spec(s.key)
+            if tuple(spec.shape) != tuple(s.shape) or spec.dtype != s.dtype:
+                self.slice(s)   # raises the changed-source error
+            whole = self._whole_ranges[known] = reader.byte_range(s.key)
         if whole is None:
             return None
         size = dtypes.itemsize(s.dtype)
@@ -297,6 +304,7 @@ class _Sources:
         for r in self._open.values():
             r.close()
         self._open.clear()
+        self._whole_ranges.clear()
 
 
 def _rank_dir(file: str) -> str:
@@ -304,12 +312,30 @@ def _rank_dir(file: str) -> str:
     return Path(file).parent.name
 
 
+# Constant tensors (optimizer scalars, ...) by task: ranks of one structure share their tasks, so each
+# value is made once per worker, not once per file (read-only: every file gets the same array).
+_CONSTANTS: dict = {}
+_CONSTANTS_KEPT = 1 << 12
+
+
+def _constant(task: TensorTask) -> np.ndarray:
+    kept = _CONSTANTS.get(id(task))
+    if kept is not None and kept[0] is task:
+        return kept[1]
+    value = np.array(task.value, dtype=dtypes.storage(task.dtype))
+    value = np.full(task.shape, value) if value.ndim == 0 else value.reshape(task.shape)
+    value.flags.writeable = False
+    _CONSTANTS[id(task)] = (task, value)   # the task is kept with it: its id cannot be reused meanwhile
+    if len(_CONSTANTS) > _CONSTANTS_KEPT:
+        del _CONSTANTS[next(iter(_CONSTANTS))]
+    return value
+
+
 def expected_array(task: TensorTask, sources: _Sources) -> np.ndarray:
     """The value a TensorTask describes, as an array of ``task.dtype``'s storage type: its sources
     through its ops, or its constant."""
     if not task.sources and not task.reads:
-        value = np.array(task.value, dtype=dtypes.storage(task.dtype))
-        return np.full(task.shape, value) if value.ndim == 0 else value.reshape(task.shape)
+        return _constant(task)
     try:
         value = tensor_ops.apply_all(task.ops, sources.array(task))
     except tensor_ops.InexactCast as e:

@@ -254,14 +254,17 @@ def test_writer_follows_announced_entries(tmp_path):
 
 @pytest.mark.parametrize("crc", [False, True])
 @pytest.mark.parametrize("kernel_copy", [True, False])
-def test_range_and_chunk_writes_identical_to_mindspore(tmp_path, monkeypatch, crc, kernel_copy):
-    """write_range (bytes copied from another file, by the kernel or through a buffer when it cannot)
-    and write_chunks (bytes streamed in odd-sized pieces) give MindSpore's own file, also when the
-    content is cut into several records and with a CRC trailer."""
+@pytest.mark.parametrize("small_run", [0, 1 << 16])
+def test_range_and_chunk_writes_identical_to_mindspore(tmp_path, monkeypatch, crc, kernel_copy, small_run):
+    """write_range (bytes copied from another file, by the kernel or through a buffer when it cannot;
+    runs up to ``small_run`` bytes read into the write buffer instead; one run or two) and write_chunks
+    (bytes streamed in odd-sized pieces) give MindSpore's own file, also when the content is cut into
+    several records and with a CRC trailer."""
     from ckptmap.formats import byte_io
     from ckptmap.formats.base import FileRange
 
     monkeypatch.setattr(byte_io, "_KERNEL_COPY", kernel_copy)
+    monkeypatch.setattr(byte_io, "SMALL_RUN", small_run)
     tensors = {k: t.contiguous() for k, t in sample_tensors().items()}
     # the source: every tensor's raw bytes at a known offset of one file, behind some junk
     blob, where = bytearray(b"junk" * 3), {}
@@ -274,7 +277,7 @@ def test_range_and_chunk_writes_identical_to_mindspore(tmp_path, monkeypatch, cr
     monkeypatch.setattr(ms_serialization, "SLICE_SIZE", 1)  # MindSpore slices at 1 KiB: "big" spans records
     theirs = str(tmp_path / "theirs.ckpt")
     ms.save_checkpoint(ms_obj, theirs, crc_check=crc)
-    for mode in ("range", "chunks"):
+    for mode in ("range", "runs", "chunks"):
         ours = tmp_path / f"ours_{mode}.ckpt"
         with CkptWriter(ours, crc=crc, slice_bytes=1024) as w:
             for name, t in tensors.items():
@@ -282,6 +285,10 @@ def test_range_and_chunk_writes_identical_to_mindspore(tmp_path, monkeypatch, cr
                 offset, n = where[name]
                 if mode == "range":
                     w.write_range(name, dtype, shape, FileRange(str(src), offset, n))
+                elif mode == "runs":   # cut at an odd byte: a record boundary falls inside a run
+                    cut = n // 3 + 1 if n > 1 else n
+                    w.write_range(name, dtype, shape, [FileRange(str(src), offset, cut),
+                                                      FileRange(str(src), offset + cut, n - cut)])
                 else:   # 7-byte pieces: record and element boundaries fall inside pieces
                     data = bytes(blob[offset:offset + n])
                     w.write_chunks(name, dtype, shape, (data[i:i + 7] for i in range(0, n, 7)))

@@ -110,6 +110,10 @@ def _normalise_entry(entry, path):
     return name, dtype, (() if dtype == "str" else shape)
 
 
+_HEADERS: dict = {}   # (tag, dims, type, content length) -> record header bytes
+_HEADERS_KEPT = 1 << 14
+
+
 class CkptWriter:
     """Stream tensors into a MindSpore ``.ckpt`` file (see the module docstring for the bytes)."""
 
@@ -138,11 +142,21 @@ class CkptWriter:
         self._emit(content)
 
     def _header(self, tag: bytes, dims, ms_type: bytes, content_len: int) -> None:
+        key = (tag, tuple(dims), ms_type, content_len)
+        head = _HEADERS.get(key)
+        if head is None:   # ranks of one structure write the same records: each header is built once
+            head = _HEADERS[key] = self._header_bytes(tag, dims, ms_type, content_len)
+            if len(_HEADERS) > _HEADERS_KEPT:
+                del _HEADERS[next(iter(_HEADERS))]
+        self._emit(head)
+
+    @staticmethod
+    def _header_bytes(tag: bytes, dims, ms_type: bytes, content_len: int) -> bytes:
         tensor_head = b"".join(b"\x08" + _varint(d) for d in dims)
         tensor_head += _len_field(2, len(ms_type)) + ms_type + _len_field(3, content_len)
         tensor_len = len(tensor_head) + content_len
         value_head = _len_field(1, len(tag)) + tag + _len_field(2, tensor_len)
-        self._emit(_len_field(1, len(value_head) + tensor_len) + value_head + tensor_head)
+        return _len_field(1, len(value_head) + tensor_len) + value_head + tensor_head
 
     def _admit(self, name, dtype, shape) -> None:
         if self._f is None:
@@ -220,6 +234,10 @@ class CkptWriter:
             n = min(step, nbytes - start)
             self._header(tag, shape, ms_type, n)
             if not n:
+                continue
+            if nbytes <= byte_io.SMALL_RUN:   # small: read into the write buffer (one pread per run)
+                for part in byte_io.sliced(runs, start, n):
+                    self._emit(byte_io.read_small(part))
                 continue
             self._f.flush()   # written at the descriptor's position, after what is buffered
             for part in byte_io.sliced(runs, start, n):
