@@ -7,6 +7,7 @@ import argparse
 import io
 import json
 import os
+import struct
 import zipfile
 from pathlib import Path
 
@@ -482,6 +483,52 @@ def test_stock_file_without_shared_storage_round_trips_byte_identical(tmp_path):
     back.parent.mkdir()
     T.translate_file(ms, back, source="msadapter", target="torch")
     assert back.read_bytes() == src.read_bytes()
+
+
+def test_whole_records_are_copied_with_the_crc_their_source_recorded(tmp_path, monkeypatch):
+    """A tensor whose storage is a whole record of the source goes to its own record by a kernel copy,
+    with the CRC-32 the source recorded for those bytes: nothing is read to recompute it, every record of
+    both translations passes zipfile's CRC check, and a record damaged after saving stays detectably
+    damaged in the copy (a recomputed CRC would vouch for the damage)."""
+    from ckptmap.formats import byte_io
+
+    g = torch.Generator().manual_seed(3)
+    obj = {"w": torch.randn(64, 33, generator=g).bfloat16(), "m": torch.randn(4096, generator=g),
+           "i": torch.arange(7), "view": torch.arange(12.0)[2:9]}   # the view: part of a record, CRC'd
+    src = tmp_path / "a" / "x.pt"
+    src.parent.mkdir()
+    torch.save(obj, src)
+    computed = []
+    real_crc_copy = byte_io.copy_range_crc
+    monkeypatch.setattr(byte_io, "copy_range_crc", lambda rng, fd, crc=0: computed.append(rng.nbytes) or
+                        real_crc_copy(rng, fd, crc))
+    ms = tmp_path / "b" / "x.pt"
+    ms.parent.mkdir()
+    T.translate_file(src, ms, source="torch", target="msadapter")
+    assert computed == [7 * 4]   # only the view's bytes were read for a CRC
+    assert zipfile.ZipFile(ms).testzip() is None
+    R.check_msadapter_file(ms)
+    back = tmp_path / "c" / "x.pt"
+    back.parent.mkdir()
+    T.translate_file(ms, back, source="msadapter", target="torch")
+    assert zipfile.ZipFile(back).testzip() is None
+    loaded = torch.load(back, weights_only=True)
+    assert all(torch.equal(loaded[k], obj[k]) for k in obj)
+
+    def fp32_record(path):
+        with zipfile.ZipFile(path) as z:
+            return next(i for i in z.infolist() if i.file_size == 4096 * 4)
+
+    info = fp32_record(src)   # flip one byte of the fp32 record after saving
+    data = bytearray(src.read_bytes())
+    name_len, extra_len = struct.unpack_from("<2H", data, info.header_offset + 26)   # its local header
+    data[info.header_offset + 30 + name_len + extra_len + 100] ^= 0xFF
+    src.write_bytes(bytes(data))
+    assert zipfile.ZipFile(src).testzip() == info.filename
+    damaged = tmp_path / "d" / "x.pt"
+    damaged.parent.mkdir()
+    T.translate_file(src, damaged, source="torch", target="msadapter")
+    assert zipfile.ZipFile(damaged).testzip() == fp32_record(damaged).filename
 
 
 def test_dry_run_shows_dialects_and_writes_nothing(tmp_path, capsys):

@@ -744,8 +744,8 @@ def test_zip_directory_fast_path_matches_zipfile(tmp_path):
         with open(path, "rb") as f:
             mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
         fast = tzr._central_directory(mm, os.path.getsize(path))
-        slow = [(zi.filename, zi.flag_bits, zi.compress_type, zi.compress_size, zi.file_size, zi.header_offset)
-                for zi in zipfile.ZipFile(path).infolist()]
+        slow = [(zi.filename, zi.flag_bits, zi.compress_type, zi.compress_size, zi.file_size, zi.header_offset,
+                 zi.CRC) for zi in zipfile.ZipFile(path).infolist()]
         return fast, slow
 
     saved = tmp_path / "model.pt"

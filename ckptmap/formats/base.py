@@ -34,6 +34,9 @@ class FileRange:
     path: str
     offset: int
     nbytes: int
+    # the CRC-32 of exactly these bytes when their file records it (a whole torch zip record): a writer
+    # that needs it copies them kernel-side and takes it instead of reading them (sub-ranges drop it)
+    crc32: int | None = None
 
 
 @attrs.frozen

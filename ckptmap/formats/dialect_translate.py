@@ -61,8 +61,7 @@ from ckptmap.formats import msadapter
 from ckptmap.formats.megatron_folders import TRACKER
 from ckptmap.formats.megatron_files import encode_key
 from ckptmap.formats.safe_unpickler import GlobalMarker, StandIn, StandInClass, dtype_name, torch_global
-from ckptmap.formats.base import FileRange
-from ckptmap.formats.torch_zip_reader import HeldTensor, TensorRef, TorchZipFile, file_offset
+from ckptmap.formats.torch_zip_reader import HeldTensor, TensorRef, TorchZipFile, file_range
 from ckptmap.formats.torch_zip_reader import contiguous_stride as _contiguous
 from ckptmap.formats.torch_zip_writer import save_streaming
 
@@ -422,15 +421,15 @@ def target_name(dialect: str, training: bool = False) -> str:
 
 def _fill(zf: TorchZipFile, sources: dict):
     """fill(key): the source tensor's elements in C order — for a contiguous tensor the FileRange of its
-    bytes in the source file (the writer copies it through one small buffer while taking the record's
-    CRC-32: no page of the source is mapped), one C-contiguous copy for a strided view."""
+    bytes in the source file (no page of the source is mapped: the writer copies a whole record kernel-side
+    and takes its recorded CRC-32, else copies it through one small buffer while computing the CRC), one
+    C-contiguous copy for a strided view."""
     def fill(key):
         ref = sources[key]
         if ref.numel > 1 and ref.stride != _contiguous(ref.shape):
             yield np.ascontiguousarray(zf.array(ref)).reshape(-1).view(np.uint8)
             return
-        where = file_offset(zf, ref)
-        yield FileRange(str(zf.path), where[0], ref.nbytes)
+        yield file_range(zf, ref)   # with its record's CRC-32 when it is the whole record
     return fill
 
 

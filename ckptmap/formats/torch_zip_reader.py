@@ -42,6 +42,7 @@ import numpy as np
 
 from ckptmap import dtypes
 from ckptmap.errors import CkptmapError
+from ckptmap.formats.base import FileRange
 from ckptmap.formats import msadapter
 from ckptmap.formats.safe_unpickler import (ALLOWED_OBJECTS, TENSOR_TYPE_MARKERS, GlobalMarker, RestrictedUnpickler,
                                             StandIn, StandInClass, dtype_name, unpickle)
@@ -152,6 +153,7 @@ class _Record:
     name: str
     offset: int  # of the data, in the file
     size: int
+    crc32: int = 0   # as the central directory records it (0: not recorded, e.g. torch without CRC-32)
 
 
 _EOCD = struct.Struct("<4s4H2LH")               # end of central directory
@@ -189,7 +191,7 @@ def _central_directory(mm, size: int) -> list | None:
     while pos < cd_end:
         if pos + _CENTRAL.size > cd_end:
             return None
-        (csig, _, _, _, _, flags, method, _, _, _, csize, fsize, nlen, elen, clen, _, _, _,
+        (csig, _, _, _, _, flags, method, _, _, crc, csize, fsize, nlen, elen, clen, _, _, _,
          header) = _CENTRAL.unpack_from(mm, pos)
         if csig != b"PK\x01\x02" or elen or 0xFFFFFFFF in (csize, fsize, header):
             return None
@@ -204,7 +206,7 @@ def _central_directory(mm, size: int) -> list | None:
             return None
         if "\x00" in name:
             return None
-        out.append((name, flags, method, csize, fsize, header))
+        out.append((name, flags, method, csize, fsize, header, crc))
     return out
 
 
@@ -228,7 +230,7 @@ class _Archive:
                     try:
                         zf = zipfile.ZipFile(f)
                         infos = [(zi.filename, zi.flag_bits, zi.compress_type, zi.compress_size, zi.file_size,
-                                  zi.header_offset) for zi in zf.infolist()]
+                                  zi.header_offset, zi.CRC) for zi in zf.infolist()]
                     except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, OSError, ValueError,
                             struct.error, NotImplementedError) as e:
                         raise CkptmapError(self._not_zip_message(head, e)) from None
@@ -274,7 +276,7 @@ class _Archive:
                 f"found {self.size} bytes starting with {head[:8]!r} ({err}) — check that the path names a "
                 f".pt file")
 
-    def _add_record(self, name, flag_bits, compress_type, compress_size, file_size, h):
+    def _add_record(self, name, flag_bits, compress_type, compress_size, file_size, h, crc32=0):
         p = self.path
         if name in self.records:
             raise CkptmapError(f"{p} holds the record {name!r} twice; a torch checkpoint never does — the file "
@@ -296,7 +298,7 @@ class _Archive:
         if start + file_size > self.size:
             raise CkptmapError(self._truncated(
                 name, f"its {file_size} data bytes at offset {start} run past the end of the file"))
-        self.records[name] = _Record(name, start, file_size)
+        self.records[name] = _Record(name, start, file_size, crc32)
 
     def _truncated(self, name, what):
         return (f"{self.path} is truncated or corrupt: record {name!r} is damaged ({what}; file size "
@@ -709,6 +711,20 @@ def file_offset(zf: "TorchZipFile", ref: TensorRef) -> tuple[int, int] | None:
     rec = zf._live().record(f"data/{ref.storage}")
     size = dtypes.itemsize(ref.dtype)
     return rec.offset + ref.storage_offset * size, ref.numel * size
+
+
+def file_range(zf: "TorchZipFile", ref: TensorRef) -> FileRange | None:
+    """The FileRange of ``ref``'s elements when they lie contiguous in C order (else None), with its
+    record's CRC-32 when it is the whole record and the file recorded one: a torch zip writer copying
+    the tensor into a record of its own takes that CRC instead of reading the bytes again. The CRC
+    is the source's, not recomputed: a record damaged since it was saved keeps failing its check in
+    the copy, as in the original, instead of getting a fresh CRC that vouches for the damage."""
+    where = file_offset(zf, ref)
+    if where is None:
+        return None
+    rec = zf._live().record(f"data/{ref.storage}")
+    whole = ref.storage_offset == 0 and where[1] == rec.size and rec.crc32
+    return FileRange(str(zf.path), where[0], where[1], rec.crc32 if whole else None)
 
 
 # -------------------------------------------------------------------------------------------------

@@ -592,20 +592,23 @@ def _stream_chunks(writer: _StreamZipWriter, st: _RefStorage, iterator, path) ->
 
 def _stream_range(writer, st, rng: FileRange, path, done: int, crc: int) -> tuple[int, int]:
     """A chunk given as a FileRange: the bytes of another file, copied by the kernel when no CRC is
-    wanted, else read once into a small reused buffer, CRC'd there and written from it (cheaper than
-    a kernel copy plus a second read for the CRC). The MSAdapter writer, which seeks to patch its
-    headers, gets them through its file object."""
+    wanted or when the range is the whole record and carries its CRC-32 (a record of the source:
+    ``torch_zip_reader.file_range``), else read once into a small reused buffer, CRC'd there and
+    written from it (cheaper than a kernel copy plus a second read for the CRC). Either goes to the
+    descriptor at its position once the file object's buffer is flushed (the MSAdapter writer, which
+    seeks back to patch its headers, asks the file object for the position, which asks the descriptor)."""
     expected = st.nbytes
     if done + rng.nbytes > expected:
         raise CkptmapError(f"cannot save {path}: storage {st.key!r} ({st.numel} x {st.dtype}) must be "
                            f"{expected} bytes but fill yielded at least {done + rng.nbytes} — the storage's data "
                            f"source does not match its tensors")
     try:
-        if type(writer) is not _StreamZipWriter:
-            for chunk in byte_io.read_chunks(rng):   # chunks larger than f's buffer: written straight through
-                writer._write(chunk)
-                crc = byte_io.crc32(chunk, crc)
-            return done + rng.nbytes, crc
+        if rng.crc32 is not None and done == 0 and rng.nbytes == expected:
+            # the whole record is a record of the source, which recorded its CRC-32: copied by the kernel
+            writer.f.flush()   # written at the descriptor's position, after what is buffered
+            byte_io.copy_range(rng, writer.f.fileno())
+            writer.pos += rng.nbytes
+            return done + rng.nbytes, rng.crc32
         writer.f.flush()   # written at the descriptor's position, after what is buffered
         if writer.compute_crc32:
             crc = byte_io.copy_range_crc(rng, writer.f.fileno(), crc)
