@@ -17,7 +17,7 @@ from ckptmap.errors import CkptmapError
 from ckptmap.formats.megatron_folders import MODEL_FILE
 from ckptmap.formats.safe_unpickler import dtype_name
 from ckptmap.formats.base import FileRange, TensorSpec
-from ckptmap.formats.torch_zip_reader import TensorRef, TorchZipFile, file_offset
+from ckptmap.formats.torch_zip_reader import TensorRef, TorchZipFile, file_offset, file_range
 
 KEY_SEP = "/"
 EXTRA_STATE = "_extra_state"
@@ -138,8 +138,7 @@ class PtFile:
         return self._zip.array(self.ref(key))
 
     def byte_range(self, key: str) -> FileRange | None:
-        where = file_offset(self._zip, self.ref(key))
-        return None if where is None else FileRange(str(self.path), *where)
+        return file_range(self._zip, self.ref(key))
 
     def close(self):
         # Planning closes every file after reading its object tree (a mapping per rank adds up at
