@@ -122,6 +122,29 @@ class _Sources:
         self._closed = closed_files or {}
         self._inputs = inputs or {}
         self._whole_ranges = {}   # (file, key, dtype, shape) -> where the tensor lies, its spec checked
+        self._deferred = None     # small rounding checks read, compared at finish_checks (defer_checks)
+
+    def defer_checks(self) -> None:
+        """Compare small main-param roundings together at :meth:`finish_checks` (one cast for a file's
+        tensors instead of one per tensor); the caller must call it before the file gets its name."""
+        self._deferred = []
+
+    def finish_checks(self) -> None:
+        """The deferred rounding checks, compared in one pass per weight dtype; a mismatch is checked
+        again tensor by tensor, which raises the error naming it."""
+        deferred, self._deferred = self._deferred, None
+        by_dtype: dict = {}
+        for task, main, weight, wdtype in deferred or ():
+            by_dtype.setdefault(wdtype, []).append((task, main, weight))
+        for wdtype, checks in by_dtype.items():
+            got = tensor_ops.cast(np.frombuffer(b"".join(c[1] for c in checks), dtype=np.float32), "float32", wdtype)
+            bits = f"u{got.itemsize}"   # bit patterns: a NaN weight equals its NaN rounding
+            if np.array_equal(got.view(bits), np.frombuffer(b"".join(c[2] for c in checks), dtype=bits)):
+                continue
+            for task, _, _ in checks:
+                self._check_rounding(task, None)
+            raise CkptmapError(f"internal error: the main-param check of {len(checks)} tensors found a difference "
+                               f"that none of them shows alone")
 
     def path(self, file: str) -> str:
         """The path a slice's ``file`` names."""
@@ -241,6 +264,9 @@ class _Sources:
             if None not in ranges and sum(x.count for x in srcs) == count and all(x.dtype == "float32" for x in srcs) \
                     and all(w.dtype == wdtype for w in weights):
                 n = 1 << 18   # elements per chunk
+                if count * 4 <= byte_io.SMALL_RUN and len(ranges) == 2 and self._deferred is not None:
+                    self._deferred.append((task, byte_io.read_small(ranges[0]), byte_io.read_small(ranges[1]), wdtype))
+                    return 0   # compared at finish_checks
                 if count <= n and len(ranges) == 2:   # one window each: one pread each
                     mains, weights_bytes = [byte_io.read_small(ranges[0])], [byte_io.read_small(ranges[1])]
                 else:
@@ -617,6 +643,7 @@ def _write_file(task: FileTask, root: Path, progress, fsync: bool) -> None:
         if task.format in registry.TENSOR_FORMATS:
             entries = [(t.name, t.dtype, t.shape) for t in task.tensors]
             sources = _Sources(inputs=task.inputs)
+            sources.defer_checks()
             try:
                 with registry.open_writer(task.format, tmp, entries, task.metadata, crc=task.crc) as writer:
                     for t in task.tensors:
@@ -629,6 +656,7 @@ def _write_file(task: FileTask, root: Path, progress, fsync: bool) -> None:
                             writer.write_chunks(t.name, t.dtype, t.shape, how[1])
                         if progress:
                             progress(t.nbytes)
+                    sources.finish_checks()   # before the writer closes and the file gets its name
             finally:
                 sources.close()
         elif task.format == "copy":

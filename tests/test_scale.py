@@ -269,22 +269,29 @@ def test_main_param_spot_check_is_one_cast_per_rank(monkeypatch, tmp_path):
     assert "does not round to the model weight" in text and task.rounds_to.key in text
 
 
-def test_executor_names_the_rank_file_of_a_shared_task(tmp_path):
+@pytest.mark.parametrize("batched", [False, True])
+def test_executor_names_the_rank_file_of_a_shared_task(tmp_path, monkeypatch, batched):
     """Ranks of one structure share their tasks, which name the files as @-inputs; a main param that
     does not round to its weight in the middle (past the plan's spot check of the first and last 64
-    elements) is found by the executor's check of every element, naming the rank's real file."""
+    elements) is found by the executor's check of every element, naming the rank's real file — checked
+    alone, or (a small parameter) with the file's other small ones in one pass, then alone to name it."""
     import shutil
     from pathlib import Path
 
     import numpy as np
 
     from ckptmap import execute
+    from ckptmap.formats import byte_io
     from ckptmap.formats.megatron_files import OptimFile
 
     src = fixture_dir("legacy_tp2pp2dp2")
     plan = compile_pt2ms(Pt2MsOptions(str(src), str(tmp_path / "plan")))
     f, task = max(((f, t) for f in plan.files for t in f.tensors if t.rounds_to is not None),
                   key=lambda ft: ft[1].sources[0].count)
+    if batched:
+        assert task.sources[0].count * 4 <= byte_io.SMALL_RUN and sum(t.rounds_to is not None for t in f.tensors) > 1
+    else:
+        monkeypatch.setattr(byte_io, "SMALL_RUN", 0)
     assert task.sources[0].file.startswith("@") and task.sources[0].count > 1000
     rel = Path(f.source_path(task.sources[0].file)).relative_to(src)
     copy = tmp_path / "megatron"
@@ -303,6 +310,7 @@ def test_executor_names_the_rank_file_of_a_shared_task(tmp_path):
     assert str(copy / rel) in failed[f.path] and task.name in failed[f.path]
     assert "does not round to the model weight" in failed[f.path] and "@model" not in failed[f.path] \
         and "@optim" not in failed[f.path] and "@dense" not in failed[f.path]
+    assert not (tmp_path / "out" / f.path).exists()
 
 
 def test_run_report_of_many_files_is_one_line_per_folder_pattern():
