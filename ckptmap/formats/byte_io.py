@@ -123,15 +123,25 @@ SMALL_RUN = 64 * 1024   # runs up to this size are read and written by the calle
 def read_small(src: FileRange) -> bytes:
     """The bytes of a short run (``SMALL_RUN``) in one ``pread``: for a file of many small tensors, one
     read into the output's write buffer costs less than a flush plus a kernel copy per tensor."""
-    with _source(src.path, src.offset, 0) as fd:
-        data = os.pread(fd, src.nbytes, src.offset)
-        while len(data) < src.nbytes:   # a short read is retried; none at all means the file shrank
-            more = os.pread(fd, src.nbytes - len(data), src.offset + len(data))
-            if not more:
-                raise OSError(errno.EIO, f"{src.path} ends before byte {src.offset + src.nbytes} "
-                                         f"(at {src.offset + len(data)}); the file changed")
-            data += more
-        return data
+    fds = getattr(_open_sources, "fds", None)
+    if fds is None:
+        with _source(src.path, src.offset, 0) as fd:
+            return _pread_exactly(fd, src)
+    fd = fds.get(src.path)   # (no context manager: this runs once per small tensor)
+    if fd is None:
+        fd = fds[src.path] = os.open(src.path, os.O_RDONLY)
+    return _pread_exactly(fd, src)
+
+
+def _pread_exactly(fd: int, src: FileRange) -> bytes:
+    data = os.pread(fd, src.nbytes, src.offset)
+    while len(data) < src.nbytes:   # a short read is retried; none at all means the file shrank
+        more = os.pread(fd, src.nbytes - len(data), src.offset + len(data))
+        if not more:
+            raise OSError(errno.EIO, f"{src.path} ends before byte {src.offset + src.nbytes} "
+                                     f"(at {src.offset + len(data)}); the file changed")
+        data += more
+    return data
 
 
 def ranges_of(source) -> tuple:
