@@ -254,6 +254,10 @@ def main():
     ap.add_argument("--no-convert", action="store_true", help="plan only; skip the full conversion")
     ap.add_argument("--profile", action="store_true", help="cProfile the compile of the largest checkpoint")
     ap.add_argument("--keep", action="store_true", help="keep the work dir (checkpoints are reused)")
+    ap.add_argument("--out-dir", help="where the conversions (and cp -r) write, e.g. /dev/shm: every run into a "
+                                      "fresh folder, all removed after the checkpoint's runs (default: the work "
+                                      "dir). On ext4 without a journal, creating files just after deleting many "
+                                      "makes the allocator skip recently deleted inodes: a cost of the benchmark")
     ap.add_argument("--src", default=str(REPO),
                     help="the ckptmap checkout whose CLI is measured (default: this one), e.g. an older commit "
                          "exported with `git archive` for a before/after comparison")
@@ -267,20 +271,30 @@ def main():
     os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
     os.chdir(work)  # `python -c` puts the working directory first on sys.path: keep checkouts out of it
 
+    out_root = Path(ns.out_dir) if ns.out_dir else work
+    fresh = iter(range(1 << 30))
+
     def measured(cmd, out=None):
         best = None
         for _ in range(ns.repeat):
-            if out is not None:   # each run starts from an empty output folder (pt2ms never overwrites)
-                shutil.rmtree(out, ignore_errors=True)
+            if out is not None:   # each run writes into a folder of its own (pt2ms never overwrites)
+                run_out = out_root / f"ckptmap-scale-out-{os.getpid()}-{next(fresh)}"
+                cmd = [str(run_out) if c == str(out) else c for c in cmd]
+                out = run_out
             before = resource.getrusage(resource.RUSAGE_CHILDREN)
             r = run_measured(cmd)
             after = resource.getrusage(resource.RUSAGE_CHILDREN)
             # CPU seconds of the process tree (user + system): less sensitive than wall time to other
             # load on the machine
             r["cpu"] = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+            r["out"] = out
             if best is None or r["seconds"] < best["seconds"]:
                 best = r
         return best
+
+    def remove_outputs():
+        for old in out_root.glob(f"ckptmap-scale-out-{os.getpid()}-*"):
+            shutil.rmtree(old, ignore_errors=True)
 
     if ns.moe:
         cases = [(f"{r} ranks (TP 8 x PP {r // 8 // ns.ep} x EP {ns.ep}, MoE)",
@@ -307,23 +321,24 @@ def main():
             n, size = du(src)
             print(f"built {label}: {n} files, {size / 1e6:.0f} MB in {seconds:.1f} s")
         flags = ["--megatron-path", str(src)] + (["--generate-all-dp-cp"] if extra.get("generate_all_dp_cp") else [])
-        out = work / "out"
+        out = out_root / "ckptmap-scale-out"
         steps = [("plan --dry-run", CLI + ["plan", "pt2ms"] + flags + ["--ms-path", str(out), "--dry-run"], None),
                  ("plan -o plan.json", CLI + ["plan", "pt2ms"] + flags + ["--ms-path", str(out), "-o",
                                                                          str(work / "plan.json")], work / "plan.json")]
         if not ns.no_convert:
+            steps.append(("cp -r of the source", ["cp", "-r", str(src), str(out)], out))
             steps.append(("pt2ms (2 workers)", CLI + ["pt2ms"] + flags + ["--ms-path", str(out), "--no-progress",
                                                                          "--process-limit", "2"], out))
         for step, cmd, written in steps:
-            shutil.rmtree(out, ignore_errors=True)
-            r = measured(cmd, out)
+            r = measured(cmd, out if written == out else None)
+            written = r["out"] if written == out else written
             n, size = (du(written) if written.is_dir() else (1, written.stat().st_size)) if written else (0, 0)
             rows.append(f"{label:58s} {step:20s} {r['seconds']:7.2f} {r['cpu']:7.2f} {n:6d} {size / 1e6:7.1f} "
                         f"{r['rss'] / 1024:13.0f} {r['anon'] / 1024:14.0f}")
             if len(rows) == 1:
                 print(header)
             print(rows[-1])
-        shutil.rmtree(out, ignore_errors=True)
+        remove_outputs()
     print()
     for label, model, extra in cases:
         src = work / checkpoint_name(model)
