@@ -35,7 +35,7 @@ from ckptmap.errors import CkptmapError
 from ckptmap.formats import byte_io, megatron_write, pt_meta, registry, torch_zip_reader
 from ckptmap.formats.base import FileRange, Hole
 from ckptmap.mapping import ops as tensor_ops
-from ckptmap.mapping.plan import FileTask, Plan, SourceSlice, TensorTask, concat_range
+from ckptmap.mapping.plan import FileTask, Op, Plan, SourceSlice, TensorTask, concat_range
 
 
 
@@ -450,7 +450,7 @@ def streamed(task: TensorTask, sources: "_Sources"):
         return _slabs(task, sources)
     kinds = _elementwise(task)
     if kinds is None:
-        return None
+        return _rowwise(task, sources)
     runs = []
     for s in task.sources:
         rng = sources.byte_range(s)
@@ -463,6 +463,77 @@ def streamed(task: TensorTask, sources: "_Sources"):
     if len(runs) == 1:
         return "range", runs[0]
     return "ranges", tuple(r for r in runs if r.nbytes)
+
+
+def _rows_kept(task: TensorTask) -> bool:
+    """Whether every op of the task acts within each index of the leading dimension (casts, transposes and
+    chunk-interleaves of later dimensions, reshapes that keep the leading one): then each leading row of
+    the result comes from the same row of the source (stacked experts transposed one by one)."""
+    shape = tuple(task.src_shape or ())
+    if not shape:
+        return False
+    for op in task.ops:
+        if op.kind in ("cast", "cast_exact"):
+            continue
+        if op.kind == "transpose":
+            dims = [d % len(shape) for d in op.args]
+            if 0 in dims:
+                return False
+            order = list(range(len(shape)))
+            order[dims[0]], order[dims[1]] = order[dims[1]], order[dims[0]]
+            shape = tuple(shape[i] for i in order)
+        elif op.kind == "chunk_interleave":
+            if op.args[0] % len(shape) == 0:
+                return False
+        elif op.kind == "reshape":
+            to = tuple(op.args[1])
+            if not to or to[0] != shape[0]:
+                return False
+            shape = to
+        else:
+            return False
+    return shape == tuple(task.shape)
+
+
+def _rowwise(task: TensorTask, sources: "_Sources"):
+    """("chunks", iterator) of a task whose ops keep the leading dimension (``_rows_kept``) and whose sources
+    are runs of one dtype: its result computed a slab of leading rows (about byte_io.CHUNK bytes) at a time —
+    the sources' bytes under the slab read, the ops applied to them — instead of as a whole array. Else None."""
+    if task.value is not None or not task.sources or not _rows_kept(task):
+        return None
+    src = task.src_dtype or task.sources[0].dtype
+    if any(s.dtype != src for s in task.sources):
+        return None
+    runs = []
+    for s in task.sources:
+        rng = sources.byte_range(s)
+        if rng is None:
+            return None
+        runs.append(rng)
+    shape = tuple(task.src_shape)
+    row_bytes = math.prod(shape[1:]) * dtypes.itemsize(src)
+    if not row_bytes or sum(r.nbytes for r in runs) != shape[0] * row_bytes:
+        return None
+    _checks(task, sources)
+    rows = max(1, byte_io.CHUNK // row_bytes)
+
+    def chunks():
+        for a in range(0, shape[0], rows):
+            n = min(rows, shape[0] - a)
+            raw = b"".join(bytes(c) for part in byte_io.sliced(runs, a * row_bytes, n * row_bytes)
+                           for c in byte_io.read_chunks(part))
+            slab = np.frombuffer(raw, dtype=dtypes.storage(src)).reshape((n,) + shape[1:])
+            ops = [Op("reshape", ((n,) + tuple(op.args[0])[1:], (n,) + tuple(op.args[1])[1:]))
+                   if op.kind == "reshape" else op for op in task.ops]
+            try:
+                value = tensor_ops.apply_all(ops, slab)
+            except tensor_ops.InexactCast as e:
+                where = task.sources[0]
+                raise CkptmapError(f"{task.name} (from {sources.path(where.file)}, {where.key}): {e} (in rows "
+                                   f"{a} - {a + n - 1}); the values cannot be kept in the dtype the target needs — "
+                                   f"convert them on the MindSpore side first") from None
+            yield np.ascontiguousarray(value).reshape(-1).view(np.uint8)
+    return "chunks", chunks()
 
 
 def _slabs(task: TensorTask, sources: "_Sources"):

@@ -320,6 +320,42 @@ def test_tensor_assembled_from_boxes_streams_in_slabs(tmp_path, monkeypatch, cas
     assert got.dtype == want.dtype and np.array_equal(got, want)
 
 
+def test_ops_within_leading_rows_stream_row_by_row(tmp_path, monkeypatch):
+    """A tensor whose ops act within each leading row (stacked experts: transpose(1, 2), a chunk-interleave
+    of dim 1, a reshape keeping dim 0, a cast) is computed a slab of leading rows at a time from its sources'
+    runs — never as a whole array — and equals what torch makes of the same values (transpose, chunk + stack,
+    half); an op that moves the leading dimension keeps the whole-array path."""
+    from safetensors.numpy import load_file
+    from safetensors.torch import save_file
+
+    from ckptmap.formats import byte_io
+    from ckptmap.mapping.ops import resolve
+    from ckptmap.mapping.plan import FileTask, SourceSlice, TensorTask
+
+    experts = torch.randn(5, 6, 8)
+    save_file({"a": experts[:3].clone()}, str(tmp_path / "x.safetensors"))
+    save_file({"b": torch.cat([torch.zeros(7), experts[3:].reshape(-1)])}, str(tmp_path / "y.safetensors"))
+    runs = (SourceSlice(str(tmp_path / "x.safetensors"), "a", "float32", (3, 6, 8)),
+            SourceSlice(str(tmp_path / "y.safetensors"), "b", "float32", (7 + 96,), 7, 96))
+    shape, dtype, ops = (5, 6, 8), "float32", []
+    for kind, args in (("transpose", (1, 2)), ("chunk_interleave", (1, 2)), ("reshape", (5, 48)),
+                       ("cast", ("float16",))):
+        op, shape, dtype = resolve(kind, args, shape, dtype, {}, "test")
+        ops.append(op)
+    task = TensorTask("t", "float16", (5, 48), runs, "float32", (5, 6, 8), tuple(ops))
+    assert execute._rows_kept(task)
+    t = experts.transpose(1, 2)                                       # (5, 8, 6)
+    t = torch.stack(torch.chunk(t, 2, dim=1), dim=2).reshape(5, 8, 6)   # chunk i's row j -> row j * 2 + i
+    want = t.reshape(5, 48).half().numpy()
+    monkeypatch.setattr(byte_io, "CHUNK", 6 * 8 * 4)   # one expert per slab
+    monkeypatch.setattr(execute, "expected_array", lambda *a: pytest.fail("computed whole"))
+    execute.write_file(FileTask("out.safetensors", "safetensors", (task,)), tmp_path)
+    got = load_file(str(tmp_path / "out.safetensors"))["t"]
+    assert got.dtype == np.float16 and np.array_equal(got, want)
+    across, _, _ = resolve("transpose", (0, 1), (5, 6, 8), "float32", {}, "test")
+    assert not execute._rows_kept(TensorTask("u", "float32", (6, 5, 8), runs, "float32", (5, 6, 8), (across,)))
+
+
 def test_a_tensor_of_runs_of_several_files_streams_and_is_checked_whole(tmp_path):
     """A tensor made of runs of several files (pt2ms of torch_dist: ranges of the torch_dist chunks) is
     streamed run after run -- kernel copies, or a cast chunk by chunk -- giving the concatenation's values
