@@ -771,28 +771,56 @@ class _WorkerProgress:
             self.pending = 0
 
 
-def _worker(tasks, results, root, plan_files, fsync, parent_pid, progress=True):
+class _Claims:
+    """The files of one pool phase in the order they are handed out (largest first), claimed one at a time
+    by the workers through a counter in shared memory; each worker's slot says which file it claimed last
+    and when. The parent's timeouts and crash reports read the slots: a file is never handed out without
+    its slot saying so (both change under one lock), so a worker that dies at any moment fails exactly the
+    file it had (a start message still in a dead worker's queue buffer once left the run waiting forever),
+    and starting a file costs no message."""
+
+    def __init__(self, ctx, order: list[int], slots: int):
+        self.order = order
+        self.lock = ctx.Lock()
+        self.next = ctx.RawValue("q", 0)
+        self.current = ctx.RawArray("q", [-1] * max(slots, 1))
+        self.since = ctx.RawArray("d", max(slots, 1))
+
+    def claim(self, slot: int) -> int | None:
+        """The next file for the worker in ``slot``, or None when every file is handed out."""
+        with self.lock:
+            pos = self.next.value
+            if pos >= len(self.order):
+                self.current[slot] = -1
+                return None
+            self.next.value = pos + 1
+            index = self.order[pos]
+            self.since[slot] = time.monotonic()
+            self.current[slot] = index
+            return index
+
+    @property
+    def unclaimed(self) -> bool:
+        return self.next.value < len(self.order)
+
+
+def _worker(claims, slot, results, root, plan_files, fsync, parent_pid, progress=True):
     try:
         signals.worker_setup(parent_pid)
         with atomic.umask_of_run():
-            _worker_loop(tasks, results, root, plan_files, fsync, parent_pid, progress)
+            _worker_loop(claims, slot, results, root, plan_files, fsync, parent_pid, progress)
     except signals.Interrupted as e:   # the temporary file being written is gone already
         results.cancel_join_thread()
         os._exit(e.exit_code)
 
 
-def _worker_loop(tasks, results, root, plan_files, fsync, parent_pid, progress):
+def _worker_loop(claims, slot, results, root, plan_files, fsync, parent_pid, progress):
     while True:
-        try:
-            item = tasks.get(timeout=1.0)
-        except queue.Empty:
-            if os.getppid() != parent_pid:   # the main process is gone (no PDEATHSIG off Linux)
-                raise signals.Interrupted(signal.SIGTERM)
-            continue
-        if item is None:
+        if os.getppid() != parent_pid:   # the main process is gone (no PDEATHSIG off Linux)
+            raise signals.Interrupted(signal.SIGTERM)
+        index = claims.claim(slot)
+        if index is None:
             return
-        index = item
-        results.put(("start", index, os.getpid()))
         started = time.perf_counter()
         told = _WorkerProgress(results, index) if progress else None
         try:
@@ -1043,73 +1071,81 @@ def _run_inline(task: FileTask, root: Path, bar: _Progress, fsync: bool) -> File
 def _run_pool(plan: Plan, phase: list[int], root: Path, n: int, timeout, bar: _Progress, fsync: bool,
               done: dict) -> dict:
     ctx = mp.get_context("fork")
-    tasks, results_q = ctx.Queue(), ctx.Queue()
-    # largest first: workers pulling from one queue then end within about one small file of each
+    results_q = ctx.Queue()
+    # largest first: workers claiming from one list then end within about one small file of each
     # other (balanced by bytes, not by the number of files)
-    for i in sorted(phase, key=lambda i: (-plan.files[i].nbytes, i)):
-        tasks.put(i)
+    claims = _Claims(ctx, sorted(phase, key=lambda i: (-plan.files[i].nbytes, i)), n)
     parent = os.getpid()
 
-    def spawn():
-        p = ctx.Process(target=_worker, args=(tasks, results_q, root, plan.files, fsync, parent, bar.enabled),
+    def spawn(slot):
+        p = ctx.Process(target=_worker, args=(claims, slot, results_q, root, plan.files, fsync, parent, bar.enabled),
                         daemon=True)
         with signals.held():
             p.start()
         return p
 
-    workers = {}
-    running: dict[int, tuple[int, float]] = {}  # task -> (pid, start time)
+    def fail(index, seconds, reason):
+        done[index] = FileResult(plan.files[index].path, False, 0, seconds, reason)
+        remaining.discard(index)
+
+    workers: dict[int, mp.Process] = {}   # slot -> worker
     remaining = set(phase)
     finished = False
     try:
-        for _ in range(n):
-            p = spawn()
-            workers[p.pid] = p
+        for slot in range(n):
+            workers[slot] = spawn(slot)
+        checked = time.monotonic()
         while remaining:
             try:
                 kind, index, payload = results_q.get(timeout=0.2)
             except queue.Empty:
                 kind = None
-            if kind == "start":
-                running[index] = (payload, time.monotonic())
-            elif kind == "bytes":
+            if kind == "bytes":
                 bar.update(payload)
             elif kind == "done":
-                running.pop(index, None)
                 done[index] = payload
                 remaining.discard(index)
             now = time.monotonic()
-            for index, (pid, t0) in list(running.items()):
-                proc = workers.get(pid)
-                timed_out = timeout is not None and now - t0 > timeout
-                died = proc is not None and not proc.is_alive()
-                if timed_out or died:
-                    if proc is not None and proc.is_alive():
-                        proc.kill()
-                        proc.join()
-                    workers.pop(pid, None)
-                    running.pop(index)
+            if kind is not None and now - checked < 0.2:
+                continue
+            checked = now
+            for slot, proc in list(workers.items()):   # timeouts and deaths, from the claims' slots
+                index = claims.current[slot]
+                busy = index >= 0 and index in remaining
+                timed_out = busy and timeout is not None and now - claims.since[slot] > timeout
+                if proc.is_alive() and not timed_out:
+                    continue
+                if proc.is_alive():
+                    proc.kill()
+                proc.join()
+                del workers[slot]
+                if busy:
                     atomic.remove_stale_temps((root / plan.files[index].path).parent, recursive=False)
-                    reason = (f"timed out after {timeout:g} s (--process_timeout); raise the limit or use "
-                              f"more processes" if timed_out else f"worker process died (exit code {proc.exitcode})")
-                    done[index] = FileResult(plan.files[index].path, False, 0, now - t0, reason)
-                    remaining.discard(index)
-                    if len(remaining) > len(running):
-                        p = spawn()
-                        workers[p.pid] = p
+                    fail(index, now - claims.since[slot],
+                         f"timed out after {timeout:g} s (--process_timeout); raise the limit or use more processes"
+                         if timed_out else f"worker process died (exit code {proc.exitcode})")
+                if claims.unclaimed:
+                    workers[slot] = spawn(slot)
+            if not workers and remaining:   # every file handed out, every worker gone: read what they reported
+                try:
+                    while remaining:
+                        kind, index, payload = results_q.get(timeout=1.0)
+                        if kind == "done":
+                            done[index] = payload
+                            remaining.discard(index)
+                except queue.Empty:
+                    for index in sorted(remaining):
+                        fail(index, 0.0, "the worker writing it ended without reporting it")
         finished = True
     finally:
         if finished:
-            for _ in workers:
-                tasks.put(None)
-            for p in workers.values():
+            for p in workers.values():   # they exit once every file is handed out
                 p.join(timeout=5)
                 if p.is_alive():
                     p.kill()
                     p.join()
         else:   # interrupted (or failed): stop the workers, which remove their temporary files
             _stop(workers.values())
-            tasks.cancel_join_thread()
             for d in sorted({(root / plan.files[i].path).parent for i in phase}):
                 atomic.remove_stale_temps(d, recursive=False)   # of workers that had to be killed
     return done

@@ -1,6 +1,7 @@
 """The executor: plan JSON round trip, dry-run output, worker pool, failures, timeouts and atomicity."""
 
 import json
+import os
 import time
 
 import numpy as np
@@ -163,6 +164,32 @@ def test_timeout_kills_the_worker(source, tmp_path, monkeypatch):
     assert all("timed out after 3 s" in e for e in failed.values())
     assert not [f for f in files_under(out) if atomic.TMP_MARK in f]
     assert (out / "rank_0" / "network.ckpt").exists() and (out / "rank_1" / "network.ckpt").exists()
+
+
+def test_a_worker_that_dies_fails_its_file_only(source, tmp_path, monkeypatch):
+    """A worker killed while writing (here: it exits on the spot, as under the OOM killer) fails the file its
+    slot says it had claimed, naming the exit code; a new worker takes the files not yet handed out, and the
+    run ends. (With a per-file "start" message instead, a worker dying before its queue's feeder thread sent
+    that message left the run waiting forever.)"""
+    root, _ = source
+    out = tmp_path / "ms"
+    plan = compile_pt2ms(Pt2MsOptions(str(root), str(out), convert_param_only=True))
+    doomed = next(f.path for f in plan.files if f.path.endswith("rank_2/network.ckpt"))
+    real = execute.write_file
+
+    def dies_on_rank_2(task, *args, **kwargs):
+        if task.path == doomed:
+            os._exit(3)
+        return real(task, *args, **kwargs)
+
+    monkeypatch.setattr(execute, "write_file", dies_on_rank_2)
+    t0 = time.monotonic()
+    report = execute.run_plan(plan, processes=2, progress=False)
+    assert time.monotonic() - t0 < 20
+    failed = {r.path: r.error for r in report.failed}
+    assert failed == {doomed: "worker process died (exit code 3)"}
+    assert len(report.results) == len(plan.files)
+    assert all((out / r.path).exists() for r in report.results if r.ok)
 
 
 def test_inspect_lists_pt_and_ckpt(source, tmp_path, capsys):

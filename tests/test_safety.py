@@ -272,10 +272,10 @@ class Slow:   # widens the moment between fork and worker_setup to one second
 slow = Slow()
 multiprocessing.util.register_after_fork(slow, lambda _: (marker.touch(), time.sleep(1.0)))
 ctx = multiprocessing.get_context("fork")
-tasks, results = ctx.Queue(), ctx.Queue()
+claims, results = execute._Claims(ctx, [], 1), ctx.Queue()
 with signals.interruptible():
     with signals.held():
-        p = ctx.Process(target=execute._worker, args=(tasks, results, root, [], False, os.getpid()), daemon=True)
+        p = ctx.Process(target=execute._worker, args=(claims, 0, results, root, [], False, os.getpid()), daemon=True)
         p.start()
     while not marker.exists():
         time.sleep(0.01)
