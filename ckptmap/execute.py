@@ -451,18 +451,26 @@ def streamed(task: TensorTask, sources: "_Sources"):
     kinds = _elementwise(task)
     if kinds is None:
         return _rowwise(task, sources)
-    runs = []
-    for s in task.sources:
-        rng = sources.byte_range(s)
-        if rng is None:
-            return None
-        runs.append(rng)
+    runs = _source_runs(task, sources)
+    if runs is None:
+        return None
     _checks(task, sources)
     if kinds[0] != kinds[1]:
         return "chunks", (chunk for rng in runs for chunk in _cast_chunks(rng, *kinds))
     if len(runs) == 1:
         return "range", runs[0]
     return "ranges", tuple(r for r in runs if r.nbytes)
+
+
+def _source_runs(task: TensorTask, sources: "_Sources") -> list[FileRange] | None:
+    """Where each of the task's sources lies contiguous in its file, in order, or None if one does not."""
+    runs = []
+    for s in task.sources:
+        rng = sources.byte_range(s)
+        if rng is None:
+            return None
+        runs.append(rng)
+    return runs
 
 
 def _rows_kept(task: TensorTask) -> bool:
@@ -504,12 +512,9 @@ def _rowwise(task: TensorTask, sources: "_Sources"):
     src = task.src_dtype or task.sources[0].dtype
     if any(s.dtype != src for s in task.sources):
         return None
-    runs = []
-    for s in task.sources:
-        rng = sources.byte_range(s)
-        if rng is None:
-            return None
-        runs.append(rng)
+    runs = _source_runs(task, sources)
+    if runs is None:
+        return None
     shape = tuple(task.src_shape)
     row_bytes = math.prod(shape[1:]) * dtypes.itemsize(src)
     if not row_bytes or sum(r.nbytes for r in runs) != shape[0] * row_bytes:
