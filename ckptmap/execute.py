@@ -267,11 +267,8 @@ class _Sources:
                 if count * 4 <= byte_io.SMALL_RUN and len(ranges) == 2 and self._deferred is not None:
                     self._deferred.append((task, byte_io.read_small(ranges[0]), byte_io.read_small(ranges[1]), wdtype))
                     return 0   # compared at finish_checks
-                if count <= n and len(ranges) == 2:   # one window each: one pread each
-                    mains, weights_bytes = [byte_io.read_small(ranges[0])], [byte_io.read_small(ranges[1])]
-                else:
-                    mains = byte_io.read_windows(ranges[:len(srcs)], n * 4)
-                    weights_bytes = byte_io.read_windows(ranges[len(srcs):], n * dtypes.itemsize(wdtype))
+                mains = byte_io.read_windows(ranges[:len(srcs)], n * 4)
+                weights_bytes = byte_io.read_windows(ranges[len(srcs):], n * dtypes.itemsize(wdtype))
                 bad = 0
                 for m, w in zip(mains, weights_bytes):
                     got = tensor_ops.cast(np.frombuffer(m, dtype=np.float32), "float32", wdtype)
@@ -523,10 +520,8 @@ def _rowwise(task: TensorTask, sources: "_Sources"):
     rows = max(1, byte_io.CHUNK // row_bytes)
 
     def chunks():
-        for a in range(0, shape[0], rows):
+        for a, raw in zip(range(0, shape[0], rows), byte_io.read_windows(runs, rows * row_bytes)):
             n = min(rows, shape[0] - a)
-            raw = b"".join(bytes(c) for part in byte_io.sliced(runs, a * row_bytes, n * row_bytes)
-                           for c in byte_io.read_chunks(part))
             slab = np.frombuffer(raw, dtype=dtypes.storage(src)).reshape((n,) + shape[1:])
             ops = [Op("reshape", ((n,) + tuple(op.args[0])[1:], (n,) + tuple(op.args[1])[1:]))
                    if op.kind == "reshape" else op for op in task.ops]

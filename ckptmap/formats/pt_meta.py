@@ -30,7 +30,7 @@ from ckptmap import dtypes
 from ckptmap.errors import CkptmapError
 from ckptmap.formats import byte_io, torch_zip_writer
 from ckptmap.formats.megatron_files import KEY_SEP, OptimFile, model_chunk_keys
-from ckptmap.formats.torch_zip_reader import HeldTensor, MSAdapterTensor, TensorRef, TorchZipFile
+from ckptmap.formats.torch_zip_reader import HeldTensor, MSAdapterTensor, TensorRef, TorchZipFile, contiguous_stride
 
 PLACEHOLDER = "__ckptmap_tensor__"
 META_KEY = "ckptmap"
@@ -303,11 +303,3 @@ def kept_array(meta_path, meta: dict, which: str, ref: TensorRef):
                 raw = np.array(zf.array(kept))[(lo - a) * size:(hi - a) * size]
                 return raw.view(dtypes.storage(ref.dtype)).reshape(ref.shape)
     raise CkptmapError(f"{meta_path} does not keep tensor {ref.storage!r} of {which}; re-run `ckptmap pt2ms`")
-
-
-def contiguous_stride(shape) -> tuple[int, ...]:
-    stride, acc = [], 1
-    for n in reversed(shape):
-        stride.append(acc)
-        acc *= max(n, 1)
-    return tuple(reversed(stride))

@@ -603,14 +603,12 @@ def _stream_range(writer, st, rng: FileRange, path, done: int, crc: int) -> tupl
                            f"{expected} bytes but fill yielded at least {done + rng.nbytes} — the storage's data "
                            f"source does not match its tensors")
     try:
+        writer.f.flush()   # written at the descriptor's position, after what is buffered
         if rng.crc32 is not None and done == 0 and rng.nbytes == expected:
             # the whole record is a record of the source, which recorded its CRC-32: copied by the kernel
-            writer.f.flush()   # written at the descriptor's position, after what is buffered
             byte_io.copy_range(rng, writer.f.fileno())
-            writer.pos += rng.nbytes
-            return done + rng.nbytes, rng.crc32
-        writer.f.flush()   # written at the descriptor's position, after what is buffered
-        if writer.compute_crc32:
+            crc = rng.crc32
+        elif writer.compute_crc32:
             crc = byte_io.copy_range_crc(rng, writer.f.fileno(), crc)
         else:
             byte_io.copy_range(rng, writer.f.fileno())
