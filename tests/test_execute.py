@@ -108,6 +108,32 @@ def test_pool_and_inline_give_identical_files(source, tmp_path):
     assert outputs["pool"] == outputs["inline"] and len(outputs["pool"]) == 4
 
 
+def test_pool_reports_every_file_with_its_size_and_the_bytes_written(source, tmp_path, monkeypatch):
+    """Workers report finished files and progress through shared memory, not a message per file: every
+    file comes back ok with the size it has on disk, and the progress bar is told every tensor byte."""
+    root, _ = source
+    bars = []
+
+    class RecordingBar(execute._Progress):   # the tqdm bar is off without a terminal; record what it is told
+        def __init__(self, total, enabled):
+            self.bar, self.total, self.told = None, total, 0
+            bars.append(self)
+
+        enabled = property(lambda self: True)
+
+        def update(self, n):
+            self.told += n
+
+    monkeypatch.setattr(execute, "_Progress", RecordingBar)
+    out = tmp_path / "ms"
+    plan = compile_pt2ms(Pt2MsOptions(str(root), str(out)))
+    report = execute.run_plan(plan, processes=2)
+    assert not report.failed and len(report.results) == len(plan.files) > 8
+    assert {r.path: r.nbytes for r in report.results} == {f: (out / f).stat().st_size for f in files_under(out)}
+    tensor_bytes = sum(t.nbytes for f in plan.files for t in f.tensors)
+    assert [b.told for b in bars] == [bars[0].total] and tensor_bytes <= bars[0].total
+
+
 def _patch_reads(monkeypatch, before):
     """Run ``before(task)`` ahead of every tensor read, on both of the executor's read paths: whole
     arrays (``_Sources.array``) and streamed byte runs (``execute.streamed``)."""
