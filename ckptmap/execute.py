@@ -32,7 +32,7 @@ import numpy as np
 
 from ckptmap import atomic, coordinate, dtypes, signals, target
 from ckptmap.errors import CkptmapError
-from ckptmap.formats import byte_io, megatron_write, pt_meta, registry, torch_zip_reader
+from ckptmap.formats import byte_io, megatron_write, mindspore_ckpt, pt_meta, registry, torch_zip_reader
 from ckptmap.formats.base import FileRange, Hole
 from ckptmap.mapping import ops as tensor_ops
 from ckptmap.mapping.plan import FileTask, Op, Plan, SourceSlice, TensorTask, concat_range
@@ -673,6 +673,83 @@ def fill_hole(path, offset: int, task: TensorTask) -> None:
         os.close(fd)
 
 
+# A .ckpt of at most this many bytes whose tensors are all byte copies and constants is assembled in
+# memory from a per-structure image (``mindspore_ckpt.image_layout``: headers and constants in place) and
+# written at once: at thousands of ranks of small files, the writer's per-tensor work cost more than the
+# bytes. 0 turns it off (every file through CkptWriter).
+CKPT_IMAGE_BYTES = 4 << 20
+
+# Images by the FileTask's tensors tuple (ranks of one structure share it; kept with it, so its id cannot
+# be reused meanwhile): (file size, [(offset, bytes)] of its headers and constants, [(offset, task)] to
+# copy), or None when such a file cannot be assembled so. Small (no contents): one per pipeline stage.
+_CKPT_IMAGES: dict = {}
+_CKPT_IMAGES_KEPT = 1 << 12
+
+
+def _ckpt_image(tensors: tuple):
+    kept = _CKPT_IMAGES.get(id(tensors))
+    if kept is not None and kept[0] is tensors:
+        return kept[1]
+    image = None
+    if sum(t.nbytes for t in tensors) <= CKPT_IMAGE_BYTES and \
+            all(byte_copy(t) or (t.value is not None and not t.sources and not t.reads) for t in tensors):
+        layout = mindspore_ckpt.image_layout([(t.name, t.dtype, t.shape) for t in tensors])
+        if layout is not None:
+            data, offsets = layout
+            fixed, copies, pos = [], [], 0   # the image's bytes but the copies' contents, in runs
+            for t, at in zip(tensors, offsets):
+                if t.sources:
+                    fixed.append((pos, data[pos:at]))
+                    copies.append((at, t))
+                    pos = at + t.nbytes
+                else:
+                    fixed.append((pos, data[pos:at] + np.ascontiguousarray(_constant(t)).tobytes()))
+                    pos = at + t.nbytes
+            fixed = [(at, piece) for at, piece in fixed if piece]
+            image = (len(data), fixed, copies)
+    _CKPT_IMAGES[id(tensors)] = (tensors, image)
+    if len(_CKPT_IMAGES) > _CKPT_IMAGES_KEPT:
+        del _CKPT_IMAGES[next(iter(_CKPT_IMAGES))]
+    return image
+
+
+def _write_ckpt_image(task: FileTask, tmp: Path, sources: "_Sources", progress) -> bool:
+    """Write a small .ckpt of byte copies and constants (``CKPT_IMAGE_BYTES``) from its image, its copies
+    read straight into place and checked as the writer's path checks them; False (nothing written) when
+    the file is not one, or a source is not stored contiguously."""
+    image = _ckpt_image(task.tensors)
+    if image is None:
+        return False
+    size, fixed, copies = image
+    runs = []
+    for at, t in copies:
+        found = _source_runs(t, sources)
+        if found is None:
+            return False
+        if sum(r.nbytes for r in found) != t.nbytes:
+            raise CkptmapError(f"{task.path}: tensor {t.name!r} ({t.dtype} {list(t.shape)}) needs {t.nbytes} bytes "
+                               f"but its source runs in {sources.path(t.sources[0].file)} hold "
+                               f"{sum(r.nbytes for r in found)}")
+        runs.append(found)
+    buffer = bytearray(size)
+    view = memoryview(buffer)
+    for at, piece in fixed:
+        view[at:at + len(piece)] = piece
+    for (at, t), found in zip(copies, runs):
+        _checks(t, sources)
+        for r in found:
+            byte_io.read_into(r, view[at:at + r.nbytes])
+            at += r.nbytes
+    sources.finish_checks()
+    with open(tmp, "wb") as f:
+        f.write(buffer)
+        if task.crc:
+            f.write(mindspore_ckpt.crc_trailer(byte_io.crc32(buffer)))
+    if progress:
+        progress(sum(t.nbytes for t in task.tensors))
+    return True
+
+
 def write_file(task: FileTask, root: Path, progress=None, fsync: bool = False) -> int:
     """Write one FileTask atomically; returns the size of the file written (what the per-file listing and the
     summary report: a pickle, a param map or a copy is not 0 bytes because it holds no tensor data)."""
@@ -712,10 +789,12 @@ def _write_file(task: FileTask, root: Path, progress, fsync: bool) -> None:
         return
     with atomic.atomic_output(final, fsync=fsync) as tmp:
         if task.format in registry.TENSOR_FORMATS:
-            entries = [(t.name, t.dtype, t.shape) for t in task.tensors]
             sources = _Sources(inputs=task.inputs)
             sources.defer_checks()
             try:
+                if task.format == "ckpt" and _write_ckpt_image(task, tmp, sources, progress):
+                    return
+                entries = [(t.name, t.dtype, t.shape) for t in task.tensors]
                 with registry.open_writer(task.format, tmp, entries, task.metadata, crc=task.crc) as writer:
                     for t in task.tensors:
                         how = streamed(t, sources) if hasattr(writer, "write_range") else None

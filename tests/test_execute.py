@@ -134,6 +134,41 @@ def test_pool_reports_every_file_with_its_size_and_the_bytes_written(source, tmp
     assert [b.told for b in bars] == [bars[0].total] and tensor_bytes <= bars[0].total
 
 
+@pytest.mark.parametrize("crc", [False, True])
+def test_small_ckpt_files_assembled_in_memory(source, tmp_path, monkeypatch, crc):
+    """.ckpt files of byte copies and constants are assembled in memory from a per-structure image, not
+    through CkptWriter: the same bytes as the writer's (which equal MindSpore's own: test_mindspore_ckpt),
+    loaded by MindSpore (CRC checked) with the live optimizer's values."""
+    import mindspore as ms
+    from ckptmap.formats import mindspore_ckpt
+
+    root, truth = source
+    writers = []
+    real_writer = mindspore_ckpt.CkptWriter
+
+    def counted(*args, **kwargs):
+        writers.append(args[0])
+        return real_writer(*args, **kwargs)
+
+    monkeypatch.setattr(mindspore_ckpt, "CkptWriter", counted)
+    files = {}
+    for label, limit in (("image", execute.CKPT_IMAGE_BYTES), ("writer", 0)):
+        monkeypatch.setattr(execute, "CKPT_IMAGE_BYTES", limit)
+        writers.clear()
+        out = tmp_path / label
+        plan = compile_pt2ms(Pt2MsOptions(str(root), str(out), crc=crc))
+        assert not execute.run_plan(plan, multiprocess=False, progress=False).failed
+        files[label] = {f: (out / f).read_bytes() for f in files_under(out) if f.endswith(".ckpt")}
+        assert len(writers) == (0 if label == "image" else len(files[label])) and len(files[label]) == 4
+    assert files["image"] == files["writer"]
+    loaded = ms.load_checkpoint(str(tmp_path / "image" / "rank_3" / "network.ckpt"), crc_check=crc)
+    want = truth[(1, 1)]["language_model.encoder.layers.1.mlp.dense_h_to_4h.weight"]
+    for prefix, state in (("", "param"), ("exp_avg.", "exp_avg"), ("exp_avg_sq.", "exp_avg_sq")):
+        got = loaded[prefix + "language_model.encoder.layers.3.mlp.mapping.weight"].asnumpy()
+        assert np.array_equal(got, want[state].numpy()), state
+    assert int(loaded["step_num"].asnumpy()) == 7
+
+
 def _patch_reads(monkeypatch, before):
     """Run ``before(task)`` ahead of every tensor read, on both of the executor's read paths: whole
     arrays (``_Sources.array``) and streamed byte runs (``execute.streamed``)."""

@@ -13,7 +13,8 @@ from mindspore import Parameter, Tensor
 from mindspore.train.checkpoint_pb2 import Checkpoint
 
 from ckptmap.errors import CkptmapError
-from ckptmap.formats.mindspore_ckpt import DEFAULT_SLICE_BYTES, CkptReader, CkptWriter, load
+from ckptmap.formats.mindspore_ckpt import (DEFAULT_SLICE_BYTES, CkptReader, CkptWriter, crc_trailer,
+                                           image_layout, load)
 
 MS_DTYPE = {  # what MindSpore reports for each canonical dtype, written out independently of the module
     torch.float32: "Float32", torch.bfloat16: "BFloat16", torch.float16: "Float16", torch.float64: "Float64",
@@ -159,6 +160,37 @@ def test_bytes_identical_to_mindspore(tmp_path, monkeypatch, crc):
     write_ours(ours, tensors, [("text", "héllo")], crc=crc, slice_bytes=1024)
     ms.save_checkpoint(ms_obj, theirs, crc_check=crc)
     assert filecmp.cmp(ours, theirs, shallow=False)
+
+
+@pytest.mark.parametrize("crc", [False, True])
+def test_image_layout_filled_in_is_mindspores_file(tmp_path, crc):
+    """image_layout: the file with every content left zero, and where each content goes; filled in (and
+    given crc_trailer), it is what MindSpore's save_checkpoint writes for the same tensors."""
+    import zlib
+
+    tensors = {k: t.contiguous() for k, t in sample_tensors().items()}
+    entries = [(name, str(t.dtype).removeprefix("torch."), tuple(t.shape)) for name, t in tensors.items()]
+    data, offsets = image_layout(entries)
+    image = bytearray(data)
+    for t, at in zip(tensors.values(), offsets):
+        assert image[at:at + len(raw(t))] == bytes(len(raw(t)))
+        image[at:at + len(raw(t))] = raw(t)
+    if crc:
+        image += crc_trailer(zlib.crc32(image))
+    theirs = tmp_path / "theirs.ckpt"
+    ms.save_checkpoint({name: to_ms(t) for name, t in tensors.items()}, str(theirs), crc_check=crc)
+    assert bytes(image) == theirs.read_bytes()
+
+
+def test_image_layout_leaves_the_writer_what_it_must_decide():
+    """Strings, shape (0,), tensors of several records and repeated names: no image (the writer writes
+    them, or refuses them with its own message)."""
+    plain = ("a", "float32", (2, 3))
+    assert image_layout([plain]) is not None
+    assert image_layout([plain, ("s", "str", ())]) is None
+    assert image_layout([plain, ("e", "float32", (0,))]) is None
+    assert image_layout([plain], slice_bytes=16) is None    # 24 bytes: two records
+    assert image_layout([plain, plain]) is None
 
 
 def flip(path, offset):

@@ -133,6 +133,32 @@ def read_small(src: FileRange) -> bytes:
     return _pread_exactly(fd, src)
 
 
+def read_into(src: FileRange, out) -> None:
+    """The bytes of ``src`` into ``out`` (a writable buffer of exactly ``src.nbytes`` bytes: a slice of a
+    file being assembled in memory), read by the kernel straight into it."""
+    fds = getattr(_open_sources, "fds", None)
+    if fds is None:
+        with _source(src.path, src.offset, 0) as fd:
+            return _preadv_exactly(fd, src, out)
+    fd = fds.get(src.path)
+    if fd is None:
+        fd = fds[src.path] = os.open(src.path, os.O_RDONLY)
+    _preadv_exactly(fd, src, out)
+
+
+def _preadv_exactly(fd: int, src: FileRange, out) -> None:
+    out = memoryview(out).cast("B")
+    if len(out) != src.nbytes:
+        raise ValueError(f"internal error: {src.nbytes} bytes of {src.path} read into a buffer of {len(out)}")
+    done = 0
+    while done < src.nbytes:   # a short read is retried; none at all means the file shrank
+        n = os.preadv(fd, [out[done:]], src.offset + done)
+        if not n:
+            raise OSError(errno.EIO, f"{src.path} ends before byte {src.offset + src.nbytes} "
+                                     f"(at {src.offset + done}); the file changed")
+        done += n
+
+
 def _pread_exactly(fd: int, src: FileRange) -> bytes:
     data = os.pread(fd, src.nbytes, src.offset)
     while len(data) < src.nbytes:   # a short read is retried; none at all means the file shrank

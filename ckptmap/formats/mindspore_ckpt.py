@@ -114,6 +114,47 @@ _HEADERS: dict = {}   # (tag, dims, type, content length) -> record header bytes
 _HEADERS_KEPT = 1 << 14
 
 
+def _record_header(tag: bytes, dims: tuple, ms_type: bytes, content_len: int) -> bytes:
+    """The bytes of one record before its content (ranks of one structure write the same records:
+    each header is built once)."""
+    key = (tag, dims, ms_type, content_len)
+    head = _HEADERS.get(key)
+    if head is None:
+        tensor_head = b"".join(b"\x08" + _varint(d) for d in dims)
+        tensor_head += _len_field(2, len(ms_type)) + ms_type + _len_field(3, content_len)
+        tensor_len = len(tensor_head) + content_len
+        value_head = _len_field(1, len(tag)) + tag + _len_field(2, tensor_len)
+        head = _HEADERS[key] = _len_field(1, len(value_head) + tensor_len) + value_head + tensor_head
+        if len(_HEADERS) > _HEADERS_KEPT:
+            del _HEADERS[next(iter(_HEADERS))]
+    return head
+
+
+def image_layout(entries, *, slice_bytes=DEFAULT_SLICE_BYTES) -> tuple[bytes, list[int]] | None:
+    """The file :class:`CkptWriter` writes for ``entries`` [(name, dtype, shape)] (no CRC trailer), with
+    every tensor's content left zero, and the byte offset of each tensor's content in it — for a caller
+    that fills the contents in memory and writes a small file at once (``crc_trailer`` for the CRC).
+    None when the writer has to decide: a str, a shape (0,), a tensor of several records, a repeated name
+    (the writer writes them, or refuses them with its message)."""
+    parts, offsets, pos, names = [], [], 0, set()
+    for entry in entries:
+        name, dtype, shape = _normalise_entry(entry, "(image)")
+        nbytes = math.prod(shape) * dtypes.itemsize(dtype) if dtype != "str" else 0
+        if dtype == "str" or shape == (0,) or nbytes > slice_bytes or name in names or not isinstance(name, str):
+            return None
+        names.add(name)
+        head = _record_header(name.encode("utf-8"), shape, _MS_TYPES[dtype].encode(), nbytes)
+        parts += (head, bytes(nbytes))
+        offsets.append(pos + len(head))
+        pos += len(head) + nbytes
+    return b"".join(parts), offsets
+
+
+def crc_trailer(crc: int) -> bytes:
+    """The CRC trailer of a file whose bytes before it have CRC-32 ``crc``."""
+    return _CRC_MAGIC + crc.to_bytes(10, "big")
+
+
 class CkptWriter:
     """Stream tensors into a MindSpore ``.ckpt`` file (see the module docstring for the bytes)."""
 
@@ -142,21 +183,7 @@ class CkptWriter:
         self._emit(content)
 
     def _header(self, tag: bytes, dims, ms_type: bytes, content_len: int) -> None:
-        key = (tag, tuple(dims), ms_type, content_len)
-        head = _HEADERS.get(key)
-        if head is None:   # ranks of one structure write the same records: each header is built once
-            head = _HEADERS[key] = self._header_bytes(tag, dims, ms_type, content_len)
-            if len(_HEADERS) > _HEADERS_KEPT:
-                del _HEADERS[next(iter(_HEADERS))]
-        self._emit(head)
-
-    @staticmethod
-    def _header_bytes(tag: bytes, dims, ms_type: bytes, content_len: int) -> bytes:
-        tensor_head = b"".join(b"\x08" + _varint(d) for d in dims)
-        tensor_head += _len_field(2, len(ms_type)) + ms_type + _len_field(3, content_len)
-        tensor_len = len(tensor_head) + content_len
-        value_head = _len_field(1, len(tag)) + tag + _len_field(2, tensor_len)
-        return _len_field(1, len(value_head) + tensor_len) + value_head + tensor_head
+        self._emit(_record_header(tag, tuple(dims), ms_type, content_len))
 
     def _admit(self, name, dtype, shape) -> None:
         if self._f is None:
@@ -295,7 +322,7 @@ class CkptWriter:
         f, self._f = self._f, None
         try:
             if self._crc is not None:
-                f.write(_CRC_MAGIC + self._crc.to_bytes(10, "big"))
+                f.write(crc_trailer(self._crc))
             f.flush()
             if self._fsync:  # durability against power loss costs a full write-back; the caller decides
                 os.fsync(f.fileno())
