@@ -765,3 +765,51 @@ def test_zip_directory_fast_path_matches_zipfile(tmp_path):
     prepended.write_bytes(b"\0" * 100 + saved.read_bytes())
     assert both(prepended)[0] is None
     assert sorted(tzr.TorchZipFile(prepended).root) == ["a", "b"]   # zipfile reads it
+
+
+def _count_parses(monkeypatch):
+    parses = []
+    real = torch_zip_reader._central_directory
+
+    def counted(mm, size):
+        parses.append(size)
+        return real(mm, size)
+    monkeypatch.setattr(torch_zip_reader, "_central_directory", counted)
+    return parses
+
+
+def test_an_unchanged_file_is_not_parsed_again(tmp_path, monkeypatch):
+    """A file opened again, unchanged, reuses its zip directory (and, among files of one structure, its
+    object tree); the second open reads the same tensors as torch.load."""
+    path = tmp_path / "a.pt"
+    torch.save({"w": torch.arange(6.0).reshape(2, 3), "step": 3}, path)
+    parses = _count_parses(monkeypatch)
+    with torch_zip_reader.shared_trees({}):
+        first = TorchZipFile(path)
+        second = TorchZipFile(path)
+        assert len(parses) == 1 and second.root is first.root
+        assert np.array_equal(second.array(second.root["w"]), torch.load(path)["w"].numpy())
+
+
+@pytest.mark.parametrize("same_stat", [False, True])
+def test_a_rewritten_file_is_read_afresh(tmp_path, monkeypatch, same_stat):
+    """A file written again since it was read (a new inode, or in place) is parsed again and its new
+    tensors are read — also when its stat looks the same (rewritten within one tick of the file
+    system's clock: here the identity is made equal), because its directory's bytes differ."""
+    path = tmp_path / "a.pt"
+    torch.save({"w": torch.zeros(4)}, path)
+    parses = _count_parses(monkeypatch)
+    if same_stat:
+        monkeypatch.setattr(torch_zip_reader, "_identity", lambda st: "the same")
+    with torch_zip_reader.shared_trees({}):
+        TorchZipFile(path)
+        (tmp_path / "other").mkdir()
+        torch.save({"v": torch.ones(4)}, tmp_path / "other" / "a.pt")   # another pickle, same size
+        data = (tmp_path / "other" / "a.pt").read_bytes()
+        assert len(data) == path.stat().st_size   # the same layout and size; values, CRCs, serialization id differ
+        with open(path, "r+b") as f:              # in place: the same inode
+            f.write(data)
+        again = TorchZipFile(path)
+        assert len(parses) == 2
+        assert list(again.root) == ["v"]
+        assert np.array_equal(again.array(again.root["v"]), np.ones(4, dtype=np.float32))

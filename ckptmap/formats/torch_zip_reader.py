@@ -36,6 +36,7 @@ import os
 import pickle
 import struct
 import zipfile
+import zlib
 
 import attrs
 import numpy as np
@@ -210,19 +211,42 @@ def _central_directory(mm, size: int) -> list | None:
     return out
 
 
+# Zip directories already read by this process (or by its parent before it forked the workers): path ->
+# (the file's identity, length and CRC-32 of its bytes after the last record — central directory and end
+# records —, records, prefix, structure key or None). A file planning read and a worker opens again,
+# unchanged since, is not parsed a second time (at thousands of ranks each rank's two files were parsed
+# three times: planning, its .ckpt, its pt_meta). Unchanged: the same device, inode, size, modification
+# and change times, and the same directory bytes — which hold every record's offset, size and CRC-32, so
+# a file rewritten in place within one tick of the filesystem's clock is read afresh too.
+_DIRECTORIES: dict = {}
+_DIRECTORIES_KEPT = 1 << 14
+
+
+def _identity(st) -> tuple:
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
 class _Archive:
     """The zip directory and the copy-on-write mmap of one file; no record data is read."""
 
     def __init__(self, path):
         self.path = os.fspath(path)
         p = self.path
+        self.structure = None   # the structure key (TorchZipFile), when already known
         try:   # open first, diagnose after: two stat calls fewer per file (thousands of rank files)
             with open(p, "rb") as f:
-                self.size = os.fstat(f.fileno()).st_size
+                st = os.fstat(f.fileno())
+                self.size = st.st_size
                 if self.size == 0:
                     raise CkptmapError(f"{p} is empty (0 bytes); expected a torch zip checkpoint — the file "
                                        f"was not written completely, copy or save it again")
                 self.mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+                self.identity = _identity(st)
+                known = _DIRECTORIES.get(p)
+                if known is not None and known[0] == self.identity and \
+                        zlib.crc32(self.mm[self.size - known[1]:]) == known[2]:
+                    _, _, _, self.records, self.prefix, self.structure = known
+                    return
                 infos = _central_directory(self.mm, self.size)
                 if infos is None:   # anything the fast path does not know: zipfile decides (and words errors)
                     head = f.read(512)
@@ -261,6 +285,17 @@ class _Archive:
             raise CkptmapError(f"{p} was saved on a {shown!r}-endian machine; ckptmap only reads little-endian "
                                f"torch checkpoints — load and re-save it with torch on a little-endian "
                                f"(x86/ARM) machine")
+        self.remember()
+
+    def remember(self, structure=None) -> None:
+        """Keep this file's directory (and ``structure``, its structure key) for a later open of it."""
+        if structure is not None:
+            self.structure = structure
+        tail = self.size - max((r.offset + r.size for r in self.records.values()), default=0)
+        _DIRECTORIES[self.path] = (self.identity, tail, zlib.crc32(self.mm[self.size - tail:]), self.records,
+                                   self.prefix, self.structure)
+        if len(_DIRECTORIES) > _DIRECTORIES_KEPT:
+            del _DIRECTORIES[next(iter(_DIRECTORIES))]
 
     def _not_zip_message(self, head, err):
         p = self.path
@@ -787,17 +822,24 @@ class TorchZipFile:
         # from the tree and the records alone (PtFile's entry list and byte ranges); None outside
         self.shared: dict | None = None
         trees = _shared_trees
-        key = _structure_key(self._archive) if trees is not None else None
+        key = fresh = None
+        if trees is not None:
+            key = self._archive.structure
+            if key is None:
+                key = fresh = _structure_key(self._archive)
         hit = trees.get(key) if key is not None else None
         if hit is not None:
             self.root, self.dialect, self.shared = hit
+            if fresh is not None:   # remembered as the structure's own key: its pickle bytes kept once
+                self._archive.remember(self.shared["structure"])
             return
         found: list = []
         self.root = _unpickle(self._archive, materialize=False, bases=self._bases, dialect_out=found)
         self.dialect: str = found[0]  # "torch" or "msadapter", detected from the file (never a flag)
         if key is not None:
-            self.shared = {}
+            self.shared = {"structure": key}
             trees[key] = (self.root, self.dialect, self.shared)
+            self._archive.remember(key)
 
     def storage_keys(self) -> list[str]:
         n = len(self.prefix) + len("data/")
