@@ -59,9 +59,11 @@ REPO = Path(__file__).resolve().parent.parent
 CLI = [sys.executable, "-P", "-c", "import sys; from ckptmap.cli import main; sys.exit(main())"]
 
 
-def tiny_model(tp: int, pp: int, dp: int = 1) -> DemoModel:
-    """One transformer layer per pipeline stage, hidden 64: ~70 KB per rank, 19 tensors."""
-    return DemoModel(tp=tp, pp=pp, dp=dp, layers=pp, hidden=64, heads=8, groups=2, kv=8, ffn=128, vocab=256)
+def tiny_model(tp: int, pp: int, dp: int = 1, hidden: int = 64) -> DemoModel:
+    """One transformer layer per pipeline stage, hidden 64: ~70 KB per rank, 19 tensors (hidden 256:
+    ~1 MB per rank; the bytes grow with its square, the tensors stay)."""
+    return DemoModel(tp=tp, pp=pp, dp=dp, layers=pp, hidden=hidden, heads=8, groups=2, kv=hidden // 8,
+                     ffn=2 * hidden, vocab=256)
 
 
 def tiny_moe_model(tp: int, pp: int, ep: int, experts_per_rank: int = 1) -> DemoMoEModel:
@@ -74,7 +76,7 @@ def tiny_moe_model(tp: int, pp: int, ep: int, experts_per_rank: int = 1) -> Demo
 def checkpoint_name(model) -> str:
     if isinstance(model, DemoMoEModel):
         return f"megatron_moe_tp{model.tp}_pp{model.pp}_ep{model.ep}_x{model.experts // model.ep}"
-    return f"megatron_tp{model.tp}_pp{model.pp}_dp{model.dp}"
+    return f"megatron_tp{model.tp}_pp{model.pp}_dp{model.dp}" + ("" if model.hidden == 64 else f"_h{model.hidden}")
 
 
 # ------------------------------------------------------------------------------------------ builder
@@ -250,6 +252,9 @@ def main():
                     help="mixture-of-experts checkpoints: TP 8 x PP (ranks / 8 / EP) x EP, DP = EP")
     ap.add_argument("--ep", type=int, default=32, help="expert-parallel size with --moe")
     ap.add_argument("--experts-per-rank", type=int, default=1, help="local experts per EP rank with --moe")
+    ap.add_argument("--hidden", type=int, default=64,
+                    help="hidden size of the dense checkpoints (64: ~70 KB per rank; 256: ~1 MB per rank, for the "
+                         "conversion time once ranks hold bytes)")
     ap.add_argument("--repeat", type=int, default=1, help="runs per measurement (the fastest is shown)")
     ap.add_argument("--no-convert", action="store_true", help="plan only; skip the full conversion")
     ap.add_argument("--profile", action="store_true", help="cProfile the compile of the largest checkpoint")
@@ -288,6 +293,9 @@ def main():
             # load on the machine
             r["cpu"] = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
             r["out"] = out
+            if out is not None:   # counted, then removed: output held in memory (tmpfs) slows the next run
+                r["written"] = du(out)
+                shutil.rmtree(out, ignore_errors=True)
             if best is None or r["seconds"] < best["seconds"]:
                 best = r
         return best
@@ -300,7 +308,9 @@ def main():
         cases = [(f"{r} ranks (TP 8 x PP {r // 8 // ns.ep} x EP {ns.ep}, MoE)",
                   tiny_moe_model(8, r // 8 // ns.ep, ns.ep, ns.experts_per_rank), {}) for r in ns.ranks]
     else:
-        cases = [(f"{r} ranks (TP 8 x PP {r // 8})", tiny_model(8, r // 8), {}) for r in ns.ranks]
+        wide = "" if ns.hidden == 64 else f", hidden {ns.hidden}"
+        cases = [(f"{r} ranks (TP 8 x PP {r // 8}{wide})", tiny_model(8, r // 8, hidden=ns.hidden), {})
+                 for r in ns.ranks]
     if ns.all_dp:
         cases.append((f"{512 * ns.all_dp} ranks (TP 8 x PP 64 x DP {ns.all_dp}, --generate-all-dp-cp)",
                       tiny_model(8, 64, ns.all_dp), {"generate_all_dp_cp": True}))
@@ -331,8 +341,7 @@ def main():
                                                                          "--process-limit", "2"], out))
         for step, cmd, written in steps:
             r = measured(cmd, out if written == out else None)
-            written = r["out"] if written == out else written
-            n, size = (du(written) if written.is_dir() else (1, written.stat().st_size)) if written else (0, 0)
+            n, size = r["written"] if written == out else (1, written.stat().st_size) if written else (0, 0)
             rows.append(f"{label:58s} {step:20s} {r['seconds']:7.2f} {r['cpu']:7.2f} {n:6d} {size / 1e6:7.1f} "
                         f"{r['rss'] / 1024:13.0f} {r['anon'] / 1024:14.0f}")
             if len(rows) == 1:

@@ -146,6 +146,21 @@ class _Sources:
             raise CkptmapError(f"internal error: the main-param check of {len(checks)} tensors found a difference "
                                f"that none of them shows alone")
 
+    def defer_rounding(self, task: TensorTask, content) -> bool:
+        """Queue the main-param check of a float32 byte-copy ``task`` whose bytes are in hand (``content``:
+        the main param is their first elements), reading only the weight; False (nothing queued) when it
+        cannot be: checks not deferred, or the weight is not runs of one dtype."""
+        weights = task.rounds_to_slices
+        if self._deferred is None or task.dtype != "float32" or any(w.dtype != weights[0].dtype for w in weights):
+            return False
+        count = sum(w.count for w in weights)
+        ranges = [self.byte_range(w) for w in weights]
+        if None in ranges or count * 4 > len(content):
+            return False
+        weight = byte_io.read_small(ranges[0]) if len(ranges) == 1 else b"".join(map(byte_io.read_small, ranges))
+        self._deferred.append((task, content[:count * 4], weight, weights[0].dtype))
+        return True
+
     def path(self, file: str) -> str:
         """The path a slice's ``file`` names."""
         return self._inputs.get(file, file)
@@ -736,10 +751,14 @@ def _write_ckpt_image(task: FileTask, tmp: Path, sources: "_Sources", progress) 
     for at, piece in fixed:
         view[at:at + len(piece)] = piece
     for (at, t), found in zip(copies, runs):
-        _checks(t, sources)
+        start = at
         for r in found:
             byte_io.read_into(r, view[at:at + r.nbytes])
             at += r.nbytes
+        if t.replicas:
+            sources._check_replicas(t, sources.slice(t.sources[0]))
+        if t.rounds_to is not None and not sources.defer_rounding(t, view[start:at]):
+            sources._check_rounding(t, None)
     sources.finish_checks()
     with open(tmp, "wb") as f:
         f.write(buffer)

@@ -328,14 +328,18 @@ def test_many_ranks_with_few_file_handles(tmp_path):
     assert len(list((tmp_path / "ms").glob("rank_*/network.ckpt"))) == 32
 
 
-def test_every_main_param_element_is_checked(source, tmp_path, capsys):
+@pytest.mark.parametrize("image", [True, False])
+def test_every_main_param_element_is_checked(source, tmp_path, capsys, monkeypatch, image):
     """The executor compares every element of a main param with its weight, not only the ends the
     planner spot-checks: one fp32 value changed in the middle of the largest main param (found with
-    torch.load of the real file, not with ckptmap's reader) fails that file and only that one."""
+    torch.load of the real file, not with ckptmap's reader) fails that file and only that one — in a
+    .ckpt assembled in memory (its main params compared from the bytes read) and in one CkptWriter writes."""
     import shutil
 
     import numpy as np
 
+    if not image:
+        monkeypatch.setattr(execute, "CKPT_IMAGE_BYTES", 0)
     root, _ = source
     src = tmp_path / "megatron"
     shutil.copytree(root, src)
