@@ -285,7 +285,6 @@ class _Archive:
             raise CkptmapError(f"{p} was saved on a {shown!r}-endian machine; ckptmap only reads little-endian "
                                f"torch checkpoints — load and re-save it with torch on a little-endian "
                                f"(x86/ARM) machine")
-        self.remember()
 
     def remember(self, structure=None) -> None:
         """Keep this file's directory (and ``structure``, its structure key) for a later open of it."""
@@ -839,6 +838,7 @@ class TorchZipFile:
         if key is not None:
             self.shared = {"structure": key}
             trees[key] = (self.root, self.dialect, self.shared)
+        if self._archive.structure is None:
             self._archive.remember(key)
 
     def storage_keys(self) -> list[str]:
