@@ -908,7 +908,7 @@ class _Claims:
 def _worker(claims, slot, results, root, plan_files, fsync, parent_pid, progress=True):
     try:
         signals.worker_setup(parent_pid)
-        with atomic.umask_of_run():
+        with atomic.umask_of_run(), torch_zip_reader.remembering(False):   # reads what planning remembered
             _worker_loop(claims, slot, results, root, plan_files, fsync, parent_pid, progress)
     except signals.Interrupted as e:   # the temporary file being written is gone already
         results.cancel_join_thread()

@@ -290,7 +290,11 @@ def main(argv=None) -> int:
     parser = build_parser()
     ns = parser.parse_args(argv)
     try:
-        with signals.interruptible():   # SIGTERM (a scheduler) is handled like Ctrl-C
+        from ckptmap.formats import torch_zip_reader
+
+        planning_only = ns.command == "plan" or getattr(ns, "dry_run", False)
+        # SIGTERM (a scheduler) is handled like Ctrl-C; source directories are kept for the workers to reuse
+        with signals.interruptible(), torch_zip_reader.remembering(not planning_only):
             return ns.func(ns)
     except signals.Interrupted as e:
         what = "interrupted" if e.signum == signal.SIGINT else "terminated"

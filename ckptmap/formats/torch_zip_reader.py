@@ -220,6 +220,20 @@ def _central_directory(mm, size: int) -> list | None:
 # a file rewritten in place within one tick of the filesystem's clock is read afresh too.
 _DIRECTORIES: dict = {}
 _DIRECTORIES_KEPT = 1 << 14
+_REMEMBER = True
+
+
+@contextlib.contextmanager
+def remembering(on: bool):
+    """Whether files opened inside are remembered for a later open (off where nothing reopens them: a
+    plan that is only printed or saved, whose 16,384 ranks' directories would cost ~40 MiB and 0.3 s; and
+    the writing workers, which read what planning remembered and would only copy it page by page)."""
+    global _REMEMBER
+    outer, _REMEMBER = _REMEMBER, on
+    try:
+        yield
+    finally:
+        _REMEMBER = outer
 
 
 def _identity(st) -> tuple:
@@ -290,6 +304,8 @@ class _Archive:
         """Keep this file's directory (and ``structure``, its structure key) for a later open of it."""
         if structure is not None:
             self.structure = structure
+        if not _REMEMBER:
+            return
         tail = self.size - max((r.offset + r.size for r in self.records.values()), default=0)
         _DIRECTORIES[self.path] = (self.identity, tail, zlib.crc32(self.mm[self.size - tail:]), self.records,
                                    self.prefix, self.structure)
