@@ -716,10 +716,9 @@ def _ckpt_image(tensors: tuple):
                 if t.sources:
                     fixed.append((pos, data[pos:at]))
                     copies.append((at, t))
-                    pos = at + t.nbytes
                 else:
                     fixed.append((pos, data[pos:at] + np.ascontiguousarray(_constant(t)).tobytes()))
-                    pos = at + t.nbytes
+                pos = at + t.nbytes
             fixed = [(at, piece) for at, piece in fixed if piece]
             image = (len(data), fixed, copies)
     _CKPT_IMAGES[id(tensors)] = (tensors, image)
