@@ -29,6 +29,7 @@ arguments -> TensorRef, tensor class -> TensorRef); the unpickler asks them per 
 
 from __future__ import annotations
 
+import array
 import contextlib
 import math
 import mmap
@@ -213,13 +214,14 @@ def _central_directory(mm, size: int) -> list | None:
 
 # Zip directories already read by this process (or by its parent before it forked the workers): path ->
 # (the file's identity, length and CRC-32 of its bytes after the last record — central directory and end
-# records —, records, prefix, structure key or None). A file planning read and a worker opens again,
+# records —, its records' CRC-32s, prefix, structure key). Compact: the records' names, offsets and sizes
+# are read back from the structure key, which files of one structure share (~0.5 KB a file, not ~3 KB). A file planning read and a worker opens again,
 # unchanged since, is not parsed a second time (at thousands of ranks each rank's two files were parsed
 # three times: planning, its .ckpt, its pt_meta). Unchanged: the same device, inode, size, modification
 # and change times, and the same directory bytes — which hold every record's offset, size and CRC-32, so
 # a file rewritten in place within one tick of the filesystem's clock is read afresh too.
 _DIRECTORIES: dict = {}
-_DIRECTORIES_KEPT = 1 << 14
+_DIRECTORIES_KEPT = 1 << 15   # the two files of 16,384 ranks
 _REMEMBER = True
 
 
@@ -259,7 +261,9 @@ class _Archive:
                 known = _DIRECTORIES.get(p)
                 if known is not None and known[0] == self.identity and \
                         zlib.crc32(self.mm[self.size - known[1]:]) == known[2]:
-                    _, _, _, self.records, self.prefix, self.structure = known
+                    _, _, _, crcs, self.prefix, self.structure = known
+                    self.records = {name: _Record(name, offset, size, crc)
+                                    for (name, offset, size), crc in zip(self.structure[3], crcs)}
                     return
                 infos = _central_directory(self.mm, self.size)
                 if infos is None:   # anything the fast path does not know: zipfile decides (and words errors)
@@ -304,11 +308,12 @@ class _Archive:
         """Keep this file's directory (and ``structure``, its structure key) for a later open of it."""
         if structure is not None:
             self.structure = structure
-        if not _REMEMBER:
+        if not _REMEMBER or self.structure is None:   # kept only with its structure key (TorchZipFile's)
             return
         tail = self.size - max((r.offset + r.size for r in self.records.values()), default=0)
-        _DIRECTORIES[self.path] = (self.identity, tail, zlib.crc32(self.mm[self.size - tail:]), self.records,
-                                   self.prefix, self.structure)
+        crcs = array.array("L", [r.crc32 for r in self.records.values()])
+        _DIRECTORIES[self.path] = (self.identity, tail, zlib.crc32(self.mm[self.size - tail:]), crcs, self.prefix,
+                                   self.structure)
         if len(_DIRECTORIES) > _DIRECTORIES_KEPT:
             del _DIRECTORIES[next(iter(_DIRECTORIES))]
 
