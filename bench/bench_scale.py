@@ -51,7 +51,7 @@ from pathlib import Path
 import torch
 
 from bench_pt2ms import run_measured
-from ckptmap.demo import DemoModel, DemoMoEModel, moe_stage_files
+from ckptmap.demo import DemoModel, DemoMoEModel, moe_stage_files, rank_fields, rng_state
 from ckptmap.formats import megatron_files, megatron_folders
 
 REPO = Path(__file__).resolve().parent.parent
@@ -74,6 +74,12 @@ def tiny_moe_model(tp: int, pp: int, ep: int, experts_per_rank: int = 1) -> Demo
 
 
 def checkpoint_name(model) -> str:
+    """Keyed by shape and by the writer's version (v2: each rank's args name its rank, stages have their
+    own Python and NumPy RNG states, as in Megatron's files: no two ranks' pickles are the same bytes)."""
+    return _shape_name(model) + "_v2"
+
+
+def _shape_name(model) -> str:
     if isinstance(model, DemoMoEModel):
         return f"megatron_moe_tp{model.tp}_pp{model.pp}_ep{model.ep}_x{model.experts // model.ep}"
     return f"megatron_tp{model.tp}_pp{model.pp}_dp{model.dp}" + ("" if model.hidden == 64 else f"_h{model.hidden}")
@@ -84,7 +90,8 @@ def checkpoint_name(model) -> str:
 
 def _build_stage(job) -> None:
     """Every tp rank of one pipeline stage, as ckptmap.demo.build_megatron_checkpoint writes it
-    (same object tree, same bucket layout from the bundled rules), with a seed per rank so stages
+    (same object tree — each rank's args with its own rank, as Megatron's —, same bucket layout from
+    the bundled rules), with a seed per rank so stages
     can be built in parallel, and with torch.save (its C pickler) instead of ckptmap's
     torch_zip.save (pure-Python pickler + a temporary directory per file: 4x slower here)."""
     iter_dir, model, pp, iteration = job
@@ -115,7 +122,7 @@ def _build_stage(job) -> None:
                 node = node.setdefault(k, {})
             node[path[-1]] = buffer[slot.start:slot.end].view(shape)
         state = {
-            "args": args, "checkpoint_version": megatron_files.CHECKPOINT_VERSION, "iteration": iteration,
+            "args": argparse.Namespace(**vars(args), **rank_fields(tp + model.tp * model.dp * pp)), "checkpoint_version": megatron_files.CHECKPOINT_VERSION, "iteration": iteration,
             "model": tree,
             "optimizer": {"optimizer": {"param_groups": [
                 {"lr": 9.5e-5, "weight_decay": 0.01, "betas": (0.9, 0.95), "eps": 1e-8, "step": iteration},
@@ -124,7 +131,7 @@ def _build_stage(job) -> None:
                                     "lr_decay_style": "cosine", "lr_decay_steps": 10000, "min_lr": 1e-5,
                                     "start_wd": 0.01, "end_wd": 0.01, "wd_incr_style": "constant",
                                     "wd_incr_steps": 10000},
-            "rng_state": [{"random_rng_state": (3, tuple(range(5)), None), "torch_rng_state": gen.get_state()}],
+            "rng_state": rng_state(pp, gen.get_state()),
             "num_floating_point_operations_so_far": 0,
         }
         rank_dir = iter_dir / megatron_folders.mp_rank_dir_name(tp, pp, model.pp)

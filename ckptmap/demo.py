@@ -69,6 +69,24 @@ class DemoModel:
             save="checkpoints/demo")
 
 
+def rank_fields(rank: int) -> dict:
+    """The args Megatron records per process: every rank's model_optim_rng.pt differs in them (so no
+    two ranks' pickles are the same bytes, as in real checkpoints)."""
+    return {"rank": rank, "local_rank": rank % 8}
+
+
+def rng_state(pp: int, torch_state, seed: int = 1234) -> list:
+    """``rng_state`` as Megatron saves it: Python's and NumPy's generator states (seeded per pipeline
+    stage, ``seed + 100 * pp``, as Megatron seeds them; pickled objects, not tensors) and torch's."""
+    import random
+
+    import numpy as np
+
+    return [{"random_rng_state": random.Random(seed + 100 * pp).getstate(),
+             "np_rng_state": np.random.RandomState(seed + 100 * pp).get_state(),
+             "torch_rng_state": torch_state}]
+
+
 def build_megatron_checkpoint(save_root: Path, model: DemoModel = DemoModel(), iteration: int = 100,
                               seed: int = 0, keep_truth: bool = True, optimizer: bool = True) -> dict:
     """Write the checkpoint as Megatron core_r0.6.0 with the distributed optimizer would (a
@@ -118,8 +136,8 @@ def build_megatron_checkpoint(save_root: Path, model: DemoModel = DemoModel(), i
                 node[path[-1]] = t
                 rank_truth[name] = {"weight": t, **{k: v[slot.start:slot.end].view(shape) for k, v in states.items()}}
             state = {
-                "args": model.args(iteration), "checkpoint_version": megatron_files.CHECKPOINT_VERSION,
-                "iteration": iteration, "model": tree,
+                "args": argparse.Namespace(**vars(model.args(iteration)), **rank_fields(tp + model.tp * model.dp * pp)),
+                "checkpoint_version": megatron_files.CHECKPOINT_VERSION, "iteration": iteration, "model": tree,
                 "optimizer": {"optimizer": {"param_groups": [
                     {"lr": 9.5e-5, "weight_decay": 0.01, "betas": (0.9, 0.95), "eps": 1e-8, "step": iteration},
                     {"lr": 9.5e-5, "weight_decay": 0.0, "betas": (0.9, 0.95), "eps": 1e-8, "step": iteration}]}},
@@ -127,8 +145,7 @@ def build_megatron_checkpoint(save_root: Path, model: DemoModel = DemoModel(), i
                                         "lr_decay_style": "cosine", "lr_decay_steps": 10000, "min_lr": 1e-5,
                                         "start_wd": 0.01, "end_wd": 0.01, "wd_incr_style": "constant",
                                         "wd_incr_steps": 10000},
-                "rng_state": [{"random_rng_state": (3, tuple(range(5)), None),
-                               "torch_rng_state": torch.get_rng_state()}],
+                "rng_state": rng_state(pp, torch.get_rng_state()),
                 "num_floating_point_operations_so_far": 0,
             }
             rank_dir = iter_dir / megatron_folders.mp_rank_dir_name(tp, pp, model.pp)
@@ -316,12 +333,12 @@ def moe_stage_files(model: DemoMoEModel, pp: int, iteration: int, gen: torch.Gen
             for name, shape in entries:
                 tree[name] = views[name][0] if shape is not None else None
             state = {
-                "args": model.args(iteration), "checkpoint_version": megatron_files.CHECKPOINT_VERSION,
-                "iteration": iteration, "model": tree,
+                "args": argparse.Namespace(**vars(model.args(iteration)), **rank_fields(tp + model.tp * (ep + model.dp * pp))),
+                "checkpoint_version": megatron_files.CHECKPOINT_VERSION, "iteration": iteration, "model": tree,
                 "optimizer": [{"optimizer": {"param_groups": _param_groups(groups[kind], kind == "expert", iteration, policy)}}
                               for kind in ("dense", "expert")],
                 "opt_param_scheduler": scheduler,
-                "rng_state": [{"random_rng_state": (3, tuple(range(5)), None), "torch_rng_state": gen.get_state()}],
+                "rng_state": rng_state(pp, gen.get_state()),
                 "num_floating_point_operations_so_far": 0,
             }
             optim = [{"buckets_coalesced": True, 0: {key: _coalesced(layouts[kind], states[kind])}}

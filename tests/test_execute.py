@@ -137,8 +137,9 @@ def test_pool_reports_every_file_with_its_size_and_the_bytes_written(source, tmp
 @pytest.mark.parametrize("crc", [False, True])
 def test_small_ckpt_files_assembled_in_memory(source, tmp_path, monkeypatch, crc):
     """.ckpt files of byte copies and constants are assembled in memory from a per-structure image, not
-    through CkptWriter: the same bytes as the writer's (which equal MindSpore's own: test_mindspore_ckpt),
-    loaded by MindSpore (CRC checked) with the live optimizer's values."""
+    through CkptWriter — TP rank 1's by the reads worked out for TP rank 0 of its stage —: the same bytes
+    as the writer's (which equal MindSpore's own: test_mindspore_ckpt), loaded by MindSpore (CRC
+    checked) with the live optimizer's values."""
     import mindspore as ms
     from ckptmap.formats import mindspore_ckpt
 
@@ -151,6 +152,15 @@ def test_small_ckpt_files_assembled_in_memory(source, tmp_path, monkeypatch, crc
         return real_writer(*args, **kwargs)
 
     monkeypatch.setattr(mindspore_ckpt, "CkptWriter", counted)
+    programs_run = []
+    run_program = execute._run_image_program
+
+    def run_and_record(task, *args):
+        ran = run_program(task, *args)
+        if ran:
+            programs_run.append(task.path)
+        return ran
+    monkeypatch.setattr(execute, "_run_image_program", run_and_record)
     files = {}
     for label, limit in (("image", execute.CKPT_IMAGE_BYTES), ("writer", 0)):
         monkeypatch.setattr(execute, "CKPT_IMAGE_BYTES", limit)
@@ -161,6 +171,7 @@ def test_small_ckpt_files_assembled_in_memory(source, tmp_path, monkeypatch, crc
         files[label] = {f: (out / f).read_bytes() for f in files_under(out) if f.endswith(".ckpt")}
         assert len(writers) == (0 if label == "image" else len(files[label])) and len(files[label]) == 4
     assert files["image"] == files["writer"]
+    assert programs_run == ["rank_1/network.ckpt", "rank_3/network.ckpt"]
     loaded = ms.load_checkpoint(str(tmp_path / "image" / "rank_3" / "network.ckpt"), crc_check=crc)
     want = truth[(1, 1)]["language_model.encoder.layers.1.mlp.dense_h_to_4h.weight"]
     for prefix, state in (("", "param"), ("exp_avg.", "exp_avg"), ("exp_avg_sq.", "exp_avg_sq")):
@@ -328,22 +339,34 @@ def test_many_ranks_with_few_file_handles(tmp_path):
     assert len(list((tmp_path / "ms").glob("rank_*/network.ckpt"))) == 32
 
 
-@pytest.mark.parametrize("image", [True, False])
-def test_every_main_param_element_is_checked(source, tmp_path, capsys, monkeypatch, image):
+@pytest.mark.parametrize("path", ["image", "image program", "writer"])
+def test_every_main_param_element_is_checked(source, tmp_path, capsys, monkeypatch, path):
     """The executor compares every element of a main param with its weight, not only the ends the
     planner spot-checks: one fp32 value changed in the middle of the largest main param (found with
     torch.load of the real file, not with ckptmap's reader) fails that file and only that one — in a
-    .ckpt assembled in memory (its main params compared from the bytes read) and in one CkptWriter writes."""
+    .ckpt assembled in memory (its main params compared from the bytes read), in one assembled by the
+    reads worked out for an earlier rank of the same structure (TP rank 1 after TP rank 0), and in one
+    CkptWriter writes."""
     import shutil
 
     import numpy as np
 
-    if not image:
+    if path == "writer":
         monkeypatch.setattr(execute, "CKPT_IMAGE_BYTES", 0)
+    programs_run = []
+    run_program = execute._run_image_program
+
+    def run_and_record(task, *args):
+        ran = run_program(task, *args)
+        if ran:
+            programs_run.append(task.path)
+        return ran
+    monkeypatch.setattr(execute, "_run_image_program", run_and_record)
+    rank_dir, rank = ("mp_rank_01_000", "rank_1") if path == "image program" else ("mp_rank_00_000", "rank_0")
     root, _ = source
     src = tmp_path / "megatron"
     shutil.copytree(root, src)
-    optim = next(src.rglob("mp_rank_00_000/distrib_optim.pt"))
+    optim = next(src.rglob(f"{rank_dir}/distrib_optim.pt"))
     state = torch.load(optim, map_location="cpu", weights_only=False)
     params = next(t for k, t in _tensors(state) if "param" in k)
     data = optim.read_bytes()
@@ -358,10 +381,12 @@ def test_every_main_param_element_is_checked(source, tmp_path, capsys, monkeypat
     assert main(["pt2ms", "--megatron-path", str(src), "--ms-path", str(out), "--no-progress",
                  "--multiprocess-off"]) == 1
     text = capsys.readouterr().out
-    assert "FAILED rank_0/network.ckpt" in text and "1 of " in text and "does not round to the model weight" in text
+    assert f"FAILED {rank}/network.ckpt" in text and "1 of " in text and "does not round to the model weight" in text
     # exit code 1, not 2: the planner's spot check of both ends passed, the executor's full check failed
     assert "11 of 12 files written successfully" in text
-    assert not (out / "rank_0" / "network.ckpt").exists()
+    assert not (out / rank / "network.ckpt").exists()
+    if path == "image program":
+        assert programs_run == ["rank_1/network.ckpt", "rank_3/network.ckpt"]
 
 
 def _tensors(obj, path=""):

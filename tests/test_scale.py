@@ -336,3 +336,65 @@ def test_run_report_of_many_files_is_one_line_per_folder_pattern():
     full = io.StringIO()
     print_report(RunReport(results, 3.0), full, full=True)
     assert len([line for line in full.getvalue().splitlines() if line.endswith((" ok", "FAILED"))]) == 300
+
+
+def test_planning_memory_does_not_grow_with_each_ranks_rng_state(checkpoints, monkeypatch):
+    """Each rank's model file has its own pickle (its args name its rank; each stage has its own RNG
+    states: ~30 KB of objects a rank in Megatron's files). Planning keeps of a rank only what it reads
+    again: what it holds once the plan is made (the plan included) grows with the ranks far less than
+    their RNG states would, and the plan is the one planning with every rank's whole tree makes."""
+    import gc
+    import tracemalloc
+
+    from ckptmap.formats import megatron_files
+    from ckptmap.mapping import compiler
+
+    held, plans, sources = {}, {}, []
+    real = compiler.MegatronSource
+    monkeypatch.setattr(compiler, "MegatronSource", lambda opt: sources.append(real(opt)) or sources[-1])
+    for pp in (4, 16):
+        gc.collect()
+        tracemalloc.start()
+        try:
+            plans[pp] = compile_pt2ms(Pt2MsOptions(str(checkpoints[pp] / "megatron"), str(checkpoints[pp] / "x")))
+            gc.collect()
+            held[pp] = tracemalloc.get_traced_memory()[0]
+        finally:
+            tracemalloc.stop()
+        rng = [rank.model.root.get("rng_state") for key, rank in sorted(sources[-1].ranks.items())]
+        assert rng[0] is not None and all(r is None for r in rng[1:])
+        sources.clear()
+    per_rank = (held[16] - held[4]) / (2 * 16 - 2 * 4)
+    assert per_rank < 30_000, held   # a rank's RNG states alone are ~30 KB of objects
+    monkeypatch.setattr(megatron_files.ModelFile, "slim", lambda self, keep_args=(): None)
+    whole = compile_pt2ms(Pt2MsOptions(str(checkpoints[4] / "megatron"), str(checkpoints[4] / "x")))
+    assert all(rank.model.root.get("rng_state") is not None for rank in sources[-1].ranks.values())
+    assert whole.to_json() == plans[4].to_json()
+
+
+def test_a_tree_is_freed_when_dropped_not_at_the_next_garbage_collection(checkpoints):
+    """The unpickler refers to itself; its memo (every object of the tree) and its input (the pickle's
+    bytes) must not live on with it until the cycle collector runs: reading a rank file 100 times with
+    the collector off holds about what reading it once does, not 100 trees."""
+    import gc
+    import tracemalloc
+
+    from ckptmap.formats import torch_zip_reader
+
+    path = next((checkpoints[4] / "megatron").rglob("model_optim_rng.pt"))
+    torch_zip_reader.read_objects(path)   # imports, caches
+    gc.collect()
+    gc.disable()
+    tracemalloc.start()
+    try:
+        base = tracemalloc.get_traced_memory()[0]
+        tree = torch_zip_reader.read_objects(path)
+        one_tree = tracemalloc.get_traced_memory()[0] - base
+        del tree
+        for _ in range(100):
+            torch_zip_reader.read_objects(path)
+        after = tracemalloc.get_traced_memory()[0] - base
+    finally:
+        tracemalloc.stop()
+        gc.enable()
+    assert one_tree > 20_000 and after < 10 * one_tree, (one_tree, after)

@@ -150,24 +150,42 @@ def _preadv_exactly(fd: int, src: FileRange, out) -> None:
     out = memoryview(out).cast("B")
     if len(out) != src.nbytes:
         raise ValueError(f"internal error: {src.nbytes} bytes of {src.path} read into a buffer of {len(out)}")
-    done = 0
-    while done < src.nbytes:   # a short read is retried; none at all means the file shrank
-        n = os.preadv(fd, [out[done:]], src.offset + done)
+    preadv_exactly(fd, src.path, src.offset, out)
+
+
+def preadv_exactly(fd: int, path: str, offset: int, out) -> None:
+    """Fill ``out`` (a writable byte buffer) with the bytes of ``fd`` (open on ``path``) from ``offset``."""
+    done, size = 0, len(out)
+    while done < size:   # a short read is retried; none at all means the file shrank
+        n = os.preadv(fd, [out[done:]], offset + done)
         if not n:
-            raise OSError(errno.EIO, f"{src.path} ends before byte {src.offset + src.nbytes} "
-                                     f"(at {src.offset + done}); the file changed")
+            raise OSError(errno.EIO, f"{path} ends before byte {offset + size} (at {offset + done}); the file changed")
         done += n
 
 
 def _pread_exactly(fd: int, src: FileRange) -> bytes:
-    data = os.pread(fd, src.nbytes, src.offset)
-    while len(data) < src.nbytes:   # a short read is retried; none at all means the file shrank
-        more = os.pread(fd, src.nbytes - len(data), src.offset + len(data))
+    return pread_exactly(fd, src.path, src.offset, src.nbytes)
+
+
+def pread_exactly(fd: int, path: str, offset: int, nbytes: int) -> bytes:
+    """``nbytes`` bytes of ``fd`` (open on ``path``) from ``offset``."""
+    data = os.pread(fd, nbytes, offset)
+    while len(data) < nbytes:   # a short read is retried; none at all means the file shrank
+        more = os.pread(fd, nbytes - len(data), offset + len(data))
         if not more:
-            raise OSError(errno.EIO, f"{src.path} ends before byte {src.offset + src.nbytes} "
-                                     f"(at {src.offset + len(data)}); the file changed")
+            raise OSError(errno.EIO, f"{path} ends before byte {offset + nbytes} (at {offset + len(data)}); "
+                                     f"the file changed")
         data += more
     return data
+
+
+def source_fd(path: str) -> int:
+    """The descriptor of source ``path`` inside :func:`source_fds` (opened on first use, closed when the block ends)."""
+    fds = _open_sources.fds
+    fd = fds.get(path)
+    if fd is None:
+        fd = fds[path] = os.open(path, os.O_RDONLY)
+    return fd
 
 
 def ranges_of(source) -> tuple:

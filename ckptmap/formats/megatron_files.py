@@ -17,6 +17,7 @@ from ckptmap.errors import CkptmapError
 from ckptmap.formats.megatron_folders import MODEL_FILE
 from ckptmap.formats.safe_unpickler import dtype_name
 from ckptmap.formats.base import FileRange, TensorSpec
+from ckptmap.formats import torch_zip_reader
 from ckptmap.formats.torch_zip_reader import TensorRef, TorchZipFile, file_offset, file_range
 
 KEY_SEP = "/"
@@ -71,6 +72,22 @@ def encode_key(k) -> str:
     return str(k)
 
 
+_PLAIN_LEAVES = frozenset({int, float, bool, str, bytes, type(None)})
+
+# What files derive from their trees, by value: each rank's model_optim_rng.pt has its own pickle (its
+# args name its rank) but ranks of one stage hold the same tensors at the same offsets; equal entry and
+# range tables are one object, so results keyed by their identity (the compiler's) are shared by those
+# ranks as by files of one pickle. Kept for the process's life (planning: a few per pipeline stage).
+_INTERNED: dict = {}
+
+
+def _interned(key, make):
+    hit = _INTERNED.get(key)
+    if hit is None:
+        hit = _INTERNED[key] = make()
+    return hit
+
+
 class PtFile:
     """A lazily opened torch checkpoint: the object tree is read, tensor bytes are not. Tensors are
     addressed by slash-joined paths (``model0/language_model/…``)."""
@@ -100,15 +117,21 @@ class PtFile:
             out = []
 
             def rec(node, prefix):   # prefix: the parent's key + "/", "" at the root
-                items = node.items() if isinstance(node, dict) else enumerate(node) \
-                    if isinstance(node, (list, tuple)) else ()
+                if isinstance(node, dict):
+                    items = node.items()
+                else:   # a list or tuple: one of plain values only (an RNG state: 625 ints) is passed whole
+                    if set(map(type, node)) <= _PLAIN_LEAVES:
+                        return
+                    items = enumerate(node)
                 for k, v in items:
+                    if type(v) in _PLAIN_LEAVES:
+                        continue
                     if isinstance(v, TensorRef):
                         out.append((prefix + (k if type(k) is str else encode_key(k)), v))
                     elif isinstance(v, (dict, list, tuple)):
                         rec(v, prefix + (k if type(k) is str else encode_key(k)) + KEY_SEP)
             rec(self.root, "")
-            self._entries = dict(out)
+            self._entries = _interned(("entries", tuple(out)), lambda: dict(out))
             if self._zip.shared is not None:
                 self._zip.shared["entries"] = self._entries
         return self._entries
@@ -149,11 +172,13 @@ class PtFile:
             self._ranges = shared.get("ranges") if shared is not None else None
             if self._ranges is None:
                 try:
-                    self._ranges = {k: file_offset(self._zip, ref) for k, ref in self._entry_map().items()}
+                    ranges = tuple((k, file_offset(self._zip, ref)) for k, ref in self._entry_map().items())
                 except CkptmapError:
-                    self._ranges = {}
+                    ranges = ()
+                self._ranges = _interned(("ranges", ranges), lambda: dict(ranges))
                 if shared is not None:
                     shared["ranges"] = self._ranges
+            torch_zip_reader.remember_placement(self._zip, self.placement)
         self._zip.close()
 
     def kept_range(self, key: str) -> tuple[int, int] | None:
@@ -163,9 +188,10 @@ class PtFile:
     @property
     def placement(self) -> tuple:
         """After close(): the objects that say where each tensor lies (entries and kept ranges). Files
-        of one structure (torch_zip_reader.shared_trees) share them, so their identity tells that a
-        result derived from one file's placement holds for the other's."""
-        return (self._entry_map(), self._ranges)
+        whose tables are equal (ranks of one stage; files of one structure) share them, so their
+        identity tells that a result derived from one file's placement holds for the other's."""
+        entries, ranges = self._entry_map(), self._ranges
+        return _interned(("placement", id(entries), id(ranges)), lambda: (entries, ranges))
 
 
 def _open_or_say_missing(open_file, path: Path, missing: str) -> None:
@@ -192,6 +218,25 @@ class ModelFile(PtFile):
     def chunks(self) -> list[tuple[str, int]]:
         return model_chunk_keys(self.root, self.path)
 
+    def slim(self, keep_args=()) -> None:
+        """Let go of what a planner that has read this rank no longer needs: the per-rank states
+        (LEGACY_RANK_STATE_PATHS: RNG states, ~30 KB of objects a rank) and every arg but ``keep_args``.
+        The top-level keys stay (meta_keys); the model chunks and the rest stay the same objects. The
+        tree read (perhaps shared with other files) is not changed: this file gets a copy of its top."""
+        import types
+
+        root = self.root
+        top = type(root)(root)
+        if hasattr(root, "__dict__"):
+            top.__dict__.update(root.__dict__)
+        for key in {p.split(".")[0] for p in LEGACY_RANK_STATE_PATHS}:
+            if key in top:
+                top[key] = None
+        args = root.get("args")
+        if args is not None:
+            top["args"] = types.SimpleNamespace(**{n: getattr(args, n) for n in keep_args if hasattr(args, n)})
+        self.root = self._zip.root = top
+
     def chunk_leaves(self, chunk_key: str) -> list[tuple[list, object]]:
         """Every leaf of one model chunk in state-dict order: (key path inside the chunk, value) —
         tensors as TensorRefs, ``_extra_state`` entries as they were pickled (None, BytesIO, …)."""
@@ -207,10 +252,11 @@ class ModelFile(PtFile):
         return out
 
     def tensors(self) -> list[ModelTensor]:
+        """The model chunks' tensors; files whose lists are equal get one list (read-only)."""
         out: list[ModelTensor] = []
         for key, v in self.chunks():
             _walk(self.root[key], [], [key], out, v)
-        return out
+        return _interned(("tensors", tuple(out)), lambda: out)
 
     @property
     def args(self):
@@ -300,6 +346,8 @@ class OptimFile(PtFile):
             parsed = parse_optim_state(self.root, str(path), read_int)
             if shared is not None and not values_read:   # a value read from the records is this file's alone
                 shared["optim_state"] = parsed
+        # whether files of this structure parse alike (nothing was read from this file's records)
+        self.parsed_from_structure = shared is not None and shared.get("optim_state") is parsed
         self.chained, self.absent, self.storage, self.buffers = parsed
 
     def state_refs(self, buf: OptimBuffer, state: str) -> list[TensorRef]:

@@ -463,7 +463,8 @@ class RestrictedUnpickler(pickle.Unpickler):
                 ("builtins", "getattr"): "_getattr"}
 
     def __init__(self, data: bytes, path, extra_globals: dict | None = None):
-        super().__init__(io.BytesIO(data), encoding="utf-8")
+        self._source = io.BytesIO(data)
+        super().__init__(self._source, encoding="utf-8")
         self.path = path
         self._ns_cls = None
         self.extra_globals = extra_globals or {}
@@ -560,7 +561,12 @@ def unpickle(unpickler: RestrictedUnpickler, where: str):
     finally:
         # the unpickler refers to itself (bound methods): without this, whatever it holds (a file
         # map) would live until the next garbage collection, and thousands of rank files would
-        # exhaust the process's file handles
+        # exhaust the process's file handles. Its memo (every object it made: a whole tree, kept past
+        # the caller's use of it) and its input (the pickle's bytes) are let go of too
+        unpickler.memo = {}
+        source = unpickler.__dict__.get("_source")
+        if source is not None:
+            source.close()
         unpickler.__dict__.clear()
 
 

@@ -189,10 +189,24 @@ def iteration_order(codes: list[int]) -> list[int]:
     return order
 
 
+_NAME_DIGITS: dict = {}   # files of one structure (thousands of rank files) have the same record names
+_NAME_DIGITS_KEPT = 64
+
+
 def name_hash_digits(names: list[str]) -> str:
     """The first 20 characters of the serialization id torch's writer computes for records written in
     the order ``names`` (``version`` and ``byteorder``, when missing, are added as torch's
     ``writeEndOfFile`` adds them; the id's own record is not one of the names)."""
+    key = tuple(names)
+    digits = _NAME_DIGITS.get(key)
+    if digits is None:
+        digits = _NAME_DIGITS[key] = _name_hash_digits(key)
+        if len(_NAME_DIGITS) > _NAME_DIGITS_KEPT:
+            del _NAME_DIGITS[next(iter(_NAME_DIGITS))]
+    return digits
+
+
+def _name_hash_digits(names: tuple[str, ...]) -> str:
     seen = set()
     keys = []
     for name in names:

@@ -36,6 +36,7 @@ import mmap
 import os
 import pickle
 import struct
+import sys
 import zipfile
 import zlib
 
@@ -214,8 +215,8 @@ def _central_directory(mm, size: int) -> list | None:
 
 # Zip directories already read by this process (or by its parent before it forked the workers): path ->
 # (the file's identity, length and CRC-32 of its bytes after the last record — central directory and end
-# records —, its records' CRC-32s, prefix, structure key). Compact: the records' names, offsets and sizes
-# are read back from the structure key, which files of one structure share (~0.5 KB a file, not ~3 KB). A file planning read and a worker opens again,
+# records —, its records' CRC-32s, prefix, records' (name, offset, size) — one tuple for the files of one
+# layout —, placement (remember_placement) or None): ~0.4 KB a file, no pickle bytes kept. A file planning read and a worker opens again,
 # unchanged since, is not parsed a second time (at thousands of ranks each rank's two files were parsed
 # three times: planning, its .ckpt, its pt_meta). Unchanged: the same device, inode, size, modification
 # and change times, and the same directory bytes — which hold every record's offset, size and CRC-32, so
@@ -238,6 +239,28 @@ def remembering(on: bool):
         _REMEMBER = outer
 
 
+def remembered_placement(path: str, fd: int):
+    """What a reader derived from the file ``path`` (open as ``fd``) about where its tensors lie
+    (:func:`remember_placement`), when its directory is remembered and the file is unchanged since —
+    the test :class:`_Archive` makes before reusing it —, else None."""
+    known = _DIRECTORIES.get(path)
+    if known is None or known[6] is None:
+        return None
+    st = os.fstat(fd)
+    if _identity(st) != known[0] or zlib.crc32(os.pread(fd, known[1], st.st_size - known[1])) != known[2]:
+        return None
+    return known[6]
+
+
+def remember_placement(zf: "TorchZipFile", placement) -> None:
+    """Keep ``placement`` (a reader's table of where the tensors of ``zf`` lie, one object for files
+    whose tables are equal) with the remembered directory of its file."""
+    known = _DIRECTORIES.get(zf.path)
+    archive = zf._archive
+    if known is not None and archive is not None and known[0] == archive.identity:
+        _DIRECTORIES[zf.path] = known[:6] + (placement,)
+
+
 def _identity(st) -> tuple:
     return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
@@ -248,7 +271,7 @@ class _Archive:
     def __init__(self, path):
         self.path = os.fspath(path)
         p = self.path
-        self.structure = None   # the structure key (TorchZipFile), when already known
+        self.reopened = False   # its directory was remembered (remember), not parsed
         try:   # open first, diagnose after: two stat calls fewer per file (thousands of rank files)
             with open(p, "rb") as f:
                 st = os.fstat(f.fileno())
@@ -261,9 +284,10 @@ class _Archive:
                 known = _DIRECTORIES.get(p)
                 if known is not None and known[0] == self.identity and \
                         zlib.crc32(self.mm[self.size - known[1]:]) == known[2]:
-                    _, _, _, crcs, self.prefix, self.structure = known
+                    _, _, _, crcs, self.prefix, layout, _ = known
                     self.records = {name: _Record(name, offset, size, crc)
-                                    for (name, offset, size), crc in zip(self.structure[3], crcs)}
+                                    for (name, offset, size), crc in zip(layout, crcs)}
+                    self.reopened = True
                     return
                 infos = _central_directory(self.mm, self.size)
                 if infos is None:   # anything the fast path does not know: zipfile decides (and words errors)
@@ -304,16 +328,14 @@ class _Archive:
                                f"torch checkpoints — load and re-save it with torch on a little-endian "
                                f"(x86/ARM) machine")
 
-    def remember(self, structure=None) -> None:
-        """Keep this file's directory (and ``structure``, its structure key) for a later open of it."""
-        if structure is not None:
-            self.structure = structure
-        if not _REMEMBER or self.structure is None:   # kept only with its structure key (TorchZipFile's)
+    def remember(self) -> None:
+        """Keep this file's directory for a later open of it."""
+        if not _REMEMBER or self.reopened:
             return
         tail = self.size - max((r.offset + r.size for r in self.records.values()), default=0)
         crcs = array.array("L", [r.crc32 for r in self.records.values()])
-        _DIRECTORIES[self.path] = (self.identity, tail, zlib.crc32(self.mm[self.size - tail:]), crcs, self.prefix,
-                                   self.structure)
+        _DIRECTORIES[self.path] = (self.identity, tail, zlib.crc32(self.mm[self.size - tail:]), crcs,
+                                   sys.intern(self.prefix), _layout(self), None)
         if len(_DIRECTORIES) > _DIRECTORIES_KEPT:
             del _DIRECTORIES[next(iter(_DIRECTORIES))]
 
@@ -817,8 +839,16 @@ def shared_trees(trees: dict | None = None):
 
 def _structure_key(archive: _Archive):
     """Everything the unpickler and the dialect detection read from a file, as a hashable value."""
-    records = tuple((r.name, r.offset, r.size) for r in archive.records.values())
-    return (archive.prefix, archive.read_record("data.pkl"), archive.read_record("version", missing_ok=True), records)
+    return (archive.prefix, archive.read_record("data.pkl"), archive.read_record("version", missing_ok=True),
+            _layout(archive))
+
+
+_LAYOUTS: dict = {}   # records' (name, offset, size) tuples, one object for equal ones (files of one stage)
+
+
+def _layout(archive: _Archive) -> tuple:
+    layout = tuple((r.name, r.offset, r.size) for r in archive.records.values())
+    return _LAYOUTS.setdefault(layout, layout)
 
 
 # -------------------------------------------------------------------------------------------------
@@ -842,25 +872,19 @@ class TorchZipFile:
         # from the tree and the records alone (PtFile's entry list and byte ranges); None outside
         self.shared: dict | None = None
         trees = _shared_trees
-        key = fresh = None
-        if trees is not None:
-            key = self._archive.structure
-            if key is None:
-                key = fresh = _structure_key(self._archive)
+        key = _structure_key(self._archive) if trees is not None else None
         hit = trees.get(key) if key is not None else None
         if hit is not None:
             self.root, self.dialect, self.shared = hit
-            if fresh is not None:   # remembered as the structure's own key: its pickle bytes kept once
-                self._archive.remember(self.shared["structure"])
-            return
-        found: list = []
-        self.root = _unpickle(self._archive, materialize=False, bases=self._bases, dialect_out=found)
-        self.dialect: str = found[0]  # "torch" or "msadapter", detected from the file (never a flag)
+        else:
+            found: list = []
+            self.root = _unpickle(self._archive, materialize=False, bases=self._bases, dialect_out=found)
+            self.dialect: str = found[0]  # "torch" or "msadapter", detected from the file (never a flag)
+            if key is not None:
+                self.shared = {}
+                trees[key] = (self.root, self.dialect, self.shared)
         if key is not None:
-            self.shared = {"structure": key}
-            trees[key] = (self.root, self.dialect, self.shared)
-        if self._archive.structure is None:
-            self._archive.remember(key)
+            self._archive.remember()
 
     def storage_keys(self) -> list[str]:
         n = len(self.prefix) + len("data/")

@@ -65,7 +65,7 @@ def compile_pt2ms(opt: Pt2MsOptions) -> Plan:
         raise CkptmapError(f"--layout {opt.layout}: use v1 or v2")
     if opt.dtype != "keep" and opt.dtype not in FLOAT_DTYPES:
         raise CkptmapError(f"--dtype {opt.dtype}: use keep or one of {', '.join(FLOAT_DTYPES)}")
-    src = MegatronSource(source_options(opt))
+    src = MegatronSource(attrs.evolve(source_options(opt), rank_state=False))
     # the states are the rules' (optimizer_state { … }); the Megatron file format says which it holds
     declared = [s.state for s in src.rules.states]
     bad_states = [x for x in opt.dist_opt_content if x not in declared]
@@ -154,7 +154,7 @@ def _rank_scalars(model_file, rows, step, layout_version, cache: dict) -> list[T
     """The scalar tasks of one rank: ``rows`` as given, else the step scalars plus the rank's optimizer
     and scheduler scalars. Ranks whose files share one object tree (torch_zip_reader.shared_trees: equal
     pickles) share the list, worked out once from those (read-only) objects; the file is named only in
-    an error, which the first rank with those objects raises."""
+    an error, which the first rank with those objects raises. Ranks with equal scalars share it too."""
     if rows is not None:
         return [_scalar_task(row, cache) for row in rows]
     optimizer, scheduler = model_file.root.get("optimizer"), model_file.root.get("opt_param_scheduler")
@@ -165,6 +165,8 @@ def _rank_scalars(model_file, rows, step, layout_version, cache: dict) -> list[T
     rows = mindspeed.step_scalars(step, layout_version) + mindspeed.optimizer_scalars(
         optimizer, scheduler, str(model_file.path))
     tasks = [_scalar_task(row, cache) for row in rows]
+    # ranks whose pickles differ (each rank's args name it) but whose scalars are equal: one list
+    tasks = cache.setdefault(("rank scalar list",) + tuple(map(id, tasks)), tasks)
     cache[key] = (optimizer, scheduler, tasks)   # the objects are kept: their ids stay theirs
     return tasks
 

@@ -150,6 +150,7 @@ def planning(compile_fn):
     return wrapper
 
 
+_TREES_KEPT = 64   # distinct model pickles kept for sharing while reading (a stage's TP x EP ranks, in order)
 _SIZE_ARGS = (("tp", "tensor_model_parallel_size", "--tp-size"), ("pp", "pipeline_model_parallel_size", "--pp-size"),
               ("ep", "expert_model_parallel_size", "--ep-size"))
 
@@ -551,6 +552,9 @@ class SourceOptions:
     rules: str = AUTO_RULES
     megatron_version: str | None = None
     main_param_check: bool = True
+    # False: planning keeps of ranks other than the first only what it reads (pt2ms: the executor reads
+    # each rank's RNG states and args from its file again); thousands of ranks' RNG states add up
+    rank_state: bool = True
 
 
 @attrs.define
@@ -598,12 +602,21 @@ class MegatronSource:
         if ckdir.pp_size > 1 and not ckdir.has_pp_suffix:
             raise CkptmapError(f"{ckdir.root}: mp_rank directories without a PP suffix but PP {ckdir.pp_size}")
         self.ep_name = (lambda ep: ep) if ckdir.has_ep_suffix else (lambda ep: None)   # ep in file names?
-        files = {}
-        with torch_zip_reader.shared_trees():   # ranks with byte-identical pickles share one (read-only) tree
-            for key, d in sorted(ckdir.ranks.items()):
-                files[key] = megatron_files.ModelFile(d / megatron_folders.MODEL_FILE)
-                files[key].close()  # only the object tree is needed here; a map per rank would exhaust file handles
-                dialect_translate.check_rank_files(files[key], d / megatron_folders.OPTIM_FILE)   # MSAdapter's refusals
+        read = {}
+        # ranks with byte-identical pickles share one (read-only) tree; read stage by stage, so that the
+        # trees a later file may share are the last few read (each rank's own pickle is not kept for long)
+        trees: dict = {}
+        size_args = [name for _, name, _ in _SIZE_ARGS]
+        with torch_zip_reader.shared_trees(trees):
+            for key, d in sorted(ckdir.ranks.items(), key=lambda kd: (kd[0][1], kd[0][2], kd[0][0])):
+                f = read[key] = megatron_files.ModelFile(d / megatron_folders.MODEL_FILE)
+                f.close()  # only the object tree is needed here; a map per rank would exhaust file handles
+                dialect_translate.check_rank_files(f, d / megatron_folders.OPTIM_FILE)   # MSAdapter's refusals
+                if not opt.rank_state and key != (0, 0, 0):
+                    f.slim(size_args)
+                while len(trees) > _TREES_KEPT:
+                    del trees[next(iter(trees))]
+        files = {key: read[key] for key in sorted(read)}
         self.dialects = {f.dialect for f in files.values()}   # torch zip dialects of the files (pt_meta records each)
         first = self.first = files[(0, 0, 0)]
         args = self.args = first.args
