@@ -7,6 +7,7 @@ before anything is written, so a refused conversion leaves the output untouched.
 
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 
 import attrs
@@ -162,12 +163,22 @@ def _rank_scalars(model_file, rows, step, layout_version, cache: dict) -> list[T
     hit = cache.get(key)
     if hit is not None and hit[0] is optimizer and hit[1] is scheduler:
         return hit[2]
+    try:   # equal objects of another rank's file (each rank's own pickle): their pickled bytes are equal
+        value_key = ("rank scalars of", step, layout_version, pickle.dumps((optimizer, scheduler), protocol=4))
+    except Exception:   # an object that does not pickle here: worked out for this rank alone
+        value_key = None
+    hit = cache.get(value_key) if value_key is not None else None
+    if hit is not None:
+        cache[key] = (optimizer, scheduler, hit)
+        return hit
     rows = mindspeed.step_scalars(step, layout_version) + mindspeed.optimizer_scalars(
         optimizer, scheduler, str(model_file.path))
     tasks = [_scalar_task(row, cache) for row in rows]
     # ranks whose pickles differ (each rank's args name it) but whose scalars are equal: one list
     tasks = cache.setdefault(("rank scalar list",) + tuple(map(id, tasks)), tasks)
     cache[key] = (optimizer, scheduler, tasks)   # the objects are kept: their ids stay theirs
+    if value_key is not None:
+        cache[value_key] = tasks
     return tasks
 
 
