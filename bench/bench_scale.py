@@ -28,7 +28,7 @@ checkpoints instead (megatron-core 0.12 layout, ``ckptmap.demo.DemoMoEModel``: a
 in-process compile of the two last checkpoints. ``--src`` measures another checkout's CLI, e.g.
 the commit before a change (``git archive COMMIT ckptmap | tar -x -C /tmp/old``); the checkpoints
 are still built by this one. Checkpoints are cached in the work dir (keyed by their shape), so
-re-runs skip the build (4,096 ranks: 8,192 files, 303 MB, ~6 s on 2 cores). Results are copied
+re-runs skip the build (4,096 ranks: 8,192 files, 335 MB, ~6 s on 2 cores). Results are copied
 into bench/RESULTS.md by hand.
 """
 

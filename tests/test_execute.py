@@ -152,15 +152,7 @@ def test_small_ckpt_files_assembled_in_memory(source, tmp_path, monkeypatch, crc
         return real_writer(*args, **kwargs)
 
     monkeypatch.setattr(mindspore_ckpt, "CkptWriter", counted)
-    programs_run = []
-    run_program = execute._run_image_program
-
-    def run_and_record(task, *args):
-        ran = run_program(task, *args)
-        if ran:
-            programs_run.append(task.path)
-        return ran
-    monkeypatch.setattr(execute, "_run_image_program", run_and_record)
+    programs_run = _record_image_programs(monkeypatch)
     files = {}
     for label, limit in (("image", execute.CKPT_IMAGE_BYTES), ("writer", 0)):
         monkeypatch.setattr(execute, "CKPT_IMAGE_BYTES", limit)
@@ -178,6 +170,20 @@ def test_small_ckpt_files_assembled_in_memory(source, tmp_path, monkeypatch, crc
         got = loaded[prefix + "language_model.encoder.layers.3.mlp.mapping.weight"].asnumpy()
         assert np.array_equal(got, want[state].numpy()), state
     assert int(loaded["step_num"].asnumpy()) == 7
+
+
+def _record_image_programs(monkeypatch) -> list:
+    """The paths of the .ckpt files read by the reads worked out for an earlier rank (execute._run_image_program)."""
+    programs_run = []
+    run_program = execute._run_image_program
+
+    def run_and_record(task, *args):
+        ran = run_program(task, *args)
+        if ran:
+            programs_run.append(task.path)
+        return ran
+    monkeypatch.setattr(execute, "_run_image_program", run_and_record)
+    return programs_run
 
 
 def _patch_reads(monkeypatch, before):
@@ -353,15 +359,7 @@ def test_every_main_param_element_is_checked(source, tmp_path, capsys, monkeypat
 
     if path == "writer":
         monkeypatch.setattr(execute, "CKPT_IMAGE_BYTES", 0)
-    programs_run = []
-    run_program = execute._run_image_program
-
-    def run_and_record(task, *args):
-        ran = run_program(task, *args)
-        if ran:
-            programs_run.append(task.path)
-        return ran
-    monkeypatch.setattr(execute, "_run_image_program", run_and_record)
+    programs_run = _record_image_programs(monkeypatch)
     rank_dir, rank = ("mp_rank_01_000", "rank_1") if path == "image program" else ("mp_rank_00_000", "rank_0")
     root, _ = source
     src = tmp_path / "megatron"
