@@ -77,14 +77,19 @@ _PLAIN_LEAVES = frozenset({int, float, bool, str, bytes, type(None)})
 # What files derive from their trees, by value: each rank's model_optim_rng.pt has its own pickle (its
 # args name its rank) but ranks of one stage hold the same tensors at the same offsets; equal entry and
 # range tables are one object, so results keyed by their identity (the compiler's) are shared by those
-# ranks as by files of one pickle. Kept for the process's life (planning: a few per pipeline stage).
+# ranks as by files of one pickle. A few per pipeline stage; the oldest let go of past _INTERNED_KEPT
+# (a value made again is then another object: the caches keyed by identity miss, never mix two up, as
+# each keeps the objects whose ids it holds).
 _INTERNED: dict = {}
+_INTERNED_KEPT = 1 << 16
 
 
 def _interned(key, make):
     hit = _INTERNED.get(key)
     if hit is None:
         hit = _INTERNED[key] = make()
+        if len(_INTERNED) > _INTERNED_KEPT:
+            del _INTERNED[next(iter(_INTERNED))]
     return hit
 
 

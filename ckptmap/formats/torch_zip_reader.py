@@ -848,7 +848,10 @@ _LAYOUTS: dict = {}   # records' (name, offset, size) tuples, one object for equ
 
 def _layout(archive: _Archive) -> tuple:
     layout = tuple((r.name, r.offset, r.size) for r in archive.records.values())
-    return _LAYOUTS.setdefault(layout, layout)
+    kept = _LAYOUTS.setdefault(layout, layout)
+    if len(_LAYOUTS) > _DIRECTORIES_KEPT:   # at most one per remembered file is of use
+        del _LAYOUTS[next(iter(_LAYOUTS))]
+    return kept
 
 
 # -------------------------------------------------------------------------------------------------
