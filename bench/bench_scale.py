@@ -96,6 +96,7 @@ def _build_stage(job) -> None:
     torch_zip.save (pure-Python pickler + a temporary directory per file: 4x slower here)."""
     iter_dir, model, pp, iteration = job
     from ckptmap.mapping import buckets
+    from ckptmap.mapping.layout import ParallelLayout
     from ckptmap.mapping.rules import bundled_rules, load_rules
 
     rule = load_rules(bundled_rules()["megatron_legacy_gpt"]).bucket_layout("megatron", "0.6")
@@ -109,6 +110,7 @@ def _build_stage(job) -> None:
     slots = [layout.slot("module." + n) for n in names]
     total = sum(b.numel for b in layout.buckets)
     args = model.args(iteration)
+    ranks = ParallelLayout(tp=model.tp, pp=model.pp, dp=model.dp)   # the model files: data-parallel rank 0's
     for tp in range(model.tp):
         gen = torch.Generator().manual_seed(pp * model.tp + tp)
         states = {"param": torch.randn(total, generator=gen) * 0.02,
@@ -122,7 +124,7 @@ def _build_stage(job) -> None:
                 node = node.setdefault(k, {})
             node[path[-1]] = buffer[slot.start:slot.end].view(shape)
         state = {
-            "args": argparse.Namespace(**vars(args), **rank_fields(tp + model.tp * model.dp * pp)), "checkpoint_version": megatron_files.CHECKPOINT_VERSION, "iteration": iteration,
+            "args": argparse.Namespace(**vars(args), **rank_fields(ranks.global_rank(tp=tp, pp=pp))), "checkpoint_version": megatron_files.CHECKPOINT_VERSION, "iteration": iteration,
             "model": tree,
             "optimizer": {"optimizer": {"param_groups": [
                 {"lr": 9.5e-5, "weight_decay": 0.01, "betas": (0.9, 0.95), "eps": 1e-8, "step": iteration},

@@ -95,6 +95,7 @@ def build_megatron_checkpoint(save_root: Path, model: DemoModel = DemoModel(), i
     it), fp32 main params and Adam moments in ``distrib_optim.pt``, bf16 weights = main params
     rounded. Returns {(tp, pp): {dotted name: {"weight", "param", "exp_avg", "exp_avg_sq"}}}."""
     from ckptmap.mapping import buckets
+    from ckptmap.mapping.layout import ParallelLayout
     from ckptmap.mapping.rules import bundled_rules, load_rules
 
     gen = torch.Generator().manual_seed(seed)
@@ -112,6 +113,7 @@ def build_megatron_checkpoint(save_root: Path, model: DemoModel = DemoModel(), i
         megatron_folders.write_tracker(save_root, iteration)
         return truth
     rule = load_rules(bundled_rules()["megatron_legacy_gpt"]).bucket_layout("megatron", "0.6")
+    ranks = ParallelLayout(tp=model.tp, pp=model.pp, dp=model.dp)   # the model files: data-parallel rank 0's
     for tp in range(model.tp):
         for pp in range(model.pp):
             entries = model.stage_tensors(pp)
@@ -136,7 +138,7 @@ def build_megatron_checkpoint(save_root: Path, model: DemoModel = DemoModel(), i
                 node[path[-1]] = t
                 rank_truth[name] = {"weight": t, **{k: v[slot.start:slot.end].view(shape) for k, v in states.items()}}
             state = {
-                "args": argparse.Namespace(**vars(model.args(iteration)), **rank_fields(tp + model.tp * model.dp * pp)),
+                "args": argparse.Namespace(**vars(model.args(iteration)), **rank_fields(ranks.global_rank(tp=tp, pp=pp))),
                 "checkpoint_version": megatron_files.CHECKPOINT_VERSION, "iteration": iteration, "model": tree,
                 "optimizer": {"optimizer": {"param_groups": [
                     {"lr": 9.5e-5, "weight_decay": 0.01, "betas": (0.9, 0.95), "eps": 1e-8, "step": iteration},
@@ -333,7 +335,9 @@ def moe_stage_files(model: DemoMoEModel, pp: int, iteration: int, gen: torch.Gen
             for name, shape in entries:
                 tree[name] = views[name][0] if shape is not None else None
             state = {
-                "args": argparse.Namespace(**vars(model.args(iteration)), **rank_fields(tp + model.tp * (ep + model.dp * pp))),
+                # the model file is written by expert-data-parallel rank 0: data-parallel rank ep (DP = EP)
+                "args": argparse.Namespace(**vars(model.args(iteration)),
+                                           **rank_fields(sizes.global_rank(tp=tp, pp=pp, dp=ep))),
                 "checkpoint_version": megatron_files.CHECKPOINT_VERSION, "iteration": iteration, "model": tree,
                 "optimizer": [{"optimizer": {"param_groups": _param_groups(groups[kind], kind == "expert", iteration, policy)}}
                               for kind in ("dense", "expert")],

@@ -150,16 +150,26 @@ class _Sources:
         """Queue the main-param check of a float32 byte-copy ``task`` whose bytes are in hand (``content``:
         the main param is their first elements), reading only the weight; False (nothing queued) when it
         cannot be: checks not deferred, or the weight is not runs of one dtype."""
-        weights = task.rounds_to_slices
-        if self._deferred is None or task.dtype != "float32" or any(w.dtype != weights[0].dtype for w in weights):
+        found = self.weight_runs(task, len(content)) if self._deferred is not None else None
+        if found is None:
             return False
+        ranges, main_nbytes, weight_dtype = found
+        weight = byte_io.read_small(ranges[0]) if len(ranges) == 1 else b"".join(map(byte_io.read_small, ranges))
+        self._deferred.append((task, content[:main_nbytes], weight, weight_dtype))
+        return True
+
+    def weight_runs(self, task: TensorTask, nbytes: int):
+        """For the main-param check of a float32 ``task`` of ``nbytes`` bytes: (the weight's byte ranges, the
+        bytes of the main param, the weight's dtype), or None when the weight is not contiguous runs of one
+        dtype within those bytes' elements."""
+        weights = task.rounds_to_slices
+        if task.dtype != "float32" or any(w.dtype != weights[0].dtype for w in weights):
+            return None
         count = sum(w.count for w in weights)
         ranges = [self.byte_range(w) for w in weights]
-        if None in ranges or count * 4 > len(content):
-            return False
-        weight = byte_io.read_small(ranges[0]) if len(ranges) == 1 else b"".join(map(byte_io.read_small, ranges))
-        self._deferred.append((task, content[:count * 4], weight, weights[0].dtype))
-        return True
+        if None in ranges or count * 4 > nbytes:
+            return None
+        return ranges, count * 4, weights[0].dtype
 
     def path(self, file: str) -> str:
         """The path a slice's ``file`` names."""
@@ -801,15 +811,12 @@ def _remember_image_program(task: FileTask, copies, runs, sources: "_Sources") -
             pos += r.nbytes
         if t.rounds_to is None:
             continue
-        weights = t.rounds_to_slices
-        count = sum(w.count for w in weights)
-        if t.dtype != "float32" or any(w.dtype != weights[0].dtype for w in weights) or count * 4 > t.nbytes:
+        found = sources.weight_runs(t, t.nbytes)
+        if found is None:
             return
-        ranges = [sources.byte_range(w) for w in weights]
-        if None in ranges:
-            return
-        checks.append((t, at, count * 4, tuple((files.setdefault(w.file, len(files)), r.offset, r.nbytes)
-                                               for w, r in zip(weights, ranges)), weights[0].dtype))
+        ranges, main_nbytes, weight_dtype = found
+        checks.append((t, at, main_nbytes, tuple((files.setdefault(w.file, len(files)), r.offset, r.nbytes)
+                                                 for w, r in zip(t.rounds_to_slices, ranges)), weight_dtype))
     names = tuple(files)
     placements = []
     with byte_io.source_fds():

@@ -72,9 +72,7 @@ def _source(path: str, offset: int, n: int):
         finally:
             os.close(fd)
         return
-    fd = fds.get(path)
-    if fd is None:
-        fd = fds[path] = os.open(path, os.O_RDONLY)
+    fd = source_fd(path)
     if n > CRC_COPY_CHUNK:   # advice for a run worth reading ahead, not for every small tensor
         _advise_sequential(fd, offset, n)
     yield fd
@@ -127,10 +125,7 @@ def read_small(src: FileRange) -> bytes:
     if fds is None:
         with _source(src.path, src.offset, 0) as fd:
             return _pread_exactly(fd, src)
-    fd = fds.get(src.path)   # (no context manager: this runs once per small tensor)
-    if fd is None:
-        fd = fds[src.path] = os.open(src.path, os.O_RDONLY)
-    return _pread_exactly(fd, src)
+    return _pread_exactly(source_fd(src.path), src)   # (no context manager: this runs once per small tensor)
 
 
 def read_into(src: FileRange, out) -> None:
@@ -140,10 +135,7 @@ def read_into(src: FileRange, out) -> None:
     if fds is None:
         with _source(src.path, src.offset, 0) as fd:
             return _preadv_exactly(fd, src, out)
-    fd = fds.get(src.path)
-    if fd is None:
-        fd = fds[src.path] = os.open(src.path, os.O_RDONLY)
-    _preadv_exactly(fd, src, out)
+    _preadv_exactly(source_fd(src.path), src, out)
 
 
 def _preadv_exactly(fd: int, src: FileRange, out) -> None:

@@ -351,8 +351,6 @@ class OptimFile(PtFile):
             parsed = parse_optim_state(self.root, str(path), read_int)
             if shared is not None and not values_read:   # a value read from the records is this file's alone
                 shared["optim_state"] = parsed
-        # whether files of this structure parse alike (nothing was read from this file's records)
-        self.parsed_from_structure = shared is not None and shared.get("optim_state") is parsed
         self.chained, self.absent, self.storage, self.buffers = parsed
 
     def state_refs(self, buf: OptimBuffer, state: str) -> list[TensorRef]:

@@ -21,7 +21,6 @@ MSAdapter file holds that is not kept: the shim writes the wall-clock time of th
 
 from __future__ import annotations
 
-import pickle
 from pathlib import Path
 
 import attrs
@@ -102,39 +101,15 @@ def _uncovered(numel: int, covered: list[tuple[int, int]]) -> list[tuple[int, in
     return gaps
 
 
-def _padding(zf: TorchZipFile, storages: dict, held_from: dict) -> dict:
-    """storage key -> [(start, end, uint8 bytes)] for the element ranges no converted tensor covers;
-    ``held_from`` gets {id(held bytes): (file, storage key, first byte, end byte)}."""
+def _padding(zf: TorchZipFile, storages: dict) -> dict:
+    """storage key -> [(start, end, uint8 bytes)] for the element ranges no converted tensor covers."""
     out = {}
     for key, (dtype, numel, covered) in storages.items():
         size = dtypes.itemsize(dtype)
         raw = zf.storage_bytes(key)
-        out[key] = []
-        for a, b in _uncovered(numel, covered):
-            held = HeldTensor("uint8", np.array(raw[a * size:b * size]))
-            held_from[id(held)] = (zf, key, a * size, b * size)
-            out[key].append((a, b, held))
+        out[key] = [(a, b, HeldTensor("uint8", np.array(raw[a * size:b * size])))
+                    for a, b in _uncovered(numel, covered)]
     return out
-
-
-# pt_meta files whose objects pickle alike (ranks of one structure: the same object trees, shared by
-# torch_zip_reader.shared_trees, the same keys and extra) are written from one pickle, each with its own
-# bytes: (model tree, optimizer tree) ids -> _Prepared. 0.7 -> ~0.3 ms a file at thousands of ranks.
-_PREPARED: dict = {}
-_PREPARED_KEPT = 16
-
-
-@attrs.define(eq=False)
-class _Prepared:
-    model_root: object        # kept alive: the key holds their ids
-    optim_root: object
-    shape: bytes              # keys and extra, pickled: equal bytes, equal pickles of them
-    pickled: torch_zip_writer.Pickled
-    held_from: dict           # id(held) -> ("model" | "optim", storage key, first byte, end byte)
-
-
-def _shape_of(keys, extra) -> bytes:
-    return pickle.dumps((tuple(keys), extra), protocol=pickle.HIGHEST_PROTOCOL)
 
 
 def padding_key(which: str, storage: str, index: int) -> str:
@@ -156,40 +131,7 @@ def write_pt_meta(model_path, optim_path, keys, extra, path, *, fsync: bool = Fa
     missing = [k for k in keys if k not in root]
     if missing:
         raise CkptmapError(f"{model_path} lacks {', '.join(missing)}; it changed since the plan was made")
-    optim = OptimFile(optim_path) if optim_path is not None and Path(optim_path).is_file() else None
-    # the objects of a file read inside shared_trees are its structure's: the same tree, the same pickle
-    reusable = zf.shared is not None and zf.dialect == "torch" and \
-        (optim is None or (optim._zip.shared is not None and optim.parsed_from_structure))
-    files = {"model": zf, "optim": optim._zip if optim is not None else None}
-    prepared = None
-    if reusable:
-        shape = _shape_of(keys, extra)
-        optim_root = optim.root if optim is not None else None
-        prepared = _PREPARED.get((id(root), id(optim_root)))
-        if prepared is None or prepared.model_root is not root or prepared.optim_root is not optim_root \
-                or prepared.shape != shape:
-            out, held_from = _pt_meta_objects(zf, root, optim, keys, extra)
-            held_from = {i: ("model" if f is zf else "optim", key, a, b) for i, (f, key, a, b) in held_from.items()}
-            prepared = _Prepared(root, optim_root, shape, torch_zip_writer.Pickled(out, path), held_from)
-            _PREPARED[(id(root), id(optim_root))] = prepared
-            if len(_PREPARED) > _PREPARED_KEPT:
-                del _PREPARED[next(iter(_PREPARED))]
-
-        def held_fill(held):   # this file's bytes of the padding range the held tensor stands for
-            which, key, a, b = prepared.held_from[id(held)]
-            return [files[which].storage_bytes(key)[a:b]]
-        torch_zip_writer.save_streaming(None, path, lambda key: [zf.storage_bytes(key)], fsync=fsync,
-                                        pickled=prepared.pickled, held_fill=held_fill)
-        return
-    out, _ = _pt_meta_objects(zf, root, optim, keys, extra)
-    # what is left of the model file in `out` (RNG states, ...) is copied from it, in its own dialect
-    torch_zip_writer.save_streaming(out, path, lambda key: [zf.storage_bytes(key)], fsync=fsync,
-                                    dialect=zf.dialect)
-
-
-def _pt_meta_objects(zf: TorchZipFile, root, optim, keys, extra):
-    """What a pt_meta file holds, and {id(held bytes): (file, storage key, first byte, end byte)}."""
-    chunk_keys = {k for k, _ in model_chunk_keys(root, zf.path)}
+    chunk_keys = {k for k, _ in model_chunk_keys(root, model_path)}
     refs: list = []
     skeleton = type(root)()
     _copy_attributes(root, skeleton)
@@ -200,13 +142,13 @@ def _pt_meta_objects(zf: TorchZipFile, root, optim, keys, extra):
         ref = ref_from_fields(fields)
         entry = storages.setdefault(ref.storage, (ref.dtype, ref.storage_numel, []))
         if entry[0] != ref.dtype or ref.numel and ref.stride != contiguous_stride(ref.shape):
-            raise CkptmapError(f"{zf.path}: model tensor views of storage {ref.storage} are not plain "
+            raise CkptmapError(f"{model_path}: model tensor views of storage {ref.storage} are not plain "
                                f"contiguous {entry[0]} slices; ckptmap cannot rebuild this file byte for byte")
         entry[2].append((ref.storage_offset, ref.storage_offset + ref.numel))
-    held_from: dict = {}
     meta = {"version": META_VERSION, DIALECTS_KEY: {"model_optim_rng": zf.dialect},
-            "model_optim_rng": skeleton, "model_tensors": refs, "model_padding": _padding(zf, storages, held_from)}
-    if optim is not None:
+            "model_optim_rng": skeleton, "model_tensors": refs, "model_padding": _padding(zf, storages)}
+    if optim_path is not None and Path(optim_path).is_file():
+        optim = OptimFile(optim_path)
         orefs: list = []
         oskeleton = _placeholders(optim.root, orefs)
         ranges = {}
@@ -218,11 +160,13 @@ def _pt_meta_objects(zf: TorchZipFile, root, optim, keys, extra):
             covered.setdefault(ref.storage, (ref.dtype, ref.storage_numel, []))
         meta[DIALECTS_KEY]["distrib_optim"] = optim.dialect
         meta.update(distrib_optim=oskeleton, distrib_optim_tensors=orefs,
-                    distrib_optim_padding=_padding(optim._zip, covered, held_from))
+                    distrib_optim_padding=_padding(optim._zip, covered))
     out = {k: root[k] for k in keys}
     out.update({k: v for k, v in extra.items() if k != "optim_ranges"})  # the ranges became the padding
     out[META_KEY] = meta
-    return out, held_from
+    # what is left of the model file in `out` (RNG states, ...) is copied from it, in its own dialect
+    torch_zip_writer.save_streaming(out, path, lambda key: [zf.storage_bytes(key)], fsync=fsync,
+                                    dialect=zf.dialect)
 
 
 _TENSOR_LISTS = {"model_optim_rng": "model_tensors", "distrib_optim": "distrib_optim_tensors"}

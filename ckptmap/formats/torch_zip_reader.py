@@ -243,13 +243,18 @@ def remembered_placement(path: str, fd: int):
     """What a reader derived from the file ``path`` (open as ``fd``) about where its tensors lie
     (:func:`remember_placement`), when its directory is remembered and the file is unchanged since —
     the test :class:`_Archive` makes before reusing it —, else None."""
-    known = _DIRECTORIES.get(path)
-    if known is None or known[6] is None:
-        return None
     st = os.fstat(fd)
-    if _identity(st) != known[0] or zlib.crc32(os.pread(fd, known[1], st.st_size - known[1])) != known[2]:
-        return None
-    return known[6]
+    known = _unchanged(path, _identity(st), lambda tail: os.pread(fd, tail, st.st_size - tail))
+    return None if known is None else known[6]
+
+
+def _unchanged(path: str, identity: tuple, read_tail):
+    """The remembered directory of ``path`` if the file (of ``identity``; ``read_tail(n)``: its last n bytes)
+    is unchanged since it was remembered, else None."""
+    known = _DIRECTORIES.get(path)
+    if known is not None and known[0] == identity and zlib.crc32(read_tail(known[1])) == known[2]:
+        return known
+    return None
 
 
 def remember_placement(zf: "TorchZipFile", placement) -> None:
@@ -281,9 +286,8 @@ class _Archive:
                                        f"was not written completely, copy or save it again")
                 self.mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
                 self.identity = _identity(st)
-                known = _DIRECTORIES.get(p)
-                if known is not None and known[0] == self.identity and \
-                        zlib.crc32(self.mm[self.size - known[1]:]) == known[2]:
+                known = _unchanged(p, self.identity, lambda tail: self.mm[self.size - tail:])
+                if known is not None:
                     _, _, _, crcs, self.prefix, layout, _ = known
                     self.records = {name: _Record(name, offset, size, crc)
                                     for (name, offset, size), crc in zip(layout, crcs)}

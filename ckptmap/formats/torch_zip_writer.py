@@ -631,20 +631,8 @@ def _write_real_storage(writer: _StreamZipWriter, name: str, storage) -> None:
     writer.end(name, n, byte_io.crc32(data) if writer.compute_crc32 else 0, offset)
 
 
-class Pickled:
-    """``obj`` pickled for :func:`save_streaming` (torch dialect): its ``data.pkl`` bytes and its storages
-    in record order. Files whose objects pickle alike (pt_meta of ranks of one structure) are written from
-    one, each with its own storage bytes (``fill``, ``held_fill``)."""
-
-    __slots__ = ("data_pkl", "storages")
-
-    def __init__(self, obj, path):
-        self.data_pkl, pickler = _pickled(_StreamPicklerC, _StreamPickler, obj, Path(os.fspath(path)))
-        self.storages = list(pickler.storages.items())
-
-
 def save_streaming(obj, path, fill, *, fsync: bool = False, dialect: str = "torch", date_time=None,
-                   records: dict | None = None, pickled: Pickled | None = None, held_fill=None) -> None:
+                   records: dict | None = None) -> None:
     """Write ``obj`` exactly as torch.save would write it (same bytes) if every TensorRef in it were a
     real CPU tensor: a view (TensorRef.storage_offset, shape, stride, requires_grad) of a storage of
     TensorRef.storage_numel elements of TensorRef.dtype, TensorRefs with the same ``storage`` key
@@ -664,8 +652,6 @@ def save_streaming(obj, path, fill, *, fsync: bool = False, dialect: str = "torc
     as torch.save does. ``fsync``: make the file durable before it is renamed into place. A chunk may
     also be a ``Hole``: bytes left unwritten (read back as zeros; the record gets no CRC-32) -- for an
     intermediate file only. ``records``: a dict, filled with {storage key as in ``obj``: its record key}.
-    ``pickled``: ``obj`` already pickled (:class:`Pickled`; ``obj`` is then not read); ``held_fill(held)``:
-    the bytes of a HeldTensor's storage, in place of its own (default).
 
     ``dialect="msadapter"`` writes the bytes MindSpeed-Core-MS's MSAdapter shim writes (notes above
     ``_PyZipWriter``; ``formats/msadapter.py``) instead: every TensorRef must then be a whole,
@@ -690,8 +676,7 @@ def save_streaming(obj, path, fill, *, fsync: bool = False, dialect: str = "torc
     if not archive:
         raise CkptmapError(f"cannot save {path}: torch.save cannot write a file whose name has no stem "
                            f"(the zip records are named after it) — choose a name like model_optim_rng.pt")
-    if pickled is None:
-        pickled = Pickled(obj, path)
+    data_pkl, pickler = _pickled(_StreamPicklerC, _StreamPickler, obj, path)
     alignment, compute_crc32 = _torch_options()
     if not path.parent.is_dir():
         raise CkptmapError(f"cannot save {path}: the directory {path.parent} does not exist — create it first")
@@ -699,19 +684,16 @@ def save_streaming(obj, path, fill, *, fsync: bool = False, dialect: str = "torc
         try:
             with open(tmp, "wb", buffering=1 << 20) as f:
                 writer = _StreamZipWriter(f, archive, alignment, compute_crc32)
-                writer.record("data.pkl", pickled.data_pkl)
+                writer.record("data.pkl", data_pkl)
                 writer.record(".format_version", b"1")
                 writer.record(".storage_alignment", str(alignment).encode("ascii"))
                 writer.record("byteorder", b"little")
-                for key, st in pickled.storages:
+                for key, st in pickler.storages.items():
                     if records is not None and type(st) is _RefStorage:
                         records[st.key] = key
                     if type(st) is _RefStorage:
-                        if st.held is None:
-                            _stream_storage(writer, f"data/{key}", st, fill, path)
-                        else:
-                            _stream_storage(writer, f"data/{key}", st, lambda _key, st=st: (
-                                _held_bytes(st) if held_fill is None else held_fill(st.held)), path)
+                        _stream_storage(writer, f"data/{key}", st,
+                                        fill if st.held is None else (lambda _key, st=st: _held_bytes(st)), path)
                     else:
                         _write_real_storage(writer, f"data/{key}", st)
                 writer.finish()
