@@ -147,11 +147,14 @@ def moe_checkpoint(tmp_path_factory):
 
 def test_planning_unpickles_each_distinct_pickle_once_and_plans_the_same(moe_checkpoint, tmp_path, monkeypatch):
     """Planning shares the object tree of files whose pickles and records are byte-identical (issue 16:
-    at 16,384 ranks the distrib_optim.pt files repeat a few dozen pickles; model files differ, as
-    Megatron's do, in their args' rank): it unpickles once per distinct data.pkl, and the plan is the
-    one planning without sharing makes, JSON text for JSON text."""
+    at 16,384 ranks the distrib_optim.pt files repeat a few dozen pickles) and reads a model file whose
+    pickle differs from the last one of its length only in plain numbers (its args' rank, as Megatron's
+    do) from that one's tree (pickle_delta): it unpickles each distinct distrib_optim.pt pickle once and
+    one model file per pipeline stage, and the plan is the one planning without sharing makes, JSON text
+    for JSON text."""
     import contextlib
     import hashlib
+    import os
 
     from ckptmap.formats import torch_zip_reader as tzr
 
@@ -170,7 +173,10 @@ def test_planning_unpickles_each_distinct_pickle_once_and_plans_the_same(moe_che
     shared = compile_pt2ms(Pt2MsOptions(str(moe_checkpoint), str(tmp_path / "out")))
     models = {f: h for f, h in pickles.items() if f.name == "model_optim_rng.pt"}
     assert len(pickles) == 32 and len(set(models.values())) == 16
-    assert len(unpickled) == len(set(pickles.values())) < 32, (len(unpickled), len(pickles))
+    optims = {h for f, h in pickles.items() if f.name == "distrib_optim.pt"}
+    stages = {f.parent.name.split("_")[3] for f in models}
+    assert sorted(os.path.basename(p) for p in unpickled).count("model_optim_rng.pt") == len(stages) == 4
+    assert len(unpickled) == len(optims) + len(stages) < 32, (len(unpickled), len(pickles))
 
     monkeypatch.setattr(tzr, "shared_trees", contextlib.nullcontext)
     unpickled.clear()

@@ -98,7 +98,7 @@ class PtFile:
     addressed by slash-joined paths (``model0/language_model/…``)."""
 
     def __init__(self, path, _checked: bool = False):
-        self.path = Path(path)
+        self.path = _as_path(path)
         if not _checked and not self.path.is_file():   # _checked: a subclass said why it is missing
             raise CkptmapError(f"{self.path} is missing")
         self._zip = TorchZipFile(self.path)
@@ -116,8 +116,8 @@ class PtFile:
         return list(self._entry_map().items())
 
     def _entry_map(self) -> dict:
-        if self._entries is None and self._zip.shared is not None:   # a file of the same structure's (read-only)
-            self._entries = self._zip.shared.get("entries")
+        if self._entries is None and self._zip.shared_tensors is not None:   # a file of the same tensors' (read-only)
+            self._entries = self._zip.shared_tensors.get("entries")
         if self._entries is None:
             out = []
 
@@ -137,8 +137,8 @@ class PtFile:
                         rec(v, prefix + (k if type(k) is str else encode_key(k)) + KEY_SEP)
             rec(self.root, "")
             self._entries = _interned(("entries", tuple(out)), lambda: dict(out))
-            if self._zip.shared is not None:
-                self._zip.shared["entries"] = self._entries
+            if self._zip.shared_tensors is not None:
+                self._zip.shared_tensors["entries"] = self._entries
         return self._entries
 
     def keys(self) -> list[str]:
@@ -173,7 +173,7 @@ class PtFile:
         # thousands of ranks); where each contiguous tensor lies is kept, so a few of its elements can
         # still be read (kept_range) without parsing the file again.
         if self._ranges is None and self.dialect == "torch":
-            shared = self._zip.shared   # same records at the same offsets: the same ranges
+            shared = self._zip.shared_tensors   # same records at the same offsets: the same ranges
             self._ranges = shared.get("ranges") if shared is not None else None
             if self._ranges is None:
                 try:
@@ -199,6 +199,13 @@ class PtFile:
         return _interned(("placement", id(entries), id(ranges)), lambda: (entries, ranges))
 
 
+def _as_path(path) -> Path:
+    return path if type(path) is type(_PATH) else Path(path)   # a Path again costs ~10 us (thousands of files)
+
+
+_PATH = Path()
+
+
 def _open_or_say_missing(open_file, path: Path, missing: str) -> None:
     """``open_file(path, _checked=True)``, with ``missing`` as the error when there is no such file. The
     file is opened first and looked at only if that fails: one stat fewer per file of thousands of ranks."""
@@ -214,7 +221,7 @@ class ModelFile(PtFile):
     """``model_optim_rng.pt``: model chunks as flat lists of named tensors, plus the other entries."""
 
     def __init__(self, path):
-        path = Path(path)
+        path = _as_path(path)
         _open_or_say_missing(super().__init__, path, f"{path} is missing; every mp_rank directory of a Megatron "
                                                       f"checkpoint holds {MODEL_FILE}")
         if not isinstance(self.root, dict):
@@ -335,7 +342,7 @@ class OptimFile(PtFile):
     ``buffers`` lists them in file order."""
 
     def __init__(self, path):
-        path = Path(path)
+        path = _as_path(path)
         _open_or_say_missing(super().__init__, path, f"{path} is missing: converting the optimizer state needs the "
                                                       f"distributed optimizer's file, written by Megatron with "
                                                       f"--use-distributed-optimizer; convert the weights alone with "

@@ -37,6 +37,7 @@ import os
 import pickle
 import struct
 import sys
+import typing
 import zipfile
 import zlib
 
@@ -46,7 +47,7 @@ import numpy as np
 from ckptmap import dtypes
 from ckptmap.errors import CkptmapError
 from ckptmap.formats.base import FileRange
-from ckptmap.formats import msadapter
+from ckptmap.formats import msadapter, pickle_delta
 from ckptmap.formats.safe_unpickler import (ALLOWED_OBJECTS, TENSOR_TYPE_MARKERS, GlobalMarker, RestrictedUnpickler,
                                             StandIn, StandInClass, dtype_name, unpickle)
 
@@ -151,8 +152,7 @@ _LOCAL_HEADER = struct.Struct("<4s5H3L2H")
 _LEGACY_MAGIC = b"\x8a\x0al\xfc\x9cF\xf9 j\xa8P\x19"  # LONG1 0x1950a86a20f9469cfc6c, torch's pre-zip magic
 
 
-@attrs.frozen
-class _Record:
+class _Record(typing.NamedTuple):   # a tuple: made ~10 times per rank file, thousands of rank files
     name: str
     offset: int  # of the data, in the file
     size: int
@@ -270,6 +270,61 @@ def _identity(st) -> tuple:
     return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
+_ZIP64_ENDS = _EOCD64.size + _EOCD64_LOCATOR.size + _EOCD.size   # torch's archives end with all three
+_SHAPES: dict = {}   # (file size, its last _ZIP64_ENDS bytes) -> _DirectoryShape of the last file parsed
+_SHAPES_KEPT = 64
+
+
+class _DirectoryShape:
+    """The bytes a parsed zip directory was read from — central directory and end records, and the
+    local headers' signatures and name / extra lengths — with the records' CRC-32s left out. A file of
+    the same size and end records whose bytes there are the same (another rank of a pipeline stage: the
+    same record names, sizes and offsets; only the CRC-32s differ) has the same records: they are taken
+    from here with its own CRC-32s, not parsed again (~0.15 ms a file at thousands of rank files)."""
+
+    def __init__(self, archive: "_Archive", header_offsets: list):
+        mm, records = archive.mm, archive.records
+        self.central = _zip64_central_start(mm, archive.size)
+        self.crc_at = []   # offsets of the CRC-32 fields in the central directory, relative to its start
+        pos = self.central
+        for _ in records:
+            self.crc_at.append(pos + 16 - self.central)
+            nlen, elen, clen = struct.unpack_from("<3H", mm, pos + 28)
+            pos += _CENTRAL.size + nlen + elen + clen
+        self.masked = self._masked(mm[self.central:])
+        self.headers = [(h, mm[h:h + 4] + mm[h + 26:h + 30]) for h in header_offsets]
+        self.layout = [(r.name, r.offset, r.size) for r in records.values()]
+        self.prefix = archive.prefix
+
+    def _masked(self, tail: bytes) -> bytes:
+        out = bytearray(tail)
+        for at in self.crc_at:
+            out[at:at + 4] = b"\0\0\0\0"
+        return bytes(out)
+
+    def read(self, archive: "_Archive") -> bool:
+        """Fill ``archive``'s records if its directory bytes are this shape's; False if not (parse it)."""
+        mm = archive.mm
+        tail = mm[self.central:]
+        if self._masked(tail) != self.masked:
+            return False
+        if any(mm[h:h + 4] + mm[h + 26:h + 30] != seen for h, seen in self.headers):
+            return False
+        archive.records = {name: _Record(name, offset, size, struct.unpack_from("<L", tail, at)[0])
+                           for (name, offset, size), at in zip(self.layout, self.crc_at)}
+        archive.prefix = self.prefix
+        archive._check_byte_order()
+        return True
+
+
+def _zip64_central_start(mm, size: int) -> int | None:
+    """The central directory's offset in an archive _central_directory read, if it ends with zip64 end
+    records (torch's always do; an archive without them has CRC-32s in its last _ZIP64_ENDS bytes, which
+    then tell no two files' directories alike), else None."""
+    lsig, _, eocd64, _ = _EOCD64_LOCATOR.unpack_from(mm, size - _EOCD.size - _EOCD64_LOCATOR.size)
+    return _EOCD64.unpack_from(mm, eocd64)[-1] if lsig == b"PK\x06\x07" else None
+
+
 class _Archive:
     """The zip directory and the copy-on-write mmap of one file; no record data is read."""
 
@@ -293,7 +348,12 @@ class _Archive:
                                     for (name, offset, size), crc in zip(layout, crcs)}
                     self.reopened = True
                     return
+                shape_key = (self.size, self.mm[-_ZIP64_ENDS:])
+                shape = _SHAPES.get(shape_key)
+                if shape is not None and shape.read(self):
+                    return
                 infos = _central_directory(self.mm, self.size)
+                shape_key = shape_key if infos is not None else None   # zipfile's archives are not kept
                 if infos is None:   # anything the fast path does not know: zipfile decides (and words errors)
                     head = f.read(512)
                     f.seek(0)
@@ -325,12 +385,19 @@ class _Archive:
                                f"'<name>/data.pkl' record, found {len(pkls)} (records: {found}) — pass a file "
                                f"written by torch.save")
         self.prefix = pkls[0][: -len("data.pkl")]
+        self._check_byte_order()
+        if shape_key is not None and _zip64_central_start(self.mm, self.size) is not None:
+            _SHAPES[shape_key] = _DirectoryShape(self, [info[5] for info in infos])
+            if len(_SHAPES) > _SHAPES_KEPT:
+                del _SHAPES[next(iter(_SHAPES))]
+
+    def _check_byte_order(self) -> None:
         order = self.read_record("byteorder", missing_ok=True)
         if order is not None and order != b"little":
             shown = order[:20].decode("latin1")
-            raise CkptmapError(f"{p} was saved on a {shown!r}-endian machine; ckptmap only reads little-endian "
-                               f"torch checkpoints — load and re-save it with torch on a little-endian "
-                               f"(x86/ARM) machine")
+            raise CkptmapError(f"{self.path} was saved on a {shown!r}-endian machine; ckptmap only reads "
+                               f"little-endian torch checkpoints — load and re-save it with torch on a "
+                               f"little-endian (x86/ARM) machine")
 
     def remember(self) -> None:
         """Keep this file's directory for a later open of it."""
@@ -847,6 +914,29 @@ def _structure_key(archive: _Archive):
             _layout(archive))
 
 
+def _near_key(key) -> tuple:
+    """A structure key with the pickle's bytes replaced by their length: the files whose pickles
+    pickle_delta may read from another's tree."""
+    prefix, data, version, layout = key
+    return ("near", prefix, len(data), version, layout)
+
+
+class _Template:
+    """The first pickle read of a near key, its tree, and (made when another file first needs them)
+    the numbers in it that may differ."""
+
+    def __init__(self, data: bytes, root, dialect: str, shared_tensors: dict):
+        self.data, self.root, self.dialect, self.shared_tensors = data, root, dialect, shared_tensors
+        self._slots = None
+        self._followed = False
+
+    def patched(self, data: bytes):
+        if not self._followed:
+            self._slots = pickle_delta.scalar_slots(self.data)
+            self._followed = True
+        return pickle_delta.patched(self.root, self._slots, self.data, data) if self._slots is not None else None
+
+
 _LAYOUTS: dict = {}   # records' (name, offset, size) tuples, one object for equal ones (files of one stage)
 
 
@@ -876,22 +966,42 @@ class TorchZipFile:
         self.prefix = self._archive.prefix
         self._bases: dict = {}
         # inside shared_trees(): a dict shared by the files of this structure, for what readers derive
-        # from the tree and the records alone (PtFile's entry list and byte ranges); None outside
+        # from the tree and the records alone (OptimFile's parsed state); None outside
         self.shared: dict | None = None
+        # and one shared also by files whose pickles differ from theirs in plain numbers only
+        # (pickle_delta), for what is derived from the tensors and records alone (entries, byte ranges)
+        self.shared_tensors: dict | None = None
         trees = _shared_trees
         key = _structure_key(self._archive) if trees is not None else None
         hit = trees.get(key) if key is not None else None
         if hit is not None:
-            self.root, self.dialect, self.shared = hit
+            self.root, self.dialect, self.shared, self.shared_tensors = hit
+        elif key is not None and self._near_read(trees, key):
+            pass
         else:
             found: list = []
             self.root = _unpickle(self._archive, materialize=False, bases=self._bases, dialect_out=found)
             self.dialect: str = found[0]  # "torch" or "msadapter", detected from the file (never a flag)
             if key is not None:
-                self.shared = {}
-                trees[key] = (self.root, self.dialect, self.shared)
+                self.shared, self.shared_tensors = {}, {}
+                trees[key] = (self.root, self.dialect, self.shared, self.shared_tensors)
+                trees[_near_key(key)] = _Template(key[1], self.root, self.dialect, self.shared_tensors)
         if key is not None:
             self._archive.remember()
+
+    def _near_read(self, trees: dict, key) -> bool:
+        """The tree of a pickle that differs from the last one read of this length and records only in
+        plain numbers (pickle_delta): that one's tree with those numbers replaced, every other object
+        shared (read-only); its ``shared_tensors`` too (same tensors, same records), not its ``shared``."""
+        template = trees.get(_near_key(key))
+        if template is None:
+            return False
+        root = template.patched(key[1])
+        if root is None:
+            return False
+        self.root, self.dialect, self.shared_tensors = root, template.dialect, template.shared_tensors
+        self.shared = {}   # not kept: the template stays the one tree of these files kept (the oldest go first)
+        return True
 
     def storage_keys(self) -> list[str]:
         n = len(self.prefix) + len("data/")

@@ -1,0 +1,131 @@
+"""pickle_delta: a pickle that differs from one already read only in plain numbers is read from that
+one's tree — and only then. Truth: the stock unpickler (pickle.loads / torch.load) of each pickle."""
+
+import argparse
+import glob
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from ckptmap.formats import pickle_delta, torch_zip_reader
+from ckptmap.formats.torch_zip_reader import TorchZipFile
+
+FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
+
+
+def _read(first_obj, second_obj, protocol=2):
+    """(patched tree of the second pickle or None, stock unpickle of the second, first tree)."""
+    first, second = pickle.dumps(first_obj, protocol=protocol), pickle.dumps(second_obj, protocol=protocol)
+    assert len(first) == len(second)
+    root = pickle.loads(first)
+    slots = pickle_delta.scalar_slots(first)
+    assert slots is not None
+    return pickle_delta.patched(root, slots, first, second), pickle.loads(second), root
+
+
+def _tree(rank, lr, step, pair_end, listed):
+    return {"args": argparse.Namespace(rank=rank, lr=lr, name="gpt", sizes=[8, 2]),
+            "iteration": step, "nested": {"pair": (1, pair_end), "listed": [4, listed, "x"]},
+            "model": {"w": [1.0, 2.0]}}
+
+
+@pytest.mark.parametrize("protocol", [2, 4])
+def test_numbers_in_plain_places_are_read_from_the_first_tree(protocol):
+    """args.rank, a float arg, a top-level int, a tuple item and a list item differ: the tree read from
+    the first one's equals the second pickle's own, and what did not change is the first one's objects."""
+    got, want, first = _read(_tree(3, 0.5, 7, 2, 5), _tree(200, -1.25, 9, 3, 6), protocol)
+    assert got == want and got["args"].rank == 200 and got["nested"]["pair"] == (1, 3)
+    assert type(got["args"]) is argparse.Namespace and type(got["nested"]["pair"]) is tuple
+    assert got["model"] is first["model"] and got["args"].sizes is first["args"].sizes
+    assert first == _tree(3, 0.5, 7, 2, 5)   # the first tree is not changed
+    same, want_same, first = _read(_tree(3, 0.5, 7, 2, 5), _tree(3, 0.5, 7, 2, 5), protocol)
+    assert same is first
+
+
+class Opaque:
+    def __init__(self, x):
+        self.x = x
+
+
+def _shared_tuple(n):
+    t = (1, n)
+    return {"a": t, "b": t}
+
+
+@pytest.mark.parametrize("make", [
+    pytest.param(lambda n: {n: "key"}, id="dict key"),
+    pytest.param(lambda n: {"s": slice(1, n)}, id="constructor argument"),
+    pytest.param(lambda n: {"c": complex(n, 1)}, id="constructor argument (complex)"),
+    pytest.param(lambda n: {"o": Opaque(n)}, id="state of another class"),
+    pytest.param(_shared_tuple, id="memoised tuple referred to twice"),
+    pytest.param(lambda n: {"big": n * 10 ** 12}, id="a long int (LONG1)"),
+])
+def test_numbers_feeding_anything_else_are_not_read_from_the_first_tree(make):
+    first, second = pickle.dumps(make(5), protocol=2), pickle.dumps(make(6), protocol=2)
+    if len(first) != len(second):
+        pytest.skip("different lengths")   # never compared
+    slots = pickle_delta.scalar_slots(first)
+    assert slots is None or pickle_delta.patched(pickle.loads(first), slots, first, second) is None
+
+
+@pytest.mark.parametrize("first_args, second_args", [((1, 2), (4, 2)), ((1, 2), (1, 3))])
+def test_a_namespace_built_twice_is_not_followed(first_args, second_args):
+    """BUILD twice on one Namespace (hand-made; the later state wins): neither state's numbers are
+    slots, so a change in either is read by unpickling."""
+    def made(a, b):
+        state = lambda v: b"}X\x01\x00\x00\x00xK" + bytes([v]) + b"s"   # noqa: E731  {'x': v}
+        return b"\x80\x02cargparse\nNamespace\n)\x81" + state(a) + b"b" + state(b) + b"b."
+    first, second = made(*first_args), made(*second_args)
+    assert pickle.loads(first).x == first_args[1] and pickle.loads(second).x == second_args[1]
+    slots = pickle_delta.scalar_slots(first)
+    assert slots is None or pickle_delta.patched(pickle.loads(first), slots, first, second) is None
+
+
+def test_tensor_views_are_never_taken_from_another_file(tmp_path):
+    """Two torch files of one layout whose pickles differ in a view's storage offset (a tensor rebuild's
+    argument) and in a plain int: read inside shared_trees, the second still gets its own offset and
+    its own int, as torch.load does."""
+    base = torch.arange(8.0)
+    paths = []
+    for i, (start, rank) in enumerate([(1, 3), (2, 4)]):
+        paths.append(tmp_path / f"r{i}.pt")
+        torch.save({"w": base[start:start + 4], "rank": rank}, paths[-1])
+    assert paths[0].stat().st_size == paths[1].stat().st_size
+    with torch_zip_reader.shared_trees({}):
+        files = [TorchZipFile(p) for p in paths]
+    for f, p in zip(files, paths):
+        want = torch.load(p)
+        assert f.root["rank"] == want["rank"] and f.root["w"].storage_offset == want["w"].storage_offset()
+        assert np.array_equal(f.array(f.root["w"]), want["w"].numpy())
+
+
+def _plain(ns) -> dict:
+    return {k: v for k, v in vars(ns).items() if v is None or type(v) in (int, float, str, bool)}
+
+
+def test_real_megatron_rank_files_read_from_their_stage_neighbours():
+    """Megatron core_r0.6.0 TP ranks of a stage write pickles of one length differing in args.rank: read
+    in order inside shared_trees, each file after the first of its stage is read from that one's tree
+    (not unpickled), and its args and step values are those torch.load gives."""
+    files = sorted(glob.glob(str(FIXTURES / "megatron-r0.6.0/legacy_tp2pp2dp2/iter_*/mp_rank_*/model_optim_rng.pt")),
+                   key=lambda f: (f[-22:-19], f))   # stage first: mp_rank_TT_PPP
+    assert len(files) == 4
+    unpickled = []
+    real = torch_zip_reader._unpickle
+
+    def counting(archive, *a, **kw):
+        unpickled.append(archive.path)
+        return real(archive, *a, **kw)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(torch_zip_reader, "_unpickle", counting)
+        with torch_zip_reader.shared_trees({}):
+            roots = [TorchZipFile(f).root for f in files]
+    assert len(unpickled) == 2, unpickled   # one per stage
+    for root, f in zip(roots, files):
+        want = torch.load(f, map_location="cpu", weights_only=False)
+        assert _plain(root["args"]) == _plain(want["args"]) and root["iteration"] == want["iteration"]
+        assert root["args"].rank == want["args"].rank
+    assert sorted(r["args"].rank for r in roots) == [0, 1, 4, 5]
