@@ -29,8 +29,7 @@ import numpy as np
 _NUMBER_FORMATS = {"BININT1": (1, "<B"), "BININT2": (2, "<H"), "BININT": (4, "<i"), "BINFLOAT": (8, ">d")}
 _CONSTANTS = {"NONE": None, "NEWTRUE": True, "NEWFALSE": False}
 _STRINGS = frozenset({"BINUNICODE", "SHORT_BINUNICODE", "BINUNICODE8"})   # the only dict keys followed
-_PLAIN_ARGS = frozenset({"SHORT_BINBYTES", "BINBYTES", "BINBYTES8", "LONG1", "LONG4", "BINSTRING", "SHORT_BINSTRING",
-                         "UNICODE", "STRING", "INT", "LONG", "FLOAT"})
+_PLAIN_ARGS = frozenset({"SHORT_BINBYTES", "BINBYTES", "BINBYTES8", "LONG1", "LONG4", "BINSTRING", "SHORT_BINSTRING"})
 _NAMESPACE = ("argparse", "Namespace")
 
 
@@ -82,13 +81,67 @@ def _set_items(target, pairs) -> None:
         _link(v, target, ("key", k.value))
 
 
+# opcode byte -> (name, argument): "" none; 1/2/4/8 a fixed-width field (memo indices, skipped numbers);
+# "s1"/"s4"/"s8" a length-prefixed string (decoded: dict keys), "b1"/"b4"/"b8" length-prefixed bytes
+# (skipped); "line2" GLOBAL's two lines. Only binary opcodes: a text (protocol 0) one gives up.
+_OPCODES = {op.code.encode("latin-1")[0]: op.name for op in pickletools.opcodes}
+_ARGUMENTS = {"PROTO": 1, "FRAME": 8, "BININT1": 1, "BININT2": 2, "BININT": 4, "BINFLOAT": 8, "LONG1": "b1",
+              "LONG4": "b4", "BINUNICODE": "s4", "SHORT_BINUNICODE": "s1", "BINUNICODE8": "s8", "SHORT_BINBYTES": "b1",
+              "BINBYTES": "b4", "BINBYTES8": "b8", "BINSTRING": "b4", "SHORT_BINSTRING": "b1", "BINPUT": 1,
+              "LONG_BINPUT": 4, "BINGET": 1, "LONG_BINGET": 4, "GLOBAL": "line2"}
+_NO_ARGUMENT = frozenset({"STOP", "MARK", "NONE", "NEWTRUE", "NEWFALSE", "EMPTY_DICT", "EMPTY_LIST", "EMPTY_TUPLE",
+                          "TUPLE1", "TUPLE2", "TUPLE3", "TUPLE", "LIST", "DICT", "APPEND", "APPENDS", "SETITEM",
+                          "SETITEMS", "MEMOIZE", "STACK_GLOBAL", "NEWOBJ", "NEWOBJ_EX", "REDUCE", "BUILD",
+                          "BINPERSID", "POP", "POP_MARK"})
+_TABLE = {code: (name, _ARGUMENTS.get(name, "")) for code, name in _OPCODES.items()
+          if name in _ARGUMENTS or name in _NO_ARGUMENT}
+_WIDTH_FORMATS = {1: "<B", 2: "<H", 4: "<I", 8: "<Q"}
+
+
+def _opcodes(data: bytes):
+    """(name, argument, position) of each opcode — pickletools.genops at a fraction of its cost (it
+    decodes every argument), for the binary opcodes only."""
+    pos, end = 0, len(data)
+    unpack = struct.unpack_from
+    while pos < end:
+        entry = _TABLE.get(data[pos])
+        if entry is None:
+            raise _GiveUp
+        name, kind = entry
+        at = pos + 1
+        arg = None
+        if kind == "":
+            nxt = at
+        elif type(kind) is int:
+            nxt = at + kind
+            if name in ("BINPUT", "LONG_BINPUT", "BINGET", "LONG_BINGET"):
+                arg = unpack(_WIDTH_FORMATS[kind], data, at)[0]
+        elif kind == "line2":
+            first = data.index(b"\n", at)
+            second = data.index(b"\n", first + 1)
+            arg = data[at:first].decode("utf-8") + " " + data[first + 1:second].decode("utf-8")
+            nxt = second + 1
+        else:
+            width = int(kind[1])
+            n = unpack(_WIDTH_FORMATS[width], data, at)[0]
+            nxt = at + width + n
+            if kind[0] == "s":
+                arg = data[at + width:nxt].decode("utf-8", "surrogatepass")
+        if nxt > end:
+            raise _GiveUp
+        yield name, arg, pos
+        if name == "STOP":
+            return
+        pos = nxt
+    raise _GiveUp   # no STOP
+
+
 def _follow(data: bytes):
     """The root node and every number node of ``data``; raises _GiveUp on an opcode not followed."""
     stack: list = []
     memo: dict = {}
     numbers = []
-    for op, arg, pos in pickletools.genops(data):
-        name = op.name
+    for name, arg, pos in _opcodes(data):
         if name in ("PROTO", "FRAME"):
             continue
         if name == "STOP":
@@ -142,11 +195,11 @@ def _follow(data: bytes):
                 items = _pop_to_mark(stack)
                 pairs = list(zip(items[::2], items[1::2]))
             _set_items(stack[-1], pairs)
-        elif name in ("BINPUT", "LONG_BINPUT", "PUT"):
+        elif name in ("BINPUT", "LONG_BINPUT"):
             memo[arg] = stack[-1]
         elif name == "MEMOIZE":
             memo[len(memo)] = stack[-1]
-        elif name in ("BINGET", "LONG_BINGET", "GET"):
+        elif name in ("BINGET", "LONG_BINGET"):
             node = memo[arg]
             node.refs += 1
             stack.append(node)
@@ -160,9 +213,9 @@ def _follow(data: bytes):
             args, cls = stack.pop(), stack.pop()
             namespace = cls.kind == "global" and cls.value == _NAMESPACE and args.kind == "tuple" and args.items == 0
             stack.append(_Node("namespace" if namespace else "other"))
-        elif name in ("REDUCE", "NEWOBJ_EX", "BINPERSID", "PERSID"):
+        elif name in ("REDUCE", "NEWOBJ_EX", "BINPERSID"):
             # whatever a constructor, a tensor rebuild or a persistent id consumes is not a slot
-            consumed = {"REDUCE": 2, "NEWOBJ_EX": 3, "BINPERSID": 1, "PERSID": 0}[name]
+            consumed = {"REDUCE": 2, "NEWOBJ_EX": 3, "BINPERSID": 1}[name]
             if len(stack) < consumed or any(x is _MARK for x in stack[len(stack) - consumed:]):
                 raise _GiveUp
             del stack[len(stack) - consumed:]
