@@ -57,6 +57,7 @@ def _shared_tuple(n):
 
 @pytest.mark.parametrize("make", [
     pytest.param(lambda n: {n: "key"}, id="dict key"),
+    pytest.param(lambda n: {"a": 5, n: "key"}, id="dict key right after a slot"),
     pytest.param(lambda n: {"s": slice(1, n)}, id="constructor argument"),
     pytest.param(lambda n: {"c": complex(n, 1)}, id="constructor argument (complex)"),
     pytest.param(lambda n: {"o": Opaque(n)}, id="state of another class"),

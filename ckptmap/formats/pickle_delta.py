@@ -257,15 +257,21 @@ def _path(node, root):
 
 
 class ScalarSlots:
-    """The numbers of one pickle that land in one plain place each: ``owner[b]`` is the slot index
-    whose argument bytes hold byte ``b`` (-1: none); ``slots[i]`` = (position, opcode name, path)."""
+    """The numbers of one pickle that land in one plain place each: ``slots[i]`` = (position, opcode
+    name, path), in pickle order; ``starts`` / ``ends`` the byte range of each one's argument (kept as
+    ranges, not a table per byte: a template is kept per stage, and pickles can be large)."""
 
-    def __init__(self, size: int, slots: list):
+    def __init__(self, slots: list):
         self.slots = slots
-        self.owner = np.full(size, -1, dtype=np.int32)
-        for i, (pos, name, _) in enumerate(slots):
-            width = _NUMBER_FORMATS[name][0]
-            self.owner[pos + 1:pos + 1 + width] = i
+        self.starts = np.array([pos + 1 for pos, _, _ in slots], dtype=np.int64)
+        self.ends = self.starts + np.array([_NUMBER_FORMATS[name][0] for _, name, _ in slots], dtype=np.int64)
+
+    def owners(self, positions: np.ndarray) -> list | None:
+        """The slots whose arguments hold every byte of ``positions``, or None if one lies outside them."""
+        i = np.searchsorted(self.starts, positions, side="right") - 1
+        if (i < 0).any() or (positions >= self.ends[np.maximum(i, 0)]).any():
+            return None
+        return sorted(set(i.tolist()))
 
 
 def scalar_slots(data: bytes) -> ScalarSlots | None:
@@ -279,7 +285,7 @@ def scalar_slots(data: bytes) -> ScalarSlots | None:
         path = _path(node, root)
         if path:
             slots.append(node.value + (path,))
-    return ScalarSlots(len(data), slots)
+    return ScalarSlots(slots)
 
 
 def _replaced(obj, steps, value):
@@ -316,10 +322,10 @@ def patched(root, slots: ScalarSlots, first: bytes, data: bytes):
         return None
     if data == first:
         return root
-    owners = slots.owner[np.frombuffer(first, np.uint8) != np.frombuffer(data, np.uint8)]
-    if owners.min() < 0:
+    owners = slots.owners(np.flatnonzero(np.frombuffer(first, np.uint8) != np.frombuffer(data, np.uint8)))
+    if owners is None:
         return None
-    for i in set(owners.tolist()):
+    for i in owners:
         pos, name, steps = slots.slots[i]
         fmt = _NUMBER_FORMATS[name][1]
         try:

@@ -888,9 +888,12 @@ def shared_trees(trees: dict | None = None):
     ``data.pkl`` bytes, same records with the same names, offsets and sizes, same ``version`` record)
     gets that file's object tree instead of unpickling its own. What the unpickler makes of a file
     depends on exactly those (its TensorRefs name storage keys and element offsets, never the file),
-    so the trees are equal; they are the *same* objects, so callers must only read them. Planning
-    thousands of ranks uses this: TP, EP and middle pipeline ranks write byte-identical pickles (tensor
-    values live in the records, layer numbers are stage-local). A writer may read inside when it never
+    so the trees are equal; they are the *same* objects, so callers must only read them. A file whose
+    pickle differs from the last one read of its length and records only in plain numbers (a rank's
+    ``args.rank``) gets that one's tree with those numbers replaced (pickle_delta; containers on their
+    paths copied, the rest shared). Planning thousands of ranks uses this: the ranks of a stage write
+    pickles that differ in their args' rank alone (tensor values live in the records, layer numbers
+    are stage-local). A writer may read inside when it never
     changes the trees and never puts two files of one structure into one pickle (they would share
     objects a fresh read keeps apart): pt_meta does (``execute``: its model_optim_rng.pt and
     distrib_optim.pt differ in name, so in structure) and writes the same bytes; ms2pt's re-reading

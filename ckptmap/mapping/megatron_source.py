@@ -603,8 +603,9 @@ class MegatronSource:
             raise CkptmapError(f"{ckdir.root}: mp_rank directories without a PP suffix but PP {ckdir.pp_size}")
         self.ep_name = (lambda ep: ep) if ckdir.has_ep_suffix else (lambda ep: None)   # ep in file names?
         read = {}
-        # ranks with byte-identical pickles share one (read-only) tree; read stage by stage, so that the
-        # trees a later file may share are the last few read (each rank's own pickle is not kept for long)
+        # ranks with byte-identical pickles share one (read-only) tree, and a rank whose pickle differs from
+        # its stage's first in plain numbers only is read from that one's (torch_zip_reader.shared_trees);
+        # read stage by stage, so that the trees a later file may use are the last few read
         trees: dict = {}
         size_args = [name for _, name, _ in _SIZE_ARGS]
         with torch_zip_reader.shared_trees(trees):
