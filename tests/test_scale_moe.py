@@ -271,3 +271,24 @@ def test_shared_trees_never_hide_a_damaged_file(moe_checkpoint, tmp_path):
         tzr.TorchZipFile(first)
         with pytest.raises(CkptmapError, match="damaged.pt"):
             tzr.TorchZipFile(damaged)
+
+
+def test_the_dry_run_summary_counts_every_ranks_tensors(moe_checkpoint, tmp_path):
+    """The summary tallies the tensors of files sharing one tensor list once per file: its totals are the
+    plan's own counts (every file's tensors and storage pieces), by pattern and by how they are made."""
+    import io
+    import re
+
+    from ckptmap.cli.printing import print_plan
+
+    plan = compile_pt2ms(Pt2MsOptions(str(moe_checkpoint), str(tmp_path / "out")))
+    ckpts = [f for f in plan.files if f.format == "ckpt"]
+    assert len({id(f.tensors) for f in ckpts}) < len(ckpts)   # shared lists: the case in question
+    want = sum(len(f.tensors) for f in plan.files) + sum(
+        1 for f in plan.files for s in f.storages for p in s.pieces if p.tensor is not None)
+    out = io.StringIO()
+    print_plan(plan, out, detail=False, summary=True)
+    text = out.getvalue()
+    assert f"tensors by pattern ({want} tensors)" in text
+    made = text[text.index("how the bytes are made: "):].splitlines()[0]
+    assert sum(int(n) for n in re.findall(r" (\d+) tensors", made)) == want

@@ -134,7 +134,10 @@ def print_summary(plan, common: str, out, tally: _Tally | None = None) -> None:
     tensors: dict = {}
     how_total: dict = {}
     n_tensors = 0
-    of_tuple: dict = {}   # id(tensors tuple) -> (the tuple, its tally): ranks of one structure share one
+    # id(tensors tuple) -> [the tuple, its tally, its bytes, files after the first]: ranks of one structure
+    # share one tuple; its rows are added as it is first met (the order of the listing) and, times the
+    # number of its other files, at the end
+    of_tuple: dict = {}
     for f in plan.files:
         key = (tally.pattern(f.path), f.format)
         entry = files.get(key)
@@ -146,23 +149,17 @@ def print_summary(plan, common: str, out, tally: _Tally | None = None) -> None:
             entry[1] += sum(s.nbytes for s in f.storages)
         else:
             hit = of_tuple.get(id(f.tensors))
-            if hit is None or hit[0] is not f.tensors:
-                hit = of_tuple[id(f.tensors)] = (f.tensors, _tally_rows(((t, None, None) for t in f.tensors), tally))
-            rows = hit[1]
-            entry[1] += sum(row[1] for row in rows.values())
-        for k, (count, nbytes, t, storage, piece) in rows.items():
-            e = tensors.get(k)
-            if e is None:
-                e = tensors[k] = [0, 0, f, t, storage, piece]
-            e[0] += count
-            e[1] += nbytes
-            h = how_total.get(k[1])
-            if h is None:
-                h = how_total[k[1]] = [0, 0]
-            h[0] += count
-            h[1] += nbytes
-            if t is not None:
-                n_tensors += count
+            if hit is not None and hit[0] is f.tensors:
+                entry[1] += hit[2]
+                hit[3] += 1
+                continue
+            rows = _tally_rows(((t, None, None) for t in f.tensors), tally)
+            hit = of_tuple[id(f.tensors)] = [f.tensors, rows, sum(row[1] for row in rows.values()), 0]
+            entry[1] += hit[2]
+        n_tensors += _add_rows(rows, 1, f, tensors, how_total)
+    for _, rows, _, more in of_tuple.values():
+        if more:
+            n_tensors += _add_rows(rows, more, None, tensors, how_total)
     tally.n_tensors = n_tensors
     tally.nbytes_total = sum(e[1] for e in files.values())
     print(f"\nfiles by pattern ({len(plan.files)} files):", file=out)
@@ -188,6 +185,26 @@ def print_summary(plan, common: str, out, tally: _Tally | None = None) -> None:
     print("\nhow the bytes are made: " + "; ".join(
         f"{how} {count} tensors, {human_bytes(nbytes)}" for how, (count, nbytes) in sorted(how_total.items()))
         + "\n(--full lists every file and tensor)", file=out)
+
+
+def _add_rows(rows: dict, times: int, f, tensors: dict, how_total: dict) -> int:
+    """Add a file's tally rows ``times`` times to the totals by pattern and by how; the tensors added.
+    ``f``: the file, the example of a pattern first met here (None: every pattern was met before)."""
+    n = 0
+    for k, (count, nbytes, t, storage, piece) in rows.items():
+        e = tensors.get(k)
+        if e is None:
+            e = tensors[k] = [0, 0, f, t, storage, piece]
+        e[0] += count * times
+        e[1] += nbytes * times
+        h = how_total.get(k[1])
+        if h is None:
+            h = how_total[k[1]] = [0, 0]
+        h[0] += count * times
+        h[1] += nbytes * times
+        if t is not None:
+            n += count * times
+    return n
 
 
 def _tally_rows(items, tally: _Tally) -> dict:
