@@ -798,7 +798,6 @@ def test_a_rewritten_file_is_read_afresh(tmp_path, monkeypatch, same_stat):
     system's clock: here the identity is made equal), because its directory's bytes differ."""
     path = tmp_path / "a.pt"
     torch.save({"w": torch.zeros(4)}, path)
-    parses = _count_parses(monkeypatch)
     if same_stat:
         monkeypatch.setattr(torch_zip_reader, "_identity", lambda st: "the same")
     with torch_zip_reader.shared_trees({}):

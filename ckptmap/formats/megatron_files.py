@@ -200,10 +200,7 @@ class PtFile:
 
 
 def _as_path(path) -> Path:
-    return path if type(path) is type(_PATH) else Path(path)   # a Path again costs ~10 us (thousands of files)
-
-
-_PATH = Path()
+    return path if isinstance(path, Path) else Path(path)   # a Path again costs ~10 us (thousands of files)
 
 
 def _open_or_say_missing(open_file, path: Path, missing: str) -> None:

@@ -56,10 +56,9 @@ class _GiveUp(Exception):
 
 
 def _link(child, parent, step) -> None:
-    if isinstance(child, _Node) and child.parent is None:
+    # a node can be placed a second time only after a memo fetch, which already counted it shared
+    if child.parent is None:
         child.parent, child.step = parent, step
-    elif isinstance(child, _Node):
-        child.refs += 1   # placed twice: never a slot
 
 
 def _pop_to_mark(stack) -> list:
