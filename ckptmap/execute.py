@@ -104,6 +104,9 @@ class _Mapped:
 # pipeline ranks in the middle, save byte-identical ones), keeping the last few.
 _READ_TREES: dict = {}
 _READ_TREES_KEPT = 16
+# A worker gets a share of a stage's ranks (two workers, a TP 8 stage: four); following a stage's first
+# pickle pays off from about five more (torch_zip_reader.shared_trees), so only for larger stages (MoE)
+_FOLLOW_AFTER = 4
 
 
 def _trim_read_trees() -> None:
@@ -183,7 +186,7 @@ class _Sources:
             if known is not None:
                 reader = _Mapped(known)
             else:   # only read here (specs, byte ranges), so ranks with byte-identical pickles share a tree
-                with torch_zip_reader.shared_trees(_READ_TREES):
+                with torch_zip_reader.shared_trees(_READ_TREES, follow_after=_FOLLOW_AFTER):
                     reader = registry.open_reader(path)
                 _trim_read_trees()
             self._open[path] = reader
@@ -890,7 +893,7 @@ def _write_file(task: FileTask, root: Path, progress, fsync: bool) -> None:
         # pt_meta copies the containers of both files' trees and pickles them with their leaves, never
         # changing them: a shared tree (the objects a fresh read of the same pickle bytes makes) gives
         # the same memo, so the same bytes (diff -r of full conversions, tests/test_pickler_c.py)
-        with torch_zip_reader.shared_trees(_READ_TREES):
+        with torch_zip_reader.shared_trees(_READ_TREES, follow_after=_FOLLOW_AFTER):
             pt_meta.write_pt_meta(task.source, task.aux_source, task.keys, task.extra, final, fsync=fsync)
         _trim_read_trees()
         return

@@ -314,16 +314,26 @@ def _replaced(obj, steps, value):
     return tuple(out) if type(obj) is tuple else out
 
 
-def patched(root, slots: ScalarSlots, first: bytes, data: bytes):
-    """The tree ``data`` unpickles to, from ``root`` (what ``first`` unpickled to) — or None when
-    ``data`` differs from ``first`` anywhere but in the numbers of ``slots``."""
+def changed_slots(slots: ScalarSlots, first: bytes, data: bytes) -> list | None:
+    """The indices of the slots whose numbers differ between ``first`` and ``data`` (pickles of one
+    length), or None when they differ anywhere else."""
     if len(data) != len(first):
         return None
     if data == first:
-        return root
-    owners = slots.owners(np.flatnonzero(np.frombuffer(first, np.uint8) != np.frombuffer(data, np.uint8)))
-    if owners is None:
-        return None
+        return []
+    return slots.owners(np.flatnonzero(np.frombuffer(first, np.uint8) != np.frombuffer(data, np.uint8)))
+
+
+def patched(root, slots: ScalarSlots, first: bytes, data: bytes):
+    """The tree ``data`` unpickles to, from ``root`` (what ``first`` unpickled to) — or None when
+    ``data`` differs from ``first`` anywhere but in the numbers of ``slots``."""
+    owners = changed_slots(slots, first, data)
+    return None if owners is None else patched_at(root, slots, owners, data)
+
+
+def patched_at(root, slots: ScalarSlots, owners: list, data: bytes):
+    """``root`` with the numbers of the slots ``owners`` (:func:`changed_slots`) as ``data`` holds them,
+    or None when the tree is not what the opcodes built."""
     for i in owners:
         pos, name, steps = slots.slots[i]
         fmt = _NUMBER_FORMATS[name][1]
@@ -332,3 +342,41 @@ def patched(root, slots: ScalarSlots, first: bytes, data: bytes):
         except (TypeError, KeyError, IndexError):   # the tree is not what the opcodes built: do not guess
             return None
     return root
+
+
+def slot_bytes(slot: tuple, data: bytes) -> bytes:
+    """The opcode and argument bytes of ``slot`` (an entry of ``ScalarSlots.slots``) in ``data``."""
+    pos, name, _ = slot
+    return data[pos:pos + 1 + _NUMBER_FORMATS[name][0]]
+
+
+def slot_value(slot: tuple, data: bytes, at: int | None = None):
+    """The number ``slot`` holds in ``data`` (its opcode at ``at``, default the slot's position)."""
+    pos, name, _ = slot
+    return struct.unpack_from(_NUMBER_FORMATS[name][1], data, (pos if at is None else at) + 1)[0]
+
+
+def with_numbers(first: bytes, slots: ScalarSlots, changes: dict) -> bytes:
+    """``first`` with the numbers of some slots replaced: ``changes`` {slot index: opcode and argument
+    bytes}, each of the slot's own opcode."""
+    out = bytearray(first)
+    for i, held in changes.items():
+        pos, name, _ = slots.slots[i]
+        if len(held) != 1 + _NUMBER_FORMATS[name][0] or held[0] != first[pos]:
+            raise ValueError(f"slot {i} is a {name}; got {held!r}")
+        out[pos:pos + len(held)] = held
+    return bytes(out)
+
+
+def pickled_as(value, name: str) -> bool:
+    """Whether CPython's pickler (protocols 2 - 5) writes ``value`` with the number opcode ``name``: a
+    number another writer encoded otherwise (300 as ``BININT``) is not re-pickled to its bytes."""
+    if name == "BINFLOAT":
+        return type(value) is float
+    if type(value) is not int:
+        return False
+    if name == "BININT1":
+        return 0 <= value <= 0xFF
+    if name == "BININT2":
+        return 0x100 <= value <= 0xFFFF
+    return name == "BININT" and -0x80000000 <= value <= 0x7FFFFFFF and not 0 <= value <= 0xFFFF

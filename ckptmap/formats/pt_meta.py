@@ -21,6 +21,7 @@ MSAdapter file holds that is not kept: the shim writes the wall-clock time of th
 
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 
 import attrs
@@ -28,7 +29,7 @@ import numpy as np
 
 from ckptmap import dtypes
 from ckptmap.errors import CkptmapError
-from ckptmap.formats import byte_io, torch_zip_writer
+from ckptmap.formats import byte_io, pickle_delta, torch_zip_writer
 from ckptmap.formats.megatron_files import KEY_SEP, OptimFile, model_chunk_keys
 from ckptmap.formats.torch_zip_reader import HeldTensor, MSAdapterTensor, TensorRef, TorchZipFile, contiguous_stride
 
@@ -101,14 +102,18 @@ def _uncovered(numel: int, covered: list[tuple[int, int]]) -> list[tuple[int, in
     return gaps
 
 
-def _padding(zf: TorchZipFile, storages: dict) -> dict:
-    """storage key -> [(start, end, uint8 bytes)] for the element ranges no converted tensor covers."""
+def _padding(zf: TorchZipFile, storages: dict, which: str, sources: dict) -> dict:
+    """storage key -> [(start, end, uint8 bytes)] for the element ranges no converted tensor covers;
+    ``sources`` gets {``held/<id>`` of each kept tensor: (which, storage key, first byte, end byte)}."""
     out = {}
     for key, (dtype, numel, covered) in storages.items():
         size = dtypes.itemsize(dtype)
         raw = zf.storage_bytes(key)
-        out[key] = [(a, b, HeldTensor("uint8", np.array(raw[a * size:b * size])))
-                    for a, b in _uncovered(numel, covered)]
+        kept = out[key] = []
+        for a, b in _uncovered(numel, covered):
+            held = HeldTensor("uint8", np.array(raw[a * size:b * size]))
+            sources[f"held/{id(held)}"] = (which, key, a * size, b * size)
+            kept.append((a, b, held))
     return out
 
 
@@ -125,12 +130,33 @@ def write_pt_meta(model_path, optim_path, keys, extra, path, *, fsync: bool = Fa
     the skeletons and padding of ``model_optim_rng.pt`` (model chunk tensors replaced) and
     ``distrib_optim.pt`` (every tensor). ``extra["optim_ranges"]``: [(buffer, bucket or None, start,
     end)] — where parameters' states lie in distrib_optim.pt's tensors; every other byte (bucket
-    padding, 64-element alignment gaps) is kept as padding."""
+    padding, 64-element alignment gaps) is kept as padding.
+
+    Inside ``torch_zip_reader.shared_trees`` the ranks of a pipeline stage are written from the first
+    one's pickle (:class:`_Written`)."""
     zf = TorchZipFile(model_path)
-    root = zf.root
-    missing = [k for k in keys if k not in root]
+    missing = [k for k in keys if k not in zf.root]
     if missing:
         raise CkptmapError(f"{model_path} lacks {', '.join(missing)}; it changed since the plan was made")
+    optim = OptimFile(optim_path) if optim_path is not None and Path(optim_path).is_file() else None
+    written = _Written.find(zf, optim, keys, extra)
+    if written is not None and written.write(zf, optim, keys, extra, path, fsync):
+        return
+    out, sources = _pt_meta_tree(zf, zf.root, optim, keys, extra)
+    records: dict = {}
+    pickled: list = []
+    # what is left of the model file in `out` (RNG states, ...) is copied from it, in its own dialect
+    torch_zip_writer.save_streaming(out, path, lambda key: [zf.storage_bytes(key)], fsync=fsync,
+                                    dialect=zf.dialect, records=records, pickled=pickled)
+    if written is None and pickled:
+        _Written.keep(zf, optim, keys, extra, pickled[0], records, sources)
+
+
+def _pt_meta_tree(zf: TorchZipFile, root, optim, keys, extra) -> tuple[dict, dict]:
+    """(the object pt_meta pickles for the model file ``zf`` read as ``root`` and the optimizer file
+    ``optim``, {``held/<id>`` of each kept padding tensor: (file: "model" | "optim", storage key, first
+    byte, end byte)})."""
+    model_path = zf.path
     chunk_keys = {k for k, _ in model_chunk_keys(root, model_path)}
     refs: list = []
     skeleton = type(root)()
@@ -145,10 +171,11 @@ def write_pt_meta(model_path, optim_path, keys, extra, path, *, fsync: bool = Fa
             raise CkptmapError(f"{model_path}: model tensor views of storage {ref.storage} are not plain "
                                f"contiguous {entry[0]} slices; ckptmap cannot rebuild this file byte for byte")
         entry[2].append((ref.storage_offset, ref.storage_offset + ref.numel))
+    sources: dict = {}
     meta = {"version": META_VERSION, DIALECTS_KEY: {"model_optim_rng": zf.dialect},
-            "model_optim_rng": skeleton, "model_tensors": refs, "model_padding": _padding(zf, storages)}
-    if optim_path is not None and Path(optim_path).is_file():
-        optim = OptimFile(optim_path)
+            "model_optim_rng": skeleton, "model_tensors": refs,
+            "model_padding": _padding(zf, storages, "model", sources)}
+    if optim is not None:
         orefs: list = []
         oskeleton = _placeholders(optim.root, orefs)
         ranges = {}
@@ -160,13 +187,112 @@ def write_pt_meta(model_path, optim_path, keys, extra, path, *, fsync: bool = Fa
             covered.setdefault(ref.storage, (ref.dtype, ref.storage_numel, []))
         meta[DIALECTS_KEY]["distrib_optim"] = optim.dialect
         meta.update(distrib_optim=oskeleton, distrib_optim_tensors=orefs,
-                    distrib_optim_padding=_padding(optim._zip, covered))
+                    distrib_optim_padding=_padding(optim._zip, covered, "optim", sources))
     out = {k: root[k] for k in keys}
     out.update({k: v for k, v in extra.items() if k != "optim_ranges"})  # the ranges became the padding
     out[META_KEY] = meta
-    # what is left of the model file in `out` (RNG states, ...) is copied from it, in its own dialect
-    torch_zip_writer.save_streaming(out, path, lambda key: [zf.storage_bytes(key)], fsync=fsync,
-                                    dialect=zf.dialect)
+    return out, sources
+
+
+class _Written:
+    """The pt_meta pickle written for one rank, and how to write another's from it. The ranks of a stage
+    read their model files from one template (``TorchZipFile.near``: its tree with some plain numbers
+    put in); with the same optimizer tree, keys and extra, their pt_meta objects are one object with
+    those numbers put in, and their pickles differ exactly in those numbers' bytes. Where a number lands
+    in the pickle is found by a probe: the object made again with that one number changed (another of
+    the same opcode), pickled, compared — the bytes that differ are its (wherever the number is
+    pickled, once or more). Kept per template, at most ``KEPT`` (a rank of other keys or extra, or of
+    another optimizer tree, is written in full)."""
+
+    KEPT = 4
+
+    def __init__(self, data: bytes, storages: list, base: dict, optim_root):
+        self.data = data
+        self.storages = storages   # [(record key, "model" | "optim", storage key, first byte, end byte)]
+        self.base = base           # {slot index: its number's bytes} where `data` was made from other numbers than the template's
+        self.optim_root = optim_root   # kept alive: its id() is part of the key
+        self.places: dict = {}     # slot index -> [positions of its number's argument in `data`] (or None)
+
+    @staticmethod
+    def _key(zf, optim, keys, extra):
+        template = zf.near[0]() if zf.near is not None else None
+        if template is None or zf.dialect != "torch" or (optim is not None and optim.dialect != "torch"):
+            return None, None
+        # the bytes, not ==: 1, 1.0 and True are equal and pickle apart
+        extra_bytes = pickle.dumps(extra, protocol=2)
+        return template, ("pt_meta", None if optim is None else id(optim.root), tuple(keys), extra_bytes)
+
+    @classmethod
+    def find(cls, zf, optim, keys, extra) -> "_Written | None":
+        template, key = cls._key(zf, optim, keys, extra)
+        return None if key is None else template.derived.get(key)
+
+    @classmethod
+    def keep(cls, zf, optim, keys, extra, data: bytes, records: dict, sources: dict) -> None:
+        template, key = cls._key(zf, optim, keys, extra)
+        if key is None:
+            return
+        storages = [(record_key,) + sources.get(source_key, ("model", source_key, 0, None))
+                    for source_key, record_key in records.items()]
+        mine = [k for k in template.derived if k[0] == "pt_meta"]
+        if len(mine) >= cls.KEPT:
+            del template.derived[mine[0]]
+        template.derived[key] = cls(data, storages, zf.near[1], None if optim is None else optim.root)
+
+    def _place(self, i: int, template, zf, optim, keys, extra):
+        """Where slot ``i``'s number lies in ``data``: [argument offsets], or None if a probe cannot tell."""
+        if i in self.places:
+            return self.places[i]
+        self.places[i] = None
+        slots = template.slots()
+        slot = slots.slots[i]
+        pos, name, _ = slot
+        held = self.base.get(i) or pickle_delta.slot_bytes(slot, template.data)
+        width = len(held) - 1
+        # another number of the same opcode: the lowest bit of the (little-endian) int, or of the
+        # (big-endian) double's mantissa
+        flip = 1 if name != "BINFLOAT" else width
+        probe = pickle_delta.with_numbers(template.data, slots, {
+            **self.base, i: held[:flip] + bytes([held[flip] ^ 1]) + held[flip + 1:]})
+        root = pickle_delta.patched_at(template.root, slots, sorted(set(self.base) | {i}), probe)
+        if root is None or not pickle_delta.pickled_as(pickle_delta.slot_value(slot, probe), name):
+            return None
+        out, _ = _pt_meta_tree(zf, root, optim, keys, extra)
+        changed = torch_zip_writer.pickle_bytes(out, zf.path)
+        if len(changed) != len(self.data):
+            return None
+        differ = np.flatnonzero(np.frombuffer(changed, np.uint8) != np.frombuffer(self.data, np.uint8)).tolist()
+        starts = [d if name != "BINFLOAT" else d - width + 1 for d in differ]
+        if not starts or any(self.data[s - 1:s + width] != held for s in starts):
+            return None
+        self.places[i] = starts
+        return starts
+
+    def write(self, zf, optim, keys, extra, path, fsync: bool) -> bool:
+        """Write ``zf``'s pt_meta from this one; False (nothing written) when a number of its model file
+        cannot be put in (not found, or one this pickler would write with another opcode)."""
+        template, changes = zf.near[0](), zf.near[1]
+        if template is None:
+            return False
+        pkl = self.data
+        differ = set(changes) | set(self.base)
+        if differ:
+            out = bytearray(pkl)
+            for i in sorted(differ):
+                slot = template.slots().slots[i]
+                starts = self._place(i, template, zf, optim, keys, extra)
+                held = changes.get(i) or pickle_delta.slot_bytes(slot, template.data)
+                if starts is None or not pickle_delta.pickled_as(pickle_delta.slot_value(slot, held, 0), slot[1]):
+                    return False
+                new = held[1:]
+                for s in starts:
+                    out[s:s + len(new)] = new
+            pkl = bytes(out)
+        files = {"model": zf, "optim": None if optim is None else optim._zip}
+        storages = [(record, files[which].storage_bytes(key)[start:end])
+                    for record, which, key, start, end in self.storages]
+        torch_zip_writer.save_pickled(pkl, storages, path, fsync=fsync)
+        return True
 
 
 _TENSOR_LISTS = {"model_optim_rng": "model_tensors", "distrib_optim": "distrib_optim_tensors"}

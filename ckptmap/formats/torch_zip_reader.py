@@ -38,6 +38,7 @@ import pickle
 import struct
 import sys
 import typing
+import weakref
 import zipfile
 import zlib
 
@@ -880,10 +881,11 @@ def file_range(zf: "TorchZipFile", ref: TensorRef) -> FileRange | None:
 
 
 _shared_trees: dict | None = None   # structure key -> (root, dialect), inside shared_trees() only
+_follow_after = 1
 
 
 @contextlib.contextmanager
-def shared_trees(trees: dict | None = None):
+def shared_trees(trees: dict | None = None, follow_after: int = 1):
     """Inside this context, a :class:`TorchZipFile` whose structure equals one already read (same
     ``data.pkl`` bytes, same records with the same names, offsets and sizes, same ``version`` record)
     gets that file's object tree instead of unpickling its own. What the unpickler makes of a file
@@ -898,17 +900,21 @@ def shared_trees(trees: dict | None = None):
     objects a fresh read keeps apart): pt_meta does (``execute``: its model_optim_rng.pt and
     distrib_optim.pt differ in name, so in structure) and writes the same bytes; ms2pt's re-reading
     of pt_meta stays outside. ``trees``: the dict to keep them in, which outlives the context (its
-    owner bounds it); default: the enclosing context's, else a new one for this context."""
-    global _shared_trees
-    outer = _shared_trees
+    owner bounds it); default: the enclosing context's, else a new one for this context.
+    ``follow_after``: how many files must differ from a pickle in numbers before its opcodes are
+    followed (~5 unpickles' worth of work): 1 where a stage's ranks come one after another (planning),
+    more where they are dealt out among workers (a worker may see only a few of a stage)."""
+    global _shared_trees, _follow_after
+    outer, outer_after = _shared_trees, _follow_after
     if trees is not None:
         _shared_trees = trees
     elif outer is None:
         _shared_trees = {}
+    _follow_after = follow_after
     try:
         yield
     finally:
-        _shared_trees = outer
+        _shared_trees, _follow_after = outer, outer_after
 
 
 def _structure_key(archive: _Archive):
@@ -932,12 +938,27 @@ class _Template:
         self.data, self.root, self.dialect, self.shared_tensors = data, root, dialect, shared_tensors
         self._slots = None
         self._followed = False
+        self.candidates = 0   # files that differed from it, before it was followed
+        # what a writer derives from a file's tree that holds for every file read from this template with
+        # its numbers put in (pt_meta: the pickle it writes and where those numbers land in it)
+        self.derived: dict = {}
 
-    def patched(self, data: bytes):
+    def slots(self) -> "pickle_delta.ScalarSlots | None":
         if not self._followed:
             self._slots = pickle_delta.scalar_slots(self.data)
             self._followed = True
-        return pickle_delta.patched(self.root, self._slots, self.data, data) if self._slots is not None else None
+        return self._slots
+
+    def patched(self, data: bytes):
+        """(tree, indices of the slots whose numbers differ) of the pickle ``data``, or None."""
+        if not self._followed:
+            self.candidates += 1
+            if self.candidates < _follow_after:
+                return None
+        slots = self.slots()
+        owners = None if slots is None else pickle_delta.changed_slots(slots, self.data, data)
+        root = None if owners is None else pickle_delta.patched_at(self.root, slots, owners, data)
+        return None if root is None else (root, owners)
 
 
 _LAYOUTS: dict = {}   # records' (name, offset, size) tuples, one object for equal ones (files of one stage)
@@ -974,11 +995,16 @@ class TorchZipFile:
         # and one shared also by files whose pickles differ from theirs in plain numbers only
         # (pickle_delta), for what is derived from the tensors and records alone (entries, byte ranges)
         self.shared_tensors: dict | None = None
+        # inside shared_trees(): (a weak reference to the _Template this file's tree is, or is read from —
+        # not kept alive by the thousands of files a plan holds —; {index of a slot whose number this
+        # file's pickle holds otherwise: that number's opcode and argument bytes}); None outside
+        self.near: tuple | None = None
         trees = _shared_trees
         key = _structure_key(self._archive) if trees is not None else None
         hit = trees.get(key) if key is not None else None
         if hit is not None:
-            self.root, self.dialect, self.shared, self.shared_tensors = hit
+            self.root, self.dialect, self.shared, self.shared_tensors, template = hit
+            self.near = (weakref.ref(template), {})
         elif key is not None and self._near_read(trees, key):
             pass
         else:
@@ -987,8 +1013,12 @@ class TorchZipFile:
             self.dialect: str = found[0]  # "torch" or "msadapter", detected from the file (never a flag)
             if key is not None:
                 self.shared, self.shared_tensors = {}, {}
-                trees[key] = (self.root, self.dialect, self.shared, self.shared_tensors)
-                trees[_near_key(key)] = _Template(key[1], self.root, self.dialect, self.shared_tensors)
+                template = _Template(key[1], self.root, self.dialect, self.shared_tensors)
+                trees[key] = (self.root, self.dialect, self.shared, self.shared_tensors, template)
+                kept = trees.get(_near_key(key))
+                if kept is None or kept._followed:   # one not followed yet keeps counting its candidates
+                    trees[_near_key(key)] = template
+                self.near = (weakref.ref(template), {})
         if key is not None:
             self._archive.remember()
 
@@ -999,10 +1029,12 @@ class TorchZipFile:
         template = trees.get(_near_key(key))
         if template is None:
             return False
-        root = template.patched(key[1])
-        if root is None:
+        found = template.patched(key[1])
+        if found is None:
             return False
-        self.root, self.dialect, self.shared_tensors = root, template.dialect, template.shared_tensors
+        self.root, self.dialect, self.shared_tensors = found[0], template.dialect, template.shared_tensors
+        slots = template.slots().slots
+        self.near = (weakref.ref(template), {i: pickle_delta.slot_bytes(slots[i], key[1]) for i in found[1]})
         self.shared = {}   # not kept: the template stays the one tree of these files kept (the oldest go first)
         return True
 

@@ -632,7 +632,7 @@ def _write_real_storage(writer: _StreamZipWriter, name: str, storage) -> None:
 
 
 def save_streaming(obj, path, fill, *, fsync: bool = False, dialect: str = "torch", date_time=None,
-                   records: dict | None = None) -> None:
+                   records: dict | None = None, pickled: list | None = None) -> None:
     """Write ``obj`` exactly as torch.save would write it (same bytes) if every TensorRef in it were a
     real CPU tensor: a view (TensorRef.storage_offset, shape, stride, requires_grad) of a storage of
     TensorRef.storage_numel elements of TensorRef.dtype, TensorRefs with the same ``storage`` key
@@ -651,7 +651,9 @@ def save_streaming(obj, path, fill, *, fsync: bool = False, dialect: str = "torc
     (``torch.serialization.set_crc32_options``, ``torch.utils.serialization.config.save.storage_alignment``)
     as torch.save does. ``fsync``: make the file durable before it is renamed into place. A chunk may
     also be a ``Hole``: bytes left unwritten (read back as zeros; the record gets no CRC-32) -- for an
-    intermediate file only. ``records``: a dict, filled with {storage key as in ``obj``: its record key}.
+    intermediate file only. ``records``: a dict, filled with {storage key as in ``obj``: its record key}
+(in the order the records are written; a HeldTensor's key is ``held/<its id()>``). ``pickled``: a
+list the ``data.pkl`` bytes are appended to (stock torch files).
 
     ``dialect="msadapter"`` writes the bytes MindSpeed-Core-MS's MSAdapter shim writes (notes above
     ``_PyZipWriter``; ``formats/msadapter.py``) instead: every TensorRef must then be a whole,
@@ -677,6 +679,42 @@ def save_streaming(obj, path, fill, *, fsync: bool = False, dialect: str = "torc
         raise CkptmapError(f"cannot save {path}: torch.save cannot write a file whose name has no stem "
                            f"(the zip records are named after it) — choose a name like model_optim_rng.pt")
     data_pkl, pickler = _pickled(_StreamPicklerC, _StreamPickler, obj, path)
+
+    def storages(writer):
+        for key, st in pickler.storages.items():
+            if records is not None and type(st) is _RefStorage:
+                records[st.key] = key
+            if type(st) is _RefStorage:
+                _stream_storage(writer, f"data/{key}", st,
+                                fill if st.held is None else (lambda _key, st=st: _held_bytes(st)), path)
+            else:
+                _write_real_storage(writer, f"data/{key}", st)
+    _write_torch_archive(path, archive, data_pkl, storages, fsync)
+    if pickled is not None:
+        pickled.append(data_pkl)
+
+
+def pickle_bytes(obj, path) -> bytes:
+    """The ``data.pkl`` :func:`save_streaming` writes for ``obj`` (stock torch; ``path`` names the file
+    in messages), without writing anything."""
+    return _pickled(_StreamPicklerC, _StreamPickler, obj, path)[0]
+
+
+def save_pickled(data_pkl: bytes, storages, path, *, fsync: bool = False) -> None:
+    """Write the stock torch file whose ``data.pkl`` is ``data_pkl`` (a pickle :func:`save_streaming`
+    wrote, its numbers possibly changed) and whose storages are ``storages``: [(record key, bytes-like)]
+    in the order save_streaming wrote them. Same bytes as save_streaming of the object ``data_pkl``
+    pickles."""
+    path = Path(os.fspath(path))
+
+    def write(writer):
+        for key, data in storages:
+            writer.record(f"data/{key}", memoryview(data).cast("B"))
+    _write_torch_archive(path, archive_name(path.name), data_pkl, write, fsync)
+
+
+def _write_torch_archive(path: Path, archive: str, data_pkl: bytes, write_storages, fsync: bool) -> None:
+    """The records of a stock torch file, written atomically; ``write_storages(writer)`` adds the storages."""
     alignment, compute_crc32 = _torch_options()
     if not path.parent.is_dir():
         raise CkptmapError(f"cannot save {path}: the directory {path.parent} does not exist — create it first")
@@ -688,14 +726,7 @@ def save_streaming(obj, path, fill, *, fsync: bool = False, dialect: str = "torc
                 writer.record(".format_version", b"1")
                 writer.record(".storage_alignment", str(alignment).encode("ascii"))
                 writer.record("byteorder", b"little")
-                for key, st in pickler.storages.items():
-                    if records is not None and type(st) is _RefStorage:
-                        records[st.key] = key
-                    if type(st) is _RefStorage:
-                        _stream_storage(writer, f"data/{key}", st,
-                                        fill if st.held is None else (lambda _key, st=st: _held_bytes(st)), path)
-                    else:
-                        _write_real_storage(writer, f"data/{key}", st)
+                write_storages(writer)
                 writer.finish()
         except OSError as e:
             raise CkptmapError(f"cannot save {path}: writing failed ({e.strerror or e}) — check free space "

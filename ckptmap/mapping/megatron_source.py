@@ -717,8 +717,11 @@ class MegatronSource:
 
     @property
     def sorted_ranks(self) -> list[SourceRank]:
-        """Expert rank 0 first (its folder holds the dense optimizer state the other expert ranks share)."""
-        return [self.ranks[k] for k in sorted(self.ranks, key=lambda k: (k[2], k[0], k[1]))]
+        """Stage by stage, expert rank 0 of a (tp, pp) before its others (its folder holds the dense optimizer
+        state they share). A stage's ranks write pickles that differ in their rank numbers alone: read one
+        after another, each reuses the last one's tree (pickle_delta), which a worker keeping a few trees
+        loses when a stage's ranks lie a pipeline's length apart (tp-major: 512 stages at 4,096 ranks)."""
+        return [self.ranks[k] for k in sorted(self.ranks, key=lambda k: (k[1], k[2], k[0]))]
 
     def with_optimizer(self) -> "MegatronSource":
         """Read every rank's distrib_optim.pt and work out its bucket layouts (see _buffer_layouts)."""
