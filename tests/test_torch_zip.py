@@ -816,3 +816,52 @@ def test_a_rewritten_file_is_read_afresh(tmp_path, monkeypatch, same_stat):
             {i.filename: i.CRC for i in zipfile.ZipFile(path).infolist()}
         assert list(again.root) == ["v"]
         assert np.array_equal(again.array(again.root["v"]), np.ones(4, dtype=np.float32))
+
+
+def _stage_files(tmp_path, names) -> list:
+    """Rank-like files of one layout (same sizes, other data), each in a folder of its own."""
+    paths = []
+    for i, name in enumerate(names):
+        (tmp_path / f"r{i}").mkdir()
+        paths.append(tmp_path / f"r{i}" / name)
+        gen = torch.Generator().manual_seed(i)
+        torch.save({"w": torch.randn(16, generator=gen), "b": torch.randn(3, generator=gen)}, paths[-1])
+    assert len({p.stat().st_size for p in paths}) == 1
+    return paths
+
+
+def _zipfile_records(path) -> dict:
+    """{name: (local header offset, size, CRC-32, bytes)} as zipfile reads them."""
+    with zipfile.ZipFile(path) as z:
+        return {i.filename: (i.header_offset, i.file_size, i.CRC, z.read(i)) for i in z.infolist()}
+
+
+def test_directories_laid_out_alike_are_taken_from_the_last_parsed_with_their_own_crcs(tmp_path, monkeypatch):
+    """Files of one layout (a stage's ranks) parse their zip directory once; the others' records — CRC-32s
+    included, and the bytes they point at — equal zipfile's. A file whose directory differs in a name
+    (same size, same end records) or whose local header differs is parsed itself."""
+    torch_zip_reader._SHAPES.clear()
+    paths = _stage_files(tmp_path, ["model_optim_rng.pt"] * 3 + ["model_optim_rnh.pt"])
+    bad = tmp_path / "r1" / "copy" / "model_optim_rng.pt"
+    bad.parent.mkdir()
+    data = bytearray(paths[1].read_bytes())
+    data[_zipfile_records(paths[1])["model_optim_rng/data/0"][0] + 3] ^= 1   # a local header's signature
+    bad.write_bytes(bytes(data))
+    parsed = []
+    real = torch_zip_reader._central_directory
+
+    def counting(mm, size):
+        parsed.append(size)
+        return real(mm, size)
+    monkeypatch.setattr(torch_zip_reader, "_central_directory", counting)
+    for p in paths:
+        archive = torch_zip_reader._Archive(p)
+        got = {n: (r.size, r.crc32, bytes(archive.mm[r.offset:r.offset + r.size])) for n, r in archive.records.items()}
+        assert got == {n: w[1:] for n, w in _zipfile_records(p).items()}, p
+        assert archive.prefix == p.stem + "/"
+        if p == paths[2]:   # the last parsed is the first file's shape: the damaged copy is compared with it
+            assert len(parsed) == 1
+            with pytest.raises(CkptmapError, match="no local file header"):   # parsed, so the damage is seen
+                torch_zip_reader._Archive(bad)
+            assert len(parsed) == 2
+    assert len(parsed) == 3   # the first file, the damaged one, and the one whose record names differ

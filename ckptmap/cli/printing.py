@@ -116,14 +116,15 @@ class _Tally:
             return "constant"
         if t.reads or t.value is not None:
             return _how(t)
-        key = (t.src_dtype, frozenset(s.dtype for s in t.sources), t.dtype, t.ops)
-        try:
-            how = self.hows.get(key)
-        except TypeError:   # an op argument that cannot be hashed
-            return _how(t)
-        if how is None:
-            how = self.hows[key] = _how(t)
-        return how
+        sources = t.sources
+        # the ops tuple by identity (ranks of one structure share it; hashing its ops per tensor was most
+        # of the summary), kept in the value so that its id is not reused meanwhile
+        key = (t.src_dtype, sources[0].dtype if len(sources) == 1 else frozenset(s.dtype for s in sources),
+               t.dtype, id(t.ops))
+        hit = self.hows.get(key)
+        if hit is None or hit[0] is not t.ops:
+            hit = self.hows[key] = (t.ops, _how(t))
+        return hit[1]
 
 
 def print_summary(plan, common: str, out, tally: _Tally | None = None) -> None:

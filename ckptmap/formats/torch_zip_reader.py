@@ -286,33 +286,39 @@ class _DirectoryShape:
     def __init__(self, archive: "_Archive", header_offsets: list):
         mm, records = archive.mm, archive.records
         self.central = _zip64_central_start(mm, archive.size)
-        self.crc_at = []   # offsets of the CRC-32 fields in the central directory, relative to its start
+        crc_at = []   # offsets of the CRC-32 fields in the central directory, relative to its start
         pos = self.central
         for _ in records:
-            self.crc_at.append(pos + 16 - self.central)
+            crc_at.append(pos + 16 - self.central)
             nlen, elen, clen = struct.unpack_from("<3H", mm, pos + 28)
             pos += _CENTRAL.size + nlen + elen + clen
+        # byte indices, so that a file is compared and its CRC-32s read by one numpy gather each
+        self.crc_bytes = (np.array(crc_at, dtype=np.intp)[:, None] + np.arange(4)).ravel()
         self.masked = self._masked(mm[self.central:])
-        self.headers = [(h, mm[h:h + 4] + mm[h + 26:h + 30]) for h in header_offsets]
+        self.header_bytes = (np.array(header_offsets, dtype=np.intp)[:, None] + np.array([0, 1, 2, 3, 26, 27, 28, 29])
+                             ).ravel()
+        self.headers = self._gather(mm, self.header_bytes)
         self.layout = [(r.name, r.offset, r.size) for r in records.values()]
         self.prefix = archive.prefix
 
+    @staticmethod
+    def _gather(mm, at: np.ndarray) -> bytes:
+        return np.frombuffer(mm, dtype=np.uint8)[at].tobytes()   # the view is dropped at once: mm stays closable
+
     def _masked(self, tail: bytes) -> bytes:
-        out = bytearray(tail)
-        for at in self.crc_at:
-            out[at:at + 4] = b"\0\0\0\0"
-        return bytes(out)
+        out = np.frombuffer(tail, dtype=np.uint8).copy()
+        out[self.crc_bytes] = 0
+        return out.tobytes()
 
     def read(self, archive: "_Archive") -> bool:
         """Fill ``archive``'s records if its directory bytes are this shape's; False if not (parse it)."""
         mm = archive.mm
         tail = mm[self.central:]
-        if self._masked(tail) != self.masked:
+        if self._masked(tail) != self.masked or self._gather(mm, self.header_bytes) != self.headers:
             return False
-        if any(mm[h:h + 4] + mm[h + 26:h + 30] != seen for h, seen in self.headers):
-            return False
-        archive.records = {name: _Record(name, offset, size, struct.unpack_from("<L", tail, at)[0])
-                           for (name, offset, size), at in zip(self.layout, self.crc_at)}
+        crcs = np.frombuffer(tail, dtype=np.uint8)[self.crc_bytes].view("<u4").tolist()
+        archive.records = {name: _Record(name, offset, size, crc)
+                           for (name, offset, size), crc in zip(self.layout, crcs)}
         archive.prefix = self.prefix
         archive._check_byte_order()
         return True
