@@ -115,3 +115,34 @@ def test_a_rank_with_other_extra_is_written_in_full(tmp_path, monkeypatch):
     _write_all(tasks, tmp_path / "shared", shared=True)
     assert full == ["meta0.pt", "meta1.pt"]
     assert type(torch.load(tmp_path / "shared" / "meta1.pt", weights_only=False)["scale"]) is int
+
+
+def test_a_workers_stage_of_eight_ranks_converts_and_comes_back_byte_for_byte(tmp_path, monkeypatch):
+    """pt2ms in one worker of a TP-8 stage (the executor follows a stage's first pickle after 4 files
+    differed from it; the ranks after that get their pt_meta from a kept pickle): every pt_meta equals its
+    full write, and ms2pt gives back Megatron's files byte for byte."""
+    from ckptmap import execute
+    from ckptmap.demo import DemoModel, build_megatron_checkpoint
+    from ckptmap.mapping.ms2pt import Ms2PtOptions, compile_ms2pt
+
+    src, dst, back, alone = tmp_path / "megatron", tmp_path / "ms", tmp_path / "back", tmp_path / "alone"
+    build_megatron_checkpoint(src, DemoModel(tp=8, pp=1, dp=1, layers=2, hidden=64, heads=8, groups=2, kv=8,
+                                             ffn=128, vocab=256), iteration=5, keep_truth=False)
+    plan = compile_pt2ms(Pt2MsOptions(str(src), str(dst)))
+    metas = [f for f in plan.files if f.format == "torch_meta"]
+    assert len(metas) == 8
+    execute._READ_TREES.clear()
+    full = _count_full_writes(monkeypatch)
+    assert not execute.run_plan(plan, processes=1, multiprocess=False, progress=False).failed
+    assert 1 <= len(full) <= 5, full   # the stage's first, and those before it was followed
+    monkeypatch.undo()
+    alone.mkdir()
+    for f in metas:   # outside shared_trees: each written in full
+        pt_meta.write_pt_meta(f.source, f.aux_source, f.keys, f.extra, alone / Path(f.path).name)
+        assert (dst / f.path).read_bytes() == (alone / Path(f.path).name).read_bytes(), f.path
+    assert not execute.run_plan(compile_ms2pt(Ms2PtOptions(str(dst), str(back))), processes=1, multiprocess=False,
+                                progress=False).failed
+    originals = sorted(p.relative_to(src) for p in src.rglob("*.pt"))
+    assert len(originals) == 16
+    for rel in originals:
+        assert (src / rel).read_bytes() == (back / rel).read_bytes(), rel

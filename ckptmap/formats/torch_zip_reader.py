@@ -891,7 +891,7 @@ _follow_after = 1
 
 
 @contextlib.contextmanager
-def shared_trees(trees: dict | None = None, follow_after: int = 1):
+def shared_trees(trees: dict | None = None, follow_after: int | None = None):
     """Inside this context, a :class:`TorchZipFile` whose structure equals one already read (same
     ``data.pkl`` bytes, same records with the same names, offsets and sizes, same ``version`` record)
     gets that file's object tree instead of unpickling its own. What the unpickler makes of a file
@@ -909,14 +909,18 @@ def shared_trees(trees: dict | None = None, follow_after: int = 1):
     owner bounds it); default: the enclosing context's, else a new one for this context.
     ``follow_after``: how many files must differ from a pickle in numbers before its opcodes are
     followed (~5 unpickles' worth of work): 1 where a stage's ranks come one after another (planning),
-    more where they are dealt out among workers (a worker may see only a few of a stage)."""
+    more where they are dealt out among workers (a worker may see only a few of a stage); default: the
+    enclosing context's, else 1."""
     global _shared_trees, _follow_after
     outer, outer_after = _shared_trees, _follow_after
     if trees is not None:
         _shared_trees = trees
     elif outer is None:
         _shared_trees = {}
-    _follow_after = follow_after
+    if follow_after is not None:
+        _follow_after = follow_after
+    elif outer is None:
+        _follow_after = 1
     try:
         yield
     finally:

@@ -652,8 +652,9 @@ def save_streaming(obj, path, fill, *, fsync: bool = False, dialect: str = "torc
     as torch.save does. ``fsync``: make the file durable before it is renamed into place. A chunk may
     also be a ``Hole``: bytes left unwritten (read back as zeros; the record gets no CRC-32) -- for an
     intermediate file only. ``records``: a dict, filled with {storage key as in ``obj``: its record key}
-(in the order the records are written; a HeldTensor's key is ``held/<its id()>``). ``pickled``: a
-list the ``data.pkl`` bytes are appended to (stock torch files).
+    (in the order the records are written; a HeldTensor's key is ``held/<its id()>``). ``pickled``: a
+    list the ``data.pkl`` bytes are appended to when every storage was a TensorRef's or a HeldTensor's
+    (stock torch files; then ``records`` names every storage written).
 
     ``dialect="msadapter"`` writes the bytes MindSpeed-Core-MS's MSAdapter shim writes (notes above
     ``_PyZipWriter``; ``formats/msadapter.py``) instead: every TensorRef must then be a whole,
@@ -690,7 +691,7 @@ list the ``data.pkl`` bytes are appended to (stock torch files).
             else:
                 _write_real_storage(writer, f"data/{key}", st)
     _write_torch_archive(path, archive, data_pkl, storages, fsync)
-    if pickled is not None:
+    if pickled is not None and all(type(st) is _RefStorage for st in pickler.storages.values()):
         pickled.append(data_pkl)
 
 
