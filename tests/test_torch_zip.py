@@ -847,13 +847,7 @@ def test_directories_laid_out_alike_are_taken_from_the_last_parsed_with_their_ow
     data = bytearray(paths[1].read_bytes())
     data[_zipfile_records(paths[1])["model_optim_rng/data/0"][0] + 3] ^= 1   # a local header's signature
     bad.write_bytes(bytes(data))
-    parsed = []
-    real = torch_zip_reader._central_directory
-
-    def counting(mm, size):
-        parsed.append(size)
-        return real(mm, size)
-    monkeypatch.setattr(torch_zip_reader, "_central_directory", counting)
+    parsed = _count_parses(monkeypatch)
     for p in paths:
         archive = torch_zip_reader._Archive(p)
         got = {n: (r.size, r.crc32, bytes(archive.mm[r.offset:r.offset + r.size])) for n, r in archive.records.items()}
