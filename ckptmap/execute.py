@@ -104,9 +104,6 @@ class _Mapped:
 # pipeline ranks in the middle, save byte-identical ones), keeping the last few.
 _READ_TREES: dict = {}
 _READ_TREES_KEPT = 16
-# A worker gets a share of a stage's ranks (two workers, a TP 8 stage: four); following a stage's first
-# pickle pays off from about five more (torch_zip_reader.shared_trees), so only for larger stages (MoE)
-_FOLLOW_AFTER = 4
 
 
 def _trim_read_trees() -> None:
@@ -186,7 +183,7 @@ class _Sources:
             if known is not None:
                 reader = _Mapped(known)
             else:   # only read here (specs, byte ranges), so ranks with byte-identical pickles share a tree
-                with torch_zip_reader.shared_trees(_READ_TREES, follow_after=_FOLLOW_AFTER):
+                with torch_zip_reader.shared_trees(_READ_TREES):
                     reader = registry.open_reader(path)
                 _trim_read_trees()
             self._open[path] = reader
@@ -893,7 +890,7 @@ def _write_file(task: FileTask, root: Path, progress, fsync: bool) -> None:
         # pt_meta copies the containers of both files' trees and pickles them with their leaves, never
         # changing them: a shared tree (the objects a fresh read of the same pickle bytes makes) gives
         # the same memo, so the same bytes (diff -r of full conversions, tests/test_pickler_c.py)
-        with torch_zip_reader.shared_trees(_READ_TREES, follow_after=_FOLLOW_AFTER):
+        with torch_zip_reader.shared_trees(_READ_TREES):
             pt_meta.write_pt_meta(task.source, task.aux_source, task.keys, task.extra, final, fsync=fsync)
         _trim_read_trees()
         return
@@ -949,12 +946,21 @@ class _Claims:
     one it just wrote (index, size, seconds) in a shared list the parent reads as it pleases, and adds the
     bytes it writes to its slot's counter (the progress bar). Only failures travel through the queue, with
     their message. A message per file cost ~5 context switches and a pickle on each side: at thousands of
-    small files, more CPU than writing some of them."""
+    small files, more CPU than writing some of them.
 
-    def __init__(self, ctx, order: list[int], slots: int):
+    ``runs``: [(start, end)] positions of ``order`` a worker takes together — still claiming, and being
+    accounted for, one file at a time: its slot holds the rest of its run, which a worker respawned in the
+    slot continues (``unclaimed`` counts them). Small files of one pipeline stage, next to each other in
+    the order, go to one worker so, whose reads of the stage's first files serve the others (pt_meta from a
+    kept pickle); with files dealt out one by one each worker got every other rank. Default: one file each."""
+
+    def __init__(self, ctx, order: list[int], slots: int, runs: list[tuple[int, int]] | None = None):
         self.order = order
+        self.runs = runs if runs is not None else [(i, i + 1) for i in range(len(order))]
         self.lock = ctx.Lock()
-        self.next = ctx.RawValue("q", 0)
+        self.next = ctx.RawValue("q", 0)   # the next run
+        self.run_next = ctx.RawArray("q", max(slots, 1))   # each slot's next position in its run ...
+        self.run_end = ctx.RawArray("q", max(slots, 1))    # ... and where its run ends
         self.current = ctx.RawArray("q", [-1] * max(slots, 1))
         self.since = ctx.RawArray("d", max(slots, 1))
         self.written = ctx.RawArray("q", max(slots, 1))   # bytes written by the slot's workers, ever
@@ -972,11 +978,15 @@ class _Claims:
                 k = self.finished.value
                 self.finished_index[k], self.finished_bytes[k], self.finished_seconds[k] = wrote
                 self.finished.value = k + 1
-            pos = self.next.value
-            if pos >= len(self.order):
-                self.current[slot] = -1
-                return None
-            self.next.value = pos + 1
+            pos = self.run_next[slot]
+            if pos >= self.run_end[slot]:
+                run = self.next.value
+                if run >= len(self.runs):
+                    self.current[slot] = -1
+                    return None
+                self.next.value = run + 1
+                pos, self.run_end[slot] = self.runs[run]
+            self.run_next[slot] = pos + 1
             index = self.order[pos]
             self.since[slot] = time.monotonic()
             self.current[slot] = index
@@ -993,7 +1003,27 @@ class _Claims:
 
     @property
     def unclaimed(self) -> bool:
-        return self.next.value < len(self.order)
+        with self.lock:
+            return self.next.value < len(self.runs) or any(a < b for a, b in zip(self.run_next, self.run_end))
+
+
+# Small files handed to one worker together (_Claims runs): at most this many, each at most this large
+RUN_FILES = 8
+RUN_FILE_BYTES = 1 << 20
+
+
+def _runs(sizes: list[int]) -> list[tuple[int, int]]:
+    """Runs of a claim order whose files have ``sizes``: up to RUN_FILES consecutive files of at most
+    RUN_FILE_BYTES each; a larger file is a run of its own."""
+    runs, start = [], 0
+    while start < len(sizes):
+        end = start + 1
+        if sizes[start] <= RUN_FILE_BYTES:
+            while end < len(sizes) and end - start < RUN_FILES and sizes[end] <= RUN_FILE_BYTES:
+                end += 1
+        runs.append((start, end))
+        start = end
+    return runs
 
 
 def _worker(claims, slot, results, root, plan_files, fsync, parent_pid, progress=True):
@@ -1270,7 +1300,9 @@ def _run_pool(plan: Plan, phase: list[int], root: Path, n: int, timeout, bar: _P
     results_q = ctx.Queue()
     # largest first: workers claiming from one list then end within about one small file of each
     # other (balanced by bytes, not by the number of files)
-    claims = _Claims(ctx, sorted(phase, key=lambda i: (-plan.files[i].nbytes, i)), n)
+    size_of = {i: plan.files[i].nbytes for i in phase}
+    order = sorted(phase, key=lambda i: (-size_of[i], i))
+    claims = _Claims(ctx, order, n, _runs([size_of[i] for i in order]))
     parent = os.getpid()
 
     def spawn(slot):

@@ -519,3 +519,19 @@ def test_a_tensor_of_runs_of_several_files_streams_and_is_checked_whole(tmp_path
             with pytest.raises(CkptmapError, match="1 of 1000 elements differ|1 of 64 elements differ"):
                 spot_check_main_params([param])
         assert not (tmp_path / "p.ckpt").exists()
+
+
+def test_small_files_are_handed_out_in_runs_a_slot_finishes():
+    """Claims in runs: a worker's slot takes a run of small files (one claim each, so its slot always names
+    the file it has); another slot takes the next run; a slot whose worker died still holds the rest of its
+    run (unclaimed), which the worker respawned in it continues. Large files are runs of their own."""
+    import multiprocessing
+    ctx = multiprocessing.get_context("fork")
+    assert execute._runs([5 << 20] + [0] * 10 + [2 << 20, 7]) == [(0, 1), (1, 9), (9, 11), (11, 12), (12, 13)]
+    claims = execute._Claims(ctx, [10, 11, 12, 13, 14], 2, runs=[(0, 3), (3, 5)])
+    assert [claims.claim(0), claims.claim(1), claims.claim(0), claims.claim(1)] == [10, 13, 11, 14]
+    assert list(claims.current) == [11, 14]
+    assert claims.claim(1) is None and claims.current[1] == -1
+    assert claims.unclaimed   # slot 0 (say its worker died writing 11) still holds 12
+    assert claims.claim(0, wrote=None) == 12 and not claims.unclaimed
+    assert claims.claim(0) is None

@@ -137,26 +137,3 @@ def test_real_megatron_rank_files_read_from_their_stage_neighbours():
         assert root["args"].rank == want["args"].rank
     assert sorted(r["args"].rank for r in roots) == [0, 1, 4, 5]
 
-
-def test_a_template_is_followed_only_after_follow_after_files_differed_from_it(tmp_path):
-    """Inside shared_trees(follow_after=3) the first two files that differ from a stage's first one are
-    unpickled (following costs a few unpickles: a worker that gets few of a stage's ranks never pays it),
-    the third and later ones are read from its tree; every file's values are torch.load's."""
-    paths = []
-    for rank in range(6):
-        (tmp_path / f"r{rank}").mkdir()
-        paths.append(tmp_path / f"r{rank}" / "model_optim_rng.pt")
-        torch.save({"args": argparse.Namespace(rank=rank, world=6), "w": torch.arange(4.0)}, paths[-1])
-    unpickled = []
-    real = torch_zip_reader._unpickle
-
-    def counting(archive, *a, **kw):
-        unpickled.append(Path(archive.path).parent.name)
-        return real(archive, *a, **kw)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(torch_zip_reader, "_unpickle", counting)
-        with torch_zip_reader.shared_trees({}, follow_after=3):
-            roots = [TorchZipFile(p).root for p in paths]
-    assert unpickled == ["r0", "r1", "r2"]
-    want = [torch.load(p, weights_only=False)["args"].rank for p in paths]
-    assert [r["args"].rank for r in roots] == want == list(range(6))

@@ -887,11 +887,10 @@ def file_range(zf: "TorchZipFile", ref: TensorRef) -> FileRange | None:
 
 
 _shared_trees: dict | None = None   # structure key -> (root, dialect), inside shared_trees() only
-_follow_after = 1
 
 
 @contextlib.contextmanager
-def shared_trees(trees: dict | None = None, follow_after: int | None = None):
+def shared_trees(trees: dict | None = None):
     """Inside this context, a :class:`TorchZipFile` whose structure equals one already read (same
     ``data.pkl`` bytes, same records with the same names, offsets and sizes, same ``version`` record)
     gets that file's object tree instead of unpickling its own. What the unpickler makes of a file
@@ -906,25 +905,17 @@ def shared_trees(trees: dict | None = None, follow_after: int | None = None):
     objects a fresh read keeps apart): pt_meta does (``execute``: its model_optim_rng.pt and
     distrib_optim.pt differ in name, so in structure) and writes the same bytes; ms2pt's re-reading
     of pt_meta stays outside. ``trees``: the dict to keep them in, which outlives the context (its
-    owner bounds it); default: the enclosing context's, else a new one for this context.
-    ``follow_after``: how many files must differ from a pickle in numbers before its opcodes are
-    followed (~5 unpickles' worth of work): 1 where a stage's ranks come one after another (planning),
-    more where they are dealt out among workers (a worker may see only a few of a stage); default: the
-    enclosing context's, else 1."""
-    global _shared_trees, _follow_after
-    outer, outer_after = _shared_trees, _follow_after
+    owner bounds it); default: the enclosing context's, else a new one for this context."""
+    global _shared_trees
+    outer = _shared_trees
     if trees is not None:
         _shared_trees = trees
     elif outer is None:
         _shared_trees = {}
-    if follow_after is not None:
-        _follow_after = follow_after
-    elif outer is None:
-        _follow_after = 1
     try:
         yield
     finally:
-        _shared_trees, _follow_after = outer, outer_after
+        _shared_trees = outer
 
 
 def _structure_key(archive: _Archive):
@@ -948,7 +939,6 @@ class _Template:
         self.data, self.root, self.dialect, self.shared_tensors = data, root, dialect, shared_tensors
         self._slots = None
         self._followed = False
-        self.candidates = 0   # files that differed from it, before it was followed
         # what a writer derives from a file's tree that holds for every file read from this template with
         # its numbers put in (pt_meta: the pickle it writes and where those numbers land in it)
         self.derived: dict = {}
@@ -961,10 +951,6 @@ class _Template:
 
     def patched(self, data: bytes):
         """(tree, indices of the slots whose numbers differ) of the pickle ``data``, or None."""
-        if not self._followed:
-            self.candidates += 1
-            if self.candidates < _follow_after:
-                return None
         slots = self.slots()
         owners = None if slots is None else pickle_delta.changed_slots(slots, self.data, data)
         root = None if owners is None else pickle_delta.patched_at(self.root, slots, owners, data)
@@ -1025,9 +1011,7 @@ class TorchZipFile:
                 self.shared, self.shared_tensors = {}, {}
                 template = _Template(key[1], self.root, self.dialect, self.shared_tensors)
                 trees[key] = (self.root, self.dialect, self.shared, self.shared_tensors, template)
-                kept = trees.get(_near_key(key))
-                if kept is None or kept._followed:   # one not followed yet keeps counting its candidates
-                    trees[_near_key(key)] = template
+                trees[_near_key(key)] = template
                 self.near = (weakref.ref(template), {})
         if key is not None:
             self._archive.remember()
