@@ -1012,6 +1012,18 @@ RUN_FILES = 8
 RUN_FILE_BYTES = 1 << 20
 
 
+def _claim_size(task: FileTask, root: Path) -> int:
+    """The bytes a file's writing moves, for the claim order and its runs: a copy's source's size (in the
+    pool's second phase the written files it copies exist), or more than a run's file may hold when that
+    cannot be told."""
+    if task.format != "copy":
+        return task.nbytes
+    try:
+        return os.stat(root / task.source if task.source_is_output else task.source).st_size
+    except OSError:
+        return RUN_FILE_BYTES + 1
+
+
 def _runs(sizes: list[int]) -> list[tuple[int, int]]:
     """Runs of a claim order whose files have ``sizes``: up to RUN_FILES consecutive files of at most
     RUN_FILE_BYTES each; a larger file is a run of its own."""
@@ -1300,7 +1312,7 @@ def _run_pool(plan: Plan, phase: list[int], root: Path, n: int, timeout, bar: _P
     results_q = ctx.Queue()
     # largest first: workers claiming from one list then end within about one small file of each
     # other (balanced by bytes, not by the number of files)
-    size_of = {i: plan.files[i].nbytes for i in phase}
+    size_of = {i: _claim_size(plan.files[i], root) for i in phase}
     order = sorted(phase, key=lambda i: (-size_of[i], i))
     claims = _Claims(ctx, order, n, _runs([size_of[i] for i in order]))
     parent = os.getpid()

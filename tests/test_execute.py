@@ -535,3 +535,21 @@ def test_small_files_are_handed_out_in_runs_a_slot_finishes():
     assert claims.unclaimed   # slot 0 (say its worker died writing 11) still holds 12
     assert claims.claim(0, wrote=None) == 12 and not claims.unclaimed
     assert claims.claim(0) is None
+
+
+def test_a_copy_is_a_run_of_its_own_unless_its_source_is_small(tmp_path):
+    """A copy's size for the claim order is its source's (a rank file copied to its other data-parallel ranks
+    can be gigabytes, not the 0 bytes of tensors its task lists): a large or not yet known one is never
+    put in a run with others."""
+    from ckptmap.mapping.plan import FileTask
+    (tmp_path / "rank_0").mkdir()
+    (tmp_path / "rank_0" / "small.ckpt").write_bytes(b"x" * 100)
+    big = tmp_path / "big.bin"
+    with open(big, "wb") as f:
+        f.truncate(3 << 20)
+    sizes = [execute._claim_size(FileTask("a", "copy", source="rank_0/small.ckpt", source_is_output=True), tmp_path),
+             execute._claim_size(FileTask("b", "copy", source=str(big)), tmp_path),
+             execute._claim_size(FileTask("c", "copy", source=str(tmp_path / "missing")), tmp_path),
+             execute._claim_size(FileTask("d", "text", text="{}"), tmp_path)]
+    assert sizes == [100, 3 << 20, execute.RUN_FILE_BYTES + 1, 0]
+    assert execute._runs([0, 100, 3 << 20, execute.RUN_FILE_BYTES + 1, 0]) == [(0, 2), (2, 3), (3, 4), (4, 5)]
