@@ -15,6 +15,10 @@ costs ~0.5 ms; this module reads such a file in ~30 us from the tree of the firs
   result is the first tree with those values replaced — copied along their paths, every other object
   shared with the first tree (which callers must treat as read-only). Otherwise None: unpickle it.
 
+For writers (``pt_meta._Written``): :func:`slot_bytes` / :func:`slot_value` / :func:`with_numbers` read
+and put a slot's number as bytes, and :func:`pickled_as` says whether CPython's pickler would write a
+value with the opcode another writer used — a pickle re-written from a tree is patched only then.
+
 Any opcode this module does not follow makes :func:`scalar_slots` give up (None), never guess.
 """
 
