@@ -261,11 +261,19 @@ class ModelFile(PtFile):
         return out
 
     def tensors(self) -> list[ModelTensor]:
-        """The model chunks' tensors; files whose lists are equal get one list (read-only)."""
+        """The model chunks' tensors; files whose lists are equal get one list (read-only). Files read
+        with the same tensors (``TorchZipFile.shared_tensors``: a stage's ranks) walk their tree once."""
+        shared = self._zip.shared_tensors
+        found = shared.get("model_tensors") if shared is not None else None
+        if found is not None:
+            return found
         out: list[ModelTensor] = []
         for key, v in self.chunks():
             _walk(self.root[key], [], [key], out, v)
-        return _interned(("tensors", tuple(out)), lambda: out)
+        found = _interned(("tensors", tuple(out)), lambda: out)
+        if shared is not None:
+            shared["model_tensors"] = found
+        return found
 
     @property
     def args(self):
