@@ -950,9 +950,10 @@ class _Claims:
 
     ``runs``: [(start, end)] positions of ``order`` a worker takes together — still claiming, and being
     accounted for, one file at a time: its slot holds the rest of its run, which a worker respawned in the
-    slot continues (``unclaimed`` counts them). Small files of one pipeline stage, next to each other in
-    the order, go to one worker so, whose reads of the stage's first files serve the others (pt_meta from a
-    kept pickle); with files dealt out one by one each worker got every other rank. Default: one file each."""
+    slot continues (``unclaimed`` counts them). Small files next to each other in the order (a pipeline
+    stage's ranks) so go to one worker, whose reading of the stage's first files serves the others (pt_meta
+    from a kept pickle); dealt out one by one, each of two workers got every other rank. Default: one file
+    each."""
 
     def __init__(self, ctx, order: list[int], slots: int, runs: list[tuple[int, int]] | None = None):
         self.order = order
