@@ -136,4 +136,3 @@ def test_real_megatron_rank_files_read_from_their_stage_neighbours():
         assert _plain(root["args"]) == _plain(want["args"]) and root["iteration"] == want["iteration"]
         assert root["args"].rank == want["args"].rank
     assert sorted(r["args"].rank for r in roots) == [0, 1, 4, 5]
-

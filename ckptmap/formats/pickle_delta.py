@@ -15,7 +15,7 @@ costs ~0.5 ms; this module reads such a file in ~30 us from the tree of the firs
   result is the first tree with those values replaced — copied along their paths, every other object
   shared with the first tree (which callers must treat as read-only). Otherwise None: unpickle it.
 
-For writers (``pt_meta._Written``): :func:`slot_bytes` / :func:`slot_value` / :func:`with_numbers` read
+For writers (``pt_meta._Written``): :func:`slot_bytes` / :func:`number_value` / :func:`with_numbers` read
 and put a slot's number as bytes, and :func:`pickled_as` says whether CPython's pickler would write a
 value with the opcode another writer used — a pickle re-written from a tree is patched only then.
 
@@ -339,10 +339,9 @@ def patched_at(root, slots: ScalarSlots, owners: list, data: bytes):
     """``root`` with the numbers of the slots ``owners`` (:func:`changed_slots`) as ``data`` holds them,
     or None when the tree is not what the opcodes built."""
     for i in owners:
-        pos, name, steps = slots.slots[i]
-        fmt = _NUMBER_FORMATS[name][1]
+        slot = slots.slots[i]
         try:
-            root = _replaced(root, steps, struct.unpack_from(fmt, data, pos + 1)[0])
+            root = _replaced(root, slot[2], number_value(slot_bytes(slot, data)))
         except (TypeError, KeyError, IndexError):   # the tree is not what the opcodes built: do not guess
             return None
     return root
@@ -354,10 +353,9 @@ def slot_bytes(slot: tuple, data: bytes) -> bytes:
     return data[pos:pos + 1 + _NUMBER_FORMATS[name][0]]
 
 
-def slot_value(slot: tuple, data: bytes, at: int | None = None):
-    """The number ``slot`` holds in ``data`` (its opcode at ``at``, default the slot's position)."""
-    pos, name, _ = slot
-    return struct.unpack_from(_NUMBER_FORMATS[name][1], data, (pos if at is None else at) + 1)[0]
+def number_value(held: bytes):
+    """The number a number opcode and its argument bytes (:func:`slot_bytes`) stand for."""
+    return struct.unpack_from(_NUMBER_FORMATS[_OPCODES[held[0]]][1], held, 1)[0]
 
 
 def with_numbers(first: bytes, slots: ScalarSlots, changes: dict) -> bytes:

@@ -139,8 +139,9 @@ def write_pt_meta(model_path, optim_path, keys, extra, path, *, fsync: bool = Fa
     if missing:
         raise CkptmapError(f"{model_path} lacks {', '.join(missing)}; it changed since the plan was made")
     optim = OptimFile(optim_path) if optim_path is not None and Path(optim_path).is_file() else None
-    written = _Written.find(zf, optim, keys, extra)
-    if written is not None and written.write(zf, optim, keys, extra, path, fsync):
+    template, key = _Written.key(zf, optim, keys, extra)
+    written = template.derived.get(key) if key is not None else None
+    if written is not None and written.write(template, zf, optim, keys, extra, path, fsync):
         return
     out, sources = _pt_meta_tree(zf, zf.root, optim, keys, extra)
     records: dict = {}
@@ -148,8 +149,8 @@ def write_pt_meta(model_path, optim_path, keys, extra, path, *, fsync: bool = Fa
     # what is left of the model file in `out` (RNG states, ...) is copied from it, in its own dialect
     torch_zip_writer.save_streaming(out, path, lambda key: [zf.storage_bytes(key)], fsync=fsync,
                                     dialect=zf.dialect, records=records, pickled=pickled)
-    if written is None and pickled:
-        _Written.keep(zf, optim, keys, extra, pickled[0], records, sources)
+    if key is not None and written is None and pickled:
+        _Written.keep(template, key, zf, optim, pickled[0], records, sources)
 
 
 def _pt_meta_tree(zf: TorchZipFile, root, optim, keys, extra) -> tuple[dict, dict]:
@@ -214,7 +215,9 @@ class _Written:
         self.places: dict = {}     # slot index -> [positions of its number's argument in `data`] (or None)
 
     @staticmethod
-    def _key(zf, optim, keys, extra):
+    def key(zf, optim, keys, extra) -> tuple:
+        """(the template ``zf`` was read from, the key of what is kept for it with this optimizer tree, keys
+        and extra), or (None, None) when nothing can be kept or used."""
         template = zf.near[0]() if zf.near is not None else None
         if template is None or zf.dialect != "torch" or (optim is not None and optim.dialect != "torch"):
             return None, None
@@ -223,15 +226,7 @@ class _Written:
         return template, ("pt_meta", None if optim is None else id(optim.root), tuple(keys), extra_bytes)
 
     @classmethod
-    def find(cls, zf, optim, keys, extra) -> "_Written | None":
-        template, key = cls._key(zf, optim, keys, extra)
-        return None if key is None else template.derived.get(key)
-
-    @classmethod
-    def keep(cls, zf, optim, keys, extra, data: bytes, records: dict, sources: dict) -> None:
-        template, key = cls._key(zf, optim, keys, extra)
-        if key is None:
-            return
+    def keep(cls, template, key, zf, optim, data: bytes, records: dict, sources: dict) -> None:
         storages = [(record_key,) + sources.get(source_key, ("model", source_key, 0, None))
                     for source_key, record_key in records.items()]
         mine = [k for k in template.derived if k[0] == "pt_meta"]
@@ -245,17 +240,16 @@ class _Written:
             return self.places[i]
         self.places[i] = None
         slots = template.slots()
-        slot = slots.slots[i]
-        pos, name, _ = slot
-        held = self.base.get(i) or pickle_delta.slot_bytes(slot, template.data)
+        name = slots.slots[i][1]
+        held = _number_bytes(template, self.base, i)
         width = len(held) - 1
         # another number of the same opcode: the lowest bit of the (little-endian) int, or of the
         # (big-endian) double's mantissa
         flip = 1 if name != "BINFLOAT" else width
-        probe = pickle_delta.with_numbers(template.data, slots, {
-            **self.base, i: held[:flip] + bytes([held[flip] ^ 1]) + held[flip + 1:]})
+        flipped = held[:flip] + bytes([held[flip] ^ 1]) + held[flip + 1:]
+        probe = pickle_delta.with_numbers(template.data, slots, {**self.base, i: flipped})
         root = pickle_delta.patched_at(template.root, slots, sorted(set(self.base) | {i}), probe)
-        if root is None or not pickle_delta.pickled_as(pickle_delta.slot_value(slot, probe), name):
+        if root is None or not pickle_delta.pickled_as(pickle_delta.number_value(flipped), name):
             return None
         out, _ = _pt_meta_tree(zf, root, optim, keys, extra)
         changed = torch_zip_writer.pickle_bytes(out, zf.path)
@@ -268,12 +262,10 @@ class _Written:
         self.places[i] = starts
         return starts
 
-    def write(self, zf, optim, keys, extra, path, fsync: bool) -> bool:
+    def write(self, template, zf, optim, keys, extra, path, fsync: bool) -> bool:
         """Write ``zf``'s pt_meta from this one; False (nothing written) when a number of its model file
         cannot be put in (not found, or one this pickler would write with another opcode)."""
-        template, changes = zf.near[0](), zf.near[1]
-        if template is None:
-            return False
+        changes = zf.near[1]
         pkl = self.data
         differ = set(changes) | set(self.base)
         if differ:
@@ -281,8 +273,8 @@ class _Written:
             for i in sorted(differ):
                 slot = template.slots().slots[i]
                 starts = self._place(i, template, zf, optim, keys, extra)
-                held = changes.get(i) or pickle_delta.slot_bytes(slot, template.data)
-                if starts is None or not pickle_delta.pickled_as(pickle_delta.slot_value(slot, held, 0), slot[1]):
+                held = _number_bytes(template, changes, i)
+                if starts is None or not pickle_delta.pickled_as(pickle_delta.number_value(held), slot[1]):
                     return False
                 new = held[1:]
                 for s in starts:
@@ -293,6 +285,12 @@ class _Written:
                     for record, which, key, start, end in self.storages]
         torch_zip_writer.save_pickled(pkl, storages, path, fsync=fsync)
         return True
+
+
+def _number_bytes(template, changes: dict, i: int) -> bytes:
+    """Slot ``i``'s number (opcode and argument bytes) in a file read from ``template`` whose pickle holds
+    ``changes`` ({slot index: bytes}, ``TorchZipFile.near``) where it differs from the template's."""
+    return changes.get(i) or pickle_delta.slot_bytes(template.slots().slots[i], template.data)
 
 
 _TENSOR_LISTS = {"model_optim_rng": "model_tensors", "distrib_optim": "distrib_optim_tensors"}

@@ -316,7 +316,7 @@ class _DirectoryShape:
         tail = mm[self.central:]
         if self._masked(tail) != self.masked or self._gather(mm, self.header_bytes) != self.headers:
             return False
-        crcs = np.frombuffer(tail, dtype=np.uint8)[self.crc_bytes].view("<u4").tolist()
+        crcs = np.frombuffer(self._gather(tail, self.crc_bytes), dtype="<u4").tolist()
         archive.records = {name: _Record(name, offset, size, crc)
                            for (name, offset, size), crc in zip(self.layout, crcs)}
         archive.prefix = self.prefix
