@@ -351,7 +351,7 @@ def test_planning_memory_does_not_grow_with_each_ranks_rng_state(checkpoints, mo
 
     held, plans, sources = {}, {}, []
     real = compiler.MegatronSource
-    monkeypatch.setattr(compiler, "MegatronSource", lambda opt: sources.append(real(opt)) or sources[-1])
+    monkeypatch.setattr(compiler, "MegatronSource", lambda *a: sources.append(real(*a)) or sources[-1])
     for pp in (4, 16):
         gc.collect()
         tracemalloc.start()

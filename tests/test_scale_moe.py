@@ -96,16 +96,18 @@ def test_moe_builder_writes_what_megatron_core_writes(mcore_standard, tmp_path, 
                 == _optim_signature(real_iter / rank / "distrib_optim.pt")), (version, rank)
 
 
-def test_moe_builder_converts_bit_exactly_and_back(tmp_path):
+@pytest.mark.parametrize("planning_processes", [1, 2])
+def test_moe_builder_converts_bit_exactly_and_back(tmp_path, planning_processes):
     """TP 2 x PP 2 x EP 2 (DP 4), SwiGLU, 2 local experts per EP rank: every MindSpore tensor equals the
     builder's own value (weights, fp32 main params, moments; experts numbered globally, layers
-    globally), read with the real MindSpore; ms2pt gives back the builder's files byte for byte."""
+    globally), read with the real MindSpore; ms2pt gives back the builder's files byte for byte. Planned
+    in one process, and by stage in two (issue 16: the second stage's ranks read in a forked process)."""
     ms = pytest.importorskip("mindspore")
     model = DemoMoEModel(tp=2, pp=2, dp=4, ep=2, experts=4, layers=4, hidden=32, heads=4, groups=2, kv=8, ffn=32,
                          vocab=64, swiglu=True, norm_bias=False)
     src, dst, back = tmp_path / "megatron", tmp_path / "ms", tmp_path / "back"
     truth = build_megatron_checkpoint(src, model, iteration=7)
-    plan = compile_pt2ms(Pt2MsOptions(str(src), str(dst)))
+    plan = compile_pt2ms(Pt2MsOptions(str(src), str(dst), planning_processes=planning_processes))
     assert not execute.run_plan(plan, processes=2, progress=False).failed
     local = model.experts // model.ep
     checked = collections.Counter()

@@ -63,6 +63,9 @@ def add_pt2ms_flags(p: argparse.ArgumentParser) -> None:
     c.add_argument("--dry-run", action="store_true", help="Print the plan (a summary by pattern) and write nothing.")
     c.add_argument("--full", action="store_true", help="With --dry-run: list every file and tensor of the plan; when converting: list every file "
                         "written (default: by folder beyond 64 files).")
+    c.add_argument("--planning-processes", type=int, default=None, metavar="N",
+                   help="Processes reading the ranks while planning, each those of some pipeline stages (default: one "
+                        "per CPU, up to 8, from 1,024 ranks on; 1: plan in this process).")
 
 
 def add_run_flags(g) -> None:
@@ -172,7 +175,8 @@ def pt2ms_options(ns):
         num_layers=ns.num_layers, noop=tuple(ns.noop), generate_all_dp_cp=ns.generate_all_dp_cp,
         convert_param_only=ns.convert_param_only, file_prefix=ns.file_prefix, format=ns.format,
         dist_opt_content=tuple(ns.dist_opt_content), rules=ns.rules, layout=ns.layout, dtype=ns.dtype,
-        crc=ns.crc, megatron_version=ns.megatron_version, main_param_check=ns.main_param_check)
+        crc=ns.crc, megatron_version=ns.megatron_version, main_param_check=ns.main_param_check,
+        planning_processes=getattr(ns, "planning_processes", None))
 
 
 def add_target_flags(g) -> None:

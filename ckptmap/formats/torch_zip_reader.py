@@ -240,6 +240,23 @@ def remembering(on: bool):
         _REMEMBER = outer
 
 
+def remembered_directories(skip=frozenset()) -> dict:
+    """The zip directories remembered (path -> what :meth:`_Archive.remember` keeps: plain values and
+    placements, picklable), but those of the paths in ``skip``: what a planning process hands back with its
+    part of a plan, so that the workers writing that part do not parse those files again
+    (:func:`remember_directories`)."""
+    return {p: known for p, known in _DIRECTORIES.items() if p not in skip} if _REMEMBER else {}
+
+
+def remember_directories(known: dict) -> None:
+    """Keep directories another process remembered (:func:`remembered_directories`). Each is used only
+    for a file whose identity and directory bytes are still the ones recorded (:func:`_unchanged`)."""
+    if _REMEMBER:
+        _DIRECTORIES.update(known)
+        while len(_DIRECTORIES) > _DIRECTORIES_KEPT:
+            del _DIRECTORIES[next(iter(_DIRECTORIES))]
+
+
 def remembered_placement(path: str, fd: int):
     """What a reader derived from the file ``path`` (open as ``fd``) about where its tensors lie
     (:func:`remember_placement`), when its directory is remembered and the file is unchanged since —

@@ -7,14 +7,17 @@ before anything is written, so a refused conversion leaves the output untouched.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import pickle
 from pathlib import Path
 
 import attrs
 
 from ckptmap.errors import CkptmapError
-from ckptmap.formats import megatron_files, megatron_folders, mindspeed, param_map
+from ckptmap.formats import megatron_files, megatron_folders, mindspeed, param_map, torch_zip_reader
 from ckptmap.mapping import ops as tensor_ops
+from ckptmap.mapping import planning_split
 from ckptmap.mapping.plan import FileTask, Plan, SourceSlice, TensorTask
 from ckptmap.mapping.rules import STACK_COUNT
 from ckptmap.mapping.megatron_source import (AUTO_RULES, FLOAT_DTYPES, MegatronSource, SourceOptions,
@@ -51,6 +54,8 @@ class Pt2MsOptions:
     # the caller spot-checks the main params of the plan it makes of this one (pt2ms of torch_dist: the files
     # planned from are intermediates whose byte copies are holes, see mapping/torch_dist_pt2ms.py)
     defer_spot_check: bool = False
+    # processes reading the ranks (planning_split): None decides by the number of ranks and CPUs
+    planning_processes: int | None = None
 
 
 def source_options(opt) -> SourceOptions:
@@ -66,7 +71,45 @@ def compile_pt2ms(opt: Pt2MsOptions) -> Plan:
         raise CkptmapError(f"--layout {opt.layout}: use v1 or v2")
     if opt.dtype != "keep" and opt.dtype not in FLOAT_DTYPES:
         raise CkptmapError(f"--dtype {opt.dtype}: use keep or one of {', '.join(FLOAT_DTYPES)}")
-    src = MegatronSource(attrs.evolve(source_options(opt), rank_state=False))
+    ckdir = megatron_folders.open_checkpoint_dir(opt.megatron_path)
+    parts = planning_split.stage_parts(ckdir.pp_size, len(ckdir.ranks), opt.planning_processes)
+    if len(parts) == 1:
+        return _assemble(opt, _plan_part(opt, ckdir, None), [])
+    with contextlib.ExitStack() as forks:
+        others = [forks.enter_context(planning_split.Forked(functools.partial(_handed_back, opt, ckdir, part),
+                                                            planning_split.stages_text(part)))
+                  for part in parts[1:]]
+        mine = _plan_part(opt, ckdir, parts[0])
+        handed = [(part, other.result()) for part, other in zip(parts[1:], others)]
+    return _assemble(opt, mine, handed)
+
+
+@attrs.frozen
+class _Part:
+    """The plan of the ranks of some pipeline stages (all: ``stages`` None): each rank's files in rank
+    order, the param_map texts derived, the param_maps relied on; ``src`` (its process's source) or,
+    handed back by another process, ``facts`` and the zip ``directories`` it read."""
+
+    stages: tuple[int, int] | None
+    rank_files: list
+    derived_maps: list
+    used_maps: set
+    src: MegatronSource | None = None
+    facts: object = None
+    directories: dict = attrs.field(factory=dict)
+
+
+def _handed_back(opt: Pt2MsOptions, ckdir, stages) -> _Part:
+    """A forked planning process's part: what its MegatronSource found instead of the source itself."""
+    inherited = set(torch_zip_reader.remembered_directories())
+    part = _plan_part(opt, ckdir, stages)
+    return attrs.evolve(part, src=None, facts=part.src.facts(),
+                        directories=torch_zip_reader.remembered_directories(skip=inherited))
+
+
+def _plan_part(opt: Pt2MsOptions, ckdir, stages) -> _Part:
+    """Plan the ranks of pipeline stages ``stages`` ([first, end); None: all)."""
+    src = MegatronSource(attrs.evolve(source_options(opt), rank_state=False, pp_part=stages), ckdir)
     # the states are the rules' (optimizer_state { … }); the Megatron file format says which it holds
     declared = [s.state for s in src.rules.states]
     bad_states = [x for x in opt.dist_opt_content if x not in declared]
@@ -134,6 +177,23 @@ def compile_pt2ms(opt: Pt2MsOptions) -> Plan:
         out_files.append(_pt_meta_task(model_file, tp, pp, layout, src.maps_of, matched, memo, rank.map_entries,
                                        rank.own_layouts, rank.optim, ep_name(ep), config))
     spot_checks.finish()
+    return _Part(stages, out_files, derived_maps, used_maps, src)
+
+
+def _assemble(opt: Pt2MsOptions, mine: _Part, handed: list) -> Plan:
+    """The plan of all ranks from the part this process planned (the first stages) and those other processes
+    handed back (``handed``: [(stages, _Part)], in stage order)."""
+    src, out_files, derived_maps, used_maps = mine.src, list(mine.rank_files), list(mine.derived_maps), set(mine.used_maps)
+    for stages, part in handed:
+        src.absorb(part.facts, planning_split.stages_text(stages))
+        torch_zip_reader.remember_directories(part.directories)
+        out_files.extend(part.rank_files)
+        derived_maps.extend(part.derived_maps)
+        used_maps |= part.used_maps
+    if handed:
+        src.check_rules_used(src.rules_used)
+    iteration = src.iteration
+    config = rules_config(src.rules, rule_env(src.env, src.layout))
     for pm in src.param_maps:  # the way back reads pt_meta: keep only the maps this conversion relied on
         if opt.convert_param_only or (pm.tp, pm.pp, pm.vpp) in used_maps:
             out_files.append(FileTask(mindspeed.pt_meta_path(pm.path.name), "copy", source=str(pm.path)))

@@ -555,6 +555,23 @@ class SourceOptions:
     # False: planning keeps of ranks other than the first only what it reads (pt2ms: the executor reads
     # each rank's RNG states and args from its file again); thousands of ranks' RNG states add up
     rank_state: bool = True
+    # (first, end): read the ranks of these pipeline stages only, besides rank (0, 0, 0) whose args and
+    # tensors say what the checkpoint is (planning split over processes, compiler.compile_pt2ms); the
+    # checks over all ranks that one part cannot make are made on the parts' facts (PartFacts)
+    pp_part: tuple[int, int] | None = None
+
+
+@attrs.frozen
+class PartFacts:
+    """What the planner of some pipeline stages found (MegatronSource.facts) that checks over all ranks and
+    the plan's info need: the rules that matched, the files' torch dialects, where bucket layouts came from,
+    the Megatron bucket layouts (labels) that fit every buffer read, the notes on its ranks."""
+
+    rules_used: frozenset
+    dialects: frozenset
+    origins: frozenset
+    candidates: tuple
+    notes: tuple
 
 
 @attrs.define
@@ -596,9 +613,9 @@ class MegatronSource:
     run's ``layout``, ``args``, ``env`` (its integer args), ``rules``, ``iteration``. Raises on every
     inconsistency before anything is written. :meth:`with_optimizer` adds the optimizer layouts."""
 
-    def __init__(self, opt: SourceOptions):
+    def __init__(self, opt: SourceOptions, ckdir=None):
         self.opt = opt
-        ckdir = self.ckdir = megatron_folders.open_checkpoint_dir(opt.megatron_path)
+        ckdir = self.ckdir = ckdir or megatron_folders.open_checkpoint_dir(opt.megatron_path)
         if ckdir.pp_size > 1 and not ckdir.has_pp_suffix:
             raise CkptmapError(f"{ckdir.root}: mp_rank directories without a PP suffix but PP {ckdir.pp_size}")
         self.ep_name = (lambda ep: ep) if ckdir.has_ep_suffix else (lambda ep: None)   # ep in file names?
@@ -610,6 +627,8 @@ class MegatronSource:
         size_args = [name for _, name, _ in _SIZE_ARGS]
         with torch_zip_reader.shared_trees(trees):
             for key, d in sorted(ckdir.ranks.items(), key=lambda kd: (kd[0][1], kd[0][2], kd[0][0])):
+                if not self.planned(key) and key != (0, 0, 0):
+                    continue
                 f = read[key] = megatron_files.ModelFile(d / megatron_folders.MODEL_FILE)
                 f.close()  # only the object tree is needed here; a map per rank would exhaust file handles
                 dialect_translate.check_rank_files(f, d / megatron_folders.OPTIM_FILE)   # MSAdapter's refusals
@@ -660,6 +679,8 @@ class MegatronSource:
         self.ranks: dict[tuple, SourceRank] = {}
         matched_of: dict = {}   # id(inventory) -> (inventory, matched, unmatched): shared inventories match alike
         for key, model_file in files.items():
+            if not self.planned(key):   # rank (0, 0, 0), read by a planner of other stages for what it says
+                continue
             hit = matched_of.get(id(inventory[key]))
             if hit is None:
                 hit = matched_of[id(inventory[key])] = (inventory[key],) + match_rules(
@@ -677,12 +698,9 @@ class MegatronSource:
                 f"no rule in {rules.path} matches {len(names)} tensor(s) of {path}: {listing(names)}"
                 f"{f' (and {len(unmatched_all) - 1} more files)' if len(unmatched_all) > 1 else ''}. "
                 f"Add rules for them (or pick other rules with --rules); nothing was written")
-        unused = [r for r in rules.params if not r.optional and r.loc not in rules_used]
-        if unused:
-            raise CkptmapError(
-                f"rule(s) of {rules.path} matched no tensor in {ckdir.root}: "
-                f"{listing(f'{r.loc}: {r.megatron}' for r in unused)}; the checkpoint is not the model these "
-                f"rules describe (choose other --rules, or mark the rule `optional`)")
+        self.rules_used = frozenset(rules_used)
+        if opt.pp_part is None:
+            self.check_rules_used(self.rules_used)
         self.notes: list[str] = []   # param_maps found next to the checkpoint and ignored, and why
         if ckdir.ep_size == 1:
             self.param_maps = _param_maps(opt, ckdir, self.notes)
@@ -698,9 +716,53 @@ class MegatronSource:
                                   f"bucket layout is derived (and checked against every weight)")
             self.param_maps = []
         self.maps_of = maps_by_chunk(self.param_maps)
+        self._global_notes = len(self.notes)   # the notes of every part alike; the later ones are its ranks'
+        self.more_origins: set = set()   # bucket layout origins of ranks other processes planned (absorb)
         self.blocks = None
         self.chosen: dict = {}       # the bucket block that fits the file
         self.has_optimizer = False
+
+    def planned(self, key) -> bool:
+        """Whether rank ``key`` (tp, pp, ep) is one this source plans (all, unless ``pp_part``)."""
+        part = self.opt.pp_part
+        return part is None or part[0] <= key[1] < part[1]
+
+    def check_rules_used(self, rules_used) -> None:
+        """Every rule not marked optional matched a tensor of some rank (``rules_used``: their locations)."""
+        rules = self.rules
+        unused = [r for r in rules.params if not r.optional and r.loc not in rules_used]
+        if unused:
+            raise CkptmapError(
+                f"rule(s) of {rules.path} matched no tensor in {self.ckdir.root}: "
+                f"{listing(f'{r.loc}: {r.megatron}' for r in unused)}; the checkpoint is not the model these "
+                f"rules describe (choose other --rules, or mark the rule `optional`)")
+
+    def facts(self) -> "PartFacts":
+        """What this source found that a plan of all ranks needs when other processes planned the rest."""
+        candidates = self.chosen.get("candidates") or ([self.chosen["block"]] if self.chosen.get("block") else [])
+        return PartFacts(self.rules_used, frozenset(self.dialects), frozenset(self._origins()),
+                         tuple(b.label for b in candidates), tuple(self.notes[self._global_notes:]))
+
+    def absorb(self, facts: "PartFacts", stages: str) -> None:
+        """Take in the facts of the planner of ``stages`` (other pipeline stages, planned in another process):
+        as if this source had read those ranks too (checks over all ranks, the plan's info)."""
+        self.rules_used = self.rules_used | facts.rules_used
+        self.dialects |= facts.dialects
+        self.more_origins |= facts.origins
+        self.notes.extend(facts.notes)
+        kept = self.chosen.get("candidates") or ([self.chosen["block"]] if self.chosen.get("block") else [])
+        if facts.candidates:   # the versions that fit every buffer: those that fit here and there
+            both = [b for b in kept or self.blocks or () if b.label in facts.candidates]
+            if not both:
+                raise CkptmapError(
+                    f"the optimizer buckets of {self.ckdir.root} fit the layouts of {', '.join(b.label for b in kept)} "
+                    f"in some pipeline stages and of {', '.join(facts.candidates)} in {stages}: no Megatron version "
+                    f"wrote them all; the checkpoint mixes runs, or say which version wrote it with --megatron-version")
+            self.chosen["candidates"], self.chosen["block"] = both, both[0]
+
+    def _origins(self) -> set:
+        return {"param_map" if bl.origin != "derived" else "derived"
+                for r in self.ranks.values() for _, _, bl in (r.own_layouts or ())} | self.more_origins
 
     def _noop_from_args(self, rules) -> tuple:
         """``layers: count = N, noop = NAME``: the args attribute NAME lists the noop layer ids."""
@@ -779,9 +841,7 @@ class MegatronSource:
         if layout.ep > 1 or self.env.get("num_experts"):
             out.update(ep=layout.ep, experts=self.env.get("num_experts"))
         if self.has_optimizer:
-            origins = {"param_map" if bl.origin != "derived" else "derived"
-                       for r in self.ranks.values() for _, _, bl in r.own_layouts}
-            out["bucket_layout"] = " + ".join(sorted(origins))
+            out["bucket_layout"] = " + ".join(sorted(self._origins()))
             if self.chosen.get("block") is not None:
                 out["megatron_layout"] = " / ".join(b.label for b in self.chosen.get("candidates")
                                                     or [self.chosen["block"]])
