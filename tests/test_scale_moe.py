@@ -294,3 +294,34 @@ def test_the_dry_run_summary_counts_every_ranks_tensors(moe_checkpoint, tmp_path
     assert f"tensors by pattern ({want} tensors)" in text
     made = text[text.index("how the bytes are made: "):].splitlines()[0]
     assert sum(int(n) for n in re.findall(r" (\d+) tensors", made)) == want
+
+
+def test_the_listing_before_a_run_names_each_files_tensors_bytes_and_source(moe_checkpoint, tmp_path):
+    """One line per file before a run: a .ckpt's tensor count and bytes (summed here from numpy item sizes,
+    once per file although ranks share their tensor lists), a pt_meta's model file relative to the source
+    root (os.path.relpath), and the total."""
+    import io
+    import math
+    import os
+
+    import numpy as np
+
+    from ckptmap.cli.printing import human_bytes, print_plan
+
+    plan = compile_pt2ms(Pt2MsOptions(str(moe_checkpoint), str(tmp_path / "out")))
+    out = io.StringIO()
+    print_plan(plan, out, detail=False)
+    lines = out.getvalue().splitlines()
+    root = str(moe_checkpoint / "iter_0000003")
+    total = 0
+    itemsize = {"bfloat16": 2, "float32": 4, "float16": 2}
+    for f in plan.files:
+        if f.format == "ckpt":
+            nbytes = sum(math.prod(t.shape) * (itemsize.get(t.dtype) or np.dtype(t.dtype).itemsize) for t in f.tensors)
+            total += nbytes
+            assert f"{f.path}  (ckpt, {len(f.tensors)} tensors, {human_bytes(nbytes)})" in lines
+        elif f.format == "torch_meta":
+            assert any(line.startswith(f"{f.path}  (entries ") and f" of {os.path.relpath(f.source, root)} + " in line
+                       for line in lines), f.path
+    assert any(f"(source root {root})" in line for line in lines)
+    assert lines[-1].startswith(f"total: {len(plan.files)} files, ") and f" {human_bytes(total)} of tensor data" in lines[-1]

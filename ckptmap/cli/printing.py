@@ -52,6 +52,7 @@ def _print_rows(rows, out, after=None) -> None:
 
 
 _DIGITS = re.compile(r"\d+")
+_DIGITS_AS_ZERO = str.maketrans("0123456789", "0000000000")
 
 
 def _pattern(text: str) -> str:
@@ -93,13 +94,20 @@ class _Tally:
 
         self._elementwise, self._itemsize = _elementwise, dtypes.itemsize
         self.patterns: dict = {}
+        self.by_mask: dict = {}
         self.hows: dict = {}
         self.sizes: dict = {}
 
     def pattern(self, text: str) -> str:
         p = self.patterns.get(text)
         if p is None:
-            p = self.patterns[text] = _pattern(text)
+            # names whose numbers have the same numbers of digits have one pattern: found by a translate
+            # (ranks' file names are all distinct: a regex substitution each was most of their cost)
+            masked = text.translate(_DIGITS_AS_ZERO)
+            p = self.by_mask.get(masked)
+            if p is None:
+                p = self.by_mask[masked] = _pattern(text)
+            self.patterns[text] = p
         return p
 
     def nbytes(self, t) -> int:   # TensorTask.nbytes
@@ -285,9 +293,11 @@ def print_plan(plan, out=None, detail: bool = True, summary: bool = False) -> No
               f"tensor data (source root {common})", file=out)
         return
     n_tensors = 0
+    sizes: dict = {}
     for f in plan.files:
         if f.format in ("ckpt", "safetensors"):
-            print(f"\n{f.path}  ({f.format}, {len(f.tensors)} tensors, {human_bytes(f.nbytes)})", file=out)
+            print(f"\n{f.path}  ({f.format}, {len(f.tensors)} tensors, {human_bytes(_file_nbytes(f, sizes))})",
+                  file=out)
             n_tensors += len(f.tensors)
             if detail:
                 _print_rows([_tensor_row(t, common, f=f) for t in f.tensors], out)
@@ -310,7 +320,7 @@ def print_plan(plan, out=None, detail: bool = True, summary: bool = False) -> No
         elif f.format == "copy":
             print(f"\n{f.path}  (copy of {f.source})", file=out)
         elif f.format == "torch_meta":
-            print(f"\n{f.path}  (entries {', '.join(f.keys)} of {os.path.relpath(f.source, common)}"
+            print(f"\n{f.path}  (entries {', '.join(f.keys)} of {_relative(f.source, common)}"
                   f" + {', '.join(f.extra)} + layout skeletons)", file=out)
         elif f.storages:   # Megatron files a reshard / torch_dist conversion assembles
             tensors = [p.tensor for st in f.storages for p in st.pieces if p.tensor]
@@ -324,8 +334,30 @@ def print_plan(plan, out=None, detail: bool = True, summary: bool = False) -> No
                 _print_rows([_tensor_row(t, common) for t in tensors], out, boxes)
         else:
             print(f"\n{f.path}  ({f.format})", file=out)
-    print(f"\ntotal: {len(plan.files)} files, {n_tensors} tensors, {human_bytes(plan.nbytes)} of tensor data "
+    total = sum(_file_nbytes(f, sizes) for f in plan.files)
+    print(f"\ntotal: {len(plan.files)} files, {n_tensors} tensors, {human_bytes(total)} of tensor data "
           f"(source root {common})", file=out)
+
+
+def _file_nbytes(f, sizes: dict) -> int:
+    """``f.nbytes``, summed once per tensors tuple (``sizes``: by its id): the ranks of one structure share
+    theirs, and summing every rank's tensors was most of listing a 16,384-rank plan."""
+    if f.storages:
+        return f.nbytes
+    hit = sizes.get(id(f.tensors))
+    if hit is None or hit[0] is not f.tensors:
+        hit = sizes[id(f.tensors)] = (f.tensors, f.nbytes)
+    return hit[1]
+
+
+def _relative(path: str, common: str) -> str:
+    """``os.path.relpath(path, common)``; for a normalized absolute path under ``common`` (every file of a
+    plan, against its source root), the part after it, without relpath's splitting of both."""
+    root = common.rstrip("/")
+    if common.startswith("/") and path.startswith(root + "/") and path == os.path.normpath(path) \
+            and common == os.path.normpath(common):
+        return path[len(root) + 1:]
+    return os.path.relpath(path, common)
 
 
 LISTED_FILES = 64   # a run writing more files prints them by folder (--full: every file)
