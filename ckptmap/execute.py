@@ -860,15 +860,17 @@ def _run_image_program(task: FileTask, view, sources: "_Sources") -> bool:
 def write_file(task: FileTask, root: Path, progress=None, fsync: bool = False) -> int:
     """Write one FileTask atomically; returns the size of the file written (what the per-file listing and the
     summary report: a pickle, a param map or a copy is not 0 bytes because it holds no tensor data)."""
+    final = os.path.join(root, task.path)   # str paths: pathlib's parsing was half of writing a small text file
     with byte_io.source_fds():   # each source file opened once while this file is written, not per tensor
-        _write_file(task, root, progress, fsync)
-    return os.stat(root / task.path).st_size
+        _write_file(task, root, final, progress, fsync)
+    return os.stat(final).st_size
 
 
-def _write_file(task: FileTask, root: Path, progress, fsync: bool) -> None:
-    final = root / task.path
-    if not os.path.isdir(final.parent):   # one stat; mkdir of an existing folder raises and catches, per file
-        final.parent.mkdir(parents=True, exist_ok=True)
+def _write_file(task: FileTask, root, final_path: str, progress, fsync: bool) -> None:
+    parent = os.path.dirname(final_path)
+    if not os.path.isdir(parent):   # one stat; mkdir of an existing folder raises and catches, per file
+        os.makedirs(parent, exist_ok=True)
+    final = Path(final_path)
     if task.format == "torch_stream":
         sources = _Sources(inputs=task.inputs)
         try:
@@ -894,7 +896,7 @@ def _write_file(task: FileTask, root: Path, progress, fsync: bool) -> None:
             pt_meta.write_pt_meta(task.source, task.aux_source, task.keys, task.extra, final, fsync=fsync)
         _trim_read_trees()
         return
-    with atomic.atomic_output(final, fsync=fsync) as tmp:
+    with atomic.atomic_output(final_path, fsync=fsync) as tmp:
         if task.format in registry.TENSOR_FORMATS:
             sources = _Sources(inputs=task.inputs)
             sources.defer_checks()
@@ -917,10 +919,11 @@ def _write_file(task: FileTask, root: Path, progress, fsync: bool) -> None:
             finally:
                 sources.close()
         elif task.format == "copy":
-            source = root / task.source if task.source_is_output else Path(task.source)
+            source = os.path.join(root, task.source) if task.source_is_output else task.source
             shutil.copyfile(source, tmp)
         elif task.format == "text":
-            tmp.write_text(task.text)
+            with open(tmp, "wb") as f:
+                f.write(task.text.encode("utf-8"))
         else:
             raise CkptmapError(f"plan has a file of unknown format {task.format!r} ({task.path})")
 
