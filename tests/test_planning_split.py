@@ -54,6 +54,19 @@ def test_stages_are_split_into_contiguous_parts(monkeypatch):
     assert sorted(b - a for a, b in parts) in ([12] * 4 + [13] * 4, [12, 12, 12, 12, 13, 13, 13, 13])
     with pytest.raises(CkptmapError, match="--planning-processes 0"):
         planning_split.stage_parts(4, 8, 0)
+    assert planning_split.stage_parts(64, 16_384, None, limit=1) == [(0, 64)]
+    assert len(planning_split.stage_parts(64, 16_384, None, limit=3)) == 3
+    assert len(planning_split.stage_parts(64, 16_384, 5, limit=1)) == 5   # asked for: the limit is the default's
+
+
+def test_the_command_splits_by_default_from_many_ranks_but_not_under_multiprocess_off(tmp_path, monkeypatch, forks):
+    monkeypatch.setattr(planning_split, "available_cpus", lambda: 2)
+    monkeypatch.setattr(planning_split, "SPLIT_FROM_RANKS", 4)   # the fixture's 4 ranks count as many
+    argv = ["plan", "pt2ms", "--megatron-path", str(fixture_dir(PP2)), "--ms-path", str(tmp_path / "ms"), "--dry-run"]
+    assert main(argv) == 0 and forks == ["pipeline stage 1"]
+    assert main(argv + ["--process-limit", "1"]) == 0 and forks == ["pipeline stage 1"]
+    assert main(["pt2ms"] + argv[2:-1] + ["--multiprocess-off", "--no-progress"]) == 0
+    assert forks == ["pipeline stage 1"] and (tmp_path / "ms" / "rank_0" / "network.ckpt").is_file()
 
 
 @pytest.mark.parametrize("name", [PP2, PP3])

@@ -65,7 +65,8 @@ def add_pt2ms_flags(p: argparse.ArgumentParser) -> None:
                         "written (default: by folder beyond 64 files).")
     c.add_argument("--planning-processes", type=int, default=None, metavar="N",
                    help="Processes reading the ranks while planning, each those of some pipeline stages (default: one "
-                        "per CPU, up to 8, from 1,024 ranks on; 1: plan in this process).")
+                        "per CPU, up to 8 and --process-limit, from 1,024 ranks on; 1, or --multiprocess-off: plan in "
+                        "this process).")
 
 
 def add_run_flags(g) -> None:
@@ -176,7 +177,8 @@ def pt2ms_options(ns):
         convert_param_only=ns.convert_param_only, file_prefix=ns.file_prefix, format=ns.format,
         dist_opt_content=tuple(ns.dist_opt_content), rules=ns.rules, layout=ns.layout, dtype=ns.dtype,
         crc=ns.crc, megatron_version=ns.megatron_version, main_param_check=ns.main_param_check,
-        planning_processes=getattr(ns, "planning_processes", None))
+        planning_processes=getattr(ns, "planning_processes", None),
+        planning_limit=1 if getattr(ns, "multiprocess_off", False) else getattr(ns, "process_limit", None))
 
 
 def add_target_flags(g) -> None:

@@ -54,8 +54,10 @@ class Pt2MsOptions:
     # the caller spot-checks the main params of the plan it makes of this one (pt2ms of torch_dist: the files
     # planned from are intermediates whose byte copies are holes, see mapping/torch_dist_pt2ms.py)
     defer_spot_check: bool = False
-    # processes reading the ranks (planning_split): None decides by the number of ranks and CPUs
+    # processes reading the ranks (planning_split): None decides by the number of ranks and CPUs, at most
+    # planning_limit (the run's --process-limit; 1 under --multiprocess-off)
     planning_processes: int | None = None
+    planning_limit: int | None = None
 
 
 def source_options(opt) -> SourceOptions:
@@ -72,7 +74,7 @@ def compile_pt2ms(opt: Pt2MsOptions) -> Plan:
     if opt.dtype != "keep" and opt.dtype not in FLOAT_DTYPES:
         raise CkptmapError(f"--dtype {opt.dtype}: use keep or one of {', '.join(FLOAT_DTYPES)}")
     ckdir = megatron_folders.open_checkpoint_dir(opt.megatron_path)
-    parts = planning_split.stage_parts(ckdir.pp_size, len(ckdir.ranks), opt.planning_processes)
+    parts = planning_split.stage_parts(ckdir.pp_size, len(ckdir.ranks), opt.planning_processes, opt.planning_limit)
     if len(parts) == 1:
         return _assemble(opt, _plan_part(opt, ckdir, None), [])
     with contextlib.ExitStack() as forks:

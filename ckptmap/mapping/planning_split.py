@@ -34,12 +34,13 @@ def available_cpus() -> int:
         return os.cpu_count() or 1
 
 
-def stage_parts(pp_size: int, n_ranks: int, processes: int | None) -> list[tuple[int, int]]:
+def stage_parts(pp_size: int, n_ranks: int, processes: int | None, limit: int | None = None) -> list[tuple[int, int]]:
     """Contiguous [first, end) ranges of pipeline stages, one per planning process. ``processes``: None
-    decides (one per available CPU, up to MAX_PROCESSES, from SPLIT_FROM_RANKS ranks on), a number
-    asks for that many (never more than there are stages)."""
+    decides (one per available CPU, up to MAX_PROCESSES and ``limit``, from SPLIT_FROM_RANKS ranks on), a
+    number asks for that many (never more than there are stages)."""
     if processes is None:
-        processes = min(available_cpus(), MAX_PROCESSES) if n_ranks >= SPLIT_FROM_RANKS else 1
+        cap = min(available_cpus(), MAX_PROCESSES, limit or MAX_PROCESSES)
+        processes = max(1, cap) if n_ranks >= SPLIT_FROM_RANKS else 1
     if processes < 1:
         raise CkptmapError(f"--planning-processes {processes}: give 1 or more")
     n = max(1, min(processes, pp_size))
