@@ -110,13 +110,11 @@ class _Tally:
             self.patterns[text] = p
         return p
 
-    def nbytes(self, t) -> int:   # TensorTask.nbytes
-        size = self.sizes.get(t.dtype)
-        if size is None:
-            size = self.sizes[t.dtype] = self._itemsize(t.dtype)
-        n = size
-        for d in t.shape:
-            n *= d
+    def nbytes(self, t) -> int:   # TensorTask.nbytes, by (dtype, shape): the stages repeat their shapes
+        key = (t.dtype, t.shape)
+        n = self.sizes.get(key)
+        if n is None:
+            n = self.sizes[key] = t.nbytes
         return n
 
     def how(self, t) -> str:
@@ -220,16 +218,20 @@ def _tally_rows(items, tally: _Tally) -> dict:
     """{(name pattern, how): [count, bytes, first tensor, its storage, its piece]} of a file's (tensor,
     storage, piece) items (_all_tensors), in their order; a padding piece has no tensor."""
     out: dict = {}
-    for t, storage, piece in items:
+    known_pattern, pattern, how, sizes = tally.patterns.get, tally.pattern, tally.how, tally.sizes.get
+    for t, storage, piece in items:   # ~130,000 tensors at 16,384 MoE ranks: the lookups are inlined
         if t is None:
-            k, nbytes = (tally.pattern(f"[{storage}] padding"), "padding"), piece.padding.shape[0]
+            k, nbytes = (pattern(f"[{storage}] padding"), "padding"), piece.padding.shape[0]
         else:
-            k, nbytes = (tally.pattern(t.name), tally.how(t)), tally.nbytes(t)
+            name = t.name
+            k = (known_pattern(name) or pattern(name), how(t))
+            nbytes = sizes((t.dtype, t.shape)) or tally.nbytes(t)
         e = out.get(k)
         if e is None:
-            e = out[k] = [0, 0, t, storage, piece]
-        e[0] += 1
-        e[1] += nbytes
+            out[k] = [1, nbytes, t, storage, piece]
+        else:
+            e[0] += 1
+            e[1] += nbytes
     return out
 
 
