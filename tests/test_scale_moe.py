@@ -294,6 +294,17 @@ def test_the_dry_run_summary_counts_every_ranks_tensors(moe_checkpoint, tmp_path
     assert f"tensors by pattern ({want} tensors)" in text
     made = text[text.index("how the bytes are made: "):].splitlines()[0]
     assert sum(int(n) for n in re.findall(r" (\d+) tensors", made)) == want
+    # and every file's bytes: its tensors' elements times their item sizes, summed here
+    import math
+
+    import numpy as np
+
+    from ckptmap.cli.printing import human_bytes
+
+    itemsize = {"bfloat16": 2}
+    total = sum(math.prod(t.shape) * (itemsize.get(t.dtype) or np.dtype(t.dtype).itemsize)
+                for f in plan.files for t in f.tensors)
+    assert f"tensors, {human_bytes(total)} of tensor data" in text
 
 
 def test_the_listing_before_a_run_names_each_files_tensors_bytes_and_source(moe_checkpoint, tmp_path):
