@@ -338,3 +338,50 @@ def test_range_write_refuses_a_range_of_the_wrong_size(tmp_path):
     with pytest.raises(CkptmapError, match="needs 48 bytes but its data ended after 40"):
         with CkptWriter(tmp_path / "y.ckpt") as w:
             w.write_chunks("a", "float32", (3, 4), [bytes(40)])
+
+
+def test_files_laid_out_alike_are_read_from_the_last_scan(tmp_path, monkeypatch):
+    """The ranks of a pipeline stage: .ckpt files of one size whose records differ only in their contents.
+    A file is not parsed again when its bytes outside the contents are the last scanned file's of its size,
+    yet every value read is its own (MindSpore's load_checkpoint is the truth); a file of equal size whose
+    names or types differ is parsed (and refused if it must be); a damaged content byte still fails the CRC."""
+    import ckptmap.formats.mindspore_ckpt as mc
+
+    g = torch.Generator().manual_seed(1)
+
+    def save(path, names, crc=False):
+        ms.save_checkpoint({n: to_ms(torch.randn(4, 3, generator=g)) for n in names}, str(path), crc_check=crc)
+
+    a, b, c = (tmp_path / f"{x}.ckpt" for x in "abc")
+    save(a, ["layers.1.w", "layers.1.b"])
+    save(b, ["layers.1.w", "layers.1.b"])
+    save(c, ["layers.2.w", "layers.2.b"])   # the same size: names of the same length
+    assert a.stat().st_size == b.stat().st_size == c.stat().st_size and a.read_bytes() != b.read_bytes()
+    scans = []
+    real = mc.CkptReader._scan
+    monkeypatch.setattr(mc.CkptReader, "_scan", lambda self, size: scans.append(self.path) or real(self, size))
+    mc._SHAPES.clear()
+    for path in (a, b, c):
+        want = ms.load_checkpoint(str(path))
+        with CkptReader(path) as r:
+            assert r.keys() == list(want)
+            for name, value in want.items():
+                assert r.spec(name) == ("float32", (4, 3))
+                assert raw(r.array(name)) == raw(value.asnumpy()), (path, name)
+    assert scans == [str(a), str(c)]
+    data = c.read_bytes()
+    at = data.index(b"Float32")
+    bad = tmp_path / "bad.ckpt"
+    bad.write_bytes(data[:at] + b"Float33" + data[at + 7:])
+    with pytest.raises(CkptmapError, match="Float33"):
+        CkptReader(bad)
+    assert scans[-1] == str(bad)
+    d, e = tmp_path / "d.ckpt", tmp_path / "e.ckpt"
+    save(d, ["w", "b"], crc=True)
+    save(e, ["w", "b"], crc=True)
+    with CkptReader(d) as r:
+        assert r.has_crc
+    flip(str(e), 60)   # a content byte: the layout is d's, the CRC-32 is still checked
+    with pytest.raises(CkptmapError, match="CRC-32 mismatch"):
+        CkptReader(e)
+    assert scans[-1] == str(d)

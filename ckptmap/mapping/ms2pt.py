@@ -205,20 +205,22 @@ def compile_ms2pt(opt: Ms2PtOptions) -> Plan:
     # ckptmap has none: then the args, as pt2ms read them)
     env = {**env, "tp": tp_found, **(first.root.get("rules_config") or {})}
     config_used = rules_config(rules, env)
-    ranks = []
-    for tp in range(tp_found):
-        for pp in range(pp_found):
-            for ep in range(ep_found):
-                meta = first if (tp, pp, ep) == (0, 0, 0) else _read_meta(meta_dir, tp, pp, ep_name(ep))
-                matched, unmatched = match_rules(rules, meta.tensors, meta.path, memo)
-                if unmatched:
-                    raise CkptmapError(f"no rule in {rules.path} matches {listing(unmatched)} of {meta.path}; add "
-                                       f"rules for them or pick other rules with --rules")
-                check_layers(layout, matched, meta.path, tp, pp)
-                ranks.append((tp, pp, ep, meta, matched))
+    # read stage by stage (a stage's ranks' files are alike: each is read from the last one's layout), planned
+    # in Megatron's rank order
+    stage_order = [(tp, pp, ep) for pp in range(pp_found) for ep in range(ep_found) for tp in range(tp_found)]
+    read = {}
+    for tp, pp, ep in stage_order:
+        meta = first if (tp, pp, ep) == (0, 0, 0) else _read_meta(meta_dir, tp, pp, ep_name(ep))
+        matched, unmatched = match_rules(rules, meta.tensors, meta.path, memo)
+        if unmatched:
+            raise CkptmapError(f"no rule in {rules.path} matches {listing(unmatched)} of {meta.path}; add "
+                               f"rules for them or pick other rules with --rules")
+        check_layers(layout, matched, meta.path, tp, pp)
+        read[(tp, pp, ep)] = (tp, pp, ep, meta, matched)
+    ranks = [read[key] for key in sorted(read)]
     # the MindSpore files, and the iteration they are at
     sources = {}
-    for tp, pp, ep, meta, matched in ranks:
+    for tp, pp, ep, meta, matched in (read[key] for key in stage_order):
         it_hint = meta.root.get("iteration")
         ms_file = _ms_file(ms_root, layout_name, megatron_folders.latest_iteration(ms_root) if layout_name == "v2" else it_hint,
                            tp, pp, pp_found, layout.mp_rank_ranks(tp, pp, all_dp_cp=False, ep=ep)[0], opt,
