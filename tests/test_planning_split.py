@@ -12,6 +12,7 @@ import shutil
 import signal
 import time
 
+import numpy as np
 import pytest
 
 from ckptmap.cli import main
@@ -182,3 +183,28 @@ def test_a_failure_in_the_command_stops_the_other_planners():
             raise CkptmapError("stage 0 refused")
     with pytest.raises(ChildProcessError):   # killed and reaped: no such child any more
         os.waitpid(pid, os.WNOHANG)
+
+
+def test_ms2pt_iterations_are_compared_across_the_planning_processes(tmp_path, capsys, forks):
+    """ms2pt planned by stage: a MindSpore file of the last stage at another iteration is refused with the same
+    words as when one process reads every rank, though each process saw one iteration only."""
+    import mindspore as ms
+
+    ms_dir = tmp_path / "ms"
+    assert main(["pt2ms", "--megatron-path", str(fixture_dir(PP2)), "--ms-path", str(ms_dir), "--no-progress"]) == 0
+    last = ms_dir / "rank_4" / "network.ckpt"   # tp 0, pp 1 (TP 2, DP 2): the second stage's first rank
+    params = ms.load_checkpoint(str(last))
+    assert int(params["step_num"].asnumpy()) == 1
+    params["step_num"] = ms.Parameter(ms.Tensor(np.array(5, dtype=params["step_num"].asnumpy().dtype)), name="step_num")
+    ms.save_checkpoint([{"name": k, "data": v} for k, v in params.items()], str(last))
+    capsys.readouterr()
+    errors = {}
+    for n in (1, 2):
+        out = tmp_path / f"back{n}"
+        assert main(["ms2pt", "--ms-path", str(ms_dir), "--megatron-path", str(out), "--no-progress",
+                     "--planning-processes", str(n)]) != 0
+        errors[n] = capsys.readouterr().err
+        assert not out.exists()
+    assert forks == ["pipeline stage 1"]
+    assert "different iterations (['1', '5'])" in errors[2]
+    assert errors[1] == errors[2]

@@ -2,7 +2,6 @@
 MindSpore side, ms2pt -> pt2ms returns the MindSpore tensors unchanged."""
 
 import filecmp
-import json
 import shutil
 
 import mindspore as ms
@@ -43,6 +42,29 @@ def test_full_round_trip_is_byte_identical(name, fmt, layout, tmp_path):
     assert sorted(p.name for p in (c / "iter_0000001" / "param_map").iterdir()) == maps
     for name in maps:
         assert (c / "iter_0000001" / "param_map" / name).read_bytes() == (a / "param_map" / name).read_bytes()
+
+
+@pytest.mark.parametrize("name", ["legacy_tp2pp2dp2", "legacy_tp1pp3vpp2dp1"])
+def test_round_trip_planned_by_stage_in_processes_is_byte_identical(name, tmp_path, monkeypatch):
+    """Both directions planned in one process per pipeline stage (issue 16; forced: by default from 1,024 ranks)."""
+    from ckptmap.mapping import planning_split
+
+    forks = []
+    real = planning_split.Forked
+
+    class Recorded(real):
+        def __init__(self, work, what):
+            forks.append(what)
+            super().__init__(work, what)
+    monkeypatch.setattr(planning_split, "Forked", Recorded)
+    a = fixture_dir(name)
+    _, c = convert_and_back(a, tmp_path, "--planning-processes", "3")
+    stages = [f"pipeline stage {p}" for p in range(1, 3 if "pp3" in name else 2)]
+    assert forks == stages + stages   # pt2ms, then ms2pt
+    assert rank_dirs(c) == rank_dirs(a)
+    for rank in rank_dirs(a):
+        for f in ("distrib_optim.pt", "model_optim_rng.pt"):
+            assert filecmp.cmp(a / rank / f, c / rank / f, shallow=False), f"{rank}/{f} differs"
 
 
 @pytest.mark.parametrize("name", FIXTURE_NAMES)

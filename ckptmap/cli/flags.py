@@ -63,6 +63,10 @@ def add_pt2ms_flags(p: argparse.ArgumentParser) -> None:
     c.add_argument("--dry-run", action="store_true", help="Print the plan (a summary by pattern) and write nothing.")
     c.add_argument("--full", action="store_true", help="With --dry-run: list every file and tensor of the plan; when converting: list every file "
                         "written (default: by folder beyond 64 files).")
+    add_planning_flag(c)
+
+
+def add_planning_flag(c) -> None:
     c.add_argument("--planning-processes", type=int, default=None, metavar="N",
                    help="Processes reading the ranks while planning, each those of some pipeline stages (default: one "
                         "per CPU, up to 8 and --process-limit, from 1,024 ranks on; 1, or --multiprocess-off: plan in "
@@ -147,6 +151,7 @@ def add_ms2pt_flags(p: argparse.ArgumentParser) -> None:
     c.add_argument("--dry-run", action="store_true", help="Print the plan (a summary by pattern) and write nothing.")
     c.add_argument("--full", action="store_true", help="With --dry-run: list every file and tensor of the plan; when converting: list every file "
                         "written (default: by folder beyond 64 files).")
+    add_planning_flag(c)
 
 
 def ms2pt_options(ns):
@@ -161,7 +166,9 @@ def ms2pt_options(ns):
         stage_list=parse_stage_list(ns.stage_list) if ns.stage_list else None,
         parallel_init_order=ns.parallel_init_order, convert_param_only=ns.convert_param_only, rules=ns.rules,
         layout=ns.layout, file_prefix=ns.file_prefix, dialect=ns.dialect, rng=rng_policy(ns),
-        cast_exact=ns.cast_exact, allow_extra=ns.allow_extra)
+        cast_exact=ns.cast_exact, allow_extra=ns.allow_extra,
+        planning_processes=getattr(ns, "planning_processes", None),
+        planning_limit=1 if getattr(ns, "multiprocess_off", False) else getattr(ns, "process_limit", None))
 
 
 def pt2ms_options(ns):

@@ -16,6 +16,8 @@ translated on the way (``dialect_translate``, with ``ckptmap convert``'s RNG pol
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
 from pathlib import Path
 
@@ -25,7 +27,7 @@ import numpy as np
 from ckptmap import dtypes
 from ckptmap.errors import CkptmapError
 from ckptmap.formats import megatron_files, megatron_folders, mindspeed, param_map, pt_meta, registry, torch_zip_reader
-from ckptmap.mapping import buckets
+from ckptmap.mapping import buckets, planning_split
 from ckptmap.mapping.compiler import rules_config, stacked_count
 from ckptmap.mapping import ops as tensor_ops
 from ckptmap.mapping.megatron_source import (RankMemo, global_bindings, check_layers, check_size, choose_rules, ddp_name, listing,
@@ -62,6 +64,8 @@ class Ms2PtOptions:
     rng: str = "refuse"                  # when translating: refuse | drop | keep (dialect_translate.RNG_POLICIES)
     cast_exact: bool = False             # other dtypes than expected: cast if every value survives it
     allow_extra: bool = False            # MindSpore tensors no rule reads: listed in the plan and left out
+    planning_processes: int | None = None   # processes reading the ranks (mapping/planning_split.py)
+    planning_limit: int | None = None       # at most this many when deciding (--process-limit)
 
 
 @attrs.frozen
@@ -195,35 +199,105 @@ def compile_ms2pt(opt: Ms2PtOptions) -> Plan:
                             noop=frozenset(opt.noop), order=opt.parallel_init_order)
     param_maps = param_map.find_param_maps(meta_dir)
     maps_of = maps_by_chunk(param_maps)
-    memo = RankMemo()
-
-    plan_files: list[FileTask] = []
-    iterations = set()
-    out_iteration = None
     env = {k: v for k, v in vars(args).items() if isinstance(v, int)} if args is not None else {}
     # the values pt2ms resolved the rules' ops and parts with win over the args (pt_meta of an older
     # ckptmap has none: then the args, as pt2ms read them)
     env = {**env, "tp": tp_found, **(first.root.get("rules_config") or {})}
     config_used = rules_config(rules, env)
-    # read stage by stage (a stage's ranks' files are alike: each is read from the last one's layout), planned
-    # in Megatron's rank order
-    stage_order = [(tp, pp, ep) for pp in range(pp_found) for ep in range(ep_found) for tp in range(tp_found)]
-    read = {}
+    setup = _Setup(ms_root, layout_name, meta_dir, first, rules, layout, env, maps_of, tp_found, pp_found, ep_found,
+                   ep_name)
+    parts = planning_split.stage_parts(pp_found, tp_found * pp_found * ep_found, opt.planning_processes,
+                                       opt.planning_limit)
+    if len(parts) == 1:
+        done = [_plan_part(opt, setup, None)]
+    else:
+        with contextlib.ExitStack() as forks:
+            others = [forks.enter_context(planning_split.Forked(functools.partial(_plan_part, opt, setup, part),
+                                                                planning_split.stages_text(part)))
+                      for part in parts[1:]]
+            done = [_plan_part(opt, setup, parts[0])] + [other.result() for other in others]
+    iterations = set().union(*(d.iterations for d in done))
+    if len(iterations) != 1:
+        raise CkptmapError(f"the MindSpore files are at different iterations ({sorted(map(str, iterations))}); "
+                           f"convert one consistent checkpoint")
+    out_iteration = iterations.pop()
+    dialects = _DialectChoice(opt)
+    for d in done:
+        dialects.pairs |= d.dialect_pairs
+    dialects.check()
+    files_of = {key: files for d in done for key, files in d.files.items()}
+    left_of = {key: note for d in done for key, note in d.left_out.items()}
+    plan_files = [f for key in sorted(files_of) for f in files_of[key]]   # Megatron's rank order
+    left_out = [left_of[key] for key in sorted(left_of)]
+    if not opt.convert_param_only:
+        # the checkpoint describes its own bucket layout, as with ckptmap.hooks.megatron
+        iter_maps = f"{megatron_folders.iter_dir_name(out_iteration)}/{megatron_folders.PARAM_MAP_DIR}"
+        plan_files.extend(FileTask(f"{iter_maps}/{pm.path.name}", "copy", source=str(pm.path)) for pm in param_maps)
+    plan_files.append(FileTask(megatron_folders.TRACKER, "text", text=str(out_iteration)))
+    info = {"source": str(ms_root), "layout": layout_name, "pt_meta": str(meta_dir), "iteration": out_iteration,
+            "rules": rules.name, "tp": tp_found, "pp": pp_found, "vpp": chunks, "num_layers": num_layers,
+            "noop": sorted(opt.noop), **({"config": config_used} if config_used else {}),
+            "mode": "weights only" if opt.convert_param_only else "weights + distributed optimizer",
+            "dialect": dialects.describe()}
+    if left_out:
+        info["left_out"] = left_out
+    return Plan("ms2pt", str(Path(opt.megatron_path)), tuple(plan_files), info)
+
+
+@attrs.frozen
+class _Setup:
+    """What every planner of ms2pt's ranks starts from: the folders, rank (0, 0, 0)'s pt_meta, rules and layout."""
+
+    ms_root: Path
+    layout_name: str
+    meta_dir: Path
+    first: "_MetaRank"
+    rules: object
+    layout: ParallelLayout
+    env: dict
+    maps_of: dict
+    tp_found: int
+    pp_found: int
+    ep_found: int
+    ep_name: object
+
+
+@attrs.frozen
+class _Part:
+    """The plan of the ranks of some pipeline stages: {(tp, pp, ep): [its files]}, the iterations its MindSpore
+    files are at, the (read, written) dialect pairs, {(tp, pp, ep): note} of tensors left out (--allow-extra)."""
+
+    files: dict
+    iterations: set
+    dialect_pairs: set
+    left_out: dict
+
+
+def _plan_part(opt: Ms2PtOptions, setup: _Setup, stages) -> _Part:
+    """Plan the ranks of pipeline stages ``stages`` ([first, end); None: all), stage by stage (a stage's ranks'
+    files are alike: each is read from the last one's layout)."""
+    rules, layout, env, ep_name = setup.rules, setup.layout, setup.env, setup.ep_name
+    memo = RankMemo()
+    first_stage, end_stage = stages or (0, setup.pp_found)
+    stage_order = [(tp, pp, ep) for pp in range(first_stage, end_stage) for ep in range(setup.ep_found)
+                   for tp in range(setup.tp_found)]
+    ranks = []
     for tp, pp, ep in stage_order:
-        meta = first if (tp, pp, ep) == (0, 0, 0) else _read_meta(meta_dir, tp, pp, ep_name(ep))
+        meta = setup.first if (tp, pp, ep) == (0, 0, 0) else _read_meta(setup.meta_dir, tp, pp, ep_name(ep))
         matched, unmatched = match_rules(rules, meta.tensors, meta.path, memo)
         if unmatched:
             raise CkptmapError(f"no rule in {rules.path} matches {listing(unmatched)} of {meta.path}; add "
                                f"rules for them or pick other rules with --rules")
         check_layers(layout, matched, meta.path, tp, pp)
-        read[(tp, pp, ep)] = (tp, pp, ep, meta, matched)
-    ranks = [read[key] for key in sorted(read)]
+        ranks.append((tp, pp, ep, meta, matched))
     # the MindSpore files, and the iteration they are at
     sources = {}
-    for tp, pp, ep, meta, matched in (read[key] for key in stage_order):
+    iterations = set()
+    for tp, pp, ep, meta, matched in ranks:
         it_hint = meta.root.get("iteration")
-        ms_file = _ms_file(ms_root, layout_name, megatron_folders.latest_iteration(ms_root) if layout_name == "v2" else it_hint,
-                           tp, pp, pp_found, layout.mp_rank_ranks(tp, pp, all_dp_cp=False, ep=ep)[0], opt,
+        ms_file = _ms_file(setup.ms_root, setup.layout_name,
+                           megatron_folders.latest_iteration(setup.ms_root) if setup.layout_name == "v2" else it_hint,
+                           tp, pp, setup.pp_found, layout.mp_rank_ranks(tp, pp, all_dp_cp=False, ep=ep)[0], opt,
                            ep_name(ep))
         reader = registry.open_reader(ms_file)
         try:
@@ -238,41 +312,28 @@ def compile_ms2pt(opt: Ms2PtOptions) -> Plan:
     if len(iterations) != 1:
         raise CkptmapError(f"the MindSpore files are at different iterations ({sorted(map(str, iterations))}); "
                            f"convert one consistent checkpoint")
-    out_iteration = iterations.pop()
-
+    out_iteration = next(iter(iterations))
     dialects = _DialectChoice(opt)
-    left_out: list[str] = []
+    files: dict = {}
+    left_out: dict = {}
     for tp, pp, ep, meta, matched in ranks:
         ms_file, specs, scalars = sources[(tp, pp, ep)]
         rank_dir = (f"{megatron_folders.iter_dir_name(out_iteration)}/"
-                    f"{megatron_folders.mp_rank_dir_name(tp, pp, pp_found, ep_name(ep))}")
+                    f"{megatron_folders.mp_rank_dir_name(tp, pp, setup.pp_found, ep_name(ep))}")
         weights = {(m.tensor.chunk, m.tensor.name): _reverse_task(m, layout, pp, ep, env) for m in matched}
-        plan_files.append(dialects.add(_model_file(meta, rank_dir, weights, ms_file, specs, out_iteration,
-                                                   opt.convert_param_only, scalars, opt.cast_exact), meta))
+        mine = files[(tp, pp, ep)] = [dialects.add(_model_file(meta, rank_dir, weights, ms_file, specs, out_iteration,
+                                                               opt.convert_param_only, scalars, opt.cast_exact), meta)]
         if not opt.convert_param_only:
-            plan_files.append(dialects.add(_optim_file(meta, rank_dir, matched, layout, pp, tp, rules, ms_file, specs,
-                                                       maps_of, memo, ep, ep_name(ep), env, opt.cast_exact), meta))
-        extra = _unread_tensors(specs, weights, rules, meta, out_iteration, layout_name)
+            mine.append(dialects.add(_optim_file(meta, rank_dir, matched, layout, pp, tp, rules, ms_file, specs,
+                                                 setup.maps_of, memo, ep, ep_name(ep), env, opt.cast_exact), meta))
+        extra = _unread_tensors(specs, weights, rules, meta, out_iteration, setup.layout_name)
         if extra and not opt.allow_extra:
             raise CkptmapError(f"{ms_file} holds {len(extra)} tensor(s) no rule reads back into Megatron: "
                                f"{listing(extra)}; they would be lost. Add rules for them (--rules), or pass "
                                f"--allow-extra to leave them out (the plan lists them)")
         if extra:
-            left_out.append(f"{ms_file}: {len(extra)} tensor(s) left out (--allow-extra): {listing(extra)}")
-    dialects.check()
-    if not opt.convert_param_only:
-        # the checkpoint describes its own bucket layout, as with ckptmap.hooks.megatron
-        iter_maps = f"{megatron_folders.iter_dir_name(out_iteration)}/{megatron_folders.PARAM_MAP_DIR}"
-        plan_files.extend(FileTask(f"{iter_maps}/{pm.path.name}", "copy", source=str(pm.path)) for pm in param_maps)
-    plan_files.append(FileTask(megatron_folders.TRACKER, "text", text=str(out_iteration)))
-    info = {"source": str(ms_root), "layout": layout_name, "pt_meta": str(meta_dir), "iteration": out_iteration,
-            "rules": rules.name, "tp": tp_found, "pp": pp_found, "vpp": chunks, "num_layers": num_layers,
-            "noop": sorted(opt.noop), **({"config": config_used} if config_used else {}),
-            "mode": "weights only" if opt.convert_param_only else "weights + distributed optimizer",
-            "dialect": dialects.describe()}
-    if left_out:
-        info["left_out"] = left_out
-    return Plan("ms2pt", str(Path(opt.megatron_path)), tuple(plan_files), info)
+            left_out[(tp, pp, ep)] = f"{ms_file}: {len(extra)} tensor(s) left out (--allow-extra): {listing(extra)}"
+    return _Part(files, iterations, dialects.pairs, left_out)
 
 
 class _DialectChoice:
