@@ -334,13 +334,17 @@ def bind_skeleton(meta: dict, which: str):
             out.extend(bind(v) for v in node)
             return out
         elif type(node) is tuple:
-            out = tuple(bind(v) for v in node)
+            # a tuple of plain values (an RNG state: 625 ints) binds to itself: kept, not rebuilt item by item
+            out = node if set(map(type, node)) <= _PLAIN_VALUES else tuple(bind(v) for v in node)
         else:
             return node
         memo[id(node)] = out
         return out
 
     return bind(meta[which])
+
+
+_PLAIN_VALUES = frozenset({int, float, bool, str, bytes, type(None)})
 
 
 def _meta_of(zf: TorchZipFile, meta_path, which: str) -> dict:

@@ -227,7 +227,10 @@ def compile_ms2pt(opt: Ms2PtOptions) -> Plan:
     dialects.check()
     files_of = {key: files for d in done for key, files in d.files.items()}
     left_of = {key: note for d in done for key, note in d.left_out.items()}
-    plan_files = [f for key in sorted(files_of) for f in files_of[key]]   # Megatron's rank order
+    # stage by stage (pp, ep, tp): a worker taking consecutive small files meets a stage's ranks together, whose
+    # files are alike (the .ckpt layout of the last one read, mindspore_ckpt._ScanShape)
+    stage_major = sorted(files_of, key=lambda key: (key[1], key[2], key[0]))
+    plan_files = [f for key in stage_major for f in files_of[key]]
     left_out = [left_of[key] for key in sorted(left_of)]
     if not opt.convert_param_only:
         # the checkpoint describes its own bucket layout, as with ckptmap.hooks.megatron
