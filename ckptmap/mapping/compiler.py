@@ -7,7 +7,6 @@ before anything is written, so a refused conversion leaves the output untouched.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import pickle
 from pathlib import Path
@@ -75,15 +74,9 @@ def compile_pt2ms(opt: Pt2MsOptions) -> Plan:
         raise CkptmapError(f"--dtype {opt.dtype}: use keep or one of {', '.join(FLOAT_DTYPES)}")
     ckdir = megatron_folders.open_checkpoint_dir(opt.megatron_path)
     parts = planning_split.stage_parts(ckdir.pp_size, len(ckdir.ranks), opt.planning_processes, opt.planning_limit)
-    if len(parts) == 1:
-        return _assemble(opt, _plan_part(opt, ckdir, None), [])
-    with contextlib.ExitStack() as forks:
-        others = [forks.enter_context(planning_split.Forked(functools.partial(_handed_back, opt, ckdir, part),
-                                                            planning_split.stages_text(part)))
-                  for part in parts[1:]]
-        mine = _plan_part(opt, ckdir, parts[0])
-        handed = [(part, other.result()) for part, other in zip(parts[1:], others)]
-    return _assemble(opt, mine, handed)
+    done = planning_split.in_parts(parts, functools.partial(_plan_part, opt, ckdir),
+                                   functools.partial(_handed_back, opt, ckdir))
+    return _assemble(opt, done[0], list(zip(parts[1:], done[1:])))
 
 
 @attrs.frozen

@@ -16,7 +16,6 @@ translated on the way (``dialect_translate``, with ``ckptmap convert``'s RNG pol
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import math
 from pathlib import Path
@@ -208,14 +207,7 @@ def compile_ms2pt(opt: Ms2PtOptions) -> Plan:
                    ep_name)
     parts = planning_split.stage_parts(pp_found, tp_found * pp_found * ep_found, opt.planning_processes,
                                        opt.planning_limit)
-    if len(parts) == 1:
-        done = [_plan_part(opt, setup, None)]
-    else:
-        with contextlib.ExitStack() as forks:
-            others = [forks.enter_context(planning_split.Forked(functools.partial(_plan_part, opt, setup, part),
-                                                                planning_split.stages_text(part)))
-                      for part in parts[1:]]
-            done = [_plan_part(opt, setup, parts[0])] + [other.result() for other in others]
+    done = planning_split.in_parts(parts, functools.partial(_plan_part, opt, setup))
     iterations = set().union(*(d.iterations for d in done))
     if len(iterations) != 1:
         raise CkptmapError(f"the MindSpore files are at different iterations ({sorted(map(str, iterations))}); "

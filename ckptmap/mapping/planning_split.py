@@ -15,6 +15,8 @@ failure or Ctrl-C stops the others (SIGKILL; they write nothing), and they stop 
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
 import pickle
 import signal
@@ -51,6 +53,18 @@ def stage_parts(pp_size: int, n_ranks: int, processes: int | None, limit: int | 
 def stages_text(part: tuple[int, int]) -> str:
     first, end = part
     return f"pipeline stage {first}" if end - first == 1 else f"pipeline stages {first}-{end - 1}"
+
+
+def in_parts(parts: list, here, there=None) -> list:
+    """``[here(None)]`` for one part (all stages); else ``here(parts[0])`` in this process while forked
+    processes run ``there(part)`` (default ``here``) for the others, in parallel: the results in part order."""
+    if len(parts) == 1:
+        return [here(None)]
+    there = there or here
+    with contextlib.ExitStack() as forks:
+        others = [forks.enter_context(Forked(functools.partial(there, part), stages_text(part))) for part in parts[1:]]
+        mine = here(parts[0])
+        return [mine] + [other.result() for other in others]
 
 
 class Forked:
