@@ -755,8 +755,9 @@ class MegatronSource:
             both = [b for b in kept or self.blocks or () if b.label in facts.candidates]
             if not both:
                 raise CkptmapError(
-                    f"the optimizer buckets of {self.ckdir.root} fit the layouts of {', '.join(b.label for b in kept)} "
-                    f"in some pipeline stages and of {', '.join(facts.candidates)} in {stages}: no Megatron version "
+                    f"the optimizer buckets of {self.ckdir.root} fit the layouts of "
+                    f"{', '.join(b.label for b in kept) or 'no known version'} in some pipeline stages and of "
+                    f"{', '.join(facts.candidates)} in {stages}: no Megatron version "
                     f"wrote them all; the checkpoint mixes runs, or say which version wrote it with --megatron-version")
             self.chosen["candidates"], self.chosen["block"] = both, both[0]
 
