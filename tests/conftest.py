@@ -28,3 +28,20 @@ def byte_runs(monkeypatch) -> list:
         real = getattr(byte_io, name)
         monkeypatch.setattr(byte_io, name, lambda rng, fd, *a, real=real: (sizes.append(rng.nbytes), real(rng, fd, *a))[1])
     return sizes
+
+
+@pytest.fixture
+def forks(monkeypatch) -> list:
+    """The stages each forked planning process was given (mapping/planning_split.py), in order: so that a
+    test of the split knows it happened."""
+    from ckptmap.mapping import planning_split
+
+    made: list = []
+    real = planning_split.Forked
+
+    class Recorded(real):
+        def __init__(self, work, what):
+            made.append(what)
+            super().__init__(work, what)
+    monkeypatch.setattr(planning_split, "Forked", Recorded)
+    return made

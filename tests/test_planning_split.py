@@ -27,20 +27,6 @@ PP2 = "legacy_tp2pp2dp2"      # real Megatron r0.6.0: TP 2 x PP 2, DP 2
 PP3 = "legacy_tp1pp3vpp2dp1"  # PP 3, two model chunks a stage
 
 
-@pytest.fixture
-def forks(monkeypatch):
-    """The stages each forked planning process was given (so a test knows the split happened)."""
-    made = []
-    real = planning_split.Forked
-
-    class Recorded(real):
-        def __init__(self, work, what):
-            made.append(what)
-            super().__init__(work, what)
-    monkeypatch.setattr(planning_split, "Forked", Recorded)
-    return made
-
-
 def test_stages_are_split_into_contiguous_parts(monkeypatch):
     monkeypatch.setattr(planning_split, "available_cpus", lambda: 2)
     assert planning_split.stage_parts(64, 16_384, None) == [(0, 32), (32, 64)]

@@ -45,18 +45,8 @@ def test_full_round_trip_is_byte_identical(name, fmt, layout, tmp_path):
 
 
 @pytest.mark.parametrize("name", ["legacy_tp2pp2dp2", "legacy_tp1pp3vpp2dp1"])
-def test_round_trip_planned_by_stage_in_processes_is_byte_identical(name, tmp_path, monkeypatch):
+def test_round_trip_planned_by_stage_in_processes_is_byte_identical(name, tmp_path, forks):
     """Both directions planned in one process per pipeline stage (issue 16; forced: by default from 1,024 ranks)."""
-    from ckptmap.mapping import planning_split
-
-    forks = []
-    real = planning_split.Forked
-
-    class Recorded(real):
-        def __init__(self, work, what):
-            forks.append(what)
-            super().__init__(work, what)
-    monkeypatch.setattr(planning_split, "Forked", Recorded)
     a = fixture_dir(name)
     _, c = convert_and_back(a, tmp_path, "--planning-processes", "3")
     stages = [f"pipeline stage {p}" for p in range(1, 3 if "pp3" in name else 2)]
