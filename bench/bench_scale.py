@@ -8,6 +8,8 @@ folders (each with ``model_optim_rng.pt`` and ``distrib_optim.pt``, laid out exa
   header, derives every bucket layout, prints the whole plan to /dev/null);
 * ``ckptmap plan pt2ms -o plan.json`` (the same, plus the plan saved as JSON);
 * ``ckptmap pt2ms`` (the full conversion, 2 worker processes);
+* with ``--ms2pt``, the way back from that conversion's output: ``ckptmap plan ms2pt --dry-run`` and
+  ``ckptmap ms2pt`` (2 workers; the MindSpore checkpoint is converted once, unmeasured, by the CLI measured);
 
 with wall time, CPU time (user + system of the process tree: steadier than wall time when other
 jobs share the machine) and the peak memory of the whole process tree, sampled every 20 ms: RSS
@@ -266,6 +268,8 @@ def main():
                          "conversion time once ranks hold bytes)")
     ap.add_argument("--repeat", type=int, default=1, help="runs per measurement (the fastest is shown)")
     ap.add_argument("--no-convert", action="store_true", help="plan only; skip the full conversion")
+    ap.add_argument("--ms2pt", action="store_true",
+                    help="also measure the way back (plan ms2pt --dry-run, ms2pt) from a pt2ms output")
     ap.add_argument("--profile", action="store_true", help="cProfile the compile of the largest checkpoint")
     ap.add_argument("--keep", action="store_true", help="keep the work dir (checkpoints are reused)")
     ap.add_argument("--out-dir", help="where the conversions (and cp -r) write, e.g. /dev/shm: every run into a "
@@ -348,6 +352,14 @@ def main():
             steps.append(("cp -r of the source", ["cp", "-r", str(src), str(out)], out))
             steps.append(("pt2ms (2 workers)", CLI + ["pt2ms"] + flags + ["--ms-path", str(out), "--no-progress",
                                                                          "--process-limit", "2"], out))
+        ms_dir = out_root / f"ckptmap-scale-out-{os.getpid()}-ms"   # the way back reads it (removed with the rest)
+        if ns.ms2pt:
+            subprocess.run(CLI + ["pt2ms"] + flags + ["--ms-path", str(ms_dir), "--no-progress"], check=True,
+                           stdout=subprocess.DEVNULL)
+            steps.append(("plan ms2pt --dry-run", CLI + ["plan", "ms2pt", "--ms-path", str(ms_dir), "--megatron-path",
+                                                         str(out), "--dry-run"], None))
+            steps.append(("ms2pt (2 workers)", CLI + ["ms2pt", "--ms-path", str(ms_dir), "--megatron-path", str(out),
+                                                      "--no-progress", "--process-limit", "2"], out))
         for step, cmd, written in steps:
             r = measured(cmd, out if written == out else None)
             n, size = r["written"] if written == out else (1, written.stat().st_size) if written else (0, 0)
