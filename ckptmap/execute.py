@@ -860,13 +860,13 @@ def _run_image_program(task: FileTask, view, sources: "_Sources") -> bool:
 def write_file(task: FileTask, root: Path, progress=None, fsync: bool = False) -> int:
     """Write one FileTask atomically; returns the size of the file written (what the per-file listing and the
     summary report: a pickle, a param map or a copy is not 0 bytes because it holds no tensor data)."""
-    final = os.path.join(root, task.path)   # str paths: pathlib's parsing was half of writing a small text file
     with byte_io.source_fds():   # each source file opened once while this file is written, not per tensor
-        _write_file(task, root, final, progress, fsync)
-    return os.stat(final).st_size
+        _write_file(task, root, progress, fsync)
+    return os.stat(os.path.join(root, task.path)).st_size
 
 
-def _write_file(task: FileTask, root, final_path: str, progress, fsync: bool) -> None:
+def _write_file(task: FileTask, root, progress, fsync: bool) -> None:
+    final_path = os.path.join(root, task.path)   # str paths: pathlib's parsing was half of writing a small text file
     parent = os.path.dirname(final_path)
     if not os.path.isdir(parent):   # one stat; mkdir of an existing folder raises and catches, per file
         os.makedirs(parent, exist_ok=True)

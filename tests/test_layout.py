@@ -645,3 +645,12 @@ def test_rank_enumeration_is_linear_in_the_ranks_listed():
         n_full = traced_lines(lambda: lay.ranks(all_dp_cp=True), layout_module)
         n_zero = traced_lines(lambda: lay.ranks(all_dp_cp=False), layout_module)
         assert n_full <= 25 * lay.world_size and n_zero <= 25 * lay.tp * lay.pp, (PP, n_full, n_zero)
+
+
+def test_stage_major_puts_a_stages_ranks_together():
+    """(tp, pp, ep) keys sorted stage by stage: pipeline rank, then expert rank, then tensor rank (written out)."""
+    from ckptmap.mapping.layout import stage_major
+
+    keys = [(tp, pp, ep) for tp in range(2) for pp in range(2) for ep in range(2)]
+    assert sorted(keys, key=stage_major) == [(0, 0, 0), (1, 0, 0), (0, 0, 1), (1, 0, 1),
+                                             (0, 1, 0), (1, 1, 0), (0, 1, 1), (1, 1, 1)]

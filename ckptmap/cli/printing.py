@@ -89,10 +89,6 @@ class _Tally:
     distinct op lists, so those are worked out once each."""
 
     def __init__(self):
-        from ckptmap import dtypes
-        from ckptmap.execute import _elementwise
-
-        self._elementwise, self._itemsize = _elementwise, dtypes.itemsize
         self.patterns: dict = {}
         self.by_mask: dict = {}
         self.hows: dict = {}

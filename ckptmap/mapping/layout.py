@@ -67,6 +67,13 @@ FLAGS = {
 # --------------------------------------------------------------------------- parsing helpers
 
 
+def stage_major(key: tuple) -> tuple:
+    """A rank key (tp, pp, ep) as it sorts stage by stage: pipeline rank, expert rank, then tensor rank —
+    the ranks of one stage, whose files are alike, next to each other."""
+    tp, pp, ep = key
+    return pp, ep, tp
+
+
 def _as_int(value, flag: str, what: str) -> int:
     """One integer from an int-like value or a decimal string; CkptmapError otherwise."""
     if isinstance(value, bool):

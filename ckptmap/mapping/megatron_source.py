@@ -21,7 +21,7 @@ from ckptmap.errors import CkptmapError
 from ckptmap.formats import dialect_translate, megatron_files, megatron_folders, param_map, torch_zip_reader
 from ckptmap.mapping import buckets
 from ckptmap.mapping import ops as tensor_ops
-from ckptmap.mapping.layout import ParallelLayout
+from ckptmap.mapping.layout import ParallelLayout, stage_major
 from ckptmap.mapping.plan import INPUT_PREFIX, FileTask, SourceSlice, concat_range
 from ckptmap.mapping.rules import EXPERT, LAYER, ParamRule, RuleSet, bundled_rules, load_rules, resolve_rules
 
@@ -626,7 +626,8 @@ class MegatronSource:
         trees: dict = {}
         size_args = [name for _, name, _ in _SIZE_ARGS]
         with torch_zip_reader.shared_trees(trees):
-            for key, d in sorted(ckdir.ranks.items(), key=lambda kd: (kd[0][1], kd[0][2], kd[0][0])):
+            for key in sorted(ckdir.ranks, key=stage_major):
+                d = ckdir.ranks[key]
                 if not self.planned(key) and key != (0, 0, 0):
                     continue
                 f = read[key] = megatron_files.ModelFile(d / megatron_folders.MODEL_FILE)
@@ -739,9 +740,8 @@ class MegatronSource:
 
     def facts(self) -> "PartFacts":
         """What this source found that a plan of all ranks needs when other processes planned the rest."""
-        candidates = self.chosen.get("candidates") or ([self.chosen["block"]] if self.chosen.get("block") else [])
         return PartFacts(self.rules_used, frozenset(self.dialects), frozenset(self._origins()),
-                         tuple(b.label for b in candidates), tuple(self.notes[self._global_notes:]))
+                         tuple(b.label for b in self.fitting_blocks()), tuple(self.notes[self._global_notes:]))
 
     def absorb(self, facts: "PartFacts", stages: str) -> None:
         """Take in the facts of the planner of ``stages`` (other pipeline stages, planned in another process):
@@ -750,7 +750,7 @@ class MegatronSource:
         self.dialects |= facts.dialects
         self.more_origins |= facts.origins
         self.notes.extend(facts.notes)
-        kept = self.chosen.get("candidates") or ([self.chosen["block"]] if self.chosen.get("block") else [])
+        kept = self.fitting_blocks()
         if facts.candidates:   # the versions that fit every buffer: those that fit here and there
             both = [b for b in kept or self.blocks or () if b.label in facts.candidates]
             if not both:
@@ -760,6 +760,13 @@ class MegatronSource:
                     f"{', '.join(facts.candidates)} in {stages}: no Megatron version "
                     f"wrote them all; the checkpoint mixes runs, or say which version wrote it with --megatron-version")
             self.chosen["candidates"], self.chosen["block"] = both, both[0]
+
+    def fitting_blocks(self) -> list:
+        """The `buckets megatron` blocks whose layout fits every buffer read (empty when the layouts came from
+        param_map files, or no optimizer was read)."""
+        if self.chosen.get("block") is None:
+            return []
+        return list(self.chosen.get("candidates") or [self.chosen["block"]])
 
     def _origins(self) -> set:
         return {"param_map" if bl.origin != "derived" else "derived"
@@ -784,7 +791,7 @@ class MegatronSource:
         state they share). A stage's ranks write pickles that differ in their rank numbers alone: read one
         after another, each reuses the last one's tree (pickle_delta), which a worker keeping a few trees
         loses when a stage's ranks lie a pipeline's length apart (tp-major: 512 stages at 4,096 ranks)."""
-        return [self.ranks[k] for k in sorted(self.ranks, key=lambda k: (k[1], k[2], k[0]))]
+        return [self.ranks[k] for k in sorted(self.ranks, key=stage_major)]
 
     def with_optimizer(self) -> "MegatronSource":
         """Read every rank's distrib_optim.pt and work out its bucket layouts (see _buffer_layouts)."""
@@ -844,8 +851,7 @@ class MegatronSource:
         if self.has_optimizer:
             out["bucket_layout"] = " + ".join(sorted(self._origins()))
             if self.chosen.get("block") is not None:
-                out["megatron_layout"] = " / ".join(b.label for b in self.chosen.get("candidates")
-                                                    or [self.chosen["block"]])
+                out["megatron_layout"] = " / ".join(b.label for b in self.fitting_blocks())
                 out["main_param_check"] = "on" if self.opt.main_param_check else "off (--no-main-param-check)"
         if self.notes:
             out["param_map_ignored"] = self.notes

@@ -31,7 +31,7 @@ from ckptmap.mapping.compiler import rules_config, stacked_count
 from ckptmap.mapping import ops as tensor_ops
 from ckptmap.mapping.megatron_source import (RankMemo, global_bindings, check_layers, check_size, choose_rules, ddp_name, listing,
                                       maps_by_chunk, match_rules, planning)
-from ckptmap.mapping.layout import ParallelLayout
+from ckptmap.mapping.layout import ParallelLayout, stage_major
 from ckptmap.mapping.plan import FileTask, Op, Plan, SourceSlice, StoragePiece, StorageTask, TensorTask
 from ckptmap.mapping.rules import EXPERT
 
@@ -208,21 +208,16 @@ def compile_ms2pt(opt: Ms2PtOptions) -> Plan:
     parts = planning_split.stage_parts(pp_found, tp_found * pp_found * ep_found, opt.planning_processes,
                                        opt.planning_limit)
     done = planning_split.in_parts(parts, functools.partial(_plan_part, opt, setup))
-    iterations = set().union(*(d.iterations for d in done))
-    if len(iterations) != 1:
-        raise CkptmapError(f"the MindSpore files are at different iterations ({sorted(map(str, iterations))}); "
-                           f"convert one consistent checkpoint")
-    out_iteration = iterations.pop()
+    out_iteration = _one_iteration(set().union(*(d.iterations for d in done)))
     dialects = _DialectChoice(opt)
     for d in done:
         dialects.pairs |= d.dialect_pairs
     dialects.check()
     files_of = {key: files for d in done for key, files in d.files.items()}
     left_of = {key: note for d in done for key, note in d.left_out.items()}
-    # stage by stage (pp, ep, tp): a worker taking consecutive small files meets a stage's ranks together, whose
-    # files are alike (the .ckpt layout of the last one read, mindspore_ckpt._ScanShape)
-    stage_major = sorted(files_of, key=lambda key: (key[1], key[2], key[0]))
-    plan_files = [f for key in stage_major for f in files_of[key]]
+    # stage by stage: a worker taking consecutive small files meets a stage's ranks together, whose files are
+    # alike (the .ckpt layout of the last one read, mindspore_ckpt._ScanShape)
+    plan_files = [f for key in sorted(files_of, key=stage_major) for f in files_of[key]]
     left_out = [left_of[key] for key in sorted(left_of)]
     if not opt.convert_param_only:
         # the checkpoint describes its own bucket layout, as with ckptmap.hooks.megatron
@@ -268,14 +263,22 @@ class _Part:
     left_out: dict
 
 
+def _one_iteration(iterations: set):
+    """The iteration every MindSpore file read is at (a part's, or all parts')."""
+    if len(iterations) != 1:
+        raise CkptmapError(f"the MindSpore files are at different iterations ({sorted(map(str, iterations))}); "
+                           f"convert one consistent checkpoint")
+    return next(iter(iterations))
+
+
 def _plan_part(opt: Ms2PtOptions, setup: _Setup, stages) -> _Part:
     """Plan the ranks of pipeline stages ``stages`` ([first, end); None: all), stage by stage (a stage's ranks'
     files are alike: each is read from the last one's layout)."""
     rules, layout, env, ep_name = setup.rules, setup.layout, setup.env, setup.ep_name
     memo = RankMemo()
     first_stage, end_stage = stages or (0, setup.pp_found)
-    stage_order = [(tp, pp, ep) for pp in range(first_stage, end_stage) for ep in range(setup.ep_found)
-                   for tp in range(setup.tp_found)]
+    stage_order = sorted(((tp, pp, ep) for tp in range(setup.tp_found) for pp in range(first_stage, end_stage)
+                          for ep in range(setup.ep_found)), key=stage_major)
     ranks = []
     for tp, pp, ep in stage_order:
         meta = setup.first if (tp, pp, ep) == (0, 0, 0) else _read_meta(setup.meta_dir, tp, pp, ep_name(ep))
@@ -304,10 +307,7 @@ def _plan_part(opt: Ms2PtOptions, setup: _Setup, stages) -> _Part:
             reader.close()
         iterations.add(int(it) if it is not None else it_hint)
         sources[(tp, pp, ep)] = (ms_file, specs, scalars)
-    if len(iterations) != 1:
-        raise CkptmapError(f"the MindSpore files are at different iterations ({sorted(map(str, iterations))}); "
-                           f"convert one consistent checkpoint")
-    out_iteration = next(iter(iterations))
+    out_iteration = _one_iteration(iterations)
     dialects = _DialectChoice(opt)
     files: dict = {}
     left_out: dict = {}

@@ -551,7 +551,7 @@ def _target_blocks(src: MegatronSource, opt: ReshardOptions) -> list:
         raise CkptmapError(f"{src.ckdir.root}: the source's bucket layout comes from its param_map files, which do not "
                            f"say which Megatron version laid it out, and the target's buffers must be laid out by one; "
                            f"name the version that will load the target with --target-megatron-version (e.g. 0.6)")
-    return list(src.chosen.get("candidates") or [src.chosen["block"]])
+    return src.fitting_blocks()
 
 
 def _build_target_buffer(blocks: list, entries: list, values: dict, where: str):
