@@ -50,9 +50,9 @@ class Opaque:
         self.x = x
 
 
-def _shared_tuple(n):
-    t = (1, n)
-    return {"a": t, "b": t}
+def _shared_and_constructed(n):
+    t = [1, n]
+    return {"a": t, "s": slice(0, t)}   # the shared list is also a constructor's argument
 
 
 @pytest.mark.parametrize("make", [
@@ -61,7 +61,7 @@ def _shared_tuple(n):
     pytest.param(lambda n: {"s": slice(1, n)}, id="constructor argument"),
     pytest.param(lambda n: {"c": complex(n, 1)}, id="constructor argument (complex)"),
     pytest.param(lambda n: {"o": Opaque(n)}, id="state of another class"),
-    pytest.param(_shared_tuple, id="memoised tuple referred to twice"),
+    pytest.param(_shared_and_constructed, id="a shared container also fed to a constructor"),
     pytest.param(lambda n: {"big": n * 10 ** 12}, id="a long int (LONG1)"),
 ])
 def test_numbers_feeding_anything_else_are_not_read_from_the_first_tree(make):
@@ -70,6 +70,28 @@ def test_numbers_feeding_anything_else_are_not_read_from_the_first_tree(make):
         pytest.skip("different lengths")   # never compared
     slots = pickle_delta.scalar_slots(first)
     assert slots is None or pickle_delta.patched(pickle.loads(first), slots, first, second) is None
+
+
+def _shared_args(rank, local):
+    args = argparse.Namespace(rank=rank, local_rank=local, sizes=[8, 2])
+    pair = (1, rank)
+    # pt_meta's shape: the args Namespace at the top and inside a skeleton; a tuple and a list twice
+    return {"args": args, "skeleton": {"args": args, "pair": pair, "iteration": 3}, "pairs": [pair, pair],
+            "rows": [args.sizes, args.sizes]}
+
+
+@pytest.mark.parametrize("protocol", [2, 4])
+def test_numbers_below_shared_containers_keep_them_shared(protocol):
+    """A Namespace, a tuple and a list the tree holds in two places each, with numbers that differ below
+    them: the tree read from the first one's equals the second's own, and each shared container is still
+    one object in all its places (as the unpickler makes it: a re-pickle gives the same bytes)."""
+    got, want, first = _read(_shared_args(300, 2), _shared_args(301, 5), protocol)
+    assert got == want and got["args"].rank == 301 and got["skeleton"]["pair"] == (1, 301)
+    assert got["args"] is got["skeleton"]["args"] and type(got["args"]) is argparse.Namespace
+    assert got["pairs"][0] is got["pairs"][1] is got["skeleton"]["pair"]
+    assert got["args"].sizes is first["args"].sizes   # unchanged below: the first tree's objects
+    assert pickle.dumps(got, protocol=protocol) == pickle.dumps(want, protocol=protocol)
+    assert first == _shared_args(300, 2)
 
 
 @pytest.mark.parametrize("first_args, second_args", [((1, 2), (4, 2)), ((1, 2), (1, 3))])
@@ -136,3 +158,56 @@ def test_real_megatron_rank_files_read_from_their_stage_neighbours():
         assert _plain(root["args"]) == _plain(want["args"]) and root["iteration"] == want["iteration"]
         assert root["args"].rank == want["args"].rank
     assert sorted(r["args"].rank for r in roots) == [0, 1, 4, 5]
+
+
+def test_pt_meta_files_of_a_stage_read_from_their_neighbour(tmp_path):
+    """pt2ms's pt_meta files of one pipeline stage (archive prefixes args_tp00_pp000/ and args_tp01_pp000/,
+    one per file; the args Namespace held twice: at the top and in the skeleton) differ in args.rank and
+    local_rank: read in stage order inside shared_trees, one file per stage is unpickled and every tree
+    is what torch.load gives — args values and the one Namespace in both places."""
+    from ckptmap.cli import main
+    ms = tmp_path / "ms"
+    assert main(["pt2ms", "--megatron-path", str(FIXTURES / "megatron-r0.6.0/legacy_tp2pp2dp2"), "--ms-path", str(ms),
+                 "--no-progress"]) == 0
+    files = sorted((ms / "pt_meta").glob("args_tp*_pp*.pt"), key=lambda f: (f.stem.split("_")[2], f.stem))
+    assert [f.stem for f in files] == ["args_tp00_pp000", "args_tp01_pp000", "args_tp00_pp001", "args_tp01_pp001"]
+    unpickled = []
+    real = torch_zip_reader._unpickle
+
+    def counting(archive, *a, **kw):
+        unpickled.append(archive.path)
+        return real(archive, *a, **kw)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(torch_zip_reader, "_unpickle", counting)
+        with torch_zip_reader.shared_trees({}):
+            roots = [TorchZipFile(f).root for f in files]
+    assert [Path(p).stem for p in unpickled] == ["args_tp00_pp000", "args_tp00_pp001"]
+    for root, f in zip(roots, files):
+        want = torch.load(f, map_location="cpu", weights_only=False)
+        assert root["args"] is root["ckptmap"]["model_optim_rng"]["args"]
+        assert want["args"] is want["ckptmap"]["model_optim_rng"]["args"]
+        assert _plain(root["args"]) == _plain(want["args"]) and root["iteration"] == want["iteration"]
+    assert [r["args"].rank for r in roots] == [0, 1, 4, 5]   # TP 2 x DP 2: the stages start at ranks 0 and 4
+
+
+def test_a_file_differing_in_many_bytes_is_unpickled_without_following(tmp_path):
+    """Following a pickle's opcodes costs more than unpickling it: a file whose pickle differs from the
+    template's in more bytes than a few numbers (another stage's RNG state) is unpickled at once; the
+    next file, differing from it in one number, is read from its tree. Values as torch.load gives."""
+    paths = []
+    for i, (base, rank) in enumerate([(1000, 3), (2000, 3), (2000, 4)]):
+        (tmp_path / f"r{i}").mkdir()
+        paths.append(tmp_path / f"r{i}" / "model_optim_rng.pt")
+        torch.save({"rng": tuple(range(base, base + 100)), "rank": rank, "w": torch.zeros(2)}, paths[-1])
+    assert len({p.stat().st_size for p in paths}) == 1
+    followed, unpickled = [], []
+    real_follow, real_unpickle = pickle_delta.scalar_slots, torch_zip_reader._unpickle
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(pickle_delta, "scalar_slots", lambda data: followed.append(1) or real_follow(data))
+        mp.setattr(torch_zip_reader, "_unpickle", lambda a, *x, **k: unpickled.append(a.path) or real_unpickle(a, *x, **k))
+        with torch_zip_reader.shared_trees({}):
+            roots = [TorchZipFile(p).root for p in paths]
+    assert followed == [1] and [Path(p).parent.name for p in unpickled] == ["r0", "r1"]
+    for root, p in zip(roots, paths):
+        want = torch.load(p)
+        assert root["rng"] == want["rng"] and root["rank"] == want["rank"]

@@ -5,14 +5,17 @@ ranks of a stage write the same objects but for ``args.rank`` / ``args.local_ran
 costs ~0.5 ms; this module reads such a file in ~30 us from the tree of the first one:
 
 * :func:`scalar_slots` follows a pickle's opcodes once (no objects made) and finds the numbers
-  (``BININT1`` / ``BININT2`` / ``BININT`` / ``BINFLOAT``) that land, untouched, in exactly one place
-  of the result: a value of a plain dict, an item of a list or tuple, an attribute of an
-  ``argparse.Namespace`` — reached from the root only through such places, none of them memoised and
-  fetched again (shared). A number fed to anything else (a constructor's arguments, a tensor rebuild,
-  a persistent id, a dict key, a state of another class) is not a slot.
+  (``BININT1`` / ``BININT2`` / ``BININT`` / ``BINFLOAT``) that land, untouched, in plain places of the
+  result: values of plain dicts, items of lists or tuples, attributes of an ``argparse.Namespace`` —
+  reached from the root only through such places. A container memoised and fetched again (an args
+  Namespace a file holds twice) is followed when every fetch puts it in such a place too: the number
+  then has a path through each. A number fed to anything else (a constructor's arguments, a tensor
+  rebuild, a persistent id, a dict key, a state of another class), or below a container that is, is
+  not a slot.
 * :func:`patched` takes another pickle of the same length: if every byte that differs lies inside
   such a number's argument bytes, the opcode sequence is the same and only those values differ, so the
-  result is the first tree with those values replaced — copied along their paths, every other object
+  result is the first tree with those values replaced — the containers on their paths copied (a shared
+  one once, so that it stays one object wherever it is, as the unpickler makes it), every other object
   shared with the first tree (which callers must treat as read-only). Otherwise None: unpickle it.
 
 For writers (``pt_meta._Written``): :func:`slot_bytes` / :func:`number_value` / :func:`with_numbers` read
@@ -38,17 +41,17 @@ _NAMESPACE = ("argparse", "Namespace")
 
 
 class _Node:
-    """One object the pickle makes, as far as slots go: where it lands (parent, step), how often it
-    is referred to, and for a number its opcode position, for a constant its value."""
+    """One object the pickle makes, as far as slots go: where it lands (places), how often it is
+    referred to, and for a number its opcode position, for a constant its value."""
 
-    __slots__ = ("kind", "value", "parent", "step", "refs", "items")
+    __slots__ = ("kind", "value", "places", "refs", "items")
 
     def __init__(self, kind, value=None):
         self.kind = kind          # number, key (a str), const, dict, list, tuple, global, namespace, other
         self.value = value        # number: (position, opcode name); key, const: the value; global: (module, name)
-        self.parent = None
-        self.step = None          # ("key", k) | ("index", i) | ("attrs",): the BUILD state of a namespace
-        self.refs = 1             # places it is put or fetched from the memo: a slot's path has 1 everywhere
+        # [(parent, step)], step ("key", k) | ("index", i) | ("attrs",): the BUILD state of a namespace
+        self.places: list = []
+        self.refs = 1             # made once + fetched from the memo: on a slot's path each is a place
         self.items = set() if kind == "dict" else 0   # dict: its keys; list: items so far; namespace: BUILDs
 
 
@@ -60,9 +63,7 @@ class _GiveUp(Exception):
 
 
 def _link(child, parent, step) -> None:
-    # a node can be placed a second time only after a memo fetch, which already counted it shared
-    if child.parent is None:
-        child.parent, child.step = parent, step
+    child.places.append((parent, step))
 
 
 def _pop_to_mark(stack) -> list:
@@ -229,9 +230,10 @@ def _follow(data: bytes):
                 if target.items:   # built again: the later state may overwrite the first's, follow neither
                     if target.value is not None:
                         target.value.refs += 1
-                elif state.kind == "dict" and state.parent is None:
-                    # the state dict's items become the object's attributes
-                    state.parent, state.step = target, ("attrs",)
+                elif state.kind == "dict":
+                    # the state dict's items become the object's attributes (a copy of them: another
+                    # place of the state dict is another object)
+                    _link(state, target, ("attrs",))
                     target.value = state
                 target.items = 1
         elif name == "POP":
@@ -245,23 +247,33 @@ def _follow(data: bytes):
     return stack[0], numbers
 
 
-def _path(node, root):
-    """Steps from the root to ``node``, or None if it is not reached through unshared places only."""
-    steps = []
-    while node is not root:
-        if node.refs != 1 or node.parent is None:
-            return None
-        steps.append(node.step)
-        node = node.parent
-    if root.refs != 1:
+_MAX_PATHS = 16   # a number reached through more places than this (nested shared containers) is no slot
+
+
+def _paths(node, root, known: dict):
+    """Every sequence of steps from the root to ``node``, or None if a node on the way is referred to
+    anywhere but in a plain place (``known``: the answer per node id, None while being worked out)."""
+    if node is root:
+        return ((),) if root.refs == 1 and not root.places else None
+    key = id(node)
+    if key in known:
+        return known[key]   # None also for a node on its own way down (a cycle)
+    known[key] = None
+    if not node.places or node.refs != len(node.places):
         return None
-    steps.reverse()
-    return tuple(steps)
+    out = []
+    for parent, step in node.places:
+        above = _paths(parent, root, known)
+        if above is None or len(out) + len(above) > _MAX_PATHS:
+            return None
+        out.extend(p + (step,) for p in above)
+    known[key] = out = tuple(out)
+    return out
 
 
 class ScalarSlots:
-    """The numbers of one pickle that land in one plain place each: ``slots[i]`` = (position, opcode
-    name, path), in pickle order; ``starts`` / ``ends`` the byte range of each one's argument (kept as
+    """The numbers of one pickle that land in plain places only: ``slots[i]`` = (position, opcode name,
+    paths: the steps from the root to each place), in pickle order; ``starts`` / ``ends`` the byte range of each one's argument (kept as
     ranges, not a table per byte: a template is kept per stage, and pickles can be large)."""
 
     def __init__(self, slots: list):
@@ -271,6 +283,8 @@ class ScalarSlots:
 
     def owners(self, positions: np.ndarray) -> list | None:
         """The slots whose arguments hold every byte of ``positions``, or None if one lies outside them."""
+        if not positions.size:
+            return []
         i = np.searchsorted(self.starts, positions, side="right") - 1
         if (i < 0).any() or (positions >= self.ends[np.maximum(i, 0)]).any():
             return None
@@ -284,48 +298,65 @@ def scalar_slots(data: bytes) -> ScalarSlots | None:
     except (_GiveUp, KeyError, IndexError, AttributeError, ValueError):
         return None
     slots = []
+    known: dict = {}
     for node in numbers:
-        path = _path(node, root)
-        if path:
-            slots.append(node.value + (path,))
+        paths = _paths(node, root, known)
+        if paths:
+            slots.append(node.value + (paths,))
     return ScalarSlots(slots)
 
 
-def _replaced(obj, steps, value):
-    """``obj`` with the place at ``steps`` set to ``value``: the containers on the way copied."""
-    if not steps:
-        return value
-    step, rest = steps[0], steps[1:]
-    if step[0] == "attrs":
-        if type(obj) is not argparse.Namespace:
-            raise TypeError(type(obj).__name__)
+class _Value:
+    """A number to put at a place (a leaf of the steps' trie)."""
+
+    __slots__ = ("number",)
+
+    def __init__(self, number):
+        self.number = number
+
+
+def _rebuilt(obj, trie: dict, memo: dict):
+    """``obj`` with the places below it that ``trie`` ({step: trie or _Value}) names set: the containers on
+    the way copied, each once (``memo``: id -> (original, copy)), so a container the tree holds in two
+    places is one copy in both."""
+    done = memo.get(id(obj))
+    if done is not None:
+        return done[1]
+    kind = type(obj)
+    if kind is argparse.Namespace:
+        if list(trie) != [("attrs",)]:
+            raise TypeError(kind.__name__)
         out = argparse.Namespace()
-        out.__dict__.update(_replaced(obj.__dict__, rest, value))
-        return out
-    if step[0] == "key":
-        if type(obj) is not dict:
-            raise TypeError(type(obj).__name__)
-        out = obj.copy()
-        out[step[1]] = _replaced(obj[step[1]], rest, value)
-        return out
-    if type(obj) is list:
-        out = obj.copy()
-    elif type(obj) is tuple:
-        out = list(obj)
+        out.__dict__.update(_rebuilt(obj.__dict__, trie[("attrs",)], memo))
+    elif kind is dict or kind is list or kind is tuple:
+        out = obj.copy() if kind is not tuple else list(obj)
+        expected = "key" if kind is dict else "index"
+        for (step, at), below in trie.items():
+            if step != expected:
+                raise TypeError(kind.__name__)
+            out[at] = below.number if type(below) is _Value else _rebuilt(obj[at], below, memo)
+        if kind is tuple:
+            out = tuple(out)
     else:
-        raise TypeError(type(obj).__name__)
-    out[step[1]] = _replaced(obj[step[1]], rest, value)
-    return tuple(out) if type(obj) is tuple else out
+        raise TypeError(kind.__name__)
+    memo[id(obj)] = (obj, out)   # the original kept: its id is not reused while the memo lives
+    return out
+
+
+def differing_bytes(first: bytes, data: bytes) -> np.ndarray | None:
+    """The positions where two pickles of one length differ, or None when their lengths differ."""
+    if len(data) != len(first):
+        return None
+    if data == first:
+        return np.empty(0, np.int64)
+    return np.flatnonzero(np.frombuffer(first, np.uint8) != np.frombuffer(data, np.uint8))
 
 
 def changed_slots(slots: ScalarSlots, first: bytes, data: bytes) -> list | None:
     """The indices of the slots whose numbers differ between ``first`` and ``data`` (pickles of one
     length), or None when they differ anywhere else."""
-    if len(data) != len(first):
-        return None
-    if data == first:
-        return []
-    return slots.owners(np.flatnonzero(np.frombuffer(first, np.uint8) != np.frombuffer(data, np.uint8)))
+    positions = differing_bytes(first, data)
+    return None if positions is None else slots.owners(positions)
 
 
 def patched(root, slots: ScalarSlots, first: bytes, data: bytes):
@@ -338,13 +369,21 @@ def patched(root, slots: ScalarSlots, first: bytes, data: bytes):
 def patched_at(root, slots: ScalarSlots, owners: list, data: bytes):
     """``root`` with the numbers of the slots ``owners`` (:func:`changed_slots`) as ``data`` holds them,
     or None when the tree is not what the opcodes built."""
+    if not owners:
+        return root
+    trie: dict = {}
     for i in owners:
         slot = slots.slots[i]
-        try:
-            root = _replaced(root, slot[2], number_value(slot_bytes(slot, data)))
-        except (TypeError, KeyError, IndexError):   # the tree is not what the opcodes built: do not guess
-            return None
-    return root
+        value = _Value(number_value(slot_bytes(slot, data)))
+        for path in slot[2]:
+            node = trie
+            for step in path[:-1]:
+                node = node.setdefault(step, {})
+            node[path[-1]] = value
+    try:
+        return _rebuilt(root, trie, {})
+    except (TypeError, KeyError, IndexError, AttributeError):   # the tree is not what the opcodes built: do not guess
+        return None
 
 
 def slot_bytes(slot: tuple, data: bytes) -> bytes:

@@ -942,10 +942,12 @@ def _structure_key(archive: _Archive):
 
 
 def _near_key(key) -> tuple:
-    """A structure key with the pickle's bytes replaced by their length: the files whose pickles
-    pickle_delta may read from another's tree."""
+    """A structure key with the pickle's bytes replaced by their length and the records named without
+    the archive prefix: the files whose pickles pickle_delta may read from another's tree. The prefix
+    is the file's name (pt_meta's ``args_tp00_pp003/``, one per rank): nothing the unpickler makes
+    depends on it, while the records' offsets and sizes (all a tensor's place is made of) stay in the key."""
     prefix, data, version, layout = key
-    return ("near", prefix, len(data), version, layout)
+    return ("near", len(prefix), len(data), version, _relative_layout(layout, prefix))
 
 
 class _Template:
@@ -966,23 +968,45 @@ class _Template:
             self._followed = True
         return self._slots
 
+    # Following a pickle's opcodes costs several unpickles of it: done for a file that differs from the
+    # template in a few bytes (another rank of its stage) and not for one that differs in hundreds (another
+    # stage's RNG state), which is unpickled — so files read in any order cost at most an unpickle each.
+    FOLLOW_WITHIN_BYTES = 64
+
     def patched(self, data: bytes):
         """(tree, indices of the slots whose numbers differ) of the pickle ``data``, or None."""
+        positions = pickle_delta.differing_bytes(self.data, data)
+        if positions is None or not self._followed and positions.size > self.FOLLOW_WITHIN_BYTES:
+            return None
         slots = self.slots()
-        owners = None if slots is None else pickle_delta.changed_slots(slots, self.data, data)
+        owners = None if slots is None else slots.owners(positions)
         root = None if owners is None else pickle_delta.patched_at(self.root, slots, owners, data)
         return None if root is None else (root, owners)
 
 
-_LAYOUTS: dict = {}   # records' (name, offset, size) tuples, one object for equal ones (files of one stage)
+# records' (name, offset, size) tuples, one object for equal ones (files of one stage) -> (that object, the
+# same with names relative to the archive prefix)
+_LAYOUTS: dict = {}
 
 
 def _layout(archive: _Archive) -> tuple:
     layout = tuple((r.name, r.offset, r.size) for r in archive.records.values())
-    kept = _LAYOUTS.setdefault(layout, layout)
-    if len(_LAYOUTS) > _DIRECTORIES_KEPT:   # at most one per remembered file is of use
-        del _LAYOUTS[next(iter(_LAYOUTS))]
-    return kept
+    kept = _LAYOUTS.get(layout)
+    if kept is None:
+        kept = _LAYOUTS[layout] = (layout, _relative(layout, archive.prefix))
+        if len(_LAYOUTS) > _DIRECTORIES_KEPT:   # at most one per remembered file is of use
+            del _LAYOUTS[next(iter(_LAYOUTS))]
+    return kept[0]
+
+
+def _relative(layout: tuple, prefix: str) -> tuple:
+    n = len(prefix)
+    return tuple((name[n:] if name.startswith(prefix) else "/" + name, offset, size) for name, offset, size in layout)
+
+
+def _relative_layout(layout: tuple, prefix: str) -> tuple:
+    kept = _LAYOUTS.get(layout)
+    return kept[1] if kept is not None else _relative(layout, prefix)
 
 
 # -------------------------------------------------------------------------------------------------

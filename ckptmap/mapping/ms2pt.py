@@ -67,6 +67,9 @@ class Ms2PtOptions:
     planning_limit: int | None = None       # at most this many when deciding (--process-limit)
 
 
+_TREES_KEPT = 8   # pt_meta trees kept while planning: the last stages read
+
+
 @attrs.frozen
 class _MetaRank:
     path: Path
@@ -142,12 +145,14 @@ def _ms_file(root: Path, layout: str, iteration, tp: int, pp: int, pp_size: int,
         f"distributed-optimizer shards first with `ckptmap combine`")
 
 
-def _scalar(reader, name):
+def _scalar(reader, name, specs: dict):
     """The one value of a scalar key as a 0-d numpy array of the dtype it is stored in (bfloat16 as its
-    exact float32); None when the file has no such key, or holds a string under it."""
-    if name not in reader or reader.spec(name).dtype == "str":
+    exact float32); None when the file has no such key, or holds a string under it. ``specs``: the
+    reader's {key: spec}."""
+    spec = specs.get(name)
+    if spec is None or spec.dtype == "str":
         return None
-    dtype = reader.spec(name).dtype
+    dtype = spec.dtype
     value = reader.array(name).reshape(-1)[0:1]
     if dtype == "bfloat16":  # numpy has no bfloat16: its float32 value is exact
         value = tensor_ops.cast(value, dtype, "float32")
@@ -280,8 +285,17 @@ def _plan_part(opt: Ms2PtOptions, setup: _Setup, stages) -> _Part:
     stage_order = sorted(((tp, pp, ep) for tp in range(setup.tp_found) for pp in range(first_stage, end_stage)
                           for ep in range(setup.ep_found)), key=stage_major)
     ranks = []
+    trees: dict = {}
     for tp, pp, ep in stage_order:
-        meta = setup.first if (tp, pp, ep) == (0, 0, 0) else _read_meta(setup.meta_dir, tp, pp, ep_name(ep))
+        if (tp, pp, ep) == (0, 0, 0):
+            meta = setup.first
+        else:
+            # a stage's pt_meta files differ in args.rank / local_rank: read from the stage's first one's
+            # tree (torch_zip_reader.shared_trees; planning only reads them)
+            with torch_zip_reader.shared_trees(trees):
+                meta = _read_meta(setup.meta_dir, tp, pp, ep_name(ep))
+            while len(trees) > _TREES_KEPT:
+                del trees[next(iter(trees))]
         matched, unmatched = match_rules(rules, meta.tensors, meta.path, memo)
         if unmatched:
             raise CkptmapError(f"no rule in {rules.path} matches {listing(unmatched)} of {meta.path}; add "
@@ -300,9 +314,9 @@ def _plan_part(opt: Ms2PtOptions, setup: _Setup, stages) -> _Part:
         reader = registry.open_reader(ms_file)
         try:
             specs = {k: reader.spec(k) for k in reader.keys()}
-            it = _scalar(reader, "iteration")
-            it = _scalar(reader, "step_num") if it is None else it
-            scalars = {k: _scalar(reader, k) for k in specs if specs[k][1] in ((), (1,))}
+            it = _scalar(reader, "iteration", specs)
+            it = _scalar(reader, "step_num", specs) if it is None else it
+            scalars = {k: _scalar(reader, k, specs) for k, spec in specs.items() if spec.shape in ((), (1,))}
         finally:
             reader.close()
         iterations.add(int(it) if it is not None else it_hint)
@@ -569,8 +583,8 @@ def _megatron_value(old, new, styles, what):
         return bool(new.item())
     if not isinstance(old, (int, float)):
         return old
-    if np.issubdtype(new.dtype, np.floating):  # stored rounded (a count as Float32 too): unchanged if it still rounds the same
-        if bool(np.array(float(old), dtype=new.dtype) == new):
+    if new.dtype.kind == "f":  # stored rounded (a count as Float32 too): unchanged if it still rounds the same
+        if new.dtype.type(float(old)) == new[()]:
             return old
     elif new.dtype != np.bool_ and old == new.item():
         return old
