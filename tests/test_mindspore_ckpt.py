@@ -342,9 +342,11 @@ def test_range_write_refuses_a_range_of_the_wrong_size(tmp_path):
 
 def test_files_laid_out_alike_are_read_from_the_last_scan(tmp_path, monkeypatch):
     """The ranks of a pipeline stage: .ckpt files of one size whose records differ only in their contents.
-    A file is not parsed again when its bytes outside the contents are the last scanned file's of its size,
-    yet every value read is its own (MindSpore's load_checkpoint is the truth); a file of equal size whose
-    names or types differ is parsed (and refused if it must be); a damaged content byte still fails the CRC."""
+    A file is not parsed again when its bytes outside the contents are a scanned file's of its size, or
+    differ from them only inside names (another stage's ``layers.2``), yet every name and value read is
+    its own (MindSpore's load_checkpoint is the truth); a file of equal size whose types differ, or whose
+    new names would name one tensor twice, is parsed (and refused if it must be); a damaged content byte
+    still fails the CRC."""
     import ckptmap.formats.mindspore_ckpt as mc
 
     g = torch.Generator().manual_seed(1)
@@ -368,8 +370,13 @@ def test_files_laid_out_alike_are_read_from_the_last_scan(tmp_path, monkeypatch)
             for name, value in want.items():
                 assert r.spec(name) == ("float32", (4, 3))
                 assert raw(r.array(name)) == raw(value.asnumpy()), (path, name)
-    assert scans == [str(a), str(c)]
+    assert scans == [str(a)]   # c: a's records under its own names
+    twice = tmp_path / "twice.ckpt"   # c with its second name made its first: one tensor in two records
     data = c.read_bytes()
+    twice.write_bytes(data.replace(b"layers.2.b", b"layers.2.w"))
+    with pytest.raises(CkptmapError, match="'layers.2.w'.*needs 48 content bytes, its records hold 96"):
+        CkptReader(twice)
+    assert scans[-1] == str(twice)
     at = data.index(b"Float32")
     bad = tmp_path / "bad.ckpt"
     bad.write_bytes(data[:at] + b"Float33" + data[at + 7:])

@@ -60,6 +60,7 @@ mapping. Tensor contents sit at arbitrary byte offsets, so those views may be un
 
 from __future__ import annotations
 
+import copy
 import math
 import mmap
 import os
@@ -352,16 +353,24 @@ class _Entry:
 
 
 # Scanned layouts by file size: a .ckpt whose bytes outside its tensors' contents (and its CRC value) are
-# those of the last one scanned of its size holds the same records — names, types, shapes, content
+# those of one of the last few scanned of its size holds the same records — names, types, shapes, content
 # offsets: what a scan reads is only those bytes —, so they are taken from it, not parsed again (the ranks
-# of a pipeline stage: ~0.8 ms of Python varint parsing a file at 16,384 ranks).
-_SHAPES: dict = {}
+# of a pipeline stage: ~0.8 ms of Python varint parsing a file at 16,384 ranks). A file whose bytes differ
+# from a shape's only inside tensor names (another expert rank's or stage's files: ``experts.17`` and
+# ``experts.18``; names of one length, so every offset is the same) takes those records under its own names.
+_SHAPES: dict = {}   # file size -> [_ScanShape], the most recently used first
 _SHAPES_KEPT = 64
+_SHAPES_PER_SIZE = 4   # layouts of one size (stages whose names differ in digits only) compared before a scan
 
 
 class _ScanShape:
     def __init__(self, reader: "CkptReader", size: int, end: int):
         self.entries, self.has_crc, self.end = reader._entries, reader.has_crc, end
+        # each record's name bytes [start, end) and the tensor it is a slice of, in file order
+        names = reader._name_ranges
+        self.name_starts = np.array([a for a, _, _ in names], dtype=np.intp)
+        self.name_ends = np.array([b for _, b, _ in names], dtype=np.intp)
+        self.name_tags = [tag for _, _, tag in names]
         holes = sorted((o, o + n) for entry in self.entries.values() for o, n in entry.slices)
         if reader.has_crc:
             holes.append((end + len(_CRC_MAGIC), end + _TRAILER_LEN))   # the CRC-32 value
@@ -378,12 +387,37 @@ class _ScanShape:
     def _gather(self, mm) -> bytes:
         return np.frombuffer(mm, dtype=np.uint8)[self.index].tobytes()   # the view is dropped at once
 
-    def read(self, reader: "CkptReader") -> bool:
-        """Give ``reader`` these records if its bytes outside the contents are this shape's."""
-        if self._gather(reader._mm) != self.fixed:
-            return False
-        reader._entries, reader.has_crc = self.entries, self.has_crc   # shared, never changed after a scan
-        return True
+    def read(self, reader: "CkptReader") -> "_ScanShape | None":
+        """Give ``reader`` these records if its bytes outside the contents are this shape's (self), or
+        differ from them only inside the names of tensors of one record each (a shape of those names)."""
+        fixed = self._gather(reader._mm)
+        shape = self
+        if fixed != self.fixed:
+            entries = self._renamed(reader, fixed)
+            if entries is None:
+                return None
+            shape = copy.copy(self)
+            shape.fixed, shape.entries = fixed, entries
+            shape.name_tags = [tag for tag, entry in entries.items() for _ in entry.slices]
+        reader._entries, reader.has_crc = shape.entries, shape.has_crc   # shared, never changed after a scan
+        return shape
+
+    def _renamed(self, reader: "CkptReader", fixed: bytes) -> dict | None:
+        differ = self.index[np.flatnonzero(np.frombuffer(fixed, np.uint8) != np.frombuffer(self.fixed, np.uint8))]
+        record = np.searchsorted(self.name_starts, differ, side="right") - 1
+        if (record < 0).any() or (differ >= self.name_ends[np.maximum(record, 0)]).any():
+            return None
+        renames = {}
+        for i in set(record.tolist()):
+            tag = self.name_tags[i]
+            if len(self.entries[tag].slices) != 1:
+                return None   # one name in several records: let the scan check they agree
+            try:
+                renames[tag] = bytes(reader._mm[self.name_starts[i]:self.name_ends[i]]).decode("utf-8")
+            except UnicodeDecodeError:
+                return None   # the scan names the fault
+        entries = {renames.get(tag, tag): entry for tag, entry in self.entries.items()}
+        return entries if len(entries) == len(self.entries) else None   # a name given twice: the scan refuses it
 
 
 class CkptReader:
@@ -392,6 +426,7 @@ class CkptReader:
     def __init__(self, path, *, verify_crc=True):
         self.path = os.fspath(path)
         self._entries: dict[str, _Entry] = {}
+        self._name_ranges: list = []   # filled by a scan: (first, end byte of a record's name, its tensor)
         self._mm = None
         try:
             with open(self.path, "rb") as f:
@@ -402,15 +437,21 @@ class CkptReader:
             raise CkptmapError(f"cannot open MindSpore checkpoint {self.path}: {e}") from None
         self.has_crc = False
         try:
-            shape = _SHAPES.get(size) if self._mm is not None else None
-            if shape is not None and shape.read(self):
-                end = shape.end
+            shapes = _SHAPES.get(size, ()) if self._mm is not None else ()
+            found = next(((s, got) for s in shapes if (got := s.read(self)) is not None), None)
+            if found is not None:
+                end = found[1].end
+                if found[1] is not shapes[0]:   # the most recent first: files come stage by stage
+                    shapes.remove(found[0])   # (renamed: the shape of the new names takes its place)
+                    shapes.insert(0, found[1])
             else:
                 end = self._scan(size)
                 if self._mm is not None and len(self._entries) > 1:
-                    _SHAPES[size] = _ScanShape(self, size, end)
+                    _SHAPES.setdefault(size, []).insert(0, _ScanShape(self, size, end))
+                    del _SHAPES[size][_SHAPES_PER_SIZE:]
                     if len(_SHAPES) > _SHAPES_KEPT:
                         del _SHAPES[next(iter(_SHAPES))]
+                self._name_ranges = []
             if self.has_crc and verify_crc:
                 self._verify_crc(end)
         except BaseException:
@@ -468,7 +509,8 @@ class CkptReader:
             n, start = self._varint(pos + 1, size)
             if start + n > size:
                 raise self._corrupt(pos, f"record declares {n} bytes but only {size - start} remain")
-            tag, ms_type, dims, content = self._parse_value(start, start + n)
+            tag, ms_type, dims, content, name = self._parse_value(start, start + n)
+            self._name_ranges.append(name + (tag,))
             entry = self._entries.get(tag)
             if entry is None:
                 entry = self._entries[tag] = _Entry(ms_type, dims)
@@ -487,6 +529,7 @@ class CkptReader:
         tag = tensor = None
         for field, wire, value, at in self._fields(pos, end):
             if field == 1 and wire == 2:
+                name = (value[0], value[0] + value[1])
                 try:
                     tag = bytes(self._mm[value[0]:value[0] + value[1]]).decode("utf-8")
                 except UnicodeDecodeError:
@@ -515,7 +558,7 @@ class CkptReader:
             raise self._corrupt(tensor[0], f"tensor {tag!r} lacks tensor_type or tensor_content")
         if any(d >= 1 << 63 for d in dims):
             raise self._corrupt(tensor[0], f"tensor {tag!r} has a negative dimension")
-        return tag, ms_type, tuple(dims), content
+        return tag, ms_type, tuple(dims), content, name
 
     def _check_entry(self, tag, entry):
         canonical = _CANONICAL.get(entry.ms_type)
