@@ -874,11 +874,15 @@ def _write_file(task: FileTask, root, progress, fsync: bool) -> None:
     if task.format == "torch_stream":
         sources = _Sources(inputs=task.inputs)
         try:
-            pt_meta.write_from_skeleton(task.source, task.extra["skeleton"], task.extra.get("set", []), final,
-                                        _storage_bytes(task.storages, sources, progress), fsync=fsync,
-                                        dialect=task.extra.get("dialect"), rng=task.extra.get("rng", "refuse"))
+            # the ranks of a stage have pt_meta files that differ in args.rank alone, and a rank's two files
+            # read one: each is read from the last one's tree (write_from_skeleton binds a copy to write)
+            with torch_zip_reader.shared_trees(_READ_TREES):
+                pt_meta.write_from_skeleton(task.source, task.extra["skeleton"], task.extra.get("set", []), final,
+                                            _storage_bytes(task.storages, sources, progress), fsync=fsync,
+                                            dialect=task.extra.get("dialect"), rng=task.extra.get("rng", "refuse"))
         finally:
             sources.close()
+        _trim_read_trees()
         return
     if task.format in _MEGATRON_WRITERS:   # a Megatron file of a new layout (reshard, torch_dist -> torch)
         sources = _Sources(inputs=task.inputs)

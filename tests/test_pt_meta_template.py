@@ -146,3 +146,25 @@ def test_a_workers_stage_of_eight_ranks_converts_and_comes_back_byte_for_byte(tm
     assert len(originals) == 16
     for rel in originals:
         assert (src / rel).read_bytes() == (back / rel).read_bytes(), rel
+
+
+def test_ms2pt_binds_copies_so_a_shared_pt_meta_tree_stays_as_read(tmp_path):
+    """ms2pt writes each Megatron file from a pt_meta tree that other ranks' files may share (read from
+    one template, torch_zip_reader.shared_trees): what it binds and updates are copies — containers and
+    the args Namespace — so the tree equals torch.load of the pt_meta file afterwards."""
+    from ckptmap.cli import main
+    ms = tmp_path / "ms"
+    assert main(["pt2ms", "--megatron-path", str(FIXTURES / "megatron-r0.6.0/legacy_tp2pp2dp2"), "--ms-path", str(ms),
+                 "--no-progress"]) == 0
+    path = ms / "pt_meta" / "args_tp01_pp000.pt"
+    with torch_zip_reader.shared_trees({}):
+        meta = torch_zip_reader.TorchZipFile(path).root["ckptmap"]
+    bound = pt_meta.bind_skeleton(meta, "model_optim_rng")
+    assert bound["args"] is not meta["model_optim_rng"]["args"] and type(bound["args"]) is argparse.Namespace
+    for where in (["args", "rank"], ["iteration"], ["optimizer", "optimizer", "param_groups", 0, "lr"]):
+        pt_meta._set_path(bound, where, 12345)
+    want = torch.load(path, map_location="cpu", weights_only=False)["ckptmap"]["model_optim_rng"]
+    skeleton = meta["model_optim_rng"]
+    assert skeleton["args"].rank == want["args"].rank == 1 and skeleton["iteration"] == want["iteration"] != 12345
+    assert skeleton["optimizer"]["optimizer"]["param_groups"][0]["lr"] == want["optimizer"]["optimizer"]["param_groups"][0]["lr"]
+    assert bound["args"].rank == bound["iteration"] == 12345

@@ -21,6 +21,7 @@ MSAdapter file holds that is not kept: the shim writes the wall-clock time of th
 
 from __future__ import annotations
 
+import argparse
 import pickle
 from pathlib import Path
 
@@ -310,7 +311,9 @@ def _set_path(root, path, value) -> None:
 def bind_skeleton(meta: dict, which: str):
     """The skeleton of ``which`` with every placeholder bound to a TensorRef over storage
     ``out/<original key>`` (the bytes the conversion supplies) and every tensor pt_meta kept itself
-    (RNG states) over ``meta/<its key in the pt_meta file>``; same object graph, shared objects shared."""
+    (RNG states) over ``meta/<its key in the pt_meta file>``; same object graph, shared objects shared.
+    Its containers and Namespaces are new objects (updates are set on them: the tree read may be shared
+    with other files, ``torch_zip_reader.shared_trees``)."""
     refs = meta[_TENSOR_LISTS[which]]
     memo: dict[int, object] = {}
 
@@ -327,11 +330,15 @@ def bind_skeleton(meta: dict, which: str):
             out = memo[id(node)] = type(node)()
             _copy_attributes(node, out)
             for k, v in node.items():
-                out[k] = bind(v)
+                out[k] = v if type(v) in _PLAIN_VALUES else bind(v)
             return out
         elif type(node) is list:
             out = memo[id(node)] = []
-            out.extend(bind(v) for v in node)
+            out.extend(v if type(v) in _PLAIN_VALUES else bind(v) for v in node)
+            return out
+        elif type(node) is argparse.Namespace:
+            out = memo[id(node)] = argparse.Namespace()
+            out.__dict__.update((k, v if type(v) in _PLAIN_VALUES else bind(v)) for k, v in vars(node).items())
             return out
         elif type(node) is tuple:
             # a tuple of plain values (an RNG state: 625 ints) binds to itself: kept, not rebuilt item by item
