@@ -104,21 +104,44 @@ _WIDTH_FORMATS = {1: "<B", 2: "<H", 4: "<I", 8: "<Q"}
 
 def _opcodes(data: bytes):
     """(name, argument, position) of each opcode — pickletools.genops at a fraction of its cost (it
-    decodes every argument), for the binary opcodes only."""
+    decodes every argument), for the binary opcodes only. Numbers come in runs: (``"NUMBERS"``,
+    [(position, opcode name) of each number, or None for a plain constant (``LONG1``) between them],
+    position of the first): an RNG state's 625 values are most of a Megatron rank's pickle."""
     pos, end = 0, len(data)
     unpack = struct.unpack_from
+    table, numbers, memo_ops = _TABLE, _NUMBER_WIDTHS, _MEMO_OPS
     while pos < end:
-        entry = _TABLE.get(data[pos])
+        entry = table.get(data[pos])
         if entry is None:
             raise _GiveUp
         name, kind = entry
+        if name in numbers or name == "LONG1":
+            run, first = [], pos
+            while True:   # the run: numbers and LONG1 constants, each skipped by its width
+                if name == "LONG1":
+                    if pos + 2 > end:
+                        raise _GiveUp
+                    run.append(None)
+                    pos += 2 + data[pos + 1]
+                else:
+                    run.append((pos, name))
+                    pos += 1 + numbers[name]
+                if pos >= end:
+                    raise _GiveUp
+                entry = table.get(data[pos])
+                if entry is None:
+                    raise _GiveUp
+                name, kind = entry
+                if not (name in numbers or name == "LONG1"):
+                    break
+            yield "NUMBERS", run, first
         at = pos + 1
         arg = None
         if kind == "":
             nxt = at
         elif type(kind) is int:
             nxt = at + kind
-            if name in ("BINPUT", "LONG_BINPUT", "BINGET", "LONG_BINGET"):
+            if name in memo_ops:
                 arg = unpack(_WIDTH_FORMATS[kind], data, at)[0]
         elif kind == "line2":
             first = data.index(b"\n", at)
@@ -140,32 +163,68 @@ def _opcodes(data: bytes):
     raise _GiveUp   # no STOP
 
 
+_NUMBER_WIDTHS = {name: width for name, (width, _) in _NUMBER_FORMATS.items()}
+_MEMO_OPS = frozenset({"BINPUT", "LONG_BINPUT", "BINGET", "LONG_BINGET"})
+
+
+# opcode name -> the branch of _follow that takes it, most frequent first
+(_NUMBERS, _PUT, _GET, _KEY, _SETITEMS, _MARK_OP, _EMPTY, _CONST, _TUPLE, _APPENDS, _SKIP, _STOP, _DICT, _MEMOIZE,
+ _GLOBAL, _STACK_GLOBAL, _NEWOBJ, _CONSUMES, _BUILD, _POP, _POP_MARK) = range(21)
+_BRANCH = {"NUMBERS": _NUMBERS, "BINPUT": _PUT, "LONG_BINPUT": _PUT, "BINGET": _GET, "LONG_BINGET": _GET,
+           **{name: _KEY for name in _STRINGS}, "SETITEM": _SETITEMS, "SETITEMS": _SETITEMS, "MARK": _MARK_OP,
+           "EMPTY_DICT": _EMPTY, "EMPTY_LIST": _EMPTY, "EMPTY_TUPLE": _EMPTY,
+           **{name: _CONST for name in _CONSTANTS}, **{name: _CONST for name in _PLAIN_ARGS},
+           "TUPLE1": _TUPLE, "TUPLE2": _TUPLE, "TUPLE3": _TUPLE, "TUPLE": _TUPLE, "LIST": _TUPLE,
+           "APPEND": _APPENDS, "APPENDS": _APPENDS, "PROTO": _SKIP, "FRAME": _SKIP, "STOP": _STOP, "DICT": _DICT,
+           "MEMOIZE": _MEMOIZE, "GLOBAL": _GLOBAL, "STACK_GLOBAL": _STACK_GLOBAL, "NEWOBJ": _NEWOBJ,
+           "REDUCE": _CONSUMES, "NEWOBJ_EX": _CONSUMES, "BINPERSID": _CONSUMES, "BUILD": _BUILD, "POP": _POP,
+           "POP_MARK": _POP_MARK}
+_TUPLE_SIZES = {"TUPLE1": 1, "TUPLE2": 2, "TUPLE3": 3}
+_CONSUMED = {"REDUCE": 2, "NEWOBJ_EX": 3, "BINPERSID": 1}
+
+
 def _follow(data: bytes):
     """The root node and every number node of ``data``; raises _GiveUp on an opcode not followed."""
     stack: list = []
+    push = stack.append
     memo: dict = {}
     numbers = []
+    const = _Node("const")   # every constant (None, a flag, bytes, a LONG1): a leaf, never on a number's path
+    branch_of = _BRANCH
     for name, arg, pos in _opcodes(data):
-        if name in ("PROTO", "FRAME"):
-            continue
-        if name == "STOP":
-            break
-        if name == "MARK":
-            stack.append(_MARK)
-        elif name in _NUMBER_FORMATS:
-            node = _Node("number", (pos, name))
-            numbers.append(node)
-            stack.append(node)
-        elif name in _CONSTANTS:
-            stack.append(_Node("const", _CONSTANTS[name]))
-        elif name in _STRINGS:
-            stack.append(_Node("key", arg))
-        elif name in _PLAIN_ARGS:
-            stack.append(_Node("const", arg))
-        elif name in ("EMPTY_DICT", "EMPTY_LIST", "EMPTY_TUPLE"):
-            stack.append(_Node(name[6:].lower()))
-        elif name in ("TUPLE1", "TUPLE2", "TUPLE3", "TUPLE", "LIST"):
-            n = {"TUPLE1": 1, "TUPLE2": 2, "TUPLE3": 3}.get(name)
+        branch = branch_of.get(name)
+        if branch == _NUMBERS:
+            for item in arg:
+                if item is None:
+                    push(const)
+                else:
+                    node = _Node("number", item)
+                    numbers.append(node)
+                    push(node)
+        elif branch == _PUT:
+            memo[arg] = stack[-1]
+        elif branch == _GET:
+            node = memo[arg]
+            node.refs += 1
+            push(node)
+        elif branch == _KEY:
+            push(_Node("key", arg))
+        elif branch == _SETITEMS:
+            if name == "SETITEM":
+                v, k = stack.pop(), stack.pop()
+                pairs = [(k, v)]
+            else:
+                items = _pop_to_mark(stack)
+                pairs = list(zip(items[::2], items[1::2]))
+            _set_items(stack[-1], pairs)
+        elif branch == _MARK_OP:
+            push(_MARK)
+        elif branch == _EMPTY:
+            push(_Node(name[6:].lower()))
+        elif branch == _CONST:
+            push(const)
+        elif branch == _TUPLE:
+            n = _TUPLE_SIZES.get(name)
             if n is None:
                 items = _pop_to_mark(stack)
             else:
@@ -177,13 +236,8 @@ def _follow(data: bytes):
             for i, item in enumerate(items):
                 _link(item, node, ("index", i))
             node.items = len(items)
-            stack.append(node)
-        elif name == "DICT":
-            items = _pop_to_mark(stack)
-            node = _Node("dict")
-            _set_items(node, zip(items[::2], items[1::2]))
-            stack.append(node)
-        elif name in ("APPEND", "APPENDS"):
+            push(node)
+        elif branch == _APPENDS:
             items = [stack.pop()] if name == "APPEND" else _pop_to_mark(stack)
             target = stack[-1]
             for item in items:
@@ -191,40 +245,35 @@ def _follow(data: bytes):
                     _link(item, target, ("index", target.items))
                     target.items += 1
                 # else a stand-in's append: the item is not a slot (it keeps no parent)
-        elif name in ("SETITEM", "SETITEMS"):
-            if name == "SETITEM":
-                v, k = stack.pop(), stack.pop()
-                pairs = [(k, v)]
-            else:
-                items = _pop_to_mark(stack)
-                pairs = list(zip(items[::2], items[1::2]))
-            _set_items(stack[-1], pairs)
-        elif name in ("BINPUT", "LONG_BINPUT"):
-            memo[arg] = stack[-1]
-        elif name == "MEMOIZE":
+        elif branch == _SKIP:
+            continue
+        elif branch == _STOP:
+            break
+        elif branch == _DICT:
+            items = _pop_to_mark(stack)
+            node = _Node("dict")
+            _set_items(node, zip(items[::2], items[1::2]))
+            push(node)
+        elif branch == _MEMOIZE:
             memo[len(memo)] = stack[-1]
-        elif name in ("BINGET", "LONG_BINGET"):
-            node = memo[arg]
-            node.refs += 1
-            stack.append(node)
-        elif name == "GLOBAL":
+        elif branch == _GLOBAL:
             module, _, qualname = arg.partition(" ")
-            stack.append(_Node("global", (module, qualname)))
-        elif name == "STACK_GLOBAL":
+            push(_Node("global", (module, qualname)))
+        elif branch == _STACK_GLOBAL:
             qualname, module = stack.pop(), stack.pop()
-            stack.append(_Node("global", (module.value, qualname.value)))   # strings: "key" nodes
-        elif name == "NEWOBJ":
+            push(_Node("global", (module.value, qualname.value)))   # strings: "key" nodes
+        elif branch == _NEWOBJ:
             args, cls = stack.pop(), stack.pop()
             namespace = cls.kind == "global" and cls.value == _NAMESPACE and args.kind == "tuple" and args.items == 0
-            stack.append(_Node("namespace" if namespace else "other"))
-        elif name in ("REDUCE", "NEWOBJ_EX", "BINPERSID"):
+            push(_Node("namespace" if namespace else "other"))
+        elif branch == _CONSUMES:
             # whatever a constructor, a tensor rebuild or a persistent id consumes is not a slot
-            consumed = {"REDUCE": 2, "NEWOBJ_EX": 3, "BINPERSID": 1}[name]
+            consumed = _CONSUMED[name]
             if len(stack) < consumed or any(x is _MARK for x in stack[len(stack) - consumed:]):
                 raise _GiveUp
             del stack[len(stack) - consumed:]
-            stack.append(_Node("other"))
-        elif name == "BUILD":
+            push(_Node("other"))
+        elif branch == _BUILD:
             state, target = stack.pop(), stack[-1]
             if target.kind == "namespace":
                 if target.items:   # built again: the later state may overwrite the first's, follow neither
@@ -236,9 +285,9 @@ def _follow(data: bytes):
                     _link(state, target, ("attrs",))
                     target.value = state
                 target.items = 1
-        elif name == "POP":
+        elif branch == _POP:
             stack.pop()
-        elif name == "POP_MARK":
+        elif branch == _POP_MARK:
             _pop_to_mark(stack)
         else:   # DUP, EXT*, BYTEARRAY8, NEXT_BUFFER, …: not followed
             raise _GiveUp
@@ -272,14 +321,21 @@ def _paths(node, root, known: dict):
 
 
 class ScalarSlots:
-    """The numbers of one pickle that land in plain places only: ``slots[i]`` = (position, opcode name,
-    paths: the steps from the root to each place), in pickle order; ``starts`` / ``ends`` the byte range of each one's argument (kept as
-    ranges, not a table per byte: a template is kept per stage, and pickles can be large)."""
+    """The numbers of one pickle: ``slots[i]`` = (position, opcode name), in pickle order; ``starts`` /
+    ``ends`` the byte range of each one's argument (kept as ranges, not a table per byte: a template is
+    kept per stage, and pickles can be large). Whether a number lands in plain places only, and their
+    paths, is worked out for the numbers that differ in some file (:meth:`paths`): an RNG state's 625
+    values rarely do, and the walk up from each costs as much as the opcodes."""
 
-    def __init__(self, slots: list):
-        self.slots = slots
-        self.starts = np.array([pos + 1 for pos, _, _ in slots], dtype=np.int64)
-        self.ends = self.starts + np.array([_NUMBER_FORMATS[name][0] for _, name, _ in slots], dtype=np.int64)
+    def __init__(self, root, numbers: list):
+        self._root, self._nodes, self._known = root, numbers, {}
+        self.slots = [node.value for node in numbers]
+        self.starts = np.array([pos + 1 for pos, _ in self.slots], dtype=np.int64)
+        self.ends = self.starts + np.array([_NUMBER_FORMATS[name][0] for _, name in self.slots], dtype=np.int64)
+
+    def paths(self, i: int) -> tuple | None:
+        """The steps from the root to each place number ``i`` lands in, or None if it is no slot."""
+        return _paths(self._nodes[i], self._root, self._known) or None
 
     def owners(self, positions: np.ndarray) -> list | None:
         """The slots whose arguments hold every byte of ``positions``, or None if one lies outside them."""
@@ -288,22 +344,17 @@ class ScalarSlots:
         i = np.searchsorted(self.starts, positions, side="right") - 1
         if (i < 0).any() or (positions >= self.ends[np.maximum(i, 0)]).any():
             return None
-        return sorted(set(i.tolist()))
+        found = sorted(set(i.tolist()))
+        return found if all(self.paths(k) for k in found) else None
 
 
 def scalar_slots(data: bytes) -> ScalarSlots | None:
-    """The slots of ``data`` (see the module doc), or None if it holds an opcode not followed here."""
+    """The numbers of ``data`` (see the module doc), or None if it holds an opcode not followed here."""
     try:
         root, numbers = _follow(data)
     except (_GiveUp, KeyError, IndexError, AttributeError, ValueError):
         return None
-    slots = []
-    known: dict = {}
-    for node in numbers:
-        paths = _paths(node, root, known)
-        if paths:
-            slots.append(node.value + (paths,))
-    return ScalarSlots(slots)
+    return ScalarSlots(root, numbers)
 
 
 class _Value:
@@ -373,9 +424,11 @@ def patched_at(root, slots: ScalarSlots, owners: list, data: bytes):
         return root
     trie: dict = {}
     for i in owners:
-        slot = slots.slots[i]
-        value = _Value(number_value(slot_bytes(slot, data)))
-        for path in slot[2]:
+        value = _Value(number_value(slot_bytes(slots.slots[i], data)))
+        paths = slots.paths(i)
+        if paths is None:
+            return None   # no slot: the number is not only in plain places
+        for path in paths:
             node = trie
             for step in path[:-1]:
                 node = node.setdefault(step, {})
@@ -388,7 +441,7 @@ def patched_at(root, slots: ScalarSlots, owners: list, data: bytes):
 
 def slot_bytes(slot: tuple, data: bytes) -> bytes:
     """The opcode and argument bytes of ``slot`` (an entry of ``ScalarSlots.slots``) in ``data``."""
-    pos, name, _ = slot
+    pos, name = slot
     return data[pos:pos + 1 + _NUMBER_FORMATS[name][0]]
 
 
@@ -402,7 +455,7 @@ def with_numbers(first: bytes, slots: ScalarSlots, changes: dict) -> bytes:
     bytes}, each of the slot's own opcode."""
     out = bytearray(first)
     for i, held in changes.items():
-        pos, name, _ = slots.slots[i]
+        pos, name = slots.slots[i]
         if len(held) != 1 + _NUMBER_FORMATS[name][0] or held[0] != first[pos]:
             raise ValueError(f"slot {i} is a {name}; got {held!r}")
         out[pos:pos + len(held)] = held
