@@ -29,7 +29,8 @@ CASES += [("legacy_tp2pp2dp2", "safetensors", "v1"), ("mcore_tp2pp1dp2_buckets",
 
 
 @pytest.mark.parametrize("name, fmt, layout", CASES)
-def test_full_round_trip_is_byte_identical(name, fmt, layout, tmp_path):
+def test_full_round_trip_is_byte_identical(name, fmt, layout, tmp_path, follow_at_once):
+    """(ms2pt reads a stage's pt_meta files from its first one's tree at once: follow_at_once.)"""
     a = fixture_dir(name)
     _, c = convert_and_back(a, tmp_path, fmt=fmt, layout=layout)
     assert rank_dirs(c) == rank_dirs(a)

@@ -904,10 +904,12 @@ def file_range(zf: "TorchZipFile", ref: TensorRef) -> FileRange | None:
 
 
 _shared_trees: dict | None = None   # structure key -> (root, dialect), inside shared_trees() only
+_follow_after = 0   # inside shared_trees(): its follow_after
+FOLLOW_AFTER = 8    # near files unpickled before a template is followed, where reading alone gains (_Template)
 
 
 @contextlib.contextmanager
-def shared_trees(trees: dict | None = None):
+def shared_trees(trees: dict | None = None, follow_after: int = 0):
     """Inside this context, a :class:`TorchZipFile` whose structure equals one already read (same
     ``data.pkl`` bytes, same records with the same names, offsets and sizes, same ``version`` record)
     gets that file's object tree instead of unpickling its own. What the unpickler makes of a file
@@ -922,17 +924,21 @@ def shared_trees(trees: dict | None = None):
     objects a fresh read keeps apart): pt_meta does (``execute``: its model_optim_rng.pt and
     distrib_optim.pt differ in name, so in structure) and writes the same bytes; ms2pt's re-reading
     of pt_meta stays outside. ``trees``: the dict to keep them in, which outlives the context (its
-    owner bounds it); default: the enclosing context's, else a new one for this context."""
-    global _shared_trees
-    outer = _shared_trees
+    owner bounds it); default: the enclosing context's, else a new one for this context.
+    ``follow_after``: how many files near a template are unpickled before its opcodes are followed
+    (``_Template``): 0 where a stage's files gain more from it than their reads (pt2ms: the pt_meta written
+    from a stage's first pickle), FOLLOW_AFTER where a read alone is the gain (ms2pt's pt_meta reads)."""
+    global _shared_trees, _follow_after
+    outer, outer_follow = _shared_trees, _follow_after
     if trees is not None:
         _shared_trees = trees
     elif outer is None:
         _shared_trees = {}
+    _follow_after = follow_after
     try:
         yield
     finally:
-        _shared_trees = outer
+        _shared_trees, _follow_after = outer, outer_follow
 
 
 def _structure_key(archive: _Archive):
@@ -958,6 +964,8 @@ class _Template:
         self.data, self.root, self.dialect, self.shared_tensors = data, root, dialect, shared_tensors
         self._slots = None
         self._followed = False
+        self.near_unpickled = 0   # files near it unpickled before it was followed
+        self.follow_after = _follow_after
         # what a writer derives from a file's tree that holds for every file read from this template with
         # its numbers put in (pt_meta: the pickle it writes and where those numbers land in it)
         self.derived: dict = {}
@@ -968,16 +976,23 @@ class _Template:
             self._followed = True
         return self._slots
 
-    # Following a pickle's opcodes costs several unpickles of it: done for a file that differs from the
-    # template in a few bytes (another rank of its stage) and not for one that differs in hundreds (another
-    # stage's RNG state), which is unpickled — so files read in any order cost at most an unpickle each.
+    # Following a pickle's opcodes costs ~6 unpickles of it (3 ms for a Megatron rank's 10 KB pickle), a read
+    # from the followed tree ~1/5 of one. So a template is followed for a file that differs from it in a few
+    # bytes (another rank of its stage), not for one that differs in hundreds (another stage's RNG state) —
+    # files read in any order cost about an unpickle each —, and where only reading gains from it
+    # (shared_trees' follow_after), after FOLLOW_AFTER such files were unpickled: a stage of 8 ranks (TP 8)
+    # is then read as plain files, one of 256 (TP 8 x EP 32) from its first.
     FOLLOW_WITHIN_BYTES = 64
+    DEFERRED = "deferred"   # patched(): a near file unpickled, this template kept as its stage's
 
     def patched(self, data: bytes):
-        """(tree, indices of the slots whose numbers differ) of the pickle ``data``, or None."""
+        """(tree, indices of the slots whose numbers differ) of the pickle ``data``, None, or DEFERRED."""
         positions = pickle_delta.differing_bytes(self.data, data)
         if positions is None or not self._followed and positions.size > self.FOLLOW_WITHIN_BYTES:
             return None
+        if not self._followed and self.near_unpickled < self.follow_after:
+            self.near_unpickled += 1
+            return self.DEFERRED
         slots = self.slots()
         owners = None if slots is None else slots.owners(positions)
         root = None if owners is None else pickle_delta.patched_at(self.root, slots, owners, data)
@@ -1039,10 +1054,11 @@ class TorchZipFile:
         trees = _shared_trees
         key = _structure_key(self._archive) if trees is not None else None
         hit = trees.get(key) if key is not None else None
+        near = self._near_read(trees, key) if key is not None and hit is None else False
         if hit is not None:
             self.root, self.dialect, self.shared, self.shared_tensors, template = hit
             self.near = (weakref.ref(template), {})
-        elif key is not None and self._near_read(trees, key):
+        elif near is True:
             pass
         else:
             found: list = []
@@ -1052,21 +1068,28 @@ class TorchZipFile:
                 self.shared, self.shared_tensors = {}, {}
                 template = _Template(key[1], self.root, self.dialect, self.shared_tensors)
                 trees[key] = (self.root, self.dialect, self.shared, self.shared_tensors, template)
-                trees[_near_key(key)] = template
+                near_key = _near_key(key)
+                if near is _Template.DEFERRED:   # the stage's first stays its template, and the newest entry
+                    trees[near_key] = trees.pop(near_key)
+                else:
+                    trees[near_key] = template
                 self.near = (weakref.ref(template), {})
         if key is not None:
             self._archive.remember()
 
-    def _near_read(self, trees: dict, key) -> bool:
+    def _near_read(self, trees: dict, key):
         """The tree of a pickle that differs from the last one read of this length and records only in
         plain numbers (pickle_delta): that one's tree with those numbers replaced, every other object
-        shared (read-only); its ``shared_tensors`` too (same tensors, same records), not its ``shared``."""
+        shared (read-only); its ``shared_tensors`` too (same tensors, same records), not its ``shared``.
+        True when read so; False or _Template.DEFERRED (near, but to be unpickled) when not."""
         template = trees.get(_near_key(key))
         if template is None:
             return False
         found = template.patched(key[1])
         if found is None:
             return False
+        if found is _Template.DEFERRED:
+            return found
         self.root, self.dialect, self.shared_tensors = found[0], template.dialect, template.shared_tensors
         slots = template.slots().slots
         self.near = (weakref.ref(template), {i: pickle_delta.slot_bytes(slots[i], key[1]) for i in found[1]})
