@@ -29,16 +29,18 @@ PP3 = "legacy_tp1pp3vpp2dp1"  # PP 3, two model chunks a stage
 
 def test_stages_are_split_into_contiguous_parts(monkeypatch):
     monkeypatch.setattr(planning_split, "available_cpus", lambda: 2)
-    assert planning_split.stage_parts(64, 16_384, None) == [(0, 32), (32, 64)]
+    assert planning_split.OWN_SHARE == 1.2   # the command's part: it hands nothing back
+    assert planning_split.stage_parts(64, 16_384, None) == [(0, 35), (35, 64)]
     assert planning_split.stage_parts(64, planning_split.SPLIT_FROM_RANKS - 1, None) == [(0, 64)]
     assert planning_split.stage_parts(64, 16_384, 1) == [(0, 64)]
-    assert planning_split.stage_parts(3, 3, 2) == [(0, 1), (1, 3)]
+    assert planning_split.stage_parts(3, 3, 2) == [(0, 2), (2, 3)]
+    assert planning_split.stage_parts(4, 4, 4) == [(0, 1), (1, 2), (2, 3), (3, 4)]   # a stage each, at least
     assert planning_split.stage_parts(2, 4, 5) == [(0, 1), (1, 2)]   # never more parts than stages
     monkeypatch.setattr(planning_split, "available_cpus", lambda: 64)
     parts = planning_split.stage_parts(100, 16_384, None)
     assert len(parts) == planning_split.MAX_PROCESSES
     assert parts[0][0] == 0 and parts[-1][1] == 100 and all(a[1] == b[0] for a, b in zip(parts, parts[1:]))
-    assert sorted(b - a for a, b in parts) == [12] * 4 + [13] * 4
+    assert [b - a for a, b in parts] == [15, 12, 12, 12, 12, 13, 12, 12]
     with pytest.raises(CkptmapError, match="--planning-processes 0"):
         planning_split.stage_parts(4, 8, 0)
     assert planning_split.stage_parts(64, 16_384, None, limit=1) == [(0, 64)]
