@@ -135,13 +135,8 @@ def _plain(ns) -> dict:
     return {k: v for k, v in vars(ns).items() if v is None or type(v) in (int, float, str, bool)}
 
 
-def test_real_megatron_rank_files_read_from_their_stage_neighbours():
-    """Megatron core_r0.6.0 TP ranks of a stage write pickles of one length differing in args.rank: read
-    in order inside shared_trees, each file after the first of its stage is read from that one's tree
-    (not unpickled), and its args and step values are those torch.load gives."""
-    files = sorted(glob.glob(str(FIXTURES / "megatron-r0.6.0/legacy_tp2pp2dp2/iter_*/mp_rank_*/model_optim_rng.pt")),
-                   key=lambda f: (Path(f).parent.name.split("_")[3], f))   # stage first: mp_rank_TT_PPP
-    assert len(files) == 4
+def _read_in_order(files) -> tuple[list, list]:
+    """(the trees of ``files`` read in order inside one shared_trees, the paths that were unpickled)."""
     unpickled = []
     real = torch_zip_reader._unpickle
 
@@ -151,7 +146,17 @@ def test_real_megatron_rank_files_read_from_their_stage_neighbours():
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(torch_zip_reader, "_unpickle", counting)
         with torch_zip_reader.shared_trees({}):
-            roots = [TorchZipFile(f).root for f in files]
+            return [TorchZipFile(f).root for f in files], unpickled
+
+
+def test_real_megatron_rank_files_read_from_their_stage_neighbours():
+    """Megatron core_r0.6.0 TP ranks of a stage write pickles of one length differing in args.rank: read
+    in order inside shared_trees, each file after the first of its stage is read from that one's tree
+    (not unpickled), and its args and step values are those torch.load gives."""
+    files = sorted(glob.glob(str(FIXTURES / "megatron-r0.6.0/legacy_tp2pp2dp2/iter_*/mp_rank_*/model_optim_rng.pt")),
+                   key=lambda f: (Path(f).parent.name.split("_")[3], f))   # stage first: mp_rank_TT_PPP
+    assert len(files) == 4
+    roots, unpickled = _read_in_order(files)
     assert len(unpickled) == 2, unpickled   # one per stage
     for root, f in zip(roots, files):
         want = torch.load(f, map_location="cpu", weights_only=False)
@@ -171,16 +176,7 @@ def test_pt_meta_files_of_a_stage_read_from_their_neighbour(tmp_path):
                  "--no-progress"]) == 0
     files = sorted((ms / "pt_meta").glob("args_tp*_pp*.pt"), key=lambda f: (f.stem.split("_")[2], f.stem))
     assert [f.stem for f in files] == ["args_tp00_pp000", "args_tp01_pp000", "args_tp00_pp001", "args_tp01_pp001"]
-    unpickled = []
-    real = torch_zip_reader._unpickle
-
-    def counting(archive, *a, **kw):
-        unpickled.append(archive.path)
-        return real(archive, *a, **kw)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(torch_zip_reader, "_unpickle", counting)
-        with torch_zip_reader.shared_trees({}):
-            roots = [TorchZipFile(f).root for f in files]
+    roots, unpickled = _read_in_order(files)
     assert [Path(p).stem for p in unpickled] == ["args_tp00_pp000", "args_tp00_pp001"]
     for root, f in zip(roots, files):
         want = torch.load(f, map_location="cpu", weights_only=False)

@@ -922,8 +922,9 @@ def shared_trees(trees: dict | None = None, follow_after: int = 0):
     are stage-local). A writer may read inside when it never
     changes the trees and never puts two files of one structure into one pickle (they would share
     objects a fresh read keeps apart): pt_meta does (``execute``: its model_optim_rng.pt and
-    distrib_optim.pt differ in name, so in structure) and writes the same bytes; ms2pt's re-reading
-    of pt_meta stays outside. ``trees``: the dict to keep them in, which outlives the context (its
+    distrib_optim.pt differ in name, so in structure) and writes the same bytes; ms2pt's writers read
+    pt_meta inside too (``pt_meta.bind_skeleton`` copies every container and Namespace it may set a value
+    in). ``trees``: the dict to keep them in, which outlives the context (its
     owner bounds it); default: the enclosing context's, else a new one for this context.
     ``follow_after``: how many files near a template are unpickled before its opcodes are followed
     (``_Template``): 0 where a stage's files gain more from it than their reads (pt2ms: the pt_meta written
