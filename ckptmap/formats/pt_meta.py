@@ -401,9 +401,6 @@ def write_from_skeleton(meta_path, which: str, sets, path, fill, *, fsync: bool 
     meta = _meta_of(zf, meta_path, which)
     source = source_dialect(meta, which)
     target = dialect or source
-    obj = bind_skeleton(meta, which)
-    for set_path, value in sets:
-        _set_path(obj, set_path, value)
 
     def stream(key):
         kind, _, original = key.partition("/")
@@ -414,6 +411,14 @@ def write_from_skeleton(meta_path, which: str, sets, path, fill, *, fsync: bool 
         for start in range(0, raw.size, STREAM_CHUNK):
             yield raw[start:start + STREAM_CHUNK]
 
+    reuse = _KeptSkeleton.key(zf, meta, which, sets) if target == source == "torch" else None
+    kept = _KeptSkeleton.find(zf, meta, which, reuse)
+    if kept is not None:
+        torch_zip_writer.save_kept(kept, path, stream, fsync=fsync)
+        return
+    obj = bind_skeleton(meta, which)
+    for set_path, value in sets:
+        _set_path(obj, set_path, value)
     t = translation(obj, source, target, rng, where or f"{path} (from {meta_path})")
     if t is not None:
         obj, sources = t.root, t.sources
@@ -423,7 +428,45 @@ def write_from_skeleton(meta_path, which: str, sets, path, fill, *, fsync: bool 
             return byte_io.sliced(stream(ref.storage), ref.storage_offset * ref.itemsize, ref.nbytes)
         torch_zip_writer.save_streaming(obj, path, translated, fsync=fsync, dialect=target)
         return
-    torch_zip_writer.save_streaming(obj, path, stream, fsync=fsync, dialect=target)
+    made: list = []
+    torch_zip_writer.save_streaming(obj, path, stream, fsync=fsync, dialect=target,
+                                    kept=made if reuse is not None else None)
+    if made:
+        _KeptSkeleton.keep(zf, meta, which, reuse, made[0])
+
+
+class _KeptSkeleton:
+    """The pickle of a skeleton written once, for the next file of the same skeleton. The ranks of a
+    stage read their pt_meta from one template (torch_zip_reader.shared_trees): where their pickles do
+    not differ (distrib_optim.pt's skeleton holds no args.rank) their trees share the skeleton and its
+    tensor list — the same objects, kept here so that an ``is`` proves it —, and with the same updates
+    (``sets``, compared as pickled bytes: 1, 1.0 and True pickle apart) the bound graph pickles to the
+    same bytes, with the same storages in the same order. Kept per template, at most KEPT."""
+
+    KEPT = 4
+
+    @staticmethod
+    def key(zf, meta: dict, which: str, sets) -> tuple | None:
+        if zf.near is None or zf.near[0]() is None:
+            return None
+        return ("skeleton", which, pickle.dumps(sets, protocol=2))
+
+    @staticmethod
+    def find(zf, meta: dict, which: str, key):
+        if key is None:
+            return None
+        entry = zf.near[0]().derived.get(key)
+        if entry is None or entry[0] is not meta[which] or entry[1] is not meta[_TENSOR_LISTS[which]]:
+            return None
+        return entry[2]
+
+    @classmethod
+    def keep(cls, zf, meta: dict, which: str, key, kept) -> None:
+        derived = zf.near[0]().derived
+        mine = [k for k in derived if k[0] == "skeleton"]
+        if key not in derived and len(mine) >= cls.KEPT:
+            del derived[mine[0]]
+        derived[key] = (meta[which], meta[_TENSOR_LISTS[which]], kept)
 
 
 def kept_array(meta_path, meta: dict, which: str, ref: TensorRef):

@@ -632,7 +632,7 @@ def _write_real_storage(writer: _StreamZipWriter, name: str, storage) -> None:
 
 
 def save_streaming(obj, path, fill, *, fsync: bool = False, dialect: str = "torch", date_time=None,
-                   records: dict | None = None, pickled: list | None = None) -> None:
+                   records: dict | None = None, pickled: list | None = None, kept: list | None = None) -> None:
     """Write ``obj`` exactly as torch.save would write it (same bytes) if every TensorRef in it were a
     real CPU tensor: a view (TensorRef.storage_offset, shape, stride, requires_grad) of a storage of
     TensorRef.storage_numel elements of TensorRef.dtype, TensorRefs with the same ``storage`` key
@@ -654,7 +654,9 @@ def save_streaming(obj, path, fill, *, fsync: bool = False, dialect: str = "torc
     intermediate file only. ``records``: a dict, filled with {storage key as in ``obj``: its record key}
     (in the order the records are written; a HeldTensor's key is ``held/<its id()>``). ``pickled``: a
     list the ``data.pkl`` bytes are appended to when every storage was a TensorRef's or a HeldTensor's
-    (stock torch files; then ``records`` names every storage written).
+    (stock torch files; then ``records`` names every storage written). ``kept``: a list a :class:`Kept`
+    is appended to when every storage was a TensorRef's (stock torch files): :func:`save_kept` writes
+    another file of the same object graph from it, with other storage bytes, without pickling again.
 
     ``dialect="msadapter"`` writes the bytes MindSpeed-Core-MS's MSAdapter shim writes (notes above
     ``_PyZipWriter``; ``formats/msadapter.py``) instead: every TensorRef must then be a whole,
@@ -693,6 +695,28 @@ def save_streaming(obj, path, fill, *, fsync: bool = False, dialect: str = "torc
     _write_torch_archive(path, archive, data_pkl, storages, fsync)
     if pickled is not None and all(type(st) is _RefStorage for st in pickler.storages.values()):
         pickled.append(data_pkl)
+    if kept is not None and all(type(st) is _RefStorage and st.held is None for st in pickler.storages.values()):
+        kept.append(Kept(data_pkl, tuple(pickler.storages.items())))
+
+
+@attrs.frozen
+class Kept:
+    """What :func:`save_streaming` pickled for an object graph of TensorRefs: its ``data.pkl`` and its
+    storages in record order, (record key, the storage: key in the graph, dtype, size)."""
+
+    data_pkl: bytes
+    storages: tuple
+
+
+def save_kept(kept: Kept, path, fill, *, fsync: bool = False) -> None:
+    """What :func:`save_streaming` writes for the object graph ``kept`` was made from, at ``path``, with the
+    storages' bytes from ``fill(key)`` (called once per storage, in record order; same checks)."""
+    path = Path(os.fspath(path))
+
+    def storages(writer):
+        for key, st in kept.storages:
+            _stream_storage(writer, f"data/{key}", st, fill, path)
+    _write_torch_archive(path, archive_name(path.name), kept.data_pkl, storages, fsync)
 
 
 def pickle_bytes(obj, path) -> bytes:
