@@ -165,10 +165,11 @@ def test_noop_layers_round_trip(tmp_path):
         assert filecmp.cmp(a / "iter_0000001/mp_rank_00" / f, c / "iter_0000001/mp_rank_00" / f, shallow=False)
 
 
-def test_a_stages_optimizer_files_are_written_from_its_first_ones_pickle(tmp_path, follow_at_once):
-    """ms2pt: the ranks of a stage read their pt_meta from its first one's tree; their distrib_optim.pt
-    skeletons are then one object, so each after the first is written from the first one's pickle
-    (torch_zip_writer.save_kept) — and every file is still Megatron's, byte for byte."""
+def test_a_stages_files_are_written_from_its_first_ones_pickles(tmp_path, follow_at_once):
+    """ms2pt: the ranks of a stage read their pt_meta from its first one's tree; each file after the first
+    is written from the first one's pickle (torch_zip_writer.save_kept): distrib_optim.pt's skeleton is one
+    object, model_optim_rng.pt's has its own args.rank / local_rank bytes put in — and every file is still
+    Megatron's, byte for byte."""
     from ckptmap.formats import torch_zip_writer
 
     a = fixture_dir("legacy_tp2pp2dp2")
@@ -179,7 +180,7 @@ def test_a_stages_optimizer_files_are_written_from_its_first_ones_pickle(tmp_pat
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(torch_zip_writer, "save_kept", lambda k, path, *x, **kw: kept.append(path.name) or real(k, path, *x, **kw))
         assert main(["ms2pt", "--ms-path", str(b), "--megatron-path", str(c), "--no-progress", "--multiprocess-off"]) == 0
-    assert kept == ["distrib_optim.pt", "distrib_optim.pt"]   # tp 1 of each of the 2 stages
+    assert kept == ["model_optim_rng.pt", "distrib_optim.pt"] * 2   # tp 1 of each of the 2 stages
     for rank in rank_dirs(a):
         for f in ("distrib_optim.pt", "model_optim_rng.pt"):
             assert filecmp.cmp(a / rank / f, c / rank / f, shallow=False), f"{rank}/{f} differs"

@@ -237,55 +237,70 @@ class _Written:
 
     def _place(self, i: int, template, zf, optim, keys, extra):
         """Where slot ``i``'s number lies in ``data``: [argument offsets], or None if a probe cannot tell."""
-        if i in self.places:
-            return self.places[i]
-        self.places[i] = None
-        slots = template.slots()
-        name = slots.slots[i][1]
-        held = _number_bytes(template, self.base, i)
-        width = len(held) - 1
-        # another number of the same opcode: the lowest bit of the (little-endian) int, or of the
-        # (big-endian) double's mantissa
-        flip = 1 if name != "BINFLOAT" else width
-        flipped = held[:flip] + bytes([held[flip] ^ 1]) + held[flip + 1:]
-        probe = pickle_delta.with_numbers(template.data, slots, {**self.base, i: flipped})
-        root = pickle_delta.patched_at(template.root, slots, sorted(set(self.base) | {i}), probe)
-        if root is None or not pickle_delta.pickled_as(pickle_delta.number_value(flipped), name):
-            return None
-        out, _ = _pt_meta_tree(zf, root, optim, keys, extra)
-        changed = torch_zip_writer.pickle_bytes(out, zf.path)
-        if len(changed) != len(self.data):
-            return None
-        differ = np.flatnonzero(np.frombuffer(changed, np.uint8) != np.frombuffer(self.data, np.uint8)).tolist()
-        starts = [d if name != "BINFLOAT" else d - width + 1 for d in differ]
-        if not starts or any(self.data[s - 1:s + width] != held for s in starts):
-            return None
-        self.places[i] = starts
-        return starts
+        if i not in self.places:
+            starts = _number_places(template, self.base, i, self.data,
+                                    lambda root: _pt_meta_tree(zf, root, optim, keys, extra)[0], zf.path)
+            self.places[i] = starts or None   # a model file's number is in its pt_meta: not finding it is a failure
+        return self.places[i]
 
     def write(self, template, zf, optim, keys, extra, path, fsync: bool) -> bool:
         """Write ``zf``'s pt_meta from this one; False (nothing written) when a number of its model file
         cannot be put in (not found, or one this pickler would write with another opcode)."""
-        changes = zf.near[1]
-        pkl = self.data
-        differ = set(changes) | set(self.base)
-        if differ:
-            out = bytearray(pkl)
-            for i in sorted(differ):
-                slot = template.slots().slots[i]
-                starts = self._place(i, template, zf, optim, keys, extra)
-                held = _number_bytes(template, changes, i)
-                if starts is None or not pickle_delta.pickled_as(pickle_delta.number_value(held), slot[1]):
-                    return False
-                new = held[1:]
-                for s in starts:
-                    out[s:s + len(new)] = new
-            pkl = bytes(out)
+        pkl = _with_numbers(self.data, template, self.base, zf.near[1],
+                            lambda i: self._place(i, template, zf, optim, keys, extra))
+        if pkl is None:
+            return False
         files = {"model": zf, "optim": None if optim is None else optim._zip}
         storages = [(record, files[which].storage_bytes(key)[start:end])
                     for record, which, key, start, end in self.storages]
         torch_zip_writer.save_pickled(pkl, storages, path, fsync=fsync)
         return True
+
+
+def _number_places(template, base: dict, i: int, data: bytes, make, path) -> list | None:
+    """Where slot ``i``'s number lies in ``data`` — the pickle of ``make(tree)`` for the ``template``'s tree
+    with the numbers ``base`` ({slot index: bytes}) put in: [argument offsets], [] when the number is not
+    in it, or None if a probe cannot tell. The probe: the object made again with that one number changed
+    (another of the same opcode), pickled, compared — the bytes that differ are its."""
+    slots = template.slots()
+    name = slots.slots[i][1]
+    held = _number_bytes(template, base, i)
+    width = len(held) - 1
+    # another number of the same opcode: the lowest bit of the (little-endian) int, or of the (big-endian)
+    # double's mantissa
+    flip = 1 if name != "BINFLOAT" else width
+    flipped = held[:flip] + bytes([held[flip] ^ 1]) + held[flip + 1:]
+    probe = pickle_delta.with_numbers(template.data, slots, {**base, i: flipped})
+    root = pickle_delta.patched_at(template.root, slots, sorted(set(base) | {i}), probe)
+    if root is None or not pickle_delta.pickled_as(pickle_delta.number_value(flipped), name):
+        return None
+    changed = torch_zip_writer.pickle_bytes(make(root), path)
+    if len(changed) != len(data):
+        return None
+    differ = np.flatnonzero(np.frombuffer(changed, np.uint8) != np.frombuffer(data, np.uint8)).tolist()
+    starts = [d if name != "BINFLOAT" else d - width + 1 for d in differ]
+    if any(data[s - 1:s + width] != held for s in starts):
+        return None
+    return starts
+
+
+def _with_numbers(data: bytes, template, base: dict, changes: dict, places) -> bytes | None:
+    """``data`` (a pickle made from ``template``'s tree with ``base`` put in) as made with ``changes`` put in
+    instead, ``places(i)`` saying where slot ``i``'s number lies in it; None when one cannot be put in (not
+    found, or a number this pickler writes with another opcode)."""
+    differ = set(changes) | set(base)
+    if not differ:
+        return data
+    out = bytearray(data)
+    for i in sorted(differ):
+        starts = places(i)
+        held = _number_bytes(template, changes, i)
+        if starts is None or not pickle_delta.pickled_as(pickle_delta.number_value(held),
+                                                         template.slots().slots[i][1]):
+            return None
+        for s in starts:
+            out[s:s + len(held) - 1] = held[1:]
+    return bytes(out)
 
 
 def _number_bytes(template, changes: dict, i: int) -> bytes:
@@ -412,13 +427,11 @@ def write_from_skeleton(meta_path, which: str, sets, path, fill, *, fsync: bool 
             yield raw[start:start + STREAM_CHUNK]
 
     reuse = _KeptSkeleton.key(zf, meta, which, sets) if target == source == "torch" else None
-    kept = _KeptSkeleton.find(zf, meta, which, reuse)
+    kept = _KeptSkeleton.find(zf, meta, which, reuse, sets)
     if kept is not None:
         torch_zip_writer.save_kept(kept, path, stream, fsync=fsync)
         return
-    obj = bind_skeleton(meta, which)
-    for set_path, value in sets:
-        _set_path(obj, set_path, value)
+    obj = _bound(meta, which, sets)
     t = translation(obj, source, target, rng, where or f"{path} (from {meta_path})")
     if t is not None:
         obj, sources = t.root, t.sources
@@ -436,14 +449,21 @@ def write_from_skeleton(meta_path, which: str, sets, path, fill, *, fsync: bool 
 
 
 class _KeptSkeleton:
-    """The pickle of a skeleton written once, for the next file of the same skeleton. The ranks of a
-    stage read their pt_meta from one template (torch_zip_reader.shared_trees): where their pickles do
-    not differ (distrib_optim.pt's skeleton holds no args.rank) their trees share the skeleton and its
-    tensor list — the same objects, kept here so that an ``is`` proves it —, and with the same updates
-    (``sets``, compared as pickled bytes: 1, 1.0 and True pickle apart) the bound graph pickles to the
-    same bytes, with the same storages in the same order. Kept per template, at most KEPT."""
+    """The pickle of a skeleton written once, for the next files of the same stage. The ranks of a stage
+    read their pt_meta from one template (torch_zip_reader.shared_trees: its tree with some plain numbers
+    put in). With the same updates (``sets``, compared as pickled bytes: 1, 1.0 and True pickle apart)
+    and the same tensor list (one object, proven with ``is``): a skeleton that is the same object too
+    (distrib_optim.pt's holds no args.rank) pickles to the same bytes; one made with other numbers put
+    in (model_optim_rng.pt's args) pickles to those bytes with its numbers' bytes replaced, where a probe
+    finds them (``_number_places``). Either way the same storages in the same order. Kept per template,
+    at most KEPT."""
 
     KEPT = 4
+
+    def __init__(self, skeleton, tensors, kept, base: dict):
+        self.skeleton, self.tensors, self.kept = skeleton, tensors, kept   # the objects kept alive: `is` holds
+        self.base = base   # {slot index: bytes} the pickled tree had where it differs from the template's
+        self.places: dict = {}   # slot index -> [offsets of its number in kept.data_pkl], or None
 
     @staticmethod
     def key(zf, meta: dict, which: str, sets) -> tuple | None:
@@ -452,13 +472,24 @@ class _KeptSkeleton:
         return ("skeleton", which, pickle.dumps(sets, protocol=2))
 
     @staticmethod
-    def find(zf, meta: dict, which: str, key):
+    def find(zf, meta: dict, which: str, key, sets):
+        """The Kept to write ``zf``'s ``which`` from, or None."""
         if key is None:
             return None
-        entry = zf.near[0]().derived.get(key)
-        if entry is None or entry[0] is not meta[which] or entry[1] is not meta[_TENSOR_LISTS[which]]:
+        template = zf.near[0]()
+        entry = template.derived.get(key)
+        if entry is None or entry.tensors is not meta[_TENSOR_LISTS[which]]:
             return None
-        return entry[2]
+        if entry.skeleton is meta[which]:
+            return entry.kept
+
+        def places(i):
+            if i not in entry.places:
+                entry.places[i] = _number_places(template, entry.base, i, entry.kept.data_pkl,
+                                                 lambda root: _bound(root[META_KEY], which, sets), zf.path)
+            return entry.places[i]
+        data = _with_numbers(entry.kept.data_pkl, template, entry.base, zf.near[1], places)
+        return None if data is None else attrs.evolve(entry.kept, data_pkl=data)
 
     @classmethod
     def keep(cls, zf, meta: dict, which: str, key, kept) -> None:
@@ -466,7 +497,14 @@ class _KeptSkeleton:
         mine = [k for k in derived if k[0] == "skeleton"]
         if key not in derived and len(mine) >= cls.KEPT:
             del derived[mine[0]]
-        derived[key] = (meta[which], meta[_TENSOR_LISTS[which]], kept)
+        derived[key] = cls(meta[which], meta[_TENSOR_LISTS[which]], kept, dict(zf.near[1]))
+
+
+def _bound(meta: dict, which: str, sets):
+    obj = bind_skeleton(meta, which)
+    for set_path, value in sets:
+        _set_path(obj, set_path, value)
+    return obj
 
 
 def kept_array(meta_path, meta: dict, which: str, ref: TensorRef):
