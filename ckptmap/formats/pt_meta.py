@@ -353,7 +353,10 @@ def bind_skeleton(meta: dict, which: str):
             return out
         elif type(node) is argparse.Namespace:
             out = memo[id(node)] = argparse.Namespace()
-            out.__dict__.update((k, v if type(v) in _PLAIN_VALUES else bind(v)) for k, v in vars(node).items())
+            # a dict of its own, not filled through setattr or update: an instance dict sharing the class's
+            # key table would hold that table's key strings, not these (the memo identity a re-save needs:
+            # safe_unpickler._LoadingNamespaceBase)
+            out.__dict__ = {k: v if type(v) in _PLAIN_VALUES else bind(v) for k, v in vars(node).items()}
             return out
         elif type(node) is tuple:
             # a tuple of plain values (an RNG state: 625 ints) binds to itself: kept, not rebuilt item by item
