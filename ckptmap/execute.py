@@ -107,8 +107,7 @@ _READ_TREES_KEPT = 16
 
 
 def _trim_read_trees() -> None:
-    while len(_READ_TREES) > _READ_TREES_KEPT:
-        del _READ_TREES[next(iter(_READ_TREES))]   # the oldest first
+    torch_zip_reader.trim_trees(_READ_TREES, _READ_TREES_KEPT)
 
 
 class _Sources:

@@ -361,7 +361,7 @@ def test_files_laid_out_alike_are_read_from_the_last_scan(tmp_path, monkeypatch)
     assert a.stat().st_size == b.stat().st_size == c.stat().st_size and a.read_bytes() != b.read_bytes()
     scans = []
     real = mc.CkptReader._scan
-    monkeypatch.setattr(mc.CkptReader, "_scan", lambda self, size: scans.append(self.path) or real(self, size))
+    monkeypatch.setattr(mc.CkptReader, "_scan", lambda self, size, names: scans.append(self.path) or real(self, size, names))
     mc._SHAPES.clear()
     for path in (a, b, c):
         want = ms.load_checkpoint(str(path))

@@ -69,18 +69,25 @@ def test_split_plan_is_the_single_process_plan(name, tmp_path, forks):
     assert whole.info["bucket_layout"] == "param_map"
 
 
+def _refused_in_one_and_two_processes(capsys, argv: list, out_flag: str, out_of) -> dict:
+    """{planning processes: the error printed} of ``argv`` planned in 1 and in 2 processes, each refused
+    before writing anything (its output ``out_of(n)``, given with ``out_flag``, never made)."""
+    errors = {}
+    for n in (1, 2):
+        out = out_of(n)
+        assert main(argv + [out_flag, str(out), "--no-progress", "--planning-processes", str(n)]) != 0
+        errors[n] = capsys.readouterr().err
+        assert not out.exists()
+    return errors
+
+
 def test_a_bad_file_in_another_process_stages_is_refused_as_in_one_process(tmp_path, capsys, forks):
     src = tmp_path / "megatron"
     shutil.copytree(fixture_dir(PP2), src, ignore=shutil.ignore_patterns("truth"))
     damaged = src / "iter_0000001" / "mp_rank_01_001" / "model_optim_rng.pt"   # the last stage: a forked planner's
     damaged.write_bytes(damaged.read_bytes()[:-100])
-    messages = {}
-    for n in (1, 2):
-        out = tmp_path / f"ms{n}"
-        assert main(["pt2ms", "--megatron-path", str(src), "--ms-path", str(out), "--no-progress",
-                     "--planning-processes", str(n)]) != 0
-        messages[n] = capsys.readouterr().err
-        assert not out.exists()
+    messages = _refused_in_one_and_two_processes(capsys, ["pt2ms", "--megatron-path", str(src)], "--ms-path",
+                                                 lambda n: tmp_path / f"ms{n}")
     assert forks == ["pipeline stage 1"]
     assert str(damaged) in messages[2] and "truncated or corrupt" in messages[2]
     assert messages[1] == messages[2]
@@ -186,13 +193,8 @@ def test_ms2pt_iterations_are_compared_across_the_planning_processes(tmp_path, c
     params["step_num"] = ms.Parameter(ms.Tensor(np.array(5, dtype=params["step_num"].asnumpy().dtype)), name="step_num")
     ms.save_checkpoint([{"name": k, "data": v} for k, v in params.items()], str(last))
     capsys.readouterr()
-    errors = {}
-    for n in (1, 2):
-        out = tmp_path / f"back{n}"
-        assert main(["ms2pt", "--ms-path", str(ms_dir), "--megatron-path", str(out), "--no-progress",
-                     "--planning-processes", str(n)]) != 0
-        errors[n] = capsys.readouterr().err
-        assert not out.exists()
+    errors = _refused_in_one_and_two_processes(capsys, ["ms2pt", "--ms-path", str(ms_dir)], "--megatron-path",
+                                               lambda n: tmp_path / f"back{n}")
     assert forks == ["pipeline stage 1"]
     assert "different iterations (['1', '5'])" in errors[2]
     assert errors[1] == errors[2]

@@ -364,10 +364,9 @@ _SHAPES_PER_SIZE = 4   # layouts of one size (stages whose names differ in digit
 
 
 class _ScanShape:
-    def __init__(self, reader: "CkptReader", size: int, end: int):
+    def __init__(self, reader: "CkptReader", size: int, end: int, names: list):
+        """``names``: each record's name bytes [start, end) and the tensor it is a slice of, in file order."""
         self.entries, self.has_crc, self.end = reader._entries, reader.has_crc, end
-        # each record's name bytes [start, end) and the tensor it is a slice of, in file order
-        names = reader._name_ranges
         self.name_starts = np.array([a for a, _, _ in names], dtype=np.intp)
         self.name_ends = np.array([b for _, b, _ in names], dtype=np.intp)
         self.name_tags = [tag for _, _, tag in names]
@@ -426,7 +425,6 @@ class CkptReader:
     def __init__(self, path, *, verify_crc=True):
         self.path = os.fspath(path)
         self._entries: dict[str, _Entry] = {}
-        self._name_ranges: list = []   # filled by a scan: (first, end byte of a record's name, its tensor)
         self._mm = None
         try:
             with open(self.path, "rb") as f:
@@ -445,13 +443,13 @@ class CkptReader:
                     shapes.remove(found[0])   # (renamed: the shape of the new names takes its place)
                     shapes.insert(0, found[1])
             else:
-                end = self._scan(size)
+                names: list = []
+                end = self._scan(size, names)
                 if self._mm is not None and len(self._entries) > 1:
-                    _SHAPES.setdefault(size, []).insert(0, _ScanShape(self, size, end))
+                    _SHAPES.setdefault(size, []).insert(0, _ScanShape(self, size, end, names))
                     del _SHAPES[size][_SHAPES_PER_SIZE:]
                     if len(_SHAPES) > _SHAPES_KEPT:
                         del _SHAPES[next(iter(_SHAPES))]
-                self._name_ranges = []
             if self.has_crc and verify_crc:
                 self._verify_crc(end)
         except BaseException:
@@ -497,8 +495,9 @@ class CkptReader:
                 raise self._corrupt(at, f"unexpected protobuf wire type {wire} (key byte 0x{key:02x})")
             yield field, wire, value, at
 
-    def _scan(self, size) -> int:
-        """Index every record; return the end of the protobuf content (start of the trailer)."""
+    def _scan(self, size, names: list) -> int:
+        """Index every record; return the end of the protobuf content (start of the trailer). ``names`` gets
+        each record's (first, end byte of its name, its tensor)."""
         pos, last = 0, None
         while pos < size:
             if size - pos == _TRAILER_LEN and self._mm[pos:pos + len(_CRC_MAGIC)] == _CRC_MAGIC:
@@ -510,7 +509,7 @@ class CkptReader:
             if start + n > size:
                 raise self._corrupt(pos, f"record declares {n} bytes but only {size - start} remain")
             tag, ms_type, dims, content, name = self._parse_value(start, start + n)
-            self._name_ranges.append(name + (tag,))
+            names.append(name + (tag,))
             entry = self._entries.get(tag)
             if entry is None:
                 entry = self._entries[tag] = _Entry(ms_type, dims)

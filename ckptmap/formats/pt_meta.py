@@ -203,10 +203,8 @@ class _Written:
     those numbers put in, and their pickles differ exactly in those numbers' bytes. Where a number lands
     in the pickle is found by a probe: the object made again with that one number changed (another of
     the same opcode), pickled, compared — the bytes that differ are its (wherever the number is
-    pickled, once or more). Kept per template, at most ``KEPT`` (a rank of other keys or extra, or of
+    pickled, once or more). Kept per template (``_keep_derived``; a rank of other keys or extra, or of
     another optimizer tree, is written in full)."""
-
-    KEPT = 4
 
     def __init__(self, data: bytes, storages: list, base: dict, optim_root):
         self.data = data
@@ -230,10 +228,7 @@ class _Written:
     def keep(cls, template, key, zf, optim, data: bytes, records: dict, sources: dict) -> None:
         storages = [(record_key,) + sources.get(source_key, ("model", source_key, 0, None))
                     for source_key, record_key in records.items()]
-        mine = [k for k in template.derived if k[0] == "pt_meta"]
-        if len(mine) >= cls.KEPT:
-            del template.derived[mine[0]]
-        template.derived[key] = cls(data, storages, zf.near[1], None if optim is None else optim.root)
+        _keep_derived(template, key, cls(data, storages, zf.near[1], None if optim is None else optim.root))
 
     def _place(self, i: int, template, zf, optim, keys, extra):
         """Where slot ``i``'s number lies in ``data``: [argument offsets], or None if a probe cannot tell."""
@@ -255,6 +250,19 @@ class _Written:
                     for record, which, key, start, end in self.storages]
         torch_zip_writer.save_pickled(pkl, storages, path, fsync=fsync)
         return True
+
+
+_KEPT_PER_TEMPLATE = 4
+
+
+def _keep_derived(template, key: tuple, value) -> None:
+    """``template.derived[key] = value``, the oldest of its kind (``key[0]``) dropped beyond _KEPT_PER_TEMPLATE:
+    a stage's ranks mostly share one key, so a few cover the odd rank."""
+    derived = template.derived
+    mine = [k for k in derived if k[0] == key[0]]
+    if key not in derived and len(mine) >= _KEPT_PER_TEMPLATE:
+        del derived[mine[0]]
+    derived[key] = value
 
 
 def _number_places(template, base: dict, i: int, data: bytes, make, path) -> list | None:
@@ -429,8 +437,9 @@ def write_from_skeleton(meta_path, which: str, sets, path, fill, *, fsync: bool 
         for start in range(0, raw.size, STREAM_CHUNK):
             yield raw[start:start + STREAM_CHUNK]
 
-    reuse = _KeptSkeleton.key(zf, meta, which, sets) if target == source == "torch" else None
-    kept = _KeptSkeleton.find(zf, meta, which, reuse, sets)
+    # a stage's pt_meta read from one template (torch_zip_reader.shared_trees): its first file's pickle serves
+    reusable = target == source == "torch" and zf.near is not None and zf.near[0]() is not None
+    kept = _KeptSkeleton.find(zf, meta, which, sets) if reusable else None
     if kept is not None:
         torch_zip_writer.save_kept(kept, path, stream, fsync=fsync)
         return
@@ -445,10 +454,9 @@ def write_from_skeleton(meta_path, which: str, sets, path, fill, *, fsync: bool 
         torch_zip_writer.save_streaming(obj, path, translated, fsync=fsync, dialect=target)
         return
     made: list = []
-    torch_zip_writer.save_streaming(obj, path, stream, fsync=fsync, dialect=target,
-                                    kept=made if reuse is not None else None)
+    torch_zip_writer.save_streaming(obj, path, stream, fsync=fsync, dialect=target, kept=made if reusable else None)
     if made:
-        _KeptSkeleton.keep(zf, meta, which, reuse, made[0])
+        _KeptSkeleton.keep(zf, meta, which, sets, made[0])
 
 
 class _KeptSkeleton:
@@ -458,10 +466,8 @@ class _KeptSkeleton:
     and the same tensor list (one object, proven with ``is``): a skeleton that is the same object too
     (distrib_optim.pt's holds no args.rank) pickles to the same bytes; one made with other numbers put
     in (model_optim_rng.pt's args) pickles to those bytes with its numbers' bytes replaced, where a probe
-    finds them (``_number_places``). Either way the same storages in the same order. Kept per template,
-    at most KEPT."""
-
-    KEPT = 4
+    finds them (``_number_places``). Either way the same storages in the same order. Kept per template
+    (``_keep_derived``); ``zf`` below is a pt_meta file read from one (``zf.near``)."""
 
     def __init__(self, skeleton, tensors, kept, base: dict):
         self.skeleton, self.tensors, self.kept = skeleton, tensors, kept   # the objects kept alive: `is` holds
@@ -469,18 +475,14 @@ class _KeptSkeleton:
         self.places: dict = {}   # slot index -> [offsets of its number in kept.data_pkl], or None
 
     @staticmethod
-    def key(zf, meta: dict, which: str, sets) -> tuple | None:
-        if zf.near is None or zf.near[0]() is None:
-            return None
+    def _key(which: str, sets) -> tuple:
         return ("skeleton", which, pickle.dumps(sets, protocol=2))
 
-    @staticmethod
-    def find(zf, meta: dict, which: str, key, sets):
+    @classmethod
+    def find(cls, zf, meta: dict, which: str, sets):
         """The Kept to write ``zf``'s ``which`` from, or None."""
-        if key is None:
-            return None
         template = zf.near[0]()
-        entry = template.derived.get(key)
+        entry = template.derived.get(cls._key(which, sets))
         if entry is None or entry.tensors is not meta[_TENSOR_LISTS[which]]:
             return None
         if entry.skeleton is meta[which]:
@@ -495,12 +497,9 @@ class _KeptSkeleton:
         return None if data is None else attrs.evolve(entry.kept, data_pkl=data)
 
     @classmethod
-    def keep(cls, zf, meta: dict, which: str, key, kept) -> None:
-        derived = zf.near[0]().derived
-        mine = [k for k in derived if k[0] == "skeleton"]
-        if key not in derived and len(mine) >= cls.KEPT:
-            del derived[mine[0]]
-        derived[key] = cls(meta[which], meta[_TENSOR_LISTS[which]], kept, dict(zf.near[1]))
+    def keep(cls, zf, meta: dict, which: str, sets, kept) -> None:
+        _keep_derived(zf.near[0](), cls._key(which, sets),
+                      cls(meta[which], meta[_TENSOR_LISTS[which]], kept, dict(zf.near[1])))
 
 
 def _bound(meta: dict, which: str, sets):

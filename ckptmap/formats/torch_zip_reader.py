@@ -942,6 +942,13 @@ def shared_trees(trees: dict | None = None, follow_after: int = 0):
         _shared_trees, _follow_after = outer, outer_follow
 
 
+def trim_trees(trees: dict, kept: int) -> None:
+    """Drop the oldest entries of a shared_trees dict beyond ``kept`` (its owner bounds it: the files read
+    next are a stage's, whose trees are the newest)."""
+    while len(trees) > kept:
+        del trees[next(iter(trees))]
+
+
 def _structure_key(archive: _Archive):
     """Everything the unpickler and the dialect detection read from a file, as a hashable value."""
     return (archive.prefix, archive.read_record("data.pkl"), archive.read_record("version", missing_ok=True),

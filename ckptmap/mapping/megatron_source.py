@@ -635,8 +635,7 @@ class MegatronSource:
                 dialect_translate.check_rank_files(f, d / megatron_folders.OPTIM_FILE)   # MSAdapter's refusals
                 if not opt.rank_state and key != (0, 0, 0):
                     f.slim(size_args)
-                while len(trees) > _TREES_KEPT:
-                    del trees[next(iter(trees))]
+                torch_zip_reader.trim_trees(trees, _TREES_KEPT)
         files = {key: read[key] for key in sorted(read)}
         self.dialects = {f.dialect for f in files.values()}   # torch zip dialects of the files (pt_meta records each)
         first = self.first = files[(0, 0, 0)]

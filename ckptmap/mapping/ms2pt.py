@@ -294,8 +294,7 @@ def _plan_part(opt: Ms2PtOptions, setup: _Setup, stages) -> _Part:
             # tree (torch_zip_reader.shared_trees; planning only reads them)
             with torch_zip_reader.shared_trees(trees, follow_after=torch_zip_reader.FOLLOW_AFTER):
                 meta = _read_meta(setup.meta_dir, tp, pp, ep_name(ep))
-            while len(trees) > _TREES_KEPT:
-                del trees[next(iter(trees))]
+            torch_zip_reader.trim_trees(trees, _TREES_KEPT)
         matched, unmatched = match_rules(rules, meta.tensors, meta.path, memo)
         if unmatched:
             raise CkptmapError(f"no rule in {rules.path} matches {listing(unmatched)} of {meta.path}; add "
