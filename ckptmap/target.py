@@ -62,18 +62,20 @@ class Target:
 
 def _plan_sources(plan) -> set[str]:
     files = set()
-    seen_tensors: set = set()   # ranks of one structure share their tensors tuple (FileTask.inputs)
+    seen: set = set()   # ranks of one structure share their tensors (storages) tuple (FileTask.inputs)
     for f in plan.files:
-        if id(f.tensors) not in seen_tensors:
-            seen_tensors.add(id(f.tensors))
+        if id(f.tensors) not in seen:   # the plan holds the tuples: their ids stay theirs
+            seen.add(id(f.tensors))
             files.update(s.file for t in f.tensors for s in t.sources)
         files.update(f.inputs.values())
-        for st in f.storages:
-            for p in st.pieces:
-                if p.tensor is not None:
-                    files.update(s.file for s in p.tensor.sources)
-                if p.padding is not None:
-                    files.add(p.padding.file)
+        if id(f.storages) not in seen:
+            seen.add(id(f.storages))
+            for st in f.storages:
+                for p in st.pieces:
+                    if p.tensor is not None:
+                        files.update(s.file for s in p.tensor.sources)
+                    if p.padding is not None:
+                        files.add(p.padding.file)
         if not f.source_is_output:
             files.add(f.source)
         files.add(f.aux_source)

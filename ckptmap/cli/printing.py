@@ -137,9 +137,9 @@ def print_summary(plan, common: str, out, tally: _Tally | None = None) -> None:
     tensors: dict = {}
     how_total: dict = {}
     n_tensors = 0
-    # id(tensors tuple) -> [the tuple, its tally, its bytes, files after the first]: ranks of one structure
-    # share one tuple; its rows are added as it is first met (the order of the listing) and, times the
-    # number of its other files, at the end
+    # id(tensors or storages tuple) -> [the tuple, its tally, its bytes, files after the first]: ranks of
+    # one structure share one tuple; its rows are added as it is first met (the order of the listing)
+    # and, times the number of its other files, at the end
     of_tuple: dict = {}
     for f in plan.files:
         key = (tally.pattern(f.path), f.format)
@@ -147,18 +147,21 @@ def print_summary(plan, common: str, out, tally: _Tally | None = None) -> None:
         if entry is None:
             entry = files[key] = [0, 0, f]
         entry[0] += 1
+        shared = f.tensors if not f.storages else f.storages if not f.tensors else None   # both: its own
+        hit = of_tuple.get(id(shared)) if shared is not None else None
+        if hit is not None and hit[0] is shared:
+            entry[1] += hit[2]
+            hit[3] += 1
+            continue
         if f.storages:
             rows = _tally_rows(_all_tensors(f), tally)
-            entry[1] += sum(s.nbytes for s in f.storages)
+            nbytes = sum(s.nbytes for s in f.storages)
         else:
-            hit = of_tuple.get(id(f.tensors))
-            if hit is not None and hit[0] is f.tensors:
-                entry[1] += hit[2]
-                hit[3] += 1
-                continue
             rows = _tally_rows(((t, None, None) for t in f.tensors), tally)
-            hit = of_tuple[id(f.tensors)] = [f.tensors, rows, sum(row[1] for row in rows.values()), 0]
-            entry[1] += hit[2]
+            nbytes = sum(row[1] for row in rows.values())
+        if shared is not None:
+            of_tuple[id(shared)] = [shared, rows, nbytes, 0]
+        entry[1] += nbytes
         n_tensors += _add_rows(rows, 1, f, tensors, how_total)
     for _, rows, _, more in of_tuple.values():
         if more:
@@ -177,7 +180,7 @@ def print_summary(plan, common: str, out, tally: _Tally | None = None) -> None:
         rows.append((pattern, how, str(count), human_bytes(nbytes)))
         if t is None:
             examples.append((f"[{storage}@{piece.offset}] padding", piece.padding.key,
-                             os.path.relpath(piece.padding.file, common), "-", "bytes", "-",
+                             os.path.relpath(f.source_path(piece.padding.file), common), "-", "bytes", "-",
                              str(piece.padding.shape[0])))
         else:
             examples.append(_tensor_row(t, common, f"[{storage}@{piece.offset}] " if storage else "", f))
@@ -242,17 +245,20 @@ def _source_root(plan) -> str:
     from ckptmap.mapping.plan import INPUT_PREFIX   # not at import: --help stays without attrs
 
     files = set()
-    seen_tensors: set = set()   # ranks of one structure share their tensors tuple
+    seen: dict = {}   # ranks of one structure share their tensors (storages) tuple: id -> the tuple
     for f in plan.files:
         if f.inputs:
             files.update(f.inputs.values())
-        if id(f.tensors) not in seen_tensors:
-            seen_tensors.add(id(f.tensors))
+        if seen.get(id(f.tensors)) is not f.tensors:
+            seen[id(f.tensors)] = f.tensors
             for t in f.tensors:
                 if t.sources:
                     files.add(t.sources[0].file)
                 elif t.reads:
                     files.add(t.reads[0].source.file)
+        if seen.get(id(f.storages)) is f.storages:
+            continue
+        seen[id(f.storages)] = f.storages
         for s in f.storages:
             for p in s.pieces:
                 if p.tensor and (x := _first_file(p.tensor)):
@@ -309,10 +315,10 @@ def print_plan(plan, out=None, detail: bool = True, summary: bool = False) -> No
                 for s in f.storages:
                     for p in s.pieces:
                         if p.tensor:
-                            rows.append(_tensor_row(p.tensor, common, f"[{s.key}@{p.offset}] "))
+                            rows.append(_tensor_row(p.tensor, common, f"[{s.key}@{p.offset}] ", f))
                         else:
                             rows.append((f"[{s.key}@{p.offset}] padding", p.padding.key,
-                                         os.path.relpath(p.padding.file, common), "-", "bytes", "-",
+                                         os.path.relpath(f.source_path(p.padding.file), common), "-", "bytes", "-",
                                          str(p.padding.shape[0])))
                 _print_rows(rows, out)
         elif f.format == "copy":

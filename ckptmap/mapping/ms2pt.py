@@ -276,10 +276,103 @@ def _one_iteration(iterations: set):
     return next(iter(iterations))
 
 
+# A rank's Megatron files read MindSpore tensors from ``@ms`` and padding bytes from ``@meta`` (FileTask.inputs):
+# the TP ranks of a stage and expert rank plan the same storages from other files, so they share one tuple
+MS_INPUT, META_INPUT = "@ms", "@meta"
+
+
+@attrs.frozen(eq=False)
+class _Built:
+    """What ranks of one structure share: the storages of model_optim_rng.pt and distrib_optim.pt (None:
+    weights only), the MindSpore tensors no rule reads, and the numbers read from pt_meta's kept bytes."""
+
+    model: tuple
+    optim: tuple | None
+    unread: tuple
+    kept: tuple
+
+
+def _structure(meta: _MetaRank, specs: dict, fields, map_texts: tuple, param_only: bool) -> tuple:
+    """Everything a rank's _Built is made of besides its pipeline stage and expert rank (which name its
+    tensors) and the paths of its files: its MindSpore tensors, the pt_meta layouts of both files, its
+    param_map files' bytes and the scalar keys pt2ms wrote — compared by value with a neighbour's."""
+    m = meta.meta
+    optim = None if param_only else (m.get("distrib_optim"), m.get("distrib_optim_tensors"),
+                                      m.get("distrib_optim_padding"), meta.root.get("bucket_layouts"), map_texts)
+    return (specs, meta.tensors, m.get("model_tensors"), m.get("model_padding"), optim,
+            tuple(key for _, key, _ in fields))
+
+
+class _Structures:
+    """The last rank's structure and what was built from it (ranks come stage by stage, TP rank last, so a
+    TP group's ranks are neighbours), and the scalar fields of the last optimizer and scheduler state."""
+
+    def __init__(self):
+        self._last = None      # (pp, ep, structure, _Built)
+        self._fields = None    # ((optimizer state, scheduler state), their scalar fields)
+
+    def find(self, pp, ep, structure, meta: _MetaRank) -> _Built | None:
+        last = self._last
+        if last is None or last[:2] != (pp, ep) or not _equal(last[2], structure):
+            return None
+        built = last[3]
+        for ref, value in built.kept:
+            if int(pt_meta.kept_array(meta.path, meta.meta, "distrib_optim", ref)) != value:
+                return None
+        return built
+
+    def keep(self, pp, ep, structure, built: _Built) -> _Built:
+        self._last = (pp, ep, structure, built)
+        return built
+
+    def scalar_fields(self, root: dict) -> list:
+        """mindspeed.scalar_fields(root), once per optimizer/scheduler state object (the ranks of a stage
+        read from one tree share them: torch_zip_reader.shared_trees); they are held, so ids stay theirs."""
+        states = (root.get("optimizer"), root.get("opt_param_scheduler"))
+        if self._fields is not None and all(a is b for a, b in zip(self._fields[0], states)):
+            return self._fields[1]
+        fields = mindspeed.scalar_fields(root)
+        self._fields = (states, fields)
+        return fields
+
+
+def _equal(a, b) -> bool:
+    try:
+        return bool(a == b)
+    except ValueError:   # an array somewhere in a skeleton: no truth value, so not known to be equal
+        return False
+
+
+def _map_texts(maps_of: dict, tp, pp, vpp, ep_name) -> tuple[bytes, ...]:
+    """The bytes of the rank's param_map files (its optimizer storages are made from them)."""
+    out = []
+    for v in range(vpp):
+        for pm in maps_of.get((tp, pp, v, ep_name), ()):
+            try:
+                with open(pm.path, "rb") as f:
+                    out.append(f.read())
+            except OSError as e:
+                raise CkptmapError(f"cannot read param_map {pm.path}: {e}") from None
+    return tuple(out)
+
+
+def _build(opt: Ms2PtOptions, setup: _Setup, meta: _MetaRank, matched, ms_file, specs, fields, tp, pp, ep, memo,
+           iteration) -> _Built:
+    layout, env, rules = setup.layout, setup.env, setup.rules
+    weights = {(m.tensor.chunk, m.tensor.name): _reverse_task(m, layout, pp, ep, env) for m in matched}
+    model = _model_storages(meta, weights, ms_file, specs, opt.cast_exact)
+    kept: list = []
+    optim = None if opt.convert_param_only else _optim_storages(
+        meta, matched, weights, layout, pp, tp, rules, ms_file, specs, setup.maps_of, memo, ep, setup.ep_name(ep),
+        opt.cast_exact, kept)
+    unread = _unread_tensors(specs, weights, rules, fields, iteration, setup.layout_name)
+    return _Built(model, optim, tuple(unread), tuple(kept))
+
+
 def _plan_part(opt: Ms2PtOptions, setup: _Setup, stages) -> _Part:
     """Plan the ranks of pipeline stages ``stages`` ([first, end); None: all), stage by stage (a stage's ranks'
     files are alike: each is read from the last one's layout)."""
-    rules, layout, env, ep_name = setup.rules, setup.layout, setup.env, setup.ep_name
+    rules, layout, ep_name = setup.rules, setup.layout, setup.ep_name
     memo = RankMemo()
     first_stage, end_stage = stages or (0, setup.pp_found)
     stage_order = sorted(((tp, pp, ep) for tp in range(setup.tp_found) for pp in range(first_stage, end_stage)
@@ -324,17 +417,29 @@ def _plan_part(opt: Ms2PtOptions, setup: _Setup, stages) -> _Part:
     dialects = _DialectChoice(opt)
     files: dict = {}
     left_out: dict = {}
+    structures = _Structures()
     for tp, pp, ep, meta, matched in ranks:
         ms_file, specs, scalars = sources[(tp, pp, ep)]
         rank_dir = (f"{megatron_folders.iter_dir_name(out_iteration)}/"
                     f"{megatron_folders.mp_rank_dir_name(tp, pp, setup.pp_found, ep_name(ep))}")
-        weights = {(m.tensor.chunk, m.tensor.name): _reverse_task(m, layout, pp, ep, env) for m in matched}
-        mine = files[(tp, pp, ep)] = [dialects.add(_model_file(meta, rank_dir, weights, ms_file, specs, out_iteration,
-                                                               opt.convert_param_only, scalars, opt.cast_exact), meta)]
-        if not opt.convert_param_only:
-            mine.append(dialects.add(_optim_file(meta, rank_dir, matched, layout, pp, tp, rules, ms_file, specs,
-                                                 setup.maps_of, memo, ep, ep_name(ep), env, opt.cast_exact), meta))
-        extra = _unread_tensors(specs, weights, rules, meta, out_iteration, setup.layout_name)
+        fields = structures.scalar_fields(meta.root)
+        map_texts = () if opt.convert_param_only else _map_texts(setup.maps_of, tp, pp, layout.vpp, ep_name(ep))
+        structure = _structure(meta, specs, fields, map_texts, opt.convert_param_only)
+        built = structures.find(pp, ep, structure, meta)
+        if built is None:
+            built = structures.keep(pp, ep, structure, _build(opt, setup, meta, matched, ms_file, specs, fields, tp, pp,
+                                                              ep, memo, out_iteration))
+        inputs = {MS_INPUT: str(ms_file), META_INPUT: str(meta.path)}
+        updates = _follow_iteration(meta.root, out_iteration, None if opt.convert_param_only else scalars, ms_file,
+                                    fields)
+        mine = files[(tp, pp, ep)] = [dialects.add(FileTask(
+            f"{rank_dir}/{megatron_folders.MODEL_FILE}", "torch_stream", source=str(meta.path), storages=built.model,
+            extra={"skeleton": "model_optim_rng", "set": updates}, inputs=inputs), meta)]
+        if built.optim is not None:
+            mine.append(dialects.add(FileTask(
+                f"{rank_dir}/{megatron_folders.OPTIM_FILE}", "torch_stream", source=str(meta.path),
+                storages=built.optim, extra={"skeleton": "distrib_optim", "set": []}, inputs=inputs), meta))
+        extra = built.unread
         if extra and not opt.allow_extra:
             raise CkptmapError(f"{ms_file} holds {len(extra)} tensor(s) no rule reads back into Megatron: "
                                f"{listing(extra)}; they would be lost. Add rules for them (--rules), or pass "
@@ -467,7 +572,7 @@ def _source_task(name, ms_file, specs, ms_name, ms_shape, inverse, out_dtype, me
         raise CkptmapError(f"{ms_file}: tensor {ms_name} has shape {list(src_shape)}, but Megatron's {name} needs "
                            f"{list(whole)}{what}; the MindSpore checkpoint was saved with a different model or "
                            f"parallel layout than pt_meta describes")
-    source = SourceSlice(str(ms_file), ms_name, src_dtype, tuple(src_shape))
+    source = SourceSlice(MS_INPUT, ms_name, src_dtype, tuple(src_shape))
     if stacked is not None:   # the expert's row of axis 0: a contiguous range of the stacked tensor
         row = math.prod(ms_shape)
         source = attrs.evolve(source, start=stacked[0] * row, numel=row)
@@ -491,13 +596,13 @@ def _source_task(name, ms_file, specs, ms_name, ms_shape, inverse, out_dtype, me
                       note=ms_name if stacked is None else f"{ms_name}[{stacked[0]}]")
 
 
-def _unread_tensors(specs, weights, rules, meta: _MetaRank, iteration, layout_name) -> list[str]:
+def _unread_tensors(specs, weights, rules, fields, iteration, layout_name) -> list[str]:
     """Tensors of a MindSpore file that ms2pt reads back in neither mode: not a weight a rule maps, not
     that weight's optimizer state, not a step / optimizer / scheduler scalar pt2ms writes."""
     known = {b.ms_name for backs in weights.values() for b in backs}
     known |= {rules.state_pattern(state).format({"name": name})
               for name in list(known) for state in megatron_files.OPTIM_STATES}
-    known |= {key for _, key, _ in mindspeed.scalar_fields(meta.root)}
+    known |= {key for _, key, _ in fields}
     known |= {row[0] for row in mindspeed.step_scalars(int(iteration or 0), "v2")}
     return sorted(k for k, (dtype, _) in specs.items() if k not in known and dtype != "str")  # strings: not tensors
 
@@ -507,7 +612,7 @@ def _tiled(key, dtype, numel, pieces, padding, meta_path, which) -> StorageTask:
     ``[0, numel)`` exactly."""
     size = dtypes.itemsize(dtype)
     pieces = list(pieces) + [
-        StoragePiece(a, padding=SourceSlice(str(meta_path), pt_meta.padding_key(which, key, j), "uint8",
+        StoragePiece(a, padding=SourceSlice(META_INPUT, pt_meta.padding_key(which, key, j), "uint8",
                                             ((b - a) * size,)))
         for j, (a, b, _) in enumerate(padding.get(key, []))]
     pieces.sort(key=lambda p: p.offset)
@@ -523,8 +628,7 @@ def _tiled(key, dtype, numel, pieces, padding, meta_path, which) -> StorageTask:
     return StorageTask(key, dtype, numel, tuple(pieces))
 
 
-def _model_file(meta: _MetaRank, rank_dir, weights, ms_file, specs, iteration, param_only, scalars,
-                cast_exact: bool = False) -> FileTask:
+def _model_storages(meta: _MetaRank, weights, ms_file, specs, cast_exact: bool = False) -> tuple[StorageTask, ...]:
     by_ref = {}
     for t in meta.tensors:
         index = int(t.key.split(megatron_files.KEY_SEP)[-1])
@@ -535,17 +639,14 @@ def _model_file(meta: _MetaRank, rank_dir, weights, ms_file, specs, iteration, p
         ref = pt_meta.ref_from_fields(fields)
         entry = per_storage.setdefault(ref.storage, (ref.dtype, ref.storage_numel, []))
         entry[2].extend(StoragePiece(ref.storage_offset + off, tensor=task) for off, task in by_ref.get(i, ()))
-    storages = [_tiled(key, dtype, numel, pieces, meta.meta["model_padding"], meta.path, "model_optim_rng")
-                for key, (dtype, numel, pieces) in per_storage.items()]
-    updates = _follow_iteration(meta.root, iteration, None if param_only else scalars, ms_file)
-    return FileTask(f"{rank_dir}/{megatron_folders.MODEL_FILE}", "torch_stream", source=str(meta.path),
-                    storages=tuple(storages), extra={"skeleton": "model_optim_rng", "set": updates})
+    return tuple(_tiled(key, dtype, numel, pieces, meta.meta["model_padding"], meta.path, "model_optim_rng")
+                 for key, (dtype, numel, pieces) in per_storage.items())
 
 
-def _follow_iteration(root: dict, iteration, scalars, origin) -> list:
+def _follow_iteration(root: dict, iteration, scalars, origin, fields) -> list:
     """[(path, value)] of the fields that follow the MindSpore checkpoint's training progress: the
     iteration, and (``scalars``: {key: 0-d numpy array}) every optimizer and scheduler value pt2ms wrote
-    (``mindspeed.scalar_fields``). Values keep the type Megatron had — a flag comes back as a bool,
+    (``fields``: ``mindspeed.scalar_fields(root)``). Values keep the type Megatron had — a flag comes back as a bool,
     a count as an int, a style index as the style's name — and a value that still equals the original
     in the precision it was stored in (Float32, Int32, Int64, …) is left alone, so that an unchanged
     value leaves the bytes unchanged."""
@@ -559,7 +660,7 @@ def _follow_iteration(root: dict, iteration, scalars, origin) -> list:
             sets.append((path, value))
     # args.iteration is what Megatron had when it saved (it re-reads the top-level entry on load)
     put(["iteration"], root.get("iteration"), np.array(iteration, dtype=np.int64), "iteration")
-    for path, key, styles in mindspeed.scalar_fields(root) if scalars else ():
+    for path, key, styles in fields if scalars else ():
         old = root
         for part in path:
             old = old[part]
@@ -607,8 +708,10 @@ def _bind_placeholders(node, refs):
     return node
 
 
-def _optim_file(meta: _MetaRank, rank_dir, matched, layout, pp, tp, rules, ms_file, specs, maps_of,
-                memo=None, ep=0, ep_name=None, env=None, cast_exact: bool = False) -> FileTask:
+def _optim_storages(meta: _MetaRank, matched, weights, layout, pp, tp, rules, ms_file, specs, maps_of, memo, ep,
+                    ep_name, cast_exact: bool, kept: list) -> tuple[StorageTask, ...]:
+    """The storages of the rank's distrib_optim.pt; ``kept`` gets (TensorRef, value) of each number read
+    from pt_meta's kept bytes (a rank sharing these storages must hold the same: _Structures.find)."""
     m_meta = meta.meta
     if "distrib_optim" not in m_meta:
         raise CkptmapError(f"{meta.path} has no distributed-optimizer layout (the Megatron checkpoint had no "
@@ -618,9 +721,12 @@ def _optim_file(meta: _MetaRank, rank_dir, matched, layout, pp, tp, rules, ms_fi
     # the skeleton with its placeholders bound to the TensorRefs they stand for, so that the
     # distrib_optim.pt parser reads it like the file it came from
     bound = _bind_placeholders(skeleton, refs)
-    _, _, storage, buffers_meta = megatron_files.parse_optim_state(   # numel_unpadded as a 0-d tensor: kept bytes
-        bound, f"{meta.path} (distrib_optim skeleton)",
-        lambda ref: int(pt_meta.kept_array(meta.path, m_meta, "distrib_optim", ref)))
+    def kept_int(ref):   # numel_unpadded as a 0-d tensor: kept bytes
+        value = int(pt_meta.kept_array(meta.path, m_meta, "distrib_optim", ref))
+        kept.append((ref, value))
+        return value
+    _, _, storage, buffers_meta = megatron_files.parse_optim_state(
+        bound, f"{meta.path} (distrib_optim skeleton)", kept_int)
     recorded = meta.root.get("bucket_layouts")
     if recorded is None:   # pt_meta of an earlier ckptmap: every buffer of every chunk, in order
         recorded = []
@@ -666,10 +772,12 @@ def _optim_file(meta: _MetaRank, rank_dir, matched, layout, pp, tp, rules, ms_fi
             # an expert rank > 0 keeps no dense optimizer state (the expert-rank-0 folder does)
             if EXPERT not in m.bindings and kinds and None not in kinds and 0 not in kinds:
                 continue
-            raise CkptmapError(f"{meta.path.parent}: the param_map of chunk {m.tensor.chunk} has no {ddp}; pt_meta "
+            maps = [pm.path.name for pm in maps_of.get((tp, pp, m.tensor.chunk, ep_name), [])]
+            raise CkptmapError(f"{meta.path.parent}: the param_map of chunk {m.tensor.chunk} "
+                               f"({', '.join(maps) or 'none'}) has no {ddp} (a tensor of {meta.path.name}); pt_meta "
                                f"is inconsistent — re-run `ckptmap pt2ms`")
         gi, bl, slot = found
-        backs = _reverse_task(m, layout, pp, ep, env)
+        backs = weights[(m.tensor.chunk, m.tensor.name)]
         for state in megatron_files.OPTIM_STATES:   # what Megatron's distrib_optim.pt holds; named by the rules
             named = [attrs.evolve(b, ms_name=rules.state_pattern(state).format({"name": b.ms_name})) for b in backs]
             if buffers_meta[gi].storage == megatron_files.COALESCED:
@@ -686,5 +794,4 @@ def _optim_file(meta: _MetaRank, rank_dir, matched, layout, pp, tp, rules, ms_fi
         pieces = [StoragePiece(ref.storage_offset + off, tensor=t) for off, t in pieces_by_ref.get(i, [])]
         storages.append(_tiled(ref.storage, ref.dtype, ref.storage_numel, pieces, m_meta["distrib_optim_padding"],
                                meta.path, "distrib_optim"))
-    return FileTask(f"{rank_dir}/{megatron_folders.OPTIM_FILE}", "torch_stream", source=str(meta.path),
-                    storages=tuple(storages), extra={"skeleton": "distrib_optim", "set": []})
+    return tuple(storages)

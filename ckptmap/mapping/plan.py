@@ -232,19 +232,29 @@ def _nested_json(value, depth: int) -> str:
     return json.dumps(value, indent=1).replace("\n", "\n" + " " * depth)
 
 
-_TENSORS_MARK = "\0tensors\0"   # no record holds a NUL: stands for the tensors list until it is put in
+_SHARED_FIELDS = ("tensors", "storages")   # tuples ranks of one structure share (FileTask.inputs)
+_MARKS = {name: f"\0{name}\0" for name in _SHARED_FIELDS}   # no record holds a NUL: stands for the text
 
 
-def _file_json(f: FileTask, tensors_text: dict) -> str:
-    """``_nested_json(attrs.asdict(f), 2)``, with the text of ``f.tensors`` made once per tuple."""
-    if not f.tensors:
+def _file_json(f: FileTask, shared_text: dict) -> str:
+    """``_nested_json(attrs.asdict(f), 2)``, with the text of ``f.tensors`` and ``f.storages`` made once per
+    tuple (``shared_text``: id -> (tuple, its text))."""
+    shared = [name for name in _SHARED_FIELDS if getattr(f, name)]
+    if not shared:
         return _nested_json(attrs.asdict(f, recurse=True), 2)
-    hit = tensors_text.get(id(f.tensors))
-    if hit is None or hit[0] is not f.tensors:
-        hit = tensors_text[id(f.tensors)] = (f.tensors, _nested_json([attrs.asdict(t) for t in f.tensors], 3))
-    fields = attrs.asdict(f, recurse=True, filter=lambda a, _: a.name != "tensors")
-    fields = {a.name: _TENSORS_MARK if a.name == "tensors" else fields[a.name] for a in attrs.fields(FileTask)}
-    return _nested_json(fields, 2).replace(json.dumps(_TENSORS_MARK), hit[1], 1)
+    texts = {}
+    for name in shared:
+        value = getattr(f, name)
+        hit = shared_text.get(id(value))
+        if hit is None or hit[0] is not value:
+            hit = shared_text[id(value)] = (value, _nested_json([attrs.asdict(x) for x in value], 3))
+        texts[name] = hit[1]
+    fields = attrs.asdict(f, recurse=True, filter=lambda a, _: a.name not in texts)
+    fields = {a.name: _MARKS[a.name] if a.name in texts else fields[a.name] for a in attrs.fields(FileTask)}
+    text = _nested_json(fields, 2)
+    for name, value_text in texts.items():
+        text = text.replace(json.dumps(_MARKS[name]), value_text, 1)
+    return text
 
 
 def _tensor_task(raw: dict) -> TensorTask:
@@ -296,9 +306,9 @@ class Plan:
                 fp.write("[]")
                 continue
             fp.write("[")
-            tensors_text: dict = {}   # id(tensors tuple) -> (tuple, its JSON): ranks of one structure share one
+            shared_text: dict = {}   # id(tensors/storages tuple) -> (tuple, its JSON): ranks of one structure share one
             for i, f in enumerate(self.files):
-                fp.write(("\n  " if i == 0 else ",\n  ") + _file_json(f, tensors_text))
+                fp.write(("\n  " if i == 0 else ",\n  ") + _file_json(f, shared_text))
             fp.write("\n ]")
         fp.write("\n}")
 

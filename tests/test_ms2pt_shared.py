@@ -1,0 +1,108 @@
+"""ms2pt plans the TP ranks of a pipeline stage (and expert rank) once: they share one tuple of storages
+whose slices name ``@ms`` / ``@meta``, each rank's FileTask naming its own files. A rank whose MindSpore
+file, param_map or pt_meta differs from its neighbour's is planned from its own — its faults are its own."""
+
+import json
+import shutil
+from pathlib import Path
+
+import attrs
+import mindspore as ms
+import numpy as np
+import pytest
+
+from ckptmap.cli import main
+from ckptmap.formats import pt_meta, torch_zip_reader
+from ckptmap.mapping.ms2pt import META_INPUT, MS_INPUT, Ms2PtOptions, compile_ms2pt
+from conftest import fixture_dir
+
+REPO_FIXTURES = Path(__file__).resolve().parent / "fixtures" / "msadapter"
+
+
+@pytest.fixture
+def tp2pp2(tmp_path):
+    """legacy_tp2pp2dp2 in MindSpore v1 folders (rank = tp + 2 * (dp + 2 * pp): tp 1 of stage 0 is rank_1)."""
+    b = tmp_path / "B"
+    assert main(["pt2ms", "--megatron-path", str(fixture_dir("legacy_tp2pp2dp2")), "--ms-path", str(b),
+                 "--no-progress"]) == 0
+    return b
+
+
+def test_a_stages_tp_ranks_share_their_storages_and_name_their_own_files(tp2pp2, tmp_path, capsys):
+    plan = compile_ms2pt(Ms2PtOptions(str(tp2pp2), str(tmp_path / "C"), planning_processes=1))
+    by_path = {f.path: f for f in plan.files}
+    for pp, first_rank in ((0, 0), (1, 4)):
+        for name in ("model_optim_rng.pt", "distrib_optim.pt"):
+            tp0, tp1 = (by_path[f"iter_0000001/mp_rank_{tp:02d}_{pp:03d}/{name}"] for tp in (0, 1))
+            assert tp0.storages is tp1.storages
+            for tp, f in ((0, tp0), (1, tp1)):
+                assert f.inputs == {MS_INPUT: str(tp2pp2 / f"rank_{first_rank + tp}" / "network.ckpt"),
+                                    META_INPUT: str(tp2pp2 / "pt_meta" / f"args_tp{tp:02d}_pp{pp:03d}.pt")}
+                assert f.source == f.inputs[META_INPUT]
+                files = {s.file for st in f.bound().storages for p in st.pieces
+                         for s in ((p.tensor.sources if p.tensor else ()) + ((p.padding,) if p.padding else ()))}
+                assert files <= set(f.inputs.values()) and str(tp2pp2 / f"rank_{first_rank + tp}" / "network.ckpt") in files
+    # the plan file is still json.dumps of the whole plan (its storages' text made once per tuple)
+    assert plan.to_json() == json.dumps(attrs.asdict(plan, recurse=True), indent=1)
+    # the listing names each rank's own files, never an input's name
+    assert main(["plan", "ms2pt", "--ms-path", str(tp2pp2), "--megatron-path", str(tmp_path / "C"), "--dry-run",
+                 "--full", "--multiprocess-off"]) == 0
+    out = capsys.readouterr().out
+    assert "@ms" not in out and "@meta" not in out
+    for rank in (0, 1, 4, 5):
+        assert f"rank_{rank}/network.ckpt" in out
+
+
+def refused(argv, capsys, out, *words):
+    assert main(argv + ["--megatron-path", str(out), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    for w in words:
+        assert w in err, err
+    assert not out.exists()
+
+
+def test_a_tp_rank_missing_a_tensor_is_refused_by_its_own_file(tp2pp2, tmp_path, capsys):
+    path = tp2pp2 / "rank_1" / "network.ckpt"
+    params = ms.load_checkpoint(str(path))
+    name = next(k for k in params if k.startswith("exp_avg.") and "layers.0.mlp" in k)
+    del params[name]
+    ms.save_checkpoint([{"name": k, "data": v} for k, v in params.items()], str(path))
+    refused(["ms2pt", "--ms-path", str(tp2pp2)], capsys, tmp_path / "C", f"{path} has no tensor {name}")
+
+
+def test_a_tp_rank_with_another_shape_is_refused_by_its_own_file(tp2pp2, tmp_path, capsys):
+    path = tp2pp2 / "rank_5" / "network.ckpt"
+    params = {k: v.asnumpy() for k, v in ms.load_checkpoint(str(path)).items()}
+    name = next(k for k in params if k.endswith("attention.out_proj.weight") and not k.startswith("exp_avg"))
+    params[name] = np.zeros((params[name].shape[0], params[name].shape[1] + 1), params[name].dtype)
+    ms.save_checkpoint([{"name": k, "data": ms.Tensor(v)} for k, v in params.items()], str(path))
+    refused(["ms2pt", "--ms-path", str(tp2pp2)], capsys, tmp_path / "C", str(path), name,
+            str(list(params[name].shape)))
+
+
+def test_a_tp_rank_whose_param_map_differs_is_planned_from_its_own(tp2pp2, tmp_path, capsys):
+    path = tp2pp2 / "pt_meta" / "param_map_buffer0_dp0tp1pp0vpp0.json"
+    entries = json.loads(path.read_text())
+    first = next(iter(entries))
+    entries = {("renamed." + k if k == first else k): v for k, v in entries.items()}
+    path.write_text(json.dumps(entries))
+    refused(["ms2pt", "--ms-path", str(tp2pp2)], capsys, tmp_path / "C", path.name, first, "args_tp01_pp000.pt")
+
+
+def test_a_tp_rank_whose_kept_numel_differs_is_planned_from_its_own(tmp_path, capsys):
+    """MindSpeed-LLM on MindSpore keeps numel_unpadded as a 0-d int64 tensor, which pt_meta keeps as bytes:
+    tp 1's value is read from tp 1's pt_meta even where the rest of its layout equals tp 0's."""
+    b = tmp_path / "B"
+    assert main(["pt2ms", "--megatron-path", str(REPO_FIXTURES / "tiny-gqa-tp2pp1-numel-tensor"), "--ms-path", str(b),
+                 "--no-progress"]) == 0
+    path = b / "pt_meta" / "args_tp01_pp000.pt"
+    meta = torch_zip_reader.read_objects(path)[pt_meta.META_KEY]
+    numel_ref = meta["distrib_optim"][0][next(iter(meta["distrib_optim"][0]))]["numel_unpadded"]
+    kept = meta["distrib_optim_padding"][pt_meta.ref_from_fields(meta["distrib_optim_tensors"][numel_ref[1]]).storage]
+    with torch_zip_reader.TorchZipFile(path) as zf:
+        record = zf._archive.record(f"data/{kept[0][2].storage}")
+    data = bytearray(path.read_bytes())
+    numel = int(np.frombuffer(bytes(data[record.offset:record.offset + 8]), "<i8")[0])
+    data[record.offset:record.offset + 8] = np.array([numel - 64], "<i8").tobytes()
+    path.write_bytes(bytes(data))
+    refused(["ms2pt", "--ms-path", str(b)], capsys, tmp_path / "C", str(path), f"[{numel}]", f"[{numel - 64}]")
