@@ -392,3 +392,36 @@ def test_files_laid_out_alike_are_read_from_the_last_scan(tmp_path, monkeypatch)
     with pytest.raises(CkptmapError, match="CRC-32 mismatch"):
         CkptReader(e)
     assert scans[-1] == str(d)
+
+
+def test_files_of_one_layout_share_their_specs_and_differ_in_content_bytes(tmp_path):
+    """specs() is spec() of every name, in file order, as MindSpore saved them; files of one layout share
+    the dict, another layout gets its own; content_bytes is each tensor's bytes as MindSpore loads them."""
+    import mindspore as ms
+    from ckptmap.formats.mindspore_ckpt import CkptReader
+
+    def save(path, scale, names=("w", "b", "step")):
+        data = {names[0]: np.arange(6, dtype=np.float32).reshape(2, 3) * scale,
+                names[1]: np.full((4,), scale, np.float16), names[2]: np.array(7 * scale, np.int64)}
+        ms.save_checkpoint([{"name": k, "data": ms.Tensor(v)} for k, v in data.items()], str(path))
+        return data
+
+    one, two, other = tmp_path / "one.ckpt", tmp_path / "two.ckpt", tmp_path / "other.ckpt"
+    data = save(one, 1)
+    save(two, 3)
+    save(other, 1, names=("v", "b", "step"))
+    with CkptReader(one) as r1:
+        specs = r1.specs()   # before the others are read: theirs come from its layout
+        r2, r3 = CkptReader(two), CkptReader(other)
+        loaded = ms.load_checkpoint(str(one))
+        assert specs is r1.specs() and list(specs) == list(loaded)
+        for k, v in loaded.items():
+            assert r1.specs()[k] == (str(data[k].dtype), tuple(v.shape)), k
+        assert r2.specs() is r1.specs()
+        assert r3.specs() is not r1.specs() and list(r3.specs()) == ["v", "b", "step"]
+        for k, v in data.items():
+            assert r1.content_bytes([k]) == ms.load_checkpoint(str(one))[k].asnumpy().tobytes(), k
+        assert r1.content_bytes(["b", "step"]) == data["b"].tobytes() + data["step"].tobytes()
+        assert r2.content_bytes(["b"]) != r1.content_bytes(["b"])
+        r2.close()
+        r3.close()

@@ -106,3 +106,28 @@ def test_a_tp_rank_whose_kept_numel_differs_is_planned_from_its_own(tmp_path, ca
     data[record.offset:record.offset + 8] = np.array([numel - 64], "<i8").tobytes()
     path.write_bytes(bytes(data))
     refused(["ms2pt", "--ms-path", str(b)], capsys, tmp_path / "C", str(path), f"[{numel}]", f"[{numel - 64}]")
+
+
+def test_a_tp_rank_whose_learning_rate_differs_gets_its_own(tp2pp2, tmp_path, follow_at_once):
+    """The scalars of a stage's MindSpore files are decoded once while their bytes agree, and a model file's
+    updates are made once for ranks reading them from one optimizer state object (stage 1's tp 1 reads its
+    pt_meta from tp 0's tree: follow_at_once): a TP rank whose learning rate differs from its neighbour's
+    gets its own in its model_optim_rng.pt (read back by torch.load); the neighbour's file is the original."""
+    import torch
+
+    a = fixture_dir("legacy_tp2pp2dp2")
+    path = tp2pp2 / "rank_5" / "network.ckpt"
+    params = {k: v.asnumpy() for k, v in ms.load_checkpoint(str(path)).items()}
+    params["learning_rate_group_0"] = np.array(0.125, np.float32)
+    ms.save_checkpoint([{"name": k, "data": ms.Tensor(v)} for k, v in params.items()], str(path))
+    c = tmp_path / "C"
+    assert main(["ms2pt", "--ms-path", str(tp2pp2), "--megatron-path", str(c), "--no-progress",
+                 "--multiprocess-off"]) == 0
+    rel = "iter_0000001/mp_rank_{:02d}_001/model_optim_rng.pt"
+    assert (c / rel.format(0)).read_bytes() == (a / rel.format(0)).read_bytes()
+    orig = torch.load(a / rel.format(1), map_location="cpu", weights_only=False)
+    got = torch.load(c / rel.format(1), map_location="cpu", weights_only=False)
+    assert orig["optimizer"]["optimizer"]["param_groups"][0]["lr"] != 0.125
+    assert got["optimizer"]["optimizer"]["param_groups"][0]["lr"] == 0.125
+    got["optimizer"]["optimizer"]["param_groups"][0]["lr"] = orig["optimizer"]["optimizer"]["param_groups"][0]["lr"]
+    assert str(got["optimizer"]) == str(orig["optimizer"]) and got["iteration"] == orig["iteration"]

@@ -367,6 +367,7 @@ class _ScanShape:
     def __init__(self, reader: "CkptReader", size: int, end: int, names: list):
         """``names``: each record's name bytes [start, end) and the tensor it is a slice of, in file order."""
         self.entries, self.has_crc, self.end = reader._entries, reader.has_crc, end
+        self.specs = None   # {name: TensorSpec} once a reader of this layout was asked (CkptReader.specs)
         self.name_starts = np.array([a for a, _, _ in names], dtype=np.intp)
         self.name_ends = np.array([b for _, b, _ in names], dtype=np.intp)
         self.name_tags = [tag for _, _, tag in names]
@@ -396,9 +397,10 @@ class _ScanShape:
             if entries is None:
                 return None
             shape = copy.copy(self)
-            shape.fixed, shape.entries = fixed, entries
+            shape.fixed, shape.entries, shape.specs = fixed, entries, None
             shape.name_tags = [tag for tag, entry in entries.items() for _ in entry.slices]
         reader._entries, reader.has_crc = shape.entries, shape.has_crc   # shared, never changed after a scan
+        reader._shape = shape
         return shape
 
     def _renamed(self, reader: "CkptReader", fixed: bytes) -> dict | None:
@@ -425,6 +427,7 @@ class CkptReader:
     def __init__(self, path, *, verify_crc=True):
         self.path = os.fspath(path)
         self._entries: dict[str, _Entry] = {}
+        self._shape: _ScanShape | None = None   # the layout the records are shared with
         self._mm = None
         try:
             with open(self.path, "rb") as f:
@@ -446,7 +449,8 @@ class CkptReader:
                 names: list = []
                 end = self._scan(size, names)
                 if self._mm is not None and len(self._entries) > 1:
-                    _SHAPES.setdefault(size, []).insert(0, _ScanShape(self, size, end, names))
+                    self._shape = _ScanShape(self, size, end, names)
+                    _SHAPES.setdefault(size, []).insert(0, self._shape)
                     del _SHAPES[size][_SHAPES_PER_SIZE:]
                     if len(_SHAPES) > _SHAPES_KEPT:
                         del _SHAPES[next(iter(_SHAPES))]
@@ -603,6 +607,23 @@ class CkptReader:
         entry = self._entry(name)
         dtype = _CANONICAL[entry.ms_type]
         return TensorSpec(dtype, () if dtype == "str" or entry.dims == (0,) else entry.dims)
+
+    def specs(self) -> dict:
+        """{name: spec()} of every tensor, in file order. Files read from one scanned layout share the dict
+        (so a caller can tell them alike by identity); it is never to be changed."""
+        shape = self._shape
+        if shape is not None and shape.specs is not None:
+            return shape.specs
+        specs = {name: self.spec(name) for name in self._entries}
+        if shape is not None:
+            shape.specs = specs
+        return specs
+
+    def content_bytes(self, names) -> bytes:
+        """The content bytes of the tensors ``names``, one after the other: two files with equal specs()
+        hold equal values under those names exactly when these are equal."""
+        mm = self._mm
+        return b"".join(mm[o:o + n] for name in names for o, n in self._entry(name).slices)
 
     def string(self, name) -> str:
         entry = self._entry(name)

@@ -305,11 +305,13 @@ def _structure(meta: _MetaRank, specs: dict, fields, map_texts: tuple, param_onl
 
 class _Structures:
     """The last rank's structure and what was built from it (ranks come stage by stage, TP rank last, so a
-    TP group's ranks are neighbours), and the scalar fields of the last optimizer and scheduler state."""
+    TP group's ranks are neighbours), the scalar fields of the last optimizer and scheduler state, and the
+    last updates of a model file's fields."""
 
     def __init__(self):
         self._last = None      # (pp, ep, structure, _Built)
         self._fields = None    # ((optimizer state, scheduler state), their scalar fields)
+        self._updates = None   # (what _follow_iteration read, its result)
 
     def find(self, pp, ep, structure, meta: _MetaRank) -> _Built | None:
         last = self._last
@@ -334,6 +336,40 @@ class _Structures:
         fields = mindspeed.scalar_fields(root)
         self._fields = (states, fields)
         return fields
+
+
+    def updates(self, root: dict, iteration, scalars, origin, fields) -> list:
+        """_follow_iteration(root, …), once for ranks that read it from the same optimizer and scheduler state
+        objects, the same scalars (_ScalarValues) and an equal top-level iteration (the result is shared and
+        never changed)."""
+        old = root.get("iteration")
+        read = (root.get("optimizer"), root.get("opt_param_scheduler"), scalars, fields, iteration)
+        last = self._updates
+        if last is not None and all(a is b for a, b in zip(last[0], read)) and type(last[1]) is type(old) \
+                and _equal(last[1], old):
+            return last[2]
+        updates = _follow_iteration(root, iteration, scalars, origin, fields)
+        self._updates = (read, old, updates)
+        return updates
+
+
+class _ScalarValues:
+    """The one-value tensors of the MindSpore files as _scalar reads them, decoded once for files of one
+    layout (the same specs dict: CkptReader.specs) whose contents under those names are the same bytes —
+    the ranks of a stage hold the same step, learning rates and scheduler values."""
+
+    def __init__(self):
+        self._last = None   # (specs, names, their content bytes, {name: value})
+
+    def read(self, reader, specs: dict) -> dict:
+        last = self._last
+        if last is not None and last[0] is specs and reader.content_bytes(last[1]) == last[2]:
+            return last[3]
+        names = [k for k, spec in specs.items() if spec.shape in ((), (1,))]
+        values = {k: _scalar(reader, k, specs) for k in names}
+        if hasattr(reader, "content_bytes") and hasattr(reader, "specs"):
+            self._last = (specs, names, reader.content_bytes(names), values)
+        return values
 
 
 def _equal(a, b) -> bool:
@@ -396,6 +432,7 @@ def _plan_part(opt: Ms2PtOptions, setup: _Setup, stages) -> _Part:
         ranks.append((tp, pp, ep, meta, matched))
     # the MindSpore files, and the iteration they are at
     sources = {}
+    scalar_values = _ScalarValues()
     iterations = set()
     for tp, pp, ep, meta, matched in ranks:
         it_hint = meta.root.get("iteration")
@@ -405,10 +442,11 @@ def _plan_part(opt: Ms2PtOptions, setup: _Setup, stages) -> _Part:
                            ep_name(ep))
         reader = registry.open_reader(ms_file)
         try:
-            specs = {k: reader.spec(k) for k in reader.keys()}
-            it = _scalar(reader, "iteration", specs)
-            it = _scalar(reader, "step_num", specs) if it is None else it
-            scalars = {k: _scalar(reader, k, specs) for k, spec in specs.items() if spec.shape in ((), (1,))}
+            specs = reader.specs() if hasattr(reader, "specs") else {k: reader.spec(k) for k in reader.keys()}
+            scalars = scalar_values.read(reader, specs)
+            it = scalars["iteration"] if "iteration" in scalars else _scalar(reader, "iteration", specs)
+            if it is None:
+                it = scalars["step_num"] if "step_num" in scalars else _scalar(reader, "step_num", specs)
         finally:
             reader.close()
         iterations.add(int(it) if it is not None else it_hint)
@@ -430,8 +468,8 @@ def _plan_part(opt: Ms2PtOptions, setup: _Setup, stages) -> _Part:
             built = structures.keep(pp, ep, structure, _build(opt, setup, meta, matched, ms_file, specs, fields, tp, pp,
                                                               ep, memo, out_iteration))
         inputs = {MS_INPUT: str(ms_file), META_INPUT: str(meta.path)}
-        updates = _follow_iteration(meta.root, out_iteration, None if opt.convert_param_only else scalars, ms_file,
-                                    fields)
+        updates = structures.updates(meta.root, out_iteration, None if opt.convert_param_only else scalars, ms_file,
+                                     fields)
         mine = files[(tp, pp, ep)] = [dialects.add(FileTask(
             f"{rank_dir}/{megatron_folders.MODEL_FILE}", "torch_stream", source=str(meta.path), storages=built.model,
             extra={"skeleton": "model_optim_rng", "set": updates}, inputs=inputs), meta)]
