@@ -55,3 +55,24 @@ def follow_at_once(monkeypatch):
     from ckptmap.formats import torch_zip_reader
 
     monkeypatch.setattr(torch_zip_reader, "FOLLOW_AFTER", 0)
+
+
+def pt2ms_into(b: Path, megatron: Path, *extra) -> Path:
+    """``ckptmap pt2ms`` of the Megatron checkpoint ``megatron`` into the MindSpore folder ``b``."""
+    from ckptmap.cli import main
+
+    assert main(["pt2ms", "--megatron-path", str(megatron), "--ms-path", str(b), "--no-progress", *extra]) == 0
+    return b
+
+
+def refused_ms2pt(argv, capsys, out, *words):
+    """``argv`` (ms2pt / plan ms2pt) writing to ``out`` exits 2 with one error line holding ``words``, and
+    writes nothing."""
+    from ckptmap.cli import main
+
+    assert main(argv + ["--megatron-path", str(out), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err
+    for w in words:
+        assert w in err, err
+    assert not out.exists()

@@ -3,7 +3,6 @@ whose slices name ``@ms`` / ``@meta``, each rank's FileTask naming its own files
 file, param_map or pt_meta differs from its neighbour's is planned from its own — its faults are its own."""
 
 import json
-import shutil
 from pathlib import Path
 
 import attrs
@@ -14,7 +13,7 @@ import pytest
 from ckptmap.cli import main
 from ckptmap.formats import pt_meta, torch_zip_reader
 from ckptmap.mapping.ms2pt import META_INPUT, MS_INPUT, Ms2PtOptions, compile_ms2pt
-from conftest import fixture_dir
+from conftest import fixture_dir, pt2ms_into, refused_ms2pt
 
 REPO_FIXTURES = Path(__file__).resolve().parent / "fixtures" / "msadapter"
 
@@ -22,10 +21,7 @@ REPO_FIXTURES = Path(__file__).resolve().parent / "fixtures" / "msadapter"
 @pytest.fixture
 def tp2pp2(tmp_path):
     """legacy_tp2pp2dp2 in MindSpore v1 folders (rank = tp + 2 * (dp + 2 * pp): tp 1 of stage 0 is rank_1)."""
-    b = tmp_path / "B"
-    assert main(["pt2ms", "--megatron-path", str(fixture_dir("legacy_tp2pp2dp2")), "--ms-path", str(b),
-                 "--no-progress"]) == 0
-    return b
+    return pt2ms_into(tmp_path / "B", fixture_dir("legacy_tp2pp2dp2"))
 
 
 def test_a_stages_tp_ranks_share_their_storages_and_name_their_own_files(tp2pp2, tmp_path, capsys):
@@ -53,21 +49,13 @@ def test_a_stages_tp_ranks_share_their_storages_and_name_their_own_files(tp2pp2,
         assert f"rank_{rank}/network.ckpt" in out
 
 
-def refused(argv, capsys, out, *words):
-    assert main(argv + ["--megatron-path", str(out), "--no-progress"]) == 2
-    err = capsys.readouterr().err
-    for w in words:
-        assert w in err, err
-    assert not out.exists()
-
-
 def test_a_tp_rank_missing_a_tensor_is_refused_by_its_own_file(tp2pp2, tmp_path, capsys):
     path = tp2pp2 / "rank_1" / "network.ckpt"
     params = ms.load_checkpoint(str(path))
     name = next(k for k in params if k.startswith("exp_avg.") and "layers.0.mlp" in k)
     del params[name]
     ms.save_checkpoint([{"name": k, "data": v} for k, v in params.items()], str(path))
-    refused(["ms2pt", "--ms-path", str(tp2pp2)], capsys, tmp_path / "C", f"{path} has no tensor {name}")
+    refused_ms2pt(["ms2pt", "--ms-path", str(tp2pp2)], capsys, tmp_path / "C", f"{path} has no tensor {name}")
 
 
 def test_a_tp_rank_with_another_shape_is_refused_by_its_own_file(tp2pp2, tmp_path, capsys):
@@ -76,7 +64,7 @@ def test_a_tp_rank_with_another_shape_is_refused_by_its_own_file(tp2pp2, tmp_pat
     name = next(k for k in params if k.endswith("attention.out_proj.weight") and not k.startswith("exp_avg"))
     params[name] = np.zeros((params[name].shape[0], params[name].shape[1] + 1), params[name].dtype)
     ms.save_checkpoint([{"name": k, "data": ms.Tensor(v)} for k, v in params.items()], str(path))
-    refused(["ms2pt", "--ms-path", str(tp2pp2)], capsys, tmp_path / "C", str(path), name,
+    refused_ms2pt(["ms2pt", "--ms-path", str(tp2pp2)], capsys, tmp_path / "C", str(path), name,
             str(list(params[name].shape)))
 
 
@@ -86,15 +74,13 @@ def test_a_tp_rank_whose_param_map_differs_is_planned_from_its_own(tp2pp2, tmp_p
     first = next(iter(entries))
     entries = {("renamed." + k if k == first else k): v for k, v in entries.items()}
     path.write_text(json.dumps(entries))
-    refused(["ms2pt", "--ms-path", str(tp2pp2)], capsys, tmp_path / "C", path.name, first, "args_tp01_pp000.pt")
+    refused_ms2pt(["ms2pt", "--ms-path", str(tp2pp2)], capsys, tmp_path / "C", path.name, first, "args_tp01_pp000.pt")
 
 
 def test_a_tp_rank_whose_kept_numel_differs_is_planned_from_its_own(tmp_path, capsys):
     """MindSpeed-LLM on MindSpore keeps numel_unpadded as a 0-d int64 tensor, which pt_meta keeps as bytes:
     tp 1's value is read from tp 1's pt_meta even where the rest of its layout equals tp 0's."""
-    b = tmp_path / "B"
-    assert main(["pt2ms", "--megatron-path", str(REPO_FIXTURES / "tiny-gqa-tp2pp1-numel-tensor"), "--ms-path", str(b),
-                 "--no-progress"]) == 0
+    b = pt2ms_into(tmp_path / "B", REPO_FIXTURES / "tiny-gqa-tp2pp1-numel-tensor")
     path = b / "pt_meta" / "args_tp01_pp000.pt"
     meta = torch_zip_reader.read_objects(path)[pt_meta.META_KEY]
     numel_ref = meta["distrib_optim"][0][next(iter(meta["distrib_optim"][0]))]["numel_unpadded"]
@@ -105,7 +91,7 @@ def test_a_tp_rank_whose_kept_numel_differs_is_planned_from_its_own(tmp_path, ca
     numel = int(np.frombuffer(bytes(data[record.offset:record.offset + 8]), "<i8")[0])
     data[record.offset:record.offset + 8] = np.array([numel - 64], "<i8").tobytes()
     path.write_bytes(bytes(data))
-    refused(["ms2pt", "--ms-path", str(b)], capsys, tmp_path / "C", str(path), f"[{numel}]", f"[{numel - 64}]")
+    refused_ms2pt(["ms2pt", "--ms-path", str(b)], capsys, tmp_path / "C", str(path), f"[{numel}]", f"[{numel - 64}]")
 
 
 def test_a_tp_rank_whose_learning_rate_differs_gets_its_own(tp2pp2, tmp_path, follow_at_once):

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from ckptmap.cli import main
-from conftest import FIXTURE_NAMES, fixture_dir
+from conftest import FIXTURE_NAMES, fixture_dir, pt2ms_into, refused_ms2pt
 
 
 def rank_dirs(root):
@@ -102,21 +102,12 @@ def test_from_mindspore_side(tmp_path):
             assert got[k].dtype == v.dtype and np.array_equal(got[k], v), (rank, k)
 
 
-def refused(argv, capsys, out, *words):
-    assert main(argv + ["--megatron-path", str(out), "--no-progress"]) == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1, err
-    for w in words:
-        assert w in err, err
-    assert not out.exists()
+refused = refused_ms2pt
 
 
 @pytest.fixture
 def converted(tmp_path):
-    b = tmp_path / "B"
-    assert main(["pt2ms", "--megatron-path", str(fixture_dir("legacy_tp1pp1dp1")), "--ms-path", str(b),
-                 "--no-progress"]) == 0
-    return b
+    return pt2ms_into(tmp_path / "B", fixture_dir("legacy_tp1pp1dp1"))
 
 
 def test_missing_pt_meta(converted, tmp_path, capsys):
