@@ -869,14 +869,13 @@ def _write_file(task: FileTask, root, progress, fsync: bool) -> None:
     parent = os.path.dirname(final_path)
     if not os.path.isdir(parent):   # one stat; mkdir of an existing folder raises and catches, per file
         os.makedirs(parent, exist_ok=True)
-    final = Path(final_path)
     if task.format == "torch_stream":
         sources = _Sources(inputs=task.inputs)
         try:
             # the ranks of a stage have pt_meta files that differ in args.rank alone, and a rank's two files
             # read one: each is read from the last one's tree (write_from_skeleton binds a copy to write)
             with torch_zip_reader.shared_trees(_READ_TREES, follow_after=torch_zip_reader.FOLLOW_AFTER):
-                pt_meta.write_from_skeleton(task.source, task.extra["skeleton"], task.extra.get("set", []), final,
+                pt_meta.write_from_skeleton(task.source, task.extra["skeleton"], task.extra.get("set", []), final_path,
                                             _storage_bytes(task.storages, sources, progress), fsync=fsync,
                                             dialect=task.extra.get("dialect"), rng=task.extra.get("rng", "refuse"))
         finally:
@@ -887,7 +886,7 @@ def _write_file(task: FileTask, root, progress, fsync: bool) -> None:
         sources = _Sources(inputs=task.inputs)
         try:
             write = getattr(megatron_write, _MEGATRON_WRITERS[task.format])
-            write(final, task.extra, _storage_bytes(task.storages, sources, progress), fsync=fsync)
+            write(Path(final_path), task.extra, _storage_bytes(task.storages, sources, progress), fsync=fsync)
         finally:
             sources.close()
         return
@@ -896,7 +895,7 @@ def _write_file(task: FileTask, root, progress, fsync: bool) -> None:
         # changing them: a shared tree (the objects a fresh read of the same pickle bytes makes) gives
         # the same memo, so the same bytes (diff -r of full conversions, tests/test_pickler_c.py)
         with torch_zip_reader.shared_trees(_READ_TREES):
-            pt_meta.write_pt_meta(task.source, task.aux_source, task.keys, task.extra, final, fsync=fsync)
+            pt_meta.write_pt_meta(task.source, task.aux_source, task.keys, task.extra, final_path, fsync=fsync)
         _trim_read_trees()
         return
     with atomic.atomic_output(final_path, fsync=fsync) as tmp:

@@ -186,6 +186,25 @@ def test_pt_meta_files_of_a_stage_read_from_their_neighbour(tmp_path):
     assert [r["args"].rank for r in roots] == [0, 1, 4, 5]   # TP 2 x DP 2: the stages start at ranks 0 and 4
 
 
+def test_a_file_read_twice_in_a_row_is_patched_once(tmp_path, follow_at_once, monkeypatch):
+    """ms2pt writes a rank's two Megatron files from one pt_meta file, read once for each: the second read
+    of the same bytes gets the tree the first one made from the template (patched once), and its values
+    are still what torch.load gives."""
+    from ckptmap.cli import main
+    ms = tmp_path / "ms"
+    assert main(["pt2ms", "--megatron-path", str(FIXTURES / "megatron-r0.6.0/legacy_tp2pp2dp2"), "--ms-path", str(ms),
+                 "--no-progress"]) == 0
+    first, second = ms / "pt_meta" / "args_tp00_pp001.pt", ms / "pt_meta" / "args_tp01_pp001.pt"
+    patched = []
+    real = pickle_delta.patched_at
+    monkeypatch.setattr(pickle_delta, "patched_at", lambda *a: patched.append(1) or real(*a))
+    roots, unpickled = _read_in_order([first, second, second])
+    assert [Path(p).stem for p in unpickled] == ["args_tp00_pp001"]
+    assert roots[2] is roots[1] and roots[1] is not roots[0] and len(patched) == 1
+    want = torch.load(second, map_location="cpu", weights_only=False)
+    assert _plain(roots[2]["args"]) == _plain(want["args"]) and roots[2]["args"].rank == 5
+
+
 def test_a_file_differing_in_many_bytes_is_unpickled_without_following(tmp_path):
     """Following a pickle's opcodes costs more than unpickling it: a file whose pickle differs from the
     template's in more bytes than a few numbers (another stage's RNG state) is unpickled at once; the

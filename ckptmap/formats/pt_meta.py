@@ -22,8 +22,8 @@ MSAdapter file holds that is not kept: the shim writes the wall-clock time of th
 from __future__ import annotations
 
 import argparse
+import os
 import pickle
-from pathlib import Path
 
 import attrs
 import numpy as np
@@ -139,7 +139,7 @@ def write_pt_meta(model_path, optim_path, keys, extra, path, *, fsync: bool = Fa
     missing = [k for k in keys if k not in zf.root]
     if missing:
         raise CkptmapError(f"{model_path} lacks {', '.join(missing)}; it changed since the plan was made")
-    optim = OptimFile(optim_path) if optim_path is not None and Path(optim_path).is_file() else None
+    optim = OptimFile(optim_path) if optim_path is not None and os.path.isfile(optim_path) else None
     template, key = _Written.key(zf, optim, keys, extra)
     written = template.derived.get(key) if key is not None else None
     if written is not None and written.write(template, zf, optim, keys, extra, path, fsync):

@@ -977,6 +977,7 @@ class _Template:
         # what a writer derives from a file's tree that holds for every file read from this template with
         # its numbers put in (pt_meta: the pickle it writes and where those numbers land in it)
         self.derived: dict = {}
+        self._last = None   # (pickle bytes, what patched() gave): a rank's two ms2pt files read one pt_meta
 
     def slots(self) -> "pickle_delta.ScalarSlots | None":
         if not self._followed:
@@ -1001,10 +1002,15 @@ class _Template:
         if not self._followed and self.near_unpickled < self.follow_after:
             self.near_unpickled += 1
             return self.DEFERRED
+        last = self._last
+        if last is not None and last[0] == data:
+            return last[1]   # the same tree again (read-only, as every tree read from a template)
         slots = self.slots()
         owners = None if slots is None else slots.owners(positions)
         root = None if owners is None else pickle_delta.patched_at(self.root, slots, owners, data)
-        return None if root is None else (root, owners)
+        found = None if root is None else (root, owners)
+        self._last = (data, found)
+        return found
 
 
 # records' (name, offset, size) tuples, one object for equal ones (files of one stage) -> (that object, the
