@@ -117,3 +117,19 @@ def test_a_tp_rank_whose_learning_rate_differs_gets_its_own(tp2pp2, tmp_path, fo
     assert got["optimizer"]["optimizer"]["param_groups"][0]["lr"] == 0.125
     got["optimizer"]["optimizer"]["param_groups"][0]["lr"] = orig["optimizer"]["optimizer"]["param_groups"][0]["lr"]
     assert str(got["optimizer"]) == str(orig["optimizer"]) and got["iteration"] == orig["iteration"]
+
+
+def test_a_stages_pt_meta_files_read_from_one_tree_share_their_tensor_list(tp2pp2, follow_at_once):
+    """Stage 1's tp 1 pt_meta is read from tp 0's tree: its model tensors list is tp 0's (walked once) and
+    equals the list a plain read of the file gives; stage 0's file, another skeleton, gets its own."""
+    from ckptmap.formats import torch_zip_reader
+    from ckptmap.mapping.ms2pt import _read_meta
+
+    meta_dir = tp2pp2 / "pt_meta"
+    walked: list = []
+    with torch_zip_reader.shared_trees({}, follow_after=0):
+        tp0, tp1, other = (_read_meta(meta_dir, tp, pp, None, walked) for tp, pp in ((0, 1), (1, 1), (0, 0)))
+    assert tp1.tensors is tp0.tensors and other.tensors is not tp0.tensors
+    for meta, tp, pp in ((tp1, 1, 1), (other, 0, 0)):
+        alone = _read_meta(meta_dir, tp, pp)
+        assert meta.tensors == alone.tensors and meta.root["args"].rank == alone.root["args"].rank

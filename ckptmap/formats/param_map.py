@@ -10,6 +10,7 @@ One JSON object per (buffer, dp, tp, pp, model chunk), written by MindSpeed-Core
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 
@@ -56,10 +57,12 @@ def find_param_maps(directory) -> list[ParamMapFile]:
         raise CkptmapError(f"--param-map-path {directory} is not a directory; point it at the param_map "
                            f"folder written during training (<save>/param_map) or a pt_meta folder")
     out = []
-    for p in sorted(directory.iterdir()):
-        parsed = parse_param_map_name(p.name)
+    # names sorted as strings: the order of sorted(iterdir()) for one folder's children, without a Path
+    # per entry (a 16,384-rank pt_meta folder holds 49,152 files)
+    for name in sorted(os.listdir(directory)):
+        parsed = parse_param_map_name(name)
         if parsed:
-            out.append(ParamMapFile(p, *parsed))
+            out.append(ParamMapFile(directory / name, *parsed))
     return out
 
 

@@ -3,6 +3,8 @@ format-agnostic."""
 
 from __future__ import annotations
 
+import os
+import stat
 from pathlib import Path
 
 from ckptmap.errors import CkptmapError
@@ -25,19 +27,25 @@ def open_writer(fmt: str, path, entries, metadata=None, *, crc: bool = False):
 def open_reader(path):
     """A reader (``formats/base.py``: keys, spec, array, byte_range, close) for a source file, chosen by
     suffix, or for a torch_dist checkpoint folder (``formats/torch_dist.py``)."""
-    path = Path(path)
-    if not path.exists():
-        raise CkptmapError(f"source file {path} does not exist")
-    if path.is_dir():
+    # one stat and no pathlib parsing for a .ckpt: planning opens one per rank (16,384 at the largest)
+    text = os.fspath(path)
+    try:
+        is_dir = stat.S_ISDIR(os.stat(text).st_mode)
+    except (FileNotFoundError, NotADirectoryError):
+        raise CkptmapError(f"source file {text} does not exist") from None
+    except OSError as e:
+        raise CkptmapError(f"cannot read source file {text}: {e.strerror or e}") from None
+    if not is_dir and os.path.splitext(text)[1] == ".ckpt":
+        from ckptmap.formats.mindspore_ckpt import CkptReader
+        return CkptReader(text)
+    path = Path(text)
+    if is_dir:
         from ckptmap.formats.torch_dist import TorchDistCheckpoint, is_torch_dist_dir
         if is_torch_dist_dir(path):
             return TorchDistCheckpoint(path)
         raise CkptmapError(f"{path} is a folder but not a torch_dist checkpoint (no .metadata); ckptmap reads .pt, "
                            f".ckpt and .safetensors files and torch_dist iter_* folders")
     suffix = path.suffix
-    if suffix == ".ckpt":
-        from ckptmap.formats.mindspore_ckpt import CkptReader
-        return CkptReader(path)
     if suffix == ".safetensors":
         from ckptmap.formats.safetensors_io import SafetensorsReader
         return SafetensorsReader(path)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 from pathlib import Path
 
 import attrs
@@ -78,9 +79,11 @@ class _MetaRank:
     tensors: list       # Megatron model tensors from the skeleton, as megatron_files.ModelTensor
 
 
-def _read_meta(meta_dir: Path, tp: int, pp: int, ep: int | None = None) -> _MetaRank:
-    path = meta_dir / Path(mindspeed.pt_meta_args_path(tp, pp, ep)).name
-    if not path.is_file():
+def _read_meta(meta_dir: Path, tp: int, pp: int, ep: int | None = None, walked: list | None = None) -> _MetaRank:
+    """``walked``: [the objects the last model tensors list was made from, that list] — a stage's files read
+    from one tree share their skeleton's model chunks (torch_zip_reader.shared_trees), and so the list."""
+    path = meta_dir / os.path.basename(mindspeed.pt_meta_args_path(tp, pp, ep))
+    if not os.path.isfile(path):
         raise CkptmapError(
             f"{path} is missing: converting back to Megatron needs the pt_meta folder that `ckptmap pt2ms` "
             f"wrote next to the MindSpore checkpoint (args, optimizer, RNG state and layout of every mp_rank); "
@@ -91,10 +94,16 @@ def _read_meta(meta_dir: Path, tp: int, pp: int, ep: int | None = None) -> _Meta
         raise CkptmapError(
             f"{path} was not written by this version of ckptmap pt2ms (no '{pt_meta.META_KEY}' entry of "
             f"version {pt_meta.META_VERSION}); re-run `ckptmap pt2ms` on the original Megatron checkpoint")
-    tensors = []
     skeleton = meta["model_optim_rng"]
-    for chunk_key, v in megatron_files.model_chunk_keys(skeleton, path):
+    chunks = megatron_files.model_chunk_keys(skeleton, path)
+    made_of = (meta["model_tensors"],) + tuple(skeleton[chunk_key] for chunk_key, _ in chunks)
+    if walked and len(walked[0]) == len(made_of) and all(a is b for a, b in zip(walked[0], made_of)):
+        return _MetaRank(path, root, meta, walked[1])
+    tensors = []
+    for chunk_key, v in chunks:
         _walk_placeholders(skeleton[chunk_key], [], v, chunk_key, meta["model_tensors"], tensors)
+    if walked is not None:
+        walked[:] = [made_of, tensors]   # held: their ids stay theirs
     return _MetaRank(path, root, meta, tensors)
 
 
@@ -118,27 +127,29 @@ def _find_ms_root(opt: Ms2PtOptions) -> tuple[Path, str]:
 
 
 def _ms_file(root: Path, layout: str, iteration, tp: int, pp: int, pp_size: int, rank: int, opt,
-             ep: int | None = None) -> Path:
+             ep: int | None = None) -> str:
+    # str paths: pathlib's parsing of each candidate was a third of this, at 16,384 ranks
+    base = os.fspath(root)
     fmts = [opt.src_model_format] if opt.src_model_format else ["ckpt", "safetensors"]
     if layout == "v2":
-        candidates = [root / mindspeed.v2_path(iteration, tp, pp, pp_size, f, ep) for f in fmts]
-        found = [c for c in candidates if c.is_file()]
+        candidates = [os.path.join(base, mindspeed.v2_path(iteration, tp, pp, pp_size, f, ep)) for f in fmts]
+        found = [c for c in candidates if os.path.isfile(c)]
         if not found:
             raise CkptmapError(f"no MindSpore file for tp rank {tp}, pp rank {pp}: expected {candidates[0]}")
         return found[0]
-    folder = root / Path(mindspeed.v1_path(rank, opt.file_prefix, "x")).parent
-    if not folder.is_dir():
+    folder = os.path.join(base, os.path.dirname(mindspeed.v1_path(rank, opt.file_prefix, "x")))
+    if not os.path.isdir(folder):
         raise CkptmapError(
             f"{folder} is missing: the MindSpore rank of tp {tp}, pp {pp} (dp 0, cp 0) is global rank {rank} "
             f"for these sizes; check --tp-size/--pp-size/--dp-size/--cp-size")
     for f in fmts:
-        named = root / mindspeed.v1_path(rank, opt.file_prefix, f)
-        if named.is_file():
+        named = os.path.join(base, mindspeed.v1_path(rank, opt.file_prefix, f))
+        if os.path.isfile(named):
             return named
-    merged = sorted(p for f in fmts for p in folder.glob(f"*_dp_merged.{f}"))
+    merged = sorted(str(p) for f in fmts for p in Path(folder).glob(f"*_dp_merged.{f}"))
     if len(merged) == 1:
         return merged[0]
-    files = sorted(p.name for f in fmts for p in folder.glob(f"*.{f}"))
+    files = sorted(p.name for f in fmts for p in Path(folder).glob(f"*.{f}"))
     raise CkptmapError(
         f"{folder}: cannot tell which file holds rank {rank}: expected {opt.file_prefix}.{fmts[0]} or one "
         f"*_dp_merged file, found {', '.join(files) or 'no checkpoint files'}; pass --file-prefix, or merge "
@@ -167,7 +178,7 @@ def compile_ms2pt(opt: Ms2PtOptions) -> Plan:
         raise CkptmapError(
             f"pt_meta folder {meta_dir} does not exist: converting back to Megatron needs the pt_meta folder that "
             f"`ckptmap pt2ms` wrote next to the MindSpore checkpoint; pass it with --param-map-path")
-    metas = [r for p in meta_dir.iterdir() if (r := mindspeed.parse_pt_meta_args_name(p.name))]
+    metas = [r for name in os.listdir(meta_dir) if (r := mindspeed.parse_pt_meta_args_name(name))]
     if not metas:
         raise CkptmapError(f"{meta_dir} holds no args_tpTT_ppPPP.pt files; it is not a pt_meta folder written by "
                            f"`ckptmap pt2ms`")
@@ -415,6 +426,8 @@ def _plan_part(opt: Ms2PtOptions, setup: _Setup, stages) -> _Part:
                           for ep in range(setup.ep_found)), key=stage_major)
     ranks = []
     trees: dict = {}
+    walked: list = []
+    last_match = None   # (tensors list, its matches): ranks sharing one list match alike
     for tp, pp, ep in stage_order:
         if (tp, pp, ep) == (0, 0, 0):
             meta = setup.first
@@ -422,9 +435,13 @@ def _plan_part(opt: Ms2PtOptions, setup: _Setup, stages) -> _Part:
             # a stage's pt_meta files differ in args.rank / local_rank: read from the stage's first one's
             # tree (torch_zip_reader.shared_trees; planning only reads them)
             with torch_zip_reader.shared_trees(trees, follow_after=torch_zip_reader.FOLLOW_AFTER):
-                meta = _read_meta(setup.meta_dir, tp, pp, ep_name(ep))
+                meta = _read_meta(setup.meta_dir, tp, pp, ep_name(ep), walked)
             torch_zip_reader.trim_trees(trees, _TREES_KEPT)
-        matched, unmatched = match_rules(rules, meta.tensors, meta.path, memo)
+        if last_match is not None and last_match[0] is meta.tensors:
+            matched, unmatched = last_match[1]
+        else:
+            matched, unmatched = match_rules(rules, meta.tensors, meta.path, memo)
+            last_match = (meta.tensors, (matched, unmatched))
         if unmatched:
             raise CkptmapError(f"no rule in {rules.path} matches {listing(unmatched)} of {meta.path}; add "
                                f"rules for them or pick other rules with --rules")
