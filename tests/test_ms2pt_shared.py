@@ -133,3 +133,24 @@ def test_a_stages_pt_meta_files_read_from_one_tree_share_their_tensor_list(tp2pp
     for meta, tp, pp in ((tp1, 1, 1), (other, 0, 0)):
         alone = _read_meta(meta_dir, tp, pp)
         assert meta.tensors == alone.tensors and meta.root["args"].rank == alone.root["args"].rank
+
+
+def test_the_executor_names_the_rank_file_of_a_shared_storage(tp2pp2, tmp_path):
+    """A MindSpore file changed after planning (a tensor of another shape under its name) fails the rank's
+    files at execution, with the rank's real file named — not the @ms input its shared storages name."""
+    from ckptmap import execute
+
+    plan = compile_ms2pt(Ms2PtOptions(str(tp2pp2), str(tmp_path / "C"), planning_processes=1))
+    path = tp2pp2 / "rank_5" / "network.ckpt"
+    params = {k: v.asnumpy() for k, v in ms.load_checkpoint(str(path)).items()}
+    name = next(k for k in params if k.endswith("attention.out_proj.weight") and not k.startswith("exp_avg"))
+    params[name] = np.zeros((params[name].shape[0], params[name].shape[1] + 1), params[name].dtype)
+    ms.save_checkpoint([{"name": k, "data": ms.Tensor(v)} for k, v in params.items()], str(path))
+    report = execute.run_plan(plan, processes=1, multiprocess=False, progress=False)
+    failed = {r.path: r.error for r in report.failed}
+    assert sorted(failed) == ["iter_0000001/mp_rank_01_001/distrib_optim.pt",
+                              "iter_0000001/mp_rank_01_001/model_optim_rng.pt"], sorted(failed)
+    for error in failed.values():
+        assert str(path) in error and name.split(".", 1)[-1] in error and "@ms" not in error, error
+    assert not (tmp_path / "C" / "iter_0000001/mp_rank_01_001/model_optim_rng.pt").exists()
+    assert (tmp_path / "C" / "iter_0000001/mp_rank_00_001/model_optim_rng.pt").exists()
