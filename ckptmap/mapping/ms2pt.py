@@ -390,14 +390,15 @@ def _equal(a, b) -> bool:
         return False
 
 
-def _map_texts(maps_of: dict, tp, pp, vpp, ep_name) -> tuple[bytes, ...]:
-    """The bytes of the rank's param_map files (its optimizer storages are made from them)."""
+def _map_texts(maps_of: dict, tp, pp, vpp, ep_name) -> tuple[tuple[int, bytes], ...]:
+    """(model chunk, bytes) of the rank's param_map files, in buffer order (its optimizer storages are made
+    from them)."""
     out = []
     for v in range(vpp):
         for pm in maps_of.get((tp, pp, v, ep_name), ()):
             try:
                 with open(pm.path, "rb") as f:
-                    out.append(f.read())
+                    out.append((v, f.read()))
             except OSError as e:
                 raise CkptmapError(f"cannot read param_map {pm.path}: {e}") from None
     return tuple(out)
