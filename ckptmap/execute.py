@@ -874,7 +874,7 @@ def _write_file(task: FileTask, root, progress, fsync: bool) -> None:
         try:
             # the ranks of a stage have pt_meta files that differ in args.rank alone, and a rank's two files
             # read one: each is read from the last one's tree (write_from_skeleton binds a copy to write)
-            with torch_zip_reader.shared_trees(_READ_TREES, follow_after=torch_zip_reader.FOLLOW_AFTER):
+            with torch_zip_reader.shared_trees(_READ_TREES):
                 pt_meta.write_from_skeleton(task.source, task.extra["skeleton"], task.extra.get("set", []), final_path,
                                             _storage_bytes(task.storages, sources, progress), fsync=fsync,
                                             dialect=task.extra.get("dialect"), rng=task.extra.get("rng", "refuse"))

@@ -47,16 +47,6 @@ def forks(monkeypatch) -> list:
     return made
 
 
-@pytest.fixture
-def follow_at_once(monkeypatch):
-    """ms2pt reads a stage's pt_meta files from its first one's tree from the second on (by default only
-    after torch_zip_reader.FOLLOW_AFTER near files were unpickled, so that stages of a few ranks are read
-    as plain files): the fixtures' stages of 2 - 8 ranks then exercise those near reads."""
-    from ckptmap.formats import torch_zip_reader
-
-    monkeypatch.setattr(torch_zip_reader, "FOLLOW_AFTER", 0)
-
-
 def pt2ms_into(b: Path, megatron: Path, *extra) -> Path:
     """``ckptmap pt2ms`` of the Megatron checkpoint ``megatron`` into the MindSpore folder ``b``."""
     from ckptmap.cli import main

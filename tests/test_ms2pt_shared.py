@@ -94,10 +94,10 @@ def test_a_tp_rank_whose_kept_numel_differs_is_planned_from_its_own(tmp_path, ca
     refused_ms2pt(["ms2pt", "--ms-path", str(b)], capsys, tmp_path / "C", str(path), f"[{numel}]", f"[{numel - 64}]")
 
 
-def test_a_tp_rank_whose_learning_rate_differs_gets_its_own(tp2pp2, tmp_path, follow_at_once):
+def test_a_tp_rank_whose_learning_rate_differs_gets_its_own(tp2pp2, tmp_path):
     """The scalars of a stage's MindSpore files are decoded once while their bytes agree, and a model file's
     updates are made once for ranks reading them from one optimizer state object (stage 1's tp 1 reads its
-    pt_meta from tp 0's tree: follow_at_once): a TP rank whose learning rate differs from its neighbour's
+    pt_meta from tp 0's tree): a TP rank whose learning rate differs from its neighbour's
     gets its own in its model_optim_rng.pt (read back by torch.load); the neighbour's file is the original."""
     import torch
 
@@ -119,7 +119,7 @@ def test_a_tp_rank_whose_learning_rate_differs_gets_its_own(tp2pp2, tmp_path, fo
     assert str(got["optimizer"]) == str(orig["optimizer"]) and got["iteration"] == orig["iteration"]
 
 
-def test_a_stages_pt_meta_files_read_from_one_tree_share_their_tensor_list(tp2pp2, follow_at_once):
+def test_a_stages_pt_meta_files_read_from_one_tree_share_their_tensor_list(tp2pp2):
     """Stage 1's tp 1 pt_meta is read from tp 0's tree: its model tensors list is tp 0's (walked once) and
     equals the list a plain read of the file gives; stage 0's file, another skeleton, gets its own."""
     from ckptmap.formats import torch_zip_reader
@@ -127,7 +127,7 @@ def test_a_stages_pt_meta_files_read_from_one_tree_share_their_tensor_list(tp2pp
 
     meta_dir = tp2pp2 / "pt_meta"
     walked: list = []
-    with torch_zip_reader.shared_trees({}, follow_after=0):
+    with torch_zip_reader.shared_trees({}):
         tp0, tp1, other = (_read_meta(meta_dir, tp, pp, None, walked) for tp, pp in ((0, 1), (1, 1), (0, 0)))
     assert tp1.tensors is tp0.tensors and other.tensors is not tp0.tensors
     for meta, tp, pp in ((tp1, 1, 1), (other, 0, 0)):

@@ -186,7 +186,7 @@ def test_pt_meta_files_of_a_stage_read_from_their_neighbour(tmp_path):
     assert [r["args"].rank for r in roots] == [0, 1, 4, 5]   # TP 2 x DP 2: the stages start at ranks 0 and 4
 
 
-def test_a_file_read_twice_in_a_row_is_patched_once(tmp_path, follow_at_once, monkeypatch):
+def test_a_file_read_twice_in_a_row_is_patched_once(tmp_path, monkeypatch):
     """ms2pt writes a rank's two Megatron files from one pt_meta file, read once for each: the second read
     of the same bytes gets the tree the first one made from the template (patched once), and its values
     are still what torch.load gives."""
@@ -226,33 +226,3 @@ def test_a_file_differing_in_many_bytes_is_unpickled_without_following(tmp_path)
     for root, p in zip(roots, paths):
         want = torch.load(p)
         assert root["rng"] == want["rng"] and root["rank"] == want["rank"]
-
-
-def test_a_stage_is_followed_only_after_a_few_of_its_files_were_unpickled(tmp_path):
-    """Where only reading gains from it (ms2pt's pt_meta reads: shared_trees(follow_after=FOLLOW_AFTER)) a
-    template's opcodes are followed (~6 unpickles' cost) only once FOLLOW_AFTER files near it were unpickled:
-    a stage of 8 ranks is read as plain files, a longer one from its first file's tree after that. Twelve
-    rank files of one stage: 1 + FOLLOW_AFTER unpickled, one follow, the rest read from the first; every
-    value is torch.load's."""
-    after = torch_zip_reader.FOLLOW_AFTER
-    assert after == 8
-    paths = []
-    for rank in range(12):
-        (tmp_path / f"r{rank}").mkdir()
-        paths.append(tmp_path / f"r{rank}" / "model_optim_rng.pt")
-        torch.save({"rng": tuple(range(1000, 1100)), "args": argparse.Namespace(rank=rank), "w": torch.zeros(2)},
-                   paths[-1])
-    followed, unpickled = [], []
-    real_follow, real_unpickle = pickle_delta.scalar_slots, torch_zip_reader._unpickle
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(pickle_delta, "scalar_slots", lambda data: followed.append(1) or real_follow(data))
-        mp.setattr(torch_zip_reader, "_unpickle", lambda a, *x, **k: unpickled.append(a.path) or real_unpickle(a, *x, **k))
-        trees: dict = {}
-        with torch_zip_reader.shared_trees(trees, follow_after=after):
-            roots = [TorchZipFile(p).root for p in paths]
-            assert len(trees) == 2 + after   # the first's near entry and each unpickled file's own
-    assert followed == [1] and [Path(p).parent.name for p in unpickled] == [f"r{i}" for i in range(1 + after)]
-    for root, p in zip(roots, paths):
-        want = torch.load(p, weights_only=False)
-        assert root["rng"] == want["rng"] and root["args"].rank == want["args"].rank
-    assert roots[-1]["rng"] is roots[0]["rng"]   # read from the first's tree

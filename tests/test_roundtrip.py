@@ -30,8 +30,7 @@ CASES += [("legacy_tp2pp2dp2", "safetensors", "v1"), ("mcore_tp2pp1dp2_buckets",
 
 
 @pytest.mark.parametrize("name, fmt, layout", CASES)
-def test_full_round_trip_is_byte_identical(name, fmt, layout, tmp_path, follow_at_once):
-    """(ms2pt reads a stage's pt_meta files from its first one's tree at once: follow_at_once.)"""
+def test_full_round_trip_is_byte_identical(name, fmt, layout, tmp_path):
     a = fixture_dir(name)
     _, c = convert_and_back(a, tmp_path, fmt=fmt, layout=layout)
     assert rank_dirs(c) == rank_dirs(a)
@@ -157,7 +156,7 @@ def test_noop_layers_round_trip(tmp_path):
         assert filecmp.cmp(a / "iter_0000001/mp_rank_00" / f, c / "iter_0000001/mp_rank_00" / f, shallow=False)
 
 
-def test_a_stages_files_are_written_from_its_first_ones_pickles(tmp_path, follow_at_once):
+def test_a_stages_files_are_written_from_its_first_ones_pickles(tmp_path):
     """ms2pt: the ranks of a stage read their pt_meta from its first one's tree; each file after the first
     is written from the first one's pickle (torch_zip_writer.save_kept): distrib_optim.pt's skeleton is one
     object, model_optim_rng.pt's has its own args.rank / local_rank bytes put in — and every file is still

@@ -904,12 +904,10 @@ def file_range(zf: "TorchZipFile", ref: TensorRef) -> FileRange | None:
 
 
 _shared_trees: dict | None = None   # structure key -> (root, dialect), inside shared_trees() only
-_follow_after = 0   # inside shared_trees(): its follow_after
-FOLLOW_AFTER = 8    # near files unpickled before a template is followed, where reading alone gains (_Template)
 
 
 @contextlib.contextmanager
-def shared_trees(trees: dict | None = None, follow_after: int = 0):
+def shared_trees(trees: dict | None = None):
     """Inside this context, a :class:`TorchZipFile` whose structure equals one already read (same
     ``data.pkl`` bytes, same records with the same names, offsets and sizes, same ``version`` record)
     gets that file's object tree instead of unpickling its own. What the unpickler makes of a file
@@ -925,21 +923,17 @@ def shared_trees(trees: dict | None = None, follow_after: int = 0):
     distrib_optim.pt differ in name, so in structure) and writes the same bytes; ms2pt's writers read
     pt_meta inside too (``pt_meta.bind_skeleton`` copies every container and Namespace it may set a value
     in). ``trees``: the dict to keep them in, which outlives the context (its
-    owner bounds it); default: the enclosing context's, else a new one for this context.
-    ``follow_after``: how many files near a template are unpickled before its opcodes are followed
-    (``_Template``): 0 where a stage's files gain more from it than their reads (pt2ms: the pt_meta written
-    from a stage's first pickle), FOLLOW_AFTER where a read alone is the gain (ms2pt's pt_meta reads)."""
-    global _shared_trees, _follow_after
-    outer, outer_follow = _shared_trees, _follow_after
+    owner bounds it); default: the enclosing context's, else a new one for this context."""
+    global _shared_trees
+    outer = _shared_trees
     if trees is not None:
         _shared_trees = trees
     elif outer is None:
         _shared_trees = {}
-    _follow_after = follow_after
     try:
         yield
     finally:
-        _shared_trees, _follow_after = outer, outer_follow
+        _shared_trees = outer
 
 
 def trim_trees(trees: dict, kept: int) -> None:
@@ -972,8 +966,6 @@ class _Template:
         self.data, self.root, self.dialect, self.shared_tensors = data, root, dialect, shared_tensors
         self._slots = None
         self._followed = False
-        self.near_unpickled = 0   # files near it unpickled before it was followed
-        self.follow_after = _follow_after
         # what a writer derives from a file's tree that holds for every file read from this template with
         # its numbers put in (pt_meta: the pickle it writes and where those numbers land in it)
         self.derived: dict = {}
@@ -988,20 +980,16 @@ class _Template:
     # Following a pickle's opcodes costs ~6 unpickles of it (3 ms for a Megatron rank's 10 KB pickle), a read
     # from the followed tree ~1/5 of one. So a template is followed for a file that differs from it in a few
     # bytes (another rank of its stage), not for one that differs in hundreds (another stage's RNG state) —
-    # files read in any order cost about an unpickle each —, and where only reading gains from it
-    # (shared_trees' follow_after), after FOLLOW_AFTER such files were unpickled: a stage of 8 ranks (TP 8)
-    # is then read as plain files, one of 256 (TP 8 x EP 32) from its first.
+    # files read in any order cost about an unpickle each. Even a stage of 8 ranks (TP 8) gains: besides
+    # its reads, its writers derive from the template (pt_meta's kept pickles: ms2pt 4,096 ranks 7.5 -> 6.7 s,
+    # 186 -> 98 MB; following only after 8 unpickles, as before those, made a TP 8 stage plain files).
     FOLLOW_WITHIN_BYTES = 64
-    DEFERRED = "deferred"   # patched(): a near file unpickled, this template kept as its stage's
 
     def patched(self, data: bytes):
-        """(tree, indices of the slots whose numbers differ) of the pickle ``data``, None, or DEFERRED."""
+        """(tree, indices of the slots whose numbers differ) of the pickle ``data``, or None."""
         positions = pickle_delta.differing_bytes(self.data, data)
         if positions is None or not self._followed and positions.size > self.FOLLOW_WITHIN_BYTES:
             return None
-        if not self._followed and self.near_unpickled < self.follow_after:
-            self.near_unpickled += 1
-            return self.DEFERRED
         last = self._last
         if last is not None and last[0] == data:
             return last[1]   # the same tree again (read-only, as every tree read from a template)
@@ -1082,11 +1070,7 @@ class TorchZipFile:
                 self.shared, self.shared_tensors = {}, {}
                 template = _Template(key[1], self.root, self.dialect, self.shared_tensors)
                 trees[key] = (self.root, self.dialect, self.shared, self.shared_tensors, template)
-                near_key = _near_key(key)
-                if near is _Template.DEFERRED:   # the stage's first stays its template, and the newest entry
-                    trees[near_key] = trees.pop(near_key)
-                else:
-                    trees[near_key] = template
+                trees[_near_key(key)] = template
                 self.near = (weakref.ref(template), {})
         if key is not None:
             self._archive.remember()
@@ -1095,15 +1079,13 @@ class TorchZipFile:
         """The tree of a pickle that differs from the last one read of this length and records only in
         plain numbers (pickle_delta): that one's tree with those numbers replaced, every other object
         shared (read-only); its ``shared_tensors`` too (same tensors, same records), not its ``shared``.
-        True when read so; False or _Template.DEFERRED (near, but to be unpickled) when not."""
+        True when read so, else False."""
         template = trees.get(_near_key(key))
         if template is None:
             return False
         found = template.patched(key[1])
         if found is None:
             return False
-        if found is _Template.DEFERRED:
-            return found
         self.root, self.dialect, self.shared_tensors = found[0], template.dialect, template.shared_tensors
         slots = template.slots().slots
         self.near = (weakref.ref(template), {i: pickle_delta.slot_bytes(slots[i], key[1]) for i in found[1]})

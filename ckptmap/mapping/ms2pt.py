@@ -435,7 +435,7 @@ def _plan_part(opt: Ms2PtOptions, setup: _Setup, stages) -> _Part:
         else:
             # a stage's pt_meta files differ in args.rank / local_rank: read from the stage's first one's
             # tree (torch_zip_reader.shared_trees; planning only reads them)
-            with torch_zip_reader.shared_trees(trees, follow_after=torch_zip_reader.FOLLOW_AFTER):
+            with torch_zip_reader.shared_trees(trees):
                 meta = _read_meta(setup.meta_dir, tp, pp, ep_name(ep), walked)
             torch_zip_reader.trim_trees(trees, _TREES_KEPT)
         if last_match is not None and last_match[0] is meta.tensors:
