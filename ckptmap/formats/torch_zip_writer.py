@@ -603,6 +603,12 @@ def _stream_range(writer, st, rng: FileRange, path, done: int, crc: int) -> tupl
                            f"{expected} bytes but fill yielded at least {done + rng.nbytes} — the storage's data "
                            f"source does not match its tensors")
     try:
+        if rng.nbytes <= byte_io.SMALL_RUN and type(writer) is _StreamZipWriter:
+            # one pread into the write buffer: a flush and a write per small tensor cost more (a rank's
+            # distrib_optim.pt of thousands of small pieces); MSAdapter's writer tracks positions itself
+            data = byte_io.read_small(rng)
+            writer._write(data)
+            return done + rng.nbytes, byte_io.crc32(data, crc) if writer.compute_crc32 else crc
         writer.f.flush()   # written at the descriptor's position, after what is buffered
         if rng.crc32 is not None and done == 0 and rng.nbytes == expected:
             # the whole record is a record of the source, which recorded its CRC-32: copied by the kernel
