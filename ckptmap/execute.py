@@ -1014,7 +1014,7 @@ class _Claims:
 
 
 # Small files handed to one worker together (_Claims runs): at most this many, each at most this large
-RUN_FILES = 8
+RUN_FILES = 16   # a stage of TP 8 ranks with two files each
 RUN_FILE_BYTES = 1 << 20
 
 
@@ -1028,6 +1028,15 @@ def _claim_size(task: FileTask, root: Path) -> int:
         return os.stat(root / task.source if task.source_is_output else task.source).st_size
     except OSError:
         return RUN_FILE_BYTES + 1
+
+
+def _claim_order(size_of: dict[int, int]) -> list[int]:
+    """The plan's file indices in the order they are handed out. Largest first: workers claiming from one
+    list then end within about one small file of each other (balanced by bytes, not by the number of
+    files). The small ones (runs' files) last, in plan order: a stage's ranks and a rank's two files stay
+    together in runs, whose worker reads them from one template (pt_meta); sorted by size too, a rank's
+    files and a stage's went to different runs and workers, each following the template again."""
+    return sorted(size_of, key=lambda i: (-size_of[i], i) if size_of[i] > RUN_FILE_BYTES else (0, i))
 
 
 def _runs(sizes: list[int]) -> list[tuple[int, int]]:
@@ -1316,10 +1325,8 @@ def _run_pool(plan: Plan, phase: list[int], root: Path, n: int, timeout, bar: _P
               done: dict) -> dict:
     ctx = mp.get_context("fork")
     results_q = ctx.Queue()
-    # largest first: workers claiming from one list then end within about one small file of each
-    # other (balanced by bytes, not by the number of files)
     size_of = {i: _claim_size(plan.files[i], root) for i in phase}
-    order = sorted(phase, key=lambda i: (-size_of[i], i))
+    order = _claim_order(size_of)
     claims = _Claims(ctx, order, n, _runs([size_of[i] for i in order]))
     parent = os.getpid()
 

@@ -527,7 +527,9 @@ def test_small_files_are_handed_out_in_runs_a_slot_finishes():
     run (unclaimed), which the worker respawned in it continues. Large files are runs of their own."""
     import multiprocessing
     ctx = multiprocessing.get_context("fork")
-    assert execute._runs([5 << 20] + [0] * 10 + [2 << 20, 7]) == [(0, 1), (1, 9), (9, 11), (11, 12), (12, 13)]
+    n = execute.RUN_FILES
+    assert execute._runs([5 << 20] + [0] * (n + 2) + [2 << 20, 7]) == \
+        [(0, 1), (1, n + 1), (n + 1, n + 3), (n + 3, n + 4), (n + 4, n + 5)]
     claims = execute._Claims(ctx, [10, 11, 12, 13, 14], 2, runs=[(0, 3), (3, 5)])
     assert [claims.claim(0), claims.claim(1), claims.claim(0), claims.claim(1)] == [10, 13, 11, 14]
     assert list(claims.current) == [11, 14]
@@ -535,6 +537,14 @@ def test_small_files_are_handed_out_in_runs_a_slot_finishes():
     assert claims.unclaimed   # slot 0 (say its worker died writing 11) still holds 12
     assert claims.claim(0, wrote=None) == 12 and not claims.unclaimed
     assert claims.claim(0) is None
+
+
+def test_large_files_are_handed_out_largest_first_then_the_small_ones_in_plan_order():
+    """Large files by size, so that the workers finish together; small ones (RUN_FILE_BYTES) after them in
+    the plan's order, which keeps a stage's ranks and a rank's files in one run."""
+    big = execute.RUN_FILE_BYTES + 1
+    sizes = {0: 5000, 1: 3 * big, 2: 70_000, 3: big, 4: 5000, 5: 2 * big, 6: 0}
+    assert execute._claim_order(sizes) == [1, 5, 3, 0, 2, 4, 6]
 
 
 def test_a_copy_is_a_run_of_its_own_unless_its_source_is_small(tmp_path):
