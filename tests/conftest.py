@@ -20,13 +20,16 @@ def fixture_dir(name: str) -> Path:
 def byte_runs(monkeypatch) -> list:
     """The sizes of the byte runs the executor copies, in order: ``copy_file_range`` (byte_io.copy_range) or, for
     the CRC'd records of a .pt file, one read into a reused buffer with the CRC taken there
-    (byte_io.copy_range_crc) -- bytes moved as they are, never assembled element by element."""
-    from ckptmap.formats import byte_io
+    (byte_io.copy_range_crc), or for a small run, one read into the file's write buffer
+    (torch_zip_writer._small_run) -- bytes moved as they are, never assembled element by element."""
+    from ckptmap.formats import byte_io, torch_zip_writer
 
     sizes: list = []
     for name in ("copy_range", "copy_range_crc"):
         real = getattr(byte_io, name)
         monkeypatch.setattr(byte_io, name, lambda rng, fd, *a, real=real: (sizes.append(rng.nbytes), real(rng, fd, *a))[1])
+    real_small = torch_zip_writer._small_run
+    monkeypatch.setattr(torch_zip_writer, "_small_run", lambda rng: (sizes.append(rng.nbytes), real_small(rng))[1])
     return sizes
 
 

@@ -590,6 +590,11 @@ def _stream_chunks(writer: _StreamZipWriter, st: _RefStorage, iterator, path) ->
     return 0 if getattr(writer, "holes", False) else crc
 
 
+def _small_run(rng: FileRange) -> bytes:
+    """The bytes of a small run copied into a torch file, read in one pread (to the write buffer)."""
+    return byte_io.read_small(rng)
+
+
 def _stream_range(writer, st, rng: FileRange, path, done: int, crc: int) -> tuple[int, int]:
     """A chunk given as a FileRange: the bytes of another file, copied by the kernel when no CRC is
     wanted or when the range is the whole record and carries its CRC-32 (a record of the source:
@@ -606,7 +611,7 @@ def _stream_range(writer, st, rng: FileRange, path, done: int, crc: int) -> tupl
         if rng.nbytes <= byte_io.SMALL_RUN and type(writer) is _StreamZipWriter:
             # one pread into the write buffer: a flush and a write per small tensor cost more (a rank's
             # distrib_optim.pt of thousands of small pieces); MSAdapter's writer tracks positions itself
-            data = byte_io.read_small(rng)
+            data = _small_run(rng)
             writer._write(data)
             return done + rng.nbytes, byte_io.crc32(data, crc) if writer.compute_crc32 else crc
         writer.f.flush()   # written at the descriptor's position, after what is buffered
