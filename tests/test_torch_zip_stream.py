@@ -3,6 +3,7 @@
 import argparse
 import collections
 import pickletools
+import struct
 import subprocess
 import sys
 import textwrap
@@ -66,6 +67,28 @@ def test_fixture_files_stream_byte_identical(path, tmp_path):
         assert calls == zf.storage_keys()  # once per storage, in record order
     assert out.read_bytes() == path.read_bytes()
     assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temporary directory left
+
+
+def test_a_small_whole_record_keeps_the_crc_its_source_recorded(tmp_path):
+    """A small record copied from another file as a whole (read into the write buffer, not copied by the
+    kernel) keeps the CRC-32 its source recorded: a record damaged after saving fails zipfile's check in the
+    copy too, instead of getting a fresh CRC that vouches for the damage."""
+    src = tmp_path / "a" / "x.pt"
+    src.parent.mkdir()
+    torch.save({"m": torch.randn(4096, generator=torch.Generator().manual_seed(5))}, src)   # 16 KiB
+    with zipfile.ZipFile(src) as z:
+        info = next(i for i in z.infolist() if i.file_size == 4096 * 4)
+    data = bytearray(src.read_bytes())
+    name_len, extra_len = struct.unpack_from("<2H", data, info.header_offset + 26)   # its local header
+    data[info.header_offset + 30 + name_len + extra_len + 100] ^= 0xFF
+    src.write_bytes(bytes(data))
+    assert zipfile.ZipFile(src).testzip() == info.filename
+    out = tmp_path / "b" / "x.pt"
+    out.parent.mkdir()
+    with TorchZipFile(src) as zf:
+        ref = zf.root["m"]
+        save_streaming(zf.root, out, lambda key: [torch_zip_reader.file_range(zf, ref)])
+    assert zipfile.ZipFile(out).testzip() == info.filename
 
 
 # -------------------------------------------------------------------------------------------------

@@ -1060,8 +1060,8 @@ class TorchZipFile:
         if hit is not None:
             self.root, self.dialect, self.shared, self.shared_tensors, template = hit
             self.near = (weakref.ref(template), {})
-        elif near is True:
-            pass
+        elif near:
+            pass   # read from a template's tree
         else:
             found: list = []
             self.root = _unpickle(self._archive, materialize=False, bases=self._bases, dialect_out=found)

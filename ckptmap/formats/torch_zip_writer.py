@@ -596,7 +596,8 @@ def _small_run(rng: FileRange) -> bytes:
 
 
 def _stream_range(writer, st, rng: FileRange, path, done: int, crc: int) -> tuple[int, int]:
-    """A chunk given as a FileRange: the bytes of another file, copied by the kernel when no CRC is
+    """A chunk given as a FileRange: the bytes of another file. A small run (``byte_io.SMALL_RUN``) is read
+    into the stock torch writer's buffer. A larger one is copied by the kernel when no CRC is
     wanted or when the range is the whole record and carries its CRC-32 (a record of the source:
     ``torch_zip_reader.file_range``), else read once into a small reused buffer, CRC'd there and
     written from it (cheaper than a kernel copy plus a second read for the CRC). Either goes to the
@@ -607,15 +608,19 @@ def _stream_range(writer, st, rng: FileRange, path, done: int, crc: int) -> tupl
         raise CkptmapError(f"cannot save {path}: storage {st.key!r} ({st.numel} x {st.dtype}) must be "
                            f"{expected} bytes but fill yielded at least {done + rng.nbytes} — the storage's data "
                            f"source does not match its tensors")
+    recorded = rng.crc32 is not None and done == 0 and rng.nbytes == expected   # a whole record of the source
     try:
         if rng.nbytes <= byte_io.SMALL_RUN and type(writer) is _StreamZipWriter:
             # one pread into the write buffer: a flush and a write per small tensor cost more (a rank's
-            # distrib_optim.pt of thousands of small pieces); MSAdapter's writer tracks positions itself
+            # distrib_optim.pt of thousands of small pieces; the MSAdapter writer, which translates single
+            # files, keeps the copies below). A whole record keeps the CRC its source recorded, as below.
             data = _small_run(rng)
             writer._write(data)
-            return done + rng.nbytes, byte_io.crc32(data, crc) if writer.compute_crc32 else crc
+            if writer.compute_crc32:
+                crc = rng.crc32 if recorded else byte_io.crc32(data, crc)
+            return done + rng.nbytes, crc
         writer.f.flush()   # written at the descriptor's position, after what is buffered
-        if rng.crc32 is not None and done == 0 and rng.nbytes == expected:
+        if recorded:
             # the whole record is a record of the source, which recorded its CRC-32: copied by the kernel
             byte_io.copy_range(rng, writer.f.fileno())
             crc = rng.crc32
